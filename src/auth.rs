@@ -1,0 +1,533 @@
+//! API keys and the layer in front of every service.
+//!
+//! A key is `rst_<key-id>_<secret>`: the id (a UUID in simple form) finds the row, the secret
+//! (256 random bits, base64url) is checked against its SHA-256 in constant time. Verified keys
+//! are cached for a short time (`--key-cache-ms`), so a revocation takes effect within it.
+//!
+//! [`AuthLayer`] runs before any handler: it keeps or makes the request id, opens the per-RPC
+//! span (method, request id, project, key, status code, latency), authenticates the key,
+//! checks the scope the method needs, and hands the handler a [`Caller`] in the request
+//! extensions. Health and reflection need no key.
+use std::collections::HashMap;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::db::{self, Pool};
+use crate::error::Error;
+
+/// A permission an API key can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    UsersRead,
+    UsersWrite,
+    UsersImport,
+    UsersExport,
+    UsersExportSecrets,
+    AuthenticatorsRead,
+    AuthenticatorsWrite,
+    AuthenticatorsVerify,
+    IdentitiesRead,
+    IdentitiesWrite,
+    IdentitiesTokens,
+    LogsRead,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 12] = [
+        Scope::UsersRead,
+        Scope::UsersWrite,
+        Scope::UsersImport,
+        Scope::UsersExport,
+        Scope::UsersExportSecrets,
+        Scope::AuthenticatorsRead,
+        Scope::AuthenticatorsWrite,
+        Scope::AuthenticatorsVerify,
+        Scope::IdentitiesRead,
+        Scope::IdentitiesWrite,
+        Scope::IdentitiesTokens,
+        Scope::LogsRead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::UsersRead => "users.read",
+            Scope::UsersWrite => "users.write",
+            Scope::UsersImport => "users.import",
+            Scope::UsersExport => "users.export",
+            Scope::UsersExportSecrets => "users.export_secrets",
+            Scope::AuthenticatorsRead => "authenticators.read",
+            Scope::AuthenticatorsWrite => "authenticators.write",
+            Scope::AuthenticatorsVerify => "authenticators.verify",
+            Scope::IdentitiesRead => "identities.read",
+            Scope::IdentitiesWrite => "identities.write",
+            Scope::IdentitiesTokens => "identities.tokens",
+            Scope::LogsRead => "logs.read",
+        }
+    }
+
+    fn bit(self) -> u32 {
+        1 << (self as u32)
+    }
+}
+
+/// A set of scopes; `*` in the database means all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ScopeSet(u32);
+
+impl ScopeSet {
+    pub fn all() -> Self {
+        ScopeSet(Scope::ALL.iter().fold(0, |acc, s| acc | s.bit()))
+    }
+
+    pub fn contains(self, scope: Scope) -> bool {
+        self.0 & scope.bit() != 0
+    }
+
+    /// Parses scope names (`users.read`, ..., or `*`); unknown names are an error naming them.
+    pub fn parse<S: AsRef<str>>(names: &[S]) -> Result<Self, String> {
+        let mut set = 0;
+        for name in names {
+            let name = name.as_ref().trim();
+            if name == "*" {
+                set |= ScopeSet::all().0;
+                continue;
+            }
+            match Scope::ALL.iter().find(|s| s.as_str() == name) {
+                Some(s) => set |= s.bit(),
+                None => return Err(format!("unknown scope '{name}'")),
+            }
+        }
+        Ok(ScopeSet(set))
+    }
+}
+
+/// What every handler knows about who is calling: from the key, plus the request's id and
+/// the calling peer's address.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub project_id: Uuid,
+    pub key_id: Uuid,
+    pub scopes: ScopeSet,
+    pub request_id: String,
+    pub peer_ip: Option<String>,
+}
+
+impl Caller {
+    /// PERMISSION_DENIED naming the scope unless the key has it.
+    pub fn require(&self, scope: Scope) -> Result<(), Error> {
+        if self.scopes.contains(scope) {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied {
+                scope: scope.as_str(),
+            })
+        }
+    }
+}
+
+/// The [`Caller`] that [`AuthLayer`] put on a request.
+pub fn caller_of<T>(request: &tonic::Request<T>) -> Result<Caller, Error> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or(Error::Unauthenticated {
+            reason: "MISSING_API_KEY",
+            message: "missing API key",
+        })
+}
+
+/// The scope each RPC needs; `None` for a method Roster does not have (the router answers
+/// UNIMPLEMENTED once the key is checked).
+pub fn required_scope(path: &str) -> Option<Scope> {
+    let (service, method) = path.trim_start_matches('/').split_once('/')?;
+    use Scope::*;
+    Some(match (service, method) {
+        ("roster.v1.UserService", m) => match m {
+            "GetUser" | "LookupUser" | "ListUsers" => UsersRead,
+            "ImportUsers" => UsersImport,
+            "ExportUsers" => UsersExport,
+            "CreateUser"
+            | "UpdateUser"
+            | "DeleteUser"
+            | "BatchDeleteUsers"
+            | "BlockUser"
+            | "UnblockUser"
+            | "DeactivateUser"
+            | "ReactivateUser"
+            | "StartContactVerification"
+            | "ConfirmContactVerification" => UsersWrite,
+            _ => return None,
+        },
+        ("roster.v1.AuthenticatorService", m) => match m {
+            "ListAuthenticators" | "GetAuthenticator" => AuthenticatorsRead,
+            "VerifyPassword"
+            | "StartOtpChallenge"
+            | "VerifyFactor"
+            | "StartPasskeyAuthentication"
+            | "FinishPasskeyAuthentication" => AuthenticatorsVerify,
+            "SetPassword"
+            | "ChangePassword"
+            | "ExpirePassword"
+            | "CreatePasswordResetToken"
+            | "ResetPassword"
+            | "EnrollTotp"
+            | "ConfirmTotp"
+            | "GenerateRecoveryCodes"
+            | "EnrollOtpChannel"
+            | "StartPasskeyRegistration"
+            | "FinishPasskeyRegistration"
+            | "UpdateAuthenticator"
+            | "DeleteAuthenticator"
+            | "DeleteAllAuthenticators" => AuthenticatorsWrite,
+            _ => return None,
+        },
+        ("roster.v1.IdentityService", m) => match m {
+            "ListIdentities" | "LookupUserByIdentity" => IdentitiesRead,
+            "LinkIdentity" | "UnlinkIdentity" | "MergeUsers" => IdentitiesWrite,
+            "GetProviderTokens" => IdentitiesTokens,
+            _ => return None,
+        },
+        ("roster.v1.LogService", "ListEvents" | "GetEvent" | "StreamEvents") => LogsRead,
+        _ => return None,
+    })
+}
+
+/// Paths served without a key: health checks and reflection.
+fn is_public(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+        || path.starts_with("/grpc.reflection.v1.ServerReflection/")
+        || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
+}
+
+/// A newly made API key. `token` is shown once and never stored.
+pub struct NewKey {
+    pub id: Uuid,
+    pub token: String,
+    pub secret_hash: Vec<u8>,
+}
+
+impl fmt::Debug for NewKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NewKey {
+    pub fn generate() -> Self {
+        let id = Uuid::now_v7();
+        let mut secret = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        let secret = URL_SAFE_NO_PAD.encode(secret);
+        let secret_hash = Sha256::digest(secret.as_bytes()).to_vec();
+        NewKey {
+            id,
+            token: format!("rst_{}_{}", id.simple(), secret),
+            secret_hash,
+        }
+    }
+}
+
+/// Splits `rst_<id>_<secret>` into its parts.
+fn parse_token(token: &str) -> Option<(Uuid, &str)> {
+    let rest = token.strip_prefix("rst_")?;
+    let (id, secret) = rest.split_once('_')?;
+    if id.len() != 32 || secret.is_empty() || secret.len() > 128 {
+        return None;
+    }
+    Some((Uuid::try_parse(id).ok()?, secret))
+}
+
+#[derive(Clone)]
+struct KeyRecord {
+    project_id: Uuid,
+    scopes: ScopeSet,
+    secret_hash: Vec<u8>,
+    revoked: bool,
+}
+
+/// Verifies keys against the database, with a short-lived cache.
+pub struct KeyVerifier {
+    pool: Pool,
+    ttl: Duration,
+    cache: Mutex<HashMap<Uuid, (Instant, Option<KeyRecord>)>>,
+}
+
+/// Bound on cached key ids (including unknown ones) so random ids cannot grow it forever.
+const KEY_CACHE_MAX: usize = 10_000;
+
+impl KeyVerifier {
+    pub fn new(pool: Pool, ttl: Duration) -> Self {
+        KeyVerifier {
+            pool,
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn lookup(&self, id: Uuid) -> Result<Option<KeyRecord>, Error> {
+        if let Ok(cache) = self.cache.lock() {
+            if let Some((at, rec)) = cache.get(&id) {
+                if at.elapsed() < self.ttl {
+                    return Ok(rec.clone());
+                }
+            }
+        }
+        let client = db::client(&self.pool).await?;
+        let row = client
+            .query_opt(
+                "SELECT project_id, scopes, secret_hash, revoked_at IS NOT NULL
+                 FROM api_keys WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        let rec = match row {
+            Some(row) => {
+                let names: Vec<String> = row.get(1);
+                Some(KeyRecord {
+                    project_id: row.get(0),
+                    // A scope name this version does not know grants nothing.
+                    scopes: ScopeSet::parse(
+                        &names
+                            .iter()
+                            .filter(|n| ScopeSet::parse(&[n]).is_ok())
+                            .collect::<Vec<_>>(),
+                    )
+                    .unwrap_or_default(),
+                    secret_hash: row.get(2),
+                    revoked: row.get(3),
+                })
+            }
+            None => None,
+        };
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= KEY_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(id, (Instant::now(), rec.clone()));
+        }
+        Ok(rec)
+    }
+
+    /// The project and scopes of the key in an `authorization` header value.
+    async fn verify(&self, header: Option<&str>) -> Result<(Uuid, Uuid, ScopeSet), Error> {
+        let unauthenticated = |reason, message| Error::Unauthenticated { reason, message };
+        let header = header.ok_or(unauthenticated(
+            "MISSING_API_KEY",
+            "missing API key: send metadata 'authorization: Bearer rst_<key-id>_<secret>'",
+        ))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        let bad = || unauthenticated("INVALID_API_KEY", "invalid API key");
+        let (id, secret) = parse_token(token).ok_or(unauthenticated(
+            "MALFORMED_API_KEY",
+            "malformed API key: expected 'Bearer rst_<key-id>_<secret>'",
+        ))?;
+        let rec = self.lookup(id).await?.ok_or_else(bad)?;
+        let given = Sha256::digest(secret.as_bytes());
+        if !bool::from(given.as_slice().ct_eq(&rec.secret_hash)) {
+            return Err(bad());
+        }
+        if rec.revoked {
+            return Err(unauthenticated(
+                "REVOKED_API_KEY",
+                "the API key has been revoked",
+            ));
+        }
+        Ok((id, rec.project_id, rec.scopes))
+    }
+}
+
+/// Keeps a well-formed incoming `x-request-id`, otherwise makes one.
+fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| Uuid::now_v7().to_string())
+}
+
+/// The tower layer that authenticates every call; see the module docs.
+#[derive(Clone)]
+pub struct AuthLayer {
+    verifier: Arc<KeyVerifier>,
+}
+
+impl AuthLayer {
+    pub fn new(verifier: Arc<KeyVerifier>) -> Self {
+        AuthLayer { verifier }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            verifier: self.verifier.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    verifier: Arc<KeyVerifier>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for AuthService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
+        // The ready inner service is the one to call; leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let verifier = self.verifier.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let path = req.uri().path().to_owned();
+            let rid = request_id(req.headers());
+            if is_public(&path) {
+                return inner.call(req).await;
+            }
+            let span = tracing::info_span!(
+                "rpc",
+                method = %path,
+                request_id = %rid,
+                project = tracing::field::Empty,
+                key = tracing::field::Empty,
+            );
+            async move {
+                let header = req
+                    .headers()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok());
+                let authorized = match verifier.verify(header).await {
+                    Ok((key_id, project_id, scopes)) => {
+                        let span = tracing::Span::current();
+                        span.record("project", tracing::field::display(project_id));
+                        span.record("key", tracing::field::display(key_id));
+                        match required_scope(&path) {
+                            Some(scope) if !scopes.contains(scope) => {
+                                Err(Error::PermissionDenied {
+                                    scope: scope.as_str(),
+                                })
+                            }
+                            _ => Ok(Caller {
+                                project_id,
+                                key_id,
+                                scopes,
+                                request_id: rid.clone(),
+                                peer_ip: req
+                                    .extensions()
+                                    .get::<tonic::transport::server::TcpConnectInfo>()
+                                    .and_then(|i| i.remote_addr())
+                                    .map(|a| a.ip().to_string()),
+                            }),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                let mut response = match authorized {
+                    Ok(caller) => {
+                        req.extensions_mut().insert(caller);
+                        inner.call(req).await?
+                    }
+                    Err(e) => tonic::Status::from(e).into_http(),
+                };
+                if let Ok(v) = http::HeaderValue::from_str(&rid) {
+                    response.headers_mut().insert("x-request-id", v);
+                }
+                // Unary errors and rejected calls carry grpc-status in the headers; a success
+                // (or a stream's later error) carries it in the trailers.
+                let code = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i32>().ok())
+                    .map(tonic::Code::from_i32)
+                    .unwrap_or(tonic::Code::Ok);
+                let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+                tracing::info!(code = ?code, latency_ms, "rpc finished");
+                Ok(response)
+            }
+            .instrument(span)
+            .await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_parse_back_to_their_id() {
+        let key = NewKey::generate();
+        let (id, secret) = parse_token(&key.token).expect("parses");
+        assert_eq!(id, key.id);
+        assert_eq!(Sha256::digest(secret.as_bytes()).to_vec(), key.secret_hash);
+    }
+
+    #[test]
+    fn malformed_tokens_are_rejected() {
+        for t in [
+            "",
+            "rst_",
+            "rst_abc_def",
+            "xyz_0190f3a27c1e7b3a9a513c1f0e4d2b6a_s",
+            "rst_0190f3a27c1e7b3a9a513c1f0e4d2b6a_",
+        ] {
+            assert!(parse_token(t).is_none(), "{t}");
+        }
+    }
+
+    #[test]
+    fn scope_parsing() {
+        assert_eq!(ScopeSet::parse(&["*"]).unwrap(), ScopeSet::all());
+        let s = ScopeSet::parse(&["users.read", "logs.read"]).unwrap();
+        assert!(s.contains(Scope::UsersRead) && s.contains(Scope::LogsRead));
+        assert!(!s.contains(Scope::UsersWrite));
+        assert!(ScopeSet::parse(&["users.admin"]).is_err());
+    }
+}

@@ -1,0 +1,55 @@
+//! The `roster` command line: one binary, a subcommand per job (clap, `--help` on each).
+pub mod admin;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{DatabaseConfig, ServeConfig};
+
+/// Roster: self-hostable user management over gRPC on PostgreSQL.
+#[derive(Parser)]
+#[command(name = "roster", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the gRPC server (applies migrations first unless --no-migrate).
+    Serve(Box<ServeConfig>),
+    /// Apply the embedded schema migrations and exit (safe with many replicas at once).
+    Migrate(DatabaseConfig),
+    /// Manage projects (the isolation boundary of users, keys and events).
+    Projects {
+        #[command(subcommand)]
+        command: admin::ProjectCommand,
+        #[command(flatten)]
+        database: DatabaseConfig,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: admin::KeyCommand,
+        #[command(flatten)]
+        database: DatabaseConfig,
+    },
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(cfg) => crate::server::serve(*cfg).await,
+        Command::Migrate(db) => {
+            admin::with_database(&db, |client| {
+                Box::pin(async move {
+                    let n = crate::db::migrate::migrate(client).await?;
+                    println!("applied {n} migration(s); the schema is up to date");
+                    Ok(())
+                })
+            })
+            .await
+        }
+        Command::Projects { command, database } => admin::projects(command, &database).await,
+        Command::Keys { command, database } => admin::keys(command, &database).await,
+    }
+}

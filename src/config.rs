@@ -1,0 +1,117 @@
+//! One typed configuration: command-line flags, then `ROSTER_*` environment variables, then
+//! defaults (clap resolves the layering). Every option is listed by `roster serve --help` and in
+//! the README. Secrets (the database URL may hold a password) can come from a `*_FILE` path and
+//! are never printed: this type has no `Debug`.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+/// Options of the database connection shared by every subcommand that talks to PostgreSQL.
+#[derive(clap::Args, Clone)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL, e.g. postgres://roster:pw@db:5432/roster. Without it (and without
+    /// --database-url-file), `serve` starts a private PostgreSQL cluster in --data-dir.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Read the PostgreSQL URL from this file instead (for mounted secrets).
+    #[arg(long, env = "ROSTER_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+    /// Where the embedded PostgreSQL cluster and the dev key live when no URL is given.
+    #[arg(long, env = "ROSTER_DATA_DIR", default_value = "./roster-data")]
+    pub data_dir: PathBuf,
+    /// Maximum connections in the pool.
+    #[arg(long, env = "ROSTER_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+    /// Seconds to wait for a pooled connection (or a new one) before answering UNAVAILABLE.
+    #[arg(long, env = "ROSTER_DB_TIMEOUT_SECS", default_value_t = 5)]
+    pub db_timeout_secs: u64,
+}
+
+impl DatabaseConfig {
+    /// The URL from the flag/env or the file, if either is set.
+    pub fn url(&self) -> anyhow::Result<Option<String>> {
+        if let Some(url) = &self.database_url {
+            return Ok(Some(url.clone()));
+        }
+        match &self.database_url_file {
+            Some(path) => {
+                let url = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Ok(Some(url.trim().to_string()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.db_timeout_secs.max(1))
+    }
+}
+
+/// Options of `roster serve`.
+#[derive(clap::Args, Clone)]
+pub struct ServeConfig {
+    /// Address of the gRPC server. Port 0 picks a free port.
+    #[arg(long, env = "ROSTER_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Do not apply schema migrations at start-up (run `roster migrate` separately).
+    #[arg(long, env = "ROSTER_NO_MIGRATE")]
+    pub no_migrate: bool,
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    #[command(flatten)]
+    pub server: ServerConfig,
+}
+
+/// Options of the running service itself, apart from where it listens and its database.
+#[derive(clap::Args, Clone)]
+pub struct ServerConfig {
+    /// Password-hashing workers (argon2 runs on this bounded pool, off the async runtime).
+    /// 0 means one per CPU core.
+    #[arg(long, env = "ROSTER_HASH_WORKERS", default_value_t = 0)]
+    pub hash_workers: usize,
+    /// argon2id memory cost in KiB for new hashes.
+    #[arg(long, env = "ROSTER_ARGON2_MEMORY_KIB", default_value_t = 19456)]
+    pub argon2_memory_kib: u32,
+    /// argon2id iterations for new hashes.
+    #[arg(long, env = "ROSTER_ARGON2_ITERATIONS", default_value_t = 2)]
+    pub argon2_iterations: u32,
+    /// argon2id parallelism for new hashes.
+    #[arg(long, env = "ROSTER_ARGON2_PARALLELISM", default_value_t = 1)]
+    pub argon2_parallelism: u32,
+    /// How long (milliseconds) a verified API key is cached; a revocation takes effect within
+    /// this time.
+    #[arg(long, env = "ROSTER_KEY_CACHE_MS", default_value_t = 2000)]
+    pub key_cache_ms: u64,
+    /// Seconds in-flight RPCs get to finish after SIGINT/SIGTERM.
+    #[arg(long, env = "ROSTER_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            hash_workers: 0,
+            argon2_memory_kib: 19456,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            key_cache_ms: 2000,
+            shutdown_grace_secs: 20,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The number of hashing workers, resolving 0 to the number of cores.
+    pub fn hash_workers(&self) -> usize {
+        if self.hash_workers > 0 {
+            self.hash_workers
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Embedded, ordered schema migrations, applied under a PostgreSQL advisory lock so that many
+//! replicas starting at once apply each migration exactly once.
+use anyhow::Context;
+
+/// (version, name, SQL), in order. Never edit a released migration: add a new one.
+const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("migrations/0001_init.sql"))];
+
+/// Arbitrary constant naming Roster's migration lock.
+const MIGRATION_LOCK: i64 = 0x526f_7374_6572;
+
+/// Applies every pending migration; returns how many were applied.
+pub async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("taking the migration lock")?;
+    let result = apply_pending(client).await;
+    // Released on disconnect too, but a pooled connection lives on.
+    let unlock = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    let applied = result?;
+    unlock.context("releasing the migration lock")?;
+    Ok(applied)
+}
+
+async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await
+        .context("creating schema_migrations")?;
+    let done: Vec<i32> = client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut applied = 0;
+    for (version, name, sql) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql)
+            .await
+            .with_context(|| format!("migration {version} ({name})"))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(version, name, "applied migration");
+        applied += 1;
+    }
+    Ok(applied)
+}

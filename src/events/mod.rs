@@ -1,0 +1,125 @@
+//! Audit events: what happened to a user or was done by a key.
+//!
+//! Architecture invariant: an event is written by [`store::record`] in the same transaction as
+//! the change it records, so an acknowledged change always has its event and a failed one
+//! never does. Event data names fields and non-secret values only, never secrets or hashes.
+pub mod store;
+
+use uuid::Uuid;
+
+use crate::auth::Caller;
+
+/// The kinds of events; the names are those of `roster.v1.EventType` without the prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    UserCreated,
+    UserUpdated,
+    UserDeleted,
+    UserBlocked,
+    UserUnblocked,
+    UserDeactivated,
+    UserReactivated,
+    UserImported,
+    ContactVerificationStarted,
+    ContactVerified,
+    ContactVerificationFailed,
+    PasswordSet,
+    PasswordChanged,
+    PasswordExpired,
+    PasswordResetRequested,
+    PasswordReset,
+    PasswordRehashed,
+    LoginSucceeded,
+    LoginFailed,
+    UserLockedOut,
+    AuthenticatorEnrolled,
+    AuthenticatorConfirmed,
+    AuthenticatorUpdated,
+    AuthenticatorDeleted,
+    FactorVerified,
+    FactorVerificationFailed,
+    RecoveryCodesGenerated,
+    IdentityLinked,
+    IdentityUnlinked,
+    UsersMerged,
+    UsersExported,
+}
+
+impl EventType {
+    /// The stored name, e.g. `USER_CREATED`.
+    pub fn as_str(self) -> &'static str {
+        use EventType::*;
+        match self {
+            UserCreated => "USER_CREATED",
+            UserUpdated => "USER_UPDATED",
+            UserDeleted => "USER_DELETED",
+            UserBlocked => "USER_BLOCKED",
+            UserUnblocked => "USER_UNBLOCKED",
+            UserDeactivated => "USER_DEACTIVATED",
+            UserReactivated => "USER_REACTIVATED",
+            UserImported => "USER_IMPORTED",
+            ContactVerificationStarted => "CONTACT_VERIFICATION_STARTED",
+            ContactVerified => "CONTACT_VERIFIED",
+            ContactVerificationFailed => "CONTACT_VERIFICATION_FAILED",
+            PasswordSet => "PASSWORD_SET",
+            PasswordChanged => "PASSWORD_CHANGED",
+            PasswordExpired => "PASSWORD_EXPIRED",
+            PasswordResetRequested => "PASSWORD_RESET_REQUESTED",
+            PasswordReset => "PASSWORD_RESET",
+            PasswordRehashed => "PASSWORD_REHASHED",
+            LoginSucceeded => "LOGIN_SUCCEEDED",
+            LoginFailed => "LOGIN_FAILED",
+            UserLockedOut => "USER_LOCKED_OUT",
+            AuthenticatorEnrolled => "AUTHENTICATOR_ENROLLED",
+            AuthenticatorConfirmed => "AUTHENTICATOR_CONFIRMED",
+            AuthenticatorUpdated => "AUTHENTICATOR_UPDATED",
+            AuthenticatorDeleted => "AUTHENTICATOR_DELETED",
+            FactorVerified => "FACTOR_VERIFIED",
+            FactorVerificationFailed => "FACTOR_VERIFICATION_FAILED",
+            RecoveryCodesGenerated => "RECOVERY_CODES_GENERATED",
+            IdentityLinked => "IDENTITY_LINKED",
+            IdentityUnlinked => "IDENTITY_UNLINKED",
+            UsersMerged => "USERS_MERGED",
+            UsersExported => "USERS_EXPORTED",
+        }
+    }
+}
+
+/// Who caused an event: the key, the request, and the end user's address when known.
+#[derive(Debug, Clone)]
+pub struct EventContext {
+    pub api_key_id: Uuid,
+    pub request_id: String,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+impl EventContext {
+    /// The context of a call: the calling peer's address stands in for an end-user address.
+    pub fn from_caller(caller: &Caller) -> Self {
+        EventContext {
+            api_key_id: caller.key_id,
+            request_id: caller.request_id.clone(),
+            ip: caller.peer_ip.clone(),
+            user_agent: None,
+        }
+    }
+}
+
+/// One event to record.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kind: EventType,
+    pub user_id: Option<Uuid>,
+    pub data: serde_json::Value,
+}
+
+impl NewEvent {
+    pub fn for_user(kind: EventType, user_id: Uuid, data: serde_json::Value) -> Self {
+        NewEvent {
+            kind,
+            user_id: Some(user_id),
+            data,
+        }
+    }
+}

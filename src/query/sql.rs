@@ -1,0 +1,395 @@
+//! Turns a parsed filter into a parameterised SQL condition over a whitelist of fields.
+//!
+//! Architecture invariant: no user-supplied text is ever spliced into SQL. Field names map to
+//! fixed SQL expressions from a whitelist; every literal becomes a `$n` parameter.
+use chrono::{DateTime, Utc};
+use tokio_postgres::types::ToSql;
+use uuid::Uuid;
+
+use super::filter::{Expr, FilterError, Literal, Op};
+
+/// SQL text with its parameters, built up piece by piece.
+#[derive(Default)]
+pub struct Sql {
+    pub text: String,
+    params: Vec<Box<dyn ToSql + Sync + Send>>,
+}
+
+impl Sql {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a parameter and returns its placeholder (`$n`).
+    pub fn param<T: ToSql + Sync + Send + 'static>(&mut self, value: T) -> String {
+        self.params.push(Box::new(value));
+        format!("${}", self.params.len())
+    }
+
+    pub fn push(&mut self, s: &str) {
+        self.text.push_str(s);
+    }
+
+    pub fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.params
+            .iter()
+            .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+            .collect()
+    }
+}
+
+/// What a filterable field holds, which decides the operators and literals it takes.
+#[derive(Clone, Copy)]
+pub enum FieldKind {
+    Uuid,
+    /// Text; `ci` fields compare case-insensitively (the SQL expression is already lowered).
+    Text {
+        ci: bool,
+    },
+    Bool,
+    Timestamp,
+    Int,
+    /// An enum stored as its number; the function maps a value name to it.
+    Enum(fn(&str) -> Option<i16>),
+    /// A jsonb column, addressed with a key path.
+    Json,
+}
+
+/// A resolved field: its SQL expression, kind, and (for JSON) the key path inside it.
+pub struct Field {
+    pub sql: &'static str,
+    pub kind: FieldKind,
+    pub path: Vec<String>,
+}
+
+/// Maps a filter field name to a [`Field`], or explains why it cannot be filtered on.
+pub type Resolver = fn(&str) -> Result<Field, String>;
+
+/// Compiles `expr` into a SQL boolean expression appended to `sql`.
+pub fn compile(expr: &Expr, resolve: Resolver, sql: &mut Sql) -> Result<(), FilterError> {
+    match expr {
+        Expr::And(parts) | Expr::Or(parts) => {
+            let joiner = if matches!(expr, Expr::And(_)) {
+                " AND "
+            } else {
+                " OR "
+            };
+            sql.push("(");
+            for (i, part) in parts.iter().enumerate() {
+                if i > 0 {
+                    sql.push(joiner);
+                }
+                compile(part, resolve, sql)?;
+            }
+            sql.push(")");
+        }
+        Expr::Not(inner) => {
+            sql.push("NOT (");
+            compile(inner, resolve, sql)?;
+            sql.push(")");
+        }
+        Expr::Cmp {
+            field,
+            field_pos,
+            op,
+            value,
+            value_pos,
+        } => {
+            let f = resolve(field).map_err(|m| FilterError::new(*field_pos, m))?;
+            let cond = comparison(&f, field, *op, value, sql)
+                .map_err(|m| FilterError::new(*value_pos, m))?;
+            sql.push(&cond);
+        }
+    }
+    Ok(())
+}
+
+fn sql_op(op: Op) -> &'static str {
+    match op {
+        Op::Eq => "=",
+        Op::Ne => "<>",
+        Op::Lt => "<",
+        Op::Le => "<=",
+        Op::Gt => ">",
+        Op::Ge => ">=",
+        Op::Has => "=",
+    }
+}
+
+fn text_of(v: &Literal) -> &str {
+    match v {
+        Literal::Str(s) | Literal::Word(s) => s,
+    }
+}
+
+/// `*` only at the start and/or end: a LIKE pattern with everything else escaped.
+fn like_pattern(s: &str) -> Result<String, String> {
+    let (lead, rest) = match s.strip_prefix('*') {
+        Some(r) => (true, r),
+        None => (false, s),
+    };
+    let (core, trail) = match rest.strip_suffix('*') {
+        Some(r) => (r, true),
+        None => (rest, false),
+    };
+    if core.contains('*') {
+        return Err("'*' is allowed only at the start or end of a value".into());
+    }
+    let mut p = String::with_capacity(core.len() + 2);
+    if lead {
+        p.push('%');
+    }
+    for c in core.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    if trail {
+        p.push('%');
+    }
+    Ok(p)
+}
+
+fn comparison(
+    f: &Field,
+    name: &str,
+    op: Op,
+    value: &Literal,
+    sql: &mut Sql,
+) -> Result<String, String> {
+    let col = f.sql;
+    let only_eq = |what: &str| -> Result<(), String> {
+        if matches!(op, Op::Eq | Op::Ne) {
+            Ok(())
+        } else {
+            Err(format!("{what} field '{name}' takes only = and !="))
+        }
+    };
+    Ok(match f.kind {
+        FieldKind::Uuid => {
+            only_eq("id")?;
+            let id = Uuid::try_parse(text_of(value))
+                .map_err(|_| format!("'{name}' must be compared with a UUID"))?;
+            format!("{col} {} {}", sql_op(op), sql.param(id))
+        }
+        FieldKind::Bool => {
+            only_eq("boolean")?;
+            let b = match value {
+                Literal::Word(w) if w == "true" => true,
+                Literal::Word(w) if w == "false" => false,
+                _ => return Err(format!("'{name}' must be compared with true or false")),
+            };
+            format!("{col} {} {}", sql_op(op), sql.param(b))
+        }
+        FieldKind::Enum(lookup) => {
+            only_eq("enum")?;
+            let n = lookup(text_of(value))
+                .ok_or_else(|| format!("'{}' is not a value of '{name}'", text_of(value)))?;
+            format!("{col} {} {}", sql_op(op), sql.param(n))
+        }
+        FieldKind::Int => {
+            if op == Op::Has {
+                return Err(format!("':' does not apply to the number field '{name}'"));
+            }
+            let n: i64 = text_of(value)
+                .parse()
+                .map_err(|_| format!("'{name}' must be compared with an integer"))?;
+            format!("{col} {} {}", sql_op(op), sql.param(n))
+        }
+        FieldKind::Timestamp => {
+            if op == Op::Has {
+                return Err(format!("':' does not apply to the time field '{name}'"));
+            }
+            let t: DateTime<Utc> = DateTime::parse_from_rfc3339(text_of(value))
+                .map_err(|_| {
+                    format!("'{name}' must be compared with an RFC 3339 time, e.g. \"2026-01-31T12:00:00Z\"")
+                })?
+                .with_timezone(&Utc);
+            format!("{col} {} {}", sql_op(op), sql.param(t))
+        }
+        FieldKind::Text { ci } => {
+            let raw = text_of(value);
+            let v = if ci {
+                raw.to_lowercase()
+            } else {
+                raw.to_string()
+            };
+            match op {
+                // Absent text is stored as NULL: `= ""` finds it, `!= ""` excludes it.
+                Op::Eq if v.is_empty() => format!("{col} IS NULL"),
+                Op::Ne if v.is_empty() => format!("{col} IS NOT NULL"),
+                Op::Ne => format!("{col} IS DISTINCT FROM {}", sql.param(v)),
+                Op::Has if v == "*" => format!("{col} IS NOT NULL"),
+                Op::Has if v.starts_with('*') || v.ends_with('*') => {
+                    let pattern = like_pattern(&v.to_lowercase())?;
+                    let lhs = if ci {
+                        col.to_string()
+                    } else {
+                        format!("lower({col})")
+                    };
+                    format!("{lhs} LIKE {}", sql.param(pattern))
+                }
+                Op::Has => {
+                    let lhs = if ci {
+                        col.to_string()
+                    } else {
+                        format!("lower({col})")
+                    };
+                    format!("{lhs} = {}", sql.param(v.to_lowercase()))
+                }
+                _ => format!("{col} {} {}", sql_op(op), sql.param(v)),
+            }
+        }
+        FieldKind::Json => json_comparison(col, &f.path, name, op, value, sql)?,
+    })
+}
+
+/// A literal as a JSON value: quoted strings are strings; bare words are booleans, null or
+/// numbers.
+fn json_literal(value: &Literal) -> Result<serde_json::Value, String> {
+    Ok(match value {
+        Literal::Str(s) => serde_json::Value::String(s.clone()),
+        Literal::Word(w) => match w.as_str() {
+            "true" => true.into(),
+            "false" => false.into(),
+            "null" => serde_json::Value::Null,
+            _ => {
+                if let Ok(i) = w.parse::<i64>() {
+                    i.into()
+                } else {
+                    let f: f64 = w.parse().map_err(|_| {
+                        format!("'{w}' is not a number, true, false or null; quote strings")
+                    })?;
+                    serde_json::Number::from_f64(f)
+                        .ok_or("numbers must be finite")?
+                        .into()
+                }
+            }
+        },
+    })
+}
+
+fn json_comparison(
+    col: &str,
+    path: &[String],
+    name: &str,
+    op: Op,
+    value: &Literal,
+    sql: &mut Sql,
+) -> Result<String, String> {
+    if path.is_empty() {
+        return Err(format!("'{name}' needs a key, e.g. '{name}.plan'"));
+    }
+    let v = json_literal(value)?;
+    // {"a":{"b":v}} for path a.b: containment uses the GIN index.
+    let contained = || {
+        path.iter()
+            .rev()
+            .fold(v.clone(), |acc, k| serde_json::json!({ k.clone(): acc }))
+    };
+    Ok(match op {
+        Op::Eq => format!("{col} @> {}", sql.param(contained())),
+        Op::Ne => format!("NOT ({col} @> {})", sql.param(contained())),
+        Op::Has => match &v {
+            serde_json::Value::String(s) if s == "*" => {
+                format!("{col} #> {} IS NOT NULL", sql.param(path.to_vec()))
+            }
+            serde_json::Value::String(s) if s.starts_with('*') || s.ends_with('*') => {
+                let pattern = like_pattern(&s.to_lowercase())?;
+                format!(
+                    "lower({col} #>> {}) LIKE {}",
+                    sql.param(path.to_vec()),
+                    sql.param(pattern)
+                )
+            }
+            _ => format!("{col} @> {}", sql.param(contained())),
+        },
+        _ => {
+            let jtype = match &v {
+                serde_json::Value::Number(_) => "number",
+                serde_json::Value::String(_) => "string",
+                _ => {
+                    return Err(format!(
+                        "'{}' compares only numbers and strings",
+                        op.as_str()
+                    ));
+                }
+            };
+            // Compare like with like: jsonb orders different types by type, not value.
+            let p = sql.param(path.to_vec());
+            format!(
+                "(jsonb_typeof({col} #> {p}) = '{jtype}' AND ({col} #> {p}) {} {}::jsonb)",
+                sql_op(op),
+                sql.param(v)
+            )
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::filter::parse;
+
+    fn resolve(name: &str) -> Result<Field, String> {
+        match name {
+            "email" => Ok(Field {
+                sql: "lower(email)",
+                kind: FieldKind::Text { ci: true },
+                path: vec![],
+            }),
+            "login_count" => Ok(Field {
+                sql: "login_count",
+                kind: FieldKind::Int,
+                path: vec![],
+            }),
+            n if n.starts_with("app_metadata.") => Ok(Field {
+                sql: "app_metadata",
+                kind: FieldKind::Json,
+                path: n.split('.').skip(1).map(String::from).collect(),
+            }),
+            _ => Err(format!("unknown field '{name}'")),
+        }
+    }
+
+    fn compiled(f: &str) -> Result<(String, usize), FilterError> {
+        let mut sql = Sql::new();
+        compile(&parse(f)?.unwrap(), resolve, &mut sql)?;
+        let n = sql.params().len();
+        Ok((sql.text, n))
+    }
+
+    #[test]
+    fn literals_become_parameters() {
+        let (text, n) = compiled(r#"email = "x\" OR 1=1 --""#).unwrap();
+        assert_eq!(text, "lower(email) = $1");
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn wildcards_become_escaped_like_patterns() {
+        assert_eq!(
+            like_pattern("*@ex_ample%.com").unwrap(),
+            "%@ex\\_ample\\%.com"
+        );
+        assert_eq!(like_pattern("jo*").unwrap(), "jo%");
+        assert!(like_pattern("j*o").is_err());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_literals_are_errors_with_positions() {
+        let e = compiled("nope = 1").unwrap_err();
+        assert_eq!(e.position, 1);
+        let e = compiled("login_count > many").unwrap_err();
+        assert_eq!(e.position, 15);
+        assert!(compiled("login_count : 3").is_err());
+        assert!(compiled("app_metadata.plan > true").is_err());
+    }
+
+    #[test]
+    fn json_paths_use_containment() {
+        let (text, _) = compiled(r#"app_metadata.plan = "pro""#).unwrap();
+        assert_eq!(text, "app_metadata @> $1");
+    }
+}

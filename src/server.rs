@@ -1,0 +1,312 @@
+//! Assembles the gRPC server: the four Roster services behind [`AuthLayer`], gRPC health
+//! (per service, NOT_SERVING while the database is unreachable), reflection v1 and v1alpha,
+//! and graceful shutdown. [`Application::build`] binds (port 0 allowed) so tests start it on
+//! an ephemeral port with no sleeps; [`serve`] is `roster serve`.
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::auth::{AuthLayer, KeyVerifier};
+use crate::config::{ServeConfig, ServerConfig};
+use crate::crypto::Hasher;
+use crate::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use crate::db::{self, Pool};
+use crate::pb::v1::authenticator_service_server::{
+    AuthenticatorService, AuthenticatorServiceServer,
+};
+use crate::pb::v1::identity_service_server::{IdentityService, IdentityServiceServer};
+use crate::pb::v1::log_service_server::{LogService, LogServiceServer};
+use crate::pb::v1::user_service_server::UserServiceServer;
+use crate::users::grpc::UserApi;
+
+/// What every service shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: Pool,
+    pub hasher: Arc<Hasher>,
+}
+
+/// Largest request message accepted (API.md).
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// The fully-qualified names of Roster's services, for health statuses.
+pub const SERVICE_NAMES: [&str; 4] = [
+    "roster.v1.UserService",
+    "roster.v1.AuthenticatorService",
+    "roster.v1.IdentityService",
+    "roster.v1.LogService",
+];
+
+/// Services whose RPCs have not landed yet: every call answers UNIMPLEMENTED (the generated
+/// default methods), behind the same authentication as the rest.
+struct NotYetImplemented;
+
+impl AuthenticatorService for NotYetImplemented {}
+impl IdentityService for NotYetImplemented {}
+impl LogService for NotYetImplemented {}
+
+/// A bound, ready-to-run server.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    config: ServerConfig,
+}
+
+impl Application {
+    pub async fn build(
+        listen: SocketAddr,
+        pool: Pool,
+        config: ServerConfig,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        let hasher = Hasher::new(
+            config.hash_workers(),
+            config.argon2_memory_kib,
+            config.argon2_iterations,
+            config.argon2_parallelism,
+        )?;
+        Ok(Application {
+            listener,
+            state: AppState {
+                pool,
+                hasher: Arc::new(hasher),
+            },
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        // A bound listener always has an address.
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting calls and gives in-flight ones
+    /// the configured grace period to finish.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        let watcher = tokio::spawn(watch_database(self.state.pool.clone(), reporter));
+
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let verifier = Arc::new(KeyVerifier::new(
+            self.state.pool.clone(),
+            Duration::from_millis(self.config.key_cache_ms),
+        ));
+        let users = UserServiceServer::new(UserApi::new(self.state.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let authenticators = AuthenticatorServiceServer::new(NotYetImplemented)
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let identities = IdentityServiceServer::new(NotYetImplemented)
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let logs =
+            LogServiceServer::new(NotYetImplemented).max_decoding_message_size(MAX_REQUEST_BYTES);
+
+        let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = Server::builder()
+            .layer(AuthLayer::new(verifier))
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(users)
+            .add_service(authenticators)
+            .add_service(identities)
+            .add_service(logs)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
+                shutdown.await;
+                tracing::info!("shutting down: draining in-flight calls");
+                let _ = stopping_tx.send(());
+            });
+        let grace = Duration::from_secs(self.config.shutdown_grace_secs);
+        let result = tokio::select! {
+            r = server => r.context("serving"),
+            _ = async {
+                let _ = stopping_rx.await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(grace_secs = grace.as_secs(), "calls still running after the grace period; stopping anyway");
+                Ok(())
+            }
+        };
+        watcher.abort();
+        result
+    }
+}
+
+/// Keeps health statuses in line with whether the database answers.
+async fn watch_database(pool: Pool, reporter: tonic_health::server::HealthReporter) {
+    let mut last: Option<bool> = None;
+    loop {
+        let up = matches!(
+            tokio::time::timeout(Duration::from_secs(2), async {
+                let client = db::client(&pool).await?;
+                client
+                    .simple_query("SELECT 1")
+                    .await
+                    .map_err(crate::error::Error::from)
+            })
+            .await,
+            Ok(Ok(_))
+        );
+        if last != Some(up) {
+            let status = if up {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            for name in SERVICE_NAMES {
+                reporter.set_service_status(name, status).await;
+            }
+            if up {
+                tracing::info!("database reachable: serving");
+            } else {
+                tracing::warn!("database unreachable: health is NOT_SERVING");
+            }
+            last = Some(up);
+        }
+        tokio::time::sleep(Duration::from_secs(if up { 2 } else { 1 })).await;
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// The name of the database Roster uses inside its embedded cluster.
+pub const EMBEDDED_DATABASE: &str = "roster";
+
+/// Starts (initialising on first use) the embedded cluster in `dir` and makes sure Roster's
+/// database exists; returns the cluster and the URL of that database.
+pub async fn start_embedded(dir: &Path) -> anyhow::Result<(EmbeddedPostgres, String)> {
+    let opts = EmbeddedOptions {
+        dir: dir.to_path_buf(),
+        unsafe_fast: false,
+    };
+    let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&opts)).await??;
+    let (client, conn) =
+        tokio_postgres::connect(&pg.connection_string("postgres"), tokio_postgres::NoTls)
+            .await
+            .context("connecting to the embedded PostgreSQL")?;
+    let conn = tokio::spawn(conn);
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            &[&EMBEDDED_DATABASE],
+        )
+        .await?
+        .is_some();
+    if !exists {
+        client
+            .batch_execute(&format!("CREATE DATABASE {EMBEDDED_DATABASE}"))
+            .await?;
+    }
+    drop(client);
+    let _ = conn.await;
+    let url = pg.connection_string(EMBEDDED_DATABASE);
+    Ok((pg, url))
+}
+
+/// Makes sure the `default` project and a working all-scopes dev key exist; the key is kept
+/// in `<dir>/dev-key` (mode 0600). Returns the key file's path.
+async fn ensure_dev_key(pool: &Pool, dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("dev-key");
+    let client = db::client(pool).await?;
+    let project = match crate::admin::find_project(&**client, "default").await {
+        Ok(p) => p,
+        Err(_) => crate::admin::create_project(&**client, "default").await?,
+    };
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        let keys = crate::admin::list_keys(&**client, project.id).await?;
+        let usable = keys.iter().any(|k| {
+            k.revoked_at.is_none() && token.trim().starts_with(&format!("rst_{}_", k.id.simple()))
+        });
+        if usable {
+            return Ok(path);
+        }
+    }
+    let (_, token) =
+        crate::admin::create_key(&**client, project.id, "dev", &["*".to_string()]).await?;
+    std::fs::write(&path, format!("{token}\n"))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(path)
+}
+
+/// `roster serve`: connect (or start the embedded cluster), migrate, serve until a signal.
+pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    let (embedded, url) = match cfg.database.url()? {
+        Some(url) => (None, url),
+        None => {
+            tracing::info!(dir = %cfg.database.data_dir.display(), "no DATABASE_URL: starting a private PostgreSQL");
+            let (pg, url) = start_embedded(&cfg.database.data_dir).await?;
+            (Some(pg), url)
+        }
+    };
+    let result = serve_on(&cfg, &url, embedded.is_some()).await;
+    if let Some(pg) = embedded {
+        tracing::info!("stopping the private PostgreSQL");
+        tokio::task::spawn_blocking(move || pg.stop()).await?;
+    }
+    result
+}
+
+async fn serve_on(cfg: &ServeConfig, url: &str, embedded: bool) -> anyhow::Result<()> {
+    let pool = db::connect_pool(url, cfg.database.db_pool_size, cfg.database.timeout())?;
+    if !cfg.no_migrate {
+        let mut client = db::client(&pool).await?;
+        crate::db::migrate::migrate(&mut client).await?;
+    }
+    let app = Application::build(cfg.listen, pool.clone(), cfg.server.clone()).await?;
+    let addr = app.local_addr();
+    if embedded {
+        let key_file = ensure_dev_key(&pool, &cfg.database.data_dir).await?;
+        tracing::info!(
+            "dev key (all scopes, project 'default') is in {k}. Try:\n  \
+             buf curl --protocol grpc --http2-prior-knowledge \\\n    \
+             -H \"authorization: Bearer $(cat {k})\" \\\n    \
+             -d '{{\"user\":{{\"email\":\"ada@example.com\"}}}}' \\\n    \
+             http://{addr}/roster.v1.UserService/CreateUser",
+            k = key_file.display(),
+        );
+    }
+    tracing::info!(%addr, "roster listening");
+    app.run_until(shutdown_signal()).await
+}

@@ -1,0 +1,533 @@
+//! UserService over gRPC: converts requests into validated domain values (every field
+//! violation at once), calls `ops`, and converts results back. No SQL here.
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::ops::{self, ContactChannel, Lifecycle, VerificationResult};
+use super::store::{self, ListSpec, ORDER_FIELDS};
+use super::{
+    LookupKey, NewUser, PasswordInput, Profile, User, UserStatus, has_identifier, validate_profile,
+};
+use crate::auth::caller_of;
+use crate::crypto;
+use crate::error::{Error, Violations};
+use crate::pb::v1 as pb;
+use crate::pb::v1::user_service_server::UserService;
+use crate::query::{filter, page};
+use crate::server::AppState;
+use crate::wire;
+
+/// The UserService implementation.
+pub struct UserApi {
+    state: AppState,
+}
+
+impl UserApi {
+    pub fn new(state: AppState) -> Self {
+        UserApi { state }
+    }
+}
+
+/// Most limits that apply to all ids in a batch.
+pub const MAX_BATCH: usize = 1000;
+
+fn text(s: &str) -> Option<String> {
+    let t = s.trim();
+    if t.is_empty() {
+        None
+    } else {
+        Some(t.to_string())
+    }
+}
+
+/// The settable fields of a proto `User`, collecting violations for what cannot even be
+/// converted (metadata that is not JSON-compatible).
+fn profile_from_proto(u: &pb::User, prefix: &str, v: &mut Violations) -> Profile {
+    let mut meta = |name: &str, s: &Option<prost_types::Struct>| match s {
+        None => serde_json::Map::new(),
+        Some(s) => wire::struct_to_json(s).unwrap_or_else(|e| {
+            v.add(format!("{prefix}.{name}"), e);
+            serde_json::Map::new()
+        }),
+    };
+    Profile {
+        external_id: text(&u.external_id),
+        email: text(&u.email),
+        email_verified: u.email_verified,
+        phone_number: text(&u.phone_number),
+        phone_verified: u.phone_verified,
+        username: text(&u.username),
+        display_name: text(&u.display_name),
+        given_name: text(&u.given_name),
+        family_name: text(&u.family_name),
+        picture_url: text(&u.picture_url),
+        locale: text(&u.locale),
+        timezone: text(&u.timezone),
+        user_metadata: meta("user_metadata", &u.user_metadata),
+        app_metadata: meta("app_metadata", &u.app_metadata),
+    }
+}
+
+pub fn user_to_proto(u: &User) -> pb::User {
+    let p = &u.profile;
+    let s = |v: &Option<String>| v.clone().unwrap_or_default();
+    let status = match u.status {
+        UserStatus::Active => pb::UserStatus::Active,
+        UserStatus::PendingVerification => pb::UserStatus::PendingVerification,
+        UserStatus::Blocked => pb::UserStatus::Blocked,
+        UserStatus::Deactivated => pb::UserStatus::Deactivated,
+    };
+    let mut enrolled = Vec::new();
+    if u.has_password {
+        enrolled.push(pb::AuthenticatorType::Password as i32);
+    }
+    pb::User {
+        id: u.id.to_string(),
+        external_id: s(&p.external_id),
+        email: s(&p.email),
+        email_verified: p.email_verified,
+        phone_number: s(&p.phone_number),
+        phone_verified: p.phone_verified,
+        username: s(&p.username),
+        display_name: s(&p.display_name),
+        given_name: s(&p.given_name),
+        family_name: s(&p.family_name),
+        picture_url: s(&p.picture_url),
+        locale: s(&p.locale),
+        timezone: s(&p.timezone),
+        status: status as i32,
+        user_metadata: Some(wire::json_to_struct(&p.user_metadata)),
+        app_metadata: Some(wire::json_to_struct(&p.app_metadata)),
+        has_password: u.has_password,
+        password_changed_at: wire::opt_timestamp(u.password_changed_at),
+        require_password_change: u.require_password_change,
+        enrolled_methods: enrolled,
+        default_method: pb::AuthenticatorType::Unspecified as i32,
+        login_count: u.login_count,
+        last_login_at: wire::opt_timestamp(u.last_login_at),
+        last_login_ip: s(&u.last_login_ip),
+        locked_until: wire::opt_timestamp(u.locked_until.filter(|t| *t > chrono::Utc::now())),
+        blocked_reason: s(&u.blocked_reason),
+        created_at: Some(wire::timestamp(u.created_at)),
+        updated_at: Some(wire::timestamp(u.updated_at)),
+        etag: u.etag(),
+    }
+}
+
+fn id_field(v: &mut Violations, field: &str, value: &str) -> Uuid {
+    wire::parse_id(value).unwrap_or_else(|e| {
+        v.add(field, e);
+        Uuid::nil()
+    })
+}
+
+/// A required id, as its own error.
+fn required_id(field: &str, value: &str) -> Result<Uuid, Error> {
+    wire::parse_id(value).map_err(|e| Error::invalid(field, e))
+}
+
+fn etag_of(s: &str) -> Option<&str> {
+    let t = s.trim();
+    if t.is_empty() { None } else { Some(t) }
+}
+
+fn contact_channel(n: i32) -> Result<ContactChannel, Error> {
+    match pb::ContactChannel::try_from(n) {
+        Ok(pb::ContactChannel::Email) => Ok(ContactChannel::Email),
+        Ok(pb::ContactChannel::Phone) => Ok(ContactChannel::Phone),
+        _ => Err(Error::invalid("channel", "must be EMAIL or PHONE")),
+    }
+}
+
+fn new_user_from_request(req: pb::CreateUserRequest) -> Result<NewUser, Error> {
+    let mut v = Violations::new();
+    let Some(u) = req.user else {
+        return Err(Error::invalid("user", "is required"));
+    };
+    let profile = profile_from_proto(&u, "user", &mut v);
+    validate_profile(&profile, "user", &mut v);
+    if !has_identifier(&profile) {
+        v.add(
+            "user",
+            "needs at least one of email, phone_number, username, external_id",
+        );
+    }
+    let id = if req.user_id.is_empty() {
+        Uuid::now_v7()
+    } else {
+        id_field(&mut v, "user_id", &req.user_id)
+    };
+    use pb::create_user_request::InitialPassword;
+    let password = match req.initial_password {
+        None => None,
+        Some(InitialPassword::Password(p)) => {
+            if let Err(e) = crypto::check_password_policy(&p) {
+                v.add("password", e);
+            }
+            Some(PasswordInput::Plain(p))
+        }
+        Some(InitialPassword::PasswordHash(h)) => {
+            if let Err(e) = crypto::check_hash_format(&h) {
+                v.add("password_hash", e);
+            }
+            Some(PasswordInput::Hash(h))
+        }
+    };
+    v.into_result()?;
+    Ok(NewUser {
+        id,
+        profile,
+        pending: req.pending,
+        password,
+        created_at: None,
+    })
+}
+
+fn lookup_key(req: pb::LookupUserRequest) -> Result<LookupKey, Error> {
+    use pb::lookup_user_request::Key;
+    let key = req.key.ok_or_else(|| {
+        Error::invalid(
+            "key",
+            "set exactly one of email, phone_number, username, external_id",
+        )
+    })?;
+    let (field, value, make): (&str, String, fn(String) -> LookupKey) = match key {
+        Key::Email(e) => ("email", e.trim().to_string(), LookupKey::Email),
+        Key::PhoneNumber(p) => ("phone_number", p.trim().to_string(), LookupKey::PhoneNumber),
+        Key::Username(u) => ("username", u.trim().to_string(), LookupKey::Username),
+        Key::ExternalId(x) => ("external_id", x.trim().to_string(), LookupKey::ExternalId),
+    };
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.chars().count() > super::MAX_EMAIL || value.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            field,
+            "is too long or has control characters",
+        ));
+    }
+    Ok(make(value))
+}
+
+/// The most characters of a free-text query.
+pub const MAX_QUERY: usize = 256;
+
+fn list_spec(req: &pb::ListUsersRequest) -> Result<(ListSpec, String), Error> {
+    let mut v = Violations::new();
+    let parsed = filter::parse(&req.filter).and_then(|f| {
+        if let Some(expr) = &f {
+            store::check_filter(expr)?;
+        }
+        Ok(f)
+    });
+    let filter = parsed.unwrap_or_else(|e| {
+        v.add("filter", e.to_string());
+        None
+    });
+    let query = text(&req.query).map(|q| q.to_lowercase());
+    if let Some(q) = &query {
+        if q.chars().count() > MAX_QUERY || q.chars().any(char::is_control) {
+            v.add(
+                "query",
+                format!("must be at most {MAX_QUERY} printable characters"),
+            );
+        }
+    }
+    let order = page::parse_order(&req.order_by, ORDER_FIELDS, "created_at").unwrap_or_else(|e| {
+        v.add("order_by", e);
+        page::parse_order("", ORDER_FIELDS, "created_at").unwrap_or(page::Order { fields: vec![] })
+    });
+    let limit = page::page_size(req.page_size).unwrap_or_else(|e| {
+        v.add("page_size", e);
+        page::DEFAULT_PAGE_SIZE
+    });
+    let fp = page::fingerprint(&[
+        req.filter.trim(),
+        query.as_deref().unwrap_or(""),
+        &order.canonical(),
+    ]);
+    let after = if req.page_token.is_empty() {
+        None
+    } else {
+        page::decode_token(&req.page_token, &fp, &order)
+            .map_err(|e| v.add("page_token", e))
+            .ok()
+    };
+    v.into_result()?;
+    Ok((
+        ListSpec {
+            filter,
+            query,
+            order,
+            limit,
+            after,
+        },
+        fp,
+    ))
+}
+
+#[tonic::async_trait]
+impl UserService for UserApi {
+    #[tracing::instrument(skip_all)]
+    async fn create_user(
+        &self,
+        request: Request<pb::CreateUserRequest>,
+    ) -> Result<Response<pb::CreateUserResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let new = new_user_from_request(request.into_inner())?;
+        let user = ops::create_user(&self.state.pool, &self.state.hasher, &caller, new).await?;
+        Ok(Response::new(pb::CreateUserResponse {
+            user: Some(user_to_proto(&user)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_user(
+        &self,
+        request: Request<pb::GetUserRequest>,
+    ) -> Result<Response<pb::GetUserResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let id = required_id("id", &request.get_ref().id)?;
+        let user = ops::get_user(&self.state.pool, &caller, id).await?;
+        Ok(Response::new(pb::GetUserResponse {
+            user: Some(user_to_proto(&user)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn lookup_user(
+        &self,
+        request: Request<pb::LookupUserRequest>,
+    ) -> Result<Response<pb::LookupUserResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let key = lookup_key(request.into_inner())?;
+        let user = ops::lookup_user(&self.state.pool, &caller, &key).await?;
+        Ok(Response::new(pb::LookupUserResponse {
+            user: Some(user_to_proto(&user)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn update_user(
+        &self,
+        request: Request<pb::UpdateUserRequest>,
+    ) -> Result<Response<pb::UpdateUserResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let Some(u) = req.user else {
+            return Err(Error::invalid("user", "is required").into());
+        };
+        let id = id_field(&mut v, "user.id", &u.id);
+        let given = profile_from_proto(&u, "user", &mut v);
+        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        let mask = super::parse_mask(&paths).unwrap_or_else(|e| {
+            v.extend(e);
+            Vec::new()
+        });
+        v.into_result()?;
+        let etag = etag_of(&req.etag).or(etag_of(&u.etag));
+        let user = ops::update_user(&self.state.pool, &caller, id, &given, &mask, etag).await?;
+        Ok(Response::new(pb::UpdateUserResponse {
+            user: Some(user_to_proto(&user)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_user(
+        &self,
+        request: Request<pb::DeleteUserRequest>,
+    ) -> Result<Response<pb::DeleteUserResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let id = required_id("id", &req.id)?;
+        ops::delete_user(&self.state.pool, &caller, id, etag_of(&req.etag)).await?;
+        Ok(Response::new(pb::DeleteUserResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn batch_delete_users(
+        &self,
+        request: Request<pb::BatchDeleteUsersRequest>,
+    ) -> Result<Response<pb::BatchDeleteUsersResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        if req.ids.is_empty() {
+            v.add("ids", "must name at least one user");
+        }
+        if req.ids.len() > MAX_BATCH {
+            return Err(Error::invalid("ids", format!("at most {MAX_BATCH} ids per call")).into());
+        }
+        let mut ids: Vec<Uuid> = Vec::with_capacity(req.ids.len());
+        for (i, s) in req.ids.iter().enumerate() {
+            let id = id_field(&mut v, &format!("ids[{i}]"), s);
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        v.into_result()?;
+        let (deleted, missing) = ops::batch_delete_users(&self.state.pool, &caller, &ids).await?;
+        Ok(Response::new(pb::BatchDeleteUsersResponse {
+            deleted_ids: deleted.iter().map(Uuid::to_string).collect(),
+            not_found_ids: missing.iter().map(Uuid::to_string).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_users(
+        &self,
+        request: Request<pb::ListUsersRequest>,
+    ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let (spec, fp) = list_spec(&req)?;
+        let page =
+            ops::list_users(&self.state.pool, &caller, &spec, &fp, req.show_total_size).await?;
+        Ok(Response::new(pb::ListUsersResponse {
+            users: page.users.iter().map(user_to_proto).collect(),
+            next_page_token: page.next_page_token,
+            total_size: page
+                .total_size
+                .map(|n| n.min(i32::MAX as i64) as i32)
+                .unwrap_or(0),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn block_user(
+        &self,
+        request: Request<pb::BlockUserRequest>,
+    ) -> Result<Response<pb::BlockUserResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let id = id_field(&mut v, "id", &req.id);
+        let reason = text(&req.reason);
+        if let Some(r) = &reason {
+            if r.chars().count() > super::MAX_REASON
+                || r.chars().any(|c| c.is_control() && c != '\n')
+            {
+                v.add(
+                    "reason",
+                    format!(
+                        "must be at most {} characters without control characters",
+                        super::MAX_REASON
+                    ),
+                );
+            }
+        }
+        v.into_result()?;
+        let user = ops::change_lifecycle(
+            &self.state.pool,
+            &caller,
+            id,
+            Lifecycle::Block,
+            reason.as_deref(),
+        )
+        .await?;
+        Ok(Response::new(pb::BlockUserResponse {
+            user: Some(user_to_proto(&user)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn unblock_user(
+        &self,
+        request: Request<pb::UnblockUserRequest>,
+    ) -> Result<Response<pb::UnblockUserResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let id = required_id("id", &request.get_ref().id)?;
+        let user =
+            ops::change_lifecycle(&self.state.pool, &caller, id, Lifecycle::Unblock, None).await?;
+        Ok(Response::new(pb::UnblockUserResponse {
+            user: Some(user_to_proto(&user)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn deactivate_user(
+        &self,
+        request: Request<pb::DeactivateUserRequest>,
+    ) -> Result<Response<pb::DeactivateUserResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let id = required_id("id", &request.get_ref().id)?;
+        let user =
+            ops::change_lifecycle(&self.state.pool, &caller, id, Lifecycle::Deactivate, None)
+                .await?;
+        Ok(Response::new(pb::DeactivateUserResponse {
+            user: Some(user_to_proto(&user)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn reactivate_user(
+        &self,
+        request: Request<pb::ReactivateUserRequest>,
+    ) -> Result<Response<pb::ReactivateUserResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let id = required_id("id", &request.get_ref().id)?;
+        let user =
+            ops::change_lifecycle(&self.state.pool, &caller, id, Lifecycle::Reactivate, None)
+                .await?;
+        Ok(Response::new(pb::ReactivateUserResponse {
+            user: Some(user_to_proto(&user)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn start_contact_verification(
+        &self,
+        request: Request<pb::StartContactVerificationRequest>,
+    ) -> Result<Response<pb::StartContactVerificationResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let id = required_id("id", &req.id)?;
+        let channel = contact_channel(req.channel)?;
+        let (code, expires_at) =
+            ops::start_contact_verification(&self.state.pool, &caller, id, channel).await?;
+        Ok(Response::new(pb::StartContactVerificationResponse {
+            code,
+            expires_at: Some(wire::timestamp(expires_at)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn confirm_contact_verification(
+        &self,
+        request: Request<pb::ConfirmContactVerificationRequest>,
+    ) -> Result<Response<pb::ConfirmContactVerificationResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let id = id_field(&mut v, "id", &req.id);
+        let channel = contact_channel(req.channel)
+            .map_err(|_| v.add("channel", "must be EMAIL or PHONE"))
+            .ok();
+        // A mistyped code is an answer (INVALID_CODE), not a malformed request; only
+        // absurd input is rejected outright.
+        if req.code.len() > 64 {
+            v.add("code", "must be at most 64 characters");
+        }
+        v.into_result()?;
+        let channel = channel.ok_or_else(|| Error::invalid("channel", "must be EMAIL or PHONE"))?;
+        let (result, user) = ops::confirm_contact_verification(
+            &self.state.pool,
+            &caller,
+            id,
+            channel,
+            req.code.trim(),
+        )
+        .await?;
+        let result = match result {
+            VerificationResult::Ok => pb::ContactVerificationResult::Ok,
+            VerificationResult::InvalidCode => pb::ContactVerificationResult::InvalidCode,
+            VerificationResult::Expired => pb::ContactVerificationResult::Expired,
+            VerificationResult::TooManyAttempts => pb::ContactVerificationResult::TooManyAttempts,
+        };
+        Ok(Response::new(pb::ConfirmContactVerificationResponse {
+            result: result as i32,
+            user: Some(user_to_proto(&user)),
+        }))
+    }
+}

@@ -1,0 +1,517 @@
+//! The user operations: each runs in one transaction together with its audit event.
+//! Inputs arrive validated (see `grpc.rs`); what can only be checked against the stored row
+//! (etags, the profile after an update mask, state transitions) is checked here.
+use chrono::{DateTime, Duration, Utc};
+use rand::Rng;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use super::store::{self, ListSpec, Verification};
+use super::{
+    LookupKey, MaskPath, NewUser, PasswordInput, Profile, ProfileField, User, UserStatus,
+    has_identifier, validate_profile,
+};
+use crate::auth::Caller;
+use crate::crypto::Hasher;
+use crate::db::{self, Pool};
+use crate::error::{Error, Result, Violations};
+use crate::events::{EventContext, EventType, NewEvent, store as events};
+use crate::query::page;
+
+const USER: &str = "user";
+
+fn not_found(id: Uuid) -> Error {
+    Error::not_found(USER, id.to_string())
+}
+
+/// Which contact a verification is for; numbers are `roster.v1.ContactChannel`'s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContactChannel {
+    Email = 1,
+    Phone = 2,
+}
+
+impl ContactChannel {
+    fn name(self) -> &'static str {
+        match self {
+            ContactChannel::Email => "EMAIL",
+            ContactChannel::Phone => "PHONE",
+        }
+    }
+}
+
+/// Outcome of a contact confirmation (not an error: the caller shows it to the end user).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerificationResult {
+    Ok,
+    InvalidCode,
+    Expired,
+    TooManyAttempts,
+}
+
+/// A verification code lives this long.
+pub const CODE_TTL_MINUTES: i64 = 10;
+/// Wrong codes allowed before the verification is void.
+pub const MAX_CODE_ATTEMPTS: i32 = 5;
+
+/// The names of the profile fields that are set (non-empty, true), for event data.
+fn set_fields(p: &Profile) -> Vec<&'static str> {
+    ProfileField::ALL
+        .iter()
+        .filter(|f| match field_value(p, **f) {
+            Value::Null | Value::Bool(false) => false,
+            Value::Object(m) => !m.is_empty(),
+            _ => true,
+        })
+        .map(|f| f.name())
+        .collect()
+}
+
+/// A profile field as JSON.
+fn field_value(p: &Profile, f: ProfileField) -> Value {
+    use ProfileField::*;
+    let s = |v: &Option<String>| v.clone().map(Value::String).unwrap_or(Value::Null);
+    match f {
+        ExternalId => s(&p.external_id),
+        Email => s(&p.email),
+        EmailVerified => Value::Bool(p.email_verified),
+        PhoneNumber => s(&p.phone_number),
+        PhoneVerified => Value::Bool(p.phone_verified),
+        Username => s(&p.username),
+        DisplayName => s(&p.display_name),
+        GivenName => s(&p.given_name),
+        FamilyName => s(&p.family_name),
+        PictureUrl => s(&p.picture_url),
+        Locale => s(&p.locale),
+        Timezone => s(&p.timezone),
+        UserMetadata => Value::Object(p.user_metadata.clone()),
+        AppMetadata => Value::Object(p.app_metadata.clone()),
+    }
+}
+
+pub async fn create_user(
+    pool: &Pool,
+    hasher: &Hasher,
+    caller: &Caller,
+    new: NewUser,
+) -> Result<User> {
+    // Hash before taking a connection: hashing may queue behind a sign-in flood.
+    let hash = match &new.password {
+        Some(PasswordInput::Plain(p)) => Some(hasher.hash(p.clone()).await?),
+        Some(PasswordInput::Hash(h)) => Some(h.clone()),
+        None => None,
+    };
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    let user = store::insert(&tx, caller.project_id, &new, hash.as_deref()).await?;
+    let data = json!({
+        "fields": set_fields(&user.profile),
+        "status": user.status.as_str(),
+        "has_password": user.has_password,
+    });
+    events::record(
+        &tx,
+        caller.project_id,
+        &EventContext::from_caller(caller),
+        &[NewEvent::for_user(EventType::UserCreated, user.id, data)],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(user)
+}
+
+pub async fn get_user(pool: &Pool, caller: &Caller, id: Uuid) -> Result<User> {
+    let client = db::client(pool).await?;
+    store::get(&client, caller.project_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))
+}
+
+pub async fn lookup_user(pool: &Pool, caller: &Caller, key: &LookupKey) -> Result<User> {
+    let client = db::client(pool).await?;
+    store::lookup(&client, caller.project_id, key)
+        .await?
+        .ok_or_else(|| {
+            let (field, value) = match key {
+                LookupKey::Email(v) => ("email", v),
+                LookupKey::PhoneNumber(v) => ("phone_number", v),
+                LookupKey::Username(v) => ("username", v),
+                LookupKey::ExternalId(v) => ("external_id", v),
+            };
+            Error::not_found(USER, format!("{field}={value}"))
+        })
+}
+
+fn check_etag(user: &User, etag: Option<&str>) -> Result<()> {
+    match etag {
+        Some(e) if e != user.etag() => Err(Error::EtagMismatch { resource: USER }),
+        _ => Ok(()),
+    }
+}
+
+pub async fn update_user(
+    pool: &Pool,
+    caller: &Caller,
+    id: Uuid,
+    given: &Profile,
+    mask: &[MaskPath],
+    etag: Option<&str>,
+) -> Result<User> {
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    let current = store::get_for_update(&tx, caller.project_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    check_etag(&current, etag)?;
+    let next = super::apply_mask(&current.profile, given, mask);
+    let mut v = Violations::new();
+    validate_profile(&next, "user", &mut v);
+    if !has_identifier(&next) {
+        v.add(
+            "user",
+            "a user needs at least one of email, phone_number, username, external_id",
+        );
+    }
+    v.into_result()?;
+    if next == current.profile {
+        // Nothing changes: no write, no event, same etag.
+        return Ok(current);
+    }
+    let updated = store::save_profile(&tx, caller.project_id, id, &next).await?;
+    let mut changes = serde_json::Map::new();
+    for f in ProfileField::ALL {
+        let (old, new) = (field_value(&current.profile, f), field_value(&next, f));
+        let meta = matches!(f, ProfileField::UserMetadata | ProfileField::AppMetadata);
+        if old != new {
+            // Metadata values stay out of the audit log; their change is recorded by name.
+            let entry = if meta {
+                json!({})
+            } else {
+                json!({ "old": old, "new": new })
+            };
+            changes.insert(f.name().to_string(), entry);
+        }
+    }
+    let data = json!({ "fields": changes.keys().collect::<Vec<_>>(), "changes": changes });
+    events::record(
+        &tx,
+        caller.project_id,
+        &EventContext::from_caller(caller),
+        &[NewEvent::for_user(EventType::UserUpdated, id, data)],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(updated)
+}
+
+pub async fn delete_user(pool: &Pool, caller: &Caller, id: Uuid, etag: Option<&str>) -> Result<()> {
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    let current = store::get_for_update(&tx, caller.project_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    check_etag(&current, etag)?;
+    store::delete(&tx, caller.project_id, &[id]).await?;
+    let ev = NewEvent::for_user(EventType::UserDeleted, id, json!({ "id": id }));
+    events::record(
+        &tx,
+        caller.project_id,
+        &EventContext::from_caller(caller),
+        &[ev],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Deletes what exists of `ids`; returns (deleted, not found), each in request order.
+pub async fn batch_delete_users(
+    pool: &Pool,
+    caller: &Caller,
+    ids: &[Uuid],
+) -> Result<(Vec<Uuid>, Vec<Uuid>)> {
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    let deleted = store::delete(&tx, caller.project_id, ids).await?;
+    let evs: Vec<NewEvent> = deleted
+        .iter()
+        .map(|id| NewEvent::for_user(EventType::UserDeleted, *id, json!({ "id": id })))
+        .collect();
+    events::record(
+        &tx,
+        caller.project_id,
+        &EventContext::from_caller(caller),
+        &evs,
+    )
+    .await?;
+    tx.commit().await?;
+    let (found, missing): (Vec<Uuid>, Vec<Uuid>) = ids.iter().partition(|id| deleted.contains(id));
+    Ok((found, missing))
+}
+
+/// One page of users.
+pub struct UserPage {
+    pub users: Vec<User>,
+    pub next_page_token: String,
+    pub total_size: Option<i64>,
+}
+
+pub async fn list_users(
+    pool: &Pool,
+    caller: &Caller,
+    spec: &ListSpec,
+    fingerprint: &str,
+    show_total_size: bool,
+) -> Result<UserPage> {
+    let client = db::client(pool).await?;
+    let mut rows = store::list(&client, caller.project_id, spec).await?;
+    let more = rows.len() as i64 > spec.limit;
+    rows.truncate(spec.limit as usize);
+    let next_page_token = match (more, rows.last()) {
+        (true, Some((_, cursor))) => page::encode_token(cursor, fingerprint),
+        _ => String::new(),
+    };
+    let total_size = if show_total_size {
+        Some(store::count(&client, caller.project_id, spec).await?)
+    } else {
+        None
+    };
+    Ok(UserPage {
+        users: rows.into_iter().map(|(u, _)| u).collect(),
+        next_page_token,
+        total_size,
+    })
+}
+
+/// The lifecycle operations.
+#[derive(Clone, Copy, Debug)]
+pub enum Lifecycle {
+    Block,
+    Unblock,
+    Deactivate,
+    Reactivate,
+}
+
+pub async fn change_lifecycle(
+    pool: &Pool,
+    caller: &Caller,
+    id: Uuid,
+    op: Lifecycle,
+    reason: Option<&str>,
+) -> Result<User> {
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    let user = store::get_for_update(&tx, caller.project_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    let precondition = |message: &str| Error::FailedPrecondition {
+        reason: "USER_BLOCKED",
+        message: message.to_string(),
+    };
+    // (new status, blocked reason, clear the brute-force lock, event); None: nothing to do.
+    let change = match op {
+        Lifecycle::Block => {
+            if user.status == UserStatus::Blocked && user.blocked_reason.as_deref() == reason {
+                None
+            } else {
+                Some((UserStatus::Blocked, reason, false, EventType::UserBlocked))
+            }
+        }
+        Lifecycle::Unblock => {
+            let locked = user.locked_until.is_some();
+            if user.status == UserStatus::Blocked {
+                Some((UserStatus::Active, None, true, EventType::UserUnblocked))
+            } else if locked {
+                Some((user.status, None, true, EventType::UserUnblocked))
+            } else {
+                None
+            }
+        }
+        Lifecycle::Deactivate => match user.status {
+            UserStatus::Blocked => {
+                return Err(precondition("the user is blocked; unblock it first"));
+            }
+            UserStatus::Deactivated => None,
+            _ => Some((
+                UserStatus::Deactivated,
+                None,
+                false,
+                EventType::UserDeactivated,
+            )),
+        },
+        Lifecycle::Reactivate => match user.status {
+            UserStatus::Blocked => {
+                return Err(precondition("the user is blocked; unblock it instead"));
+            }
+            UserStatus::Deactivated => {
+                Some((UserStatus::Active, None, false, EventType::UserReactivated))
+            }
+            _ => None,
+        },
+    };
+    let Some((status, blocked_reason, clear_lock, kind)) = change else {
+        // Already in the requested state: idempotent, so retries are safe.
+        return Ok(user);
+    };
+    let updated = store::set_status(
+        &tx,
+        caller.project_id,
+        id,
+        status,
+        blocked_reason,
+        clear_lock,
+    )
+    .await?;
+    let mut data = json!({ "old_status": user.status.as_str(), "new_status": status.as_str() });
+    if let Some(r) = blocked_reason {
+        data["reason"] = Value::String(r.to_string());
+    }
+    if clear_lock && user.locked_until.is_some() {
+        data["lock_cleared"] = Value::Bool(true);
+    }
+    events::record(
+        &tx,
+        caller.project_id,
+        &EventContext::from_caller(caller),
+        &[NewEvent::for_user(kind, id, data)],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(updated)
+}
+
+fn code_hash(salt: &[u8], code: &str) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(code.as_bytes());
+    h.finalize().to_vec()
+}
+
+fn contact_of(user: &User, channel: ContactChannel) -> Option<&str> {
+    match channel {
+        ContactChannel::Email => user.profile.email.as_deref(),
+        ContactChannel::Phone => user.profile.phone_number.as_deref(),
+    }
+}
+
+/// Issues a 6-digit code for the caller to deliver; returns it with its expiry.
+pub async fn start_contact_verification(
+    pool: &Pool,
+    caller: &Caller,
+    id: Uuid,
+    channel: ContactChannel,
+) -> Result<(String, DateTime<Utc>)> {
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    let user = store::get_for_update(&tx, caller.project_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    let Some(target) = contact_of(&user, channel) else {
+        return Err(Error::FailedPrecondition {
+            reason: "NO_CONTACT",
+            message: format!(
+                "the user has no {}",
+                if channel == ContactChannel::Email {
+                    "email"
+                } else {
+                    "phone_number"
+                }
+            ),
+        });
+    };
+    let code = format!("{:06}", rand::rngs::OsRng.gen_range(0..1_000_000u32));
+    let salt: [u8; 16] = rand::random();
+    let expires_at = Utc::now() + Duration::minutes(CODE_TTL_MINUTES);
+    let v = Verification {
+        target: target.to_string(),
+        salt: salt.to_vec(),
+        hash: code_hash(&salt, &code),
+        attempts: 0,
+        expires_at,
+    };
+    store::put_verification(&tx, caller.project_id, id, channel as i16, &v).await?;
+    let ev = NewEvent::for_user(
+        EventType::ContactVerificationStarted,
+        id,
+        json!({ "channel": channel.name() }),
+    );
+    events::record(
+        &tx,
+        caller.project_id,
+        &EventContext::from_caller(caller),
+        &[ev],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((code, expires_at))
+}
+
+pub async fn confirm_contact_verification(
+    pool: &Pool,
+    caller: &Caller,
+    id: Uuid,
+    channel: ContactChannel,
+    code: &str,
+) -> Result<(VerificationResult, User)> {
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    let user = store::get_for_update(&tx, caller.project_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    let ch = channel as i16;
+    let pending = store::get_verification_for_update(&tx, caller.project_id, id, ch).await?;
+    let result = match &pending {
+        None => VerificationResult::InvalidCode,
+        Some(v) if v.attempts >= MAX_CODE_ATTEMPTS => VerificationResult::TooManyAttempts,
+        Some(v) if v.expires_at <= Utc::now() => VerificationResult::Expired,
+        // The contact changed since the code was sent: the code proves nothing about it.
+        Some(v) if contact_of(&user, channel) != Some(v.target.as_str()) => {
+            VerificationResult::InvalidCode
+        }
+        Some(v) => {
+            if bool::from(code_hash(&v.salt, code).ct_eq(&v.hash)) {
+                VerificationResult::Ok
+            } else {
+                VerificationResult::InvalidCode
+            }
+        }
+    };
+    let ctx = EventContext::from_caller(caller);
+    let user = if result == VerificationResult::Ok {
+        store::delete_verification(&tx, caller.project_id, id, ch).await?;
+        let user = store::mark_contact_verified(
+            &tx,
+            caller.project_id,
+            id,
+            channel == ContactChannel::Phone,
+        )
+        .await?;
+        let ev = NewEvent::for_user(
+            EventType::ContactVerified,
+            id,
+            json!({ "channel": channel.name() }),
+        );
+        events::record(&tx, caller.project_id, &ctx, &[ev]).await?;
+        user
+    } else {
+        if result == VerificationResult::InvalidCode && pending.is_some() {
+            store::count_failed_verification(&tx, caller.project_id, id, ch).await?;
+        }
+        let reason = match result {
+            VerificationResult::Expired => "EXPIRED",
+            VerificationResult::TooManyAttempts => "TOO_MANY_ATTEMPTS",
+            _ => "INVALID_CODE",
+        };
+        let ev = NewEvent::for_user(
+            EventType::ContactVerificationFailed,
+            id,
+            json!({ "channel": channel.name(), "reason": reason }),
+        );
+        events::record(&tx, caller.project_id, &ctx, &[ev]).await?;
+        user
+    };
+    tx.commit().await?;
+    Ok((result, user))
+}

@@ -1,0 +1,575 @@
+//! The SQL of users. Every statement is scoped by `project_id`; callers pass the transaction
+//! (or client) to run on, so a change and its event commit together.
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{GenericClient, Transaction};
+use serde_json::Value;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::{LookupKey, NewUser, Profile, User, UserStatus};
+use crate::error::Result;
+use crate::query::filter::Expr;
+use crate::query::page::{Cursor, Order, OrderField, SortKind};
+use crate::query::sql::{self, Field, FieldKind, Sql};
+
+/// The columns every user query returns, in the order [`user_from_row`] reads them.
+pub const USER_COLUMNS: &str = "id, external_id, email, email_verified, phone_number, \
+    phone_verified, username, display_name, given_name, family_name, picture_url, locale, \
+    timezone, status, user_metadata, app_metadata, password_hash IS NOT NULL AS has_password, \
+    password_changed_at, require_password_change, login_count, last_login_at, last_login_ip, \
+    locked_until, blocked_reason, created_at, updated_at, version";
+const USER_COLUMN_COUNT: usize = 27;
+
+fn object(v: Value) -> serde_json::Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
+}
+
+pub fn user_from_row(r: &Row) -> User {
+    User {
+        id: r.get(0),
+        profile: Profile {
+            external_id: r.get(1),
+            email: r.get(2),
+            email_verified: r.get(3),
+            phone_number: r.get(4),
+            phone_verified: r.get(5),
+            username: r.get(6),
+            display_name: r.get(7),
+            given_name: r.get(8),
+            family_name: r.get(9),
+            picture_url: r.get(10),
+            locale: r.get(11),
+            timezone: r.get(12),
+            user_metadata: object(r.get(14)),
+            app_metadata: object(r.get(15)),
+        },
+        status: UserStatus::from_i16(r.get(13)),
+        has_password: r.get(16),
+        password_changed_at: r.get(17),
+        require_password_change: r.get(18),
+        login_count: r.get(19),
+        last_login_at: r.get(20),
+        last_login_ip: r.get(21),
+        locked_until: r.get(22),
+        blocked_reason: r.get(23),
+        created_at: r.get(24),
+        updated_at: r.get(25),
+        version: r.get(26),
+    }
+}
+
+/// Inserts a user with an already-hashed (or imported) password hash.
+pub async fn insert(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    user: &NewUser,
+    password_hash: Option<&str>,
+) -> Result<User> {
+    let p = &user.profile;
+    let status = if user.pending {
+        UserStatus::PendingVerification
+    } else {
+        UserStatus::Active
+    };
+    let stmt = tx
+        .prepare_cached(&format!(
+            "INSERT INTO users (project_id, id, external_id, email, email_verified, phone_number,
+                phone_verified, username, display_name, given_name, family_name, picture_url,
+                locale, timezone, status, user_metadata, app_metadata, password_hash,
+                password_changed_at, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                $18, CASE WHEN $18::text IS NULL THEN NULL ELSE now() END,
+                coalesce($19, now()), now())
+             RETURNING {USER_COLUMNS}"
+        ))
+        .await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &project_id,
+                &user.id,
+                &p.external_id,
+                &p.email,
+                &p.email_verified,
+                &p.phone_number,
+                &p.phone_verified,
+                &p.username,
+                &p.display_name,
+                &p.given_name,
+                &p.family_name,
+                &p.picture_url,
+                &p.locale,
+                &p.timezone,
+                &(status as i16),
+                &Value::Object(p.user_metadata.clone()),
+                &Value::Object(p.app_metadata.clone()),
+                &password_hash,
+                &user.created_at,
+            ],
+        )
+        .await?;
+    Ok(user_from_row(&row))
+}
+
+pub async fn get(db: &impl GenericClient, project_id: Uuid, id: Uuid) -> Result<Option<User>> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE project_id = $1 AND id = $2"
+        ))
+        .await?;
+    Ok(db
+        .query_opt(&stmt, &[&project_id, &id])
+        .await?
+        .as_ref()
+        .map(user_from_row))
+}
+
+/// Reads a user and locks its row until the transaction ends.
+pub async fn get_for_update(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    id: Uuid,
+) -> Result<Option<User>> {
+    let stmt = tx
+        .prepare_cached(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE project_id = $1 AND id = $2 FOR UPDATE"
+        ))
+        .await?;
+    Ok(tx
+        .query_opt(&stmt, &[&project_id, &id])
+        .await?
+        .as_ref()
+        .map(user_from_row))
+}
+
+pub async fn lookup(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    key: &LookupKey,
+) -> Result<Option<User>> {
+    // Each form matches its unique index exactly.
+    let (cond, value) = match key {
+        LookupKey::Email(e) => ("lower(email) = lower($2)", e),
+        LookupKey::PhoneNumber(p) => ("phone_number = $2", p),
+        LookupKey::Username(u) => ("lower(username) = lower($2)", u),
+        LookupKey::ExternalId(x) => ("external_id = $2", x),
+    };
+    let stmt = db
+        .prepare_cached(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE project_id = $1 AND {cond}"
+        ))
+        .await?;
+    Ok(db
+        .query_opt(&stmt, &[&project_id, value])
+        .await?
+        .as_ref()
+        .map(user_from_row))
+}
+
+/// Writes every profile field of a user, bumping its version.
+pub async fn save_profile(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    id: Uuid,
+    p: &Profile,
+) -> Result<User> {
+    let stmt = tx
+        .prepare_cached(&format!(
+            "UPDATE users SET external_id = $3, email = $4, email_verified = $5,
+                phone_number = $6, phone_verified = $7, username = $8, display_name = $9,
+                given_name = $10, family_name = $11, picture_url = $12, locale = $13,
+                timezone = $14, user_metadata = $15, app_metadata = $16,
+                version = version + 1, updated_at = now()
+             WHERE project_id = $1 AND id = $2
+             RETURNING {USER_COLUMNS}"
+        ))
+        .await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &project_id,
+                &id,
+                &p.external_id,
+                &p.email,
+                &p.email_verified,
+                &p.phone_number,
+                &p.phone_verified,
+                &p.username,
+                &p.display_name,
+                &p.given_name,
+                &p.family_name,
+                &p.picture_url,
+                &p.locale,
+                &p.timezone,
+                &Value::Object(p.user_metadata.clone()),
+                &Value::Object(p.app_metadata.clone()),
+            ],
+        )
+        .await?;
+    Ok(user_from_row(&row))
+}
+
+/// Sets the status (and blocked reason); `clear_lock` also resets brute-force counting.
+pub async fn set_status(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    id: Uuid,
+    status: UserStatus,
+    blocked_reason: Option<&str>,
+    clear_lock: bool,
+) -> Result<User> {
+    let stmt = tx
+        .prepare_cached(&format!(
+            "UPDATE users SET status = $3, blocked_reason = $4,
+                failed_logins = CASE WHEN $5 THEN 0 ELSE failed_logins END,
+                locked_until = CASE WHEN $5 THEN NULL ELSE locked_until END,
+                version = version + 1, updated_at = now()
+             WHERE project_id = $1 AND id = $2
+             RETURNING {USER_COLUMNS}"
+        ))
+        .await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &project_id,
+                &id,
+                &(status as i16),
+                &blocked_reason,
+                &clear_lock,
+            ],
+        )
+        .await?;
+    Ok(user_from_row(&row))
+}
+
+/// Deletes users with their events (authenticators, identities and verifications go by
+/// foreign-key cascade); returns the ids that existed.
+pub async fn delete(tx: &Transaction<'_>, project_id: Uuid, ids: &[Uuid]) -> Result<Vec<Uuid>> {
+    let deleted: Vec<Uuid> = tx
+        .query(
+            "DELETE FROM users WHERE project_id = $1 AND id = ANY($2) RETURNING id",
+            &[&project_id, &ids],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !deleted.is_empty() {
+        tx.execute(
+            "DELETE FROM events WHERE project_id = $1 AND user_id = ANY($2)",
+            &[&project_id, &deleted],
+        )
+        .await?;
+    }
+    Ok(deleted)
+}
+
+/// Marks a contact verified; a pending user becomes active.
+pub async fn mark_contact_verified(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    id: Uuid,
+    phone: bool,
+) -> Result<User> {
+    let column = if phone {
+        "phone_verified"
+    } else {
+        "email_verified"
+    };
+    let row = tx
+        .query_one(
+            &format!(
+                "UPDATE users SET {column} = true,
+                    status = CASE WHEN status = {pending} THEN {active} ELSE status END,
+                    version = version + 1, updated_at = now()
+                 WHERE project_id = $1 AND id = $2
+                 RETURNING {USER_COLUMNS}",
+                pending = UserStatus::PendingVerification as i16,
+                active = UserStatus::Active as i16,
+            ),
+            &[&project_id, &id],
+        )
+        .await?;
+    Ok(user_from_row(&row))
+}
+
+/// A pending contact verification.
+pub struct Verification {
+    pub target: String,
+    pub salt: Vec<u8>,
+    pub hash: Vec<u8>,
+    pub attempts: i32,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Stores a new code for (user, channel), replacing any earlier one.
+pub async fn put_verification(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    user_id: Uuid,
+    channel: i16,
+    v: &Verification,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO contact_verifications
+            (project_id, user_id, channel, target, code_salt, code_hash, attempts, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 0, $7)
+         ON CONFLICT (project_id, user_id, channel) DO UPDATE SET
+            target = EXCLUDED.target, code_salt = EXCLUDED.code_salt,
+            code_hash = EXCLUDED.code_hash, attempts = 0, expires_at = EXCLUDED.expires_at",
+        &[
+            &project_id,
+            &user_id,
+            &channel,
+            &v.target,
+            &v.salt,
+            &v.hash,
+            &v.expires_at,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Reads the pending verification and locks it, so concurrent guesses count one by one.
+pub async fn get_verification_for_update(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    user_id: Uuid,
+    channel: i16,
+) -> Result<Option<Verification>> {
+    let row = tx
+        .query_opt(
+            "SELECT target, code_salt, code_hash, attempts, expires_at
+             FROM contact_verifications
+             WHERE project_id = $1 AND user_id = $2 AND channel = $3 FOR UPDATE",
+            &[&project_id, &user_id, &channel],
+        )
+        .await?;
+    Ok(row.map(|r| Verification {
+        target: r.get(0),
+        salt: r.get(1),
+        hash: r.get(2),
+        attempts: r.get(3),
+        expires_at: r.get(4),
+    }))
+}
+
+pub async fn count_failed_verification(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    user_id: Uuid,
+    channel: i16,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE contact_verifications SET attempts = attempts + 1
+         WHERE project_id = $1 AND user_id = $2 AND channel = $3",
+        &[&project_id, &user_id, &channel],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn delete_verification(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    user_id: Uuid,
+    channel: i16,
+) -> Result<()> {
+    tx.execute(
+        "DELETE FROM contact_verifications WHERE project_id = $1 AND user_id = $2 AND channel = $3",
+        &[&project_id, &user_id, &channel],
+    )
+    .await?;
+    Ok(())
+}
+
+// ---- listing ----
+
+/// The fields ListUsers can order by.
+pub const ORDER_FIELDS: &[OrderField] = &[
+    OrderField {
+        name: "created_at",
+        sql: "created_at",
+        nullable: false,
+        kind: SortKind::Time,
+    },
+    OrderField {
+        name: "updated_at",
+        sql: "updated_at",
+        nullable: false,
+        kind: SortKind::Time,
+    },
+    OrderField {
+        name: "email",
+        sql: "lower(email)",
+        nullable: true,
+        kind: SortKind::Text,
+    },
+    OrderField {
+        name: "username",
+        sql: "lower(username)",
+        nullable: true,
+        kind: SortKind::Text,
+    },
+    OrderField {
+        name: "last_login_at",
+        sql: "last_login_at",
+        nullable: true,
+        kind: SortKind::Time,
+    },
+    OrderField {
+        name: "display_name",
+        sql: "display_name",
+        nullable: true,
+        kind: SortKind::Text,
+    },
+];
+
+/// The filterable fields of a user (the whitelist of AIP-160 field names).
+pub fn filter_field(name: &str) -> Result<Field, String> {
+    let simple = |sql: &'static str, kind: FieldKind| {
+        Ok(Field {
+            sql,
+            kind,
+            path: vec![],
+        })
+    };
+    let text = FieldKind::Text { ci: false };
+    match name {
+        "id" => simple("id", FieldKind::Uuid),
+        "email" => simple("lower(email)", FieldKind::Text { ci: true }),
+        "username" => simple("lower(username)", FieldKind::Text { ci: true }),
+        "email_verified" => simple("email_verified", FieldKind::Bool),
+        "phone_verified" => simple("phone_verified", FieldKind::Bool),
+        "has_password" => simple("(password_hash IS NOT NULL)", FieldKind::Bool),
+        "phone_number" => simple("phone_number", text),
+        "external_id" => simple("external_id", text),
+        "display_name" => simple("display_name", text),
+        "given_name" => simple("given_name", text),
+        "family_name" => simple("family_name", text),
+        "status" => simple("status", FieldKind::Enum(UserStatus::number_by_name)),
+        "created_at" => simple("created_at", FieldKind::Timestamp),
+        "updated_at" => simple("updated_at", FieldKind::Timestamp),
+        "last_login_at" => simple("last_login_at", FieldKind::Timestamp),
+        "login_count" => simple("login_count", FieldKind::Int),
+        _ => {
+            let json = name
+                .strip_prefix("app_metadata")
+                .map(|r| ("app_metadata", r))
+                .or_else(|| {
+                    name.strip_prefix("user_metadata")
+                        .map(|r| ("user_metadata", r))
+                });
+            match json {
+                Some((col, rest)) => {
+                    let keys: Vec<String> = rest
+                        .strip_prefix('.')
+                        .map(|r| r.split('.').map(str::to_string).collect())
+                        .unwrap_or_default();
+                    if keys.is_empty() || keys.iter().any(String::is_empty) {
+                        return Err(format!("'{col}' needs a key, e.g. '{col}.plan'"));
+                    }
+                    Ok(Field {
+                        sql: col,
+                        kind: FieldKind::Json,
+                        path: keys,
+                    })
+                }
+                None => Err(format!("unknown field '{name}'")),
+            }
+        }
+    }
+}
+
+const SEARCH_TEXT: &str =
+    "roster_user_search_text(email, username, display_name, given_name, family_name, external_id)";
+
+/// A validated listing: filter tree, lowered search text, order, page size and cursor.
+pub struct ListSpec {
+    pub filter: Option<Expr>,
+    pub query: Option<String>,
+    pub order: Order,
+    pub limit: i64,
+    pub after: Option<Cursor>,
+}
+
+fn where_clause(
+    project_id: Uuid,
+    spec: &ListSpec,
+    sql: &mut Sql,
+) -> std::result::Result<(), crate::query::filter::FilterError> {
+    let p = sql.param(project_id);
+    sql.push(&format!(" WHERE project_id = {p}"));
+    if let Some(f) = &spec.filter {
+        sql.push(" AND ");
+        sql::compile(f, filter_field, sql)?;
+    }
+    if let Some(q) = &spec.query {
+        let mut pattern = String::from("%");
+        for c in q.chars() {
+            if matches!(c, '%' | '_' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('%');
+        let p = sql.param(pattern);
+        sql.push(&format!(" AND {SEARCH_TEXT} LIKE {p}"));
+    }
+    Ok(())
+}
+
+/// Checks that the filter compiles (unknown fields, bad literals) before any query runs.
+pub fn check_filter(expr: &Expr) -> std::result::Result<(), crate::query::filter::FilterError> {
+    sql::compile(expr, filter_field, &mut Sql::new())
+}
+
+/// One page of users, each with the cursor pointing just past it; fetches one extra row so
+/// the caller knows whether there is a next page.
+pub async fn list(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    spec: &ListSpec,
+) -> Result<Vec<(User, Cursor)>> {
+    let mut sql = Sql::new();
+    sql.push(&format!(
+        "SELECT {USER_COLUMNS}{} FROM users",
+        spec.order.select_sql()
+    ));
+    where_clause(project_id, spec, &mut sql)
+        .map_err(|e| crate::error::Error::invalid("filter", e.to_string()))?;
+    if let Some(after) = &spec.after {
+        let cond = spec.order.after_sql(after, "id", &mut sql);
+        sql.push(&format!(" AND {cond}"));
+    }
+    let limit = sql.param(spec.limit + 1);
+    sql.push(&format!(
+        " ORDER BY {} LIMIT {limit}",
+        spec.order.order_by_sql("id")
+    ));
+    let rows = db.query(&sql.text, &sql.params()).await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let user = user_from_row(r);
+            let cursor = spec.order.cursor_of(r, USER_COLUMN_COUNT, user.id);
+            (user, cursor)
+        })
+        .collect())
+}
+
+/// How many users match the filter and query.
+pub async fn count(db: &impl GenericClient, project_id: Uuid, spec: &ListSpec) -> Result<i64> {
+    let mut sql = Sql::new();
+    sql.push("SELECT count(*) FROM users");
+    where_clause(project_id, spec, &mut sql)
+        .map_err(|e| crate::error::Error::invalid("filter", e.to_string()))?;
+    Ok(db.query_one(&sql.text, &sql.params()).await?.get(0))
+}
