@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -33,7 +33,8 @@ pub struct EmbeddedPostgres {
     pid: i32,
     socket_dir: PathBuf,
     log_path: PathBuf,
-    exited: mpsc::Receiver<()>,
+    /// Receives once the server process has exited (a Mutex makes the handle `Sync`).
+    exited: Mutex<mpsc::Receiver<()>>,
 }
 
 const PORT: u16 = 5432;
@@ -253,7 +254,7 @@ impl EmbeddedPostgres {
             pid,
             socket_dir,
             log_path,
-            exited,
+            exited: Mutex::new(exited),
         };
         pg.wait_ready(&pgdata)?;
         Ok(pg)
@@ -263,7 +264,12 @@ impl EmbeddedPostgres {
     fn wait_ready(&self, pgdata: &Path) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if self.exited.try_recv().is_ok() {
+            if self
+                .exited
+                .lock()
+                .map(|r| r.try_recv().is_ok())
+                .unwrap_or(false)
+            {
                 bail!("postgres exited during start-up: {}", self.log_tail());
             }
             if let Ok(f) = fs::File::open(pgdata.join("postmaster.pid")) {
@@ -303,10 +309,13 @@ impl EmbeddedPostgres {
     pub fn stop(self) {
         // SAFETY: kill with a pid we spawned and a valid signal.
         unsafe { libc::kill(self.pid, libc::SIGINT) };
-        if self.exited.recv_timeout(Duration::from_secs(30)).is_err() {
+        let Ok(exited) = self.exited.into_inner() else {
+            return;
+        };
+        if exited.recv_timeout(Duration::from_secs(30)).is_err() {
             // SAFETY: as above.
             unsafe { libc::kill(self.pid, libc::SIGQUIT) };
-            let _ = self.exited.recv_timeout(Duration::from_secs(10));
+            let _ = exited.recv_timeout(Duration::from_secs(10));
         }
     }
 }

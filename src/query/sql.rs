@@ -221,7 +221,7 @@ fn comparison(
                 Op::Ne if v.is_empty() => format!("{col} IS NOT NULL"),
                 Op::Ne => format!("{col} IS DISTINCT FROM {}", sql.param(v)),
                 Op::Has if v == "*" => format!("{col} IS NOT NULL"),
-                Op::Has if v.starts_with('*') || v.ends_with('*') => {
+                Op::Has if v.contains('*') => {
                     let pattern = like_pattern(&v.to_lowercase())?;
                     let lhs = if ci {
                         col.to_string()
@@ -250,6 +250,8 @@ fn comparison(
 fn json_literal(value: &Literal) -> Result<serde_json::Value, String> {
     Ok(match value {
         Literal::Str(s) => serde_json::Value::String(s.clone()),
+        // A bare `*` (as in `app_metadata.plan:*`) is the has-any-value wildcard.
+        Literal::Word(w) if w.contains('*') => serde_json::Value::String(w.clone()),
         Literal::Word(w) => match w.as_str() {
             "true" => true.into(),
             "false" => false.into(),
@@ -295,7 +297,7 @@ fn json_comparison(
             serde_json::Value::String(s) if s == "*" => {
                 format!("{col} #> {} IS NOT NULL", sql.param(path.to_vec()))
             }
-            serde_json::Value::String(s) if s.starts_with('*') || s.ends_with('*') => {
+            serde_json::Value::String(s) if s.contains('*') => {
                 let pattern = like_pattern(&s.to_lowercase())?;
                 format!(
                     "lower({col} #>> {}) LIKE {}",

@@ -1,0 +1,227 @@
+//! API keys, scopes and project isolation.
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+
+use crate::harness::{TestApp, details, reason};
+use crate::{create_user, mask, pb, user_with_email};
+
+#[tokio::test]
+async fn missing_malformed_and_wrong_keys_are_unauthenticated() {
+    let app = TestApp::spawn().await;
+    let get = pb::GetUserRequest {
+        id: uuid::Uuid::now_v7().to_string(),
+    };
+    let err = app
+        .users_with(None)
+        .get_user(get.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(reason(&err), "MISSING_API_KEY");
+    let err = app
+        .users_with(Some("hunter2"))
+        .get_user(get.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(reason(&err), "MALFORMED_API_KEY");
+    // Right id, wrong secret.
+    let (id_part, _) = app.token.rsplit_once('_').unwrap();
+    let forged = format!("{id_part}_{}", "A".repeat(43));
+    let err = app
+        .users_with(Some(&forged))
+        .get_user(get.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(reason(&err), "INVALID_API_KEY");
+    assert!(!err.message().contains(&forged));
+    // Unknown id.
+    let unknown = format!("rst_{}_{}", uuid::Uuid::now_v7().simple(), "B".repeat(43));
+    let err = app
+        .users_with(Some(&unknown))
+        .get_user(get)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn revoked_keys_stop_working_within_the_cache_time() {
+    let app = TestApp::spawn().await;
+    let token = app.key(&["users.read"]).await;
+    let mut users = app.users_with(Some(&token));
+    let list = pb::ListUsersRequest::default();
+    users.list_users(list.clone()).await.unwrap();
+    let key_id =
+        uuid::Uuid::parse_str(token.trim_start_matches("rst_").split('_').next().unwrap()).unwrap();
+    {
+        let client = app.pool.get().await.unwrap();
+        roster::admin::revoke_key(&**client, key_id).await.unwrap();
+    }
+    // The harness caches keys for 50 ms; allow generous slack, no fixed sleep.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match users.list_users(list.clone()).await {
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unauthenticated);
+                assert_eq!(reason(&e), "REVOKED_API_KEY");
+                break;
+            }
+            Ok(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Ok(_) => panic!("revoked key still accepted after 5 s"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn each_rpc_needs_its_scope() {
+    let app = TestApp::spawn().await;
+    let mut admin = app.users();
+    let u = create_user(&mut admin, "scoped@x.io").await;
+    let read_only = app.key(&["users.read", "logs.read"]).await;
+    let mut reader = app.users_with(Some(&read_only));
+    reader
+        .get_user(pb::GetUserRequest { id: u.id.clone() })
+        .await
+        .unwrap();
+    reader
+        .list_users(pb::ListUsersRequest::default())
+        .await
+        .unwrap();
+    let err = reader
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("no@x.io")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let info = details(&err).error_info().cloned().unwrap();
+    assert_eq!(info.reason, "MISSING_SCOPE");
+    assert_eq!(
+        info.metadata.get("scope").map(String::as_str),
+        Some("users.write")
+    );
+    let err = reader
+        .delete_user(pb::DeleteUserRequest {
+            id: u.id.clone(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let writer = app.key(&["users.write"]).await;
+    let err = app
+        .users_with(Some(&writer))
+        .get_user(pb::GetUserRequest { id: u.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(
+        details(&err)
+            .error_info()
+            .unwrap()
+            .metadata
+            .get("scope")
+            .map(String::as_str),
+        Some("users.read")
+    );
+}
+
+#[tokio::test]
+async fn projects_are_isolated() {
+    let app = TestApp::spawn().await;
+    let mut mine = app.users();
+    let u = create_user(&mut mine, "shared@x.io").await;
+    let (_, other_token) = app.other_project().await;
+    let mut theirs = app.users_with(Some(&other_token));
+
+    // Same email is fine in another project.
+    let their_user = create_user(&mut theirs, "shared@x.io").await;
+    assert_ne!(their_user.id, u.id);
+
+    let err = theirs
+        .get_user(pb::GetUserRequest { id: u.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = theirs
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: u.id.clone(),
+                display_name: "pwned".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name"]),
+            etag: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = theirs
+        .block_user(pb::BlockUserRequest {
+            id: u.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = theirs
+        .delete_user(pb::DeleteUserRequest {
+            id: u.id.clone(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let r = theirs
+        .batch_delete_users(pb::BatchDeleteUsersRequest {
+            ids: vec![u.id.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.not_found_ids, vec![u.id.clone()]);
+    let listed = theirs
+        .list_users(pb::ListUsersRequest {
+            show_total_size: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed
+            .users
+            .iter()
+            .map(|u| u.id.clone())
+            .collect::<Vec<_>>(),
+        vec![their_user.id.clone()]
+    );
+    assert_eq!(listed.total_size, 1);
+    // A client-chosen id that exists in another project is not revealed.
+    let err = theirs
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("x@x.io")),
+            user_id: u.id.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert!(err.is_ok(), "ids are per project: {err:?}");
+
+    // Mine is untouched.
+    let got = mine
+        .get_user(pb::GetUserRequest { id: u.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(got.display_name, "");
+    assert_eq!(got.status, pb::UserStatus::Active as i32);
+}

@@ -1,0 +1,342 @@
+//! The test harness: one throwaway PostgreSQL per test run (from the installed binaries, or
+//! `DATABASE_URL` when set), a database migrated once and used as a template, a fresh
+//! database per test (`CREATE DATABASE ... TEMPLATE`, dropped `WITH (FORCE)` afterwards), and
+//! the real server on an ephemeral port, called through the generated tonic clients.
+//! Tracing output appears only when `TEST_LOG` is set.
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+
+use roster::config::ServerConfig;
+use roster::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use roster::pb::v1::user_service_client::UserServiceClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+struct Cluster {
+    /// Connection string of a database we may CREATE/DROP DATABASE from.
+    admin: String,
+    template: String,
+    _pg: Option<EmbeddedPostgres>,
+}
+
+/// Builds a connection string for `db` on the same server as `admin`.
+fn with_dbname(admin: &str, db: &str) -> String {
+    if admin.starts_with("postgres://") || admin.starts_with("postgresql://") {
+        let (base, query) = admin
+            .split_once('?')
+            .map(|(b, q)| (b, Some(q)))
+            .unwrap_or((admin, None));
+        let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+        let base = match base[scheme_end..].find('/') {
+            Some(i) => &base[..scheme_end + i],
+            None => base,
+        };
+        match query {
+            Some(q) => format!("{base}/{db}?{q}"),
+            None => format!("{base}/{db}"),
+        }
+    } else {
+        format!("{admin} dbname={db}")
+    }
+}
+
+/// Removes test clusters left by runs that died (their pid is gone).
+fn sweep_leftovers() {
+    let Ok(entries) = std::fs::read_dir("/tmp") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(pid) = name
+            .strip_prefix("roster-test-")
+            .and_then(|p| p.parse::<i32>().ok())
+        {
+            // SAFETY: kill with signal 0 only checks whether the process exists.
+            let alive = unsafe { libc::kill(pid, 0) } == 0;
+            if !alive {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        // Set up on a plain thread: the caller may be inside a tokio runtime.
+        std::thread::spawn(|| {
+            let (admin, pg) = match std::env::var("DATABASE_URL") {
+                Ok(url) if !url.is_empty() => (url, None),
+                _ => {
+                    sweep_leftovers();
+                    let dir = std::path::PathBuf::from(format!(
+                        "/tmp/roster-test-{}",
+                        std::process::id()
+                    ));
+                    let pg = EmbeddedPostgres::start(&EmbeddedOptions {
+                        dir,
+                        unsafe_fast: true,
+                    })
+                    .expect("starting the test PostgreSQL");
+                    (pg.connection_string("postgres"), Some(pg))
+                }
+            };
+            let template = format!("roster_tpl_{}", Uuid::now_v7().simple());
+            block_on(async {
+                let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                    .await
+                    .expect("connect admin");
+                let conn = tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("CREATE DATABASE {template}"))
+                    .await
+                    .expect("create template");
+                drop(client);
+                let _ = conn.await;
+                let (mut client, conn) =
+                    tokio_postgres::connect(&with_dbname(&admin, &template), tokio_postgres::NoTls)
+                        .await
+                        .expect("connect template");
+                let conn = tokio::spawn(conn);
+                roster::db::migrate::migrate(&mut client)
+                    .await
+                    .expect("migrate template");
+                drop(client);
+                let _ = conn.await;
+            });
+            Cluster {
+                admin,
+                template,
+                _pg: pg,
+            }
+        })
+        .join()
+        .expect("cluster set-up")
+    })
+}
+
+pub fn init_tracing() {
+    static INIT: OnceLock<()> = OnceLock::new();
+    INIT.get_or_init(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(
+                    std::env::var("TEST_LOG").unwrap_or_else(|_| "debug".into()),
+                ))
+                .with_test_writer()
+                .try_init();
+        }
+    });
+}
+
+/// Puts a bearer token on every call.
+#[derive(Clone)]
+pub struct Key(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Key {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Users = UserServiceClient<InterceptedService<Channel, Key>>;
+
+/// A running server on its own fresh database, with a project and an all-scopes key.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub db_name: String,
+    pub pool: roster::db::Pool,
+    pub project_id: Uuid,
+    pub token: String,
+    pub channel: Channel,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(ServerConfig {
+            key_cache_ms: 50,
+            ..ServerConfig::default()
+        })
+        .await
+    }
+
+    pub async fn spawn_with(config: ServerConfig) -> TestApp {
+        init_tracing();
+        let c = cluster();
+        let db_name = format!("t_{}", Uuid::now_v7().simple());
+        let (client, conn) = tokio_postgres::connect(&c.admin, tokio_postgres::NoTls)
+            .await
+            .expect("connect admin");
+        let conn = tokio::spawn(conn);
+        client
+            .batch_execute(&format!(
+                "CREATE DATABASE {db_name} TEMPLATE {}",
+                c.template
+            ))
+            .await
+            .expect("create test database");
+        drop(client);
+        let _ = conn.await;
+
+        let url = with_dbname(&c.admin, &db_name);
+        let pool =
+            roster::db::connect_pool(&url, 8, std::time::Duration::from_secs(10)).expect("pool");
+        let (project_id, token) = {
+            let client = pool.get().await.expect("db");
+            let p = roster::admin::create_project(&**client, "test")
+                .await
+                .expect("project");
+            let (_, token) = roster::admin::create_key(&**client, p.id, "all", &["*".to_string()])
+                .await
+                .expect("key");
+            (p.id, token)
+        };
+        let app = roster::server::Application::build(
+            "127.0.0.1:0".parse().expect("addr"),
+            pool.clone(),
+            config,
+        )
+        .await
+        .expect("build app");
+        let addr = app.local_addr();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(app.run_until(async move {
+            let _ = rx.await;
+        }));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect to the server");
+        TestApp {
+            addr,
+            db_name,
+            pool,
+            project_id,
+            token,
+            channel,
+            shutdown: Some(tx),
+        }
+    }
+
+    /// A UserService client using the all-scopes key.
+    pub fn users(&self) -> Users {
+        self.users_with(Some(&self.token))
+    }
+
+    /// A UserService client sending `token` (or no key at all).
+    pub fn users_with(&self, token: Option<&str>) -> Users {
+        UserServiceClient::with_interceptor(self.channel.clone(), key(token))
+    }
+
+    /// A new key in this app's project with the given scopes.
+    pub async fn key(&self, scopes: &[&str]) -> String {
+        let client = self.pool.get().await.expect("db");
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        roster::admin::create_key(&**client, self.project_id, "scoped", &scopes)
+            .await
+            .expect("key")
+            .1
+    }
+
+    /// A second project with an all-scopes key: (project id, token).
+    pub async fn other_project(&self) -> (Uuid, String) {
+        let client = self.pool.get().await.expect("db");
+        let p =
+            roster::admin::create_project(&**client, &format!("other-{}", Uuid::now_v7().simple()))
+                .await
+                .expect("project");
+        let (_, token) = roster::admin::create_key(&**client, p.id, "all", &["*".to_string()])
+            .await
+            .expect("key");
+        (p.id, token)
+    }
+
+    /// The events stored for a user, oldest first: (type, data, api_key_id, request_id).
+    pub async fn events_of(
+        &self,
+        user_id: &str,
+    ) -> Vec<(String, serde_json::Value, Option<Uuid>, Option<String>)> {
+        let client = self.pool.get().await.expect("db");
+        let id = Uuid::parse_str(user_id).expect("uuid");
+        client
+            .query(
+                "SELECT type, data, api_key_id, request_id FROM events WHERE user_id = $1 ORDER BY position",
+                &[&id],
+            )
+            .await
+            .expect("events")
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect()
+    }
+}
+
+pub fn key(token: Option<&str>) -> Key {
+    Key(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")))
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let admin = cluster().admin.clone();
+        let db = self.db_name.clone();
+        // Drop the database off the test's runtime (Drop cannot await).
+        let _ = std::thread::spawn(move || {
+            block_on(async {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                {
+                    let conn = tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                        .await;
+                    drop(client);
+                    let _ = conn.await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// The google.rpc details of a failed call.
+pub fn details(status: &tonic::Status) -> tonic_types::ErrorDetails {
+    use tonic_types::StatusExt;
+    status.get_error_details()
+}
+
+/// The field names in a status's BadRequest, sorted.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    let mut f: Vec<String> = details(status)
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default();
+    f.sort();
+    f
+}
+
+/// The ErrorInfo reason of a status.
+pub fn reason(status: &tonic::Status) -> String {
+    details(status)
+        .error_info()
+        .map(|e| e.reason.clone())
+        .unwrap_or_default()
+}

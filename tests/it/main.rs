@@ -1,0 +1,44 @@
+//! The one integration-test binary: every test drives the real server over a socket, against
+//! a real PostgreSQL (see `harness`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod auth;
+mod harness;
+mod list;
+mod server;
+mod users;
+
+use roster::pb::v1 as pb;
+
+/// A user with just an email.
+pub fn user_with_email(email: &str) -> pb::User {
+    pb::User {
+        email: email.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Creates a user with `email` and returns it.
+pub async fn create_user(users: &mut harness::Users, email: &str) -> pb::User {
+    users
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email(email)),
+            ..Default::default()
+        })
+        .await
+        .expect("create user")
+        .into_inner()
+        .user
+        .expect("user")
+}
+
+/// A `Struct` from a JSON object literal.
+pub fn pb_struct(v: serde_json::Value) -> prost_types::Struct {
+    roster::wire::json_to_struct(v.as_object().expect("object"))
+}
+
+pub fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+    })
+}

@@ -1,0 +1,242 @@
+//! The server around the services: health, reflection, request ids, unimplemented services,
+//! an unreachable database, limits.
+use std::time::Duration;
+
+use roster::pb::v1::authenticator_service_client::AuthenticatorServiceClient;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::harness::{TestApp, key, reason, violated_fields};
+use crate::{pb, pb_struct, user_with_email};
+
+#[tokio::test]
+async fn health_reports_each_service_without_a_key() {
+    let app = TestApp::spawn().await;
+    let mut health = HealthClient::new(app.channel.clone());
+    for service in ["", "roster.v1.UserService", "roster.v1.LogService"] {
+        // The database watcher reports within moments of start-up.
+        let mut status = ServingStatus::Unknown;
+        for _ in 0..100 {
+            let r = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await;
+            if let Ok(r) = r {
+                status = r.into_inner().status();
+                if status == ServingStatus::Serving {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(status, ServingStatus::Serving, "{service}");
+    }
+}
+
+#[tokio::test]
+async fn reflection_lists_all_four_services_and_health() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let app = TestApp::spawn().await;
+    let mut client = ServerReflectionClient::new(app.channel.clone());
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = client
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("{resp:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "roster.v1.UserService",
+        "roster.v1.AuthenticatorService",
+        "roster.v1.IdentityService",
+        "roster.v1.LogService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn request_ids_are_kept_or_made_and_recorded_on_events() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let mut req = tonic::Request::new(pb::CreateUserRequest {
+        user: Some(user_with_email("rid@x.io")),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("x-request-id", "req-abc-123".parse().unwrap());
+    let resp = users.create_user(req).await.unwrap();
+    assert_eq!(resp.metadata().get("x-request-id").unwrap(), "req-abc-123");
+    let id = resp.into_inner().user.unwrap().id;
+    let events = app.events_of(&id).await;
+    assert_eq!(events[0].3.as_deref(), Some("req-abc-123"));
+
+    let resp = users.get_user(pb::GetUserRequest { id }).await.unwrap();
+    let made = resp
+        .metadata()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(uuid::Uuid::parse_str(&made).is_ok(), "{made}");
+    // Errors carry it too.
+    let err = users
+        .get_user(pb::GetUserRequest { id: "bad".into() })
+        .await
+        .unwrap_err();
+    assert!(err.metadata().get("x-request-id").is_some());
+}
+
+#[tokio::test]
+async fn services_still_to_come_answer_unimplemented_behind_auth() {
+    let app = TestApp::spawn().await;
+    let mut authn =
+        AuthenticatorServiceClient::with_interceptor(app.channel.clone(), key(Some(&app.token)));
+    let err = authn
+        .list_authenticators(pb::ListAuthenticatorsRequest {
+            user_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+    let mut anonymous =
+        AuthenticatorServiceClient::with_interceptor(app.channel.clone(), key(None));
+    let err = anonymous
+        .list_authenticators(pb::ListAuthenticatorsRequest {
+            user_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn metadata_limits_are_enforced() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let mut deep = serde_json::json!("leaf");
+    for _ in 0..9 {
+        deep = serde_json::json!({ "k": deep });
+    }
+    let err = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: "deep@x.io".into(),
+                user_metadata: Some(pb_struct(serde_json::json!({ "d": deep }))),
+                app_metadata: Some(pb_struct(serde_json::json!({ "nul": "a\u{0}b" }))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&err),
+        vec!["user.app_metadata", "user.user_metadata"]
+    );
+    // A message over 4 MiB is refused before it reaches a handler.
+    let err = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: "big@x.io".into(),
+                display_name: "x".repeat(5 * 1024 * 1024),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_database_answers_unavailable_and_not_serving() {
+    roster_harness_free_app().await;
+}
+
+/// A server whose database does not exist: calls that need it answer UNAVAILABLE (safe to
+/// retry), never INTERNAL, and health says NOT_SERVING.
+async fn roster_harness_free_app() {
+    crate::harness::init_tracing();
+    let dir = tempdir_path();
+    let url = format!(
+        "host={} port=5432 user=postgres dbname=nothing connect_timeout=1",
+        dir.display()
+    );
+    let pool = roster::db::connect_pool(&url, 2, Duration::from_secs(1)).unwrap();
+    let app = roster::server::Application::build(
+        "127.0.0.1:0".parse().unwrap(),
+        pool,
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let addr = app.local_addr();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async move {
+        let _ = rx.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token = format!("rst_{}_{}", uuid::Uuid::now_v7().simple(), "C".repeat(43));
+    let mut users = roster::pb::v1::user_service_client::UserServiceClient::with_interceptor(
+        channel.clone(),
+        key(Some(&token)),
+    );
+    let err = users
+        .list_users(pb::ListUsersRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(reason(&err), "DATABASE_UNAVAILABLE");
+    assert!(
+        !err.message().contains("nothing"),
+        "no connection details leak: {}",
+        err.message()
+    );
+    let mut health = HealthClient::new(channel);
+    let mut status = ServingStatus::Unknown;
+    for _ in 0..200 {
+        if let Ok(r) = health
+            .check(HealthCheckRequest {
+                service: "roster.v1.UserService".into(),
+            })
+            .await
+        {
+            status = r.into_inner().status();
+            if status == ServingStatus::NotServing {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(status, ServingStatus::NotServing);
+    let _ = tx.send(());
+}
+
+fn tempdir_path() -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("roster-nodb-{}", uuid::Uuid::now_v7().simple()));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}

@@ -1,0 +1,1095 @@
+//! UserService: create, get, lookup, update, delete, lifecycle, contact verification.
+use serde_json::json;
+use tonic::Code;
+
+use crate::harness::{TestApp, details, reason, violated_fields};
+use crate::{create_user, mask, pb, pb_struct, user_with_email};
+
+#[tokio::test]
+async fn create_then_get_returns_every_field_and_ignores_output_only_ones() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let input = pb::User {
+        id: "ignored".into(),
+        external_id: "ext-1".into(),
+        email: "  Ada@Example.com ".into(),
+        email_verified: true,
+        phone_number: "+14155550123".into(),
+        username: "ada".into(),
+        display_name: "Ada Lovelace".into(),
+        given_name: "Ada".into(),
+        family_name: "Lovelace".into(),
+        picture_url: "https://example.com/ada.png".into(),
+        locale: "en-GB".into(),
+        timezone: "Europe/London".into(),
+        status: pb::UserStatus::Blocked as i32,
+        login_count: 99,
+        user_metadata: Some(pb_struct(json!({"theme": "dark"}))),
+        app_metadata: Some(pb_struct(json!({"plan": "pro", "seats": 5}))),
+        ..Default::default()
+    };
+    let created = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(input),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(
+        created.email, "Ada@Example.com",
+        "email is trimmed, case kept"
+    );
+    assert_eq!(
+        created.status,
+        pb::UserStatus::Active as i32,
+        "status is output only"
+    );
+    assert_eq!(created.login_count, 0);
+    assert!(
+        uuid::Uuid::parse_str(&created.id)
+            .unwrap()
+            .get_version_num()
+            == 7
+    );
+    assert!(!created.etag.is_empty());
+    assert!(!created.has_password);
+
+    let got = users
+        .get_user(pb::GetUserRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(got, created);
+    assert_eq!(
+        got.app_metadata,
+        Some(pb_struct(json!({"plan": "pro", "seats": 5})))
+    );
+    assert_eq!(got.locale, "en-GB");
+
+    let events = app.events_of(&created.id).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, "USER_CREATED");
+    assert!(events[0].2.is_some(), "the api key is recorded");
+}
+
+#[tokio::test]
+async fn create_with_password_stores_an_argon2id_hash_never_returned() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let created = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("p@x.io")),
+            initial_password: Some(pb::create_user_request::InitialPassword::Password(
+                "correct horse battery".into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert!(created.has_password);
+    assert!(created.password_changed_at.is_some());
+    assert_eq!(
+        created.enrolled_methods,
+        vec![pb::AuthenticatorType::Password as i32]
+    );
+    let client = app.pool.get().await.unwrap();
+    let hash: String = client
+        .query_one(
+            "SELECT password_hash FROM users WHERE id = $1",
+            &[&uuid::Uuid::parse_str(&created.id).unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+        "{hash}"
+    );
+    let events = app.events_of(&created.id).await;
+    assert!(!events[0].1.to_string().contains("correct horse"));
+    assert!(!events[0].1.to_string().contains("argon2"));
+}
+
+#[tokio::test]
+async fn create_with_imported_hash_keeps_it_and_rejects_unknown_formats() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let bcrypt = "$2b$10$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy";
+    let created = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("h@x.io")),
+            initial_password: Some(pb::create_user_request::InitialPassword::PasswordHash(
+                bcrypt.into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert!(created.has_password);
+    let err = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("m@x.io")),
+            initial_password: Some(pb::create_user_request::InitialPassword::PasswordHash(
+                "5f4dcc3b5aa765d61d8327deb882cf99".into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), vec!["password_hash"]);
+    assert!(
+        !err.message().contains("5f4dcc3b"),
+        "the hash is not echoed"
+    );
+}
+
+#[tokio::test]
+async fn create_reports_every_bad_field_at_once() {
+    let app = TestApp::spawn().await;
+    let err = app
+        .users()
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: "not-an-email".into(),
+                phone_number: "555-1234".into(),
+                username: "has space".into(),
+                display_name: "x".repeat(257),
+                picture_url: "ftp://x".into(),
+                locale: "en GB".into(),
+                app_metadata: Some(pb_struct(json!({"blob": "x".repeat(17 * 1024)}))),
+                ..Default::default()
+            }),
+            user_id: "not-a-uuid".into(),
+            initial_password: Some(pb::create_user_request::InitialPassword::Password(
+                "short".into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(reason(&err), "INVALID_ARGUMENT");
+    assert_eq!(
+        violated_fields(&err),
+        vec![
+            "password",
+            "user.app_metadata",
+            "user.display_name",
+            "user.email",
+            "user.locale",
+            "user.phone_number",
+            "user.picture_url",
+            "user.username",
+            "user_id",
+        ]
+    );
+    // Nothing was written.
+    let client = app.pool.get().await.unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn create_needs_an_identifier_and_a_user() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let err = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                display_name: "Nobody".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), vec!["user"]);
+    let err = users
+        .create_user(pb::CreateUserRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), vec!["user"]);
+}
+
+#[tokio::test]
+async fn client_chosen_id_and_pending_status() {
+    let app = TestApp::spawn().await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let created = app
+        .users()
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("pending@x.io")),
+            user_id: id.clone(),
+            pending: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(created.id, id);
+    assert_eq!(created.status, pb::UserStatus::PendingVerification as i32);
+    let err = app
+        .users()
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("other@x.io")),
+            user_id: id,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(
+        details(&err)
+            .error_info()
+            .unwrap()
+            .metadata
+            .get("field")
+            .map(String::as_str),
+        Some("id")
+    );
+}
+
+#[tokio::test]
+async fn unique_fields_clash_case_insensitively_with_resource_info() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let first = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: "dup@x.io".into(),
+                username: "Dup".into(),
+                phone_number: "+33612345678".into(),
+                external_id: "e1".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    for (user, field) in [
+        (
+            pb::User {
+                email: "DUP@X.IO".into(),
+                ..Default::default()
+            },
+            "email",
+        ),
+        (
+            pb::User {
+                username: "dUP".into(),
+                ..Default::default()
+            },
+            "username",
+        ),
+        (
+            pb::User {
+                phone_number: "+33612345678".into(),
+                ..Default::default()
+            },
+            "phone_number",
+        ),
+        (
+            pb::User {
+                external_id: "e1".into(),
+                ..Default::default()
+            },
+            "external_id",
+        ),
+    ] {
+        let err = users
+            .create_user(pb::CreateUserRequest {
+                user: Some(user),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{field}");
+        let d = details(&err);
+        assert_eq!(d.error_info().unwrap().reason, "ALREADY_EXISTS");
+        assert_eq!(
+            d.error_info()
+                .unwrap()
+                .metadata
+                .get("field")
+                .map(String::as_str),
+            Some(field)
+        );
+        assert_eq!(d.resource_info().unwrap().resource_type, "user");
+    }
+    let _ = first;
+}
+
+#[tokio::test]
+async fn concurrent_creates_with_one_email_exactly_one_wins() {
+    let app = TestApp::spawn().await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let mut users = app.users();
+        tasks.push(tokio::spawn(async move {
+            users
+                .create_user(pb::CreateUserRequest {
+                    user: Some(user_with_email("race@x.io")),
+                    ..Default::default()
+                })
+                .await
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e:?}"),
+        }
+    }
+    assert_eq!(ok, 1);
+}
+
+#[tokio::test]
+async fn lookup_by_each_unique_key() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let u = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: "Look@X.io".into(),
+                username: "Looker".into(),
+                phone_number: "+4915112345678".into(),
+                external_id: "crm-7".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    use pb::lookup_user_request::Key;
+    for key in [
+        Key::Email(" look@x.IO ".into()),
+        Key::Username("LOOKER".into()),
+        Key::PhoneNumber("+4915112345678".into()),
+        Key::ExternalId("crm-7".into()),
+    ] {
+        let got = users
+            .lookup_user(pb::LookupUserRequest {
+                key: Some(key.clone()),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
+        assert_eq!(got.id, u.id, "{key:?}");
+    }
+    let err = users
+        .lookup_user(pb::LookupUserRequest {
+            key: Some(Key::ExternalId("crm-8".into())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(details(&err).resource_info().unwrap().resource_type, "user");
+    let err = users
+        .lookup_user(pb::LookupUserRequest { key: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn get_with_bad_or_unknown_id() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let err = users
+        .get_user(pb::GetUserRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), vec!["id"]);
+    let missing = uuid::Uuid::now_v7().to_string();
+    let err = users
+        .get_user(pb::GetUserRequest {
+            id: missing.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(
+        details(&err).resource_info().unwrap().resource_name,
+        missing
+    );
+}
+
+#[tokio::test]
+async fn update_with_mask_changes_only_masked_fields() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let u = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: "u@x.io".into(),
+                email_verified: true,
+                display_name: "Old".into(),
+                given_name: "Keep".into(),
+                app_metadata: Some(pb_struct(json!({"plan": "free", "region": "eu"}))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let updated = users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: u.id.clone(),
+                display_name: "New".into(),
+                given_name: "Ignored".into(),
+                email: "new@x.io".into(),
+                app_metadata: Some(pb_struct(json!({"plan": "pro"}))),
+                ..Default::default()
+            }),
+            update_mask: mask(&[
+                "display_name",
+                "email",
+                "app_metadata.plan",
+                "app_metadata.region",
+            ]),
+            etag: u.etag.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(updated.display_name, "New");
+    assert_eq!(updated.given_name, "Keep");
+    assert_eq!(updated.email, "new@x.io");
+    assert!(!updated.email_verified, "a new email is unverified");
+    assert_eq!(
+        updated.app_metadata,
+        Some(pb_struct(json!({"plan": "pro"}))),
+        "region was removed"
+    );
+    assert_ne!(updated.etag, u.etag);
+
+    // The old etag is now stale: ABORTED and nothing changes.
+    let err = users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: u.id.clone(),
+                display_name: "Stale".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name"]),
+            etag: u.etag.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted);
+    assert_eq!(reason(&err), "ETAG_MISMATCH");
+    let got = users
+        .get_user(pb::GetUserRequest { id: u.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(got.display_name, "New");
+
+    // A no-op update writes nothing and keeps the etag.
+    let same = users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: u.id.clone(),
+                display_name: "New".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name"]),
+            etag: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(same.etag, updated.etag);
+
+    let events = app.events_of(&u.id).await;
+    let types: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(types, vec!["USER_CREATED", "USER_UPDATED"]);
+    let data = &events[1].1;
+    assert_eq!(
+        data["changes"]["display_name"],
+        json!({"old": "Old", "new": "New"})
+    );
+    assert!(data["changes"]["app_metadata"].is_object());
+    assert!(data["changes"].get("given_name").is_none());
+}
+
+#[tokio::test]
+async fn update_mask_errors() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let u = create_user(&mut users, "m@x.io").await;
+    let call = |paths: &[&str]| pb::UpdateUserRequest {
+        user: Some(pb::User {
+            id: u.id.clone(),
+            ..Default::default()
+        }),
+        update_mask: mask(paths),
+        etag: String::new(),
+    };
+    let err = users.update_user(call(&[])).await.unwrap_err();
+    assert_eq!(violated_fields(&err), vec!["update_mask"]);
+    let err = users
+        .update_user(call(&["status", "nickname", "etag"]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&err),
+        vec![
+            "update_mask.paths[0]",
+            "update_mask.paths[1]",
+            "update_mask.paths[2]"
+        ]
+    );
+    // Clearing the only identifier is refused.
+    let err = users.update_user(call(&["email"])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), vec!["user"]);
+    // Taking someone else's email clashes.
+    create_user(&mut users, "taken@x.io").await;
+    let err = users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: u.id.clone(),
+                email: "TAKEN@x.io".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["email"]),
+            etag: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    // Unknown user.
+    let err = users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: uuid::Uuid::now_v7().to_string(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name"]),
+            etag: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn concurrent_updates_with_one_etag_exactly_one_wins() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let u = create_user(&mut users, "etag@x.io").await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut users = app.users();
+        let (id, etag) = (u.id.clone(), u.etag.clone());
+        tasks.push(tokio::spawn(async move {
+            users
+                .update_user(pb::UpdateUserRequest {
+                    user: Some(pb::User {
+                        id,
+                        display_name: format!("writer {i}"),
+                        ..Default::default()
+                    }),
+                    update_mask: crate::mask(&["display_name"]),
+                    etag,
+                })
+                .await
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => winners.push(r.into_inner().user.unwrap().display_name),
+            Err(e) => assert_eq!(e.code(), Code::Aborted),
+        }
+    }
+    assert_eq!(winners.len(), 1);
+    let got = users
+        .get_user(pb::GetUserRequest { id: u.id })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(got.display_name, winners[0]);
+}
+
+#[tokio::test]
+async fn delete_removes_the_user_and_its_events_and_leaves_a_tombstone() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let u = create_user(&mut users, "gone@x.io").await;
+    users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: u.id.clone(),
+                display_name: "Soon gone".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["display_name"]),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    let err = users
+        .delete_user(pb::DeleteUserRequest {
+            id: u.id.clone(),
+            etag: u.etag.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "stale etag");
+    users
+        .delete_user(pb::DeleteUserRequest {
+            id: u.id.clone(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    let err = users
+        .get_user(pb::GetUserRequest { id: u.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let events = app.events_of(&u.id).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, "USER_DELETED");
+    assert_eq!(events[0].1, json!({"id": u.id}));
+    let err = users
+        .delete_user(pb::DeleteUserRequest {
+            id: u.id.clone(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // The email is free again.
+    create_user(&mut users, "gone@x.io").await;
+}
+
+#[tokio::test]
+async fn batch_delete_reports_deleted_and_missing() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let a = create_user(&mut users, "a@x.io").await;
+    let b = create_user(&mut users, "b@x.io").await;
+    let missing = uuid::Uuid::now_v7().to_string();
+    let r = users
+        .batch_delete_users(pb::BatchDeleteUsersRequest {
+            ids: vec![a.id.clone(), missing.clone(), b.id.clone(), a.id.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.deleted_ids, vec![a.id.clone(), b.id.clone()]);
+    assert_eq!(r.not_found_ids, vec![missing]);
+    assert_eq!(
+        app.events_of(&b.id)
+            .await
+            .iter()
+            .map(|e| e.0.clone())
+            .collect::<Vec<_>>(),
+        vec!["USER_DELETED"]
+    );
+
+    let err = users
+        .batch_delete_users(pb::BatchDeleteUsersRequest {
+            ids: vec![a.id.clone(), "x".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), vec!["ids[1]"]);
+    let too_many = (0..1001)
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
+    let err = users
+        .batch_delete_users(pb::BatchDeleteUsersRequest { ids: too_many })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), vec!["ids"]);
+    let err = users
+        .batch_delete_users(pb::BatchDeleteUsersRequest { ids: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), vec!["ids"]);
+}
+
+#[tokio::test]
+async fn lifecycle_transitions_and_their_events() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let u = create_user(&mut users, "life@x.io").await;
+    let blocked = users
+        .block_user(pb::BlockUserRequest {
+            id: u.id.clone(),
+            reason: "chargeback".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(blocked.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(blocked.blocked_reason, "chargeback");
+    let err = users
+        .deactivate_user(pb::DeactivateUserRequest { id: u.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = users
+        .reactivate_user(pb::ReactivateUserRequest { id: u.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let unblocked = users
+        .unblock_user(pb::UnblockUserRequest { id: u.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(unblocked.status, pb::UserStatus::Active as i32);
+    assert_eq!(unblocked.blocked_reason, "");
+    let deact = users
+        .deactivate_user(pb::DeactivateUserRequest { id: u.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(deact.status, pb::UserStatus::Deactivated as i32);
+    // Idempotent: a retry changes nothing and writes no event.
+    let again = users
+        .deactivate_user(pb::DeactivateUserRequest { id: u.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(again.etag, deact.etag);
+    let react = users
+        .reactivate_user(pb::ReactivateUserRequest { id: u.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(react.status, pb::UserStatus::Active as i32);
+    let types: Vec<String> = app
+        .events_of(&u.id)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            "USER_CREATED",
+            "USER_BLOCKED",
+            "USER_UNBLOCKED",
+            "USER_DEACTIVATED",
+            "USER_REACTIVATED"
+        ]
+    );
+    let events = app.events_of(&u.id).await;
+    assert_eq!(events[1].1["reason"], "chargeback");
+
+    // Unblock also clears a brute-force lock on an active user.
+    let client = app.pool.get().await.unwrap();
+    client
+        .execute(
+            "UPDATE users SET failed_logins = 10, locked_until = now() + interval '15 minutes' WHERE id = $1",
+            &[&uuid::Uuid::parse_str(&u.id).unwrap()],
+        )
+        .await
+        .unwrap();
+    let locked = users
+        .get_user(pb::GetUserRequest { id: u.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert!(locked.locked_until.is_some());
+    let cleared = users
+        .unblock_user(pb::UnblockUserRequest { id: u.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert!(cleared.locked_until.is_none());
+    assert_eq!(cleared.status, pb::UserStatus::Active as i32);
+}
+
+#[tokio::test]
+async fn contact_verification_flow() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let u = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("verify@x.io")),
+            pending: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let email = pb::ContactChannel::Email as i32;
+    let start = users
+        .start_contact_verification(pb::StartContactVerificationRequest {
+            id: u.id.clone(),
+            channel: email,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(start.code.len(), 6);
+    assert!(start.code.bytes().all(|b| b.is_ascii_digit()));
+    let ttl = start.expires_at.unwrap().seconds - chrono::Utc::now().timestamp();
+    assert!((595..=600).contains(&ttl), "{ttl}");
+    // Only a hash is stored.
+    let client = app.pool.get().await.unwrap();
+    let stored: Vec<u8> = client
+        .query_one("SELECT code_hash FROM contact_verifications", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(stored, start.code.as_bytes());
+
+    let confirm = |code: &str| pb::ConfirmContactVerificationRequest {
+        id: u.id.clone(),
+        channel: email,
+        code: code.into(),
+    };
+    let wrong = if start.code == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    let r = users
+        .confirm_contact_verification(confirm(wrong))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result, pb::ContactVerificationResult::InvalidCode as i32);
+    let r = users
+        .confirm_contact_verification(confirm("12ab"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result, pb::ContactVerificationResult::InvalidCode as i32);
+    let r = users
+        .confirm_contact_verification(confirm(&start.code))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result, pb::ContactVerificationResult::Ok as i32);
+    let user = r.user.unwrap();
+    assert!(user.email_verified);
+    assert_eq!(
+        user.status,
+        pb::UserStatus::Active as i32,
+        "pending becomes active"
+    );
+    // The code is used up.
+    let r = users
+        .confirm_contact_verification(confirm(&start.code))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result, pb::ContactVerificationResult::InvalidCode as i32);
+    let types: Vec<String> = app
+        .events_of(&u.id)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            "USER_CREATED",
+            "CONTACT_VERIFICATION_STARTED",
+            "CONTACT_VERIFICATION_FAILED",
+            "CONTACT_VERIFICATION_FAILED",
+            "CONTACT_VERIFIED",
+            "CONTACT_VERIFICATION_FAILED"
+        ]
+    );
+
+    // No phone: nothing to verify.
+    let err = users
+        .start_contact_verification(pb::StartContactVerificationRequest {
+            id: u.id.clone(),
+            channel: pb::ContactChannel::Phone as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let err = users
+        .start_contact_verification(pb::StartContactVerificationRequest {
+            id: u.id.clone(),
+            channel: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), vec!["channel"]);
+}
+
+#[tokio::test]
+async fn contact_verification_limits_attempts_and_expires() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let u = create_user(&mut users, "limits@x.io").await;
+    let email = pb::ContactChannel::Email as i32;
+    let start = |users: &mut crate::harness::Users| {
+        let id = u.id.clone();
+        let mut users = users.clone();
+        async move {
+            users
+                .start_contact_verification(pb::StartContactVerificationRequest {
+                    id,
+                    channel: email,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .code
+        }
+    };
+    let code = start(&mut users).await;
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let confirm = |c: &str| pb::ConfirmContactVerificationRequest {
+        id: u.id.clone(),
+        channel: email,
+        code: c.into(),
+    };
+    for _ in 0..5 {
+        let r = users
+            .confirm_contact_verification(confirm(wrong))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result, pb::ContactVerificationResult::InvalidCode as i32);
+    }
+    let r = users
+        .confirm_contact_verification(confirm(&code))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.result,
+        pb::ContactVerificationResult::TooManyAttempts as i32,
+        "5 wrong codes void it"
+    );
+    assert!(!r.user.unwrap().email_verified);
+
+    // A new start voids the old code and resets attempts; an expired code answers EXPIRED.
+    let old = start(&mut users).await;
+    let fresh = start(&mut users).await;
+    if old != fresh {
+        let r = users
+            .confirm_contact_verification(confirm(&old))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result, pb::ContactVerificationResult::InvalidCode as i32);
+    }
+    let client = app.pool.get().await.unwrap();
+    client
+        .execute(
+            "UPDATE contact_verifications SET expires_at = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let r = users
+        .confirm_contact_verification(confirm(&fresh))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result, pb::ContactVerificationResult::Expired as i32);
+}
+
+#[tokio::test]
+async fn changing_the_email_voids_a_pending_code() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let u = create_user(&mut users, "before@x.io").await;
+    let email = pb::ContactChannel::Email as i32;
+    let code = users
+        .start_contact_verification(pb::StartContactVerificationRequest {
+            id: u.id.clone(),
+            channel: email,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .code;
+    users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: u.id.clone(),
+                email: "after@x.io".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["email"]),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    let r = users
+        .confirm_contact_verification(pb::ConfirmContactVerificationRequest {
+            id: u.id.clone(),
+            channel: email,
+            code,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result, pb::ContactVerificationResult::InvalidCode as i32);
+    assert!(!r.user.unwrap().email_verified);
+}
