@@ -279,12 +279,11 @@ impl KeyVerifier {
     }
 
     async fn lookup(&self, id: Uuid) -> Result<Option<KeyRecord>, Error> {
-        if let Ok(cache) = self.cache.lock() {
-            if let Some((at, rec)) = cache.get(&id) {
-                if at.elapsed() < self.ttl {
-                    return Ok(rec.clone());
-                }
-            }
+        if let Ok(cache) = self.cache.lock()
+            && let Some((at, rec)) = cache.get(&id)
+            && at.elapsed() < self.ttl
+        {
+            return Ok(rec.clone());
         }
         let client = db::client(&self.pool).await?;
         let row = client
@@ -369,15 +368,43 @@ fn request_id(headers: &http::HeaderMap) -> String {
         .unwrap_or_else(|| Uuid::now_v7().to_string())
 }
 
+/// Counts calls being handled, so shutdown can stop as soon as none are left instead of
+/// waiting on idle keep-alive connections (hyper's graceful shutdown can wait on those).
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn enter(&self) -> InFlightGuard {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlightGuard(self.0.clone())
+    }
+}
+
+struct InFlightGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// The tower layer that authenticates every call; see the module docs.
 #[derive(Clone)]
 pub struct AuthLayer {
     verifier: Arc<KeyVerifier>,
+    in_flight: InFlight,
 }
 
 impl AuthLayer {
-    pub fn new(verifier: Arc<KeyVerifier>) -> Self {
-        AuthLayer { verifier }
+    pub fn new(verifier: Arc<KeyVerifier>, in_flight: InFlight) -> Self {
+        AuthLayer {
+            verifier,
+            in_flight,
+        }
     }
 }
 
@@ -387,6 +414,7 @@ impl<S> tower::Layer<S> for AuthLayer {
         AuthService {
             inner,
             verifier: self.verifier.clone(),
+            in_flight: self.in_flight.clone(),
         }
     }
 }
@@ -395,6 +423,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     verifier: Arc<KeyVerifier>,
+    in_flight: InFlight,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
@@ -423,7 +452,9 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let verifier = self.verifier.clone();
+        let guard = self.in_flight.enter();
         Box::pin(async move {
+            let _guard = guard;
             let started = Instant::now();
             let path = req.uri().path().to_owned();
             let rid = request_id(req.headers());

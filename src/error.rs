@@ -63,7 +63,7 @@ impl Violations {
 /// Everything that can go wrong in a request, in domain terms.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid request")]
+    #[error("invalid request: {}", describe(.0))]
     Invalid(Vec<Violation>),
     #[error("{resource} {id} not found")]
     NotFound { resource: &'static str, id: String },
@@ -126,6 +126,14 @@ impl Error {
             Error::Internal(_) => (Code::Internal, "INTERNAL"),
         }
     }
+}
+
+fn describe(violations: &[Violation]) -> String {
+    let parts: Vec<String> = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect();
+    parts.join("; ")
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,4 +1,6 @@
 //! The `roster` binary: parse the command line, set up logging, run the command.
+use std::io::IsTerminal;
+
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
@@ -8,6 +10,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     tokio::runtime::Builder::new_multi_thread()

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-use crate::auth::{AuthLayer, KeyVerifier};
+use crate::auth::{AuthLayer, InFlight, KeyVerifier};
 use crate::config::{ServeConfig, ServerConfig};
 use crate::crypto::Hasher;
 use crate::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
@@ -124,8 +124,9 @@ impl Application {
             LogServiceServer::new(NotYetImplemented).max_decoding_message_size(MAX_REQUEST_BYTES);
 
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let in_flight = InFlight::default();
         let server = Server::builder()
-            .layer(AuthLayer::new(verifier))
+            .layer(AuthLayer::new(verifier, in_flight.clone()))
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -139,15 +140,27 @@ impl Application {
                 let _ = stopping_tx.send(());
             });
         let grace = Duration::from_secs(self.config.shutdown_grace_secs);
+        // After the signal, stop once no call is in flight (idle keep-alive connections do not
+        // count), or when the grace period runs out.
+        let drained = async {
+            let _ = stopping_rx.await;
+            let deadline = tokio::time::Instant::now() + grace;
+            while in_flight.count() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            if in_flight.count() > 0 {
+                tracing::warn!(
+                    grace_secs = grace.as_secs(),
+                    "calls still running after the grace period; stopping anyway"
+                );
+            } else {
+                // Let the last responses' frames reach their sockets.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
         let result = tokio::select! {
             r = server => r.context("serving"),
-            _ = async {
-                let _ = stopping_rx.await;
-                tokio::time::sleep(grace).await;
-            } => {
-                tracing::warn!(grace_secs = grace.as_secs(), "calls still running after the grace period; stopping anyway");
-                Ok(())
-            }
+            _ = drained => Ok(()),
         };
         watcher.abort();
         result

@@ -69,14 +69,14 @@ impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
         if let Some(db) = e.as_db_error() {
             let code = db.code();
-            if *code == SqlState::UNIQUE_VIOLATION {
-                if let Some((resource, field)) = db.constraint().and_then(unique_constraint_field) {
-                    return Error::AlreadyExists {
-                        resource,
-                        field,
-                        owner: None,
-                    };
-                }
+            if *code == SqlState::UNIQUE_VIOLATION
+                && let Some((resource, field)) = db.constraint().and_then(unique_constraint_field)
+            {
+                return Error::AlreadyExists {
+                    resource,
+                    field,
+                    owner: None,
+                };
             }
             // Class 08 (connection exception), 57P01..57P03 (admin shutdown, crash shutdown,
             // cannot connect now), 53300 (too many connections): the database is not there

@@ -225,13 +225,13 @@ fn list_spec(req: &pb::ListUsersRequest) -> Result<(ListSpec, String), Error> {
         None
     });
     let query = text(&req.query).map(|q| q.to_lowercase());
-    if let Some(q) = &query {
-        if q.chars().count() > MAX_QUERY || q.chars().any(char::is_control) {
-            v.add(
-                "query",
-                format!("must be at most {MAX_QUERY} printable characters"),
-            );
-        }
+    if let Some(q) = &query
+        && (q.chars().count() > MAX_QUERY || q.chars().any(char::is_control))
+    {
+        v.add(
+            "query",
+            format!("must be at most {MAX_QUERY} printable characters"),
+        );
     }
     let order = page::parse_order(&req.order_by, ORDER_FIELDS, "created_at").unwrap_or_else(|e| {
         v.add("order_by", e);
@@ -404,18 +404,17 @@ impl UserService for UserApi {
         let mut v = Violations::new();
         let id = id_field(&mut v, "id", &req.id);
         let reason = text(&req.reason);
-        if let Some(r) = &reason {
-            if r.chars().count() > super::MAX_REASON
-                || r.chars().any(|c| c.is_control() && c != '\n')
-            {
-                v.add(
-                    "reason",
-                    format!(
-                        "must be at most {} characters without control characters",
-                        super::MAX_REASON
-                    ),
-                );
-            }
+        if let Some(r) = &reason
+            && (r.chars().count() > super::MAX_REASON
+                || r.chars().any(|c| c.is_control() && c != '\n'))
+        {
+            v.add(
+                "reason",
+                format!(
+                    "must be at most {} characters without control characters",
+                    super::MAX_REASON
+                ),
+            );
         }
         v.into_result()?;
         let user = ops::change_lifecycle(

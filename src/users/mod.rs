@@ -197,18 +197,18 @@ fn check_text(v: &mut Violations, field: &str, value: &Option<String>, max: usiz
 /// Adds a violation (`<prefix>.<field>`) for every bad field of `p`.
 pub fn validate_profile(p: &Profile, prefix: &str, v: &mut Violations) {
     let f = |name: &str| format!("{prefix}.{name}");
-    if let Some(e) = &p.email {
-        if let Err(m) = check_email(e) {
-            v.add(f("email"), m);
-        }
+    if let Some(e) = &p.email
+        && let Err(m) = check_email(e)
+    {
+        v.add(f("email"), m);
     }
     if p.email_verified && p.email.is_none() {
         v.add(f("email_verified"), "cannot be true without an email");
     }
-    if let Some(ph) = &p.phone_number {
-        if let Err(m) = check_phone(ph) {
-            v.add(f("phone_number"), m);
-        }
+    if let Some(ph) = &p.phone_number
+        && let Err(m) = check_phone(ph)
+    {
+        v.add(f("phone_number"), m);
     }
     if p.phone_verified && p.phone_number.is_none() {
         v.add(f("phone_verified"), "cannot be true without a phone_number");
@@ -243,29 +243,27 @@ pub fn validate_profile(p: &Profile, prefix: &str, v: &mut Violations) {
             v.add(f("picture_url"), "must be an http or https URL");
         }
     }
-    if let Some(l) = &p.locale {
-        if l.len() > MAX_LOCALE
+    if let Some(l) = &p.locale
+        && (l.len() > MAX_LOCALE
             || !l
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            v.add(
-                f("locale"),
-                "must be a BCP 47 language tag such as en-GB (at most 64 characters)",
-            );
-        }
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+    {
+        v.add(
+            f("locale"),
+            "must be a BCP 47 language tag such as en-GB (at most 64 characters)",
+        );
     }
-    if let Some(t) = &p.timezone {
-        if t.len() > MAX_LOCALE
+    if let Some(t) = &p.timezone
+        && (t.len() > MAX_LOCALE
             || !t
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_+-/".contains(&b))
-        {
-            v.add(
-                f("timezone"),
-                "must be an IANA time zone such as Europe/Paris (at most 64 characters)",
-            );
-        }
+                .all(|b| b.is_ascii_alphanumeric() || b"_+-/".contains(&b)))
+    {
+        v.add(
+            f("timezone"),
+            "must be an IANA time zone such as Europe/Paris (at most 64 characters)",
+        );
     }
     for (name, m) in [
         ("user_metadata", &p.user_metadata),
@@ -544,7 +542,9 @@ mod tests {
         let err = parse_mask(&["id".into(), "nope".into(), "app_metadata.".into()]).unwrap_err();
         assert_eq!(
             err.into_result().unwrap_err().to_string(),
-            "invalid request"
+            "invalid request: update_mask.paths[0]: 'id' is output only and cannot be updated; \
+             update_mask.paths[1]: 'nope' is not a field of User that can be updated; \
+             update_mask.paths[2]: 'app_metadata.' is not a valid metadata key path"
         );
         assert!(parse_mask(&[]).is_err());
     }

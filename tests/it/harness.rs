@@ -3,7 +3,6 @@
 //! database per test (`CREATE DATABASE ... TEMPLATE`, dropped `WITH (FORCE)` afterwards), and
 //! the real server on an ephemeral port, called through the generated tonic clients.
 //! Tracing output appears only when `TEST_LOG` is set.
-use std::net::SocketAddr;
 use std::sync::OnceLock;
 
 use roster::config::ServerConfig;
@@ -157,7 +156,8 @@ pub type Users = UserServiceClient<InterceptedService<Channel, Key>>;
 
 /// A running server on its own fresh database, with a project and an all-scopes key.
 pub struct TestApp {
-    pub addr: SocketAddr,
+    /// Connection string of this test's database.
+    pub url: String,
     pub db_name: String,
     pub pool: roster::db::Pool,
     pub project_id: Uuid,
@@ -224,13 +224,20 @@ impl TestApp {
             .await
             .expect("connect to the server");
         TestApp {
-            addr,
+            url,
             db_name,
             pool,
             project_id,
             token,
             channel,
             shutdown: Some(tx),
+        }
+    }
+
+    /// Starts the server's graceful shutdown (as SIGTERM does for `roster serve`).
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
         }
     }
 

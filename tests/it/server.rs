@@ -240,3 +240,67 @@ fn tempdir_path() -> std::path::PathBuf {
     std::fs::create_dir_all(&p).unwrap();
     p
 }
+
+#[tokio::test]
+async fn shutdown_drains_calls_in_flight() {
+    // One hashing worker: password creates queue behind each other, so several are in
+    // flight when the shutdown begins.
+    let mut app = TestApp::spawn_with(roster::config::ServerConfig {
+        hash_workers: 1,
+        key_cache_ms: 50,
+        ..Default::default()
+    })
+    .await;
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut first_tx = Some(first_tx);
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let mut users = app.users();
+        calls.push(tokio::spawn(async move {
+            users
+                .create_user(pb::CreateUserRequest {
+                    user: Some(user_with_email(&format!("drain{i}@x.io"))),
+                    initial_password: Some(pb::create_user_request::InitialPassword::Password(
+                        "a long passphrase".into(),
+                    )),
+                    ..Default::default()
+                })
+                .await
+        }));
+    }
+    // Begin shutdown as soon as the first call is answered, while the rest wait for hashing.
+    let watcher = {
+        let mut users = app.users();
+        tokio::spawn(async move {
+            loop {
+                let r = users
+                    .list_users(pb::ListUsersRequest {
+                        filter: "has_password = true".into(),
+                        ..Default::default()
+                    })
+                    .await;
+                if r.is_ok_and(|r| !r.into_inner().users.is_empty()) {
+                    if let Some(tx) = first_tx.take() {
+                        let _ = tx.send(());
+                    }
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    first_rx.await.unwrap();
+    app.begin_shutdown();
+    for c in calls {
+        let r = c.await.unwrap();
+        assert!(r.is_ok(), "an in-flight call was cut off: {r:?}");
+    }
+    watcher.await.unwrap();
+    let client = app.pool.get().await.unwrap();
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 6);
+}
