@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::authenticators::password::PasswordSettings;
+
 /// Options of the database connection shared by every subcommand that talks to PostgreSQL.
 #[derive(clap::Args, Clone)]
 pub struct DatabaseConfig {
@@ -81,6 +83,13 @@ pub struct ServerConfig {
     /// argon2id parallelism for new hashes.
     #[arg(long, env = "ROSTER_ARGON2_PARALLELISM", default_value_t = 1)]
     pub argon2_parallelism: u32,
+    /// Consecutive failed sign-ins that lock an account; 0 never locks.
+    #[arg(long, env = "ROSTER_LOCKOUT_THRESHOLD", default_value_t = 10)]
+    pub lockout_threshold: u32,
+    /// Seconds an account stays locked after too many failed sign-ins (at most a year).
+    #[arg(long, env = "ROSTER_LOCKOUT_SECS", default_value_t = 900,
+          value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    pub lockout_secs: u64,
     /// How long (milliseconds) a verified API key is cached; a revocation takes effect within
     /// this time.
     #[arg(long, env = "ROSTER_KEY_CACHE_MS", default_value_t = 2000)]
@@ -97,6 +106,8 @@ impl Default for ServerConfig {
             argon2_memory_kib: 19456,
             argon2_iterations: 2,
             argon2_parallelism: 1,
+            lockout_threshold: 10,
+            lockout_secs: 900,
             key_cache_ms: 2000,
             shutdown_grace_secs: 20,
         }
@@ -104,6 +115,13 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    pub fn password_settings(&self) -> PasswordSettings {
+        PasswordSettings {
+            lockout_threshold: self.lockout_threshold,
+            lockout: chrono::Duration::seconds(self.lockout_secs.min(31_536_000) as i64),
+        }
+    }
+
     /// The number of hashing workers, resolving 0 to the number of cores.
     pub fn hash_workers(&self) -> usize {
         if self.hash_workers > 0 {

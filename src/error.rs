@@ -29,6 +29,12 @@ impl Violation {
     }
 }
 
+impl From<Violation> for Error {
+    fn from(v: Violation) -> Self {
+        Error::Invalid(vec![v])
+    }
+}
+
 /// Collects every violation of a request so they are reported together, not one per call.
 #[derive(Debug, Default)]
 pub struct Violations(Vec<Violation>);
@@ -40,6 +46,10 @@ impl Violations {
 
     pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
         self.0.push(Violation::new(field, description));
+    }
+
+    pub fn push(&mut self, violation: Violation) {
+        self.0.push(violation);
     }
 
     pub fn extend(&mut self, other: Violations) {

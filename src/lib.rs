@@ -5,6 +5,7 @@
 //! types, domain functions validate, `store.rs` files hold the SQL.
 pub mod admin;
 pub mod auth;
+pub mod authenticators;
 pub mod cli;
 pub mod config;
 pub mod crypto;

@@ -15,13 +15,13 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::auth::{AuthLayer, InFlight, KeyVerifier};
+use crate::authenticators::grpc::AuthenticatorApi;
+use crate::authenticators::password::PasswordSettings;
 use crate::config::{ServeConfig, ServerConfig};
 use crate::crypto::Hasher;
 use crate::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
 use crate::db::{self, Pool};
-use crate::pb::v1::authenticator_service_server::{
-    AuthenticatorService, AuthenticatorServiceServer,
-};
+use crate::pb::v1::authenticator_service_server::AuthenticatorServiceServer;
 use crate::pb::v1::identity_service_server::{IdentityService, IdentityServiceServer};
 use crate::pb::v1::log_service_server::{LogService, LogServiceServer};
 use crate::pb::v1::user_service_server::UserServiceServer;
@@ -32,6 +32,7 @@ use crate::users::grpc::UserApi;
 pub struct AppState {
     pub pool: Pool,
     pub hasher: Arc<Hasher>,
+    pub passwords: PasswordSettings,
 }
 
 /// Largest request message accepted (API.md).
@@ -49,7 +50,6 @@ pub const SERVICE_NAMES: [&str; 4] = [
 /// default methods), behind the same authentication as the rest.
 struct NotYetImplemented;
 
-impl AuthenticatorService for NotYetImplemented {}
 impl IdentityService for NotYetImplemented {}
 impl LogService for NotYetImplemented {}
 
@@ -80,6 +80,7 @@ impl Application {
             state: AppState {
                 pool,
                 hasher: Arc::new(hasher),
+                passwords: config.password_settings(),
             },
             config,
         })
@@ -116,8 +117,9 @@ impl Application {
         ));
         let users = UserServiceServer::new(UserApi::new(self.state.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let authenticators = AuthenticatorServiceServer::new(NotYetImplemented)
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let authenticators =
+            AuthenticatorServiceServer::new(AuthenticatorApi::new(self.state.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES);
         let identities = IdentityServiceServer::new(NotYetImplemented)
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let logs =

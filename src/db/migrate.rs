@@ -3,7 +3,14 @@
 use anyhow::Context;
 
 /// (version, name, SQL), in order. Never edit a released migration: add a new one.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "init", include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("migrations/0001_init.sql")),
+    (
+        2,
+        "password_reset",
+        include_str!("migrations/0002_password_reset.sql"),
+    ),
+];
 
 /// Arbitrary constant naming Roster's migration lock.
 const MIGRATION_LOCK: i64 = 0x526f_7374_6572;

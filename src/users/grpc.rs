@@ -10,7 +10,7 @@ use super::{
 };
 use crate::auth::caller_of;
 use crate::crypto;
-use crate::error::{Error, Violations};
+use crate::error::{Error, Violation, Violations};
 use crate::pb::v1 as pb;
 use crate::pb::v1::user_service_server::UserService;
 use crate::query::{filter, page};
@@ -122,7 +122,7 @@ fn id_field(v: &mut Violations, field: &str, value: &str) -> Uuid {
 }
 
 /// A required id, as its own error.
-fn required_id(field: &str, value: &str) -> Result<Uuid, Error> {
+pub fn required_id(field: &str, value: &str) -> Result<Uuid, Error> {
     wire::parse_id(value).map_err(|e| Error::invalid(field, e))
 }
 
@@ -161,13 +161,13 @@ fn new_user_from_request(req: pb::CreateUserRequest) -> Result<NewUser, Error> {
     let password = match req.initial_password {
         None => None,
         Some(InitialPassword::Password(p)) => {
-            if let Err(e) = crypto::check_password_policy(&p) {
+            if let Err(e) = crypto::policy::check_new_password(&p, &profile.personal()) {
                 v.add("password", e);
             }
             Some(PasswordInput::Plain(p))
         }
         Some(InitialPassword::PasswordHash(h)) => {
-            if let Err(e) = crypto::check_hash_format(&h) {
+            if let Err(e) = crypto::formats::parse(&h) {
                 v.add("password_hash", e);
             }
             Some(PasswordInput::Hash(h))
@@ -191,22 +191,31 @@ fn lookup_key(req: pb::LookupUserRequest) -> Result<LookupKey, Error> {
             "set exactly one of email, phone_number, username, external_id",
         )
     })?;
-    let (field, value, make): (&str, String, fn(String) -> LookupKey) = match key {
-        Key::Email(e) => ("email", e.trim().to_string(), LookupKey::Email),
-        Key::PhoneNumber(p) => ("phone_number", p.trim().to_string(), LookupKey::PhoneNumber),
-        Key::Username(u) => ("username", u.trim().to_string(), LookupKey::Username),
-        Key::ExternalId(x) => ("external_id", x.trim().to_string(), LookupKey::ExternalId),
-    };
+    Ok(match key {
+        Key::Email(e) => checked_lookup("email", &e, LookupKey::Email),
+        Key::PhoneNumber(p) => checked_lookup("phone_number", &p, LookupKey::PhoneNumber),
+        Key::Username(u) => checked_lookup("username", &u, LookupKey::Username),
+        Key::ExternalId(x) => checked_lookup("external_id", &x, LookupKey::ExternalId),
+    }?)
+}
+
+/// A lookup value, trimmed and bounded (a lookup never needs more than the longest field).
+pub fn checked_lookup(
+    field: &str,
+    raw: &str,
+    make: fn(String) -> LookupKey,
+) -> Result<LookupKey, Violation> {
+    let value = raw.trim();
     if value.is_empty() {
-        return Err(Error::invalid(field, "must not be empty"));
+        return Err(Violation::new(field, "must not be empty"));
     }
     if value.chars().count() > super::MAX_EMAIL || value.chars().any(char::is_control) {
-        return Err(Error::invalid(
+        return Err(Violation::new(
             field,
             "is too long or has control characters",
         ));
     }
-    Ok(make(value))
+    Ok(make(value.to_string()))
 }
 
 /// The most characters of a free-text query.

@@ -74,6 +74,16 @@ pub struct Profile {
     pub app_metadata: Map<String, Value>,
 }
 
+impl Profile {
+    /// What a password must not be: the user's own email, username and phone number.
+    pub fn personal(&self) -> Vec<&str> {
+        [&self.email, &self.username, &self.phone_number]
+            .into_iter()
+            .filter_map(|v| v.as_deref())
+            .collect()
+    }
+}
+
 /// A stored user.
 #[derive(Clone, Debug)]
 pub struct User {

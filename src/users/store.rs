@@ -146,18 +146,23 @@ pub async fn get_for_update(
         .map(user_from_row))
 }
 
+/// The WHERE condition (on `$2`) and value finding a user by `key`; each form matches its
+/// unique index exactly.
+pub fn lookup_condition(key: &LookupKey) -> (&'static str, &String) {
+    match key {
+        LookupKey::Email(e) => ("lower(email) = lower($2)", e),
+        LookupKey::PhoneNumber(p) => ("phone_number = $2", p),
+        LookupKey::Username(u) => ("lower(username) = lower($2)", u),
+        LookupKey::ExternalId(x) => ("external_id = $2", x),
+    }
+}
+
 pub async fn lookup(
     db: &impl GenericClient,
     project_id: Uuid,
     key: &LookupKey,
 ) -> Result<Option<User>> {
-    // Each form matches its unique index exactly.
-    let (cond, value) = match key {
-        LookupKey::Email(e) => ("lower(email) = lower($2)", e),
-        LookupKey::PhoneNumber(p) => ("phone_number = $2", p),
-        LookupKey::Username(u) => ("lower(username) = lower($2)", u),
-        LookupKey::ExternalId(x) => ("external_id = $2", x),
-    };
+    let (cond, value) = lookup_condition(key);
     let stmt = db
         .prepare_cached(&format!(
             "SELECT {USER_COLUMNS} FROM users WHERE project_id = $1 AND {cond}"

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use roster::config::ServerConfig;
 use roster::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use roster::pb::v1::authenticator_service_client::AuthenticatorServiceClient;
 use roster::pb::v1::user_service_client::UserServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -153,6 +154,7 @@ impl Interceptor for Key {
 }
 
 pub type Users = UserServiceClient<InterceptedService<Channel, Key>>;
+pub type Authenticators = AuthenticatorServiceClient<InterceptedService<Channel, Key>>;
 
 /// A running server on its own fresh database, with a project and an all-scopes key.
 pub struct TestApp {
@@ -249,6 +251,24 @@ impl TestApp {
     /// A UserService client sending `token` (or no key at all).
     pub fn users_with(&self, token: Option<&str>) -> Users {
         UserServiceClient::with_interceptor(self.channel.clone(), key(token))
+    }
+
+    /// An AuthenticatorService client using the all-scopes key.
+    pub fn authenticators(&self) -> Authenticators {
+        AuthenticatorServiceClient::with_interceptor(self.channel.clone(), key(Some(&self.token)))
+    }
+
+    /// One value from this test's database (for what the API never shows, like stored hashes).
+    pub async fn sql_one<T>(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> T
+    where
+        T: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        let client = self.pool.get().await.expect("db");
+        client.query_one(sql, params).await.expect("query").get(0)
     }
 
     /// A new key in this app's project with the given scopes.

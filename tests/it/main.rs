@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod harness;
 mod list;
+mod passwords;
 mod server;
 mod users;
 

@@ -1,0 +1,558 @@
+//! Password operations: set, change, expire, verify (sign-in with lockout and rehash), and
+//! reset tokens. Each change commits together with its audit event.
+//!
+//! Hashing never happens while a database connection is held: a sign-in flood queues on the
+//! hashing pool, not on the connection pool. So a sign-in reads the user, verifies on the
+//! pool, then re-reads the row under a lock to do its bookkeeping, checking that the hash it
+//! verified is still the stored one.
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Duration, Utc};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::store::{self, Credentials, Login, Success};
+use crate::auth::Caller;
+use crate::crypto::{Hasher, formats, policy};
+use crate::db::{self, Pool};
+use crate::error::{Error, Result};
+use crate::events::{EventContext, EventType, NewEvent, store as events};
+use crate::users::{User, UserStatus};
+
+/// Brute-force and reset-token settings.
+#[derive(Debug, Clone, Copy)]
+pub struct PasswordSettings {
+    /// Consecutive failures that lock an account; 0 never locks.
+    pub lockout_threshold: u32,
+    /// How long a lock lasts.
+    pub lockout: Duration,
+}
+
+impl Default for PasswordSettings {
+    fn default() -> Self {
+        PasswordSettings {
+            lockout_threshold: 10,
+            lockout: Duration::minutes(15),
+        }
+    }
+}
+
+/// How long a reset token works (API.md: 30 minutes).
+pub const RESET_TOKEN_TTL_MINUTES: i64 = 30;
+/// Reset tokens read `prt_` and 43 base64url characters (256 random bits).
+const RESET_TOKEN_PREFIX: &str = "prt_";
+const RESET_TOKEN_SECRET_LEN: usize = 43;
+
+/// A new password as given by the caller, validated at the edge (length, common list, hash
+/// format); what depends on the user (its own email or username) is checked here.
+#[derive(Clone)]
+pub enum NewPassword {
+    Plain(String),
+    Hash(String),
+}
+
+/// The outcome of a sign-in attempt, as `roster.v1.VerifyPasswordResult`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignInResult {
+    Ok,
+    InvalidCredentials,
+    Locked(DateTime<Utc>),
+    Blocked,
+    Deactivated,
+    PasswordChangeRequired,
+}
+
+/// Where a sign-in comes from, as the calling backend reports it.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+const USER: &str = "user";
+
+fn not_found(id: Uuid) -> Error {
+    Error::not_found(USER, id.to_string())
+}
+
+fn precondition(reason: &'static str, message: &str) -> Error {
+    Error::FailedPrecondition {
+        reason,
+        message: message.to_string(),
+    }
+}
+
+async fn record(
+    tx: &deadpool_postgres::Transaction<'_>,
+    caller: &Caller,
+    ctx: &EventContext,
+    evs: &[NewEvent],
+) -> Result<()> {
+    events::record(tx, caller.project_id, ctx, evs).await
+}
+
+/// The event context of a sign-in: the end user's address and agent when the caller gave them.
+fn sign_in_context(caller: &Caller, origin: &Origin) -> EventContext {
+    let mut ctx = EventContext::from_caller(caller);
+    if origin.ip.is_some() {
+        ctx.ip = origin.ip.clone();
+    }
+    ctx.user_agent = origin.user_agent.clone();
+    ctx
+}
+
+fn check_personal(user: &User, password: &NewPassword, field: &str) -> Result<()> {
+    if let NewPassword::Plain(p) = password {
+        policy::check_new_password(p, &user.profile.personal())
+            .map_err(|e| Error::invalid(field, e))?;
+    }
+    Ok(())
+}
+
+/// The stored hash for a new password; the plain one is hashed on the pool.
+async fn hash_of(hasher: &Hasher, password: &NewPassword) -> Result<String> {
+    match password {
+        NewPassword::Plain(p) => hasher.hash(p.clone()).await,
+        NewPassword::Hash(h) => Ok(h.clone()),
+    }
+}
+
+fn password_event_data(password: &NewPassword, require_change: bool) -> serde_json::Value {
+    let format = match password {
+        NewPassword::Plain(_) => "argon2id",
+        NewPassword::Hash(h) => formats::parse(h).map(|f| f.name()).unwrap_or("unknown"),
+    };
+    json!({
+        "source": if matches!(password, NewPassword::Plain(_)) { "password" } else { "password_hash" },
+        "format": format,
+        "require_change": require_change,
+    })
+}
+
+async fn get_user(pool: &Pool, caller: &Caller, id: Uuid) -> Result<User> {
+    let client = db::client(pool).await?;
+    crate::users::store::get(&client, caller.project_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))
+}
+
+pub async fn set_password(
+    pool: &Pool,
+    hasher: &Hasher,
+    caller: &Caller,
+    id: Uuid,
+    password: NewPassword,
+    require_change: bool,
+) -> Result<User> {
+    let user = get_user(pool, caller, id).await?;
+    check_personal(&user, &password, "password")?;
+    let hash = hash_of(hasher, &password).await?;
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    let current = store::credentials_for_update(&tx, caller.project_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    // The profile may have changed while hashing; the rule must hold for the stored one.
+    check_personal(&current.user, &password, "password")?;
+    let updated =
+        store::set_password(&tx, caller.project_id, id, Some(&hash), require_change).await?;
+    let ev = NewEvent::for_user(
+        EventType::PasswordSet,
+        id,
+        password_event_data(&password, require_change),
+    );
+    record(&tx, caller, &EventContext::from_caller(caller), &[ev]).await?;
+    tx.commit().await?;
+    Ok(updated)
+}
+
+pub async fn expire_password(pool: &Pool, caller: &Caller, id: Uuid) -> Result<User> {
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    let current = store::credentials_for_update(&tx, caller.project_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    if current.hash.is_none() {
+        return Err(precondition("NO_PASSWORD", "the user has no password"));
+    }
+    if current.user.require_password_change {
+        // Already expired: idempotent, no second event.
+        return Ok(current.user);
+    }
+    let updated = store::expire_password(&tx, caller.project_id, id).await?;
+    let ev = NewEvent::for_user(EventType::PasswordExpired, id, json!({}));
+    record(&tx, caller, &EventContext::from_caller(caller), &[ev]).await?;
+    tx.commit().await?;
+    Ok(updated)
+}
+
+/// The state checks every password attempt makes before looking at the password.
+fn refusal(c: &Credentials, now: DateTime<Utc>) -> Option<SignInResult> {
+    match c.user.status {
+        UserStatus::Blocked => return Some(SignInResult::Blocked),
+        UserStatus::Deactivated => return Some(SignInResult::Deactivated),
+        _ => {}
+    }
+    c.user
+        .locked_until
+        .filter(|t| *t > now)
+        .map(SignInResult::Locked)
+}
+
+fn refusal_name(r: SignInResult) -> &'static str {
+    match r {
+        SignInResult::Blocked => "USER_BLOCKED",
+        SignInResult::Deactivated => "USER_DEACTIVATED",
+        SignInResult::Locked(_) => "USER_LOCKED",
+        SignInResult::Ok => "OK",
+        SignInResult::InvalidCredentials => "INVALID_CREDENTIALS",
+        SignInResult::PasswordChangeRequired => "PASSWORD_CHANGE_REQUIRED",
+    }
+}
+
+/// Counts one failed attempt on a locked row; returns the lock's end if it locked the account.
+async fn count_failure(
+    tx: &deadpool_postgres::Transaction<'_>,
+    caller: &Caller,
+    ctx: &EventContext,
+    settings: &PasswordSettings,
+    current: &Credentials,
+    via: &str,
+) -> Result<Option<DateTime<Utc>>> {
+    let id = current.user.id;
+    let failed = current.failed_logins.saturating_add(1);
+    let threshold = settings.lockout_threshold;
+    let lock = threshold > 0 && failed as u32 >= threshold;
+    let mut evs = vec![NewEvent::for_user(
+        EventType::LoginFailed,
+        id,
+        json!({ "reason": "INVALID_CREDENTIALS", "via": via, "consecutive_failures": failed }),
+    )];
+    let locked_until = if lock {
+        let until = Utc::now() + settings.lockout;
+        evs.push(NewEvent::for_user(
+            EventType::UserLockedOut,
+            id,
+            json!({ "consecutive_failures": failed, "locked_until": until.to_rfc3339() }),
+        ));
+        Some(until)
+    } else {
+        None
+    };
+    // A lock starts a fresh count for when it ends.
+    let stored = if lock { 0 } else { failed };
+    store::record_failure(tx, caller.project_id, id, stored, locked_until).await?;
+    record(tx, caller, ctx, &evs).await?;
+    Ok(locked_until)
+}
+
+/// Checks a password for a login and does the sign-in bookkeeping.
+pub async fn verify_password(
+    pool: &Pool,
+    hasher: &Hasher,
+    settings: &PasswordSettings,
+    caller: &Caller,
+    login: &Login,
+    password: String,
+    origin: &Origin,
+) -> Result<(SignInResult, Option<User>)> {
+    let ctx = sign_in_context(caller, origin);
+    let found = {
+        let client = db::client(pool).await?;
+        store::credentials(&client, caller.project_id, login).await?
+    };
+    if found.as_ref().is_none_or(|c| c.hash.is_none()) {
+        // Unknown login or no password: the same work as a wrong password, the same answer.
+        hasher.verify(password, None).await?;
+        let user_id = found.as_ref().map(|c| c.user.id);
+        let reason = if user_id.is_some() {
+            "NO_PASSWORD"
+        } else {
+            "UNKNOWN_LOGIN"
+        };
+        let mut client = db::client(pool).await?;
+        let tx = client.transaction().await?;
+        let ev = NewEvent {
+            kind: EventType::LoginFailed,
+            user_id,
+            data: json!({ "reason": reason, "via": "VerifyPassword" }),
+        };
+        record(&tx, caller, &ctx, &[ev]).await?;
+        tx.commit().await?;
+        return Ok((SignInResult::InvalidCredentials, None));
+    }
+    let Some(found) = found else {
+        return Ok((SignInResult::InvalidCredentials, None));
+    };
+    let id = found.user.id;
+    if let Some(r) = refusal(&found, Utc::now()) {
+        // Blocked, deactivated or locked: answered without checking the password, so the
+        // answer says nothing about it.
+        let mut client = db::client(pool).await?;
+        let tx = client.transaction().await?;
+        let ev = NewEvent::for_user(
+            EventType::LoginFailed,
+            id,
+            json!({ "reason": refusal_name(r), "via": "VerifyPassword" }),
+        );
+        record(&tx, caller, &ctx, &[ev]).await?;
+        tx.commit().await?;
+        return Ok((r, None));
+    }
+    let hash = found.hash.clone().unwrap_or_default();
+    let verified = hasher.verify(password.clone(), Some(hash.clone())).await?;
+    let rehash = match verified.outdated {
+        Some(_) if verified.ok => Some(hasher.hash(password).await?),
+        _ => None,
+    };
+
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    let Some(current) = store::credentials_for_update(&tx, caller.project_id, id).await? else {
+        // Deleted meanwhile.
+        return Ok((SignInResult::InvalidCredentials, None));
+    };
+    if let Some(r) = refusal(&current, Utc::now()) {
+        // Locked or blocked by a concurrent call while this one was hashing.
+        return Ok((r, None));
+    }
+    if current.hash.as_deref() != Some(hash.as_str()) {
+        // The password changed while this attempt was being checked: the check proves
+        // nothing about the new one. Not counted as a failure.
+        return Ok((SignInResult::InvalidCredentials, None));
+    }
+    if !verified.ok {
+        let locked = count_failure(&tx, caller, &ctx, settings, &current, "VerifyPassword").await?;
+        tx.commit().await?;
+        return Ok(match locked {
+            Some(until) => (SignInResult::Locked(until), None),
+            None => (SignInResult::InvalidCredentials, None),
+        });
+    }
+    let change_required = current.user.require_password_change;
+    let activate = !change_required && current.user.status == UserStatus::PendingVerification;
+    let user = store::record_success(
+        &tx,
+        caller.project_id,
+        id,
+        &Success {
+            sign_in: !change_required,
+            ip: origin.ip.as_deref(),
+            activate,
+            rehash: rehash.as_deref(),
+        },
+    )
+    .await?;
+    let mut evs = Vec::new();
+    if let (Some(from), Some(_)) = (verified.outdated, &rehash) {
+        evs.push(NewEvent::for_user(
+            EventType::PasswordRehashed,
+            id,
+            json!({ "from": from, "to": "argon2id" }),
+        ));
+    }
+    let result = if change_required {
+        SignInResult::PasswordChangeRequired
+    } else {
+        SignInResult::Ok
+    };
+    let mut data = json!({ "method": "PASSWORD", "result": refusal_name(result) });
+    if activate {
+        data["activated"] = json!(true);
+    }
+    evs.push(NewEvent::for_user(EventType::LoginSucceeded, id, data));
+    record(&tx, caller, &ctx, &evs).await?;
+    tx.commit().await?;
+    Ok((result, Some(user)))
+}
+
+pub async fn change_password(
+    pool: &Pool,
+    hasher: &Hasher,
+    settings: &PasswordSettings,
+    caller: &Caller,
+    id: Uuid,
+    current_password: String,
+    new_password: String,
+) -> Result<User> {
+    let found = {
+        let client = db::client(pool).await?;
+        store::credentials(&client, caller.project_id, &Login::Id(id))
+            .await?
+            .ok_or_else(|| not_found(id))?
+    };
+    let state_error = |r: SignInResult| match r {
+        SignInResult::Blocked => precondition("USER_BLOCKED", "the user is blocked"),
+        SignInResult::Deactivated => precondition("USER_DEACTIVATED", "the user is deactivated"),
+        _ => precondition(
+            "USER_LOCKED",
+            "the user is locked after too many failed attempts",
+        ),
+    };
+    if let Some(r) = refusal(&found, Utc::now()) {
+        return Err(state_error(r));
+    }
+    let Some(hash) = found.hash.clone() else {
+        return Err(precondition(
+            "NO_PASSWORD",
+            "the user has no password; use SetPassword",
+        ));
+    };
+    let new = NewPassword::Plain(new_password);
+    check_personal(&found.user, &new, "new_password")?;
+    let verified = hasher.verify(current_password, Some(hash.clone())).await?;
+    let new_hash = if verified.ok {
+        Some(hash_of(hasher, &new).await?)
+    } else {
+        None
+    };
+
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    let current = store::credentials_for_update(&tx, caller.project_id, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    if let Some(r) = refusal(&current, Utc::now()) {
+        return Err(state_error(r));
+    }
+    if current.hash.as_deref() != Some(hash.as_str()) {
+        return Err(Error::EtagMismatch { resource: USER });
+    }
+    let Some(new_hash) = new_hash else {
+        // A wrong current password is a failed sign-in: otherwise this RPC would be a way
+        // around the lockout.
+        let ctx = EventContext::from_caller(caller);
+        count_failure(&tx, caller, &ctx, settings, &current, "ChangePassword").await?;
+        tx.commit().await?;
+        return Err(Error::invalid(
+            "current_password",
+            "is not the user's current password",
+        ));
+    };
+    check_personal(&current.user, &new, "new_password")?;
+    let updated = store::set_password(&tx, caller.project_id, id, Some(&new_hash), false).await?;
+    let ev = NewEvent::for_user(
+        EventType::PasswordChanged,
+        id,
+        json!({ "format": "argon2id" }),
+    );
+    record(&tx, caller, &EventContext::from_caller(caller), &[ev]).await?;
+    tx.commit().await?;
+    Ok(updated)
+}
+
+fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// Whether `token` has the shape of a reset token (checked before any lookup).
+pub fn is_reset_token(token: &str) -> bool {
+    token.strip_prefix(RESET_TOKEN_PREFIX).is_some_and(|s| {
+        s.len() == RESET_TOKEN_SECRET_LEN
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
+}
+
+/// Makes a reset token for the user found by `login` (id or email); returns it and its expiry.
+pub async fn create_reset_token(
+    pool: &Pool,
+    caller: &Caller,
+    login: &Login,
+) -> Result<(String, DateTime<Utc>)> {
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    let found = store::credentials(&tx, caller.project_id, login).await?;
+    let Some(found) = found else {
+        let id = match login {
+            Login::Id(id) => id.to_string(),
+            Login::Key(crate::users::LookupKey::Email(e)) => format!("email={e}"),
+            Login::Key(_) => String::new(),
+        };
+        return Err(Error::not_found(USER, id));
+    };
+    let secret: [u8; 32] = rand::random();
+    let token = format!("{RESET_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
+    let expires_at = Utc::now() + Duration::minutes(RESET_TOKEN_TTL_MINUTES);
+    let id = found.user.id;
+    store::insert_reset_token(&tx, caller.project_id, id, &token_hash(&token), expires_at).await?;
+    let ev = NewEvent::for_user(
+        EventType::PasswordResetRequested,
+        id,
+        json!({ "expires_at": expires_at.to_rfc3339() }),
+    );
+    record(&tx, caller, &EventContext::from_caller(caller), &[ev]).await?;
+    tx.commit().await?;
+    Ok((token, expires_at))
+}
+
+fn token_error(description: &str) -> Error {
+    Error::invalid("token", description)
+}
+
+pub async fn reset_password(
+    pool: &Pool,
+    hasher: &Hasher,
+    caller: &Caller,
+    token: &str,
+    new_password: String,
+) -> Result<User> {
+    let hash = token_hash(token);
+    let unknown = || token_error("is unknown or was already used");
+    let expired = || token_error("has expired; request a new one");
+    let (user_id, expires_at) = {
+        let client = db::client(pool).await?;
+        store::find_reset_token(&client, caller.project_id, &hash)
+            .await?
+            .ok_or_else(unknown)?
+    };
+    if expires_at <= Utc::now() {
+        return Err(expired());
+    }
+    let user = get_user(pool, caller, user_id).await?;
+    let new = NewPassword::Plain(new_password);
+    check_personal(&user, &new, "new_password")?;
+    let new_hash = hash_of(hasher, &new).await?;
+
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    // Consuming the token row decides which of two concurrent resets wins.
+    let Some((user_id, expires_at)) =
+        store::take_reset_token(&tx, caller.project_id, &hash).await?
+    else {
+        return Err(unknown());
+    };
+    if expires_at <= Utc::now() {
+        return Err(expired());
+    }
+    let current = store::credentials_for_update(&tx, caller.project_id, user_id)
+        .await?
+        .ok_or_else(unknown)?;
+    check_personal(&current.user, &new, "new_password")?;
+    let lock_cleared = current.user.locked_until.is_some_and(|t| t > Utc::now());
+    let updated =
+        store::set_password(&tx, caller.project_id, user_id, Some(&new_hash), false).await?;
+    let ev = NewEvent::for_user(
+        EventType::PasswordReset,
+        user_id,
+        json!({ "format": "argon2id", "lock_cleared": lock_cleared }),
+    );
+    record(&tx, caller, &EventContext::from_caller(caller), &[ev]).await?;
+    tx.commit().await?;
+    Ok(updated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_token_shape() {
+        let t = format!("prt_{}", URL_SAFE_NO_PAD.encode([7u8; 32]));
+        assert!(is_reset_token(&t));
+        assert!(!is_reset_token("prt_short"));
+        assert!(!is_reset_token(&t.replace("prt_", "rst_")));
+        assert!(!is_reset_token(&format!("{t}=")));
+    }
+}

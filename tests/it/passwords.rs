@@ -1,0 +1,1081 @@
+//! AuthenticatorService passwords: set, change, expire, verify (every result, lockout, rehash
+//! of legacy hashes), reset tokens; and that no secret leaves the service.
+use std::time::{Duration, Instant};
+
+use roster::config::ServerConfig;
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::harness::{Authenticators, TestApp, reason, violated_fields};
+use crate::{create_user, pb, user_with_email};
+
+use pb::VerifyPasswordResult as R;
+use pb::verify_password_request::Login;
+
+const PASSWORD: &str = "correct horse battery staple";
+
+/// The password every legacy fixture hash below was made from.
+const LEGACY_PASSWORD: &str = "legacy password 1";
+
+/// Known hashes of `LEGACY_PASSWORD` made by the reference crates (argon2, pbkdf2, scrypt,
+/// bcrypt) and checked independently with Python's argon2-cffi, bcrypt and hashlib.
+const LEGACY_HASHES: &[(&str, &str)] = &[
+    (
+        "argon2id",
+        // Weaker than the current parameters (m=4096, t=1): upgraded like a legacy format.
+        "$argon2id$v=19$m=4096,t=1,p=1$cm9zdGVyLWZpeHR1cmUtc2FsdA$ofXGEmfS3J4FGek5tGGqnH+36jXUZTjD7SOZ9ptg79U",
+    ),
+    (
+        "argon2i",
+        "$argon2i$v=19$m=8192,t=2,p=1$cm9zdGVyLWZpeHR1cmUtc2FsdA$NxcmrVvXp7kpM0nxOjIbcL4AklY2rx7DCvYqERAkpaM",
+    ),
+    (
+        "argon2d",
+        "$argon2d$v=19$m=8192,t=2,p=1$cm9zdGVyLWZpeHR1cmUtc2FsdA$LxaBfuMvRT3nBy69vEpqGvygCarbgfuCRLSWvNo0GGs",
+    ),
+    (
+        "pbkdf2-sha256",
+        "$pbkdf2-sha256$i=10000,l=32$cm9zdGVyLWZpeHR1cmUtc2FsdA$0eTh98cQukJfJywAmG0zTSii/vK62ORKvEfYXR+NM+4",
+    ),
+    (
+        "pbkdf2-sha512",
+        "$pbkdf2-sha512$i=10000,l=64$cm9zdGVyLWZpeHR1cmUtc2FsdA$dpFQF4wAr9MN8iTevjvU6liMzW5C/yYU8122B5V+SKqoStQa62Lsm+EkiE1Y5/nm8rHwWCoegPIJmkY0SbZsVQ",
+    ),
+    (
+        "scrypt",
+        "$scrypt$ln=10,r=8,p=1$cm9zdGVyLWZpeHR1cmUtc2FsdA$ly39Byjh1alWA0zXTETO+sZH91tCTx6skWCbtz5IfV4",
+    ),
+    (
+        "bcrypt",
+        "$2b$06$ak7xbETwJUXncFPzakSfGOhYLQ0XwO60H/0gyPM.iWJiovVXU9YK2",
+    ),
+    (
+        "bcrypt",
+        "$2a$06$ak7xbETwJUXncFPzakSfGOhYLQ0XwO60H/0gyPM.iWJiovVXU9YK2",
+    ),
+    (
+        "bcrypt",
+        "$2y$06$ak7xbETwJUXncFPzakSfGOhYLQ0XwO60H/0gyPM.iWJiovVXU9YK2",
+    ),
+];
+
+/// Creates a user with an email, a username, a phone number and `PASSWORD`.
+async fn user_with_password(app: &TestApp, email: &str) -> pb::User {
+    let local = email.split('@').next().unwrap_or(email);
+    app.users()
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: email.into(),
+                username: format!("{local}_name"),
+                ..Default::default()
+            }),
+            initial_password: Some(pb::create_user_request::InitialPassword::Password(
+                PASSWORD.into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+}
+
+async fn verify(
+    a: &mut Authenticators,
+    login: Login,
+    password: &str,
+) -> pb::VerifyPasswordResponse {
+    a.verify_password(pb::VerifyPasswordRequest {
+        login: Some(login),
+        password: password.into(),
+        ip: "203.0.113.7".into(),
+        user_agent: "Mozilla/5.0 (test)".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn result(r: &pb::VerifyPasswordResponse) -> R {
+    R::try_from(r.result).unwrap()
+}
+
+fn email(e: &str) -> Login {
+    Login::Email(e.into())
+}
+
+async fn stored_hash(app: &TestApp, id: &str) -> String {
+    let id = Uuid::parse_str(id).unwrap();
+    app.sql_one("SELECT password_hash FROM users WHERE id = $1", &[&id])
+        .await
+}
+
+async fn failed_logins(app: &TestApp, id: &str) -> i32 {
+    let id = Uuid::parse_str(id).unwrap();
+    app.sql_one("SELECT failed_logins FROM users WHERE id = $1", &[&id])
+        .await
+}
+
+fn types(events: &[(String, serde_json::Value, Option<Uuid>, Option<String>)]) -> Vec<&str> {
+    events.iter().map(|e| e.0.as_str()).collect()
+}
+
+async fn spawn_with_lockout(threshold: u32, secs: u64) -> TestApp {
+    TestApp::spawn_with(ServerConfig {
+        key_cache_ms: 50,
+        lockout_threshold: threshold,
+        lockout_secs: secs,
+        ..ServerConfig::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn verify_password_by_each_login_and_its_bookkeeping() {
+    let app = TestApp::spawn().await;
+    let mut a = app.authenticators();
+    let mut users = app.users();
+    let created = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: "Ada@Example.com".into(),
+                username: "ada".into(),
+                phone_number: "+14155550123".into(),
+                ..Default::default()
+            }),
+            initial_password: Some(pb::create_user_request::InitialPassword::Password(
+                PASSWORD.into(),
+            )),
+            pending: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(created.status, pb::UserStatus::PendingVerification as i32);
+
+    let ok = verify(&mut a, email("ada@EXAMPLE.com"), PASSWORD).await;
+    assert_eq!(result(&ok), R::Ok);
+    let user = ok.user.unwrap();
+    assert_eq!(user.id, created.id);
+    assert_eq!(user.login_count, 1);
+    assert_eq!(user.last_login_ip, "203.0.113.7");
+    assert!(user.last_login_at.is_some());
+    // The first successful sign-in activates a pending user.
+    assert_eq!(user.status, pb::UserStatus::Active as i32);
+
+    for login in [
+        Login::Username("ADA".into()),
+        Login::PhoneNumber("+14155550123".into()),
+        Login::UserId(created.id.clone()),
+    ] {
+        let r = verify(&mut a, login.clone(), PASSWORD).await;
+        assert_eq!(result(&r), R::Ok, "{login:?}");
+    }
+    let got = users
+        .get_user(pb::GetUserRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(got.login_count, 4);
+
+    let evs = app.events_of(&created.id).await;
+    let succeeded: Vec<_> = evs.iter().filter(|e| e.0 == "LOGIN_SUCCEEDED").collect();
+    assert_eq!(succeeded.len(), 4);
+    assert_eq!(succeeded[0].1["activated"], true);
+    // The end user's address from the request is what the events record.
+    let client = app.pool.get().await.unwrap();
+    let ip: Option<String> = client
+        .query_one(
+            "SELECT ip FROM events WHERE type = 'LOGIN_SUCCEEDED' LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ip.as_deref(), Some("203.0.113.7"));
+}
+
+#[tokio::test]
+async fn wrong_and_unknown_logins_are_indistinguishable() {
+    let app = TestApp::spawn().await;
+    let mut a = app.authenticators();
+    let user = user_with_password(&app, "grace@example.com").await;
+    let wrong = verify(&mut a, email("grace@example.com"), "not the password").await;
+    let unknown = verify(&mut a, email("nobody@example.com"), "not the password").await;
+    assert_eq!(wrong, unknown);
+    assert_eq!(result(&wrong), R::InvalidCredentials);
+    assert!(wrong.user.is_none());
+
+    // A user without a password answers the same.
+    let mut users = app.users();
+    let social = create_user(&mut users, "social@example.com").await;
+    let r = verify(&mut a, Login::UserId(social.id.clone()), PASSWORD).await;
+    assert_eq!(r, unknown);
+    assert_eq!(failed_logins(&app, &social.id).await, 0);
+    assert_eq!(
+        types(&app.events_of(&social.id).await),
+        ["USER_CREATED", "LOGIN_FAILED"]
+    );
+
+    // Each attempt is on the record; the unknown one without a user.
+    assert_eq!(
+        types(&app.events_of(&user.id).await),
+        ["USER_CREATED", "LOGIN_FAILED"]
+    );
+    let orphans: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM events WHERE type = 'LOGIN_FAILED' AND user_id IS NULL",
+            &[],
+        )
+        .await;
+    assert_eq!(orphans, 1);
+}
+
+#[tokio::test]
+async fn unknown_login_costs_the_same_time_as_a_wrong_password() {
+    let app = TestApp::spawn().await;
+    let mut a = app.authenticators();
+    user_with_password(&app, "timing@example.com").await;
+    // Warm up connections and the hashing pool.
+    verify(&mut a, email("timing@example.com"), "warm up guess").await;
+    let mut known = Vec::new();
+    let mut unknown = Vec::new();
+    for i in 0..7 {
+        let t = Instant::now();
+        let r = verify(
+            &mut a,
+            email("timing@example.com"),
+            &format!("wrong guess {i}"),
+        )
+        .await;
+        known.push(t.elapsed());
+        assert_eq!(result(&r), R::InvalidCredentials);
+        let t = Instant::now();
+        let r = verify(
+            &mut a,
+            email(&format!("nobody{i}@example.com")),
+            "wrong guess",
+        )
+        .await;
+        unknown.push(t.elapsed());
+        assert_eq!(result(&r), R::InvalidCredentials);
+    }
+    known.sort();
+    unknown.sort();
+    let (k, u) = (known[3].as_secs_f64(), unknown[3].as_secs_f64());
+    // Without the dummy hash an unknown login answers in about a millisecond, tens of times
+    // faster than an argon2id check; with it the medians are within noise of each other.
+    let ratio = u / k;
+    assert!(
+        (0.6..1.6).contains(&ratio),
+        "unknown {u:.4}s vs wrong password {k:.4}s (ratio {ratio:.2})"
+    );
+}
+
+#[tokio::test]
+async fn blocked_and_deactivated_users_get_their_result_whatever_the_password() {
+    let app = TestApp::spawn().await;
+    let mut a = app.authenticators();
+    let mut users = app.users();
+    let blocked = user_with_password(&app, "blocked@example.com").await;
+    users
+        .block_user(pb::BlockUserRequest {
+            id: blocked.id.clone(),
+            reason: "fraud".into(),
+        })
+        .await
+        .unwrap();
+    let deact = user_with_password(&app, "gone@example.com").await;
+    users
+        .deactivate_user(pb::DeactivateUserRequest {
+            id: deact.id.clone(),
+        })
+        .await
+        .unwrap();
+    for (login, expected) in [
+        ("blocked@example.com", R::Blocked),
+        ("gone@example.com", R::Deactivated),
+    ] {
+        let right = verify(&mut a, email(login), PASSWORD).await;
+        let wrong = verify(&mut a, email(login), "wrong password!").await;
+        assert_eq!(right, wrong, "{login}");
+        assert_eq!(result(&right), expected);
+        assert!(right.user.is_none());
+    }
+    // Refusals are not counted as password failures.
+    assert_eq!(failed_logins(&app, &blocked.id).await, 0);
+}
+
+#[tokio::test]
+async fn expired_and_temporary_passwords_require_a_change() {
+    let app = TestApp::spawn().await;
+    let mut a = app.authenticators();
+    let user = user_with_password(&app, "temp@example.com").await;
+    let expired = a
+        .expire_password(pb::ExpirePasswordRequest {
+            user_id: user.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert!(expired.require_password_change);
+    assert_ne!(expired.etag, user.etag);
+    // Expiring again changes nothing and records nothing more.
+    a.expire_password(pb::ExpirePasswordRequest {
+        user_id: user.id.clone(),
+    })
+    .await
+    .unwrap();
+
+    let r = verify(&mut a, email("temp@example.com"), PASSWORD).await;
+    assert_eq!(result(&r), R::PasswordChangeRequired);
+    let u = r.user.unwrap();
+    assert_eq!(u.login_count, 0, "not a completed sign-in");
+    // A wrong password still answers INVALID_CREDENTIALS: the result reveals nothing.
+    let r = verify(&mut a, email("temp@example.com"), "wrong password!").await;
+    assert_eq!(result(&r), R::InvalidCredentials);
+
+    let changed = a
+        .change_password(pb::ChangePasswordRequest {
+            user_id: user.id.clone(),
+            current_password: PASSWORD.into(),
+            new_password: "a brand new passphrase".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert!(!changed.require_password_change);
+    let r = verify(&mut a, email("temp@example.com"), "a brand new passphrase").await;
+    assert_eq!(result(&r), R::Ok);
+
+    // SetPassword with require_change makes a temporary password.
+    a.set_password(pb::SetPasswordRequest {
+        user_id: user.id.clone(),
+        new_password: Some(pb::set_password_request::NewPassword::Password(
+            "temporary passphrase 42".into(),
+        )),
+        require_change: true,
+    })
+    .await
+    .unwrap();
+    let r = verify(&mut a, email("temp@example.com"), "temporary passphrase 42").await;
+    assert_eq!(result(&r), R::PasswordChangeRequired);
+
+    let evs = types(&app.events_of(&user.id).await).join(",");
+    assert!(
+        evs.contains("PASSWORD_EXPIRED,LOGIN_SUCCEEDED,LOGIN_FAILED,PASSWORD_CHANGED"),
+        "{evs}"
+    );
+    assert_eq!(evs.matches("PASSWORD_EXPIRED").count(), 1);
+
+    // A user without a password cannot have it expired.
+    let mut users = app.users();
+    let none = create_user(&mut users, "nopass@example.com").await;
+    let err = a
+        .expire_password(pb::ExpirePasswordRequest { user_id: none.id })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&err), "NO_PASSWORD");
+}
+
+#[tokio::test]
+async fn every_legacy_format_verifies_and_is_upgraded_to_argon2id() {
+    let app = TestApp::spawn().await;
+    let mut a = app.authenticators();
+    let mut users = app.users();
+    for (i, (format, hash)) in LEGACY_HASHES.iter().enumerate() {
+        let mail = format!("legacy{i}@example.com");
+        let user = users
+            .create_user(pb::CreateUserRequest {
+                user: Some(user_with_email(&mail)),
+                initial_password: Some(pb::create_user_request::InitialPassword::PasswordHash(
+                    hash.to_string(),
+                )),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap();
+        // A wrong password neither passes nor touches the stored hash.
+        let r = verify(&mut a, email(&mail), "not the legacy one").await;
+        assert_eq!(result(&r), R::InvalidCredentials, "{format}");
+        assert_eq!(stored_hash(&app, &user.id).await, *hash);
+
+        let r = verify(&mut a, email(&mail), LEGACY_PASSWORD).await;
+        assert_eq!(result(&r), R::Ok, "{format} {hash}");
+        let upgraded = stored_hash(&app, &user.id).await;
+        assert!(
+            upgraded.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{format}: {upgraded}"
+        );
+        let evs = app.events_of(&user.id).await;
+        let rehashed: Vec<_> = evs.iter().filter(|e| e.0 == "PASSWORD_REHASHED").collect();
+        assert_eq!(rehashed.len(), 1, "{format}");
+        assert_eq!(rehashed[0].1["from"], *format);
+        assert_eq!(rehashed[0].1["to"], "argon2id");
+
+        // The new hash works, and is current: no second upgrade.
+        let r = verify(&mut a, email(&mail), LEGACY_PASSWORD).await;
+        assert_eq!(result(&r), R::Ok, "{format} after upgrade");
+        assert_eq!(stored_hash(&app, &user.id).await, upgraded);
+    }
+    let rehashes: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM events WHERE type = 'PASSWORD_REHASHED'",
+            &[],
+        )
+        .await;
+    assert_eq!(rehashes, LEGACY_HASHES.len() as i64);
+}
+
+#[tokio::test]
+async fn hashes_with_costs_beyond_the_bounds_are_refused() {
+    let app = TestApp::spawn().await;
+    let mut a = app.authenticators();
+    let mut users = app.users();
+    let user = create_user(&mut users, "costly@example.com").await;
+    for hash in [
+        "$2b$20$ak7xbETwJUXncFPzakSfGOhYLQ0XwO60H/0gyPM.iWJiovVXU9YK2",
+        "$argon2id$v=19$m=2097152,t=2,p=1$cm9zdGVyLWZpeHR1cmUtc2FsdA$ofXGEmfS3J4FGek5tGGqnH+36jXUZTjD7SOZ9ptg79U",
+        "$scrypt$ln=24,r=8,p=1$cm9zdGVyLWZpeHR1cmUtc2FsdA$ly39Byjh1alWA0zXTETO+sZH91tCTx6skWCbtz5IfV4",
+        "$md5$rounds=5000$salt$hash",
+        "5f4dcc3b5aa765d61d8327deb882cf99",
+    ] {
+        let err = a
+            .set_password(pb::SetPasswordRequest {
+                user_id: user.id.clone(),
+                new_password: Some(pb::set_password_request::NewPassword::PasswordHash(
+                    hash.into(),
+                )),
+                require_change: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{hash}");
+        assert_eq!(violated_fields(&err), ["password_hash"], "{hash}");
+    }
+    let err = a
+        .set_password(pb::SetPasswordRequest {
+            user_id: user.id.clone(),
+            new_password: Some(pb::set_password_request::NewPassword::PasswordHash(
+                "$md5$x$y".into(),
+            )),
+            require_change: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("bcrypt"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn current_argon2id_hashes_are_not_rehashed() {
+    let app = TestApp::spawn().await;
+    let mut a = app.authenticators();
+    let user = user_with_password(&app, "current@example.com").await;
+    let before = stored_hash(&app, &user.id).await;
+    assert!(before.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+    let r = verify(&mut a, email("current@example.com"), PASSWORD).await;
+    assert_eq!(result(&r), R::Ok);
+    assert_eq!(stored_hash(&app, &user.id).await, before);
+    assert!(!types(&app.events_of(&user.id).await).contains(&"PASSWORD_REHASHED"));
+}
+
+#[tokio::test]
+async fn consecutive_failures_lock_the_account_until_unblocked() {
+    let app = spawn_with_lockout(3, 900).await;
+    let mut a = app.authenticators();
+    let mut users = app.users();
+    let user = user_with_password(&app, "locked@example.com").await;
+    let login = || email("locked@example.com");
+
+    // A success in between starts the count again.
+    for _ in 0..2 {
+        assert_eq!(
+            result(&verify(&mut a, login(), "wrong one!").await),
+            R::InvalidCredentials
+        );
+    }
+    assert_eq!(result(&verify(&mut a, login(), PASSWORD).await), R::Ok);
+    assert_eq!(failed_logins(&app, &user.id).await, 0);
+
+    for _ in 0..2 {
+        assert_eq!(
+            result(&verify(&mut a, login(), "wrong one!").await),
+            R::InvalidCredentials
+        );
+    }
+    let third = verify(&mut a, login(), "wrong one!").await;
+    assert_eq!(result(&third), R::Locked);
+    let until = third.locked_until.expect("locked_until on LOCKED");
+    let now = chrono::Utc::now().timestamp();
+    assert!(
+        (now + 890..=now + 910).contains(&until.seconds),
+        "{until:?}"
+    );
+
+    // While locked even the right password is refused, and nothing more is counted.
+    let r = verify(&mut a, login(), PASSWORD).await;
+    assert_eq!(result(&r), R::Locked);
+    assert!(r.user.is_none());
+    let got = users
+        .get_user(pb::GetUserRequest {
+            id: user.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(got.locked_until.map(|t| t.seconds), Some(until.seconds));
+
+    let evs = app.events_of(&user.id).await;
+    let t = types(&evs);
+    // Five wrong passwords and one attempt refused while locked.
+    let failed: Vec<_> = evs.iter().filter(|e| e.0 == "LOGIN_FAILED").collect();
+    assert_eq!(failed.len(), 6, "{t:?}");
+    assert_eq!(failed[5].1["reason"], "USER_LOCKED");
+    let locked: Vec<_> = evs.iter().filter(|e| e.0 == "USER_LOCKED_OUT").collect();
+    assert_eq!(locked.len(), 1);
+    assert_eq!(locked[0].1["consecutive_failures"], 3);
+
+    // UnblockUser clears the lock.
+    users
+        .unblock_user(pb::UnblockUserRequest {
+            id: user.id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(result(&verify(&mut a, login(), PASSWORD).await), R::Ok);
+}
+
+#[tokio::test]
+async fn a_lock_ends_by_itself() {
+    let app = spawn_with_lockout(2, 1).await;
+    let mut a = app.authenticators();
+    user_with_password(&app, "brief@example.com").await;
+    let login = || email("brief@example.com");
+    verify(&mut a, login(), "wrong one!").await;
+    assert_eq!(
+        result(&verify(&mut a, login(), "wrong one!").await),
+        R::Locked
+    );
+    assert_eq!(result(&verify(&mut a, login(), PASSWORD).await), R::Locked);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(result(&verify(&mut a, login(), PASSWORD).await), R::Ok);
+}
+
+#[tokio::test]
+async fn parallel_wrong_attempts_are_all_counted() {
+    let app = spawn_with_lockout(10, 900).await;
+    let user = user_with_password(&app, "race@example.com").await;
+    let attempts = (0..8).map(|i| {
+        let mut a = app.authenticators();
+        async move {
+            verify(
+                &mut a,
+                email("race@example.com"),
+                &format!("guess number {i}"),
+            )
+            .await
+        }
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    assert!(results.iter().all(|r| result(r) == R::InvalidCredentials));
+    assert_eq!(failed_logins(&app, &user.id).await, 8);
+
+    // Two more at once: exactly the tenth locks.
+    let attempts = (0..2).map(|i| {
+        let mut a = app.authenticators();
+        async move {
+            verify(
+                &mut a,
+                email("race@example.com"),
+                &format!("last guess {i}"),
+            )
+            .await
+        }
+    });
+    let results: Vec<R> = futures_util::future::join_all(attempts)
+        .await
+        .iter()
+        .map(result)
+        .collect();
+    assert!(results.contains(&R::Locked), "{results:?}");
+    let lockouts: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM events WHERE type = 'USER_LOCKED_OUT'",
+            &[],
+        )
+        .await;
+    assert_eq!(lockouts, 1);
+}
+
+#[tokio::test]
+async fn set_password_checks_the_policy_and_records_no_secret() {
+    let app = TestApp::spawn().await;
+    let mut a = app.authenticators();
+    let mut users = app.users();
+    let user = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: "policy.person@example.com".into(),
+                username: "policy_person".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert!(!user.has_password);
+    let set = |p: &str| pb::SetPasswordRequest {
+        user_id: user.id.clone(),
+        new_password: Some(pb::set_password_request::NewPassword::Password(p.into())),
+        require_change: false,
+    };
+    for (bad, says) in [
+        ("short", "at least 8"),
+        ("password123", "common"),
+        ("Baseball1", "common"),
+        ("policy.person@example.com", "own"),
+        ("POLICY_PERSON", "own"),
+    ] {
+        let err = a.set_password(set(bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
+        assert_eq!(violated_fields(&err), ["password"], "{bad}");
+        assert!(err.message().contains(says), "{bad}: {}", err.message());
+    }
+    let long = "ü".repeat(1025);
+    let err = a.set_password(set(&long)).await.unwrap_err();
+    assert!(err.message().contains("at most 1024"));
+
+    let updated = a
+        .set_password(set(PASSWORD))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert!(updated.has_password);
+    assert!(updated.password_changed_at.is_some());
+    assert_eq!(
+        updated.enrolled_methods,
+        [pb::AuthenticatorType::Password as i32]
+    );
+    let evs = app.events_of(&user.id).await;
+    let set_ev = evs.iter().find(|e| e.0 == "PASSWORD_SET").unwrap();
+    assert_eq!(set_ev.1["format"], "argon2id");
+    assert_eq!(set_ev.1["require_change"], false);
+
+    // An unknown user and a malformed id.
+    let err = a
+        .set_password(pb::SetPasswordRequest {
+            user_id: Uuid::now_v7().to_string(),
+            ..set(PASSWORD)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = a
+        .set_password(pb::SetPasswordRequest {
+            user_id: "not-a-uuid".into(),
+            new_password: None,
+            require_change: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["password", "user_id"]);
+
+    // CreateUser applies the same policy.
+    let err = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("new.person@example.com")),
+            initial_password: Some(pb::create_user_request::InitialPassword::Password(
+                "new.person@example.com".into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["password"]);
+}
+
+#[tokio::test]
+async fn change_password_checks_the_current_one_and_counts_failures() {
+    let app = spawn_with_lockout(2, 900).await;
+    let mut a = app.authenticators();
+    let user = user_with_password(&app, "changer@example.com").await;
+    let change = |current: &str, new: &str| pb::ChangePasswordRequest {
+        user_id: user.id.clone(),
+        current_password: current.into(),
+        new_password: new.into(),
+    };
+    let err = a
+        .change_password(change(PASSWORD, PASSWORD))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["new_password"]);
+    let err = a.change_password(change("", "12345678")).await.unwrap_err();
+    assert_eq!(violated_fields(&err), ["current_password", "new_password"]);
+
+    let err = a
+        .change_password(change("not my password", "another passphrase"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), ["current_password"]);
+    assert_eq!(failed_logins(&app, &user.id).await, 1);
+    let evs = app.events_of(&user.id).await;
+    let failed = evs.iter().find(|e| e.0 == "LOGIN_FAILED").unwrap();
+    assert_eq!(failed.1["via"], "ChangePassword");
+
+    let ok = a
+        .change_password(change(PASSWORD, "another passphrase"))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert!(ok.has_password);
+    assert_eq!(failed_logins(&app, &user.id).await, 0);
+    let r = verify(&mut a, email("changer@example.com"), PASSWORD).await;
+    assert_eq!(
+        result(&r),
+        R::InvalidCredentials,
+        "the old password is gone"
+    );
+    let r = verify(&mut a, email("changer@example.com"), "another passphrase").await;
+    assert_eq!(result(&r), R::Ok);
+
+    // Two wrong current passwords lock the account like two wrong sign-ins.
+    for _ in 0..2 {
+        let _ = a
+            .change_password(change("wrong again", "third passphrase"))
+            .await;
+    }
+    let err = a
+        .change_password(change("another passphrase", "third passphrase"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&err), "USER_LOCKED");
+
+    let mut users = app.users();
+    let none = create_user(&mut users, "nopassword@example.com").await;
+    let err = a
+        .change_password(pb::ChangePasswordRequest {
+            user_id: none.id,
+            current_password: "whatever it is".into(),
+            new_password: "another passphrase".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "NO_PASSWORD");
+}
+
+#[tokio::test]
+async fn reset_tokens_work_once_expire_and_void_the_others() {
+    let app = spawn_with_lockout(1, 900).await;
+    let mut a = app.authenticators();
+    let user = user_with_password(&app, "reset@example.com").await;
+    let token_for = |login| pb::CreatePasswordResetTokenRequest { login: Some(login) };
+    use pb::create_password_reset_token_request::Login as TL;
+
+    let first = a
+        .create_password_reset_token(token_for(TL::Email("RESET@example.com".into())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.token.starts_with("prt_"));
+    let expires = first.expires_at.unwrap().seconds - chrono::Utc::now().timestamp();
+    assert!((1790..=1800).contains(&expires), "{expires}");
+    let second = a
+        .create_password_reset_token(token_for(TL::UserId(user.id.clone())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(first.token, second.token);
+
+    // Only a hash is stored.
+    let stored: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM password_reset_tokens WHERE position($1 in encode(token_hash, 'escape')) > 0",
+            &[&first.token],
+        )
+        .await;
+    assert_eq!(stored, 0);
+
+    // Lock the account; a reset also ends the lock.
+    let r = verify(&mut a, email("reset@example.com"), "wrong password!").await;
+    assert_eq!(result(&r), R::Locked);
+
+    let reset = |token: &str, p: &str| pb::ResetPasswordRequest {
+        token: token.into(),
+        new_password: p.into(),
+    };
+    let err = a
+        .reset_password(reset(&first.token, "password1"))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["new_password"]);
+    let done = a
+        .reset_password(reset(&first.token, "fresh start passphrase"))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert!(done.locked_until.is_none());
+    let r = verify(&mut a, email("reset@example.com"), "fresh start passphrase").await;
+    assert_eq!(result(&r), R::Ok);
+
+    // Used once; the other token was voided by the reset.
+    for t in [&first.token, &second.token] {
+        let err = a
+            .reset_password(reset(t, "yet another passphrase"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(violated_fields(&err), ["token"]);
+        assert!(err.message().contains("unknown or was already used"));
+    }
+
+    // Expiry.
+    let third = a
+        .create_password_reset_token(token_for(TL::UserId(user.id.clone())))
+        .await
+        .unwrap()
+        .into_inner();
+    app.pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE password_reset_tokens SET expires_at = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let err = a
+        .reset_password(reset(&third.token, "yet another passphrase"))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("expired"), "{}", err.message());
+
+    // Malformed tokens and unknown users.
+    let err = a
+        .reset_password(reset("rst_not_a_reset_token", "yet another passphrase"))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["token"]);
+    let err = a
+        .create_password_reset_token(token_for(TL::Email("nobody@example.com".into())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    let t = types(&app.events_of(&user.id).await).join(",");
+    assert_eq!(t.matches("PASSWORD_RESET_REQUESTED").count(), 3);
+    assert_eq!(t.split(',').filter(|t| *t == "PASSWORD_RESET").count(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_uses_of_one_reset_token_exactly_one_wins() {
+    let app = TestApp::spawn().await;
+    let user = user_with_password(&app, "twice@example.com").await;
+    let token = app
+        .authenticators()
+        .create_password_reset_token(pb::CreatePasswordResetTokenRequest {
+            login: Some(pb::create_password_reset_token_request::Login::UserId(
+                user.id.clone(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let uses = (0..4).map(|i| {
+        let mut a = app.authenticators();
+        let token = token.clone();
+        async move {
+            a.reset_password(pb::ResetPasswordRequest {
+                token,
+                new_password: format!("racing passphrase {i}"),
+            })
+            .await
+        }
+    });
+    let results = futures_util::future::join_all(uses).await;
+    let wins = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(wins, 1, "{results:?}");
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(r.code(), Code::InvalidArgument);
+    }
+}
+
+#[tokio::test]
+async fn verify_password_validates_its_request() {
+    let app = TestApp::spawn().await;
+    let mut a = app.authenticators();
+    let err = a
+        .verify_password(pb::VerifyPasswordRequest {
+            login: None,
+            password: String::new(),
+            ip: "999.1.1.1".into(),
+            user_agent: "bad\u{7}agent".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        violated_fields(&err),
+        ["ip", "login", "password", "user_agent"]
+    );
+    let err = a
+        .verify_password(pb::VerifyPasswordRequest {
+            login: Some(Login::UserId("nope".into())),
+            password: "x".repeat(1025),
+            ip: "2001:db8::1".into(),
+            user_agent: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["password", "user_id"]);
+
+    // Verifying needs authenticators.verify; users.read is not enough.
+    let token = app.key(&["users.read"]).await;
+    let mut weak =
+        roster::pb::v1::authenticator_service_client::AuthenticatorServiceClient::with_interceptor(
+            app.channel.clone(),
+            crate::harness::key(Some(&token)),
+        );
+    let err = weak
+        .verify_password(pb::VerifyPasswordRequest {
+            login: Some(email("a@example.com")),
+            password: PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn passwords_hashes_and_tokens_never_leave_the_service() {
+    let app = spawn_with_lockout(3, 900).await;
+    let mut a = app.authenticators();
+    let mut users = app.users();
+    let user = user_with_password(&app, "secret@example.com").await;
+    let legacy = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("legacy.secret@example.com")),
+            initial_password: Some(pb::create_user_request::InitialPassword::PasswordHash(
+                LEGACY_HASHES[6].1.into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let mut responses = Vec::new();
+    responses.push(format!(
+        "{:?}",
+        verify(&mut a, email("secret@example.com"), PASSWORD).await
+    ));
+    responses.push(format!(
+        "{:?}",
+        verify(&mut a, email("legacy.secret@example.com"), LEGACY_PASSWORD).await
+    ));
+    for _ in 0..3 {
+        responses.push(format!(
+            "{:?}",
+            verify(&mut a, email("secret@example.com"), "a wrong guess 123").await
+        ));
+    }
+    let token = a
+        .create_password_reset_token(pb::CreatePasswordResetTokenRequest {
+            login: Some(pb::create_password_reset_token_request::Login::UserId(
+                user.id.clone(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let reset = a
+        .reset_password(pb::ResetPasswordRequest {
+            token: token.clone(),
+            new_password: "the reset passphrase".into(),
+        })
+        .await
+        .unwrap();
+    responses.push(format!("{reset:?}"));
+    let err = a
+        .reset_password(pb::ResetPasswordRequest {
+            token: token.clone(),
+            new_password: "the reset passphrase".into(),
+        })
+        .await
+        .unwrap_err();
+    responses.push(format!("{err:?}"));
+    responses.push(format!(
+        "{:?}",
+        users
+            .get_user(pb::GetUserRequest {
+                id: legacy.id.clone()
+            })
+            .await
+            .unwrap()
+    ));
+
+    let stored = [
+        stored_hash(&app, &user.id).await,
+        stored_hash(&app, &legacy.id).await,
+    ];
+    let events: Vec<String> = {
+        let client = app.pool.get().await.unwrap();
+        client
+            .query("SELECT data::text FROM events", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let secrets = [
+        PASSWORD,
+        LEGACY_PASSWORD,
+        "a wrong guess 123",
+        "the reset passphrase",
+        token.as_str(),
+        LEGACY_HASHES[6].1,
+        stored[0].as_str(),
+        stored[1].as_str(),
+        "$argon2",
+        "$2b$",
+    ];
+    for text in responses.iter().chain(events.iter()) {
+        for s in secrets {
+            assert!(!text.contains(s), "{s:?} leaked in {text}");
+        }
+    }
+}
