@@ -122,6 +122,31 @@ impl Engine {
     }
 }
 
+/// How much lower than the rest of the process hashing threads run (a nice value).
+const HASHING_NICENESS: i32 = 10;
+
+/// Lowers this thread's scheduling priority, once per thread: when argon2 saturates the
+/// cores, threads serving other RPCs (and PostgreSQL) still get the CPU as soon as they
+/// wake, so a sign-in flood costs everyone else little latency. Hashing loses nothing
+/// when nothing else wants the CPU. (On Linux the nice value is per thread. A blocking-pool
+/// thread keeps it for later blocking tasks, which are all background work here.)
+fn lower_thread_priority() {
+    thread_local! {
+        static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    LOWERED.with(|done| {
+        if !done.get() {
+            done.set(true);
+            // SAFETY: gettid has no preconditions; setpriority only reads its arguments.
+            // A failure (e.g. a seccomp filter) just leaves the priority as it was.
+            unsafe {
+                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                libc::setpriority(libc::PRIO_PROCESS, tid, HASHING_NICENESS);
+            }
+        }
+    });
+}
+
 /// Hashes and verifies passwords on a bounded pool off the async runtime.
 pub struct Hasher {
     permits: Arc<Semaphore>,
@@ -167,13 +192,17 @@ impl Hasher {
         &self,
         f: impl FnOnce(&Engine) -> anyhow::Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let queued = self.waiting.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.permits.available_permits() == 0 {
+            tracing::debug!(queue_depth = queued, "waiting for a hashing worker");
+        }
         let permit = self.permits.clone().acquire_owned().await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         let permit = permit.map_err(Error::internal)?;
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
+            lower_thread_priority();
             f(&engine)
         })
         .await

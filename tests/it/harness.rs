@@ -128,6 +128,12 @@ fn cluster() -> &'static Cluster {
 
 pub fn init_tracing() {
     static INIT: OnceLock<()> = OnceLock::new();
+    // An inert dispatcher kept alive for the whole run. With exactly one dispatcher alive
+    // (a test's scoped log capture), tracing-core evaluates a new callsite's interest against
+    // whichever thread registers it first, so another test's thread without a subscriber
+    // can disable it for the capture (tokio-rs/tracing#3611); two keep the general path.
+    static PIN: OnceLock<tracing::Dispatch> = OnceLock::new();
+    PIN.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
     INIT.get_or_init(|| {
         if std::env::var_os("TEST_LOG").is_some() {
             let _ = tracing_subscriber::fmt()

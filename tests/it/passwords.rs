@@ -977,8 +977,32 @@ async fn verify_password_validates_its_request() {
     assert_eq!(err.code(), Code::PermissionDenied);
 }
 
+/// Collects everything logged on this test's thread (the server runs on the test's
+/// current-thread runtime, so that is all of its request handling).
+#[derive(Clone, Default)]
+struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn passwords_hashes_and_tokens_never_leave_the_service() {
+    crate::harness::init_tracing();
+    let logs = LogCapture::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
     let app = spawn_with_lockout(3, 900).await;
     let mut a = app.authenticators();
     let mut users = app.users();
@@ -1073,7 +1097,12 @@ async fn passwords_hashes_and_tokens_never_leave_the_service() {
         "$argon2",
         "$2b$",
     ];
-    for text in responses.iter().chain(events.iter()) {
+    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+    assert!(
+        logged.contains("VerifyPassword"),
+        "the capture sees the server's logs"
+    );
+    for text in responses.iter().chain(events.iter()).chain([&logged]) {
         for s in secrets {
             assert!(!text.contains(s), "{s:?} leaked in {text}");
         }

@@ -1,0 +1,140 @@
+//! What every benchmark needs: a PostgreSQL (a private cluster from the installed binaries in
+//! a temporary directory, or `DATABASE_URL`), a migrated database with a project and an
+//! all-scopes key, and the real server on an ephemeral port. Benchmarks print figures; they
+//! never assert on timings.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use roster::config::ServerConfig;
+use roster::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+
+/// Puts the bench key on every call.
+#[derive(Clone)]
+pub struct Key(pub MetadataValue<Ascii>);
+
+impl Interceptor for Key {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub struct BenchEnv {
+    pub pool: roster::db::Pool,
+    pub url: String,
+    pub channel: Channel,
+    pub key: Key,
+    pub project_id: uuid::Uuid,
+    addr: std::net::SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    pg: Option<EmbeddedPostgres>,
+    dir: Option<std::path::PathBuf>,
+}
+
+impl BenchEnv {
+    pub async fn start(config: ServerConfig) -> BenchEnv {
+        let (url, pg, dir) = match std::env::var("DATABASE_URL") {
+            Ok(url) if !url.is_empty() => (url, None, None),
+            _ => {
+                let dir = std::env::temp_dir().join(format!("roster-bench-{}", std::process::id()));
+                let opts = EmbeddedOptions {
+                    dir: dir.clone(),
+                    unsafe_fast: false,
+                };
+                let pg = tokio::task::spawn_blocking(move || EmbeddedPostgres::start(&opts))
+                    .await
+                    .unwrap()
+                    .expect("starting PostgreSQL for the benchmark");
+                (pg.connection_string("postgres"), Some(pg), Some(dir))
+            }
+        };
+        let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        let conn = tokio::spawn(conn);
+        roster::db::migrate::migrate(&mut client)
+            .await
+            .expect("migrate");
+        drop(client);
+        let _ = conn.await;
+
+        let pool = roster::db::connect_pool(&url, 32, Duration::from_secs(10)).expect("pool");
+        let (project_id, token) = {
+            let client = pool.get().await.expect("db");
+            let name = format!("bench-{}", uuid::Uuid::now_v7().simple());
+            let p = roster::admin::create_project(&**client, &name)
+                .await
+                .expect("project");
+            let (_, token) = roster::admin::create_key(&**client, p.id, "bench", &["*".into()])
+                .await
+                .expect("key");
+            (p.id, token)
+        };
+        let app = roster::server::Application::build(
+            "127.0.0.1:0".parse().unwrap(),
+            pool.clone(),
+            config,
+        )
+        .await
+        .expect("build");
+        let addr = app.local_addr();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(app.run_until(async move {
+            let _ = rx.await;
+        }));
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the server");
+        BenchEnv {
+            pool,
+            url,
+            channel,
+            key: Key(format!("Bearer {token}").parse().unwrap()),
+            project_id,
+            addr,
+            shutdown: Some(tx),
+            pg,
+            dir,
+        }
+    }
+
+    /// A fresh HTTP/2 connection, so concurrent load is not serialised on one.
+    pub async fn new_channel(&self) -> Channel {
+        let uri = format!("http://{}", self.addr);
+        tonic::transport::Endpoint::from_shared(uri)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for BenchEnv {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(pg) = self.pg.take() {
+            pg.stop();
+        }
+        if let Some(dir) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Latency percentiles of a sample, in milliseconds.
+pub fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples[i].as_secs_f64() * 1000.0
+    };
+    (at(0.50), at(0.99))
+}
