@@ -90,6 +90,20 @@ pub struct ServerConfig {
     #[arg(long, env = "ROSTER_LOCKOUT_SECS", default_value_t = 900,
           value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     pub lockout_secs: u64,
+    /// Days events are kept; older ones are deleted in the background. 0 keeps them forever.
+    #[arg(long, env = "ROSTER_EVENT_RETENTION_DAYS", default_value_t = 90)]
+    pub event_retention_days: u32,
+    /// Seconds between two retention passes.
+    #[arg(
+        long,
+        env = "ROSTER_EVENT_RETENTION_INTERVAL_SECS",
+        default_value_t = 300
+    )]
+    pub event_retention_interval_secs: u64,
+    /// Milliseconds between two checks for new events when no notification arrives (event
+    /// streams wake on LISTEN/NOTIFY; this is the fallback).
+    #[arg(long, env = "ROSTER_EVENT_POLL_MS", default_value_t = 1000)]
+    pub event_poll_ms: u64,
     /// How long (milliseconds) a verified API key is cached; a revocation takes effect within
     /// this time.
     #[arg(long, env = "ROSTER_KEY_CACHE_MS", default_value_t = 2000)]
@@ -108,6 +122,9 @@ impl Default for ServerConfig {
             argon2_parallelism: 1,
             lockout_threshold: 10,
             lockout_secs: 900,
+            event_retention_days: 90,
+            event_retention_interval_secs: 300,
+            event_poll_ms: 1000,
             key_cache_ms: 2000,
             shutdown_grace_secs: 20,
         }

@@ -21,9 +21,12 @@ use crate::config::{ServeConfig, ServerConfig};
 use crate::crypto::Hasher;
 use crate::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
 use crate::db::{self, Pool};
+use crate::events::grpc::LogApi;
+use crate::events::retention;
+use crate::events::stream::EventFeed;
 use crate::pb::v1::authenticator_service_server::AuthenticatorServiceServer;
 use crate::pb::v1::identity_service_server::{IdentityService, IdentityServiceServer};
-use crate::pb::v1::log_service_server::{LogService, LogServiceServer};
+use crate::pb::v1::log_service_server::LogServiceServer;
 use crate::pb::v1::user_service_server::UserServiceServer;
 use crate::users::grpc::UserApi;
 
@@ -51,13 +54,15 @@ pub const SERVICE_NAMES: [&str; 4] = [
 struct NotYetImplemented;
 
 impl IdentityService for NotYetImplemented {}
-impl LogService for NotYetImplemented {}
 
 /// A bound, ready-to-run server.
 pub struct Application {
     listener: TcpListener,
     state: AppState,
     config: ServerConfig,
+    feed: Arc<EventFeed>,
+    /// Where the event listener connects; without it streams wake by polling only.
+    events_listen: Option<tokio_postgres::Config>,
 }
 
 impl Application {
@@ -83,7 +88,21 @@ impl Application {
                 passwords: config.password_settings(),
             },
             config,
+            feed: EventFeed::new(),
+            events_listen: None,
         })
+    }
+
+    /// Lets event streams wake on `LISTEN` over a connection made with `cfg` (besides
+    /// polling).
+    pub fn listen_for_events(mut self, cfg: tokio_postgres::Config) -> Self {
+        self.events_listen = Some(cfg);
+        self
+    }
+
+    /// The live event feed (to observe its subscribers).
+    pub fn event_feed(&self) -> Arc<EventFeed> {
+        self.feed.clone()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -101,6 +120,18 @@ impl Application {
     ) -> anyhow::Result<()> {
         let (reporter, health) = tonic_health::server::health_reporter();
         let watcher = tokio::spawn(watch_database(self.state.pool.clone(), reporter));
+        let horizon = self.feed.start(
+            self.state.pool.clone(),
+            self.events_listen.clone(),
+            Duration::from_millis(self.config.event_poll_ms.max(10)),
+        );
+        let retention = (self.config.event_retention_days > 0).then(|| {
+            tokio::spawn(retention::run(
+                self.state.pool.clone(),
+                Duration::from_secs(u64::from(self.config.event_retention_days) * 86_400),
+                Duration::from_secs(self.config.event_retention_interval_secs.max(1)),
+            ))
+        });
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
@@ -122,8 +153,8 @@ impl Application {
                 .max_decoding_message_size(MAX_REQUEST_BYTES);
         let identities = IdentityServiceServer::new(NotYetImplemented)
             .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let logs =
-            LogServiceServer::new(NotYetImplemented).max_decoding_message_size(MAX_REQUEST_BYTES);
+        let logs = LogServiceServer::new(LogApi::new(self.state.clone(), self.feed.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
 
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let in_flight = InFlight::default();
@@ -165,6 +196,12 @@ impl Application {
             _ = drained => Ok(()),
         };
         watcher.abort();
+        if let Some(h) = horizon {
+            h.abort();
+        }
+        if let Some(r) = retention {
+            r.abort();
+        }
         result
     }
 }
@@ -309,7 +346,9 @@ async fn serve_on(cfg: &ServeConfig, url: &str, embedded: bool) -> anyhow::Resul
         let mut client = db::client(&pool).await?;
         crate::db::migrate::migrate(&mut client).await?;
     }
-    let app = Application::build(cfg.listen, pool.clone(), cfg.server.clone()).await?;
+    let app = Application::build(cfg.listen, pool.clone(), cfg.server.clone())
+        .await?
+        .listen_for_events(db::pg_config(url, cfg.database.timeout())?);
     let addr = app.local_addr();
     if embedded {
         let key_file = ensure_dev_key(&pool, &cfg.database.data_dir).await?;

@@ -10,6 +10,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "password_reset",
         include_str!("migrations/0002_password_reset.sql"),
     ),
+    (
+        3,
+        "event_stream",
+        include_str!("migrations/0003_event_stream.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming Roster's migration lock.

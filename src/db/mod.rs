@@ -22,11 +22,7 @@ pub type Client = deadpool_postgres::Object;
 /// Builds a pool for `url` (a postgres:// URL or a key=value connection string). Connections
 /// are made lazily, so this succeeds even while the database is down.
 pub fn connect_pool(url: &str, size: usize, timeout: Duration) -> anyhow::Result<Pool> {
-    let mut pg = tokio_postgres::Config::from_str(url).context("parsing the database URL")?;
-    if pg.get_connect_timeout().is_none() {
-        pg.connect_timeout(timeout);
-    }
-    pg.application_name("roster");
+    let pg = pg_config(url, timeout)?;
     let manager = Manager::from_config(
         pg,
         tokio_postgres::NoTls,
@@ -42,6 +38,17 @@ pub fn connect_pool(url: &str, size: usize, timeout: Duration) -> anyhow::Result
         .recycle_timeout(Some(timeout))
         .build()
         .context("building the database pool")
+}
+
+/// The connection settings of `url`, with Roster's defaults (connect timeout, application
+/// name), for connections made outside the pool (the event listener).
+pub fn pg_config(url: &str, timeout: Duration) -> anyhow::Result<tokio_postgres::Config> {
+    let mut pg = tokio_postgres::Config::from_str(url).context("parsing the database URL")?;
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(timeout);
+    }
+    pg.application_name("roster");
+    Ok(pg)
 }
 
 /// A pooled connection, or `Unavailable` when none can be had in time.

@@ -3,7 +3,10 @@
 //! Architecture invariant: an event is written by [`store::record`] in the same transaction as
 //! the change it records, so an acknowledged change always has its event and a failed one
 //! never does. Event data names fields and non-secret values only, never secrets or hashes.
+pub mod grpc;
+pub mod retention;
 pub mod store;
+pub mod stream;
 
 use uuid::Uuid;
 
@@ -83,6 +86,68 @@ impl EventType {
             UsersExported => "USERS_EXPORTED",
         }
     }
+}
+
+impl EventType {
+    /// Every type, in `roster.v1.EventType` number order.
+    pub const ALL: [EventType; 31] = {
+        use EventType::*;
+        [
+            UserCreated,
+            UserUpdated,
+            UserDeleted,
+            UserBlocked,
+            UserUnblocked,
+            UserDeactivated,
+            UserReactivated,
+            UserImported,
+            ContactVerificationStarted,
+            ContactVerified,
+            ContactVerificationFailed,
+            PasswordSet,
+            PasswordChanged,
+            PasswordExpired,
+            PasswordResetRequested,
+            PasswordReset,
+            PasswordRehashed,
+            LoginSucceeded,
+            LoginFailed,
+            UserLockedOut,
+            AuthenticatorEnrolled,
+            AuthenticatorConfirmed,
+            AuthenticatorUpdated,
+            AuthenticatorDeleted,
+            FactorVerified,
+            FactorVerificationFailed,
+            RecoveryCodesGenerated,
+            IdentityLinked,
+            IdentityUnlinked,
+            UsersMerged,
+            UsersExported,
+        ]
+    };
+
+    /// The stored name for a filter value: `LOGIN_FAILED` or `EVENT_TYPE_LOGIN_FAILED`.
+    pub fn stored_name(name: &str) -> Option<&'static str> {
+        let name = name.strip_prefix("EVENT_TYPE_").unwrap_or(name);
+        Self::ALL.iter().map(|t| t.as_str()).find(|s| *s == name)
+    }
+}
+
+/// A stored event, as read back.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: Uuid,
+    pub position: i64,
+    /// The stored type name, e.g. `USER_CREATED`.
+    pub kind: String,
+    pub user_id: Option<Uuid>,
+    pub occurred_at: chrono::DateTime<chrono::Utc>,
+    pub api_key_id: Option<Uuid>,
+    pub ip: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_id: Option<String>,
+    pub data: serde_json::Value,
 }
 
 /// Who caused an event: the key, the request, and the end user's address when known.

@@ -51,6 +51,8 @@ pub enum FieldKind {
     Int,
     /// An enum stored as its number; the function maps a value name to it.
     Enum(fn(&str) -> Option<i16>),
+    /// An enum stored as its name; the function maps a value name to the stored one.
+    Name(fn(&str) -> Option<&'static str>),
     /// A jsonb column, addressed with a key path.
     Json,
 }
@@ -187,6 +189,12 @@ fn comparison(
             let n = lookup(text_of(value))
                 .ok_or_else(|| format!("'{}' is not a value of '{name}'", text_of(value)))?;
             format!("{col} {} {}", sql_op(op), sql.param(n))
+        }
+        FieldKind::Name(lookup) => {
+            only_eq("enum")?;
+            let n = lookup(text_of(value))
+                .ok_or_else(|| format!("'{}' is not a value of '{name}'", text_of(value)))?;
+            format!("{col} {} {}", sql_op(op), sql.param(n.to_string()))
         }
         FieldKind::Int => {
             if op == Op::Has {

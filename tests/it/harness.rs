@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use roster::config::ServerConfig;
 use roster::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
 use roster::pb::v1::authenticator_service_client::AuthenticatorServiceClient;
+use roster::pb::v1::log_service_client::LogServiceClient;
 use roster::pb::v1::user_service_client::UserServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
@@ -160,6 +161,7 @@ impl Interceptor for Key {
 }
 
 pub type Users = UserServiceClient<InterceptedService<Channel, Key>>;
+pub type Logs = LogServiceClient<InterceptedService<Channel, Key>>;
 pub type Authenticators = AuthenticatorServiceClient<InterceptedService<Channel, Key>>;
 
 /// A running server on its own fresh database, with a project and an all-scopes key.
@@ -171,6 +173,8 @@ pub struct TestApp {
     pub project_id: Uuid,
     pub token: String,
     pub channel: Channel,
+    /// The server's live event feed (to watch its subscribers).
+    pub feed: std::sync::Arc<roster::events::stream::EventFeed>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -220,8 +224,12 @@ impl TestApp {
             config,
         )
         .await
-        .expect("build app");
+        .expect("build app")
+        .listen_for_events(
+            roster::db::pg_config(&url, std::time::Duration::from_secs(10)).expect("pg config"),
+        );
         let addr = app.local_addr();
+        let feed = app.event_feed();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(app.run_until(async move {
             let _ = rx.await;
@@ -238,6 +246,7 @@ impl TestApp {
             project_id,
             token,
             channel,
+            feed,
             shutdown: Some(tx),
         }
     }
@@ -275,6 +284,11 @@ impl TestApp {
     {
         let client = self.pool.get().await.expect("db");
         client.query_one(sql, params).await.expect("query").get(0)
+    }
+
+    /// A LogService client using the all-scopes key.
+    pub fn logs(&self) -> Logs {
+        LogServiceClient::with_interceptor(self.channel.clone(), key(Some(&self.token)))
     }
 
     /// A new key in this app's project with the given scopes.

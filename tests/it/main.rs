@@ -4,6 +4,7 @@
 
 mod auth;
 mod cli;
+mod events;
 mod harness;
 mod list;
 mod passwords;

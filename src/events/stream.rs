@@ -1,0 +1,361 @@
+//! Live event streams that never skip or repeat an event, whatever order transactions commit in.
+//!
+//! # The problem
+//! Positions come from a sequence when an event is inserted, but transactions commit in any
+//! order: position 12 may be visible while 11 is still uncommitted. A reader that moved its
+//! cursor past 12 would never see 11.
+//!
+//! # The design: a horizon fenced on in-progress transactions
+//! A trigger (migration 0003) gives every event-writing transaction its transaction id *before*
+//! it takes a position. The [`EventFeed`] task repeatedly:
+//! 1. reads `H`, the last position handed out by the sequence (a non-transactional read);
+//! 2. then takes a transaction id `X` of its own (an empty transaction): every transaction
+//!    that holds a position `<= H` got its id before step 1, so its id is below `X`;
+//! 3. once a later snapshot's `xmin` (the oldest transaction still running) is above `X`,
+//!    all of those have finished, so every position `<= H` is final: committed and visible, or
+//!    never to appear. `H` becomes the new *horizon*.
+//!
+//! Step 2 uses an id only when new positions were handed out since the last fence, so it
+//! adds at most one (cheap, unflushed) transaction per round of commits.
+//!
+//! Streams only ever read up to the horizon, in position order, and advance their cursor to
+//! what they read (or to the horizon when nothing more matches), so nothing behind a cursor
+//! can appear later. Fences are kept in a queue and resolved oldest first, so a long writing
+//! transaction delays delivery but never breaks it. (The sequence must not cache values per
+//! session, or a session could later use a position below `H`; migration 0003 pins CACHE 1.)
+//!
+//! # Wake-ups and sharing
+//! One task per process computes the horizon and publishes it on a `watch` channel that every
+//! stream shares. It wakes on `LISTEN roster_events` (a statement trigger notifies once per
+//! writing transaction) and polls as a fallback, so a lost notification or a dropped listener
+//! connection only adds latency. Each stream reads in bounded batches and sends into a bounded
+//! channel: a slow client stalls only its own reader, and memory stays flat.
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::Event;
+use super::store::{self, StreamSpec};
+use crate::db::{self, Pool};
+use crate::error::{Error, Result};
+
+/// The PostgreSQL channel writers notify on.
+pub const CHANNEL: &str = "roster_events";
+/// Events read per query by a stream.
+const BATCH: i64 = 256;
+/// Events buffered per stream before the reader waits for the client.
+const BUFFER: usize = 64;
+/// How soon to look again while fences wait for transactions to finish.
+const PENDING_RECHECK: Duration = Duration::from_millis(5);
+/// The least time between two horizon computations: a burst of commits costs one.
+const MIN_INTERVAL: Duration = Duration::from_millis(2);
+/// Most fences kept; beyond it new ones are skipped, which only delays delivery.
+const MAX_FENCES: usize = 4096;
+
+/// A candidate horizon: final once every transaction below `xbound` has finished.
+#[derive(Debug, Clone, Copy)]
+struct Fence {
+    position: i64,
+    xbound: u64,
+}
+
+/// The shared horizon and the streams following it.
+pub struct EventFeed {
+    horizon: watch::Receiver<i64>,
+    /// Taken by [`EventFeed::start`].
+    publisher: std::sync::Mutex<Option<watch::Sender<i64>>>,
+    subscribers: Arc<AtomicUsize>,
+}
+
+/// Counts a stream for as long as it lives.
+struct Subscribed(Arc<AtomicUsize>);
+
+impl Drop for Subscribed {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl EventFeed {
+    /// A feed whose horizon stays at 0 until [`EventFeed::start`].
+    pub fn new() -> Arc<EventFeed> {
+        let (tx, rx) = watch::channel(0);
+        Arc::new(EventFeed {
+            horizon: rx,
+            publisher: std::sync::Mutex::new(Some(tx)),
+            subscribers: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// Starts the horizon task (and, given a connection config, its listener); `None` when
+    /// it already runs. Abort the handle to stop it.
+    pub fn start(
+        &self,
+        pool: Pool,
+        listen: Option<tokio_postgres::Config>,
+        poll: Duration,
+    ) -> Option<JoinHandle<()>> {
+        let tx = self.publisher.lock().ok()?.take()?;
+        Some(tokio::spawn(run_horizon(pool, listen, poll, tx)))
+    }
+
+    /// Streams following the feed right now (for metrics and tests).
+    pub fn subscribers(&self) -> usize {
+        self.subscribers.load(Ordering::Relaxed)
+    }
+
+    /// Follows `spec` from `start`: where to begin, resolved from a position or a time.
+    /// Events (or the error that ended the stream) arrive on the returned channel, which
+    /// holds at most a small batch; dropping it stops the reader.
+    pub fn follow(
+        &self,
+        pool: Pool,
+        spec: StreamSpec,
+        start: Start,
+    ) -> mpsc::Receiver<Result<Event>> {
+        let (tx, rx) = mpsc::channel(BUFFER);
+        self.subscribers.fetch_add(1, Ordering::Relaxed);
+        let guard = Subscribed(self.subscribers.clone());
+        let horizon = self.horizon.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(e) = follow(pool, spec, start, horizon, &tx).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        rx
+    }
+}
+
+/// Where a stream begins.
+#[derive(Debug, Clone, Copy)]
+pub enum Start {
+    /// After this position (0: the beginning).
+    After(i64),
+    /// At the first event at or after this time.
+    Since(chrono::DateTime<chrono::Utc>),
+}
+
+async fn follow(
+    pool: Pool,
+    spec: StreamSpec,
+    start: Start,
+    mut horizon: watch::Receiver<i64>,
+    tx: &mpsc::Sender<Result<Event>>,
+) -> Result<()> {
+    let mut cursor = match start {
+        Start::After(p) => p,
+        Start::Since(t) => {
+            // Read the horizon first: whatever the query below cannot see lies beyond it.
+            let h = *horizon.borrow_and_update();
+            let client = db::client(&pool).await?;
+            match store::position_before(&client, spec.project_id, t).await? {
+                Some(p) => p,
+                None => h,
+            }
+        }
+    };
+    loop {
+        let h = *horizon.borrow_and_update();
+        while cursor < h {
+            let batch = {
+                let client = db::client(&pool).await?;
+                store::read_range(&client, &spec, cursor, h, BATCH).await?
+            };
+            tracing::trace!(cursor, horizon = h, read = batch.len(), "event stream read");
+            let full = batch.len() as i64 == BATCH;
+            for e in batch {
+                cursor = e.position;
+                if tx.send(Ok(e)).await.is_err() {
+                    return Ok(()); // the client went away
+                }
+            }
+            if !full {
+                // Everything matching up to the horizon has been sent.
+                cursor = h;
+            }
+        }
+        tokio::select! {
+            changed = horizon.changed() => {
+                if changed.is_err() {
+                    return Err(Error::Unavailable(anyhow::anyhow!("the event feed stopped")));
+                }
+            }
+            _ = tx.closed() => return Ok(()),
+        }
+    }
+}
+
+async fn run_horizon(
+    pool: Pool,
+    listen: Option<tokio_postgres::Config>,
+    poll: Duration,
+    tx: watch::Sender<i64>,
+) {
+    let wake = Arc::new(Notify::new());
+    let listener = listen.map(|cfg| tokio::spawn(run_listener(cfg, wake.clone())));
+    let mut fences: VecDeque<Fence> = VecDeque::new();
+    let mut fenced = 0;
+    let mut failing = false;
+    loop {
+        match advance(&pool, &mut fences, &mut fenced).await {
+            Ok(Some(h)) => {
+                tx.send_if_modified(|cur| {
+                    let newer = h > *cur;
+                    if newer {
+                        *cur = h;
+                    }
+                    newer
+                });
+                failing = false;
+            }
+            Ok(None) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "event horizon: cannot read the database; retrying");
+                }
+                failing = true;
+            }
+        }
+        let wait = if fences.is_empty() {
+            poll
+        } else {
+            PENDING_RECHECK
+        };
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        tokio::time::sleep(MIN_INTERVAL).await;
+        if tx.is_closed() {
+            break;
+        }
+    }
+    if let Some(l) = listener {
+        l.abort();
+    }
+}
+
+/// Adds a fence for the positions handed out since the last one and returns the newest
+/// horizon that became final, if any.
+async fn advance(
+    pool: &Pool,
+    fences: &mut VecDeque<Fence>,
+    fenced: &mut i64,
+) -> Result<Option<i64>> {
+    let client = db::client(pool).await?;
+    let position: i64 = client
+        .query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM events_position_seq",
+            &[],
+        )
+        .await?
+        .get(0);
+    if position > *fenced {
+        // A transaction id taken now is above that of every transaction holding a position
+        // read above (they took theirs first). A snapshot's xmax would not do: it is one past
+        // the latest *completed* transaction, below ids that are assigned but still running.
+        // The empty transaction commits without waiting for a WAL flush.
+        let reply = client
+            .simple_query(
+                "BEGIN; SET LOCAL synchronous_commit TO off; \
+                 SELECT pg_current_xact_id()::text; COMMIT",
+            )
+            .await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                // The connection may be left inside the transaction: never reuse it.
+                drop(deadpool_postgres::Object::take(client));
+                return Err(e.into());
+            }
+        };
+        let xid = reply
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| Error::internal(anyhow::anyhow!("no transaction id returned")))?;
+        let fence = Fence {
+            position,
+            xbound: xid + 1,
+        };
+        // When full, skip: a later round fences these positions (delay, never a gap).
+        if fences.len() < MAX_FENCES {
+            fences.push_back(fence);
+            *fenced = position;
+        }
+    }
+    if fences.is_empty() {
+        return Ok(None);
+    }
+    let xmin: String = client
+        .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])
+        .await?
+        .get(0);
+    let xmin: u64 = xmin
+        .parse()
+        .map_err(|_| Error::internal(anyhow::anyhow!("unexpected transaction id {xmin:?}")))?;
+    tracing::trace!(position, xmin, pending = fences.len(), "event fence");
+    let mut horizon = None;
+    while let Some(f) = fences.front() {
+        // Every transaction below the bound has finished: the fence's positions are final.
+        if f.xbound <= xmin {
+            horizon = Some(f.position);
+            fences.pop_front();
+        } else {
+            break;
+        }
+    }
+    Ok(horizon)
+}
+
+/// Holds `LISTEN roster_events` on its own connection and turns notifications into wake-ups,
+/// reconnecting with backoff; the horizon task polls meanwhile.
+async fn run_listener(cfg: tokio_postgres::Config, wake: Arc<Notify>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match cfg.connect(tokio_postgres::NoTls).await {
+            Ok((client, mut conn)) => {
+                let (msg_tx, mut msg_rx) = mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+                    while let Some(m) = messages.next().await {
+                        if msg_tx.send(m).is_err() {
+                            break;
+                        }
+                    }
+                });
+                if client
+                    .batch_execute(&format!("LISTEN {CHANNEL}"))
+                    .await
+                    .is_ok()
+                {
+                    backoff = Duration::from_millis(100);
+                    // Wake once: events may have been written while not listening.
+                    wake.notify_one();
+                    while let Some(m) = msg_rx.recv().await {
+                        match m {
+                            Ok(tokio_postgres::AsyncMessage::Notification(_)) => wake.notify_one(),
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                }
+                driver.abort();
+                tracing::debug!("event listener connection lost; reconnecting");
+            }
+            Err(e) => tracing::debug!(error = %e, "event listener cannot connect; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,459 @@
+//! LogService: listing and getting events, and live streams that neither skip nor repeat an
+//! event when transactions commit out of order.
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use roster::config::ServerConfig;
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::harness::{TestApp, violated_fields};
+use crate::{create_user, pb};
+
+fn list(filter: &str, page_size: i32, token: &str, order_by: &str) -> pb::ListEventsRequest {
+    pb::ListEventsRequest {
+        filter: filter.into(),
+        page_size,
+        page_token: token.into(),
+        order_by: order_by.into(),
+    }
+}
+
+fn type_of(e: &pb::Event) -> pb::EventType {
+    pb::EventType::try_from(e.r#type).unwrap()
+}
+
+/// Receives `n` events from a stream, failing after `secs` seconds.
+async fn take(
+    stream: &mut tonic::Streaming<pb::StreamEventsResponse>,
+    n: usize,
+    secs: u64,
+) -> Vec<pb::Event> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let next = tokio::time::timeout(Duration::from_secs(secs), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} events arrived: {out:?}", out.len()))
+            .unwrap()
+            .expect("stream ended");
+        out.push(next.event.unwrap());
+    }
+    out
+}
+
+/// Asserts that nothing more arrives for a moment.
+async fn quiet(stream: &mut tonic::Streaming<pb::StreamEventsResponse>) {
+    let more = tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
+    assert!(more.is_err(), "unexpected: {more:?}");
+}
+
+async fn stream(
+    app: &TestApp,
+    after: i64,
+    filter: &str,
+) -> tonic::Streaming<pb::StreamEventsResponse> {
+    app.logs()
+        .stream_events(pb::StreamEventsRequest {
+            after_position: after,
+            since: None,
+            filter: filter.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn list_filters_pages_and_gets_events() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let mut logs = app.logs();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            create_user(&mut users, &format!("e{i}@example.com"))
+                .await
+                .id,
+        );
+    }
+    let mut req = tonic::Request::new(pb::BlockUserRequest {
+        id: ids[0].clone(),
+        reason: "test".into(),
+    });
+    req.metadata_mut()
+        .insert("x-request-id", "req-block-1".parse().unwrap());
+    users.block_user(req).await.unwrap();
+
+    // Newest first by default, with every field filled in.
+    let all = logs
+        .list_events(list("", 0, "", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.events.len(), 6);
+    assert!(all.next_page_token.is_empty());
+    let newest = &all.events[0];
+    assert_eq!(type_of(newest), pb::EventType::UserBlocked);
+    assert_eq!(newest.user_id, ids[0]);
+    assert_eq!(newest.request_id, "req-block-1");
+    assert!(!newest.api_key_id.is_empty());
+    assert!(newest.occurred_at.is_some());
+    let data = newest.data.as_ref().unwrap();
+    assert!(data.fields.contains_key("new_status"));
+    let times: Vec<_> = all
+        .events
+        .iter()
+        .map(|e| {
+            let t = e.occurred_at.as_ref().unwrap();
+            (t.seconds, t.nanos)
+        })
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
+
+    // Filters.
+    for (filter, n) in [
+        ("type = USER_CREATED", 5),
+        ("type = EVENT_TYPE_USER_BLOCKED", 1),
+        (&*format!("user_id = \"{}\"", ids[0]), 2),
+        ("request_id = \"req-block-1\"", 1),
+        (
+            "occurred_at > \"2000-01-01T00:00:00Z\" AND NOT type = USER_BLOCKED",
+            5,
+        ),
+        ("ip = \"10.255.255.1\"", 0),
+    ] {
+        let got = logs
+            .list_events(list(filter, 0, "", ""))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.events.len(), n, "{filter}");
+    }
+    for bad in [
+        "email = \"x\"",
+        "type = NOT_A_TYPE",
+        "user_id = \"x' OR 1=1 --\"",
+        "(",
+    ] {
+        let err = logs.list_events(list(bad, 0, "", "")).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
+        assert_eq!(violated_fields(&err), ["filter"], "{bad}");
+    }
+    let err = logs
+        .list_events(list("", -1, "", "created_at"))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["order_by", "page_size"]);
+
+    // Pages of two, oldest first: every event once.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = logs
+            .list_events(list("", 2, &token, "occurred_at"))
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.events.iter().map(|e| e.id.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let mut expected: Vec<String> = all.events.iter().map(|e| e.id.clone()).collect();
+    expected.reverse();
+    assert_eq!(seen, expected);
+    // A token is bound to its filter.
+    let first = logs
+        .list_events(list("", 2, "", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = logs
+        .list_events(list("type = USER_CREATED", 2, &first.next_page_token, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["page_token"]);
+
+    // GetEvent.
+    let got = logs
+        .get_event(pb::GetEventRequest {
+            id: newest.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .event
+        .unwrap();
+    assert_eq!(&got, newest);
+    let err = logs
+        .get_event(pb::GetEventRequest {
+            id: Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Another project sees none of it.
+    let (_, other) = app.other_project().await;
+    let mut theirs = roster::pb::v1::log_service_client::LogServiceClient::with_interceptor(
+        app.channel.clone(),
+        crate::harness::key(Some(&other)),
+    );
+    let err = theirs
+        .get_event(pb::GetEventRequest {
+            id: newest.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let none = theirs
+        .list_events(list("", 0, "", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.events.is_empty());
+    let mut s = theirs
+        .stream_events(pb::StreamEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    quiet(&mut s).await;
+
+    // Reading needs logs.read.
+    let token = app.key(&["users.read"]).await;
+    let mut weak = roster::pb::v1::log_service_client::LogServiceClient::with_interceptor(
+        app.channel.clone(),
+        crate::harness::key(Some(&token)),
+    );
+    let err = weak.list_events(list("", 0, "", "")).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn a_stream_replays_then_follows_and_resumes() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    for i in 0..3 {
+        create_user(&mut users, &format!("s{i}@example.com")).await;
+    }
+    let mut s = stream(&app, 0, "").await;
+    let replayed = take(&mut s, 3, 5).await;
+    assert!(
+        replayed
+            .iter()
+            .all(|e| type_of(e) == pb::EventType::UserCreated)
+    );
+    quiet(&mut s).await;
+
+    // Live.
+    let u = create_user(&mut users, "live@example.com").await;
+    users
+        .block_user(pb::BlockUserRequest {
+            id: u.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let live = take(&mut s, 2, 5).await;
+    assert_eq!(type_of(&live[0]), pb::EventType::UserCreated);
+    assert_eq!(type_of(&live[1]), pb::EventType::UserBlocked);
+    let positions: Vec<i64> = replayed.iter().chain(&live).map(|e| e.position).collect();
+    assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
+    drop(s);
+
+    // Resume after the third: exactly the two that followed.
+    let mut s = stream(&app, replayed[2].position, "").await;
+    let resumed = take(&mut s, 2, 5).await;
+    assert_eq!(resumed, live);
+    quiet(&mut s).await;
+
+    // A filtered stream, and one from a time.
+    let mut blocked = stream(&app, 0, "type = USER_BLOCKED").await;
+    assert_eq!(take(&mut blocked, 1, 5).await[0].user_id, u.id);
+    quiet(&mut blocked).await;
+    let since = live[0].occurred_at;
+    let mut from_time = app
+        .logs()
+        .stream_events(pb::StreamEventsRequest {
+            after_position: 0,
+            since,
+            filter: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(take(&mut from_time, 2, 5).await, live);
+    quiet(&mut from_time).await;
+
+    let err = app
+        .logs()
+        .stream_events(pb::StreamEventsRequest {
+            after_position: -1,
+            since: None,
+            filter: "nope = 1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["after_position", "filter"]);
+}
+
+#[tokio::test]
+async fn out_of_order_commits_are_streamed_once_each_in_position_order() {
+    const WRITERS: usize = 8;
+    const PER_WRITER: usize = 25;
+    let app = TestApp::spawn().await;
+    let mut s = stream(&app, 0, "").await;
+    let project = app.project_id;
+
+    // Eight writers insert events in transactions that stay open for a random while, so
+    // positions are taken in one order and committed in another. Half of them also abort now
+    // and then: their positions must be skipped over, not waited for forever.
+    let writers = (0..WRITERS).map(|w| {
+        let pool = app.pool.clone();
+        tokio::spawn(async move {
+            let mut committed = 0;
+            for i in 0..PER_WRITER {
+                let mut client = pool.get().await.unwrap();
+                let tx = client.transaction().await.unwrap();
+                tx.execute(
+                    "INSERT INTO events (project_id, id, type, data)
+                     VALUES ($1, $2, 'USER_UPDATED', '{}')",
+                    &[&project, &Uuid::now_v7()],
+                )
+                .await
+                .unwrap();
+                let hold = (w * 7 + i * 13) % 23;
+                tokio::time::sleep(Duration::from_millis(hold as u64)).await;
+                if w % 2 == 1 && i % 5 == 0 {
+                    tx.rollback().await.unwrap();
+                } else {
+                    tx.commit().await.unwrap();
+                    committed += 1;
+                }
+            }
+            committed
+        })
+    });
+    // Meanwhile, real RPCs write too.
+    let mut users = app.users();
+    let rpc_writes = async {
+        for i in 0..20 {
+            create_user(&mut users, &format!("w{i}@example.com")).await;
+        }
+        20
+    };
+    let (committed, rpc) = tokio::join!(futures_util::future::join_all(writers), rpc_writes);
+    let total: usize = committed.into_iter().map(|c| c.unwrap()).sum::<usize>() + rpc;
+
+    let got = take(&mut s, total, 20).await;
+    quiet(&mut s).await;
+    let positions: Vec<i64> = got.iter().map(|e| e.position).collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "out of order or repeated: {positions:?}"
+    );
+    let stored: Vec<i64> = {
+        let client = app.pool.get().await.unwrap();
+        client
+            .query(
+                "SELECT position FROM events WHERE project_id = $1 ORDER BY position",
+                &[&project],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    assert_eq!(positions, stored, "every committed event exactly once");
+    let unique: BTreeSet<&String> = got.iter().map(|e| &e.id).collect();
+    assert_eq!(unique.len(), got.len());
+}
+
+#[tokio::test]
+async fn a_transaction_left_open_holds_back_later_events_until_it_ends() {
+    let app = TestApp::spawn().await;
+    let mut s = stream(&app, 0, "").await;
+    let mut users = app.users();
+
+    // Take a position and keep the transaction open.
+    let mut client = app.pool.get().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    let held: i64 = tx
+        .query_one(
+            "INSERT INTO events (project_id, id, type, data)
+             VALUES ($1, $2, 'USER_UPDATED', '{}') RETURNING position",
+            &[&app.project_id, &Uuid::now_v7()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    // A later event commits first; delivering it now would let the held one be skipped.
+    create_user(&mut users, "later@example.com").await;
+    quiet(&mut s).await;
+
+    tx.commit().await.unwrap();
+    let got = take(&mut s, 2, 5).await;
+    assert_eq!(got[0].position, held);
+    assert_eq!(type_of(&got[1]), pb::EventType::UserCreated);
+}
+
+#[tokio::test]
+async fn cancelling_a_stream_frees_its_reader() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    create_user(&mut users, "c@example.com").await;
+    let streams: Vec<_> = futures_util::future::join_all((0..3).map(|_| stream(&app, 0, ""))).await;
+    assert_eq!(app.feed.subscribers(), 3);
+    drop(streams);
+    // The readers notice the closed channels, also with no new events to send.
+    for _ in 0..50 {
+        if app.feed.subscribers() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.feed.subscribers(), 0);
+}
+
+#[tokio::test]
+async fn old_events_are_deleted_in_the_background() {
+    let app = TestApp::spawn_with(ServerConfig {
+        key_cache_ms: 50,
+        event_retention_days: 30,
+        event_retention_interval_secs: 1,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut users = app.users();
+    let old = create_user(&mut users, "old@example.com").await;
+    let new = create_user(&mut users, "new@example.com").await;
+    let old_id = Uuid::parse_str(&old.id).unwrap();
+    app.pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE events SET occurred_at = now() - interval '31 days' WHERE user_id = $1",
+            &[&old_id],
+        )
+        .await
+        .unwrap();
+    let mut left = Vec::new();
+    for _ in 0..40 {
+        left = app
+            .logs()
+            .list_events(list("", 0, "", ""))
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        if left.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].user_id, new.id);
+}
