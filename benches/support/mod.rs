@@ -37,6 +37,11 @@ pub struct BenchEnv {
 
 impl BenchEnv {
     pub async fn start(config: ServerConfig) -> BenchEnv {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .try_init();
+        }
         let (url, pg, dir) = match std::env::var("DATABASE_URL") {
             Ok(url) if !url.is_empty() => (url, None, None),
             _ => {
@@ -80,7 +85,8 @@ impl BenchEnv {
             config,
         )
         .await
-        .expect("build");
+        .expect("build")
+        .listen_for_events(roster::db::pg_config(&url, Duration::from_secs(10)).unwrap());
         let addr = app.local_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(app.run_until(async move {

@@ -34,6 +34,7 @@ pub async fn record(
                   AS e(id, type, user_id, data)",
         )
         .await?;
+    super::stream::written();
     tx.execute(
         &stmt,
         &[

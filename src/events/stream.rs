@@ -26,10 +26,15 @@
 //!
 //! # Wake-ups and sharing
 //! One task per process computes the horizon and publishes it on a `watch` channel that every
-//! stream shares. It wakes on `LISTEN roster_events` (a statement trigger notifies once per
-//! writing transaction) and polls as a fallback, so a lost notification or a dropped listener
-//! connection only adds latency. Each stream reads in bounded batches and sends into a bounded
-//! channel: a slow client stalls only its own reader, and memory stays flat.
+//! stream shares. It wakes when this process writes events ([`written`], called by
+//! `store::record`), on `LISTEN roster_events` for other replicas' writes, and by polling as a
+//! fallback, so a lost notification or a dropped listener connection only adds latency.
+//! Writers do not NOTIFY themselves: PostgreSQL serialises the commits of notifying
+//! transactions on a cluster-wide lock, which cost more than half of a mutation's throughput
+//! in the events benchmark. Instead the horizon task sends one NOTIFY, in its own unflushed
+//! transaction, whenever it fences new positions. Each stream reads in bounded batches and
+//! sends into a bounded channel: a slow client stalls only its own reader, and memory stays
+//! flat.
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -44,8 +49,18 @@ use super::store::{self, StreamSpec};
 use crate::db::{self, Pool};
 use crate::error::{Error, Result};
 
-/// The PostgreSQL channel writers notify on.
+/// The PostgreSQL channel horizon tasks notify each other on.
 pub const CHANNEL: &str = "roster_events";
+
+/// Bumped whenever this process writes events; every horizon task in the process watches it.
+static WRITES: std::sync::LazyLock<watch::Sender<u64>> =
+    std::sync::LazyLock::new(|| watch::channel(0).0);
+
+/// Tells the horizon tasks of this process that events were written (the transaction may not
+/// have committed yet: the fence it causes waits for that).
+pub fn written() {
+    WRITES.send_modify(|n| *n = n.wrapping_add(1));
+}
 /// Events read per query by a stream.
 const BATCH: i64 = 256;
 /// Events buffered per stream before the reader waits for the client.
@@ -199,6 +214,7 @@ async fn run_horizon(
 ) {
     let wake = Arc::new(Notify::new());
     let listener = listen.map(|cfg| tokio::spawn(run_listener(cfg, wake.clone())));
+    let mut writes = WRITES.subscribe();
     let mut fences: VecDeque<Fence> = VecDeque::new();
     let mut fenced = 0;
     let mut failing = false;
@@ -229,6 +245,7 @@ async fn run_horizon(
         };
         tokio::select! {
             _ = wake.notified() => {}
+            _ = writes.changed() => {}
             _ = tokio::time::sleep(wait) => {}
         }
         tokio::time::sleep(MIN_INTERVAL).await;
@@ -260,11 +277,12 @@ async fn advance(
         // A transaction id taken now is above that of every transaction holding a position
         // read above (they took theirs first). A snapshot's xmax would not do: it is one past
         // the latest *completed* transaction, below ids that are assigned but still running.
-        // The empty transaction commits without waiting for a WAL flush.
+        // The empty transaction commits without waiting for a WAL flush, and wakes the other
+        // replicas' horizon tasks (which notify in turn only for positions new to them).
         let reply = client
             .simple_query(
                 "BEGIN; SET LOCAL synchronous_commit TO off; \
-                 SELECT pg_current_xact_id()::text; COMMIT",
+                 SELECT pg_current_xact_id()::text; NOTIFY roster_events; COMMIT",
             )
             .await;
         let reply = match reply {
@@ -344,7 +362,10 @@ async fn run_listener(cfg: tokio_postgres::Config, wake: Arc<Notify>) {
                     wake.notify_one();
                     while let Some(m) = msg_rx.recv().await {
                         match m {
-                            Ok(tokio_postgres::AsyncMessage::Notification(_)) => wake.notify_one(),
+                            Ok(tokio_postgres::AsyncMessage::Notification(_)) => {
+                                tracing::trace!("event notification");
+                                wake.notify_one()
+                            }
                             Ok(_) => {}
                             Err(_) => break,
                         }

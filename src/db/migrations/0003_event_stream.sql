@@ -17,17 +17,6 @@ $$;
 CREATE TRIGGER events_sequence BEFORE INSERT ON events
     FOR EACH ROW EXECUTE FUNCTION roster_event_sequence();
 
--- One notification per writing transaction (identical notifications are folded at commit);
--- stream readers wake on it and poll as a fallback.
-CREATE FUNCTION roster_event_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('roster_events', '');
-    RETURN NULL;
-END
-$$;
-CREATE TRIGGER events_notify AFTER INSERT ON events
-    FOR EACH STATEMENT EXECUTE FUNCTION roster_event_notify();
-
 -- ListEvents: ordered by occurred_at with the id as tie-breaker; filters; retention.
 DROP INDEX events_occurred_at_idx;
 CREATE INDEX events_occurred_at_idx ON events (project_id, occurred_at, id);
