@@ -83,6 +83,14 @@ pub struct ServerConfig {
     /// argon2id parallelism for new hashes.
     #[arg(long, env = "ROSTER_ARGON2_PARALLELISM", default_value_t = 1)]
     pub argon2_parallelism: u32,
+    /// Keys sealing secrets at rest (provider tokens): `id:base64key[,id:base64key...]`, each
+    /// key 32 random bytes; the first seals, all open (list a new key first to rotate). The
+    /// embedded default generates one into --data-dir.
+    #[arg(long, env = "ROSTER_ENCRYPTION_KEYS", hide_env_values = true)]
+    pub encryption_keys: Option<String>,
+    /// Read the encryption keys from this file instead (for mounted secrets).
+    #[arg(long, env = "ROSTER_ENCRYPTION_KEYS_FILE")]
+    pub encryption_keys_file: Option<PathBuf>,
     /// Consecutive failed sign-ins that lock an account; 0 never locks.
     #[arg(long, env = "ROSTER_LOCKOUT_THRESHOLD", default_value_t = 10)]
     pub lockout_threshold: u32,
@@ -120,6 +128,8 @@ impl Default for ServerConfig {
             argon2_memory_kib: 19456,
             argon2_iterations: 2,
             argon2_parallelism: 1,
+            encryption_keys: None,
+            encryption_keys_file: None,
             lockout_threshold: 10,
             lockout_secs: 900,
             event_retention_days: 90,
@@ -132,6 +142,23 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The encryption key list from the flag/env or the file, if either is set.
+    pub fn encryption_keys(&self) -> anyhow::Result<Option<String>> {
+        // An empty value means "not configured" (handy to override a file or default).
+        if let Some(k) = &self.encryption_keys {
+            return Ok(Some(k.trim().to_string()).filter(|k| !k.is_empty()));
+        }
+        match &self.encryption_keys_file {
+            Some(path) => Ok(Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            )),
+            None => Ok(None),
+        }
+    }
+
     pub fn password_settings(&self) -> PasswordSettings {
         PasswordSettings {
             lockout_threshold: self.lockout_threshold,

@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod db;
 pub mod error;
 pub mod events;
+pub mod identities;
 pub mod pb;
 pub mod query;
 pub mod server;

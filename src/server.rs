@@ -19,13 +19,15 @@ use crate::authenticators::grpc::AuthenticatorApi;
 use crate::authenticators::password::PasswordSettings;
 use crate::config::{ServeConfig, ServerConfig};
 use crate::crypto::Hasher;
+use crate::crypto::seal::Sealer;
 use crate::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
 use crate::db::{self, Pool};
 use crate::events::grpc::LogApi;
 use crate::events::retention;
 use crate::events::stream::EventFeed;
+use crate::identities::grpc::IdentityApi;
 use crate::pb::v1::authenticator_service_server::AuthenticatorServiceServer;
-use crate::pb::v1::identity_service_server::{IdentityService, IdentityServiceServer};
+use crate::pb::v1::identity_service_server::IdentityServiceServer;
 use crate::pb::v1::log_service_server::LogServiceServer;
 use crate::pb::v1::user_service_server::UserServiceServer;
 use crate::users::grpc::UserApi;
@@ -36,6 +38,8 @@ pub struct AppState {
     pub pool: Pool,
     pub hasher: Arc<Hasher>,
     pub passwords: PasswordSettings,
+    /// Seals provider tokens (and later TOTP seeds); `None` when no key is configured.
+    pub sealer: Option<Arc<Sealer>>,
 }
 
 /// Largest request message accepted (API.md).
@@ -48,12 +52,6 @@ pub const SERVICE_NAMES: [&str; 4] = [
     "roster.v1.IdentityService",
     "roster.v1.LogService",
 ];
-
-/// Services whose RPCs have not landed yet: every call answers UNIMPLEMENTED (the generated
-/// default methods), behind the same authentication as the rest.
-struct NotYetImplemented;
-
-impl IdentityService for NotYetImplemented {}
 
 /// A bound, ready-to-run server.
 pub struct Application {
@@ -80,12 +78,22 @@ impl Application {
             config.argon2_iterations,
             config.argon2_parallelism,
         )?;
+        let sealer = match config.encryption_keys()? {
+            Some(spec) => Some(Arc::new(Sealer::parse(&spec)?)),
+            None => {
+                tracing::warn!(
+                    "no ROSTER_ENCRYPTION_KEYS: identities cannot store provider tokens"
+                );
+                None
+            }
+        };
         Ok(Application {
             listener,
             state: AppState {
                 pool,
                 hasher: Arc::new(hasher),
                 passwords: config.password_settings(),
+                sealer,
             },
             config,
             feed: EventFeed::new(),
@@ -151,7 +159,7 @@ impl Application {
         let authenticators =
             AuthenticatorServiceServer::new(AuthenticatorApi::new(self.state.clone()))
                 .max_decoding_message_size(MAX_REQUEST_BYTES);
-        let identities = IdentityServiceServer::new(NotYetImplemented)
+        let identities = IdentityServiceServer::new(IdentityApi::new(self.state.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let logs = LogServiceServer::new(LogApi::new(self.state.clone(), self.feed.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES);
@@ -322,6 +330,25 @@ async fn ensure_dev_key(pool: &Pool, dir: &Path) -> anyhow::Result<std::path::Pa
     Ok(path)
 }
 
+/// The embedded default's encryption keys: `<dir>/encryption-keys` (mode 0600), made with one
+/// random key the first time. Losing the file makes stored provider tokens unreadable.
+fn ensure_encryption_keys(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("encryption-keys");
+    if !path.exists() {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        writeln!(f, "{}", Sealer::generate_spec("k1"))?;
+        tracing::info!(file = %path.display(), "generated an encryption key for secrets at rest");
+    }
+    Ok(path)
+}
+
 /// `roster serve`: connect (or start the embedded cluster), migrate, serve until a signal.
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let (embedded, url) = match cfg.database.url()? {
@@ -346,7 +373,11 @@ async fn serve_on(cfg: &ServeConfig, url: &str, embedded: bool) -> anyhow::Resul
         let mut client = db::client(&pool).await?;
         crate::db::migrate::migrate(&mut client).await?;
     }
-    let app = Application::build(cfg.listen, pool.clone(), cfg.server.clone())
+    let mut server = cfg.server.clone();
+    if embedded && server.encryption_keys()?.is_none() {
+        server.encryption_keys_file = Some(ensure_encryption_keys(&cfg.database.data_dir)?);
+    }
+    let app = Application::build(cfg.listen, pool.clone(), server)
         .await?
         .listen_for_events(db::pg_config(url, cfg.database.timeout())?);
     let addr = app.local_addr();

@@ -8,6 +8,7 @@
 //! free list instead of allocating (and page-faulting) tens of MiB per call.
 pub mod formats;
 pub mod policy;
+pub mod seal;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -15,6 +15,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "event_stream",
         include_str!("migrations/0003_event_stream.sql"),
     ),
+    (
+        4,
+        "identities",
+        include_str!("migrations/0004_identities.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming Roster's migration lock.

@@ -68,6 +68,7 @@ fn unique_constraint_field(constraint: &str) -> Option<(&'static str, &'static s
         "users_username_key" => ("user", "username"),
         "users_external_id_key" => ("user", "external_id"),
         "projects_name_key" => ("project", "name"),
+        "identities_provider_subject_key" => ("identity", "provider_subject"),
         _ => return None,
     })
 }

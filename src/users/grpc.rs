@@ -114,7 +114,7 @@ pub fn user_to_proto(u: &User) -> pb::User {
     }
 }
 
-fn id_field(v: &mut Violations, field: &str, value: &str) -> Uuid {
+pub fn id_field(v: &mut Violations, field: &str, value: &str) -> Uuid {
     wire::parse_id(value).unwrap_or_else(|e| {
         v.add(field, e);
         Uuid::nil()

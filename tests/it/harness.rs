@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use roster::config::ServerConfig;
 use roster::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
 use roster::pb::v1::authenticator_service_client::AuthenticatorServiceClient;
+use roster::pb::v1::identity_service_client::IdentityServiceClient;
 use roster::pb::v1::log_service_client::LogServiceClient;
 use roster::pb::v1::user_service_client::UserServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -161,6 +162,7 @@ impl Interceptor for Key {
 }
 
 pub type Users = UserServiceClient<InterceptedService<Channel, Key>>;
+pub type Identities = IdentityServiceClient<InterceptedService<Channel, Key>>;
 pub type Logs = LogServiceClient<InterceptedService<Channel, Key>>;
 pub type Authenticators = AuthenticatorServiceClient<InterceptedService<Channel, Key>>;
 
@@ -187,8 +189,14 @@ impl TestApp {
         .await
     }
 
-    pub async fn spawn_with(config: ServerConfig) -> TestApp {
+    /// The encryption keys tests run with (fixed, so a test can check what is stored).
+    pub const ENCRYPTION_KEYS: &str = "test1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    pub async fn spawn_with(mut config: ServerConfig) -> TestApp {
         init_tracing();
+        if config.encryption_keys.is_none() {
+            config.encryption_keys = Some(Self::ENCRYPTION_KEYS.to_string());
+        }
         let c = cluster();
         let db_name = format!("t_{}", Uuid::now_v7().simple());
         let (client, conn) = tokio_postgres::connect(&c.admin, tokio_postgres::NoTls)
@@ -284,6 +292,11 @@ impl TestApp {
     {
         let client = self.pool.get().await.expect("db");
         client.query_one(sql, params).await.expect("query").get(0)
+    }
+
+    /// An IdentityService client using the all-scopes key.
+    pub fn identities(&self) -> Identities {
+        IdentityServiceClient::with_interceptor(self.channel.clone(), key(Some(&self.token)))
     }
 
     /// A LogService client using the all-scopes key.

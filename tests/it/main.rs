@@ -6,6 +6,7 @@ mod auth;
 mod cli;
 mod events;
 mod harness;
+mod identities;
 mod list;
 mod passwords;
 mod server;
