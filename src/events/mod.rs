@@ -12,121 +12,65 @@ use uuid::Uuid;
 
 use crate::auth::Caller;
 
-/// The kinds of events; the names are those of `roster.v1.EventType` without the prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventType {
-    UserCreated,
-    UserUpdated,
-    UserDeleted,
-    UserBlocked,
-    UserUnblocked,
-    UserDeactivated,
-    UserReactivated,
-    UserImported,
-    ContactVerificationStarted,
-    ContactVerified,
-    ContactVerificationFailed,
-    PasswordSet,
-    PasswordChanged,
-    PasswordExpired,
-    PasswordResetRequested,
-    PasswordReset,
-    PasswordRehashed,
-    LoginSucceeded,
-    LoginFailed,
-    UserLockedOut,
-    AuthenticatorEnrolled,
-    AuthenticatorConfirmed,
-    AuthenticatorUpdated,
-    AuthenticatorDeleted,
-    FactorVerified,
-    FactorVerificationFailed,
-    RecoveryCodesGenerated,
-    IdentityLinked,
-    IdentityUnlinked,
-    UsersMerged,
-    UsersExported,
-}
-
-impl EventType {
-    /// The stored name, e.g. `USER_CREATED`.
-    pub fn as_str(self) -> &'static str {
-        use EventType::*;
-        match self {
-            UserCreated => "USER_CREATED",
-            UserUpdated => "USER_UPDATED",
-            UserDeleted => "USER_DELETED",
-            UserBlocked => "USER_BLOCKED",
-            UserUnblocked => "USER_UNBLOCKED",
-            UserDeactivated => "USER_DEACTIVATED",
-            UserReactivated => "USER_REACTIVATED",
-            UserImported => "USER_IMPORTED",
-            ContactVerificationStarted => "CONTACT_VERIFICATION_STARTED",
-            ContactVerified => "CONTACT_VERIFIED",
-            ContactVerificationFailed => "CONTACT_VERIFICATION_FAILED",
-            PasswordSet => "PASSWORD_SET",
-            PasswordChanged => "PASSWORD_CHANGED",
-            PasswordExpired => "PASSWORD_EXPIRED",
-            PasswordResetRequested => "PASSWORD_RESET_REQUESTED",
-            PasswordReset => "PASSWORD_RESET",
-            PasswordRehashed => "PASSWORD_REHASHED",
-            LoginSucceeded => "LOGIN_SUCCEEDED",
-            LoginFailed => "LOGIN_FAILED",
-            UserLockedOut => "USER_LOCKED_OUT",
-            AuthenticatorEnrolled => "AUTHENTICATOR_ENROLLED",
-            AuthenticatorConfirmed => "AUTHENTICATOR_CONFIRMED",
-            AuthenticatorUpdated => "AUTHENTICATOR_UPDATED",
-            AuthenticatorDeleted => "AUTHENTICATOR_DELETED",
-            FactorVerified => "FACTOR_VERIFIED",
-            FactorVerificationFailed => "FACTOR_VERIFICATION_FAILED",
-            RecoveryCodesGenerated => "RECOVERY_CODES_GENERATED",
-            IdentityLinked => "IDENTITY_LINKED",
-            IdentityUnlinked => "IDENTITY_UNLINKED",
-            UsersMerged => "USERS_MERGED",
-            UsersExported => "USERS_EXPORTED",
+/// Declares [`EventType`] once: its variants, their stored names and the list of all.
+macro_rules! event_types {
+    ($($variant:ident => $name:literal,)+) => {
+        /// The kinds of events; the names are those of `roster.v1.EventType` without the
+        /// prefix.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum EventType {
+            $($variant,)+
         }
-    }
+
+        impl EventType {
+            /// Every type, in `roster.v1.EventType` number order.
+            pub const ALL: &[EventType] = &[$(EventType::$variant,)+];
+
+            /// The stored name, e.g. `USER_CREATED`.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(EventType::$variant => $name,)+
+                }
+            }
+        }
+    };
+}
+
+event_types! {
+    UserCreated => "USER_CREATED",
+    UserUpdated => "USER_UPDATED",
+    UserDeleted => "USER_DELETED",
+    UserBlocked => "USER_BLOCKED",
+    UserUnblocked => "USER_UNBLOCKED",
+    UserDeactivated => "USER_DEACTIVATED",
+    UserReactivated => "USER_REACTIVATED",
+    UserImported => "USER_IMPORTED",
+    ContactVerificationStarted => "CONTACT_VERIFICATION_STARTED",
+    ContactVerified => "CONTACT_VERIFIED",
+    ContactVerificationFailed => "CONTACT_VERIFICATION_FAILED",
+    PasswordSet => "PASSWORD_SET",
+    PasswordChanged => "PASSWORD_CHANGED",
+    PasswordExpired => "PASSWORD_EXPIRED",
+    PasswordResetRequested => "PASSWORD_RESET_REQUESTED",
+    PasswordReset => "PASSWORD_RESET",
+    PasswordRehashed => "PASSWORD_REHASHED",
+    LoginSucceeded => "LOGIN_SUCCEEDED",
+    LoginFailed => "LOGIN_FAILED",
+    UserLockedOut => "USER_LOCKED_OUT",
+    AuthenticatorEnrolled => "AUTHENTICATOR_ENROLLED",
+    AuthenticatorConfirmed => "AUTHENTICATOR_CONFIRMED",
+    AuthenticatorUpdated => "AUTHENTICATOR_UPDATED",
+    AuthenticatorDeleted => "AUTHENTICATOR_DELETED",
+    FactorVerified => "FACTOR_VERIFIED",
+    FactorVerificationFailed => "FACTOR_VERIFICATION_FAILED",
+    RecoveryCodesGenerated => "RECOVERY_CODES_GENERATED",
+    IdentityLinked => "IDENTITY_LINKED",
+    IdentityUnlinked => "IDENTITY_UNLINKED",
+    UsersMerged => "USERS_MERGED",
+    UsersExported => "USERS_EXPORTED",
 }
 
 impl EventType {
-    /// Every type, in `roster.v1.EventType` number order.
-    pub const ALL: [EventType; 31] = {
-        use EventType::*;
-        [
-            UserCreated,
-            UserUpdated,
-            UserDeleted,
-            UserBlocked,
-            UserUnblocked,
-            UserDeactivated,
-            UserReactivated,
-            UserImported,
-            ContactVerificationStarted,
-            ContactVerified,
-            ContactVerificationFailed,
-            PasswordSet,
-            PasswordChanged,
-            PasswordExpired,
-            PasswordResetRequested,
-            PasswordReset,
-            PasswordRehashed,
-            LoginSucceeded,
-            LoginFailed,
-            UserLockedOut,
-            AuthenticatorEnrolled,
-            AuthenticatorConfirmed,
-            AuthenticatorUpdated,
-            AuthenticatorDeleted,
-            FactorVerified,
-            FactorVerificationFailed,
-            RecoveryCodesGenerated,
-            IdentityLinked,
-            IdentityUnlinked,
-            UsersMerged,
-            UsersExported,
-        ]
-    };
-
     /// The stored name for a filter value: `LOGIN_FAILED` or `EVENT_TYPE_LOGIN_FAILED`.
     pub fn stored_name(name: &str) -> Option<&'static str> {
         let name = name.strip_prefix("EVENT_TYPE_").unwrap_or(name);
@@ -186,5 +130,25 @@ impl NewEvent {
             user_id: Some(user_id),
             data,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_type_is_a_proto_event_type_in_number_order() {
+        for (i, t) in EventType::ALL.iter().enumerate() {
+            let proto =
+                crate::pb::v1::EventType::from_str_name(&format!("EVENT_TYPE_{}", t.as_str()));
+            assert_eq!(proto.map(|p| p as usize), Some(i + 1), "{t:?}");
+            assert_eq!(EventType::stored_name(t.as_str()), Some(t.as_str()));
+        }
+        assert_eq!(
+            EventType::stored_name("EVENT_TYPE_LOGIN_FAILED"),
+            Some("LOGIN_FAILED")
+        );
+        assert_eq!(EventType::stored_name("NOPE"), None);
     }
 }
