@@ -278,6 +278,8 @@ pub async fn merge(pool: &Pool, caller: &Caller, primary: Uuid, secondary: Uuid)
     let sec = sec.ok_or_else(|| user_not_found(secondary))?;
 
     let moved = store::move_all(&tx, p, secondary, primary).await?;
+    // Second factors (TOTP, passkeys, OTP channels, recovery codes) have no table yet; when
+    // they land they move here too, in this transaction.
     let password_moved = prim.hash.is_none() && sec.hash.is_some();
     if password_moved {
         credentials::set_password(
