@@ -115,7 +115,7 @@ pub fn json_to_value(v: &Value) -> prost_types::Value {
 }
 
 /// Checks a metadata object against the size limit.
-pub fn check_metadata_size(map: &Map<String, Value>) -> Result<(), String> {
+fn check_metadata_size(map: &Map<String, Value>) -> Result<(), String> {
     let size = serde_json::to_vec(map)
         .map(|v| v.len())
         .unwrap_or(usize::MAX);
@@ -123,6 +123,15 @@ pub fn check_metadata_size(map: &Map<String, Value>) -> Result<(), String> {
         return Err(format!(
             "is {size} bytes serialised; the limit is {METADATA_MAX_BYTES}"
         ));
+    }
+    Ok(())
+}
+
+/// Checks a metadata-like object against the size and depth limits.
+pub fn check_metadata(map: &Map<String, Value>) -> Result<(), String> {
+    check_metadata_size(map)?;
+    if json_depth(&Value::Object(map.clone())) > METADATA_MAX_DEPTH {
+        return Err(format!("nesting deeper than {METADATA_MAX_DEPTH} levels"));
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ use crate::db;
 use crate::error::{Error, Violations};
 use crate::pb::v1 as pb;
 use crate::pb::v1::log_service_server::LogService;
-use crate::query::{filter, page};
+use crate::query::{filter, page, sql};
 use crate::server::AppState;
 use crate::users::grpc::required_id;
 use crate::wire;
@@ -57,13 +57,7 @@ pub fn event_to_proto(e: &Event) -> pb::Event {
 
 /// Parses and checks an events filter, adding a violation when it is bad.
 fn events_filter(v: &mut Violations, text: &str) -> Option<filter::Expr> {
-    let parsed = filter::parse(text).and_then(|f| {
-        if let Some(expr) = &f {
-            store::check_filter(expr)?;
-        }
-        Ok(f)
-    });
-    parsed.unwrap_or_else(|e| {
+    sql::parse_filter(text, store::filter_field).unwrap_or_else(|e| {
         v.add("filter", e.to_string());
         None
     })
@@ -110,15 +104,10 @@ impl LogService for LogApi {
             after,
         };
         let client = db::client(&self.state.pool).await?;
-        let mut rows = store::list(&client, caller.project_id, &spec).await?;
-        let more = rows.len() as i64 > limit;
-        rows.truncate(limit as usize);
-        let next_page_token = match (more, rows.last()) {
-            (true, Some((_, cursor))) => page::encode_token(cursor, &fp),
-            _ => String::new(),
-        };
+        let rows = store::list(&client, caller.project_id, &spec).await?;
+        let (events, next_page_token) = page::split_page(rows, limit, &fp);
         Ok(Response::new(pb::ListEventsResponse {
-            events: rows.iter().map(|(e, _)| event_to_proto(e)).collect(),
+            events: events.iter().map(event_to_proto).collect(),
             next_page_token,
         }))
     }

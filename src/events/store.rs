@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{Event, EventContext, EventType, NewEvent};
 use crate::error::{Error, Result};
-use crate::query::filter::{Expr, FilterError};
+use crate::query::filter::Expr;
 use crate::query::page::{Cursor, Order, OrderField, SortKind};
 use crate::query::sql::{self, Field, FieldKind, Sql};
 
@@ -95,11 +95,6 @@ pub fn filter_field(name: &str) -> std::result::Result<Field, String> {
              request_id"
         )),
     }
-}
-
-/// Checks that the filter compiles (unknown fields, bad literals) before any query runs.
-pub fn check_filter(expr: &Expr) -> std::result::Result<(), FilterError> {
-    sql::compile(expr, filter_field, &mut Sql::new())
 }
 
 /// The field ListEvents orders by.

@@ -1,6 +1,5 @@
 //! IdentityService over gRPC: validates requests (every field violation at once), calls
 //! `ops`, converts results. No SQL here.
-use serde_json::Value;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -103,13 +102,8 @@ impl IdentityService for IdentityApi {
                 serde_json::Map::new()
             }),
         };
-        if let Err(e) = wire::check_metadata_size(&profile) {
+        if let Err(e) = wire::check_metadata(&profile) {
             v.add("profile", e);
-        } else if wire::json_depth(&Value::Object(profile.clone())) > wire::METADATA_MAX_DEPTH {
-            v.add(
-                "profile",
-                format!("nests deeper than {} levels", wire::METADATA_MAX_DEPTH),
-            );
         }
         let access = token(&mut v, "access_token", req.access_token);
         let refresh = token(&mut v, "refresh_token", req.refresh_token);

@@ -19,6 +19,22 @@ use super::sql::Sql;
 pub const DEFAULT_PAGE_SIZE: i64 = 50;
 pub const MAX_PAGE_SIZE: i64 = 1000;
 
+/// Splits rows fetched with one extra (see the stores' `list`) into the page and the token of
+/// the next one (empty on the last page).
+pub fn split_page<T>(
+    mut rows: Vec<(T, Cursor)>,
+    limit: i64,
+    fingerprint: &str,
+) -> (Vec<T>, String) {
+    let more = rows.len() as i64 > limit;
+    rows.truncate(limit.max(0) as usize);
+    let token = match (more, rows.last()) {
+        (true, Some((_, cursor))) => encode_token(cursor, fingerprint),
+        _ => String::new(),
+    };
+    (rows.into_iter().map(|(item, _)| item).collect(), token)
+}
+
 /// AIP-158: 0 means the default, above the maximum is coerced, negative is an error.
 pub fn page_size(requested: i32) -> Result<i64, String> {
     match requested {

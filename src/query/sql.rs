@@ -67,6 +67,16 @@ pub struct Field {
 /// Maps a filter field name to a [`Field`], or explains why it cannot be filtered on.
 pub type Resolver = fn(&str) -> Result<Field, String>;
 
+/// Parses a filter and checks it against `resolve` (unknown fields, bad literals), so a bad
+/// filter is reported before any query runs.
+pub fn parse_filter(input: &str, resolve: Resolver) -> Result<Option<Expr>, FilterError> {
+    let parsed = crate::query::filter::parse(input)?;
+    if let Some(expr) = &parsed {
+        compile(expr, resolve, &mut Sql::new())?;
+    }
+    Ok(parsed)
+}
+
 /// Compiles `expr` into a SQL boolean expression appended to `sql`.
 pub fn compile(expr: &Expr, resolve: Resolver, sql: &mut Sql) -> Result<(), FilterError> {
     match expr {

@@ -13,7 +13,7 @@ use crate::crypto;
 use crate::error::{Error, Violation, Violations};
 use crate::pb::v1 as pb;
 use crate::pb::v1::user_service_server::UserService;
-use crate::query::{filter, page};
+use crate::query::{page, sql};
 use crate::server::AppState;
 use crate::wire;
 
@@ -223,13 +223,7 @@ pub const MAX_QUERY: usize = 256;
 
 fn list_spec(req: &pb::ListUsersRequest) -> Result<(ListSpec, String), Error> {
     let mut v = Violations::new();
-    let parsed = filter::parse(&req.filter).and_then(|f| {
-        if let Some(expr) = &f {
-            store::check_filter(expr)?;
-        }
-        Ok(f)
-    });
-    let filter = parsed.unwrap_or_else(|e| {
+    let filter = sql::parse_filter(&req.filter, store::filter_field).unwrap_or_else(|e| {
         v.add("filter", e.to_string());
         None
     });

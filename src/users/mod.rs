@@ -279,13 +279,8 @@ pub fn validate_profile(p: &Profile, prefix: &str, v: &mut Violations) {
         ("user_metadata", &p.user_metadata),
         ("app_metadata", &p.app_metadata),
     ] {
-        if let Err(e) = wire::check_metadata_size(m) {
+        if let Err(e) = wire::check_metadata(m) {
             v.add(f(name), e);
-        } else if wire::json_depth(&Value::Object(m.clone())) > wire::METADATA_MAX_DEPTH {
-            v.add(
-                f(name),
-                format!("nesting deeper than {} levels", wire::METADATA_MAX_DEPTH),
-            );
         }
     }
 }

@@ -266,20 +266,15 @@ pub async fn list_users(
     show_total_size: bool,
 ) -> Result<UserPage> {
     let client = db::client(pool).await?;
-    let mut rows = store::list(&client, caller.project_id, spec).await?;
-    let more = rows.len() as i64 > spec.limit;
-    rows.truncate(spec.limit as usize);
-    let next_page_token = match (more, rows.last()) {
-        (true, Some((_, cursor))) => page::encode_token(cursor, fingerprint),
-        _ => String::new(),
-    };
+    let rows = store::list(&client, caller.project_id, spec).await?;
+    let (users, next_page_token) = page::split_page(rows, spec.limit, fingerprint);
     let total_size = if show_total_size {
         Some(store::count(&client, caller.project_id, spec).await?)
     } else {
         None
     };
     Ok(UserPage {
-        users: rows.into_iter().map(|(u, _)| u).collect(),
+        users,
         next_page_token,
         total_size,
     })

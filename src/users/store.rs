@@ -531,11 +531,6 @@ fn where_clause(
     Ok(())
 }
 
-/// Checks that the filter compiles (unknown fields, bad literals) before any query runs.
-pub fn check_filter(expr: &Expr) -> std::result::Result<(), crate::query::filter::FilterError> {
-    sql::compile(expr, filter_field, &mut Sql::new())
-}
-
 /// One page of users, each with the cursor pointing just past it; fetches one extra row so
 /// the caller knows whether there is a next page.
 pub async fn list(
