@@ -64,6 +64,74 @@ pub async fn list_projects(db: &impl GenericClient) -> Result<Vec<Project>> {
         .collect())
 }
 
+/// Most origins one relying party allows.
+pub const MAX_ORIGINS: usize = 16;
+
+/// Sets a project's WebAuthn relying party: its id (a domain), optional display name, and
+/// the origins allowed to run ceremonies (http only for localhost, as browsers require).
+pub async fn set_relying_party(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    rp_id: &str,
+    rp_name: Option<&str>,
+    origins: &[String],
+) -> Result<()> {
+    let mut v = crate::error::Violations::new();
+    let rp_id = rp_id.trim().to_ascii_lowercase();
+    let domain_ok = !rp_id.is_empty()
+        && rp_id.len() <= 253
+        && rp_id.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !domain_ok {
+        v.add(
+            "webauthn_rp_id",
+            "must be a domain name such as example.com",
+        );
+    }
+    let rp_name = rp_name.map(str::trim).filter(|n| !n.is_empty());
+    if rp_name.is_some_and(|n| n.chars().count() > 256 || n.chars().any(char::is_control)) {
+        v.add(
+            "webauthn_rp_name",
+            "must be at most 256 printable characters",
+        );
+    }
+    if origins.is_empty() || origins.len() > MAX_ORIGINS {
+        v.add(
+            "webauthn_origins",
+            format!("must list 1 to {MAX_ORIGINS} origins"),
+        );
+    }
+    let mut clean = Vec::with_capacity(origins.len());
+    for o in origins {
+        match url::Url::parse(o.trim()) {
+            Ok(u)
+                if (u.scheme() == "https"
+                    || (u.scheme() == "http" && u.host_str() == Some("localhost")))
+                    && u.host_str().is_some()
+                    && u.path() == "/"
+                    && u.query().is_none() =>
+            {
+                clean.push(u.origin().ascii_serialization());
+            }
+            _ => v.add(
+                "webauthn_origins",
+                format!("{o:?} is not an origin like https://example.com"),
+            ),
+        }
+    }
+    v.into_result()?;
+    db.execute(
+        "UPDATE projects SET webauthn_rp_id = $2, webauthn_rp_name = $3, webauthn_origins = $4
+         WHERE id = $1",
+        &[&project_id, &rp_id, &rp_name, &clean],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Finds a project by id or by name.
 pub async fn find_project(db: &impl GenericClient, id_or_name: &str) -> Result<Project> {
     let id = Uuid::try_parse(id_or_name).ok();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::authenticators::passkey::RelyingPartyDefaults;
 use crate::authenticators::password::PasswordSettings;
 
 /// Options of the database connection shared by every subcommand that talks to PostgreSQL.
@@ -119,6 +120,17 @@ pub struct ServerConfig {
     /// Seconds in-flight RPCs get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "ROSTER_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
+    /// WebAuthn relying-party id (the site's domain, e.g. example.com) for projects that set
+    /// none of their own (`roster projects update --webauthn-rp-id`).
+    #[arg(long, env = "ROSTER_WEBAUTHN_RP_ID")]
+    pub webauthn_rp_id: Option<String>,
+    /// WebAuthn relying-party name shown by authenticators; the project name by default.
+    #[arg(long, env = "ROSTER_WEBAUTHN_RP_NAME")]
+    pub webauthn_rp_name: Option<String>,
+    /// Origins allowed to run passkey ceremonies with the default relying party,
+    /// comma-separated (e.g. https://example.com,https://app.example.com).
+    #[arg(long, env = "ROSTER_WEBAUTHN_ORIGINS", value_delimiter = ',')]
+    pub webauthn_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -137,6 +149,9 @@ impl Default for ServerConfig {
             event_poll_ms: 1000,
             key_cache_ms: 2000,
             shutdown_grace_secs: 20,
+            webauthn_rp_id: None,
+            webauthn_rp_name: None,
+            webauthn_origins: Vec::new(),
         }
     }
 }
@@ -163,6 +178,22 @@ impl ServerConfig {
         PasswordSettings {
             lockout_threshold: self.lockout_threshold,
             lockout: chrono::Duration::seconds(self.lockout_secs.min(31_536_000) as i64),
+        }
+    }
+
+    pub fn relying_party(&self) -> RelyingPartyDefaults {
+        RelyingPartyDefaults {
+            rp_id: self.webauthn_rp_id.clone().filter(|s| !s.trim().is_empty()),
+            rp_name: self
+                .webauthn_rp_name
+                .clone()
+                .filter(|s| !s.trim().is_empty()),
+            origins: self
+                .webauthn_origins
+                .iter()
+                .map(|o| o.trim().to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
         }
     }
 

@@ -16,6 +16,7 @@ use tonic_health::ServingStatus;
 
 use crate::auth::{AuthLayer, InFlight, KeyVerifier};
 use crate::authenticators::grpc::AuthenticatorApi;
+use crate::authenticators::passkey::RelyingPartyDefaults;
 use crate::authenticators::password::PasswordSettings;
 use crate::config::{ServeConfig, ServerConfig};
 use crate::crypto::Hasher;
@@ -38,8 +39,10 @@ pub struct AppState {
     pub pool: Pool,
     pub hasher: Arc<Hasher>,
     pub passwords: PasswordSettings,
-    /// Seals provider tokens (and later TOTP seeds); `None` when no key is configured.
+    /// Seals provider tokens and TOTP seeds; `None` when no key is configured.
     pub sealer: Option<Arc<Sealer>>,
+    /// The WebAuthn relying party of projects that set none of their own.
+    pub relying_party: RelyingPartyDefaults,
 }
 
 /// Largest request message accepted (API.md).
@@ -82,7 +85,7 @@ impl Application {
             Some(spec) => Some(Arc::new(Sealer::parse(&spec)?)),
             None => {
                 tracing::warn!(
-                    "no ROSTER_ENCRYPTION_KEYS: identities cannot store provider tokens"
+                    "no ROSTER_ENCRYPTION_KEYS: provider tokens and TOTP cannot be stored"
                 );
                 None
             }
@@ -94,6 +97,7 @@ impl Application {
                 hasher: Arc::new(hasher),
                 passwords: config.password_settings(),
                 sealer,
+                relying_party: config.relying_party(),
             },
             config,
             feed: EventFeed::new(),

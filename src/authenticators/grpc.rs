@@ -1,12 +1,13 @@
 //! AuthenticatorService over gRPC: validates each request into domain values (every field
-//! violation at once), calls the operations, and converts results back. No SQL here. RPCs of
-//! later issues (TOTP, OTP, passkeys, recovery codes) still answer UNIMPLEMENTED.
+//! violation at once), calls the operations, and converts results back. No SQL here.
 use std::net::IpAddr;
 
 use tonic::{Request, Response, Status};
 
-use super::password::{self, NewPassword, Origin, SignInResult};
+use super::factors::{self, AuthenticatorPatch, FactorTarget};
+use super::password::{self, NewPassword, Origin, SignInResult, sign_in_context};
 use super::store::Login;
+use super::{Authenticator, FactorResult, Kind, MAX_NAME_CHARS, otp, passkey, recovery, totp};
 use crate::auth::caller_of;
 use crate::crypto::{formats, policy};
 use crate::error::{Error, Violations};
@@ -81,6 +82,92 @@ fn origin(v: &mut Violations, ip: &str, user_agent: &str) -> Origin {
         ip,
         user_agent: (!ua.is_empty()).then(|| ua.to_string()),
     }
+}
+
+/// An optional authenticator name: trimmed, at most 256 printable characters.
+fn optional_name(v: &mut Violations, field: &str, raw: &str) -> Option<String> {
+    let t = raw.trim();
+    if t.chars().count() > MAX_NAME_CHARS || t.chars().any(char::is_control) {
+        v.add(
+            field,
+            format!("must be at most {MAX_NAME_CHARS} printable characters"),
+        );
+    }
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+fn kind_of(n: i32) -> Option<Kind> {
+    i16::try_from(n).ok().and_then(Kind::from_i16)
+}
+
+pub fn authenticator_to_proto(a: &Authenticator) -> pb::Authenticator {
+    use base64::Engine as _;
+    pb::Authenticator {
+        id: a.id.to_string(),
+        user_id: a.user_id.to_string(),
+        r#type: a.kind as i32,
+        name: a.name.clone().unwrap_or_default(),
+        confirmed: a.confirmed,
+        is_default: a.is_default,
+        created_at: Some(wire::timestamp(a.created_at)),
+        last_used_at: wire::opt_timestamp(a.last_used_at),
+        credential_id: a
+            .credential_id
+            .as_ref()
+            .map(|c| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(c))
+            .unwrap_or_default(),
+        aaguid: a.aaguid.map(|u| u.to_string()).unwrap_or_default(),
+        transports: a.transports.clone(),
+        backed_up: a.backed_up,
+        email: a.email.clone().unwrap_or_default(),
+        phone_number: a.phone_number.clone().unwrap_or_default(),
+    }
+}
+
+fn factor_result(r: FactorResult) -> i32 {
+    use pb::VerifyFactorResult as P;
+    (match r {
+        FactorResult::Ok => P::Ok,
+        FactorResult::InvalidCode => P::InvalidCode,
+        FactorResult::CodeReused => P::CodeReused,
+        FactorResult::Expired => P::Expired,
+        FactorResult::TooManyAttempts => P::TooManyAttempts,
+        FactorResult::Locked => P::Locked,
+    }) as i32
+}
+
+/// Largest WebAuthn credential JSON accepted (real ones are a few KiB).
+pub const MAX_CREDENTIAL_JSON: usize = 64 * 1024;
+
+/// Parses browser WebAuthn JSON (RegistrationResponseJSON or AuthenticationResponseJSON).
+fn webauthn_json<T: serde::de::DeserializeOwned>(
+    v: &mut Violations,
+    field: &str,
+    raw: &str,
+) -> Option<T> {
+    if raw.trim().is_empty() {
+        v.add(field, "is required");
+        return None;
+    }
+    if raw.len() > MAX_CREDENTIAL_JSON {
+        v.add(
+            field,
+            format!("must be at most {MAX_CREDENTIAL_JSON} bytes"),
+        );
+        return None;
+    }
+    serde_json::from_str(raw)
+        .map_err(|e| {
+            v.add(
+                field,
+                format!(
+                    "is not WebAuthn credential JSON (line {}, column {})",
+                    e.line(),
+                    e.column()
+                ),
+            )
+        })
+        .ok()
 }
 
 fn sign_in_result(r: SignInResult) -> pb::VerifyPasswordResult {
@@ -286,6 +373,383 @@ impl AuthenticatorService for AuthenticatorApi {
             password::reset_password(&s.pool, &s.hasher, &caller, token, req.new_password).await?;
         Ok(Response::new(pb::ResetPasswordResponse {
             user: Some(user_to_proto(&user)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn enroll_totp(
+        &self,
+        request: Request<pb::EnrollTotpRequest>,
+    ) -> Result<Response<pb::EnrollTotpResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let uid = user_id(&mut v, "user_id", &req.user_id);
+        let name = optional_name(&mut v, "name", &req.name);
+        v.into_result()?;
+        let s = &self.state;
+        let e = totp::enroll(&s.pool, s.sealer.as_deref(), &caller, uid, name.as_deref()).await?;
+        Ok(Response::new(pb::EnrollTotpResponse {
+            authenticator: Some(authenticator_to_proto(&e.authenticator)),
+            secret: e.secret_base32,
+            otpauth_uri: e.otpauth_uri,
+            qr_png: e.qr_png,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn confirm_totp(
+        &self,
+        request: Request<pb::ConfirmTotpRequest>,
+    ) -> Result<Response<pb::ConfirmTotpResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let uid = user_id(&mut v, "user_id", &req.user_id);
+        let id = user_id(&mut v, "authenticator_id", &req.authenticator_id);
+        let code: String = req.code.chars().filter(|c| !c.is_whitespace()).collect();
+        if !crate::crypto::codes::is_six_digits(&code) {
+            v.add("code", "must be 6 digits");
+        }
+        v.into_result()?;
+        let s = &self.state;
+        let (result, a) =
+            totp::confirm(&s.pool, s.sealer.as_deref(), &caller, uid, id, &code).await?;
+        Ok(Response::new(pb::ConfirmTotpResponse {
+            result: factor_result(result),
+            authenticator: Some(authenticator_to_proto(&a)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn generate_recovery_codes(
+        &self,
+        request: Request<pb::GenerateRecoveryCodesRequest>,
+    ) -> Result<Response<pb::GenerateRecoveryCodesResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let uid = required_id("user_id", &request.get_ref().user_id)?;
+        let (a, codes) = recovery::generate(&self.state.pool, &caller, uid).await?;
+        Ok(Response::new(pb::GenerateRecoveryCodesResponse {
+            authenticator: Some(authenticator_to_proto(&a)),
+            codes,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn enroll_otp_channel(
+        &self,
+        request: Request<pb::EnrollOtpChannelRequest>,
+    ) -> Result<Response<pb::EnrollOtpChannelResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let uid = user_id(&mut v, "user_id", &req.user_id);
+        let kind = match kind_of(req.r#type) {
+            Some(k @ (Kind::EmailOtp | Kind::SmsOtp)) => k,
+            _ => {
+                v.add("type", "must be EMAIL_OTP or SMS_OTP");
+                Kind::EmailOtp
+            }
+        };
+        let name = optional_name(&mut v, "name", &req.name);
+        v.into_result()?;
+        let a = otp::enroll(&self.state.pool, &caller, uid, kind, name.as_deref()).await?;
+        Ok(Response::new(pb::EnrollOtpChannelResponse {
+            authenticator: Some(authenticator_to_proto(&a)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn start_otp_challenge(
+        &self,
+        request: Request<pb::StartOtpChallengeRequest>,
+    ) -> Result<Response<pb::StartOtpChallengeResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let uid = user_id(&mut v, "user_id", &req.user_id);
+        let id = user_id(&mut v, "authenticator_id", &req.authenticator_id);
+        v.into_result()?;
+        let (code, expires_at, a) =
+            otp::start_challenge(&self.state.pool, &caller, uid, id).await?;
+        Ok(Response::new(pb::StartOtpChallengeResponse {
+            code,
+            expires_at: Some(wire::timestamp(expires_at)),
+            authenticator: Some(authenticator_to_proto(&a)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn verify_factor(
+        &self,
+        request: Request<pb::VerifyFactorRequest>,
+    ) -> Result<Response<pb::VerifyFactorResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let uid = user_id(&mut v, "user_id", &req.user_id);
+        let target = if !req.authenticator_id.trim().is_empty() {
+            FactorTarget::Id(user_id(&mut v, "authenticator_id", &req.authenticator_id))
+        } else {
+            match kind_of(req.r#type) {
+                Some(k @ (Kind::Totp | Kind::EmailOtp | Kind::SmsOtp | Kind::RecoveryCodes)) => {
+                    FactorTarget::Kind(k)
+                }
+                _ => {
+                    v.add(
+                        "type",
+                        "set authenticator_id, or type to TOTP, EMAIL_OTP, SMS_OTP or \
+                         RECOVERY_CODES",
+                    );
+                    FactorTarget::Kind(Kind::Totp)
+                }
+            }
+        };
+        if req.code.trim().is_empty() {
+            v.add("code", "is required");
+        } else if req.code.len() > 64 {
+            v.add("code", "must be at most 64 characters");
+        }
+        let origin = origin(&mut v, &req.ip, &req.user_agent);
+        v.into_result()?;
+        let s = &self.state;
+        let ctx = sign_in_context(&caller, &origin);
+        let out = factors::verify_factor(
+            &s.pool,
+            s.sealer.as_deref(),
+            &s.passwords,
+            &caller,
+            uid,
+            target,
+            &req.code,
+            &ctx,
+        )
+        .await?;
+        tracing::info!(result = out.result.as_str(), "factor verified");
+        Ok(Response::new(pb::VerifyFactorResponse {
+            result: factor_result(out.result),
+            authenticator: out.authenticator.as_ref().map(authenticator_to_proto),
+            user: out.user.as_ref().map(user_to_proto),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn start_passkey_registration(
+        &self,
+        request: Request<pb::StartPasskeyRegistrationRequest>,
+    ) -> Result<Response<pb::StartPasskeyRegistrationResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let uid = user_id(&mut v, "user_id", &req.user_id);
+        let name = optional_name(&mut v, "name", &req.name);
+        v.into_result()?;
+        let s = &self.state;
+        let (id, options) =
+            passkey::start_registration(&s.pool, &s.relying_party, &caller, uid, name).await?;
+        Ok(Response::new(pb::StartPasskeyRegistrationResponse {
+            ceremony_id: id.to_string(),
+            options_json: options,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn finish_passkey_registration(
+        &self,
+        request: Request<pb::FinishPasskeyRegistrationRequest>,
+    ) -> Result<Response<pb::FinishPasskeyRegistrationResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let uid = user_id(&mut v, "user_id", &req.user_id);
+        let ceremony = user_id(&mut v, "ceremony_id", &req.ceremony_id);
+        let credential = webauthn_json(&mut v, "credential_json", &req.credential_json);
+        v.into_result()?;
+        let Some(credential) = credential else {
+            return Err(Error::invalid("credential_json", "is required").into());
+        };
+        let s = &self.state;
+        let a = passkey::finish_registration(
+            &s.pool,
+            &s.relying_party,
+            &caller,
+            uid,
+            ceremony,
+            &credential,
+        )
+        .await?;
+        Ok(Response::new(pb::FinishPasskeyRegistrationResponse {
+            authenticator: Some(authenticator_to_proto(&a)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn start_passkey_authentication(
+        &self,
+        request: Request<pb::StartPasskeyAuthenticationRequest>,
+    ) -> Result<Response<pb::StartPasskeyAuthenticationResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let raw = request.get_ref().user_id.trim();
+        let uid = if raw.is_empty() {
+            None
+        } else {
+            Some(required_id("user_id", raw)?)
+        };
+        let s = &self.state;
+        let (id, options) =
+            passkey::start_authentication(&s.pool, &s.relying_party, &caller, uid).await?;
+        Ok(Response::new(pb::StartPasskeyAuthenticationResponse {
+            ceremony_id: id.to_string(),
+            options_json: options,
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn finish_passkey_authentication(
+        &self,
+        request: Request<pb::FinishPasskeyAuthenticationRequest>,
+    ) -> Result<Response<pb::FinishPasskeyAuthenticationResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let ceremony = user_id(&mut v, "ceremony_id", &req.ceremony_id);
+        let credential = webauthn_json(&mut v, "credential_json", &req.credential_json);
+        let origin = origin(&mut v, &req.ip, &req.user_agent);
+        v.into_result()?;
+        let Some(credential) = credential else {
+            return Err(Error::invalid("credential_json", "is required").into());
+        };
+        let s = &self.state;
+        let out = passkey::finish_authentication(
+            &s.pool,
+            &s.relying_party,
+            &s.passwords,
+            &caller,
+            ceremony,
+            &credential,
+            &origin,
+        )
+        .await?;
+        tracing::info!(result = out.result.as_str(), "passkey verified");
+        Ok(Response::new(pb::FinishPasskeyAuthenticationResponse {
+            result: factor_result(out.result),
+            authenticator: out.authenticator.as_ref().map(authenticator_to_proto),
+            user: out.user.as_ref().map(user_to_proto),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn list_authenticators(
+        &self,
+        request: Request<pb::ListAuthenticatorsRequest>,
+    ) -> Result<Response<pb::ListAuthenticatorsResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let uid = required_id("user_id", &request.get_ref().user_id)?;
+        let list = factors::list(&self.state.pool, &caller, uid).await?;
+        Ok(Response::new(pb::ListAuthenticatorsResponse {
+            authenticators: list.iter().map(authenticator_to_proto).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_authenticator(
+        &self,
+        request: Request<pb::GetAuthenticatorRequest>,
+    ) -> Result<Response<pb::GetAuthenticatorResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.get_ref();
+        let mut v = Violations::new();
+        let uid = user_id(&mut v, "user_id", &req.user_id);
+        let id = user_id(&mut v, "authenticator_id", &req.authenticator_id);
+        v.into_result()?;
+        let a = factors::get(&self.state.pool, &caller, uid, id).await?;
+        Ok(Response::new(pb::GetAuthenticatorResponse {
+            authenticator: Some(authenticator_to_proto(&a)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn update_authenticator(
+        &self,
+        request: Request<pb::UpdateAuthenticatorRequest>,
+    ) -> Result<Response<pb::UpdateAuthenticatorResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let a = req.authenticator.unwrap_or_default();
+        let uid = user_id(&mut v, "authenticator.user_id", &a.user_id);
+        let id = user_id(&mut v, "authenticator.id", &a.id);
+        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        if paths.is_empty() {
+            v.add("update_mask", "must name at least one of name, is_default");
+        }
+        let mut patch = AuthenticatorPatch {
+            name: None,
+            make_default: false,
+        };
+        for path in &paths {
+            match path.as_str() {
+                "name" => patch.name = Some(optional_name(&mut v, "authenticator.name", &a.name)),
+                "is_default" if a.is_default => patch.make_default = true,
+                "is_default" => v.add(
+                    "authenticator.is_default",
+                    "can only be set to true: make another authenticator the default instead",
+                ),
+                other => v.add(
+                    "update_mask",
+                    format!("unknown or read-only path {other:?}; settable: name, is_default"),
+                ),
+            }
+        }
+        v.into_result()?;
+        let a = factors::update(&self.state.pool, &caller, uid, id, patch).await?;
+        Ok(Response::new(pb::UpdateAuthenticatorResponse {
+            authenticator: Some(authenticator_to_proto(&a)),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_authenticator(
+        &self,
+        request: Request<pb::DeleteAuthenticatorRequest>,
+    ) -> Result<Response<pb::DeleteAuthenticatorResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.get_ref();
+        let mut v = Violations::new();
+        let uid = user_id(&mut v, "user_id", &req.user_id);
+        let id = user_id(&mut v, "authenticator_id", &req.authenticator_id);
+        v.into_result()?;
+        factors::delete(&self.state.pool, &caller, uid, Some(id), None).await?;
+        Ok(Response::new(pb::DeleteAuthenticatorResponse {}))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn delete_all_authenticators(
+        &self,
+        request: Request<pb::DeleteAllAuthenticatorsRequest>,
+    ) -> Result<Response<pb::DeleteAllAuthenticatorsResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.get_ref();
+        let mut v = Violations::new();
+        let uid = user_id(&mut v, "user_id", &req.user_id);
+        let kind = match req.r#type {
+            0 => None,
+            n => match kind_of(n) {
+                Some(Kind::Password) | None => {
+                    v.add(
+                        "type",
+                        "must be TOTP, PASSKEY, EMAIL_OTP, SMS_OTP, RECOVERY_CODES or unset \
+                         (passwords are managed with SetPassword)",
+                    );
+                    None
+                }
+                k => k,
+            },
+        };
+        v.into_result()?;
+        let deleted = factors::delete(&self.state.pool, &caller, uid, None, kind).await?;
+        Ok(Response::new(pb::DeleteAllAuthenticatorsResponse {
+            deleted_count: i32::try_from(deleted.len()).unwrap_or(i32::MAX),
         }))
     }
 }

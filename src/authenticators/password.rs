@@ -72,18 +72,18 @@ pub struct Origin {
 
 const USER: &str = "user";
 
-fn not_found(id: Uuid) -> Error {
+pub(super) fn not_found(id: Uuid) -> Error {
     Error::not_found(USER, id.to_string())
 }
 
-fn precondition(reason: &'static str, message: &str) -> Error {
+pub(super) fn precondition(reason: &'static str, message: &str) -> Error {
     Error::FailedPrecondition {
         reason,
         message: message.to_string(),
     }
 }
 
-async fn record(
+pub(super) async fn record(
     tx: &deadpool_postgres::Transaction<'_>,
     caller: &Caller,
     ctx: &EventContext,
@@ -93,7 +93,7 @@ async fn record(
 }
 
 /// The event context of a sign-in: the end user's address and agent when the caller gave them.
-fn sign_in_context(caller: &Caller, origin: &Origin) -> EventContext {
+pub(super) fn sign_in_context(caller: &Caller, origin: &Origin) -> EventContext {
     let mut ctx = EventContext::from_caller(caller);
     if origin.ip.is_some() {
         ctx.ip = origin.ip.clone();
@@ -188,7 +188,7 @@ pub async fn expire_password(pool: &Pool, caller: &Caller, id: Uuid) -> Result<U
 }
 
 /// The state checks every password attempt makes before looking at the password.
-fn refusal(c: &Credentials, now: DateTime<Utc>) -> Option<SignInResult> {
+pub(super) fn refusal(c: &Credentials, now: DateTime<Utc>) -> Option<SignInResult> {
     match c.user.status {
         UserStatus::Blocked => return Some(SignInResult::Blocked),
         UserStatus::Deactivated => return Some(SignInResult::Deactivated),
@@ -211,24 +211,24 @@ fn refusal_name(r: SignInResult) -> &'static str {
     }
 }
 
-/// Counts one failed attempt on a locked row; returns the lock's end if it locked the account.
-async fn count_failure(
+/// Counts one failed attempt (a password or a second factor) on a locked user row and
+/// records `kind` with `data` plus the failure count; returns the lock's end if this failure
+/// locked the account.
+pub(super) async fn count_failure(
     tx: &deadpool_postgres::Transaction<'_>,
     caller: &Caller,
     ctx: &EventContext,
     settings: &PasswordSettings,
     current: &Credentials,
-    via: &str,
+    kind: EventType,
+    mut data: serde_json::Value,
 ) -> Result<Option<DateTime<Utc>>> {
     let id = current.user.id;
     let failed = current.failed_logins.saturating_add(1);
     let threshold = settings.lockout_threshold;
     let lock = threshold > 0 && failed as u32 >= threshold;
-    let mut evs = vec![NewEvent::for_user(
-        EventType::LoginFailed,
-        id,
-        json!({ "reason": "INVALID_CREDENTIALS", "via": via, "consecutive_failures": failed }),
-    )];
+    data["consecutive_failures"] = json!(failed);
+    let mut evs = vec![NewEvent::for_user(kind, id, data)];
     let locked_until = if lock {
         let until = Utc::now() + settings.lockout;
         evs.push(NewEvent::for_user(
@@ -245,6 +245,10 @@ async fn count_failure(
     store::record_failure(tx, caller.project_id, id, stored, locked_until).await?;
     record(tx, caller, ctx, &evs).await?;
     Ok(locked_until)
+}
+
+fn wrong_password(via: &str) -> serde_json::Value {
+    json!({ "reason": "INVALID_CREDENTIALS", "via": via })
 }
 
 /// Checks a password for a login and does the sign-in bookkeeping.
@@ -323,7 +327,16 @@ pub async fn verify_password(
         return Ok((SignInResult::InvalidCredentials, None));
     }
     if !verified.ok {
-        let locked = count_failure(&tx, caller, &ctx, settings, &current, "VerifyPassword").await?;
+        let locked = count_failure(
+            &tx,
+            caller,
+            &ctx,
+            settings,
+            &current,
+            EventType::LoginFailed,
+            wrong_password("VerifyPassword"),
+        )
+        .await?;
         tx.commit().await?;
         return Ok(match locked {
             Some(until) => (SignInResult::Locked(until), None),
@@ -423,7 +436,16 @@ pub async fn change_password(
         // A wrong current password is a failed sign-in: otherwise this RPC would be a way
         // around the lockout.
         let ctx = EventContext::from_caller(caller);
-        count_failure(&tx, caller, &ctx, settings, &current, "ChangePassword").await?;
+        count_failure(
+            &tx,
+            caller,
+            &ctx,
+            settings,
+            &current,
+            EventType::LoginFailed,
+            wrong_password("ChangePassword"),
+        )
+        .await?;
         tx.commit().await?;
         return Err(Error::invalid(
             "current_password",

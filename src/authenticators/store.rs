@@ -245,3 +245,640 @@ async fn delete_reset_tokens(tx: &Transaction<'_>, project_id: Uuid, user_id: Uu
     .await?;
     Ok(())
 }
+
+// ---- Second factors and passkeys -------------------------------------------------------
+//
+// The `authenticators` table holds every factor but the password. Secrets stay in columns
+// that `AUTH_COLUMNS` never selects: the sealed TOTP seed is read only by `factor_secrets`.
+
+use super::{Authenticator, Kind};
+
+const AUTH_COLUMNS: &str = "id, user_id, type, name, confirmed, is_default, created_at, \
+    last_used_at, credential_id, aaguid, transports, backed_up, email, phone_number";
+
+fn authenticator_from_row(r: &tokio_postgres::Row) -> Authenticator {
+    Authenticator {
+        id: r.get(0),
+        user_id: r.get(1),
+        // Only the service writes this column, always with a known number.
+        kind: Kind::from_i16(r.get(2)).unwrap_or(Kind::Totp),
+        name: r.get(3),
+        confirmed: r.get(4),
+        is_default: r.get(5),
+        created_at: r.get(6),
+        last_used_at: r.get(7),
+        credential_id: r.get(8),
+        aaguid: r.get(9),
+        transports: r.get(10),
+        backed_up: r.get(11),
+        email: r.get(12),
+        phone_number: r.get(13),
+    }
+}
+
+/// A new authenticator row. Secrets arrive sealed or hashed.
+#[derive(Default)]
+pub struct NewAuthenticator<'a> {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub kind: Option<Kind>,
+    pub name: Option<&'a str>,
+    pub confirmed: bool,
+    pub totp_secret: Option<&'a [u8]>,
+    pub email: Option<&'a str>,
+    pub phone_number: Option<&'a str>,
+    pub credential_id: Option<&'a [u8]>,
+    pub passkey: Option<&'a serde_json::Value>,
+    pub aaguid: Option<Uuid>,
+    pub transports: Vec<String>,
+    pub backed_up: bool,
+    pub sign_count: i64,
+}
+
+pub async fn insert_authenticator(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    a: &NewAuthenticator<'_>,
+) -> Result<Authenticator> {
+    let kind = a.kind.unwrap_or(Kind::Totp) as i16;
+    let row = tx
+        .query_one(
+            &format!(
+                "INSERT INTO authenticators (project_id, id, user_id, type, name, confirmed,
+                    totp_secret, email, phone_number, credential_id, passkey, aaguid, transports,
+                    backed_up, sign_count)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                 RETURNING {AUTH_COLUMNS}"
+            ),
+            &[
+                &project_id,
+                &a.id,
+                &a.user_id,
+                &kind,
+                &a.name,
+                &a.confirmed,
+                &a.totp_secret,
+                &a.email,
+                &a.phone_number,
+                &a.credential_id,
+                &a.passkey,
+                &a.aaguid,
+                &a.transports,
+                &a.backed_up,
+                &a.sign_count,
+            ],
+        )
+        .await?;
+    Ok(authenticator_from_row(&row))
+}
+
+/// A user's authenticators, oldest first.
+pub async fn list_authenticators(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    user_id: Uuid,
+) -> Result<Vec<Authenticator>> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "SELECT {AUTH_COLUMNS} FROM authenticators WHERE project_id = $1 AND user_id = $2
+             ORDER BY created_at, id"
+        ))
+        .await?;
+    let rows = db.query(&stmt, &[&project_id, &user_id]).await?;
+    Ok(rows.iter().map(authenticator_from_row).collect())
+}
+
+/// One of a user's authenticators (another user's id answers `None`).
+pub async fn get_authenticator(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    user_id: Uuid,
+    id: Uuid,
+) -> Result<Option<Authenticator>> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "SELECT {AUTH_COLUMNS} FROM authenticators
+             WHERE project_id = $1 AND user_id = $2 AND id = $3"
+        ))
+        .await?;
+    Ok(db
+        .query_opt(&stmt, &[&project_id, &user_id, &id])
+        .await?
+        .as_ref()
+        .map(authenticator_from_row))
+}
+
+/// An authenticator with what checking a code needs: the sealed TOTP seed and last step.
+pub struct FactorSecrets {
+    pub authenticator: Authenticator,
+    pub totp_secret: Option<Vec<u8>>,
+    pub totp_last_step: Option<i64>,
+}
+
+/// The user's authenticators to check a code against: the one with `id`, or all of `kind`.
+pub async fn factor_secrets(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    user_id: Uuid,
+    id: Option<Uuid>,
+    kind: Option<Kind>,
+) -> Result<Vec<FactorSecrets>> {
+    let kind = kind.map(|k| k as i16);
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT {AUTH_COLUMNS}, totp_secret, totp_last_step FROM authenticators
+                 WHERE project_id = $1 AND user_id = $2
+                   AND ($3::uuid IS NULL OR id = $3) AND ($4::smallint IS NULL OR type = $4)
+                 ORDER BY created_at, id"
+            ),
+            &[&project_id, &user_id, &id, &kind],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| FactorSecrets {
+            authenticator: authenticator_from_row(r),
+            totp_secret: r.get(14),
+            totp_last_step: r.get(15),
+        })
+        .collect())
+}
+
+/// Marks a successful use: `last_used_at`, and for TOTP the step now spent.
+pub async fn record_factor_use(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    id: Uuid,
+    totp_step: Option<i64>,
+) -> Result<Authenticator> {
+    let row = tx
+        .query_one(
+            &format!(
+                "UPDATE authenticators SET last_used_at = now(),
+                    totp_last_step = coalesce($3, totp_last_step)
+                 WHERE project_id = $1 AND id = $2 RETURNING {AUTH_COLUMNS}"
+            ),
+            &[&project_id, &id, &totp_step],
+        )
+        .await?;
+    Ok(authenticator_from_row(&row))
+}
+
+/// Confirms an enrolment (TOTP), spending the step its first code used.
+pub async fn confirm_authenticator(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    id: Uuid,
+    totp_step: Option<i64>,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE authenticators SET confirmed = true, last_used_at = now(),
+            totp_last_step = coalesce($3, totp_last_step)
+         WHERE project_id = $1 AND id = $2",
+        &[&project_id, &id, &totp_step],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn rename_authenticator(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    id: Uuid,
+    name: Option<&str>,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE authenticators SET name = $3 WHERE project_id = $1 AND id = $2",
+        &[&project_id, &id, &name],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Makes `id` the user's one default.
+pub async fn make_default(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    user_id: Uuid,
+    id: Uuid,
+) -> Result<()> {
+    // Two statements: the partial unique index allows one default at any moment.
+    tx.execute(
+        "UPDATE authenticators SET is_default = false
+         WHERE project_id = $1 AND user_id = $2 AND is_default AND id <> $3",
+        &[&project_id, &user_id, &id],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE authenticators SET is_default = true WHERE project_id = $1 AND id = $2",
+        &[&project_id, &id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Gives the user a default when it has none: its oldest confirmed factor that can be one.
+pub async fn ensure_default(tx: &Transaction<'_>, project_id: Uuid, user_id: Uuid) -> Result<()> {
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE authenticators SET is_default = true
+             WHERE project_id = $1 AND id = (
+                 SELECT id FROM authenticators
+                 WHERE project_id = $1 AND user_id = $2 AND confirmed AND type NOT IN (1, 6)
+                 ORDER BY created_at, id LIMIT 1)
+               AND NOT EXISTS (SELECT 1 FROM authenticators
+                               WHERE project_id = $1 AND user_id = $2 AND is_default)",
+        )
+        .await?;
+    tx.execute(&stmt, &[&project_id, &user_id]).await?;
+    Ok(())
+}
+
+/// Deletes the user's authenticators: one (`id`), those of one kind, or all. Returns them.
+pub async fn delete_authenticators(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    user_id: Uuid,
+    id: Option<Uuid>,
+    kind: Option<Kind>,
+) -> Result<Vec<Authenticator>> {
+    let kind = kind.map(|k| k as i16);
+    let rows = tx
+        .query(
+            &format!(
+                "DELETE FROM authenticators
+                 WHERE project_id = $1 AND user_id = $2
+                   AND ($3::uuid IS NULL OR id = $3) AND ($4::smallint IS NULL OR type = $4)
+                 RETURNING {AUTH_COLUMNS}"
+            ),
+            &[&project_id, &user_id, &id, &kind],
+        )
+        .await?;
+    let mut deleted: Vec<Authenticator> = rows.iter().map(authenticator_from_row).collect();
+    deleted.sort_by_key(|a| (a.created_at, a.id));
+    Ok(deleted)
+}
+
+/// Moves every authenticator of `from` to `to` (MergeUsers). Where both have a single-use
+/// kind (recovery codes, the email or SMS channel), `to` keeps its own; `to` keeps its
+/// default. Returns how many moved.
+pub async fn move_authenticators(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    from: Uuid,
+    to: Uuid,
+) -> Result<u64> {
+    tx.execute(
+        "DELETE FROM authenticators f
+         WHERE f.project_id = $1 AND f.user_id = $2 AND f.type IN (4, 5, 6)
+           AND EXISTS (SELECT 1 FROM authenticators t
+                       WHERE t.project_id = $1 AND t.user_id = $3 AND t.type = f.type)",
+        &[&project_id, &from, &to],
+    )
+    .await?;
+    let moved = tx
+        .execute(
+            "UPDATE authenticators SET user_id = $3, is_default = false
+             WHERE project_id = $1 AND user_id = $2",
+            &[&project_id, &from, &to],
+        )
+        .await?;
+    ensure_default(tx, project_id, to).await?;
+    Ok(moved)
+}
+
+/// Stores a new set of recovery-code hashes for `authenticator_id`.
+pub async fn insert_recovery_codes(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    authenticator_id: Uuid,
+    hashes: &[Vec<u8>],
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO recovery_codes (project_id, authenticator_id, code_hash)
+         SELECT $1, $2, h FROM unnest($3::bytea[]) AS h",
+        &[&project_id, &authenticator_id, &hashes],
+    )
+    .await?;
+    Ok(())
+}
+
+/// What using a recovery code found.
+pub enum RecoveryUse {
+    /// Spent now; this many remain unused.
+    Spent {
+        remaining: i64,
+    },
+    /// Known but already spent.
+    AlreadyUsed,
+    Unknown,
+}
+
+/// Spends a recovery code. Of concurrent uses of one code exactly one spends it (the row
+/// update re-checks `used_at` after waiting for the other).
+pub async fn use_recovery_code(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    authenticator_id: Uuid,
+    hash: &[u8],
+) -> Result<RecoveryUse> {
+    let spent = tx
+        .execute(
+            "UPDATE recovery_codes SET used_at = now()
+             WHERE project_id = $1 AND authenticator_id = $2 AND code_hash = $3
+               AND used_at IS NULL",
+            &[&project_id, &authenticator_id, &hash],
+        )
+        .await?;
+    let row = tx
+        .query_one(
+            "SELECT count(*) FILTER (WHERE used_at IS NULL),
+                    count(*) FILTER (WHERE code_hash = $3)
+             FROM recovery_codes WHERE project_id = $1 AND authenticator_id = $2",
+            &[&project_id, &authenticator_id, &hash],
+        )
+        .await?;
+    let (remaining, known): (i64, i64) = (row.get(0), row.get(1));
+    Ok(if spent == 1 {
+        RecoveryUse::Spent { remaining }
+    } else if known > 0 {
+        RecoveryUse::AlreadyUsed
+    } else {
+        RecoveryUse::Unknown
+    })
+}
+
+/// An outstanding OTP code.
+pub struct OtpChallenge {
+    pub salt: Vec<u8>,
+    pub hash: Vec<u8>,
+    pub attempts: i32,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Stores the channel's one outstanding code, voiding the one before.
+pub async fn put_otp_challenge(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    authenticator_id: Uuid,
+    c: &OtpChallenge,
+) -> Result<()> {
+    tx.execute(
+        "INSERT INTO otp_challenges
+            (project_id, authenticator_id, code_salt, code_hash, attempts, expires_at)
+         VALUES ($1, $2, $3, $4, 0, $5)
+         ON CONFLICT (project_id, authenticator_id) DO UPDATE SET
+            code_salt = EXCLUDED.code_salt, code_hash = EXCLUDED.code_hash, attempts = 0,
+            expires_at = EXCLUDED.expires_at",
+        &[
+            &project_id,
+            &authenticator_id,
+            &c.salt,
+            &c.hash,
+            &c.expires_at,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn otp_challenge(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    authenticator_id: Uuid,
+) -> Result<Option<OtpChallenge>> {
+    Ok(tx
+        .query_opt(
+            "SELECT code_salt, code_hash, attempts, expires_at FROM otp_challenges
+             WHERE project_id = $1 AND authenticator_id = $2",
+            &[&project_id, &authenticator_id],
+        )
+        .await?
+        .map(|r| OtpChallenge {
+            salt: r.get(0),
+            hash: r.get(1),
+            attempts: r.get(2),
+            expires_at: r.get(3),
+        }))
+}
+
+pub async fn count_otp_failure(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    authenticator_id: Uuid,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE otp_challenges SET attempts = attempts + 1
+         WHERE project_id = $1 AND authenticator_id = $2",
+        &[&project_id, &authenticator_id],
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn delete_otp_challenge(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    authenticator_id: Uuid,
+) -> Result<()> {
+    tx.execute(
+        "DELETE FROM otp_challenges WHERE project_id = $1 AND authenticator_id = $2",
+        &[&project_id, &authenticator_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A passkey as webauthn-rs stores it, with its row.
+pub struct StoredPasskey {
+    pub authenticator: Authenticator,
+    pub passkey: serde_json::Value,
+    pub sign_count: i64,
+}
+
+fn stored_passkey(r: &tokio_postgres::Row) -> StoredPasskey {
+    StoredPasskey {
+        authenticator: authenticator_from_row(r),
+        passkey: r.get(14),
+        sign_count: r.get(15),
+    }
+}
+
+/// The user's registered passkeys.
+pub async fn passkeys_of_user(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    user_id: Uuid,
+) -> Result<Vec<StoredPasskey>> {
+    let rows = db
+        .query(
+            &format!(
+                "SELECT {AUTH_COLUMNS}, passkey, sign_count FROM authenticators
+                 WHERE project_id = $1 AND user_id = $2 AND type = 3 AND passkey IS NOT NULL
+                 ORDER BY created_at, id"
+            ),
+            &[&project_id, &user_id],
+        )
+        .await?;
+    Ok(rows.iter().map(stored_passkey).collect())
+}
+
+/// The passkey with this credential id.
+pub async fn passkey_by_credential(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    credential_id: &[u8],
+) -> Result<Option<StoredPasskey>> {
+    Ok(tx
+        .query_opt(
+            &format!(
+                "SELECT {AUTH_COLUMNS}, passkey, sign_count FROM authenticators
+                 WHERE project_id = $1 AND credential_id = $2 AND type = 3"
+            ),
+            &[&project_id, &credential_id],
+        )
+        .await?
+        .as_ref()
+        .map(stored_passkey))
+}
+
+/// Records a passkey sign-in: its new counter and flags, and `last_used_at`.
+pub async fn update_passkey(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    id: Uuid,
+    passkey: &serde_json::Value,
+    sign_count: i64,
+    backed_up: bool,
+) -> Result<Authenticator> {
+    let row = tx
+        .query_one(
+            &format!(
+                "UPDATE authenticators SET passkey = $3, sign_count = $4, backed_up = $5,
+                    last_used_at = now()
+                 WHERE project_id = $1 AND id = $2 RETURNING {AUTH_COLUMNS}"
+            ),
+            &[&project_id, &id, passkey, &sign_count, &backed_up],
+        )
+        .await?;
+    Ok(authenticator_from_row(&row))
+}
+
+/// A WebAuthn ceremony in progress.
+pub struct Ceremony {
+    pub user_id: Option<Uuid>,
+    pub name: Option<String>,
+    pub state: serde_json::Value,
+    pub expires_at: DateTime<Utc>,
+}
+
+pub const CEREMONY_REGISTRATION: i16 = 1;
+pub const CEREMONY_AUTHENTICATION: i16 = 2;
+
+/// Stores a ceremony's state, sweeping the project's expired ones on the way.
+pub async fn insert_ceremony(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    id: Uuid,
+    kind: i16,
+    c: &Ceremony,
+) -> Result<()> {
+    db.execute(
+        "DELETE FROM passkey_ceremonies WHERE expires_at < now() - interval '1 minute'",
+        &[],
+    )
+    .await?;
+    db.execute(
+        "INSERT INTO passkey_ceremonies (project_id, id, kind, user_id, name, state, expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[
+            &project_id,
+            &id,
+            &kind,
+            &c.user_id,
+            &c.name,
+            &c.state,
+            &c.expires_at,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Consumes a ceremony: a finish call gets it once, whatever its outcome.
+pub async fn take_ceremony(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    id: Uuid,
+    kind: i16,
+) -> Result<Option<Ceremony>> {
+    Ok(tx
+        .query_opt(
+            "DELETE FROM passkey_ceremonies WHERE project_id = $1 AND id = $2 AND kind = $3
+             RETURNING user_id, name, state, expires_at",
+            &[&project_id, &id, &kind],
+        )
+        .await?
+        .map(|r| Ceremony {
+            user_id: r.get(0),
+            name: r.get(1),
+            state: r.get(2),
+            expires_at: r.get(3),
+        }))
+}
+
+/// A project's WebAuthn relying party: (id, name, allowed origins, project name).
+pub async fn relying_party(
+    db: &impl GenericClient,
+    project_id: Uuid,
+) -> Result<Option<(Option<String>, Option<String>, Vec<String>, String)>> {
+    Ok(db
+        .query_opt(
+            "SELECT webauthn_rp_id, webauthn_rp_name, webauthn_origins, name FROM projects
+             WHERE id = $1",
+            &[&project_id],
+        )
+        .await?
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+}
+
+/// The project's name (the TOTP issuer).
+pub async fn project_name(db: &impl GenericClient, project_id: Uuid) -> Result<String> {
+    Ok(db
+        .query_opt("SELECT name FROM projects WHERE id = $1", &[&project_id])
+        .await?
+        .map(|r| r.get(0))
+        .unwrap_or_else(|| "Roster".to_string()))
+}
+
+/// Drops the user's unconfirmed enrolments of `kind` (a new enrolment replaces them).
+pub async fn delete_unconfirmed(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    user_id: Uuid,
+    kind: Kind,
+) -> Result<()> {
+    tx.execute(
+        "DELETE FROM authenticators
+         WHERE project_id = $1 AND user_id = $2 AND type = $3 AND NOT confirmed",
+        &[&project_id, &user_id, &(kind as i16)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// How many authenticators the user has.
+pub async fn count_authenticators(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    user_id: Uuid,
+) -> Result<i64> {
+    Ok(tx
+        .query_one(
+            "SELECT count(*) FROM authenticators WHERE project_id = $1 AND user_id = $2",
+            &[&project_id, &user_id],
+        )
+        .await?
+        .get(0))
+}

@@ -21,6 +21,20 @@ pub enum ProjectCommand {
     },
     /// List projects.
     List,
+    /// Set a project's WebAuthn relying party, used by its passkey ceremonies.
+    Update {
+        /// Project id or name.
+        project: String,
+        /// Relying-party id: the site's domain, e.g. example.com.
+        #[arg(long)]
+        webauthn_rp_id: String,
+        /// An origin allowed to run ceremonies, e.g. https://example.com (repeat for several).
+        #[arg(long = "webauthn-origin", required = true)]
+        webauthn_origins: Vec<String>,
+        /// The name authenticators show; the project name when not given.
+        #[arg(long)]
+        webauthn_rp_name: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -96,6 +110,23 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                     for p in admin::list_projects(&*client).await? {
                         println!("{}\t{}\t{}", p.id, p.name, p.created_at.to_rfc3339());
                     }
+                }
+                ProjectCommand::Update {
+                    project,
+                    webauthn_rp_id,
+                    webauthn_origins,
+                    webauthn_rp_name,
+                } => {
+                    let p = admin::find_project(&*client, &project).await?;
+                    admin::set_relying_party(
+                        &*client,
+                        p.id,
+                        &webauthn_rp_id,
+                        webauthn_rp_name.as_deref(),
+                        &webauthn_origins,
+                    )
+                    .await?;
+                    println!("{}\t{}\twebauthn {}", p.id, p.name, webauthn_rp_id.trim());
                 }
             }
             Ok(())

@@ -6,6 +6,7 @@
 //! time (a semaphore) and runs each on tokio's blocking pool, so a sign-in flood queues here
 //! while lookups keep being served. Each running hash borrows a memory buffer from a small
 //! free list instead of allocating (and page-faulting) tens of MiB per call.
+pub mod codes;
 pub mod formats;
 pub mod policy;
 pub mod seal;

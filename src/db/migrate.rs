@@ -20,6 +20,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "identities",
         include_str!("migrations/0004_identities.sql"),
     ),
+    (
+        5,
+        "authenticators",
+        include_str!("migrations/0005_authenticators.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming Roster's migration lock.

@@ -69,6 +69,8 @@ fn unique_constraint_field(constraint: &str) -> Option<(&'static str, &'static s
         "users_external_id_key" => ("user", "external_id"),
         "projects_name_key" => ("project", "name"),
         "identities_provider_subject_key" => ("identity", "provider_subject"),
+        "authenticators_credential_id_key" => ("authenticator", "credential_id"),
+        "authenticators_single_key" => ("authenticator", "type"),
         _ => return None,
     })
 }

@@ -68,6 +68,7 @@ event_types! {
     IdentityUnlinked => "IDENTITY_UNLINKED",
     UsersMerged => "USERS_MERGED",
     UsersExported => "USERS_EXPORTED",
+    OtpChallengeStarted => "OTP_CHALLENGE_STARTED",
 }
 
 impl EventType {

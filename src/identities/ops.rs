@@ -258,8 +258,9 @@ pub async fn lookup(
         .ok_or_else(|| identity_not_found(provider, subject))
 }
 
-/// Merges `secondary` into `primary`: its identities move, the primary keeps its profile
-/// (and takes the secondary's password only if it has none), the secondary is deleted.
+/// Merges `secondary` into `primary`: its identities and authenticators move, the primary
+/// keeps its profile (and takes the secondary's password only if it has none), the
+/// secondary is deleted.
 /// The secondary's past events stay in the log.
 pub async fn merge(pool: &Pool, caller: &Caller, primary: Uuid, secondary: Uuid) -> Result<User> {
     let mut client = db::client(pool).await?;
@@ -278,8 +279,9 @@ pub async fn merge(pool: &Pool, caller: &Caller, primary: Uuid, secondary: Uuid)
     let sec = sec.ok_or_else(|| user_not_found(secondary))?;
 
     let moved = store::move_all(&tx, p, secondary, primary).await?;
-    // Second factors (TOTP, passkeys, OTP channels, recovery codes) have no table yet; when
-    // they land they move here too, in this transaction.
+    // Second factors and passkeys move too; where both have recovery codes or the same OTP
+    // channel, the primary keeps its own.
+    let factors_moved = credentials::move_authenticators(&tx, p, secondary, primary).await?;
     let password_moved = prim.hash.is_none() && sec.hash.is_some();
     if password_moved {
         credentials::set_password(
@@ -301,7 +303,7 @@ pub async fn merge(pool: &Pool, caller: &Caller, primary: Uuid, secondary: Uuid)
         EventType::UsersMerged,
         primary,
         json!({ "secondary_user_id": secondary, "identities_moved": moved,
-                "password_moved": password_moved }),
+                "authenticators_moved": factors_moved, "password_moved": password_moved }),
     );
     events::record(&tx, p, &EventContext::from_caller(caller), &[ev]).await?;
     let user = users::store::get(&tx, p, primary)

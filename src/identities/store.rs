@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::Identity;
 use crate::error::Result;
 use crate::users::User;
-use crate::users::store::{USER_COLUMNS, user_from_row};
+use crate::users::store::{USER_COLUMN_COUNT, USER_COLUMNS, user_from_row};
 
 const IDENTITY_COLUMNS: &str = "i.id, i.user_id, i.provider, i.subject, i.connection, i.email, \
     i.profile, i.created_at, i.updated_at";
@@ -148,16 +148,13 @@ pub async fn lookup_user(
     provider: &str,
     subject: &str,
 ) -> Result<Option<(User, Identity)>> {
-    let user_cols: String = USER_COLUMNS
-        .split(", ")
-        .map(|c| format!("u.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    // `password_hash IS NOT NULL AS has_password` becomes `u.password_hash IS NOT NULL ...`.
+    // The user's columns come from a lateral subquery so that USER_COLUMNS (which refers to
+    // `users` by name) applies unchanged, and identity columns cannot shadow them.
     let stmt = db
         .prepare_cached(&format!(
-            "SELECT {user_cols}, {IDENTITY_COLUMNS} FROM identities i
-             JOIN users u ON u.project_id = i.project_id AND u.id = i.user_id
+            "SELECT u.*, {IDENTITY_COLUMNS} FROM identities i,
+             LATERAL (SELECT {USER_COLUMNS} FROM users
+                      WHERE users.project_id = i.project_id AND users.id = i.user_id) u
              WHERE i.project_id = $1 AND i.provider = $2 AND i.subject = $3"
         ))
         .await?;
@@ -166,8 +163,7 @@ pub async fn lookup_user(
         .await?;
     Ok(row.map(|r| {
         let user = user_from_row(&r);
-        let first = USER_COLUMNS.split(", ").count();
-        (user, identity_from(&r, first))
+        (user, identity_from(&r, USER_COLUMN_COUNT))
     }))
 }
 

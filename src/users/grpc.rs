@@ -77,10 +77,11 @@ pub fn user_to_proto(u: &User) -> pb::User {
         UserStatus::Blocked => pb::UserStatus::Blocked,
         UserStatus::Deactivated => pb::UserStatus::Deactivated,
     };
-    let mut enrolled = Vec::new();
+    let mut enrolled = Vec::with_capacity(u.factor_types.len() + 1);
     if u.has_password {
         enrolled.push(pb::AuthenticatorType::Password as i32);
     }
+    enrolled.extend(u.factor_types.iter().map(|&t| i32::from(t)));
     pb::User {
         id: u.id.to_string(),
         external_id: s(&p.external_id),
@@ -102,7 +103,9 @@ pub fn user_to_proto(u: &User) -> pb::User {
         password_changed_at: wire::opt_timestamp(u.password_changed_at),
         require_password_change: u.require_password_change,
         enrolled_methods: enrolled,
-        default_method: pb::AuthenticatorType::Unspecified as i32,
+        default_method: u
+            .default_factor
+            .map_or(pb::AuthenticatorType::Unspecified as i32, i32::from),
         login_count: u.login_count,
         last_login_at: wire::opt_timestamp(u.last_login_at),
         last_login_ip: s(&u.last_login_ip),

@@ -101,6 +101,11 @@ pub struct User {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub version: i64,
+    /// `roster.v1.AuthenticatorType` numbers of the confirmed second factors and passkeys
+    /// (the password is `has_password`), ascending.
+    pub factor_types: Vec<i16>,
+    /// The type of the default authenticator, if the user has one.
+    pub default_factor: Option<i16>,
 }
 
 impl User {

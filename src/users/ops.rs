@@ -2,10 +2,7 @@
 //! Inputs arrive validated (see `grpc.rs`); what can only be checked against the stored row
 //! (etags, the profile after an update mask, state transitions) is checked here.
 use chrono::{DateTime, Duration, Utc};
-use rand::Rng;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
 use super::store::{self, ListSpec, Verification};
@@ -14,7 +11,7 @@ use super::{
     has_identifier, validate_profile,
 };
 use crate::auth::Caller;
-use crate::crypto::Hasher;
+use crate::crypto::{Hasher, codes};
 use crate::db::{self, Pool};
 use crate::error::{Error, Result, Violations};
 use crate::events::{EventContext, EventType, NewEvent, store as events};
@@ -377,13 +374,6 @@ pub async fn change_lifecycle(
     Ok(updated)
 }
 
-fn code_hash(salt: &[u8], code: &str) -> Vec<u8> {
-    let mut h = Sha256::new();
-    h.update(salt);
-    h.update(code.as_bytes());
-    h.finalize().to_vec()
-}
-
 fn contact_of(user: &User, channel: ContactChannel) -> Option<&str> {
     match channel {
         ContactChannel::Email => user.profile.email.as_deref(),
@@ -416,13 +406,13 @@ pub async fn start_contact_verification(
             ),
         });
     };
-    let code = format!("{:06}", rand::rngs::OsRng.gen_range(0..1_000_000u32));
-    let salt: [u8; 16] = rand::random();
+    let code = codes::six_digit_code();
+    let salt = codes::salt();
     let expires_at = Utc::now() + Duration::minutes(CODE_TTL_MINUTES);
     let v = Verification {
         target: target.to_string(),
         salt: salt.to_vec(),
-        hash: code_hash(&salt, &code),
+        hash: codes::salted_hash(&salt, &code),
         attempts: 0,
         expires_at,
     };
@@ -466,7 +456,7 @@ pub async fn confirm_contact_verification(
             VerificationResult::InvalidCode
         }
         Some(v) => {
-            if bool::from(code_hash(&v.salt, code).ct_eq(&v.hash)) {
+            if codes::matches(&v.salt, &v.hash, code) {
                 VerificationResult::Ok
             } else {
                 VerificationResult::InvalidCode

@@ -2,7 +2,6 @@
 //! an unreachable database, limits.
 use std::time::Duration;
 
-use roster::pb::v1::authenticator_service_client::AuthenticatorServiceClient;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -108,21 +107,15 @@ async fn request_ids_are_kept_or_made_and_recorded_on_events() {
 #[tokio::test]
 async fn services_still_to_come_answer_unimplemented_behind_auth() {
     let app = TestApp::spawn().await;
-    let mut authn =
-        AuthenticatorServiceClient::with_interceptor(app.channel.clone(), key(Some(&app.token)));
-    let err = authn
-        .list_authenticators(pb::ListAuthenticatorsRequest {
-            user_id: String::new(),
-        })
+    let mut users = app.users();
+    let err = users
+        .export_users(pb::ExportUsersRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
-    let mut anonymous =
-        AuthenticatorServiceClient::with_interceptor(app.channel.clone(), key(None));
+    let mut anonymous = app.users_with(None);
     let err = anonymous
-        .list_authenticators(pb::ListAuthenticatorsRequest {
-            user_id: String::new(),
-        })
+        .export_users(pb::ExportUsersRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
