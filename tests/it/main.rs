@@ -5,6 +5,7 @@
 mod auth;
 mod cli;
 mod events;
+mod factors;
 mod harness;
 mod identities;
 mod list;

@@ -1,0 +1,910 @@
+//! Second factors through the real server: TOTP (sealed seed, ±1 step, replay), recovery
+//! codes (single use, concurrent use), email/SMS OTP (voiding, attempts), management with one
+//! default, the shared lockout, merge, and bad input.
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use roster::config::ServerConfig;
+use tonic::Code;
+use uuid::Uuid;
+
+use crate::harness::{Authenticators, TestApp, reason, violated_fields};
+use crate::{create_user, mask, pb};
+
+use pb::AuthenticatorType as T;
+use pb::VerifyFactorResult as R;
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Waits until the current 30-second step has at least 4 seconds left on either side, so a
+/// code computed here is for the step the server sees. (Not a timing assertion: it only
+/// picks a moment.)
+async fn mid_step() -> u64 {
+    loop {
+        let t = now();
+        if (4..=26).contains(&(t % 30)) {
+            return t;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+fn code(secret: &[u8], at: u64) -> String {
+    roster::authenticators::totp::code_at(secret, 6, at).unwrap()
+}
+
+fn secret_bytes(base32: &str) -> Vec<u8> {
+    totp_rs::Secret::try_from_base32(base32)
+        .unwrap()
+        .as_bytes()
+        .to_vec()
+}
+
+pub async fn enroll_totp(authn: &mut Authenticators, user: &str) -> (pb::Authenticator, Vec<u8>) {
+    let r = authn
+        .enroll_totp(pb::EnrollTotpRequest {
+            user_id: user.into(),
+            name: "Phone".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.authenticator.unwrap(), secret_bytes(&r.secret))
+}
+
+/// A user with a confirmed TOTP authenticator: (its id, the seed).
+pub async fn confirmed_totp(authn: &mut Authenticators, user: &str) -> (String, Vec<u8>) {
+    let (a, secret) = enroll_totp(authn, user).await;
+    let t = mid_step().await;
+    let r = authn
+        .confirm_totp(pb::ConfirmTotpRequest {
+            user_id: user.into(),
+            authenticator_id: a.id.clone(),
+            code: code(&secret, t),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result, R::Ok as i32);
+    (a.id, secret)
+}
+
+async fn verify(
+    authn: &mut Authenticators,
+    user: &str,
+    id: &str,
+    kind: T,
+    code: &str,
+) -> Result<pb::VerifyFactorResponse, tonic::Status> {
+    authn
+        .verify_factor(pb::VerifyFactorRequest {
+            user_id: user.into(),
+            authenticator_id: id.into(),
+            r#type: kind as i32,
+            code: code.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn result(r: &pb::VerifyFactorResponse) -> R {
+    R::try_from(r.result).unwrap()
+}
+
+async fn get_user(app: &TestApp, id: &str) -> pb::User {
+    app.users()
+        .get_user(pb::GetUserRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+}
+
+fn types(app_events: &[(String, serde_json::Value, Option<Uuid>, Option<String>)]) -> Vec<&str> {
+    app_events.iter().map(|e| e.0.as_str()).collect()
+}
+
+#[tokio::test]
+async fn totp_enrol_confirm_and_verify_with_window_and_replay() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let user = create_user(&mut users, "totp@example.com").await;
+
+    let r = authn
+        .enroll_totp(pb::EnrollTotpRequest {
+            user_id: user.id.clone(),
+            name: "Phone".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let a = r.authenticator.unwrap();
+    assert_eq!(a.r#type, T::Totp as i32);
+    assert!(!a.confirmed && !a.is_default);
+    assert_eq!(a.name, "Phone");
+    assert!(
+        r.otpauth_uri.starts_with("otpauth://totp/"),
+        "{}",
+        r.otpauth_uri
+    );
+    assert!(r.otpauth_uri.contains(&format!("secret={}", r.secret)));
+    assert!(r.otpauth_uri.contains("issuer=test"), "{}", r.otpauth_uri);
+    assert!(
+        r.otpauth_uri.contains("totp%40example.com"),
+        "{}",
+        r.otpauth_uri
+    );
+    assert_eq!(&r.qr_png[..8], b"\x89PNG\r\n\x1a\n");
+    let secret = secret_bytes(&r.secret);
+    assert_eq!(secret.len(), 20);
+    // Unconfirmed: not yet an enrolled method.
+    assert!(
+        !get_user(&app, &user.id)
+            .await
+            .enrolled_methods
+            .contains(&(T::Totp as i32))
+    );
+    // At rest the seed is sealed: the raw bytes appear nowhere in the row.
+    let id = Uuid::parse_str(&a.id).unwrap();
+    let stored: Vec<u8> = app
+        .sql_one(
+            "SELECT totp_secret FROM authenticators WHERE id = $1",
+            &[&id],
+        )
+        .await;
+    assert!(stored.len() > secret.len());
+    assert!(!stored.windows(secret.len()).any(|w| w == secret.as_slice()));
+
+    let t = mid_step().await;
+    let wrong = if code(&secret, t) == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    let c = authn
+        .confirm_totp(pb::ConfirmTotpRequest {
+            user_id: user.id.clone(),
+            authenticator_id: a.id.clone(),
+            code: wrong.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.result, R::InvalidCode as i32);
+    assert!(!c.authenticator.unwrap().confirmed);
+    let c = authn
+        .confirm_totp(pb::ConfirmTotpRequest {
+            user_id: user.id.clone(),
+            authenticator_id: a.id.clone(),
+            code: code(&secret, t),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.result, R::Ok as i32);
+    let confirmed = c.authenticator.unwrap();
+    assert!(confirmed.confirmed && confirmed.is_default);
+    let u = get_user(&app, &user.id).await;
+    assert!(u.enrolled_methods.contains(&(T::Totp as i32)));
+    assert_eq!(u.default_method, T::Totp as i32);
+
+    // The step spent on confirmation cannot be used again.
+    let r = verify(
+        &mut authn,
+        &user.id,
+        &a.id,
+        T::Unspecified,
+        &code(&secret, t),
+    )
+    .await
+    .unwrap();
+    assert_eq!(result(&r), R::CodeReused);
+    // The next step is within the window; then the one before it is a replay.
+    let r = verify(&mut authn, &user.id, "", T::Totp, &code(&secret, t + 30))
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::Ok);
+    assert_eq!(r.user.unwrap().id, user.id);
+    assert!(r.authenticator.unwrap().last_used_at.is_some());
+    let r = verify(
+        &mut authn,
+        &user.id,
+        &a.id,
+        T::Unspecified,
+        &code(&secret, t - 30),
+    )
+    .await
+    .unwrap();
+    assert_eq!(result(&r), R::CodeReused);
+    // Two steps away is outside the window.
+    let r = verify(
+        &mut authn,
+        &user.id,
+        &a.id,
+        T::Unspecified,
+        &code(&secret, t + 60),
+    )
+    .await
+    .unwrap();
+    assert_eq!(result(&r), R::InvalidCode);
+    assert!(r.user.is_none());
+
+    let events = app.events_of(&user.id).await;
+    assert_eq!(
+        types(&events),
+        [
+            "USER_CREATED",
+            "AUTHENTICATOR_ENROLLED",
+            "FACTOR_VERIFICATION_FAILED",
+            "AUTHENTICATOR_CONFIRMED",
+            "FACTOR_VERIFICATION_FAILED",
+            "FACTOR_VERIFIED",
+            "FACTOR_VERIFICATION_FAILED",
+            "FACTOR_VERIFICATION_FAILED",
+        ]
+    );
+    assert_eq!(events[4].1["reason"], "CODE_REUSED");
+    assert_eq!(events[7].1["reason"], "INVALID_CODE");
+    let all = serde_json::to_string(&events.iter().map(|e| &e.1).collect::<Vec<_>>()).unwrap();
+    assert!(!all.contains(&r_secret(&secret)));
+}
+
+fn r_secret(secret: &[u8]) -> String {
+    totp_rs::Secret::new(secret.to_vec().into_boxed_slice()).to_base32()
+}
+
+#[tokio::test]
+async fn factor_failures_count_toward_the_password_lockout() {
+    let app = TestApp::spawn_with(ServerConfig {
+        key_cache_ms: 50,
+        lockout_threshold: 3,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let user = create_user(&mut users, "lock@example.com").await;
+    let (id, secret) = confirmed_totp(&mut authn, &user.id).await;
+    let t = mid_step().await;
+    let good = code(&secret, t + 30);
+    let bad = if good == "000000" { "111111" } else { "000000" };
+    for expected in [R::InvalidCode, R::InvalidCode, R::Locked] {
+        let r = verify(&mut authn, &user.id, &id, T::Unspecified, bad)
+            .await
+            .unwrap();
+        assert_eq!(result(&r), expected);
+    }
+    // Locked: even the right code is refused, and so is a password.
+    let r = verify(&mut authn, &user.id, &id, T::Unspecified, &good)
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::Locked);
+    assert!(get_user(&app, &user.id).await.locked_until.is_some());
+    let events = app.events_of(&user.id).await;
+    assert!(types(&events).contains(&"USER_LOCKED_OUT"));
+    // Unblocking ends the lock; the right code then works and resets the count.
+    users
+        .unblock_user(pb::UnblockUserRequest {
+            id: user.id.clone(),
+        })
+        .await
+        .unwrap();
+    let r = verify(&mut authn, &user.id, &id, T::Unspecified, bad)
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::InvalidCode);
+    let r = verify(&mut authn, &user.id, &id, T::Unspecified, &good)
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::Ok);
+    let uid = Uuid::parse_str(&user.id).unwrap();
+    let failed: i32 = app
+        .sql_one("SELECT failed_logins FROM users WHERE id = $1", &[&uid])
+        .await;
+    assert_eq!(failed, 0);
+    // Blocked users are refused outright.
+    users
+        .block_user(pb::BlockUserRequest {
+            id: user.id.clone(),
+            reason: "fraud".into(),
+        })
+        .await
+        .unwrap();
+    let err = verify(&mut authn, &user.id, &id, T::Unspecified, &good)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(reason(&err), "USER_BLOCKED");
+}
+
+#[tokio::test]
+async fn recovery_codes_work_once_and_a_new_set_replaces_the_old() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let user = create_user(&mut users, "rec@example.com").await;
+    let generate = |authn: &mut Authenticators| {
+        let mut authn = authn.clone();
+        let id = user.id.clone();
+        async move {
+            authn
+                .generate_recovery_codes(pb::GenerateRecoveryCodesRequest { user_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let first = generate(&mut authn).await;
+    assert_eq!(first.codes.len(), 10);
+    let distinct: std::collections::HashSet<_> = first.codes.iter().collect();
+    assert_eq!(distinct.len(), 10);
+    for c in &first.codes {
+        assert_eq!(c.len(), 14, "{c}");
+        assert_eq!(c.matches('-').count(), 2, "{c}");
+    }
+    let a = first.authenticator.unwrap();
+    assert_eq!(a.r#type, T::RecoveryCodes as i32);
+    assert!(a.confirmed && !a.is_default);
+    // Stored as hashes only.
+    let aid = Uuid::parse_str(&a.id).unwrap();
+    let hashes: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM recovery_codes WHERE authenticator_id = $1",
+            &[&aid],
+        )
+        .await;
+    assert_eq!(hashes, 10);
+    let dump: String = app
+        .sql_one(
+            "SELECT string_agg(encode(code_hash, 'escape'), '') FROM recovery_codes",
+            &[],
+        )
+        .await;
+    assert!(!first.codes.iter().any(|c| dump.contains(c.as_str())));
+    assert!(
+        get_user(&app, &user.id)
+            .await
+            .enrolled_methods
+            .contains(&(T::RecoveryCodes as i32))
+    );
+
+    let r = verify(&mut authn, &user.id, "", T::RecoveryCodes, &first.codes[0])
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::Ok);
+    let r = verify(&mut authn, &user.id, "", T::RecoveryCodes, &first.codes[0])
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::CodeReused);
+    // Typed sloppily: lower case, no dashes.
+    let sloppy = first.codes[1].replace('-', "").to_lowercase();
+    let r = verify(&mut authn, &user.id, &a.id, T::Unspecified, &sloppy)
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::Ok);
+    let r = verify(&mut authn, &user.id, "", T::RecoveryCodes, "ZZZZ-ZZZZ-ZZZZ")
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::InvalidCode);
+    // Wrong shape: INVALID_ARGUMENT, not a failed attempt.
+    for bad in ["123", "ABCD-EFGH-JKMN-PQRS", "ABCD-EFGH-JK!!"] {
+        let err = verify(&mut authn, &user.id, "", T::RecoveryCodes, bad)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}");
+        assert_eq!(violated_fields(&err), ["code"]);
+    }
+
+    // Concurrent use of one code: exactly one wins.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut authn = authn.clone();
+        let (u, c) = (user.id.clone(), first.codes[2].clone());
+        tasks.push(tokio::spawn(async move {
+            verify(&mut authn, &u, "", T::RecoveryCodes, &c)
+                .await
+                .unwrap()
+                .result
+        }));
+    }
+    let mut oks = 0;
+    for t in tasks {
+        let r = t.await.unwrap();
+        if r == R::Ok as i32 {
+            oks += 1;
+        } else {
+            assert_eq!(r, R::CodeReused as i32);
+        }
+    }
+    assert_eq!(oks, 1);
+
+    // A new set replaces the old one.
+    let second = generate(&mut authn).await;
+    let r = verify(&mut authn, &user.id, "", T::RecoveryCodes, &first.codes[3])
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::InvalidCode);
+    let r = verify(&mut authn, &user.id, "", T::RecoveryCodes, &second.codes[3])
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::Ok);
+    let list = authn
+        .list_authenticators(pb::ListAuthenticatorsRequest {
+            user_id: user.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticators;
+    assert_eq!(list.len(), 1);
+    let events = app.events_of(&user.id).await;
+    let gens: Vec<_> = events
+        .iter()
+        .filter(|e| e.0 == "RECOVERY_CODES_GENERATED")
+        .collect();
+    assert_eq!(gens.len(), 2);
+    assert_eq!(gens[1].1["replaced"], true);
+}
+
+#[tokio::test]
+async fn otp_channels_issue_codes_that_void_each_other_and_die_after_five_failures() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let user = create_user(&mut users, "otp@example.com").await;
+    let enroll = |kind: T| pb::EnrollOtpChannelRequest {
+        user_id: user.id.clone(),
+        r#type: kind as i32,
+        name: String::new(),
+    };
+    // Unverified email, and no phone at all.
+    let err = authn
+        .enroll_otp_channel(enroll(T::EmailOtp))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "CONTACT_NOT_VERIFIED")
+    );
+    let err = authn
+        .enroll_otp_channel(enroll(T::SmsOtp))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "NO_CONTACT")
+    );
+    let err = authn.enroll_otp_channel(enroll(T::Totp)).await.unwrap_err();
+    assert_eq!(violated_fields(&err), ["type"]);
+    users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: user.id.clone(),
+                email_verified: true,
+                ..Default::default()
+            }),
+            update_mask: mask(&["email_verified"]),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    let a = authn
+        .enroll_otp_channel(enroll(T::EmailOtp))
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticator
+        .unwrap();
+    assert_eq!(a.email, "otp@example.com");
+    assert!(a.confirmed && a.is_default);
+    let err = authn
+        .enroll_otp_channel(enroll(T::EmailOtp))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(
+        get_user(&app, &user.id).await.default_method,
+        T::EmailOtp as i32
+    );
+
+    let start = |authn: &mut Authenticators| {
+        let mut authn = authn.clone();
+        let (u, id) = (user.id.clone(), a.id.clone());
+        async move {
+            authn
+                .start_otp_challenge(pb::StartOtpChallengeRequest {
+                    user_id: u,
+                    authenticator_id: id,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let old = start(&mut authn).await;
+    assert!(old.code.len() == 6 && old.code.bytes().all(|b| b.is_ascii_digit()));
+    let ttl = old.expires_at.unwrap().seconds - now() as i64;
+    assert!((590..=601).contains(&ttl), "{ttl}");
+    assert_eq!(old.authenticator.unwrap().email, "otp@example.com");
+    let new = start(&mut authn).await;
+    let aid = Uuid::parse_str(&a.id).unwrap();
+    let stored: Vec<u8> = app
+        .sql_one(
+            "SELECT code_hash FROM otp_challenges WHERE authenticator_id = $1",
+            &[&aid],
+        )
+        .await;
+    assert!(!stored.windows(6).any(|w| w == new.code.as_bytes()));
+    if old.code != new.code {
+        let r = verify(&mut authn, &user.id, &a.id, T::Unspecified, &old.code)
+            .await
+            .unwrap();
+        assert_eq!(result(&r), R::InvalidCode);
+    }
+    let r = verify(&mut authn, &user.id, "", T::EmailOtp, &new.code)
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::Ok);
+    // Spent.
+    let r = verify(&mut authn, &user.id, &a.id, T::Unspecified, &new.code)
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::Expired);
+
+    let c = start(&mut authn).await;
+    let wrong = if c.code == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    for expected in [
+        R::InvalidCode,
+        R::InvalidCode,
+        R::InvalidCode,
+        R::InvalidCode,
+        R::TooManyAttempts,
+    ] {
+        let r = verify(&mut authn, &user.id, &a.id, T::Unspecified, wrong)
+            .await
+            .unwrap();
+        assert_eq!(result(&r), expected);
+    }
+    let r = verify(&mut authn, &user.id, &a.id, T::Unspecified, &c.code)
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::TooManyAttempts);
+    // Wrong shapes.
+    for bad in ["12345", "1234567", "12a456"] {
+        let err = verify(&mut authn, &user.id, &a.id, T::Unspecified, bad)
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&err), ["code"], "{bad}");
+    }
+    let events = app.events_of(&user.id).await;
+    assert_eq!(
+        types(&events)
+            .iter()
+            .filter(|t| **t == "OTP_CHALLENGE_STARTED")
+            .count(),
+        3
+    );
+    let all = serde_json::to_string(&events.iter().map(|e| &e.1).collect::<Vec<_>>()).unwrap();
+    assert!(!all.contains(&format!("\"{}\"", c.code)));
+}
+
+#[tokio::test]
+async fn management_keeps_exactly_one_default_and_merge_moves_factors() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let user = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: "m@example.com".into(),
+                email_verified: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let (totp_id, _) = confirmed_totp(&mut authn, &user.id).await;
+    let email = authn
+        .enroll_otp_channel(pb::EnrollOtpChannelRequest {
+            user_id: user.id.clone(),
+            r#type: T::EmailOtp as i32,
+            name: "Inbox".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticator
+        .unwrap();
+    assert!(!email.is_default);
+    let rec = authn
+        .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
+            user_id: user.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticator
+        .unwrap();
+    let list = authn
+        .list_authenticators(pb::ListAuthenticatorsRequest {
+            user_id: user.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticators;
+    let ids: Vec<_> = list.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(ids, [totp_id.as_str(), email.id.as_str(), rec.id.as_str()]);
+    assert_eq!(list.iter().filter(|a| a.is_default).count(), 1);
+    let u = get_user(&app, &user.id).await;
+    assert_eq!(
+        u.enrolled_methods,
+        [T::Totp as i32, T::EmailOtp as i32, T::RecoveryCodes as i32]
+    );
+
+    let update = |id: &str, a: pb::Authenticator, paths: &[&str]| pb::UpdateAuthenticatorRequest {
+        authenticator: Some(pb::Authenticator {
+            id: id.into(),
+            user_id: user.id.clone(),
+            ..a
+        }),
+        update_mask: mask(paths),
+    };
+    let renamed = authn
+        .update_authenticator(update(
+            &email.id,
+            pb::Authenticator {
+                name: "Work mail".into(),
+                is_default: true,
+                ..Default::default()
+            },
+            &["name", "is_default"],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticator
+        .unwrap();
+    assert_eq!(renamed.name, "Work mail");
+    assert!(renamed.is_default);
+    let totp = authn
+        .get_authenticator(pb::GetAuthenticatorRequest {
+            user_id: user.id.clone(),
+            authenticator_id: totp_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticator
+        .unwrap();
+    assert!(!totp.is_default);
+    assert_eq!(
+        get_user(&app, &user.id).await.default_method,
+        T::EmailOtp as i32
+    );
+    // Bad updates: every violation at once; recovery codes cannot be the default.
+    let err = authn
+        .update_authenticator(update(
+            &email.id,
+            pb::Authenticator::default(),
+            &["is_default", "confirmed"],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&err),
+        ["authenticator.is_default", "update_mask"]
+    );
+    let err = authn
+        .update_authenticator(update(&email.id, pb::Authenticator::default(), &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["update_mask"]);
+    let err = authn
+        .update_authenticator(update(
+            &rec.id,
+            pb::Authenticator {
+                is_default: true,
+                ..Default::default()
+            },
+            &["is_default"],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["authenticator.is_default"]);
+
+    // Another user's authenticator id is NOT_FOUND, whatever the call.
+    let other = create_user(&mut users, "other@example.com").await;
+    let err = authn
+        .get_authenticator(pb::GetAuthenticatorRequest {
+            user_id: other.id.clone(),
+            authenticator_id: totp_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = authn
+        .delete_authenticator(pb::DeleteAuthenticatorRequest {
+            user_id: other.id.clone(),
+            authenticator_id: totp_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = verify(&mut authn, &other.id, &totp_id, T::Unspecified, "123456")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Deleting the default passes it on to the oldest remaining factor that can be one.
+    authn
+        .delete_authenticator(pb::DeleteAuthenticatorRequest {
+            user_id: user.id.clone(),
+            authenticator_id: email.id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        get_user(&app, &user.id).await.default_method,
+        T::Totp as i32
+    );
+
+    // Merge: the secondary's TOTP moves; the primary keeps its default.
+    let (other_totp, _) = confirmed_totp(&mut authn, &other.id).await;
+    let merged = app
+        .identities()
+        .merge_users(pb::MergeUsersRequest {
+            primary_user_id: user.id.clone(),
+            secondary_user_id: other.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(merged.default_method, T::Totp as i32);
+    let list = authn
+        .list_authenticators(pb::ListAuthenticatorsRequest {
+            user_id: user.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticators;
+    assert!(
+        list.iter()
+            .any(|a| a.id == other_totp && a.user_id == user.id && !a.is_default)
+    );
+    assert_eq!(list.iter().filter(|a| a.is_default).count(), 1);
+
+    let err = authn
+        .delete_all_authenticators(pb::DeleteAllAuthenticatorsRequest {
+            user_id: user.id.clone(),
+            r#type: T::Password as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["type"]);
+    let n = authn
+        .delete_all_authenticators(pb::DeleteAllAuthenticatorsRequest {
+            user_id: user.id.clone(),
+            r#type: T::Totp as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deleted_count;
+    assert_eq!(n, 2);
+    let u = get_user(&app, &user.id).await;
+    assert_eq!(u.enrolled_methods, [T::RecoveryCodes as i32]);
+    assert_eq!(u.default_method, T::Unspecified as i32);
+    let n = authn
+        .delete_all_authenticators(pb::DeleteAllAuthenticatorsRequest {
+            user_id: user.id.clone(),
+            r#type: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .deleted_count;
+    assert_eq!(n, 1);
+    let events = app.events_of(&user.id).await;
+    assert_eq!(
+        types(&events)
+            .iter()
+            .filter(|t| **t == "AUTHENTICATOR_DELETED")
+            .count(),
+        4
+    );
+    assert!(types(&events).contains(&"AUTHENTICATOR_UPDATED"));
+}
+
+#[tokio::test]
+async fn factor_requests_are_validated_field_by_field() {
+    let app = TestApp::spawn().await;
+    let mut authn = app.authenticators();
+    let mut users = app.users();
+    let user = create_user(&mut users, "v@example.com").await;
+    let err = authn
+        .verify_factor(pb::VerifyFactorRequest {
+            user_id: "nope".into(),
+            r#type: T::Passkey as i32,
+            code: String::new(),
+            ip: "999.1.1.1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), ["code", "ip", "type", "user_id"]);
+    let err = verify(&mut authn, &user.id, "", T::Totp, "123456")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "FACTOR_NOT_ENROLLED")
+    );
+    let err = authn
+        .enroll_totp(pb::EnrollTotpRequest {
+            user_id: user.id.clone(),
+            name: "x".repeat(300),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["name"]);
+    let err = authn
+        .confirm_totp(pb::ConfirmTotpRequest {
+            user_id: user.id.clone(),
+            authenticator_id: "x".into(),
+            code: "12".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["authenticator_id", "code"]);
+    // An unconfirmed TOTP cannot be used yet.
+    let (a, secret) = enroll_totp(&mut authn, &user.id).await;
+    let err = verify(
+        &mut authn,
+        &user.id,
+        &a.id,
+        T::Unspecified,
+        &code(&secret, now()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(reason(&err), "AUTHENTICATOR_NOT_CONFIRMED");
+    // A second enrolment replaces the unconfirmed one.
+    enroll_totp(&mut authn, &user.id).await;
+    let list = authn
+        .list_authenticators(pb::ListAuthenticatorsRequest {
+            user_id: user.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticators;
+    assert_eq!(list.len(), 1);
+    assert_ne!(list[0].id, a.id);
+    let err = authn
+        .list_authenticators(pb::ListAuthenticatorsRequest {
+            user_id: Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
