@@ -55,18 +55,24 @@ pub(super) fn check_state(user: &Credentials) -> Result<Option<FactorResult>> {
     }
 }
 
+/// Who is checking a factor, from where, under which lockout rules, and through which RPC.
+pub struct Attempt<'a> {
+    pub caller: &'a Caller,
+    pub ctx: &'a EventContext,
+    pub settings: &'a PasswordSettings,
+    pub via: &'static str,
+}
+
 /// Records a failed check: FACTOR_VERIFICATION_FAILED, and one more failure toward the
 /// lockout unless the account is locked already. Answers LOCKED when this failure locked it.
 pub(super) async fn fail_check(
     tx: &Transaction<'_>,
-    caller: &Caller,
-    ctx: &EventContext,
-    settings: &PasswordSettings,
+    at: &Attempt<'_>,
     user: &Credentials,
     authenticator: Option<&Authenticator>,
     result: FactorResult,
-    via: &str,
 ) -> Result<FactorResult> {
+    let (caller, ctx, settings, via) = (at.caller, at.ctx, at.settings, at.via);
     let mut data = authenticator.map(about).unwrap_or_else(|| json!({}));
     data["reason"] = json!(result.as_str());
     data["via"] = json!(via);
@@ -269,13 +275,12 @@ pub struct Verified {
 pub async fn verify_factor(
     pool: &Pool,
     sealer: Option<&crate::crypto::seal::Sealer>,
-    settings: &PasswordSettings,
-    caller: &Caller,
+    at: &Attempt<'_>,
     user_id: Uuid,
     target: FactorTarget,
     code: &str,
-    ctx: &EventContext,
 ) -> Result<Verified> {
+    let (caller, ctx) = (at.caller, at.ctx);
     let p = caller.project_id;
     let mut client = db::client(pool).await?;
     let tx = client.transaction().await?;
@@ -335,10 +340,9 @@ pub async fn verify_factor(
             &format!("the user has no confirmed {} authenticator", kind.as_str()),
         ));
     }
-    let via = "VerifyFactor";
     if let Some(locked) = check_state(&user)? {
         let a = candidates[0].authenticator.clone();
-        let result = fail_check(&tx, caller, ctx, settings, &user, Some(&a), locked, via).await?;
+        let result = fail_check(&tx, at, &user, Some(&a), locked).await?;
         tx.commit().await?;
         return Ok(Verified {
             result,
@@ -380,7 +384,7 @@ pub async fn verify_factor(
     };
     let a = candidates.swap_remove(which).authenticator;
     if result != FactorResult::Ok {
-        let result = fail_check(&tx, caller, ctx, settings, &user, Some(&a), result, via).await?;
+        let result = fail_check(&tx, at, &user, Some(&a), result).await?;
         tx.commit().await?;
         return Ok(Verified {
             result,
@@ -389,7 +393,7 @@ pub async fn verify_factor(
         });
     }
     let a = store::record_factor_use(&tx, p, a.id, step).await?;
-    pass_check(&tx, caller, ctx, &user, &a, via).await?;
+    pass_check(&tx, caller, ctx, &user, &a, at.via).await?;
     let fresh = crate::users::store::get(&tx, p, user_id).await?;
     tx.commit().await?;
     Ok(Verified {

@@ -514,15 +514,19 @@ impl AuthenticatorService for AuthenticatorApi {
         v.into_result()?;
         let s = &self.state;
         let ctx = sign_in_context(&caller, &origin);
+        let attempt = factors::Attempt {
+            caller: &caller,
+            ctx: &ctx,
+            settings: &s.passwords,
+            via: "VerifyFactor",
+        };
         let out = factors::verify_factor(
             &s.pool,
             s.sealer.as_deref(),
-            &s.passwords,
-            &caller,
+            &attempt,
             uid,
             target,
             &req.code,
-            &ctx,
         )
         .await?;
         tracing::info!(result = out.result.as_str(), "factor verified");

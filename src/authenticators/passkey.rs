@@ -343,6 +343,12 @@ pub async fn finish_authentication(
     let p = caller.project_id;
     let ctx = sign_in_context(caller, origin);
     let via = "FinishPasskeyAuthentication";
+    let at = factors::Attempt {
+        caller,
+        ctx: &ctx,
+        settings,
+        via,
+    };
     let mut client = db::client(pool).await?;
     let webauthn = webauthn_for(&client, defaults, caller).await?;
     let tx = client.transaction().await?;
@@ -369,8 +375,7 @@ pub async fn finish_authentication(
         .filter(|f| f.authenticator.user_id == owner);
     if let Some(locked) = check_state(&user)? {
         let a = found.map(|f| f.authenticator);
-        let result =
-            fail_check(&tx, caller, &ctx, settings, &user, a.as_ref(), locked, via).await?;
+        let result = fail_check(&tx, &at, &user, a.as_ref(), locked).await?;
         tx.commit().await?;
         return Ok(SignedIn {
             result,
@@ -379,17 +384,7 @@ pub async fn finish_authentication(
         });
     }
     let Some(found) = found else {
-        let result = fail_check(
-            &tx,
-            caller,
-            &ctx,
-            settings,
-            &user,
-            None,
-            FactorResult::InvalidCode,
-            via,
-        )
-        .await?;
+        let result = fail_check(&tx, &at, &user, None, FactorResult::InvalidCode).await?;
         tx.commit().await?;
         return Ok(SignedIn { result, ..invalid });
     };
@@ -413,17 +408,7 @@ pub async fn finish_authentication(
     });
     let Some(res) = accepted else {
         let a = found.authenticator;
-        let result = fail_check(
-            &tx,
-            caller,
-            &ctx,
-            settings,
-            &user,
-            Some(&a),
-            FactorResult::InvalidCode,
-            via,
-        )
-        .await?;
+        let result = fail_check(&tx, &at, &user, Some(&a), FactorResult::InvalidCode).await?;
         tx.commit().await?;
         return Ok(SignedIn {
             result,

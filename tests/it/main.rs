@@ -9,6 +9,7 @@ mod factors;
 mod harness;
 mod identities;
 mod list;
+mod passkeys;
 mod passwords;
 mod server;
 mod users;

@@ -1,0 +1,357 @@
+//! Passkeys end to end with a software authenticator (webauthn-authenticator-rs SoftPasskey)
+//! through the real server: registration, sign-in with counter checks, replays, ceremonies
+//! finished on another replica, and hostile WebAuthn JSON.
+use roster::config::ServerConfig;
+use tonic::Code;
+use uuid::Uuid;
+use webauthn_authenticator_rs::prelude::{
+    CreationChallengeResponse, RequestChallengeResponse, Url, WebauthnAuthenticator,
+};
+use webauthn_authenticator_rs::softpasskey::SoftPasskey;
+
+use crate::harness::{Authenticators, TestApp, key, reason, violated_fields};
+use crate::{create_user, pb};
+
+const ORIGIN: &str = "https://localhost:8443";
+
+async fn configure(app: &TestApp) {
+    let client = app.pool.get().await.unwrap();
+    roster::admin::set_relying_party(
+        &**client,
+        app.project_id,
+        "localhost",
+        Some("Roster tests"),
+        &[ORIGIN.to_string()],
+    )
+    .await
+    .unwrap();
+}
+
+async fn register(
+    authn: &mut Authenticators,
+    soft: &mut SoftPasskey,
+    user: &str,
+    origin: &str,
+) -> Result<pb::Authenticator, tonic::Status> {
+    let start = authn
+        .start_passkey_registration(pb::StartPasskeyRegistrationRequest {
+            user_id: user.into(),
+            name: "Laptop".into(),
+        })
+        .await?
+        .into_inner();
+    let options: CreationChallengeResponse = serde_json::from_str(&start.options_json).unwrap();
+    let credential = soft
+        .do_registration(Url::parse(origin).unwrap(), options)
+        .unwrap();
+    authn
+        .finish_passkey_registration(pb::FinishPasskeyRegistrationRequest {
+            user_id: user.into(),
+            ceremony_id: start.ceremony_id,
+            credential_json: serde_json::to_string(&credential).unwrap(),
+        })
+        .await
+        .map(|r| r.into_inner().authenticator.unwrap())
+}
+
+/// Starts an authentication for `user` and signs it with `soft`: (ceremony id, JSON).
+async fn assertion(
+    authn: &mut Authenticators,
+    soft: &mut SoftPasskey,
+    user: &str,
+) -> (String, String) {
+    let start = authn
+        .start_passkey_authentication(pb::StartPasskeyAuthenticationRequest {
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let options: RequestChallengeResponse = serde_json::from_str(&start.options_json).unwrap();
+    let credential = soft
+        .do_authentication(Url::parse(ORIGIN).unwrap(), options)
+        .unwrap();
+    (
+        start.ceremony_id,
+        serde_json::to_string(&credential).unwrap(),
+    )
+}
+
+async fn finish(
+    authn: &mut Authenticators,
+    ceremony: &str,
+    json: &str,
+) -> Result<pb::FinishPasskeyAuthenticationResponse, tonic::Status> {
+    authn
+        .finish_passkey_authentication(pb::FinishPasskeyAuthenticationRequest {
+            ceremony_id: ceremony.into(),
+            credential_json: json.into(),
+            ip: "203.0.113.9".into(),
+            user_agent: "test".into(),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+const OK: i32 = pb::VerifyFactorResult::Ok as i32;
+const INVALID: i32 = pb::VerifyFactorResult::InvalidCode as i32;
+
+#[tokio::test]
+async fn register_and_sign_in_with_a_software_passkey() {
+    let app = TestApp::spawn().await;
+    configure(&app).await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let user = create_user(&mut users, "pk@example.com").await;
+    let mut soft = SoftPasskey::new(true);
+
+    let a = register(&mut authn, &mut soft, &user.id, ORIGIN)
+        .await
+        .unwrap();
+    assert_eq!(a.r#type, pb::AuthenticatorType::Passkey as i32);
+    assert!(a.confirmed && a.is_default);
+    assert_eq!(a.name, "Laptop");
+    assert!(a.credential_id.len() >= 16, "{}", a.credential_id);
+    let got = app
+        .users()
+        .get_user(pb::GetUserRequest {
+            id: user.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert!(
+        got.enrolled_methods
+            .contains(&(pb::AuthenticatorType::Passkey as i32))
+    );
+    assert_eq!(got.default_method, pb::AuthenticatorType::Passkey as i32);
+
+    let (ceremony, json) = assertion(&mut authn, &mut soft, &user.id).await;
+    let r = finish(&mut authn, &ceremony, &json).await.unwrap();
+    assert_eq!(r.result, OK);
+    let signed_in = r.user.unwrap();
+    assert_eq!(signed_in.login_count, 1);
+    assert_eq!(signed_in.last_login_ip, "203.0.113.9");
+    let used = r.authenticator.unwrap();
+    assert_eq!(used.id, a.id);
+    assert!(used.last_used_at.is_some());
+    let aid = Uuid::parse_str(&a.id).unwrap();
+    let count: i64 = app
+        .sql_one(
+            "SELECT sign_count FROM authenticators WHERE id = $1",
+            &[&aid],
+        )
+        .await;
+    assert!(count >= 1, "{count}");
+
+    // The same ceremony cannot be finished twice; the same assertion on a new ceremony fails
+    // (its challenge is another) and counts as a failed attempt.
+    let err = finish(&mut authn, &ceremony, &json).await.unwrap_err();
+    assert_eq!(violated_fields(&err), ["ceremony_id"]);
+    let (other_ceremony, _) = assertion(&mut authn, &mut soft, &user.id).await;
+    let r = finish(&mut authn, &other_ceremony, &json).await.unwrap();
+    assert_eq!(r.result, INVALID);
+    let uid = Uuid::parse_str(&user.id).unwrap();
+    let failed: i32 = app
+        .sql_one("SELECT failed_logins FROM users WHERE id = $1", &[&uid])
+        .await;
+    assert_eq!(failed, 1);
+
+    // A counter that does not grow marks a cloned authenticator: refused.
+    {
+        let client = app.pool.get().await.unwrap();
+        client
+            .execute(
+                "UPDATE authenticators SET sign_count = 1000000 WHERE id = $1",
+                &[&aid],
+            )
+            .await
+            .unwrap();
+    }
+    let (ceremony, json) = assertion(&mut authn, &mut soft, &user.id).await;
+    assert_eq!(
+        finish(&mut authn, &ceremony, &json).await.unwrap().result,
+        INVALID
+    );
+
+    // Registering the same authenticator again is excluded by the options, and a
+    // registration made on an origin the project does not allow is refused.
+    let mut stranger = SoftPasskey::new(true);
+    let err = register(
+        &mut authn,
+        &mut stranger,
+        &user.id,
+        "https://localhost:9999",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), ["credential_json"]);
+
+    let events = app.events_of(&user.id).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert!(kinds.contains(&"AUTHENTICATOR_ENROLLED"));
+    assert!(kinds.contains(&"FACTOR_VERIFIED"));
+    assert!(kinds.contains(&"LOGIN_SUCCEEDED"));
+    assert!(
+        kinds
+            .iter()
+            .filter(|k| **k == "FACTOR_VERIFICATION_FAILED")
+            .count()
+            >= 3
+    );
+    let login = events.iter().find(|e| e.0 == "LOGIN_SUCCEEDED").unwrap();
+    assert_eq!(login.1["method"], "PASSKEY");
+}
+
+#[tokio::test]
+async fn a_ceremony_started_on_one_replica_finishes_on_another() {
+    let app = TestApp::spawn().await;
+    configure(&app).await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let user = create_user(&mut users, "replica@example.com").await;
+    let mut soft = SoftPasskey::new(true);
+    register(&mut authn, &mut soft, &user.id, ORIGIN)
+        .await
+        .unwrap();
+
+    // A second server on the same database.
+    let second = roster::server::Application::build(
+        "127.0.0.1:0".parse().unwrap(),
+        app.pool.clone(),
+        ServerConfig {
+            encryption_keys: Some(TestApp::ENCRYPTION_KEYS.into()),
+            ..ServerConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let addr = second.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(second.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut other =
+        roster::pb::v1::authenticator_service_client::AuthenticatorServiceClient::with_interceptor(
+            channel,
+            key(Some(&app.token)),
+        );
+    let (ceremony, json) = assertion(&mut authn, &mut soft, &user.id).await;
+    let r = finish(&mut other, &ceremony, &json).await.unwrap();
+    assert_eq!(r.result, OK);
+    let _ = stop.send(());
+}
+
+#[tokio::test]
+async fn hostile_webauthn_input_is_invalid_argument_never_internal() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let user = create_user(&mut users, "bad@example.com").await;
+    // No relying party configured yet.
+    let err = authn
+        .start_passkey_registration(pb::StartPasskeyRegistrationRequest {
+            user_id: user.id.clone(),
+            name: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "WEBAUTHN_NOT_CONFIGURED")
+    );
+    configure(&app).await;
+    let err = authn
+        .start_passkey_authentication(pb::StartPasskeyAuthenticationRequest {
+            user_id: user.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "NO_PASSKEYS");
+    // Username-less sign-in starts without a user.
+    let start = authn
+        .start_passkey_authentication(pb::StartPasskeyAuthenticationRequest {
+            user_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let options: serde_json::Value = serde_json::from_str(&start.options_json).unwrap();
+    assert!(options["publicKey"]["challenge"].is_string(), "{options}");
+
+    let started = authn
+        .start_passkey_registration(pb::StartPasskeyRegistrationRequest {
+            user_id: user.id.clone(),
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let options: serde_json::Value = serde_json::from_str(&started.options_json).unwrap();
+    assert_eq!(options["publicKey"]["rp"]["id"], "localhost");
+    let huge = format!("{{\"id\":\"{}\"}}", "A".repeat(70_000));
+    for bad in [
+        "",
+        "{",
+        "[]",
+        "{\"id\": 5}",
+        "{\"id\":\"x\",\"rawId\":\"!!\",\"type\":\"public-key\"}",
+        huge.as_str(),
+    ] {
+        let err = authn
+            .finish_passkey_registration(pb::FinishPasskeyRegistrationRequest {
+                user_id: user.id.clone(),
+                ceremony_id: started.ceremony_id.clone(),
+                credential_json: bad.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad:.40}");
+        assert_eq!(violated_fields(&err), ["credential_json"], "{bad:.40}");
+        let err = finish(&mut authn, &start.ceremony_id, bad)
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&err), ["credential_json"], "{bad:.40}");
+    }
+    // Unknown and malformed ceremony ids; another user's ceremony.
+    let mut soft = SoftPasskey::new(true);
+    let options: CreationChallengeResponse = serde_json::from_str(&started.options_json).unwrap();
+    let good = serde_json::to_string(
+        &soft
+            .do_registration(Url::parse(ORIGIN).unwrap(), options)
+            .unwrap(),
+    )
+    .unwrap();
+    let other = create_user(&mut users, "other@example.com").await;
+    for (uid, ceremony, field) in [
+        (
+            other.id.as_str(),
+            started.ceremony_id.as_str(),
+            "ceremony_id",
+        ),
+        (user.id.as_str(), "not-a-uuid", "ceremony_id"),
+    ] {
+        let err = authn
+            .finish_passkey_registration(pb::FinishPasskeyRegistrationRequest {
+                user_id: uid.into(),
+                ceremony_id: ceremony.into(),
+                credential_json: good.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&err), [field]);
+    }
+    // An unknown ceremony.
+    let err = finish(&mut authn, &Uuid::now_v7().to_string(), "{}")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
