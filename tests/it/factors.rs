@@ -908,3 +908,114 @@ async fn factor_requests_are_validated_field_by_field() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn seeds_and_codes_never_reach_logs_or_events() {
+    crate::harness::init_tracing();
+    let logs = crate::passwords::LogCapture::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let user = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: "quiet@example.com".into(),
+                email_verified: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let enrolled = authn
+        .enroll_totp(pb::EnrollTotpRequest {
+            user_id: user.id.clone(),
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let secret = secret_bytes(&enrolled.secret);
+    let t = mid_step().await;
+    let totp_code = code(&secret, t);
+    authn
+        .confirm_totp(pb::ConfirmTotpRequest {
+            user_id: user.id.clone(),
+            authenticator_id: enrolled.authenticator.unwrap().id,
+            code: totp_code.clone(),
+        })
+        .await
+        .unwrap();
+    let recovery = authn
+        .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
+            user_id: user.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .codes;
+    verify(&mut authn, &user.id, "", T::RecoveryCodes, &recovery[0])
+        .await
+        .unwrap();
+    let channel = authn
+        .enroll_otp_channel(pb::EnrollOtpChannelRequest {
+            user_id: user.id.clone(),
+            r#type: T::EmailOtp as i32,
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticator
+        .unwrap();
+    let otp = authn
+        .start_otp_challenge(pb::StartOtpChallengeRequest {
+            user_id: user.id.clone(),
+            authenticator_id: channel.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .code;
+    verify(&mut authn, &user.id, &channel.id, T::Unspecified, &otp)
+        .await
+        .unwrap();
+
+    let events: Vec<String> = {
+        let client = app.pool.get().await.unwrap();
+        client
+            .query("SELECT data::text FROM events", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+    assert!(
+        logged.contains("VerifyFactor"),
+        "the capture sees the server's logs"
+    );
+    let mut secrets = vec![
+        enrolled.secret.clone(),
+        enrolled.otpauth_uri.clone(),
+        format!("\"{otp}\""),
+        format!("\"{totp_code}\""),
+    ];
+    secrets.extend(recovery.iter().cloned());
+    for text in events.iter().chain([&logged]) {
+        for s in &secrets {
+            assert!(!text.contains(s.as_str()), "{s:?} leaked in {text}");
+        }
+    }
+}

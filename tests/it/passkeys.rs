@@ -268,6 +268,28 @@ async fn hostile_webauthn_input_is_invalid_argument_never_internal() {
         (err.code(), reason(&err).as_str()),
         (Code::FailedPrecondition, "WEBAUTHN_NOT_CONFIGURED")
     );
+    // The relying party is validated: a domain, and https origins (http only on localhost).
+    {
+        let client = app.pool.get().await.unwrap();
+        for (rp, origins) in [
+            ("", vec![ORIGIN]),
+            ("exa mple.com", vec![ORIGIN]),
+            ("localhost", vec!["ftp://localhost"]),
+            ("localhost", vec!["http://example.com"]),
+            ("localhost", vec!["https://example.com/path"]),
+            ("localhost", vec![]),
+        ] {
+            let origins: Vec<String> = origins.iter().map(|o| o.to_string()).collect();
+            let err =
+                roster::admin::set_relying_party(&**client, app.project_id, rp, None, &origins)
+                    .await
+                    .unwrap_err();
+            assert!(
+                matches!(err, roster::error::Error::Invalid(_)),
+                "{rp} {origins:?}"
+            );
+        }
+    }
     configure(&app).await;
     let err = authn
         .start_passkey_authentication(pb::StartPasskeyAuthenticationRequest {

@@ -980,7 +980,7 @@ async fn verify_password_validates_its_request() {
 /// Collects everything logged on this test's thread (the server runs on the test's
 /// current-thread runtime, so that is all of its request handling).
 #[derive(Clone, Default)]
-struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+pub struct LogCapture(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
 impl std::io::Write for LogCapture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
