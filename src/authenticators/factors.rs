@@ -243,6 +243,25 @@ pub(super) async fn ensure_room(
     Ok(())
 }
 
+/// Stores a factor that is confirmed as it is enrolled (an OTP channel, a passkey): checks
+/// the per-user bound, gives the user a default if it had none, records
+/// AUTHENTICATOR_ENROLLED, and returns the stored row (with its default flag).
+pub(super) async fn enroll_confirmed(
+    tx: &Transaction<'_>,
+    caller: &Caller,
+    new: &store::NewAuthenticator<'_>,
+) -> Result<Authenticator> {
+    let (p, user_id) = (caller.project_id, new.user_id);
+    ensure_room(tx, caller, user_id).await?;
+    let inserted = store::insert_authenticator(tx, p, new).await?;
+    store::ensure_default(tx, p, user_id).await?;
+    let ev = NewEvent::for_user(EventType::AuthenticatorEnrolled, user_id, about(&inserted));
+    record(tx, caller, &EventContext::from_caller(caller), &[ev]).await?;
+    store::get_authenticator(tx, p, user_id, inserted.id)
+        .await?
+        .ok_or_else(|| authenticator_not_found(inserted.id))
+}
+
 /// What identifies a user to an authenticator app or a passkey prompt.
 pub(super) fn account_label(user: &crate::users::User) -> String {
     let p = &user.profile;

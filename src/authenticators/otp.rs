@@ -52,7 +52,6 @@ pub async fn enroll(
     kind: Kind,
     name: Option<&str>,
 ) -> Result<Authenticator> {
-    let p = caller.project_id;
     let mut client = db::client(pool).await?;
     let tx = client.transaction().await?;
     let user = lock_user(&tx, caller, user_id).await?.user;
@@ -69,10 +68,9 @@ pub async fn enroll(
             &format!("the user's {what} is not verified (StartContactVerification first)"),
         ));
     }
-    factors::ensure_room(&tx, caller, user_id).await?;
-    let authenticator = store::insert_authenticator(
+    let authenticator = factors::enroll_confirmed(
         &tx,
-        p,
+        caller,
         &NewAuthenticator {
             id: Uuid::now_v7(),
             user_id,
@@ -85,16 +83,6 @@ pub async fn enroll(
         },
     )
     .await?;
-    store::ensure_default(&tx, p, user_id).await?;
-    let ev = NewEvent::for_user(
-        EventType::AuthenticatorEnrolled,
-        user_id,
-        about(&authenticator),
-    );
-    record(&tx, caller, &EventContext::from_caller(caller), &[ev]).await?;
-    let authenticator = store::get_authenticator(&tx, p, user_id, authenticator.id)
-        .await?
-        .ok_or_else(|| authenticator_not_found(authenticator.id))?;
     tx.commit().await?;
     Ok(authenticator)
 }

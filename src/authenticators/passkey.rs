@@ -15,7 +15,7 @@ use webauthn_rs::prelude::{
     PublicKeyCredential, RegisterPublicKeyCredential, Url, Webauthn, WebauthnBuilder,
 };
 
-use super::factors::{self, about, check_state, fail_check, lock_user, pass_check};
+use super::factors::{self, check_state, fail_check, lock_user, pass_check};
 use super::password::{Origin, PasswordSettings, not_found, precondition, record, sign_in_context};
 use super::store::{
     self, CEREMONY_AUTHENTICATION, CEREMONY_REGISTRATION, Ceremony, NewAuthenticator,
@@ -205,7 +205,6 @@ pub async fn finish_registration(
     ceremony_id: Uuid,
     reg: &RegisterPublicKeyCredential,
 ) -> Result<Authenticator> {
-    let p = caller.project_id;
     let mut client = db::client(pool).await?;
     let webauthn = webauthn_for(&client, defaults, caller).await?;
     let tx = client.transaction().await?;
@@ -230,13 +229,12 @@ pub async fn finish_registration(
             ));
         }
     };
-    factors::ensure_room(&tx, caller, user_id).await?;
     let stored = state_json(&passkey)?;
     let cred = Credential::from(passkey);
     let transports = transport_names(&cred, reg);
-    let authenticator = store::insert_authenticator(
+    let authenticator = factors::enroll_confirmed(
         &tx,
-        p,
+        caller,
         &NewAuthenticator {
             id: Uuid::now_v7(),
             user_id,
@@ -253,16 +251,6 @@ pub async fn finish_registration(
         },
     )
     .await?;
-    store::ensure_default(&tx, p, user_id).await?;
-    let ev = NewEvent::for_user(
-        EventType::AuthenticatorEnrolled,
-        user_id,
-        about(&authenticator),
-    );
-    record(&tx, caller, &EventContext::from_caller(caller), &[ev]).await?;
-    let authenticator = store::get_authenticator(&tx, p, user_id, authenticator.id)
-        .await?
-        .ok_or_else(|| factors::authenticator_not_found(authenticator.id))?;
     tx.commit().await?;
     Ok(authenticator)
 }

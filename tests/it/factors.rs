@@ -96,6 +96,24 @@ fn result(r: &pb::VerifyFactorResponse) -> R {
     R::try_from(r.result).unwrap()
 }
 
+/// Creates a user whose email is verified (as OTP channels need).
+async fn create_verified_user(users: &mut crate::harness::Users, email: &str) -> pb::User {
+    users
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: email.into(),
+                email_verified: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+}
+
 async fn get_user(app: &TestApp, id: &str) -> pb::User {
     app.users()
         .get_user(pb::GetUserRequest { id: id.into() })
@@ -604,20 +622,7 @@ async fn management_keeps_exactly_one_default_and_merge_moves_factors() {
     let app = TestApp::spawn().await;
     let mut users = app.users();
     let mut authn = app.authenticators();
-    let user = users
-        .create_user(pb::CreateUserRequest {
-            user: Some(pb::User {
-                email: "m@example.com".into(),
-                email_verified: true,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let user = create_verified_user(&mut users, "m@example.com").await;
     let (totp_id, _) = confirmed_totp(&mut authn, &user.id).await;
     let email = authn
         .enroll_otp_channel(pb::EnrollOtpChannelRequest {
@@ -923,20 +928,7 @@ async fn seeds_and_codes_never_reach_logs_or_events() {
     let app = TestApp::spawn().await;
     let mut users = app.users();
     let mut authn = app.authenticators();
-    let user = users
-        .create_user(pb::CreateUserRequest {
-            user: Some(pb::User {
-                email: "quiet@example.com".into(),
-                email_verified: true,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let user = create_verified_user(&mut users, "quiet@example.com").await;
     let enrolled = authn
         .enroll_totp(pb::EnrollTotpRequest {
             user_id: user.id.clone(),
