@@ -916,15 +916,7 @@ async fn factor_requests_are_validated_field_by_field() {
 
 #[tokio::test]
 async fn seeds_and_codes_never_reach_logs_or_events() {
-    crate::harness::init_tracing();
-    let logs = crate::passwords::LogCapture::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = crate::passwords::capture_logs();
     let app = TestApp::spawn().await;
     let mut users = app.users();
     let mut authn = app.authenticators();

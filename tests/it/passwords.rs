@@ -992,8 +992,8 @@ impl std::io::Write for LogCapture {
     }
 }
 
-#[tokio::test]
-async fn passwords_hashes_and_tokens_never_leave_the_service() {
+/// Captures every log line at TRACE on this thread until the guard drops.
+pub fn capture_logs() -> (LogCapture, tracing::subscriber::DefaultGuard) {
     crate::harness::init_tracing();
     let logs = LogCapture::default();
     let writer = logs.clone();
@@ -1002,7 +1002,12 @@ async fn passwords_hashes_and_tokens_never_leave_the_service() {
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    (logs, tracing::subscriber::set_default(subscriber))
+}
+
+#[tokio::test]
+async fn passwords_hashes_and_tokens_never_leave_the_service() {
+    let (logs, _guard) = capture_logs();
     let app = spawn_with_lockout(3, 900).await;
     let mut a = app.authenticators();
     let mut users = app.users();
