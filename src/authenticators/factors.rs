@@ -309,13 +309,16 @@ pub async fn verify_factor(
         FactorTarget::Kind(k) => (None, Some(k)),
     };
     let mut candidates = store::factor_secrets(&tx, p, user_id, id, kind).await?;
+    let not_enrolled = |k: Kind| {
+        precondition(
+            "FACTOR_NOT_ENROLLED",
+            &format!("the user has no confirmed {} authenticator", k.as_str()),
+        )
+    };
     let Some(first) = candidates.first() else {
         return Err(match target {
             FactorTarget::Id(id) => authenticator_not_found(id),
-            FactorTarget::Kind(k) => precondition(
-                "FACTOR_NOT_ENROLLED",
-                &format!("the user has no confirmed {} authenticator", k.as_str()),
-            ),
+            FactorTarget::Kind(k) => not_enrolled(k),
         });
     };
     let kind = first.authenticator.kind;
@@ -354,10 +357,7 @@ pub async fn verify_factor(
     }
     candidates.retain(|c| c.authenticator.confirmed);
     if candidates.is_empty() {
-        return Err(precondition(
-            "FACTOR_NOT_ENROLLED",
-            &format!("the user has no confirmed {} authenticator", kind.as_str()),
-        ));
+        return Err(not_enrolled(kind));
     }
     if let Some(locked) = check_state(&user)? {
         let a = candidates[0].authenticator.clone();

@@ -114,6 +114,17 @@ async fn create_verified_user(users: &mut crate::harness::Users, email: &str) ->
         .unwrap()
 }
 
+async fn list_of(authn: &mut Authenticators, user: &str) -> Vec<pb::Authenticator> {
+    authn
+        .list_authenticators(pb::ListAuthenticatorsRequest {
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticators
+}
+
 async fn get_user(app: &TestApp, id: &str) -> pb::User {
     app.users()
         .get_user(pb::GetUserRequest { id: id.into() })
@@ -453,14 +464,7 @@ async fn recovery_codes_work_once_and_a_new_set_replaces_the_old() {
         .await
         .unwrap();
     assert_eq!(result(&r), R::Ok);
-    let list = authn
-        .list_authenticators(pb::ListAuthenticatorsRequest {
-            user_id: user.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .authenticators;
+    let list = list_of(&mut authn, &user.id).await;
     assert_eq!(list.len(), 1);
     let events = app.events_of(&user.id).await;
     let gens: Vec<_> = events
@@ -645,14 +649,7 @@ async fn management_keeps_exactly_one_default_and_merge_moves_factors() {
         .into_inner()
         .authenticator
         .unwrap();
-    let list = authn
-        .list_authenticators(pb::ListAuthenticatorsRequest {
-            user_id: user.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .authenticators;
+    let list = list_of(&mut authn, &user.id).await;
     let ids: Vec<_> = list.iter().map(|a| a.id.as_str()).collect();
     assert_eq!(ids, [totp_id.as_str(), email.id.as_str(), rec.id.as_str()]);
     assert_eq!(list.iter().filter(|a| a.is_default).count(), 1);
@@ -783,14 +780,7 @@ async fn management_keeps_exactly_one_default_and_merge_moves_factors() {
         .user
         .unwrap();
     assert_eq!(merged.default_method, T::Totp as i32);
-    let list = authn
-        .list_authenticators(pb::ListAuthenticatorsRequest {
-            user_id: user.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .authenticators;
+    let list = list_of(&mut authn, &user.id).await;
     assert!(
         list.iter()
             .any(|a| a.id == other_totp && a.user_id == user.id && !a.is_default)
@@ -895,14 +885,7 @@ async fn factor_requests_are_validated_field_by_field() {
     assert_eq!(reason(&err), "AUTHENTICATOR_NOT_CONFIRMED");
     // A second enrolment replaces the unconfirmed one.
     enroll_totp(&mut authn, &user.id).await;
-    let list = authn
-        .list_authenticators(pb::ListAuthenticatorsRequest {
-            user_id: user.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .authenticators;
+    let list = list_of(&mut authn, &user.id).await;
     assert_eq!(list.len(), 1);
     assert_ne!(list[0].id, a.id);
     let err = authn
