@@ -41,7 +41,13 @@ pub fn identity_to_proto(i: &Identity) -> pb::Identity {
 }
 
 /// A required short printable string (provider, subject, connection).
-fn name(v: &mut Violations, field: &str, raw: &str, max: usize, required: bool) -> Option<String> {
+pub(crate) fn short_text(
+    v: &mut Violations,
+    field: &str,
+    raw: &str,
+    max: usize,
+    required: bool,
+) -> Option<String> {
     let s = raw.trim();
     if s.is_empty() {
         if required {
@@ -68,8 +74,8 @@ fn token(v: &mut Violations, field: &str, raw: String) -> Option<String> {
 /// (provider, subject) of a request.
 fn provider_subject(v: &mut Violations, provider: &str, subject: &str) -> (String, String) {
     (
-        name(v, "provider", provider, MAX_PROVIDER, true).unwrap_or_default(),
-        name(v, "subject", subject, MAX_SUBJECT, true).unwrap_or_default(),
+        short_text(v, "provider", provider, MAX_PROVIDER, true).unwrap_or_default(),
+        short_text(v, "subject", subject, MAX_SUBJECT, true).unwrap_or_default(),
     )
 }
 
@@ -85,7 +91,7 @@ impl IdentityService for IdentityApi {
         let mut v = Violations::new();
         let user_id = id_field(&mut v, "user_id", &req.user_id);
         let (provider, subject) = provider_subject(&mut v, &req.provider, &req.subject);
-        let connection = name(&mut v, "connection", &req.connection, MAX_CONNECTION, false);
+        let connection = short_text(&mut v, "connection", &req.connection, MAX_CONNECTION, false);
         let email = req.email.trim().to_string();
         let email = if email.is_empty() {
             None

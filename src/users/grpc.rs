@@ -3,12 +3,13 @@
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use super::bulk_grpc;
 use super::ops::{self, ContactChannel, Lifecycle, VerificationResult};
 use super::store::{self, ListSpec, ORDER_FIELDS};
 use super::{
     LookupKey, NewUser, PasswordInput, Profile, User, UserStatus, has_identifier, validate_profile,
 };
-use crate::auth::caller_of;
+use crate::auth::{Scope, caller_of};
 use crate::crypto;
 use crate::error::{Error, Violation, Violations};
 use crate::pb::v1 as pb;
@@ -42,7 +43,7 @@ fn text(s: &str) -> Option<String> {
 
 /// The settable fields of a proto `User`, collecting violations for what cannot even be
 /// converted (metadata that is not JSON-compatible).
-fn profile_from_proto(u: &pb::User, prefix: &str, v: &mut Violations) -> Profile {
+pub(crate) fn profile_from_proto(u: &pb::User, prefix: &str, v: &mut Violations) -> Profile {
     let mut meta = |name: &str, s: &Option<prost_types::Struct>| match s {
         None => serde_json::Map::new(),
         Some(s) => wire::struct_to_json(s).unwrap_or_else(|e| {
@@ -274,6 +275,63 @@ fn list_spec(req: &pb::ListUsersRequest) -> Result<(ListSpec, String), Error> {
 
 #[tonic::async_trait]
 impl UserService for UserApi {
+    #[tracing::instrument(skip_all)]
+    async fn import_users(
+        &self,
+        request: Request<tonic::Streaming<pb::ImportUsersRequest>>,
+    ) -> Result<Response<bulk_grpc::ImportStream>, Status> {
+        let caller = caller_of(&request)?;
+        Ok(Response::new(bulk_grpc::run_import(
+            request.into_inner(),
+            self.state.pool.clone(),
+            caller,
+        )))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn export_users(
+        &self,
+        request: Request<pb::ExportUsersRequest>,
+    ) -> Result<Response<bulk_grpc::ExportStream>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let mut v = Violations::new();
+        let filter = sql::parse_filter(&req.filter, store::filter_field).unwrap_or_else(|e| {
+            v.add("filter", e.to_string());
+            None
+        });
+        let fields = bulk_grpc::read_mask(req.read_mask.as_ref(), &mut v);
+        v.into_result()?;
+        if req.include_password_hashes {
+            caller.require(Scope::UsersExportSecrets)?;
+        }
+        let wants = |f: &str| fields.as_ref().is_none_or(|fs| fs.contains(&f));
+        let spec = super::bulk_store::ExportSpec {
+            filter,
+            with_factors: wants("enrolled_methods") || wants("default_method"),
+            with_password_hash: req.include_password_hashes,
+        };
+        let data = serde_json::json!({
+            "filter": req.filter.trim(),
+            "fields": fields.clone().unwrap_or_else(|| vec!["*"]),
+            "include_password_hashes": req.include_password_hashes,
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(ops::export_users(
+            self.state.pool.clone(),
+            caller,
+            spec,
+            data,
+            tx,
+        ));
+        // The first message says whether the snapshot opened: an error is the RPC's answer.
+        match rx.recv().await {
+            Some(Ok(_)) => Ok(Response::new(bulk_grpc::export_stream(rx, fields))),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(Error::internal(anyhow::anyhow!("export ended before it began")).into()),
+        }
+    }
+
     #[tracing::instrument(skip_all)]
     async fn create_user(
         &self,

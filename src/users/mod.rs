@@ -2,7 +2,10 @@
 //!
 //! `grpc.rs` turns requests into these types (collecting every field violation), `ops.rs`
 //! runs each operation in one transaction with its audit event, `store.rs` holds the SQL.
+pub mod bulk_grpc;
+pub mod bulk_store;
 pub mod grpc;
+pub mod import;
 pub mod ops;
 pub mod store;
 

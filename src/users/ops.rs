@@ -5,6 +5,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::bulk_store;
 use super::store::{self, ListSpec, Verification};
 use super::{
     LookupKey, MaskPath, NewUser, PasswordInput, Profile, ProfileField, User, UserStatus,
@@ -54,7 +55,7 @@ pub const CODE_TTL_MINUTES: i64 = 10;
 pub const MAX_CODE_ATTEMPTS: i32 = 5;
 
 /// The names of the profile fields that are set (non-empty, true), for event data.
-fn set_fields(p: &Profile) -> Vec<&'static str> {
+pub(crate) fn set_fields(p: &Profile) -> Vec<&'static str> {
     ProfileField::ALL
         .iter()
         .filter(|f| match field_value(p, **f) {
@@ -499,4 +500,72 @@ pub async fn confirm_contact_verification(
     };
     tx.commit().await?;
     Ok((result, user))
+}
+
+/// One exported user, with its password hash when that was asked for.
+pub struct Exported {
+    pub user: User,
+    pub password_hash: Option<String>,
+}
+
+/// Streams the users matching `spec` from one REPEATABLE READ snapshot, in id order, into
+/// `out` a chunk at a time. The first message is an empty chunk once the snapshot is open (or
+/// the error that prevented it), so the caller can answer the RPC with that error. The
+/// USERS_EXPORTED event (`data` says what was asked) commits before any row leaves. Stops
+/// early when `out` closes; memory stays at a chunk or two however many users there are.
+pub async fn export_users(
+    pool: Pool,
+    caller: Caller,
+    spec: bulk_store::ExportSpec,
+    data: Value,
+    out: tokio::sync::mpsc::Sender<Result<Vec<Exported>>>,
+) {
+    let run = async {
+        let mut client = db::client(&pool).await?;
+        let tx = client.transaction().await?;
+        events::record(
+            &tx,
+            caller.project_id,
+            &EventContext::from_caller(&caller),
+            &[NewEvent {
+                kind: EventType::UsersExported,
+                user_id: None,
+                data,
+            }],
+        )
+        .await?;
+        tx.commit().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let portal = bulk_store::open_export(&tx, caller.project_id, &spec).await?;
+        if out.send(Ok(Vec::new())).await.is_err() {
+            return Ok(());
+        }
+        loop {
+            let rows = tx.query_portal(&portal, bulk_store::EXPORT_CHUNK).await?;
+            let last = rows.len() < bulk_store::EXPORT_CHUNK as usize;
+            let chunk: Vec<Exported> = rows
+                .iter()
+                .map(|r| Exported {
+                    user: store::user_from_row(r),
+                    password_hash: r.get(store::USER_COLUMN_COUNT),
+                })
+                .collect();
+            if !chunk.is_empty() && out.send(Ok(chunk)).await.is_err() {
+                return Ok(());
+            }
+            if last {
+                break;
+            }
+        }
+        tx.commit().await?;
+        Ok::<(), Error>(())
+    };
+    if let Err(e) = run.await {
+        let _ = out.send(Err(e)).await;
+    }
 }

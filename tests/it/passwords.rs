@@ -15,11 +15,11 @@ use pb::verify_password_request::Login;
 const PASSWORD: &str = "correct horse battery staple";
 
 /// The password every legacy fixture hash below was made from.
-const LEGACY_PASSWORD: &str = "legacy password 1";
+pub const LEGACY_PASSWORD: &str = "legacy password 1";
 
 /// Known hashes of `LEGACY_PASSWORD` made by the reference crates (argon2, pbkdf2, scrypt,
 /// bcrypt) and checked independently with Python's argon2-cffi, bcrypt and hashlib.
-const LEGACY_HASHES: &[(&str, &str)] = &[
+pub const LEGACY_HASHES: &[(&str, &str)] = &[
     (
         "argon2id",
         // Weaker than the current parameters (m=4096, t=1): upgraded like a legacy format.

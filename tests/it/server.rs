@@ -104,21 +104,33 @@ async fn request_ids_are_kept_or_made_and_recorded_on_events() {
     assert!(err.metadata().get("x-request-id").is_some());
 }
 
+/// Calls `path` with an empty message, raw, as a client built from other protos would.
+async fn call_raw(app: &TestApp, path: &'static str, token: Option<&str>) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+    grpc.ready().await.unwrap();
+    let mut req = tonic::Request::new(());
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let codec: tonic_prost::ProstCodec<(), ()> = tonic_prost::ProstCodec::default();
+    grpc.unary(req, http::uri::PathAndQuery::from_static(path), codec)
+        .await
+        .unwrap_err()
+}
+
 #[tokio::test]
-async fn services_still_to_come_answer_unimplemented_behind_auth() {
+async fn unknown_methods_answer_unimplemented_behind_auth() {
     let app = TestApp::spawn().await;
-    let mut users = app.users();
-    let err = users
-        .export_users(pb::ExportUsersRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    let mut anonymous = app.users_with(None);
-    let err = anonymous
-        .export_users(pb::ExportUsersRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated);
+    let path = "/roster.v1.UserService/NoSuchMethod";
+    assert_eq!(
+        call_raw(&app, path, Some(&app.token)).await.code(),
+        Code::Unimplemented
+    );
+    assert_eq!(
+        call_raw(&app, path, None).await.code(),
+        Code::Unauthenticated
+    );
 }
 
 #[tokio::test]

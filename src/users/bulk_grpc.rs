@@ -1,0 +1,501 @@
+//! ImportUsers and ExportUsers over gRPC: record validation, the two tasks of an import
+//! stream, and export's read mask. The UserService methods in `grpc.rs` call in here.
+//!
+//! An import stream runs as two tasks joined by a channel of one batch: the reader validates
+//! records and fills the next batch while the writer commits the previous one. Both channels
+//! are bounded, so a fast client waits (HTTP/2 flow control) when the database is the
+//! bottleneck, and a slow reader of results stops the writer: memory stays flat whatever the
+//! stream's length.
+use std::pin::Pin;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::{Stream, StreamExt};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+use uuid::Uuid;
+
+use super::grpc::{id_field, profile_from_proto, user_to_proto};
+use super::import::{
+    self, Batch, Entry, ImportIdentity, ImportOptions, ImportRecord, MatchOn, Mode, Outcome,
+};
+use super::{has_identifier, validate_profile};
+use crate::auth::Caller;
+use crate::crypto;
+use crate::db::Client;
+use crate::error::{Error, Violations};
+use crate::identities;
+use crate::pb::v1 as pb;
+use crate::wire;
+
+pub type ImportStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ImportUsersResponse, Status>> + Send + 'static>>;
+pub type ExportStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ExportUsersResponse, Status>> + Send + 'static>>;
+
+/// A partial batch waits at most this long for the next record: a client that sends a few
+/// records and waits for their results gets them promptly.
+const IDLE_FLUSH: Duration = Duration::from_millis(20);
+
+pub fn import_options(o: &pb::ImportOptions) -> Result<ImportOptions, Error> {
+    let mut v = Violations::new();
+    let mode = match pb::ImportMode::try_from(o.mode) {
+        Ok(pb::ImportMode::Unspecified | pb::ImportMode::CreateOnly) => Mode::CreateOnly,
+        Ok(pb::ImportMode::Upsert) => Mode::Upsert,
+        Err(_) => {
+            v.add("options.mode", "must be CREATE_ONLY or UPSERT");
+            Mode::CreateOnly
+        }
+    };
+    let match_on = match pb::ImportMatchOn::try_from(o.match_on) {
+        Ok(pb::ImportMatchOn::Unspecified | pb::ImportMatchOn::Email) => MatchOn::Email,
+        Ok(pb::ImportMatchOn::ExternalId) => MatchOn::ExternalId,
+        Err(_) => {
+            v.add("options.match_on", "must be EMAIL or EXTERNAL_ID");
+            MatchOn::Email
+        }
+    };
+    v.into_result()?;
+    Ok(ImportOptions {
+        mode,
+        match_on,
+        dry_run: o.dry_run,
+    })
+}
+
+/// Validates one record, collecting every violation under `record.`.
+pub fn record_from_proto(
+    r: pb::ImportRecord,
+    options: &ImportOptions,
+) -> Result<ImportRecord, Error> {
+    let mut v = Violations::new();
+    let Some(u) = &r.user else {
+        return Err(Error::invalid("record.user", "is required"));
+    };
+    let profile = profile_from_proto(u, "record.user", &mut v);
+    validate_profile(&profile, "record.user", &mut v);
+    if !has_identifier(&profile) {
+        v.add(
+            "record.user",
+            "needs at least one of email, phone_number, username, external_id",
+        );
+    }
+    if options.mode == Mode::Upsert {
+        let (field, value) = match options.match_on {
+            MatchOn::Email => ("email", &profile.email),
+            MatchOn::ExternalId => ("external_id", &profile.external_id),
+        };
+        if value.is_none() {
+            v.add(
+                format!("record.user.{field}"),
+                format!("is required: the import matches existing users on {field}"),
+            );
+        }
+    }
+    let (id, id_given) = if r.user_id.is_empty() {
+        (Uuid::now_v7(), false)
+    } else {
+        (id_field(&mut v, "record.user_id", &r.user_id), true)
+    };
+    let password_hash = if r.password_hash.is_empty() {
+        None
+    } else {
+        if let Err(e) = crypto::formats::parse(&r.password_hash) {
+            v.add("record.password_hash", e);
+        }
+        Some(r.password_hash.clone())
+    };
+    if r.identities.len() > import::MAX_IDENTITIES {
+        v.add(
+            "record.identities",
+            format!("at most {} identities per record", import::MAX_IDENTITIES),
+        );
+    }
+    let mut ids = Vec::with_capacity(r.identities.len());
+    for (i, x) in r.identities.iter().take(import::MAX_IDENTITIES).enumerate() {
+        ids.push(identity_from_proto(
+            x,
+            &format!("record.identities[{i}]"),
+            &mut v,
+        ));
+    }
+    for (i, a) in ids.iter().enumerate() {
+        if ids[..i]
+            .iter()
+            .any(|b| a.provider == b.provider && a.subject == b.subject)
+        {
+            v.add(
+                format!("record.identities[{i}]"),
+                "repeats an identity of this record",
+            );
+        }
+    }
+    let created_at = r.created_at.as_ref().and_then(|t| {
+        let parsed = wire::from_timestamp(t)
+            .filter(|t| t.timestamp() >= 0 && *t <= Utc::now() + chrono::Duration::days(1));
+        if parsed.is_none() {
+            v.add(
+                "record.created_at",
+                "must be a valid time between 1970 and now",
+            );
+        }
+        parsed
+    });
+    v.into_result()?;
+    Ok(ImportRecord {
+        id,
+        id_given,
+        profile,
+        pending: r.pending,
+        password_hash,
+        identities: ids,
+        created_at,
+    })
+}
+
+fn identity_from_proto(x: &pb::ImportIdentity, prefix: &str, v: &mut Violations) -> ImportIdentity {
+    use identities::grpc::short_text;
+    use identities::{MAX_CONNECTION, MAX_PROVIDER, MAX_SUBJECT};
+    let f = |name: &str| format!("{prefix}.{name}");
+    let provider = short_text(v, &f("provider"), &x.provider, MAX_PROVIDER, true);
+    let subject = short_text(v, &f("subject"), &x.subject, MAX_SUBJECT, true);
+    let connection = short_text(v, &f("connection"), &x.connection, MAX_CONNECTION, false);
+    let email = Some(x.email.trim().to_string()).filter(|e| !e.is_empty());
+    if let Some(e) = &email
+        && let Err(m) = super::check_email(e)
+    {
+        v.add(f("email"), m);
+    }
+    let profile = match &x.profile {
+        None => serde_json::Map::new(),
+        Some(s) => wire::struct_to_json(s)
+            .and_then(|m| wire::check_metadata(&m).map(|_| m))
+            .unwrap_or_else(|e| {
+                v.add(f("profile"), e);
+                serde_json::Map::new()
+            }),
+    };
+    ImportIdentity {
+        provider: provider.unwrap_or_default(),
+        subject: subject.unwrap_or_default(),
+        connection,
+        email,
+        profile,
+    }
+}
+
+/// An error as the google.rpc.Status of a failed record, with the same details a unary call
+/// would carry.
+fn rpc_status(e: Error) -> tonic_types::pb::Status {
+    let status = Status::from(e);
+    tonic_types::pb::Status::decode(status.details()).unwrap_or_else(|_| tonic_types::pb::Status {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        details: vec![],
+    })
+}
+
+fn result_message(index: i64, outcome: Outcome) -> pb::ImportUsersResponse {
+    let (user_id, outcome, error) = match outcome {
+        Outcome::Created(id) => (id.to_string(), pb::ImportOutcome::Created, None),
+        Outcome::Updated(id) => (id.to_string(), pb::ImportOutcome::Updated, None),
+        Outcome::Failed(e) => (
+            String::new(),
+            pb::ImportOutcome::Failed,
+            Some(rpc_status(e)),
+        ),
+    };
+    pb::ImportUsersResponse {
+        item: Some(pb::import_users_response::Item::Result(pb::ImportResult {
+            index,
+            user_id,
+            outcome: outcome as i32,
+            error,
+        })),
+    }
+}
+
+/// Runs an import stream: answers at once (a client may wait for the response headers before
+/// it sends anything), then reads the options and spawns the reader and the writer. A bad
+/// start (no options first, no database) ends the response stream with that error.
+pub fn run_import(
+    mut inbound: Streaming<pb::ImportUsersRequest>,
+    pool: crate::db::Pool,
+    caller: Caller,
+) -> ImportStream {
+    // Room for two batches of results: the writer never waits on a reader keeping up.
+    let (out_tx, out_rx) = mpsc::channel(2 * import::BATCH_RECORDS);
+    tokio::spawn(async move {
+        match open_import(&mut inbound, &pool).await {
+            Err(e) => {
+                let _ = out_tx.send(Err(e)).await;
+            }
+            Ok((options, client)) => {
+                let (batch_tx, batch_rx) = mpsc::channel(1);
+                tokio::spawn(read_records(inbound, options, batch_tx));
+                write_batches(client, caller, options, batch_rx, out_tx).await;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(out_rx))
+}
+
+async fn open_import(
+    inbound: &mut Streaming<pb::ImportUsersRequest>,
+    pool: &crate::db::Pool,
+) -> Result<(ImportOptions, Client), Status> {
+    use pb::import_users_request::Item;
+    let options = match inbound.message().await? {
+        Some(pb::ImportUsersRequest {
+            item: Some(Item::Options(o)),
+        }) => import_options(&o)?,
+        _ => {
+            return Err(
+                Error::invalid("options", "the first message must carry the options").into(),
+            );
+        }
+    };
+    // One connection for the whole stream: it holds the staging tables.
+    let client = crate::db::client(pool).await?;
+    import::prepare(&client).await?;
+    Ok((options, client))
+}
+
+async fn read_records(
+    mut inbound: Streaming<pb::ImportUsersRequest>,
+    options: ImportOptions,
+    batches: mpsc::Sender<Result<Batch, Status>>,
+) {
+    use pb::import_users_request::Item;
+    let mut batch = Batch::default();
+    let mut index: i64 = 0;
+    loop {
+        let next = if batch.is_empty() {
+            inbound.next().await
+        } else {
+            match tokio::time::timeout(IDLE_FLUSH, inbound.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    if batches.send(Ok(std::mem::take(&mut batch))).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        };
+        let msg = match next {
+            None => break,
+            // The client went away or broke the stream: records not yet committed are not
+            // written, so "re-send from the first record without a result" stays exact.
+            Some(Err(_)) => return,
+            Some(Ok(msg)) => msg,
+        };
+        let bytes = msg.encoded_len();
+        let record = match msg.item {
+            Some(Item::Record(r)) => record_from_proto(r, &options),
+            Some(Item::Options(_)) => {
+                let e = Error::invalid("options", "only the first message may carry options");
+                let _ = batches.send(Ok(std::mem::take(&mut batch))).await;
+                let _ = batches.send(Err(e.into())).await;
+                return;
+            }
+            None => Err(Error::invalid("record", "is required")),
+        };
+        let entry = Entry { index, record };
+        index += 1;
+        if batch.must_close_before(&entry, bytes)
+            && batches.send(Ok(std::mem::take(&mut batch))).await.is_err()
+        {
+            return;
+        }
+        batch.push(entry, bytes);
+    }
+    if !batch.is_empty() {
+        let _ = batches.send(Ok(batch)).await;
+    }
+}
+
+async fn write_batches(
+    mut client: Client,
+    caller: Caller,
+    options: ImportOptions,
+    mut batches: mpsc::Receiver<Result<Batch, Status>>,
+    out: mpsc::Sender<Result<pb::ImportUsersResponse, Status>>,
+) {
+    let (mut created, mut updated, mut failed) = (0i64, 0i64, 0i64);
+    while let Some(item) = batches.recv().await {
+        let batch = match item {
+            Ok(b) if b.is_empty() => continue,
+            Ok(b) => b,
+            Err(status) => {
+                let _ = out.send(Err(status)).await;
+                return;
+            }
+        };
+        if out.is_closed() {
+            return;
+        }
+        let outcomes = match import::write_batch(&mut client, &caller, &options, batch).await {
+            Ok(o) => o,
+            Err(e) => {
+                let _ = out.send(Err(e.into())).await;
+                return;
+            }
+        };
+        for (index, outcome) in outcomes {
+            match outcome {
+                Outcome::Created(_) => created += 1,
+                Outcome::Updated(_) => updated += 1,
+                Outcome::Failed(_) => failed += 1,
+            }
+            if out.send(Ok(result_message(index, outcome))).await.is_err() {
+                return;
+            }
+        }
+    }
+    let summary = pb::ImportUsersResponse {
+        item: Some(pb::import_users_response::Item::Summary(
+            pb::ImportSummary {
+                created,
+                updated,
+                failed,
+            },
+        )),
+    };
+    let _ = out.send(Ok(summary)).await;
+}
+
+// ---- export ----
+
+/// The names of `User`'s fields, as a read mask names them.
+const USER_FIELDS: [&str; 29] = [
+    "id",
+    "external_id",
+    "email",
+    "email_verified",
+    "phone_number",
+    "phone_verified",
+    "username",
+    "display_name",
+    "given_name",
+    "family_name",
+    "picture_url",
+    "locale",
+    "timezone",
+    "status",
+    "user_metadata",
+    "app_metadata",
+    "has_password",
+    "password_changed_at",
+    "require_password_change",
+    "enrolled_methods",
+    "default_method",
+    "login_count",
+    "last_login_at",
+    "last_login_ip",
+    "locked_until",
+    "blocked_reason",
+    "created_at",
+    "updated_at",
+    "etag",
+];
+
+/// The fields a read mask keeps (`None`: all), collecting bad paths into `v`.
+pub fn read_mask(
+    mask: Option<&prost_types::FieldMask>,
+    v: &mut Violations,
+) -> Option<Vec<&'static str>> {
+    let paths = mask.map(|m| m.paths.as_slice()).unwrap_or_default();
+    if paths.is_empty() || paths.iter().any(|p| p.trim() == "*") {
+        return None;
+    }
+    let mut fields = Vec::with_capacity(paths.len());
+    for (i, p) in paths.iter().enumerate() {
+        match USER_FIELDS.iter().find(|f| **f == p.trim()) {
+            Some(f) if !fields.contains(f) => fields.push(*f),
+            Some(_) => {}
+            None => v.add(
+                format!("read_mask.paths[{i}]"),
+                format!("'{}' is not a field of User", p.trim()),
+            ),
+        }
+    }
+    Some(fields)
+}
+
+/// `u` with only the `fields` kept.
+fn masked(mut u: pb::User, fields: &[&str]) -> pb::User {
+    let mut out = pb::User::default();
+    macro_rules! keep {
+        ($name:expr, $($f:ident),*) => {
+            match $name {
+                $(stringify!($f) => out.$f = std::mem::take(&mut u.$f),)*
+                _ => {}
+            }
+        };
+    }
+    for f in fields {
+        keep!(
+            *f,
+            id,
+            external_id,
+            email,
+            email_verified,
+            phone_number,
+            phone_verified,
+            username,
+            display_name,
+            given_name,
+            family_name,
+            picture_url,
+            locale,
+            timezone,
+            status,
+            user_metadata,
+            app_metadata,
+            has_password,
+            password_changed_at,
+            require_password_change,
+            enrolled_methods,
+            default_method,
+            login_count,
+            last_login_at,
+            last_login_ip,
+            locked_until,
+            blocked_reason,
+            created_at,
+            updated_at,
+            etag
+        );
+    }
+    out
+}
+
+/// The response stream of an export whose producer sends chunks into `rx`; `first` is the
+/// producer's first (empty) chunk, already received.
+pub fn export_stream(
+    rx: mpsc::Receiver<crate::error::Result<Vec<super::ops::Exported>>>,
+    fields: Option<Vec<&'static str>>,
+) -> ExportStream {
+    Box::pin(ReceiverStream::new(rx).flat_map(move |chunk| {
+        let items: Vec<Result<pb::ExportUsersResponse, Status>> = match chunk {
+            Err(e) => vec![Err(e.into())],
+            Ok(users) => users
+                .into_iter()
+                .map(|x| {
+                    let user = user_to_proto(&x.user);
+                    Ok(pb::ExportUsersResponse {
+                        user: Some(match &fields {
+                            Some(f) => masked(user, f),
+                            None => user,
+                        }),
+                        password_hash: x.password_hash.unwrap_or_default(),
+                    })
+                })
+                .collect(),
+        };
+        futures_util::stream::iter(items)
+    }))
+}

@@ -1,0 +1,428 @@
+//! The SQL of ImportUsers and ExportUsers.
+//!
+//! Import stages a batch with binary COPY into temporary tables (per connection, emptied at
+//! every commit or rollback) and then works set-based: one query finds every clash, one INSERT
+//! creates, one UPDATE applies UPSERT matches, one INSERT links identities. Export reads one
+//! REPEATABLE READ snapshot through a portal, a chunk of rows at a time.
+use std::collections::{HashMap, HashSet};
+use std::pin::pin;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{GenericClient, Transaction};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{Json, ToSql, Type};
+use uuid::Uuid;
+
+use super::import::ImportIdentity;
+use super::store::{USER_COLUMNS, filter_field};
+use super::{Profile, UserStatus};
+use crate::error::{Error, Result};
+use crate::query::filter::Expr;
+use crate::query::sql::{self, Sql};
+
+/// A record as staged: `idx` is its place among the batch's valid records.
+pub struct StagedUser<'a> {
+    pub idx: i32,
+    pub id: Uuid,
+    pub profile: &'a Profile,
+    pub status: UserStatus,
+    pub password_hash: Option<&'a str>,
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+pub struct StagedIdentity<'a> {
+    pub idx: i32,
+    pub id: Uuid,
+    pub identity: &'a ImportIdentity,
+}
+
+/// The stored users holding each unique value of one staged record.
+#[derive(Debug, Default, Clone)]
+pub struct Clash {
+    pub by_id: Option<Uuid>,
+    pub by_email: Option<Uuid>,
+    pub by_phone: Option<Uuid>,
+    pub by_username: Option<Uuid>,
+    pub by_external_id: Option<Uuid>,
+}
+
+/// Creates this connection's staging tables unless it has them. Temporary tables are not
+/// WAL-logged, and ON COMMIT DELETE ROWS leaves them empty for the next batch.
+pub async fn create_staging(db: &impl GenericClient) -> Result<()> {
+    db.batch_execute(
+        "SET client_min_messages = warning;
+         CREATE TEMP TABLE IF NOT EXISTS roster_import_users (
+            idx int4 NOT NULL, id uuid NOT NULL, external_id text, email text,
+            email_verified bool NOT NULL, phone_number text, phone_verified bool NOT NULL,
+            username text, display_name text, given_name text, family_name text,
+            picture_url text, locale text, timezone text, status int2 NOT NULL,
+            user_metadata jsonb, app_metadata jsonb, password_hash text, created_at timestamptz
+         ) ON COMMIT DELETE ROWS;
+         CREATE TEMP TABLE IF NOT EXISTS roster_import_identities (
+            idx int4 NOT NULL, id uuid NOT NULL, provider text NOT NULL, subject text NOT NULL,
+            connection text, email text, profile jsonb NOT NULL
+         ) ON COMMIT DELETE ROWS;
+         RESET client_min_messages;",
+    )
+    .await?;
+    Ok(())
+}
+
+const USER_TYPES: [Type; 19] = [
+    Type::INT4,
+    Type::UUID,
+    Type::TEXT,
+    Type::TEXT,
+    Type::BOOL,
+    Type::TEXT,
+    Type::BOOL,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT2,
+    Type::JSONB,
+    Type::JSONB,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+];
+
+const IDENTITY_TYPES: [Type; 7] = [
+    Type::INT4,
+    Type::UUID,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::JSONB,
+];
+
+/// Copies a batch into the staging tables.
+pub async fn stage(
+    tx: &Transaction<'_>,
+    users: &[StagedUser<'_>],
+    identities: &[StagedIdentity<'_>],
+) -> Result<()> {
+    let sink = tx
+        .copy_in("COPY roster_import_users FROM STDIN (FORMAT binary)")
+        .await?;
+    let mut writer = pin!(BinaryCopyInWriter::new(sink, &USER_TYPES));
+    for u in users {
+        let p = u.profile;
+        // An empty metadata object means "not given" (an UPSERT leaves the stored one).
+        let meta = |m: &serde_json::Map<String, serde_json::Value>| {
+            (!m.is_empty()).then(|| Json(m.clone()))
+        };
+        let (user_metadata, app_metadata) = (meta(&p.user_metadata), meta(&p.app_metadata));
+        let status = u.status as i16;
+        let row: [&(dyn ToSql + Sync); 19] = [
+            &u.idx,
+            &u.id,
+            &p.external_id,
+            &p.email,
+            &p.email_verified,
+            &p.phone_number,
+            &p.phone_verified,
+            &p.username,
+            &p.display_name,
+            &p.given_name,
+            &p.family_name,
+            &p.picture_url,
+            &p.locale,
+            &p.timezone,
+            &status,
+            &user_metadata,
+            &app_metadata,
+            &u.password_hash,
+            &u.created_at,
+        ];
+        writer.as_mut().write(&row).await?;
+    }
+    writer.finish().await?;
+    if identities.is_empty() {
+        return Ok(());
+    }
+    let sink = tx
+        .copy_in("COPY roster_import_identities FROM STDIN (FORMAT binary)")
+        .await?;
+    let mut writer = pin!(BinaryCopyInWriter::new(sink, &IDENTITY_TYPES));
+    for s in identities {
+        let i = s.identity;
+        let profile = Json(&i.profile);
+        let row: [&(dyn ToSql + Sync); 7] = [
+            &s.idx,
+            &s.id,
+            &i.provider,
+            &i.subject,
+            &i.connection,
+            &i.email,
+            &profile,
+        ];
+        writer.as_mut().write(&row).await?;
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+/// Every stored user holding a unique value of a staged record (only records with a hit),
+/// and the user linked to any of each record's identities.
+pub async fn clashes(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+) -> Result<(HashMap<i32, Clash>, HashMap<i32, Uuid>)> {
+    // Each subquery is one probe of the matching unique index.
+    let stmt = tx
+        .prepare_cached(
+            "SELECT * FROM (
+                SELECT s.idx,
+                  (SELECT u.id FROM users u WHERE u.project_id = $1 AND u.id = s.id) AS a,
+                  (SELECT u.id FROM users u WHERE u.project_id = $1
+                     AND lower(u.email) = lower(s.email)) AS b,
+                  (SELECT u.id FROM users u WHERE u.project_id = $1
+                     AND u.phone_number = s.phone_number) AS c,
+                  (SELECT u.id FROM users u WHERE u.project_id = $1
+                     AND lower(u.username) = lower(s.username)) AS d,
+                  (SELECT u.id FROM users u WHERE u.project_id = $1
+                     AND u.external_id = s.external_id) AS e
+                FROM roster_import_users s
+             ) h
+             WHERE a IS NOT NULL OR b IS NOT NULL OR c IS NOT NULL OR d IS NOT NULL
+                OR e IS NOT NULL",
+        )
+        .await?;
+    let users = tx
+        .query(&stmt, &[&project_id])
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i32>(0),
+                Clash {
+                    by_id: r.get(1),
+                    by_email: r.get(2),
+                    by_phone: r.get(3),
+                    by_username: r.get(4),
+                    by_external_id: r.get(5),
+                },
+            )
+        })
+        .collect();
+    let stmt = tx
+        .prepare_cached(
+            "SELECT s.idx, i.user_id FROM roster_import_identities s
+             JOIN identities i ON i.project_id = $1 AND i.provider = s.provider
+                AND i.subject = s.subject",
+        )
+        .await?;
+    let identities = tx
+        .query(&stmt, &[&project_id])
+        .await?
+        .iter()
+        .map(|r| (r.get::<_, i32>(0), r.get::<_, Uuid>(1)))
+        .collect();
+    Ok((users, identities))
+}
+
+/// Creates the staged users `idxs`; returns the idxs created. A row whose unique value a
+/// concurrent transaction took meanwhile is skipped (ON CONFLICT DO NOTHING), not an error
+/// that would fail the whole batch.
+pub async fn insert_users(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    idxs: &[i32],
+) -> Result<Vec<i32>> {
+    if idxs.is_empty() {
+        return Ok(vec![]);
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO users (project_id, id, external_id, email, email_verified, phone_number,
+                phone_verified, username, display_name, given_name, family_name, picture_url,
+                locale, timezone, status, user_metadata, app_metadata, password_hash,
+                password_changed_at, created_at, updated_at)
+             SELECT $1, s.id, s.external_id, s.email, s.email_verified, s.phone_number,
+                s.phone_verified, s.username, s.display_name, s.given_name, s.family_name,
+                s.picture_url, s.locale, s.timezone, s.status,
+                coalesce(s.user_metadata, '{}'), coalesce(s.app_metadata, '{}'),
+                s.password_hash, CASE WHEN s.password_hash IS NULL THEN NULL ELSE now() END,
+                coalesce(s.created_at, now()), now()
+             FROM roster_import_users s WHERE s.idx = ANY($2)
+             ORDER BY s.idx
+             ON CONFLICT DO NOTHING
+             RETURNING id",
+        )
+        .await?;
+    let rows = tx.query(&stmt, &[&project_id, &idxs]).await?;
+    if rows.len() == idxs.len() {
+        return Ok(idxs.to_vec());
+    }
+    // Rare (a race): say which made it.
+    let ids: HashSet<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+    let stmt = tx
+        .prepare_cached("SELECT idx, id FROM roster_import_users WHERE idx = ANY($1)")
+        .await?;
+    Ok(tx
+        .query(&stmt, &[&idxs])
+        .await?
+        .iter()
+        .filter(|r| ids.contains(&r.get::<_, Uuid>(1)))
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Applies UPSERT matches `(idx, user id)`: the fields a record sets replace the stored ones
+/// (an email or phone brings its `*_verified` along); rows that would not change are left
+/// alone, so re-running an import writes nothing. Returns the idxs of users changed.
+pub async fn update_users(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    matches: &[(i32, Uuid)],
+) -> Result<HashSet<i32>> {
+    if matches.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let idxs: Vec<i32> = matches.iter().map(|m| m.0).collect();
+    let ids: Vec<Uuid> = matches.iter().map(|m| m.1).collect();
+    let stmt = tx
+        .prepare_cached(
+            "WITH n AS (
+                SELECT m.idx, u.id,
+                  coalesce(s.external_id, u.external_id) AS external_id,
+                  coalesce(s.email, u.email) AS email,
+                  CASE WHEN s.email IS NULL THEN u.email_verified
+                       ELSE s.email_verified END AS email_verified,
+                  coalesce(s.phone_number, u.phone_number) AS phone_number,
+                  CASE WHEN s.phone_number IS NULL THEN u.phone_verified
+                       ELSE s.phone_verified END AS phone_verified,
+                  coalesce(s.username, u.username) AS username,
+                  coalesce(s.display_name, u.display_name) AS display_name,
+                  coalesce(s.given_name, u.given_name) AS given_name,
+                  coalesce(s.family_name, u.family_name) AS family_name,
+                  coalesce(s.picture_url, u.picture_url) AS picture_url,
+                  coalesce(s.locale, u.locale) AS locale,
+                  coalesce(s.timezone, u.timezone) AS timezone,
+                  coalesce(s.user_metadata, u.user_metadata) AS user_metadata,
+                  coalesce(s.app_metadata, u.app_metadata) AS app_metadata,
+                  coalesce(s.password_hash, u.password_hash) AS password_hash
+                FROM unnest($2::int4[], $3::uuid[]) AS m(idx, id)
+                JOIN roster_import_users s ON s.idx = m.idx
+                JOIN users u ON u.project_id = $1 AND u.id = m.id
+             )
+             UPDATE users u SET external_id = n.external_id, email = n.email,
+                email_verified = n.email_verified, phone_number = n.phone_number,
+                phone_verified = n.phone_verified, username = n.username,
+                display_name = n.display_name, given_name = n.given_name,
+                family_name = n.family_name, picture_url = n.picture_url, locale = n.locale,
+                timezone = n.timezone, user_metadata = n.user_metadata,
+                app_metadata = n.app_metadata, password_hash = n.password_hash,
+                password_changed_at = CASE WHEN n.password_hash IS DISTINCT FROM u.password_hash
+                    THEN now() ELSE u.password_changed_at END,
+                failed_logins = CASE WHEN n.password_hash IS DISTINCT FROM u.password_hash
+                    THEN 0 ELSE u.failed_logins END,
+                version = u.version + 1, updated_at = now()
+             FROM n WHERE u.project_id = $1 AND u.id = n.id
+               AND (n.external_id, n.email, n.email_verified, n.phone_number, n.phone_verified,
+                    n.username, n.display_name, n.given_name, n.family_name, n.picture_url,
+                    n.locale, n.timezone, n.user_metadata, n.app_metadata, n.password_hash)
+                   IS DISTINCT FROM
+                   (u.external_id, u.email, u.email_verified, u.phone_number, u.phone_verified,
+                    u.username, u.display_name, u.given_name, u.family_name, u.picture_url,
+                    u.locale, u.timezone, u.user_metadata, u.app_metadata, u.password_hash)
+             RETURNING n.idx",
+        )
+        .await?;
+    Ok(tx
+        .query(&stmt, &[&project_id, &idxs, &ids])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Links the staged identities of the records written, `(idx, user id)`; identities already
+/// linked to that user stay as they are. Returns the idxs that gained an identity.
+pub async fn insert_identities(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    owners: &[(i32, Uuid)],
+) -> Result<HashSet<i32>> {
+    if owners.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let idxs: Vec<i32> = owners.iter().map(|m| m.0).collect();
+    let ids: Vec<Uuid> = owners.iter().map(|m| m.1).collect();
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO identities (project_id, id, user_id, provider, subject, connection,
+                email, profile)
+             SELECT $1, s.id, m.user_id, s.provider, s.subject, s.connection, s.email, s.profile
+             FROM roster_import_identities s
+             JOIN unnest($2::int4[], $3::uuid[]) AS m(idx, user_id) ON s.idx = m.idx
+             ON CONFLICT (project_id, provider, subject) DO NOTHING
+             RETURNING user_id",
+        )
+        .await?;
+    // Within a batch each user is written by one record (see `import::Batch`).
+    let idx_of: HashMap<Uuid, i32> = owners.iter().map(|(i, u)| (*u, *i)).collect();
+    Ok(tx
+        .query(&stmt, &[&project_id, &idxs, &ids])
+        .await?
+        .iter()
+        .filter_map(|r| idx_of.get(&r.get::<_, Uuid>(0)).copied())
+        .collect())
+}
+
+// ---- export ----
+
+/// What an export reads.
+pub struct ExportSpec {
+    pub filter: Option<Expr>,
+    /// Read the authenticator summary columns (two index probes per row) only when asked.
+    pub with_factors: bool,
+    pub with_password_hash: bool,
+}
+
+/// Rows fetched per round trip from the export portal.
+pub const EXPORT_CHUNK: i32 = 1000;
+
+/// Opens the export query on `tx` (which must be a REPEATABLE READ snapshot) as a portal;
+/// read it with `tx.query_portal(&portal, EXPORT_CHUNK)`. Rows are read by
+/// `store::user_from_row`, with the password hash (or NULL) after the user's columns.
+pub async fn open_export(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    spec: &ExportSpec,
+) -> Result<tokio_postgres::Portal> {
+    let mut sql = Sql::new();
+    let columns = if spec.with_factors {
+        USER_COLUMNS.to_string()
+    } else {
+        let cut = USER_COLUMNS
+            .find(", ARRAY(SELECT")
+            .unwrap_or(USER_COLUMNS.len());
+        format!(
+            "{}, ARRAY[]::int2[] AS factor_types, NULL::int2 AS default_factor",
+            &USER_COLUMNS[..cut]
+        )
+    };
+    let hash = if spec.with_password_hash {
+        "password_hash"
+    } else {
+        "NULL::text"
+    };
+    let p = sql.param(project_id);
+    sql.push(&format!(
+        "SELECT {columns}, {hash} FROM users WHERE project_id = {p}"
+    ));
+    if let Some(f) = &spec.filter {
+        sql.push(" AND ");
+        sql::compile(f, filter_field, &mut sql)
+            .map_err(|e| Error::invalid("filter", e.to_string()))?;
+    }
+    sql.push(" ORDER BY id");
+    let stmt = tx.prepare(&sql.text).await?;
+    Ok(tx.bind(&stmt, &sql.params()).await?)
+}

@@ -1,0 +1,542 @@
+//! ImportUsers: validated records, their batching, and the write of one batch.
+//!
+//! The gRPC handler validates each record into an [`ImportRecord`] (or a failure) and adds it
+//! to a [`Batch`]. A batch closes at [`BATCH_RECORDS`] records, [`BATCH_BYTES`] bytes, or just
+//! before a record that shares a unique key (id, email, phone, username, external id, linked
+//! identity) with one already in it. That last rule makes a batch free of internal clashes, so
+//! records apply as if one by one in stream order: a later duplicate meets the earlier record
+//! as an existing user (ALREADY_EXISTS under CREATE_ONLY, an update under UPSERT), whatever
+//! the batch boundaries.
+//!
+//! [`write_batch`] writes a batch in one transaction: binary COPY into a temporary staging
+//! table, one query for every clash with stored users, one set-based INSERT, one UPDATE for
+//! UPSERT matches, the identities, one USER_IMPORTED event per user written, then COMMIT (or
+//! ROLLBACK for a dry run). Results are only handed back after that commit.
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
+
+use super::Profile;
+use super::bulk_store::{self, Clash, StagedIdentity, StagedUser};
+use crate::auth::Caller;
+use crate::db::Client;
+use crate::error::{Error, Result};
+use crate::events::{EventContext, EventType, NewEvent, store as events};
+
+/// Most records in one batch (one transaction, one fsync).
+pub const BATCH_RECORDS: usize = 1000;
+/// Most encoded record bytes in one batch: bounds the server's memory per import stream.
+pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Most identities one record may carry.
+pub const MAX_IDENTITIES: usize = 20;
+/// Times a batch is re-checked when a concurrent write takes a unique value between the
+/// clash check and the write.
+const WRITE_ATTEMPTS: usize = 3;
+
+/// What happens to a record whose user exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    CreateOnly,
+    Upsert,
+}
+
+/// The key UPSERT matches existing users on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatchOn {
+    Email,
+    ExternalId,
+}
+
+impl MatchOn {
+    pub fn field(self) -> &'static str {
+        match self {
+            MatchOn::Email => "email",
+            MatchOn::ExternalId => "external_id",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ImportOptions {
+    pub mode: Mode,
+    pub match_on: MatchOn,
+    pub dry_run: bool,
+}
+
+/// A linked identity to create with an imported user.
+#[derive(Debug, Clone)]
+pub struct ImportIdentity {
+    pub provider: String,
+    pub subject: String,
+    pub connection: Option<String>,
+    pub email: Option<String>,
+    pub profile: Map<String, Value>,
+}
+
+/// A validated record.
+#[derive(Debug)]
+pub struct ImportRecord {
+    /// The id a created user gets: the client's, or a fresh UUIDv7.
+    pub id: Uuid,
+    /// Whether the client chose `id` (an UPSERT match must then have that id).
+    pub id_given: bool,
+    pub profile: Profile,
+    pub pending: bool,
+    pub password_hash: Option<String>,
+    pub identities: Vec<ImportIdentity>,
+    pub created_at: Option<DateTime<Utc>>,
+}
+
+/// What became of one record.
+#[derive(Debug)]
+pub enum Outcome {
+    Created(Uuid),
+    Updated(Uuid),
+    Failed(Error),
+}
+
+/// One record of a batch with its zero-based index in the stream; records that failed
+/// validation ride along so their results keep their place.
+#[derive(Debug)]
+pub struct Entry {
+    pub index: i64,
+    pub record: Result<ImportRecord>,
+}
+
+/// A unique key a record claims; two records of one batch never share one.
+#[derive(Hash, PartialEq, Eq)]
+enum Key {
+    Id(Uuid),
+    Email(String),
+    Phone(String),
+    Username(String),
+    ExternalId(String),
+    Identity(String, String),
+}
+
+fn keys_of(r: &ImportRecord) -> Vec<Key> {
+    let p = &r.profile;
+    let mut keys = vec![Key::Id(r.id)];
+    if let Some(e) = &p.email {
+        keys.push(Key::Email(e.to_lowercase()));
+    }
+    if let Some(x) = &p.phone_number {
+        keys.push(Key::Phone(x.clone()));
+    }
+    if let Some(u) = &p.username {
+        keys.push(Key::Username(u.to_lowercase()));
+    }
+    if let Some(x) = &p.external_id {
+        keys.push(Key::ExternalId(x.clone()));
+    }
+    for i in &r.identities {
+        keys.push(Key::Identity(i.provider.clone(), i.subject.clone()));
+    }
+    keys
+}
+
+/// Records on their way to one transaction.
+#[derive(Default)]
+pub struct Batch {
+    pub entries: Vec<Entry>,
+    keys: HashSet<Key>,
+    bytes: usize,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether `entry` (of `bytes` encoded bytes) must start the next batch instead.
+    pub fn must_close_before(&self, entry: &Entry, bytes: usize) -> bool {
+        if self.entries.is_empty() {
+            return false;
+        }
+        if self.entries.len() >= BATCH_RECORDS || self.bytes + bytes > BATCH_BYTES {
+            return true;
+        }
+        match &entry.record {
+            Ok(r) => keys_of(r).iter().any(|k| self.keys.contains(k)),
+            Err(_) => false,
+        }
+    }
+
+    pub fn push(&mut self, entry: Entry, bytes: usize) {
+        if let Ok(r) = &entry.record {
+            self.keys.extend(keys_of(r));
+        }
+        self.bytes += bytes;
+        self.entries.push(entry);
+    }
+}
+
+/// What was decided for a staged record once clashes are known.
+enum Plan {
+    Create,
+    Update(Uuid),
+    Fail(Error),
+}
+
+fn clash(resource: &'static str, field: &'static str, owner: Uuid) -> Error {
+    Error::AlreadyExists {
+        resource,
+        field,
+        owner: Some(owner.to_string()),
+    }
+}
+
+/// Decides one record: `hits` are the users holding each of its unique values, in the order
+/// id, email, phone_number, username, external_id; `identity_owner` a user already linked to
+/// one of its identities.
+fn plan(
+    options: &ImportOptions,
+    record: &ImportRecord,
+    hits: &Clash,
+    identity_owner: Option<Uuid>,
+) -> Plan {
+    let fields = [
+        ("id", hits.by_id),
+        ("email", hits.by_email),
+        ("phone_number", hits.by_phone),
+        ("username", hits.by_username),
+        ("external_id", hits.by_external_id),
+    ];
+    let target = match options.mode {
+        Mode::CreateOnly => None,
+        Mode::Upsert => match options.match_on {
+            MatchOn::Email => hits.by_email,
+            MatchOn::ExternalId => hits.by_external_id,
+        },
+    };
+    // Anything held by a user other than the target is a clash.
+    for (field, owner) in fields {
+        if let Some(owner) = owner
+            && Some(owner) != target
+        {
+            if field == "id" && target.is_some() {
+                // The record's own id names another user than the one it matched.
+                return Plan::Fail(Error::invalid(
+                    "record.user_id",
+                    format!(
+                        "names another user than {} matched on {}",
+                        target.unwrap_or_default(),
+                        options.match_on.field()
+                    ),
+                ));
+            }
+            return Plan::Fail(clash("user", field, owner));
+        }
+    }
+    if let Some(owner) = identity_owner
+        && Some(owner) != target
+    {
+        return Plan::Fail(clash("identity", "provider_subject", owner));
+    }
+    match target {
+        Some(t) if record.id_given && record.id != t => Plan::Fail(Error::invalid(
+            "record.user_id",
+            format!(
+                "names another user than {t} matched on {}",
+                options.match_on.field()
+            ),
+        )),
+        Some(t) => Plan::Update(t),
+        None => Plan::Create,
+    }
+}
+
+/// Keeps one long-lived connection per import stream with the staging tables in place.
+pub async fn prepare(client: &Client) -> Result<()> {
+    bulk_store::create_staging(client).await
+}
+
+/// Writes the valid records of `batch` and returns every entry's outcome, in batch order.
+pub async fn write_batch(
+    client: &mut Client,
+    caller: &Caller,
+    options: &ImportOptions,
+    batch: Batch,
+) -> Result<Vec<(i64, Outcome)>> {
+    let mut outcomes: Vec<(i64, Option<Outcome>)> = Vec::with_capacity(batch.entries.len());
+    let mut valid: Vec<(usize, ImportRecord)> = Vec::with_capacity(batch.entries.len());
+    for entry in batch.entries {
+        match entry.record {
+            Ok(r) => {
+                valid.push((outcomes.len(), r));
+                outcomes.push((entry.index, None));
+            }
+            Err(e) => outcomes.push((entry.index, Some(Outcome::Failed(e)))),
+        }
+    }
+    if !valid.is_empty() {
+        let written = write_valid(client, caller, options, &valid).await?;
+        for ((slot, _), outcome) in valid.iter().zip(written) {
+            outcomes[*slot].1 = Some(outcome);
+        }
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|(i, o)| {
+            (
+                i,
+                o.unwrap_or_else(|| {
+                    Outcome::Failed(Error::internal(anyhow::anyhow!("no outcome")))
+                }),
+            )
+        })
+        .collect())
+}
+
+async fn write_valid(
+    client: &mut Client,
+    caller: &Caller,
+    options: &ImportOptions,
+    records: &[(usize, ImportRecord)],
+) -> Result<Vec<Outcome>> {
+    let project = caller.project_id;
+    let staged: Vec<StagedUser<'_>> = records
+        .iter()
+        .enumerate()
+        .map(|(i, (_, r))| StagedUser {
+            idx: i as i32,
+            id: r.id,
+            profile: &r.profile,
+            status: if r.pending {
+                super::UserStatus::PendingVerification
+            } else {
+                super::UserStatus::Active
+            },
+            password_hash: r.password_hash.as_deref(),
+            created_at: r.created_at,
+        })
+        .collect();
+    let identities: Vec<StagedIdentity<'_>> = records
+        .iter()
+        .enumerate()
+        .flat_map(|(i, (_, r))| {
+            r.identities.iter().map(move |x| StagedIdentity {
+                idx: i as i32,
+                id: Uuid::now_v7(),
+                identity: x,
+            })
+        })
+        .collect();
+
+    let tx = client.transaction().await?;
+    bulk_store::stage(&tx, &staged, &identities).await?;
+    let mut attempt = 0;
+    let outcomes = loop {
+        attempt += 1;
+        tx.batch_execute("SAVEPOINT import_write").await?;
+        match write_staged(&tx, project, options, records).await {
+            Ok(o) => break o,
+            // A concurrent write took a unique value after the clash check: check again
+            // (the savepoint keeps the staged rows).
+            Err(WriteError::Raced) | Err(WriteError::Db(Error::AlreadyExists { .. }))
+                if attempt < WRITE_ATTEMPTS =>
+            {
+                tx.batch_execute("ROLLBACK TO SAVEPOINT import_write")
+                    .await?;
+            }
+            Err(WriteError::Raced) => {
+                return Err(Error::Unavailable(anyhow::anyhow!(
+                    "import batch kept racing concurrent writes"
+                )));
+            }
+            Err(WriteError::Db(e)) => return Err(e),
+        }
+    };
+    let ctx = EventContext::from_caller(caller);
+    let mut new_events = Vec::new();
+    for ((_, r), (o, changed)) in records.iter().zip(&outcomes) {
+        let (id, outcome) = match o {
+            Outcome::Created(id) => (*id, "CREATED"),
+            Outcome::Updated(id) if *changed => (*id, "UPDATED"),
+            _ => continue,
+        };
+        let data = json!({
+            "outcome": outcome,
+            "fields": super::ops::set_fields(&r.profile),
+            "has_password": r.password_hash.is_some(),
+            "identities": r.identities.len(),
+        });
+        new_events.push(NewEvent::for_user(EventType::UserImported, id, data));
+    }
+    events::record(&tx, project, &ctx, &new_events).await?;
+    if options.dry_run {
+        tx.rollback().await?;
+    } else {
+        tx.commit().await?;
+    }
+    Ok(outcomes.into_iter().map(|(o, _)| o).collect())
+}
+
+enum WriteError {
+    /// A created row lost a unique value to a concurrent transaction.
+    Raced,
+    Db(Error),
+}
+
+impl From<Error> for WriteError {
+    fn from(e: Error) -> Self {
+        WriteError::Db(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for WriteError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        WriteError::Db(e.into())
+    }
+}
+
+/// One attempt at writing the staged batch: each outcome with whether the user changed.
+async fn write_staged(
+    tx: &deadpool_postgres::Transaction<'_>,
+    project: Uuid,
+    options: &ImportOptions,
+    records: &[(usize, ImportRecord)],
+) -> std::result::Result<Vec<(Outcome, bool)>, WriteError> {
+    let (clashes, identity_owners) = bulk_store::clashes(tx, project).await?;
+    let mut plans: Vec<Plan> = Vec::with_capacity(records.len());
+    let none = Clash::default();
+    for (i, (_, r)) in records.iter().enumerate() {
+        let hits = clashes.get(&(i as i32)).unwrap_or(&none);
+        let owner = identity_owners.get(&(i as i32)).copied();
+        plans.push(plan(options, r, hits, owner));
+    }
+    let creates: Vec<i32> = plans
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| matches!(p, Plan::Create))
+        .map(|(i, _)| i as i32)
+        .collect();
+    let updates: Vec<(i32, Uuid)> = plans
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| match p {
+            Plan::Update(t) => Some((i as i32, *t)),
+            _ => None,
+        })
+        .collect();
+    let created = bulk_store::insert_users(tx, project, &creates).await?;
+    if created.len() != creates.len() {
+        return Err(WriteError::Raced);
+    }
+    let changed = bulk_store::update_users(tx, project, &updates).await?;
+    let mut owners: Vec<(i32, Uuid)> = creates
+        .iter()
+        .map(|i| (*i, records[*i as usize].1.id))
+        .collect();
+    owners.extend(updates.iter().copied());
+    let linked = if records.iter().any(|(_, r)| !r.identities.is_empty()) {
+        bulk_store::insert_identities(tx, project, &owners).await?
+    } else {
+        HashSet::new()
+    };
+    Ok(plans
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let i = i as i32;
+            match p {
+                Plan::Create => (Outcome::Created(records[i as usize].1.id), true),
+                Plan::Update(t) => (
+                    Outcome::Updated(t),
+                    changed.contains(&i) || linked.contains(&i),
+                ),
+                Plan::Fail(e) => (Outcome::Failed(e), false),
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(email: &str) -> ImportRecord {
+        ImportRecord {
+            id: Uuid::now_v7(),
+            id_given: false,
+            profile: Profile {
+                email: Some(email.into()),
+                ..Default::default()
+            },
+            pending: false,
+            password_hash: None,
+            identities: vec![],
+            created_at: None,
+        }
+    }
+
+    fn entry(index: i64, r: ImportRecord) -> Entry {
+        Entry {
+            index,
+            record: Ok(r),
+        }
+    }
+
+    #[test]
+    fn a_batch_closes_before_a_duplicate_key() {
+        let mut b = Batch::default();
+        b.push(entry(0, record("a@x.io")), 10);
+        assert!(!b.must_close_before(&entry(1, record("b@x.io")), 10));
+        assert!(b.must_close_before(&entry(1, record("A@X.IO")), 10));
+        let failed = Entry {
+            index: 2,
+            record: Err(Error::invalid("record", "bad")),
+        };
+        assert!(!b.must_close_before(&failed, 10));
+        assert!(b.must_close_before(&entry(3, record("c@x.io")), BATCH_BYTES));
+    }
+
+    #[test]
+    fn upsert_plans() {
+        let opts = ImportOptions {
+            mode: Mode::Upsert,
+            match_on: MatchOn::Email,
+            dry_run: false,
+        };
+        let r = record("a@x.io");
+        let (u, other) = (Uuid::now_v7(), Uuid::now_v7());
+        let hits = Clash {
+            by_email: Some(u),
+            ..Default::default()
+        };
+        assert!(matches!(plan(&opts, &r, &hits, None), Plan::Update(t) if t == u));
+        assert!(matches!(
+            plan(&opts, &r, &Clash::default(), None),
+            Plan::Create
+        ));
+        let taken = Clash {
+            by_email: Some(u),
+            by_username: Some(other),
+            ..Default::default()
+        };
+        assert!(matches!(
+            plan(&opts, &r, &taken, None),
+            Plan::Fail(Error::AlreadyExists {
+                field: "username",
+                ..
+            })
+        ));
+        assert!(matches!(
+            plan(&opts, &r, &hits, Some(other)),
+            Plan::Fail(Error::AlreadyExists {
+                resource: "identity",
+                ..
+            })
+        ));
+        let create_only = ImportOptions {
+            mode: Mode::CreateOnly,
+            ..opts
+        };
+        assert!(matches!(
+            plan(&create_only, &r, &hits, None),
+            Plan::Fail(Error::AlreadyExists { field: "email", .. })
+        ));
+    }
+}

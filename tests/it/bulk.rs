@@ -1,0 +1,807 @@
+//! ImportUsers and ExportUsers through the real server: per-record results and errors, batching
+//! that never fails a batch for one record, UPSERT idempotence, every hash format, resuming a
+//! cut stream, export snapshots, masks and scopes, and round trips between projects.
+use std::collections::{HashMap, HashSet};
+
+use futures_util::StreamExt;
+use roster::pb::v1 as pb;
+use roster::pb::v1::import_users_request::Item as In;
+use roster::pb::v1::import_users_response::Item as Out;
+use uuid::Uuid;
+
+use crate::harness::{self, TestApp, Users};
+use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
+use crate::user_with_email;
+
+pub fn options(
+    mode: pb::ImportMode,
+    match_on: pb::ImportMatchOn,
+    dry_run: bool,
+) -> pb::ImportUsersRequest {
+    pb::ImportUsersRequest {
+        item: Some(In::Options(pb::ImportOptions {
+            mode: mode as i32,
+            match_on: match_on as i32,
+            dry_run,
+        })),
+    }
+}
+
+fn create_only() -> pb::ImportUsersRequest {
+    options(
+        pb::ImportMode::CreateOnly,
+        pb::ImportMatchOn::Unspecified,
+        false,
+    )
+}
+
+fn upsert_on_email() -> pb::ImportUsersRequest {
+    options(pb::ImportMode::Upsert, pb::ImportMatchOn::Email, false)
+}
+
+fn record(r: pb::ImportRecord) -> pb::ImportUsersRequest {
+    pb::ImportUsersRequest {
+        item: Some(In::Record(r)),
+    }
+}
+
+fn by_email(email: &str) -> pb::ImportUsersRequest {
+    record(pb::ImportRecord {
+        user: Some(user_with_email(email)),
+        ..Default::default()
+    })
+}
+
+/// Runs one import stream to its end: results by index, and the summary.
+pub async fn import(
+    users: &mut Users,
+    requests: impl Iterator<Item = pb::ImportUsersRequest> + Send + 'static,
+) -> Result<(Vec<pb::ImportResult>, pb::ImportSummary), tonic::Status> {
+    let mut inbound = users
+        .import_users(tokio_stream::iter(requests))
+        .await?
+        .into_inner();
+    let mut results = Vec::new();
+    let mut summary = None;
+    while let Some(msg) = inbound.message().await? {
+        match msg.item {
+            Some(Out::Result(r)) => {
+                assert!(summary.is_none(), "a result after the summary");
+                results.push(r);
+            }
+            Some(Out::Summary(s)) => summary = Some(s),
+            None => panic!("an empty response message"),
+        }
+    }
+    results.sort_by_key(|r| r.index);
+    Ok((results, summary.expect("a summary ends the stream")))
+}
+
+fn outcome(r: &pb::ImportResult) -> pb::ImportOutcome {
+    pb::ImportOutcome::try_from(r.outcome).unwrap()
+}
+
+/// The ErrorInfo reason and the field violations of a failed record.
+fn failure(r: &pb::ImportResult) -> (i32, String, Vec<String>) {
+    let e = r.error.as_ref().expect("a failed record has an error");
+    let status = tonic::Status::with_details(
+        tonic::Code::from(e.code),
+        e.message.clone(),
+        prost::Message::encode_to_vec(e).into(),
+    );
+    (
+        e.code,
+        harness::reason(&status),
+        harness::violated_fields(&status),
+    )
+}
+
+pub async fn export_all(
+    users: &mut Users,
+    req: pb::ExportUsersRequest,
+) -> Result<Vec<pb::ExportUsersResponse>, tonic::Status> {
+    let mut stream = users.export_users(req).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = stream.message().await? {
+        out.push(m);
+    }
+    Ok(out)
+}
+
+async fn count_users(app: &TestApp) -> i64 {
+    app.sql_one("SELECT count(*) FROM users", &[]).await
+}
+
+#[tokio::test]
+async fn a_bad_record_fails_alone_and_results_name_index_and_reason() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    crate::create_user(&mut users, "taken@example.com").await;
+    let requests = vec![
+        create_only(),
+        by_email("one@example.com"),
+        by_email("not an email"),
+        by_email("taken@example.com"),
+        record(pb::ImportRecord {
+            user: Some(user_with_email("two@example.com")),
+            password_hash: "$md5$nope".into(),
+            ..Default::default()
+        }),
+        pb::ImportUsersRequest { item: None },
+        record(pb::ImportRecord {
+            user: Some(pb::User {
+                email: "three@example.com".into(),
+                display_name: "Zoë \"Q\" O'Brien".into(),
+                app_metadata: Some(crate::pb_struct(serde_json::json!({"plan": "pro"}))),
+                ..Default::default()
+            }),
+            identities: vec![pb::ImportIdentity {
+                provider: "google".into(),
+                subject: "g-3".into(),
+                email: "three@example.com".into(),
+                ..Default::default()
+            }],
+            created_at: Some(prost_types::Timestamp {
+                seconds: 1_500_000_000,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }),
+        // Same email as record 0 later in the same stream: it meets record 0 as a stored user.
+        by_email("ONE@example.com"),
+    ];
+    let (results, summary) = import(&mut users, requests.into_iter()).await.unwrap();
+    assert_eq!(results.len(), 7);
+    assert_eq!(
+        results.iter().map(|r| r.index).collect::<Vec<_>>(),
+        (0..7).collect::<Vec<_>>()
+    );
+    assert_eq!(outcome(&results[0]), pb::ImportOutcome::Created);
+    assert_eq!(
+        failure(&results[1]),
+        (
+            3,
+            "INVALID_ARGUMENT".into(),
+            vec!["record.user.email".into()]
+        )
+    );
+    let (code, reason, _) = failure(&results[2]);
+    assert_eq!((code, reason.as_str()), (6, "ALREADY_EXISTS"));
+    assert!(results[2].error.as_ref().unwrap().message.contains("email"));
+    assert_eq!(
+        failure(&results[3]).2,
+        vec!["record.password_hash".to_string()]
+    );
+    assert_eq!(failure(&results[4]).2, vec!["record".to_string()]);
+    assert_eq!(outcome(&results[5]), pb::ImportOutcome::Created);
+    assert_eq!(failure(&results[6]).1, "ALREADY_EXISTS");
+    assert_eq!(
+        (summary.created, summary.updated, summary.failed),
+        (2, 0, 5)
+    );
+
+    // What was stored: the good records with every field, nothing of the bad ones.
+    assert_eq!(count_users(&app).await, 3);
+    let three = users
+        .get_user(pb::GetUserRequest {
+            id: results[5].user_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(three.display_name, "Zoë \"Q\" O'Brien");
+    assert_eq!(three.created_at.unwrap().seconds, 1_500_000_000);
+    let linked = app
+        .identities()
+        .lookup_user_by_identity(pb::LookupUserByIdentityRequest {
+            provider: "google".into(),
+            subject: "g-3".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(linked.user.unwrap().id, three.id);
+    let events = app.events_of(&three.id).await;
+    assert_eq!(events.len(), 1, "one event per imported user: {events:?}");
+    assert_eq!(events[0].0, "USER_IMPORTED");
+    assert_eq!(events[0].1["outcome"], "CREATED");
+    assert_eq!(events[0].1["identities"], 1);
+}
+
+#[tokio::test]
+async fn the_stream_must_open_with_valid_options() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let err = import(&mut users, vec![by_email("a@example.com")].into_iter())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(harness::violated_fields(&err), vec!["options"]);
+
+    let bad = pb::ImportUsersRequest {
+        item: Some(In::Options(pb::ImportOptions {
+            mode: 9,
+            match_on: 7,
+            dry_run: false,
+        })),
+    };
+    let err = import(&mut users, vec![bad].into_iter()).await.unwrap_err();
+    assert_eq!(
+        harness::violated_fields(&err),
+        vec!["options.match_on", "options.mode"]
+    );
+
+    // Options again later end the stream after what was already committed.
+    let requests = vec![create_only(), by_email("a@example.com"), create_only()];
+    let mut inbound = users
+        .import_users(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    let err = loop {
+        match inbound.message().await {
+            Ok(Some(m)) => got.push(m),
+            Ok(None) => panic!("the stream should fail"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(got.len(), 1);
+    assert_eq!(harness::violated_fields(&err), vec!["options"]);
+    assert_eq!(count_users(&app).await, 1);
+
+    // An import needs users.import.
+    let token = app.key(&["users.write", "users.read"]).await;
+    let err = import(
+        &mut app.users_with(Some(&token)),
+        vec![create_only()].into_iter(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn a_dry_run_reports_everything_and_writes_nothing() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    crate::create_user(&mut users, "taken@example.com").await;
+    let requests = vec![
+        options(pb::ImportMode::CreateOnly, pb::ImportMatchOn::Email, true),
+        by_email("new@example.com"),
+        by_email("taken@example.com"),
+    ];
+    let (results, summary) = import(&mut users, requests.into_iter()).await.unwrap();
+    assert_eq!(outcome(&results[0]), pb::ImportOutcome::Created);
+    assert_eq!(failure(&results[1]).1, "ALREADY_EXISTS");
+    assert_eq!((summary.created, summary.failed), (1, 1));
+    assert_eq!(count_users(&app).await, 1);
+    let imported: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM events WHERE type = 'USER_IMPORTED'",
+            &[],
+        )
+        .await;
+    assert_eq!(imported, 0);
+}
+
+fn big_record(i: usize) -> pb::ImportUsersRequest {
+    // Every 97th record is bad in one of three ways.
+    let email = match i % 97 {
+        0 if i.is_multiple_of(3) => format!("bad {i}"),
+        0 if i % 3 == 1 => "dup@example.com".to_string(),
+        _ => format!("user{i}@example.com"),
+    };
+    let phone = if i.is_multiple_of(97) && i % 3 == 2 {
+        "555-0100".to_string()
+    } else {
+        String::new()
+    };
+    record(pb::ImportRecord {
+        user: Some(pb::User {
+            email,
+            phone_number: phone,
+            external_id: format!("ext-{i}"),
+            given_name: format!("Given {i}"),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn a_hundred_thousand_records_with_bad_ones_mixed_in() {
+    const N: usize = 100_000;
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let requests = std::iter::once(create_only()).chain((0..N).map(big_record));
+    let (results, summary) = import(&mut users, requests).await.unwrap();
+    assert_eq!(results.len(), N);
+    let mut bad = 0;
+    let mut first_dup = true;
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.index, i as i64);
+        if i % 97 != 0 {
+            assert_eq!(outcome(r), pb::ImportOutcome::Created, "record {i}");
+            continue;
+        }
+        match i % 3 {
+            0 => {
+                assert_eq!(failure(r).2, vec!["record.user.email".to_string()], "{i}");
+                bad += 1;
+            }
+            // The first duplicate is created; every later one clashes with it.
+            1 if first_dup => {
+                first_dup = false;
+                assert_eq!(outcome(r), pb::ImportOutcome::Created);
+            }
+            1 => {
+                assert_eq!(failure(r).1, "ALREADY_EXISTS", "{i}");
+                bad += 1;
+            }
+            _ => {
+                assert_eq!(failure(r).2, vec!["record.user.phone_number".to_string()]);
+                bad += 1;
+            }
+        }
+    }
+    assert_eq!(summary.failed, bad);
+    assert_eq!(summary.created, N as i64 - bad);
+    assert_eq!(count_users(&app).await, N as i64 - bad);
+    let events: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM events WHERE type = 'USER_IMPORTED'",
+            &[],
+        )
+        .await;
+    assert_eq!(events, N as i64 - bad);
+    // Every good record is there with its fields.
+    let stored: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM users WHERE given_name = 'Given ' || substr(external_id, 5)
+               AND (email = 'user' || substr(external_id, 5) || '@example.com'
+                    OR email = 'dup@example.com')",
+            &[],
+        )
+        .await;
+    assert_eq!(stored, N as i64 - bad);
+}
+
+#[tokio::test]
+async fn upsert_updates_matches_and_a_second_run_changes_nothing() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let existing = crate::create_user(&mut users, "old@example.com").await;
+    let batch = || {
+        vec![
+            upsert_on_email(),
+            record(pb::ImportRecord {
+                user: Some(pb::User {
+                    email: "OLD@example.com".into(),
+                    display_name: "Updated".into(),
+                    email_verified: true,
+                    ..Default::default()
+                }),
+                password_hash: LEGACY_HASHES[0].1.into(),
+                ..Default::default()
+            }),
+            by_email("fresh@example.com"),
+            // Matching on email needs an email.
+            record(pb::ImportRecord {
+                user: Some(pb::User {
+                    username: "nomail".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        ]
+    };
+    let (first, summary) = import(&mut users, batch().into_iter()).await.unwrap();
+    assert_eq!(outcome(&first[0]), pb::ImportOutcome::Updated);
+    assert_eq!(first[0].user_id, existing.id);
+    assert_eq!(outcome(&first[1]), pb::ImportOutcome::Created);
+    assert_eq!(failure(&first[2]).2, vec!["record.user.email".to_string()]);
+    assert_eq!(
+        (summary.created, summary.updated, summary.failed),
+        (1, 1, 1)
+    );
+    let after_first = users
+        .get_user(pb::GetUserRequest {
+            id: existing.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(after_first.display_name, "Updated");
+    assert_eq!(after_first.email, "OLD@example.com");
+    assert!(after_first.email_verified && after_first.has_password);
+    let events_before: i64 = app.sql_one("SELECT count(*) FROM events", &[]).await;
+
+    let (second, summary) = import(&mut users, batch().into_iter()).await.unwrap();
+    assert_eq!(
+        (summary.created, summary.updated, summary.failed),
+        (0, 2, 1)
+    );
+    assert_eq!(second[1].user_id, first[1].user_id);
+    let after_second = users
+        .get_user(pb::GetUserRequest {
+            id: existing.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(after_second.etag, after_first.etag, "nothing was rewritten");
+    let events_after: i64 = app.sql_one("SELECT count(*) FROM events", &[]).await;
+    assert_eq!(events_after, events_before);
+    assert_eq!(count_users(&app).await, 2);
+
+    // UPSERT on external_id: a record whose other unique value belongs to someone else fails.
+    let requests = vec![
+        options(pb::ImportMode::Upsert, pb::ImportMatchOn::ExternalId, false),
+        record(pb::ImportRecord {
+            user: Some(pb::User {
+                external_id: "x-1".into(),
+                email: "fresh@example.com".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    ];
+    let (r, _) = import(&mut users, requests.into_iter()).await.unwrap();
+    assert_eq!(failure(&r[0]).1, "ALREADY_EXISTS");
+}
+
+#[tokio::test]
+async fn every_hash_format_imports_and_verifies() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let requests = std::iter::once(create_only()).chain(LEGACY_HASHES.iter().enumerate().map(
+        |(i, (_, hash))| {
+            record(pb::ImportRecord {
+                user: Some(user_with_email(&format!("h{i}@example.com"))),
+                password_hash: hash.to_string(),
+                ..Default::default()
+            })
+        },
+    ));
+    let (results, summary) = import(&mut users, requests).await.unwrap();
+    assert_eq!(summary.created, LEGACY_HASHES.len() as i64, "{results:?}");
+    let mut a = app.authenticators();
+    for (i, (format, hash)) in LEGACY_HASHES.iter().enumerate() {
+        let stored: String = app
+            .sql_one(
+                "SELECT password_hash FROM users WHERE id = $1",
+                &[&Uuid::parse_str(&results[i].user_id).unwrap()],
+            )
+            .await;
+        assert_eq!(stored, *hash, "stored as given");
+        let r = a
+            .verify_password(pb::VerifyPasswordRequest {
+                login: Some(pb::verify_password_request::Login::Email(format!(
+                    "h{i}@example.com"
+                ))),
+                password: LEGACY_PASSWORD.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result, pb::VerifyPasswordResult::Ok as i32, "{format}");
+    }
+}
+
+#[tokio::test]
+async fn a_cut_stream_resumed_with_upsert_loses_and_duplicates_nothing() {
+    const N: usize = 3000;
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let rec = |i: usize| {
+        record(pb::ImportRecord {
+            user: Some(pb::User {
+                email: format!("r{i}@example.com"),
+                external_id: format!("r-{i}"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    };
+    // Send the first 2,000 records, then cut the stream (the client goes away) as soon as
+    // some results have arrived.
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let mut inbound = users
+        .import_users(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(upsert_on_email()).await.unwrap();
+    let sender = tokio::spawn(async move {
+        for i in 0..2000 {
+            if tx.send(rec(i)).await.is_err() {
+                break;
+            }
+        }
+        // Keep the stream open (no half-close) until it is cut.
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    });
+    let mut acknowledged = HashSet::new();
+    while acknowledged.len() < 500 {
+        match inbound.message().await.unwrap().unwrap().item {
+            Some(Out::Result(r)) => {
+                assert_eq!(outcome(&r), pb::ImportOutcome::Created);
+                acknowledged.insert(r.index);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drop(inbound);
+    sender.abort();
+    // Every acknowledged record is stored.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let stored = count_users(&app).await;
+    assert!(stored >= acknowledged.len() as i64, "{stored}");
+
+    // Resume from the first record without a result.
+    let first_missing = (0..).find(|i| !acknowledged.contains(i)).unwrap() as usize;
+    let requests = std::iter::once(upsert_on_email()).chain((first_missing..N).map(rec));
+    let (results, summary) = import(&mut users, requests).await.unwrap();
+    assert_eq!(summary.failed, 0, "{results:?}");
+    assert_eq!(
+        summary.created + summary.updated,
+        (N - first_missing) as i64
+    );
+    assert_eq!(count_users(&app).await, N as i64);
+    let distinct: i64 = app
+        .sql_one("SELECT count(DISTINCT external_id) FROM users", &[])
+        .await;
+    assert_eq!(distinct, N as i64);
+}
+
+fn rich_user(i: usize) -> pb::ImportRecord {
+    pb::ImportRecord {
+        user: Some(pb::User {
+            external_id: format!("ext,\"{i}\""),
+            email: format!("rich{i}@example.com"),
+            email_verified: i.is_multiple_of(2),
+            phone_number: format!("+1415555{i:04}"),
+            phone_verified: i.is_multiple_of(3),
+            username: format!("rich_{i}"),
+            display_name: format!("Ünïcødé \"quoted\", {i}"),
+            given_name: "Ada".into(),
+            family_name: "Lovelace 🚀".into(),
+            picture_url: "https://example.com/a.png".into(),
+            locale: "en-GB".into(),
+            timezone: "Europe/London".into(),
+            user_metadata: Some(crate::pb_struct(
+                serde_json::json!({"theme": "dark", "n": i, "bio": "line one,\n\"line\" two"}),
+            )),
+            app_metadata: Some(crate::pb_struct(
+                serde_json::json!({"roles": ["a", "b"], "nested": {"x": true}}),
+            )),
+            ..Default::default()
+        }),
+        user_id: Uuid::now_v7().to_string(),
+        password_hash: LEGACY_HASHES[i % LEGACY_HASHES.len()].1.into(),
+        pending: i.is_multiple_of(5),
+        created_at: Some(prost_types::Timestamp {
+            seconds: 1_600_000_000 + i as i64,
+            nanos: 123_456_000,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The importable part of an exported user, as a record.
+pub fn record_of(m: &pb::ExportUsersResponse) -> pb::ImportRecord {
+    let u = m.user.clone().unwrap();
+    pb::ImportRecord {
+        user_id: u.id.clone(),
+        password_hash: m.password_hash.clone(),
+        pending: u.status == pb::UserStatus::PendingVerification as i32,
+        created_at: u.created_at,
+        user: Some(pb::User {
+            external_id: u.external_id,
+            email: u.email,
+            email_verified: u.email_verified,
+            phone_number: u.phone_number,
+            phone_verified: u.phone_verified,
+            username: u.username,
+            display_name: u.display_name,
+            given_name: u.given_name,
+            family_name: u.family_name,
+            picture_url: u.picture_url,
+            locale: u.locale,
+            timezone: u.timezone,
+            user_metadata: u.user_metadata,
+            app_metadata: u.app_metadata,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn export_round_trips_into_a_fresh_project() {
+    const N: usize = 2500;
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let requests = std::iter::once(create_only()).chain((0..N).map(|i| record(rich_user(i))));
+    let (res, summary) = import(&mut users, requests).await.unwrap();
+    assert_eq!(summary.created, N as i64, "{:?}", &res[..2]);
+    let all = pb::ExportUsersRequest {
+        include_password_hashes: true,
+        ..Default::default()
+    };
+    let exported = export_all(&mut users, all.clone()).await.unwrap();
+    assert_eq!(exported.len(), N);
+    let ids: Vec<&str> = exported
+        .iter()
+        .map(|m| m.user.as_ref().unwrap().id.as_str())
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted, "id order");
+
+    let (_, token) = app.other_project().await;
+    let mut other = app.users_with(Some(&token));
+    let records: Vec<_> = exported.iter().map(|m| record(record_of(m))).collect();
+    let (_, summary) = import(&mut other, std::iter::once(create_only()).chain(records))
+        .await
+        .unwrap();
+    assert_eq!(summary.created, N as i64);
+    let again = export_all(&mut other, all).await.unwrap();
+    assert_eq!(again.len(), N);
+    for (a, b) in exported.iter().zip(&again) {
+        assert_eq!(record_of(a), record_of(b));
+    }
+}
+
+#[tokio::test]
+async fn export_is_one_snapshot_with_mask_filter_scope_and_audit() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let requests = std::iter::once(create_only()).chain((0..2500).map(|i| record(rich_user(i))));
+    import(&mut users, requests).await.unwrap();
+
+    // Users created while an export runs are not part of it.
+    let mut stream = users
+        .export_users(pb::ExportUsersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(first.password_hash.is_empty());
+    for i in 0..20 {
+        crate::create_user(&mut users, &format!("late{i}@example.com")).await;
+    }
+    let mut n = 1;
+    while stream.message().await.unwrap().is_some() {
+        n += 1;
+    }
+    assert_eq!(n, 2500);
+
+    // read_mask keeps only the named fields; the filter selects.
+    let masked = export_all(
+        &mut users,
+        pb::ExportUsersRequest {
+            filter: "email_verified = true AND phone_verified = true".into(),
+            read_mask: crate::mask(&["email", "app_metadata"]),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(masked.len(), (0..2500).filter(|i| i % 6 == 0).count());
+    let u = masked[0].user.clone().unwrap();
+    assert!(u.email.starts_with("rich") && u.app_metadata.is_some());
+    assert!(u.id.is_empty() && u.display_name.is_empty() && u.created_at.is_none());
+
+    let err = export_all(
+        &mut users,
+        pb::ExportUsersRequest {
+            filter: "password = 'x'".into(),
+            read_mask: crate::mask(&["email", "password_hash"]),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        harness::violated_fields(&err),
+        vec!["filter", "read_mask.paths[1]"]
+    );
+
+    // Hashes need users.export_secrets on top of users.export.
+    let token = app.key(&["users.export"]).await;
+    let mut limited = app.users_with(Some(&token));
+    let err = export_all(
+        &mut limited,
+        pb::ExportUsersRequest {
+            include_password_hashes: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let plain = export_all(&mut limited, pb::ExportUsersRequest::default())
+        .await
+        .unwrap();
+    assert!(plain.iter().all(|m| m.password_hash.is_empty()));
+    let token = app.key(&["users.export", "users.export_secrets"]).await;
+    let with = export_all(
+        &mut app.users_with(Some(&token)),
+        pb::ExportUsersRequest {
+            include_password_hashes: true,
+            filter: "email = \"rich1@example.com\"".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(with.len(), 1);
+    assert_eq!(with[0].password_hash, LEGACY_HASHES[1].1);
+
+    // Every export is audited: who, with what filter and fields, and whether hashes left.
+    let client = app.pool.get().await.unwrap();
+    let rows = client
+        .query(
+            "SELECT data, api_key_id FROM events WHERE type = 'USERS_EXPORTED' ORDER BY position",
+            &[],
+        )
+        .await
+        .unwrap();
+    let data: Vec<serde_json::Value> = rows.iter().map(|r| r.get(0)).collect();
+    // The refused export never ran, so it is not among them.
+    assert_eq!(data.len(), 4, "{data:?}");
+    assert_eq!(
+        data[1]["fields"],
+        serde_json::json!(["email", "app_metadata"])
+    );
+    assert_eq!(data[3]["include_password_hashes"], true);
+    let keys: HashMap<usize, Option<Uuid>> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (i, r.get(1)))
+        .collect();
+    assert!(keys.values().all(Option::is_some));
+    let text = serde_json::to_string(&data).unwrap();
+    assert!(!text.contains("$argon2") && !text.contains("$2b$"));
+}
+
+#[tokio::test]
+async fn export_streams_while_the_client_reads_slowly() {
+    // A slow reader holds the server back rather than making it buffer: the stream still
+    // delivers everything, in order, once the reader catches up.
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let requests = std::iter::once(create_only()).chain((0..3000).map(big_record_ok));
+    import(&mut users, requests).await.unwrap();
+    let mut stream = users
+        .export_users(pb::ExportUsersRequest {
+            read_mask: crate::mask(&["id"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let mut last = String::new();
+    let mut n = 0;
+    while let Some(m) = stream.next().await {
+        let id = m.unwrap().user.unwrap().id;
+        assert!(id > last);
+        last = id;
+        n += 1;
+    }
+    assert_eq!(n, 3000);
+}
+
+fn big_record_ok(i: usize) -> pb::ImportUsersRequest {
+    by_email(&format!("ok{i}@example.com"))
+}
