@@ -1,5 +1,9 @@
 //! The `roster` command line: one binary, a subcommand per job (clap, `--help` on each).
 pub mod admin;
+pub mod export;
+pub mod import;
+pub mod records;
+pub mod remote;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +37,10 @@ pub enum Command {
         #[command(flatten)]
         database: DatabaseConfig,
     },
+    /// Import users from a JSONL or CSV file through a running server (ImportUsers).
+    Import(Box<import::ImportArgs>),
+    /// Export users to JSONL or CSV through a running server (ExportUsers).
+    Export(Box<export::ExportArgs>),
 }
 
 /// Runs the parsed command.
@@ -51,5 +59,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Projects { command, database } => admin::projects(command, &database).await,
         Command::Keys { command, database } => admin::keys(command, &database).await,
+        Command::Import(args) => import::run(*args).await,
+        Command::Export(args) => export::run(*args).await,
     }
 }

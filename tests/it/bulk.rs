@@ -562,7 +562,7 @@ async fn a_cut_stream_resumed_with_upsert_loses_and_duplicates_nothing() {
     assert_eq!(distinct, N as i64);
 }
 
-fn rich_user(i: usize) -> pb::ImportRecord {
+pub fn rich_user(i: usize) -> pb::ImportRecord {
     pb::ImportRecord {
         user: Some(pb::User {
             external_id: format!("ext,\"{i}\""),

@@ -196,3 +196,217 @@ async fn serve_with_the_embedded_default() {
     assert!(!data.join("pgdata").join("postmaster.pid").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs a client command (`import`, `export`) of the binary against `app` with `token`;
+/// returns the exit code, stdout and stderr. It runs on a blocking thread: the server it
+/// talks to lives on this test's runtime.
+async fn roster_client(app: &TestApp, token: &str, args: &[&str]) -> (i32, String, String) {
+    let server = format!("http://{}", app.addr);
+    let token = token.to_string();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(ROSTER)
+            .args(&args)
+            .env("ROSTER_SERVER", server)
+            .env("ROSTER_API_KEY", token)
+            .env_remove("DATABASE_URL")
+            .current_dir(std::env::temp_dir())
+            .output()
+            .expect("run roster");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn csv_export_and_import_round_trip_quotes_newlines_and_unicode() {
+    use crate::bulk::{export_all, import, record_of};
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let requests = std::iter::once(crate::bulk::options(
+        pb::ImportMode::CreateOnly,
+        pb::ImportMatchOn::Email,
+        false,
+    ))
+    .chain((0..300).map(|i| pb::ImportUsersRequest {
+        item: Some(pb::import_users_request::Item::Record(
+            crate::bulk::rich_user(i),
+        )),
+    }));
+    import(&mut users, requests).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("roster-cli-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("users.csv");
+    let (code, _, err) = roster_client(
+        &app,
+        &app.token,
+        &[
+            "export",
+            "--format",
+            "csv",
+            "--include-password-hashes",
+            "-o",
+            file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("exported 300 users"), "{err}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        text.contains("\"Ünïcødé \"\"quoted\"\", 0\""),
+        "CSV quoting"
+    );
+
+    let (_, other) = app.other_project().await;
+    let (code, _, err) = roster_client(&app, &other, &["import", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("300 created, 0 updated, 0 failed"), "{err}");
+    let all = pb::ExportUsersRequest {
+        include_password_hashes: true,
+        ..Default::default()
+    };
+    let a = export_all(&mut users, all.clone()).await.unwrap();
+    let b = export_all(&mut app.users_with(Some(&other)), all)
+        .await
+        .unwrap();
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(record_of(x), record_of(y));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn jsonl_import_reports_bad_records_and_resumes() {
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-cli-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("users.jsonl");
+    let errors = dir.join("errors.jsonl");
+    std::fs::write(
+        &file,
+        [
+            r#"{"email": "one@example.com", "app_metadata": {"plan": "pro"}}"#,
+            r#"{"email": "two@example.com", "emial": "typo"}"#,
+            r#"{"email": "broken"#,
+            "",
+            r#"{"email": "not an email"}"#,
+            r#"{"email": "three@example.com", "identities": [{"provider": "github", "subject": "3"}]}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let (code, _, err) = roster_client(
+        &app,
+        &app.token,
+        &["import", path, "--errors", errors.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, 2, "failed records exit with 2: {err}");
+    assert!(err.contains("2 created, 0 updated, 3 failed"), "{err}");
+    let failed: Vec<serde_json::Value> = std::fs::read_to_string(&errors)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let numbers: Vec<i64> = failed
+        .iter()
+        .map(|f| f["_record"].as_i64().unwrap())
+        .collect();
+    assert_eq!(numbers, vec![2, 3, 4]);
+    assert!(failed[0]["_error"].as_str().unwrap().contains("emial"));
+    assert_eq!(failed[1]["_line"], r#"{"email": "broken"#);
+    assert!(
+        failed[2]["_error"]
+            .as_str()
+            .unwrap()
+            .contains("record.user.email")
+    );
+    assert_eq!(failed[2]["email"], "not an email");
+
+    // Resuming after the first two records with UPSERT touches only the rest.
+    let (code, _, err) = roster_client(
+        &app,
+        &app.token,
+        &["import", path, "--mode", "upsert", "--skip", "2"],
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("0 created, 1 updated, 2 failed"), "{err}");
+    let n: i64 = app.sql_one("SELECT count(*) FROM users", &[]).await;
+    assert_eq!(n, 2);
+
+    // A JSONL export with a filter and chosen fields, to standard output.
+    let (code, out, err) = roster_client(
+        &app,
+        &app.token,
+        &[
+            "export",
+            "--filter",
+            "app_metadata.plan = \"pro\"",
+            "--fields",
+            "email,app_metadata",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        r#"{"app_metadata":{"plan":"pro"},"email":"one@example.com"}"#
+    );
+    // A hand-written CSV: quoted commas and quotes, a cell of JSON spread over lines, unicode,
+    // CRLF line ends, and a column order of its own.
+    let csv = dir.join("hand.csv");
+    std::fs::write(
+        &csv,
+        "display_name,email,user_metadata,email_verified\r\n\
+         \"O'Brien, \"\"Zoë\"\"\",zoe@example.com,\"{\n  \"\"bio\"\": \"\"a, b\"\"\n}\",yes\r\n\
+         李小龍,lee@example.com,,\r\n",
+    )
+    .unwrap();
+    let (code, _, err) = roster_client(&app, &app.token, &["import", csv.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    let mut users = app.users();
+    let zoe = users
+        .lookup_user(pb::LookupUserRequest {
+            key: Some(pb::lookup_user_request::Key::Email(
+                "zoe@example.com".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(zoe.display_name, "O'Brien, \"Zoë\"");
+    assert!(zoe.email_verified);
+    assert_eq!(
+        zoe.user_metadata.unwrap(),
+        crate::pb_struct(serde_json::json!({"bio": "a, b"}))
+    );
+    let lee = users
+        .lookup_user(pb::LookupUserRequest {
+            key: Some(pb::lookup_user_request::Key::Email(
+                "lee@example.com".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(lee.display_name, "李小龍");
+
+    // Without a key the client says how to get one.
+    let (code, _, err) = roster_client(&app, "", &["export"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("ROSTER_API_KEY"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

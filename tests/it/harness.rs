@@ -175,6 +175,8 @@ pub struct TestApp {
     pub project_id: Uuid,
     pub token: String,
     pub channel: Channel,
+    /// The server's address.
+    pub addr: std::net::SocketAddr,
     /// The server's live event feed (to watch its subscribers).
     pub feed: std::sync::Arc<roster::events::stream::EventFeed>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -254,6 +256,7 @@ impl TestApp {
             project_id,
             token,
             channel,
+            addr,
             feed,
             shutdown: Some(tx),
         }

@@ -1,0 +1,376 @@
+//! The file formats of `roster import` and `roster export`: one JSON object per line (JSONL)
+//! or CSV with a header row, both using `User`'s field names.
+//!
+//! What export writes, import reads: `id`, the profile fields, `user_metadata`/`app_metadata`
+//! (objects; JSON text in CSV), `password_hash`, `created_at` (RFC 3339) and `status`
+//! (`PENDING_VERIFICATION` imports as pending). Import also takes `pending` and `identities`
+//! (an array of `{provider, subject, connection, email, profile}`; JSON text in CSV). Other
+//! output-only fields (`login_count`, `etag`, ...) are ignored on import, as are keys that
+//! start with `_` (the `--errors` file adds `_record` and `_error`, so it can be fixed and
+//! imported again); any other key is an error naming it.
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value};
+
+use crate::pb::v1 as pb;
+use crate::wire;
+
+/// The file formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Jsonl,
+    Csv,
+}
+
+/// `User`'s fields in proto order: the default columns of an export.
+pub const USER_FIELDS: [&str; 29] = [
+    "id",
+    "external_id",
+    "email",
+    "email_verified",
+    "phone_number",
+    "phone_verified",
+    "username",
+    "display_name",
+    "given_name",
+    "family_name",
+    "picture_url",
+    "locale",
+    "timezone",
+    "status",
+    "user_metadata",
+    "app_metadata",
+    "has_password",
+    "password_changed_at",
+    "require_password_change",
+    "enrolled_methods",
+    "default_method",
+    "login_count",
+    "last_login_at",
+    "last_login_ip",
+    "locked_until",
+    "blocked_reason",
+    "created_at",
+    "updated_at",
+    "etag",
+];
+
+/// Output-only fields an import ignores (export writes them).
+const OUTPUT_ONLY: [&str; 12] = [
+    "has_password",
+    "password_changed_at",
+    "require_password_change",
+    "enrolled_methods",
+    "default_method",
+    "login_count",
+    "last_login_at",
+    "last_login_ip",
+    "locked_until",
+    "blocked_reason",
+    "updated_at",
+    "etag",
+];
+
+fn time_text(t: &Option<prost_types::Timestamp>) -> Value {
+    t.as_ref()
+        .and_then(wire::from_timestamp)
+        .map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::AutoSi, true)))
+        .unwrap_or(Value::Null)
+}
+
+fn text(s: &str) -> Value {
+    if s.is_empty() {
+        Value::Null
+    } else {
+        Value::String(s.to_string())
+    }
+}
+
+fn meta(s: &Option<prost_types::Struct>) -> Value {
+    match s {
+        Some(s) => match wire::struct_to_json(s) {
+            Ok(m) => Value::Object(m),
+            Err(_) => Value::Null,
+        },
+        None => Value::Null,
+    }
+}
+
+fn authenticator_name(n: i32) -> Value {
+    match pb::AuthenticatorType::try_from(n) {
+        Ok(pb::AuthenticatorType::Unspecified) | Err(_) => Value::Null,
+        Ok(t) => Value::String(
+            t.as_str_name()
+                .trim_start_matches("AUTHENTICATOR_TYPE_")
+                .to_string(),
+        ),
+    }
+}
+
+/// One field of an exported user as JSON (`Null` when empty).
+pub fn field_value(u: &pb::User, field: &str) -> Value {
+    match field {
+        "id" => text(&u.id),
+        "external_id" => text(&u.external_id),
+        "email" => text(&u.email),
+        "email_verified" => Value::Bool(u.email_verified),
+        "phone_number" => text(&u.phone_number),
+        "phone_verified" => Value::Bool(u.phone_verified),
+        "username" => text(&u.username),
+        "display_name" => text(&u.display_name),
+        "given_name" => text(&u.given_name),
+        "family_name" => text(&u.family_name),
+        "picture_url" => text(&u.picture_url),
+        "locale" => text(&u.locale),
+        "timezone" => text(&u.timezone),
+        "status" => match pb::UserStatus::try_from(u.status) {
+            Ok(pb::UserStatus::Unspecified) | Err(_) => Value::Null,
+            Ok(s) => Value::String(s.as_str_name().trim_start_matches("USER_STATUS_").into()),
+        },
+        "user_metadata" => meta(&u.user_metadata),
+        "app_metadata" => meta(&u.app_metadata),
+        "has_password" => Value::Bool(u.has_password),
+        "password_changed_at" => time_text(&u.password_changed_at),
+        "require_password_change" => Value::Bool(u.require_password_change),
+        "enrolled_methods" => Value::Array(
+            u.enrolled_methods
+                .iter()
+                .map(|m| authenticator_name(*m))
+                .collect(),
+        ),
+        "default_method" => authenticator_name(u.default_method),
+        "login_count" => Value::from(u.login_count),
+        "last_login_at" => time_text(&u.last_login_at),
+        "last_login_ip" => text(&u.last_login_ip),
+        "locked_until" => time_text(&u.locked_until),
+        "blocked_reason" => text(&u.blocked_reason),
+        "created_at" => time_text(&u.created_at),
+        "updated_at" => time_text(&u.updated_at),
+        "etag" => text(&u.etag),
+        _ => Value::Null,
+    }
+}
+
+/// An exported user as one JSON object with `columns` (nulls left out).
+pub fn export_json(m: &pb::ExportUsersResponse, columns: &[String]) -> Map<String, Value> {
+    let mut out = Map::new();
+    let Some(u) = &m.user else { return out };
+    for c in columns {
+        let v = if c == "password_hash" {
+            text(&m.password_hash)
+        } else {
+            field_value(u, c)
+        };
+        if !v.is_null() {
+            out.insert(c.clone(), v);
+        }
+    }
+    out
+}
+
+/// A JSON value as a CSV cell: strings as they are, objects and arrays as JSON text.
+pub fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        other => other.to_string(),
+    }
+}
+
+fn as_text(field: &str, v: Value) -> Result<Option<String>, String> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) if s.is_empty() => Ok(None),
+        Value::String(s) => Ok(Some(s)),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        _ => Err(format!("{field}: must be a string")),
+    }
+}
+
+fn as_bool(field: &str, v: Value) -> Result<bool, String> {
+    match v {
+        Value::Null => Ok(false),
+        Value::Bool(b) => Ok(b),
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "" | "false" | "0" | "no" => Ok(false),
+            "true" | "1" | "yes" => Ok(true),
+            _ => Err(format!("{field}: must be true or false")),
+        },
+        _ => Err(format!("{field}: must be true or false")),
+    }
+}
+
+/// A JSON value, or JSON text in a string (CSV cells).
+fn as_json(field: &str, v: Value) -> Result<Value, String> {
+    match v {
+        Value::String(s) if s.trim().is_empty() => Ok(Value::Null),
+        Value::String(s) => {
+            serde_json::from_str(&s).map_err(|e| format!("{field}: is not valid JSON: {e}"))
+        }
+        other => Ok(other),
+    }
+}
+
+fn as_struct(field: &str, v: Value) -> Result<Option<prost_types::Struct>, String> {
+    match as_json(field, v)? {
+        Value::Null => Ok(None),
+        Value::Object(m) => Ok(Some(wire::json_to_struct(&m))),
+        _ => Err(format!("{field}: must be a JSON object")),
+    }
+}
+
+fn as_time(field: &str, v: Value) -> Result<Option<prost_types::Timestamp>, String> {
+    match as_text(field, v)? {
+        None => Ok(None),
+        Some(s) => DateTime::parse_from_rfc3339(s.trim())
+            .map(|t| Some(wire::timestamp(t.with_timezone(&Utc))))
+            .map_err(|_| format!("{field}: must be an RFC 3339 time such as 2024-01-31T12:00:00Z")),
+    }
+}
+
+fn identities(v: Value) -> Result<Vec<pb::ImportIdentity>, String> {
+    let list = match as_json("identities", v)? {
+        Value::Null => return Ok(vec![]),
+        Value::Array(a) => a,
+        _ => return Err("identities: must be an array".into()),
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, item) in list.into_iter().enumerate() {
+        let Value::Object(obj) = item else {
+            return Err(format!("identities[{i}]: must be an object"));
+        };
+        let mut x = pb::ImportIdentity::default();
+        for (k, v) in obj {
+            let f = format!("identities[{i}].{k}");
+            match k.as_str() {
+                "provider" => x.provider = as_text(&f, v)?.unwrap_or_default(),
+                "subject" => x.subject = as_text(&f, v)?.unwrap_or_default(),
+                "connection" => x.connection = as_text(&f, v)?.unwrap_or_default(),
+                "email" => x.email = as_text(&f, v)?.unwrap_or_default(),
+                "profile" => x.profile = as_struct(&f, v)?,
+                _ => return Err(format!("{f}: unknown field")),
+            }
+        }
+        out.push(x);
+    }
+    Ok(out)
+}
+
+/// A file record (a JSON object, or a CSV row as strings by column) as an import record.
+pub fn import_record(obj: Map<String, Value>) -> Result<pb::ImportRecord, String> {
+    let mut r = pb::ImportRecord::default();
+    let mut u = pb::User::default();
+    let mut pending: Option<bool> = None;
+    let mut status_pending = false;
+    for (k, v) in obj {
+        let s = |v: Value| as_text(&k, v).map(Option::unwrap_or_default);
+        match k.as_str() {
+            "id" | "user_id" => r.user_id = s(v)?,
+            "external_id" => u.external_id = s(v)?,
+            "email" => u.email = s(v)?,
+            "email_verified" => u.email_verified = as_bool(&k, v)?,
+            "phone_number" => u.phone_number = s(v)?,
+            "phone_verified" => u.phone_verified = as_bool(&k, v)?,
+            "username" => u.username = s(v)?,
+            "display_name" => u.display_name = s(v)?,
+            "given_name" => u.given_name = s(v)?,
+            "family_name" => u.family_name = s(v)?,
+            "picture_url" => u.picture_url = s(v)?,
+            "locale" => u.locale = s(v)?,
+            "timezone" => u.timezone = s(v)?,
+            "user_metadata" => u.user_metadata = as_struct(&k, v)?,
+            "app_metadata" => u.app_metadata = as_struct(&k, v)?,
+            "password_hash" => r.password_hash = s(v)?,
+            "created_at" => r.created_at = as_time(&k, v)?,
+            "pending" => pending = Some(as_bool(&k, v)?),
+            "status" => {
+                let st = s(v)?;
+                status_pending = st.trim_start_matches("USER_STATUS_") == "PENDING_VERIFICATION";
+            }
+            "identities" => r.identities = identities(v)?,
+            other if other.starts_with('_') || OUTPUT_ONLY.contains(&other) => {}
+            other => return Err(format!("unknown field '{other}'")),
+        }
+    }
+    r.pending = pending.unwrap_or(status_pending);
+    r.user = Some(u);
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn json_and_csv_shaped_records_read_alike() {
+        let typed = import_record(obj(json!({
+            "id": "0190d6a0-0000-7000-8000-000000000001",
+            "email": "a@x.io", "email_verified": true,
+            "app_metadata": {"plan": "pro"},
+            "identities": [{"provider": "google", "subject": "1"}],
+            "created_at": "2020-01-02T03:04:05.123456Z",
+            "status": "PENDING_VERIFICATION", "login_count": 4, "_error": "ignored"
+        })))
+        .unwrap();
+        let csv = import_record(obj(json!({
+            "id": "0190d6a0-0000-7000-8000-000000000001",
+            "email": "a@x.io", "email_verified": "true",
+            "app_metadata": "{\"plan\": \"pro\"}",
+            "identities": "[{\"provider\": \"google\", \"subject\": \"1\"}]",
+            "created_at": "2020-01-02T03:04:05.123456+00:00",
+            "status": "PENDING_VERIFICATION", "login_count": "4", "phone_number": ""
+        })))
+        .unwrap();
+        assert_eq!(typed, csv);
+        assert!(typed.pending);
+        assert_eq!(typed.created_at.unwrap().nanos, 123_456_000);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let e = import_record(obj(json!({"emial": "a@x.io"}))).unwrap_err();
+        assert_eq!(e, "unknown field 'emial'");
+        let e = import_record(obj(json!({"email_verified": "maybe"}))).unwrap_err();
+        assert!(e.starts_with("email_verified"));
+        let e = import_record(obj(json!({"created_at": "yesterday"}))).unwrap_err();
+        assert!(e.starts_with("created_at"));
+        let e = import_record(obj(json!({"app_metadata": "[1]"}))).unwrap_err();
+        assert!(e.starts_with("app_metadata"));
+    }
+
+    #[test]
+    fn export_columns_leave_out_empty_values() {
+        let m = pb::ExportUsersResponse {
+            user: Some(pb::User {
+                id: "u1".into(),
+                email: "a@x.io".into(),
+                status: pb::UserStatus::Active as i32,
+                enrolled_methods: vec![pb::AuthenticatorType::Password as i32],
+                ..Default::default()
+            }),
+            password_hash: String::new(),
+        };
+        let cols: Vec<String> = [
+            "id",
+            "email",
+            "username",
+            "status",
+            "enrolled_methods",
+            "password_hash",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            Value::Object(export_json(&m, &cols)),
+            json!({"id": "u1", "email": "a@x.io", "status": "ACTIVE", "enrolled_methods": ["PASSWORD"]})
+        );
+        assert_eq!(cell(&json!({"a": 1})), "{\"a\":1}");
+    }
+}

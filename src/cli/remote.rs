@@ -1,0 +1,154 @@
+//! What the client commands (`import`, `export`) share: the server address, the API key, a
+//! UserService client, and progress reporting (a bar on a terminal, periodic lines otherwise).
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::pb::v1::user_service_client::UserServiceClient;
+
+/// Where the server is. The API key comes from `ROSTER_API_KEY` (never a flag: flags show in
+/// `ps`), else from the key file `roster serve` writes for development.
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// The Roster server to talk to.
+    #[arg(long, env = "ROSTER_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// A file holding the API key, used when ROSTER_API_KEY is not set.
+    #[arg(
+        long,
+        env = "ROSTER_API_KEY_FILE",
+        default_value = "./roster-data/dev-key"
+    )]
+    pub api_key_file: PathBuf,
+}
+
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type Users = UserServiceClient<InterceptedService<Channel, Bearer>>;
+
+impl ServerArgs {
+    fn api_key(&self) -> anyhow::Result<String> {
+        if let Ok(k) = std::env::var("ROSTER_API_KEY")
+            && !k.trim().is_empty()
+        {
+            return Ok(k.trim().to_string());
+        }
+        let k = std::fs::read_to_string(&self.api_key_file).with_context(|| {
+            format!(
+                "no API key: set ROSTER_API_KEY (or --api-key-file; {} is not readable)",
+                self.api_key_file.display()
+            )
+        })?;
+        Ok(k.trim().to_string())
+    }
+
+    pub async fn users(&self) -> anyhow::Result<Users> {
+        let key = self.api_key()?;
+        let bearer: MetadataValue<Ascii> = format!("Bearer {key}")
+            .parse()
+            .context("the API key has characters a header cannot carry")?;
+        let channel = tonic::transport::Endpoint::from_shared(self.server.clone())
+            .with_context(|| format!("bad server address {}", self.server))?
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the Roster server at {}", self.server))?;
+        Ok(UserServiceClient::with_interceptor(channel, Bearer(bearer))
+            .max_decoding_message_size(64 * 1024 * 1024))
+    }
+}
+
+/// Progress on stderr: an indicatif bar with rate and ETA on a terminal, else a plain line
+/// every few seconds (logs and CI keep a readable trail).
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    started: Instant,
+    last_line: Instant,
+    label: &'static str,
+}
+
+const LINE_EVERY: Duration = Duration::from_secs(5);
+
+impl Progress {
+    /// `total` is in the unit `position` is reported in (bytes of the file, or users).
+    pub fn new(label: &'static str, total: Option<u64>, bytes: bool) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = match total {
+                Some(t) => ProgressBar::new(t),
+                None => ProgressBar::new_spinner(),
+            };
+            let template = match (total.is_some(), bytes) {
+                (true, true) => {
+                    "{spinner} {elapsed_precise} [{wide_bar}] {bytes}/{total_bytes} ETA {eta} {msg}"
+                }
+                (true, false) => {
+                    "{spinner} {elapsed_precise} [{wide_bar}] {pos}/{len} {per_sec} ETA {eta} {msg}"
+                }
+                _ => "{spinner} {elapsed_precise} {pos} {per_sec} {msg}",
+            };
+            if let Ok(style) = ProgressStyle::with_template(template) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+            bar
+        });
+        let now = Instant::now();
+        Progress {
+            bar,
+            started: now,
+            last_line: now,
+            label,
+        }
+    }
+
+    /// Reports progress: `position` for the bar, `count` records so far, `detail` a summary.
+    pub fn update(&mut self, position: u64, count: u64, detail: impl FnOnce() -> String) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(position);
+                if count.is_multiple_of(512) {
+                    bar.set_message(detail());
+                }
+            }
+            None if self.last_line.elapsed() >= LINE_EVERY => {
+                self.last_line = Instant::now();
+                eprintln!(
+                    "{} {count} records ({:.0}/s): {}",
+                    self.label,
+                    self.rate(count),
+                    detail()
+                );
+            }
+            None => {}
+        }
+    }
+
+    pub fn rate(&self, count: u64) -> f64 {
+        count as f64 / self.started.elapsed().as_secs_f64().max(1e-3)
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
