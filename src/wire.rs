@@ -114,10 +114,25 @@ pub fn json_to_value(v: &Value) -> prost_types::Value {
     prost_types::Value { kind: Some(kind) }
 }
 
+/// Counts what is written (sizes without building the serialised text).
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Checks a metadata object against the size limit.
 fn check_metadata_size(map: &Map<String, Value>) -> Result<(), String> {
-    let size = serde_json::to_vec(map)
-        .map(|v| v.len())
+    let mut count = ByteCount(0);
+    let size = serde_json::to_writer(&mut count, map)
+        .map(|_| count.0)
         .unwrap_or(usize::MAX);
     if size > METADATA_MAX_BYTES {
         return Err(format!(
@@ -130,7 +145,7 @@ fn check_metadata_size(map: &Map<String, Value>) -> Result<(), String> {
 /// Checks a metadata-like object against the size and depth limits.
 pub fn check_metadata(map: &Map<String, Value>) -> Result<(), String> {
     check_metadata_size(map)?;
-    if json_depth(&Value::Object(map.clone())) > METADATA_MAX_DEPTH {
+    if 1 + map.values().map(json_depth).max().unwrap_or(0) > METADATA_MAX_DEPTH {
         return Err(format!("nesting deeper than {METADATA_MAX_DEPTH} levels"));
     }
     Ok(())

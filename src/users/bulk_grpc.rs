@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures_util::stream::FuturesOrdered;
 use futures_util::{Stream, StreamExt};
 use prost::Message;
 use tokio::sync::mpsc;
@@ -19,12 +20,12 @@ use uuid::Uuid;
 
 use super::grpc::{id_field, profile_from_proto, user_to_proto};
 use super::import::{
-    self, Batch, Entry, ImportIdentity, ImportOptions, ImportRecord, MatchOn, Mode, Outcome,
+    self, Batch, Batcher, Entry, ImportIdentity, ImportOptions, ImportRecord, MatchOn, Mode,
+    Outcome,
 };
 use super::{has_identifier, validate_profile};
 use crate::auth::Caller;
 use crate::crypto;
-use crate::db::Client;
 use crate::error::{Error, Violations};
 use crate::identities;
 use crate::pb::v1 as pb;
@@ -105,7 +106,7 @@ pub fn record_from_proto(
         if let Err(e) = crypto::formats::parse(&r.password_hash) {
             v.add("record.password_hash", e);
         }
-        Some(r.password_hash.clone())
+        Some(r.password_hash)
     };
     if r.identities.len() > import::MAX_IDENTITIES {
         v.add(
@@ -228,14 +229,14 @@ pub fn run_import(
     // Room for two batches of results: the writer never waits on a reader keeping up.
     let (out_tx, out_rx) = mpsc::channel(2 * import::BATCH_RECORDS);
     tokio::spawn(async move {
-        match open_import(&mut inbound, &pool).await {
+        match open_import(&mut inbound).await {
             Err(e) => {
                 let _ = out_tx.send(Err(e)).await;
             }
-            Ok((options, client)) => {
+            Ok(options) => {
                 let (batch_tx, batch_rx) = mpsc::channel(1);
                 tokio::spawn(read_records(inbound, options, batch_tx));
-                write_batches(client, caller, options, batch_rx, out_tx).await;
+                write_batches(pool, caller, options, batch_rx, out_tx).await;
             }
         }
     });
@@ -244,8 +245,7 @@ pub fn run_import(
 
 async fn open_import(
     inbound: &mut Streaming<pb::ImportUsersRequest>,
-    pool: &crate::db::Pool,
-) -> Result<(ImportOptions, Client), Status> {
+) -> Result<ImportOptions, Status> {
     use pb::import_users_request::Item;
     let options = match inbound.message().await? {
         Some(pb::ImportUsersRequest {
@@ -257,10 +257,7 @@ async fn open_import(
             );
         }
     };
-    // One connection for the whole stream: it holds the staging tables.
-    let client = crate::db::client(pool).await?;
-    import::prepare(&client).await?;
-    Ok((options, client))
+    Ok(options)
 }
 
 async fn read_records(
@@ -269,16 +266,18 @@ async fn read_records(
     batches: mpsc::Sender<Result<Batch, Status>>,
 ) {
     use pb::import_users_request::Item;
-    let mut batch = Batch::default();
+    let mut batcher = Batcher::default();
     let mut index: i64 = 0;
     loop {
-        let next = if batch.is_empty() {
+        let next = if batcher.is_empty() {
             inbound.next().await
         } else {
             match tokio::time::timeout(IDLE_FLUSH, inbound.next()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    if batches.send(Ok(std::mem::take(&mut batch))).await.is_err() {
+                    if let Some(b) = batcher.close()
+                        && batches.send(Ok(b)).await.is_err()
+                    {
                         return;
                     }
                     continue;
@@ -297,7 +296,9 @@ async fn read_records(
             Some(Item::Record(r)) => record_from_proto(r, &options),
             Some(Item::Options(_)) => {
                 let e = Error::invalid("options", "only the first message may carry options");
-                let _ = batches.send(Ok(std::mem::take(&mut batch))).await;
+                if let Some(b) = batcher.close() {
+                    let _ = batches.send(Ok(b)).await;
+                }
                 let _ = batches.send(Err(e.into())).await;
                 return;
             }
@@ -305,55 +306,97 @@ async fn read_records(
         };
         let entry = Entry { index, record };
         index += 1;
-        if batch.must_close_before(&entry, bytes)
-            && batches.send(Ok(std::mem::take(&mut batch))).await.is_err()
+        if let Some(b) = batcher.add(entry, bytes)
+            && batches.send(Ok(b)).await.is_err()
         {
             return;
         }
-        batch.push(entry, bytes);
     }
-    if !batch.is_empty() {
-        let _ = batches.send(Ok(batch)).await;
+    if let Some(b) = batcher.close() {
+        let _ = batches.send(Ok(b)).await;
     }
 }
 
+/// Batches written at once per stream (two connections: PostgreSQL works on one batch while
+/// the other commits). Only neighbouring batches are ever in flight together, which is what
+/// [`Batcher`]'s barrier accounts for.
+const WRITERS: usize = 2;
+
+async fn write_one(
+    pool: crate::db::Pool,
+    caller: Caller,
+    options: ImportOptions,
+    batch: Batch,
+) -> crate::error::Result<Vec<(i64, Outcome)>> {
+    // A connection per batch, not per stream: an idle stream holds none.
+    let mut client = crate::db::client(&pool).await?;
+    import::prepare(&client).await?;
+    import::write_batch(&mut client, &caller, &options, batch).await
+}
+
 async fn write_batches(
-    mut client: Client,
+    pool: crate::db::Pool,
     caller: Caller,
     options: ImportOptions,
     mut batches: mpsc::Receiver<Result<Batch, Status>>,
     out: mpsc::Sender<Result<pb::ImportUsersResponse, Status>>,
 ) {
     let (mut created, mut updated, mut failed) = (0i64, 0i64, 0i64);
-    while let Some(item) = batches.recv().await {
-        let batch = match item {
-            Ok(b) if b.is_empty() => continue,
-            Ok(b) => b,
-            Err(status) => {
-                let _ = out.send(Err(status)).await;
-                return;
-            }
-        };
-        if out.is_closed() {
-            return;
-        }
-        let outcomes = match import::write_batch(&mut client, &caller, &options, batch).await {
-            Ok(o) => o,
-            Err(e) => {
-                let _ = out.send(Err(e.into())).await;
-                return;
-            }
-        };
-        for (index, outcome) in outcomes {
-            match outcome {
-                Outcome::Created(_) => created += 1,
-                Outcome::Updated(_) => updated += 1,
-                Outcome::Failed(_) => failed += 1,
-            }
-            if out.send(Ok(result_message(index, outcome))).await.is_err() {
-                return;
+    // Written in order of start; results leave in batch order, each after its commit.
+    let mut running = FuturesOrdered::new();
+    let mut waiting: Option<Batch> = None;
+    let mut input_done = false;
+    let mut stream_error: Option<Status> = None;
+    loop {
+        if let Some(b) = waiting.take() {
+            if running.is_empty() || (!b.barrier && running.len() < WRITERS) {
+                if out.is_closed() {
+                    return;
+                }
+                running.push_back(write_one(pool.clone(), caller.clone(), options, b));
+            } else {
+                waiting = Some(b);
             }
         }
+        if input_done && waiting.is_none() && running.is_empty() {
+            break;
+        }
+        let can_take = !input_done && waiting.is_none() && running.len() < WRITERS;
+        tokio::select! {
+            done = running.next(), if !running.is_empty() => {
+                let outcomes = match done {
+                    Some(Ok(o)) => o,
+                    Some(Err(e)) => {
+                        let _ = out.send(Err(e.into())).await;
+                        return;
+                    }
+                    None => continue,
+                };
+                for (index, outcome) in outcomes {
+                    match outcome {
+                        Outcome::Created(_) => created += 1,
+                        Outcome::Updated(_) => updated += 1,
+                        Outcome::Failed(_) => failed += 1,
+                    }
+                    if out.send(Ok(result_message(index, outcome))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            item = batches.recv(), if can_take => match item {
+                None => input_done = true,
+                Some(Ok(b)) if b.is_empty() => {}
+                Some(Ok(b)) => waiting = Some(b),
+                Some(Err(status)) => {
+                    stream_error = Some(status);
+                    input_done = true;
+                }
+            },
+        }
+    }
+    if let Some(status) = stream_error {
+        let _ = out.send(Err(status)).await;
+        return;
     }
     let summary = pb::ImportUsersResponse {
         item: Some(pb::import_users_response::Item::Summary(

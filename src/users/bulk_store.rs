@@ -113,9 +113,7 @@ pub async fn stage(
     for u in users {
         let p = u.profile;
         // An empty metadata object means "not given" (an UPSERT leaves the stored one).
-        let meta = |m: &serde_json::Map<String, serde_json::Value>| {
-            (!m.is_empty()).then(|| Json(m.clone()))
-        };
+        let meta = |m| (!serde_json::Map::is_empty(m)).then_some(Json(m));
         let (user_metadata, app_metadata) = (meta(&p.user_metadata), meta(&p.app_metadata));
         let status = u.status as i16;
         let row: [&(dyn ToSql + Sync); 19] = [
@@ -226,10 +224,36 @@ pub async fn clashes(
     Ok((users, identities))
 }
 
-/// Creates the staged users `idxs`; returns the idxs created. A row whose unique value a
-/// concurrent transaction took meanwhile is skipped (ON CONFLICT DO NOTHING), not an error
-/// that would fail the whole batch.
-pub async fn insert_users(
+/// Creates the staged users whose idx is in `$2` (in project `$1`).
+const INSERT_USERS: &str = "INSERT INTO users (project_id, id, external_id, email, email_verified,
+        phone_number, phone_verified, username, display_name, given_name, family_name,
+        picture_url, locale, timezone, status, user_metadata, app_metadata, password_hash,
+        password_changed_at, created_at, updated_at)
+     SELECT $1, s.id, s.external_id, s.email, s.email_verified, s.phone_number,
+        s.phone_verified, s.username, s.display_name, s.given_name, s.family_name,
+        s.picture_url, s.locale, s.timezone, s.status,
+        coalesce(s.user_metadata, '{}'), coalesce(s.app_metadata, '{}'),
+        s.password_hash, CASE WHEN s.password_hash IS NULL THEN NULL ELSE now() END,
+        coalesce(s.created_at, now()), now()
+     FROM roster_import_users s WHERE s.idx = ANY($2)";
+
+/// Creates the staged users `idxs`. A plain INSERT: the clash check just ran in this
+/// transaction, and ON CONFLICT would add a speculative probe of every unique index per row
+/// (a fifth of the cost). A unique value a concurrent writer took meanwhile surfaces as
+/// ALREADY_EXISTS, which the caller answers by planning the batch again from its savepoint.
+pub async fn insert_users(tx: &Transaction<'_>, project_id: Uuid, idxs: &[i32]) -> Result<()> {
+    if idxs.is_empty() {
+        return Ok(());
+    }
+    let stmt = tx.prepare_cached(INSERT_USERS).await?;
+    tx.execute(&stmt, &[&project_id, &idxs]).await?;
+    Ok(())
+}
+
+/// Like [`insert_users`], but a row whose unique value another transaction took meanwhile
+/// is skipped (ON CONFLICT DO NOTHING, which waits for that transaction to finish); returns
+/// the idxs created. Used only after a batch has lost such a race once.
+pub async fn insert_users_skipping_clashes(
     tx: &Transaction<'_>,
     project_id: Uuid,
     idxs: &[i32],
@@ -238,37 +262,15 @@ pub async fn insert_users(
         return Ok(vec![]);
     }
     let stmt = tx
-        .prepare_cached(
-            "INSERT INTO users (project_id, id, external_id, email, email_verified, phone_number,
-                phone_verified, username, display_name, given_name, family_name, picture_url,
-                locale, timezone, status, user_metadata, app_metadata, password_hash,
-                password_changed_at, created_at, updated_at)
-             SELECT $1, s.id, s.external_id, s.email, s.email_verified, s.phone_number,
-                s.phone_verified, s.username, s.display_name, s.given_name, s.family_name,
-                s.picture_url, s.locale, s.timezone, s.status,
-                coalesce(s.user_metadata, '{}'), coalesce(s.app_metadata, '{}'),
-                s.password_hash, CASE WHEN s.password_hash IS NULL THEN NULL ELSE now() END,
-                coalesce(s.created_at, now()), now()
-             FROM roster_import_users s WHERE s.idx = ANY($2)
-             ORDER BY s.idx
-             ON CONFLICT DO NOTHING
-             RETURNING id",
-        )
-        .await?;
-    let rows = tx.query(&stmt, &[&project_id, &idxs]).await?;
-    if rows.len() == idxs.len() {
-        return Ok(idxs.to_vec());
-    }
-    // Rare (a race): say which made it.
-    let ids: HashSet<Uuid> = rows.iter().map(|r| r.get(0)).collect();
-    let stmt = tx
-        .prepare_cached("SELECT idx, id FROM roster_import_users WHERE idx = ANY($1)")
+        .prepare_cached(&format!(
+            "WITH created AS ({INSERT_USERS} ON CONFLICT DO NOTHING RETURNING id)
+             SELECT s.idx FROM roster_import_users s JOIN created c ON c.id = s.id"
+        ))
         .await?;
     Ok(tx
-        .query(&stmt, &[&idxs])
+        .query(&stmt, &[&project_id, &idxs])
         .await?
         .iter()
-        .filter(|r| ids.contains(&r.get::<_, Uuid>(1)))
         .map(|r| r.get(0))
         .collect())
 }

@@ -141,6 +141,9 @@ fn keys_of(r: &ImportRecord) -> Vec<Key> {
 #[derive(Default)]
 pub struct Batch {
     pub entries: Vec<Entry>,
+    /// Shares a unique value with the batch before it: it must not be written while that
+    /// one may still be in flight.
+    pub barrier: bool,
     keys: HashSet<Key>,
     bytes: usize,
 }
@@ -149,27 +152,50 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
 
-    /// Whether `entry` (of `bytes` encoded bytes) must start the next batch instead.
-    pub fn must_close_before(&self, entry: &Entry, bytes: usize) -> bool {
-        if self.entries.is_empty() {
-            return false;
-        }
-        if self.entries.len() >= BATCH_RECORDS || self.bytes + bytes > BATCH_BYTES {
-            return true;
-        }
-        match &entry.record {
-            Ok(r) => keys_of(r).iter().any(|k| self.keys.contains(k)),
-            Err(_) => false,
-        }
+/// Groups a stream's records into batches. A batch closes at [`BATCH_RECORDS`] records,
+/// [`BATCH_BYTES`] bytes, or before a record repeating one of its unique values; a batch
+/// repeating a value of the batch before it is marked as a barrier. Together with at most two
+/// batches in flight (only neighbours overlap), records apply as if one by one, in order.
+#[derive(Default)]
+pub struct Batcher {
+    current: Batch,
+    previous: HashSet<Key>,
+}
+
+impl Batcher {
+    pub fn is_empty(&self) -> bool {
+        self.current.is_empty()
     }
 
-    pub fn push(&mut self, entry: Entry, bytes: usize) {
-        if let Ok(r) = &entry.record {
-            self.keys.extend(keys_of(r));
+    /// Adds a record; returns the batch it closed, if it had to start a new one.
+    pub fn add(&mut self, entry: Entry, bytes: usize) -> Option<Batch> {
+        let keys = entry.record.as_ref().map(keys_of).unwrap_or_default();
+        let c = &self.current;
+        let closes = !c.entries.is_empty()
+            && (c.entries.len() >= BATCH_RECORDS
+                || c.bytes + bytes > BATCH_BYTES
+                || keys.iter().any(|k| c.keys.contains(k)));
+        let closed = if closes { self.close() } else { None };
+        let c = &mut self.current;
+        if keys.iter().any(|k| self.previous.contains(k)) {
+            c.barrier = true;
         }
-        self.bytes += bytes;
-        self.entries.push(entry);
+        c.keys.extend(keys);
+        c.bytes += bytes;
+        c.entries.push(entry);
+        closed
+    }
+
+    /// Closes the current batch (none when it is empty).
+    pub fn close(&mut self) -> Option<Batch> {
+        if self.current.is_empty() {
+            return None;
+        }
+        let mut batch = std::mem::take(&mut self.current);
+        self.previous = std::mem::take(&mut batch.keys);
+        Some(batch)
     }
 }
 
@@ -248,7 +274,7 @@ fn plan(
     }
 }
 
-/// Keeps one long-lived connection per import stream with the staging tables in place.
+/// Makes sure `client` has the staging tables (they live as long as the connection).
 pub async fn prepare(client: &Client) -> Result<()> {
     bulk_store::create_staging(client).await
 }
@@ -331,22 +357,26 @@ async fn write_valid(
     let outcomes = loop {
         attempt += 1;
         tx.batch_execute("SAVEPOINT import_write").await?;
-        match write_staged(&tx, project, options, records).await {
+        // The first attempt inserts plainly (fast); after a race, rows that lose a unique
+        // value again are skipped and reported rather than failing the batch once more.
+        match write_staged(&tx, project, options, records, attempt > 1).await {
             Ok(o) => break o,
             // A concurrent write took a unique value after the clash check: check again
             // (the savepoint keeps the staged rows).
-            Err(WriteError::Raced) | Err(WriteError::Db(Error::AlreadyExists { .. }))
-                if attempt < WRITE_ATTEMPTS =>
-            {
+            Err(Error::AlreadyExists { .. }) if attempt < WRITE_ATTEMPTS => {
+                tracing::debug!(
+                    attempt,
+                    "an import batch lost a unique value to a concurrent write"
+                );
                 tx.batch_execute("ROLLBACK TO SAVEPOINT import_write")
                     .await?;
             }
-            Err(WriteError::Raced) => {
+            Err(Error::AlreadyExists { .. }) => {
                 return Err(Error::Unavailable(anyhow::anyhow!(
                     "import batch kept racing concurrent writes"
                 )));
             }
-            Err(WriteError::Db(e)) => return Err(e),
+            Err(e) => return Err(e),
         }
     };
     let ctx = EventContext::from_caller(caller);
@@ -374,31 +404,14 @@ async fn write_valid(
     Ok(outcomes.into_iter().map(|(o, _)| o).collect())
 }
 
-enum WriteError {
-    /// A created row lost a unique value to a concurrent transaction.
-    Raced,
-    Db(Error),
-}
-
-impl From<Error> for WriteError {
-    fn from(e: Error) -> Self {
-        WriteError::Db(e)
-    }
-}
-
-impl From<tokio_postgres::Error> for WriteError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        WriteError::Db(e.into())
-    }
-}
-
 /// One attempt at writing the staged batch: each outcome with whether the user changed.
 async fn write_staged(
     tx: &deadpool_postgres::Transaction<'_>,
     project: Uuid,
     options: &ImportOptions,
     records: &[(usize, ImportRecord)],
-) -> std::result::Result<Vec<(Outcome, bool)>, WriteError> {
+    tolerant: bool,
+) -> Result<Vec<(Outcome, bool)>> {
     let (clashes, identity_owners) = bulk_store::clashes(tx, project).await?;
     let mut plans: Vec<Plan> = Vec::with_capacity(records.len());
     let none = Clash::default();
@@ -421,9 +434,30 @@ async fn write_staged(
             _ => None,
         })
         .collect();
-    let created = bulk_store::insert_users(tx, project, &creates).await?;
-    if created.len() != creates.len() {
-        return Err(WriteError::Raced);
+    let mut creates = creates;
+    if tolerant {
+        let created = bulk_store::insert_users_skipping_clashes(tx, project, &creates).await?;
+        if created.len() < creates.len() {
+            // The writers that won have committed (the insert waited for them): name them.
+            let (now, _) = bulk_store::clashes(tx, project).await?;
+            for i in creates.iter().filter(|i| !created.contains(i)) {
+                let h = now.get(i).cloned().unwrap_or_default();
+                let (field, owner) = [
+                    ("email", h.by_email),
+                    ("phone_number", h.by_phone),
+                    ("username", h.by_username),
+                    ("external_id", h.by_external_id),
+                    ("id", h.by_id),
+                ]
+                .into_iter()
+                .find_map(|(f, o)| o.map(|o| (f, o)))
+                .unwrap_or(("id", Uuid::nil()));
+                plans[*i as usize] = Plan::Fail(clash("user", field, owner));
+            }
+            creates = created;
+        }
+    } else {
+        bulk_store::insert_users(tx, project, &creates).await?;
     }
     let changed = bulk_store::update_users(tx, project, &updates).await?;
     let mut owners: Vec<(i32, Uuid)> = creates
@@ -480,17 +514,25 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_closes_before_a_duplicate_key() {
-        let mut b = Batch::default();
-        b.push(entry(0, record("a@x.io")), 10);
-        assert!(!b.must_close_before(&entry(1, record("b@x.io")), 10));
-        assert!(b.must_close_before(&entry(1, record("A@X.IO")), 10));
+    fn batches_close_before_a_duplicate_key_and_bar_overlap_with_the_previous() {
+        let mut b = Batcher::default();
+        assert!(b.add(entry(0, record("a@x.io")), 10).is_none());
+        assert!(b.add(entry(1, record("b@x.io")), 10).is_none());
+        let first = b.add(entry(2, record("A@X.IO")), 10).expect("closed");
+        assert_eq!(first.entries.len(), 2);
+        assert!(!first.barrier);
         let failed = Entry {
-            index: 2,
+            index: 3,
             record: Err(Error::invalid("record", "bad")),
         };
-        assert!(!b.must_close_before(&failed, 10));
-        assert!(b.must_close_before(&entry(3, record("c@x.io")), BATCH_BYTES));
+        assert!(b.add(failed, 10).is_none());
+        let second = b
+            .add(entry(4, record("c@x.io")), BATCH_BYTES)
+            .expect("closed");
+        assert!(second.barrier, "it repeats a@x.io of the batch before");
+        let third = b.close().expect("closed");
+        assert!(!third.barrier);
+        assert!(b.close().is_none());
     }
 
     #[test]

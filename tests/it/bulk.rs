@@ -805,3 +805,39 @@ async fn export_streams_while_the_client_reads_slowly() {
 fn big_record_ok(i: usize) -> pb::ImportUsersRequest {
     by_email(&format!("ok{i}@example.com"))
 }
+
+#[tokio::test]
+async fn an_import_racing_create_user_for_the_same_emails_stores_each_once() {
+    const N: usize = 1500;
+    let app = TestApp::spawn().await;
+    let mut importer = app.users();
+    let mut creator = app.users();
+    let requests = std::iter::once(create_only())
+        .chain((0..N).map(|i| by_email(&format!("race{i}@example.com"))));
+    // CreateUser walks the same emails from the other end while the import runs.
+    let racing = tokio::spawn(async move {
+        let mut won = 0;
+        for i in (0..N).rev() {
+            let r = creator
+                .create_user(pb::CreateUserRequest {
+                    user: Some(user_with_email(&format!("race{i}@example.com"))),
+                    ..Default::default()
+                })
+                .await;
+            match r {
+                Ok(_) => won += 1,
+                Err(e) => assert_eq!(e.code(), tonic::Code::AlreadyExists),
+            }
+        }
+        won
+    });
+    let (results, summary) = import(&mut importer, requests).await.unwrap();
+    let won_by_create = racing.await.unwrap();
+    for r in &results {
+        if outcome(r) == pb::ImportOutcome::Failed {
+            assert_eq!(failure(r).1, "ALREADY_EXISTS", "{r:?}");
+        }
+    }
+    assert_eq!(summary.created + won_by_create, N as i64);
+    assert_eq!(count_users(&app).await, N as i64);
+}
