@@ -80,16 +80,21 @@ fn app_metadata(i: usize) -> serde_json::Value {
     serde_json::json!({"plan": if i.is_multiple_of(3) { "pro" } else { "free" }, "seats": i % 10})
 }
 
-/// Peak resident memory of `pid` in MiB since the last reset.
-fn peak_rss_mib(pid: u32) -> f64 {
+/// A memory figure (`VmHWM`, `VmRSS`) of `pid` from /proc, in MiB.
+fn memory_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|kb| kb.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
+}
+
+/// Peak resident memory of `pid` in MiB since the last reset.
+fn peak_rss_mib(pid: u32) -> f64 {
+    memory_mib(pid, "VmHWM:")
 }
 
 fn reset_peak_rss(pid: u32) {
@@ -201,14 +206,7 @@ fn cpu_secs(pid: u32) -> f64 {
 
 /// Current resident memory of `pid` in MiB.
 fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
+    memory_mib(pid, "VmRSS:")
 }
 
 async fn grpc_import(

@@ -12,6 +12,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 
 use crate::pb::v1 as pb;
+use crate::users::OUTPUT_ONLY;
+pub use crate::users::USER_FIELDS;
 use crate::wire;
 
 /// The file formats.
@@ -20,55 +22,6 @@ pub enum Format {
     Jsonl,
     Csv,
 }
-
-/// `User`'s fields in proto order: the default columns of an export.
-pub const USER_FIELDS: [&str; 29] = [
-    "id",
-    "external_id",
-    "email",
-    "email_verified",
-    "phone_number",
-    "phone_verified",
-    "username",
-    "display_name",
-    "given_name",
-    "family_name",
-    "picture_url",
-    "locale",
-    "timezone",
-    "status",
-    "user_metadata",
-    "app_metadata",
-    "has_password",
-    "password_changed_at",
-    "require_password_change",
-    "enrolled_methods",
-    "default_method",
-    "login_count",
-    "last_login_at",
-    "last_login_ip",
-    "locked_until",
-    "blocked_reason",
-    "created_at",
-    "updated_at",
-    "etag",
-];
-
-/// Output-only fields an import ignores (export writes them).
-const OUTPUT_ONLY: [&str; 12] = [
-    "has_password",
-    "password_changed_at",
-    "require_password_change",
-    "enrolled_methods",
-    "default_method",
-    "login_count",
-    "last_login_at",
-    "last_login_ip",
-    "locked_until",
-    "blocked_reason",
-    "updated_at",
-    "etag",
-];
 
 fn time_text(t: &Option<prost_types::Timestamp>) -> Value {
     t.as_ref()
@@ -289,6 +242,7 @@ pub fn import_record(obj: Map<String, Value>) -> Result<pb::ImportRecord, String
                 status_pending = st.trim_start_matches("USER_STATUS_") == "PENDING_VERIFICATION";
             }
             "identities" => r.identities = identities(v)?,
+            // Output-only fields an export writes (id, status, created_at are read above).
             other if other.starts_with('_') || OUTPUT_ONLY.contains(&other) => {}
             other => return Err(format!("unknown field '{other}'")),
         }

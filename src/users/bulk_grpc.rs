@@ -23,7 +23,7 @@ use super::import::{
     self, Batch, Batcher, Entry, ImportIdentity, ImportOptions, ImportRecord, MatchOn, Mode,
     Outcome,
 };
-use super::{has_identifier, validate_profile};
+use super::{USER_FIELDS, has_identifier, validate_profile};
 use crate::auth::Caller;
 use crate::crypto;
 use crate::error::{Error, Violations};
@@ -411,39 +411,6 @@ async fn write_batches(
 }
 
 // ---- export ----
-
-/// The names of `User`'s fields, as a read mask names them.
-const USER_FIELDS: [&str; 29] = [
-    "id",
-    "external_id",
-    "email",
-    "email_verified",
-    "phone_number",
-    "phone_verified",
-    "username",
-    "display_name",
-    "given_name",
-    "family_name",
-    "picture_url",
-    "locale",
-    "timezone",
-    "status",
-    "user_metadata",
-    "app_metadata",
-    "has_password",
-    "password_changed_at",
-    "require_password_change",
-    "enrolled_methods",
-    "default_method",
-    "login_count",
-    "last_login_at",
-    "last_login_ip",
-    "locked_until",
-    "blocked_reason",
-    "created_at",
-    "updated_at",
-    "etag",
-];
 
 /// The fields a read mask keeps (`None`: all), collecting bad paths into `v`.
 pub fn read_mask(

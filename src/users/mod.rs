@@ -356,8 +356,41 @@ impl ProfileField {
     }
 }
 
+/// `User`'s fields in proto order: what a read mask may name, and export's default columns.
+pub const USER_FIELDS: [&str; 29] = [
+    "id",
+    "external_id",
+    "email",
+    "email_verified",
+    "phone_number",
+    "phone_verified",
+    "username",
+    "display_name",
+    "given_name",
+    "family_name",
+    "picture_url",
+    "locale",
+    "timezone",
+    "status",
+    "user_metadata",
+    "app_metadata",
+    "has_password",
+    "password_changed_at",
+    "require_password_change",
+    "enrolled_methods",
+    "default_method",
+    "login_count",
+    "last_login_at",
+    "last_login_ip",
+    "locked_until",
+    "blocked_reason",
+    "created_at",
+    "updated_at",
+    "etag",
+];
+
 /// `User` fields that are output only: naming one in an update mask is an error.
-const OUTPUT_ONLY: &[&str] = &[
+pub const OUTPUT_ONLY: &[&str] = &[
     "id",
     "status",
     "has_password",
