@@ -397,13 +397,19 @@ impl Drop for InFlightGuard {
 pub struct AuthLayer {
     verifier: Arc<KeyVerifier>,
     in_flight: InFlight,
+    limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
 }
 
 impl AuthLayer {
-    pub fn new(verifier: Arc<KeyVerifier>, in_flight: InFlight) -> Self {
+    pub fn new(
+        verifier: Arc<KeyVerifier>,
+        in_flight: InFlight,
+        limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
+    ) -> Self {
         AuthLayer {
             verifier,
             in_flight,
+            limiter,
         }
     }
 }
@@ -415,6 +421,7 @@ impl<S> tower::Layer<S> for AuthLayer {
             inner,
             verifier: self.verifier.clone(),
             in_flight: self.in_flight.clone(),
+            limiter: self.limiter.clone(),
         }
     }
 }
@@ -424,6 +431,7 @@ pub struct AuthService<S> {
     inner: S,
     verifier: Arc<KeyVerifier>,
     in_flight: InFlight,
+    limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
@@ -452,6 +460,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let verifier = self.verifier.clone();
+        let limiter = self.limiter.clone();
         let guard = self.in_flight.enter();
         Box::pin(async move {
             let _guard = guard;
@@ -483,6 +492,11 @@ where
                                 Err(Error::PermissionDenied {
                                     scope: scope.as_str(),
                                 })
+                            }
+                            _ if let Some(Err(wait)) =
+                                limiter.as_ref().map(|l| l.check(key_id)) =>
+                            {
+                                Err(Error::RateLimited { retry_after: wait })
                             }
                             _ => Ok(Caller {
                                 project_id,

@@ -117,6 +117,14 @@ pub struct ServerConfig {
     /// this time.
     #[arg(long, env = "ROSTER_KEY_CACHE_MS", default_value_t = 2000)]
     pub key_cache_ms: u64,
+    /// Calls per second each API key may make (a token bucket per key); 0 turns limiting off.
+    /// Over the limit, calls answer RESOURCE_EXHAUSTED with RetryInfo.
+    #[arg(long, env = "ROSTER_RATE_LIMIT_RPS", default_value_t = 0.0)]
+    pub rate_limit_rps: f64,
+    /// Calls a key may make at once after a quiet spell (the bucket's size); 0 means twice
+    /// the rate.
+    #[arg(long, env = "ROSTER_RATE_LIMIT_BURST", default_value_t = 0.0)]
+    pub rate_limit_burst: f64,
     /// Seconds in-flight RPCs get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "ROSTER_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
@@ -148,6 +156,8 @@ impl Default for ServerConfig {
             event_retention_interval_secs: 300,
             event_poll_ms: 1000,
             key_cache_ms: 2000,
+            rate_limit_rps: 0.0,
+            rate_limit_burst: 0.0,
             shutdown_grace_secs: 20,
             webauthn_rp_id: None,
             webauthn_rp_name: None,
@@ -157,6 +167,19 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The per-key limiter, when limiting is on.
+    pub fn rate_limiter(&self) -> Option<crate::ratelimit::RateLimiter> {
+        let rate = self.rate_limit_rps;
+        (rate.is_finite() && rate > 0.0).then(|| {
+            let burst = if self.rate_limit_burst > 0.0 {
+                self.rate_limit_burst
+            } else {
+                rate * 2.0
+            };
+            crate::ratelimit::RateLimiter::new(rate, burst)
+        })
+    }
+
     /// The encryption key list from the flag/env or the file, if either is set.
     pub fn encryption_keys(&self) -> anyhow::Result<Option<String>> {
         // An empty value means "not configured" (handy to override a file or default).

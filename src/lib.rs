@@ -15,6 +15,7 @@ pub mod events;
 pub mod identities;
 pub mod pb;
 pub mod query;
+pub mod ratelimit;
 pub mod server;
 pub mod users;
 pub mod wire;

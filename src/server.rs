@@ -171,7 +171,11 @@ impl Application {
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let in_flight = InFlight::default();
         let server = Server::builder()
-            .layer(AuthLayer::new(verifier, in_flight.clone()))
+            .layer(AuthLayer::new(
+                verifier,
+                in_flight.clone(),
+                self.config.rate_limiter().map(Arc::new),
+            ))
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

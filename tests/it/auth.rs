@@ -225,3 +225,46 @@ async fn projects_are_isolated() {
     assert_eq!(got.display_name, "");
     assert_eq!(got.status, pb::UserStatus::Active as i32);
 }
+
+#[tokio::test]
+async fn each_key_has_its_own_rate_limit_with_retry_info() {
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        key_cache_ms: 50,
+        rate_limit_rps: 5.0,
+        rate_limit_burst: 3.0,
+        ..Default::default()
+    })
+    .await;
+    let mut users = app.users();
+    let get = || pb::GetUserRequest {
+        id: uuid::Uuid::now_v7().to_string(),
+    };
+    // The burst passes (NOT_FOUND is an answer, not a refusal); the next call is refused.
+    for _ in 0..3 {
+        let err = users.get_user(get()).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+    }
+    let err = users.get_user(get()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&err), "RATE_LIMITED");
+    let wait = details(&err)
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo");
+    assert!(
+        wait > Duration::ZERO && wait <= Duration::from_millis(200),
+        "{wait:?}"
+    );
+    // Another key is not affected.
+    let other = app.key(&["users.read"]).await;
+    let err = app
+        .users_with(Some(&other))
+        .get_user(get())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // After the advertised wait the key may call again.
+    tokio::time::sleep(wait + Duration::from_millis(20)).await;
+    let err = users.get_user(get()).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
