@@ -204,6 +204,18 @@ pub fn required_scope(path: &str) -> Option<Scope> {
     })
 }
 
+/// The calling peer's address, over plaintext or TLS.
+fn peer_ip(ext: &http::Extensions) -> Option<String> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    ext.get::<TcpConnectInfo>()
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(|t| t.get_ref())
+        })
+        .and_then(|i| i.remote_addr())
+        .map(|a| a.ip().to_string())
+}
+
 /// Paths served without a key: health checks and reflection.
 fn is_public(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/")
@@ -503,11 +515,7 @@ where
                                 key_id,
                                 scopes,
                                 request_id: rid.clone(),
-                                peer_ip: req
-                                    .extensions()
-                                    .get::<tonic::transport::server::TcpConnectInfo>()
-                                    .and_then(|i| i.remote_addr())
-                                    .map(|a| a.ip().to_string()),
+                                peer_ip: peer_ip(req.extensions()),
                             }),
                         }
                     }

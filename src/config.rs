@@ -117,6 +117,17 @@ pub struct ServerConfig {
     /// this time.
     #[arg(long, env = "ROSTER_KEY_CACHE_MS", default_value_t = 2000)]
     pub key_cache_ms: u64,
+    /// PEM certificate chain for TLS on the gRPC port (with --tls-key-file). Without it the
+    /// port speaks plaintext HTTP/2 (for a mesh or a trusted network).
+    #[arg(long, env = "ROSTER_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of the TLS certificate.
+    #[arg(long, env = "ROSTER_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<std::path::PathBuf>,
+    /// PEM CA certificate(s) that client certificates must chain to: turns on mutual TLS
+    /// (every connection must present one). Needs the TLS certificate and key.
+    #[arg(long, env = "ROSTER_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<std::path::PathBuf>,
     /// Calls per second each API key may make (a token bucket per key); 0 turns limiting off.
     /// Over the limit, calls answer RESOURCE_EXHAUSTED with RetryInfo.
     #[arg(long, env = "ROSTER_RATE_LIMIT_RPS", default_value_t = 0.0)]
@@ -156,6 +167,9 @@ impl Default for ServerConfig {
             event_retention_interval_secs: 300,
             event_poll_ms: 1000,
             key_cache_ms: 2000,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
             rate_limit_rps: 0.0,
             rate_limit_burst: 0.0,
             shutdown_grace_secs: 20,
@@ -167,6 +181,28 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The TLS settings of the gRPC port, read from the configured files (None: plaintext).
+    pub fn tls(&self) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+        use anyhow::Context;
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let read = |p: &std::path::Path, what: &str| {
+            std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
+        };
+        let (cert, key) = match (&self.tls_cert_file, &self.tls_key_file) {
+            (None, None) if self.tls_client_ca_file.is_some() => {
+                anyhow::bail!("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
+            }
+            (None, None) => return Ok(None),
+            (Some(c), Some(k)) => (read(c, "TLS certificate")?, read(k, "TLS key")?),
+            _ => anyhow::bail!("--tls-cert-file and --tls-key-file go together"),
+        };
+        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if let Some(ca) = &self.tls_client_ca_file {
+            tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
+        }
+        Ok(Some(tls))
+    }
+
     /// The per-key limiter, when limiting is on.
     pub fn rate_limiter(&self) -> Option<crate::ratelimit::RateLimiter> {
         let rate = self.rate_limit_rps;

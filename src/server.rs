@@ -59,6 +59,7 @@ pub const SERVICE_NAMES: [&str; 4] = [
 /// A bound, ready-to-run server.
 pub struct Application {
     listener: TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     state: AppState,
     config: ServerConfig,
     feed: Arc<EventFeed>,
@@ -72,6 +73,8 @@ impl Application {
         pool: Pool,
         config: ServerConfig,
     ) -> anyhow::Result<Self> {
+        // Certificates are read before binding: a bad path fails start-up, not the first call.
+        let tls = config.tls()?;
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
@@ -92,6 +95,7 @@ impl Application {
         };
         Ok(Application {
             listener,
+            tls,
             state: AppState {
                 pool,
                 hasher: Arc::new(hasher),
@@ -170,7 +174,11 @@ impl Application {
 
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let in_flight = InFlight::default();
-        let server = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = self.tls.clone() {
+            builder = builder.tls_config(tls).context("configuring TLS")?;
+        }
+        let server = builder
             .layer(AuthLayer::new(
                 verifier,
                 in_flight.clone(),

@@ -244,11 +244,11 @@ impl TestApp {
         tokio::spawn(app.run_until(async move {
             let _ = rx.await;
         }));
+        // Lazy: a server configured for TLS would refuse this plaintext channel's handshake;
+        // such tests make their own channel.
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .expect("endpoint")
-            .connect()
-            .await
-            .expect("connect to the server");
+            .connect_lazy();
         TestApp {
             url,
             db_name,

@@ -13,6 +13,7 @@ mod list;
 mod passkeys;
 mod passwords;
 mod server;
+mod tls;
 mod users;
 
 use roster::pb::v1 as pb;
