@@ -16,9 +16,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /roster /usr/local/bin/roster
 ENV ROSTER_LISTEN=0.0.0.0:50051 \
+    ROSTER_METRICS_LISTEN=0.0.0.0:9090 \
+    ROSTER_LOG_FORMAT=json \
     RUST_LOG=info
-# gRPC (with grpc.health.v1 for the Kubernetes gRPC probe, and reflection).
-EXPOSE 50051
+# gRPC (with grpc.health.v1 for the Kubernetes gRPC probe, and reflection); Prometheus.
+EXPOSE 50051 9090
 # distroless nonroot
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/roster"]

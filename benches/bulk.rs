@@ -376,6 +376,8 @@ fn spawn_server(url: &str) -> (ServerProcess, String) {
             "--no-migrate",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            "127.0.0.1:0",
         ])
         .env("DATABASE_URL", url)
         .env("RUST_LOG", "warn")

@@ -410,6 +410,7 @@ pub struct AuthLayer {
     verifier: Arc<KeyVerifier>,
     in_flight: InFlight,
     limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AuthLayer {
@@ -417,11 +418,13 @@ impl AuthLayer {
         verifier: Arc<KeyVerifier>,
         in_flight: InFlight,
         limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         AuthLayer {
             verifier,
             in_flight,
             limiter,
+            metrics,
         }
     }
 }
@@ -434,6 +437,7 @@ impl<S> tower::Layer<S> for AuthLayer {
             verifier: self.verifier.clone(),
             in_flight: self.in_flight.clone(),
             limiter: self.limiter.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -444,6 +448,7 @@ pub struct AuthService<S> {
     verifier: Arc<KeyVerifier>,
     in_flight: InFlight,
     limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
@@ -473,6 +478,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let verifier = self.verifier.clone();
         let limiter = self.limiter.clone();
+        let metrics = self.metrics.clone();
         let guard = self.in_flight.enter();
         Box::pin(async move {
             let _guard = guard;
@@ -540,7 +546,9 @@ where
                     .and_then(|v| v.parse::<i32>().ok())
                     .map(tonic::Code::from_i32)
                     .unwrap_or(tonic::Code::Ok);
-                let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+                let elapsed = started.elapsed();
+                metrics.record_call(&path, required_scope(&path).is_some(), code, elapsed);
+                let latency_ms = elapsed.as_secs_f64() * 1000.0;
                 tracing::info!(code = ?code, latency_ms, "rpc finished");
                 Ok(response)
             }

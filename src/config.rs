@@ -128,6 +128,10 @@ pub struct ServerConfig {
     /// (every connection must present one). Needs the TLS certificate and key.
     #[arg(long, env = "ROSTER_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
     pub tls_client_ca_file: Option<std::path::PathBuf>,
+    /// Address of the Prometheus metrics endpoint (`GET /metrics`, plain HTTP); empty turns it
+    /// off. Port 0 picks one.
+    #[arg(long, env = "ROSTER_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
+    pub metrics_listen: String,
     /// Calls per second each API key may make (a token bucket per key); 0 turns limiting off.
     /// Over the limit, calls answer RESOURCE_EXHAUSTED with RetryInfo.
     #[arg(long, env = "ROSTER_RATE_LIMIT_RPS", default_value_t = 0.0)]
@@ -170,6 +174,7 @@ impl Default for ServerConfig {
             tls_cert_file: None,
             tls_key_file: None,
             tls_client_ca_file: None,
+            metrics_listen: String::new(),
             rate_limit_rps: 0.0,
             rate_limit_burst: 0.0,
             shutdown_grace_secs: 20,

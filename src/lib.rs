@@ -13,6 +13,7 @@ pub mod db;
 pub mod error;
 pub mod events;
 pub mod identities;
+pub mod metrics;
 pub mod pb;
 pub mod query;
 pub mod ratelimit;

@@ -60,6 +60,8 @@ pub const SERVICE_NAMES: [&str; 4] = [
 pub struct Application {
     listener: TcpListener,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    metrics_listener: Option<TcpListener>,
+    metrics: Arc<crate::metrics::Metrics>,
     state: AppState,
     config: ServerConfig,
     feed: Arc<EventFeed>,
@@ -78,6 +80,14 @@ impl Application {
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
+        let metrics_listener = match config.metrics_listen.trim() {
+            "" => None,
+            addr => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the metrics address {addr}"))?,
+            ),
+        };
         let hasher = Hasher::new(
             config.hash_workers(),
             config.argon2_memory_kib,
@@ -96,6 +106,8 @@ impl Application {
         Ok(Application {
             listener,
             tls,
+            metrics_listener,
+            metrics: Arc::default(),
             state: AppState {
                 pool,
                 hasher: Arc::new(hasher),
@@ -119,6 +131,13 @@ impl Application {
     /// The live event feed (to observe its subscribers).
     pub fn event_feed(&self) -> Arc<EventFeed> {
         self.feed.clone()
+    }
+
+    /// Where `/metrics` is served, when it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -173,6 +192,24 @@ impl Application {
             .max_decoding_message_size(MAX_REQUEST_BYTES);
 
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+        let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics_task = self.metrics_listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "metrics on http://{addr}/metrics");
+            }
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                self.metrics.clone(),
+                crate::metrics::Sources {
+                    pool: self.state.pool.clone(),
+                    hasher: self.state.hasher.clone(),
+                    feed: self.feed.clone(),
+                },
+                async move {
+                    let _ = metrics_stopped.await;
+                },
+            ))
+        });
         let in_flight = InFlight::default();
         let mut builder = Server::builder();
         if let Some(tls) = self.tls.clone() {
@@ -183,6 +220,7 @@ impl Application {
                 verifier,
                 in_flight.clone(),
                 self.config.rate_limiter().map(Arc::new),
+                self.metrics.clone(),
             ))
             .add_service(health)
             .add_service(reflection_v1)
@@ -220,6 +258,10 @@ impl Application {
             _ = drained => Ok(()),
         };
         watcher.abort();
+        let _ = metrics_stop.send(());
+        if let Some(m) = metrics_task {
+            m.abort();
+        }
         if let Some(h) = horizon {
             h.abort();
         }

@@ -122,7 +122,13 @@ async fn serve_with_the_embedded_default() {
     let mut first_user = None;
     for round in 0..2 {
         let mut child = Command::new(ROSTER)
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
             .env_remove("DATABASE_URL")
             .env("ROSTER_DATA_DIR", &data)
             .env("RUST_LOG", "info")

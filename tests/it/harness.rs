@@ -177,6 +177,8 @@ pub struct TestApp {
     pub channel: Channel,
     /// The server's address.
     pub addr: std::net::SocketAddr,
+    /// Where `/metrics` is served, when the config asked for it.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// The server's live event feed (to watch its subscribers).
     pub feed: std::sync::Arc<roster::events::stream::EventFeed>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -239,6 +241,7 @@ impl TestApp {
             roster::db::pg_config(&url, std::time::Duration::from_secs(10)).expect("pg config"),
         );
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let feed = app.event_feed();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(app.run_until(async move {
@@ -257,6 +260,7 @@ impl TestApp {
             token,
             channel,
             addr,
+            metrics_addr,
             feed,
             shutdown: Some(tx),
         }

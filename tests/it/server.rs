@@ -309,3 +309,73 @@ async fn shutdown_drains_calls_in_flight() {
         .get(0);
     assert_eq!(n, 6);
 }
+
+/// `GET path` over plain HTTP/1.1: (status line, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+#[tokio::test]
+async fn metrics_count_calls_by_method_and_code_and_show_the_pools() {
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        metrics_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    })
+    .await;
+    let addr = app.metrics_addr.expect("metrics are served");
+    let mut users = app.users();
+    crate::create_user(&mut users, "m@example.com").await;
+    for _ in 0..3 {
+        let err = users
+            .get_user(pb::GetUserRequest {
+                id: uuid::Uuid::now_v7().to_string(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+    }
+    // A made-up method is counted under "unknown", not under its own name.
+    call_raw(&app, "/roster.v1.UserService/Invented", Some(&app.token)).await;
+
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    let line = |needle: &str| {
+        body.lines()
+            .find(|l| l.starts_with(needle))
+            .unwrap_or_else(|| panic!("no {needle} in:\n{body}"))
+            .to_string()
+    };
+    assert!(
+        line(r#"roster_rpc_calls_total{method="/roster.v1.UserService/GetUser",code="NotFound"}"#)
+            .ends_with(" 3")
+    );
+    assert!(
+        line(r#"roster_rpc_calls_total{method="/roster.v1.UserService/CreateUser",code="Ok"}"#)
+            .ends_with(" 1")
+    );
+    line(r#"roster_rpc_calls_total{method="unknown",code="Unimplemented"}"#);
+    assert!(!body.contains("Invented"));
+    line(r#"roster_rpc_duration_seconds_count{method="/roster.v1.UserService/GetUser"}"#);
+    for gauge in [
+        "roster_db_pool_connections ",
+        "roster_db_pool_idle_connections ",
+        "roster_db_pool_waiting ",
+        "roster_hash_queue_depth ",
+        "roster_event_stream_subscribers ",
+    ] {
+        line(gauge);
+    }
+    let (status, _) = http_get(addr, "/other").await;
+    assert!(status.contains("404"), "{status}");
+}

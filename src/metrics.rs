@@ -1,0 +1,190 @@
+//! Prometheus metrics on their own HTTP port (`GET /metrics`, OpenMetrics text): per-RPC call
+//! counts by status code and latency histograms (recorded by the auth layer, which sees every
+//! call), plus gauges read at scrape time: database pool, hashing queue, event streams.
+//!
+//! The method label is the gRPC path for Roster's own methods and `unknown` otherwise, so a
+//! caller inventing paths cannot grow the label set.
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::crypto::Hasher;
+use crate::db::Pool;
+use crate::events::stream::EventFeed;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    method: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: String,
+}
+
+type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms .. ~8 s: a cached GetUser to a slow import batch.
+    Histogram::new(exponential_buckets(0.00025, 2.0, 16))
+}
+
+/// What the process measures; one per server.
+pub struct Metrics {
+    registry: Registry,
+    calls: Family<CallLabels, Counter>,
+    latency: HistogramFamily,
+    pool_size: Gauge,
+    pool_available: Gauge,
+    pool_waiting: Gauge,
+    hash_queue: Gauge,
+    stream_subscribers: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("roster");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "rpc_calls",
+            "gRPC calls by method and status code",
+            calls.clone(),
+        );
+        let latency = HistogramFamily::new_with_constructor(latency_histogram);
+        registry.register(
+            "rpc_duration_seconds",
+            "gRPC call latency (to the response headers for streams) by method",
+            latency.clone(),
+        );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let pool_size = gauge(
+            &mut registry,
+            "db_pool_connections",
+            "database connections open",
+        );
+        let pool_available = gauge(
+            &mut registry,
+            "db_pool_idle_connections",
+            "database connections open and idle",
+        );
+        let pool_waiting = gauge(
+            &mut registry,
+            "db_pool_waiting",
+            "calls waiting for a database connection",
+        );
+        let hash_queue = gauge(
+            &mut registry,
+            "hash_queue_depth",
+            "password hashes waiting for a hashing worker",
+        );
+        let stream_subscribers = gauge(
+            &mut registry,
+            "event_stream_subscribers",
+            "open StreamEvents streams",
+        );
+        Metrics {
+            registry,
+            calls,
+            latency,
+            pool_size,
+            pool_available,
+            pool_waiting,
+            hash_queue,
+            stream_subscribers,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one finished call; `known` says whether `path` is one of Roster's methods.
+    pub fn record_call(&self, path: &str, known: bool, code: tonic::Code, elapsed: Duration) {
+        let method = if known { path } else { "unknown" }.to_string();
+        self.calls
+            .get_or_create(&CallLabels {
+                method: method.clone(),
+                code: format!("{code:?}"),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&MethodLabels { method })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn render(&self, sources: &Sources) -> String {
+        let status = sources.pool.status();
+        self.pool_size.set(status.size as i64);
+        self.pool_available.set(status.available as i64);
+        self.pool_waiting.set(status.waiting as i64);
+        self.hash_queue.set(sources.hasher.queue_depth() as i64);
+        self.stream_subscribers
+            .set(sources.feed.subscribers() as i64);
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// What the scrape-time gauges read.
+pub struct Sources {
+    pub pool: Pool,
+    pub hasher: Arc<Hasher>,
+    pub feed: Arc<EventFeed>,
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    sources: Sources,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let sources = Arc::new(sources);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+        };
+        let (metrics, sources) = (metrics.clone(), sources.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                let response = if req.uri().path() == "/metrics" {
+                    hyper::Response::builder()
+                        .header(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )
+                        .body(Full::new(Bytes::from(metrics.render(&sources))))
+                } else {
+                    hyper::Response::builder()
+                        .status(404)
+                        .body(Full::new(Bytes::from_static(b"see /metrics\n")))
+                };
+                async move { Ok::<_, Infallible>(response.unwrap_or_default()) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
+        });
+    }
+}
