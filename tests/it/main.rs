@@ -10,6 +10,7 @@ mod factors;
 mod harness;
 mod identities;
 mod list;
+mod matrix;
 mod passkeys;
 mod passwords;
 mod server;
