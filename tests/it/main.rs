@@ -7,6 +7,7 @@ mod bulk;
 mod cli;
 mod events;
 mod factors;
+mod faults;
 mod harness;
 mod identities;
 mod list;

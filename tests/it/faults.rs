@@ -1,0 +1,193 @@
+//! Faults: PostgreSQL stopped and started again under a write load, on a cluster of this
+//! test's own (the shared test cluster keeps serving the other tests).
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use roster::config::ServerConfig;
+use roster::db::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use tokio::sync::Mutex;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::harness::key;
+use crate::pb;
+use crate::pb::user_service_client::UserServiceClient;
+
+fn start(dir: &std::path::Path) -> EmbeddedPostgres {
+    EmbeddedPostgres::start(&EmbeddedOptions {
+        dir: dir.to_path_buf(),
+        unsafe_fast: false,
+    })
+    .expect("start PostgreSQL")
+}
+
+async fn health(channel: &tonic::transport::Channel) -> Option<ServingStatus> {
+    let mut h = HealthClient::new(channel.clone());
+    let r = h
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(r.into_inner().status).ok()
+}
+
+async fn wait_for(channel: &tonic::transport::Channel, want: ServingStatus, within: Duration) {
+    let until = Instant::now() + within;
+    while health(channel).await != Some(want) {
+        assert!(Instant::now() < until, "health never became {want:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_under_load_loses_no_acknowledged_write() {
+    if std::env::var("DATABASE_URL").is_ok_and(|u| !u.is_empty()) {
+        eprintln!("skipped: this test stops and starts its own PostgreSQL");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("roster-fault-{}", uuid::Uuid::now_v7().simple()));
+    let pg = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || start(&dir))
+            .await
+            .unwrap()
+    };
+    let url = pg.connection_string("postgres");
+    let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    roster::db::migrate::migrate(&mut client).await.unwrap();
+    drop(client);
+    let pool = roster::db::connect_pool(&url, 8, Duration::from_secs(2)).unwrap();
+    let token = {
+        let c = pool.get().await.unwrap();
+        let p = roster::admin::create_project(&**c, "faults").await.unwrap();
+        roster::admin::create_key(&**c, p.id, "all", &["*".into()])
+            .await
+            .unwrap()
+            .1
+    };
+    let app = roster::server::Application::build(
+        "127.0.0.1:0".parse().unwrap(),
+        pool.clone(),
+        ServerConfig::default(),
+    )
+    .await
+    .unwrap();
+    let addr = app.local_addr();
+    let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    wait_for(&channel, ServingStatus::Serving, Duration::from_secs(10)).await;
+
+    // Four writers create users until told to stop, keeping what was acknowledged and every
+    // error code they saw.
+    let running = Arc::new(AtomicBool::new(true));
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let codes = Arc::new(Mutex::new(Vec::<Code>::new()));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let mut users = UserServiceClient::with_interceptor(channel.clone(), key(Some(&token)));
+            let (running, acknowledged, codes) =
+                (running.clone(), acknowledged.clone(), codes.clone());
+            tokio::spawn(async move {
+                let mut i = 0;
+                while running.load(Ordering::Relaxed) {
+                    i += 1;
+                    let r = users
+                        .create_user(pb::CreateUserRequest {
+                            user: Some(crate::user_with_email(&format!("w{w}-{i}@example.com"))),
+                            ..Default::default()
+                        })
+                        .await;
+                    match r {
+                        Ok(r) => acknowledged
+                            .lock()
+                            .await
+                            .push(r.into_inner().user.unwrap().id),
+                        Err(e) => {
+                            codes.lock().await.push(e.code());
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before_fault = acknowledged.lock().await.len();
+    assert!(before_fault > 0, "the load runs");
+
+    // Stop the database: health goes NOT_SERVING and calls answer UNAVAILABLE.
+    tokio::task::spawn_blocking(move || pg.stop())
+        .await
+        .unwrap();
+    wait_for(&channel, ServingStatus::NotServing, Duration::from_secs(15)).await;
+    let mut probe = UserServiceClient::with_interceptor(channel.clone(), key(Some(&token)));
+    let err = probe
+        .get_user(pb::GetUserRequest {
+            id: uuid::Uuid::now_v7().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // Start it again: the same server recovers by itself.
+    let pg = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || start(&dir))
+            .await
+            .unwrap()
+    };
+    wait_for(&channel, ServingStatus::Serving, Duration::from_secs(20)).await;
+    let after = acknowledged.lock().await.len();
+    let until = Instant::now() + Duration::from_secs(20);
+    while acknowledged.lock().await.len() < after + 20 {
+        assert!(Instant::now() < until, "writes resume after the restart");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    running.store(false, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+
+    // Every error was UNAVAILABLE (safe to retry), never INTERNAL; every acknowledged write
+    // is there.
+    let codes = codes.lock().await.clone();
+    assert!(!codes.is_empty(), "the outage was seen");
+    assert!(
+        codes.iter().all(|c| *c == Code::Unavailable),
+        "codes seen: {codes:?}"
+    );
+    let ids: Vec<uuid::Uuid> = acknowledged
+        .lock()
+        .await
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let stored: i64 = pool
+        .get()
+        .await
+        .unwrap()
+        .query_one("SELECT count(*) FROM users WHERE id = ANY($1)", &[&ids])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, ids.len() as i64);
+
+    let _ = stop_server.send(());
+    drop(pool);
+    tokio::task::spawn_blocking(move || pg.stop())
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
