@@ -191,3 +191,95 @@ async fn a_database_restart_under_load_loses_no_acknowledged_write() {
         .unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_server_killed_mid_import_leaves_whole_batches_only() {
+    let app = crate::harness::TestApp::spawn().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
+        .args([
+            "serve",
+            "--no-migrate",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .env("DATABASE_URL", &app.url)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_lazy();
+    wait_for(&channel, ServingStatus::Serving, Duration::from_secs(20)).await;
+
+    let mut users = UserServiceClient::with_interceptor(channel, key(Some(&app.token)));
+    let requests = std::iter::once(crate::bulk::options(
+        pb::ImportMode::CreateOnly,
+        pb::ImportMatchOn::Email,
+        false,
+    ))
+    .chain((0..20_000).map(|i| pb::ImportUsersRequest {
+        item: Some(pb::import_users_request::Item::Record(pb::ImportRecord {
+            user: Some(crate::user_with_email(&format!("k{i}@example.com"))),
+            identities: vec![pb::ImportIdentity {
+                provider: "github".into(),
+                subject: format!("k{i}"),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+    }));
+    let mut stream = users
+        .import_users(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acknowledged = Vec::new();
+    while acknowledged.len() < 1500 {
+        match stream.message().await.unwrap().unwrap().item {
+            Some(pb::import_users_response::Item::Result(r)) => acknowledged.push(r.user_id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // SIGKILL: no shutdown, no rollback sent, transactions die with their connections.
+    server.kill().unwrap();
+    server.wait().unwrap();
+    // Results already on the wire may still arrive; then the stream breaks, with no summary.
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) => match m.item {
+                Some(pb::import_users_response::Item::Result(r)) => acknowledged.push(r.user_id),
+                other => panic!("unexpected {other:?}"),
+            },
+            Ok(None) => panic!("the stream ended cleanly although the server was killed"),
+            Err(_) => break,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let ids: Vec<uuid::Uuid> = acknowledged.iter().map(|s| s.parse().unwrap()).collect();
+    let present: i64 = app
+        .sql_one("SELECT count(*) FROM users WHERE id = ANY($1)", &[&ids])
+        .await;
+    assert_eq!(
+        present,
+        ids.len() as i64,
+        "every acknowledged record is stored"
+    );
+    // Whole users only: each stored user has its identity and its USER_IMPORTED event.
+    let users_n: i64 = app.sql_one("SELECT count(*) FROM users", &[]).await;
+    let identities_n: i64 = app.sql_one("SELECT count(*) FROM identities", &[]).await;
+    let events_n: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM events WHERE type = 'USER_IMPORTED'",
+            &[],
+        )
+        .await;
+    assert_eq!((identities_n, events_n), (users_n, users_n));
+    assert!(users_n >= ids.len() as i64);
+}
