@@ -346,7 +346,7 @@ async fn unique_fields_clash_case_insensitively_with_resource_info() {
 async fn concurrent_creates_with_one_email_exactly_one_wins() {
     let app = TestApp::spawn().await;
     let mut tasks = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..50 {
         let mut users = app.users();
         tasks.push(tokio::spawn(async move {
             users
@@ -1092,4 +1092,78 @@ async fn changing_the_email_voids_a_pending_code() {
         .into_inner();
     assert_eq!(r.result, pb::ContactVerificationResult::InvalidCode as i32);
     assert!(!r.user.unwrap().email_verified);
+}
+
+#[tokio::test]
+async fn fifty_read_modify_write_clients_with_etags_lose_no_update() {
+    // Each client adds itself to a list in app_metadata, retrying on ABORTED (stale etag):
+    // afterwards every one of the 50 is in the list.
+    let app = TestApp::spawn().await;
+    let mut admin = app.users();
+    let user = create_user(&mut admin, "counter@x.io").await;
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let mut users = app.users();
+        let id = user.id.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                let current = users
+                    .get_user(pb::GetUserRequest { id: id.clone() })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .user
+                    .unwrap();
+                let mut meta = current
+                    .app_metadata
+                    .as_ref()
+                    .map(|s| roster::wire::struct_to_json(s).unwrap())
+                    .unwrap_or_default();
+                let list = meta
+                    .entry("writers")
+                    .or_insert_with(|| serde_json::json!([]));
+                list.as_array_mut().unwrap().push(serde_json::json!(i));
+                let r = users
+                    .update_user(pb::UpdateUserRequest {
+                        user: Some(pb::User {
+                            id: id.clone(),
+                            app_metadata: Some(roster::wire::json_to_struct(&meta)),
+                            ..Default::default()
+                        }),
+                        update_mask: mask(&["app_metadata"]),
+                        etag: current.etag.clone(),
+                    })
+                    .await;
+                match r {
+                    Ok(_) => return attempts,
+                    Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
+                }
+            }
+        }));
+    }
+    let mut retried = 0;
+    for t in tasks {
+        if t.await.unwrap() > 1 {
+            retried += 1;
+        }
+    }
+    let stored = admin
+        .get_user(pb::GetUserRequest { id: user.id })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let meta = roster::wire::struct_to_json(stored.app_metadata.as_ref().unwrap()).unwrap();
+    let mut writers: Vec<i64> = meta["writers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    writers.sort();
+    assert_eq!(writers, (0..50).collect::<Vec<_>>(), "no update was lost");
+    assert!(retried > 0, "the clients did contend");
 }
