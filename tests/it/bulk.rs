@@ -841,3 +841,83 @@ async fn an_import_racing_create_user_for_the_same_emails_stores_each_once() {
     assert_eq!(summary.created + won_by_create, N as i64);
     assert_eq!(count_users(&app).await, N as i64);
 }
+
+#[tokio::test]
+async fn imported_hashes_provider_tokens_and_key_secrets_stay_out_of_logs_and_events() {
+    let (logs, _guard) = crate::passwords::capture_logs();
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let bad_hash = "$argon2id$v=19$m=999999999,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo";
+    let requests = vec![
+        create_only(),
+        record(pb::ImportRecord {
+            user: Some(user_with_email("s1@example.com")),
+            password_hash: LEGACY_HASHES[0].1.into(),
+            ..Default::default()
+        }),
+        record(pb::ImportRecord {
+            user: Some(user_with_email("s2@example.com")),
+            password_hash: bad_hash.into(),
+            ..Default::default()
+        }),
+    ];
+    let (results, _) = import(&mut users, requests.into_iter()).await.unwrap();
+    assert_eq!(
+        failure(&results[1]).2,
+        vec!["record.password_hash".to_string()]
+    );
+    let error_text = format!("{:?}", results[1].error);
+    let exported = export_all(
+        &mut users,
+        pb::ExportUsersRequest {
+            include_password_hashes: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        exported[0].password_hash, LEGACY_HASHES[0].1,
+        "export is the one way out"
+    );
+    let (access, refresh) = ("ya29.access-token-secret", "1//refresh-token-secret");
+    app.identities()
+        .link_identity(pb::LinkIdentityRequest {
+            user_id: results[0].user_id.clone(),
+            provider: "google".into(),
+            subject: "g-secret".into(),
+            access_token: access.into(),
+            refresh_token: refresh.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    app.identities()
+        .get_provider_tokens(pb::GetProviderTokensRequest {
+            user_id: results[0].user_id.clone(),
+            provider: "google".into(),
+            subject: "g-secret".into(),
+        })
+        .await
+        .unwrap();
+
+    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(logged.contains("rpc finished"), "logs were captured");
+    let key_secret = app.token.rsplit('_').next().unwrap();
+    let events: Vec<serde_json::Value> = {
+        let client = app.pool.get().await.unwrap();
+        client
+            .query("SELECT data FROM events", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let events = serde_json::to_string(&events).unwrap();
+    for secret in [LEGACY_HASHES[0].1, bad_hash, access, refresh, key_secret] {
+        assert!(!logged.contains(secret), "a secret in the logs");
+        assert!(!events.contains(secret), "a secret in the events");
+        assert!(!error_text.contains(secret), "a secret in an error");
+    }
+}
