@@ -286,6 +286,18 @@ async fn read_records(
         };
         let msg = match next {
             None => break,
+            // A message that does not decode is bad input: what came before it is written,
+            // then the stream ends with INVALID_ARGUMENT naming its index.
+            Some(Err(status)) if status.message().starts_with(crate::auth::DECODE_FAILURE) => {
+                if let Some(b) = batcher.close() {
+                    let _ = batches.send(Ok(b)).await;
+                }
+                let why = format!("message {index} is not a valid ImportUsersRequest");
+                let _ = batches
+                    .send(Err(Error::invalid("record", why).into()))
+                    .await;
+                return;
+            }
             // The client went away or broke the stream: records not yet committed are not
             // written, so "re-send from the first record without a result" stays exact.
             Some(Err(_)) => return,

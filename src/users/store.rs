@@ -489,6 +489,17 @@ pub fn filter_field(name: &str) -> Result<Field, String> {
                     if keys.is_empty() || keys.iter().any(String::is_empty) {
                         return Err(format!("'{col}' needs a key, e.g. '{col}.plan'"));
                     }
+                    // Deeper than metadata can nest, or longer than a key can be: never true,
+                    // so surely a mistake (and bounded work for the parser's caller).
+                    if keys.len() > crate::wire::METADATA_MAX_DEPTH
+                        || keys.iter().any(|k| k.len() > 256)
+                    {
+                        return Err(format!(
+                            "'{name}' is deeper than metadata nests ({} levels) or has an \
+                             overlong key",
+                            crate::wire::METADATA_MAX_DEPTH
+                        ));
+                    }
                     Ok(Field {
                         sql: col,
                         kind: FieldKind::Json,

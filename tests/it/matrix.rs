@@ -19,7 +19,7 @@ use crate::pb;
 
 /// Passes message bytes through as they are.
 #[derive(Default, Clone)]
-struct Raw;
+pub(crate) struct Raw;
 
 impl Encoder for Raw {
     type Item = Vec<u8>;
@@ -127,7 +127,7 @@ fn request_with_ids(fds: &FileDescriptorSet, input: &str, id: &str) -> Vec<u8> {
 
 /// Calls `path` with `body` as a one-message stream (valid for every method kind) and reads
 /// the whole answer: Ok(response bytes) or the status.
-async fn call(
+pub(crate) async fn call(
     app: &TestApp,
     path: &str,
     token: Option<&str>,
