@@ -1,0 +1,261 @@
+//! Service benchmark, side by side with pgbench on the same database in the same run:
+//! GetUser rps vs. a pgbench unique-index select at the same concurrency, CreateUser rps vs. a
+//! pgbench single-row INSERT, and ListUsers latency at page 10,000 vs. page 1 over
+//! `BENCH_USERS` (default 1,000,000) users. Prints ratios and p50/p99.
+//! Run: `cargo bench --bench service` (`BENCH_SECS` per phase, default 10).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::pin::pin;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use roster::config::ServerConfig;
+use roster::pb::v1 as pb;
+use roster::pb::v1::user_service_client::UserServiceClient;
+use support::{BenchEnv, percentiles};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use uuid::Uuid;
+
+const CONCURRENCY: usize = 8;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Loads `n` users into the bench project with binary COPY (external_id `u-<i>`).
+async fn seed(env: &BenchEnv, n: usize) -> Vec<Uuid> {
+    let client = env.pool.get().await.unwrap();
+    let sink = client
+        .copy_in(
+            "COPY users (project_id, id, email, external_id, display_name, status, created_at,
+                updated_at) FROM STDIN (FORMAT binary)",
+        )
+        .await
+        .unwrap();
+    let types = [
+        Type::UUID,
+        Type::UUID,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT2,
+        Type::TIMESTAMPTZ,
+        Type::TIMESTAMPTZ,
+    ];
+    let mut writer = pin!(BinaryCopyInWriter::new(sink, &types));
+    let start = chrono::Utc::now() - chrono::Duration::days(1);
+    let mut ids = Vec::with_capacity(n);
+    for i in 0..n {
+        let id = Uuid::now_v7();
+        ids.push(id);
+        // Distinct creation times, so the default order (created_at, id) is a real keyset.
+        let at = start + chrono::Duration::microseconds(i as i64);
+        let row: [&(dyn ToSql + Sync); 8] = [
+            &env.project_id,
+            &id,
+            &format!("user{i}@bench.example"),
+            &format!("u-{i}"),
+            &format!("User {i}"),
+            &1i16,
+            &at,
+            &at,
+        ];
+        writer.as_mut().write(&row).await.unwrap();
+    }
+    writer.finish().await.unwrap();
+    client
+        .batch_execute("VACUUM (ANALYZE) users")
+        .await
+        .unwrap();
+    ids
+}
+
+/// Runs `work` from CONCURRENCY tasks (each on its own connection) for `d`: calls per second.
+async fn rate<F, Fut>(env: &BenchEnv, d: Duration, work: F) -> f64
+where
+    F: Fn(
+            UserServiceClient<
+                tonic::service::interceptor::InterceptedService<
+                    tonic::transport::Channel,
+                    support::Key,
+                >,
+            >,
+            u64,
+        ) -> Fut
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let work = Arc::new(work);
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let users = UserServiceClient::with_interceptor(env.new_channel().await, env.key.clone());
+        let (work, done) = (work.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while start.elapsed() < d {
+                let n = done.fetch_add(1, Ordering::Relaxed);
+                work(users.clone(), n).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// pgbench with `script` at CONCURRENCY clients for `secs`: transactions per second.
+fn pgbench(url: &str, script: &str, secs: u64) -> f64 {
+    let file = std::env::temp_dir().join(format!("roster-pgbench-{}.sql", Uuid::now_v7()));
+    std::fs::write(&file, script).unwrap();
+    let out = Command::new("pgbench")
+        .args(["-n", "-M", "prepared", "-T", &secs.to_string()])
+        .args(["-c", &CONCURRENCY.to_string(), "-j", "2", "-f"])
+        .arg(&file)
+        .arg(url)
+        .output()
+        .expect("pgbench (from the PostgreSQL packages) on PATH");
+    let _ = std::fs::remove_file(&file);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("tps = ")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "pgbench said: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+async fn list_latency(
+    users: &mut UserServiceClient<
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, support::Key>,
+    >,
+    token: &str,
+    times: usize,
+) -> (f64, f64) {
+    let mut samples = Vec::with_capacity(times);
+    for _ in 0..times {
+        let t = Instant::now();
+        let page = users
+            .list_users(pb::ListUsersRequest {
+                page_size: 100,
+                page_token: token.to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        samples.push(t.elapsed());
+        assert_eq!(page.users.len(), 100);
+    }
+    percentiles(&mut samples)
+}
+
+#[tokio::main]
+async fn main() {
+    let n = env_or("BENCH_USERS", 1_000_000) as usize;
+    let secs = env_or("BENCH_SECS", 10);
+    let d = Duration::from_secs(secs);
+    let env = BenchEnv::start(ServerConfig::default()).await;
+    println!("service benchmark: {n} users, {CONCURRENCY} concurrent clients, {secs} s phases");
+    let seeded = Instant::now();
+    let ids = Arc::new(seed(&env, n).await);
+    println!("seeded in {:.1} s", seeded.elapsed().as_secs_f64());
+
+    // GetUser vs. a unique-index select of the same rows.
+    let get = {
+        let ids = ids.clone();
+        rate(&env, d, move |mut users, k| {
+            let id = ids[(k as usize * 7919) % ids.len()].to_string();
+            async move {
+                users.get_user(pb::GetUserRequest { id }).await.unwrap();
+            }
+        })
+        .await
+    };
+    let pg_select = pgbench(
+        &env.url,
+        &format!(
+            "\\set n random(0, {})\nSELECT * FROM users WHERE project_id = '{}' AND external_id = 'u-' || :n;\n",
+            n - 1,
+            env.project_id
+        ),
+        secs,
+    );
+    println!(
+        "GetUser:    {get:>8.0} rps   pgbench unique-index select {pg_select:>8.0} tps   ratio {:.2} (goal >= 0.5)",
+        get / pg_select
+    );
+
+    // CreateUser vs. a single-row INSERT (fsync on, one transaction each).
+    let create = rate(&env, d, |mut users, _| async move {
+        users
+            .create_user(pb::CreateUserRequest {
+                user: Some(pb::User {
+                    email: format!("{}@create.example", Uuid::now_v7().simple()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    })
+    .await;
+    let pg_insert = pgbench(
+        &env.url,
+        &format!(
+            "INSERT INTO users (project_id, id, email, status, created_at, updated_at) VALUES ('{}', gen_random_uuid(), gen_random_uuid()::text || '@pgbench.example', 1, now(), now());\n",
+            env.project_id
+        ),
+        secs,
+    );
+    println!(
+        "CreateUser: {create:>8.0} rps   pgbench single-row INSERT   {pg_insert:>8.0} tps   ratio {:.2} (goal >= 0.6)",
+        create / pg_insert
+    );
+
+    // ListUsers: the first page vs. page 10,000 (page size 100), reached by its token.
+    let mut users = UserServiceClient::with_interceptor(env.new_channel().await, env.key.clone());
+    let target = (n / 100).clamp(2, 10_000);
+    let walked = Instant::now();
+    let mut token = String::new();
+    for _ in 1..target {
+        token = users
+            .list_users(pb::ListUsersRequest {
+                page_size: 100,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .next_page_token;
+    }
+    println!(
+        "walked to page {target} in {:.1} s",
+        walked.elapsed().as_secs_f64()
+    );
+    let (first_p50, first_p99) = list_latency(&mut users, "", 300).await;
+    let (deep_p50, deep_p99) = list_latency(&mut users, &token, 300).await;
+    println!(
+        "ListUsers page 1:      p50 {first_p50:.2} ms  p99 {first_p99:.2} ms\nListUsers page {target}: p50 {deep_p50:.2} ms  p99 {deep_p99:.2} ms   ratio p50 {:.2} (goal <= 1.5)",
+        deep_p50 / first_p50
+    );
+}
