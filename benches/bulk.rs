@@ -25,7 +25,7 @@ use futures_util::StreamExt;
 use roster::config::ServerConfig;
 use roster::pb::v1 as pb;
 use roster::pb::v1::user_service_client::UserServiceClient;
-use support::BenchEnv;
+use support::{BenchEnv, memory_mib};
 use tokio_postgres::binary_copy::{BinaryCopyInWriter, BinaryCopyOutStream};
 use tokio_postgres::types::{Json, ToSql, Type};
 use uuid::Uuid;
@@ -78,18 +78,6 @@ fn synthetic(i: usize, tag: &str, hashes: &[String]) -> Synthetic {
 
 fn app_metadata(i: usize) -> serde_json::Value {
     serde_json::json!({"plan": if i.is_multiple_of(3) { "pro" } else { "free" }, "seats": i % 10})
-}
-
-/// A memory figure (`VmHWM`, `VmRSS`) of `pid` from /proc, in MiB.
-fn memory_mib(pid: u32, field: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(f64::NAN)
 }
 
 /// Peak resident memory of `pid` in MiB since the last reset.

@@ -19,13 +19,7 @@ use support::BenchEnv;
 const CLIENTS: usize = 8;
 
 fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    support::memory_mib(std::process::id(), "VmRSS:")
 }
 
 #[tokio::main]

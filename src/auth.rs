@@ -204,60 +204,6 @@ pub fn required_scope(path: &str) -> Option<Scope> {
     })
 }
 
-/// The prefix of the status tonic answers when a request message does not decode.
-pub const DECODE_FAILURE: &str = "failed to decode Protobuf message";
-
-/// tonic answers a request that is not valid protobuf (bad UTF-8 in a string, a truncated
-/// field) with INTERNAL; it is the caller's bad input, so say INVALID_ARGUMENT with a field
-/// violation, like every other bad request.
-fn undecodable_is_invalid<B: Default>(response: http::Response<B>) -> http::Response<B> {
-    let Some(status) = tonic::Status::from_header_map(response.headers()) else {
-        return response;
-    };
-    if status.code() != tonic::Code::Internal || !status.message().starts_with(DECODE_FAILURE) {
-        return response;
-    }
-    let (field, why) = decode_failure_field(&status.message()[DECODE_FAILURE.len()..]);
-    tonic::Status::from(Error::invalid(field, why)).into_http()
-}
-
-/// The field path and reason of a prost decode error: its text is the innermost-first stack
-/// of `Message.field` entries, then the reason ("User.email: CreateUserRequest.user: invalid
-/// string value: ..." is `user.email`). The path stops at a well-known type (metadata).
-pub fn decode_failure_field(text: &str) -> (String, String) {
-    let text = text.trim_start_matches(':').trim();
-    let parts: Vec<&str> = text.split(": ").collect();
-    let is_entry = |p: &str| {
-        p.split_once('.').is_some_and(|(m, f)| {
-            !m.is_empty()
-                && !f.is_empty()
-                && m.chars().all(|c| c.is_ascii_alphanumeric())
-                && f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        })
-    };
-    let stack = parts.iter().take_while(|p| is_entry(p)).count();
-    let reason = parts[stack..].join(": ");
-    let mut path = Vec::new();
-    for entry in parts[..stack].iter().rev() {
-        let (message, field) = entry.split_once('.').unwrap_or(("", entry));
-        if matches!(message, "Struct" | "Value" | "ListValue") || path.len() >= 6 {
-            break;
-        }
-        path.push(field);
-    }
-    let field = if path.is_empty() {
-        "request".to_string()
-    } else {
-        path.join(".")
-    };
-    let reason = if reason.is_empty() {
-        "is not valid protobuf".into()
-    } else {
-        reason
-    };
-    (field, format!("is not a valid message: {reason}"))
-}
-
 /// The calling peer's address, over plaintext or TLS.
 fn peer_ip(ext: &http::Extensions) -> Option<String> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -584,7 +530,7 @@ where
                 let mut response = match authorized {
                     Ok(caller) => {
                         req.extensions_mut().insert(caller);
-                        undecodable_is_invalid(inner.call(req).await?)
+                        inner.call(req).await?
                     }
                     Err(e) => tonic::Status::from(e).into_http(),
                 };
@@ -615,31 +561,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn decode_failures_name_their_field() {
-        assert_eq!(
-            decode_failure_field(
-                ": User.email: CreateUserRequest.user: invalid string value: data is not UTF-8 encoded"
-            ),
-            (
-                "user.email".into(),
-                "is not a valid message: invalid string value: data is not UTF-8 encoded".into()
-            )
-        );
-        let deep = format!(
-            "{}User.app_metadata: CreateUserRequest.user: recursion limit reached",
-            "Value.kind: Struct.fields: ".repeat(30)
-        );
-        assert_eq!(decode_failure_field(&deep).0, "user.app_metadata");
-        assert_eq!(
-            decode_failure_field("buffer underflow"),
-            (
-                "request".into(),
-                "is not a valid message: buffer underflow".into()
-            )
-        );
-    }
 
     #[test]
     fn generated_keys_parse_back_to_their_id() {

@@ -144,3 +144,14 @@ pub fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
     };
     (at(0.50), at(0.99))
 }
+
+/// A memory figure (`VmRSS`, `VmHWM`) of process `pid` from /proc, in MiB.
+pub fn memory_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}

@@ -287,8 +287,9 @@ async fn read_records(
         let msg = match next {
             None => break,
             // A message that does not decode is bad input: what came before it is written,
-            // then the stream ends with INVALID_ARGUMENT naming its index.
-            Some(Err(status)) if status.message().starts_with(crate::auth::DECODE_FAILURE) => {
+            // then the stream ends with INVALID_ARGUMENT naming its index (the codec reports
+            // it as INVALID_ARGUMENT; a client going away is something else).
+            Some(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
                 if let Some(b) = batcher.close() {
                     let _ = batches.send(Ok(b)).await;
                 }

@@ -106,15 +106,7 @@ async fn request_ids_are_kept_or_made_and_recorded_on_events() {
 
 /// Calls `path` with an empty message, raw, as a client built from other protos would.
 async fn call_raw(app: &TestApp, path: &'static str, token: Option<&str>) -> tonic::Status {
-    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
-    grpc.ready().await.unwrap();
-    let mut req = tonic::Request::new(());
-    if let Some(t) = token {
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    let codec: tonic_prost::ProstCodec<(), ()> = tonic_prost::ProstCodec::default();
-    grpc.unary(req, http::uri::PathAndQuery::from_static(path), codec)
+    crate::matrix::call(app, path, token, vec![])
         .await
         .unwrap_err()
 }
