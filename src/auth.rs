@@ -480,7 +480,9 @@ where
         let limiter = self.limiter.clone();
         let metrics = self.metrics.clone();
         let guard = self.in_flight.enter();
-        Box::pin(async move {
+        // RpcScope: a call dropped half-way (client gone, deadline passed) cancels the
+        // statements its handler still has running.
+        Box::pin(crate::db::RpcScope::run(async move {
             let _guard = guard;
             let started = Instant::now();
             let path = req.uri().path().to_owned();
@@ -488,6 +490,19 @@ where
             if is_public(&path) {
                 return inner.call(req).await;
             }
+            let mut unanswered = Unanswered {
+                metrics: metrics.clone(),
+                known: required_scope(&path).is_some(),
+                path: path.clone(),
+                started,
+                deadline: req
+                    .headers()
+                    .get("grpc-timeout")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_grpc_timeout),
+                span: tracing::Span::none(),
+                answered: false,
+            };
             let span = tracing::info_span!(
                 "rpc",
                 method = %path,
@@ -495,6 +510,7 @@ where
                 project = tracing::field::Empty,
                 key = tracing::field::Empty,
             );
+            unanswered.span = span.clone();
             async move {
                 let header = req
                     .headers()
@@ -547,15 +563,74 @@ where
                     .map(tonic::Code::from_i32)
                     .unwrap_or(tonic::Code::Ok);
                 let elapsed = started.elapsed();
-                metrics.record_call(&path, required_scope(&path).is_some(), code, elapsed);
+                unanswered.answered();
+                metrics.record_call(&path, unanswered.known, code, elapsed);
                 let latency_ms = elapsed.as_secs_f64() * 1000.0;
                 tracing::info!(code = ?code, latency_ms, "rpc finished");
                 Ok(response)
             }
             .instrument(span)
             .await
-        })
+        }))
     }
+}
+
+/// Counts and logs a call whose future was dropped before it answered: tonic answered
+/// DEADLINE_EXCEEDED for it, or the client cancelled (or went away).
+struct Unanswered {
+    metrics: Arc<crate::metrics::Metrics>,
+    known: bool,
+    path: String,
+    started: Instant,
+    deadline: Option<Duration>,
+    span: tracing::Span,
+    answered: bool,
+}
+
+impl Unanswered {
+    fn answered(&mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        // Clients enforce their deadline too and usually reset the stream a moment before
+        // ours fires, so a call abandoned within 5 % (at least 20 ms) of it counts as timed out.
+        let code = match self.deadline {
+            Some(d) if elapsed + (d / 20).max(Duration::from_millis(20)) >= d => {
+                tonic::Code::DeadlineExceeded
+            }
+            _ => tonic::Code::Cancelled,
+        };
+        self.metrics
+            .record_call(&self.path, self.known, code, elapsed);
+        let latency_ms = elapsed.as_secs_f64() * 1000.0;
+        self.span
+            .in_scope(|| tracing::info!(code = ?code, latency_ms, "rpc abandoned"));
+    }
+}
+
+/// The `grpc-timeout` header's duration: at most 8 digits and a unit (H M S m u n).
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -581,6 +656,21 @@ mod tests {
         ] {
             assert!(parse_token(t).is_none(), "{t}");
         }
+    }
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("-1S"), None);
+        assert_eq!(parse_grpc_timeout("10x"), None);
     }
 
     #[test]

@@ -371,7 +371,7 @@ pub async fn start_embedded(dir: &Path) -> anyhow::Result<(EmbeddedPostgres, Str
 async fn ensure_dev_key(pool: &Pool, dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join("dev-key");
-    let client = db::client(pool).await?;
+    let client = pool.get().await?;
     let project = match crate::admin::find_project(&**client, "default").await {
         Ok(p) => p,
         Err(_) => crate::admin::create_project(&**client, "default").await?,

@@ -120,8 +120,8 @@ pub async fn list(pool: &Pool, caller: &Caller, user_id: Uuid) -> Result<Vec<Aut
     let client = db::client(pool).await?;
     // One round trip: the user's existence and its factors.
     let (user, list) = tokio::try_join!(
-        crate::users::store::get(&client, caller.project_id, user_id),
-        store::list_authenticators(&client, caller.project_id, user_id)
+        crate::users::store::get(&*client, caller.project_id, user_id),
+        store::list_authenticators(&*client, caller.project_id, user_id)
     )?;
     user.ok_or_else(|| not_found(user_id))?;
     Ok(list)
@@ -129,7 +129,7 @@ pub async fn list(pool: &Pool, caller: &Caller, user_id: Uuid) -> Result<Vec<Aut
 
 pub async fn get(pool: &Pool, caller: &Caller, user_id: Uuid, id: Uuid) -> Result<Authenticator> {
     let client = db::client(pool).await?;
-    store::get_authenticator(&client, caller.project_id, user_id, id)
+    store::get_authenticator(&*client, caller.project_id, user_id, id)
         .await?
         .ok_or_else(|| authenticator_not_found(id))
 }

@@ -125,12 +125,12 @@ pub async fn start_registration(
     name: Option<String>,
 ) -> Result<(Uuid, String)> {
     let client = db::client(pool).await?;
-    let webauthn = webauthn_for(&client, defaults, caller).await?;
-    let user = crate::users::store::get(&client, caller.project_id, user_id)
+    let webauthn = webauthn_for(&*client, defaults, caller).await?;
+    let user = crate::users::store::get(&*client, caller.project_id, user_id)
         .await?
         .ok_or_else(|| not_found(user_id))?;
     refuse_inactive(&user)?;
-    let existing = store::passkeys_of_user(&client, caller.project_id, user_id).await?;
+    let existing = store::passkeys_of_user(&*client, caller.project_id, user_id).await?;
     // Already registered credentials are excluded, so one authenticator is not added twice.
     let exclude: Vec<_> = existing
         .into_iter()
@@ -154,7 +154,7 @@ pub async fn start_registration(
         expires_at: Utc::now() + Duration::minutes(CEREMONY_TTL_MINUTES),
     };
     store::insert_ceremony(
-        &client,
+        &*client,
         caller.project_id,
         id,
         CEREMONY_REGISTRATION,
@@ -206,7 +206,7 @@ pub async fn finish_registration(
     reg: &RegisterPublicKeyCredential,
 ) -> Result<Authenticator> {
     let mut client = db::client(pool).await?;
-    let webauthn = webauthn_for(&client, defaults, caller).await?;
+    let webauthn = webauthn_for(&*client, defaults, caller).await?;
     let tx = client.transaction().await?;
     lock_user(&tx, caller, user_id).await?;
     let ceremony = take(&tx, caller, ceremony_id, CEREMONY_REGISTRATION).await?;
@@ -264,14 +264,14 @@ pub async fn start_authentication(
     user_id: Option<Uuid>,
 ) -> Result<(Uuid, String)> {
     let client = db::client(pool).await?;
-    let webauthn = webauthn_for(&client, defaults, caller).await?;
+    let webauthn = webauthn_for(&*client, defaults, caller).await?;
     let (options, state) = match user_id {
         Some(uid) => {
-            let user = crate::users::store::get(&client, caller.project_id, uid)
+            let user = crate::users::store::get(&*client, caller.project_id, uid)
                 .await?
                 .ok_or_else(|| not_found(uid))?;
             refuse_inactive(&user)?;
-            let passkeys: Vec<Passkey> = store::passkeys_of_user(&client, caller.project_id, uid)
+            let passkeys: Vec<Passkey> = store::passkeys_of_user(&*client, caller.project_id, uid)
                 .await?
                 .into_iter()
                 .filter_map(|p| serde_json::from_value(p.passkey).ok())
@@ -300,7 +300,7 @@ pub async fn start_authentication(
         expires_at: Utc::now() + Duration::minutes(CEREMONY_TTL_MINUTES),
     };
     store::insert_ceremony(
-        &client,
+        &*client,
         caller.project_id,
         id,
         CEREMONY_AUTHENTICATION,
@@ -338,7 +338,7 @@ pub async fn finish_authentication(
         via,
     };
     let mut client = db::client(pool).await?;
-    let webauthn = webauthn_for(&client, defaults, caller).await?;
+    let webauthn = webauthn_for(&*client, defaults, caller).await?;
     let tx = client.transaction().await?;
     let ceremony = take(&tx, caller, ceremony_id, CEREMONY_AUTHENTICATION).await?;
     let invalid = SignedIn {

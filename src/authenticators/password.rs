@@ -132,7 +132,7 @@ fn password_event_data(password: &NewPassword, require_change: bool) -> serde_js
 
 async fn get_user(pool: &Pool, caller: &Caller, id: Uuid) -> Result<User> {
     let client = db::client(pool).await?;
-    crate::users::store::get(&client, caller.project_id, id)
+    crate::users::store::get(&*client, caller.project_id, id)
         .await?
         .ok_or_else(|| not_found(id))
 }
@@ -264,7 +264,7 @@ pub async fn verify_password(
     let ctx = sign_in_context(caller, origin);
     let found = {
         let client = db::client(pool).await?;
-        store::credentials(&client, caller.project_id, login).await?
+        store::credentials(&*client, caller.project_id, login).await?
     };
     if found.as_ref().is_none_or(|c| c.hash.is_none()) {
         // Unknown login or no password: the same work as a wrong password, the same answer.
@@ -391,7 +391,7 @@ pub async fn change_password(
 ) -> Result<User> {
     let found = {
         let client = db::client(pool).await?;
-        store::credentials(&client, caller.project_id, &Login::Id(id))
+        store::credentials(&*client, caller.project_id, &Login::Id(id))
             .await?
             .ok_or_else(|| not_found(id))?
     };
@@ -525,7 +525,7 @@ pub async fn reset_password(
     let expired = || token_error("has expired; request a new one");
     let (user_id, expires_at) = {
         let client = db::client(pool).await?;
-        store::find_reset_token(&client, caller.project_id, &hash)
+        store::find_reset_token(&*client, caller.project_id, &hash)
             .await?
             .ok_or_else(unknown)?
     };

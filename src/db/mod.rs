@@ -7,17 +7,22 @@
 pub mod embedded;
 pub mod migrate;
 
+use std::future::Future;
+use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::Context as _;
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 
 use crate::error::Error;
 
 pub type Pool = deadpool_postgres::Pool;
-pub type Client = deadpool_postgres::Object;
 
 /// Builds a pool for `url` (a postgres:// URL or a key=value connection string). Connections
 /// are made lazily, so this succeeds even while the database is down.
@@ -51,12 +56,136 @@ pub fn pg_config(url: &str, timeout: Duration) -> anyhow::Result<tokio_postgres:
     Ok(pg)
 }
 
-/// A pooled connection, or `Unavailable` when none can be had in time.
+/// A pooled connection, or `Unavailable` when none can be had in time. Checked out while an
+/// RPC runs (inside [`RpcScope::run`]), it belongs to that RPC: see [`Client`].
 pub async fn client(pool: &Pool) -> Result<Client, Error> {
-    pool.get().await.map_err(|e| match e {
+    let object = pool.get().await.map_err(|e| match e {
         deadpool_postgres::PoolError::Backend(e) => Error::from(e),
         other => Error::Unavailable(anyhow::anyhow!("database pool: {other}")),
+    })?;
+    Ok(Client {
+        object: Some(object),
+        rpc: RPC.try_with(Arc::clone).ok(),
     })
+}
+
+tokio::task_local! {
+    static RPC: Arc<RpcScope>;
+}
+
+/// The life of one RPC's handler, so that the connections it holds can tell whether it ended
+/// normally or was dropped half-way (the client cancelled, or its deadline passed).
+#[derive(Default)]
+pub struct RpcScope {
+    cancelled: AtomicBool,
+}
+
+impl RpcScope {
+    /// Runs `fut` as an RPC's handler: if the returned future is dropped before it completes,
+    /// every connection the handler still holds has its statement cancelled (see [`Client`]).
+    pub fn run<F: Future>(fut: F) -> impl Future<Output = F::Output> {
+        let scope = Arc::new(RpcScope::default());
+        CancelOnDrop {
+            fut: Box::pin(RPC.scope(scope.clone(), fut)),
+            scope,
+            done: false,
+        }
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+}
+
+struct CancelOnDrop<F> {
+    fut: Pin<Box<F>>,
+    scope: Arc<RpcScope>,
+    done: bool,
+}
+
+impl<F: Future> Future for CancelOnDrop<F> {
+    type Output = F::Output;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let out = self.fut.as_mut().poll(cx);
+        if out.is_ready() {
+            self.done = true;
+        }
+        out
+    }
+}
+
+impl<F> Drop for CancelOnDrop<F> {
+    fn drop(&mut self) {
+        // Runs before `fut` (and the connections inside it) is dropped, so they see the flag.
+        if !self.done {
+            self.scope.cancelled.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// A pooled connection. Dropped normally it goes back to the pool. Dropped because its RPC
+/// was cancelled, it may have a statement running that nobody will read: PostgreSQL would
+/// run it to completion (holding locks, burning CPU) and the next borrower would queue
+/// behind it. So it leaves the pool for good, its statement is cancelled, then it closes.
+/// Leaving the pool first matters: a cancel request hits whatever the backend runs at that
+/// moment, which must never be another RPC's statement.
+pub struct Client {
+    object: Option<deadpool_postgres::Object>,
+    rpc: Option<Arc<RpcScope>>,
+}
+
+impl Client {
+    /// Closes the connection instead of returning it to the pool (it may be left mid-way
+    /// through a transaction).
+    pub fn discard(mut self) {
+        if let Some(object) = self.object.take() {
+            drop(deadpool_postgres::Object::take(object));
+        }
+    }
+}
+
+// To the connection itself, so `&*client` is a `GenericClient` (deadpool seals that trait).
+impl Deref for Client {
+    type Target = deadpool_postgres::Object;
+    #[allow(
+        clippy::expect_used,
+        reason = "only Drop and discard (by value) take it"
+    )]
+    fn deref(&self) -> &Self::Target {
+        self.object.as_ref().expect("present until dropped")
+    }
+}
+
+impl DerefMut for Client {
+    #[allow(
+        clippy::expect_used,
+        reason = "only Drop and discard (by value) take it"
+    )]
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.object.as_mut().expect("present until dropped")
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let Some(object) = self.object.take() else {
+            return;
+        };
+        if !self.rpc.as_ref().is_some_and(|r| r.is_cancelled()) {
+            return; // back to the pool
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let connection = deadpool_postgres::Object::take(object);
+        let token = connection.cancel_token();
+        runtime.spawn(async move {
+            if let Err(e) = token.cancel_query(tokio_postgres::NoTls).await {
+                tracing::debug!(error = %e, "cancelling the statement of a cancelled RPC");
+            }
+            drop(connection);
+        });
+    }
 }
 
 /// Which (resource, field) a unique constraint protects, for ALREADY_EXISTS details.

@@ -104,7 +104,7 @@ impl LogService for LogApi {
             after,
         };
         let client = db::client(&self.state.pool).await?;
-        let rows = store::list(&client, caller.project_id, &spec).await?;
+        let rows = store::list(&*client, caller.project_id, &spec).await?;
         let (events, next_page_token) = page::split_page(rows, limit, &fp);
         Ok(Response::new(pb::ListEventsResponse {
             events: events.iter().map(event_to_proto).collect(),
@@ -120,7 +120,7 @@ impl LogService for LogApi {
         let caller = caller_of(&request)?;
         let id = required_id("id", &request.get_ref().id)?;
         let client = db::client(&self.state.pool).await?;
-        let event = store::get(&client, caller.project_id, id)
+        let event = store::get(&*client, caller.project_id, id)
             .await?
             .ok_or_else(|| Error::not_found("event", id.to_string()))?;
         Ok(Response::new(pb::GetEventResponse {

@@ -169,7 +169,7 @@ async fn follow(
             // Read the horizon first: whatever the query below cannot see lies beyond it.
             let h = *horizon.borrow_and_update();
             let client = db::client(&pool).await?;
-            match store::position_before(&client, spec.project_id, t).await? {
+            match store::position_before(&*client, spec.project_id, t).await? {
                 Some(p) => p,
                 None => h,
             }
@@ -180,7 +180,7 @@ async fn follow(
         while cursor < h {
             let batch = {
                 let client = db::client(&pool).await?;
-                store::read_range(&client, &spec, cursor, h, BATCH).await?
+                store::read_range(&*client, &spec, cursor, h, BATCH).await?
             };
             tracing::trace!(cursor, horizon = h, read = batch.len(), "event stream read");
             let full = batch.len() as i64 == BATCH;
@@ -289,7 +289,7 @@ async fn advance(
             Ok(r) => r,
             Err(e) => {
                 // The connection may be left inside the transaction: never reuse it.
-                drop(deadpool_postgres::Object::take(client));
+                client.discard();
                 return Err(e.into());
             }
         };

@@ -237,13 +237,13 @@ pub async fn unlink(
 
 pub async fn list(pool: &Pool, caller: &Caller, user_id: Uuid) -> Result<Vec<Identity>> {
     let client = db::client(pool).await?;
-    if users::store::get(&client, caller.project_id, user_id)
+    if users::store::get(&*client, caller.project_id, user_id)
         .await?
         .is_none()
     {
         return Err(user_not_found(user_id));
     }
-    store::list_of_user(&client, caller.project_id, user_id).await
+    store::list_of_user(&*client, caller.project_id, user_id).await
 }
 
 pub async fn lookup(
@@ -253,7 +253,7 @@ pub async fn lookup(
     subject: &str,
 ) -> Result<(User, Identity)> {
     let client = db::client(pool).await?;
-    store::lookup_user(&client, caller.project_id, provider, subject)
+    store::lookup_user(&*client, caller.project_id, provider, subject)
         .await?
         .ok_or_else(|| identity_not_found(provider, subject))
 }
@@ -323,7 +323,7 @@ pub async fn provider_tokens(
     subject: &str,
 ) -> Result<Tokens> {
     let client = db::client(pool).await?;
-    let (id, sealed) = store::tokens(&client, caller.project_id, user_id, provider, subject)
+    let (id, sealed) = store::tokens(&*client, caller.project_id, user_id, provider, subject)
         .await?
         .ok_or_else(|| identity_not_found(provider, subject))?;
     let open = |v: &Option<Vec<u8>>, column: &str| -> Result<Option<String>> {

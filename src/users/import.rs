@@ -276,7 +276,7 @@ fn plan(
 
 /// Makes sure `client` has the staging tables (they live as long as the connection).
 pub async fn prepare(client: &Client) -> Result<()> {
-    bulk_store::create_staging(client).await
+    bulk_store::create_staging(&**client).await
 }
 
 /// Writes the valid records of `batch` and returns every entry's outcome, in batch order.

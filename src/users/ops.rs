@@ -122,14 +122,14 @@ pub async fn create_user(
 
 pub async fn get_user(pool: &Pool, caller: &Caller, id: Uuid) -> Result<User> {
     let client = db::client(pool).await?;
-    store::get(&client, caller.project_id, id)
+    store::get(&*client, caller.project_id, id)
         .await?
         .ok_or_else(|| not_found(id))
 }
 
 pub async fn lookup_user(pool: &Pool, caller: &Caller, key: &LookupKey) -> Result<User> {
     let client = db::client(pool).await?;
-    store::lookup(&client, caller.project_id, key)
+    store::lookup(&*client, caller.project_id, key)
         .await?
         .ok_or_else(|| {
             let (field, value) = match key {
@@ -264,10 +264,10 @@ pub async fn list_users(
     show_total_size: bool,
 ) -> Result<UserPage> {
     let client = db::client(pool).await?;
-    let rows = store::list(&client, caller.project_id, spec).await?;
+    let rows = store::list(&*client, caller.project_id, spec).await?;
     let (users, next_page_token) = page::split_page(rows, spec.limit, fingerprint);
     let total_size = if show_total_size {
-        Some(store::count(&client, caller.project_id, spec).await?)
+        Some(store::count(&*client, caller.project_id, spec).await?)
     } else {
         None
     };

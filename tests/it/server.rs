@@ -371,3 +371,101 @@ async fn metrics_count_calls_by_method_and_code_and_show_the_pools() {
     let (status, _) = http_get(addr, "/other").await;
     assert!(status.contains("404"), "{status}");
 }
+
+/// How many of the server's backends in this test's database wait on a lock.
+async fn lock_waiters(watch: &tokio_postgres::Client, db: &str) -> i64 {
+    watch
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'roster' AND wait_event_type = 'Lock'",
+            &[&db],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn wait_for_lock_waiters(watch: &tokio_postgres::Client, db: &str, want: i64) {
+    let mut seen = -1;
+    for _ in 0..200 {
+        seen = lock_waiters(watch, db).await;
+        if seen == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("expected {want} backends waiting on a lock, still {seen} after 5 s");
+}
+
+#[tokio::test]
+async fn a_cancelled_or_timed_out_call_stops_its_database_work() {
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        metrics_listen: "127.0.0.1:0".into(),
+        key_cache_ms: 60_000,
+        ..Default::default()
+    })
+    .await;
+    let mut users = app.users();
+    let id = crate::create_user(&mut users, "deadline@example.com")
+        .await
+        .id;
+    let connect = || async {
+        let (c, conn) = tokio_postgres::connect(&app.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    };
+    // A transaction holding the users table: every read of it waits until COMMIT.
+    let locker = connect().await;
+    let watch = connect().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    // A deadline: tonic answers DEADLINE_EXCEEDED, and the statement must not go on waiting.
+    let mut call = users.clone();
+    let get = pb::GetUserRequest { id: id.clone() };
+    let timed = tokio::spawn(async move {
+        let mut req = tonic::Request::new(get);
+        req.set_timeout(Duration::from_millis(1500));
+        call.get_user(req).await
+    });
+    wait_for_lock_waiters(&watch, &app.db_name, 1).await;
+    let err = timed.await.unwrap().unwrap_err();
+    // The server answers DEADLINE_EXCEEDED, unless tonic's client gave up first (CANCELLED).
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    wait_for_lock_waiters(&watch, &app.db_name, 0).await;
+
+    // The client going away (RST_STREAM) does the same.
+    let mut call = users.clone();
+    let get = pb::GetUserRequest { id: id.clone() };
+    let abandoned = tokio::spawn(async move { call.get_user(get).await });
+    wait_for_lock_waiters(&watch, &app.db_name, 1).await;
+    abandoned.abort();
+    wait_for_lock_waiters(&watch, &app.db_name, 0).await;
+
+    // Nothing of it lingers: with the lock still held the server has no backend stuck on it
+    // (checked above); once released, calls are served as before.
+    locker.batch_execute("COMMIT").await.unwrap();
+    for _ in 0..20 {
+        let got = users
+            .get_user(pb::GetUserRequest { id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.user.unwrap().id, id);
+    }
+    // Both abandoned calls are counted, each under the code its client saw.
+    let (_, body) = http_get(app.metrics_addr.unwrap(), "/metrics").await;
+    for code in ["DeadlineExceeded", "Cancelled"] {
+        let needle = format!(
+            r#"roster_rpc_calls_total{{method="/roster.v1.UserService/GetUser",code="{code}"}} 1"#
+        );
+        assert!(body.contains(&needle), "no {needle} in:\n{body}");
+    }
+}
