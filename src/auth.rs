@@ -503,13 +503,7 @@ where
                 span: tracing::Span::none(),
                 answered: false,
             };
-            let span = tracing::info_span!(
-                "rpc",
-                method = %path,
-                request_id = %rid,
-                project = tracing::field::Empty,
-                key = tracing::field::Empty,
-            );
+            let span = rpc_span(&path, &rid, req.headers());
             unanswered.span = span.clone();
             async move {
                 let header = req
@@ -564,6 +558,7 @@ where
                     .unwrap_or(tonic::Code::Ok);
                 let elapsed = started.elapsed();
                 unanswered.answered();
+                record_status(code);
                 metrics.record_call(&path, unanswered.known, code, elapsed);
                 let latency_ms = elapsed.as_secs_f64() * 1000.0;
                 tracing::info!(code = ?code, latency_ms, "rpc finished");
@@ -572,6 +567,49 @@ where
             .instrument(span)
             .await
         }))
+    }
+}
+
+/// The span of one call: what every log line of it carries, and (when traces are exported)
+/// an OpenTelemetry server span with the gRPC semantic-convention attributes, continuing the
+/// caller's trace.
+fn rpc_span(path: &str, rid: &str, headers: &http::HeaderMap) -> tracing::Span {
+    use tracing::field::Empty;
+    if !crate::telemetry::exporting() {
+        return tracing::info_span!(
+            "rpc",
+            method = %path,
+            request_id = %rid,
+            project = Empty,
+            key = Empty,
+        );
+    }
+    let name = path.trim_start_matches('/');
+    let (service, method) = name.split_once('/').unwrap_or((name, ""));
+    let span = tracing::info_span!(
+        "rpc",
+        method = %path,
+        request_id = %rid,
+        project = Empty,
+        key = Empty,
+        otel.name = %name,
+        otel.kind = "server",
+        otel.status_code = Empty,
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+        rpc.grpc.status_code = Empty,
+    );
+    crate::telemetry::adopt_remote_parent(&span, headers);
+    span
+}
+
+/// Puts a call's outcome on its span (a no-op unless traces are exported).
+fn record_status(code: tonic::Code) {
+    let span = tracing::Span::current();
+    span.record("rpc.grpc.status_code", code as i64);
+    if crate::telemetry::is_server_error(code) {
+        span.record("otel.status_code", "ERROR");
     }
 }
 
@@ -610,8 +648,10 @@ impl Drop for Unanswered {
         self.metrics
             .record_call(&self.path, self.known, code, elapsed);
         let latency_ms = elapsed.as_secs_f64() * 1000.0;
-        self.span
-            .in_scope(|| tracing::info!(code = ?code, latency_ms, "rpc abandoned"));
+        self.span.in_scope(|| {
+            record_status(code);
+            tracing::info!(code = ?code, latency_ms, "rpc abandoned");
+        });
     }
 }
 

@@ -19,5 +19,6 @@ pub mod pb;
 pub mod query;
 pub mod ratelimit;
 pub mod server;
+pub mod telemetry;
 pub mod users;
 pub mod wire;

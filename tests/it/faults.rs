@@ -35,7 +35,11 @@ async fn health(channel: &tonic::transport::Channel) -> Option<ServingStatus> {
     ServingStatus::try_from(r.into_inner().status).ok()
 }
 
-async fn wait_for(channel: &tonic::transport::Channel, want: ServingStatus, within: Duration) {
+pub(crate) async fn wait_for(
+    channel: &tonic::transport::Channel,
+    want: ServingStatus,
+    within: Duration,
+) {
     let until = Instant::now() + within;
     while health(channel).await != Some(want) {
         assert!(Instant::now() < until, "health never became {want:?}");

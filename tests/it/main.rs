@@ -16,6 +16,7 @@ mod matrix;
 mod passkeys;
 mod passwords;
 mod server;
+mod telemetry;
 mod tls;
 mod users;
 
