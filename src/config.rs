@@ -132,6 +132,11 @@ pub struct ServerConfig {
     /// off. Port 0 picks one.
     #[arg(long, env = "ROSTER_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
     pub metrics_listen: String,
+    /// A second address serving only grpc.health.v1, always in plaintext and without a key,
+    /// for probes that cannot speak TLS (Kubernetes' native gRPC probes); empty: none. The
+    /// statuses are the main port's.
+    #[arg(long, env = "ROSTER_HEALTH_LISTEN", default_value = "")]
+    pub health_listen: String,
     /// Calls per second each API key may make (a token bucket per key); 0 turns limiting off.
     /// Over the limit, calls answer RESOURCE_EXHAUSTED with RetryInfo.
     #[arg(long, env = "ROSTER_RATE_LIMIT_RPS", default_value_t = 0.0)]
@@ -175,6 +180,7 @@ impl Default for ServerConfig {
             tls_key_file: None,
             tls_client_ca_file: None,
             metrics_listen: String::new(),
+            health_listen: String::new(),
             rate_limit_rps: 0.0,
             rate_limit_burst: 0.0,
             shutdown_grace_secs: 20,

@@ -60,6 +60,8 @@ pub struct Application {
     listener: TcpListener,
     tls: Option<tonic::transport::ServerTlsConfig>,
     metrics_listener: Option<TcpListener>,
+    /// The plaintext health-only port, when configured.
+    health_listener: Option<TcpListener>,
     metrics: Arc<crate::metrics::Metrics>,
     state: AppState,
     config: ServerConfig,
@@ -87,6 +89,14 @@ impl Application {
                     .with_context(|| format!("binding the metrics address {addr}"))?,
             ),
         };
+        let health_listener = match config.health_listen.trim() {
+            "" => None,
+            addr => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding the health address {addr}"))?,
+            ),
+        };
         let hasher = Hasher::new(
             config.hash_workers(),
             config.argon2_memory_kib,
@@ -106,6 +116,7 @@ impl Application {
             listener,
             tls,
             metrics_listener,
+            health_listener,
             metrics: Arc::default(),
             state: AppState {
                 pool,
@@ -135,6 +146,13 @@ impl Application {
     /// Where `/metrics` is served, when it is.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// Where the plaintext health-only port listens, when it does.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener
             .as_ref()
             .and_then(|l| l.local_addr().ok())
     }
@@ -209,6 +227,21 @@ impl Application {
                 },
             ))
         });
+        let (health_stop, health_stopped) = tokio::sync::oneshot::channel::<()>();
+        let health_task = self.health_listener.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "grpc.health.v1 (plaintext) on {addr}");
+            }
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(
+                Server::builder()
+                    .add_service(health.clone())
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        let _ = health_stopped.await;
+                    }),
+            )
+        });
         let in_flight = InFlight::default();
         // TCP_NODELAY on every accepted connection: without it a response spanning several
         // segments (a page of users) waits out the peer's delayed ACK, ~40 ms per call.
@@ -263,6 +296,10 @@ impl Application {
         };
         watcher.abort();
         let _ = metrics_stop.send(());
+        let _ = health_stop.send(());
+        if let Some(h) = health_task {
+            h.abort();
+        }
         if let Some(m) = metrics_task {
             m.abort();
         }

@@ -179,6 +179,8 @@ pub struct TestApp {
     pub addr: std::net::SocketAddr,
     /// Where `/metrics` is served, when the config asked for it.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where the plaintext health-only port listens, when the config asked for it.
+    pub health_addr: Option<std::net::SocketAddr>,
     /// The server's live event feed (to watch its subscribers).
     pub feed: std::sync::Arc<roster::events::stream::EventFeed>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -242,6 +244,7 @@ impl TestApp {
         );
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
+        let health_addr = app.health_addr();
         let feed = app.event_feed();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(app.run_until(async move {
@@ -261,6 +264,7 @@ impl TestApp {
             channel,
             addr,
             metrics_addr,
+            health_addr,
             feed,
             shutdown: Some(tx),
         }

@@ -124,6 +124,7 @@ async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
         tls_cert_file: Some(write(&dir, "server.pem", &cert)),
         tls_key_file: Some(write(&dir, "server.key", &key_pem)),
         tls_client_ca_file: Some(write(&dir, "clients.pem", &client_ca.pem())),
+        health_listen: "127.0.0.1:0".into(),
         ..Default::default()
     })
     .await;
@@ -144,6 +145,19 @@ async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
     let ch = channel(&app, &server_ca.pem(), Some(&good)).await.unwrap();
     let err = reaches_the_server(ch, "rst_nope").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    // Probes that cannot speak TLS use the plaintext health port: health only, nothing else.
+    let plain = Endpoint::from_shared(format!("http://{}", app.health_addr.unwrap()))
+        .unwrap()
+        .connect_lazy();
+    crate::faults::wait_for(
+        &plain,
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    let err = reaches_the_server(plain, &app.token).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -46,3 +46,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
       key: {{ if .Values.encryption.existingSecret }}{{ .Values.encryption.existingSecretKey }}{{ else }}ROSTER_ENCRYPTION_KEYS{{ end }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The port the gRPC probes use: the plaintext health-only port when the gRPC port speaks TLS.
+*/}}
+{{- define "roster.probePort" -}}
+{{- if .Values.tls.enabled }}{{ .Values.tls.healthPort }}{{ else }}{{ .Values.service.port }}{{ end }}
+{{- end }}
