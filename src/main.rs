@@ -13,5 +13,10 @@ fn main() -> anyhow::Result<()> {
     let result = runtime.block_on(roster::cli::run(cli));
     // Off the worker threads, with the runtime still alive to carry the last export.
     telemetry.shutdown();
+    if let Err(e) = &result
+        && let Some(roster::cli::Exit(code)) = e.downcast_ref()
+    {
+        std::process::exit(*code);
+    }
     result
 }

@@ -29,20 +29,23 @@ pub fn exporting() -> bool {
     EXPORTING.load(Ordering::Relaxed)
 }
 
-/// The trace export pipeline; [`Telemetry::shutdown`] flushes what is buffered.
+/// The log writer and the trace export pipeline; [`Telemetry::shutdown`] flushes both.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    logs: tracing_appender::non_blocking::WorkerGuard,
 }
 
 impl Telemetry {
-    /// Exports the spans still buffered (bounded by the exporter's timeout). Call it outside
-    /// the runtime's worker threads, while the runtime is still alive: the export runs on it.
+    /// Exports the spans still buffered (bounded by the exporter's timeout) and writes the
+    /// last log lines. Call it outside the runtime's worker threads, while the runtime is
+    /// still alive: the export runs on it.
     pub fn shutdown(self) {
         if let Some(provider) = self.provider
             && let Err(e) = provider.shutdown()
         {
-            eprintln!("roster: flushing traces: {e}");
+            tracing::warn!(error = %e, "flushing traces");
         }
+        drop(self.logs);
     }
 }
 
@@ -61,17 +64,24 @@ pub fn init(runtime: &tokio::runtime::Handle, traces: bool) -> anyhow::Result<Te
     // ROSTER_LOG_FORMAT=json: one JSON object per line, with the span fields (method,
     // request_id, project, key) on every line of a call, for log pipelines.
     let json = std::env::var("ROSTER_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    // Lines are written by a thread of their own, through a buffer flushed whenever its queue
+    // runs dry: a busy server writes many call lines per write(2), and no RPC waits on stderr.
+    // Under overload (128k lines queued) lines are dropped rather than calls slowed.
+    let (writer, guard) = tracing_appender::non_blocking(std::io::BufWriter::with_capacity(
+        64 * 1024,
+        std::io::stderr(),
+    ));
     let logs = if json {
         tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
             .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .boxed()
     };
     let provider = if traces && otlp_configured() {
@@ -97,7 +107,10 @@ pub fn init(runtime: &tokio::runtime::Handle, traces: bool) -> anyhow::Result<Te
         EXPORTING.store(true, Ordering::Relaxed);
         tracing::info!("exporting traces over OTLP");
     }
-    Ok(Telemetry { provider })
+    Ok(Telemetry {
+        provider,
+        logs: guard,
+    })
 }
 
 fn provider(runtime: &tokio::runtime::Handle) -> anyhow::Result<SdkTracerProvider> {

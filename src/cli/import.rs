@@ -544,7 +544,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     }
     if t.failed > 0 {
         // Scripts see failed records as a non-zero exit (2), distinct from a broken run (1).
-        std::process::exit(2);
+        return Err(super::Exit(2).into());
     }
     Ok(())
 }

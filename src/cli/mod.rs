@@ -43,6 +43,19 @@ pub enum Command {
     Export(Box<export::ExportArgs>),
 }
 
+/// Ends the process with this exit status once the command has cleaned up (logs flushed),
+/// without an error message of its own: the command has already said what happened.
+#[derive(Debug)]
+pub struct Exit(pub i32);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
 /// Runs the parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
