@@ -115,6 +115,46 @@ where
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// GetUser of `id` from h2load at CONCURRENCY connections (one call in flight on each) for
+/// `secs`: calls per second, or None without h2load.
+fn h2load_get(env: &BenchEnv, id: &Uuid, secs: u64) -> Option<f64> {
+    use prost::Message as _;
+    let msg = pb::GetUserRequest { id: id.to_string() }.encode_to_vec();
+    // A gRPC message: uncompressed flag, big-endian length, the protobuf bytes.
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    body.extend_from_slice(&msg);
+    let file = std::env::temp_dir().join(format!("roster-h2load-{}.bin", Uuid::now_v7()));
+    std::fs::write(&file, body).unwrap();
+    let out = Command::new("h2load")
+        .args(["-c", &CONCURRENCY.to_string(), "-m", "1", "-t", "1"])
+        .args(["-D", &secs.to_string(), "-d"])
+        .arg(&file)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .args([
+            "-H",
+            &format!("authorization: {}", env.key.0.to_str().unwrap()),
+        ])
+        .arg(format!("http://{}/roster.v1.UserService/GetUser", env.addr))
+        .output()
+        .ok()?;
+    let _ = std::fs::remove_file(&file);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let failed = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .is_none_or(|l| !l.contains(" 0 failed, 0 errored"));
+    assert!(!failed, "h2load said: {text}");
+    text.lines().find_map(|l| {
+        l.strip_prefix("finished in ")?
+            .split(", ")
+            .nth(1)?
+            .strip_suffix(" req/s")?
+            .parse()
+            .ok()
+    })
+}
+
 /// pgbench with `script` at CONCURRENCY clients for `secs`: transactions per second.
 fn pgbench(url: &str, script: &str, secs: u64) -> f64 {
     let file = std::env::temp_dir().join(format!("roster-pgbench-{}.sql", Uuid::now_v7()));
@@ -203,6 +243,29 @@ async fn main() {
         "GetUser:    {get:>8.0} rps   pgbench unique-index select {pg_select:>8.0} tps   ratio {:.2} (goal >= 0.5)",
         get / pg_select
     );
+
+    // The same comparison with a C load generator on both sides: h2load (nghttp2) for gRPC,
+    // as pgbench is for PostgreSQL, so the client's own cost is small on both. h2load sends
+    // one fixed request, so both sides read the same single row.
+    if let Some(h2) = h2load_get(&env, &ids[ids.len() / 2], secs) {
+        let pg_fixed = pgbench(
+            &env.url,
+            &format!(
+                "SELECT * FROM users WHERE project_id = '{}' AND id = '{}';\n",
+                env.project_id,
+                ids[ids.len() / 2]
+            ),
+            secs,
+        );
+        println!(
+            "GetUser (h2load, one row): {h2:>8.0} rps   pgbench same row {pg_fixed:>8.0} tps   ratio {:.2}",
+            h2 / pg_fixed
+        );
+    } else {
+        println!(
+            "(h2load not on PATH: apt-get install nghttp2-client for the C-client comparison)"
+        );
+    }
 
     // CreateUser vs. a single-row INSERT (fsync on, one transaction each).
     let create = rate(&env, d, |mut users, _| async move {

@@ -132,6 +132,10 @@ pub struct ServerConfig {
     /// off. Port 0 picks one.
     #[arg(long, env = "ROSTER_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
     pub metrics_listen: String,
+    /// Pool connections shared by single-row reads (GetUser, LookupUser, identity lookups),
+    /// which pipeline their statements on them; 0: half the cores, at least one.
+    #[arg(long, env = "ROSTER_DB_READ_CONNECTIONS", default_value_t = 0)]
+    pub db_read_connections: usize,
     /// A second address serving only grpc.health.v1, always in plaintext and without a key,
     /// for probes that cannot speak TLS (Kubernetes' native gRPC probes); empty: none. The
     /// statuses are the main port's.
@@ -181,6 +185,7 @@ impl Default for ServerConfig {
             tls_client_ca_file: None,
             metrics_listen: String::new(),
             health_listen: String::new(),
+            db_read_connections: 0,
             rate_limit_rps: 0.0,
             rate_limit_burst: 0.0,
             shutdown_grace_secs: 20,
@@ -268,6 +273,14 @@ impl ServerConfig {
     }
 
     /// The number of hashing workers, resolving 0 to the number of cores.
+    /// Shared read connections: as configured, else half the cores (at least one).
+    pub fn read_connections(&self) -> usize {
+        match self.db_read_connections {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            n => n,
+        }
+    }
+
     pub fn hash_workers(&self) -> usize {
         if self.hash_workers > 0 {
             self.hash_workers

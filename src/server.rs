@@ -36,6 +36,8 @@ use crate::users::grpc::UserApi;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: Pool,
+    /// Shared, pipelined connections for single-row reads.
+    pub readers: Arc<db::Readers>,
     pub hasher: Arc<Hasher>,
     pub passwords: PasswordSettings,
     /// Seals provider tokens and TOTP seeds; `None` when no key is configured.
@@ -119,6 +121,7 @@ impl Application {
             health_listener,
             metrics: Arc::default(),
             state: AppState {
+                readers: Arc::new(db::Readers::new(pool.clone(), config.read_connections())),
                 pool,
                 hasher: Arc::new(hasher),
                 passwords: config.password_settings(),
@@ -350,23 +353,18 @@ async fn watch_database(pool: Pool, reporter: tonic_health::server::HealthReport
 }
 
 /// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Registered now, not when the future is first polled: a SIGTERM arriving any time after
+    // "roster listening" is logged must drain, not kill the process (the default action).
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
+    })
 }
 
 /// The name of the database Roster uses inside its embedded cluster.
@@ -491,6 +489,7 @@ async fn serve_on(cfg: &ServeConfig, url: &str, embedded: bool) -> anyhow::Resul
             k = key_file.display(),
         );
     }
+    let shutdown = shutdown_signal()?;
     tracing::info!(%addr, "roster listening");
-    app.run_until(shutdown_signal()).await
+    app.run_until(shutdown).await
 }

@@ -29,7 +29,7 @@ pub struct BenchEnv {
     pub channel: Channel,
     pub key: Key,
     pub project_id: uuid::Uuid,
-    addr: std::net::SocketAddr,
+    pub addr: std::net::SocketAddr,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     pg: Option<EmbeddedPostgres>,
     dir: Option<std::path::PathBuf>,

@@ -198,7 +198,8 @@ impl IdentityService for IdentityApi {
         let mut v = Violations::new();
         let (provider, subject) = provider_subject(&mut v, &req.provider, &req.subject);
         v.into_result()?;
-        let (user, identity) = ops::lookup(&self.state.pool, &caller, &provider, &subject).await?;
+        let (user, identity) =
+            ops::lookup(&self.state.readers, &caller, &provider, &subject).await?;
         Ok(Response::new(pb::LookupUserByIdentityResponse {
             user: Some(user_to_proto(&user)),
             identity: Some(identity_to_proto(&identity)),

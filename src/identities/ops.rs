@@ -247,13 +247,13 @@ pub async fn list(pool: &Pool, caller: &Caller, user_id: Uuid) -> Result<Vec<Ide
 }
 
 pub async fn lookup(
-    pool: &Pool,
+    readers: &db::Readers,
     caller: &Caller,
     provider: &str,
     subject: &str,
 ) -> Result<(User, Identity)> {
-    let client = db::client(pool).await?;
-    store::lookup_user(&*client, caller.project_id, provider, subject)
+    let client = readers.get().await?;
+    store::lookup_user(&**client, caller.project_id, provider, subject)
         .await?
         .ok_or_else(|| identity_not_found(provider, subject))
 }

@@ -352,7 +352,7 @@ impl UserService for UserApi {
     ) -> Result<Response<pb::GetUserResponse>, Status> {
         let caller = caller_of(&request)?;
         let id = required_id("id", &request.get_ref().id)?;
-        let user = ops::get_user(&self.state.pool, &caller, id).await?;
+        let user = ops::get_user(&self.state.readers, &caller, id).await?;
         Ok(Response::new(pb::GetUserResponse {
             user: Some(user_to_proto(&user)),
         }))
@@ -365,7 +365,7 @@ impl UserService for UserApi {
     ) -> Result<Response<pb::LookupUserResponse>, Status> {
         let caller = caller_of(&request)?;
         let key = lookup_key(request.into_inner())?;
-        let user = ops::lookup_user(&self.state.pool, &caller, &key).await?;
+        let user = ops::lookup_user(&self.state.readers, &caller, &key).await?;
         Ok(Response::new(pb::LookupUserResponse {
             user: Some(user_to_proto(&user)),
         }))

@@ -120,16 +120,16 @@ pub async fn create_user(
     Ok(user)
 }
 
-pub async fn get_user(pool: &Pool, caller: &Caller, id: Uuid) -> Result<User> {
-    let client = db::client(pool).await?;
-    store::get(&*client, caller.project_id, id)
+pub async fn get_user(readers: &db::Readers, caller: &Caller, id: Uuid) -> Result<User> {
+    let client = readers.get().await?;
+    store::get(&**client, caller.project_id, id)
         .await?
         .ok_or_else(|| not_found(id))
 }
 
-pub async fn lookup_user(pool: &Pool, caller: &Caller, key: &LookupKey) -> Result<User> {
-    let client = db::client(pool).await?;
-    store::lookup(&*client, caller.project_id, key)
+pub async fn lookup_user(readers: &db::Readers, caller: &Caller, key: &LookupKey) -> Result<User> {
+    let client = readers.get().await?;
+    store::lookup(&**client, caller.project_id, key)
         .await?
         .ok_or_else(|| {
             let (field, value) = match key {
