@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Transaction};
 use serde_json::Value;
-use tokio_postgres::Row;
+use tokio_postgres::{Row, Statement};
 use uuid::Uuid;
 
 use super::{LookupKey, NewUser, Profile, User, UserStatus};
@@ -76,13 +76,13 @@ pub async fn insert(
     user: &NewUser,
     password_hash: Option<&str>,
 ) -> Result<User> {
-    let p = &user.profile;
-    let status = if user.pending {
-        UserStatus::PendingVerification
-    } else {
-        UserStatus::Active
-    };
-    let stmt = tx
+    let stmt = insert_statement(tx).await?;
+    insert_prepared(tx, &stmt, project_id, user, password_hash).await
+}
+
+/// The INSERT of [`insert_prepared`] (cached per connection).
+pub async fn insert_statement(db: &impl GenericClient) -> Result<Statement> {
+    Ok(db
         .prepare_cached(&format!(
             "INSERT INTO users (project_id, id, external_id, email, email_verified, phone_number,
                 phone_verified, username, display_name, given_name, family_name, picture_url,
@@ -93,10 +93,23 @@ pub async fn insert(
                 coalesce($19, now()), now())
              RETURNING {USER_COLUMNS}"
         ))
-        .await?;
-    let row = tx
+        .await?)
+}
+
+/// Inserts `user` with `stmt` from [`insert_statement`]. It sends the statement on its first
+/// poll, so callers may pipeline it between other statements on the same connection.
+pub async fn insert_prepared(
+    db: &impl GenericClient,
+    stmt: &Statement,
+    project_id: Uuid,
+    user: &NewUser,
+    password_hash: Option<&str>,
+) -> Result<User> {
+    let p = &user.profile;
+    let status = new_status(user);
+    let row = db
         .query_one(
-            &stmt,
+            stmt,
             &[
                 &project_id,
                 &user.id,
@@ -134,6 +147,15 @@ pub async fn get(db: &impl GenericClient, project_id: Uuid, id: Uuid) -> Result<
         .await?
         .as_ref()
         .map(user_from_row))
+}
+
+/// The status a new user starts in.
+pub fn new_status(user: &NewUser) -> UserStatus {
+    if user.pending {
+        UserStatus::PendingVerification
+    } else {
+        UserStatus::Active
+    }
 }
 
 /// Reads a user and locks its row until the transaction ends.
