@@ -128,6 +128,11 @@ pub struct ServerConfig {
     /// (every connection must present one). Needs the TLS certificate and key.
     #[arg(long, env = "ROSTER_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
     pub tls_client_ca_file: Option<std::path::PathBuf>,
+    /// Seconds between checks of the TLS files for a rotated certificate, key or client CA
+    /// (applied to new connections; invalid files are refused and the last good ones kept);
+    /// 0: read them at start only.
+    #[arg(long, env = "ROSTER_TLS_RELOAD_SECS", default_value_t = 30)]
+    pub tls_reload_secs: u64,
     /// Address of the Prometheus metrics endpoint (`GET /metrics`, plain HTTP); empty turns it
     /// off. Port 0 picks one.
     #[arg(long, env = "ROSTER_METRICS_LISTEN", default_value = "127.0.0.1:9090")]
@@ -185,6 +190,7 @@ impl Default for ServerConfig {
             tls_client_ca_file: None,
             metrics_listen: String::new(),
             health_listen: String::new(),
+            tls_reload_secs: 30,
             db_read_connections: 0,
             rate_limit_rps: 0.0,
             rate_limit_burst: 0.0,
@@ -197,26 +203,21 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    /// The TLS settings of the gRPC port, read from the configured files (None: plaintext).
-    pub fn tls(&self) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
-        use anyhow::Context;
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let read = |p: &std::path::Path, what: &str| {
-            std::fs::read(p).with_context(|| format!("reading the {what} {}", p.display()))
-        };
+    /// Where the gRPC port's TLS material lives (None: plaintext).
+    pub fn tls(&self) -> anyhow::Result<Option<crate::tls::TlsFiles>> {
         let (cert, key) = match (&self.tls_cert_file, &self.tls_key_file) {
             (None, None) if self.tls_client_ca_file.is_some() => {
                 anyhow::bail!("--tls-client-ca-file needs --tls-cert-file and --tls-key-file")
             }
             (None, None) => return Ok(None),
-            (Some(c), Some(k)) => (read(c, "TLS certificate")?, read(k, "TLS key")?),
+            (Some(c), Some(k)) => (c.clone(), k.clone()),
             _ => anyhow::bail!("--tls-cert-file and --tls-key-file go together"),
         };
-        let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-        if let Some(ca) = &self.tls_client_ca_file {
-            tls = tls.client_ca_root(Certificate::from_pem(read(ca, "client CA")?));
-        }
-        Ok(Some(tls))
+        Ok(Some(crate::tls::TlsFiles {
+            cert,
+            key,
+            client_ca: self.tls_client_ca_file.clone(),
+        }))
     }
 
     /// The per-key limiter, when limiting is on.

@@ -20,5 +20,6 @@ pub mod query;
 pub mod ratelimit;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod users;
 pub mod wire;

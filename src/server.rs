@@ -60,7 +60,7 @@ pub const SERVICE_NAMES: [&str; 4] = [
 /// A bound, ready-to-run server.
 pub struct Application {
     listener: TcpListener,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<Arc<crate::tls::ReloadingTls>>,
     metrics_listener: Option<TcpListener>,
     /// The plaintext health-only port, when configured.
     health_listener: Option<TcpListener>,
@@ -79,7 +79,10 @@ impl Application {
         config: ServerConfig,
     ) -> anyhow::Result<Self> {
         // Certificates are read before binding: a bad path fails start-up, not the first call.
-        let tls = config.tls()?;
+        let tls = config
+            .tls()?
+            .map(crate::tls::ReloadingTls::load)
+            .transpose()?;
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
@@ -246,16 +249,7 @@ impl Application {
             )
         });
         let in_flight = InFlight::default();
-        // TCP_NODELAY on every accepted connection: without it a response spanning several
-        // segments (a page of users) waits out the peer's delayed ACK, ~40 ms per call.
-        let incoming = tonic::transport::server::TcpIncoming::from(self.listener)
-            .with_nodelay(Some(true))
-            .with_keepalive(Some(Duration::from_secs(60)));
-        let mut builder = Server::builder();
-        if let Some(tls) = self.tls.clone() {
-            builder = builder.tls_config(tls).context("configuring TLS")?;
-        }
-        let server = builder
+        let router = Server::builder()
             .layer(AuthLayer::new(
                 verifier,
                 in_flight.clone(),
@@ -268,12 +262,36 @@ impl Application {
             .add_service(users)
             .add_service(authenticators)
             .add_service(identities)
-            .add_service(logs)
-            .serve_with_incoming_shutdown(incoming, async move {
-                shutdown.await;
-                tracing::info!("shutting down: draining in-flight calls");
-                let _ = stopping_tx.send(());
-            });
+            .add_service(logs);
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining in-flight calls");
+            let _ = stopping_tx.send(());
+        };
+        type Serving =
+            std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+        let (server, tls_task): (Serving, _) = match self.tls.clone() {
+            Some(tls) => {
+                let reload = Duration::from_secs(self.config.tls_reload_secs);
+                let (incoming, task) = crate::tls::incoming(self.listener, tls, reload);
+                (
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, signal)),
+                    Some(task),
+                )
+            }
+            None => {
+                // TCP_NODELAY on every accepted connection: without it a response spanning
+                // several segments (a page of users) waits out the peer's delayed ACK, ~40 ms
+                // per call.
+                let incoming = tonic::transport::server::TcpIncoming::from(self.listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(60)));
+                (
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, signal)),
+                    None,
+                )
+            }
+        };
         let grace = Duration::from_secs(self.config.shutdown_grace_secs);
         // After the signal, stop once no call is in flight (idle keep-alive connections do not
         // count), or when the grace period runs out.
@@ -300,6 +318,9 @@ impl Application {
         watcher.abort();
         let _ = metrics_stop.send(());
         let _ = health_stop.send(());
+        if let Some(t) = tls_task {
+            t.abort();
+        }
         if let Some(h) = health_task {
             h.abort();
         }

@@ -186,5 +186,78 @@ async fn bad_tls_settings_fail_at_start_up() {
         .err()
         .expect("refused");
     assert!(format!("{err:#}").contains("--tls-cert-file"), "{err:#}");
+    // A key that is not the certificate's.
+    let ca = Ca::new();
+    let (cert, _) = ca.issue(&["localhost"]);
+    let (_, other_key) = ca.issue(&["localhost"]);
+    let mismatched = ServerConfig {
+        tls_cert_file: Some(write(&dir, "server.pem", &cert)),
+        tls_key_file: Some(write(&dir, "other.key", &other_key)),
+        ..Default::default()
+    };
+    let pool = roster::db::connect_pool("host=/nonexistent", 1, std::time::Duration::from_secs(1))
+        .unwrap();
+    let err = roster::server::Application::build("127.0.0.1:0".parse().unwrap(), pool, mismatched)
+        .await
+        .err()
+        .expect("refused");
+    assert!(format!("{err:#}").contains("do not go together"), "{err:#}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Replaces `path` the way a Secret volume does: write aside, then rename over it.
+fn replace(path: &Path, text: &str) {
+    let aside = path.with_extension("new");
+    std::fs::write(&aside, text).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_is_served_to_new_connections_and_a_bad_one_is_refused() {
+    let dir = temp_dir();
+    let old_ca = Ca::new();
+    let (cert, key_pem) = old_ca.issue(&["localhost"]);
+    let cert_file = write(&dir, "server.pem", &cert);
+    let key_file = write(&dir, "server.key", &key_pem);
+    let app = TestApp::spawn_with(ServerConfig {
+        tls_cert_file: Some(cert_file.clone()),
+        tls_key_file: Some(key_file.clone()),
+        tls_reload_secs: 1,
+        ..Default::default()
+    })
+    .await;
+    let before = channel(&app, &old_ca.pem(), None).await.unwrap();
+    reaches_the_server(before.clone(), &app.token)
+        .await
+        .unwrap();
+
+    // cert-manager renews: a certificate from another CA, key and certificate swapped in.
+    let new_ca = Ca::new();
+    let (cert, key_pem) = new_ca.issue(&["localhost"]);
+    replace(&key_file, &key_pem);
+    replace(&cert_file, &cert);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let renewed = loop {
+        if let Ok(ch) = channel(&app, &new_ca.pem(), None).await {
+            break ch;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    reaches_the_server(renewed, &app.token).await.unwrap();
+    // New connections get the new certificate only; the open one keeps working.
+    assert!(channel(&app, &old_ca.pem(), None).await.is_err());
+    reaches_the_server(before, &app.token).await.unwrap();
+
+    // A bad rotation (a key that does not match the certificate) is refused: the port keeps
+    // serving the last good certificate.
+    let (_, stray_key) = new_ca.issue(&["localhost"]);
+    replace(&key_file, &stray_key);
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let ch = channel(&app, &new_ca.pem(), None).await.unwrap();
+    reaches_the_server(ch, &app.token).await.unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
