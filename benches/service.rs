@@ -1,8 +1,11 @@
 //! Service benchmark, side by side with pgbench on the same database in the same run:
 //! GetUser rps vs. a pgbench unique-index select at the same concurrency, CreateUser rps vs. a
 //! pgbench single-row INSERT, and ListUsers latency at page 10,000 vs. page 1 over
-//! `BENCH_USERS` (default 1,000,000) users. Prints ratios and p50/p99.
-//! Run: `cargo bench --bench service` (`BENCH_SECS` per phase, default 10).
+//! `BENCH_USERS` (default 1,000,000) users. Prints ratios and p50/p99. Each comparison
+//! alternates its two sides over three rounds of `BENCH_SECS`/2 seconds. With h2load on PATH
+//! (Debian's nghttp2-client) GetUser is also measured from that C load generator at 8 and 32
+//! calls in flight, against pgbench reading the same row.
+//! Run: `cargo bench --bench service` (`BENCH_SECS`, default 10).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -22,6 +25,8 @@ use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 const CONCURRENCY: usize = 8;
+/// Alternating rounds per comparison.
+const ROUNDS: usize = 3;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -115,9 +120,9 @@ where
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
-/// GetUser of `id` from h2load at CONCURRENCY connections (one call in flight on each) for
+/// GetUser of `id` from h2load at `clients` connections (one call in flight on each) for
 /// `secs`: calls per second, or None without h2load.
-fn h2load_get(env: &BenchEnv, id: &Uuid, secs: u64) -> Option<f64> {
+fn h2load_get(env: &BenchEnv, id: &Uuid, secs: u64, clients: usize) -> Option<f64> {
     use prost::Message as _;
     let msg = pb::GetUserRequest { id: id.to_string() }.encode_to_vec();
     // A gRPC message: uncompressed flag, big-endian length, the protobuf bytes.
@@ -127,7 +132,7 @@ fn h2load_get(env: &BenchEnv, id: &Uuid, secs: u64) -> Option<f64> {
     let file = std::env::temp_dir().join(format!("roster-h2load-{}.bin", Uuid::now_v7()));
     std::fs::write(&file, body).unwrap();
     let out = Command::new("h2load")
-        .args(["-c", &CONCURRENCY.to_string(), "-m", "1", "-t", "1"])
+        .args(["-c", &clients.to_string(), "-m", "1", "-t", "1"])
         .args(["-D", &secs.to_string(), "-d"])
         .arg(&file)
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
@@ -155,13 +160,13 @@ fn h2load_get(env: &BenchEnv, id: &Uuid, secs: u64) -> Option<f64> {
     })
 }
 
-/// pgbench with `script` at CONCURRENCY clients for `secs`: transactions per second.
-fn pgbench(url: &str, script: &str, secs: u64) -> f64 {
+/// pgbench with `script` at `clients` clients for `secs`: transactions per second.
+fn pgbench(url: &str, script: &str, secs: u64, clients: usize) -> f64 {
     let file = std::env::temp_dir().join(format!("roster-pgbench-{}.sql", Uuid::now_v7()));
     std::fs::write(&file, script).unwrap();
     let out = Command::new("pgbench")
         .args(["-n", "-M", "prepared", "-T", &secs.to_string()])
-        .args(["-c", &CONCURRENCY.to_string(), "-j", "2", "-f"])
+        .args(["-c", &clients.to_string(), "-j", "2", "-f"])
         .arg(&file)
         .arg(url)
         .output()
@@ -212,33 +217,36 @@ async fn list_latency(
 async fn main() {
     let n = env_or("BENCH_USERS", 1_000_000) as usize;
     let secs = env_or("BENCH_SECS", 10);
-    let d = Duration::from_secs(secs);
     let env = BenchEnv::start(ServerConfig::default()).await;
     println!("service benchmark: {n} users, {CONCURRENCY} concurrent clients, {secs} s phases");
     let seeded = Instant::now();
     let ids = Arc::new(seed(&env, n).await);
     println!("seeded in {:.1} s", seeded.elapsed().as_secs_f64());
 
+    // Each comparison alternates the two sides over ROUNDS rounds (A B A B A B) and compares
+    // their mean rates: background work (a checkpoint, autovacuum) then falls on both sides
+    // alike instead of deciding the ratio, which a single pair of phases left to chance.
+    let round = Duration::from_secs((secs / 2).max(2));
+
     // GetUser vs. a unique-index select of the same rows.
-    let get = {
+    let select = format!(
+        "\\set n random(0, {})\nSELECT * FROM users WHERE project_id = '{}' AND external_id = 'u-' || :n;\n",
+        n - 1,
+        env.project_id
+    );
+    let (mut get, mut pg_select) = (0.0, 0.0);
+    for _ in 0..ROUNDS {
         let ids = ids.clone();
-        rate(&env, d, move |mut users, k| {
+        get += rate(&env, round, move |mut users, k| {
             let id = ids[(k as usize * 7919) % ids.len()].to_string();
             async move {
                 users.get_user(pb::GetUserRequest { id }).await.unwrap();
             }
         })
-        .await
-    };
-    let pg_select = pgbench(
-        &env.url,
-        &format!(
-            "\\set n random(0, {})\nSELECT * FROM users WHERE project_id = '{}' AND external_id = 'u-' || :n;\n",
-            n - 1,
-            env.project_id
-        ),
-        secs,
-    );
+        .await;
+        pg_select += pgbench(&env.url, &select, round.as_secs(), CONCURRENCY);
+    }
+    let (get, pg_select) = (get / ROUNDS as f64, pg_select / ROUNDS as f64);
     println!(
         "GetUser:    {get:>8.0} rps   pgbench unique-index select {pg_select:>8.0} tps   ratio {:.2} (goal >= 0.5)",
         get / pg_select
@@ -247,48 +255,49 @@ async fn main() {
     // The same comparison with a C load generator on both sides: h2load (nghttp2) for gRPC,
     // as pgbench is for PostgreSQL, so the client's own cost is small on both. h2load sends
     // one fixed request, so both sides read the same single row.
-    if let Some(h2) = h2load_get(&env, &ids[ids.len() / 2], secs) {
-        let pg_fixed = pgbench(
-            &env.url,
-            &format!(
-                "SELECT * FROM users WHERE project_id = '{}' AND id = '{}';\n",
-                env.project_id,
-                ids[ids.len() / 2]
-            ),
-            secs,
-        );
+    // Also at 32 calls in flight, where single-row reads pipeline on shared connections.
+    let fixed = format!(
+        "SELECT * FROM users WHERE project_id = '{}' AND id = '{}';\n",
+        env.project_id,
+        ids[ids.len() / 2]
+    );
+    for clients in [CONCURRENCY, 32] {
+        let Some(h2) = h2load_get(&env, &ids[ids.len() / 2], secs, clients) else {
+            println!(
+                "(h2load not on PATH: apt-get install nghttp2-client for the C-client comparison)"
+            );
+            break;
+        };
+        let pg_fixed = pgbench(&env.url, &fixed, secs, clients);
         println!(
-            "GetUser (h2load, one row): {h2:>8.0} rps   pgbench same row {pg_fixed:>8.0} tps   ratio {:.2}",
+            "GetUser (h2load, one row, {clients:>2} clients): {h2:>8.0} rps   pgbench same row {pg_fixed:>8.0} tps   ratio {:.2}",
             h2 / pg_fixed
-        );
-    } else {
-        println!(
-            "(h2load not on PATH: apt-get install nghttp2-client for the C-client comparison)"
         );
     }
 
-    // CreateUser vs. a single-row INSERT (fsync on, one transaction each).
-    let create = rate(&env, d, |mut users, _| async move {
-        users
-            .create_user(pb::CreateUserRequest {
-                user: Some(pb::User {
-                    email: format!("{}@create.example", Uuid::now_v7().simple()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    })
-    .await;
-    let pg_insert = pgbench(
-        &env.url,
-        &format!(
-            "INSERT INTO users (project_id, id, email, status, created_at, updated_at) VALUES ('{}', gen_random_uuid(), gen_random_uuid()::text || '@pgbench.example', 1, now(), now());\n",
-            env.project_id
-        ),
-        secs,
+    // CreateUser vs. a single-row INSERT (fsync on, one transaction each), alternating.
+    let insert = format!(
+        "INSERT INTO users (project_id, id, email, status, created_at, updated_at) VALUES ('{}', gen_random_uuid(), gen_random_uuid()::text || '@pgbench.example', 1, now(), now());\n",
+        env.project_id
     );
+    let (mut create, mut pg_insert) = (0.0, 0.0);
+    for _ in 0..ROUNDS {
+        create += rate(&env, round, |mut users, _| async move {
+            users
+                .create_user(pb::CreateUserRequest {
+                    user: Some(pb::User {
+                        email: format!("{}@create.example", Uuid::now_v7().simple()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        })
+        .await;
+        pg_insert += pgbench(&env.url, &insert, round.as_secs(), CONCURRENCY);
+    }
+    let (create, pg_insert) = (create / ROUNDS as f64, pg_insert / ROUNDS as f64);
     println!(
         "CreateUser: {create:>8.0} rps   pgbench single-row INSERT   {pg_insert:>8.0} tps   ratio {:.2} (goal >= 0.6)",
         create / pg_insert
