@@ -86,16 +86,33 @@ pub fn parse(hash: &str) -> Result<Format<'_>, String> {
                 }
                 None => Version::default(),
             };
+            let too_big = || {
+                format!(
+                    "argon2 parameters must be at most m={MAX_ARGON2_MEMORY_KIB}, \
+                     t={MAX_ARGON2_ITERATIONS}, p={MAX_ARGON2_PARALLELISM}"
+                )
+            };
+            // Bounds first, on every occurrence of each parameter: argon2's own check
+            // multiplies p by 8 in u32 and panics on overflow in checked builds (found by
+            // fuzzing: p=1888888888).
+            for (name, value) in phc.params.iter() {
+                let limit = match name.as_str() {
+                    "m" => MAX_ARGON2_MEMORY_KIB,
+                    "t" => MAX_ARGON2_ITERATIONS,
+                    "p" => MAX_ARGON2_PARALLELISM,
+                    _ => continue,
+                };
+                if value.decimal().map_or(true, |v| v > limit) {
+                    return Err(too_big());
+                }
+            }
             let params =
                 Params::try_from(&phc).map_err(|e| format!("invalid argon2 parameters: {e}"))?;
             if params.m_cost() > MAX_ARGON2_MEMORY_KIB
                 || params.t_cost() > MAX_ARGON2_ITERATIONS
                 || params.p_cost() > MAX_ARGON2_PARALLELISM
             {
-                return Err(format!(
-                    "argon2 parameters must be at most m={MAX_ARGON2_MEMORY_KIB}, \
-                     t={MAX_ARGON2_ITERATIONS}, p={MAX_ARGON2_PARALLELISM}"
-                ));
+                return Err(too_big());
             }
             Ok(Format::Argon2 {
                 phc,
@@ -237,6 +254,15 @@ mod tests {
             ),
             (
                 "$argon2id$v=19$m=4194304,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$W7wzG3zJx4bC4aCqb9jB8ODm3pLoT9H0yJu5QwZ9vYw",
+                "argon2 parameters",
+            ),
+            // Found by fuzzing: argon2's own check overflowed (p * 8) and panicked.
+            (
+                "$argon2i$m=9,p=8,p=41,p=1,p=1888888888$1alAX0EzO8888888883$1alAX0EzOTTg79U",
+                "argon2 parameters",
+            ),
+            (
+                "$argon2id$v=19$m=65536,t=2,p=1073741824$c29tZXNhbHRzb21lc2FsdA$W7wzG3zJx4bC4aCqb9jB8ODm3pLoT9H0yJu5QwZ9vYw",
                 "argon2 parameters",
             ),
             (
