@@ -199,26 +199,7 @@ async fn a_database_restart_under_load_loses_no_acknowledged_write() {
 #[tokio::test]
 async fn a_server_killed_mid_import_leaves_whole_batches_only() {
     let app = crate::harness::TestApp::spawn().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
-        .args([
-            "serve",
-            "--no-migrate",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["--metrics-listen", "127.0.0.1:0"])
-        .env("DATABASE_URL", &app.url)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect_lazy();
+    let (mut server, channel) = crate::harness::serve_process(&app, "127.0.0.1:0", &[]);
     wait_for(&channel, ServingStatus::Serving, Duration::from_secs(20)).await;
 
     let mut users = UserServiceClient::with_interceptor(channel, key(Some(&app.token)));

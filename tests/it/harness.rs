@@ -411,3 +411,39 @@ pub fn reason(status: &tonic::Status) -> String {
         .map(|e| e.reason.clone())
         .unwrap_or_default()
 }
+
+/// `roster serve` as a process of its own on this test's database (already migrated), on a
+/// free port, with `env` added: the child and a lazy channel to it. Callers wait for health.
+pub fn serve_process(
+    app: &TestApp,
+    metrics_listen: &str,
+    env: &[(&str, String)],
+) -> (std::process::Child, Channel) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("free port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_roster"));
+    cmd.args([
+        "serve",
+        "--no-migrate",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ])
+    .args(["--metrics-listen", metrics_listen])
+    .env("DATABASE_URL", &app.url)
+    .env("RUST_LOG", "warn");
+    // Only what the test sets: none of the OpenTelemetry settings of the environment.
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")) {
+        cmd.env_remove(k);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("spawn roster serve");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .expect("endpoint")
+        .connect_lazy();
+    (child, channel)
+}

@@ -79,33 +79,17 @@ async fn rpc_spans_are_exported_over_otlp_and_continue_the_callers_trace() {
             .add_service(TraceServiceServer::new(collector.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_roster"))
-        .args([
-            "serve",
-            "--no-migrate",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["--metrics-listen", ""])
-        .env("DATABASE_URL", &app.url)
-        .env("RUST_LOG", "warn")
-        .env(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            format!("http://{collector_addr}"),
-        )
-        .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-        .env_remove("OTEL_SERVICE_NAME")
-        .env_remove("OTEL_SDK_DISABLED")
-        .spawn()
-        .unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect_lazy();
+    let (mut server, channel) = crate::harness::serve_process(
+        &app,
+        "",
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("http://{collector_addr}"),
+            ),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100".to_string()),
+        ],
+    );
     crate::faults::wait_for(
         &channel,
         tonic_health::pb::health_check_response::ServingStatus::Serving,
