@@ -2,7 +2,7 @@
 //! ListEvents, GetEvent and streams.
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Transaction};
-use tokio_postgres::{Row, Statement};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::{Event, EventContext, EventType, NewEvent};
@@ -21,13 +21,11 @@ pub async fn record(
     if events.is_empty() {
         return Ok(());
     }
-    let stmt = record_statement(tx).await?;
-    record_prepared(tx, &stmt, project_id, ctx, events).await
-}
-
-/// The INSERT of [`record_prepared`] (cached per connection).
-pub async fn record_statement(db: &impl GenericClient) -> Result<Statement> {
-    Ok(db
+    let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let users: Vec<Option<Uuid>> = events.iter().map(|e| e.user_id).collect();
+    let data: Vec<&serde_json::Value> = events.iter().map(|e| &e.data).collect();
+    let stmt = tx
         .prepare_cached(
             "INSERT INTO events (project_id, id, type, user_id, api_key_id, ip, user_agent,
                                  request_id, data)
@@ -35,25 +33,10 @@ pub async fn record_statement(db: &impl GenericClient) -> Result<Statement> {
              FROM unnest($2::uuid[], $3::text[], $4::uuid[], $9::jsonb[])
                   AS e(id, type, user_id, data)",
         )
-        .await?)
-}
-
-/// Records `events` with `stmt` from [`record_statement`], inside the caller's transaction.
-/// It sends the statement on its first poll, so callers may pipeline it.
-pub async fn record_prepared(
-    db: &impl GenericClient,
-    stmt: &Statement,
-    project_id: Uuid,
-    ctx: &EventContext,
-    events: &[NewEvent],
-) -> Result<()> {
-    let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
-    let types: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    let users: Vec<Option<Uuid>> = events.iter().map(|e| e.user_id).collect();
-    let data: Vec<&serde_json::Value> = events.iter().map(|e| &e.data).collect();
+        .await?;
     super::stream::written();
-    db.execute(
-        stmt,
+    tx.execute(
+        &stmt,
         &[
             &project_id,
             &ids,

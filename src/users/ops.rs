@@ -102,35 +102,26 @@ pub async fn create_user(
         None => None,
     };
     let client = db::client(pool).await?;
-    let event = [NewEvent::for_user(
+    let event = NewEvent::for_user(
         EventType::UserCreated,
         new.id,
         json!({
             "fields": set_fields(&new.profile),
-            "status": store::new_status(&new).as_str(),
+            "status": store::status_of(&new).as_str(),
             "has_password": hash.is_some(),
         }),
-    )];
-    let ctx = EventContext::from_caller(caller);
-    // BEGIN, INSERT, event, COMMIT pipelined: one round trip instead of four. The
-    // statements are prepared first (cached per connection), so each future sends its
-    // message on its first poll and join! polls them in order. When the INSERT fails,
-    // PostgreSQL refuses the event in the aborted transaction and COMMIT rolls it back.
-    let (insert, record) = tokio::try_join!(
-        store::insert_statement(&*client),
-        events::record_statement(&*client)
-    )?;
-    let (begin, user, recorded, commit) = tokio::join!(
-        client.batch_execute("BEGIN"),
-        store::insert_prepared(&*client, &insert, caller.project_id, &new, hash.as_deref()),
-        events::record_prepared(&*client, &record, caller.project_id, &ctx, &event),
-        client.batch_execute("COMMIT"),
     );
-    begin?;
-    let user = user?;
-    recorded?;
-    commit?;
-    Ok(user)
+    // One statement writes the user and its event: one round trip, no transaction to open
+    // and commit around it.
+    store::insert_with_event(
+        &*client,
+        caller.project_id,
+        &new,
+        hash.as_deref(),
+        &EventContext::from_caller(caller),
+        &event,
+    )
+    .await
 }
 
 pub async fn get_user(readers: &db::Readers, caller: &Caller, id: Uuid) -> Result<User> {

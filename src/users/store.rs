@@ -3,11 +3,13 @@
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Transaction};
 use serde_json::Value;
-use tokio_postgres::{Row, Statement};
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{LookupKey, NewUser, Profile, User, UserStatus};
 use crate::error::Result;
+use crate::events::{EventContext, NewEvent};
 use crate::query::filter::Expr;
 use crate::query::page::{Cursor, Order, OrderField, SortKind};
 use crate::query::sql::{self, Field, FieldKind, Sql};
@@ -71,68 +73,96 @@ pub fn user_from_row(r: &Row) -> User {
 
 /// Inserts a user with an already-hashed (or imported) password hash.
 pub async fn insert(
-    tx: &Transaction<'_>,
-    project_id: Uuid,
-    user: &NewUser,
-    password_hash: Option<&str>,
-) -> Result<User> {
-    let stmt = insert_statement(tx).await?;
-    insert_prepared(tx, &stmt, project_id, user, password_hash).await
-}
-
-/// The INSERT of [`insert_prepared`] (cached per connection).
-pub async fn insert_statement(db: &impl GenericClient) -> Result<Statement> {
-    Ok(db
-        .prepare_cached(&format!(
-            "INSERT INTO users (project_id, id, external_id, email, email_verified, phone_number,
-                phone_verified, username, display_name, given_name, family_name, picture_url,
-                locale, timezone, status, user_metadata, app_metadata, password_hash,
-                password_changed_at, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                $18, CASE WHEN $18::text IS NULL THEN NULL ELSE now() END,
-                coalesce($19, now()), now())
-             RETURNING {USER_COLUMNS}"
-        ))
-        .await?)
-}
-
-/// Inserts `user` with `stmt` from [`insert_statement`]. It sends the statement on its first
-/// poll, so callers may pipeline it between other statements on the same connection.
-pub async fn insert_prepared(
     db: &impl GenericClient,
-    stmt: &Statement,
     project_id: Uuid,
     user: &NewUser,
     password_hash: Option<&str>,
 ) -> Result<User> {
+    insert_user(db, project_id, user, password_hash, None).await
+}
+
+/// Inserts `user` and, in the same statement, its USER_CREATED-style `event` (one round trip,
+/// atomic without a transaction: the event row exists exactly when the user row does).
+pub async fn insert_with_event(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    user: &NewUser,
+    password_hash: Option<&str>,
+    ctx: &EventContext,
+    event: &NewEvent,
+) -> Result<User> {
+    let user = insert_user(db, project_id, user, password_hash, Some((ctx, event))).await?;
+    crate::events::stream::written();
+    Ok(user)
+}
+
+const INSERT_USER: &str = "INSERT INTO users (project_id, id, external_id, email, email_verified,
+        phone_number, phone_verified, username, display_name, given_name, family_name,
+        picture_url, locale, timezone, status, user_metadata, app_metadata, password_hash,
+        password_changed_at, created_at, updated_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+        $18, CASE WHEN $18::text IS NULL THEN NULL ELSE now() END,
+        coalesce($19, now()), now())";
+
+async fn insert_user(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    user: &NewUser,
+    password_hash: Option<&str>,
+    event: Option<(&EventContext, &NewEvent)>,
+) -> Result<User> {
+    let sql = match event {
+        None => format!("{INSERT_USER} RETURNING {USER_COLUMNS}"),
+        Some(_) => format!(
+            "WITH u AS ({INSERT_USER} RETURNING {USER_COLUMNS}),
+             e AS (INSERT INTO events (project_id, id, type, user_id, api_key_id, ip,
+                                       user_agent, request_id, data)
+                   SELECT $1, $20, $21, u.id, $22, $23, $24, $25, $26 FROM u)
+             SELECT * FROM u"
+        ),
+    };
+    let stmt = db.prepare_cached(&sql).await?;
     let p = &user.profile;
-    let status = new_status(user);
-    let row = db
-        .query_one(
-            stmt,
-            &[
-                &project_id,
-                &user.id,
-                &p.external_id,
-                &p.email,
-                &p.email_verified,
-                &p.phone_number,
-                &p.phone_verified,
-                &p.username,
-                &p.display_name,
-                &p.given_name,
-                &p.family_name,
-                &p.picture_url,
-                &p.locale,
-                &p.timezone,
-                &(status as i16),
-                &Value::Object(p.user_metadata.clone()),
-                &Value::Object(p.app_metadata.clone()),
-                &password_hash,
-                &user.created_at,
-            ],
-        )
-        .await?;
+    let status = status_of(user) as i16;
+    let (user_metadata, app_metadata) = (
+        Value::Object(p.user_metadata.clone()),
+        Value::Object(p.app_metadata.clone()),
+    );
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+        &project_id,
+        &user.id,
+        &p.external_id,
+        &p.email,
+        &p.email_verified,
+        &p.phone_number,
+        &p.phone_verified,
+        &p.username,
+        &p.display_name,
+        &p.given_name,
+        &p.family_name,
+        &p.picture_url,
+        &p.locale,
+        &p.timezone,
+        &status,
+        &user_metadata,
+        &app_metadata,
+        &password_hash,
+        &user.created_at,
+    ];
+    let event_id = Uuid::now_v7();
+    let kind = event.map(|(_, e)| e.kind.as_str());
+    if let (Some((ctx, e)), Some(kind)) = (event, kind.as_ref()) {
+        params.extend_from_slice(&[
+            &event_id,
+            kind,
+            &ctx.api_key_id,
+            &ctx.ip,
+            &ctx.user_agent,
+            &ctx.request_id,
+            &e.data,
+        ]);
+    }
+    let row = db.query_one(&stmt, &params).await?;
     Ok(user_from_row(&row))
 }
 
@@ -150,7 +180,7 @@ pub async fn get(db: &impl GenericClient, project_id: Uuid, id: Uuid) -> Result<
 }
 
 /// The status a new user starts in.
-pub fn new_status(user: &NewUser) -> UserStatus {
+pub fn status_of(user: &NewUser) -> UserStatus {
     if user.pending {
         UserStatus::PendingVerification
     } else {
