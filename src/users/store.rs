@@ -128,27 +128,15 @@ async fn insert_user(
         Value::Object(p.user_metadata.clone()),
         Value::Object(p.app_metadata.clone()),
     );
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
-        &project_id,
-        &user.id,
-        &p.external_id,
-        &p.email,
-        &p.email_verified,
-        &p.phone_number,
-        &p.phone_verified,
-        &p.username,
-        &p.display_name,
-        &p.given_name,
-        &p.family_name,
-        &p.picture_url,
-        &p.locale,
-        &p.timezone,
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&project_id, &user.id];
+    params.extend(profile_columns(p));
+    params.extend_from_slice(&[
         &status,
         &user_metadata,
         &app_metadata,
         &password_hash,
         &user.created_at,
-    ];
+    ]);
     let event_id = Uuid::now_v7();
     let kind = event.map(|(_, e)| e.kind.as_str());
     if let (Some((ctx, e)), Some(kind)) = (event, kind.as_ref()) {
@@ -177,6 +165,25 @@ pub async fn get(db: &impl GenericClient, project_id: Uuid, id: Uuid) -> Result<
         .await?
         .as_ref()
         .map(user_from_row))
+}
+
+/// The profile's scalar columns in the order every users statement lists them, external_id
+/// to timezone (parameters $3..$14 of the INSERT and the profile UPDATE).
+fn profile_columns(p: &Profile) -> [&(dyn ToSql + Sync); 12] {
+    [
+        &p.external_id,
+        &p.email,
+        &p.email_verified,
+        &p.phone_number,
+        &p.phone_verified,
+        &p.username,
+        &p.display_name,
+        &p.given_name,
+        &p.family_name,
+        &p.picture_url,
+        &p.locale,
+        &p.timezone,
+    ]
 }
 
 /// The status a new user starts in.
@@ -253,29 +260,14 @@ pub async fn save_profile(
              RETURNING {USER_COLUMNS}"
         ))
         .await?;
-    let row = tx
-        .query_one(
-            &stmt,
-            &[
-                &project_id,
-                &id,
-                &p.external_id,
-                &p.email,
-                &p.email_verified,
-                &p.phone_number,
-                &p.phone_verified,
-                &p.username,
-                &p.display_name,
-                &p.given_name,
-                &p.family_name,
-                &p.picture_url,
-                &p.locale,
-                &p.timezone,
-                &Value::Object(p.user_metadata.clone()),
-                &Value::Object(p.app_metadata.clone()),
-            ],
-        )
-        .await?;
+    let (user_metadata, app_metadata) = (
+        Value::Object(p.user_metadata.clone()),
+        Value::Object(p.app_metadata.clone()),
+    );
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&project_id, &id];
+    params.extend(profile_columns(p));
+    params.extend_from_slice(&[&user_metadata, &app_metadata]);
+    let row = tx.query_one(&stmt, &params).await?;
     Ok(user_from_row(&row))
 }
 
