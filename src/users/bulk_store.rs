@@ -116,27 +116,16 @@ pub async fn stage(
         let meta = |m| (!serde_json::Map::is_empty(m)).then_some(Json(m));
         let (user_metadata, app_metadata) = (meta(&p.user_metadata), meta(&p.app_metadata));
         let status = u.status as i16;
-        let row: [&(dyn ToSql + Sync); 19] = [
-            &u.idx,
-            &u.id,
-            &p.external_id,
-            &p.email,
-            &p.email_verified,
-            &p.phone_number,
-            &p.phone_verified,
-            &p.username,
-            &p.display_name,
-            &p.given_name,
-            &p.family_name,
-            &p.picture_url,
-            &p.locale,
-            &p.timezone,
+        let mut row: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(USER_TYPES.len());
+        row.extend_from_slice(&[&u.idx, &u.id]);
+        row.extend(super::store::profile_columns(p));
+        row.extend_from_slice(&[
             &status,
             &user_metadata,
             &app_metadata,
             &u.password_hash,
             &u.created_at,
-        ];
+        ]);
         writer.as_mut().write(&row).await?;
     }
     writer.finish().await?;

@@ -168,8 +168,9 @@ pub async fn get(db: &impl GenericClient, project_id: Uuid, id: Uuid) -> Result<
 }
 
 /// The profile's scalar columns in the order every users statement lists them, external_id
-/// to timezone (parameters $3..$14 of the INSERT and the profile UPDATE).
-fn profile_columns(p: &Profile) -> [&(dyn ToSql + Sync); 12] {
+/// to timezone (parameters $3..$14 of the INSERT and the profile UPDATE, and the staging
+/// COPY of an import).
+pub(crate) fn profile_columns(p: &Profile) -> [&(dyn ToSql + Sync); 12] {
     [
         &p.external_id,
         &p.email,
