@@ -162,21 +162,26 @@ pub fn incoming(
 ) {
     let (tx, rx) = mpsc::channel(64);
     let task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(if reload.is_zero() {
-            Duration::from_secs(u64::MAX / 4)
-        } else {
-            reload
+        // No timer at all when reloading is off (a huge period would overflow `Instant`).
+        let mut tick = (!reload.is_zero()).then(|| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + reload, reload);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
         });
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
         loop {
-            let tcp = tokio::select! {
-                _ = tick.tick() => {
-                    if !reload.is_zero() {
-                        let tls = tls.clone();
-                        // File reads and key parsing: off the async threads.
-                        let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
+            let due = async {
+                match tick.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
                     }
+                    None => std::future::pending().await,
+                }
+            };
+            let tcp = tokio::select! {
+                _ = due => {
+                    let tls = tls.clone();
+                    // File reads and key parsing: off the async threads.
+                    let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
                     continue;
                 }
                 _ = tx.closed() => return,

@@ -92,9 +92,15 @@ async fn tls_serves_encrypted_and_refuses_plaintext() {
     let app = TestApp::spawn_with(ServerConfig {
         tls_cert_file: Some(write(&dir, "server.pem", &cert)),
         tls_key_file: Some(write(&dir, "server.key", &key_pem)),
+        // Files read at start only.
+        tls_reload_secs: 0,
         ..Default::default()
     })
     .await;
+    let ch = channel(&app, &ca.pem(), None).await.unwrap();
+    reaches_the_server(ch, &app.token).await.unwrap();
+    // Still accepting later on.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let ch = channel(&app, &ca.pem(), None).await.unwrap();
     reaches_the_server(ch, &app.token).await.unwrap();
     // The harness's plaintext channel gets no answer from a TLS port.
