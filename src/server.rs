@@ -86,22 +86,8 @@ impl Application {
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
-        let metrics_listener = match config.metrics_listen.trim() {
-            "" => None,
-            addr => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding the metrics address {addr}"))?,
-            ),
-        };
-        let health_listener = match config.health_listen.trim() {
-            "" => None,
-            addr => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding the health address {addr}"))?,
-            ),
-        };
+        let metrics_listener = bind_optional(&config.metrics_listen, "metrics").await?;
+        let health_listener = bind_optional(&config.health_listen, "health").await?;
         let hasher = Hasher::new(
             config.hash_workers(),
             config.argon2_memory_kib,
@@ -334,6 +320,18 @@ impl Application {
             r.abort();
         }
         result
+    }
+}
+
+/// Binds an optional side port (`""`: none).
+async fn bind_optional(addr: &str, what: &str) -> anyhow::Result<Option<TcpListener>> {
+    match addr.trim() {
+        "" => Ok(None),
+        addr => {
+            Ok(Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("binding the {what} address {addr}")
+            })?))
+        }
     }
 }
 

@@ -59,12 +59,8 @@ pub fn pg_config(url: &str, timeout: Duration) -> anyhow::Result<tokio_postgres:
 /// A pooled connection, or `Unavailable` when none can be had in time. Checked out while an
 /// RPC runs (inside [`RpcScope::run`]), it belongs to that RPC: see [`Client`].
 pub async fn client(pool: &Pool) -> Result<Client, Error> {
-    let object = pool.get().await.map_err(|e| match e {
-        deadpool_postgres::PoolError::Backend(e) => Error::from(e),
-        other => Error::Unavailable(anyhow::anyhow!("database pool: {other}")),
-    })?;
     Ok(Client {
-        object: Some(object),
+        object: Some(checkout(pool).await?),
         rpc: RPC.try_with(Arc::clone).ok(),
     })
 }
@@ -246,11 +242,7 @@ impl Readers {
                 return Ok(c.clone());
             }
         }
-        let object = self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => Error::from(e),
-            other => Error::Unavailable(anyhow::anyhow!("database pool: {other}")),
-        })?;
-        let fresh = Arc::new(Reader(Some(object)));
+        let fresh = Arc::new(Reader(Some(checkout(&self.pool).await?)));
         fresh
             .batch_execute(&format!(
                 "SET statement_timeout = '{READ_STATEMENT_TIMEOUT}'"
@@ -266,6 +258,14 @@ impl Readers {
             }
         }
     }
+}
+
+/// A connection from `pool`, or `Unavailable` when none can be had in time.
+async fn checkout(pool: &Pool) -> Result<deadpool_postgres::Object, Error> {
+    pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Backend(e) => Error::from(e),
+        other => Error::Unavailable(anyhow::anyhow!("database pool: {other}")),
+    })
 }
 
 /// Which (resource, field) a unique constraint protects, for ALREADY_EXISTS details.

@@ -330,11 +330,7 @@ async fn write_valid(
             idx: i as i32,
             id: r.id,
             profile: &r.profile,
-            status: if r.pending {
-                super::UserStatus::PendingVerification
-            } else {
-                super::UserStatus::Active
-            },
+            status: super::UserStatus::initial(r.pending),
             password_hash: r.password_hash.as_deref(),
             created_at: r.created_at,
         })

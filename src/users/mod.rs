@@ -27,6 +27,15 @@ pub enum UserStatus {
 }
 
 impl UserStatus {
+    /// The status a new user starts in: pending verification when asked, else active.
+    pub fn initial(pending: bool) -> Self {
+        if pending {
+            UserStatus::PendingVerification
+        } else {
+            UserStatus::Active
+        }
+    }
+
     pub fn from_i16(n: i16) -> Self {
         match n {
             2 => UserStatus::PendingVerification,

@@ -107,7 +107,7 @@ pub async fn create_user(
         new.id,
         json!({
             "fields": set_fields(&new.profile),
-            "status": store::status_of(&new).as_str(),
+            "status": UserStatus::initial(new.pending).as_str(),
             "has_password": hash.is_some(),
         }),
     );

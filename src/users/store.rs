@@ -123,7 +123,7 @@ async fn insert_user(
     };
     let stmt = db.prepare_cached(&sql).await?;
     let p = &user.profile;
-    let status = status_of(user) as i16;
+    let status = UserStatus::initial(user.pending) as i16;
     let (user_metadata, app_metadata) = (
         Value::Object(p.user_metadata.clone()),
         Value::Object(p.app_metadata.clone()),
@@ -185,15 +185,6 @@ pub(crate) fn profile_columns(p: &Profile) -> [&(dyn ToSql + Sync); 12] {
         &p.locale,
         &p.timezone,
     ]
-}
-
-/// The status a new user starts in.
-pub fn status_of(user: &NewUser) -> UserStatus {
-    if user.pending {
-        UserStatus::PendingVerification
-    } else {
-        UserStatus::Active
-    }
 }
 
 /// Reads a user and locks its row until the transaction ends.
