@@ -25,6 +25,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "authenticators",
         include_str!("migrations/0005_authenticators.sql"),
     ),
+    (
+        6,
+        "user_factor_columns",
+        include_str!("migrations/0006_user_factor_columns.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming Roster's migration lock.
@@ -32,11 +37,17 @@ const MIGRATION_LOCK: i64 = 0x526f_7374_6572;
 
 /// Applies every pending migration; returns how many were applied.
 pub async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
+    migrate_to(client, i32::MAX).await
+}
+
+/// Applies the pending migrations up to and including `last` (upgrade tests start from an
+/// older schema with it).
+pub async fn migrate_to(client: &mut tokio_postgres::Client, last: i32) -> anyhow::Result<usize> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await
         .context("taking the migration lock")?;
-    let result = apply_pending(client).await;
+    let result = apply_pending(client, last).await;
     // Released on disconnect too, but a pooled connection lives on.
     let unlock = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
@@ -46,7 +57,7 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> anyhow::Result<usiz
     Ok(applied)
 }
 
-async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<usize> {
+async fn apply_pending(client: &mut tokio_postgres::Client, last: i32) -> anyhow::Result<usize> {
     client
         .batch_execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -64,7 +75,7 @@ async fn apply_pending(client: &mut tokio_postgres::Client) -> anyhow::Result<us
         .map(|r| r.get(0))
         .collect();
     let mut applied = 0;
-    for (version, name, sql) in MIGRATIONS {
+    for (version, name, sql) in MIGRATIONS.iter().take_while(|(v, ..)| *v <= last) {
         if done.contains(version) {
             continue;
         }

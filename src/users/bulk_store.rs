@@ -371,8 +371,6 @@ pub async fn insert_identities(
 /// What an export reads.
 pub struct ExportSpec {
     pub filter: Option<Expr>,
-    /// Read the authenticator summary columns (two index probes per row) only when asked.
-    pub with_factors: bool,
     pub with_password_hash: bool,
 }
 
@@ -388,17 +386,6 @@ pub async fn open_export(
     spec: &ExportSpec,
 ) -> Result<tokio_postgres::Portal> {
     let mut sql = Sql::new();
-    let columns = if spec.with_factors {
-        USER_COLUMNS.to_string()
-    } else {
-        let cut = USER_COLUMNS
-            .find(", ARRAY(SELECT")
-            .unwrap_or(USER_COLUMNS.len());
-        format!(
-            "{}, ARRAY[]::int2[] AS factor_types, NULL::int2 AS default_factor",
-            &USER_COLUMNS[..cut]
-        )
-    };
     let hash = if spec.with_password_hash {
         "password_hash"
     } else {
@@ -406,7 +393,7 @@ pub async fn open_export(
     };
     let p = sql.param(project_id);
     sql.push(&format!(
-        "SELECT {columns}, {hash} FROM users WHERE project_id = {p}"
+        "SELECT {USER_COLUMNS}, {hash} FROM users WHERE project_id = {p}"
     ));
     if let Some(f) = &spec.filter {
         sql.push(" AND ");

@@ -305,10 +305,8 @@ impl UserService for UserApi {
         if req.include_password_hashes {
             caller.require(Scope::UsersExportSecrets)?;
         }
-        let wants = |f: &str| fields.as_ref().is_none_or(|fs| fs.contains(&f));
         let spec = super::bulk_store::ExportSpec {
             filter,
-            with_factors: wants("enrolled_methods") || wants("default_method"),
             with_password_hash: req.include_password_hashes,
         };
         let data = serde_json::json!({

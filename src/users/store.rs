@@ -19,13 +19,9 @@ pub const USER_COLUMNS: &str = "id, external_id, email, email_verified, phone_nu
     phone_verified, username, display_name, given_name, family_name, picture_url, locale, \
     timezone, status, user_metadata, app_metadata, password_hash IS NOT NULL AS has_password, \
     password_changed_at, require_password_change, login_count, last_login_at, last_login_ip, \
-    locked_until, blocked_reason, created_at, updated_at, version, \
-    ARRAY(SELECT DISTINCT a.type FROM authenticators a WHERE a.project_id = users.project_id \
-        AND a.user_id = users.id AND a.confirmed ORDER BY a.type) AS factor_types, \
-    (SELECT a.type FROM authenticators a WHERE a.project_id = users.project_id \
-        AND a.user_id = users.id AND a.is_default) AS default_factor";
-// The authenticator columns are two index probes per user (authenticators_user_idx and
-// authenticators_default_key): no extra round trip for GetUser or a page of ListUsers.
+    locked_until, blocked_reason, created_at, updated_at, version, factor_types, default_factor";
+// factor_types and default_factor mirror the user's authenticators (kept by a trigger,
+// migration 0006), so a user read is one index probe.
 pub const USER_COLUMN_COUNT: usize = 29;
 
 fn object(v: Value) -> serde_json::Map<String, Value> {

@@ -128,6 +128,30 @@ fn cluster() -> &'static Cluster {
     })
 }
 
+/// A new database of the test cluster, a copy of `template` (else empty): its name.
+pub async fn create_database(template: Option<&str>) -> String {
+    let db_name = format!("t_{}", Uuid::now_v7().simple());
+    let (client, conn) = tokio_postgres::connect(&cluster().admin, tokio_postgres::NoTls)
+        .await
+        .expect("connect admin");
+    let conn = tokio::spawn(conn);
+    let from = template
+        .map(|t| format!(" TEMPLATE {t}"))
+        .unwrap_or_default();
+    client
+        .batch_execute(&format!("CREATE DATABASE {db_name}{from}"))
+        .await
+        .expect("create test database");
+    drop(client);
+    let _ = conn.await;
+    db_name
+}
+
+/// Connection string of the test cluster's database `db_name`.
+pub fn database_url(db_name: &str) -> String {
+    with_dbname(&cluster().admin, db_name)
+}
+
 pub fn init_tracing() {
     static INIT: OnceLock<()> = OnceLock::new();
     // An inert dispatcher kept alive for the whole run. With exactly one dispatcher alive
@@ -198,28 +222,18 @@ impl TestApp {
     /// The encryption keys tests run with (fixed, so a test can check what is stored).
     pub const ENCRYPTION_KEYS: &str = "test1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
-    pub async fn spawn_with(mut config: ServerConfig) -> TestApp {
+    pub async fn spawn_with(config: ServerConfig) -> TestApp {
+        let db_name = create_database(Some(&cluster().template)).await;
+        Self::start_on(db_name, config).await
+    }
+
+    /// A server on the (migrated) database `db_name`, with a project "test" and its key.
+    pub async fn start_on(db_name: String, mut config: ServerConfig) -> TestApp {
         init_tracing();
         if config.encryption_keys.is_none() {
             config.encryption_keys = Some(Self::ENCRYPTION_KEYS.to_string());
         }
-        let c = cluster();
-        let db_name = format!("t_{}", Uuid::now_v7().simple());
-        let (client, conn) = tokio_postgres::connect(&c.admin, tokio_postgres::NoTls)
-            .await
-            .expect("connect admin");
-        let conn = tokio::spawn(conn);
-        client
-            .batch_execute(&format!(
-                "CREATE DATABASE {db_name} TEMPLATE {}",
-                c.template
-            ))
-            .await
-            .expect("create test database");
-        drop(client);
-        let _ = conn.await;
-
-        let url = with_dbname(&c.admin, &db_name);
+        let url = with_dbname(&cluster().admin, &db_name);
         let pool =
             roster::db::connect_pool(&url, 8, std::time::Duration::from_secs(10)).expect("pool");
         let (project_id, token) = {
@@ -289,7 +303,12 @@ impl TestApp {
 
     /// An AuthenticatorService client using the all-scopes key.
     pub fn authenticators(&self) -> Authenticators {
-        AuthenticatorServiceClient::with_interceptor(self.channel.clone(), key(Some(&self.token)))
+        self.authenticators_with(Some(&self.token))
+    }
+
+    /// An AuthenticatorService client with `token` (or none).
+    pub fn authenticators_with(&self, token: Option<&str>) -> Authenticators {
+        AuthenticatorServiceClient::with_interceptor(self.channel.clone(), key(token))
     }
 
     /// One value from this test's database (for what the API never shows, like stored hashes).

@@ -18,6 +18,7 @@ mod passwords;
 mod server;
 mod telemetry;
 mod tls;
+mod upgrade;
 mod users;
 
 use roster::pb::v1 as pb;

@@ -1,0 +1,126 @@
+//! Schema upgrades: a database made by an older release, then migrated, serves its old data.
+use roster::config::ServerConfig;
+use roster::pb::v1 as pb;
+use uuid::Uuid;
+
+use crate::harness::{self, TestApp};
+
+/// Migration 6 moved a user's factor summary onto the user row: users enrolled before it get
+/// their factors backfilled, and later authenticator changes keep the row current.
+#[tokio::test]
+async fn factor_summary_is_backfilled_and_then_kept_by_the_trigger() {
+    use pb::AuthenticatorType as T;
+    let db_name = harness::create_database(None).await;
+    let (mut client, conn) =
+        tokio_postgres::connect(&harness::database_url(&db_name), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    assert_eq!(
+        roster::db::migrate::migrate_to(&mut client, 5)
+            .await
+            .unwrap(),
+        5
+    );
+    let project = roster::admin::create_project(&client, "old").await.unwrap();
+    let (_, token) = roster::admin::create_key(&client, project.id, "all", &["*".into()])
+        .await
+        .unwrap();
+    let (with_factors, without, totp, sms) = (
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+    );
+    // As release 5 stored them: a confirmed default TOTP, a confirmed SMS channel and an
+    // unconfirmed passkey enrolment on one user; nothing on the other.
+    client
+        .execute(
+            "INSERT INTO users (project_id, id, email, status, created_at, updated_at)
+             SELECT $1, u, u::text || '@old.example', 1, now(), now() FROM unnest($2::uuid[]) u",
+            &[&project.id, &vec![with_factors, without]],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO authenticators (project_id, id, user_id, type, confirmed, is_default,
+                phone_number)
+             VALUES ($1, $2, $4, 2, true, true, NULL), ($1, $3, $4, 5, true, false, '+15550100'),
+                    ($1, $5, $4, 3, false, false, NULL)",
+            &[&project.id, &totp, &sms, &with_factors, &Uuid::now_v7()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(roster::db::migrate::migrate(&mut client).await.unwrap(), 1);
+
+    let app = TestApp::start_on(
+        db_name,
+        ServerConfig {
+            key_cache_ms: 50,
+            ..ServerConfig::default()
+        },
+    )
+    .await;
+    let users = app.users_with(Some(&token));
+    let get = |id: Uuid| {
+        let mut users = users.clone();
+        async move {
+            users
+                .get_user(pb::GetUserRequest { id: id.to_string() })
+                .await
+                .unwrap()
+                .into_inner()
+                .user
+                .unwrap()
+        }
+    };
+    let u = get(with_factors).await;
+    assert_eq!(u.enrolled_methods, [T::Totp as i32, T::SmsOtp as i32]);
+    assert_eq!(u.default_method, T::Totp as i32);
+    let etag = u.etag.clone();
+    let plain = get(without).await;
+    assert!(plain.enrolled_methods.is_empty());
+    assert_eq!(plain.default_method, T::Unspecified as i32);
+
+    // A page of users reads the same columns.
+    let page = users
+        .clone()
+        .list_users(pb::ListUsersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = page.users.iter().find(|x| x.id == u.id).unwrap();
+    assert_eq!(listed.enrolled_methods, u.enrolled_methods);
+    assert_eq!(listed.default_method, u.default_method);
+
+    // Deleting the default TOTP through the API: the summary follows (the SMS channel
+    // becomes the default, as the service keeps one), and the etag does not move.
+    let mut authn = app.authenticators_with(Some(&token));
+    authn
+        .delete_authenticator(pb::DeleteAuthenticatorRequest {
+            user_id: with_factors.to_string(),
+            authenticator_id: totp.to_string(),
+        })
+        .await
+        .unwrap();
+    let u = get(with_factors).await;
+    assert_eq!(u.enrolled_methods, [T::SmsOtp as i32]);
+    assert_eq!(u.default_method, T::SmsOtp as i32);
+    assert_eq!(u.etag, etag);
+
+    // A change made outside the API (an operator's SQL) is mirrored too.
+    app.pool
+        .get()
+        .await
+        .unwrap()
+        .execute(
+            "DELETE FROM authenticators WHERE project_id = $1 AND id = $2",
+            &[&project.id, &sms],
+        )
+        .await
+        .unwrap();
+    let u = get(with_factors).await;
+    assert!(u.enrolled_methods.is_empty());
+    assert_eq!(u.default_method, T::Unspecified as i32);
+}
