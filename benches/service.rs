@@ -5,7 +5,8 @@
 //! alternates its two sides over three rounds of `BENCH_SECS`/2 seconds. With h2load on PATH
 //! (Debian's nghttp2-client) GetUser is also measured from that C load generator at 8 and 32
 //! calls in flight, against pgbench reading the same row.
-//! Run: `cargo bench --bench service` (`BENCH_SECS`, default 10).
+//! Run: `cargo bench --bench service` (`BENCH_SECS`, default 10; `BENCH_ONLY=get,h2load,create,list`
+//! runs only the named comparisons).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -213,6 +214,11 @@ async fn list_latency(
     percentiles(&mut samples)
 }
 
+/// Whether `BENCH_ONLY` (a comma-separated list; unset runs everything) names `part`.
+fn wanted(part: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|p| p.trim() == part))
+}
+
 #[tokio::main]
 async fn main() {
     let n = env_or("BENCH_USERS", 1_000_000) as usize;
@@ -235,7 +241,7 @@ async fn main() {
         env.project_id
     );
     let (mut get, mut pg_select) = (0.0, 0.0);
-    for _ in 0..ROUNDS {
+    for _ in 0..ROUNDS * usize::from(wanted("get")) {
         let ids = ids.clone();
         get += rate(&env, round, move |mut users, k| {
             let id = ids[(k as usize * 7919) % ids.len()].to_string();
@@ -246,11 +252,13 @@ async fn main() {
         .await;
         pg_select += pgbench(&env.url, &select, round.as_secs(), CONCURRENCY);
     }
-    let (get, pg_select) = (get / ROUNDS as f64, pg_select / ROUNDS as f64);
-    println!(
-        "GetUser:    {get:>8.0} rps   pgbench unique-index select {pg_select:>8.0} tps   ratio {:.2} (goal >= 0.5)",
-        get / pg_select
-    );
+    if wanted("get") {
+        let (get, pg_select) = (get / ROUNDS as f64, pg_select / ROUNDS as f64);
+        println!(
+            "GetUser:    {get:>8.0} rps   pgbench unique-index select {pg_select:>8.0} tps   ratio {:.2} (goal >= 0.5)",
+            get / pg_select
+        );
+    }
 
     // The same comparison with a C load generator on both sides: h2load (nghttp2) for gRPC,
     // as pgbench is for PostgreSQL, so the client's own cost is small on both. h2load sends
@@ -261,7 +269,7 @@ async fn main() {
         env.project_id,
         ids[ids.len() / 2]
     );
-    for clients in [CONCURRENCY, 32] {
+    for clients in [CONCURRENCY, 32].into_iter().filter(|_| wanted("h2load")) {
         let Some(h2) = h2load_get(&env, &ids[ids.len() / 2], secs, clients) else {
             println!(
                 "(h2load not on PATH: apt-get install nghttp2-client for the C-client comparison)"
@@ -281,7 +289,7 @@ async fn main() {
         env.project_id
     );
     let (mut create, mut pg_insert) = (0.0, 0.0);
-    for _ in 0..ROUNDS {
+    for _ in 0..ROUNDS * usize::from(wanted("create")) {
         create += rate(&env, round, |mut users, _| async move {
             users
                 .create_user(pb::CreateUserRequest {
@@ -297,11 +305,16 @@ async fn main() {
         .await;
         pg_insert += pgbench(&env.url, &insert, round.as_secs(), CONCURRENCY);
     }
-    let (create, pg_insert) = (create / ROUNDS as f64, pg_insert / ROUNDS as f64);
-    println!(
-        "CreateUser: {create:>8.0} rps   pgbench single-row INSERT   {pg_insert:>8.0} tps   ratio {:.2} (goal >= 0.6)",
-        create / pg_insert
-    );
+    if wanted("create") {
+        let (create, pg_insert) = (create / ROUNDS as f64, pg_insert / ROUNDS as f64);
+        println!(
+            "CreateUser: {create:>8.0} rps   pgbench single-row INSERT   {pg_insert:>8.0} tps   ratio {:.2} (goal >= 0.6)",
+            create / pg_insert
+        );
+    }
+    if !wanted("list") {
+        return;
+    }
 
     // ListUsers: the first page vs. page 10,000 (page size 100), reached by its token.
     let mut users = UserServiceClient::with_interceptor(env.new_channel().await, env.key.clone());
