@@ -14,6 +14,7 @@ pub mod db;
 pub mod error;
 pub mod events;
 pub mod identities;
+pub mod logwriter;
 pub mod metrics;
 pub mod pb;
 pub mod query;

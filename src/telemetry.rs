@@ -32,7 +32,7 @@ pub fn exporting() -> bool {
 /// The log writer and the trace export pipeline; [`Telemetry::shutdown`] flushes both.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
-    logs: tracing_appender::non_blocking::WorkerGuard,
+    logs: crate::logwriter::LogGuard,
 }
 
 impl Telemetry {
@@ -64,13 +64,9 @@ pub fn init(runtime: &tokio::runtime::Handle, traces: bool) -> anyhow::Result<Te
     // ROSTER_LOG_FORMAT=json: one JSON object per line, with the span fields (method,
     // request_id, project, key) on every line of a call, for log pipelines.
     let json = std::env::var("ROSTER_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    // Lines are written by a thread of their own, through a buffer flushed whenever its queue
-    // runs dry: a busy server writes many call lines per write(2), and no RPC waits on stderr.
-    // Under overload (128k lines queued) lines are dropped rather than calls slowed.
-    let (writer, guard) = tracing_appender::non_blocking(std::io::BufWriter::with_capacity(
-        64 * 1024,
-        std::io::stderr(),
-    ));
+    // Lines are written in batches by a thread of their own (see logwriter): no RPC waits on
+    // stderr, and a busy server writes many call lines per write(2).
+    let (writer, guard) = crate::logwriter::spawn(std::io::stderr())?;
     let logs = if json {
         tracing_subscriber::fmt::layer()
             .json()
