@@ -123,4 +123,22 @@ async fn factor_summary_is_backfilled_and_then_kept_by_the_trigger() {
     let u = get(with_factors).await;
     assert!(u.enrolled_methods.is_empty());
     assert_eq!(u.default_method, T::Unspecified as i32);
+
+    // Deleting the user takes its remaining (unconfirmed) authenticator with it: the trigger
+    // finds the user row already gone and changes nothing.
+    users
+        .clone()
+        .delete_user(pb::DeleteUserRequest {
+            id: with_factors.to_string(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    let left: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM authenticators WHERE project_id = $1 AND user_id = $2",
+            &[&project.id, &with_factors],
+        )
+        .await;
+    assert_eq!(left, 0);
 }
