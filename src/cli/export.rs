@@ -24,6 +24,10 @@ pub struct ExportArgs {
     /// Include password hashes (the key needs users.export_secrets).
     #[arg(long)]
     pub include_password_hashes: bool,
+    /// Include linked identities (the key needs identities.read), as `roster import` reads
+    /// them: a JSON array per user (JSON text in a CSV cell).
+    #[arg(long)]
+    pub include_identities: bool,
     /// Write here instead of standard output.
     #[arg(short = 'o', long)]
     pub output: Option<PathBuf>,
@@ -47,6 +51,9 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     if args.include_password_hashes {
         columns.push("password_hash".into());
     }
+    if args.include_identities {
+        columns.push("identities".into());
+    }
     // The total, for the progress bar; a key without users.read just gets no ETA.
     let total = users
         .list_users(pb::ListUsersRequest {
@@ -65,6 +72,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
                 paths: fields.clone(),
             }),
             include_password_hashes: args.include_password_hashes,
+            include_identities: args.include_identities,
         })
         .await
         .map_err(|s| anyhow::anyhow!("the server refused the export: {}", s.message()))?

@@ -110,6 +110,8 @@ pub fn export_json(m: &pb::ExportUsersResponse, columns: &[String]) -> Map<Strin
     for c in columns {
         let v = if c == "password_hash" {
             text(&m.password_hash)
+        } else if c == "identities" {
+            identities_json(&m.identities)
         } else {
             field_value(u, c)
         };
@@ -118,6 +120,31 @@ pub fn export_json(m: &pb::ExportUsersResponse, columns: &[String]) -> Map<Strin
         }
     }
     out
+}
+
+/// Exported identities in the shape `identities` takes them on import (null when none).
+fn identities_json(list: &[pb::ImportIdentity]) -> Value {
+    if list.is_empty() {
+        return Value::Null;
+    }
+    Value::Array(
+        list.iter()
+            .map(|x| {
+                let mut o = Map::new();
+                o.insert("provider".into(), text(&x.provider));
+                o.insert("subject".into(), text(&x.subject));
+                for (k, v) in [("connection", &x.connection), ("email", &x.email)] {
+                    if !v.is_empty() {
+                        o.insert(k.into(), text(v));
+                    }
+                }
+                if x.profile.as_ref().is_some_and(|p| !p.fields.is_empty()) {
+                    o.insert("profile".into(), meta(&x.profile));
+                }
+                Value::Object(o)
+            })
+            .collect(),
+    )
 }
 
 /// A JSON value as a CSV cell: strings as they are, objects and arrays as JSON text.
@@ -309,6 +336,7 @@ mod tests {
                 ..Default::default()
             }),
             password_hash: String::new(),
+            identities: vec![],
         };
         let cols: Vec<String> = [
             "id",

@@ -187,6 +187,16 @@ fn identity_from_proto(x: &pb::ImportIdentity, prefix: &str, v: &mut Violations)
     }
 }
 
+fn identity_to_proto(x: ImportIdentity) -> pb::ImportIdentity {
+    pb::ImportIdentity {
+        provider: x.provider,
+        subject: x.subject,
+        connection: x.connection.unwrap_or_default(),
+        email: x.email.unwrap_or_default(),
+        profile: Some(wire::json_to_struct(&x.profile)),
+    }
+}
+
 /// An error as the google.rpc.Status of a failed record, with the same details a unary call
 /// would carry.
 fn rpc_status(e: Error) -> tonic_types::pb::Status {
@@ -515,6 +525,7 @@ pub fn export_stream(
                             None => user,
                         }),
                         password_hash: x.password_hash.unwrap_or_default(),
+                        identities: x.identities.into_iter().map(identity_to_proto).collect(),
                     })
                 })
                 .collect(),

@@ -371,7 +371,38 @@ pub async fn insert_identities(
 /// What an export reads.
 pub struct ExportSpec {
     pub filter: Option<Expr>,
+    /// Read each chunk's linked identities too (one query per chunk).
+    pub with_identities: bool,
     pub with_password_hash: bool,
+}
+
+/// The linked identities of `users` (one query), in the shape an import takes them, each
+/// user's oldest first. Provider tokens are never read.
+pub async fn identities_of(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    users: &[Uuid],
+) -> Result<HashMap<Uuid, Vec<ImportIdentity>>> {
+    let stmt = tx
+        .prepare_cached(
+            "SELECT user_id, provider, subject, connection, email, profile FROM identities
+             WHERE project_id = $1 AND user_id = ANY($2) ORDER BY user_id, created_at, id",
+        )
+        .await?;
+    let mut out: HashMap<Uuid, Vec<ImportIdentity>> = HashMap::new();
+    for r in tx.query(&stmt, &[&project_id, &users]).await? {
+        out.entry(r.get(0)).or_default().push(ImportIdentity {
+            provider: r.get(1),
+            subject: r.get(2),
+            connection: r.get(3),
+            email: r.get(4),
+            profile: match r.get::<_, serde_json::Value>(5) {
+                serde_json::Value::Object(m) => m,
+                _ => serde_json::Map::new(),
+            },
+        });
+    }
+    Ok(out)
 }
 
 /// Rows fetched per round trip from the export portal.

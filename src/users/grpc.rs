@@ -305,14 +305,19 @@ impl UserService for UserApi {
         if req.include_password_hashes {
             caller.require(Scope::UsersExportSecrets)?;
         }
+        if req.include_identities {
+            caller.require(Scope::IdentitiesRead)?;
+        }
         let spec = super::bulk_store::ExportSpec {
             filter,
+            with_identities: req.include_identities,
             with_password_hash: req.include_password_hashes,
         };
         let data = serde_json::json!({
             "filter": req.filter.trim(),
             "fields": fields.clone().unwrap_or_else(|| vec!["*"]),
             "include_password_hashes": req.include_password_hashes,
+            "include_identities": req.include_identities,
         });
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(ops::export_users(

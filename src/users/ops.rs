@@ -506,10 +506,11 @@ pub async fn confirm_contact_verification(
     Ok((result, user))
 }
 
-/// One exported user, with its password hash when that was asked for.
+/// One exported user, with its password hash and identities when those were asked for.
 pub struct Exported {
     pub user: User,
     pub password_hash: Option<String>,
+    pub identities: Vec<super::import::ImportIdentity>,
 }
 
 /// Streams the users matching `spec` from one REPEATABLE READ snapshot, in id order, into
@@ -552,11 +553,21 @@ pub async fn export_users(
         loop {
             let rows = tx.query_portal(&portal, bulk_store::EXPORT_CHUNK).await?;
             let last = rows.len() < bulk_store::EXPORT_CHUNK as usize;
+            let mut identities = if spec.with_identities && !rows.is_empty() {
+                let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+                bulk_store::identities_of(&tx, caller.project_id, &ids).await?
+            } else {
+                Default::default()
+            };
             let chunk: Vec<Exported> = rows
                 .iter()
-                .map(|r| Exported {
-                    user: store::user_from_row(r),
-                    password_hash: r.get(store::USER_COLUMN_COUNT),
+                .map(|r| {
+                    let user = store::user_from_row(r);
+                    Exported {
+                        identities: identities.remove(&user.id).unwrap_or_default(),
+                        password_hash: r.get(store::USER_COLUMN_COUNT),
+                        user,
+                    }
                 })
                 .collect();
             if !chunk.is_empty() && out.send(Ok(chunk)).await.is_err() {

@@ -587,12 +587,32 @@ pub fn rich_user(i: usize) -> pb::ImportRecord {
         }),
         user_id: Uuid::now_v7().to_string(),
         password_hash: LEGACY_HASHES[i % LEGACY_HASHES.len()].1.into(),
+        // Two identities on every third user, one on the next, none on the rest.
+        identities: [
+            pb::ImportIdentity {
+                provider: "google".into(),
+                subject: format!("g-{i}"),
+                email: format!("rich{i}@gmail.example"),
+                profile: Some(crate::pb_struct(
+                    serde_json::json!({"name": format!("Rich {i}"), "hd": null}),
+                )),
+                ..Default::default()
+            },
+            pb::ImportIdentity {
+                provider: "saml".into(),
+                subject: format!("CN=Rich {i}, \"O\""),
+                connection: "acme-okta".into(),
+                ..Default::default()
+            },
+        ]
+        .into_iter()
+        .take(2 - (i % 3).min(2))
+        .collect(),
         pending: i.is_multiple_of(5),
         created_at: Some(prost_types::Timestamp {
             seconds: 1_600_000_000 + i as i64,
             nanos: 123_456_000,
         }),
-        ..Default::default()
     }
 }
 
@@ -602,6 +622,7 @@ pub fn record_of(m: &pb::ExportUsersResponse) -> pb::ImportRecord {
     pb::ImportRecord {
         user_id: u.id.clone(),
         password_hash: m.password_hash.clone(),
+        identities: m.identities.clone(),
         pending: u.status == pb::UserStatus::PendingVerification as i32,
         created_at: u.created_at,
         user: Some(pb::User {
@@ -621,7 +642,6 @@ pub fn record_of(m: &pb::ExportUsersResponse) -> pb::ImportRecord {
             app_metadata: u.app_metadata,
             ..Default::default()
         }),
-        ..Default::default()
     }
 }
 
@@ -639,6 +659,18 @@ async fn export_round_trips_into_a_fresh_project() {
     };
     let exported = export_all(&mut users, all.clone()).await.unwrap();
     assert_eq!(exported.len(), N);
+    // Identities come only when asked for (and then in every chunk of the stream).
+    assert!(exported.iter().all(|m| m.identities.is_empty()));
+    let all = pb::ExportUsersRequest {
+        include_identities: true,
+        ..all
+    };
+    let exported = export_all(&mut users, all.clone()).await.unwrap();
+    let with_identities = exported.iter().filter(|m| !m.identities.is_empty()).count();
+    assert_eq!(with_identities, (0..N).filter(|i| i % 3 != 2).count());
+    let sample = exported.iter().find(|m| m.identities.len() == 2).unwrap();
+    assert_eq!(sample.identities[0].provider, "google");
+    assert_eq!(sample.identities[1].connection, "acme-okta");
     let ids: Vec<&str> = exported
         .iter()
         .map(|m| m.user.as_ref().unwrap().id.as_str())
@@ -659,6 +691,20 @@ async fn export_round_trips_into_a_fresh_project() {
     for (a, b) in exported.iter().zip(&again) {
         assert_eq!(record_of(a), record_of(b));
     }
+    // The imported identities sign their users in, in the new project.
+    let g = &sample.identities[0];
+    let found = app
+        .identities_with(Some(&token))
+        .lookup_user_by_identity(pb::LookupUserByIdentityRequest {
+            provider: g.provider.clone(),
+            subject: g.subject.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(found.id, sample.user.as_ref().unwrap().id);
 }
 
 #[tokio::test]
@@ -733,6 +779,17 @@ async fn export_is_one_snapshot_with_mask_filter_scope_and_audit() {
         .await
         .unwrap();
     assert!(plain.iter().all(|m| m.password_hash.is_empty()));
+    // Identities need identities.read on top of users.export.
+    let err = export_all(
+        &mut limited,
+        pb::ExportUsersRequest {
+            include_identities: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
     let token = app.key(&["users.export", "users.export_secrets"]).await;
     let with = export_all(
         &mut app.users_with(Some(&token)),

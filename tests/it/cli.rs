@@ -256,6 +256,7 @@ async fn csv_export_and_import_round_trip_quotes_newlines_and_unicode() {
             "--format",
             "csv",
             "--include-password-hashes",
+            "--include-identities",
             "-o",
             file.to_str().unwrap(),
         ],
@@ -275,9 +276,11 @@ async fn csv_export_and_import_round_trip_quotes_newlines_and_unicode() {
     assert!(err.contains("300 created, 0 updated, 0 failed"), "{err}");
     let all = pb::ExportUsersRequest {
         include_password_hashes: true,
+        include_identities: true,
         ..Default::default()
     };
     let a = export_all(&mut users, all.clone()).await.unwrap();
+    assert_eq!(a.iter().map(|m| m.identities.len()).sum::<usize>(), 300);
     let b = export_all(&mut app.users_with(Some(&other)), all)
         .await
         .unwrap();

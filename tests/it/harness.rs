@@ -326,7 +326,12 @@ impl TestApp {
 
     /// An IdentityService client using the all-scopes key.
     pub fn identities(&self) -> Identities {
-        IdentityServiceClient::with_interceptor(self.channel.clone(), key(Some(&self.token)))
+        self.identities_with(Some(&self.token))
+    }
+
+    /// An IdentityService client with `token` (or none).
+    pub fn identities_with(&self, token: Option<&str>) -> Identities {
+        IdentityServiceClient::with_interceptor(self.channel.clone(), key(token))
     }
 
     /// A LogService client using the all-scopes key.
