@@ -62,6 +62,11 @@ pub struct ServeConfig {
     /// Do not apply schema migrations at start-up (run `roster migrate` separately).
     #[arg(long, env = "ROSTER_NO_MIGRATE")]
     pub no_migrate: bool,
+    /// Threads running the async runtime (calls, database I/O); 0: one per available core
+    /// (the container's CPU limit counts). Fewer help when Roster shares its cores with
+    /// PostgreSQL: every wake-up of an idle worker is a context switch.
+    #[arg(long, env = "ROSTER_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
     #[command(flatten)]
     pub database: DatabaseConfig,
     #[command(flatten)]

@@ -4,9 +4,13 @@ use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     let cli = roster::cli::Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let roster::cli::Command::Serve(cfg) = &cli.command
+        && cfg.worker_threads > 0
+    {
+        builder.worker_threads(cfg.worker_threads);
+    }
+    let runtime = builder.enable_all().build()?;
     // Only the server exports traces; the operator commands just log.
     let serving = matches!(cli.command, roster::cli::Command::Serve(_));
     let telemetry = roster::telemetry::init(runtime.handle(), serving)?;

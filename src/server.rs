@@ -509,6 +509,7 @@ async fn serve_on(cfg: &ServeConfig, url: &str, embedded: bool) -> anyhow::Resul
         );
     }
     let shutdown = shutdown_signal()?;
-    tracing::info!(%addr, "roster listening");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(workers, %addr, "roster listening");
     app.run_until(shutdown).await
 }

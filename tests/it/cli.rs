@@ -128,6 +128,9 @@ async fn serve_with_the_embedded_default() {
                 "127.0.0.1:0",
                 "--metrics-listen",
                 "127.0.0.1:0",
+                // The second run on one runtime thread (0: one per core).
+                "--worker-threads",
+                if round == 0 { "0" } else { "1" },
             ])
             .env_remove("DATABASE_URL")
             .env("ROSTER_DATA_DIR", &data)
@@ -197,6 +200,11 @@ async fn serve_with_the_embedded_default() {
         let log = reader.join().unwrap();
         assert!(status.success(), "serve exited with {status}: {log}");
         assert!(log.contains("stopping the private PostgreSQL"), "{log}");
+        let workers = match round {
+            0 => std::thread::available_parallelism().unwrap().get(),
+            _ => 1,
+        };
+        assert!(log.contains(&format!("workers={workers} ")), "{log}");
     }
     // The cluster stopped with the server.
     assert!(!data.join("pgdata").join("postmaster.pid").exists());
