@@ -3,8 +3,9 @@
 //! pgbench single-row INSERT, and ListUsers latency at page 10,000 vs. page 1 over
 //! `BENCH_USERS` (default 1,000,000) users. Prints ratios and p50/p99. Each comparison
 //! alternates its two sides over three rounds of `BENCH_SECS`/2 seconds. With h2load on PATH
-//! (Debian's nghttp2-client) GetUser is also measured from that C load generator at 8 and 32
-//! calls in flight, against pgbench reading the same row.
+//! (Debian's nghttp2-client) GetUser is also measured from that C load generator (8 calls in
+//! flight on 8 connections and on one, as a gRPC channel multiplexes them; 32 on 32), against
+//! pgbench reading the same row.
 //! Run: `cargo bench --bench service` (`BENCH_SECS`, default 10; `BENCH_ONLY=get,h2load,create,list`
 //! runs only the named comparisons).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -121,9 +122,9 @@ where
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
-/// GetUser of `id` from h2load at `clients` connections (one call in flight on each) for
-/// `secs`: calls per second, or None without h2load.
-fn h2load_get(env: &BenchEnv, id: &Uuid, secs: u64, clients: usize) -> Option<f64> {
+/// GetUser of `id` from h2load over `conns` connections with `streams` calls in flight on
+/// each, for `secs`: calls per second, or None without h2load.
+fn h2load_get(env: &BenchEnv, id: &Uuid, secs: u64, conns: usize, streams: usize) -> Option<f64> {
     use prost::Message as _;
     let msg = pb::GetUserRequest { id: id.to_string() }.encode_to_vec();
     // A gRPC message: uncompressed flag, big-endian length, the protobuf bytes.
@@ -133,7 +134,14 @@ fn h2load_get(env: &BenchEnv, id: &Uuid, secs: u64, clients: usize) -> Option<f6
     let file = std::env::temp_dir().join(format!("roster-h2load-{}.bin", Uuid::now_v7()));
     std::fs::write(&file, body).unwrap();
     let out = Command::new("h2load")
-        .args(["-c", &clients.to_string(), "-m", "1", "-t", "1"])
+        .args([
+            "-c",
+            &conns.to_string(),
+            "-m",
+            &streams.to_string(),
+            "-t",
+            "1",
+        ])
         .args(["-D", &secs.to_string(), "-d"])
         .arg(&file)
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
@@ -269,16 +277,20 @@ async fn main() {
         env.project_id,
         ids[ids.len() / 2]
     );
-    for clients in [CONCURRENCY, 32].into_iter().filter(|_| wanted("h2load")) {
-        let Some(h2) = h2load_get(&env, &ids[ids.len() / 2], secs, clients) else {
+    // A gRPC client multiplexes its calls on one channel's connection: also 8 calls in flight
+    // on one connection (pgbench cannot multiplex: 8 connections).
+    let shapes = [(CONCURRENCY, 1), (1, CONCURRENCY), (32, 1)];
+    for (conns, streams) in shapes.into_iter().filter(|_| wanted("h2load")) {
+        let Some(h2) = h2load_get(&env, &ids[ids.len() / 2], secs, conns, streams) else {
             println!(
                 "(h2load not on PATH: apt-get install nghttp2-client for the C-client comparison)"
             );
             break;
         };
-        let pg_fixed = pgbench(&env.url, &fixed, secs, clients);
+        let in_flight = conns * streams;
+        let pg_fixed = pgbench(&env.url, &fixed, secs, in_flight);
         println!(
-            "GetUser (h2load, one row, {clients:>2} clients): {h2:>8.0} rps   pgbench same row {pg_fixed:>8.0} tps   ratio {:.2}",
+            "GetUser (h2load, one row, {in_flight:>2} in flight on {conns:>2} conn.): {h2:>8.0} rps   pgbench same row {pg_fixed:>8.0} tps   ratio {:.2}",
             h2 / pg_fixed
         );
     }
