@@ -762,34 +762,29 @@ async fn export_is_one_snapshot_with_mask_filter_scope_and_audit() {
         vec!["filter", "read_mask.paths[1]"]
     );
 
-    // Hashes need users.export_secrets on top of users.export.
+    // Hashes need users.export_secrets on top of users.export, identities identities.read.
     let token = app.key(&["users.export"]).await;
     let mut limited = app.users_with(Some(&token));
-    let err = export_all(
-        &mut limited,
-        pb::ExportUsersRequest {
-            include_password_hashes: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let hashes = pb::ExportUsersRequest {
+        include_password_hashes: true,
+        ..Default::default()
+    };
+    let identities = pb::ExportUsersRequest {
+        include_identities: true,
+        ..Default::default()
+    };
+    for req in [hashes, identities] {
+        let err = export_all(&mut limited, req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
     let plain = export_all(&mut limited, pb::ExportUsersRequest::default())
         .await
         .unwrap();
-    assert!(plain.iter().all(|m| m.password_hash.is_empty()));
-    // Identities need identities.read on top of users.export.
-    let err = export_all(
-        &mut limited,
-        pb::ExportUsersRequest {
-            include_identities: true,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(
+        plain
+            .iter()
+            .all(|m| m.password_hash.is_empty() && m.identities.is_empty())
+    );
     let token = app.key(&["users.export", "users.export_secrets"]).await;
     let with = export_all(
         &mut app.users_with(Some(&token)),
