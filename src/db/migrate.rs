@@ -30,6 +30,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "user_factor_columns",
         include_str!("migrations/0006_user_factor_columns.sql"),
     ),
+    (
+        7,
+        "user_factor_backfill",
+        include_str!("migrations/0007_user_factor_backfill.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming Roster's migration lock.

@@ -5,8 +5,8 @@ use uuid::Uuid;
 
 use crate::harness::{self, TestApp};
 
-/// Migration 6 moved a user's factor summary onto the user row: users enrolled before it get
-/// their factors backfilled, and later authenticator changes keep the row current.
+/// Migrations 6 and 7 moved a user's factor summary onto the user row: users enrolled before
+/// them get their factors backfilled, and later authenticator changes keep the row current.
 #[tokio::test]
 async fn factor_summary_is_backfilled_and_then_kept_by_the_trigger() {
     use pb::AuthenticatorType as T;
@@ -52,7 +52,8 @@ async fn factor_summary_is_backfilled_and_then_kept_by_the_trigger() {
         )
         .await
         .unwrap();
-    assert_eq!(roster::db::migrate::migrate(&mut client).await.unwrap(), 1);
+    // 6 adds the columns and the trigger, 7 backfills.
+    assert_eq!(roster::db::migrate::migrate(&mut client).await.unwrap(), 2);
 
     let app = TestApp::start_on(
         db_name,
@@ -141,4 +142,95 @@ async fn factor_summary_is_backfilled_and_then_kept_by_the_trigger() {
         )
         .await;
     assert_eq!(left, 0);
+}
+
+/// The backfill (migration 7) and a factor change made meanwhile by a replica still on the
+/// previous release: the change, committed while the backfill waits for the user's lock, is
+/// what the user row shows afterwards (a one-snapshot backfill would overwrite it).
+#[tokio::test]
+async fn the_backfill_keeps_a_change_committed_while_it_waits() {
+    let db_name = harness::create_database(None).await;
+    let url = harness::database_url(&db_name);
+    let connect = || async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    };
+    let mut client = connect().await;
+    roster::db::migrate::migrate_to(&mut client, 5)
+        .await
+        .unwrap();
+    let project = roster::admin::create_project(&client, "old").await.unwrap();
+    let user = Uuid::now_v7();
+    client
+        .execute(
+            "INSERT INTO users (project_id, id, email, status, created_at, updated_at)
+             VALUES ($1, $2, 'a@old.example', 1, now(), now())",
+            &[&project.id, &user],
+        )
+        .await
+        .unwrap();
+    let add = "INSERT INTO authenticators (project_id, id, user_id, type, confirmed, is_default)
+               VALUES ($1, $2, $3, $4, true, $5)";
+    client
+        .execute(add, &[&project.id, &Uuid::now_v7(), &user, &2i16, &true])
+        .await
+        .unwrap();
+    roster::db::migrate::migrate_to(&mut client, 6)
+        .await
+        .unwrap();
+
+    // The old release's enrolment: the user locked, an SMS channel added, not yet committed.
+    let mut other = connect().await;
+    let enrol = other.transaction().await.unwrap();
+    enrol
+        .execute(
+            "SELECT 1 FROM users WHERE project_id = $1 AND id = $2 FOR UPDATE",
+            &[&project.id, &user],
+        )
+        .await
+        .unwrap();
+    enrol
+        .execute(add, &[&project.id, &Uuid::now_v7(), &user, &5i16, &false])
+        .await
+        .unwrap();
+    let backfill = tokio::spawn(async move {
+        roster::db::migrate::migrate(&mut client).await.unwrap();
+        client
+    });
+    // The backfill reaches the user and waits for its lock.
+    let watcher = connect().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backfill never waited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    enrol.commit().await.unwrap();
+    let client = backfill.await.unwrap();
+    let row = client
+        .query_one(
+            "SELECT factor_types, default_factor FROM users WHERE project_id = $1 AND id = $2",
+            &[&project.id, &user],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Vec<i16>>(0), [2, 5]);
+    assert_eq!(row.get::<_, Option<i16>>(1), Some(2));
 }

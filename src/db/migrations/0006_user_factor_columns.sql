@@ -2,7 +2,8 @@
 -- authenticators, instead of two authenticator subqueries in every user read: those were a
 -- third of PostgreSQL's cost for a GetUser (and 200 index probes for a page of 100 users).
 -- Authenticators change rarely; users are read all the time.
--- Adding a column with a constant default rewrites nothing (PostgreSQL 11+).
+-- Adding a column with a constant default rewrites nothing (PostgreSQL 11+), so the table lock
+-- this migration takes is brief; the backfill is migration 7, which takes row locks only.
 ALTER TABLE users
     ADD COLUMN factor_types smallint[] NOT NULL DEFAULT '{}',
     ADD COLUMN default_factor smallint;
@@ -39,15 +40,3 @@ END $$;
 CREATE TRIGGER authenticators_user_factors
     AFTER INSERT OR DELETE OR UPDATE OF user_id, type, confirmed, is_default ON authenticators
     FOR EACH ROW EXECUTE FUNCTION roster_authenticators_changed();
-
--- Users that already have authenticators.
-UPDATE users SET
-    factor_types = f.types,
-    default_factor = f.default_type
-FROM (
-    SELECT project_id, user_id,
-        COALESCE(array_agg(DISTINCT type ORDER BY type) FILTER (WHERE confirmed), '{}') AS types,
-        min(type) FILTER (WHERE is_default) AS default_type
-    FROM authenticators GROUP BY project_id, user_id
-) f
-WHERE users.project_id = f.project_id AND users.id = f.user_id;
