@@ -21,7 +21,7 @@ pub const USER_COLUMNS: &str = "id, external_id, email, email_verified, phone_nu
     password_changed_at, require_password_change, login_count, last_login_at, last_login_ip, \
     locked_until, blocked_reason, created_at, updated_at, version, factor_types, default_factor";
 // factor_types and default_factor mirror the user's authenticators (kept by a trigger,
-// migration 0006), so a user read is one index probe.
+// migrations 6 and 7), so a user read is one index probe.
 pub const USER_COLUMN_COUNT: usize = 29;
 
 fn object(v: Value) -> serde_json::Map<String, Value> {
