@@ -32,8 +32,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Pending> {
-        // A panic while holding the lock cannot leave a half-copied line behind that matters
-        // more than losing the logs; keep writing.
+        // Poisoned by a panic mid-copy: at worst that one line is cut short; keep logging.
         self.pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
