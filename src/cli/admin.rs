@@ -67,11 +67,13 @@ pub enum KeyCommand {
     },
 }
 
-/// Runs `job` on a connection to the configured database, or to the embedded cluster.
+/// Runs `job` on a connection to the configured database, or to the embedded cluster, after
+/// applying pending migrations (how many, the job's second argument).
 pub async fn with_database<F>(db: &DatabaseConfig, job: F) -> anyhow::Result<()>
 where
     F: for<'a> FnOnce(
         &'a mut tokio_postgres::Client,
+        usize,
     ) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + 'a>>,
 {
     let mut started: Option<EmbeddedPostgres> = None;
@@ -88,8 +90,8 @@ where
             .await
             .context("connecting to the database")?;
         tokio::spawn(conn);
-        crate::db::migrate::migrate(&mut client).await?;
-        job(&mut client).await
+        let applied = crate::db::migrate::migrate(&mut client).await?;
+        job(&mut client, applied).await
     }
     .await;
     if let Some(pg) = started {
@@ -99,7 +101,7 @@ where
 }
 
 pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
-    with_database(db, move |client| {
+    with_database(db, move |client, _| {
         Box::pin(async move {
             match cmd {
                 ProjectCommand::Create { name } => {
@@ -136,7 +138,7 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
 }
 
 pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
-    with_database(db, move |client| {
+    with_database(db, move |client, _| {
         Box::pin(async move {
             match cmd {
                 KeyCommand::Create {

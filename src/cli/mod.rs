@@ -61,10 +61,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(cfg) => crate::server::serve(*cfg).await,
         Command::Migrate(db) => {
-            admin::with_database(&db, |client| {
+            // with_database has just migrated: report what it applied (a second pass would
+            // always find nothing to do).
+            admin::with_database(&db, |_, applied| {
                 Box::pin(async move {
-                    let n = crate::db::migrate::migrate(client).await?;
-                    println!("applied {n} migration(s); the schema is up to date");
+                    println!("applied {applied} migration(s); the schema is up to date");
                     Ok(())
                 })
             })

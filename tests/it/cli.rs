@@ -25,6 +25,33 @@ fn roster(url: &str, args: &[&str]) -> (bool, String, String) {
 }
 
 #[tokio::test]
+async fn migrate_reports_what_it_applied() {
+    let url = crate::harness::database_url(&crate::harness::create_database(None).await);
+    let (ok, out, err) = roster(&url, &["migrate"]);
+    assert!(ok, "{err}");
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let versions: i64 = client
+        .query_one("SELECT count(*) FROM schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(versions >= 7);
+    assert_eq!(
+        out.trim(),
+        format!("applied {versions} migration(s); the schema is up to date")
+    );
+    let (ok, out, err) = roster(&url, &["migrate"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        "applied 0 migration(s); the schema is up to date"
+    );
+}
+
+#[tokio::test]
 async fn projects_and_keys_commands() {
     let app = TestApp::spawn().await;
     let (ok, out, err) = roster(&app.url, &["projects", "create", "acme"]);
