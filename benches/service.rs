@@ -85,21 +85,14 @@ async fn seed(env: &BenchEnv, n: usize) -> Vec<Uuid> {
     ids
 }
 
+type Users = UserServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, support::Key>,
+>;
+
 /// Runs `work` from CONCURRENCY tasks (each on its own connection) for `d`: calls per second.
 async fn rate<F, Fut>(env: &BenchEnv, d: Duration, work: F) -> f64
 where
-    F: Fn(
-            UserServiceClient<
-                tonic::service::interceptor::InterceptedService<
-                    tonic::transport::Channel,
-                    support::Key,
-                >,
-            >,
-            u64,
-        ) -> Fut
-        + Send
-        + Sync
-        + 'static,
+    F: Fn(Users, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let work = Arc::new(work);
@@ -169,6 +162,21 @@ fn h2load_get(env: &BenchEnv, id: &Uuid, secs: u64, conns: usize, streams: usize
     })
 }
 
+/// `work` (as in [`rate`]) and pgbench running `script`, alternating over ROUNDS rounds of
+/// `round`: their mean rates.
+async fn alternating<F, Fut>(env: &BenchEnv, round: Duration, work: F, script: &str) -> (f64, f64)
+where
+    F: Fn(Users, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let (mut ours, mut theirs) = (0.0, 0.0);
+    for _ in 0..ROUNDS {
+        ours += rate(env, round, work.clone()).await;
+        theirs += pgbench(&env.url, script, round.as_secs(), CONCURRENCY);
+    }
+    (ours / ROUNDS as f64, theirs / ROUNDS as f64)
+}
+
 /// pgbench with `script` at `clients` clients for `secs`: transactions per second.
 fn pgbench(url: &str, script: &str, secs: u64, clients: usize) -> f64 {
     let file = std::env::temp_dir().join(format!("roster-pgbench-{}.sql", Uuid::now_v7()));
@@ -197,13 +205,7 @@ fn pgbench(url: &str, script: &str, secs: u64, clients: usize) -> f64 {
         })
 }
 
-async fn list_latency(
-    users: &mut UserServiceClient<
-        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, support::Key>,
-    >,
-    token: &str,
-    times: usize,
-) -> (f64, f64) {
+async fn list_latency(users: &mut Users, token: &str, times: usize) -> (f64, f64) {
     let mut samples = Vec::with_capacity(times);
     for _ in 0..times {
         let t = Instant::now();
@@ -248,20 +250,15 @@ async fn main() {
         n - 1,
         env.project_id
     );
-    let (mut get, mut pg_select) = (0.0, 0.0);
-    for _ in 0..ROUNDS * usize::from(wanted("get")) {
+    if wanted("get") {
         let ids = ids.clone();
-        get += rate(&env, round, move |mut users, k| {
+        let get_one = move |mut users: Users, k: u64| {
             let id = ids[(k as usize * 7919) % ids.len()].to_string();
             async move {
                 users.get_user(pb::GetUserRequest { id }).await.unwrap();
             }
-        })
-        .await;
-        pg_select += pgbench(&env.url, &select, round.as_secs(), CONCURRENCY);
-    }
-    if wanted("get") {
-        let (get, pg_select) = (get / ROUNDS as f64, pg_select / ROUNDS as f64);
+        };
+        let (get, pg_select) = alternating(&env, round, get_one, &select).await;
         println!(
             "GetUser:    {get:>8.0} rps   pgbench unique-index select {pg_select:>8.0} tps   ratio {:.2} (goal >= 0.5)",
             get / pg_select
@@ -300,9 +297,8 @@ async fn main() {
         "INSERT INTO users (project_id, id, email, status, created_at, updated_at) VALUES ('{}', gen_random_uuid(), gen_random_uuid()::text || '@pgbench.example', 1, now(), now());\n",
         env.project_id
     );
-    let (mut create, mut pg_insert) = (0.0, 0.0);
-    for _ in 0..ROUNDS * usize::from(wanted("create")) {
-        create += rate(&env, round, |mut users, _| async move {
+    if wanted("create") {
+        let create_one = |mut users: Users, _| async move {
             users
                 .create_user(pb::CreateUserRequest {
                     user: Some(pb::User {
@@ -313,12 +309,8 @@ async fn main() {
                 })
                 .await
                 .unwrap();
-        })
-        .await;
-        pg_insert += pgbench(&env.url, &insert, round.as_secs(), CONCURRENCY);
-    }
-    if wanted("create") {
-        let (create, pg_insert) = (create / ROUNDS as f64, pg_insert / ROUNDS as f64);
+        };
+        let (create, pg_insert) = alternating(&env, round, create_one, &insert).await;
         println!(
             "CreateUser: {create:>8.0} rps   pgbench single-row INSERT   {pg_insert:>8.0} tps   ratio {:.2} (goal >= 0.6)",
             create / pg_insert
