@@ -26,7 +26,8 @@ fn roster(url: &str, args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test]
 async fn migrate_reports_what_it_applied() {
-    let url = crate::harness::database_url(&crate::harness::create_database(None).await);
+    let db = crate::harness::TestDatabase::create(None).await;
+    let url = db.url();
     let (ok, out, err) = roster(&url, &["migrate"]);
     assert!(ok, "{err}");
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)

@@ -128,28 +128,58 @@ fn cluster() -> &'static Cluster {
     })
 }
 
-/// A new database of the test cluster, a copy of `template` (else empty): its name.
-pub async fn create_database(template: Option<&str>) -> String {
-    let db_name = format!("t_{}", Uuid::now_v7().simple());
-    let (client, conn) = tokio_postgres::connect(&cluster().admin, tokio_postgres::NoTls)
-        .await
-        .expect("connect admin");
-    let conn = tokio::spawn(conn);
-    let from = template
-        .map(|t| format!(" TEMPLATE {t}"))
-        .unwrap_or_default();
-    client
-        .batch_execute(&format!("CREATE DATABASE {db_name}{from}"))
-        .await
-        .expect("create test database");
-    drop(client);
-    let _ = conn.await;
-    db_name
+/// A database of the test cluster, dropped (`WITH (FORCE)`) when this is.
+pub struct TestDatabase {
+    pub name: String,
 }
 
-/// Connection string of the test cluster's database `db_name`.
-pub fn database_url(db_name: &str) -> String {
-    with_dbname(&cluster().admin, db_name)
+impl TestDatabase {
+    /// A new database, a copy of `template` (else empty).
+    pub async fn create(template: Option<&str>) -> TestDatabase {
+        let name = format!("t_{}", Uuid::now_v7().simple());
+        let (client, conn) = tokio_postgres::connect(&cluster().admin, tokio_postgres::NoTls)
+            .await
+            .expect("connect admin");
+        let conn = tokio::spawn(conn);
+        let from = template
+            .map(|t| format!(" TEMPLATE {t}"))
+            .unwrap_or_default();
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}{from}"))
+            .await
+            .expect("create test database");
+        drop(client);
+        let _ = conn.await;
+        TestDatabase { name }
+    }
+
+    /// Its connection string.
+    pub fn url(&self) -> String {
+        with_dbname(&cluster().admin, &self.name)
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let admin = cluster().admin.clone();
+        let db = self.name.clone();
+        // Off the test's runtime (Drop cannot await).
+        let _ = std::thread::spawn(move || {
+            block_on(async {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                {
+                    let conn = tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                        .await;
+                    drop(client);
+                    let _ = conn.await;
+                }
+            })
+        })
+        .join();
+    }
 }
 
 pub fn init_tracing() {
@@ -195,6 +225,8 @@ pub struct TestApp {
     /// Connection string of this test's database.
     pub url: String,
     pub db_name: String,
+    /// Dropped after the server has been told to stop (fields drop after `Drop::drop`).
+    _db: TestDatabase,
     pub pool: roster::db::Pool,
     pub project_id: Uuid,
     pub token: String,
@@ -223,12 +255,16 @@ impl TestApp {
     pub const ENCRYPTION_KEYS: &str = "test1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
     pub async fn spawn_with(config: ServerConfig) -> TestApp {
-        let db_name = create_database(Some(&cluster().template)).await;
-        Self::start_on(db_name, config).await
+        Self::start_on(
+            TestDatabase::create(Some(&cluster().template)).await,
+            config,
+        )
+        .await
     }
 
-    /// A server on the (migrated) database `db_name`, with a project "test" and its key.
-    pub async fn start_on(db_name: String, mut config: ServerConfig) -> TestApp {
+    /// A server on the (migrated) database `db`, with a project "test" and its key.
+    pub async fn start_on(db: TestDatabase, mut config: ServerConfig) -> TestApp {
+        let db_name = db.name.clone();
         init_tracing();
         if config.encryption_keys.is_none() {
             config.encryption_keys = Some(Self::ENCRYPTION_KEYS.to_string());
@@ -272,6 +308,7 @@ impl TestApp {
         TestApp {
             url,
             db_name,
+            _db: db,
             pool,
             project_id,
             token,
@@ -391,24 +428,7 @@ impl Drop for TestApp {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let admin = cluster().admin.clone();
-        let db = self.db_name.clone();
-        // Drop the database off the test's runtime (Drop cannot await).
-        let _ = std::thread::spawn(move || {
-            block_on(async {
-                if let Ok((client, conn)) =
-                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
-                {
-                    let conn = tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-                        .await;
-                    drop(client);
-                    let _ = conn.await;
-                }
-            })
-        })
-        .join();
+        // The database goes with the `_db` field.
     }
 }
 

@@ -10,11 +10,10 @@ use crate::harness::{self, TestApp};
 #[tokio::test]
 async fn factor_summary_is_backfilled_and_then_kept_by_the_trigger() {
     use pb::AuthenticatorType as T;
-    let db_name = harness::create_database(None).await;
-    let (mut client, conn) =
-        tokio_postgres::connect(&harness::database_url(&db_name), tokio_postgres::NoTls)
-            .await
-            .unwrap();
+    let db = harness::TestDatabase::create(None).await;
+    let (mut client, conn) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
     tokio::spawn(conn);
     assert_eq!(
         roster::db::migrate::migrate_to(&mut client, 5)
@@ -56,7 +55,7 @@ async fn factor_summary_is_backfilled_and_then_kept_by_the_trigger() {
     assert_eq!(roster::db::migrate::migrate(&mut client).await.unwrap(), 2);
 
     let app = TestApp::start_on(
-        db_name,
+        db,
         ServerConfig {
             key_cache_ms: 50,
             ..ServerConfig::default()
@@ -149,8 +148,8 @@ async fn factor_summary_is_backfilled_and_then_kept_by_the_trigger() {
 /// what the user row shows afterwards (a one-snapshot backfill would overwrite it).
 #[tokio::test]
 async fn the_backfill_keeps_a_change_committed_while_it_waits() {
-    let db_name = harness::create_database(None).await;
-    let url = harness::database_url(&db_name);
+    let db = harness::TestDatabase::create(None).await;
+    let url = db.url();
     let connect = || async {
         let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
