@@ -233,7 +233,12 @@ fn wanted(part: &str) -> bool {
 async fn main() {
     let n = env_or("BENCH_USERS", 1_000_000) as usize;
     let secs = env_or("BENCH_SECS", 10);
-    let env = BenchEnv::start(ServerConfig::default()).await;
+    let env = BenchEnv::start(ServerConfig {
+        // BENCH_READ_BATCH=1 turns GetUser coalescing off, for comparison.
+        db_read_batch: env_or("BENCH_READ_BATCH", 64) as u16,
+        ..ServerConfig::default()
+    })
+    .await;
     println!("service benchmark: {n} users, {CONCURRENCY} concurrent clients, {secs} s phases");
     let seeded = Instant::now();
     let ids = Arc::new(seed(&env, n).await);

@@ -146,6 +146,11 @@ pub struct ServerConfig {
     /// which pipeline their statements on them; 0: half the cores, at least one.
     #[arg(long, env = "ROSTER_DB_READ_CONNECTIONS", default_value_t = 0)]
     pub db_read_connections: usize,
+    /// Most GetUser calls read in one statement: calls arriving while earlier reads are at the
+    /// database are read together, with no waiting on a timer; 1 reads every call on its own.
+    #[arg(long, env = "ROSTER_DB_READ_BATCH", default_value_t = 64,
+        value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub db_read_batch: u16,
     /// A second address serving only grpc.health.v1, always in plaintext and without a key,
     /// for probes that cannot speak TLS (Kubernetes' native gRPC probes); empty: none. The
     /// statuses are the main port's.
@@ -197,6 +202,7 @@ impl Default for ServerConfig {
             health_listen: String::new(),
             tls_reload_secs: 30,
             db_read_connections: 0,
+            db_read_batch: 64,
             rate_limit_rps: 0.0,
             rate_limit_burst: 0.0,
             shutdown_grace_secs: 20,

@@ -118,6 +118,15 @@ impl Error {
         }
     }
 
+    /// One failure answered to several callers (a coalesced read): the same code for each,
+    /// with the shared cause kept for the log.
+    pub fn shared(e: std::sync::Arc<Error>) -> Self {
+        match *e {
+            Error::Unavailable(_) => Error::Unavailable(anyhow::Error::new(e)),
+            _ => Error::Internal(anyhow::Error::new(e)),
+        }
+    }
+
     pub fn internal(e: impl Into<anyhow::Error>) -> Self {
         Error::Internal(e.into())
     }

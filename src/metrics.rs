@@ -50,6 +50,8 @@ pub struct Metrics {
     pool_waiting: Gauge,
     hash_queue: Gauge,
     stream_subscribers: Gauge,
+    /// GetUser calls per coalesced statement (`users::reads`).
+    pub user_read_batch: Histogram,
 }
 
 impl Default for Metrics {
@@ -97,6 +99,12 @@ impl Default for Metrics {
             "event_stream_subscribers",
             "open StreamEvents streams",
         );
+        let user_read_batch = Histogram::new(exponential_buckets(1.0, 2.0, 7));
+        registry.register(
+            "user_read_batch_size",
+            "GetUser calls read together (one statement per project among them)",
+            user_read_batch.clone(),
+        );
         Metrics {
             registry,
             calls,
@@ -106,6 +114,7 @@ impl Default for Metrics {
             pool_waiting,
             hash_queue,
             stream_subscribers,
+            user_read_batch,
         }
     }
 }

@@ -31,6 +31,7 @@ use crate::pb::v1::identity_service_server::IdentityServiceServer;
 use crate::pb::v1::log_service_server::LogServiceServer;
 use crate::pb::v1::user_service_server::UserServiceServer;
 use crate::users::grpc::UserApi;
+use crate::users::reads::UserReads;
 
 /// What every service shares.
 #[derive(Clone)]
@@ -38,6 +39,8 @@ pub struct AppState {
     pub pool: Pool,
     /// Shared, pipelined connections for single-row reads.
     pub readers: Arc<db::Readers>,
+    /// GetUser reads, coalesced over `readers`.
+    pub user_reads: Arc<UserReads>,
     pub hasher: Arc<Hasher>,
     pub passwords: PasswordSettings,
     /// Seals provider tokens and TOTP seeds; `None` when no key is configured.
@@ -103,14 +106,25 @@ impl Application {
                 None
             }
         };
+        let readers = Arc::new(db::Readers::new(pool.clone(), config.read_connections()));
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        // Two reads in flight per shared connection: one at the database while the next
+        // queues up.
+        let user_reads = Arc::new(UserReads::new(
+            readers.clone(),
+            2 * config.read_connections(),
+            config.db_read_batch.into(),
+            metrics.user_read_batch.clone(),
+        ));
         Ok(Application {
             listener,
             tls,
             metrics_listener,
             health_listener,
-            metrics: Arc::default(),
+            metrics,
             state: AppState {
-                readers: Arc::new(db::Readers::new(pool.clone(), config.read_connections())),
+                readers,
+                user_reads,
                 pool,
                 hasher: Arc::new(hasher),
                 passwords: config.password_settings(),

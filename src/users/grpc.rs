@@ -355,7 +355,7 @@ impl UserService for UserApi {
     ) -> Result<Response<pb::GetUserResponse>, Status> {
         let caller = caller_of(&request)?;
         let id = required_id("id", &request.get_ref().id)?;
-        let user = ops::get_user(&self.state.readers, &caller, id).await?;
+        let user = ops::get_user(&self.state.user_reads, &caller, id).await?;
         Ok(Response::new(pb::GetUserResponse {
             user: Some(user_to_proto(&user)),
         }))

@@ -7,6 +7,7 @@ pub mod bulk_store;
 pub mod grpc;
 pub mod import;
 pub mod ops;
+pub mod reads;
 pub mod store;
 
 use chrono::{DateTime, Utc};

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::bulk_store;
+use super::reads::UserReads;
 use super::store::{self, ListSpec, Verification};
 use super::{
     LookupKey, MaskPath, NewUser, PasswordInput, Profile, ProfileField, User, UserStatus,
@@ -124,9 +125,9 @@ pub async fn create_user(
     .await
 }
 
-pub async fn get_user(readers: &db::Readers, caller: &Caller, id: Uuid) -> Result<User> {
-    let client = readers.get().await?;
-    store::get(&**client, caller.project_id, id)
+pub async fn get_user(reads: &UserReads, caller: &Caller, id: Uuid) -> Result<User> {
+    reads
+        .get(caller.project_id, id)
         .await?
         .ok_or_else(|| not_found(id))
 }

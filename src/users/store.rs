@@ -163,6 +163,26 @@ pub async fn get(db: &impl GenericClient, project_id: Uuid, id: Uuid) -> Result<
         .map(user_from_row))
 }
 
+/// The users of `project_id` among `ids` (any order; unknown ids are simply absent): one
+/// index probe per id in one statement, for coalesced GetUser calls.
+pub async fn get_many(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    ids: &[Uuid],
+) -> Result<Vec<User>> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE project_id = $1 AND id = ANY($2)"
+        ))
+        .await?;
+    Ok(db
+        .query(&stmt, &[&project_id, &ids])
+        .await?
+        .iter()
+        .map(user_from_row)
+        .collect())
+}
+
 /// The profile's scalar columns in the order every users statement lists them, external_id
 /// to timezone (parameters $3..$14 of the INSERT and the profile UPDATE, and the staging
 /// COPY of an import).

@@ -444,6 +444,194 @@ async fn get_with_bad_or_unknown_id() {
     );
 }
 
+/// GetUser calls in flight together are read in one statement (`users::reads`); each still
+/// gets exactly its own user, sees the writes acknowledged before it was sent, and gets
+/// NOT_FOUND for an unknown id or one of another project read in the same batch.
+#[tokio::test]
+async fn concurrent_gets_are_read_together_and_each_gets_its_own_answer() {
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        metrics_listen: "127.0.0.1:0".into(),
+        // One shared read connection: two statements in flight, so 32 callers must queue.
+        db_read_connections: 1,
+        ..Default::default()
+    })
+    .await;
+    let mut admin = app.users();
+    let mut ours = Vec::new();
+    for i in 0..24 {
+        ours.push(create_user(&mut admin, &format!("reader{i}@x.io")).await.id);
+    }
+    let (_, other_token) = app.other_project().await;
+    let mut theirs_client = app.users_with(Some(&other_token));
+    let mut theirs = Vec::new();
+    for i in 0..2 {
+        theirs.push(
+            create_user(&mut theirs_client, &format!("theirs{i}@x.io"))
+                .await
+                .id,
+        );
+    }
+    const ROUNDS: usize = 10;
+    let mut tasks = Vec::new();
+    // 24 writers of this project, each updating its own user then reading it back, and
+    // asking for the other project's users and an unknown id in between.
+    for (i, id) in ours.iter().enumerate() {
+        let mut users = app.users();
+        let (id, stranger) = (id.clone(), theirs[i % 2].clone());
+        tasks.push(tokio::spawn(async move {
+            for round in 0..ROUNDS {
+                let name = format!("reader {i} round {round}");
+                users
+                    .update_user(pb::UpdateUserRequest {
+                        user: Some(pb::User {
+                            id: id.clone(),
+                            display_name: name.clone(),
+                            ..Default::default()
+                        }),
+                        update_mask: mask(&["display_name"]),
+                        etag: String::new(),
+                    })
+                    .await
+                    .unwrap();
+                let got = users
+                    .get_user(pb::GetUserRequest { id: id.clone() })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .user
+                    .unwrap();
+                assert_eq!(
+                    (got.id.as_str(), got.email.as_str()),
+                    (id.as_str(), format!("reader{i}@x.io").as_str())
+                );
+                assert_eq!(
+                    got.display_name, name,
+                    "a read must see the write before it"
+                );
+                for missing in [stranger.clone(), uuid::Uuid::now_v7().to_string()] {
+                    let err = users
+                        .get_user(pb::GetUserRequest {
+                            id: missing.clone(),
+                        })
+                        .await
+                        .unwrap_err();
+                    assert_eq!(err.code(), Code::NotFound);
+                    assert_eq!(
+                        details(&err).resource_info().unwrap().resource_name,
+                        missing
+                    );
+                }
+            }
+        }));
+    }
+    // 8 readers of the other project, all after the same two users (duplicates in a batch).
+    for i in 0..8 {
+        let mut users = app.users_with(Some(&other_token));
+        let id = theirs[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ROUNDS * 3 {
+                let got = users
+                    .get_user(pb::GetUserRequest { id: id.clone() })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .user
+                    .unwrap();
+                assert_eq!(got.id, id);
+                assert_eq!(got.email, format!("theirs{}@x.io", i % 2));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let gets = (24 * ROUNDS * 3 + 8 * ROUNDS * 3) as f64;
+    let (_, body) = crate::server::http_get(app.metrics_addr.unwrap(), "/metrics").await;
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
+    };
+    assert_eq!(value("roster_user_read_batch_size_sum"), gets);
+    let batches = value("roster_user_read_batch_size_count");
+    assert!(
+        batches < gets,
+        "{batches} statements for {gets} calls: none read together"
+    );
+}
+
+/// Calls abandoned mid-read (deadlines of a fraction of a millisecond) among coalesced reads:
+/// the calls they were reading for, or that their slots were handed to, are still answered,
+/// and no read slot is lost (afterwards reads still go through).
+#[tokio::test]
+async fn abandoned_gets_strand_no_other_call() {
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        db_read_connections: 1,
+        ..Default::default()
+    })
+    .await;
+    let mut admin = app.users();
+    let user = create_user(&mut admin, "patient@x.io").await;
+    let mut tasks = Vec::new();
+    for i in 0..24u64 {
+        let mut users = app.users();
+        let id = user.id.clone();
+        tasks.push(tokio::spawn(async move {
+            // Every other task gives up after 50..800 µs; the rest wait for their answer.
+            let impatient = i % 2 == 0;
+            let mut answered = 0;
+            for round in 0..40u64 {
+                let mut request = tonic::Request::new(pb::GetUserRequest { id: id.clone() });
+                if impatient {
+                    request.set_timeout(std::time::Duration::from_micros(
+                        50 + (i * 37 + round * 101) % 750,
+                    ));
+                }
+                match users.get_user(request).await {
+                    Ok(r) => {
+                        assert_eq!(r.into_inner().user.unwrap().id, id);
+                        answered += 1;
+                    }
+                    Err(e) => {
+                        assert!(impatient, "a patient call failed: {e:?}");
+                        assert!(
+                            matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+                            "{e:?}"
+                        );
+                    }
+                }
+            }
+            (impatient, answered)
+        }));
+    }
+    let mut impatient_answered = 0;
+    for t in tasks {
+        let (impatient, answered) = t.await.unwrap();
+        if impatient {
+            impatient_answered += answered;
+        } else {
+            assert_eq!(answered, 40);
+        }
+    }
+    assert!(
+        impatient_answered < 12 * 40,
+        "no call was abandoned: the test tested nothing"
+    );
+    // Both slots are free again: a burst of reads is answered promptly.
+    let reads = (0..8).map(|_| {
+        let mut users = app.users();
+        let id = user.id.clone();
+        async move { users.get_user(pb::GetUserRequest { id }).await }
+    });
+    let answers = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        futures_util::future::join_all(reads),
+    )
+    .await
+    .expect("reads still go through");
+    assert!(answers.iter().all(|a| a.is_ok()));
+}
+
 #[tokio::test]
 async fn update_with_mask_changes_only_masked_fields() {
     let app = TestApp::spawn().await;
