@@ -37,6 +37,18 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     ),
 ];
 
+/// A short digest of every migration's version, name and SQL: equal for two builds exactly
+/// when they produce the same schema (the tests name their template database by it).
+pub fn fingerprint() -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (version, name, sql) in MIGRATIONS {
+        h.update(format!("{version}\0{name}\0{}\0", sql.len()));
+        h.update(sql);
+    }
+    hex::encode(&h.finalize()[..8])
+}
+
 /// Arbitrary constant naming Roster's migration lock.
 const MIGRATION_LOCK: i64 = 0x526f_7374_6572;
 

@@ -1,5 +1,5 @@
 //! The test harness: one throwaway PostgreSQL per test run (from the installed binaries, or
-//! `DATABASE_URL` when set), a database migrated once and used as a template, a fresh
+//! `DATABASE_URL` when set), a database migrated once per schema and kept as a template, a fresh
 //! database per test (`CREATE DATABASE ... TEMPLATE`, dropped `WITH (FORCE)` afterwards), and
 //! the real server on an ephemeral port, called through the generated tonic clients.
 //! Tracing output appears only when `TEST_LOG` is set.
@@ -94,29 +94,11 @@ fn cluster() -> &'static Cluster {
                     (pg.connection_string("postgres"), Some(pg))
                 }
             };
-            let template = format!("roster_tpl_{}", Uuid::now_v7().simple());
-            block_on(async {
-                let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-                    .await
-                    .expect("connect admin");
-                let conn = tokio::spawn(conn);
-                client
-                    .batch_execute(&format!("CREATE DATABASE {template}"))
-                    .await
-                    .expect("create template");
-                drop(client);
-                let _ = conn.await;
-                let (mut client, conn) =
-                    tokio_postgres::connect(&with_dbname(&admin, &template), tokio_postgres::NoTls)
-                        .await
-                        .expect("connect template");
-                let conn = tokio::spawn(conn);
-                roster::db::migrate::migrate(&mut client)
-                    .await
-                    .expect("migrate template");
-                drop(client);
-                let _ = conn.await;
-            });
+            // Named by the schema, built once per server and kept: under nextest every test
+            // is its own process, and a template per process would pile up on a
+            // DATABASE_URL server.
+            let template = format!("roster_tpl_{}", roster::db::migrate::fingerprint());
+            block_on(ensure_template(&admin, &template));
             Cluster {
                 admin,
                 template,
@@ -126,6 +108,60 @@ fn cluster() -> &'static Cluster {
         .join()
         .expect("cluster set-up")
     })
+}
+
+/// Arbitrary constant naming the lock under which one test process builds the template.
+const TEMPLATE_LOCK: i64 = 0x726f_7374_6572_7470;
+
+/// Creates the migrated template database `template` unless it exists. It is migrated under
+/// another name and renamed when complete, so a run that dies half-way leaves no broken
+/// template behind; processes arriving meanwhile wait on the lock, then find it.
+async fn ensure_template(admin: &str, template: &str) {
+    let (client, conn) = tokio_postgres::connect(admin, tokio_postgres::NoTls)
+        .await
+        .expect("connect admin");
+    let conn = tokio::spawn(conn);
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK])
+        .await
+        .expect("template lock");
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&template])
+        .await
+        .expect("look for the template")
+        .is_some();
+    if !exists {
+        let building = format!("{template}_{}", Uuid::now_v7().simple());
+        client
+            .batch_execute(&format!("CREATE DATABASE {building}"))
+            .await
+            .expect("create template");
+        let (mut migrating, migrating_conn) =
+            tokio_postgres::connect(&with_dbname(admin, &building), tokio_postgres::NoTls)
+                .await
+                .expect("connect template");
+        let migrating_conn = tokio::spawn(migrating_conn);
+        roster::db::migrate::migrate(&mut migrating)
+            .await
+            .expect("migrate template");
+        drop(migrating);
+        let _ = migrating_conn.await;
+        // The migrating session's backend may outlive its socket by a moment.
+        let mut tries = 0;
+        while let Err(e) = client
+            .batch_execute(&format!("ALTER DATABASE {building} RENAME TO {template}"))
+            .await
+        {
+            tries += 1;
+            assert!(tries < 50, "renaming the template: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&TEMPLATE_LOCK])
+        .await;
+    drop(client);
+    let _ = conn.await;
 }
 
 /// A database of the test cluster, dropped (`WITH (FORCE)`) when this is.
