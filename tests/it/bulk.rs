@@ -955,7 +955,7 @@ async fn imported_hashes_provider_tokens_and_key_secrets_stay_out_of_logs_and_ev
 
     let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(logged.contains("rpc finished"), "logs were captured");
-    let key_secret = app.token.rsplit('_').next().unwrap();
+    let key_secret = crate::harness::key_secret(&app.token);
     let events: Vec<serde_json::Value> = {
         let client = app.pool.get().await.unwrap();
         client

@@ -119,7 +119,7 @@ async fn projects_and_keys_commands() {
         "{listed}"
     );
     assert!(
-        !listed.contains(token.rsplit('_').next().unwrap()),
+        !listed.contains(crate::harness::key_secret(&token)),
         "secrets are never listed"
     );
 

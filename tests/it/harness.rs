@@ -455,6 +455,13 @@ impl TestApp {
     }
 }
 
+/// The secret part of a key `rst_<key id>_<secret>` (URL-safe base64: it may hold '_').
+pub fn key_secret(token: &str) -> &str {
+    let secret = token.splitn(3, '_').nth(2).expect("rst_<id>_<secret>");
+    assert!(secret.len() >= 40, "a whole secret: {token}");
+    secret
+}
+
 pub fn key(token: Option<&str>) -> Key {
     Key(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")))
 }
