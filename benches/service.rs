@@ -7,7 +7,7 @@
 //! flight on 8 connections and on one, as a gRPC channel multiplexes them; 32 on 32), against
 //! pgbench reading the same row.
 //! Run: `cargo bench --bench service` (`BENCH_SECS`, default 10; `BENCH_ONLY=get,h2load,create,list`
-//! runs only the named comparisons).
+//! runs only the named comparisons; `BENCH_READ_BATCH=1` turns GetUser coalescing off).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
