@@ -109,6 +109,7 @@ impl UserReads {
 }
 
 impl Inner {
+    /// One call's read (also the idle path, a slot held).
     async fn alone(&self, (project_id, id): Key) -> Result<Option<User>> {
         let client = self.readers.get().await?;
         store::get(&**client, project_id, id).await
@@ -116,6 +117,9 @@ impl Inner {
 
     /// Reads `own` and the keys of `others` together; answers `others`, returns `own`'s.
     async fn read_for(&self, own: Key, others: Vec<Wanted>) -> Result<Option<User>> {
+        if others.is_empty() {
+            return self.alone(own).await;
+        }
         let mut found = match self.read(own, &others).await {
             Ok(found) => found,
             Err(e) => {
