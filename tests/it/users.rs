@@ -430,18 +430,17 @@ async fn get_with_bad_or_unknown_id() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(violated_fields(&err), vec!["id"]);
-    let missing = uuid::Uuid::now_v7().to_string();
+    get_not_found(&mut users, &uuid::Uuid::now_v7().to_string()).await;
+}
+
+/// GetUser of `id` answers NOT_FOUND naming `id`.
+async fn get_not_found(users: &mut crate::harness::Users, id: &str) {
     let err = users
-        .get_user(pb::GetUserRequest {
-            id: missing.clone(),
-        })
+        .get_user(pb::GetUserRequest { id: id.to_string() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert_eq!(
-        details(&err).resource_info().unwrap().resource_name,
-        missing
-    );
+    assert_eq!(details(&err).resource_info().unwrap().resource_name, id);
 }
 
 /// GetUser calls in flight together are read in one statement (`users::reads`); each still
@@ -509,17 +508,7 @@ async fn concurrent_gets_are_read_together_and_each_gets_its_own_answer() {
                     "a read must see the write before it"
                 );
                 for missing in [stranger.clone(), uuid::Uuid::now_v7().to_string()] {
-                    let err = users
-                        .get_user(pb::GetUserRequest {
-                            id: missing.clone(),
-                        })
-                        .await
-                        .unwrap_err();
-                    assert_eq!(err.code(), Code::NotFound);
-                    assert_eq!(
-                        details(&err).resource_info().unwrap().resource_name,
-                        missing
-                    );
+                    get_not_found(&mut users, &missing).await;
                 }
             }
         }));
