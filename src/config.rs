@@ -151,6 +151,12 @@ pub struct ServerConfig {
     #[arg(long, env = "ROSTER_DB_READ_BATCH", default_value_t = 64,
         value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub db_read_batch: u16,
+    /// Most CreateUser calls written by one statement (users and their events, one commit):
+    /// calls arriving while a write per core is already at the database are written together
+    /// by the next one, with no waiting on a timer; 1 writes every call on its own.
+    #[arg(long, env = "ROSTER_DB_WRITE_BATCH", default_value_t = 64,
+        value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub db_write_batch: u16,
     /// A second address serving only grpc.health.v1, always in plaintext and without a key,
     /// for probes that cannot speak TLS (Kubernetes' native gRPC probes); empty: none. The
     /// statuses are the main port's.
@@ -203,6 +209,7 @@ impl Default for ServerConfig {
             tls_reload_secs: 30,
             db_read_connections: 0,
             db_read_batch: 64,
+            db_write_batch: 64,
             rate_limit_rps: 0.0,
             rate_limit_burst: 0.0,
             shutdown_grace_secs: 20,
@@ -284,7 +291,6 @@ impl ServerConfig {
         }
     }
 
-    /// The number of hashing workers, resolving 0 to the number of cores.
     /// Shared read connections: as configured, else half the cores (at least one).
     pub fn read_connections(&self) -> usize {
         match self.db_read_connections {
@@ -293,6 +299,12 @@ impl ServerConfig {
         }
     }
 
+    /// Coalesced CreateUser writes at the database at once: one per core, at least two.
+    pub fn write_slots(&self) -> usize {
+        std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
+    }
+
+    /// The number of hashing workers, resolving 0 to the number of cores.
     pub fn hash_workers(&self) -> usize {
         if self.hash_workers > 0 {
             self.hash_workers

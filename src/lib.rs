@@ -7,6 +7,7 @@ pub mod admin;
 pub mod auth;
 pub mod authenticators;
 pub mod cli;
+pub mod coalesce;
 pub mod codec;
 pub mod config;
 pub mod crypto;

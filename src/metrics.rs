@@ -52,6 +52,8 @@ pub struct Metrics {
     stream_subscribers: Gauge,
     /// GetUser calls per coalesced statement (`users::reads`).
     pub user_read_batch: Histogram,
+    /// CreateUser calls per coalesced statement (`users::creates`).
+    pub user_create_batch: Histogram,
 }
 
 impl Default for Metrics {
@@ -105,6 +107,12 @@ impl Default for Metrics {
             "GetUser calls read together (one statement per project among them)",
             user_read_batch.clone(),
         );
+        let user_create_batch = Histogram::new(exponential_buckets(1.0, 2.0, 7));
+        registry.register(
+            "user_create_batch_size",
+            "CreateUser calls written together (users and events in one statement)",
+            user_create_batch.clone(),
+        );
         Metrics {
             registry,
             calls,
@@ -115,6 +123,7 @@ impl Default for Metrics {
             hash_queue,
             stream_subscribers,
             user_read_batch,
+            user_create_batch,
         }
     }
 }

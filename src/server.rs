@@ -30,6 +30,7 @@ use crate::pb::v1::authenticator_service_server::AuthenticatorServiceServer;
 use crate::pb::v1::identity_service_server::IdentityServiceServer;
 use crate::pb::v1::log_service_server::LogServiceServer;
 use crate::pb::v1::user_service_server::UserServiceServer;
+use crate::users::creates::UserCreates;
 use crate::users::grpc::UserApi;
 use crate::users::reads::UserReads;
 
@@ -41,6 +42,8 @@ pub struct AppState {
     pub readers: Arc<db::Readers>,
     /// GetUser reads, coalesced over `readers`.
     pub user_reads: Arc<UserReads>,
+    /// CreateUser writes, coalesced.
+    pub user_creates: Arc<UserCreates>,
     pub hasher: Arc<Hasher>,
     pub passwords: PasswordSettings,
     /// Seals provider tokens and TOTP seeds; `None` when no key is configured.
@@ -116,6 +119,14 @@ impl Application {
             config.db_read_batch.into(),
             metrics.user_read_batch.clone(),
         ));
+        // Writes in flight: a statement per core (PostgreSQL works on each on a core of its
+        // own), so that calls arriving meanwhile gather into the next ones.
+        let user_creates = Arc::new(UserCreates::new(
+            pool.clone(),
+            config.write_slots(),
+            config.db_write_batch.into(),
+            metrics.user_create_batch.clone(),
+        ));
         Ok(Application {
             listener,
             tls,
@@ -125,6 +136,7 @@ impl Application {
             state: AppState {
                 readers,
                 user_reads,
+                user_creates,
                 pool,
                 hasher: Arc::new(hasher),
                 passwords: config.password_settings(),

@@ -342,7 +342,8 @@ impl UserService for UserApi {
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let caller = caller_of(&request)?;
         let new = new_user_from_request(request.into_inner())?;
-        let user = ops::create_user(&self.state.pool, &self.state.hasher, &caller, new).await?;
+        let user =
+            ops::create_user(&self.state.user_creates, &self.state.hasher, &caller, new).await?;
         Ok(Response::new(pb::CreateUserResponse {
             user: Some(user_to_proto(&user)),
         }))

@@ -4,6 +4,7 @@
 //! runs each operation in one transaction with its audit event, `store.rs` holds the SQL.
 pub mod bulk_grpc;
 pub mod bulk_store;
+pub mod creates;
 pub mod grpc;
 pub mod import;
 pub mod ops;

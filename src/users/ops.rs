@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::bulk_store;
+use super::creates::{Create, UserCreates};
 use super::reads::UserReads;
 use super::store::{self, ListSpec, Verification};
 use super::{
@@ -91,38 +92,37 @@ fn field_value(p: &Profile, f: ProfileField) -> Value {
 }
 
 pub async fn create_user(
-    pool: &Pool,
+    creates: &UserCreates,
     hasher: &Hasher,
     caller: &Caller,
     new: NewUser,
 ) -> Result<User> {
-    // Hash before taking a connection: hashing may queue behind a sign-in flood.
-    let hash = match &new.password {
+    // Hash before queueing for the database: hashing may queue behind a sign-in flood.
+    let password_hash = match &new.password {
         Some(PasswordInput::Plain(p)) => Some(hasher.hash(p.clone()).await?),
         Some(PasswordInput::Hash(h)) => Some(h.clone()),
         None => None,
     };
-    let client = db::client(pool).await?;
     let event = NewEvent::for_user(
         EventType::UserCreated,
         new.id,
         json!({
             "fields": set_fields(&new.profile),
             "status": UserStatus::initial(new.pending).as_str(),
-            "has_password": hash.is_some(),
+            "has_password": password_hash.is_some(),
         }),
     );
-    // One statement writes the user and its event: one round trip, no transaction to open
-    // and commit around it.
-    store::insert_with_event(
-        &*client,
-        caller.project_id,
-        &new,
-        hash.as_deref(),
-        &EventContext::from_caller(caller),
-        &event,
-    )
-    .await
+    // One statement writes the user and its event (with those of concurrent creates): no
+    // transaction to open and commit around it.
+    creates
+        .create(Create {
+            project_id: caller.project_id,
+            user: new,
+            password_hash,
+            ctx: EventContext::from_caller(caller),
+            event,
+        })
+        .await
 }
 
 pub async fn get_user(reads: &UserReads, caller: &Caller, id: Uuid) -> Result<User> {

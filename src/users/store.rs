@@ -92,13 +92,73 @@ pub async fn insert_with_event(
     Ok(user)
 }
 
-const INSERT_USER: &str = "INSERT INTO users (project_id, id, external_id, email, email_verified,
+const USER_INSERT_COLUMNS: &str = "project_id, id, external_id, email, email_verified,
         phone_number, phone_verified, username, display_name, given_name, family_name,
         picture_url, locale, timezone, status, user_metadata, app_metadata, password_hash,
-        password_changed_at, created_at, updated_at)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-        $18, CASE WHEN $18::text IS NULL THEN NULL ELSE now() END,
-        coalesce($19, now()), now())";
+        password_changed_at, created_at, updated_at";
+const EVENT_INSERT_COLUMNS: &str =
+    "project_id, id, type, user_id, api_key_id, ip, user_agent, request_id, data";
+
+/// What a user's INSERT binds besides the `NewUser`'s own fields.
+struct Derived {
+    status: i16,
+    user_metadata: Value,
+    app_metadata: Value,
+    event_id: Uuid,
+}
+
+impl Derived {
+    fn of(user: &NewUser) -> Self {
+        Derived {
+            status: UserStatus::initial(user.pending) as i16,
+            user_metadata: Value::Object(user.profile.user_metadata.clone()),
+            app_metadata: Value::Object(user.profile.app_metadata.clone()),
+            event_id: Uuid::now_v7(),
+        }
+    }
+}
+
+/// A user's INSERT parameters in `USER_INSERT_COLUMNS` order, project_id to password_hash,
+/// then created_at (19; password_changed_at and updated_at are worked out by the statement).
+fn user_params<'a>(
+    project_id: &'a Uuid,
+    user: &'a NewUser,
+    password_hash: &'a Option<&'a str>,
+    d: &'a Derived,
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(USER_PARAMS + EVENT_PARAMS);
+    params.extend_from_slice(&[project_id, &user.id]);
+    params.extend(profile_columns(&user.profile));
+    params.extend_from_slice(&[
+        &d.status,
+        &d.user_metadata,
+        &d.app_metadata,
+        password_hash,
+        &user.created_at,
+    ]);
+    params
+}
+const USER_PARAMS: usize = 19;
+
+/// The event's parameters after a user's: id, type, api_key_id, ip, user_agent, request_id,
+/// data (its project and user are the user's).
+fn event_params<'a>(
+    d: &'a Derived,
+    kind: &'a &'static str,
+    ctx: &'a EventContext,
+    event: &'a NewEvent,
+) -> [&'a (dyn ToSql + Sync); EVENT_PARAMS] {
+    [
+        &d.event_id,
+        kind,
+        &ctx.api_key_id,
+        &ctx.ip,
+        &ctx.user_agent,
+        &ctx.request_id,
+        &event.data,
+    ]
+}
+const EVENT_PARAMS: usize = 7;
 
 async fn insert_user(
     db: &impl GenericClient,
@@ -107,47 +167,157 @@ async fn insert_user(
     password_hash: Option<&str>,
     event: Option<(&EventContext, &NewEvent)>,
 ) -> Result<User> {
+    const VALUES: &str = "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+        $17, $18, CASE WHEN $18::text IS NULL THEN NULL ELSE now() END, coalesce($19, now()),
+        now()";
+    let insert = format!("INSERT INTO users ({USER_INSERT_COLUMNS}) VALUES ({VALUES})");
     let sql = match event {
-        None => format!("{INSERT_USER} RETURNING {USER_COLUMNS}"),
+        None => format!("{insert} RETURNING {USER_COLUMNS}"),
         Some(_) => format!(
-            "WITH u AS ({INSERT_USER} RETURNING {USER_COLUMNS}),
-             e AS (INSERT INTO events (project_id, id, type, user_id, api_key_id, ip,
-                                       user_agent, request_id, data)
+            "WITH u AS ({insert} RETURNING {USER_COLUMNS}),
+             e AS (INSERT INTO events ({EVENT_INSERT_COLUMNS})
                    SELECT $1, $20, $21, u.id, $22, $23, $24, $25, $26 FROM u)
              SELECT * FROM u"
         ),
     };
     let stmt = db.prepare_cached(&sql).await?;
-    let p = &user.profile;
-    let status = UserStatus::initial(user.pending) as i16;
-    let (user_metadata, app_metadata) = (
-        Value::Object(p.user_metadata.clone()),
-        Value::Object(p.app_metadata.clone()),
-    );
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&project_id, &user.id];
-    params.extend(profile_columns(p));
-    params.extend_from_slice(&[
-        &status,
-        &user_metadata,
-        &app_metadata,
-        &password_hash,
-        &user.created_at,
-    ]);
-    let event_id = Uuid::now_v7();
+    let derived = Derived::of(user);
+    let mut params = user_params(&project_id, user, &password_hash, &derived);
     let kind = event.map(|(_, e)| e.kind.as_str());
     if let (Some((ctx, e)), Some(kind)) = (event, kind.as_ref()) {
-        params.extend_from_slice(&[
-            &event_id,
-            kind,
-            &ctx.api_key_id,
-            &ctx.ip,
-            &ctx.user_agent,
-            &ctx.request_id,
-            &e.data,
-        ]);
+        params.extend(event_params(&derived, kind, ctx, e));
     }
     let row = db.query_one(&stmt, &params).await?;
     Ok(user_from_row(&row))
+}
+
+/// One user to create with its event, for [`insert_many_with_events`].
+pub struct Creation<'a> {
+    pub project_id: Uuid,
+    pub user: &'a NewUser,
+    pub password_hash: Option<&'a str>,
+    pub ctx: &'a EventContext,
+    pub event: &'a NewEvent,
+}
+
+/// Inserts the users of `batch` that take no unique value already taken (by a stored user
+/// or one earlier in the batch), each with its event, in one statement (one commit); returns
+/// the users written with their project. A user not written is simply absent: writing it on
+/// its own tells why. The batch must not repeat a (project, id).
+///
+/// The rows travel as one array per column: one statement text whatever the batch's size
+/// (a VALUES list per size would prepare up to a megabyte of plan per size and connection).
+/// `ON CONFLICT DO NOTHING` skips a row taking a taken unique value, waiting, as a plain
+/// INSERT does, for a concurrent writer of the same value to finish.
+pub async fn insert_many_with_events(
+    db: &impl GenericClient,
+    batch: &[Creation<'_>],
+) -> Result<Vec<(Uuid, User)>> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[],
+                     $5::bool[], $6::text[], $7::bool[], $8::text[], $9::text[], $10::text[],
+                     $11::text[], $12::text[], $13::text[], $14::text[], $15::int2[],
+                     $16::jsonb[], $17::jsonb[], $18::text[], $19::timestamptz[],
+                     $20::uuid[], $21::text[], $22::uuid[], $23::text[], $24::text[],
+                     $25::text[], $26::jsonb[])
+                 AS t (project_id, id, external_id, email, email_verified, phone_number,
+                     phone_verified, username, display_name, given_name, family_name,
+                     picture_url, locale, timezone, status, user_metadata, app_metadata,
+                     password_hash, created_at, event_id, event_type, api_key_id, ip,
+                     user_agent, request_id, data)),
+             u AS (INSERT INTO users ({USER_INSERT_COLUMNS})
+                   SELECT project_id, id, external_id, email, email_verified, phone_number,
+                          phone_verified, username, display_name, given_name, family_name,
+                          picture_url, locale, timezone, status, user_metadata, app_metadata,
+                          password_hash,
+                          CASE WHEN password_hash IS NULL THEN NULL ELSE now() END,
+                          coalesce(created_at, now()), now()
+                   FROM input
+                   ON CONFLICT DO NOTHING
+                   RETURNING {USER_COLUMNS}, project_id),
+             e AS (INSERT INTO events ({EVENT_INSERT_COLUMNS})
+                   SELECT i.project_id, i.event_id, i.event_type, u.id, i.api_key_id, i.ip,
+                          i.user_agent, i.request_id, i.data
+                   FROM u JOIN input i ON i.project_id = u.project_id AND i.id = u.id)
+             SELECT * FROM u"
+        ))
+        .await?;
+    fn text<'a>(
+        batch: &'a [Creation<'a>],
+        f: impl Fn(&'a Creation<'a>) -> Option<&'a str>,
+    ) -> Vec<Option<&'a str>> {
+        batch.iter().map(f).collect()
+    }
+    let flag = |f: fn(&Profile) -> bool| batch.iter().map(|c| f(&c.user.profile)).collect();
+    let derived: Vec<Derived> = batch.iter().map(|c| Derived::of(c.user)).collect();
+    let project_ids: Vec<Uuid> = batch.iter().map(|c| c.project_id).collect();
+    let ids: Vec<Uuid> = batch.iter().map(|c| c.user.id).collect();
+    let external_ids = text(batch, |c| c.user.profile.external_id.as_deref());
+    let emails = text(batch, |c| c.user.profile.email.as_deref());
+    let email_verified: Vec<bool> = flag(|p| p.email_verified);
+    let phone_numbers = text(batch, |c| c.user.profile.phone_number.as_deref());
+    let phone_verified: Vec<bool> = flag(|p| p.phone_verified);
+    let usernames = text(batch, |c| c.user.profile.username.as_deref());
+    let display_names = text(batch, |c| c.user.profile.display_name.as_deref());
+    let given_names = text(batch, |c| c.user.profile.given_name.as_deref());
+    let family_names = text(batch, |c| c.user.profile.family_name.as_deref());
+    let picture_urls = text(batch, |c| c.user.profile.picture_url.as_deref());
+    let locales = text(batch, |c| c.user.profile.locale.as_deref());
+    let timezones = text(batch, |c| c.user.profile.timezone.as_deref());
+    let statuses: Vec<i16> = derived.iter().map(|d| d.status).collect();
+    let user_metadata: Vec<&Value> = derived.iter().map(|d| &d.user_metadata).collect();
+    let app_metadata: Vec<&Value> = derived.iter().map(|d| &d.app_metadata).collect();
+    let hashes = text(batch, |c| c.password_hash);
+    let created_at: Vec<Option<DateTime<Utc>>> = batch.iter().map(|c| c.user.created_at).collect();
+    let event_ids: Vec<Uuid> = derived.iter().map(|d| d.event_id).collect();
+    let kinds = text(batch, |c| Some(c.event.kind.as_str()));
+    let api_key_ids: Vec<Uuid> = batch.iter().map(|c| c.ctx.api_key_id).collect();
+    let ips = text(batch, |c| c.ctx.ip.as_deref());
+    let user_agents = text(batch, |c| c.ctx.user_agent.as_deref());
+    let request_ids = text(batch, |c| Some(c.ctx.request_id.as_str()));
+    let data: Vec<&Value> = batch.iter().map(|c| &c.event.data).collect();
+    let rows = db
+        .query(
+            &stmt,
+            &[
+                &project_ids,
+                &ids,
+                &external_ids,
+                &emails,
+                &email_verified,
+                &phone_numbers,
+                &phone_verified,
+                &usernames,
+                &display_names,
+                &given_names,
+                &family_names,
+                &picture_urls,
+                &locales,
+                &timezones,
+                &statuses,
+                &user_metadata,
+                &app_metadata,
+                &hashes,
+                &created_at,
+                &event_ids,
+                &kinds,
+                &api_key_ids,
+                &ips,
+                &user_agents,
+                &request_ids,
+                &data,
+            ],
+        )
+        .await?;
+    if !rows.is_empty() {
+        crate::events::stream::written();
+    }
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(USER_COLUMN_COUNT), user_from_row(r)))
+        .collect())
 }
 
 pub async fn get(db: &impl GenericClient, project_id: Uuid, id: Uuid) -> Result<Option<User>> {

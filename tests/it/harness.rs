@@ -384,6 +384,19 @@ impl TestApp {
         AuthenticatorServiceClient::with_interceptor(self.channel.clone(), key(token))
     }
 
+    /// The metrics endpoint's samples (`name{labels}` → value); the app must serve metrics.
+    pub async fn metrics(&self) -> std::collections::HashMap<String, f64> {
+        let addr = self.metrics_addr.expect("metrics_listen set");
+        let (_, body) = crate::server::http_get(addr, "/metrics").await;
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_string(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
     /// One value from this test's database (for what the API never shows, like stored hashes).
     pub async fn sql_one<T>(
         &self,

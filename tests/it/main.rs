@@ -6,6 +6,7 @@ mod auth;
 mod badinput;
 mod bulk;
 mod cli;
+mod creates;
 mod events;
 mod factors;
 mod faults;

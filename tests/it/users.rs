@@ -535,14 +535,9 @@ async fn concurrent_gets_are_read_together_and_each_gets_its_own_answer() {
         t.await.unwrap();
     }
     let gets = (24 * ROUNDS * 3 + 8 * ROUNDS * 3) as f64;
-    let (_, body) = crate::server::http_get(app.metrics_addr.unwrap(), "/metrics").await;
-    let value = |name: &str| -> f64 {
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in:\n{body}"))
-    };
-    assert_eq!(value("roster_user_read_batch_size_sum"), gets);
-    let batches = value("roster_user_read_batch_size_count");
+    let metrics = app.metrics().await;
+    assert_eq!(metrics["roster_user_read_batch_size_sum"], gets);
+    let batches = metrics["roster_user_read_batch_size_count"];
     assert!(
         batches < gets,
         "{batches} statements for {gets} calls: none read together"
