@@ -89,8 +89,8 @@ type Users = UserServiceClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, support::Key>,
 >;
 
-/// Runs `work` from CONCURRENCY tasks (each on its own connection) for `d`: calls per second.
-async fn rate<F, Fut>(env: &BenchEnv, d: Duration, work: F) -> f64
+/// Runs `work` from `clients` tasks (each on its own connection) for `d`: calls per second.
+async fn rate<F, Fut>(env: &BenchEnv, d: Duration, clients: usize, work: F) -> f64
 where
     F: Fn(Users, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
@@ -99,7 +99,7 @@ where
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..CONCURRENCY {
+    for _ in 0..clients {
         let users = UserServiceClient::with_interceptor(env.new_channel().await, env.key.clone());
         let (work, done) = (work.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
@@ -162,17 +162,23 @@ fn h2load_get(env: &BenchEnv, id: &Uuid, secs: u64, conns: usize, streams: usize
     })
 }
 
-/// `work` (as in [`rate`]) and pgbench running `script`, alternating over ROUNDS rounds of
-/// `round`: their mean rates.
-async fn alternating<F, Fut>(env: &BenchEnv, round: Duration, work: F, script: &str) -> (f64, f64)
+/// `work` (as in [`rate`]) and pgbench running `script`, both from `clients` clients,
+/// alternating over ROUNDS rounds of `round`: their mean rates.
+async fn alternating<F, Fut>(
+    env: &BenchEnv,
+    round: Duration,
+    clients: usize,
+    work: F,
+    script: &str,
+) -> (f64, f64)
 where
     F: Fn(Users, u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let (mut ours, mut theirs) = (0.0, 0.0);
     for _ in 0..ROUNDS {
-        ours += rate(env, round, work.clone()).await;
-        theirs += pgbench(&env.url, script, round.as_secs(), CONCURRENCY);
+        ours += rate(env, round, clients, work.clone()).await;
+        theirs += pgbench(&env.url, script, round.as_secs(), clients);
     }
     (ours / ROUNDS as f64, theirs / ROUNDS as f64)
 }
@@ -224,6 +230,58 @@ async fn list_latency(users: &mut Users, token: &str, times: usize) -> (f64, f64
     percentiles(&mut samples)
 }
 
+/// The (sum, count) of the server's histogram `name` (a sample name with its labels).
+async fn histogram(env: &BenchEnv, name: &str) -> (f64, f64) {
+    let sample = |suffix: &str| match name.split_once('{') {
+        Some((n, labels)) => format!("{n}_{suffix}{{{labels}"),
+        None => format!("{name}_{suffix}"),
+    };
+    let sum = env.metric(&sample("sum")).await.unwrap_or(0.0);
+    let count = env.metric(&sample("count")).await.unwrap_or(0.0);
+    (sum, count)
+}
+
+/// What the server saw of `method`'s calls (coalesced as `roster_user_<what>_batch_size`):
+/// readings of (calls per statement, server-side latency) to print after a phase.
+struct ServerSide {
+    batch: String,
+    latency: String,
+    before: [(f64, f64); 2],
+}
+
+impl ServerSide {
+    async fn start(env: &BenchEnv, what: &str, method: &str) -> Self {
+        let batch = format!("roster_user_{what}_batch_size");
+        let latency =
+            format!("roster_rpc_duration_seconds{{method=\"/roster.v1.UserService/{method}\"}}");
+        let before = [histogram(env, &batch).await, histogram(env, &latency).await];
+        ServerSide {
+            batch,
+            latency,
+            before,
+        }
+    }
+
+    /// Prints calls per statement and the server's mean latency since `start`.
+    async fn print(&self, env: &BenchEnv) {
+        let delta = |(sum, count): (f64, f64), (s0, c0): (f64, f64)| (sum - s0, count - c0);
+        let (calls, statements) = delta(histogram(env, &self.batch).await, self.before[0]);
+        let (secs, answered) = delta(histogram(env, &self.latency).await, self.before[1]);
+        if answered > 0.0 {
+            // No statements counted: coalescing is off (a batch size of 1).
+            let per = if statements > 0.0 {
+                format!("{:.2} calls per statement; ", calls / statements)
+            } else {
+                String::new()
+            };
+            println!(
+                "            ({per}mean {:.2} ms in the server)",
+                secs / answered * 1e3
+            );
+        }
+    }
+}
+
 /// Whether `BENCH_ONLY` (a comma-separated list; unset runs everything) names `part`.
 fn wanted(part: &str) -> bool {
     std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|p| p.trim() == part))
@@ -236,6 +294,9 @@ async fn main() {
     let env = BenchEnv::start(ServerConfig {
         // BENCH_READ_BATCH=1 turns GetUser coalescing off, for comparison.
         db_read_batch: env_or("BENCH_READ_BATCH", 64) as u16,
+        // BENCH_WRITE_BATCH=1 turns CreateUser coalescing off, for comparison.
+        db_write_batch: env_or("BENCH_WRITE_BATCH", 64) as u16,
+        metrics_listen: "127.0.0.1:0".into(),
         ..ServerConfig::default()
     })
     .await;
@@ -263,11 +324,13 @@ async fn main() {
                 users.get_user(pb::GetUserRequest { id }).await.unwrap();
             }
         };
-        let (get, pg_select) = alternating(&env, round, get_one, &select).await;
+        let server = ServerSide::start(&env, "read", "GetUser").await;
+        let (get, pg_select) = alternating(&env, round, CONCURRENCY, get_one, &select).await;
         println!(
             "GetUser:    {get:>8.0} rps   pgbench unique-index select {pg_select:>8.0} tps   ratio {:.2} (goal >= 0.5)",
             get / pg_select
         );
+        server.print(&env).await;
     }
 
     // The same comparison with a C load generator on both sides: h2load (nghttp2) for gRPC,
@@ -315,11 +378,26 @@ async fn main() {
                 .await
                 .unwrap();
         };
-        let (create, pg_insert) = alternating(&env, round, create_one, &insert).await;
-        println!(
-            "CreateUser: {create:>8.0} rps   pgbench single-row INSERT   {pg_insert:>8.0} tps   ratio {:.2} (goal >= 0.6)",
-            create / pg_insert
-        );
+        // Also at 32 clients, where concurrent creates are written together.
+        for clients in [CONCURRENCY, 32] {
+            let server = ServerSide::start(&env, "create", "CreateUser").await;
+            let (create, pg_insert) = alternating(&env, round, clients, create_one, &insert).await;
+            let label = if clients == CONCURRENCY {
+                "CreateUser:".to_string()
+            } else {
+                format!("CreateUser ({clients} clients):")
+            };
+            println!(
+                "{label} {create:>8.0} rps   pgbench single-row INSERT   {pg_insert:>8.0} tps   ratio {:.2}{}",
+                create / pg_insert,
+                if clients == CONCURRENCY {
+                    " (goal >= 0.6)"
+                } else {
+                    ""
+                }
+            );
+            server.print(&env).await;
+        }
     }
     if !wanted("list") {
         return;

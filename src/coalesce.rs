@@ -158,3 +158,132 @@ impl<T, R> Drop for Slot<T, R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+    use tokio::task::JoinHandle;
+
+    use super::{Coalescer, Turn};
+
+    type C = Arc<Coalescer<u32, u32>>;
+
+    fn coalescer(slots: usize, max_batch: usize) -> C {
+        let sizes = Histogram::new(exponential_buckets(1.0, 2.0, 4));
+        Arc::new(Coalescer::new(slots, max_batch, sizes))
+    }
+
+    /// What a call saw: answered with a value, led (its item and the items it worked for),
+    /// or orphaned.
+    #[derive(Debug, PartialEq)]
+    enum Saw {
+        Answered(u32),
+        Led(u32, Vec<u32>),
+        Orphaned,
+    }
+
+    /// A call that, when it leads, answers each call it works for with ten times its item.
+    fn spawn_call(c: &C, item: u32) -> JoinHandle<Saw> {
+        let c = c.clone();
+        tokio::spawn(async move {
+            match c.enter(item).await {
+                Turn::Answered(v) => Saw::Answered(v),
+                Turn::Lead { item, others, .. } => {
+                    let items = others.iter().map(|w| w.item).collect();
+                    for w in others {
+                        let v = w.item * 10;
+                        w.answer(v);
+                    }
+                    Saw::Led(item, items)
+                }
+                Turn::Orphaned => Saw::Orphaned,
+            }
+        })
+    }
+
+    /// Lets spawned calls run up to their queueing (the test runtime has one thread).
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_calls_go_to_the_first_queued_up_to_the_batch_size() {
+        let c = coalescer(1, 3);
+        let Turn::Lead { slot, others, .. } = c.enter(1).await else {
+            panic!("a free slot: the call goes at once")
+        };
+        assert!(others.is_empty());
+        let calls: Vec<_> = (2..=5).map(|i| spawn_call(&c, i)).collect();
+        settle().await;
+        assert!(calls.iter().all(|h| !h.is_finished()), "all four queue");
+        drop(slot);
+        let mut saw = Vec::new();
+        for h in calls {
+            saw.push(h.await.unwrap());
+        }
+        assert_eq!(
+            saw,
+            [
+                Saw::Led(2, vec![3, 4]),
+                Saw::Answered(30),
+                Saw::Answered(40),
+                // Queued after the batch was full: led alone once 2's slot came free.
+                Saw::Led(5, vec![]),
+            ]
+        );
+        // Every slot is free again.
+        assert!(matches!(c.enter(6).await, Turn::Lead { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_call_gone_before_its_turn_is_passed_over() {
+        let c = coalescer(1, 8);
+        let Turn::Lead { slot, .. } = c.enter(1).await else {
+            panic!("a free slot")
+        };
+        let gone = spawn_call(&c, 2);
+        let next = spawn_call(&c, 3);
+        settle().await;
+        gone.abort();
+        settle().await;
+        drop(slot);
+        assert_eq!(next.await.unwrap(), Saw::Led(3, vec![]));
+    }
+
+    #[tokio::test]
+    async fn a_leader_dropping_its_calls_orphans_them_and_frees_its_slot() {
+        let c = coalescer(1, 8);
+        let Turn::Lead { slot, .. } = c.enter(1).await else {
+            panic!("a free slot")
+        };
+        let leader = {
+            let c = c.clone();
+            tokio::spawn(async move {
+                // Takes the lead, then drops everything unanswered (as a cancelled call does).
+                match c.enter(2).await {
+                    Turn::Lead { others, .. } => others.len(),
+                    _ => panic!("2 is first in the queue"),
+                }
+            })
+        };
+        let waiter = spawn_call(&c, 3);
+        settle().await;
+        drop(slot);
+        assert_eq!(leader.await.unwrap(), 1);
+        assert_eq!(waiter.await.unwrap(), Saw::Orphaned);
+        assert!(matches!(c.enter(4).await, Turn::Lead { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_batch_size_of_one_lets_every_call_go_at_once() {
+        let c = coalescer(1, 1);
+        let first = c.enter(1).await;
+        let second = spawn_call(&c, 2);
+        assert_eq!(second.await.unwrap(), Saw::Led(2, vec![]));
+        drop(first);
+    }
+}

@@ -30,6 +30,8 @@ pub struct BenchEnv {
     pub key: Key,
     pub project_id: uuid::Uuid,
     pub addr: std::net::SocketAddr,
+    /// The server's metrics endpoint, when the config asked for one.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     pg: Option<EmbeddedPostgres>,
     dir: Option<std::path::PathBuf>,
@@ -88,6 +90,7 @@ impl BenchEnv {
         .expect("build")
         .listen_for_events(roster::db::pg_config(&url, Duration::from_secs(10)).unwrap());
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(app.run_until(async move {
             let _ = rx.await;
@@ -104,10 +107,27 @@ impl BenchEnv {
             key: Key(format!("Bearer {token}").parse().unwrap()),
             project_id,
             addr,
+            metrics_addr,
             shutdown: Some(tx),
             pg,
             dir,
         }
+    }
+
+    /// The value of the sample `name` (e.g. `roster_user_read_batch_size_sum`) on the metrics
+    /// endpoint, if the server has one and shows it.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.metrics_addr?)
+            .await
+            .ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
     }
 
     /// A fresh HTTP/2 connection, so concurrent load is not serialised on one.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use deadpool_postgres::GenericClient;
 use prometheus_client::metrics::histogram::Histogram;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::store::{self, Creation};
@@ -69,10 +70,14 @@ impl UserCreates {
                     return alone(&self.pool, &item).await;
                 }
                 let pool = self.pool.clone();
-                let batch = tokio::spawn(async move {
-                    let _slot = slot;
-                    write_batch(&pool, item, others).await
-                });
+                // In the leading call's span, so that its logs say whose batch it was.
+                let batch = tokio::spawn(
+                    async move {
+                        let _slot = slot;
+                        write_batch(&pool, item, others).await
+                    }
+                    .instrument(tracing::Span::current()),
+                );
                 batch.await.unwrap_or_else(|e| Err(lost(e)))
             }
             // Only a panic in the batch's task ends it without an answer.
