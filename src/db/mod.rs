@@ -311,7 +311,15 @@ impl From<tokio_postgres::Error> for Error {
             if c.starts_with("08") || c.starts_with("57P") || c == "53300" || c == "57014" {
                 return Error::Unavailable(e.into());
             }
-            return Error::Internal(e.into());
+            // Without the DETAIL, which may quote the row ("Failing row contains (...)",
+            // "Key (...)=(...)"): a password hash or a person's data must not reach the log.
+            return Error::Internal(anyhow::anyhow!(
+                "database error {c}: {}{}",
+                db.message(),
+                db.constraint()
+                    .map(|n| format!(" (constraint {n})"))
+                    .unwrap_or_default()
+            ));
         }
         // No server error: the socket failed, closed, or the connection could not be made.
         Error::Unavailable(e.into())

@@ -254,15 +254,20 @@ async fn a_batch_of_creates_answers_each_as_if_alone() {
 }
 
 /// A user whose row the database refuses (here a trigger raises an error for one email) fails
-/// alone: the users batched with it are written and answered as usual.
+/// alone: the users batched with it are written and answered as usual. The error's DETAIL,
+/// which for PostgreSQL's own errors may quote the row, reaches neither the caller nor the log.
 #[tokio::test]
 async fn a_create_failing_in_a_batch_fails_alone() {
+    let (logs, _guard) = crate::passwords::capture_logs();
     let app = TestApp::spawn_with(with_metrics()).await;
     let db = app.pool.get().await.unwrap();
     db.batch_execute(
         "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
-             IF NEW.email = 'refused@x.io' THEN RAISE EXCEPTION 'refused by the test'; END IF;
+             IF NEW.email = 'refused@x.io' THEN
+                 RAISE EXCEPTION 'refused by the test'
+                     USING DETAIL = 'Failing row contains (row-detail-secret)';
+             END IF;
              RETURN NEW;
          END $$;
          CREATE TRIGGER refuse BEFORE INSERT ON users
@@ -300,6 +305,12 @@ async fn a_create_failing_in_a_batch_fails_alone() {
     assert_eq!(refused, 0);
     let metrics = app.metrics().await;
     assert!(turns_over(&metrics, "roster_user_create_batch_size", 4) >= 1.0);
+    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logged.contains("refused by the test"),
+        "the error is logged"
+    );
+    assert!(!logged.contains("row-detail-secret"), "the DETAIL is not");
 }
 
 /// The call leading a batch gives up while the batch is at the database (its row waits on a
