@@ -296,6 +296,8 @@ async fn main() {
         db_read_batch: env_or("BENCH_READ_BATCH", 64) as u16,
         // BENCH_WRITE_BATCH=1 turns CreateUser coalescing off, for comparison.
         db_write_batch: env_or("BENCH_WRITE_BATCH", 64) as u16,
+        // BENCH_READ_CONNECTIONS: the shared read connections (default: half the cores).
+        db_read_connections: env_or("BENCH_READ_CONNECTIONS", 0) as usize,
         metrics_listen: "127.0.0.1:0".into(),
         ..ServerConfig::default()
     })
