@@ -369,7 +369,7 @@ impl UserService for UserApi {
     ) -> Result<Response<pb::LookupUserResponse>, Status> {
         let caller = caller_of(&request)?;
         let key = lookup_key(request.into_inner())?;
-        let user = ops::lookup_user(&self.state.readers, &caller, &key).await?;
+        let user = ops::lookup_user(&self.state.user_reads, &caller, &key).await?;
         Ok(Response::new(pb::LookupUserResponse {
             user: Some(user_to_proto(&user)),
         }))

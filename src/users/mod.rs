@@ -159,7 +159,7 @@ impl std::fmt::Debug for PasswordInput {
 }
 
 /// A unique key to look a user up by.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum LookupKey {
     Email(String),
     PhoneNumber(String),

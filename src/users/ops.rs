@@ -132,9 +132,9 @@ pub async fn get_user(reads: &UserReads, caller: &Caller, id: Uuid) -> Result<Us
         .ok_or_else(|| not_found(id))
 }
 
-pub async fn lookup_user(readers: &db::Readers, caller: &Caller, key: &LookupKey) -> Result<User> {
-    let client = readers.get().await?;
-    store::lookup(&**client, caller.project_id, key)
+pub async fn lookup_user(reads: &UserReads, caller: &Caller, key: &LookupKey) -> Result<User> {
+    reads
+        .lookup(caller.project_id, key.clone())
         .await?
         .ok_or_else(|| {
             let (field, value) = match key {

@@ -1,21 +1,42 @@
-//! GetUser coalescing (`crate::coalesce`): calls that arrive while earlier reads are at the
-//! database are read together, one statement per project, `id = ANY(...)`.
+//! GetUser and LookupUser coalescing (`crate::coalesce`): calls that arrive while earlier
+//! reads are at the database are read together, one statement per project and kind of key
+//! (`id = ANY(...)`, or one index probe per email, phone number, username or external id).
 use std::collections::{HashMap, HashSet};
+use std::mem::discriminant;
 use std::sync::Arc;
 
+use deadpool_postgres::GenericClient;
 use prometheus_client::metrics::histogram::Histogram;
 use uuid::Uuid;
 
-use super::User;
-use super::store;
+use super::{LookupKey, User, store};
 use crate::coalesce::{Coalescer, Turn, Waiter};
 use crate::db;
 use crate::error::{Error, Result};
 
-type Key = (Uuid, Uuid);
+/// What a call finds its user by.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Find {
+    Id(Uuid),
+    Key(LookupKey),
+}
+
+impl Find {
+    /// Whether `self` and `other` are read by the same statement.
+    fn same_kind(&self, other: &Find) -> bool {
+        match (self, other) {
+            (Find::Id(_), Find::Id(_)) => true,
+            (Find::Key(a), Find::Key(b)) => discriminant(a) == discriminant(b),
+            _ => false,
+        }
+    }
+}
+
+type Key = (Uuid, Find);
 type Wanted = Waiter<Key, Result<Option<User>>>;
 
-/// Reads users by id, coalescing concurrent calls, on the shared read connections.
+/// Reads users by id or unique key, coalescing concurrent calls, on the shared read
+/// connections.
 pub struct UserReads {
     readers: Arc<db::Readers>,
     calls: Coalescer<Key, Result<Option<User>>>,
@@ -38,8 +59,16 @@ impl UserReads {
 
     /// The user `id` of `project_id`, if there is one.
     pub async fn get(&self, project_id: Uuid, id: Uuid) -> Result<Option<User>> {
-        let key = (project_id, id);
-        match self.calls.enter(key).await {
+        self.find((project_id, Find::Id(id))).await
+    }
+
+    /// The user of `project_id` that `key` names, if there is one.
+    pub async fn lookup(&self, project_id: Uuid, key: LookupKey) -> Result<Option<User>> {
+        self.find((project_id, Find::Key(key))).await
+    }
+
+    async fn find(&self, key: Key) -> Result<Option<User>> {
+        match self.calls.enter(key.clone()).await {
             Turn::Answered(answer) => answer,
             // This call holds a slot until `_slot` drops, also when the call is cancelled.
             Turn::Lead {
@@ -48,22 +77,25 @@ impl UserReads {
                 others,
             } => self.read_for(item, others).await,
             // The call reading for this one was cancelled mid-read: read alone.
-            Turn::Orphaned => self.alone(key).await,
+            Turn::Orphaned => self.alone(&key).await,
         }
     }
 
     /// One call's read (also the idle path, a slot held).
-    async fn alone(&self, (project_id, id): Key) -> Result<Option<User>> {
+    async fn alone(&self, (project_id, find): &Key) -> Result<Option<User>> {
         let client = self.readers.get().await?;
-        store::get(&**client, project_id, id).await
+        match find {
+            Find::Id(id) => store::get(&**client, *project_id, *id).await,
+            Find::Key(key) => store::lookup(&**client, *project_id, key).await,
+        }
     }
 
     /// Reads `own` and the keys of `others` together; answers `others`, returns `own`'s.
     async fn read_for(&self, own: Key, others: Vec<Wanted>) -> Result<Option<User>> {
         if others.is_empty() {
-            return self.alone(own).await;
+            return self.alone(&own).await;
         }
-        let mut found = match self.read(own, &others).await {
+        let mut found = match self.read(&own, &others).await {
             Ok(found) => found,
             Err(e) => {
                 let e = Arc::new(e);
@@ -75,9 +107,13 @@ impl UserReads {
         };
         // Two calls for one user each get it; the last to be answered (this call, for its
         // own) takes it without a copy.
-        let mut later = HashSet::from([own]);
-        let last: Vec<bool> = others.iter().rev().map(|w| later.insert(w.item)).collect();
-        for (w, last) in others.into_iter().zip(last.into_iter().rev()) {
+        let last: Vec<bool> = {
+            let mut later = HashSet::from([&own]);
+            let mut last: Vec<bool> = others.iter().rev().map(|w| later.insert(&w.item)).collect();
+            last.reverse();
+            last
+        };
+        for (w, last) in others.into_iter().zip(last) {
             let user = if last {
                 found.remove(&w.item)
             } else {
@@ -88,27 +124,55 @@ impl UserReads {
         Ok(found.remove(&own))
     }
 
-    /// One statement per project among the keys (almost always one), pipelined on one
-    /// connection.
-    async fn read(&self, own: Key, others: &[Wanted]) -> Result<HashMap<Key, User>> {
-        let mut projects: Vec<(Uuid, Vec<Uuid>)> = vec![(own.0, vec![own.1])];
-        for (project_id, id) in others.iter().map(|w| w.item) {
-            match projects.iter_mut().find(|(p, _)| *p == project_id) {
-                Some((_, ids)) => ids.push(id),
-                None => projects.push((project_id, vec![id])),
+    /// One statement per project and kind of key among the calls (almost always one),
+    /// pipelined on one connection.
+    async fn read(&self, own: &Key, others: &[Wanted]) -> Result<HashMap<Key, User>> {
+        let mut groups: Vec<(Uuid, Vec<&Find>)> = Vec::new();
+        for (project_id, find) in std::iter::once(own).chain(others.iter().map(|w| &w.item)) {
+            match groups
+                .iter_mut()
+                .find(|(p, finds)| p == project_id && finds[0].same_kind(find))
+            {
+                Some((_, finds)) => finds.push(find),
+                None => groups.push((*project_id, vec![find])),
             }
         }
         let client = self.readers.get().await?;
-        let reads = projects
+        let reads = groups
             .iter()
-            .map(|(project_id, ids)| store::get_many(&**client, *project_id, ids));
+            .map(|(project_id, finds)| read_group(&**client, *project_id, finds));
         let mut found = HashMap::with_capacity(others.len() + 1);
-        let results = futures_util::future::join_all(reads).await;
-        for (users, (project_id, _)) in results.into_iter().zip(&projects) {
-            for user in users? {
-                found.insert((*project_id, user.id), user);
-            }
+        for users in futures_util::future::join_all(reads).await {
+            found.extend(users?);
         }
         Ok(found)
     }
+}
+
+/// The users of one project found by `finds`, all of one kind, each under its key.
+async fn read_group(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    finds: &[&Find],
+) -> Result<Vec<(Key, User)>> {
+    let mut ids = Vec::new();
+    let mut keys = Vec::new();
+    for find in finds {
+        match find {
+            Find::Id(id) => ids.push(*id),
+            Find::Key(key) => keys.push(key),
+        }
+    }
+    if !ids.is_empty() {
+        let users = store::get_many(db, project_id, &ids).await?;
+        return Ok(users
+            .into_iter()
+            .map(|u| ((project_id, Find::Id(u.id)), u))
+            .collect());
+    }
+    let users = store::lookup_many(db, project_id, &keys).await?;
+    Ok(users
+        .into_iter()
+        .map(|(i, u)| ((project_id, Find::Key(keys[i].clone())), u))
+        .collect())
 }

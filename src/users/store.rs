@@ -402,6 +402,43 @@ pub fn lookup_condition(key: &LookupKey) -> (&'static str, &String) {
     }
 }
 
+/// The users found by `keys`, all of one kind (that of the first), in one statement: each
+/// with the position in `keys` of the key that found it. One index probe per key whatever
+/// the plan's guess at the array's length (a `LATERAL` lookup cannot become a scan).
+pub async fn lookup_many(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    keys: &[&LookupKey],
+) -> Result<Vec<(usize, User)>> {
+    let Some(first) = keys.first() else {
+        return Ok(Vec::new());
+    };
+    let cond = lookup_condition(first).0.replace("$2", "k.v");
+    let stmt = db
+        .prepare_cached(&format!(
+            "SELECT u.*, k.i FROM unnest($2::text[]) WITH ORDINALITY AS k(v, i)
+             CROSS JOIN LATERAL (
+                 SELECT {USER_COLUMNS} FROM users WHERE project_id = $1 AND {cond}) u"
+        ))
+        .await?;
+    let values: Vec<&str> = keys
+        .iter()
+        .map(|k| lookup_condition(k).1.as_str())
+        .collect();
+    Ok(db
+        .query(&stmt, &[&project_id, &values])
+        .await?
+        .iter()
+        // Ordinals count from 1.
+        .map(|r| {
+            (
+                (r.get::<_, i64>(USER_COLUMN_COUNT) - 1) as usize,
+                user_from_row(r),
+            )
+        })
+        .collect())
+}
+
 pub async fn lookup(
     db: &impl GenericClient,
     project_id: Uuid,

@@ -544,6 +544,129 @@ async fn concurrent_gets_are_read_together_and_each_gets_its_own_answer() {
     );
 }
 
+/// LookupUser calls in flight together are read together with each other and with GetUser
+/// calls, one statement per kind of key: each call still gets exactly its own user whatever
+/// the key's case, NOT_FOUND for an unknown key or one that only another project holds, and
+/// the other project's callers get their own user for the same email.
+#[tokio::test]
+async fn concurrent_lookups_are_read_together_and_each_gets_its_own_answer() {
+    use pb::lookup_user_request::Key;
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        metrics_listen: "127.0.0.1:0".into(),
+        // One shared read connection: two statements in flight, so the callers must queue.
+        db_read_connections: 1,
+        ..Default::default()
+    })
+    .await;
+    let new_user = |i: usize| pb::User {
+        email: format!("Looker{i}@x.io"),
+        username: format!("looker{i}"),
+        phone_number: format!("+4915112{i:06}"),
+        external_id: format!("crm-{i}"),
+        ..Default::default()
+    };
+    let mut admin = app.users();
+    let mut ours = Vec::new();
+    for i in 0..16 {
+        let request = pb::CreateUserRequest {
+            user: Some(new_user(i)),
+            ..Default::default()
+        };
+        ours.push(
+            admin
+                .create_user(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .user
+                .unwrap()
+                .id,
+        );
+    }
+    // The other project holds the same keys as our user 0 for its own user, and one more.
+    let (_, other_token) = app.other_project().await;
+    let mut theirs = app.users_with(Some(&other_token));
+    let their_twin = theirs
+        .create_user(pb::CreateUserRequest {
+            user: Some(new_user(0)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+        .id;
+    create_user(&mut theirs, "only-theirs@x.io").await;
+
+    async fn lookup(users: &mut crate::harness::Users, key: Key) -> Result<String, tonic::Status> {
+        let request = pb::LookupUserRequest { key: Some(key) };
+        Ok(users
+            .lookup_user(request)
+            .await?
+            .into_inner()
+            .user
+            .unwrap()
+            .id)
+    }
+    const ROUNDS: usize = 10;
+    let mut tasks = Vec::new();
+    for (i, id) in ours.iter().enumerate() {
+        let (mut users, id) = (app.users(), id.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                for key in [
+                    Key::Email(format!("LOOKER{i}@X.IO")),
+                    Key::Username(format!("Looker{i}")),
+                    Key::PhoneNumber(format!("+4915112{i:06}")),
+                    Key::ExternalId(format!("crm-{i}")),
+                ] {
+                    assert_eq!(
+                        lookup(&mut users, key.clone()).await.unwrap(),
+                        id,
+                        "{key:?}"
+                    );
+                }
+                let got = users
+                    .get_user(pb::GetUserRequest { id: id.clone() })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .user
+                    .unwrap();
+                assert_eq!(got.id, id);
+                for missing in [
+                    Key::Email("only-theirs@x.io".into()),
+                    Key::ExternalId(format!("crm-{}", 100 + i)),
+                ] {
+                    let err = lookup(&mut users, missing.clone()).await.unwrap_err();
+                    assert_eq!(err.code(), Code::NotFound, "{missing:?}");
+                }
+            }
+        }));
+    }
+    for _ in 0..4 {
+        let (mut users, twin) = (app.users_with(Some(&other_token)), their_twin.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ROUNDS * 4 {
+                let key = Key::Email("looker0@x.io".into());
+                assert_eq!(lookup(&mut users, key).await.unwrap(), twin);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let calls = (16 * ROUNDS * 7 + 4 * ROUNDS * 4) as f64;
+    let metrics = app.metrics().await;
+    assert_eq!(metrics["roster_user_read_batch_size_sum"], calls);
+    let reads = metrics["roster_user_read_batch_size_count"];
+    assert!(
+        reads < calls,
+        "{reads} reads for {calls} calls: none read together"
+    );
+}
+
 /// Calls abandoned mid-read (deadlines of a fraction of a millisecond) among coalesced reads:
 /// the calls they were reading for, or that their slots were handed to, are still answered,
 /// and no read slot is lost (afterwards reads still go through).
