@@ -6,8 +6,10 @@
 //! (Debian's nghttp2-client) GetUser is also measured from that C load generator (8 calls in
 //! flight on 8 connections and on one, as a gRPC channel multiplexes them; 32 on 32), against
 //! pgbench reading the same row.
-//! Run: `cargo bench --bench service` (`BENCH_SECS`, default 10; `BENCH_ONLY=get,h2load,create,list`
-//! runs only the named comparisons; `BENCH_READ_BATCH=1` turns GetUser coalescing off).
+//! LookupUser by email is compared with pgbench's select by `lower(email)` at 8 and 32 clients.
+//! Run: `cargo bench --bench service` (`BENCH_SECS`, default 10;
+//! `BENCH_ONLY=get,lookup,h2load,create,list` runs only the named comparisons;
+//! `BENCH_READ_BATCH=1` turns GetUser and LookupUser coalescing off).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -118,8 +120,21 @@ where
 /// GetUser of `id` from h2load over `conns` connections with `streams` calls in flight on
 /// each, for `secs`: calls per second, or None without h2load.
 fn h2load_get(env: &BenchEnv, id: &Uuid, secs: u64, conns: usize, streams: usize) -> Option<f64> {
-    use prost::Message as _;
-    let msg = pb::GetUserRequest { id: id.to_string() }.encode_to_vec();
+    let request = pb::GetUserRequest { id: id.to_string() };
+    h2load(env, "GetUser", request, secs, conns, streams)
+}
+
+/// h2load sending the one UserService `method` call `request` over and over: calls per second
+/// (None without h2load on PATH).
+fn h2load(
+    env: &BenchEnv,
+    method: &str,
+    request: impl prost::Message,
+    secs: u64,
+    conns: usize,
+    streams: usize,
+) -> Option<f64> {
+    let msg = request.encode_to_vec();
     // A gRPC message: uncompressed flag, big-endian length, the protobuf bytes.
     let mut body = vec![0u8];
     body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
@@ -142,7 +157,10 @@ fn h2load_get(env: &BenchEnv, id: &Uuid, secs: u64, conns: usize, streams: usize
             "-H",
             &format!("authorization: {}", env.key.0.to_str().unwrap()),
         ])
-        .arg(format!("http://{}/roster.v1.UserService/GetUser", env.addr))
+        .arg(format!(
+            "http://{}/roster.v1.UserService/{method}",
+            env.addr
+        ))
         .output()
         .ok()?;
     let _ = std::fs::remove_file(&file);
@@ -333,6 +351,54 @@ async fn main() {
             get / pg_select
         );
         server.print(&env).await;
+    }
+
+    // LookupUser by email (what a sign-in flow asks first) vs. the same unique-index select
+    // in pgbench, at 8 and 32 clients; such lookups coalesce like GetUser.
+    if wanted("lookup") {
+        let n = ids.len();
+        let lookup_one = move |mut users: Users, k: u64| {
+            let email = format!("USER{}@bench.example", (k as usize * 7919) % n);
+            async move {
+                let key = Some(pb::lookup_user_request::Key::Email(email));
+                users
+                    .lookup_user(pb::LookupUserRequest { key })
+                    .await
+                    .unwrap();
+            }
+        };
+        let by_email = format!(
+            "\\set n random(0, {})\nSELECT * FROM users WHERE project_id = '{}' AND lower(email) = lower('USER' || :n || '@bench.example');\n",
+            n - 1,
+            env.project_id
+        );
+        for clients in [CONCURRENCY, 32] {
+            let server = ServerSide::start(&env, "read", "LookupUser").await;
+            let (lookup, pg) = alternating(&env, round, clients, lookup_one, &by_email).await;
+            println!(
+                "LookupUser by email, {clients:>2} clients: {lookup:>8.0} rps   pgbench select by lower(email) {pg:>8.0} tps   ratio {:.2}",
+                lookup / pg
+            );
+            server.print(&env).await;
+        }
+        // From h2load, one email over and over, against pgbench reading the same row.
+        let email = format!("USER{}@bench.example", n / 2);
+        let same_row = format!(
+            "SELECT * FROM users WHERE project_id = '{}' AND lower(email) = lower('{email}');\n",
+            env.project_id
+        );
+        for (conns, streams) in [(CONCURRENCY, 1), (32, 1)] {
+            let key = Some(pb::lookup_user_request::Key::Email(email.clone()));
+            let request = pb::LookupUserRequest { key };
+            let Some(h2) = h2load(&env, "LookupUser", request, secs, conns, streams) else {
+                break;
+            };
+            let pg = pgbench(&env.url, &same_row, secs, conns * streams);
+            println!(
+                "LookupUser (h2load, one email, {conns:>2} on {conns:>2} conn.): {h2:>8.0} rps   pgbench same row {pg:>8.0} tps   ratio {:.2}",
+                h2 / pg
+            );
+        }
     }
 
     // The same comparison with a C load generator on both sides: h2load (nghttp2) for gRPC,
