@@ -34,9 +34,14 @@ pub fn user_with_email(email: &str) -> pb::User {
 
 /// Creates a user with `email` and returns it.
 pub async fn create_user(users: &mut harness::Users, email: &str) -> pb::User {
+    create(users, user_with_email(email)).await
+}
+
+/// Creates `user` and returns it as stored.
+pub async fn create(users: &mut harness::Users, user: pb::User) -> pb::User {
     users
         .create_user(pb::CreateUserRequest {
-            user: Some(user_with_email(email)),
+            user: Some(user),
             ..Default::default()
         })
         .await

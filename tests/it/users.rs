@@ -3,7 +3,7 @@ use serde_json::json;
 use tonic::Code;
 
 use crate::harness::{TestApp, details, reason, violated_fields};
-use crate::{create_user, mask, pb, pb_struct, user_with_email};
+use crate::{create, create_user, mask, pb, pb_struct, user_with_email};
 
 #[tokio::test]
 async fn create_then_get_returns_every_field_and_ignores_output_only_ones() {
@@ -443,18 +443,22 @@ async fn get_not_found(users: &mut crate::harness::Users, id: &str) {
     assert_eq!(details(&err).resource_info().unwrap().resource_name, id);
 }
 
+/// One shared read connection, so that concurrent reads queue (two statements in flight),
+/// and metrics on, to see how many were read together.
+fn one_read_connection() -> roster::config::ServerConfig {
+    roster::config::ServerConfig {
+        metrics_listen: "127.0.0.1:0".into(),
+        db_read_connections: 1,
+        ..Default::default()
+    }
+}
+
 /// GetUser calls in flight together are read in one statement (`users::reads`); each still
 /// gets exactly its own user, sees the writes acknowledged before it was sent, and gets
 /// NOT_FOUND for an unknown id or one of another project read in the same batch.
 #[tokio::test]
 async fn concurrent_gets_are_read_together_and_each_gets_its_own_answer() {
-    let app = TestApp::spawn_with(roster::config::ServerConfig {
-        metrics_listen: "127.0.0.1:0".into(),
-        // One shared read connection: two statements in flight, so 32 callers must queue.
-        db_read_connections: 1,
-        ..Default::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(one_read_connection()).await;
     let mut admin = app.users();
     let mut ours = Vec::new();
     for i in 0..24 {
@@ -551,13 +555,7 @@ async fn concurrent_gets_are_read_together_and_each_gets_its_own_answer() {
 #[tokio::test]
 async fn concurrent_lookups_are_read_together_and_each_gets_its_own_answer() {
     use pb::lookup_user_request::Key;
-    let app = TestApp::spawn_with(roster::config::ServerConfig {
-        metrics_listen: "127.0.0.1:0".into(),
-        // One shared read connection: two statements in flight, so the callers must queue.
-        db_read_connections: 1,
-        ..Default::default()
-    })
-    .await;
+    let app = TestApp::spawn_with(one_read_connection()).await;
     let new_user = |i: usize| pb::User {
         email: format!("Looker{i}@x.io"),
         username: format!("looker{i}"),
@@ -568,35 +566,12 @@ async fn concurrent_lookups_are_read_together_and_each_gets_its_own_answer() {
     let mut admin = app.users();
     let mut ours = Vec::new();
     for i in 0..16 {
-        let request = pb::CreateUserRequest {
-            user: Some(new_user(i)),
-            ..Default::default()
-        };
-        ours.push(
-            admin
-                .create_user(request)
-                .await
-                .unwrap()
-                .into_inner()
-                .user
-                .unwrap()
-                .id,
-        );
+        ours.push(create(&mut admin, new_user(i)).await.id);
     }
     // The other project holds the same keys as our user 0 for its own user, and one more.
     let (_, other_token) = app.other_project().await;
     let mut theirs = app.users_with(Some(&other_token));
-    let their_twin = theirs
-        .create_user(pb::CreateUserRequest {
-            user: Some(new_user(0)),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
-        .id;
+    let their_twin = create(&mut theirs, new_user(0)).await.id;
     create_user(&mut theirs, "only-theirs@x.io").await;
 
     async fn lookup(users: &mut crate::harness::Users, key: Key) -> Result<String, tonic::Status> {
