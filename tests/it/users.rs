@@ -453,6 +453,21 @@ fn one_read_connection() -> roster::config::ServerConfig {
     }
 }
 
+/// Waits for `tasks` (each asserting its own answers), then checks from the metrics that
+/// the server answered exactly `calls` coalescable reads and read some of them together.
+async fn read_together(app: &TestApp, tasks: Vec<tokio::task::JoinHandle<()>>, calls: usize) {
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let metrics = app.metrics().await;
+    assert_eq!(metrics["roster_user_read_batch_size_sum"], calls as f64);
+    let reads = metrics["roster_user_read_batch_size_count"];
+    assert!(
+        reads < calls as f64,
+        "{reads} reads for {calls} calls: none read together"
+    );
+}
+
 /// GetUser calls in flight together are read in one statement (`users::reads`); each still
 /// gets exactly its own user, sees the writes acknowledged before it was sent, and gets
 /// NOT_FOUND for an unknown id or one of another project read in the same batch.
@@ -535,17 +550,7 @@ async fn concurrent_gets_are_read_together_and_each_gets_its_own_answer() {
             }
         }));
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let gets = (24 * ROUNDS * 3 + 8 * ROUNDS * 3) as f64;
-    let metrics = app.metrics().await;
-    assert_eq!(metrics["roster_user_read_batch_size_sum"], gets);
-    let batches = metrics["roster_user_read_batch_size_count"];
-    assert!(
-        batches < gets,
-        "{batches} statements for {gets} calls: none read together"
-    );
+    read_together(&app, tasks, 24 * ROUNDS * 3 + 8 * ROUNDS * 3).await;
 }
 
 /// LookupUser calls in flight together are read together with each other and with GetUser
@@ -629,17 +634,7 @@ async fn concurrent_lookups_are_read_together_and_each_gets_its_own_answer() {
             }
         }));
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let calls = (16 * ROUNDS * 7 + 4 * ROUNDS * 4) as f64;
-    let metrics = app.metrics().await;
-    assert_eq!(metrics["roster_user_read_batch_size_sum"], calls);
-    let reads = metrics["roster_user_read_batch_size_count"];
-    assert!(
-        reads < calls,
-        "{reads} reads for {calls} calls: none read together"
-    );
+    read_together(&app, tasks, 16 * ROUNDS * 7 + 4 * ROUNDS * 4).await;
 }
 
 /// Calls abandoned mid-read (deadlines of a fraction of a millisecond) among coalesced reads:
