@@ -3,6 +3,7 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 
+use crate::get;
 use crate::harness::{TestApp, details, reason};
 use crate::{create_user, mask, pb, user_with_email};
 
@@ -215,13 +216,7 @@ async fn projects_are_isolated() {
     assert!(err.is_ok(), "ids are per project: {err:?}");
 
     // Mine is untouched.
-    let got = mine
-        .get_user(pb::GetUserRequest { id: u.id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let got = get(&mut mine, &u.id).await;
     assert_eq!(got.display_name, "");
     assert_eq!(got.status, pb::UserStatus::Active as i32);
 }

@@ -9,6 +9,7 @@ use roster::pb::v1::import_users_request::Item as In;
 use roster::pb::v1::import_users_response::Item as Out;
 use uuid::Uuid;
 
+use crate::get;
 use crate::harness::{self, TestApp, Users};
 use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
 use crate::user_with_email;
@@ -182,15 +183,7 @@ async fn a_bad_record_fails_alone_and_results_name_index_and_reason() {
 
     // What was stored: the good records with every field, nothing of the bad ones.
     assert_eq!(count_users(&app).await, 3);
-    let three = users
-        .get_user(pb::GetUserRequest {
-            id: results[5].user_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let three = get(&mut users, &results[5].user_id).await;
     assert_eq!(three.display_name, "Zoë \"Q\" O'Brien");
     assert_eq!(three.created_at.unwrap().seconds, 1_500_000_000);
     let linked = app
@@ -407,15 +400,7 @@ async fn upsert_updates_matches_and_a_second_run_changes_nothing() {
         (summary.created, summary.updated, summary.failed),
         (1, 1, 1)
     );
-    let after_first = users
-        .get_user(pb::GetUserRequest {
-            id: existing.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let after_first = get(&mut users, &existing.id).await;
     assert_eq!(after_first.display_name, "Updated");
     assert_eq!(after_first.email, "OLD@example.com");
     assert!(after_first.email_verified && after_first.has_password);
@@ -427,15 +412,7 @@ async fn upsert_updates_matches_and_a_second_run_changes_nothing() {
         (0, 2, 1)
     );
     assert_eq!(second[1].user_id, first[1].user_id);
-    let after_second = users
-        .get_user(pb::GetUserRequest {
-            id: existing.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let after_second = get(&mut users, &existing.id).await;
     assert_eq!(after_second.etag, after_first.etag, "nothing was rewritten");
     let events_after: i64 = app.sql_one("SELECT count(*) FROM events", &[]).await;
     assert_eq!(events_after, events_before);

@@ -7,6 +7,7 @@ use tokio::task::JoinHandle;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
+use crate::get;
 use crate::harness::{TestApp, details};
 use crate::{pb, user_with_email};
 
@@ -213,15 +214,7 @@ async fn a_batch_of_creates_answers_each_as_if_alone() {
     // who had gone written nowhere.
     let mut users = app.users();
     for i in [0, 3, 8] {
-        let got = users
-            .get_user(pb::GetUserRequest {
-                id: ok(i).id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .user
-            .unwrap();
+        let got = get(&mut users, &ok(i).id).await;
         assert_eq!(&got, ok(i));
         created_once(&app, &ok(i).id).await;
     }
@@ -438,13 +431,7 @@ async fn concurrent_creates_are_written_together_and_each_gets_its_own_answer() 
     let (mut ours, mut theirs) = (app.users(), app.users_with(Some(&other)));
     for (in_other, id, email) in &made {
         let users = if *in_other { &mut theirs } else { &mut ours };
-        let got = users
-            .get_user(pb::GetUserRequest { id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner()
-            .user
-            .unwrap();
+        let got = get(users, id).await;
         assert_eq!(&got.email, email);
     }
     let (users, events): (i64, i64) = (

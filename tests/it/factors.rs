@@ -126,13 +126,7 @@ async fn list_of(authn: &mut Authenticators, user: &str) -> Vec<pb::Authenticato
 }
 
 async fn get_user(app: &TestApp, id: &str) -> pb::User {
-    app.users()
-        .get_user(pb::GetUserRequest { id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap()
+    crate::get(&mut app.users(), id).await
 }
 
 fn types(app_events: &[(String, serde_json::Value, Option<Uuid>, Option<String>)]) -> Vec<&str> {

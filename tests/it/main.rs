@@ -51,6 +51,17 @@ pub async fn create(users: &mut harness::Users, user: pb::User) -> pb::User {
         .expect("user")
 }
 
+/// GetUser `id`, which must succeed.
+pub async fn get(users: &mut harness::Users, id: &str) -> pb::User {
+    users
+        .get_user(pb::GetUserRequest { id: id.into() })
+        .await
+        .expect("get user")
+        .into_inner()
+        .user
+        .expect("user")
+}
+
 /// A `Struct` from a JSON object literal.
 pub fn pb_struct(v: serde_json::Value) -> prost_types::Struct {
     roster::wire::json_to_struct(v.as_object().expect("object"))

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use crate::harness::{Authenticators, TestApp, reason, violated_fields};
 use crate::{create_user, pb, user_with_email};
 
+use crate::get;
 use pb::VerifyPasswordResult as R;
 use pb::verify_password_request::Login;
 
@@ -175,15 +176,7 @@ async fn verify_password_by_each_login_and_its_bookkeeping() {
         let r = verify(&mut a, login.clone(), PASSWORD).await;
         assert_eq!(result(&r), R::Ok, "{login:?}");
     }
-    let got = users
-        .get_user(pb::GetUserRequest {
-            id: created.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let got = get(&mut users, &created.id).await;
     assert_eq!(got.login_count, 4);
 
     let evs = app.events_of(&created.id).await;
@@ -532,15 +525,7 @@ async fn consecutive_failures_lock_the_account_until_unblocked() {
     let r = verify(&mut a, login(), PASSWORD).await;
     assert_eq!(result(&r), R::Locked);
     assert!(r.user.is_none());
-    let got = users
-        .get_user(pb::GetUserRequest {
-            id: user.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let got = get(&mut users, &user.id).await;
     assert_eq!(got.locked_until.map(|t| t.seconds), Some(until.seconds));
 
     let evs = app.events_of(&user.id).await;

@@ -3,6 +3,7 @@ use roster::config::ServerConfig;
 use roster::pb::v1 as pb;
 use uuid::Uuid;
 
+use crate::get;
 use crate::harness::{self, TestApp};
 
 /// Migrations 6 and 7 moved a user's factor summary onto the user row: users enrolled before
@@ -65,15 +66,7 @@ async fn factor_summary_is_backfilled_and_then_kept_by_the_trigger() {
     let users = app.users_with(Some(&token));
     let get = |id: Uuid| {
         let mut users = users.clone();
-        async move {
-            users
-                .get_user(pb::GetUserRequest { id: id.to_string() })
-                .await
-                .unwrap()
-                .into_inner()
-                .user
-                .unwrap()
-        }
+        async move { get(&mut users, &id.to_string()).await }
     };
     let u = get(with_factors).await;
     assert_eq!(u.enrolled_methods, [T::Totp as i32, T::SmsOtp as i32]);

@@ -3,7 +3,7 @@ use serde_json::json;
 use tonic::Code;
 
 use crate::harness::{TestApp, details, reason, violated_fields};
-use crate::{create, create_user, mask, pb, pb_struct, user_with_email};
+use crate::{create, create_user, get, mask, pb, pb_struct, user_with_email};
 
 #[tokio::test]
 async fn create_then_get_returns_every_field_and_ignores_output_only_ones() {
@@ -57,15 +57,7 @@ async fn create_then_get_returns_every_field_and_ignores_output_only_ones() {
     assert!(!created.etag.is_empty());
     assert!(!created.has_password);
 
-    let got = users
-        .get_user(pb::GetUserRequest {
-            id: created.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let got = get(&mut users, &created.id).await;
     assert_eq!(got, created);
     assert_eq!(
         got.app_metadata,
@@ -511,13 +503,7 @@ async fn concurrent_gets_are_read_together_and_each_gets_its_own_answer() {
                     })
                     .await
                     .unwrap();
-                let got = users
-                    .get_user(pb::GetUserRequest { id: id.clone() })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .user
-                    .unwrap();
+                let got = get(&mut users, &id).await;
                 assert_eq!(
                     (got.id.as_str(), got.email.as_str()),
                     (id.as_str(), format!("reader{i}@x.io").as_str())
@@ -538,13 +524,7 @@ async fn concurrent_gets_are_read_together_and_each_gets_its_own_answer() {
         let id = theirs[i % 2].clone();
         tasks.push(tokio::spawn(async move {
             for _ in 0..ROUNDS * 3 {
-                let got = users
-                    .get_user(pb::GetUserRequest { id: id.clone() })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .user
-                    .unwrap();
+                let got = get(&mut users, &id).await;
                 assert_eq!(got.id, id);
                 assert_eq!(got.email, format!("theirs{}@x.io", i % 2));
             }
@@ -607,13 +587,7 @@ async fn concurrent_lookups_are_read_together_and_each_gets_its_own_answer() {
                         "{key:?}"
                     );
                 }
-                let got = users
-                    .get_user(pb::GetUserRequest { id: id.clone() })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .user
-                    .unwrap();
+                let got = get(&mut users, &id).await;
                 assert_eq!(got.id, id);
                 for missing in [
                     Key::Email("only-theirs@x.io".into()),
@@ -779,13 +753,7 @@ async fn update_with_mask_changes_only_masked_fields() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Aborted);
     assert_eq!(reason(&err), "ETAG_MISMATCH");
-    let got = users
-        .get_user(pb::GetUserRequest { id: u.id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let got = get(&mut users, &u.id).await;
     assert_eq!(got.display_name, "New");
 
     // A no-op update writes nothing and keeps the etag.
@@ -910,13 +878,7 @@ async fn concurrent_updates_with_one_etag_exactly_one_wins() {
         }
     }
     assert_eq!(winners.len(), 1);
-    let got = users
-        .get_user(pb::GetUserRequest { id: u.id })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let got = get(&mut users, &u.id).await;
     assert_eq!(got.display_name, winners[0]);
 }
 
@@ -1109,13 +1071,7 @@ async fn lifecycle_transitions_and_their_events() {
         )
         .await
         .unwrap();
-    let locked = users
-        .get_user(pb::GetUserRequest { id: u.id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let locked = get(&mut users, &u.id).await;
     assert!(locked.locked_until.is_some());
     let cleared = users
         .unblock_user(pb::UnblockUserRequest { id: u.id.clone() })
@@ -1374,13 +1330,7 @@ async fn fifty_read_modify_write_clients_with_etags_lose_no_update() {
             let mut attempts = 0;
             loop {
                 attempts += 1;
-                let current = users
-                    .get_user(pb::GetUserRequest { id: id.clone() })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .user
-                    .unwrap();
+                let current = get(&mut users, &id).await;
                 let mut meta = current
                     .app_metadata
                     .as_ref()
@@ -1414,13 +1364,7 @@ async fn fifty_read_modify_write_clients_with_etags_lose_no_update() {
             retried += 1;
         }
     }
-    let stored = admin
-        .get_user(pb::GetUserRequest { id: user.id })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let stored = get(&mut admin, &user.id).await;
     let meta = roster::wire::struct_to_json(stored.app_metadata.as_ref().unwrap()).unwrap();
     let mut writers: Vec<i64> = meta["writers"]
         .as_array()
