@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use roster::config::ServerConfig;
 use roster::pb::v1 as pb;
 use roster::pb::v1::user_service_client::UserServiceClient;
-use support::{BenchEnv, percentiles};
+use support::{BenchEnv, env_or, percentiles};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
@@ -31,13 +31,6 @@ use uuid::Uuid;
 const CONCURRENCY: usize = 8;
 /// Alternating rounds per comparison.
 const ROUNDS: usize = 3;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Loads `n` users into the bench project with binary COPY (external_id `u-<i>`).
 async fn seed(env: &BenchEnv, n: usize) -> Vec<Uuid> {
