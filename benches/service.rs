@@ -6,9 +6,10 @@
 //! (Debian's nghttp2-client) GetUser is also measured from that C load generator (8 calls in
 //! flight on 8 connections and on one, as a gRPC channel multiplexes them; 32 on 32), against
 //! pgbench reading the same row.
-//! LookupUser by email is compared with pgbench's select by `lower(email)` at 8 and 32 clients.
+//! LookupUser by email is compared with pgbench's select by `lower(email)` at 8 and 32 clients,
+//! UpdateUser (one field) with pgbench's single-row UPDATE by a unique key.
 //! Run: `cargo bench --bench service` (`BENCH_SECS`, default 10;
-//! `BENCH_ONLY=get,lookup,h2load,create,list` runs only the named comparisons;
+//! `BENCH_ONLY=get,lookup,h2load,create,update,list` runs only the named comparisons;
 //! `BENCH_READ_BATCH=1` turns GetUser and LookupUser coalescing off).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -459,6 +460,42 @@ async fn main() {
             );
             server.print(&env).await;
         }
+    }
+    // UpdateUser (one field, no etag) vs. a single-row UPDATE by a unique key, alternating.
+    // Not a goal of the report; an update is a read and a write (the write with its event).
+    let update = format!(
+        "\\set n random(0, {})\nUPDATE users SET display_name = 'p' || random(), version = version + 1, updated_at = now() WHERE project_id = '{}' AND external_id = 'u-' || :n;\n",
+        n - 1,
+        env.project_id
+    );
+    if wanted("update") {
+        let ids = ids.clone();
+        let update_one = move |mut users: Users, k: u64| {
+            let id = ids[(k as usize * 7919) % ids.len()].to_string();
+            async move {
+                users
+                    .update_user(pb::UpdateUserRequest {
+                        user: Some(pb::User {
+                            id,
+                            display_name: format!("n{k}"),
+                            ..Default::default()
+                        }),
+                        update_mask: Some(prost_types::FieldMask {
+                            paths: vec!["display_name".into()],
+                        }),
+                        etag: String::new(),
+                    })
+                    .await
+                    .unwrap();
+            }
+        };
+        let server = ServerSide::start(&env, "update", "UpdateUser").await;
+        let (updated, pg_update) = alternating(&env, round, CONCURRENCY, update_one, &update).await;
+        println!(
+            "UpdateUser: {updated:>8.0} rps   pgbench single-row UPDATE   {pg_update:>8.0} tps   ratio {:.2}",
+            updated / pg_update
+        );
+        server.print(&env).await;
     }
     if !wanted("list") {
         return;

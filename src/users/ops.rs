@@ -1,4 +1,5 @@
-//! The user operations: each runs in one transaction together with its audit event.
+//! The user operations: each writes its audit event atomically with its change (in one
+//! transaction, or one statement).
 //! Inputs arrive validated (see `grpc.rs`); what can only be checked against the stored row
 //! (etags, the profile after an update mask, state transitions) is checked here.
 use chrono::{DateTime, Duration, Utc};
@@ -162,12 +163,47 @@ pub async fn update_user(
     mask: &[MaskPath],
     etag: Option<&str>,
 ) -> Result<User> {
+    let p = caller.project_id;
+    let ctx = EventContext::from_caller(caller);
     let mut client = db::client(pool).await?;
-    let tx = client.transaction().await?;
-    let current = store::get_for_update(&tx, caller.project_id, id)
+    // Optimistic first: read the user, then write only if it is still the version read (two
+    // round trips, no row lock held in between). When another write came in between, the
+    // locking path below answers exactly as if this call had come after it.
+    let current = store::get(&*client, p, id)
         .await?
         .ok_or_else(|| not_found(id))?;
-    check_etag(&current, etag)?;
+    let Some((next, event)) = profile_update(&current, given, mask, etag)? else {
+        return Ok(current);
+    };
+    if let Some(updated) =
+        store::save_profile(&*client, p, id, current.version, &next, &ctx, &event).await?
+    {
+        return Ok(updated);
+    }
+    let tx = client.transaction().await?;
+    let current = store::get_for_update(&tx, p, id)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    let Some((next, event)) = profile_update(&current, given, mask, etag)? else {
+        return Ok(current);
+    };
+    let updated = store::save_profile(&tx, p, id, current.version, &next, &ctx, &event)
+        .await?
+        .ok_or_else(|| Error::internal(anyhow::anyhow!("a locked user changed")))?;
+    tx.commit().await?;
+    Ok(updated)
+}
+
+/// What an update makes of `current`: the new profile and its event, or `None` when
+/// nothing changes (no write, no event, same etag). Fails on a stale etag or a profile the
+/// mask leaves invalid.
+fn profile_update(
+    current: &User,
+    given: &Profile,
+    mask: &[MaskPath],
+    etag: Option<&str>,
+) -> Result<Option<(Profile, NewEvent)>> {
+    check_etag(current, etag)?;
     let next = super::apply_mask(&current.profile, given, mask);
     let mut v = Violations::new();
     validate_profile(&next, "user", &mut v);
@@ -179,10 +215,8 @@ pub async fn update_user(
     }
     v.into_result()?;
     if next == current.profile {
-        // Nothing changes: no write, no event, same etag.
-        return Ok(current);
+        return Ok(None);
     }
-    let updated = store::save_profile(&tx, caller.project_id, id, &next).await?;
     let mut changes = serde_json::Map::new();
     for f in ProfileField::ALL {
         let (old, new) = (field_value(&current.profile, f), field_value(&next, f));
@@ -198,15 +232,8 @@ pub async fn update_user(
         }
     }
     let data = json!({ "fields": changes.keys().collect::<Vec<_>>(), "changes": changes });
-    events::record(
-        &tx,
-        caller.project_id,
-        &EventContext::from_caller(caller),
-        &[NewEvent::for_user(EventType::UserUpdated, id, data)],
-    )
-    .await?;
-    tx.commit().await?;
-    Ok(updated)
+    let event = NewEvent::for_user(EventType::UserUpdated, current.id, data);
+    Ok(Some((next, event)))
 }
 
 pub async fn delete_user(pool: &Pool, caller: &Caller, id: Uuid, etag: Option<&str>) -> Result<()> {

@@ -457,33 +457,57 @@ pub async fn lookup(
         .map(user_from_row))
 }
 
-/// Writes every profile field of a user, bumping its version.
+/// Writes every profile field of user `id` if it is still at `version`, bumping the version,
+/// and records `event` in the same statement; `None` when the user changed or went since
+/// `version` was read (nothing is written then).
 pub async fn save_profile(
-    tx: &Transaction<'_>,
+    db: &impl GenericClient,
     project_id: Uuid,
     id: Uuid,
+    version: i64,
     p: &Profile,
-) -> Result<User> {
-    let stmt = tx
+    ctx: &EventContext,
+    event: &NewEvent,
+) -> Result<Option<User>> {
+    let stmt = db
         .prepare_cached(&format!(
-            "UPDATE users SET external_id = $3, email = $4, email_verified = $5,
-                phone_number = $6, phone_verified = $7, username = $8, display_name = $9,
-                given_name = $10, family_name = $11, picture_url = $12, locale = $13,
-                timezone = $14, user_metadata = $15, app_metadata = $16,
-                version = version + 1, updated_at = now()
-             WHERE project_id = $1 AND id = $2
-             RETURNING {USER_COLUMNS}"
+            "WITH u AS (
+                 UPDATE users SET external_id = $3, email = $4, email_verified = $5,
+                     phone_number = $6, phone_verified = $7, username = $8, display_name = $9,
+                     given_name = $10, family_name = $11, picture_url = $12, locale = $13,
+                     timezone = $14, user_metadata = $15, app_metadata = $16,
+                     version = version + 1, updated_at = now()
+                 WHERE project_id = $1 AND id = $2 AND version = $17
+                 RETURNING {USER_COLUMNS}),
+             e AS (INSERT INTO events ({EVENT_INSERT_COLUMNS})
+                   SELECT $1, $18, $19, u.id, $20, $21, $22, $23, $24 FROM u)
+             SELECT * FROM u"
         ))
         .await?;
     let (user_metadata, app_metadata) = (
         Value::Object(p.user_metadata.clone()),
         Value::Object(p.app_metadata.clone()),
     );
+    let (event_id, kind) = (Uuid::now_v7(), event.kind.as_str());
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&project_id, &id];
     params.extend(profile_columns(p));
-    params.extend_from_slice(&[&user_metadata, &app_metadata]);
-    let row = tx.query_one(&stmt, &params).await?;
-    Ok(user_from_row(&row))
+    params.extend_from_slice(&[
+        &user_metadata,
+        &app_metadata,
+        &version,
+        &event_id,
+        &kind,
+        &ctx.api_key_id,
+        &ctx.ip,
+        &ctx.user_agent,
+        &ctx.request_id,
+        &event.data,
+    ]);
+    let Some(row) = db.query_opt(&stmt, &params).await? else {
+        return Ok(None);
+    };
+    crate::events::stream::written();
+    Ok(Some(user_from_row(&row)))
 }
 
 /// Sets the status (and blocked reason); `clear_lock` also resets brute-force counting.

@@ -1376,3 +1376,118 @@ async fn fifty_read_modify_write_clients_with_etags_lose_no_update() {
     assert_eq!(writers, (0..50).collect::<Vec<_>>(), "no update was lost");
     assert!(retried > 0, "the clients did contend");
 }
+
+#[tokio::test]
+async fn concurrent_updates_without_etags_to_different_fields_lose_none() {
+    // Six clients each own one field of the same user and write it 12 times, no etags, all
+    // at once: every write lands on the newest version (an update that lost the race for
+    // the row is applied again on top of the winner's), so each field ends at its writer's
+    // last value, and the user's USER_UPDATED events, in position order, chain: each
+    // change's old value is the previous change's new one.
+    const ROUNDS: usize = 12;
+    let app = TestApp::spawn().await;
+    let mut admin = app.users();
+    let user = create_user(&mut admin, "many-writers@x.io").await;
+    let fields = [
+        "display_name",
+        "given_name",
+        "family_name",
+        "username",
+        "external_id",
+        "picture_url",
+    ];
+    let value = |field: &str, round: usize| match field {
+        "picture_url" => format!("https://x.io/{round}.png"),
+        _ => format!("{}-{round}", field.replace('_', "-")),
+    };
+    let mut tasks = Vec::new();
+    for field in fields {
+        let mut users = app.users();
+        let id = user.id.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..ROUNDS {
+                let mut u = pb::User {
+                    id: id.clone(),
+                    ..Default::default()
+                };
+                let v = value(field, round);
+                match field {
+                    "display_name" => u.display_name = v,
+                    "given_name" => u.given_name = v,
+                    "family_name" => u.family_name = v,
+                    "username" => u.username = v,
+                    "external_id" => u.external_id = v,
+                    _ => u.picture_url = v,
+                }
+                users
+                    .update_user(pb::UpdateUserRequest {
+                        user: Some(u),
+                        update_mask: mask(&[field]),
+                        etag: String::new(),
+                    })
+                    .await
+                    .expect("update without an etag");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stored = get(&mut admin, &user.id).await;
+    let last = ROUNDS - 1;
+    assert_eq!(stored.display_name, value("display_name", last));
+    assert_eq!(stored.given_name, value("given_name", last));
+    assert_eq!(stored.family_name, value("family_name", last));
+    assert_eq!(stored.username, value("username", last));
+    assert_eq!(stored.external_id, value("external_id", last));
+    assert_eq!(stored.picture_url, value("picture_url", last));
+
+    let mut logs = app.logs();
+    let mut events = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = logs
+            .list_events(pb::ListEventsRequest {
+                filter: format!("user_id = \"{}\" AND type = USER_UPDATED", user.id),
+                page_size: 1000,
+                page_token: token,
+                order_by: "occurred_at".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        events.extend(page.events);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(events.len(), fields.len() * ROUNDS, "one event per update");
+    events.sort_by_key(|e| e.position);
+    let mut now: std::collections::HashMap<String, serde_json::Value> = fields
+        .iter()
+        .map(|f| (f.to_string(), serde_json::Value::String(String::new())))
+        .collect();
+    for e in &events {
+        let data = roster::wire::struct_to_json(e.data.as_ref().unwrap()).unwrap();
+        let changes = data["changes"].as_object().unwrap();
+        assert_eq!(
+            changes.len(),
+            1,
+            "each update changes its own field only: {data:?}"
+        );
+        for (field, change) in changes {
+            let before = now.get(field).cloned().unwrap_or_default();
+            let old = match &change["old"] {
+                serde_json::Value::Null => serde_json::Value::String(String::new()),
+                v => v.clone(),
+            };
+            assert_eq!(
+                old, before,
+                "event {} changes {field} from a value it no longer had",
+                e.position
+            );
+            now.insert(field.clone(), change["new"].clone());
+        }
+    }
+}
