@@ -146,9 +146,9 @@ pub struct ServerConfig {
     /// which pipeline their statements on them; 0: half the cores, at least one.
     #[arg(long, env = "ROSTER_DB_READ_CONNECTIONS", default_value_t = 0)]
     pub db_read_connections: usize,
-    /// Most GetUser and LookupUser calls read together (one statement per kind of key among
-    /// them): calls arriving while earlier reads are at the database are read together, with
-    /// no waiting on a timer; 1 reads every call on its own.
+    /// Most GetUser, LookupUser and LookupUserByIdentity calls read together (one statement per
+    /// kind of key among them): calls arriving while earlier reads are at the database are read
+    /// together, with no waiting on a timer; 1 reads every call on its own.
     #[arg(long, env = "ROSTER_DB_READ_BATCH", default_value_t = 64,
         value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub db_read_batch: u16,

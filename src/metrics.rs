@@ -50,7 +50,7 @@ pub struct Metrics {
     pool_waiting: Gauge,
     hash_queue: Gauge,
     stream_subscribers: Gauge,
-    /// GetUser and LookupUser calls per coalesced read (`users::reads`).
+    /// GetUser, LookupUser and LookupUserByIdentity calls per coalesced read (`users::reads`).
     pub user_read_batch: Histogram,
     /// CreateUser calls per coalesced statement (`users::creates`).
     pub user_create_batch: Histogram,
@@ -104,7 +104,7 @@ impl Default for Metrics {
         let user_read_batch = Histogram::new(exponential_buckets(1.0, 2.0, 7));
         registry.register(
             "user_read_batch_size",
-            "GetUser and LookupUser calls read together (one statement per project and key among them)",
+            "GetUser, LookupUser and LookupUserByIdentity calls read together (one statement per project and kind of key among them)",
             user_read_batch.clone(),
         );
         let user_create_batch = Histogram::new(exponential_buckets(1.0, 2.0, 7));

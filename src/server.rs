@@ -40,7 +40,7 @@ pub struct AppState {
     pub pool: Pool,
     /// Shared, pipelined connections for single-row reads.
     pub readers: Arc<db::Readers>,
-    /// GetUser reads, coalesced over `readers`.
+    /// GetUser, LookupUser and LookupUserByIdentity reads, coalesced over `readers`.
     pub user_reads: Arc<UserReads>,
     /// CreateUser writes, coalesced.
     pub user_creates: Arc<UserCreates>,

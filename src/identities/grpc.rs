@@ -199,7 +199,7 @@ impl IdentityService for IdentityApi {
         let (provider, subject) = provider_subject(&mut v, &req.provider, &req.subject);
         v.into_result()?;
         let (user, identity) =
-            ops::lookup(&self.state.readers, &caller, &provider, &subject).await?;
+            ops::lookup(&self.state.user_reads, &caller, &provider, &subject).await?;
         Ok(Response::new(pb::LookupUserByIdentityResponse {
             user: Some(user_to_proto(&user)),
             identity: Some(identity_to_proto(&identity)),

@@ -12,6 +12,7 @@ use crate::crypto::seal::Sealer;
 use crate::db::{self, Pool};
 use crate::error::{Error, Result, Violations};
 use crate::events::{EventContext, EventType, NewEvent, store as events};
+use crate::users::reads::UserReads;
 use crate::users::{self, NewUser, Profile, User};
 
 const USER: &str = "user";
@@ -246,14 +247,15 @@ pub async fn list(pool: &Pool, caller: &Caller, user_id: Uuid) -> Result<Vec<Ide
     store::list_of_user(&*client, caller.project_id, user_id).await
 }
 
+/// The social-login lookup: read with GetUser's and LookupUser's (coalesced when busy).
 pub async fn lookup(
-    readers: &db::Readers,
+    reads: &UserReads,
     caller: &Caller,
     provider: &str,
     subject: &str,
 ) -> Result<(User, Identity)> {
-    let client = readers.get().await?;
-    store::lookup_user(&**client, caller.project_id, provider, subject)
+    reads
+        .lookup_by_identity(caller.project_id, provider, subject)
         .await?
         .ok_or_else(|| identity_not_found(provider, subject))
 }

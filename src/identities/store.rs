@@ -13,6 +13,8 @@ use crate::users::store::{USER_COLUMN_COUNT, USER_COLUMNS, user_from_row};
 const IDENTITY_COLUMNS: &str = "i.id, i.user_id, i.provider, i.subject, i.connection, i.email, \
     i.profile, i.created_at, i.updated_at";
 
+const IDENTITY_COLUMN_COUNT: usize = 9;
+
 fn identity_from(r: &Row, first: usize) -> Identity {
     let profile = match r.get::<_, Value>(first + 6) {
         Value::Object(m) => m,
@@ -165,6 +167,42 @@ pub async fn lookup_user(
         let user = user_from_row(&r);
         (user, identity_from(&r, USER_COLUMN_COUNT))
     }))
+}
+
+/// The users (with their identity) that the (provider, subject) pairs of `keys` name in
+/// `project_id`, each labelled with its pair's position in `keys`; a pair linked to no user
+/// is simply absent. One statement for any number: one probe of the unique (project,
+/// provider, subject) index per pair, then the user by primary key (checked with EXPLAIN on
+/// the generic plan).
+pub async fn lookup_users_many(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    keys: &[(&str, &str)],
+) -> Result<Vec<(usize, User, Identity)>> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "SELECT u.*, {IDENTITY_COLUMNS}, k.n
+             FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS k(provider, subject, n)
+             CROSS JOIN LATERAL (
+                 SELECT * FROM identities
+                 WHERE project_id = $1 AND provider = k.provider AND subject = k.subject) i
+             CROSS JOIN LATERAL (
+                 SELECT {USER_COLUMNS} FROM users
+                 WHERE users.project_id = i.project_id AND users.id = i.user_id) u"
+        ))
+        .await?;
+    let (providers, subjects): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
+    Ok(db
+        .query(&stmt, &[&project_id, &providers, &subjects])
+        .await?
+        .iter()
+        .map(|r| {
+            // Ordinals count from 1.
+            let n: i64 = r.get(USER_COLUMN_COUNT + IDENTITY_COLUMN_COUNT);
+            let identity = identity_from(r, USER_COLUMN_COUNT);
+            ((n - 1) as usize, user_from_row(r), identity)
+        })
+        .collect())
 }
 
 pub async fn list_of_user(

@@ -533,10 +533,11 @@ async fn concurrent_gets_are_read_together_and_each_gets_its_own_answer() {
     read_together(&app, tasks, 24 * ROUNDS * 3 + 8 * ROUNDS * 3).await;
 }
 
-/// LookupUser calls in flight together are read together with each other and with GetUser
-/// calls, one statement per kind of key: each call still gets exactly its own user whatever
-/// the key's case, NOT_FOUND for an unknown key or one that only another project holds, and
-/// the other project's callers get their own user for the same email.
+/// LookupUser and LookupUserByIdentity calls in flight together are read together with each
+/// other and with GetUser calls, one statement per kind of key: each call still gets exactly
+/// its own user (and identity) whatever the key's case, NOT_FOUND for an unknown key or one
+/// that only another project holds, and the other project's callers get their own user for
+/// the same email and the same identity.
 #[tokio::test]
 async fn concurrent_lookups_are_read_together_and_each_gets_its_own_answer() {
     use pb::lookup_user_request::Key;
@@ -549,15 +550,31 @@ async fn concurrent_lookups_are_read_together_and_each_gets_its_own_answer() {
         ..Default::default()
     };
     let mut admin = app.users();
+    let mut identities = app.identities();
+    let link = |user_id: &str, subject: &str| pb::LinkIdentityRequest {
+        user_id: user_id.into(),
+        provider: "github".into(),
+        subject: subject.into(),
+        ..Default::default()
+    };
     let mut ours = Vec::new();
     for i in 0..16 {
-        ours.push(create(&mut admin, new_user(i)).await.id);
+        let id = create(&mut admin, new_user(i)).await.id;
+        let linked = link(&id, &format!("gh-{i}"));
+        identities.link_identity(linked).await.unwrap();
+        ours.push(id);
     }
-    // The other project holds the same keys as our user 0 for its own user, and one more.
+    // The other project holds the same keys and identity as our user 0 for its own user,
+    // and one more of each.
     let (_, other_token) = app.other_project().await;
     let mut theirs = app.users_with(Some(&other_token));
+    let mut their_identities = app.identities_with(Some(&other_token));
     let their_twin = create(&mut theirs, new_user(0)).await.id;
-    create_user(&mut theirs, "only-theirs@x.io").await;
+    let only_theirs = create_user(&mut theirs, "only-theirs@x.io").await.id;
+    for (user, subject) in [(&their_twin, "gh-0"), (&only_theirs, "gh-theirs")] {
+        let linked = link(user, subject);
+        their_identities.link_identity(linked).await.unwrap();
+    }
 
     async fn lookup(users: &mut crate::harness::Users, key: Key) -> Result<String, tonic::Status> {
         let request = pb::LookupUserRequest { key: Some(key) };
@@ -569,10 +586,26 @@ async fn concurrent_lookups_are_read_together_and_each_gets_its_own_answer() {
             .unwrap()
             .id)
     }
+    /// The user and the identity's subject LookupUserByIdentity answers.
+    async fn by_identity(
+        identities: &mut crate::harness::Identities,
+        subject: &str,
+    ) -> Result<(String, String), tonic::Status> {
+        let request = pb::LookupUserByIdentityRequest {
+            provider: "github".into(),
+            subject: subject.into(),
+        };
+        let r = identities
+            .lookup_user_by_identity(request)
+            .await?
+            .into_inner();
+        Ok((r.user.unwrap().id, r.identity.unwrap().subject))
+    }
     const ROUNDS: usize = 10;
     let mut tasks = Vec::new();
     for (i, id) in ours.iter().enumerate() {
         let (mut users, id) = (app.users(), id.clone());
+        let mut identities = app.identities();
         tasks.push(tokio::spawn(async move {
             for _ in 0..ROUNDS {
                 for key in [
@@ -596,19 +629,27 @@ async fn concurrent_lookups_are_read_together_and_each_gets_its_own_answer() {
                     let err = lookup(&mut users, missing.clone()).await.unwrap_err();
                     assert_eq!(err.code(), Code::NotFound, "{missing:?}");
                 }
+                let subject = format!("gh-{i}");
+                let found = by_identity(&mut identities, &subject).await.unwrap();
+                assert_eq!(found, (id.clone(), subject));
+                let err = by_identity(&mut identities, "gh-theirs").await.unwrap_err();
+                assert_eq!(err.code(), Code::NotFound);
             }
         }));
     }
     for _ in 0..4 {
         let (mut users, twin) = (app.users_with(Some(&other_token)), their_twin.clone());
+        let mut identities = app.identities_with(Some(&other_token));
         tasks.push(tokio::spawn(async move {
             for _ in 0..ROUNDS * 4 {
                 let key = Key::Email("looker0@x.io".into());
                 assert_eq!(lookup(&mut users, key).await.unwrap(), twin);
+                let found = by_identity(&mut identities, "gh-0").await.unwrap();
+                assert_eq!(found, (twin.clone(), "gh-0".to_string()));
             }
         }));
     }
-    read_together(&app, tasks, 16 * ROUNDS * 7 + 4 * ROUNDS * 4).await;
+    read_together(&app, tasks, 16 * ROUNDS * 9 + 4 * ROUNDS * 4 * 2).await;
 }
 
 /// Calls abandoned mid-read (deadlines of a fraction of a millisecond) among coalesced reads:
