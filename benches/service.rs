@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use roster::config::ServerConfig;
 use roster::pb::v1 as pb;
 use roster::pb::v1::user_service_client::UserServiceClient;
-use support::{BenchEnv, env_or, percentiles};
+use support::{BenchEnv, env_or, percentiles, rename};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
@@ -473,20 +473,7 @@ async fn main() {
         let update_one = move |mut users: Users, k: u64| {
             let id = ids[(k as usize * 7919) % ids.len()].to_string();
             async move {
-                users
-                    .update_user(pb::UpdateUserRequest {
-                        user: Some(pb::User {
-                            id,
-                            display_name: format!("n{k}"),
-                            ..Default::default()
-                        }),
-                        update_mask: Some(prost_types::FieldMask {
-                            paths: vec!["display_name".into()],
-                        }),
-                        etag: String::new(),
-                    })
-                    .await
-                    .unwrap();
+                users.update_user(rename(id, k)).await.unwrap();
             }
         };
         let server = ServerSide::start(&env, "update", "UpdateUser").await;

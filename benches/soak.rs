@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use roster::config::ServerConfig;
 use roster::pb::v1 as pb;
 use roster::pb::v1::user_service_client::UserServiceClient;
-use support::{BenchEnv, env_or};
+use support::{BenchEnv, env_or, rename};
 
 const CLIENTS: usize = 8;
 /// The mix's RPCs, in the order of [`Tally`]'s slots.
@@ -126,20 +126,7 @@ async fn main() {
                         })
                         .await
                         .is_ok(),
-                    2 => users
-                        .update_user(pb::UpdateUserRequest {
-                            user: Some(pb::User {
-                                id,
-                                display_name: format!("n{k}"),
-                                ..Default::default()
-                            }),
-                            update_mask: Some(prost_types::FieldMask {
-                                paths: vec!["display_name".into()],
-                            }),
-                            etag: String::new(),
-                        })
-                        .await
-                        .is_ok(),
+                    2 => users.update_user(rename(id, k as u64)).await.is_ok(),
                     _ => users
                         .create_user(pb::CreateUserRequest {
                             user: Some(pb::User {

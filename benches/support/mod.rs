@@ -20,6 +20,22 @@ pub fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The UpdateUser the benchmarks send: user `id`'s display name set to `n<k>`, no etag.
+pub fn rename(id: String, k: u64) -> roster::pb::v1::UpdateUserRequest {
+    use roster::pb::v1 as pb;
+    pb::UpdateUserRequest {
+        user: Some(pb::User {
+            id,
+            display_name: format!("n{k}"),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["display_name".into()],
+        }),
+        etag: String::new(),
+    }
+}
+
 /// Puts the bench key on every call.
 #[derive(Clone)]
 pub struct Key(pub MetadataValue<Ascii>);
