@@ -167,7 +167,7 @@ pub async fn update_user(
     let ctx = EventContext::from_caller(caller);
     let mut client = db::client(pool).await?;
     // Optimistic first: read the user, then write only if it is still the version read (two
-    // round trips, no row lock held in between). When another write came in between, the
+    // round trips, no row lock held in between; "the version read" as its etag sees it). When another write came in between, the
     // locking path below answers exactly as if this call had come after it.
     let current = store::get(&*client, p, id)
         .await?
@@ -175,9 +175,7 @@ pub async fn update_user(
     let Some((next, event)) = profile_update(&current, given, mask, etag)? else {
         return Ok(current);
     };
-    if let Some(updated) =
-        store::save_profile(&*client, p, id, current.version, &next, &ctx, &event).await?
-    {
+    if let Some(updated) = store::save_profile(&*client, p, &current, &next, &ctx, &event).await? {
         return Ok(updated);
     }
     let tx = client.transaction().await?;
@@ -187,7 +185,7 @@ pub async fn update_user(
     let Some((next, event)) = profile_update(&current, given, mask, etag)? else {
         return Ok(current);
     };
-    let updated = store::save_profile(&tx, p, id, current.version, &next, &ctx, &event)
+    let updated = store::save_profile(&tx, p, &current, &next, &ctx, &event)
         .await?
         .ok_or_else(|| Error::internal(anyhow::anyhow!("a locked user changed")))?;
     tx.commit().await?;

@@ -457,14 +457,14 @@ pub async fn lookup(
         .map(user_from_row))
 }
 
-/// Writes every profile field of user `id` if it is still at `version`, bumping the version,
-/// and records `event` in the same statement; `None` when the user changed or went since
-/// `version` was read (nothing is written then).
+/// Writes every profile field of user `read` if it is still the version read (the same
+/// version and update time, as its etag: a user deleted and created again under the same id
+/// meanwhile is another user), bumping the version, and records `event` in the same
+/// statement; `None` when the user changed or went since it was read (nothing is written).
 pub async fn save_profile(
     db: &impl GenericClient,
     project_id: Uuid,
-    id: Uuid,
-    version: i64,
+    read: &User,
     p: &Profile,
     ctx: &EventContext,
     event: &NewEvent,
@@ -477,10 +477,10 @@ pub async fn save_profile(
                      given_name = $10, family_name = $11, picture_url = $12, locale = $13,
                      timezone = $14, user_metadata = $15, app_metadata = $16,
                      version = version + 1, updated_at = now()
-                 WHERE project_id = $1 AND id = $2 AND version = $17
+                 WHERE project_id = $1 AND id = $2 AND version = $17 AND updated_at = $18
                  RETURNING {USER_COLUMNS}),
              e AS (INSERT INTO events ({EVENT_INSERT_COLUMNS})
-                   SELECT $1, $18, $19, u.id, $20, $21, $22, $23, $24 FROM u)
+                   SELECT $1, $19, $20, u.id, $21, $22, $23, $24, $25 FROM u)
              SELECT * FROM u"
         ))
         .await?;
@@ -489,12 +489,13 @@ pub async fn save_profile(
         Value::Object(p.app_metadata.clone()),
     );
     let (event_id, kind) = (Uuid::now_v7(), event.kind.as_str());
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&project_id, &id];
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&project_id, &read.id];
     params.extend(profile_columns(p));
     params.extend_from_slice(&[
         &user_metadata,
         &app_metadata,
-        &version,
+        &read.version,
+        &read.updated_at,
         &event_id,
         &kind,
         &ctx.api_key_id,
