@@ -166,9 +166,9 @@ pub async fn update_user(
     let p = caller.project_id;
     let ctx = EventContext::from_caller(caller);
     let mut client = db::client(pool).await?;
-    // Optimistic first: read the user, then write only if it is still the version read (two
-    // round trips, no row lock held in between; "the version read" as its etag sees it). When another write came in between, the
-    // locking path below answers exactly as if this call had come after it.
+    // Optimistic first: read the user, then write only if it is still as read (version and
+    // update time, as its etag): two round trips, no row lock held in between. When another
+    // write came in between, the locking path below answers as if this call came after it.
     let current = store::get(&*client, p, id)
         .await?
         .ok_or_else(|| not_found(id))?;
