@@ -7,10 +7,11 @@
 //! flight on 8 connections and on one, as a gRPC channel multiplexes them; 32 on 32), against
 //! pgbench reading the same row.
 //! LookupUser by email is compared with pgbench's select by `lower(email)` at 8 and 32 clients,
-//! UpdateUser (one field) with pgbench's single-row UPDATE by a unique key.
+//! LookupUserByIdentity with pgbench's join of identity and user at 8 and 32 clients, UpdateUser
+//! (one field) with pgbench's single-row UPDATE by a unique key.
 //! Run: `cargo bench --bench service` (`BENCH_SECS`, default 10;
-//! `BENCH_ONLY=get,lookup,h2load,create,update,list` runs only the named comparisons;
-//! `BENCH_READ_BATCH=1` turns GetUser and LookupUser coalescing off).
+//! `BENCH_ONLY=get,lookup,identity,h2load,create,update,list` runs only the named comparisons;
+//! `BENCH_READ_BATCH=1` turns GetUser, LookupUser and LookupUserByIdentity coalescing off).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use roster::config::ServerConfig;
 use roster::pb::v1 as pb;
+use roster::pb::v1::identity_service_client::IdentityServiceClient;
 use roster::pb::v1::user_service_client::UserServiceClient;
 use support::{BenchEnv, env_or, percentiles, rename};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -81,14 +83,33 @@ async fn seed(env: &BenchEnv, n: usize) -> Vec<Uuid> {
     ids
 }
 
-type Users = UserServiceClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, support::Key>,
->;
+type Keyed =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, support::Key>;
+type Users = UserServiceClient<Keyed>;
+type Identities = IdentityServiceClient<Keyed>;
+
+/// A client of one of the server's services, on a channel of its own with the bench key.
+trait Client: Clone + Send + 'static {
+    fn new(channel: tonic::transport::Channel, key: support::Key) -> Self;
+}
+
+impl Client for Users {
+    fn new(channel: tonic::transport::Channel, key: support::Key) -> Self {
+        UserServiceClient::with_interceptor(channel, key)
+    }
+}
+
+impl Client for Identities {
+    fn new(channel: tonic::transport::Channel, key: support::Key) -> Self {
+        IdentityServiceClient::with_interceptor(channel, key)
+    }
+}
 
 /// Runs `work` from `clients` tasks (each on its own connection) for `d`: calls per second.
-async fn rate<F, Fut>(env: &BenchEnv, d: Duration, clients: usize, work: F) -> f64
+async fn rate<C, F, Fut>(env: &BenchEnv, d: Duration, clients: usize, work: F) -> f64
 where
-    F: Fn(Users, u64) -> Fut + Send + Sync + 'static,
+    C: Client,
+    F: Fn(C, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let work = Arc::new(work);
@@ -96,12 +117,12 @@ where
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let users = UserServiceClient::with_interceptor(env.new_channel().await, env.key.clone());
+        let client = C::new(env.new_channel().await, env.key.clone());
         let (work, done) = (work.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             while start.elapsed() < d {
                 let n = done.fetch_add(1, Ordering::Relaxed);
-                work(users.clone(), n).await;
+                work(client.clone(), n).await;
             }
         }));
     }
@@ -176,7 +197,7 @@ fn h2load(
 
 /// `work` (as in [`rate`]) and pgbench running `script`, both from `clients` clients,
 /// alternating over ROUNDS rounds of `round`: their mean rates.
-async fn alternating<F, Fut>(
+async fn alternating<C, F, Fut>(
     env: &BenchEnv,
     round: Duration,
     clients: usize,
@@ -184,7 +205,8 @@ async fn alternating<F, Fut>(
     script: &str,
 ) -> (f64, f64)
 where
-    F: Fn(Users, u64) -> Fut + Clone + Send + Sync + 'static,
+    C: Client,
+    F: Fn(C, u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
     let (mut ours, mut theirs) = (0.0, 0.0);
@@ -253,8 +275,9 @@ async fn histogram(env: &BenchEnv, name: &str) -> (f64, f64) {
     (sum, count)
 }
 
-/// What the server saw of `method`'s calls (coalesced as `roster_user_<what>_batch_size`):
-/// readings of (calls per statement, server-side latency) to print after a phase.
+/// What the server saw of `method`'s calls (`Service/Method` of `roster.v1`, coalesced as
+/// `roster_user_<what>_batch_size`): readings of (calls per statement, server-side latency)
+/// to print after a phase.
 struct ServerSide {
     batch: String,
     latency: String,
@@ -264,8 +287,7 @@ struct ServerSide {
 impl ServerSide {
     async fn start(env: &BenchEnv, what: &str, method: &str) -> Self {
         let batch = format!("roster_user_{what}_batch_size");
-        let latency =
-            format!("roster_rpc_duration_seconds{{method=\"/roster.v1.UserService/{method}\"}}");
+        let latency = format!("roster_rpc_duration_seconds{{method=\"/roster.v1.{method}\"}}");
         let before = [histogram(env, &batch).await, histogram(env, &latency).await];
         ServerSide {
             batch,
@@ -338,7 +360,7 @@ async fn main() {
                 users.get_user(pb::GetUserRequest { id }).await.unwrap();
             }
         };
-        let server = ServerSide::start(&env, "read", "GetUser").await;
+        let server = ServerSide::start(&env, "read", "UserService/GetUser").await;
         let (get, pg_select) = alternating(&env, round, CONCURRENCY, get_one, &select).await;
         println!(
             "GetUser:    {get:>8.0} rps   pgbench unique-index select {pg_select:>8.0} tps   ratio {:.2} (goal >= 0.5)",
@@ -367,7 +389,7 @@ async fn main() {
             env.project_id
         );
         for clients in [CONCURRENCY, 32] {
-            let server = ServerSide::start(&env, "read", "LookupUser").await;
+            let server = ServerSide::start(&env, "read", "UserService/LookupUser").await;
             let (lookup, pg) = alternating(&env, round, clients, lookup_one, &by_email).await;
             println!(
                 "LookupUser by email, {clients:>2} clients: {lookup:>8.0} rps   pgbench select by lower(email) {pg:>8.0} tps   ratio {:.2}",
@@ -422,6 +444,58 @@ async fn main() {
         );
     }
 
+    // LookupUserByIdentity (the social sign-in's lookup) vs. pgbench's join of the identity's
+    // unique-index probe and the user's primary key, at 8 and 32 clients.
+    if wanted("identity") {
+        let n = ids.len();
+        let linked = Instant::now();
+        let client = env.pool.get().await.unwrap();
+        client
+            .execute(
+                "INSERT INTO identities (project_id, id, user_id, provider, subject)
+                 SELECT project_id, gen_random_uuid(), id, 'github', 'gh-' || substr(external_id, 3)
+                 FROM users WHERE project_id = $1 AND external_id LIKE 'u-%'
+                 ON CONFLICT DO NOTHING",
+                &[&env.project_id],
+            )
+            .await
+            .unwrap();
+        client
+            .batch_execute("VACUUM (ANALYZE) identities")
+            .await
+            .unwrap();
+        drop(client);
+        println!(
+            "linked {n} identities in {:.1} s",
+            linked.elapsed().as_secs_f64()
+        );
+        let by_identity = move |mut identities: Identities, k: u64| {
+            let subject = format!("gh-{}", (k as usize * 7919) % n);
+            async move {
+                let request = pb::LookupUserByIdentityRequest {
+                    provider: "github".into(),
+                    subject,
+                };
+                identities.lookup_user_by_identity(request).await.unwrap();
+            }
+        };
+        let join = format!(
+            "\\set n random(0, {})\nSELECT u.*, i.* FROM identities i JOIN users u ON u.project_id = i.project_id AND u.id = i.user_id WHERE i.project_id = '{}' AND i.provider = 'github' AND i.subject = 'gh-' || :n;\n",
+            n - 1,
+            env.project_id
+        );
+        for clients in [CONCURRENCY, 32] {
+            let server =
+                ServerSide::start(&env, "read", "IdentityService/LookupUserByIdentity").await;
+            let (found, pg) = alternating(&env, round, clients, by_identity, &join).await;
+            println!(
+                "LookupUserByIdentity, {clients:>2} clients: {found:>8.0} rps   pgbench identity join {pg:>8.0} tps   ratio {:.2}",
+                found / pg
+            );
+            server.print(&env).await;
+        }
+    }
+
     // CreateUser vs. a single-row INSERT (fsync on, one transaction each), alternating.
     let insert = format!(
         "INSERT INTO users (project_id, id, email, status, created_at, updated_at) VALUES ('{}', gen_random_uuid(), gen_random_uuid()::text || '@pgbench.example', 1, now(), now());\n",
@@ -442,7 +516,7 @@ async fn main() {
         };
         // Also at 32 clients, where concurrent creates are written together.
         for clients in [CONCURRENCY, 32] {
-            let server = ServerSide::start(&env, "create", "CreateUser").await;
+            let server = ServerSide::start(&env, "create", "UserService/CreateUser").await;
             let (create, pg_insert) = alternating(&env, round, clients, create_one, &insert).await;
             let label = if clients == CONCURRENCY {
                 "CreateUser:".to_string()
@@ -476,7 +550,7 @@ async fn main() {
                 users.update_user(rename(id, k)).await.unwrap();
             }
         };
-        let server = ServerSide::start(&env, "update", "UpdateUser").await;
+        let server = ServerSide::start(&env, "update", "UserService/UpdateUser").await;
         let (updated, pg_update) = alternating(&env, round, CONCURRENCY, update_one, &update).await;
         println!(
             "UpdateUser: {updated:>8.0} rps   pgbench single-row UPDATE   {pg_update:>8.0} tps   ratio {:.2}",
