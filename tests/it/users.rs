@@ -873,6 +873,11 @@ async fn update_mask_errors() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists);
+    // Nothing of a refused update is written: neither the user nor an event.
+    assert_eq!(get(&mut users, &u.id).await.email, "m@x.io");
+    let events = app.events_of(&u.id).await;
+    let types: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(types, vec!["USER_CREATED"]);
     // Unknown user.
     let err = users
         .update_user(pb::UpdateUserRequest {
