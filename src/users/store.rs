@@ -143,13 +143,13 @@ const USER_PARAMS: usize = 19;
 /// The event's parameters after a user's: id, type, api_key_id, ip, user_agent, request_id,
 /// data (its project and user are the user's).
 fn event_params<'a>(
-    d: &'a Derived,
+    event_id: &'a Uuid,
     kind: &'a &'static str,
     ctx: &'a EventContext,
     event: &'a NewEvent,
 ) -> [&'a (dyn ToSql + Sync); EVENT_PARAMS] {
     [
-        &d.event_id,
+        event_id,
         kind,
         &ctx.api_key_id,
         &ctx.ip,
@@ -185,7 +185,7 @@ async fn insert_user(
     let mut params = user_params(&project_id, user, &password_hash, &derived);
     let kind = event.map(|(_, e)| e.kind.as_str());
     if let (Some((ctx, e)), Some(kind)) = (event, kind.as_ref()) {
-        params.extend(event_params(&derived, kind, ctx, e));
+        params.extend(event_params(&derived.event_id, kind, ctx, e));
     }
     let row = db.query_one(&stmt, &params).await?;
     Ok(user_from_row(&row))
@@ -496,14 +496,8 @@ pub async fn save_profile(
         &app_metadata,
         &read.version,
         &read.updated_at,
-        &event_id,
-        &kind,
-        &ctx.api_key_id,
-        &ctx.ip,
-        &ctx.user_agent,
-        &ctx.request_id,
-        &event.data,
     ]);
+    params.extend(event_params(&event_id, &kind, ctx, event));
     let Some(row) = db.query_opt(&stmt, &params).await? else {
         return Ok(None);
     };
