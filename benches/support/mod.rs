@@ -12,6 +12,11 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
+// The allocator the `roster` binary ships with, so that a server run inside a bench measures
+// what production runs.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The number in environment variable `name`, else `default`.
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
