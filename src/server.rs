@@ -493,6 +493,13 @@ fn ensure_encryption_keys(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
 
 /// `roster serve`: connect (or start the embedded cluster), migrate, serve until a signal.
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    // Settings that need no database are checked before one is started.
+    crate::crypto::argon2_params(
+        cfg.server.argon2_memory_kib,
+        cfg.server.argon2_iterations,
+        cfg.server.argon2_parallelism,
+    )
+    .context("--argon2-memory-kib / --argon2-iterations / --argon2-parallelism")?;
     let (embedded, url) = match cfg.database.url()? {
         Some(url) => (None, url),
         None => {

@@ -149,6 +149,29 @@ fn lower_thread_priority() {
     });
 }
 
+/// The argon2id parameters for new hashes, refused above the bounds every stored hash is
+/// verified within (the same as for imported hashes): a hash made above them could never be
+/// checked, so every sign-in would fail. Bounds come before argon2's own validation, which
+/// overflows on a huge parallelism.
+pub fn argon2_params(memory_kib: u32, iterations: u32, parallelism: u32) -> anyhow::Result<Params> {
+    for (what, value, max) in [
+        (
+            "memory cost (KiB)",
+            memory_kib,
+            formats::MAX_ARGON2_MEMORY_KIB,
+        ),
+        ("iterations", iterations, formats::MAX_ARGON2_ITERATIONS),
+        ("parallelism", parallelism, formats::MAX_ARGON2_PARALLELISM),
+    ] {
+        anyhow::ensure!(
+            value <= max,
+            "argon2 {what} must be at most {max} (the bound on stored hashes), not {value}"
+        );
+    }
+    Params::new(memory_kib, iterations, parallelism, None)
+        .map_err(|e| anyhow::anyhow!("invalid argon2 parameters: {e}"))
+}
+
 /// Hashes and verifies passwords on a bounded pool off the async runtime.
 pub struct Hasher {
     permits: Arc<Semaphore>,
@@ -166,8 +189,7 @@ impl Hasher {
         iterations: u32,
         parallelism: u32,
     ) -> anyhow::Result<Self> {
-        let params = Params::new(memory_kib, iterations, parallelism, None)
-            .map_err(|e| anyhow::anyhow!("invalid argon2 parameters: {e}"))?;
+        let params = argon2_params(memory_kib, iterations, parallelism)?;
         let workers = workers.max(1);
         let engine = Engine {
             params,
@@ -262,6 +284,27 @@ mod tests {
         assert!(!wrong.ok);
         let unknown = h.verify("correct horse".into(), None).await.unwrap();
         assert!(!unknown.ok);
+    }
+
+    #[tokio::test]
+    async fn parameters_are_bounded_as_stored_hashes_are() {
+        // At the bounds: what it hashes, it verifies.
+        let (t, p) = (
+            formats::MAX_ARGON2_ITERATIONS,
+            formats::MAX_ARGON2_PARALLELISM,
+        );
+        let edge = Hasher::new(1, 8 * p, t, p).unwrap();
+        let hash = edge.hash("correct horse".into()).await.unwrap();
+        let v = edge.verify("correct horse".into(), Some(hash)).await;
+        assert!(v.unwrap().ok);
+        for (m, t, p, named) in [
+            (formats::MAX_ARGON2_MEMORY_KIB + 1, 2, 1, "memory cost"),
+            (1024, formats::MAX_ARGON2_ITERATIONS + 1, 1, "iterations"),
+            (1024, 2, 1_888_888_888, "parallelism"),
+        ] {
+            let err = Hasher::new(1, m, t, p).err().expect("refused").to_string();
+            assert!(err.contains(named), "{err}");
+        }
     }
 
     #[tokio::test]

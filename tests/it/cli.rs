@@ -52,6 +52,60 @@ async fn migrate_reports_what_it_applied() {
     );
 }
 
+#[test]
+fn serve_refuses_argon2_settings_whose_hashes_could_not_be_verified() {
+    // Above the bounds on stored hashes every sign-in would fail; refused before a private
+    // PostgreSQL is started.
+    let dir = std::env::temp_dir().join(format!("roster-argon2-{}", uuid::Uuid::now_v7().simple()));
+    for (flag, value, message) in [
+        (
+            "--argon2-iterations",
+            "17",
+            "argon2 iterations must be at most 16",
+        ),
+        (
+            "--argon2-memory-kib",
+            "262145",
+            "argon2 memory cost (KiB) must be at most 262144",
+        ),
+        (
+            "--argon2-parallelism",
+            "4000000000",
+            "argon2 parallelism must be at most 16",
+        ),
+    ] {
+        let mut child = Command::new(ROSTER)
+            .args(["serve", "--listen", "127.0.0.1:0", flag, value])
+            .env_remove("DATABASE_URL")
+            .env("ROSTER_DATA_DIR", &dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run roster");
+        // A server that accepted the setting would serve until stopped.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let started = child.try_wait().unwrap().is_none();
+        if started {
+            child.kill().unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!started, "{flag} {value} was accepted: {err}");
+        assert!(!out.status.success(), "{flag} {value}: {err}");
+        assert!(err.contains(message), "{flag} {value}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            !err.contains("starting a private PostgreSQL"),
+            "refused before a database was started: {err}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn projects_and_keys_commands() {
     let app = TestApp::spawn().await;
