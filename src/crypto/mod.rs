@@ -127,11 +127,31 @@ impl Engine {
 /// How much lower than the rest of the process hashing threads run (a nice value).
 const HASHING_NICENESS: i32 = 10;
 
+/// The scheduler time slice asked for hashing threads (Linux 6.12+ EEVDF custom slices; the
+/// smallest the kernel accepts). With the default slice a woken thread (a runtime worker,
+/// PostgreSQL) could wait up to a few ms for the hash running on its core, niced or not.
+const HASHING_SLICE_NS: u64 = 100_000;
+
+/// `struct sched_attr` (the first version, 48 bytes), which the libc crate does not define.
+#[repr(C)]
+struct SchedAttr {
+    size: u32,
+    sched_policy: u32,
+    sched_flags: u64,
+    sched_nice: i32,
+    sched_priority: u32,
+    sched_runtime: u64,
+    sched_deadline: u64,
+    sched_period: u64,
+}
+
 /// Lowers this thread's scheduling priority, once per thread: when argon2 saturates the
 /// cores, threads serving other RPCs (and PostgreSQL) still get the CPU as soon as they
 /// wake, so a sign-in flood costs everyone else little latency. Hashing loses nothing
-/// when nothing else wants the CPU. (On Linux the nice value is per thread. A blocking-pool
-/// thread keeps it for later blocking tasks, which are all background work here.)
+/// when nothing else wants the CPU, and keeps a nice-10 share when something does (not
+/// SCHED_IDLE, under which a busy server would all but stop signing users in). (On Linux
+/// both are per thread. A blocking-pool thread keeps them for later blocking tasks, which
+/// are all background work here.)
 fn lower_thread_priority() {
     thread_local! {
         static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -139,11 +159,27 @@ fn lower_thread_priority() {
     LOWERED.with(|done| {
         if !done.get() {
             done.set(true);
-            // SAFETY: gettid has no preconditions; setpriority only reads its arguments.
-            // A failure (e.g. a seccomp filter) just leaves the priority as it was.
+            let attr = SchedAttr {
+                size: std::mem::size_of::<SchedAttr>() as u32,
+                sched_policy: libc::SCHED_OTHER as u32,
+                sched_flags: 0,
+                sched_nice: HASHING_NICENESS,
+                sched_priority: 0,
+                sched_runtime: HASHING_SLICE_NS,
+                sched_deadline: 0,
+                sched_period: 0,
+            };
+            // SAFETY: sched_setattr reads `attr`, which outlives the call and is laid out as
+            // the kernel's struct; gettid has no preconditions; setpriority only reads its
+            // arguments. Kernels before 6.12
+            // ignore the slice; where sched_setattr fails (e.g. a seccomp filter) only the
+            // nice value is set, and a failure of that leaves the priority as it was.
             unsafe {
-                let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                libc::setpriority(libc::PRIO_PROCESS, tid, HASHING_NICENESS);
+                // pid 0: this thread.
+                if libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) != 0 {
+                    let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+                    libc::setpriority(libc::PRIO_PROCESS, tid, HASHING_NICENESS);
+                }
             }
         }
     });
@@ -304,6 +340,30 @@ mod tests {
         ] {
             let err = Hasher::new(1, m, t, p).err().expect("refused").to_string();
             assert!(err.contains(named), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn hashing_threads_run_niced_with_a_short_slice() {
+        let (nice, slice) = hasher()
+            .run(|_| {
+                let mut attr = std::mem::MaybeUninit::<SchedAttr>::zeroed();
+                let size = std::mem::size_of::<SchedAttr>() as u32;
+                // SAFETY: the kernel writes at most `size` bytes into `attr`.
+                let r = unsafe {
+                    libc::syscall(libc::SYS_sched_getattr, 0, attr.as_mut_ptr(), size, 0)
+                };
+                assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+                // SAFETY: zeroed, then filled by the kernel: every field is an integer.
+                let attr = unsafe { attr.assume_init() };
+                Ok((attr.sched_nice, attr.sched_runtime))
+            })
+            .await
+            .unwrap();
+        assert_eq!(nice, HASHING_NICENESS);
+        // Kernels before 6.12 report no slice for fair-class threads.
+        if slice != 0 {
+            assert_eq!(slice, HASHING_SLICE_NS);
         }
     }
 
