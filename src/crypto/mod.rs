@@ -171,9 +171,9 @@ fn lower_thread_priority() {
             };
             // SAFETY: sched_setattr reads `attr`, which outlives the call and is laid out as
             // the kernel's struct; gettid has no preconditions; setpriority only reads its
-            // arguments. Kernels before 6.12
-            // ignore the slice; where sched_setattr fails (e.g. a seccomp filter) only the
-            // nice value is set, and a failure of that leaves the priority as it was.
+            // arguments. Kernels before 6.12 ignore the slice; where sched_setattr fails
+            // (e.g. a seccomp filter) only the nice value is set, and a failure of that
+            // leaves the priority as it was.
             unsafe {
                 // pid 0: this thread.
                 if libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) != 0 {

@@ -101,7 +101,7 @@ fn serve_refuses_argon2_settings_whose_hashes_could_not_be_verified() {
         assert!(!err.contains("panicked"), "{err}");
         assert!(
             !err.contains("starting a private PostgreSQL"),
-            "refused before a database was started: {err}"
+            "{flag} {value}: a database was started before the refusal: {err}"
         );
     }
 }
