@@ -60,6 +60,22 @@ impl Format<'_> {
     }
 }
 
+/// The first argon2 parameter above its bound, as (what, value, bound): the bounds on stored
+/// and imported hashes, which the hasher's own settings must keep too.
+pub fn argon2_over_bound(
+    memory_kib: u32,
+    iterations: u32,
+    parallelism: u32,
+) -> Option<(&'static str, u32, u32)> {
+    [
+        ("memory cost (KiB)", memory_kib, MAX_ARGON2_MEMORY_KIB),
+        ("iterations", iterations, MAX_ARGON2_ITERATIONS),
+        ("parallelism", parallelism, MAX_ARGON2_PARALLELISM),
+    ]
+    .into_iter()
+    .find(|&(_, value, max)| value > max)
+}
+
 /// Parses `hash` as one of the accepted formats within the cost bounds; the error says why not.
 pub fn parse(hash: &str) -> Result<Format<'_>, String> {
     let unsupported =
@@ -108,10 +124,7 @@ pub fn parse(hash: &str) -> Result<Format<'_>, String> {
             }
             let params =
                 Params::try_from(&phc).map_err(|e| format!("invalid argon2 parameters: {e}"))?;
-            if params.m_cost() > MAX_ARGON2_MEMORY_KIB
-                || params.t_cost() > MAX_ARGON2_ITERATIONS
-                || params.p_cost() > MAX_ARGON2_PARALLELISM
-            {
+            if argon2_over_bound(params.m_cost(), params.t_cost(), params.p_cost()).is_some() {
                 return Err(too_big());
             }
             Ok(Format::Argon2 {

@@ -190,17 +190,10 @@ fn lower_thread_priority() {
 /// checked, so every sign-in would fail. Bounds come before argon2's own validation, which
 /// overflows on a huge parallelism.
 pub fn argon2_params(memory_kib: u32, iterations: u32, parallelism: u32) -> anyhow::Result<Params> {
-    for (what, value, max) in [
-        (
-            "memory cost (KiB)",
-            memory_kib,
-            formats::MAX_ARGON2_MEMORY_KIB,
-        ),
-        ("iterations", iterations, formats::MAX_ARGON2_ITERATIONS),
-        ("parallelism", parallelism, formats::MAX_ARGON2_PARALLELISM),
-    ] {
-        anyhow::ensure!(
-            value <= max,
+    if let Some((what, value, max)) =
+        formats::argon2_over_bound(memory_kib, iterations, parallelism)
+    {
+        anyhow::bail!(
             "argon2 {what} must be at most {max} (the bound on stored hashes), not {value}"
         );
     }
