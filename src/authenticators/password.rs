@@ -312,19 +312,46 @@ pub async fn verify_password(
     };
 
     let mut client = db::client(pool).await?;
+    if verified.ok {
+        // The usual case, nothing changed since the read: one statement, one round trip.
+        let (success, evs, result) = sign_in(&found, origin, verified.outdated, rehash.as_deref());
+        if let Some(user) = store::record_success_if_unchanged(
+            &*client,
+            caller.project_id,
+            &found,
+            &success,
+            &ctx,
+            &evs,
+        )
+        .await?
+        {
+            return Ok((result, Some(user)));
+        }
+    }
     let tx = client.transaction().await?;
     let Some(current) = store::credentials_for_update(&tx, caller.project_id, id).await? else {
         // Deleted meanwhile.
         return Ok((SignInResult::InvalidCredentials, None));
     };
-    if let Some(r) = refusal(&current, Utc::now()) {
-        // Locked or blocked by a concurrent call while this one was hashing.
+    // Locked or blocked by a concurrent call while this one was hashing; or the password
+    // changed meanwhile, so that the check proves nothing about the new one (not counted as
+    // a failure). Recorded like any refused attempt.
+    let refused = match refusal(&current, Utc::now()) {
+        Some(r) => Some((r, refusal_name(r))),
+        None if current.hash.as_deref() != Some(hash.as_str()) => {
+            Some((SignInResult::InvalidCredentials, "PASSWORD_CHANGED"))
+        }
+        None => None,
+    };
+    if let Some((r, reason)) = refused {
+        let ev = NewEvent::for_user(
+            EventType::LoginFailed,
+            id,
+            json!({ "reason": reason, "via": "VerifyPassword" }),
+        );
+        record(&tx, caller, &ctx, &[ev]).await?;
+        tx.commit().await?;
         return Ok((r, None));
-    }
-    if current.hash.as_deref() != Some(hash.as_str()) {
-        // The password changed while this attempt was being checked: the check proves
-        // nothing about the new one. Not counted as a failure.
-        return Ok((SignInResult::InvalidCredentials, None));
     }
     if !verified.ok {
         let locked = count_failure(
@@ -343,22 +370,26 @@ pub async fn verify_password(
             None => (SignInResult::InvalidCredentials, None),
         });
     }
+    let (success, evs, result) = sign_in(&current, origin, verified.outdated, rehash.as_deref());
+    let user = store::record_success(&tx, caller.project_id, id, &success).await?;
+    record(&tx, caller, &ctx, &evs).await?;
+    tx.commit().await?;
+    Ok((result, Some(user)))
+}
+
+/// What a right password does for `current`: the bookkeeping to store, the events to record
+/// and the answer. `outdated` names the algorithm of a hash being replaced by `rehash`.
+fn sign_in<'a>(
+    current: &Credentials,
+    origin: &'a Origin,
+    outdated: Option<&'static str>,
+    rehash: Option<&'a str>,
+) -> (Success<'a>, Vec<NewEvent>, SignInResult) {
+    let id = current.user.id;
     let change_required = current.user.require_password_change;
     let activate = !change_required && current.user.status == UserStatus::PendingVerification;
-    let user = store::record_success(
-        &tx,
-        caller.project_id,
-        id,
-        &Success {
-            sign_in: !change_required,
-            ip: origin.ip.as_deref(),
-            activate,
-            rehash: rehash.as_deref(),
-        },
-    )
-    .await?;
     let mut evs = Vec::new();
-    if let (Some(from), Some(_)) = (verified.outdated, &rehash) {
+    if let (Some(from), Some(_)) = (outdated, rehash) {
         evs.push(NewEvent::for_user(
             EventType::PasswordRehashed,
             id,
@@ -375,9 +406,13 @@ pub async fn verify_password(
         data["activated"] = json!(true);
     }
     evs.push(NewEvent::for_user(EventType::LoginSucceeded, id, data));
-    record(&tx, caller, &ctx, &evs).await?;
-    tx.commit().await?;
-    Ok((result, Some(user)))
+    let success = Success {
+        sign_in: !change_required,
+        ip: origin.ip.as_deref(),
+        activate,
+        rehash,
+    };
+    (success, evs, result)
 }
 
 pub async fn change_password(

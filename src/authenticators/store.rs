@@ -6,6 +6,7 @@ use deadpool_postgres::{GenericClient, Transaction};
 use uuid::Uuid;
 
 use crate::error::Result;
+use crate::events::{EventContext, NewEvent};
 use crate::users::store::{USER_COLUMNS, lookup_condition, user_from_row};
 use crate::users::{LookupKey, User};
 
@@ -111,6 +112,16 @@ pub struct Success<'a> {
     pub rehash: Option<&'a str>,
 }
 
+/// What a right password writes, from [`Success`] bound as $3 to $6.
+const SUCCESS_SET: &str = "failed_logins = 0, locked_until = NULL,
+    login_count = login_count + CASE WHEN $3 THEN 1 ELSE 0 END,
+    last_login_at = CASE WHEN $3 THEN now() ELSE last_login_at END,
+    last_login_ip = CASE WHEN $3 THEN $4 ELSE last_login_ip END,
+    status = CASE WHEN $5 THEN 1 ELSE status END,
+    version = version + CASE WHEN $5 THEN 1 ELSE 0 END,
+    updated_at = CASE WHEN $5 THEN now() ELSE updated_at END,
+    password_hash = coalesce($6, password_hash)";
+
 /// Clears failure counting and records a sign-in. Sign-in counters do not bump the version
 /// (the etag stays valid across logins); activation does.
 pub async fn record_success(
@@ -121,15 +132,7 @@ pub async fn record_success(
 ) -> Result<User> {
     let stmt = tx
         .prepare_cached(&format!(
-            "UPDATE users SET failed_logins = 0, locked_until = NULL,
-                login_count = login_count + CASE WHEN $3 THEN 1 ELSE 0 END,
-                last_login_at = CASE WHEN $3 THEN now() ELSE last_login_at END,
-                last_login_ip = CASE WHEN $3 THEN $4 ELSE last_login_ip END,
-                status = CASE WHEN $5 THEN 1 ELSE status END,
-                version = version + CASE WHEN $5 THEN 1 ELSE 0 END,
-                updated_at = CASE WHEN $5 THEN now() ELSE updated_at END,
-                password_hash = coalesce($6, password_hash)
-             WHERE project_id = $1 AND id = $2
+            "UPDATE users SET {SUCCESS_SET} WHERE project_id = $1 AND id = $2
              RETURNING {USER_COLUMNS}"
         ))
         .await?;
@@ -140,6 +143,70 @@ pub async fn record_success(
         )
         .await?;
     Ok(user_from_row(&row))
+}
+
+/// [`record_success`] with the sign-in's `events`, in one statement and one commit, if the
+/// user is still as `read` saw it: the same version and update time (its etag: a user deleted
+/// and created again under the same id is another user), hash, status and change
+/// requirement, and no lock taken meanwhile. `None` when anything changed; nothing is written
+/// then, and the caller decides again under the row lock. Failure counts are not compared: a
+/// right password clears them whatever they have become.
+pub async fn record_success_if_unchanged(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    read: &Credentials,
+    s: &Success<'_>,
+    ctx: &EventContext,
+    events: &[NewEvent],
+) -> Result<Option<User>> {
+    let stmt = db
+        .prepare_cached(&format!(
+            "WITH u AS (
+                 UPDATE users SET {SUCCESS_SET}
+                 WHERE project_id = $1 AND id = $2 AND version = $7 AND updated_at = $8
+                     AND password_hash = $9 AND status = $10 AND require_password_change = $11
+                     AND (locked_until IS NULL OR locked_until <= now())
+                 RETURNING {USER_COLUMNS}),
+             e AS (INSERT INTO events (project_id, id, type, user_id, api_key_id, ip,
+                                       user_agent, request_id, data)
+                   SELECT $1, e.id, e.type, u.id, $15, $16, $17, $18, e.data
+                   FROM u, unnest($12::uuid[], $13::text[], $14::jsonb[]) AS e(id, type, data))
+             SELECT * FROM u"
+        ))
+        .await?;
+    let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let data: Vec<&serde_json::Value> = events.iter().map(|e| &e.data).collect();
+    let row = db
+        .query_opt(
+            &stmt,
+            &[
+                &project_id,
+                &read.user.id,
+                &s.sign_in,
+                &s.ip,
+                &s.activate,
+                &s.rehash,
+                &read.user.version,
+                &read.user.updated_at,
+                &read.hash,
+                &(read.user.status as i16),
+                &read.user.require_password_change,
+                &ids,
+                &types,
+                &data,
+                &ctx.api_key_id,
+                &ctx.ip,
+                &ctx.user_agent,
+                &ctx.request_id,
+            ],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    crate::events::stream::written();
+    Ok(Some(user_from_row(&row)))
 }
 
 /// Replaces the password hash (NULL removes the password), sets whether it must be changed,

@@ -307,6 +307,108 @@ async fn blocked_and_deactivated_users_get_their_result_whatever_the_password() 
     assert_eq!(failed_logins(&app, &blocked.id).await, 0);
 }
 
+/// Waits until a statement on this test's database waits for a row lock.
+async fn until_a_statement_waits_for_a_lock(app: &TestApp) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = app
+            .sql_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await;
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no statement came to wait for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn what_changes_while_a_right_password_is_checked_decides_the_answer() {
+    let app = TestApp::spawn().await;
+    // Each change is made in a transaction that the sign-in's write has to wait for, after
+    // the sign-in read the user: the write must notice it instead of signing in.
+    let other_hash = LEGACY_HASHES[0].1;
+    let cases: [(&str, &str, R, Option<&str>); 4] = [
+        (
+            "blocked-meanwhile@example.com",
+            "status = 3, blocked_reason = 'fraud', version = version + 1, updated_at = now()",
+            R::Blocked,
+            Some("USER_BLOCKED"),
+        ),
+        (
+            "locked-meanwhile@example.com",
+            "failed_logins = 0, locked_until = now() + interval '1 hour'",
+            R::Locked,
+            Some("USER_LOCKED"),
+        ),
+        // As a concurrent sign-in's rehash does: another hash, the same version.
+        (
+            "rehashed-meanwhile@example.com",
+            "password_hash = $2",
+            R::InvalidCredentials,
+            Some("PASSWORD_CHANGED"),
+        ),
+        // Failures counted meanwhile do not stop a right password, which clears them.
+        (
+            "failed-meanwhile@example.com",
+            "failed_logins = 3",
+            R::Ok,
+            None,
+        ),
+    ];
+    for (login, change, expected, reason) in cases {
+        let user = user_with_password(&app, login).await;
+        let id = Uuid::parse_str(&user.id).unwrap();
+        let holder = app.pool.get().await.unwrap();
+        holder.batch_execute("BEGIN").await.unwrap();
+        let sql = format!("UPDATE users SET {change} WHERE id = $1");
+        if change.contains("$2") {
+            holder.execute(&sql, &[&id, &other_hash]).await.unwrap();
+        } else {
+            holder.execute(&sql, &[&id]).await.unwrap();
+        }
+        let mut a = app.authenticators();
+        let call = tokio::spawn(async move { verify(&mut a, email(login), PASSWORD).await });
+        until_a_statement_waits_for_a_lock(&app).await;
+        holder.batch_execute("COMMIT").await.unwrap();
+        let answer = call.await.unwrap();
+        assert_eq!(result(&answer), expected, "{login}");
+        assert_eq!(answer.user.is_some(), expected == R::Ok, "{login}");
+
+        let logins: i64 = app
+            .sql_one("SELECT login_count FROM users WHERE id = $1", &[&id])
+            .await;
+        let events = app.events_of(&user.id).await;
+        let last = events.last().unwrap();
+        match reason {
+            Some(reason) => {
+                assert_eq!(logins, 0, "{login}");
+                assert_eq!(last.0, "LOGIN_FAILED", "{login}");
+                assert_eq!(last.1["reason"], reason, "{login}");
+                assert!(!types(&events).contains(&"LOGIN_SUCCEEDED"), "{login}");
+                // Not a wrong password: nothing counted.
+                assert_eq!(
+                    failed_logins(&app, &user.id).await,
+                    0,
+                    "{login}: refusals are not failures"
+                );
+            }
+            None => {
+                assert_eq!(logins, 1, "{login}");
+                assert_eq!(last.0, "LOGIN_SUCCEEDED", "{login}");
+                assert_eq!(failed_logins(&app, &user.id).await, 0, "{login}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn expired_and_temporary_passwords_require_a_change() {
     let app = TestApp::spawn().await;
