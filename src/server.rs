@@ -78,22 +78,71 @@ pub struct Application {
     events_listen: Option<tokio_postgres::Config>,
 }
 
+/// The ports a server listens on: the gRPC one and the optional metrics and health ones.
+/// `serve` binds them before it starts anything else, so a port in use fails start-up at once.
+pub struct Listeners {
+    grpc: TcpListener,
+    metrics: Option<TcpListener>,
+    health: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(listen: SocketAddr, config: &ServerConfig) -> anyhow::Result<Self> {
+        Ok(Listeners {
+            grpc: TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?,
+            metrics: bind_optional(&config.metrics_listen, "metrics").await?,
+            health: bind_optional(&config.health_listen, "health").await?,
+        })
+    }
+}
+
+/// Checks the settings that need neither a database nor a port (argon2 costs, TLS files,
+/// encryption keys), so that a mistake fails start-up before a database is started or
+/// connected to for nothing. [`Application::build`] checks them again as it uses them.
+pub fn check_settings(config: &ServerConfig) -> anyhow::Result<()> {
+    crate::crypto::argon2_params(
+        config.argon2_memory_kib,
+        config.argon2_iterations,
+        config.argon2_parallelism,
+    )
+    .context("--argon2-memory-kib / --argon2-iterations / --argon2-parallelism")?;
+    if let Some(files) = config.tls()? {
+        crate::tls::ReloadingTls::load(files)?;
+    }
+    if let Some(spec) = config.encryption_keys()? {
+        Sealer::parse(&spec)
+            .context("the encryption keys (--encryption-keys or --encryption-keys-file)")?;
+    }
+    Ok(())
+}
+
 impl Application {
+    /// Binds `listen` (and the configured metrics and health addresses) and builds.
     pub async fn build(
         listen: SocketAddr,
         pool: Pool,
         config: ServerConfig,
     ) -> anyhow::Result<Self> {
-        // Certificates are read before binding: a bad path fails start-up, not the first call.
+        Self::build_on(Listeners::bind(listen, &config).await?, pool, config).await
+    }
+
+    pub async fn build_on(
+        listeners: Listeners,
+        pool: Pool,
+        config: ServerConfig,
+    ) -> anyhow::Result<Self> {
+        // Certificates are read now: a bad path fails start-up, not the first call.
         let tls = config
             .tls()?
             .map(crate::tls::ReloadingTls::load)
             .transpose()?;
-        let listener = TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding {listen}"))?;
-        let metrics_listener = bind_optional(&config.metrics_listen, "metrics").await?;
-        let health_listener = bind_optional(&config.health_listen, "health").await?;
+        let Listeners {
+            grpc: listener,
+            metrics: metrics_listener,
+            health: health_listener,
+        } = listeners;
         let hasher = Hasher::new(
             config.hash_workers(),
             config.argon2_memory_kib,
@@ -493,13 +542,10 @@ fn ensure_encryption_keys(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
 
 /// `roster serve`: connect (or start the embedded cluster), migrate, serve until a signal.
 pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
-    // Settings that need no database are checked before one is started.
-    crate::crypto::argon2_params(
-        cfg.server.argon2_memory_kib,
-        cfg.server.argon2_iterations,
-        cfg.server.argon2_parallelism,
-    )
-    .context("--argon2-memory-kib / --argon2-iterations / --argon2-parallelism")?;
+    // Settings and ports first: a mistake there should not wait for (or leave behind) a
+    // database start-up.
+    check_settings(&cfg.server)?;
+    let listeners = Listeners::bind(cfg.listen, &cfg.server).await?;
     let (embedded, url) = match cfg.database.url()? {
         Some(url) => (None, url),
         None => {
@@ -508,7 +554,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             (Some(pg), url)
         }
     };
-    let result = serve_on(&cfg, &url, embedded.is_some()).await;
+    let result = serve_on(&cfg, listeners, &url, embedded.is_some()).await;
     if let Some(pg) = embedded {
         tracing::info!("stopping the private PostgreSQL");
         tokio::task::spawn_blocking(move || pg.stop()).await?;
@@ -516,7 +562,12 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     result
 }
 
-async fn serve_on(cfg: &ServeConfig, url: &str, embedded: bool) -> anyhow::Result<()> {
+async fn serve_on(
+    cfg: &ServeConfig,
+    listeners: Listeners,
+    url: &str,
+    embedded: bool,
+) -> anyhow::Result<()> {
     let pool = db::connect_pool(url, cfg.database.db_pool_size, cfg.database.timeout())?;
     if !cfg.no_migrate {
         let mut client = db::client(&pool).await?;
@@ -526,7 +577,7 @@ async fn serve_on(cfg: &ServeConfig, url: &str, embedded: bool) -> anyhow::Resul
     if embedded && server.encryption_keys()?.is_none() {
         server.encryption_keys_file = Some(ensure_encryption_keys(&cfg.database.data_dir)?);
     }
-    let app = Application::build(cfg.listen, pool.clone(), server)
+    let app = Application::build_on(listeners, pool.clone(), server)
         .await?
         .listen_for_events(db::pg_config(url, cfg.database.timeout())?);
     let addr = app.local_addr();

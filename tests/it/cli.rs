@@ -53,29 +53,58 @@ async fn migrate_reports_what_it_applied() {
 }
 
 #[test]
-fn serve_refuses_argon2_settings_whose_hashes_could_not_be_verified() {
-    // Above the bounds on stored hashes every sign-in would fail; refused before a private
-    // PostgreSQL is started.
-    let dir = std::env::temp_dir().join(format!("roster-argon2-{}", uuid::Uuid::now_v7().simple()));
-    for (flag, value, message) in [
+fn serve_refuses_bad_settings_and_busy_ports_before_starting_a_database() {
+    // Each mistake must fail start-up at once, naming what is wrong, before a private
+    // PostgreSQL is started (or its data directory made) for nothing.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = busy.local_addr().unwrap().to_string();
+    let missing = "/nonexistent/roster-test-file.pem";
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        // Above the bounds on stored hashes every sign-in would fail.
         (
-            "--argon2-iterations",
-            "17",
-            "argon2 iterations must be at most 16",
+            vec!["--argon2-iterations", "17"],
+            "argon2 iterations must be at most 16".into(),
         ),
         (
-            "--argon2-memory-kib",
-            "262145",
-            "argon2 memory cost (KiB) must be at most 262144",
+            vec!["--argon2-memory-kib", "262145"],
+            "argon2 memory cost (KiB) must be at most 262144".into(),
         ),
         (
-            "--argon2-parallelism",
-            "4000000000",
-            "argon2 parallelism must be at most 16",
+            vec!["--argon2-parallelism", "4000000000"],
+            "argon2 parallelism must be at most 16".into(),
         ),
-    ] {
-        let mut child = Command::new(ROSTER)
-            .args(["serve", "--listen", "127.0.0.1:0", flag, value])
+        (
+            vec!["--encryption-keys", "k1:not-base64!"],
+            "encryption key k1: not base64".into(),
+        ),
+        (
+            vec!["--encryption-keys-file", missing],
+            format!("reading {missing}"),
+        ),
+        (
+            vec!["--tls-cert-file", missing, "--tls-key-file", missing],
+            format!("reading the TLS certificate {missing}"),
+        ),
+        (
+            vec!["--tls-cert-file", missing],
+            "the following required arguments were not provided".into(),
+        ),
+        (vec!["--listen", &busy], format!("binding {busy}")),
+        (
+            vec!["--metrics-listen", &busy],
+            format!("binding the metrics address {busy}"),
+        ),
+    ];
+    for (args, message) in cases {
+        let dir =
+            std::env::temp_dir().join(format!("roster-settings-{}", uuid::Uuid::now_v7().simple()));
+        let mut command = Command::new(ROSTER);
+        command.arg("serve");
+        if !args.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = command
+            .args(&args)
             .env_remove("DATABASE_URL")
             .env("ROSTER_DATA_DIR", &dir)
             .env("RUST_LOG", "info")
@@ -93,15 +122,16 @@ fn serve_refuses_argon2_settings_whose_hashes_could_not_be_verified() {
             child.kill().unwrap();
         }
         let out = child.wait_with_output().unwrap();
+        let made_dir = dir.exists();
         let _ = std::fs::remove_dir_all(&dir);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!started, "{flag} {value} was accepted: {err}");
-        assert!(!out.status.success(), "{flag} {value}: {err}");
-        assert!(err.contains(message), "{flag} {value}: {err}");
+        assert!(!started, "{args:?} was accepted: {err}");
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(err.contains(&message), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
         assert!(
-            !err.contains("starting a private PostgreSQL"),
-            "{flag} {value}: a database was started before the refusal: {err}"
+            !err.contains("starting a private PostgreSQL") && !made_dir,
+            "{args:?}: a database was started before the refusal: {err}"
         );
     }
 }
