@@ -262,119 +262,190 @@ pub async fn verify_password(
     origin: &Origin,
 ) -> Result<(SignInResult, Option<User>)> {
     let ctx = sign_in_context(caller, origin);
-    let found = {
-        let client = db::client(pool).await?;
-        store::credentials(&*client, caller.project_id, login).await?
+    let attempt = Attempt {
+        pool,
+        hasher,
+        settings,
+        caller,
+        login,
+        origin,
+        ctx: &ctx,
     };
-    if found.as_ref().is_none_or(|c| c.hash.is_none()) {
-        // Unknown login or no password: the same work as a wrong password, the same answer.
-        hasher.verify(password, None).await?;
-        let user_id = found.as_ref().map(|c| c.user.id);
-        let reason = if user_id.is_some() {
-            "NO_PASSWORD"
-        } else {
-            "UNKNOWN_LOGIN"
-        };
-        let mut client = db::client(pool).await?;
-        let tx = client.transaction().await?;
-        let ev = NewEvent {
-            kind: EventType::LoginFailed,
-            user_id,
-            data: json!({ "reason": reason, "via": "VerifyPassword" }),
-        };
-        record(&tx, caller, &ctx, &[ev]).await?;
-        tx.commit().await?;
-        return Ok((SignInResult::InvalidCredentials, None));
+    // A hash replaced while the password was being checked (most often by a concurrent
+    // sign-in upgrading a legacy hash) is checked once more, against the new one.
+    match attempt.run(password.clone(), false).await? {
+        Some(answer) => Ok(answer),
+        None => Ok(attempt
+            .run(password, true)
+            .await?
+            .unwrap_or((SignInResult::InvalidCredentials, None))),
     }
-    let Some(found) = found else {
-        return Ok((SignInResult::InvalidCredentials, None));
-    };
-    let id = found.user.id;
-    if let Some(r) = refusal(&found, Utc::now()) {
-        // Blocked, deactivated or locked: answered without checking the password, so the
-        // answer says nothing about it.
-        let mut client = db::client(pool).await?;
-        let tx = client.transaction().await?;
-        let ev = NewEvent::for_user(
-            EventType::LoginFailed,
-            id,
-            json!({ "reason": refusal_name(r), "via": "VerifyPassword" }),
-        );
-        record(&tx, caller, &ctx, &[ev]).await?;
-        tx.commit().await?;
-        return Ok((r, None));
-    }
-    let hash = found.hash.clone().unwrap_or_default();
-    let verified = hasher.verify(password.clone(), Some(hash.clone())).await?;
-    let rehash = match verified.outdated {
-        Some(_) if verified.ok => Some(hasher.hash(password).await?),
-        _ => None,
-    };
+}
 
-    let mut client = db::client(pool).await?;
-    if verified.ok {
-        // The usual case, nothing changed since the read: one statement, one round trip.
-        let (success, evs, result) = sign_in(&found, origin, verified.outdated, rehash.as_deref());
-        if let Some(user) = store::record_success_if_unchanged(
-            &*client,
-            caller.project_id,
-            &found,
-            &success,
-            &ctx,
-            &evs,
-        )
-        .await?
-        {
-            return Ok((result, Some(user)));
-        }
-    }
-    let tx = client.transaction().await?;
-    let Some(current) = store::credentials_for_update(&tx, caller.project_id, id).await? else {
-        // Deleted meanwhile.
-        return Ok((SignInResult::InvalidCredentials, None));
-    };
-    // Locked or blocked by a concurrent call while this one was hashing; or the password
-    // changed meanwhile, so that the check proves nothing about the new one (not counted as
-    // a failure). Recorded like any refused attempt.
-    let refused = match refusal(&current, Utc::now()) {
-        Some(r) => Some((r, refusal_name(r))),
-        None if current.hash.as_deref() != Some(hash.as_str()) => {
-            Some((SignInResult::InvalidCredentials, "PASSWORD_CHANGED"))
-        }
-        None => None,
-    };
-    if let Some((r, reason)) = refused {
-        let ev = NewEvent::for_user(
-            EventType::LoginFailed,
-            id,
-            json!({ "reason": reason, "via": "VerifyPassword" }),
-        );
-        record(&tx, caller, &ctx, &[ev]).await?;
-        tx.commit().await?;
-        return Ok((r, None));
-    }
-    if !verified.ok {
-        let locked = count_failure(
-            &tx,
-            caller,
-            &ctx,
+/// One password check with its bookkeeping, for [`verify_password`].
+struct Attempt<'a> {
+    pool: &'a Pool,
+    hasher: &'a Hasher,
+    settings: &'a PasswordSettings,
+    caller: &'a Caller,
+    login: &'a Login,
+    origin: &'a Origin,
+    ctx: &'a EventContext,
+}
+
+impl Attempt<'_> {
+    /// The answer; `None` when the hash changed while it was being checked and this is not
+    /// the `last` attempt (nothing was written: the caller checks again).
+    async fn run(
+        &self,
+        password: String,
+        last: bool,
+    ) -> Result<Option<(SignInResult, Option<User>)>> {
+        let Attempt {
+            pool,
+            hasher,
             settings,
-            &current,
-            EventType::LoginFailed,
-            wrong_password("VerifyPassword"),
-        )
-        .await?;
+            caller,
+            login,
+            origin,
+            ctx,
+        } = *self;
+        let found = {
+            let client = db::client(pool).await?;
+            store::credentials(&*client, caller.project_id, login).await?
+        };
+        if found.as_ref().is_none_or(|c| c.hash.is_none()) {
+            // Unknown login or no password: the same work as a wrong password, the same answer.
+            hasher.verify(password, None).await?;
+            let user_id = found.as_ref().map(|c| c.user.id);
+            let reason = if user_id.is_some() {
+                "NO_PASSWORD"
+            } else {
+                "UNKNOWN_LOGIN"
+            };
+            let mut client = db::client(pool).await?;
+            let tx = client.transaction().await?;
+            let ev = NewEvent {
+                kind: EventType::LoginFailed,
+                user_id,
+                data: json!({ "reason": reason, "via": "VerifyPassword" }),
+            };
+            record(&tx, caller, ctx, &[ev]).await?;
+            tx.commit().await?;
+            return Ok(Some((SignInResult::InvalidCredentials, None)));
+        }
+        let Some(found) = found else {
+            return Ok(Some((SignInResult::InvalidCredentials, None)));
+        };
+        let id = found.user.id;
+        if let Some(r) = refusal(&found, Utc::now()) {
+            // Blocked, deactivated or locked: answered without checking the password, so the
+            // answer says nothing about it.
+            let mut client = db::client(pool).await?;
+            let tx = client.transaction().await?;
+            let ev = NewEvent::for_user(
+                EventType::LoginFailed,
+                id,
+                json!({ "reason": refusal_name(r), "via": "VerifyPassword" }),
+            );
+            record(&tx, caller, ctx, &[ev]).await?;
+            tx.commit().await?;
+            return Ok(Some((r, None)));
+        }
+        let hash = found.hash.clone().unwrap_or_default();
+        let verified = hasher.verify(password.clone(), Some(hash.clone())).await?;
+        let rehash = match verified.outdated {
+            Some(_) if verified.ok => Some(hasher.hash(password).await?),
+            _ => None,
+        };
+
+        let mut client = db::client(pool).await?;
+        if verified.ok {
+            // The usual case, nothing changed since the read: one statement, one round trip.
+            let (success, evs, result) =
+                sign_in(&found, origin, verified.outdated, rehash.as_deref());
+            if let Some(user) = store::record_success_if_unchanged(
+                &*client,
+                caller.project_id,
+                &found,
+                &success,
+                ctx,
+                &evs,
+            )
+            .await?
+            {
+                return Ok(Some((result, Some(user))));
+            }
+        }
+        let tx = client.transaction().await?;
+        let Some(current) = store::credentials_for_update(&tx, caller.project_id, id).await? else {
+            // Deleted meanwhile.
+            return Ok(Some((SignInResult::InvalidCredentials, None)));
+        };
+        match recheck(&current, &hash, last, Utc::now()) {
+            Recheck::Proceed => {}
+            Recheck::Again => return Ok(None),
+            Recheck::Refuse(r, reason) => {
+                let ev = NewEvent::for_user(
+                    EventType::LoginFailed,
+                    id,
+                    json!({ "reason": reason, "via": "VerifyPassword" }),
+                );
+                record(&tx, caller, ctx, &[ev]).await?;
+                tx.commit().await?;
+                return Ok(Some((r, None)));
+            }
+        }
+        if !verified.ok {
+            let locked = count_failure(
+                &tx,
+                caller,
+                ctx,
+                settings,
+                &current,
+                EventType::LoginFailed,
+                wrong_password("VerifyPassword"),
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(Some(match locked {
+                Some(until) => (SignInResult::Locked(until), None),
+                None => (SignInResult::InvalidCredentials, None),
+            }));
+        }
+        let (success, evs, result) =
+            sign_in(&current, origin, verified.outdated, rehash.as_deref());
+        let user = store::record_success(&tx, caller.project_id, id, &success).await?;
+        record(&tx, caller, ctx, &evs).await?;
         tx.commit().await?;
-        return Ok(match locked {
-            Some(until) => (SignInResult::Locked(until), None),
-            None => (SignInResult::InvalidCredentials, None),
-        });
+        Ok(Some((result, Some(user))))
     }
-    let (success, evs, result) = sign_in(&current, origin, verified.outdated, rehash.as_deref());
-    let user = store::record_success(&tx, caller.project_id, id, &success).await?;
-    record(&tx, caller, &ctx, &evs).await?;
-    tx.commit().await?;
-    Ok((result, Some(user)))
+}
+
+/// What a sign-in's locked re-read of the user decides, before the password's check counts.
+#[derive(Debug, PartialEq)]
+enum Recheck {
+    /// Nothing that matters changed: the check stands.
+    Proceed,
+    /// The hash was replaced while it was checked: check again, against the new one.
+    Again,
+    /// Refused (recorded with this reason, not counted as a wrong password).
+    Refuse(SignInResult, &'static str),
+}
+
+/// Locked or blocked by a concurrent call while the password was hashing: refused. A hash
+/// replaced meanwhile (most often by a concurrent sign-in upgrading a legacy hash): the check
+/// proves nothing about the new one, which is checked next; on the `last` check the attempt
+/// is refused instead.
+fn recheck(current: &Credentials, checked: &str, last: bool, now: DateTime<Utc>) -> Recheck {
+    if let Some(r) = refusal(current, now) {
+        return Recheck::Refuse(r, refusal_name(r));
+    }
+    match current.hash.as_deref() {
+        Some(h) if h == checked => Recheck::Proceed,
+        _ if last => Recheck::Refuse(SignInResult::InvalidCredentials, "PASSWORD_CHANGED"),
+        _ => Recheck::Again,
+    }
 }
 
 /// What a right password does for `current`: the bookkeeping to store, the events to record
@@ -603,6 +674,85 @@ pub async fn reset_password(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn credentials(status: UserStatus, locked_until: Option<DateTime<Utc>>) -> Credentials {
+        let now = Utc::now();
+        Credentials {
+            user: User {
+                id: Uuid::now_v7(),
+                profile: Default::default(),
+                status,
+                has_password: true,
+                password_changed_at: Some(now),
+                require_password_change: false,
+                login_count: 0,
+                last_login_at: None,
+                last_login_ip: None,
+                locked_until,
+                blocked_reason: None,
+                created_at: now,
+                updated_at: now,
+                version: 1,
+                factor_types: Vec::new(),
+                default_factor: None,
+            },
+            hash: Some("$argon2id$new".into()),
+            failed_logins: 0,
+        }
+    }
+
+    #[test]
+    fn a_sign_ins_locked_re_read_decides_on_state_first_then_the_hash() {
+        let now = Utc::now();
+        let active = credentials(UserStatus::Active, None);
+        assert_eq!(
+            recheck(&active, "$argon2id$new", false, now),
+            Recheck::Proceed
+        );
+        assert_eq!(
+            recheck(&active, "$argon2id$new", true, now),
+            Recheck::Proceed
+        );
+        // Replaced while it was checked: once more against the new hash, then refused.
+        assert_eq!(
+            recheck(&active, "$argon2id$old", false, now),
+            Recheck::Again
+        );
+        assert_eq!(
+            recheck(&active, "$argon2id$old", true, now),
+            Recheck::Refuse(SignInResult::InvalidCredentials, "PASSWORD_CHANGED")
+        );
+        let mut removed = credentials(UserStatus::Active, None);
+        removed.hash = None;
+        assert_eq!(
+            recheck(&removed, "$argon2id$new", false, now),
+            Recheck::Again
+        );
+        // A refusal wins over a replaced hash; an ended lock refuses nothing.
+        let until = now + chrono::Duration::minutes(5);
+        for (c, expected) in [
+            (
+                credentials(UserStatus::Blocked, None),
+                Recheck::Refuse(SignInResult::Blocked, "USER_BLOCKED"),
+            ),
+            (
+                credentials(UserStatus::Deactivated, None),
+                Recheck::Refuse(SignInResult::Deactivated, "USER_DEACTIVATED"),
+            ),
+            (
+                credentials(UserStatus::Active, Some(until)),
+                Recheck::Refuse(SignInResult::Locked(until), "USER_LOCKED"),
+            ),
+        ] {
+            assert_eq!(recheck(&c, "$argon2id$old", false, now), expected);
+            assert_eq!(recheck(&c, "$argon2id$new", true, now), expected);
+        }
+        let ended = credentials(UserStatus::Active, Some(now - chrono::Duration::seconds(1)));
+        assert_eq!(
+            recheck(&ended, "$argon2id$new", false, now),
+            Recheck::Proceed
+        );
+    }
 
     #[test]
     fn reset_token_shape() {

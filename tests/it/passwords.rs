@@ -307,7 +307,7 @@ async fn blocked_and_deactivated_users_get_their_result_whatever_the_password() 
     assert_eq!(failed_logins(&app, &blocked.id).await, 0);
 }
 
-/// Waits until a statement on this test's database waits for a row lock.
+/// Waits until a statement on this test's database waits for a lock.
 async fn until_a_statement_waits_for_a_lock(app: &TestApp) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -329,82 +329,121 @@ async fn until_a_statement_waits_for_a_lock(app: &TestApp) {
     }
 }
 
+/// An argon2id hash of `PASSWORD` weaker than the current parameters (so it is upgraded).
+fn weak_hash_of_password() -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let params = argon2::Params::new(4096, 1, 1, None).unwrap();
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+        .hash_password(
+            PASSWORD.as_bytes(),
+            &SaltString::encode_b64(b"roster-fixture-salt").unwrap(),
+        )
+        .unwrap()
+        .to_string()
+}
+
 #[tokio::test]
 async fn what_changes_while_a_right_password_is_checked_decides_the_answer() {
     let app = TestApp::spawn().await;
     // Each change is made in a transaction that the sign-in's write has to wait for, after
     // the sign-in read the user: the write must notice it instead of signing in.
-    let other_hash = LEGACY_HASHES[0].1;
-    let cases: [(&str, &str, R, Option<&str>); 4] = [
-        (
-            "blocked-meanwhile@example.com",
-            "status = 3, blocked_reason = 'fraud', version = version + 1, updated_at = now()",
-            R::Blocked,
-            Some("USER_BLOCKED"),
-        ),
-        (
-            "locked-meanwhile@example.com",
-            "failed_logins = 0, locked_until = now() + interval '1 hour'",
-            R::Locked,
-            Some("USER_LOCKED"),
-        ),
-        // As a concurrent sign-in's rehash does: another hash, the same version.
-        (
-            "rehashed-meanwhile@example.com",
-            "password_hash = $2",
-            R::InvalidCredentials,
-            Some("PASSWORD_CHANGED"),
-        ),
+    let weak = weak_hash_of_password();
+    let other = LEGACY_HASHES[0].1.to_string();
+    struct Case {
+        login: &'static str,
+        set: &'static str,
+        hash: Option<String>,
+        expected: R,
+        last_event: &'static str,
+        reason: Option<&'static str>,
+        failures: i32,
+    }
+    let cases = [
+        Case {
+            login: "blocked-meanwhile@example.com",
+            set: "status = 3, blocked_reason = 'fraud', version = version + 1, updated_at = now()",
+            hash: None,
+            expected: R::Blocked,
+            last_event: "LOGIN_FAILED",
+            reason: Some("USER_BLOCKED"),
+            failures: 0,
+        },
+        Case {
+            login: "locked-meanwhile@example.com",
+            set: "failed_logins = 0, locked_until = now() + interval '1 hour'",
+            hash: None,
+            expected: R::Locked,
+            last_event: "LOGIN_FAILED",
+            reason: Some("USER_LOCKED"),
+            failures: 0,
+        },
         // Failures counted meanwhile do not stop a right password, which clears them.
-        (
-            "failed-meanwhile@example.com",
-            "failed_logins = 3",
-            R::Ok,
-            None,
-        ),
+        Case {
+            login: "failed-meanwhile@example.com",
+            set: "failed_logins = 3",
+            hash: None,
+            expected: R::Ok,
+            last_event: "LOGIN_SUCCEEDED",
+            reason: None,
+            failures: 0,
+        },
+        // A concurrent sign-in's upgrade: another hash of the same password, the same
+        // version. Checked again against it: signed in (and that weak hash upgraded).
+        Case {
+            login: "upgraded-meanwhile@example.com",
+            set: "password_hash = $2",
+            hash: Some(weak.clone()),
+            expected: R::Ok,
+            last_event: "LOGIN_SUCCEEDED",
+            reason: None,
+            failures: 0,
+        },
+        // Another password meanwhile: the one given is checked against it, and is wrong.
+        Case {
+            login: "changed-meanwhile@example.com",
+            set: "password_hash = $2, version = version + 1, updated_at = now()",
+            hash: Some(other.clone()),
+            expected: R::InvalidCredentials,
+            last_event: "LOGIN_FAILED",
+            reason: Some("INVALID_CREDENTIALS"),
+            failures: 1,
+        },
     ];
-    for (login, change, expected, reason) in cases {
+    for c in cases {
+        let login = c.login;
         let user = user_with_password(&app, login).await;
         let id = Uuid::parse_str(&user.id).unwrap();
         let holder = app.pool.get().await.unwrap();
         holder.batch_execute("BEGIN").await.unwrap();
-        let sql = format!("UPDATE users SET {change} WHERE id = $1");
-        if change.contains("$2") {
-            holder.execute(&sql, &[&id, &other_hash]).await.unwrap();
-        } else {
-            holder.execute(&sql, &[&id]).await.unwrap();
-        }
+        let sql = format!("UPDATE users SET {} WHERE id = $1", c.set);
+        match &c.hash {
+            Some(h) => holder.execute(&sql, &[&id, h]).await.unwrap(),
+            None => holder.execute(&sql, &[&id]).await.unwrap(),
+        };
         let mut a = app.authenticators();
         let call = tokio::spawn(async move { verify(&mut a, email(login), PASSWORD).await });
         until_a_statement_waits_for_a_lock(&app).await;
         holder.batch_execute("COMMIT").await.unwrap();
         let answer = call.await.unwrap();
-        assert_eq!(result(&answer), expected, "{login}");
-        assert_eq!(answer.user.is_some(), expected == R::Ok, "{login}");
+        assert_eq!(result(&answer), c.expected, "{login}");
+        assert_eq!(answer.user.is_some(), c.expected == R::Ok, "{login}");
 
         let logins: i64 = app
             .sql_one("SELECT login_count FROM users WHERE id = $1", &[&id])
             .await;
+        assert_eq!(logins, i64::from(c.expected == R::Ok), "{login}");
+        assert_eq!(failed_logins(&app, &user.id).await, c.failures, "{login}");
         let events = app.events_of(&user.id).await;
         let last = events.last().unwrap();
-        match reason {
-            Some(reason) => {
-                assert_eq!(logins, 0, "{login}");
-                assert_eq!(last.0, "LOGIN_FAILED", "{login}");
-                assert_eq!(last.1["reason"], reason, "{login}");
-                assert!(!types(&events).contains(&"LOGIN_SUCCEEDED"), "{login}");
-                // Not a wrong password: nothing counted.
-                assert_eq!(
-                    failed_logins(&app, &user.id).await,
-                    0,
-                    "{login}: refusals are not failures"
-                );
-            }
-            None => {
-                assert_eq!(logins, 1, "{login}");
-                assert_eq!(last.0, "LOGIN_SUCCEEDED", "{login}");
-                assert_eq!(failed_logins(&app, &user.id).await, 0, "{login}");
-            }
+        assert_eq!(last.0, c.last_event, "{login}");
+        if let Some(reason) = c.reason {
+            assert_eq!(last.1["reason"], reason, "{login}");
+        }
+        let succeeded = types(&events).contains(&"LOGIN_SUCCEEDED");
+        assert_eq!(succeeded, c.expected == R::Ok, "{login}");
+        if c.hash.as_deref() == Some(weak.as_str()) {
+            assert!(types(&events).contains(&"PASSWORD_REHASHED"), "{events:?}");
+            assert!(stored_hash(&app, &user.id).await.contains("m=19456"));
         }
     }
 }
