@@ -91,9 +91,10 @@ impl Listeners {
         Ok(Listeners {
             grpc: TcpListener::bind(listen)
                 .await
-                .with_context(|| format!("binding {listen}"))?,
-            metrics: bind_optional(&config.metrics_listen, "metrics").await?,
-            health: bind_optional(&config.health_listen, "health").await?,
+                .with_context(|| format!("binding {listen} (--listen, ROSTER_LISTEN)"))?,
+            metrics: bind_optional(&config.metrics_listen, "metrics", "ROSTER_METRICS_LISTEN")
+                .await?,
+            health: bind_optional(&config.health_listen, "health", "ROSTER_HEALTH_LISTEN").await?,
         })
     }
 }
@@ -399,12 +400,17 @@ impl Application {
 }
 
 /// Binds an optional side port (`""`: none).
-async fn bind_optional(addr: &str, what: &str) -> anyhow::Result<Option<TcpListener>> {
+async fn bind_optional(
+    addr: &str,
+    what: &str,
+    variable: &str,
+) -> anyhow::Result<Option<TcpListener>> {
     match addr.trim() {
         "" => Ok(None),
         addr => {
+            let flag = format!("--{what}-listen, {variable}; empty turns it off");
             Ok(Some(TcpListener::bind(addr).await.with_context(|| {
-                format!("binding the {what} address {addr}")
+                format!("binding the {what} address {addr} ({flag})")
             })?))
         }
     }

@@ -89,10 +89,16 @@ fn serve_refuses_bad_settings_and_busy_ports_before_starting_a_database() {
             vec!["--tls-cert-file", missing],
             "the following required arguments were not provided".into(),
         ),
-        (vec!["--listen", &busy], format!("binding {busy}")),
+        (
+            vec!["--listen", &busy],
+            format!("binding {busy} (--listen, ROSTER_LISTEN)"),
+        ),
         (
             vec!["--metrics-listen", &busy],
-            format!("binding the metrics address {busy}"),
+            format!(
+                "binding the metrics address {busy} (--metrics-listen, ROSTER_METRICS_LISTEN; \
+                 empty turns it off)"
+            ),
         ),
     ];
     for (args, message) in cases {
