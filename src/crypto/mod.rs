@@ -2,9 +2,10 @@
 //! password policy.
 //!
 //! argon2id costs tens of milliseconds of CPU and ~19 MiB per call: run inline on the async
-//! runtime it would stall every other RPC. [`Hasher`] admits at most `workers` hashes at a
-//! time (a semaphore) and runs each on tokio's blocking pool, so a sign-in flood queues here
-//! while lookups keep being served. Each running hash borrows a memory buffer from a small
+//! runtime it would stall every other RPC. [`Hasher`] owns `workers` threads of its own, at a
+//! lower priority, that take hashes from one queue, so a sign-in flood queues here while
+//! lookups keep being served; a thread that finishes a hash starts the next queued one at
+//! once, without a wake-up in between. Each running hash borrows a memory buffer from a small
 //! free list instead of allocating (and page-faulting) tens of MiB per call.
 pub mod codes;
 pub mod formats;
@@ -12,11 +13,10 @@ pub mod policy;
 pub mod seal;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, mpsc};
 
 use argon2::password_hash::{Output, PasswordHash, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
-use tokio::sync::Semaphore;
 
 pub use formats::{ACCEPTED_HASH_FORMATS, Format};
 
@@ -145,44 +145,34 @@ struct SchedAttr {
     sched_period: u64,
 }
 
-/// Lowers this thread's scheduling priority, once per thread: when argon2 saturates the
-/// cores, threads serving other RPCs (and PostgreSQL) still get the CPU as soon as they
-/// wake, so a sign-in flood costs everyone else little latency. Hashing loses nothing
-/// when nothing else wants the CPU, and keeps a nice-10 share when something does (not
-/// SCHED_IDLE, under which a busy server would all but stop signing users in). (On Linux
-/// both are per thread. A blocking-pool thread keeps them for later blocking tasks, which
-/// are all background work here.)
+/// Lowers the calling thread's scheduling priority (a hashing thread's, at its start): when
+/// argon2 saturates the cores, threads serving other RPCs (and PostgreSQL) still get the CPU
+/// as soon as they wake, so a sign-in flood costs everyone else little latency. Hashing loses
+/// nothing when nothing else wants the CPU, and keeps a nice-10 share when something does
+/// (not SCHED_IDLE, under which a busy server would all but stop signing users in). On Linux
+/// both are per thread.
 fn lower_thread_priority() {
-    thread_local! {
-        static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    }
-    LOWERED.with(|done| {
-        if !done.get() {
-            done.set(true);
-            let attr = SchedAttr {
-                size: std::mem::size_of::<SchedAttr>() as u32,
-                sched_policy: libc::SCHED_OTHER as u32,
-                sched_flags: 0,
-                sched_nice: HASHING_NICENESS,
-                sched_priority: 0,
-                sched_runtime: HASHING_SLICE_NS,
-                sched_deadline: 0,
-                sched_period: 0,
-            };
-            // SAFETY: sched_setattr reads `attr`, which outlives the call and is laid out as
-            // the kernel's struct; gettid has no preconditions; setpriority only reads its
-            // arguments. Kernels before 6.12 ignore the slice; where sched_setattr fails
-            // (e.g. a seccomp filter) only the nice value is set, and a failure of that
-            // leaves the priority as it was.
-            unsafe {
-                // pid 0: this thread.
-                if libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) != 0 {
-                    let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-                    libc::setpriority(libc::PRIO_PROCESS, tid, HASHING_NICENESS);
-                }
-            }
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: 0,
+        sched_nice: HASHING_NICENESS,
+        sched_priority: 0,
+        sched_runtime: HASHING_SLICE_NS,
+        sched_deadline: 0,
+        sched_period: 0,
+    };
+    // SAFETY: sched_setattr reads `attr`, which outlives the call and is laid out as the
+    // kernel's struct; gettid has no preconditions; setpriority only reads its arguments.
+    // Kernels before 6.12 ignore the slice; where sched_setattr fails (e.g. a seccomp filter)
+    // only the nice value is set, and a failure of that leaves the priority as it was.
+    unsafe {
+        // pid 0: this thread.
+        if libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) != 0 {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, HASHING_NICENESS);
         }
-    });
+    }
 }
 
 /// The argon2id parameters for new hashes, refused above the bounds every stored hash is
@@ -201,11 +191,15 @@ pub fn argon2_params(memory_kib: u32, iterations: u32, parallelism: u32) -> anyh
         .map_err(|e| anyhow::anyhow!("invalid argon2 parameters: {e}"))
 }
 
-/// Hashes and verifies passwords on a bounded pool off the async runtime.
+/// A queued hash: runs on a hashing thread.
+type Job = Box<dyn FnOnce(&Engine) + Send>;
+
+/// Hashes and verifies passwords on a bounded pool of threads of its own, off the async
+/// runtime. The threads end when the `Hasher` is dropped (after the hash they are running).
 pub struct Hasher {
-    permits: Arc<Semaphore>,
-    engine: Arc<Engine>,
-    waiting: AtomicUsize,
+    jobs: mpsc::Sender<Job>,
+    /// Hashes queued and not yet started.
+    waiting: Arc<AtomicUsize>,
     /// A hash of a random password at the current parameters: unknown logins are checked
     /// against it so they cost what a wrong password costs.
     dummy: Arc<str>,
@@ -220,17 +214,40 @@ impl Hasher {
     ) -> anyhow::Result<Self> {
         let params = argon2_params(memory_kib, iterations, parallelism)?;
         let workers = workers.max(1);
-        let engine = Engine {
+        let engine = Arc::new(Engine {
             params,
             buffers: Mutex::new(Vec::new()),
             keep_buffers: workers,
-        };
+        });
         let random: [u8; 32] = rand::random();
         let dummy = engine.hash(&random)?.into();
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..workers {
+            let (queue, engine) = (queue.clone(), engine.clone());
+            std::thread::Builder::new()
+                .name(format!("roster-hash-{i}"))
+                .spawn(move || {
+                    lower_thread_priority();
+                    loop {
+                        // One idle thread waits on the queue, the others on the lock.
+                        let job = match queue.lock() {
+                            Ok(q) => q.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else {
+                            return; // the Hasher is gone
+                        };
+                        // A panic fails that call only (its caller sees the result dropped);
+                        // the thread keeps serving.
+                        let run = std::panic::AssertUnwindSafe(|| job(&engine));
+                        let _ = std::panic::catch_unwind(run);
+                    }
+                })?;
+        }
         Ok(Hasher {
-            permits: Arc::new(Semaphore::new(workers)),
-            engine: Arc::new(engine),
-            waiting: AtomicUsize::new(0),
+            jobs,
+            waiting: Arc::new(AtomicUsize::new(0)),
             dummy,
         })
     }
@@ -240,27 +257,33 @@ impl Hasher {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Runs `f` on the blocking pool once a worker is free.
+    /// Runs `f` on a hashing thread once one is free. A caller that gives up while its hash
+    /// is queued (a deadline, a disconnect) costs no hashing.
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Engine) -> anyhow::Result<T> + Send + 'static,
     ) -> Result<T> {
-        let queued = self.waiting.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.permits.available_permits() == 0 {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let waiting = self.waiting.clone();
+        let queued = waiting.fetch_add(1, Ordering::Relaxed) + 1;
+        if queued > 1 {
             tracing::debug!(queue_depth = queued, "waiting for a hashing worker");
         }
-        let permit = self.permits.clone().acquire_owned().await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
-        let permit = permit.map_err(Error::internal)?;
-        let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            lower_thread_priority();
-            f(&engine)
-        })
-        .await
-        .map_err(Error::internal)?
-        .map_err(Error::internal)
+        let job: Job = Box::new(move |engine| {
+            waiting.fetch_sub(1, Ordering::Relaxed);
+            if !tx.is_closed() {
+                let _ = tx.send(f(engine));
+            }
+        });
+        if self.jobs.send(job).is_err() {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::internal(anyhow::anyhow!(
+                "the hashing threads are gone"
+            )));
+        }
+        rx.await
+            .map_err(|_| Error::internal(anyhow::anyhow!("a hash failed without a result")))?
+            .map_err(Error::internal)
     }
 
     /// A new argon2id PHC string for `password`.
@@ -358,6 +381,58 @@ mod tests {
         if slice != 0 {
             assert_eq!(slice, HASHING_SLICE_NS);
         }
+    }
+
+    #[tokio::test]
+    async fn a_call_given_up_while_queued_costs_no_hashing() {
+        let h = Arc::new(Hasher::new(1, 1024, 1, 1).unwrap());
+        // The one worker is busy from `started` until `release` is sent.
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let (started, running) = tokio::sync::oneshot::channel::<()>();
+        let busy = tokio::spawn({
+            let h = h.clone();
+            async move {
+                h.run(move |_| {
+                    let _ = started.send(());
+                    wait.recv().ok();
+                    Ok(())
+                })
+                .await
+            }
+        });
+        running.await.unwrap();
+        let ran = Arc::new(AtomicUsize::new(0));
+        let queued = {
+            let ran = ran.clone();
+            h.run(move |_| {
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+        };
+        let gave_up = tokio::time::timeout(std::time::Duration::from_millis(50), queued).await;
+        assert!(gave_up.is_err(), "the queued call should still be waiting");
+        assert_eq!(h.queue_depth(), 1);
+        release.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        // The next call runs after the abandoned one was taken off the queue, and skipped.
+        h.run(|_| Ok(())).await.unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 0);
+        assert_eq!(h.queue_depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_hash_fails_its_call_only() {
+        let h = Hasher::new(1, 1024, 1, 1).unwrap();
+        let failed = h.run(|_| -> anyhow::Result<()> { panic!("boom") }).await;
+        assert!(failed.is_err());
+        // The same (only) thread still hashes.
+        let hash = h.hash("correct horse".into()).await.unwrap();
+        assert!(
+            h.verify("correct horse".into(), Some(hash))
+                .await
+                .unwrap()
+                .ok
+        );
     }
 
     #[tokio::test]
