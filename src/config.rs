@@ -76,8 +76,8 @@ pub struct ServeConfig {
 /// Options of the running service itself, apart from where it listens and its database.
 #[derive(clap::Args, Clone)]
 pub struct ServerConfig {
-    /// Password-hashing workers (argon2 runs on this bounded pool, off the async runtime).
-    /// 0 means one per CPU core.
+    /// Password-hashing threads (argon2 runs on these, at a lower priority, off the async
+    /// runtime; hashes beyond them queue). 0 means one per CPU core.
     #[arg(long, env = "ROSTER_HASH_WORKERS", default_value_t = 0)]
     pub hash_workers: usize,
     /// argon2id memory cost in KiB for new hashes.

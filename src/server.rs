@@ -129,6 +129,7 @@ impl Application {
         Self::build_on(Listeners::bind(listen, &config).await?, pool, config).await
     }
 
+    /// Builds on ports already bound (`serve` binds them before it starts a database).
     pub async fn build_on(
         listeners: Listeners,
         pool: Pool,
