@@ -402,7 +402,7 @@ async fn what_changes_while_a_right_password_is_checked_decides_the_answer() {
         Case {
             login: "changed-meanwhile@example.com",
             set: "password_hash = $2, version = version + 1, updated_at = now()",
-            hash: Some(other.clone()),
+            hash: Some(other),
             expected: R::InvalidCredentials,
             last_event: "LOGIN_FAILED",
             reason: Some("INVALID_CREDENTIALS"),
