@@ -323,15 +323,7 @@ impl Attempt<'_> {
             } else {
                 "UNKNOWN_LOGIN"
             };
-            let mut client = db::client(pool).await?;
-            let tx = client.transaction().await?;
-            let ev = NewEvent {
-                kind: EventType::LoginFailed,
-                user_id,
-                data: json!({ "reason": reason, "via": "VerifyPassword" }),
-            };
-            record(&tx, caller, ctx, &[ev]).await?;
-            tx.commit().await?;
+            record_refusal(pool, caller, ctx, user_id, reason).await?;
             return Ok(Some((SignInResult::InvalidCredentials, None)));
         }
         let Some(found) = found else {
@@ -341,15 +333,7 @@ impl Attempt<'_> {
         if let Some(r) = refusal(&found, Utc::now()) {
             // Blocked, deactivated or locked: answered without checking the password, so the
             // answer says nothing about it.
-            let mut client = db::client(pool).await?;
-            let tx = client.transaction().await?;
-            let ev = NewEvent::for_user(
-                EventType::LoginFailed,
-                id,
-                json!({ "reason": refusal_name(r), "via": "VerifyPassword" }),
-            );
-            record(&tx, caller, ctx, &[ev]).await?;
-            tx.commit().await?;
+            record_refusal(pool, caller, ctx, Some(id), refusal_name(r)).await?;
             return Ok(Some((r, None)));
         }
         let hash = found.hash.clone().unwrap_or_default();
@@ -386,12 +370,7 @@ impl Attempt<'_> {
             Recheck::Proceed => {}
             Recheck::Again => return Ok(None),
             Recheck::Refuse(r, reason) => {
-                let ev = NewEvent::for_user(
-                    EventType::LoginFailed,
-                    id,
-                    json!({ "reason": reason, "via": "VerifyPassword" }),
-                );
-                record(&tx, caller, ctx, &[ev]).await?;
+                record(&tx, caller, ctx, &[refusal_event(Some(id), reason)]).await?;
                 tx.commit().await?;
                 return Ok(Some((r, None)));
             }
@@ -420,6 +399,31 @@ impl Attempt<'_> {
         tx.commit().await?;
         Ok(Some((result, Some(user))))
     }
+}
+
+/// The LOGIN_FAILED event of a VerifyPassword refused for `reason` without counting a wrong
+/// password (`user_id` is `None` for an unknown login).
+fn refusal_event(user_id: Option<Uuid>, reason: &str) -> NewEvent {
+    NewEvent {
+        kind: EventType::LoginFailed,
+        user_id,
+        data: json!({ "reason": reason, "via": "VerifyPassword" }),
+    }
+}
+
+/// Records [`refusal_event`] on its own, for a refusal decided before the row is locked.
+async fn record_refusal(
+    pool: &Pool,
+    caller: &Caller,
+    ctx: &EventContext,
+    user_id: Option<Uuid>,
+    reason: &str,
+) -> Result<()> {
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    record(&tx, caller, ctx, &[refusal_event(user_id, reason)]).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// What a sign-in's locked re-read of the user decides, before the password's check counts.
