@@ -40,7 +40,8 @@ pub enum MatchOnArg {
 pub struct ImportArgs {
     /// The file to import (JSONL or CSV; `-` reads standard input).
     pub file: PathBuf,
-    /// The file's format; detected from the extension or the first byte when not given.
+    /// The file's format; told from the extension, else from the first non-blank byte (`{` is
+    /// JSONL, anything else CSV), when not given.
     #[arg(long, value_enum)]
     pub format: Option<Format>,
     /// What to do with a record whose user exists.
@@ -98,9 +99,11 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-fn detect_format(args: &ImportArgs) -> anyhow::Result<Format> {
+/// The format the user gave, else the one the extension names, else `None`: the content
+/// decides.
+fn declared_format(args: &ImportArgs) -> Option<Format> {
     if let Some(f) = args.format {
-        return Ok(f);
+        return Some(f);
     }
     let ext = args
         .file
@@ -108,19 +111,34 @@ fn detect_format(args: &ImportArgs) -> anyhow::Result<Format> {
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
     match ext.as_deref() {
-        Some("csv") => return Ok(Format::Csv),
-        Some("jsonl" | "ndjson" | "json") => return Ok(Format::Jsonl),
-        _ => {}
+        Some("csv") => Some(Format::Csv),
+        Some("jsonl" | "ndjson" | "json") => Some(Format::Jsonl),
+        _ => None,
     }
-    if args.file.as_os_str() == "-" {
-        bail!("cannot detect the format of standard input: pass --format jsonl or --format csv");
+}
+
+/// Reads `input` up to its first non-blank byte (or the end) and tells the format from it: a
+/// `{` starts JSONL, anything else is CSV. Returns what was read, to be put back in front, so
+/// that a pipe (`roster export | roster import -`) is told as well as a file.
+fn sniff_format(input: &mut dyn Read) -> std::io::Result<(Format, Vec<u8>)> {
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = match input.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        head.extend_from_slice(&chunk[..n]);
+        let first = head.iter().find(|b| !b.is_ascii_whitespace());
+        if n == 0 || first.is_some() {
+            let format = match first {
+                Some(b'{') => Format::Jsonl,
+                _ => Format::Csv,
+            };
+            return Ok((format, head));
+        }
     }
-    let mut head = [0u8; 512];
-    let n = std::fs::File::open(&args.file)?.read(&mut head)?;
-    Ok(match head[..n].iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'{') => Format::Jsonl,
-        _ => Format::Csv,
-    })
 }
 
 struct Reader {
@@ -437,14 +455,22 @@ impl Results {
 }
 
 pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
-    let format = detect_format(&args)?;
-    let (input, total): (Box<dyn Read + Send>, Option<u64>) = if args.file.as_os_str() == "-" {
+    let (mut input, total): (Box<dyn Read + Send>, Option<u64>) = if args.file.as_os_str() == "-" {
         (Box::new(std::io::stdin()), None)
     } else {
         let f = std::fs::File::open(&args.file)
             .with_context(|| format!("opening {}", args.file.display()))?;
         let len = f.metadata().ok().map(|m| m.len());
         (Box::new(f), len)
+    };
+    let format = match declared_format(&args) {
+        Some(f) => f,
+        None => {
+            let (f, head) = sniff_format(&mut input)
+                .with_context(|| format!("reading {}", args.file.display()))?;
+            input = Box::new(std::io::Cursor::new(head).chain(input));
+            f
+        }
     };
     let errors = ErrorsFile::open(&args.errors, format)?;
     let mut users = args.server.users().await?;

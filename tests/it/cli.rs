@@ -333,18 +333,43 @@ async fn serve_with_the_embedded_default() {
 /// returns the exit code, stdout and stderr. It runs on a blocking thread: the server it
 /// talks to lives on this test's runtime.
 async fn roster_client(app: &TestApp, token: &str, args: &[&str]) -> (i32, String, String) {
+    roster_client_fed(app, token, args, None).await
+}
+
+/// `roster_client` with `stdin` written to the command's standard input.
+async fn roster_client_fed(
+    app: &TestApp,
+    token: &str,
+    args: &[&str],
+    stdin: Option<Vec<u8>>,
+) -> (i32, String, String) {
+    use std::io::Write;
+    use std::process::Stdio;
     let server = format!("http://{}", app.addr);
     let token = token.to_string();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
-        let out = Command::new(ROSTER)
+        let mut child = Command::new(ROSTER)
             .args(&args)
             .env("ROSTER_SERVER", server)
             .env("ROSTER_API_KEY", token)
             .env_remove("DATABASE_URL")
             .current_dir(std::env::temp_dir())
-            .output()
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("run roster");
+        if let Some(bytes) = stdin {
+            // Written from a thread of its own so a full stdout pipe cannot deadlock us.
+            let mut pipe = child.stdin.take().unwrap();
+            std::thread::spawn(move || pipe.write_all(&bytes));
+        }
+        let out = child.wait_with_output().expect("run roster");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -415,6 +440,57 @@ async fn csv_export_and_import_round_trip_quotes_newlines_and_unicode() {
         assert_eq!(record_of(x), record_of(y));
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `roster export | roster import -`: standard input has no extension, so its format is told
+/// from its first non-blank byte, as a file's is.
+#[tokio::test]
+async fn import_reads_either_format_from_standard_input() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    for i in 0..3 {
+        users
+            .create_user(pb::CreateUserRequest {
+                user: Some(pb::User {
+                    email: format!("piped{i}@example.com"),
+                    display_name: format!("Piped, \"{i}\""),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    for format in ["jsonl", "csv"] {
+        let (code, exported, err) =
+            roster_client(&app, &app.token, &["export", "--format", format]).await;
+        assert_eq!(code, 0, "{err}");
+        let (_, other) = app.other_project().await;
+        // Empty lines ahead of the first record must not hide the format.
+        let fed = format!("\n\n{exported}").into_bytes();
+        let (code, _, err) = roster_client_fed(&app, &other, &["import", "-"], Some(fed)).await;
+        assert_eq!(code, 0, "{format}: {err}");
+        assert!(
+            err.contains("3 created, 0 updated, 0 failed"),
+            "{format}: {err}"
+        );
+        let listed = app
+            .users_with(Some(&other))
+            .list_users(pb::ListUsersRequest {
+                order_by: "email".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .users;
+        let names: Vec<&str> = listed.iter().map(|u| u.display_name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["Piped, \"0\"", "Piped, \"1\"", "Piped, \"2\""],
+            "{format}"
+        );
+    }
 }
 
 #[tokio::test]
