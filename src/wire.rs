@@ -9,6 +9,70 @@ use uuid::Uuid;
 pub const METADATA_MAX_BYTES: usize = 16 * 1024;
 pub const METADATA_MAX_DEPTH: usize = 8;
 
+/// The longest metadata key a mask or filter path may name.
+pub const METADATA_MAX_KEY_CHARS: usize = 256;
+
+/// Parses the key path after `app_metadata.` / `user_metadata.` in an update mask or filter:
+/// keys separated by dots, each plain or, when it holds anything else (a dot, a dash, a
+/// slash...), wrapped in backticks as AIP-161 escapes map keys, with a literal backtick
+/// doubled: `` `example.com/role`.admin `` is the key `example.com/role`, then `admin`.
+/// The error text suits a field violation.
+pub fn metadata_key_path(rest: &str) -> Result<Vec<String>, String> {
+    let mut keys = Vec::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        let mut key = String::new();
+        if chars.peek() == Some(&'`') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('`') if chars.peek() == Some(&'`') => {
+                        chars.next();
+                        key.push('`');
+                    }
+                    Some('`') => break,
+                    Some(c) => key.push(c),
+                    None => return Err("has a backtick-quoted key that is not closed".into()),
+                }
+            }
+            if !matches!(chars.peek(), None | Some('.')) {
+                return Err(
+                    "has text after a backtick-quoted key (expected '.' or the end)".into(),
+                );
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                if c == '`' {
+                    return Err("has a backtick inside a key: quote the whole key".into());
+                }
+                key.push(c);
+                chars.next();
+            }
+        }
+        if key.is_empty() {
+            return Err("has an empty key".into());
+        }
+        if key.chars().count() > METADATA_MAX_KEY_CHARS {
+            return Err(format!(
+                "has a key longer than {METADATA_MAX_KEY_CHARS} characters"
+            ));
+        }
+        keys.push(key);
+        if keys.len() > METADATA_MAX_DEPTH {
+            return Err(format!(
+                "is deeper than metadata nests ({METADATA_MAX_DEPTH} levels)"
+            ));
+        }
+        // Anything left starts with the '.' before the next key.
+        if chars.next().is_none() {
+            return Ok(keys);
+        }
+    }
+}
+
 pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: t.timestamp(),
@@ -163,6 +227,32 @@ pub fn json_depth(v: &Value) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_key_paths_plain_and_quoted() {
+        let ok = |s: &str| metadata_key_path(s).unwrap();
+        assert_eq!(ok("plan"), ["plan"]);
+        assert_eq!(ok("a.b"), ["a", "b"]);
+        assert_eq!(ok("`plan-id`"), ["plan-id"]);
+        assert_eq!(
+            ok("`example.com/role`.admin"),
+            ["example.com/role", "admin"]
+        );
+        assert_eq!(ok("a.`b.c`"), ["a", "b.c"]);
+        assert_eq!(ok("`it``s`"), ["it`s"]);
+        assert_eq!(ok("planId"), ["planId"]);
+        let err = |s: &str| metadata_key_path(s).unwrap_err();
+        assert!(err("").contains("empty key"));
+        assert!(err("a.").contains("empty key"));
+        assert!(err("a..b").contains("empty key"));
+        assert!(err("``").contains("empty key"));
+        assert!(err("`open").contains("not closed"));
+        assert!(err("`a`b").contains("after a backtick"));
+        assert!(err("a`b`").contains("inside a key"));
+        assert!(err(&["k"; 9].join(".")).contains("deeper"));
+        assert!(err(&"x".repeat(257)).contains("longer"));
+        assert_eq!(ok(&["k"; 8].join(".")).len(), 8);
+    }
 
     #[test]
     fn struct_round_trip_keeps_integers_integral() {

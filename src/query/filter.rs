@@ -157,8 +157,33 @@ fn lex(input: &str) -> Result<Vec<(Tok, usize)>, FilterError> {
             }
             c if is_word_char(c) => {
                 let start = i;
-                while i < chars.len() && is_word_char(chars[i]) {
-                    i += 1;
+                while i < chars.len() {
+                    if chars[i] == '`' {
+                        // A backtick-quoted metadata key (AIP-161), taken whole with its
+                        // quotes; the field's resolver unquotes it.
+                        let open = i + 1;
+                        i += 1;
+                        loop {
+                            match chars.get(i) {
+                                None => {
+                                    return Err(FilterError::new(
+                                        open,
+                                        "backtick-quoted key is not closed",
+                                    ));
+                                }
+                                Some('`') if chars.get(i + 1) == Some(&'`') => i += 2,
+                                Some('`') => {
+                                    i += 1;
+                                    break;
+                                }
+                                Some(_) => i += 1,
+                            }
+                        }
+                    } else if is_word_char(chars[i]) {
+                        i += 1;
+                    } else {
+                        break;
+                    }
                 }
                 out.push((Tok::Word(chars[start..i].iter().collect()), pos));
             }
@@ -423,6 +448,26 @@ mod tests {
         assert!(parse(&format!("{}a = 1{}", "(".repeat(17), ")".repeat(17))).is_err());
         assert!(parse(&format!("{}a = 1{}", "(".repeat(16), ")".repeat(16))).is_ok());
         assert!(parse(&"a".repeat(2001)).is_err());
+    }
+
+    #[test]
+    fn backtick_quoted_keys_stay_in_their_field_name() {
+        assert_eq!(
+            p(r#"app_metadata.`example.com/a b = "c"`.x = "v" OR app_metadata.`it``s`:*"#),
+            Expr::Or(vec![
+                cmp(
+                    r#"app_metadata.`example.com/a b = "c"`.x"#,
+                    Op::Eq,
+                    Literal::Str("v".into())
+                ),
+                cmp("app_metadata.`it``s`", Op::Has, Literal::Word("*".into())),
+            ])
+        );
+        assert_eq!(
+            parse("app_metadata.`open = 1").unwrap_err().position,
+            14,
+            "the opening backtick"
+        );
     }
 
     #[test]

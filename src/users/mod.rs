@@ -453,13 +453,9 @@ pub fn parse_mask(paths: &[String]) -> Result<Vec<MaskPath>, Violations> {
             .map(|r| (true, r))
             .or_else(|| p.strip_prefix("user_metadata.").map(|r| (false, r)));
         if let Some((app, rest)) = meta {
-            let keys: Vec<String> = rest.split('.').map(str::to_string).collect();
-            if keys.len() > wire::METADATA_MAX_DEPTH
-                || keys.iter().any(|k| k.is_empty() || k.len() > 256)
-            {
-                v.add(field, format!("'{p}' is not a valid metadata key path"));
-            } else {
-                out.push(MaskPath::MetadataKey { app, path: keys });
+            match wire::metadata_key_path(rest) {
+                Ok(path) => out.push(MaskPath::MetadataKey { app, path }),
+                Err(e) => v.add(field, format!("'{p}' {e}")),
             }
         } else if OUTPUT_ONLY.contains(&p) {
             v.add(field, format!("'{p}' is output only and cannot be updated"));
@@ -601,7 +597,14 @@ mod tests {
             err.into_result().unwrap_err().to_string(),
             "invalid request: update_mask.paths[0]: 'id' is output only and cannot be updated; \
              update_mask.paths[1]: 'nope' is not a field of User that can be updated; \
-             update_mask.paths[2]: 'app_metadata.' is not a valid metadata key path"
+             update_mask.paths[2]: 'app_metadata.' has an empty key"
+        );
+        assert_eq!(
+            parse_mask(&["user_metadata.`example.com/roles`.admin".into()]).unwrap(),
+            [MaskPath::MetadataKey {
+                app: false,
+                path: vec!["example.com/roles".into(), "admin".into()]
+            }]
         );
         assert!(parse_mask(&[]).is_err());
     }

@@ -760,24 +760,11 @@ pub fn filter_field(name: &str) -> Result<Field, String> {
                 });
             match json {
                 Some((col, rest)) => {
-                    let keys: Vec<String> = rest
-                        .strip_prefix('.')
-                        .map(|r| r.split('.').map(str::to_string).collect())
-                        .unwrap_or_default();
-                    if keys.is_empty() || keys.iter().any(String::is_empty) {
+                    let Some(rest) = rest.strip_prefix('.') else {
                         return Err(format!("'{col}' needs a key, e.g. '{col}.plan'"));
-                    }
-                    // Deeper than metadata can nest, or longer than a key can be: never true,
-                    // so surely a mistake (and bounded work for the parser's caller).
-                    if keys.len() > crate::wire::METADATA_MAX_DEPTH
-                        || keys.iter().any(|k| k.len() > 256)
-                    {
-                        return Err(format!(
-                            "'{name}' is deeper than metadata nests ({} levels) or has an \
-                             overlong key",
-                            crate::wire::METADATA_MAX_DEPTH
-                        ));
-                    }
+                    };
+                    let keys = crate::wire::metadata_key_path(rest)
+                        .map_err(|e| format!("'{name}' {e}"))?;
                     Ok(Field {
                         sql: col,
                         kind: FieldKind::Json,

@@ -827,6 +827,112 @@ async fn update_with_mask_changes_only_masked_fields() {
     assert!(data["changes"].get("given_name").is_none());
 }
 
+/// AIP-161: a metadata key holding dots, dashes or slashes is named in backticks, in an update
+/// mask and in a filter alike.
+#[tokio::test]
+async fn metadata_keys_that_are_not_identifiers_are_named_in_backticks() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let meta = json!({"example.com/roles": ["admin"], "plan-id": "p1", "a": {"b.c": 1, "d": 0}});
+    let u = create(
+        &mut users,
+        pb::User {
+            email: "quoted@x.io".into(),
+            app_metadata: Some(pb_struct(meta)),
+            ..Default::default()
+        },
+    )
+    .await;
+    create_user(&mut users, "other@x.io").await;
+    let updated = users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: u.id.clone(),
+                app_metadata: Some(pb_struct(json!({"plan-id": "p2", "a": {"b.c": 2}}))),
+                ..Default::default()
+            }),
+            update_mask: mask(&[
+                "app_metadata.`plan-id`",
+                "app_metadata.`example.com/roles`",
+                "app_metadata.a.`b.c`",
+            ]),
+            etag: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(
+        updated.app_metadata,
+        Some(pb_struct(json!({"plan-id": "p2", "a": {"b.c": 2, "d": 0}}))),
+        "set, removed and nested keys"
+    );
+
+    let emails = |filter: &str| {
+        let mut users = app.users();
+        let filter = filter.to_string();
+        async move {
+            users
+                .list_users(pb::ListUsersRequest {
+                    filter,
+                    ..Default::default()
+                })
+                .await
+                .map(|r| {
+                    let users = r.into_inner().users;
+                    users.into_iter().map(|u| u.email).collect::<Vec<_>>()
+                })
+        }
+    };
+    assert_eq!(
+        emails(r#"app_metadata.`plan-id` = "p2""#).await.unwrap(),
+        ["quoted@x.io"]
+    );
+    assert_eq!(
+        emails("app_metadata.a.`b.c` >= 2").await.unwrap(),
+        ["quoted@x.io"]
+    );
+    assert!(
+        emails(r#"app_metadata.`plan-id` = "p1""#)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        emails("app_metadata.`example.com/roles`:*")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let err = users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: u.id.clone(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["app_metadata.`plan-id", "user_metadata.a`b`"]),
+            etag: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        violated_fields(&err),
+        ["update_mask.paths[0]", "update_mask.paths[1]"]
+    );
+    let err = emails("app_metadata.`plan-id = 1").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), ["filter"]);
+    assert!(err.message().contains("not closed"), "{}", err.message());
+    assert_eq!(
+        get(&mut users, &u.id).await.etag,
+        updated.etag,
+        "nothing written"
+    );
+}
+
 #[tokio::test]
 async fn update_mask_errors() {
     let app = TestApp::spawn().await;
