@@ -462,11 +462,11 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
-    ResBody: Default + Send + 'static,
+    ResBody: http_body::Body + Default + Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<Observed<ResBody>>;
     type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -488,7 +488,7 @@ where
             let path = req.uri().path().to_owned();
             let rid = request_id(req.headers());
             if is_public(&path) {
-                return inner.call(req).await;
+                return Ok(inner.call(req).await?.map(Observed::untracked));
             }
             let mut unanswered = Unanswered {
                 metrics: metrics.clone(),
@@ -547,22 +547,17 @@ where
                 if let Ok(v) = http::HeaderValue::from_str(&rid) {
                     response.headers_mut().insert("x-request-id", v);
                 }
-                // Unary errors and rejected calls carry grpc-status in the headers; a success
-                // (or a stream's later error) carries it in the trailers.
-                let code = response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map(tonic::Code::from_i32)
-                    .unwrap_or(tonic::Code::Ok);
-                let elapsed = started.elapsed();
-                unanswered.answered();
-                record_status(code);
-                metrics.record_call(&path, unanswered.known, code, elapsed);
-                let latency_ms = elapsed.as_secs_f64() * 1000.0;
-                tracing::info!(code = ?code, latency_ms, "rpc finished");
-                Ok(response)
+                // Errors decided before any message (rejected calls, unary errors) carry
+                // grpc-status in the headers and have an empty body: recorded now. Otherwise
+                // the status comes in the trailers, after the last message: the body records
+                // the call when it ends, so a stream's outcome and duration are its own.
+                Ok(match grpc_status(response.headers()) {
+                    Some(code) => {
+                        unanswered.finish(code);
+                        response.map(Observed::untracked)
+                    }
+                    None => response.map(|body| Observed::tracked(body, unanswered)),
+                })
             }
             .instrument(span)
             .await
@@ -626,8 +621,93 @@ struct Unanswered {
 }
 
 impl Unanswered {
-    fn answered(&mut self) {
+    /// Records the call as answered with `code`: counted, and logged as `rpc finished`.
+    fn finish(&mut self, code: tonic::Code) {
         self.answered = true;
+        let elapsed = self.started.elapsed();
+        self.metrics
+            .record_call(&self.path, self.known, code, elapsed);
+        let latency_ms = elapsed.as_secs_f64() * 1000.0;
+        self.span.in_scope(|| {
+            record_status(code);
+            tracing::info!(code = ?code, latency_ms, "rpc finished");
+        });
+    }
+}
+
+/// The `grpc-status` of a header or trailer map, when it has one.
+fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that records its call (status, latency, log line) when its trailers
+    /// pass, i.e. after the last message of a stream, rather than when the headers leave. A
+    /// body dropped before its end (the client reset the stream) leaves its call unanswered,
+    /// which counts it as cancelled.
+    pub struct Observed<B> {
+        #[pin]
+        inner: B,
+        call: Option<Unanswered>,
+    }
+}
+
+impl<B> Observed<B> {
+    fn untracked(inner: B) -> Self {
+        Observed { inner, call: None }
+    }
+
+    fn tracked(inner: B, call: Unanswered) -> Self {
+        Observed {
+            inner,
+            call: Some(call),
+        }
+    }
+}
+
+impl<B: Default> Default for Observed<B> {
+    fn default() -> Self {
+        Observed::untracked(B::default())
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Observed<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if let Some(call) = this.call {
+            let code = match &polled {
+                Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|t| {
+                    // gRPC requires a status; a trailer block without one is not a success.
+                    grpc_status(t).unwrap_or(tonic::Code::Unknown)
+                }),
+                Poll::Ready(Some(Err(_))) | Poll::Ready(None) => Some(tonic::Code::Unknown),
+                Poll::Pending => None,
+            };
+            if let Some(code) = code {
+                call.finish(code);
+                *this.call = None;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -372,6 +372,74 @@ async fn metrics_count_calls_by_method_and_code_and_show_the_pools() {
     assert!(status.contains("404"), "{status}");
 }
 
+/// A stream's status comes in its trailers, after its last message: the metrics count it
+/// with that status, once it ends, and a stream the client drops counts as cancelled.
+#[tokio::test]
+async fn streams_are_counted_with_the_status_they_end_with() {
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        metrics_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    })
+    .await;
+    let addr = app.metrics_addr.expect("metrics are served");
+    let count = |method: &'static str, code: &'static str| async move {
+        let (_, body) = http_get(addr, "/metrics").await;
+        let needle =
+            format!(r#"roster_rpc_calls_total{{method="/roster.v1.{method}",code="{code}"}} "#);
+        body.lines()
+            .find_map(|l| l.strip_prefix(&needle).map(|n| n.parse::<u64>().unwrap()))
+            .unwrap_or(0)
+    };
+
+    // An import whose first message is not the options ends with INVALID_ARGUMENT in its
+    // trailers, after the headers went out as a success.
+    let mut users = app.users();
+    let record = pb::ImportUsersRequest {
+        item: Some(pb::import_users_request::Item::Record(pb::ImportRecord {
+            user: Some(user_with_email("s@example.com")),
+            ..Default::default()
+        })),
+    };
+    let mut answers = users
+        .import_users(tokio_stream::iter([record]))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = answers.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(count("UserService/ImportUsers", "InvalidArgument").await, 1);
+    assert_eq!(count("UserService/ImportUsers", "Ok").await, 0);
+
+    // A live stream is not finished while it runs; dropped by its client, it is cancelled.
+    let mut logs = app.logs();
+    let mut stream = logs
+        .stream_events(pb::StreamEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    crate::create_user(&mut users, "live@example.com").await;
+    assert!(stream.message().await.unwrap().is_some());
+    assert_eq!(count("LogService/StreamEvents", "Ok").await, 0);
+    drop(stream);
+    let mut cancelled = 0;
+    for _ in 0..100 {
+        cancelled = count("LogService/StreamEvents", "Cancelled").await;
+        if cancelled > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(cancelled, 1);
+    assert_eq!(count("LogService/StreamEvents", "Ok").await, 0);
+
+    // An export read to its end is a success.
+    let exported = crate::bulk::export_all(&mut users, pb::ExportUsersRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(exported.len(), 1);
+    assert_eq!(count("UserService/ExportUsers", "Ok").await, 1);
+}
+
 /// How many of the server's backends in this test's database wait on a lock.
 async fn lock_waiters(watch: &tokio_postgres::Client, db: &str) -> i64 {
     watch
