@@ -468,10 +468,23 @@ impl AuthenticatorService for AuthenticatorApi {
         let req = request.into_inner();
         let mut v = Violations::new();
         let uid = user_id(&mut v, "user_id", &req.user_id);
-        let id = user_id(&mut v, "authenticator_id", &req.authenticator_id);
+        let target = if !req.authenticator_id.trim().is_empty() {
+            FactorTarget::Id(user_id(&mut v, "authenticator_id", &req.authenticator_id))
+        } else {
+            match kind_of(req.r#type) {
+                Some(k @ (Kind::EmailOtp | Kind::SmsOtp)) => FactorTarget::Kind(k),
+                _ => {
+                    v.add(
+                        "type",
+                        "set authenticator_id, or type to EMAIL_OTP or SMS_OTP",
+                    );
+                    FactorTarget::Kind(Kind::EmailOtp)
+                }
+            }
+        };
         v.into_result()?;
         let (code, expires_at, a) =
-            otp::start_challenge(&self.state.pool, &caller, uid, id).await?;
+            otp::start_challenge(&self.state.pool, &caller, uid, target).await?;
         Ok(Response::new(pb::StartOtpChallengeResponse {
             code,
             expires_at: Some(wire::timestamp(expires_at)),

@@ -6,7 +6,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::factors::{self, about, authenticator_not_found, check_state, lock_user};
+use super::factors::{self, FactorTarget, about, authenticator_not_found, check_state, lock_user};
 use super::password::{precondition, record};
 use super::store::{self, NewAuthenticator, OtpChallenge};
 use super::{Authenticator, FactorResult, Kind};
@@ -92,15 +92,29 @@ pub async fn start_challenge(
     pool: &Pool,
     caller: &Caller,
     user_id: Uuid,
-    id: Uuid,
+    target: FactorTarget,
 ) -> Result<(String, DateTime<Utc>, Authenticator)> {
     let p = caller.project_id;
     let mut client = db::client(pool).await?;
     let tx = client.transaction().await?;
     let user = lock_user(&tx, caller, user_id).await?;
-    let authenticator = store::get_authenticator(&tx, p, user_id, id)
-        .await?
-        .ok_or_else(|| authenticator_not_found(id))?;
+    let authenticator = match target {
+        FactorTarget::Id(id) => store::get_authenticator(&tx, p, user_id, id)
+            .await?
+            .ok_or_else(|| authenticator_not_found(id))?,
+        // A user has at most one channel of each kind (EnrollOtpChannel refuses a second).
+        FactorTarget::Kind(kind) => store::list_authenticators(&tx, p, user_id)
+            .await?
+            .into_iter()
+            .find(|a| a.kind == kind)
+            .ok_or_else(|| {
+                precondition(
+                    "FACTOR_NOT_ENROLLED",
+                    &format!("the user has no {} authenticator", kind.as_str()),
+                )
+            })?,
+    };
+    let id = authenticator.id;
     if !matches!(authenticator.kind, Kind::EmailOtp | Kind::SmsOtp) {
         return Err(Error::invalid(
             "authenticator_id",

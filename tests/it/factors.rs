@@ -538,6 +538,7 @@ async fn otp_channels_issue_codes_that_void_each_other_and_die_after_five_failur
                 .start_otp_challenge(pb::StartOtpChallengeRequest {
                     user_id: u,
                     authenticator_id: id,
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -574,6 +575,37 @@ async fn otp_channels_issue_codes_that_void_each_other_and_die_after_five_failur
         .unwrap();
     assert_eq!(result(&r), R::Expired);
 
+    // By type, as VerifyFactor takes it: the user's one EMAIL_OTP channel.
+    let challenger = authn.clone();
+    let by_type = |kind: T| {
+        let mut authn = challenger.clone();
+        let u = user.id.clone();
+        async move {
+            authn
+                .start_otp_challenge(pb::StartOtpChallengeRequest {
+                    user_id: u,
+                    r#type: kind as i32,
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+    let t = by_type(T::EmailOtp).await.unwrap().into_inner();
+    assert_eq!(t.authenticator.unwrap().id, a.id);
+    let r = verify(&mut authn, &user.id, "", T::EmailOtp, &t.code)
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::Ok);
+    let err = by_type(T::SmsOtp).await.unwrap_err();
+    assert_eq!(
+        (err.code(), reason(&err).as_str()),
+        (Code::FailedPrecondition, "FACTOR_NOT_ENROLLED")
+    );
+    for not_a_channel in [T::Totp, T::Unspecified] {
+        let err = by_type(not_a_channel).await.unwrap_err();
+        assert_eq!(violated_fields(&err), ["type"], "{not_a_channel:?}");
+    }
+
     let c = start(&mut authn).await;
     let wrong = if c.code == "000000" {
         "111111"
@@ -609,7 +641,7 @@ async fn otp_channels_issue_codes_that_void_each_other_and_die_after_five_failur
             .iter()
             .filter(|t| **t == "OTP_CHALLENGE_STARTED")
             .count(),
-        3
+        4
     );
     let all = serde_json::to_string(&events.iter().map(|e| &e.1).collect::<Vec<_>>()).unwrap();
     assert!(!all.contains(&format!("\"{}\"", c.code)));
@@ -943,6 +975,7 @@ async fn seeds_and_codes_never_reach_logs_or_events() {
         .start_otp_challenge(pb::StartOtpChallengeRequest {
             user_id: user.id.clone(),
             authenticator_id: channel.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
