@@ -131,7 +131,8 @@ fn sniff_format(input: &mut dyn Read) -> std::io::Result<(Format, Vec<u8>)> {
         };
         head.extend_from_slice(&chunk[..n]);
         let first = head.iter().find(|b| !b.is_ascii_whitespace());
-        if n == 0 || first.is_some() {
+        // Bounded: a stream of nothing but blanks is taken as CSV, which then reads it.
+        if n == 0 || first.is_some() || head.len() >= 64 * 1024 {
             let format = match first {
                 Some(b'{') => Format::Jsonl,
                 _ => Format::Csv,
