@@ -171,6 +171,16 @@ pub struct ServerConfig {
     /// the rate.
     #[arg(long, env = "ROSTER_RATE_LIMIT_BURST", default_value_t = 0.0)]
     pub rate_limit_burst: f64,
+    /// ExportUsers streams running at once. Each holds a database connection and a snapshot
+    /// for its whole run, so more answer RESOURCE_EXHAUSTED (with RetryInfo) rather than take
+    /// the connections other calls need. 0: a quarter of --db-pool-size, at least one; at most
+    /// --db-pool-size minus one.
+    #[arg(long, env = "ROSTER_MAX_EXPORTS", default_value_t = 0)]
+    pub max_exports: usize,
+    /// Seconds an export waits for a client that takes nothing before ending it (ABORTED,
+    /// EXPORT_STALLED), which frees its connection and snapshot; 0: it waits for ever.
+    #[arg(long, env = "ROSTER_EXPORT_STALL_SECS", default_value_t = 60)]
+    pub export_stall_secs: u64,
     /// Seconds in-flight RPCs get to finish after SIGINT/SIGTERM.
     #[arg(long, env = "ROSTER_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
@@ -213,6 +223,8 @@ impl Default for ServerConfig {
             db_write_batch: 64,
             rate_limit_rps: 0.0,
             rate_limit_burst: 0.0,
+            max_exports: 0,
+            export_stall_secs: 60,
             shutdown_grace_secs: 20,
             webauthn_rp_id: None,
             webauthn_rp_name: None,
@@ -237,6 +249,20 @@ impl ServerConfig {
             key,
             client_ca: self.tls_client_ca_file.clone(),
         }))
+    }
+
+    /// How many exports may run at once with a pool of `pool_size` connections: one fewer at
+    /// most, so that exports alone never take every connection.
+    pub fn export_slots(&self, pool_size: usize) -> anyhow::Result<usize> {
+        let most = pool_size.saturating_sub(1).max(1);
+        match self.max_exports {
+            0 => Ok((pool_size / 4).clamp(1, most)),
+            n if n <= most => Ok(n),
+            n => anyhow::bail!(
+                "--max-exports {n} would let exports take every connection of the pool \
+                 (--db-pool-size {pool_size}); at most {most}"
+            ),
+        }
     }
 
     /// The per-key limiter, when limiting is on.
@@ -314,5 +340,26 @@ impl ServerConfig {
                 .map(|n| n.get())
                 .unwrap_or(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exports_never_get_every_connection() {
+        let with = |max_exports| ServerConfig {
+            max_exports,
+            ..Default::default()
+        };
+        assert_eq!(with(0).export_slots(16).unwrap(), 4);
+        assert_eq!(with(0).export_slots(2).unwrap(), 1);
+        assert_eq!(with(15).export_slots(16).unwrap(), 15);
+        let err = with(16).export_slots(16).unwrap_err().to_string();
+        assert!(
+            err.contains("--max-exports 16") && err.contains("at most 15"),
+            "{err}"
+        );
     }
 }

@@ -99,6 +99,19 @@ pub enum Error {
     PermissionDenied { scope: &'static str },
     #[error("rate limit exceeded")]
     RateLimited { retry_after: Duration },
+    /// A server-wide limit (not the caller's rate): RESOURCE_EXHAUSTED with RetryInfo.
+    #[error("{message}")]
+    Exhausted {
+        reason: &'static str,
+        message: String,
+        retry_after: Duration,
+    },
+    /// The call was ended part-way for the reason given: ABORTED, safe to retry.
+    #[error("{message}")]
+    Aborted {
+        reason: &'static str,
+        message: String,
+    },
     #[error("the database is unavailable")]
     Unavailable(#[source] anyhow::Error),
     #[error("internal error")]
@@ -141,6 +154,8 @@ impl Error {
             Error::Unauthenticated { reason, .. } => (Code::Unauthenticated, reason),
             Error::PermissionDenied { .. } => (Code::PermissionDenied, "MISSING_SCOPE"),
             Error::RateLimited { .. } => (Code::ResourceExhausted, "RATE_LIMITED"),
+            Error::Exhausted { reason, .. } => (Code::ResourceExhausted, reason),
+            Error::Aborted { reason, .. } => (Code::Aborted, reason),
             Error::Unavailable(_) => (Code::Unavailable, "DATABASE_UNAVAILABLE"),
             Error::Internal(_) => (Code::Internal, "INTERNAL"),
         }
@@ -197,7 +212,7 @@ impl From<Error> for Status {
                 meta.insert("scope".to_string(), scope.to_string());
                 err.to_string()
             }
-            Error::RateLimited { retry_after } => {
+            Error::RateLimited { retry_after } | Error::Exhausted { retry_after, .. } => {
                 details.set_retry_info(Some(*retry_after));
                 err.to_string()
             }

@@ -50,6 +50,8 @@ pub struct AppState {
     pub sealer: Option<Arc<Sealer>>,
     /// The WebAuthn relying party of projects that set none of their own.
     pub relying_party: RelyingPartyDefaults,
+    /// How many exports run at once, and how long one waits on a client.
+    pub exports: Arc<crate::users::bulk_grpc::Exports>,
 }
 
 /// Largest request message accepted (API.md).
@@ -178,6 +180,10 @@ impl Application {
             config.db_write_batch.into(),
             metrics.user_create_batch.clone(),
         ));
+        let exports = crate::users::bulk_grpc::Exports::new(
+            config.export_slots(pool.status().max_size)?,
+            (config.export_stall_secs > 0).then(|| Duration::from_secs(config.export_stall_secs)),
+        );
         Ok(Application {
             listener,
             tls,
@@ -193,6 +199,7 @@ impl Application {
                 passwords: config.password_settings(),
                 sealer,
                 relying_party: config.relying_party(),
+                exports: Arc::new(exports),
             },
             config,
             feed: EventFeed::new(),
@@ -552,6 +559,7 @@ pub async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     // Settings and ports first: a mistake there should not wait for (or leave behind) a
     // database start-up.
     check_settings(&cfg.server)?;
+    cfg.server.export_slots(cfg.database.db_pool_size)?;
     let listeners = Listeners::bind(cfg.listen, &cfg.server).await?;
     let (embedded, url) = match cfg.database.url()? {
         Some(url) => (None, url),

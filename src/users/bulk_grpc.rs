@@ -36,6 +36,44 @@ pub type ImportStream =
 pub type ExportStream =
     Pin<Box<dyn Stream<Item = Result<pb::ExportUsersResponse, Status>> + Send + 'static>>;
 
+/// What bounds exports on this server: how many run at once (each holds a database
+/// connection and a snapshot for its whole run) and how long one waits on a client that
+/// takes nothing.
+pub struct Exports {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    limit: usize,
+    pub stall: Option<Duration>,
+}
+
+/// How long a client refused for too many exports is told to wait.
+const EXPORT_RETRY: Duration = Duration::from_secs(5);
+
+impl Exports {
+    pub fn new(limit: usize, stall: Option<Duration>) -> Self {
+        Exports {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(limit)),
+            limit,
+            stall,
+        }
+    }
+
+    /// A slot for one export, held until it ends; RESOURCE_EXHAUSTED when all are taken.
+    pub fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
+        self.slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::Exhausted {
+                reason: "TOO_MANY_EXPORTS",
+                message: format!(
+                    "this server runs at most {} exports at once (--max-exports) and all are \
+                     running; retry when one ends",
+                    self.limit
+                ),
+                retry_after: EXPORT_RETRY,
+            })
+    }
+}
+
 /// A partial batch waits at most this long for the next record: a client that sends a few
 /// records and waits for their results gets them promptly.
 const IDLE_FLUSH: Duration = Duration::from_millis(20);
@@ -506,30 +544,42 @@ fn masked(mut u: pb::User, fields: &[&str]) -> pb::User {
     out
 }
 
-/// The response stream of an export whose producer sends chunks into `rx`; `first` is the
-/// producer's first (empty) chunk, already received.
+/// The response stream of an export whose producer sends chunks into `rx` (its first, empty,
+/// chunk already received) and its outcome into `end` once it stops: the stream ends with
+/// that outcome after the last chunk, so an export that broke off (or whose producer
+/// vanished) never looks complete.
 pub fn export_stream(
-    rx: mpsc::Receiver<crate::error::Result<Vec<super::ops::Exported>>>,
+    rx: mpsc::Receiver<Vec<super::ops::Exported>>,
+    end: tokio::sync::oneshot::Receiver<crate::error::Result<()>>,
     fields: Option<Vec<&'static str>>,
 ) -> ExportStream {
-    Box::pin(ReceiverStream::new(rx).flat_map(move |chunk| {
-        let items: Vec<Result<pb::ExportUsersResponse, Status>> = match chunk {
-            Err(e) => vec![Err(e.into())],
-            Ok(users) => users
-                .into_iter()
-                .map(|x| {
-                    let user = user_to_proto(&x.user);
-                    Ok(pb::ExportUsersResponse {
-                        user: Some(match &fields {
-                            Some(f) => masked(user, f),
-                            None => user,
-                        }),
-                        password_hash: x.password_hash.unwrap_or_default(),
-                        identities: x.identities.into_iter().map(identity_to_proto).collect(),
-                    })
+    let users = ReceiverStream::new(rx).flat_map(move |chunk| {
+        let items: Vec<Result<pb::ExportUsersResponse, Status>> = chunk
+            .into_iter()
+            .map(|x| {
+                let user = user_to_proto(&x.user);
+                Ok(pb::ExportUsersResponse {
+                    user: Some(match &fields {
+                        Some(f) => masked(user, f),
+                        None => user,
+                    }),
+                    password_hash: x.password_hash.unwrap_or_default(),
+                    identities: x.identities.into_iter().map(identity_to_proto).collect(),
                 })
-                .collect(),
-        };
+            })
+            .collect();
         futures_util::stream::iter(items)
-    }))
+    });
+    let outcome = futures_util::stream::once(async move {
+        match end.await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(Err(e.into())),
+            Err(_) => Some(Err(Error::internal(anyhow::anyhow!(
+                "the export ended before its last user"
+            ))
+            .into())),
+        }
+    })
+    .filter_map(futures_util::future::ready);
+    Box::pin(users.chain(outcome))
 }

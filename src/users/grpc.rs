@@ -319,19 +319,30 @@ impl UserService for UserApi {
             "include_password_hashes": req.include_password_hashes,
             "include_identities": req.include_identities,
         });
+        let slot = self.state.exports.slot()?;
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let (end_tx, mut end) = tokio::sync::oneshot::channel();
         tokio::spawn(ops::export_users(
             self.state.pool.clone(),
             caller,
             spec,
             data,
-            tx,
+            ops::ExportOut {
+                chunks: tx,
+                end: end_tx,
+                stall: self.state.exports.stall,
+                slot,
+            },
         ));
-        // The first message says whether the snapshot opened: an error is the RPC's answer.
+        // The first (empty) chunk says the snapshot opened; without it the outcome is the
+        // error that kept it from opening, and the RPC's answer.
         match rx.recv().await {
-            Some(Ok(_)) => Ok(Response::new(bulk_grpc::export_stream(rx, fields))),
-            Some(Err(e)) => Err(e.into()),
-            None => Err(Error::internal(anyhow::anyhow!("export ended before it began")).into()),
+            Some(_) => Ok(Response::new(bulk_grpc::export_stream(rx, end, fields))),
+            None => Err(match end.try_recv() {
+                Ok(Err(e)) => e,
+                _ => Error::internal(anyhow::anyhow!("export ended before it began")),
+            }
+            .into()),
         }
     }
 

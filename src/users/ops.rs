@@ -539,18 +539,36 @@ pub struct Exported {
     pub identities: Vec<super::import::ImportIdentity>,
 }
 
+/// Where an export goes: its chunks, then its outcome; `stall` bounds the wait for a client
+/// that takes nothing, and `slot` (one of `--max-exports`) is held until the export stops.
+pub struct ExportOut {
+    pub chunks: tokio::sync::mpsc::Sender<Vec<Exported>>,
+    pub end: tokio::sync::oneshot::Sender<Result<()>>,
+    pub stall: Option<std::time::Duration>,
+    pub slot: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// Streams the users matching `spec` from one REPEATABLE READ snapshot, in id order, into
-/// `out` a chunk at a time. The first message is an empty chunk once the snapshot is open (or
-/// the error that prevented it), so the caller can answer the RPC with that error. The
-/// USERS_EXPORTED event (`data` says what was asked) commits before any row leaves. Stops
-/// early when `out` closes; memory stays at a chunk or two however many users there are.
+/// `out` a chunk at a time. The first chunk is empty and sent once the snapshot is open;
+/// the outcome (an error that prevented or ended the export) goes to `out.end` when it
+/// stops, after its connection is back in the pool. The USERS_EXPORTED event (`data` says
+/// what was asked) commits before any row leaves. Stops early when the client goes away, and
+/// ends with EXPORT_STALLED when it takes nothing for `out.stall`; memory stays at a chunk or
+/// two however many users there are.
 pub async fn export_users(
     pool: Pool,
     caller: Caller,
     spec: bulk_store::ExportSpec,
     data: Value,
-    out: tokio::sync::mpsc::Sender<Result<Vec<Exported>>>,
+    out: ExportOut,
 ) {
+    let ExportOut {
+        chunks,
+        end,
+        stall,
+        slot,
+    } = out;
+    let deliver = |chunk: Vec<Exported>| deliver(&chunks, chunk, stall);
     let run = async {
         let mut client = db::client(&pool).await?;
         let tx = client.transaction().await?;
@@ -573,7 +591,7 @@ pub async fn export_users(
             .start()
             .await?;
         let portal = bulk_store::open_export(&tx, caller.project_id, &spec).await?;
-        if out.send(Ok(Vec::new())).await.is_err() {
+        if !deliver(Vec::new()).await? {
             return Ok(());
         }
         loop {
@@ -596,7 +614,7 @@ pub async fn export_users(
                     }
                 })
                 .collect();
-            if !chunk.is_empty() && out.send(Ok(chunk)).await.is_err() {
+            if !chunk.is_empty() && !deliver(chunk).await? {
                 return Ok(());
             }
             if last {
@@ -606,7 +624,31 @@ pub async fn export_users(
         tx.commit().await?;
         Ok::<(), Error>(())
     };
-    if let Err(e) = run.await {
-        let _ = out.send(Err(e)).await;
-    }
+    // The connection went back to the pool as `run` ended; the slot goes now.
+    let outcome = run.await;
+    drop(slot);
+    let _ = end.send(outcome);
+}
+
+/// Hands `chunk` to the client's stream: false when the client went away; EXPORT_STALLED
+/// when it took nothing for `stall`.
+async fn deliver(
+    chunks: &tokio::sync::mpsc::Sender<Vec<Exported>>,
+    chunk: Vec<Exported>,
+    stall: Option<std::time::Duration>,
+) -> Result<bool> {
+    let sent = match stall {
+        None => chunks.send(chunk).await,
+        Some(limit) => tokio::time::timeout(limit, chunks.send(chunk))
+            .await
+            .map_err(|_| Error::Aborted {
+                reason: "EXPORT_STALLED",
+                message: format!(
+                    "the export was ended: its client took nothing for {} s while it held a \
+                     database snapshot (--export-stall-secs); export again, reading as it comes",
+                    limit.as_secs()
+                ),
+            })?,
+    };
+    Ok(sent.is_ok())
 }

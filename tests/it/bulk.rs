@@ -475,7 +475,7 @@ async fn every_hash_format_imports_and_verifies() {
 
 #[tokio::test]
 async fn a_cut_stream_resumed_with_upsert_loses_and_duplicates_nothing() {
-    const N: usize = 3000;
+    const N: usize = 8000;
     let app = TestApp::spawn().await;
     let mut users = app.users();
     let rec = |i: usize| {
@@ -829,6 +829,81 @@ async fn export_streams_while_the_client_reads_slowly() {
         n += 1;
     }
     assert_eq!(n, 3000);
+}
+
+/// Each export holds a connection and a snapshot while it runs: past `--max-exports` they are
+/// refused, and one whose client takes nothing for `--export-stall-secs` is ended, which frees
+/// its slot; the stalled client, reading again, gets what was sent and then EXPORT_STALLED,
+/// never a stream that looks complete.
+#[tokio::test]
+async fn exports_past_the_limit_are_refused_and_a_stalled_one_is_ended() {
+    const N: usize = 8000;
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        max_exports: 1,
+        export_stall_secs: 1,
+        ..Default::default()
+    })
+    .await;
+    let mut users = app.users();
+    // 1 KiB of metadata each: 8 MiB, more than the export's three chunks of 1,000 users and
+    // HTTP/2's windows and buffers between it and this client hold, so an export this client
+    // does not read waits on it.
+    let padding = "x".repeat(1024);
+    let requests = std::iter::once(create_only()).chain((0..N).map(move |i| {
+        record(pb::ImportRecord {
+            user: Some(pb::User {
+                email: format!("big{i}@example.com"),
+                user_metadata: Some(crate::pb_struct(serde_json::json!({ "pad": padding }))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }));
+    import(&mut users, requests).await.unwrap();
+
+    let mut stalled = users
+        .export_users(pb::ExportUsersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stalled.next().await.unwrap().is_ok());
+    let err = users
+        .export_users(pb::ExportUsersRequest::default())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(harness::reason(&err), "TOO_MANY_EXPORTS");
+    assert!(harness::details(&err).retry_info().is_some());
+
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    // The stalled export is over and its slot free: another runs to its end.
+    let mut whole = users
+        .export_users(pb::ExportUsersRequest {
+            read_mask: crate::mask(&["id"]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut n = 0;
+    while let Some(m) = whole.next().await {
+        m.unwrap();
+        n += 1;
+    }
+    assert_eq!(n, N);
+
+    let mut got = 1;
+    let err = loop {
+        match stalled.next().await {
+            Some(Ok(_)) => got += 1,
+            Some(Err(e)) => break e,
+            None => panic!("a stalled export ended as if complete after {got} users"),
+        }
+    };
+    assert!(got < N, "{got}");
+    assert_eq!(err.code(), tonic::Code::Aborted);
+    assert_eq!(harness::reason(&err), "EXPORT_STALLED");
 }
 
 fn big_record_ok(i: usize) -> pb::ImportUsersRequest {

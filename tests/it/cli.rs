@@ -90,6 +90,10 @@ fn serve_refuses_bad_settings_and_busy_ports_before_starting_a_database() {
             "the following required arguments were not provided".into(),
         ),
         (
+            vec!["--max-exports", "8", "--db-pool-size", "8"],
+            "--max-exports 8 would let exports take every connection of the pool".into(),
+        ),
+        (
             vec!["--listen", &busy],
             format!("binding {busy} (--listen, ROSTER_LISTEN)"),
         ),
