@@ -3,12 +3,17 @@
 //! temporary name first), so a broken export is never mistaken for a whole one.
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
+use tonic_types::StatusExt;
 
 use super::records::{self, Format};
 use super::remote::{Progress, ServerArgs};
 use crate::pb::v1 as pb;
+
+/// How long `roster export` waits, in all, for a server busy with other exports.
+const MAX_BUSY_WAIT: Duration = Duration::from_secs(600);
 
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
@@ -65,18 +70,32 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         .await
         .ok()
         .map(|r| r.into_inner().total_size as u64);
-    let mut stream = users
-        .export_users(pb::ExportUsersRequest {
-            filter: args.filter.clone(),
-            read_mask: (!fields.is_empty()).then(|| prost_types::FieldMask {
-                paths: fields.clone(),
-            }),
-            include_password_hashes: args.include_password_hashes,
-            include_identities: args.include_identities,
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("the server refused the export: {}", s.message()))?
-        .into_inner();
+    let request = pb::ExportUsersRequest {
+        filter: args.filter.clone(),
+        read_mask: (!fields.is_empty()).then(|| prost_types::FieldMask {
+            paths: fields.clone(),
+        }),
+        include_password_hashes: args.include_password_hashes,
+        include_identities: args.include_identities,
+    };
+    // A server running its limit of exports says when to try again: wait (a scheduled
+    // backup should not fail because another one is running), for a while.
+    let mut waited = Duration::ZERO;
+    let mut stream = loop {
+        match users.export_users(request.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s) => match s.get_details_retry_info().and_then(|r| r.retry_delay) {
+                Some(delay)
+                    if s.code() == tonic::Code::ResourceExhausted && waited < MAX_BUSY_WAIT =>
+                {
+                    eprintln!("{}; retrying in {} s", s.message(), delay.as_secs());
+                    tokio::time::sleep(delay).await;
+                    waited += delay;
+                }
+                _ => anyhow::bail!("the server refused the export: {}", s.message()),
+            },
+        }
+    };
 
     let (sink, temp): (Box<dyn Write>, Option<PathBuf>) = match &args.output {
         Some(path) => {

@@ -831,6 +831,24 @@ async fn export_streams_while_the_client_reads_slowly() {
     assert_eq!(n, 3000);
 }
 
+/// Imports `n` users with 1 KiB of metadata each. From 8,000 on that is more than an export's
+/// three chunks of 1,000 users and HTTP/2's windows and buffers between it and its client
+/// hold, so an export its client does not read waits on that client.
+pub async fn seed_more_than_buffers_hold(users: &mut Users, n: usize) {
+    let padding = "x".repeat(1024);
+    let requests = std::iter::once(create_only()).chain((0..n).map(move |i| {
+        record(pb::ImportRecord {
+            user: Some(pb::User {
+                email: format!("big{i}@example.com"),
+                user_metadata: Some(crate::pb_struct(serde_json::json!({ "pad": padding }))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }));
+    import(users, requests).await.unwrap();
+}
+
 /// Each export holds a connection and a snapshot while it runs: past `--max-exports` they are
 /// refused, and one whose client takes nothing for `--export-stall-secs` is ended, which frees
 /// its slot; the stalled client, reading again, gets what was sent and then EXPORT_STALLED,
@@ -845,21 +863,7 @@ async fn exports_past_the_limit_are_refused_and_a_stalled_one_is_ended() {
     })
     .await;
     let mut users = app.users();
-    // 1 KiB of metadata each: 8 MiB, more than the export's three chunks of 1,000 users and
-    // HTTP/2's windows and buffers between it and this client hold, so an export this client
-    // does not read waits on it.
-    let padding = "x".repeat(1024);
-    let requests = std::iter::once(create_only()).chain((0..N).map(move |i| {
-        record(pb::ImportRecord {
-            user: Some(pb::User {
-                email: format!("big{i}@example.com"),
-                user_metadata: Some(crate::pb_struct(serde_json::json!({ "pad": padding }))),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-    }));
-    import(&mut users, requests).await.unwrap();
+    seed_more_than_buffers_hold(&mut users, N).await;
 
     let mut stalled = users
         .export_users(pb::ExportUsersRequest::default())

@@ -497,6 +497,41 @@ async fn import_reads_either_format_from_standard_input() {
     }
 }
 
+/// A server running its limit of exports answers RESOURCE_EXHAUSTED with RetryInfo: the CLI
+/// waits as told and exports once a slot is free, rather than failing a scheduled backup.
+#[tokio::test]
+async fn export_waits_while_the_server_runs_its_limit_of_exports() {
+    use futures_util::StreamExt;
+    const N: usize = 8000;
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        max_exports: 1,
+        ..Default::default()
+    })
+    .await;
+    let mut users = app.users();
+    crate::bulk::seed_more_than_buffers_hold(&mut users, N).await;
+    let mut held = users
+        .export_users(pb::ExportUsersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(held.next().await.unwrap().is_ok());
+    let release = async move {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        drop(held);
+    };
+    let ((code, out, err), ()) = tokio::join!(
+        roster_client(&app, &app.token, &["export", "--fields", "id"]),
+        release
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("(--max-exports)") && err.contains("retrying in 5 s"),
+        "{err}"
+    );
+    assert_eq!(out.lines().count(), N);
+}
+
 #[tokio::test]
 async fn jsonl_import_reports_bad_records_and_resumes() {
     let app = TestApp::spawn().await;
