@@ -623,6 +623,11 @@ struct Unanswered {
 impl Unanswered {
     /// Records the call as answered with `code`: counted, and logged as `rpc finished`.
     fn finish(&mut self, code: tonic::Code) {
+        self.record(code, "finished");
+    }
+
+    /// Counts the call under `code` and logs it once, as `rpc <outcome>`.
+    fn record(&mut self, code: tonic::Code, outcome: &str) {
         self.answered = true;
         let elapsed = self.started.elapsed();
         self.metrics
@@ -630,7 +635,7 @@ impl Unanswered {
         let latency_ms = elapsed.as_secs_f64() * 1000.0;
         self.span.in_scope(|| {
             record_status(code);
-            tracing::info!(code = ?code, latency_ms, "rpc finished");
+            tracing::info!(code = ?code, latency_ms, "rpc {outcome}");
         });
     }
 }
@@ -725,13 +730,7 @@ impl Drop for Unanswered {
             }
             _ => tonic::Code::Cancelled,
         };
-        self.metrics
-            .record_call(&self.path, self.known, code, elapsed);
-        let latency_ms = elapsed.as_secs_f64() * 1000.0;
-        self.span.in_scope(|| {
-            record_status(code);
-            tracing::info!(code = ?code, latency_ms, "rpc abandoned");
-        });
+        self.record(code, "abandoned");
     }
 }
 
