@@ -177,8 +177,9 @@ pub struct ServerConfig {
     /// --db-pool-size minus one.
     #[arg(long, env = "ROSTER_MAX_EXPORTS", default_value_t = 0)]
     pub max_exports: usize,
-    /// Seconds an export waits for a client that takes nothing before ending it (ABORTED,
-    /// EXPORT_STALLED), which frees its connection and snapshot; 0: it waits for ever.
+    /// Seconds an export waits for its client to take the next 1,000 users before ending it
+    /// (ABORTED, EXPORT_STALLED), which frees its connection and snapshot; 0: it waits for
+    /// ever.
     #[arg(long, env = "ROSTER_EXPORT_STALL_SECS", default_value_t = 60)]
     pub export_stall_secs: u64,
     /// Seconds in-flight RPCs get to finish after SIGINT/SIGTERM.
