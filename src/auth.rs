@@ -411,20 +411,25 @@ pub struct AuthLayer {
     in_flight: InFlight,
     limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
     metrics: Arc<crate::metrics::Metrics>,
+    call_timeout: Option<Duration>,
 }
 
 impl AuthLayer {
+    /// `call_timeout`: the most a handler may take to answer (a stream: to start), whatever
+    /// deadline its client set or did not set.
     pub fn new(
         verifier: Arc<KeyVerifier>,
         in_flight: InFlight,
         limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
         metrics: Arc<crate::metrics::Metrics>,
+        call_timeout: Option<Duration>,
     ) -> Self {
         AuthLayer {
             verifier,
             in_flight,
             limiter,
             metrics,
+            call_timeout,
         }
     }
 }
@@ -438,6 +443,7 @@ impl<S> tower::Layer<S> for AuthLayer {
             in_flight: self.in_flight.clone(),
             limiter: self.limiter.clone(),
             metrics: self.metrics.clone(),
+            call_timeout: self.call_timeout,
         }
     }
 }
@@ -449,6 +455,7 @@ pub struct AuthService<S> {
     in_flight: InFlight,
     limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
     metrics: Arc<crate::metrics::Metrics>,
+    call_timeout: Option<Duration>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
@@ -479,6 +486,7 @@ where
         let verifier = self.verifier.clone();
         let limiter = self.limiter.clone();
         let metrics = self.metrics.clone();
+        let call_timeout = self.call_timeout;
         let guard = self.in_flight.enter();
         // RpcScope: a call dropped half-way (client gone, deadline passed) cancels the
         // statements its handler still has running.
@@ -540,7 +548,22 @@ where
                 let mut response = match authorized {
                     Ok(caller) => {
                         req.extensions_mut().insert(caller);
-                        inner.call(req).await?
+                        match call_timeout {
+                            None => inner.call(req).await?,
+                            // A scope of its own: a handler dropped at the limit has its
+                            // statements cancelled, as when its client goes away.
+                            Some(limit) => match tokio::time::timeout(
+                                limit,
+                                crate::db::RpcScope::run(inner.call(req)),
+                            )
+                            .await
+                            {
+                                Ok(response) => response?,
+                                Err(_) => {
+                                    tonic::Status::from(Error::TimedOut { limit }).into_http()
+                                }
+                            },
+                        }
                     }
                     Err(e) => tonic::Status::from(e).into_http(),
                 };

@@ -171,6 +171,11 @@ pub struct ServerConfig {
     /// the rate.
     #[arg(long, env = "ROSTER_RATE_LIMIT_BURST", default_value_t = 0.0)]
     pub rate_limit_burst: f64,
+    /// Seconds a call may take to answer (a stream: to start) whatever deadline its client
+    /// set, or when it set none; past it the call answers DEADLINE_EXCEEDED (CALL_TIMEOUT) and
+    /// its database statements are cancelled. 0: no bound beyond the client's.
+    #[arg(long, env = "ROSTER_CALL_TIMEOUT_SECS", default_value_t = 30)]
+    pub call_timeout_secs: u64,
     /// ExportUsers streams running at once. Each holds a database connection and a snapshot
     /// for its whole run, so more answer RESOURCE_EXHAUSTED (with RetryInfo) rather than take
     /// the connections other calls need. 0: a quarter of --db-pool-size, at least one; at most
@@ -224,6 +229,7 @@ impl Default for ServerConfig {
             db_write_batch: 64,
             rate_limit_rps: 0.0,
             rate_limit_burst: 0.0,
+            call_timeout_secs: 30,
             max_exports: 0,
             export_stall_secs: 60,
             shutdown_grace_secs: 20,

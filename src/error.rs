@@ -106,6 +106,12 @@ pub enum Error {
         message: String,
         retry_after: Duration,
     },
+    /// The call took longer than the server lets any call take (`--call-timeout-secs`).
+    #[error(
+        "the call took longer than this server allows ({} s, --call-timeout-secs)",
+        .limit.as_secs()
+    )]
+    TimedOut { limit: Duration },
     /// The call was ended part-way for the reason given: ABORTED, safe to retry.
     #[error("{message}")]
     Aborted {
@@ -156,6 +162,7 @@ impl Error {
             Error::RateLimited { .. } => (Code::ResourceExhausted, "RATE_LIMITED"),
             Error::Exhausted { reason, .. } => (Code::ResourceExhausted, reason),
             Error::Aborted { reason, .. } => (Code::Aborted, reason),
+            Error::TimedOut { .. } => (Code::DeadlineExceeded, "CALL_TIMEOUT"),
             Error::Unavailable(_) => (Code::Unavailable, "DATABASE_UNAVAILABLE"),
             Error::Internal(_) => (Code::Internal, "INTERNAL"),
         }

@@ -325,6 +325,8 @@ impl Application {
                 in_flight.clone(),
                 self.config.rate_limiter().map(Arc::new),
                 self.metrics.clone(),
+                (self.config.call_timeout_secs > 0)
+                    .then(|| Duration::from_secs(self.config.call_timeout_secs)),
             ))
             .add_service(health)
             .add_service(reflection_v1)

@@ -440,6 +440,58 @@ async fn streams_are_counted_with_the_status_they_end_with() {
     assert_eq!(count("UserService/ExportUsers", "Ok").await, 1);
 }
 
+/// A call whose client set no deadline is still bounded by the server's: past it the call
+/// answers DEADLINE_EXCEEDED (CALL_TIMEOUT) and its statement stops waiting.
+#[tokio::test]
+async fn the_server_bounds_calls_whose_clients_set_no_deadline() {
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        metrics_listen: "127.0.0.1:0".into(),
+        call_timeout_secs: 1,
+        ..Default::default()
+    })
+    .await;
+    let mut users = app.users();
+    crate::create_user(&mut users, "bounded@example.com").await;
+    let connect = || async {
+        let (c, conn) = tokio_postgres::connect(&app.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    };
+    let locker = connect().await;
+    let watch = connect().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = users
+        .list_users(pb::ListUsersRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(reason(&err), "CALL_TIMEOUT");
+    assert!(err.message().contains("--call-timeout-secs"), "{err:?}");
+    let took = started.elapsed();
+    assert!(
+        (Duration::from_secs(1)..Duration::from_secs(3)).contains(&took),
+        "{took:?}"
+    );
+    wait_for_lock_waiters(&watch, &app.db_name, 0).await;
+    locker.batch_execute("COMMIT").await.unwrap();
+
+    let page = users
+        .list_users(pb::ListUsersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.users.len(), 1);
+    let (_, body) = http_get(app.metrics_addr.unwrap(), "/metrics").await;
+    let needle = r#"roster_rpc_calls_total{method="/roster.v1.UserService/ListUsers",code="DeadlineExceeded"} 1"#;
+    assert!(body.contains(needle), "no {needle} in:\n{body}");
+}
+
 /// How many of the server's backends in this test's database wait on a lock.
 async fn lock_waiters(watch: &tokio_postgres::Client, db: &str) -> i64 {
     watch
