@@ -7,7 +7,8 @@
 //! [`AuthLayer`] runs before any handler: it keeps or makes the request id, opens the per-RPC
 //! span (method, request id, project, key, status code, latency), authenticates the key,
 //! checks the scope the method needs, and hands the handler a [`Caller`] in the request
-//! extensions. Health and reflection need no key.
+//! extensions, bounding its time by `--call-timeout-secs`. Each call is counted and logged
+//! once, when its response body ends ([`Observed`]). Health and reflection need no key.
 use std::collections::HashMap;
 use std::fmt;
 use std::pin::Pin;
