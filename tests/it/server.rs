@@ -452,19 +452,7 @@ async fn the_server_bounds_calls_whose_clients_set_no_deadline() {
     .await;
     let mut users = app.users();
     crate::create_user(&mut users, "bounded@example.com").await;
-    let connect = || async {
-        let (c, conn) = tokio_postgres::connect(&app.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        c
-    };
-    let locker = connect().await;
-    let watch = connect().await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let (locker, watch) = lock_users_table(&app).await;
     let started = std::time::Instant::now();
     let err = users
         .list_users(pb::ListUsersRequest::default())
@@ -490,6 +478,24 @@ async fn the_server_bounds_calls_whose_clients_set_no_deadline() {
     let (_, body) = http_get(app.metrics_addr.unwrap(), "/metrics").await;
     let needle = r#"roster_rpc_calls_total{method="/roster.v1.UserService/ListUsers",code="DeadlineExceeded"} 1"#;
     assert!(body.contains(needle), "no {needle} in:\n{body}");
+}
+
+/// A transaction holding the users table (every read of it waits until its COMMIT), and a
+/// second connection to watch who waits: (locker, watch).
+async fn lock_users_table(app: &TestApp) -> (tokio_postgres::Client, tokio_postgres::Client) {
+    let connect = || async {
+        let (c, conn) = tokio_postgres::connect(&app.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        c
+    };
+    let locker = connect().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    (locker, connect().await)
 }
 
 /// How many of the server's backends in this test's database wait on a lock.
@@ -529,20 +535,7 @@ async fn a_cancelled_or_timed_out_call_stops_its_database_work() {
     let id = crate::create_user(&mut users, "deadline@example.com")
         .await
         .id;
-    let connect = || async {
-        let (c, conn) = tokio_postgres::connect(&app.url, tokio_postgres::NoTls)
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        c
-    };
-    // A transaction holding the users table: every read of it waits until COMMIT.
-    let locker = connect().await;
-    let watch = connect().await;
-    locker
-        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let (locker, watch) = lock_users_table(&app).await;
 
     // A deadline: tonic answers DEADLINE_EXCEEDED, and the statement must not go on waiting.
     let list = || pb::ListUsersRequest {
