@@ -50,6 +50,7 @@ pub struct Metrics {
     pool_waiting: Gauge,
     hash_queue: Gauge,
     stream_subscribers: Gauge,
+    exports_running: Gauge,
     /// GetUser, LookupUser and LookupUserByIdentity calls per coalesced read (`users::reads`).
     pub user_read_batch: Histogram,
     /// CreateUser calls per coalesced statement (`users::creates`).
@@ -68,7 +69,7 @@ impl Default for Metrics {
         let latency = HistogramFamily::new_with_constructor(latency_histogram);
         registry.register(
             "rpc_duration_seconds",
-            "gRPC call latency (to the response headers for streams) by method",
+            "gRPC call latency by method (a stream's runs to its end)",
             latency.clone(),
         );
         let gauge = |registry: &mut Registry, name: &str, help: &str| {
@@ -101,6 +102,11 @@ impl Default for Metrics {
             "event_stream_subscribers",
             "open StreamEvents streams",
         );
+        let exports_running = gauge(
+            &mut registry,
+            "exports_running",
+            "ExportUsers streams running (each holds a database connection), at most --max-exports",
+        );
         let user_read_batch = Histogram::new(exponential_buckets(1.0, 2.0, 7));
         registry.register(
             "user_read_batch_size",
@@ -122,6 +128,7 @@ impl Default for Metrics {
             pool_waiting,
             hash_queue,
             stream_subscribers,
+            exports_running,
             user_read_batch,
             user_create_batch,
         }
@@ -151,6 +158,7 @@ impl Metrics {
         self.hash_queue.set(sources.hasher.queue_depth() as i64);
         self.stream_subscribers
             .set(sources.feed.subscribers() as i64);
+        self.exports_running.set(sources.exports.running() as i64);
         let mut out = String::new();
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -163,6 +171,7 @@ pub struct Sources {
     pub pool: Pool,
     pub hasher: Arc<Hasher>,
     pub feed: Arc<EventFeed>,
+    pub exports: Arc<crate::users::bulk_grpc::Exports>,
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.

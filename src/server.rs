@@ -297,6 +297,7 @@ impl Application {
                     pool: self.state.pool.clone(),
                     hasher: self.state.hasher.clone(),
                     feed: self.feed.clone(),
+                    exports: self.state.exports.clone(),
                 },
                 async move {
                     let _ = metrics_stopped.await;

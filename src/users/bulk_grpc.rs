@@ -57,6 +57,11 @@ impl Exports {
         }
     }
 
+    /// Exports running now.
+    pub fn running(&self) -> usize {
+        self.limit - self.slots.available_permits()
+    }
+
     /// A slot for one export, held until it ends; RESOURCE_EXHAUSTED when all are taken.
     pub fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Error> {
         self.slots

@@ -859,9 +859,17 @@ async fn exports_past_the_limit_are_refused_and_a_stalled_one_is_ended() {
     let app = TestApp::spawn_with(roster::config::ServerConfig {
         max_exports: 1,
         export_stall_secs: 1,
+        metrics_listen: "127.0.0.1:0".into(),
         ..Default::default()
     })
     .await;
+    let running = || async {
+        let (_, body) = crate::server::http_get(app.metrics_addr.unwrap(), "/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix("roster_exports_running "))
+            .unwrap()
+            .to_string()
+    };
     let mut users = app.users();
     seed_more_than_buffers_hold(&mut users, N).await;
 
@@ -879,8 +887,14 @@ async fn exports_past_the_limit_are_refused_and_a_stalled_one_is_ended() {
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     assert_eq!(harness::reason(&err), "TOO_MANY_EXPORTS");
     assert!(harness::details(&err).retry_info().is_some());
+    assert_eq!(running().await, "1");
 
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    assert_eq!(
+        running().await,
+        "0",
+        "the stalled export gave its slot back"
+    );
     // The stalled export is over and its slot free: another runs to its end.
     let ids = pb::ExportUsersRequest {
         read_mask: crate::mask(&["id"]),

@@ -365,6 +365,7 @@ async fn metrics_count_calls_by_method_and_code_and_show_the_pools() {
         "roster_db_pool_waiting ",
         "roster_hash_queue_depth ",
         "roster_event_stream_subscribers ",
+        "roster_exports_running ",
     ] {
         line(gauge);
     }
