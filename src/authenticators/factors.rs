@@ -26,6 +26,14 @@ pub(super) fn authenticator_not_found(id: Uuid) -> Error {
     Error::not_found(AUTHENTICATOR, id.to_string())
 }
 
+/// FAILED_PRECONDITION: the user has no confirmed authenticator of `kind` to check or use.
+pub(super) fn not_enrolled(kind: Kind) -> Error {
+    precondition(
+        "FACTOR_NOT_ENROLLED",
+        &format!("the user has no confirmed {} authenticator", kind.as_str()),
+    )
+}
+
 /// Event data naming an authenticator (never its secret).
 pub(super) fn about(a: &Authenticator) -> Value {
     json!({ "authenticator_id": a.id, "type": a.kind.as_str() })
@@ -309,12 +317,6 @@ pub async fn verify_factor(
         FactorTarget::Kind(k) => (None, Some(k)),
     };
     let mut candidates = store::factor_secrets(&tx, p, user_id, id, kind).await?;
-    let not_enrolled = |k: Kind| {
-        precondition(
-            "FACTOR_NOT_ENROLLED",
-            &format!("the user has no confirmed {} authenticator", k.as_str()),
-        )
-    };
     let Some(first) = candidates.first() else {
         return Err(match target {
             FactorTarget::Id(id) => authenticator_not_found(id),

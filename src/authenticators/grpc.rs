@@ -100,6 +100,30 @@ fn kind_of(n: i32) -> Option<Kind> {
     i16::try_from(n).ok().and_then(Kind::from_i16)
 }
 
+/// The authenticator a factor call names: by `authenticator_id`, else by `type`, which must be
+/// one of `kinds` (a violation on `type` otherwise).
+fn factor_target(v: &mut Violations, id: &str, kind: i32, kinds: &[Kind]) -> FactorTarget {
+    if !id.trim().is_empty() {
+        return FactorTarget::Id(user_id(v, "authenticator_id", id));
+    }
+    match kind_of(kind).filter(|k| kinds.contains(k)) {
+        Some(k) => FactorTarget::Kind(k),
+        None => {
+            let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+            let (last, rest) = names.split_last().unwrap_or((&"", &[]));
+            v.add(
+                "type",
+                format!(
+                    "set authenticator_id, or type to {} or {last}",
+                    rest.join(", ")
+                ),
+            );
+            // Unused: the violation fails the call.
+            FactorTarget::Kind(kinds.first().copied().unwrap_or(Kind::Totp))
+        }
+    }
+}
+
 pub fn authenticator_to_proto(a: &Authenticator) -> pb::Authenticator {
     use base64::Engine as _;
     pb::Authenticator {
@@ -468,20 +492,12 @@ impl AuthenticatorService for AuthenticatorApi {
         let req = request.into_inner();
         let mut v = Violations::new();
         let uid = user_id(&mut v, "user_id", &req.user_id);
-        let target = if !req.authenticator_id.trim().is_empty() {
-            FactorTarget::Id(user_id(&mut v, "authenticator_id", &req.authenticator_id))
-        } else {
-            match kind_of(req.r#type) {
-                Some(k @ (Kind::EmailOtp | Kind::SmsOtp)) => FactorTarget::Kind(k),
-                _ => {
-                    v.add(
-                        "type",
-                        "set authenticator_id, or type to EMAIL_OTP or SMS_OTP",
-                    );
-                    FactorTarget::Kind(Kind::EmailOtp)
-                }
-            }
-        };
+        let target = factor_target(
+            &mut v,
+            &req.authenticator_id,
+            req.r#type,
+            &[Kind::EmailOtp, Kind::SmsOtp],
+        );
         v.into_result()?;
         let (code, expires_at, a) =
             otp::start_challenge(&self.state.pool, &caller, uid, target).await?;
@@ -501,23 +517,17 @@ impl AuthenticatorService for AuthenticatorApi {
         let req = request.into_inner();
         let mut v = Violations::new();
         let uid = user_id(&mut v, "user_id", &req.user_id);
-        let target = if !req.authenticator_id.trim().is_empty() {
-            FactorTarget::Id(user_id(&mut v, "authenticator_id", &req.authenticator_id))
-        } else {
-            match kind_of(req.r#type) {
-                Some(k @ (Kind::Totp | Kind::EmailOtp | Kind::SmsOtp | Kind::RecoveryCodes)) => {
-                    FactorTarget::Kind(k)
-                }
-                _ => {
-                    v.add(
-                        "type",
-                        "set authenticator_id, or type to TOTP, EMAIL_OTP, SMS_OTP or \
-                         RECOVERY_CODES",
-                    );
-                    FactorTarget::Kind(Kind::Totp)
-                }
-            }
-        };
+        let target = factor_target(
+            &mut v,
+            &req.authenticator_id,
+            req.r#type,
+            &[
+                Kind::Totp,
+                Kind::EmailOtp,
+                Kind::SmsOtp,
+                Kind::RecoveryCodes,
+            ],
+        );
         if req.code.trim().is_empty() {
             v.add("code", "is required");
         } else if req.code.len() > 64 {

@@ -107,12 +107,7 @@ pub async fn start_challenge(
             .await?
             .into_iter()
             .find(|a| a.kind == kind)
-            .ok_or_else(|| {
-                precondition(
-                    "FACTOR_NOT_ENROLLED",
-                    &format!("the user has no {} authenticator", kind.as_str()),
-                )
-            })?,
+            .ok_or_else(|| factors::not_enrolled(kind))?,
     };
     let id = authenticator.id;
     if !matches!(authenticator.kind, Kind::EmailOtp | Kind::SmsOtp) {
