@@ -77,11 +77,15 @@ pub async fn migrate_to(client: &mut tokio_postgres::Client, last: i32) -> anyho
 async fn apply_pending(client: &mut tokio_postgres::Client, last: i32) -> anyhow::Result<usize> {
     client
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+            // Quiet: "already exists, skipping" would be logged as a NOTICE on every start
+            // and every operator command.
+            "SET client_min_messages = warning;
+             CREATE TABLE IF NOT EXISTS schema_migrations (
                 version    integer PRIMARY KEY,
                 name       text NOT NULL,
                 applied_at timestamptz NOT NULL DEFAULT now()
-            )",
+             );
+             RESET client_min_messages;",
         )
         .await
         .context("creating schema_migrations")?;
