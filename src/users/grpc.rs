@@ -195,9 +195,16 @@ fn lookup_key(req: pb::LookupUserRequest) -> Result<LookupKey, Error> {
             "set exactly one of email, phone_number, username, external_id",
         )
     })?;
+    // An email or phone no user could have is a caller's mistake (a phone typed as
+    // "+1 415 555 0123", a phone in the email field): say so rather than NOT_FOUND.
+    let well_formed = |field: &str, value: &str, check: fn(&str) -> Result<(), String>| {
+        check(value.trim()).map_err(|m| Violation::new(field, m))
+    };
     Ok(match key {
-        Key::Email(e) => checked_lookup("email", &e, LookupKey::Email),
-        Key::PhoneNumber(p) => checked_lookup("phone_number", &p, LookupKey::PhoneNumber),
+        Key::Email(e) => checked_lookup("email", &e, LookupKey::Email)
+            .and_then(|k| well_formed("email", &e, super::check_email).map(|()| k)),
+        Key::PhoneNumber(p) => checked_lookup("phone_number", &p, LookupKey::PhoneNumber)
+            .and_then(|k| well_formed("phone_number", &p, super::check_phone).map(|()| k)),
         Key::Username(u) => checked_lookup("username", &u, LookupKey::Username),
         Key::ExternalId(x) => checked_lookup("external_id", &x, LookupKey::ExternalId),
     }?)

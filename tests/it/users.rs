@@ -410,6 +410,21 @@ async fn lookup_by_each_unique_key() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    // A phone or email no user could have is the caller's mistake, not an unknown user.
+    for (key, field) in [
+        (Key::PhoneNumber("+49 151 12345678".into()), "phone_number"),
+        (Key::PhoneNumber("015112345678".into()), "phone_number"),
+        (Key::Email("+4915112345678".into()), "email"),
+    ] {
+        let err = users
+            .lookup_user(pb::LookupUserRequest {
+                key: Some(key.clone()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{key:?}");
+        assert_eq!(crate::harness::violated_fields(&err), [field], "{key:?}");
+    }
 }
 
 #[tokio::test]
