@@ -492,12 +492,15 @@ where
         // RpcScope: a call dropped half-way (client gone, deadline passed) cancels the
         // statements its handler still has running.
         Box::pin(crate::db::RpcScope::run(async move {
-            let _guard = guard;
             let started = Instant::now();
             let path = req.uri().path().to_owned();
             let rid = request_id(req.headers());
             if is_public(&path) {
-                return Ok(inner.call(req).await?.map(Observed::untracked));
+                // In flight until answered: a health Watch never ends and must not hold the
+                // shutdown's drain.
+                let response = inner.call(req).await?;
+                drop(guard);
+                return Ok(response.map(Observed::untracked));
             }
             let mut unanswered = Unanswered {
                 metrics: metrics.clone(),
@@ -511,6 +514,7 @@ where
                     .and_then(parse_grpc_timeout),
                 span: tracing::Span::none(),
                 answered: false,
+                _in_flight: guard,
             };
             let span = rpc_span(&path, &rid, req.headers());
             unanswered.span = span.clone();
@@ -642,6 +646,9 @@ struct Unanswered {
     deadline: Option<Duration>,
     span: tracing::Span,
     answered: bool,
+    /// The call counts as in flight (for the shutdown's drain) until it is recorded: a
+    /// stream until its last message.
+    _in_flight: InFlightGuard,
 }
 
 impl Unanswered {

@@ -187,7 +187,8 @@ pub struct ServerConfig {
     /// ever.
     #[arg(long, env = "ROSTER_EXPORT_STALL_SECS", default_value_t = 60)]
     pub export_stall_secs: u64,
-    /// Seconds in-flight RPCs get to finish after SIGINT/SIGTERM.
+    /// Seconds in-flight RPCs (a stream until its last message) get to finish after
+    /// SIGINT/SIGTERM; live StreamEvents end at once with UNAVAILABLE SHUTTING_DOWN.
     #[arg(long, env = "ROSTER_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
     /// WebAuthn relying-party id (the site's domain, e.g. example.com) for projects that set

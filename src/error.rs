@@ -118,6 +118,12 @@ pub enum Error {
         reason: &'static str,
         message: String,
     },
+    /// The server is stopping: UNAVAILABLE, safe to retry (on another replica or after the
+    /// restart).
+    #[error(
+        "the server is shutting down; retry (a stream resumes after the last position it received)"
+    )]
+    ShuttingDown,
     #[error("the database is unavailable")]
     Unavailable(#[source] anyhow::Error),
     #[error("internal error")]
@@ -163,6 +169,7 @@ impl Error {
             Error::Exhausted { reason, .. } => (Code::ResourceExhausted, reason),
             Error::Aborted { reason, .. } => (Code::Aborted, reason),
             Error::TimedOut { .. } => (Code::DeadlineExceeded, "CALL_TIMEOUT"),
+            Error::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
             Error::Unavailable(_) => (Code::Unavailable, "DATABASE_UNAVAILABLE"),
             Error::Internal(_) => (Code::Internal, "INTERNAL"),
         }

@@ -367,9 +367,13 @@ impl Application {
         };
         let grace = Duration::from_secs(self.config.shutdown_grace_secs);
         // After the signal, stop once no call is in flight (idle keep-alive connections do not
-        // count), or when the grace period runs out.
+        // count; a stream is in flight until it ends), or when the grace period runs out.
+        let feed = self.feed.clone();
         let drained = async {
             let _ = stopping_rx.await;
+            // Live event streams would otherwise hold the drain for the whole grace period;
+            // exports and imports count as in flight until their last message and may finish.
+            feed.close();
             let deadline = tokio::time::Instant::now() + grace;
             while in_flight.count() > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(25)).await;

@@ -84,6 +84,8 @@ pub struct EventFeed {
     horizon: watch::Receiver<i64>,
     /// Taken by [`EventFeed::start`].
     publisher: std::sync::Mutex<Option<watch::Sender<i64>>>,
+    /// Set by [`EventFeed::close`] when the server shuts down.
+    closing: watch::Sender<bool>,
     subscribers: Arc<AtomicUsize>,
 }
 
@@ -103,6 +105,7 @@ impl EventFeed {
         Arc::new(EventFeed {
             horizon: rx,
             publisher: std::sync::Mutex::new(Some(tx)),
+            closing: watch::channel(false).0,
             subscribers: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -117,6 +120,14 @@ impl EventFeed {
     ) -> Option<JoinHandle<()>> {
         let tx = self.publisher.lock().ok()?.take()?;
         Some(tokio::spawn(run_horizon(pool, listen, poll, tx)))
+    }
+
+    /// Ends every stream following the feed, and every one that starts from now on, with
+    /// UNAVAILABLE `SHUTTING_DOWN`: live streams never end by themselves, and a shutting-down
+    /// server should not hold their clients until its grace period runs out. They resume
+    /// from the last position they received, on another replica or after the restart.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Streams following the feed right now (for metrics and tests).
@@ -137,9 +148,14 @@ impl EventFeed {
         self.subscribers.fetch_add(1, Ordering::Relaxed);
         let guard = Subscribed(self.subscribers.clone());
         let horizon = self.horizon.clone();
+        let mut closing = self.closing.subscribe();
         tokio::spawn(async move {
             let _guard = guard;
-            if let Err(e) = follow(pool, spec, start, horizon, &tx).await {
+            let ended = tokio::select! {
+                r = follow(pool, spec, start, horizon, &tx) => r,
+                _ = closing.wait_for(|closed| *closed) => Err(Error::ShuttingDown),
+            };
+            if let Err(e) = ended {
                 let _ = tx.send(Err(e)).await;
             }
         });

@@ -276,6 +276,7 @@ pub struct TestApp {
     /// The server's live event feed (to watch its subscribers).
     pub feed: std::sync::Arc<roster::events::stream::EventFeed>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl TestApp {
@@ -333,7 +334,7 @@ impl TestApp {
         let health_addr = app.health_addr();
         let feed = app.event_feed();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(app.run_until(async move {
+        let server = tokio::spawn(app.run_until(async move {
             let _ = rx.await;
         }));
         // Lazy: a server configured for TLS would refuse this plaintext channel's handshake;
@@ -354,6 +355,7 @@ impl TestApp {
             health_addr,
             feed,
             shutdown: Some(tx),
+            server: Some(server),
         }
     }
 
@@ -361,6 +363,18 @@ impl TestApp {
     pub fn begin_shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+    }
+
+    /// Whether the server's `run_until` is still running (its drain not over).
+    pub fn running(&self) -> bool {
+        self.server.as_ref().is_some_and(|s| !s.is_finished())
+    }
+
+    /// Waits until the server has stopped (after [`TestApp::begin_shutdown`]).
+    pub async fn stopped(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server ran");
         }
     }
 

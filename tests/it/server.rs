@@ -302,6 +302,68 @@ async fn shutdown_drains_calls_in_flight() {
     assert_eq!(n, 6);
 }
 
+/// A stream is in flight until its last message: a shutdown lets a running export finish
+/// rather than cutting it off as soon as no unary call is left. A live event stream never
+/// ends by itself, so a shutdown ends it at once with UNAVAILABLE `SHUTTING_DOWN` (the client
+/// resumes elsewhere from the last position it saw) instead of holding the server for the
+/// whole grace period.
+#[tokio::test]
+async fn shutdown_lets_exports_finish_and_ends_live_event_streams() {
+    const N: usize = 8000;
+    let mut app = TestApp::spawn_with(roster::config::ServerConfig {
+        key_cache_ms: 50,
+        shutdown_grace_secs: 60,
+        ..Default::default()
+    })
+    .await;
+    let mut users = app.users();
+    crate::bulk::seed_more_than_buffers_hold(&mut users, N).await;
+    let mut live = app
+        .logs()
+        .stream_events(pb::StreamEventsRequest {
+            filter: "type = USER_DELETED".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // 8 MiB of users: far more than the buffers between server and client hold.
+    let mut export = users
+        .export_users(pb::ExportUsersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut exported = usize::from(export.message().await.unwrap().is_some());
+    let begun = std::time::Instant::now();
+    app.begin_shutdown();
+
+    let ended = tokio::time::timeout(Duration::from_secs(10), live.message())
+        .await
+        .expect("the live stream was still open 10 s into the shutdown")
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert_eq!(reason(&ended), "SHUTTING_DOWN");
+
+    // Well past the drain's pause after the last unary call: the server still waits on the
+    // export (once `run_until` returns, `roster serve` exits and would cut it off).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        app.running(),
+        "the server stopped with an export unfinished"
+    );
+    while let Some(m) = export.message().await.expect("the export was cut off") {
+        exported += 1;
+        drop(m);
+    }
+    assert_eq!(exported, N);
+    app.stopped().await;
+    assert!(
+        begun.elapsed() < Duration::from_secs(30),
+        "the shutdown waited on the live stream: {:?}",
+        begun.elapsed()
+    );
+}
+
 /// `GET path` over plain HTTP/1.1: (status line, body).
 pub(crate) async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
