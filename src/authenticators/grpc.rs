@@ -15,7 +15,7 @@ use crate::pb::v1 as pb;
 use crate::pb::v1::authenticator_service_server::AuthenticatorService;
 use crate::server::AppState;
 use crate::users::LookupKey;
-use crate::users::grpc::{checked_lookup, required_id, user_to_proto};
+use crate::users::grpc::{checked_lookup, required_id, user_to_proto, well_formed_lookup};
 use crate::wire;
 
 /// The AuthenticatorService implementation.
@@ -367,7 +367,7 @@ impl AuthenticatorService for AuthenticatorApi {
             None => return Err(Error::invalid("login", "set user_id or email").into()),
             Some(L::UserId(id)) => Login::Id(required_id("user_id", id)?),
             Some(L::Email(e)) => {
-                Login::Key(checked_lookup("email", e, LookupKey::Email).map_err(Error::from)?)
+                Login::Key(well_formed_lookup("email", e, LookupKey::Email).map_err(Error::from)?)
             }
         };
         let (token, expires_at) =

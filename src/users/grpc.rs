@@ -195,16 +195,9 @@ fn lookup_key(req: pb::LookupUserRequest) -> Result<LookupKey, Error> {
             "set exactly one of email, phone_number, username, external_id",
         )
     })?;
-    // An email or phone no user could have is a caller's mistake (a phone typed as
-    // "+1 415 555 0123", a phone in the email field): say so rather than NOT_FOUND.
-    let well_formed = |field: &str, value: &str, check: fn(&str) -> Result<(), String>| {
-        check(value.trim()).map_err(|m| Violation::new(field, m))
-    };
     Ok(match key {
-        Key::Email(e) => checked_lookup("email", &e, LookupKey::Email)
-            .and_then(|k| well_formed("email", &e, super::check_email).map(|()| k)),
-        Key::PhoneNumber(p) => checked_lookup("phone_number", &p, LookupKey::PhoneNumber)
-            .and_then(|k| well_formed("phone_number", &p, super::check_phone).map(|()| k)),
+        Key::Email(e) => well_formed_lookup("email", &e, LookupKey::Email),
+        Key::PhoneNumber(p) => well_formed_lookup("phone_number", &p, LookupKey::PhoneNumber),
         Key::Username(u) => checked_lookup("username", &u, LookupKey::Username),
         Key::ExternalId(x) => checked_lookup("external_id", &x, LookupKey::ExternalId),
     }?)
@@ -227,6 +220,25 @@ pub fn checked_lookup(
         ));
     }
     Ok(make(value.to_string()))
+}
+
+/// [`checked_lookup`], and an email that is not one or a phone not in E.164 form is refused:
+/// no user could have it, so it is the caller's mistake (a phone typed as "+1 415 555 0123",
+/// a phone in the email field), not an unknown user. Sign-in keeps the lenient form: there
+/// a malformed login is just a wrong one.
+pub fn well_formed_lookup(
+    field: &str,
+    raw: &str,
+    make: fn(String) -> LookupKey,
+) -> Result<LookupKey, Violation> {
+    let key = checked_lookup(field, raw, make)?;
+    match &key {
+        LookupKey::Email(e) => super::check_email(e),
+        LookupKey::PhoneNumber(p) => super::check_phone(p),
+        LookupKey::Username(_) | LookupKey::ExternalId(_) => Ok(()),
+    }
+    .map_err(|m| Violation::new(field, m))?;
+    Ok(key)
 }
 
 /// The most characters of a free-text query.

@@ -938,6 +938,13 @@ async fn reset_tokens_work_once_expire_and_void_the_others() {
         .unwrap()
         .into_inner();
     assert_ne!(first.token, second.token);
+    // An email no user could have is the caller's mistake, said as such.
+    let err = a
+        .create_password_reset_token(token_for(TL::Email("reset at example.com".into())))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), ["email"]);
 
     // Only a hash is stored.
     let stored: i64 = app
