@@ -8,7 +8,23 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(roster::cli::Exit(code)) = e.downcast_ref() {
+                std::process::exit(*code);
+            }
+            // The message and its causes, without the stack backtrace that returning the error
+            // from main prints whenever RUST_BACKTRACE is set: these are an operator's errors
+            // (a bad flag value, an unknown project), not the program's.
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = roster::cli::Cli::parse();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let roster::cli::Command::Serve(cfg) = &cli.command
@@ -23,10 +39,5 @@ fn main() -> anyhow::Result<()> {
     let result = runtime.block_on(roster::cli::run(cli));
     // Off the worker threads, with the runtime still alive to carry the last export.
     telemetry.shutdown();
-    if let Err(e) = &result
-        && let Some(roster::cli::Exit(code)) = e.downcast_ref()
-    {
-        std::process::exit(*code);
-    }
     result
 }
