@@ -12,23 +12,35 @@ use crate::authenticators::passkey::RelyingPartyDefaults;
 use crate::authenticators::password::PasswordSettings;
 
 /// Options of the database connection shared by every subcommand that talks to PostgreSQL.
+/// Global: `roster keys list --database-url ...` works as well as `roster keys --database-url
+/// ... list`.
 #[derive(clap::Args, Clone)]
 pub struct DatabaseConfig {
     /// PostgreSQL URL, e.g. postgres://roster:pw@db:5432/roster. Without it (and without
     /// --database-url-file), `serve` starts a private PostgreSQL cluster in --data-dir.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Read the PostgreSQL URL from this file instead (for mounted secrets).
-    #[arg(long, env = "ROSTER_DATABASE_URL_FILE")]
+    #[arg(long, global = true, env = "ROSTER_DATABASE_URL_FILE")]
     pub database_url_file: Option<PathBuf>,
     /// Where the embedded PostgreSQL cluster and the dev key live when no URL is given.
-    #[arg(long, env = "ROSTER_DATA_DIR", default_value = "./roster-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "ROSTER_DATA_DIR",
+        default_value = "./roster-data"
+    )]
     pub data_dir: PathBuf,
     /// Maximum connections in the pool.
-    #[arg(long, env = "ROSTER_DB_POOL_SIZE", default_value_t = 16)]
+    #[arg(long, global = true, env = "ROSTER_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
     /// Seconds to wait for a pooled connection (or a new one) before answering UNAVAILABLE.
-    #[arg(long, env = "ROSTER_DB_TIMEOUT_SECS", default_value_t = 5)]
+    #[arg(
+        long,
+        global = true,
+        env = "ROSTER_DB_TIMEOUT_SECS",
+        default_value_t = 5
+    )]
     pub db_timeout_secs: u64,
 }
 
@@ -90,8 +102,8 @@ pub struct ServerConfig {
     #[arg(long, env = "ROSTER_ARGON2_PARALLELISM", default_value_t = 1)]
     pub argon2_parallelism: u32,
     /// Keys sealing secrets at rest (provider tokens): `id:base64key[,id:base64key...]`, each
-    /// key 32 random bytes; the first seals, all open (list a new key first to rotate). The
-    /// embedded default generates one into --data-dir.
+    /// key 32 random bytes; the first seals, all open (list a new key first to rotate, then
+    /// `roster encryption reseal`). The embedded default generates one into --data-dir.
     #[arg(long, env = "ROSTER_ENCRYPTION_KEYS", hide_env_values = true)]
     pub encryption_keys: Option<String>,
     /// Read the encryption keys from this file instead (for mounted secrets).
@@ -288,19 +300,7 @@ impl ServerConfig {
 
     /// The encryption key list from the flag/env or the file, if either is set.
     pub fn encryption_keys(&self) -> anyhow::Result<Option<String>> {
-        // An empty value means "not configured" (handy to override a file or default).
-        if let Some(k) = &self.encryption_keys {
-            return Ok(Some(k.trim().to_string()).filter(|k| !k.is_empty()));
-        }
-        match &self.encryption_keys_file {
-            Some(path) => Ok(Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?
-                    .trim()
-                    .to_string(),
-            )),
-            None => Ok(None),
-        }
+        encryption_keys(&self.encryption_keys, &self.encryption_keys_file)
     }
 
     pub fn password_settings(&self) -> PasswordSettings {
@@ -348,6 +348,26 @@ impl ServerConfig {
                 .map(|n| n.get())
                 .unwrap_or(2)
         }
+    }
+}
+
+/// The encryption key list from a value or, without one, a file; `None` when neither is set.
+/// An empty value means "not configured" (handy to override a file or default).
+pub fn encryption_keys(
+    value: &Option<String>,
+    file: &Option<PathBuf>,
+) -> anyhow::Result<Option<String>> {
+    if let Some(k) = value {
+        return Ok(Some(k.trim().to_string()).filter(|k| !k.is_empty()));
+    }
+    match file {
+        Some(path) => Ok(Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .trim()
+                .to_string(),
+        )),
+        None => Ok(None),
     }
 }
 

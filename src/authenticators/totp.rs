@@ -56,7 +56,7 @@ pub fn matching_step(secret: &[u8], code: &str, unix: u64) -> Result<Option<u64>
 }
 
 /// What a sealed seed is bound to.
-fn seal_context(project_id: Uuid, authenticator_id: Uuid) -> Vec<u8> {
+pub(crate) fn seal_context(project_id: Uuid, authenticator_id: Uuid) -> Vec<u8> {
     format!("roster/authenticators/{project_id}/{authenticator_id}/totp_secret").into_bytes()
 }
 

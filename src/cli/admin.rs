@@ -1,6 +1,6 @@
-//! Operator commands against the database: migrations, projects and API keys. Without a
-//! `DATABASE_URL` they use the embedded cluster in `--data-dir` (starting it for the command
-//! if `roster serve` is not running it).
+//! Operator commands against the database: migrations, projects, API keys and the rotation of
+//! the encryption key. Without a `DATABASE_URL` they use the embedded cluster in `--data-dir`
+//! (starting it for the command if `roster serve` is not running it).
 use std::future::Future;
 use std::pin::Pin;
 
@@ -10,6 +10,8 @@ use uuid::Uuid;
 
 use crate::admin;
 use crate::config::DatabaseConfig;
+use crate::crypto::rotation;
+use crate::crypto::seal::Sealer;
 use crate::db::embedded::EmbeddedPostgres;
 
 #[derive(Subcommand)]
@@ -65,6 +67,34 @@ pub enum KeyCommand {
         /// The key id (the part after rst_ in the token, or its UUID form).
         key_id: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum EncryptionCommand {
+    /// Count the stored secrets (provider tokens, TOTP seeds) by the key that sealed them,
+    /// and say which of those keys this configuration lacks.
+    Status,
+    /// Seal every stored secret that does not use the current (first) key again under it, so
+    /// older keys can be dropped. Safe while servers run; run it after every server seals
+    /// with the new key, then check `status`.
+    Reseal,
+}
+
+/// The keys `serve` is given, by the same flags and variables.
+#[derive(clap::Args)]
+pub struct EncryptionKeys {
+    /// `id:base64key[,id:base64key...]`; the first is the current key. With neither this nor
+    /// a file, the embedded default's `<data-dir>/encryption-keys` when it exists.
+    #[arg(
+        long,
+        global = true,
+        env = "ROSTER_ENCRYPTION_KEYS",
+        hide_env_values = true
+    )]
+    encryption_keys: Option<String>,
+    /// Read the encryption keys from this file instead.
+    #[arg(long, global = true, env = "ROSTER_ENCRYPTION_KEYS_FILE")]
+    encryption_keys_file: Option<std::path::PathBuf>,
 }
 
 /// Runs `job` on a connection to the configured database, or to the embedded cluster, after
@@ -175,6 +205,83 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                     .context("not a key id")?;
                     admin::revoke_key(&*client, id).await?;
                     println!("revoked {id}");
+                }
+            }
+            Ok(())
+        })
+    })
+    .await
+}
+
+pub async fn encryption(
+    cmd: EncryptionCommand,
+    db: &DatabaseConfig,
+    keys: &EncryptionKeys,
+) -> anyhow::Result<()> {
+    let default_file = db.data_dir.join("encryption-keys");
+    let file = match &keys.encryption_keys_file {
+        None if db.url()?.is_none() && default_file.exists() => Some(default_file),
+        other => other.clone(),
+    };
+    let sealer = crate::config::encryption_keys(&keys.encryption_keys, &file)?
+        .map(|spec| Sealer::parse(&spec))
+        .transpose()?;
+    with_database(db, move |client, _| {
+        Box::pin(async move {
+            match cmd {
+                EncryptionCommand::Status => {
+                    let uses = rotation::key_use(client).await?;
+                    let mut missing = 0;
+                    for u in &uses {
+                        let state = match &sealer {
+                            Some(s) if s.current_key_id() == u.key_id => "current",
+                            Some(s) if s.has_key(&u.key_id) => "configured",
+                            _ => {
+                                missing += u.values;
+                                "NOT CONFIGURED"
+                            }
+                        };
+                        println!("{}\t{}\t{}\t{state}", u.column, u.key_id, u.values);
+                    }
+                    if uses.is_empty() {
+                        eprintln!("no secrets are stored");
+                    }
+                    if missing > 0 {
+                        anyhow::bail!(
+                            "{missing} stored secret(s) need a key this configuration lacks"
+                        );
+                    }
+                }
+                EncryptionCommand::Reseal => {
+                    let sealer = sealer.context(
+                        "no encryption keys: give --encryption-keys or --encryption-keys-file \
+                         (ROSTER_ENCRYPTION_KEYS, ROSTER_ENCRYPTION_KEYS_FILE) as to `serve`",
+                    )?;
+                    let done = rotation::reseal(client, &sealer).await?;
+                    println!(
+                        "re-sealed {} secret(s) with key {}",
+                        done.resealed,
+                        sealer.current_key_id()
+                    );
+                    if done.changed_meanwhile > 0 {
+                        println!(
+                            "{} secret(s) were changed by a server meanwhile and left as it \
+                             sealed them",
+                            done.changed_meanwhile
+                        );
+                    }
+                    if !done.unopened.is_empty() {
+                        let listed: Vec<String> = done
+                            .unopened
+                            .iter()
+                            .map(|(key, n)| format!("{n} sealed with {key}"))
+                            .collect();
+                        anyhow::bail!(
+                            "some secrets did not open and were left as they are: {} \
+                             (is that key missing from this configuration?)",
+                            listed.join(", ")
+                        );
+                    }
                 }
             }
             Ok(())

@@ -37,6 +37,15 @@ pub enum Command {
         #[command(flatten)]
         database: DatabaseConfig,
     },
+    /// Rotate the keys sealing secrets at rest: which keys stored secrets need, re-seal them.
+    Encryption {
+        #[command(subcommand)]
+        command: admin::EncryptionCommand,
+        #[command(flatten)]
+        keys: admin::EncryptionKeys,
+        #[command(flatten)]
+        database: DatabaseConfig,
+    },
     /// Import users from a JSONL or CSV file through a running server (ImportUsers).
     Import(Box<import::ImportArgs>),
     /// Export users to JSONL or CSV through a running server (ExportUsers).
@@ -73,6 +82,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Projects { command, database } => admin::projects(command, &database).await,
         Command::Keys { command, database } => admin::keys(command, &database).await,
+        Command::Encryption {
+            command,
+            keys,
+            database,
+        } => admin::encryption(command, &database, &keys).await,
         Command::Import(args) => import::run(*args).await,
         Command::Export(args) => export::run(*args).await,
     }

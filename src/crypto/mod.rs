@@ -10,6 +10,7 @@
 pub mod codes;
 pub mod formats;
 pub mod policy;
+pub mod rotation;
 pub mod seal;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

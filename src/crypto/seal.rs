@@ -12,7 +12,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
-const FORMAT_VERSION: u8 = 1;
+pub(super) const FORMAT_VERSION: u8 = 1;
 const NONCE_LEN: usize = 12;
 
 /// The configured keys. Its `Debug` shows key ids only.
@@ -62,6 +62,16 @@ impl Sealer {
             anyhow::bail!("no encryption key given");
         }
         Ok(Sealer { keys })
+    }
+
+    /// The id of the key new values are sealed with (the first one listed).
+    pub fn current_key_id(&self) -> &str {
+        &self.keys[0].0
+    }
+
+    /// Whether `id` is one of the configured keys.
+    pub fn has_key(&self, id: &str) -> bool {
+        self.keys.iter().any(|(k, _)| k == id)
     }
 
     /// A new random key in the configuration format, for `id`.

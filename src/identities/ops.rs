@@ -27,7 +27,7 @@ fn identity_not_found(provider: &str, subject: &str) -> Error {
 }
 
 /// What a sealed token is bound to: its project, identity and column.
-fn token_context(project_id: Uuid, identity_id: Uuid, column: &str) -> Vec<u8> {
+pub(crate) fn token_context(project_id: Uuid, identity_id: Uuid, column: &str) -> Vec<u8> {
     format!("roster/identities/{project_id}/{identity_id}/{column}").into_bytes()
 }
 

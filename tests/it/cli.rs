@@ -246,6 +246,130 @@ async fn projects_and_keys_commands() {
     assert!(listed.contains("revoked"), "{listed}");
 }
 
+/// Rotating the key that seals secrets at rest, as an operator does it: servers first seal
+/// with the new key (listed first, the old one still opening), `roster encryption reseal`
+/// seals the stored secrets again under it, `status` shows the old key unused, and a server
+/// given only the new key opens every provider token and TOTP seed.
+#[tokio::test]
+async fn encryption_keys_rotate_without_losing_a_secret() {
+    use pb::authenticator_service_client::AuthenticatorServiceClient;
+    use pb::identity_service_client::IdentityServiceClient;
+    use roster::crypto::seal::Sealer;
+
+    let app = TestApp::spawn().await;
+    let old = TestApp::ENCRYPTION_KEYS;
+    let u = create_user(&mut app.users(), "rotate@x.io").await;
+    app.identities()
+        .link_identity(pb::LinkIdentityRequest {
+            user_id: u.id.clone(),
+            provider: "github".into(),
+            subject: "7".into(),
+            access_token: "gho_access".into(),
+            refresh_token: "ghr_refresh".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (totp, seed) = crate::factors::enroll_totp(&mut app.authenticators(), &u.id).await;
+    let encryption =
+        |cmd: &str, keys: &str| roster(&app.url, &["encryption", cmd, "--encryption-keys", keys]);
+    let lines = |out: &str| out.lines().map(str::to_owned).collect::<Vec<_>>();
+    let (ok, out, err) = encryption("status", old);
+    assert!(ok, "{err}");
+    assert_eq!(
+        lines(&out),
+        [
+            "identities.access_token\ttest1\t1\tcurrent",
+            "identities.refresh_token\ttest1\t1\tcurrent",
+            "authenticators.totp_secret\ttest1\t1\tcurrent",
+        ]
+    );
+
+    let new = Sealer::generate_spec("test2");
+    let both = format!("{new},{old}");
+    // Every server now seals with the new key and still opens the old one.
+    app.another_server(roster::config::ServerConfig {
+        encryption_keys: Some(both.clone()),
+        ..Default::default()
+    })
+    .await;
+    let (ok, out, err) = encryption("status", &new);
+    assert!(
+        !ok,
+        "secrets under a key the configuration lacks are an error"
+    );
+    assert!(
+        out.contains("identities.access_token\ttest1\t1\tNOT CONFIGURED"),
+        "{out}"
+    );
+    assert!(err.contains("3 stored secret(s) need a key"), "{err}");
+
+    let (ok, out, err) = encryption("reseal", &both);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "re-sealed 3 secret(s) with key test2");
+    let (ok, out, err) = encryption("status", &new);
+    assert!(ok, "{err}");
+    assert_eq!(
+        lines(&out),
+        [
+            "identities.access_token\ttest2\t1\tcurrent",
+            "identities.refresh_token\ttest2\t1\tcurrent",
+            "authenticators.totp_secret\ttest2\t1\tcurrent",
+        ]
+    );
+    let (ok, out, _) = encryption("reseal", &both);
+    assert!(
+        ok && out.trim() == "re-sealed 0 secret(s) with key test2",
+        "{out}"
+    );
+
+    // The old key is gone from the configuration: nothing was lost.
+    let only_new = app
+        .another_server(roster::config::ServerConfig {
+            encryption_keys: Some(new.clone()),
+            ..Default::default()
+        })
+        .await;
+    let tokens = IdentityServiceClient::with_interceptor(only_new.clone(), key(Some(&app.token)))
+        .get_provider_tokens(pb::GetProviderTokensRequest {
+            user_id: u.id.clone(),
+            provider: "github".into(),
+            subject: "7".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (tokens.access_token.as_str(), tokens.refresh_token.as_str()),
+        ("gho_access", "ghr_refresh")
+    );
+    let t = crate::factors::mid_step().await;
+    let confirmed = AuthenticatorServiceClient::with_interceptor(only_new, key(Some(&app.token)))
+        .confirm_totp(pb::ConfirmTotpRequest {
+            user_id: u.id.clone(),
+            authenticator_id: totp.id.clone(),
+            code: crate::factors::code(&seed, t),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(confirmed.result, pb::VerifyFactorResult::Ok as i32);
+
+    // Re-sealing with a configuration that cannot open them says so and changes nothing.
+    let (ok, out, err) = encryption("reseal", &Sealer::generate_spec("test3"));
+    assert!(!ok);
+    assert_eq!(out.trim(), "re-sealed 0 secret(s) with key test3");
+    assert!(
+        err.contains("did not open") && err.contains("3 sealed with test2"),
+        "{err}"
+    );
+    let (ok, out, _) = encryption("status", &new);
+    assert!(
+        ok && out.lines().all(|l| l.ends_with("\ttest2\t1\tcurrent")),
+        "{out}"
+    );
+}
+
 /// The README's first command: `roster serve` with no DATABASE_URL starts a private cluster,
 /// writes a dev key, serves, and on SIGTERM stops cleanly; a second start reuses the data.
 #[tokio::test]

@@ -23,7 +23,7 @@ fn now() -> u64 {
 /// Waits until the current 30-second step has at least 4 seconds left on either side, so a
 /// code computed here is for the step the server sees. (Not a timing assertion: it only
 /// picks a moment.)
-async fn mid_step() -> u64 {
+pub async fn mid_step() -> u64 {
     loop {
         let t = now();
         if (4..=26).contains(&(t % 30)) {
@@ -33,7 +33,7 @@ async fn mid_step() -> u64 {
     }
 }
 
-fn code(secret: &[u8], at: u64) -> String {
+pub fn code(secret: &[u8], at: u64) -> String {
     roster::authenticators::totp::code_at(secret, 6, at).unwrap()
 }
 

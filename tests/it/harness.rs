@@ -366,6 +366,27 @@ impl TestApp {
         }
     }
 
+    /// Another server on this test's database (same project and key) with settings of its
+    /// own, as a second replica or a restart with new settings would be: a channel to it. It
+    /// serves until the test ends.
+    pub async fn another_server(&self, mut config: ServerConfig) -> Channel {
+        if config.encryption_keys.is_none() {
+            config.encryption_keys = Some(Self::ENCRYPTION_KEYS.to_string());
+        }
+        let app = roster::server::Application::build(
+            "127.0.0.1:0".parse().expect("addr"),
+            self.pool.clone(),
+            config,
+        )
+        .await
+        .expect("build app");
+        let addr = app.local_addr();
+        tokio::spawn(app.run_until(std::future::pending()));
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect_lazy()
+    }
+
     /// Whether the server's `run_until` is still running (its drain not over).
     pub fn running(&self) -> bool {
         self.server.as_ref().is_some_and(|s| !s.is_finished())
