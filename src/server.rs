@@ -260,6 +260,10 @@ impl Application {
                 Duration::from_secs(self.config.event_retention_interval_secs.max(1)),
             ))
         });
+        let key_check = tokio::spawn({
+            let (pool, sealer) = (self.state.pool.clone(), self.state.sealer.clone());
+            async move { crate::crypto::rotation::warn_of_missing_keys(pool, sealer.as_deref()).await }
+        });
 
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
@@ -410,6 +414,7 @@ impl Application {
         if let Some(r) = retention {
             r.abort();
         }
+        key_check.abort();
         result
     }
 }

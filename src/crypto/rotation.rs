@@ -76,6 +76,38 @@ pub async fn key_use(client: &tokio_postgres::Client) -> anyhow::Result<Vec<KeyU
     Ok(out)
 }
 
+/// Logs a warning per key that stored secrets need and `sealer` lacks (run once as a server
+/// starts): those secrets fail to open (GetProviderTokens, TOTP checks) until the key is
+/// configured again, which is easy to miss after dropping a key too early.
+pub async fn warn_of_missing_keys(pool: crate::db::Pool, sealer: Option<&Sealer>) {
+    let uses = match crate::db::client(&pool).await {
+        Ok(client) => key_use(&client).await,
+        Err(e) => Err(anyhow::Error::new(e)),
+    };
+    let uses = match uses {
+        Ok(uses) => uses,
+        Err(e) => {
+            tracing::debug!(error = %format!("{e:#}"), "could not count stored secrets by key");
+            return;
+        }
+    };
+    let mut missing = BTreeMap::<String, i64>::new();
+    for u in uses {
+        if !sealer.is_some_and(|s| s.has_key(&u.key_id)) {
+            *missing.entry(u.key_id).or_default() += u.values;
+        }
+    }
+    for (key_id, secrets) in missing {
+        tracing::warn!(
+            key_id,
+            secrets,
+            "stored secrets are sealed with a key this server is not given: they cannot be \
+             opened (GetProviderTokens, TOTP) until it is in --encryption-keys again; see \
+             `roster encryption status`"
+        );
+    }
+}
+
 /// What [`reseal`] did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Resealed {

@@ -293,6 +293,28 @@ async fn encryption_keys_rotate_without_losing_a_secret() {
         ..Default::default()
     })
     .await;
+    // A server given only the new key too early says, as it starts, what it cannot open.
+    let (logs, _guard) = crate::passwords::capture_logs();
+    app.another_server(roster::config::ServerConfig {
+        encryption_keys: Some(new.clone()),
+        ..Default::default()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+        if let Some(line) = logged.lines().find(|l| l.contains("not given")) {
+            assert!(
+                line.contains("WARN")
+                    && line.contains("key_id=\"test1\"")
+                    && line.contains("secrets=3"),
+                "{line}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no warning: {logged}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (ok, out, err) = encryption("status", &new);
     assert!(
         !ok,
