@@ -247,7 +247,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (reporter, health) = tonic_health::server::health_reporter();
-        let watcher = tokio::spawn(watch_database(self.state.pool.clone(), reporter));
+        let watcher = tokio::spawn(watch_database(self.state.pool.clone(), reporter.clone()));
         let horizon = self.feed.start(
             self.state.pool.clone(),
             self.events_listen.clone(),
@@ -373,8 +373,13 @@ impl Application {
         // After the signal, stop once no call is in flight (idle keep-alive connections do not
         // count; a stream is in flight until it ends), or when the grace period runs out.
         let feed = self.feed.clone();
+        let stop_watching = watcher.abort_handle();
         let drained = async {
             let _ = stopping_rx.await;
+            // Load balancers that check health (the health port stays up while draining) stop
+            // sending new calls here.
+            stop_watching.abort();
+            set_health(&reporter, ServingStatus::NotServing).await;
             // Live event streams would otherwise hold the drain for the whole grace period;
             // exports and imports count as in flight until their last message and may finish.
             feed.close();
@@ -437,6 +442,14 @@ async fn bind_optional(
 }
 
 /// Keeps health statuses in line with whether the database answers.
+/// Sets the overall status and every service's.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for name in SERVICE_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
 async fn watch_database(pool: Pool, reporter: tonic_health::server::HealthReporter) {
     let mut last: Option<bool> = None;
     loop {
@@ -457,10 +470,7 @@ async fn watch_database(pool: Pool, reporter: tonic_health::server::HealthReport
             } else {
                 ServingStatus::NotServing
             };
-            reporter.set_service_status("", status).await;
-            for name in SERVICE_NAMES {
-                reporter.set_service_status(name, status).await;
-            }
+            set_health(&reporter, status).await;
             if up {
                 tracing::info!("database reachable: serving");
             } else {

@@ -306,7 +306,7 @@ async fn shutdown_drains_calls_in_flight() {
 /// rather than cutting it off as soon as no unary call is left. A live event stream never
 /// ends by itself, so a shutdown ends it at once with UNAVAILABLE `SHUTTING_DOWN` (the client
 /// resumes elsewhere from the last position it saw) instead of holding the server for the
-/// whole grace period.
+/// whole grace period. Health turns NOT_SERVING as the drain begins.
 #[tokio::test]
 async fn shutdown_lets_exports_finish_and_ends_live_event_streams() {
     const N: usize = 8000;
@@ -334,8 +334,22 @@ async fn shutdown_lets_exports_finish_and_ends_live_event_streams() {
         .unwrap()
         .into_inner();
     let mut exported = usize::from(export.message().await.unwrap().is_some());
+    let mut health = HealthClient::new(app.channel.clone())
+        .watch(HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let status = |m: Option<tonic_health::pb::HealthCheckResponse>| m.unwrap().status;
+    assert_eq!(
+        status(health.message().await.unwrap()),
+        ServingStatus::Serving as i32
+    );
     let begun = std::time::Instant::now();
     app.begin_shutdown();
+    let turned = tokio::time::timeout(Duration::from_secs(10), health.message())
+        .await
+        .expect("health still SERVING 10 s into the shutdown");
+    assert_eq!(status(turned.unwrap()), ServingStatus::NotServing as i32);
 
     let ended = tokio::time::timeout(Duration::from_secs(10), live.message())
         .await
