@@ -278,14 +278,22 @@ impl Application {
             self.state.pool.clone(),
             Duration::from_millis(self.config.key_cache_ms),
         ));
+        // Requests may come gzip-compressed (grpcio, grpc-java and grpc-go clients configured
+        // for it; without this they got UNIMPLEMENTED); the 4 MiB limit applies to the
+        // decompressed message. Responses are not compressed: CPU on every small answer.
+        use tonic::codec::CompressionEncoding::Gzip;
         let users = UserServiceServer::new(UserApi::new(self.state.clone()))
+            .accept_compressed(Gzip)
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let authenticators =
             AuthenticatorServiceServer::new(AuthenticatorApi::new(self.state.clone()))
+                .accept_compressed(Gzip)
                 .max_decoding_message_size(MAX_REQUEST_BYTES);
         let identities = IdentityServiceServer::new(IdentityApi::new(self.state.clone()))
+            .accept_compressed(Gzip)
             .max_decoding_message_size(MAX_REQUEST_BYTES);
         let logs = LogServiceServer::new(LogApi::new(self.state.clone(), self.feed.clone()))
+            .accept_compressed(Gzip)
             .max_decoding_message_size(MAX_REQUEST_BYTES);
 
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();

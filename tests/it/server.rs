@@ -164,6 +164,44 @@ async fn metadata_limits_are_enforced() {
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
 }
 
+/// Clients may send gzip-compressed requests (grpcio, grpc-java and grpc-go can be set to):
+/// unary calls and import streams work, and the 4 MiB limit holds for what a message
+/// decompresses to, so a small compressed bomb is refused before any handler.
+#[tokio::test]
+async fn gzip_compressed_requests_are_accepted_and_bounded_when_decompressed() {
+    use tonic::codec::CompressionEncoding::Gzip;
+    let app = TestApp::spawn().await;
+    let mut users = app.users().send_compressed(Gzip);
+    let made = crate::create_user(&mut users, "gzip@x.io").await;
+    let got = users
+        .get_user(pb::GetUserRequest { id: made.id })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(got.email, "gzip@x.io");
+    crate::bulk::seed_more_than_buffers_hold(&mut users, 50).await;
+    let n: i64 = app.sql_one("SELECT count(*) FROM users", &[]).await;
+    assert_eq!(n, 51);
+
+    // 5 MiB of one letter compresses to a few KiB.
+    let err = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(pb::User {
+                email: "bomb@x.io".into(),
+                display_name: "x".repeat(5 * 1024 * 1024),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let n: i64 = app.sql_one("SELECT count(*) FROM users", &[]).await;
+    assert_eq!(n, 51);
+}
+
 #[tokio::test]
 async fn an_unreachable_database_answers_unavailable_and_not_serving() {
     roster_harness_free_app().await;

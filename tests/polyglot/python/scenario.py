@@ -46,6 +46,12 @@ def main():
     ).user
     check(found.id == made[0].id, "LookupUser by email finds the user")
 
+    # A client set to compress its requests (gzip) is served as any other.
+    gz = users.GetUser(
+        user_pb2.GetUserRequest(id=made[1].id), metadata=meta, compression=grpc.Compression.Gzip
+    ).user
+    check(gz.email == made[1].email, "a gzip-compressed request is served")
+
     # Update one field with a mask and the etag.
     updated = users.UpdateUser(
         user_pb2.UpdateUserRequest(
