@@ -42,6 +42,11 @@ pub struct DatabaseConfig {
         default_value_t = 5
     )]
     pub db_timeout_secs: u64,
+    /// Seconds to keep trying at start-up while the database cannot be reached yet (it may
+    /// start after Roster); 0 gives up at once. A wrong password or database name fails at
+    /// once either way.
+    #[arg(long, global = true, env = "ROSTER_DB_WAIT_SECS", default_value_t = 60)]
+    pub db_wait_secs: u64,
 }
 
 impl DatabaseConfig {
@@ -62,6 +67,10 @@ impl DatabaseConfig {
 
     pub fn timeout(&self) -> Duration {
         Duration::from_secs(self.db_timeout_secs.max(1))
+    }
+
+    pub fn wait(&self) -> Duration {
+        Duration::from_secs(self.db_wait_secs)
     }
 }
 

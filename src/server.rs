@@ -614,10 +614,11 @@ async fn serve_on(
     embedded: bool,
 ) -> anyhow::Result<()> {
     let pool = db::connect_pool(url, cfg.database.db_pool_size, cfg.database.timeout())?;
+    let mut client = db::retry_unavailable(cfg.database.wait(), || db::client(&pool)).await?;
     if !cfg.no_migrate {
-        let mut client = db::client(&pool).await?;
         crate::db::migrate::migrate(&mut client).await?;
     }
+    drop(client);
     let mut server = cfg.server.clone();
     if embedded && server.encryption_keys()?.is_none() {
         server.encryption_keys_file = Some(ensure_encryption_keys(&cfg.database.data_dir)?);

@@ -116,9 +116,14 @@ where
         }
     };
     let result = async {
-        let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .context("connecting to the database")?;
+        let (mut client, conn) = crate::db::retry_unavailable(db.wait(), || {
+            futures_util::TryFutureExt::map_err(
+                tokio_postgres::connect(&url, tokio_postgres::NoTls),
+                crate::error::Error::from,
+            )
+        })
+        .await
+        .context("connecting to the database")?;
         tokio::spawn(conn);
         let applied = crate::db::migrate::migrate(&mut client).await?;
         job(&mut client, applied).await

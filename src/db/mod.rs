@@ -265,6 +265,44 @@ impl Readers {
     }
 }
 
+/// Runs `connect` until it succeeds or fails for a reason other than the database being
+/// unreachable (refused, starting up, too many connections), for up to `limit`, backing off
+/// to 5 s between tries: at start-up PostgreSQL may come up after Roster (a cluster restart,
+/// one chart installing both), and exiting would only earn a crash-loop back-off. A wrong
+/// password or database name fails at once.
+pub async fn retry_unavailable<T, F, Fut>(limit: Duration, mut connect: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut pause = Duration::from_millis(250);
+    let mut waited = false;
+    loop {
+        match connect().await {
+            Ok(v) => {
+                if waited {
+                    tracing::info!("the database is reachable");
+                }
+                return Ok(v);
+            }
+            Err(Error::Unavailable(cause)) if tokio::time::Instant::now() + pause < deadline => {
+                if !waited {
+                    tracing::warn!(
+                        error = %format!("{cause:#}"),
+                        wait_secs = limit.as_secs(),
+                        "the database is not reachable yet; trying again (--db-wait-secs)"
+                    );
+                    waited = true;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// A connection from `pool`, or `Unavailable` when none can be had in time.
 async fn checkout(pool: &Pool) -> Result<deadpool_postgres::Object, Error> {
     pool.get().await.map_err(|e| match e {

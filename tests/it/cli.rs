@@ -392,6 +392,96 @@ async fn encryption_keys_rotate_without_losing_a_secret() {
     );
 }
 
+/// PostgreSQL may come up after Roster (a cluster restart, one chart installing both):
+/// `serve` and `migrate` keep trying for `--db-wait-secs` instead of exiting at once, and
+/// the server then migrates and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_and_migrate_wait_for_a_database_that_starts_later() {
+    if std::env::var("DATABASE_URL").is_ok_and(|u| !u.is_empty()) {
+        eprintln!("skipped: this test starts its own PostgreSQL late");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("roster-late-{}", uuid::Uuid::now_v7().simple()));
+    let url = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let pg = crate::faults::start(&dir);
+            let url = pg.connection_string("postgres");
+            pg.stop();
+            url
+        })
+        .await
+        .unwrap()
+    };
+    // Nothing answers at `url` now.
+    let migrate = std::thread::spawn({
+        let url = url.clone();
+        move || roster(&url, &["migrate"])
+    });
+    let mut child = Command::new(ROSTER)
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", ""])
+        .env("DATABASE_URL", &url)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn roster serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line
+                .split("addr=")
+                .nth(1)
+                .filter(|_| line.contains("roster listening"))
+            {
+                let _ = tx.send(addr.trim().to_string());
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pg = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || crate::faults::start(&dir))
+            .await
+            .unwrap()
+    };
+    let (ok, out, err) = migrate.join().unwrap();
+    assert!(ok, "migrate gave up: {err}");
+    assert!(out.contains("the schema is up to date"), "{out}");
+    // A database that is there but refuses us is not waited for.
+    let started = Instant::now();
+    let (ok, _, err) = roster(&url.replace("dbname=postgres", "dbname=nope"), &["migrate"]);
+    assert!(!ok && err.contains("\"nope\" does not exist"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30), "it waited");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("serve did not start once the database was up");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    crate::faults::wait_for(
+        &channel,
+        tonic_health::pb::health_check_response::ServingStatus::Serving,
+        Duration::from_secs(10),
+    )
+    .await;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let log = reader.join().unwrap();
+    assert!(status.success(), "serve exited with {status}: {log}");
+    assert!(log.contains("the database is not reachable yet"), "{log}");
+    tokio::task::spawn_blocking(move || pg.stop())
+        .await
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The README's first command: `roster serve` with no DATABASE_URL starts a private cluster,
 /// writes a dev key, serves, and on SIGTERM stops cleanly; a second start reuses the data.
 #[tokio::test]

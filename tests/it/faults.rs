@@ -16,7 +16,7 @@ use crate::harness::key;
 use crate::pb;
 use crate::pb::user_service_client::UserServiceClient;
 
-fn start(dir: &std::path::Path) -> EmbeddedPostgres {
+pub(crate) fn start(dir: &std::path::Path) -> EmbeddedPostgres {
     EmbeddedPostgres::start(&EmbeddedOptions {
         dir: dir.to_path_buf(),
         unsafe_fast: false,
