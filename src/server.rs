@@ -449,7 +449,6 @@ async fn bind_optional(
     }
 }
 
-/// Keeps health statuses in line with whether the database answers.
 /// Sets the overall status and every service's.
 async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
     reporter.set_service_status("", status).await;
@@ -458,6 +457,7 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
     }
 }
 
+/// Keeps health statuses in line with whether the database answers.
 async fn watch_database(pool: Pool, reporter: tonic_health::server::HealthReporter) {
     let mut last: Option<bool> = None;
     loop {
