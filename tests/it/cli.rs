@@ -392,6 +392,41 @@ async fn encryption_keys_rotate_without_losing_a_secret() {
     );
 }
 
+/// Starts `roster serve` as `command` sets it up, logging at info: the child, its address
+/// once it is listening, and its log (when it has exited).
+fn spawn_serve(
+    mut command: Command,
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    std::thread::JoinHandle<String>,
+) {
+    let mut child = command
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn roster serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line
+                .split("addr=")
+                .nth(1)
+                .filter(|_| line.contains("roster listening"))
+            {
+                let _ = tx.send(addr.trim().to_string());
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    (child, rx, reader)
+}
+
 /// PostgreSQL may come up after Roster (a cluster restart, one chart installing both):
 /// `serve` and `migrate` keep trying for `--db-wait-secs` instead of exiting at once, and
 /// the server then migrates and serves.
@@ -418,31 +453,11 @@ async fn serve_and_migrate_wait_for_a_database_that_starts_later() {
         let url = url.clone();
         move || roster(&url, &["migrate"])
     });
-    let mut child = Command::new(ROSTER)
+    let mut serve = Command::new(ROSTER);
+    serve
         .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", ""])
-        .env("DATABASE_URL", &url)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn roster serve");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        let mut log = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line
-                .split("addr=")
-                .nth(1)
-                .filter(|_| line.contains("roster listening"))
-            {
-                let _ = tx.send(addr.trim().to_string());
-            }
-            log.push_str(&line);
-            log.push('\n');
-        }
-        log
-    });
+        .env("DATABASE_URL", &url);
+    let (mut child, rx, reader) = spawn_serve(serve);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pg = {
         let dir = dir.clone();
@@ -491,7 +506,8 @@ async fn serve_with_the_embedded_default() {
     let data = dir.join("roster-data");
     let mut first_user = None;
     for round in 0..2 {
-        let mut child = Command::new(ROSTER)
+        let mut serve = Command::new(ROSTER);
+        serve
             .args([
                 "serve",
                 "--listen",
@@ -503,29 +519,8 @@ async fn serve_with_the_embedded_default() {
                 if round == 0 { "0" } else { "1" },
             ])
             .env_remove("DATABASE_URL")
-            .env("ROSTER_DATA_DIR", &data)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn roster serve");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        let reader = std::thread::spawn(move || {
-            let mut log = String::new();
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line
-                    .split("addr=")
-                    .nth(1)
-                    .filter(|_| line.contains("roster listening"))
-                {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-                log.push_str(&line);
-                log.push('\n');
-            }
-            log
-        });
+            .env("ROSTER_DATA_DIR", &data);
+        let (mut child, rx, reader) = spawn_serve(serve);
         let addr = rx
             .recv_timeout(Duration::from_secs(90))
             .expect("server did not start");
