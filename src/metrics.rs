@@ -51,6 +51,7 @@ pub struct Metrics {
     hash_queue: Gauge,
     stream_subscribers: Gauge,
     exports_running: Gauge,
+    in_flight: Gauge,
     /// GetUser, LookupUser and LookupUserByIdentity calls per coalesced read (`users::reads`).
     pub user_read_batch: Histogram,
     /// CreateUser calls per coalesced statement (`users::creates`).
@@ -107,6 +108,11 @@ impl Default for Metrics {
             "exports_running",
             "ExportUsers streams running (each holds a database connection), at most --max-exports",
         );
+        let in_flight = gauge(
+            &mut registry,
+            "rpc_in_flight",
+            "calls being handled (a stream until its last message); what a shutdown drains",
+        );
         let user_read_batch = Histogram::new(exponential_buckets(1.0, 2.0, 7));
         registry.register(
             "user_read_batch_size",
@@ -129,6 +135,7 @@ impl Default for Metrics {
             hash_queue,
             stream_subscribers,
             exports_running,
+            in_flight,
             user_read_batch,
             user_create_batch,
         }
@@ -159,6 +166,7 @@ impl Metrics {
         self.stream_subscribers
             .set(sources.feed.subscribers() as i64);
         self.exports_running.set(sources.exports.running() as i64);
+        self.in_flight.set(sources.in_flight.count() as i64);
         let mut out = String::new();
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -172,6 +180,7 @@ pub struct Sources {
     pub hasher: Arc<Hasher>,
     pub feed: Arc<EventFeed>,
     pub exports: Arc<crate::users::bulk_grpc::Exports>,
+    pub in_flight: crate::auth::InFlight,
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.

@@ -296,6 +296,7 @@ impl Application {
             .accept_compressed(Gzip)
             .max_decoding_message_size(MAX_REQUEST_BYTES);
 
+        let in_flight = InFlight::default();
         let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
         let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
         let metrics_task = self.metrics_listener.map(|listener| {
@@ -310,6 +311,7 @@ impl Application {
                     hasher: self.state.hasher.clone(),
                     feed: self.feed.clone(),
                     exports: self.state.exports.clone(),
+                    in_flight: in_flight.clone(),
                 },
                 async move {
                     let _ = metrics_stopped.await;
@@ -331,7 +333,6 @@ impl Application {
                     }),
             )
         });
-        let in_flight = InFlight::default();
         let router = Server::builder()
             .layer(AuthLayer::new(
                 verifier,

@@ -535,6 +535,14 @@ async fn streams_are_counted_with_the_status_they_end_with() {
     crate::create_user(&mut users, "live@example.com").await;
     assert!(stream.message().await.unwrap().is_some());
     assert_eq!(count("LogService/StreamEvents", "Ok").await, 0);
+    let in_flight = || async move {
+        let (_, body) = http_get(addr, "/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix("roster_rpc_in_flight "))
+            .map(|n| n.parse::<i64>().unwrap())
+            .expect("the in-flight gauge")
+    };
+    assert_eq!(in_flight().await, 1, "the live stream is in flight");
     drop(stream);
     let mut cancelled = 0;
     for _ in 0..100 {
@@ -545,6 +553,7 @@ async fn streams_are_counted_with_the_status_they_end_with() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(cancelled, 1);
+    assert_eq!(in_flight().await, 0);
     assert_eq!(count("LogService/StreamEvents", "Ok").await, 0);
 
     // An export read to its end is a success.
