@@ -566,12 +566,17 @@ async fn ensure_dev_key(pool: &Pool, dir: &Path) -> anyhow::Result<std::path::Pa
     Ok(path)
 }
 
+/// Where the embedded default keeps its encryption keys, in the data directory `dir`.
+pub fn embedded_encryption_keys(dir: &Path) -> std::path::PathBuf {
+    dir.join("encryption-keys")
+}
+
 /// The embedded default's encryption keys: `<dir>/encryption-keys` (mode 0600), made with one
 /// random key the first time. Losing the file makes stored provider tokens unreadable.
 fn ensure_encryption_keys(dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join("encryption-keys");
+    let path = embedded_encryption_keys(dir);
     if !path.exists() {
         let mut f = std::fs::OpenOptions::new()
             .write(true)

@@ -223,7 +223,7 @@ pub async fn encryption(
     db: &DatabaseConfig,
     keys: &EncryptionKeys,
 ) -> anyhow::Result<()> {
-    let default_file = db.data_dir.join("encryption-keys");
+    let default_file = crate::server::embedded_encryption_keys(&db.data_dir);
     let file = match &keys.encryption_keys_file {
         None if db.url()?.is_none() && default_file.exists() => Some(default_file),
         other => other.clone(),
