@@ -24,6 +24,8 @@ pub struct ApiKey {
     pub scopes: Vec<String>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
+    /// When a server last accepted the key, to within a minute.
+    pub last_used_at: Option<DateTime<Utc>>,
 }
 
 pub async fn create_project(db: &impl GenericClient, name: &str) -> Result<Project> {
@@ -175,6 +177,7 @@ pub async fn create_key(
         scopes: scopes.to_vec(),
         created_at: row.get(0),
         revoked_at: None,
+        last_used_at: None,
     };
     Ok((api_key, key.token))
 }
@@ -182,8 +185,8 @@ pub async fn create_key(
 pub async fn list_keys(db: &impl GenericClient, project_id: Uuid) -> Result<Vec<ApiKey>> {
     let rows = db
         .query(
-            "SELECT id, project_id, name, scopes, created_at, revoked_at FROM api_keys
-             WHERE project_id = $1 ORDER BY created_at",
+            "SELECT id, project_id, name, scopes, created_at, revoked_at, last_used_at
+             FROM api_keys WHERE project_id = $1 ORDER BY created_at",
             &[&project_id],
         )
         .await?;
@@ -196,6 +199,7 @@ pub async fn list_keys(db: &impl GenericClient, project_id: Uuid) -> Result<Vec<
             scopes: r.get(3),
             created_at: r.get(4),
             revoked_at: r.get(5),
+            last_used_at: r.get(6),
         })
         .collect())
 }

@@ -277,10 +277,16 @@ pub struct KeyVerifier {
     pool: Pool,
     ttl: Duration,
     cache: Mutex<HashMap<Uuid, (Instant, Option<KeyRecord>)>>,
+    /// When this server last wrote each key's `last_used_at`.
+    noted: Mutex<HashMap<Uuid, Instant>>,
 }
 
 /// Bound on cached key ids (including unknown ones) so random ids cannot grow it forever.
 const KEY_CACHE_MAX: usize = 10_000;
+
+/// How stale a key's `last_used_at` may get: operators read it to tell whether a key is
+/// still in use before revoking it, which needs minutes, not a write per call.
+pub const KEY_USE_RESOLUTION: Duration = Duration::from_secs(60);
 
 impl KeyVerifier {
     pub fn new(pool: Pool, ttl: Duration) -> Self {
@@ -288,7 +294,49 @@ impl KeyVerifier {
             pool,
             ttl,
             cache: Mutex::new(HashMap::new()),
+            noted: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records that key `id` was accepted, at most once per [`KEY_USE_RESOLUTION`] per
+    /// server, off the call's path: a call never waits for (or fails with) this write.
+    fn note_use(&self, id: Uuid) {
+        let now = Instant::now();
+        {
+            let Ok(mut noted) = self.noted.lock() else {
+                return;
+            };
+            if noted
+                .get(&id)
+                .is_some_and(|at| now.duration_since(*at) < KEY_USE_RESOLUTION)
+            {
+                return;
+            }
+            if noted.len() >= KEY_CACHE_MAX {
+                noted.clear();
+            }
+            noted.insert(id, now);
+        }
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let written = async {
+                let client = db::client(&pool).await?;
+                // Replicas each write once a minute at most; the condition keeps the row
+                // from being rewritten by all of them in the same minute.
+                client
+                    .execute(
+                        "UPDATE api_keys SET last_used_at = now()
+                         WHERE id = $1 AND (last_used_at IS NULL
+                               OR last_used_at < now() - make_interval(secs => $2))",
+                        &[&id, &(KEY_USE_RESOLUTION.as_secs_f64() / 2.0)],
+                    )
+                    .await?;
+                Ok::<_, Error>(())
+            };
+            if let Err(e) = written.await {
+                tracing::debug!(error = %e, key = %id, "recording the key's last use");
+            }
+        });
     }
 
     async fn lookup(&self, id: Uuid) -> Result<Option<KeyRecord>, Error> {
@@ -362,6 +410,7 @@ impl KeyVerifier {
                 "the API key has been revoked",
             ));
         }
+        self.note_use(id);
         Ok((id, rec.project_id, rec.scopes))
     }
 }

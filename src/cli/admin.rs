@@ -56,7 +56,8 @@ pub enum KeyCommand {
         #[arg(long)]
         name: String,
     },
-    /// List a project's keys (never their secrets).
+    /// List a project's keys (never their secrets): id, name, scopes, state and when a
+    /// server last accepted the key (to within a minute).
     List {
         /// Project id or name.
         #[arg(long)]
@@ -196,7 +197,16 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                             Some(t) => format!("revoked {}", t.to_rfc3339()),
                             None => "active".to_string(),
                         };
-                        println!("{}\t{}\t{}\t{}", k.id, k.name, k.scopes.join(","), state);
+                        let used = match k.last_used_at {
+                            Some(t) => format!("last used {}", t.to_rfc3339()),
+                            None => "never used".to_string(),
+                        };
+                        println!(
+                            "{}\t{}\t{}\t{state}\t{used}",
+                            k.id,
+                            k.name,
+                            k.scopes.join(",")
+                        );
                     }
                 }
                 KeyCommand::Revoke { key_id } => {

@@ -35,6 +35,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "user_factor_backfill",
         include_str!("migrations/0007_user_factor_backfill.sql"),
     ),
+    (
+        8,
+        "api_key_last_used",
+        include_str!("migrations/0008_api_key_last_used.sql"),
+    ),
 ];
 
 /// A short digest of every migration's version, name and SQL: equal for two builds exactly

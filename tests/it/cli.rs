@@ -203,6 +203,9 @@ async fn projects_and_keys_commands() {
     );
     assert!(!ok && err.contains("unknown scope"), "{err}");
 
+    let (_, listed, _) = roster(&app.url, &["keys", "list", "--project", "acme"]);
+    assert!(listed.contains("never used"), "{listed}");
+
     // The new key works, in its own project.
     let mut users = app.users_with(Some(&token));
     let u = create_user(&mut users, "cli@x.io").await;
@@ -227,6 +230,47 @@ async fn projects_and_keys_commands() {
     assert!(
         !listed.contains(crate::harness::key_secret(&token)),
         "secrets are never listed"
+    );
+
+    // Its use is recorded off the call's path, once a minute at most: a second call within
+    // the minute writes nothing.
+    let key_id = uuid::Uuid::try_parse(token.split('_').nth(1).unwrap()).unwrap();
+    let last_used = || async {
+        app.sql_one::<Option<chrono::DateTime<chrono::Utc>>>(
+            "SELECT last_used_at FROM api_keys WHERE id = $1",
+            &[&key_id],
+        )
+        .await
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let first = loop {
+        match last_used().await {
+            Some(t) => break t,
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            None => panic!("the key's use was not recorded"),
+        }
+    };
+    assert!(
+        (chrono::Utc::now() - first).num_seconds().abs() < 30,
+        "{first}"
+    );
+    users
+        .get_user(pb::GetUserRequest { id: u.id.clone() })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        last_used().await,
+        Some(first),
+        "one write a minute, not one per call"
+    );
+    let (_, listed, _) = roster(&app.url, &["keys", "list", "--project", "acme"]);
+    let line = listed.lines().find(|l| l.contains("\tci\t")).unwrap();
+    assert!(
+        line.ends_with(&format!("active\tlast used {}", first.to_rfc3339())),
+        "{listed}"
     );
 
     let (ok, _, err) = roster(&app.url, &["keys", "revoke", &token]);
