@@ -1,7 +1,9 @@
 //! Event benchmark: what the audit event costs each mutation (user inserts with and without
 //! their event, through the same store functions, same connections and concurrency, in the
-//! same run), and how soon a live StreamEvents delivers a committed change (p50/p99), idle and
-//! under concurrent writes. Run: `cargo bench --bench events` (`BENCH_SECS`, default 10).
+//! same run), how soon a live StreamEvents delivers a committed change (p50/p99), idle and
+//! under concurrent writes, and what live streams that match none of the writes cost the
+//! writers. Run: `cargo bench --bench events` (`BENCH_SECS`, default 10; `BENCH_STREAMS`,
+//! default 50).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -144,12 +146,13 @@ async fn background_writes(
     env: &BenchEnv,
     n: usize,
     stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for _ in 0..n {
         let mut users =
             UserServiceClient::with_interceptor(env.new_channel().await, env.key.clone());
-        let stop = stop.clone();
+        let (stop, done) = (stop.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let id = Uuid::now_v7();
@@ -163,7 +166,45 @@ async fn background_writes(
                     })
                     .await
                     .unwrap();
+                done.fetch_add(1, Ordering::Relaxed);
             }
+        }));
+    }
+    tasks
+}
+
+/// CreateUser calls per second from `CONCURRENCY` clients over `d`.
+async fn create_rate(env: &BenchEnv, d: Duration) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let load = background_writes(env, CONCURRENCY, stop.clone(), done.clone()).await;
+    tokio::time::sleep(d).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Opens `n` live streams whose filter matches none of the benchmark's events (consumers of
+/// other event types); each keeps its stream open until aborted.
+async fn idle_streams(env: &BenchEnv, n: usize) -> Vec<tokio::task::JoinHandle<()>> {
+    let channel = env.new_channel().await;
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let mut logs = LogServiceClient::with_interceptor(channel.clone(), env.key.clone());
+        let mut stream = logs
+            .stream_events(pb::StreamEventsRequest {
+                after_position: 0,
+                since: Some(roster::wire::timestamp(chrono::Utc::now())),
+                filter: "type = USER_BLOCKED".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        tasks.push(tokio::spawn(async move {
+            while let Ok(Some(_)) = stream.message().await {}
         }));
     }
     tasks
@@ -190,12 +231,31 @@ async fn main() {
 
     let mut idle = delivery_latencies(&env, Duration::from_millis(20), d).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let load = background_writes(&env, 4, stop.clone()).await;
+    let load = background_writes(&env, 4, stop.clone(), Arc::default()).await;
     let mut busy = delivery_latencies(&env, Duration::from_millis(20), d).await;
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.await.unwrap();
     }
+
+    // What live streams that match nothing cost the writers: each follows the shared
+    // horizon and reads its range when it moves.
+    let streams: usize = std::env::var("BENCH_STREAMS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let mut bare = Vec::new();
+    let mut followed = Vec::new();
+    for _ in 0..2 {
+        bare.push(create_rate(&env, d / 2).await);
+        let open = idle_streams(&env, streams).await;
+        followed.push(create_rate(&env, d / 2).await);
+        for t in open {
+            t.abort();
+        }
+    }
+    let bare = bare.iter().sum::<f64>() / bare.len() as f64;
+    let followed = followed.iter().sum::<f64>() / followed.len() as f64;
 
     let (i50, i99) = percentiles(&mut idle);
     let (b50, b99) = percentiles(&mut busy);
@@ -216,5 +276,7 @@ async fn main() {
         "| stream delivery after commit, p50 / p99 ({} events, 4 writers busy) | {b50:.2} / {b99:.2} ms |",
         busy.len()
     );
+    println!("| CreateUser/s, no live streams | {bare:.0} |");
+    println!("| CreateUser/s, {streams} live streams matching none of them | {followed:.0} |");
     drop(env);
 }

@@ -4,6 +4,7 @@
 //! the change it records, so an acknowledged change always has its event and a failed one
 //! never does. Event data names fields and non-secret values only, never secrets or hashes.
 pub mod grpc;
+pub mod matcher;
 pub mod retention;
 pub mod store;
 pub mod stream;

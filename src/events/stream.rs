@@ -35,16 +35,27 @@
 //! transaction, whenever it fences new positions. Each stream reads in bounded batches and
 //! sends into a bounded channel: a slow client stalls only its own reader, and memory stays
 //! flat.
-use std::collections::VecDeque;
+//!
+//! # One read per project per advance
+//! Each time the horizon moves, every stream caught up with it needs the project's events in
+//! the range just made final. Querying once per stream cost writers most of their throughput
+//! with 50 idle streams open (events benchmark). So the horizon is published with that range,
+//! the first stream of a project to need it reads the project's events in it once (up to
+//! [`SHARED_MAX`]), and every stream of the project picks its own out in memory with its
+//! [`Matcher`]. A stream that is behind (catching up, or slow to be read), whose filter cannot
+//! be decided in memory, or whose range was too large to share, reads with SQL as before.
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, OnceCell, mpsc, watch};
 use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 use super::Event;
+use super::matcher::Matcher;
 use super::store::{self, StreamSpec};
 use crate::db::{self, Pool};
 use crate::error::{Error, Result};
@@ -71,6 +82,83 @@ const PENDING_RECHECK: Duration = Duration::from_millis(5);
 const MIN_INTERVAL: Duration = Duration::from_millis(2);
 /// Most fences kept; beyond it new ones are skipped, which only delays delivery.
 const MAX_FENCES: usize = 4096;
+/// Most events of one project in one advance that are read once and shared; a larger range
+/// (a bulk import) is read by each stream in batches instead, keeping memory bounded.
+const SHARED_MAX: i64 = 1024;
+
+/// What the horizon task publishes: the horizon and the range that just became final.
+#[derive(Clone, Default)]
+struct Tail {
+    horizon: i64,
+    recent: Option<Arc<Recent>>,
+}
+
+/// The events of one advance, `after < position <= upto`, read once per project when a
+/// stream first needs them.
+struct Recent {
+    after: i64,
+    upto: i64,
+    by_project: std::sync::Mutex<HashMap<Uuid, SharedRead>>,
+}
+
+/// One project's events of an advance, read by the first stream that needs them; `None` once
+/// read means "read it yourself": too many events, or the read failed.
+type SharedRead = Arc<OnceCell<Option<Arc<Vec<Event>>>>>;
+
+impl Recent {
+    async fn events(
+        &self,
+        pool: &Pool,
+        project_id: Uuid,
+        reads: &Reads,
+    ) -> Option<Arc<Vec<Event>>> {
+        let cell = self
+            .by_project
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(project_id)
+            .or_default()
+            .clone();
+        cell.get_or_init(|| async {
+            reads.shared.fetch_add(1, Ordering::Relaxed);
+            let all = StreamSpec {
+                project_id,
+                filter: None,
+                since: None,
+            };
+            let read = async {
+                let client = db::client(pool).await?;
+                store::read_range(&*client, &all, self.after, self.upto, SHARED_MAX + 1).await
+            };
+            match read.await {
+                Ok(events) if events.len() as i64 <= SHARED_MAX => Some(Arc::new(events)),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "shared event read failed; streams read alone");
+                    None
+                }
+            }
+        })
+        .await
+        .clone()
+    }
+}
+
+/// How the streams read events: shared reads of an advance, and reads of their own.
+#[derive(Default)]
+struct Reads {
+    shared: AtomicU64,
+    own: AtomicU64,
+}
+
+/// Event range reads since the feed began (tests check that caught-up streams share).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeReads {
+    /// One per project per advance, shared by that project's caught-up streams.
+    pub shared: u64,
+    /// A stream's own queries (catching up, or a filter decided only by SQL).
+    pub own: u64,
+}
 
 /// A candidate horizon: final once every transaction below `xbound` has finished.
 #[derive(Debug, Clone, Copy)]
@@ -81,12 +169,13 @@ struct Fence {
 
 /// The shared horizon and the streams following it.
 pub struct EventFeed {
-    horizon: watch::Receiver<i64>,
+    horizon: watch::Receiver<Tail>,
     /// Taken by [`EventFeed::start`].
-    publisher: std::sync::Mutex<Option<watch::Sender<i64>>>,
+    publisher: std::sync::Mutex<Option<watch::Sender<Tail>>>,
     /// Set by [`EventFeed::close`] when the server shuts down.
     closing: watch::Sender<bool>,
     subscribers: Arc<AtomicUsize>,
+    reads: Arc<Reads>,
 }
 
 /// Counts a stream for as long as it lives.
@@ -101,12 +190,13 @@ impl Drop for Subscribed {
 impl EventFeed {
     /// A feed whose horizon stays at 0 until [`EventFeed::start`].
     pub fn new() -> Arc<EventFeed> {
-        let (tx, rx) = watch::channel(0);
+        let (tx, rx) = watch::channel(Tail::default());
         Arc::new(EventFeed {
             horizon: rx,
             publisher: std::sync::Mutex::new(Some(tx)),
             closing: watch::channel(false).0,
             subscribers: Arc::new(AtomicUsize::new(0)),
+            reads: Arc::default(),
         })
     }
 
@@ -135,6 +225,14 @@ impl EventFeed {
         self.subscribers.load(Ordering::Relaxed)
     }
 
+    /// The range reads the streams have made so far.
+    pub fn range_reads(&self) -> RangeReads {
+        RangeReads {
+            shared: self.reads.shared.load(Ordering::Relaxed),
+            own: self.reads.own.load(Ordering::Relaxed),
+        }
+    }
+
     /// Follows `spec` from `start`: where to begin, resolved from a position or a time.
     /// Events (or the error that ended the stream) arrive on the returned channel, which
     /// holds at most a small batch; dropping it stops the reader.
@@ -148,11 +246,12 @@ impl EventFeed {
         self.subscribers.fetch_add(1, Ordering::Relaxed);
         let guard = Subscribed(self.subscribers.clone());
         let horizon = self.horizon.clone();
+        let reads = self.reads.clone();
         let mut closing = self.closing.subscribe();
         tokio::spawn(async move {
             let _guard = guard;
             let ended = tokio::select! {
-                r = follow(pool, spec, start, horizon, &tx) => r,
+                r = follow(pool, spec, start, horizon, &reads, &tx) => r,
                 _ = closing.wait_for(|closed| *closed) => Err(Error::ShuttingDown),
             };
             if let Err(e) = ended {
@@ -176,14 +275,16 @@ async fn follow(
     pool: Pool,
     spec: StreamSpec,
     start: Start,
-    mut horizon: watch::Receiver<i64>,
+    mut horizon: watch::Receiver<Tail>,
+    reads: &Reads,
     tx: &mpsc::Sender<Result<Event>>,
 ) -> Result<()> {
+    let matcher = Matcher::new(&spec);
     let mut cursor = match start {
         Start::After(p) => p,
         Start::Since(t) => {
             // Read the horizon first: whatever the query below cannot see lies beyond it.
-            let h = *horizon.borrow_and_update();
+            let h = horizon.borrow_and_update().horizon;
             let client = db::client(&pool).await?;
             match store::position_before(&*client, spec.project_id, t).await? {
                 Some(p) => p,
@@ -192,8 +293,33 @@ async fn follow(
         }
     };
     loop {
-        let h = *horizon.borrow_and_update();
+        let tail = horizon.borrow_and_update().clone();
+        let h = tail.horizon;
+        if let (Some(m), Some(recent)) = (&matcher, &tail.recent)
+            && recent.after == cursor
+            && let Some(events) = recent.events(&pool, spec.project_id, reads).await
+        {
+            // Decide every event before sending any: an undecided one sends the stream to
+            // SQL for the whole range.
+            let picked: std::result::Result<Vec<&Event>, _> = events
+                .iter()
+                .filter_map(|e| match m.matches(e) {
+                    Ok(true) => Some(Ok(e)),
+                    Ok(false) => None,
+                    Err(u) => Some(Err(u)),
+                })
+                .collect();
+            if let Ok(picked) = picked {
+                for e in picked {
+                    if tx.send(Ok(e.clone())).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                cursor = h;
+            }
+        }
         while cursor < h {
+            reads.own.fetch_add(1, Ordering::Relaxed);
             let batch = {
                 let client = db::client(&pool).await?;
                 store::read_range(&*client, &spec, cursor, h, BATCH).await?
@@ -226,7 +352,7 @@ async fn run_horizon(
     pool: Pool,
     listen: Option<tokio_postgres::Config>,
     poll: Duration,
-    tx: watch::Sender<i64>,
+    tx: watch::Sender<Tail>,
 ) {
     let wake = Arc::new(Notify::new());
     let listener = listen.map(|cfg| tokio::spawn(run_listener(cfg, wake.clone())));
@@ -238,9 +364,16 @@ async fn run_horizon(
         match advance(&pool, &mut fences, &mut fenced).await {
             Ok(Some(h)) => {
                 tx.send_if_modified(|cur| {
-                    let newer = h > *cur;
+                    let newer = h > cur.horizon;
                     if newer {
-                        *cur = h;
+                        *cur = Tail {
+                            horizon: h,
+                            recent: Some(Arc::new(Recent {
+                                after: cur.horizon,
+                                upto: h,
+                                by_project: Default::default(),
+                            })),
+                        };
                     }
                     newer
                 });
