@@ -457,7 +457,12 @@ impl TestApp {
 
     /// A LogService client using the all-scopes key.
     pub fn logs(&self) -> Logs {
-        LogServiceClient::with_interceptor(self.channel.clone(), key(Some(&self.token)))
+        self.logs_with(Some(&self.token))
+    }
+
+    /// A LogService client with `token` (or none).
+    pub fn logs_with(&self, token: Option<&str>) -> Logs {
+        LogServiceClient::with_interceptor(self.channel.clone(), key(token))
     }
 
     /// A new key in this app's project with the given scopes.
