@@ -208,6 +208,12 @@ pub struct ServerConfig {
     /// ever.
     #[arg(long, env = "ROSTER_EXPORT_STALL_SECS", default_value_t = 60)]
     pub export_stall_secs: u64,
+    /// Seconds of silence on a client connection before the server sends it an HTTP/2 PING; a
+    /// client that does not answer within as long again is disconnected, which ends its calls
+    /// (the live StreamEvents of a host that vanished without closing its connection would
+    /// otherwise hold their reader for the ~12 minutes TCP takes to notice). 0: no pings.
+    #[arg(long, env = "ROSTER_KEEPALIVE_SECS", default_value_t = 30)]
+    pub keepalive_secs: u64,
     /// Seconds in-flight RPCs (a stream until its last message) get to finish after
     /// SIGINT/SIGTERM; live StreamEvents end at once with UNAVAILABLE SHUTTING_DOWN.
     #[arg(long, env = "ROSTER_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
@@ -254,6 +260,7 @@ impl Default for ServerConfig {
             call_timeout_secs: 30,
             max_exports: 0,
             export_stall_secs: 60,
+            keepalive_secs: 30,
             shutdown_grace_secs: 20,
             webauthn_rp_id: None,
             webauthn_rp_name: None,

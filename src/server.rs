@@ -326,14 +326,14 @@ impl Application {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             tokio::spawn(
-                Server::builder()
+                keepalive(Server::builder(), self.config.keepalive_secs)
                     .add_service(health.clone())
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = health_stopped.await;
                     }),
             )
         });
-        let router = Server::builder()
+        let router = keepalive(Server::builder(), self.config.keepalive_secs)
             .layer(AuthLayer::new(
                 verifier,
                 in_flight.clone(),
@@ -431,6 +431,15 @@ impl Application {
         key_check.abort();
         result
     }
+}
+
+/// HTTP/2 PINGs after `secs` of silence, and the connection closed when one goes unanswered
+/// for as long again (0: none).
+fn keepalive(server: Server, secs: u64) -> Server {
+    let every = (secs > 0).then(|| Duration::from_secs(secs));
+    server
+        .http2_keepalive_interval(every)
+        .http2_keepalive_timeout(every)
 }
 
 /// Binds an optional side port (`""`: none).

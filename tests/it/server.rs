@@ -728,3 +728,96 @@ async fn a_cancelled_or_timed_out_call_stops_its_database_work() {
         assert!(body.contains(&needle), "no {needle} in:\n{body}");
     }
 }
+
+/// Copies `from` to `to` until `silent`; from then on passes nothing and holds both sockets
+/// open, like a host that lost power or a route that went away.
+async fn silenceable_pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if silent.load(std::sync::atomic::Ordering::SeqCst) {
+            let _held = (from, to);
+            std::future::pending::<()>().await;
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A client host that vanishes without closing its connection is found by the server's
+/// HTTP/2 PINGs: its live stream's reader is freed within twice `--keepalive-secs`, not after
+/// the minutes TCP takes; a client that answers keeps its stream however long it is idle.
+#[tokio::test]
+async fn keepalive_frees_the_streams_of_a_client_that_went_silent() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        key_cache_ms: 50,
+        keepalive_secs: 1,
+        ..roster::config::ServerConfig::default()
+    })
+    .await;
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = proxy.local_addr().unwrap();
+    let silent = Arc::new(AtomicBool::new(false));
+    let upstream = app.addr;
+    tokio::spawn({
+        let silent = silent.clone();
+        async move {
+            while let Ok((client, _)) = proxy.accept().await {
+                let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(silenceable_pipe(cr, sw, silent.clone()));
+                tokio::spawn(silenceable_pipe(sr, cw, silent.clone()));
+            }
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{proxy_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut logs = roster::pb::v1::log_service_client::LogServiceClient::with_interceptor(
+        channel,
+        key(Some(&app.token)),
+    );
+    let _stream = logs
+        .stream_events(pb::StreamEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let subscribers_within = |want: usize, secs: u64| {
+        let feed = app.feed.clone();
+        async move {
+            for _ in 0..secs * 20 {
+                if feed.subscribers() == want {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        }
+    };
+    assert!(subscribers_within(1, 5).await);
+    // Pings answered: the idle stream stays, several intervals on.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(app.feed.subscribers(), 1);
+
+    silent.store(true, Ordering::SeqCst);
+    assert!(
+        subscribers_within(0, 10).await,
+        "the silent client's stream still holds its reader"
+    );
+}
