@@ -82,9 +82,10 @@ const PENDING_RECHECK: Duration = Duration::from_millis(5);
 const MIN_INTERVAL: Duration = Duration::from_millis(2);
 /// Most fences kept; beyond it new ones are skipped, which only delays delivery.
 const MAX_FENCES: usize = 4096;
-/// Most events of one project in one advance that are read once and shared; a larger range
-/// (a bulk import) is read by each stream in batches instead, keeping memory bounded.
-const SHARED_MAX: i64 = 1024;
+/// Most events of one project in one advance that are read once and shared: a stream then
+/// holds no more than one batch of its own would. A larger range (a bulk import) is read by
+/// each stream in batches instead.
+const SHARED_MAX: i64 = BATCH;
 
 /// What the horizon task publishes: the horizon and the range that just became final.
 #[derive(Clone, Default)]
@@ -293,9 +294,13 @@ async fn follow(
         }
     };
     loop {
-        let tail = horizon.borrow_and_update().clone();
-        let h = tail.horizon;
-        if let (Some(m), Some(recent)) = (&matcher, &tail.recent)
+        // Only the range in hand is held, and only while it is sent: an idle or slow stream
+        // keeps no old range alive.
+        let (h, recent) = {
+            let tail = horizon.borrow_and_update();
+            (tail.horizon, tail.recent.clone())
+        };
+        if let (Some(m), Some(recent)) = (&matcher, recent)
             && recent.after == cursor
             && let Some(events) = recent.events(&pool, spec.project_id, reads).await
         {
