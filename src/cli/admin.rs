@@ -111,9 +111,20 @@ where
     let url = match db.url()? {
         Some(url) => url,
         None => {
-            let (pg, url) = crate::server::start_embedded(&db.data_dir).await?;
-            started = Some(pg);
-            url
+            let dir = db.data_dir.clone();
+            let running = tokio::task::spawn_blocking(move || {
+                crate::db::embedded::running(&dir, crate::server::EMBEDDED_DATABASE)
+            })
+            .await??;
+            match running {
+                // `roster serve` runs the cluster: use it, and leave it running.
+                Some((_, url)) => url,
+                None => {
+                    let (pg, url) = crate::server::start_embedded(&db.data_dir).await?;
+                    started = Some(pg);
+                    url
+                }
+            }
         }
     };
     let result = async {

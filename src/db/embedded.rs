@@ -139,6 +139,72 @@ fn fallback_dir(dir: &Path, what: &str) -> PathBuf {
     PathBuf::from(format!("/tmp/roster-{what}-{}", &hex::encode(digest)[..12]))
 }
 
+/// The cluster's data directory for `dir` (canonical): `dir/pgdata` unless the postgres user
+/// cannot get there.
+fn pgdata_of(dir: &Path, user: Option<(u32, u32)>) -> PathBuf {
+    if reachable_by(&dir.join("pgdata"), user) {
+        dir.join("pgdata")
+    } else {
+        fallback_dir(dir, "pgdata")
+    }
+}
+
+/// A connection string for `dbname` as the superuser, over the socket in `socket_dir`.
+fn connection_string(socket_dir: &Path, port: &str, dbname: &str) -> String {
+    format!(
+        "host={} port={port} user={SUPERUSER} dbname={dbname}",
+        socket_dir.display()
+    )
+}
+
+/// A cluster already running in `dir` (under `roster serve`): its pid and a connection
+/// string for `dbname`. `None` when none runs there, or only a stale pid file of one that
+/// died. Waits up to 10 s for one that is starting.
+pub fn running(dir: &Path, dbname: &str) -> anyhow::Result<Option<(i32, String)>> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Ok(None);
+    };
+    let pid_file = pgdata_of(&dir, drop_privileges_to()?).join("postmaster.pid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // Lines: pid, data directory, start time, port, socket directory, listen address,
+        // shared memory key, status.
+        let Ok(text) = fs::read_to_string(&pid_file) else {
+            return Ok(None);
+        };
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let Some(pid) = lines.first().and_then(|l| l.parse::<i32>().ok()) else {
+            return Ok(None);
+        };
+        // SAFETY: signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        let (Some(port), Some(socket_dir)) = (lines.get(3), lines.get(4)) else {
+            return Ok(None);
+        };
+        // A server killed outright leaves its pid file and socket behind, and its pid may
+        // belong to another process by now (a container restarted): only a socket that
+        // accepts a connection proves a live server.
+        let socket = Path::new(socket_dir).join(format!(".s.PGSQL.{port}"));
+        if !alive || std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            return Ok(None);
+        }
+        if lines.get(7) == Some(&"ready") {
+            return Ok(Some((
+                pid,
+                connection_string(Path::new(socket_dir), port, dbname),
+            )));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the embedded PostgreSQL in {} (pid {pid}) did not become ready within 10 s",
+                dir.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 impl EmbeddedPostgres {
     /// Initialises the cluster in `opts.dir` on first use, then starts it and waits until it
     /// accepts connections. Blocking: call it from `spawn_blocking` or a plain thread.
@@ -148,18 +214,22 @@ impl EmbeddedPostgres {
         fs::create_dir_all(&opts.dir)
             .with_context(|| format!("creating {}", opts.dir.display()))?;
         let dir = opts.dir.canonicalize()?;
+        if let Some((pid, _)) = running(&dir, "postgres")? {
+            bail!(
+                "the private PostgreSQL in {} is already running (pid {pid}), most likely under \
+                 another `roster serve`; stop that one, or give this one another --data-dir",
+                dir.display()
+            );
+        }
 
         // The cluster itself: in dir/pgdata unless the postgres user cannot get there.
-        let pgdata = if reachable_by(&dir.join("pgdata"), user) {
-            dir.join("pgdata")
-        } else {
-            let alt = fallback_dir(&dir, "pgdata");
+        let pgdata = pgdata_of(&dir, user);
+        if pgdata != dir.join("pgdata") {
             tracing::info!(
-                path = %alt.display(),
+                path = %pgdata.display(),
                 "the postgres user cannot reach the data directory; keeping the cluster here"
             );
-            alt
-        };
+        }
         // Unix socket paths are limited to 107 bytes.
         let socket_dir =
             if dir.join("run").as_os_str().len() < 80 && reachable_by(&dir.join("run"), user) {
@@ -298,10 +368,7 @@ impl EmbeddedPostgres {
 
     /// A connection string for `dbname` as the superuser.
     pub fn connection_string(&self, dbname: &str) -> String {
-        format!(
-            "host={} port={PORT} user={SUPERUSER} dbname={dbname}",
-            self.socket_dir.display()
-        )
+        connection_string(&self.socket_dir, &PORT.to_string(), dbname)
     }
 
     /// Fast shutdown (SIGINT: abort sessions, checkpoint, exit), waiting up to 30 s.

@@ -578,7 +578,7 @@ async fn serve_with_the_embedded_default() {
             .await
             .unwrap();
         let mut users = roster::pb::v1::user_service_client::UserServiceClient::with_interceptor(
-            channel,
+            channel.clone(),
             key(Some(&token)),
         );
         if round == 0 {
@@ -593,6 +593,73 @@ async fn serve_with_the_embedded_default() {
                 .user
                 .unwrap();
             first_user = Some(u.id);
+
+            // Operator commands in the same data directory use the cluster `serve` runs
+            // (and leave it running): a new key works at once against the server.
+            let operator = |args: &[&str]| {
+                let out = Command::new(ROSTER)
+                    .args(args)
+                    .env_remove("DATABASE_URL")
+                    .env("ROSTER_DATA_DIR", &data)
+                    .env("RUST_LOG", "warn")
+                    .output()
+                    .unwrap();
+                let err = String::from_utf8_lossy(&out.stderr).into_owned();
+                assert!(out.status.success(), "{args:?}: {err}");
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            let listed = operator(&["projects", "list"]);
+            assert!(listed.contains("default"), "{listed}");
+            let created = operator(&[
+                "keys",
+                "create",
+                "--project",
+                "default",
+                "--scope",
+                "users.read",
+                "--name",
+                "while-serving",
+            ]);
+            let mut reader =
+                roster::pb::v1::user_service_client::UserServiceClient::with_interceptor(
+                    channel.clone(),
+                    key(Some(created.trim())),
+                );
+            let mut got = None;
+            // The server's key cache learns of the new key within moments.
+            for _ in 0..50 {
+                match reader
+                    .get_user(pb::GetUserRequest {
+                        id: first_user.clone().unwrap(),
+                    })
+                    .await
+                {
+                    Ok(r) => {
+                        got = Some(r.into_inner());
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            assert_eq!(
+                got.expect("new key refused").user.unwrap().email,
+                "first@x.io"
+            );
+
+            // A second server on the same data directory says why it cannot start.
+            let out = Command::new(ROSTER)
+                .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", ""])
+                .env_remove("DATABASE_URL")
+                .env("ROSTER_DATA_DIR", &data)
+                .env("RUST_LOG", "warn")
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success());
+            assert!(
+                err.contains("is already running") && err.contains("another `roster serve`"),
+                "{err}"
+            );
         } else {
             // Same data, same dev key file, the user is still there.
             let got = users
