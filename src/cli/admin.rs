@@ -228,7 +228,13 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                             .next()
                             .unwrap_or(""),
                     )
-                    .context("not a key id")?;
+                    // The input is not echoed: it may be a mistyped token holding a secret.
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "not a key id or token: give the key's id (a UUID) or its whole \
+                             token (rst_<key-id>_<secret>)"
+                        )
+                    })?;
                     admin::revoke_key(&*client, id).await?;
                     println!("revoked {id}");
                 }

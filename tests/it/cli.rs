@@ -273,6 +273,14 @@ async fn projects_and_keys_commands() {
         "{listed}"
     );
 
+    // A mangled token is refused without echoing it (it may hold the secret).
+    let (ok, _, err) = roster(&app.url, &["keys", "revoke", "rst_typo_s3cret"]);
+    assert!(!ok);
+    assert_eq!(
+        err.trim(),
+        "Error: not a key id or token: give the key's id (a UUID) or its whole token \
+         (rst_<key-id>_<secret>)"
+    );
     let (ok, _, err) = roster(&app.url, &["keys", "revoke", &token]);
     assert!(ok, "{err}");
     let deadline = Instant::now() + Duration::from_secs(5);
