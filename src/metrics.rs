@@ -33,6 +33,11 @@ struct MethodLabels {
     method: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReadLabels {
+    kind: &'static str,
+}
+
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -50,6 +55,7 @@ pub struct Metrics {
     pool_waiting: Gauge,
     hash_queue: Gauge,
     stream_subscribers: Gauge,
+    stream_reads: Family<ReadLabels, Counter>,
     exports_running: Gauge,
     in_flight: Gauge,
     /// GetUser, LookupUser and LookupUserByIdentity calls per coalesced read (`users::reads`).
@@ -103,6 +109,12 @@ impl Default for Metrics {
             "event_stream_subscribers",
             "open StreamEvents streams",
         );
+        let stream_reads = Family::<ReadLabels, Counter>::default();
+        registry.register(
+            "event_stream_reads",
+            "event range reads for live StreamEvents: kind=shared, one per project each time the horizon moves, shared by its caught-up streams; kind=own, a stream's own (catching up, or a filter only SQL decides)",
+            stream_reads.clone(),
+        );
         let exports_running = gauge(
             &mut registry,
             "exports_running",
@@ -134,6 +146,7 @@ impl Default for Metrics {
             pool_waiting,
             hash_queue,
             stream_subscribers,
+            stream_reads,
             exports_running,
             in_flight,
             user_read_batch,
@@ -165,6 +178,12 @@ impl Metrics {
         self.hash_queue.set(sources.hasher.queue_depth() as i64);
         self.stream_subscribers
             .set(sources.feed.subscribers() as i64);
+        let reads = sources.feed.range_reads();
+        for (kind, total) in [("shared", reads.shared), ("own", reads.own)] {
+            // The feed counts; the counter catches up with it at each scrape.
+            let counter = self.stream_reads.get_or_create(&ReadLabels { kind });
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
         self.exports_running.set(sources.exports.running() as i64);
         self.in_flight.set(sources.in_flight.count() as i64);
         let mut out = String::new();

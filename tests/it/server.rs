@@ -543,6 +543,17 @@ async fn streams_are_counted_with_the_status_they_end_with() {
             .expect("the in-flight gauge")
     };
     assert_eq!(in_flight().await, 1, "the live stream is in flight");
+    // Its reads are counted, shared or its own, as the feed counts them.
+    let (_, body) = http_get(addr, "/metrics").await;
+    let reads = |kind: &str| {
+        let needle = format!(r#"roster_event_stream_reads_total{{kind="{kind}"}} "#);
+        body.lines()
+            .find_map(|l| l.strip_prefix(&needle).map(|n| n.parse::<u64>().unwrap()))
+            .expect("the stream read counter")
+    };
+    let fed = app.feed.range_reads();
+    assert_eq!((reads("shared"), reads("own")), (fed.shared, fed.own));
+    assert!(fed.shared + fed.own >= 1, "{fed:?}");
     drop(stream);
     let mut cancelled = 0;
     for _ in 0..100 {
