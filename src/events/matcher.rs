@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::store::{self, StreamSpec};
 use super::{Event, EventType};
 use crate::query::filter::{Expr, Literal, Op};
-use crate::query::sql::FieldKind;
+use crate::query::sql::{FieldKind, wildcard};
 
 /// A stream's filter and start time, compiled for events in memory.
 #[derive(Debug)]
@@ -171,17 +171,7 @@ fn text_test(op: Op, v: &str) -> Option<TextTest> {
         Op::Has if v == "*" => TextTest::NotNull,
         Op::Has if v.contains('*') => {
             let v = v.to_lowercase();
-            let (lead, rest) = match v.strip_prefix('*') {
-                Some(r) => (true, r),
-                None => (false, v.as_str()),
-            };
-            let (core, trail) = match rest.strip_suffix('*') {
-                Some(r) => (r, true),
-                None => (rest, false),
-            };
-            if core.contains('*') {
-                return None;
-            }
+            let (lead, core, trail) = wildcard(&v).ok()?;
             TextTest::Like {
                 lead,
                 core: core.to_string(),
@@ -195,30 +185,24 @@ fn text_test(op: Op, v: &str) -> Option<TextTest> {
     })
 }
 
+/// SQL's AND (`decisive` false) and OR (`decisive` true): one part with the decisive value
+/// decides; otherwise any unknown part makes the whole unknown.
+fn combine(parts: &[Node], e: &Event, decisive: bool) -> Result<Truth, Undecided> {
+    let mut out = Some(!decisive);
+    for p in parts {
+        match eval(p, e)? {
+            Some(b) if b == decisive => return Ok(Some(decisive)),
+            None => out = None,
+            Some(_) => {}
+        }
+    }
+    Ok(out)
+}
+
 fn eval(node: &Node, e: &Event) -> Result<Truth, Undecided> {
     Ok(match node {
-        Node::And(parts) => {
-            let mut out = Some(true);
-            for p in parts {
-                match eval(p, e)? {
-                    Some(false) => return Ok(Some(false)),
-                    None => out = None,
-                    Some(true) => {}
-                }
-            }
-            out
-        }
-        Node::Or(parts) => {
-            let mut out = Some(false);
-            for p in parts {
-                match eval(p, e)? {
-                    Some(true) => return Ok(Some(true)),
-                    None => out = None,
-                    Some(false) => {}
-                }
-            }
-            out
-        }
+        Node::And(parts) => combine(parts, e, false)?,
+        Node::Or(parts) => combine(parts, e, true)?,
         Node::Not(inner) => eval(inner, e)?.map(|b| !b),
         Node::Uuid { field, ne, value } => field(e).map(|v| (v == *value) != *ne),
         Node::Type { ne, name } => Some((e.kind == *name) != *ne),

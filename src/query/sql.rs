@@ -134,8 +134,9 @@ fn text_of(v: &Literal) -> &str {
     }
 }
 
-/// `*` only at the start and/or end: a LIKE pattern with everything else escaped.
-fn like_pattern(s: &str) -> Result<String, String> {
+/// A wildcard value, `*` only at the start and/or end: whether it starts with one, the text
+/// between, whether it ends with one.
+pub fn wildcard(s: &str) -> Result<(bool, &str, bool), String> {
     let (lead, rest) = match s.strip_prefix('*') {
         Some(r) => (true, r),
         None => (false, s),
@@ -147,6 +148,12 @@ fn like_pattern(s: &str) -> Result<String, String> {
     if core.contains('*') {
         return Err("'*' is allowed only at the start or end of a value".into());
     }
+    Ok((lead, core, trail))
+}
+
+/// A wildcard value as a LIKE pattern with everything else escaped.
+fn like_pattern(s: &str) -> Result<String, String> {
+    let (lead, core, trail) = wildcard(s)?;
     let mut p = String::with_capacity(core.len() + 2);
     if lead {
         p.push('%');
