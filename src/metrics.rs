@@ -56,6 +56,8 @@ pub struct Metrics {
     hash_queue: Gauge,
     stream_subscribers: Gauge,
     stream_reads: Family<ReadLabels, Counter>,
+    /// One scrape at a time brings `stream_reads` up to the feed's counts.
+    stream_reads_sync: std::sync::Mutex<()>,
     exports_running: Gauge,
     in_flight: Gauge,
     /// GetUser, LookupUser and LookupUserByIdentity calls per coalesced read (`users::reads`).
@@ -147,6 +149,7 @@ impl Default for Metrics {
             hash_queue,
             stream_subscribers,
             stream_reads,
+            stream_reads_sync: std::sync::Mutex::new(()),
             exports_running,
             in_flight,
             user_read_batch,
@@ -178,12 +181,14 @@ impl Metrics {
         self.hash_queue.set(sources.hasher.queue_depth() as i64);
         self.stream_subscribers
             .set(sources.feed.subscribers() as i64);
+        let synced = self.stream_reads_sync.lock();
         let reads = sources.feed.range_reads();
         for (kind, total) in [("shared", reads.shared), ("own", reads.own)] {
             // The feed counts; the counter catches up with it at each scrape.
             let counter = self.stream_reads.get_or_create(&ReadLabels { kind });
             counter.inc_by(total.saturating_sub(counter.get()));
         }
+        drop(synced);
         self.exports_running.set(sources.exports.running() as i64);
         self.in_flight.set(sources.in_flight.count() as i64);
         let mut out = String::new();
