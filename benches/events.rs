@@ -84,19 +84,27 @@ async fn insert_rate(env: &BenchEnv, with_event: bool, d: Duration) -> f64 {
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
-/// Creates users at one per `interval` for `d` while a stream follows; returns the delay
-/// from each CreateUser answer to its event's arrival on the stream.
-async fn delivery_latencies(env: &BenchEnv, interval: Duration, d: Duration) -> Vec<Duration> {
-    let mut logs = LogServiceClient::with_interceptor(env.new_channel().await, env.key.clone());
-    let mut stream = logs
+/// A live stream of the events from now on that match `filter`.
+async fn follow_from_now(
+    env: &BenchEnv,
+    channel: tonic::transport::Channel,
+    filter: &str,
+) -> tonic::Streaming<pb::StreamEventsResponse> {
+    LogServiceClient::with_interceptor(channel, env.key.clone())
         .stream_events(pb::StreamEventsRequest {
             after_position: 0,
             since: Some(roster::wire::timestamp(chrono::Utc::now())),
-            filter: "type = USER_CREATED".into(),
+            filter: filter.into(),
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+/// Creates users at one per `interval` for `d` while a stream follows; returns the delay
+/// from each CreateUser answer to its event's arrival on the stream.
+async fn delivery_latencies(env: &BenchEnv, interval: Duration, d: Duration) -> Vec<Duration> {
+    let mut stream = follow_from_now(env, env.new_channel().await, "type = USER_CREATED").await;
     let answered: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let arrived: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let reader = {
@@ -193,16 +201,7 @@ async fn idle_streams(env: &BenchEnv, n: usize) -> Vec<tokio::task::JoinHandle<(
     let channel = env.new_channel().await;
     let mut tasks = Vec::new();
     for _ in 0..n {
-        let mut logs = LogServiceClient::with_interceptor(channel.clone(), env.key.clone());
-        let mut stream = logs
-            .stream_events(pb::StreamEventsRequest {
-                after_position: 0,
-                since: Some(roster::wire::timestamp(chrono::Utc::now())),
-                filter: "type = USER_BLOCKED".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = follow_from_now(env, channel.clone(), "type = USER_BLOCKED").await;
         tasks.push(tokio::spawn(async move {
             while let Ok(Some(_)) = stream.message().await {}
         }));
