@@ -39,13 +39,15 @@ pub struct DatabaseConfig {
         long,
         global = true,
         env = "ROSTER_DB_TIMEOUT_SECS",
-        default_value_t = 5
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(0..=86_400)
     )]
     pub db_timeout_secs: u64,
     /// Seconds to keep trying at start-up while the database cannot be reached yet (it may
     /// start after Roster); 0 gives up at once. A wrong password or database name fails at
     /// once either way.
-    #[arg(long, global = true, env = "ROSTER_DB_WAIT_SECS", default_value_t = 60)]
+    #[arg(long, global = true, env = "ROSTER_DB_WAIT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub db_wait_secs: u64,
 }
 
@@ -126,22 +128,26 @@ pub struct ServerConfig {
           value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     pub lockout_secs: u64,
     /// Days events are kept; older ones are deleted in the background. 0 keeps them forever.
-    #[arg(long, env = "ROSTER_EVENT_RETENTION_DAYS", default_value_t = 90)]
+    #[arg(long, env = "ROSTER_EVENT_RETENTION_DAYS", default_value_t = 90,
+          value_parser = clap::value_parser!(u32).range(0..=36_500))]
     pub event_retention_days: u32,
     /// Seconds between two retention passes.
     #[arg(
         long,
         env = "ROSTER_EVENT_RETENTION_INTERVAL_SECS",
-        default_value_t = 300
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(0..=86_400)
     )]
     pub event_retention_interval_secs: u64,
     /// Milliseconds between two checks for new events when no notification arrives (event
     /// streams wake on LISTEN/NOTIFY; this is the fallback).
-    #[arg(long, env = "ROSTER_EVENT_POLL_MS", default_value_t = 1000)]
+    #[arg(long, env = "ROSTER_EVENT_POLL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub event_poll_ms: u64,
     /// How long (milliseconds) a verified API key is cached; a revocation takes effect within
     /// this time.
-    #[arg(long, env = "ROSTER_KEY_CACHE_MS", default_value_t = 2000)]
+    #[arg(long, env = "ROSTER_KEY_CACHE_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     pub key_cache_ms: u64,
     /// PEM certificate chain for TLS on the gRPC port (with --tls-key-file). Without it the
     /// port speaks plaintext HTTP/2 (for a mesh or a trusted network).
@@ -157,7 +163,8 @@ pub struct ServerConfig {
     /// Seconds between checks of the TLS files for a rotated certificate, key or client CA
     /// (applied to new connections; invalid files are refused and the last good ones kept);
     /// 0: read them at start only.
-    #[arg(long, env = "ROSTER_TLS_RELOAD_SECS", default_value_t = 30)]
+    #[arg(long, env = "ROSTER_TLS_RELOAD_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub tls_reload_secs: u64,
     /// Address of the Prometheus metrics endpoint (`GET /metrics`, plain HTTP); empty turns it
     /// off. Port 0 picks one.
@@ -195,7 +202,8 @@ pub struct ServerConfig {
     /// Seconds a call may take to answer (a stream: to start) whatever deadline its client
     /// set, or when it set none; past it the call answers DEADLINE_EXCEEDED (CALL_TIMEOUT) and
     /// its database statements are cancelled. 0: no bound beyond the client's.
-    #[arg(long, env = "ROSTER_CALL_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "ROSTER_CALL_TIMEOUT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub call_timeout_secs: u64,
     /// ExportUsers streams running at once. Each holds a database connection and a snapshot
     /// for its whole run, so more answer RESOURCE_EXHAUSTED (with RetryInfo) rather than take
@@ -206,17 +214,20 @@ pub struct ServerConfig {
     /// Seconds an export waits for its client to take the next 1,000 users before ending it
     /// (ABORTED, EXPORT_STALLED), which frees its connection and snapshot; 0: it waits for
     /// ever.
-    #[arg(long, env = "ROSTER_EXPORT_STALL_SECS", default_value_t = 60)]
+    #[arg(long, env = "ROSTER_EXPORT_STALL_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub export_stall_secs: u64,
     /// Seconds of silence on a client connection before the server sends it an HTTP/2 PING; a
     /// client that does not answer within as long again is disconnected, which ends its calls
     /// (the live StreamEvents of a host that vanished without closing its connection would
     /// otherwise hold their reader for the ~12 minutes TCP takes to notice). 0: no pings.
-    #[arg(long, env = "ROSTER_KEEPALIVE_SECS", default_value_t = 30)]
+    #[arg(long, env = "ROSTER_KEEPALIVE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub keepalive_secs: u64,
     /// Seconds in-flight RPCs (a stream until its last message) get to finish after
     /// SIGINT/SIGTERM; live StreamEvents end at once with UNAVAILABLE SHUTTING_DOWN.
-    #[arg(long, env = "ROSTER_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    #[arg(long, env = "ROSTER_SHUTDOWN_GRACE_SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub shutdown_grace_secs: u64,
     /// WebAuthn relying-party id (the site's domain, e.g. example.com) for projects that set
     /// none of their own (`roster projects update --webauthn-rp-id`).

@@ -105,6 +105,22 @@ fn serve_refuses_bad_settings_and_busy_ports_before_starting_a_database() {
             vec!["--max-exports", "8", "--db-pool-size", "8"],
             "--max-exports 8 would let exports take every connection of the pool".into(),
         ),
+        // A duration past what the clock can add panicked in every connection (keepalive)
+        // or timer that used it: every time setting is bounded.
+        (
+            vec!["--keepalive-secs", "18446744073709551615"],
+            "invalid value '18446744073709551615' for '--keepalive-secs <KEEPALIVE_SECS>': \
+             18446744073709551615 is not in 0..=86400"
+                .into(),
+        ),
+        (
+            vec!["--call-timeout-secs", "86401"],
+            "86401 is not in 0..=86400".into(),
+        ),
+        (
+            vec!["--event-retention-days", "36501"],
+            "36501 is not in 0..=36500".into(),
+        ),
         (
             vec!["--listen", &busy],
             format!("binding {busy} (--listen, ROSTER_LISTEN)"),
