@@ -11,6 +11,12 @@ use anyhow::Context;
 use crate::authenticators::passkey::RelyingPartyDefaults;
 use crate::authenticators::password::PasswordSettings;
 
+/// The most a `-secs` time setting takes (a day): beyond it a value is a mistake, and
+/// near `u64::MAX` one would overflow the clock where it is added to it.
+const MAX_SECS: u64 = 86_400;
+/// The most a `-ms` time setting takes (an hour).
+const MAX_MS: u64 = 3_600_000;
+
 /// Options of the database connection shared by every subcommand that talks to PostgreSQL.
 /// Global: `roster keys list --database-url ...` works as well as `roster keys --database-url
 /// ... list`.
@@ -40,14 +46,14 @@ pub struct DatabaseConfig {
         global = true,
         env = "ROSTER_DB_TIMEOUT_SECS",
         default_value_t = 5,
-        value_parser = clap::value_parser!(u64).range(0..=86_400)
+        value_parser = clap::value_parser!(u64).range(0..=MAX_SECS)
     )]
     pub db_timeout_secs: u64,
     /// Seconds to keep trying at start-up while the database cannot be reached yet (it may
     /// start after Roster); 0 gives up at once. A wrong password or database name fails at
     /// once either way.
     #[arg(long, global = true, env = "ROSTER_DB_WAIT_SECS", default_value_t = 60,
-          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+          value_parser = clap::value_parser!(u64).range(0..=MAX_SECS))]
     pub db_wait_secs: u64,
 }
 
@@ -136,18 +142,18 @@ pub struct ServerConfig {
         long,
         env = "ROSTER_EVENT_RETENTION_INTERVAL_SECS",
         default_value_t = 300,
-        value_parser = clap::value_parser!(u64).range(0..=86_400)
+        value_parser = clap::value_parser!(u64).range(0..=MAX_SECS)
     )]
     pub event_retention_interval_secs: u64,
     /// Milliseconds between two checks for new events when no notification arrives (event
     /// streams wake on LISTEN/NOTIFY; this is the fallback).
     #[arg(long, env = "ROSTER_EVENT_POLL_MS", default_value_t = 1000,
-          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+          value_parser = clap::value_parser!(u64).range(0..=MAX_MS))]
     pub event_poll_ms: u64,
     /// How long (milliseconds) a verified API key is cached; a revocation takes effect within
     /// this time.
     #[arg(long, env = "ROSTER_KEY_CACHE_MS", default_value_t = 2000,
-          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+          value_parser = clap::value_parser!(u64).range(0..=MAX_MS))]
     pub key_cache_ms: u64,
     /// PEM certificate chain for TLS on the gRPC port (with --tls-key-file). Without it the
     /// port speaks plaintext HTTP/2 (for a mesh or a trusted network).
@@ -164,7 +170,7 @@ pub struct ServerConfig {
     /// (applied to new connections; invalid files are refused and the last good ones kept);
     /// 0: read them at start only.
     #[arg(long, env = "ROSTER_TLS_RELOAD_SECS", default_value_t = 30,
-          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+          value_parser = clap::value_parser!(u64).range(0..=MAX_SECS))]
     pub tls_reload_secs: u64,
     /// Address of the Prometheus metrics endpoint (`GET /metrics`, plain HTTP); empty turns it
     /// off. Port 0 picks one.
@@ -203,7 +209,7 @@ pub struct ServerConfig {
     /// set, or when it set none; past it the call answers DEADLINE_EXCEEDED (CALL_TIMEOUT) and
     /// its database statements are cancelled. 0: no bound beyond the client's.
     #[arg(long, env = "ROSTER_CALL_TIMEOUT_SECS", default_value_t = 30,
-          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+          value_parser = clap::value_parser!(u64).range(0..=MAX_SECS))]
     pub call_timeout_secs: u64,
     /// ExportUsers streams running at once. Each holds a database connection and a snapshot
     /// for its whole run, so more answer RESOURCE_EXHAUSTED (with RetryInfo) rather than take
@@ -215,19 +221,19 @@ pub struct ServerConfig {
     /// (ABORTED, EXPORT_STALLED), which frees its connection and snapshot; 0: it waits for
     /// ever.
     #[arg(long, env = "ROSTER_EXPORT_STALL_SECS", default_value_t = 60,
-          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+          value_parser = clap::value_parser!(u64).range(0..=MAX_SECS))]
     pub export_stall_secs: u64,
     /// Seconds of silence on a client connection before the server sends it an HTTP/2 PING; a
     /// client that does not answer within as long again is disconnected, which ends its calls
     /// (the live StreamEvents of a host that vanished without closing its connection would
     /// otherwise hold their reader for the ~12 minutes TCP takes to notice). 0: no pings.
     #[arg(long, env = "ROSTER_KEEPALIVE_SECS", default_value_t = 30,
-          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+          value_parser = clap::value_parser!(u64).range(0..=MAX_SECS))]
     pub keepalive_secs: u64,
     /// Seconds in-flight RPCs (a stream until its last message) get to finish after
     /// SIGINT/SIGTERM; live StreamEvents end at once with UNAVAILABLE SHUTTING_DOWN.
     #[arg(long, env = "ROSTER_SHUTDOWN_GRACE_SECS", default_value_t = 20,
-          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+          value_parser = clap::value_parser!(u64).range(0..=MAX_SECS))]
     pub shutdown_grace_secs: u64,
     /// WebAuthn relying-party id (the site's domain, e.g. example.com) for projects that set
     /// none of their own (`roster projects update --webauthn-rp-id`).
