@@ -544,9 +544,7 @@ async fn serve_and_migrate_wait_for_a_database_that_starts_later() {
     let addr = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("serve did not start once the database was up");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
+    let channel = crate::harness::channel_to(addr);
     crate::faults::wait_for(
         &channel,
         tonic_health::pb::health_check_response::ServingStatus::Serving,
@@ -596,11 +594,7 @@ async fn serve_with_the_embedded_default() {
             .expect("dev key")
             .trim()
             .to_string();
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = crate::harness::channel_to(addr);
         let mut users = roster::pb::v1::user_service_client::UserServiceClient::with_interceptor(
             channel.clone(),
             key(Some(&token)),

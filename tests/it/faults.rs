@@ -88,9 +88,7 @@ async fn a_database_restart_under_load_loses_no_acknowledged_write() {
     tokio::spawn(app.run_until(async move {
         let _ = stopped.await;
     }));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
+    let channel = crate::harness::channel_to(addr);
     wait_for(&channel, ServingStatus::Serving, Duration::from_secs(10)).await;
 
     // Four writers create users until told to stop, keeping what was acknowledged and every

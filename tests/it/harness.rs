@@ -339,9 +339,7 @@ impl TestApp {
         }));
         // Lazy: a server configured for TLS would refuse this plaintext channel's handshake;
         // such tests make their own channel.
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect_lazy();
+        let channel = channel_to(addr);
         TestApp {
             url,
             db_name,
@@ -382,9 +380,7 @@ impl TestApp {
         .expect("build app");
         let addr = app.local_addr();
         tokio::spawn(app.run_until(std::future::pending()));
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .expect("endpoint")
-            .connect_lazy()
+        channel_to(addr)
     }
 
     /// Whether the server's `run_until` is still running (its drain not over).
@@ -515,6 +511,13 @@ pub fn key_secret(token: &str) -> &str {
     secret
 }
 
+/// A plaintext channel to a server at `addr` (host:port), connecting on its first call.
+pub fn channel_to(addr: impl std::fmt::Display) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_lazy()
+}
+
 pub fn key(token: Option<&str>) -> Key {
     Key(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")))
 }
@@ -582,8 +585,5 @@ pub fn serve_process(
         cmd.env(k, v);
     }
     let child = cmd.spawn().expect("spawn roster serve");
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .expect("endpoint")
-        .connect_lazy();
-    (child, channel)
+    (child, channel_to(format!("127.0.0.1:{port}")))
 }

@@ -234,11 +234,7 @@ async fn a_ceremony_started_on_one_replica_finishes_on_another() {
     tokio::spawn(second.run_until(async move {
         let _ = stopped.await;
     }));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = crate::harness::channel_to(addr);
     let mut other =
         roster::pb::v1::authenticator_service_client::AuthenticatorServiceClient::with_interceptor(
             channel,

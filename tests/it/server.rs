@@ -229,11 +229,7 @@ async fn roster_harness_free_app() {
     tokio::spawn(app.run_until(async move {
         let _ = rx.await;
     }));
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = crate::harness::channel_to(addr);
     let token = format!("rst_{}_{}", uuid::Uuid::now_v7().simple(), "C".repeat(43));
     let mut users = roster::pb::v1::user_service_client::UserServiceClient::with_interceptor(
         channel.clone(),
@@ -795,11 +791,7 @@ async fn keepalive_frees_the_streams_of_a_client_that_went_silent() {
             }
         }
     });
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{proxy_addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = crate::harness::channel_to(proxy_addr);
     let mut logs = roster::pb::v1::log_service_client::LogServiceClient::with_interceptor(
         channel,
         key(Some(&app.token)),

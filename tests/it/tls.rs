@@ -153,9 +153,7 @@ async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
     // Probes that cannot speak TLS use the plaintext health port: health only, nothing else.
-    let plain = Endpoint::from_shared(format!("http://{}", app.health_addr.unwrap()))
-        .unwrap()
-        .connect_lazy();
+    let plain = crate::harness::channel_to(app.health_addr.unwrap());
     crate::faults::wait_for(
         &plain,
         tonic_health::pb::health_check_response::ServingStatus::Serving,
