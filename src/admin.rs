@@ -26,6 +26,8 @@ pub struct ApiKey {
     pub revoked_at: Option<DateTime<Utc>>,
     /// When a server last accepted the key, to within a minute.
     pub last_used_at: Option<DateTime<Utc>>,
+    /// When servers stop accepting the key; `None`: never.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 pub async fn create_project(db: &impl GenericClient, name: &str) -> Result<Project> {
@@ -151,23 +153,35 @@ pub async fn find_project(db: &impl GenericClient, id_or_name: &str) -> Result<P
     })
 }
 
-/// Creates a key; the returned token is the only time the secret is seen.
+/// Creates a key, accepted until `expires_at` when given; the returned token is the only
+/// time the secret is seen.
 pub async fn create_key(
     db: &impl GenericClient,
     project_id: Uuid,
     name: &str,
     scopes: &[String],
+    expires_at: Option<DateTime<Utc>>,
 ) -> Result<(ApiKey, String)> {
     ScopeSet::parse(scopes).map_err(|e| Error::invalid("scopes", e))?;
     if scopes.is_empty() {
         return Err(Error::invalid("scopes", "give at least one scope (or *)"));
     }
+    if expires_at.is_some_and(|t| t <= Utc::now()) {
+        return Err(Error::invalid("expires_at", "must be in the future"));
+    }
     let key = NewKey::generate();
     let row = db
         .query_one(
-            "INSERT INTO api_keys (id, project_id, name, scopes, secret_hash)
-             VALUES ($1, $2, $3, $4, $5) RETURNING created_at",
-            &[&key.id, &project_id, &name, &scopes, &key.secret_hash],
+            "INSERT INTO api_keys (id, project_id, name, scopes, secret_hash, expires_at)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING created_at",
+            &[
+                &key.id,
+                &project_id,
+                &name,
+                &scopes,
+                &key.secret_hash,
+                &expires_at,
+            ],
         )
         .await?;
     let api_key = ApiKey {
@@ -178,6 +192,7 @@ pub async fn create_key(
         created_at: row.get(0),
         revoked_at: None,
         last_used_at: None,
+        expires_at,
     };
     Ok((api_key, key.token))
 }
@@ -185,7 +200,8 @@ pub async fn create_key(
 pub async fn list_keys(db: &impl GenericClient, project_id: Uuid) -> Result<Vec<ApiKey>> {
     let rows = db
         .query(
-            "SELECT id, project_id, name, scopes, created_at, revoked_at, last_used_at
+            "SELECT id, project_id, name, scopes, created_at, revoked_at, last_used_at,
+                    expires_at
              FROM api_keys WHERE project_id = $1 ORDER BY created_at",
             &[&project_id],
         )
@@ -200,6 +216,7 @@ pub async fn list_keys(db: &impl GenericClient, project_id: Uuid) -> Result<Vec<
             created_at: r.get(4),
             revoked_at: r.get(5),
             last_used_at: r.get(6),
+            expires_at: r.get(7),
         })
         .collect())
 }

@@ -2,7 +2,8 @@
 //!
 //! A key is `rst_<key-id>_<secret>`: the id (a UUID in simple form) finds the row, the secret
 //! (256 random bits, base64url) is checked against its SHA-256 in constant time. Verified keys
-//! are cached for a short time (`--key-cache-ms`), so a revocation takes effect within it.
+//! are cached for a short time (`--key-cache-ms`), so a revocation takes effect within it; a
+//! key's expiry, when it has one, is checked on every call.
 //!
 //! [`AuthLayer`] runs before any handler: it keeps or makes the request id, opens the per-RPC
 //! span (method, request id, project, key, status code, latency), authenticates the key,
@@ -270,6 +271,7 @@ struct KeyRecord {
     scopes: ScopeSet,
     secret_hash: Vec<u8>,
     revoked: bool,
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Verifies keys against the database, with a short-lived cache.
@@ -279,6 +281,8 @@ pub struct KeyVerifier {
     cache: Mutex<HashMap<Uuid, (Instant, Option<KeyRecord>)>>,
     /// When this server last wrote each key's `last_used_at`.
     noted: Mutex<HashMap<Uuid, Instant>>,
+    /// When this server last warned that each key expires soon.
+    warned: Mutex<HashMap<Uuid, Instant>>,
 }
 
 /// Bound on cached key ids (including unknown ones) so random ids cannot grow it forever.
@@ -288,6 +292,30 @@ const KEY_CACHE_MAX: usize = 10_000;
 /// still in use before revoking it, which needs minutes, not a write per call.
 pub const KEY_USE_RESOLUTION: Duration = Duration::from_secs(60);
 
+/// A key used within this long of its expiry makes the server warn, once an hour, so the
+/// replacement is made before the callers start failing.
+const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 86_400);
+const EXPIRY_WARNING_EVERY: Duration = Duration::from_secs(3_600);
+
+/// Whether `key` was last seen in `seen` less than `every` ago; if not, records it as seen now.
+fn seen_within(seen: &Mutex<HashMap<Uuid, Instant>>, key: Uuid, every: Duration) -> bool {
+    let now = Instant::now();
+    let Ok(mut seen) = seen.lock() else {
+        return true;
+    };
+    if seen
+        .get(&key)
+        .is_some_and(|at| now.duration_since(*at) < every)
+    {
+        return true;
+    }
+    if seen.len() >= KEY_CACHE_MAX {
+        seen.clear();
+    }
+    seen.insert(key, now);
+    false
+}
+
 impl KeyVerifier {
     pub fn new(pool: Pool, ttl: Duration) -> Self {
         KeyVerifier {
@@ -295,27 +323,15 @@ impl KeyVerifier {
             ttl,
             cache: Mutex::new(HashMap::new()),
             noted: Mutex::new(HashMap::new()),
+            warned: Mutex::new(HashMap::new()),
         }
     }
 
     /// Records that key `id` was accepted, at most once per [`KEY_USE_RESOLUTION`] per
     /// server, off the call's path: a call never waits for (or fails with) this write.
     fn note_use(&self, id: Uuid) {
-        let now = Instant::now();
-        {
-            let Ok(mut noted) = self.noted.lock() else {
-                return;
-            };
-            if noted
-                .get(&id)
-                .is_some_and(|at| now.duration_since(*at) < KEY_USE_RESOLUTION)
-            {
-                return;
-            }
-            if noted.len() >= KEY_CACHE_MAX {
-                noted.clear();
-            }
-            noted.insert(id, now);
+        if seen_within(&self.noted, id, KEY_USE_RESOLUTION) {
+            return;
         }
         let pool = self.pool.clone();
         tokio::spawn(async move {
@@ -349,7 +365,7 @@ impl KeyVerifier {
         let client = db::client(&self.pool).await?;
         let row = client
             .query_opt(
-                "SELECT project_id, scopes, secret_hash, revoked_at IS NOT NULL
+                "SELECT project_id, scopes, secret_hash, revoked_at IS NOT NULL, expires_at
                  FROM api_keys WHERE id = $1",
                 &[&id],
             )
@@ -369,6 +385,7 @@ impl KeyVerifier {
                     .unwrap_or_default(),
                     secret_hash: row.get(2),
                     revoked: row.get(3),
+                    expires_at: row.get(4),
                 })
             }
             None => None,
@@ -409,6 +426,26 @@ impl KeyVerifier {
                 "REVOKED_API_KEY",
                 "the API key has been revoked",
             ));
+        }
+        if let Some(expires_at) = rec.expires_at {
+            // Checked on every call, so a cached key expires on time too.
+            let left = expires_at - chrono::Utc::now();
+            if left <= chrono::TimeDelta::zero() {
+                return Err(unauthenticated(
+                    "EXPIRED_API_KEY",
+                    "the API key has expired",
+                ));
+            }
+            if left.to_std().is_ok_and(|left| left < EXPIRY_WARNING)
+                && !seen_within(&self.warned, id, EXPIRY_WARNING_EVERY)
+            {
+                tracing::warn!(
+                    key = %id,
+                    expires_at = %expires_at.to_rfc3339(),
+                    "an API key in use expires soon: create its replacement and deploy it \
+                     (roster keys create --expires-in ...)"
+                );
+            }
         }
         self.note_use(id);
         Ok((id, rec.project_id, rec.scopes))

@@ -569,7 +569,7 @@ async fn ensure_dev_key(pool: &Pool, dir: &Path) -> anyhow::Result<std::path::Pa
         }
     }
     let (_, token) =
-        crate::admin::create_key(&**client, project.id, "dev", &["*".to_string()]).await?;
+        crate::admin::create_key(&**client, project.id, "dev", &["*".to_string()], None).await?;
     std::fs::write(&path, format!("{token}\n"))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(path)

@@ -105,9 +105,10 @@ impl BenchEnv {
             let p = roster::admin::create_project(&**client, &name)
                 .await
                 .expect("project");
-            let (_, token) = roster::admin::create_key(&**client, p.id, "bench", &["*".into()])
-                .await
-                .expect("key");
+            let (_, token) =
+                roster::admin::create_key(&**client, p.id, "bench", &["*".into()], None)
+                    .await
+                    .expect("key");
             (p.id, token)
         };
         let app = roster::server::Application::build(

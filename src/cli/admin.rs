@@ -55,9 +55,16 @@ pub enum KeyCommand {
         /// A name saying who uses the key.
         #[arg(long)]
         name: String,
+        /// Servers refuse the key this long after its creation (UNAUTHENTICATED
+        /// EXPIRED_API_KEY): a number with s, m, h or d, e.g. 90d, at most 36500d. Servers
+        /// warn in their log, once an hour, when a key in use has less than 7 days left.
+        /// Without it the key lasts until revoked.
+        #[arg(long, value_parser = parse_lifetime)]
+        expires_in: Option<chrono::TimeDelta>,
     },
-    /// List a project's keys (never their secrets): id, name, scopes, state and when a
-    /// server last accepted the key (to within a minute).
+    /// List a project's keys (never their secrets): id, name, scopes, state (active,
+    /// revoked or expired), when a server last accepted the key (to within a minute) and
+    /// when it expires.
     List {
         /// Project id or name.
         #[arg(long)]
@@ -184,6 +191,30 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
     .await
 }
 
+/// A key's lifetime: a whole number with a unit, `s`, `m`, `h` or `d`.
+fn parse_lifetime(text: &str) -> Result<chrono::TimeDelta, String> {
+    const MAX_DAYS: i64 = 36_500;
+    let usage = || format!("give a number with s, m, h or d (e.g. 90d), at most {MAX_DAYS}d");
+    let text = text.trim();
+    let split = text.len().saturating_sub(1);
+    let (count, unit) = (
+        text.get(..split).unwrap_or(""),
+        text.get(split..).unwrap_or(""),
+    );
+    let count: i64 = count.parse().map_err(|_| usage())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(usage()),
+    };
+    match count.checked_mul(unit_secs) {
+        Some(secs) if secs > 0 && secs <= MAX_DAYS * 86_400 => Ok(chrono::TimeDelta::seconds(secs)),
+        _ => Err(usage()),
+    }
+}
+
 pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
     with_database(db, move |client, _| {
         Box::pin(async move {
@@ -192,28 +223,41 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                     project,
                     scopes,
                     name,
+                    expires_in,
                 } => {
                     let p = admin::find_project(&*client, &project).await?;
-                    let (key, token) = admin::create_key(&*client, p.id, &name, &scopes).await?;
+                    let expires_at = expires_in.map(|d| chrono::Utc::now() + d);
+                    let (key, token) =
+                        admin::create_key(&*client, p.id, &name, &scopes, expires_at).await?;
+                    let lasts = match key.expires_at {
+                        Some(t) => format!(", expiring {}", t.to_rfc3339()),
+                        None => String::new(),
+                    };
                     eprintln!(
-                        "created key {} in project {}; the token is shown only now:",
+                        "created key {} in project {}{lasts}; the token is shown only now:",
                         key.id, p.name
                     );
                     println!("{token}");
                 }
                 KeyCommand::List { project } => {
                     let p = admin::find_project(&*client, &project).await?;
+                    let now = chrono::Utc::now();
                     for k in admin::list_keys(&*client, p.id).await? {
-                        let state = match k.revoked_at {
-                            Some(t) => format!("revoked {}", t.to_rfc3339()),
-                            None => "active".to_string(),
+                        let state = match (k.revoked_at, k.expires_at) {
+                            (Some(t), _) => format!("revoked {}", t.to_rfc3339()),
+                            (None, Some(t)) if t <= now => "expired".to_string(),
+                            (None, _) => "active".to_string(),
                         };
                         let used = match k.last_used_at {
                             Some(t) => format!("last used {}", t.to_rfc3339()),
                             None => "never used".to_string(),
                         };
+                        let expiry = match k.expires_at {
+                            Some(t) => format!("expires {}", t.to_rfc3339()),
+                            None => "no expiry".to_string(),
+                        };
                         println!(
-                            "{}\t{}\t{}\t{state}\t{used}",
+                            "{}\t{}\t{}\t{state}\t{used}\t{expiry}",
                             k.id,
                             k.name,
                             k.scopes.join(",")
@@ -320,4 +364,36 @@ pub async fn encryption(
         })
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_lifetime;
+
+    #[test]
+    fn key_lifetimes_are_parsed_and_bounded() {
+        let secs = |t: &str| parse_lifetime(t).map(|d| d.num_seconds());
+        assert_eq!(secs("90d"), Ok(90 * 86_400));
+        assert_eq!(secs("12h"), Ok(43_200));
+        assert_eq!(secs("30m"), Ok(1_800));
+        assert_eq!(secs(" 45s "), Ok(45));
+        assert_eq!(secs("36500d"), Ok(36_500 * 86_400));
+        for bad in [
+            "",
+            "d",
+            "90",
+            "0d",
+            "-1d",
+            "36501d",
+            "1y",
+            "1.5d",
+            "9d9",
+            "é",
+            "1é",
+            "9999999999999999999d",
+        ] {
+            let err = parse_lifetime(bad).unwrap_err();
+            assert!(err.contains("e.g. 90d"), "{bad:?}: {err}");
+        }
+    }
 }

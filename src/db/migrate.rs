@@ -40,6 +40,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "api_key_last_used",
         include_str!("migrations/0008_api_key_last_used.sql"),
     ),
+    (
+        9,
+        "api_key_expiry",
+        include_str!("migrations/0009_api_key_expiry.sql"),
+    ),
 ];
 
 /// A short digest of every migration's version, name and SQL: equal for two builds exactly

@@ -78,6 +78,81 @@ async fn revoked_keys_stop_working_within_the_cache_time() {
     }
 }
 
+/// A key created with an expiry works until then and is refused from then on, with its own
+/// reason, even while the server still caches it; a key in use with days left makes the
+/// server warn once, not on every call.
+#[tokio::test]
+async fn keys_expire_on_time_even_while_cached() {
+    let (logs, _guard) = crate::passwords::capture_logs();
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        key_cache_ms: 60_000,
+        ..Default::default()
+    })
+    .await;
+    let client = app.pool.get().await.unwrap();
+    let expires_at = chrono::Utc::now() + chrono::TimeDelta::milliseconds(1_500);
+    let (key, token) = roster::admin::create_key(
+        &**client,
+        app.project_id,
+        "short",
+        &["users.read".into()],
+        Some(expires_at),
+    )
+    .await
+    .unwrap();
+    assert_eq!(key.expires_at, Some(expires_at));
+    let mut users = app.users_with(Some(&token));
+    let list = pb::ListUsersRequest::default();
+    users.list_users(list.clone()).await.unwrap();
+    users.list_users(list.clone()).await.unwrap();
+    let warnings = || {
+        String::from_utf8_lossy(&logs.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains("expires soon"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let warned = warnings();
+    assert_eq!(warned.len(), 1, "one warning, not one per call: {warned:?}");
+    assert!(
+        warned[0].contains("WARN") && warned[0].contains(&key.id.to_string()),
+        "{warned:?}"
+    );
+    assert!(!warned[0].contains(crate::harness::key_secret(&token)));
+
+    let refused = loop {
+        match users.list_users(list.clone()).await {
+            Ok(_) => {
+                assert!(
+                    chrono::Utc::now() < expires_at + chrono::TimeDelta::seconds(1),
+                    "the cached key was still accepted a second after its expiry"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        chrono::Utc::now() >= expires_at,
+        "refused before its expiry"
+    );
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert_eq!(reason(&refused), "EXPIRED_API_KEY");
+    assert_eq!(refused.message(), "the API key has expired");
+
+    // An expiry in the past is refused at creation.
+    let err = roster::admin::create_key(
+        &**client,
+        app.project_id,
+        "stillborn",
+        &["users.read".into()],
+        Some(chrono::Utc::now() - chrono::TimeDelta::seconds(1)),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("must be in the future"), "{err}");
+}
+
 #[tokio::test]
 async fn each_rpc_needs_its_scope() {
     let app = TestApp::spawn().await;

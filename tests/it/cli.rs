@@ -285,9 +285,81 @@ async fn projects_and_keys_commands() {
     let (_, listed, _) = roster(&app.url, &["keys", "list", "--project", "acme"]);
     let line = listed.lines().find(|l| l.contains("\tci\t")).unwrap();
     assert!(
-        line.ends_with(&format!("active\tlast used {}", first.to_rfc3339())),
+        line.ends_with(&format!(
+            "active\tlast used {}\tno expiry",
+            first.to_rfc3339()
+        )),
         "{listed}"
     );
+
+    // A key with a lifetime: the expiry is printed at creation and listed; past it, the
+    // key is refused and listed as expired.
+    let create_expiring = |lifetime: &str| {
+        roster(
+            &app.url,
+            &[
+                "keys",
+                "create",
+                "--project",
+                "acme",
+                "--scope",
+                "users.read",
+                "--name",
+                "temp",
+                "--expires-in",
+                lifetime,
+            ],
+        )
+    };
+    for bad in ["0d", "90", "1y", "36501d"] {
+        let (ok, _, err) = create_expiring(bad);
+        assert!(!ok, "--expires-in {bad} was accepted");
+        assert!(
+            err.contains("invalid value") && err.contains("e.g. 90d"),
+            "{bad}: {err}"
+        );
+    }
+    let (ok, temp, err) = create_expiring("2s");
+    assert!(ok, "{err}");
+    assert!(err.contains(", expiring 20"), "{err}");
+    let temp = temp.trim().to_string();
+    let mut temp_users = app.users_with(Some(&temp));
+    temp_users
+        .get_user(pb::GetUserRequest { id: u.id.clone() })
+        .await
+        .unwrap();
+    let (_, listed, _) = roster(&app.url, &["keys", "list", "--project", "acme"]);
+    let line = listed.lines().find(|l| l.contains("\ttemp\t")).unwrap();
+    let fields: Vec<&str> = line.split('\t').collect();
+    assert_eq!(fields[3], "active", "{line}");
+    let expires = chrono::DateTime::parse_from_rfc3339(
+        fields[5]
+            .strip_prefix("expires ")
+            .expect("an expiry column"),
+    )
+    .unwrap();
+    let lifetime = expires.signed_duration_since(chrono::Utc::now());
+    assert!(
+        lifetime <= chrono::TimeDelta::seconds(2) && lifetime > chrono::TimeDelta::zero(),
+        "{line}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match temp_users
+            .get_user(pb::GetUserRequest { id: u.id.clone() })
+            .await
+        {
+            Err(e) if e.code() == Code::Unauthenticated => {
+                assert_eq!(crate::harness::reason(&e), "EXPIRED_API_KEY");
+                break;
+            }
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("the key still works past its expiry: {other:?}"),
+        }
+    }
+    let (_, listed, _) = roster(&app.url, &["keys", "list", "--project", "acme"]);
+    let line = listed.lines().find(|l| l.contains("\ttemp\t")).unwrap();
+    assert!(line.contains("\texpired\t"), "{line}");
 
     // A mangled token is refused without echoing it (it may hold the secret).
     let (ok, _, err) = roster(&app.url, &["keys", "revoke", "rst_typo_s3cret"]);

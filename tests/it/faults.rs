@@ -71,7 +71,7 @@ async fn a_database_restart_under_load_loses_no_acknowledged_write() {
     let token = {
         let c = pool.get().await.unwrap();
         let p = roster::admin::create_project(&**c, "faults").await.unwrap();
-        roster::admin::create_key(&**c, p.id, "all", &["*".into()])
+        roster::admin::create_key(&**c, p.id, "all", &["*".into()], None)
             .await
             .unwrap()
             .1

@@ -314,9 +314,10 @@ impl TestApp {
             let p = roster::admin::create_project(&**client, "test")
                 .await
                 .expect("project");
-            let (_, token) = roster::admin::create_key(&**client, p.id, "all", &["*".to_string()])
-                .await
-                .expect("key");
+            let (_, token) =
+                roster::admin::create_key(&**client, p.id, "all", &["*".to_string()], None)
+                    .await
+                    .expect("key");
             (p.id, token)
         };
         let app = roster::server::Application::build(
@@ -465,7 +466,7 @@ impl TestApp {
     pub async fn key(&self, scopes: &[&str]) -> String {
         let client = self.pool.get().await.expect("db");
         let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
-        roster::admin::create_key(&**client, self.project_id, "scoped", &scopes)
+        roster::admin::create_key(&**client, self.project_id, "scoped", &scopes, None)
             .await
             .expect("key")
             .1
@@ -478,9 +479,10 @@ impl TestApp {
             roster::admin::create_project(&**client, &format!("other-{}", Uuid::now_v7().simple()))
                 .await
                 .expect("project");
-        let (_, token) = roster::admin::create_key(&**client, p.id, "all", &["*".to_string()])
-            .await
-            .expect("key");
+        let (_, token) =
+            roster::admin::create_key(&**client, p.id, "all", &["*".to_string()], None)
+                .await
+                .expect("key");
         (p.id, token)
     }
 

@@ -1,9 +1,9 @@
 //! The isolation and scope matrix, generated from the service descriptors (a new RPC is
 //! covered without touching this file): every method of every Roster service, called raw,
-//! with no key, a malformed key, a revoked key, a key lacking only the method's scope, and a
-//! key of another project sending this project's ids. The first four must be refused with
-//! exactly UNAUTHENTICATED or PERMISSION_DENIED; the last must neither reveal nor change
-//! anything of this project.
+//! with no key, a malformed key, a revoked key, an expired key, a key lacking only the
+//! method's scope, and a key of another project sending this project's ids. The first five
+//! must be refused with exactly UNAUTHENTICATED or PERMISSION_DENIED; the last must neither
+//! reveal nor change anything of this project.
 use std::time::Duration;
 
 use prost::Message;
@@ -196,10 +196,26 @@ async fn every_rpc_refuses_bad_keys_and_never_crosses_projects() {
     let revoked = {
         let client = app.pool.get().await.unwrap();
         let (key, token) =
-            roster::admin::create_key(&**client, app.project_id, "gone", &["*".into()])
+            roster::admin::create_key(&**client, app.project_id, "gone", &["*".into()], None)
                 .await
                 .unwrap();
         roster::admin::revoke_key(&**client, key.id).await.unwrap();
+        token
+    };
+    let expired = {
+        let client = app.pool.get().await.unwrap();
+        let soon = chrono::Utc::now() + chrono::TimeDelta::hours(1);
+        let (key, token) =
+            roster::admin::create_key(&**client, app.project_id, "old", &["*".into()], Some(soon))
+                .await
+                .unwrap();
+        client
+            .execute(
+                "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1",
+                &[&key.id],
+            )
+            .await
+            .unwrap();
         token
     };
     let (_, stranger) = app.other_project().await;
@@ -211,6 +227,7 @@ async fn every_rpc_refuses_bad_keys_and_never_crosses_projects() {
             ("no key", None),
             ("malformed key", Some("rst_not-a-key")),
             ("revoked key", Some(revoked.as_str())),
+            ("expired key", Some(expired.as_str())),
         ] {
             let err = call(&app, &m.path, token, vec![]).await.unwrap_err();
             assert_eq!(err.code(), Code::Unauthenticated, "{} with {case}", m.path);
