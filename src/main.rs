@@ -18,7 +18,7 @@ fn main() -> std::process::ExitCode {
             // The message and its causes, without the stack backtrace that returning the error
             // from main prints whenever RUST_BACKTRACE is set: these are an operator's errors
             // (a bad flag value, an unknown project), not the program's.
-            eprintln!("Error: {e:#}");
+            eprintln!("Error: {}", roster::cli::error_line(&e));
             std::process::ExitCode::FAILURE
         }
     }

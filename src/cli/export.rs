@@ -159,10 +159,6 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     if let (Some(t), Some(path)) = (&temp, &args.output) {
         std::fs::rename(t, path).with_context(|| format!("writing {}", path.display()))?;
     }
-    eprintln!(
-        "exported {count} users in {:.1}s ({:.0}/s)",
-        progress.elapsed().as_secs_f64(),
-        progress.rate(count)
-    );
+    eprintln!("exported {count} users {}", progress.took(count));
     Ok(())
 }

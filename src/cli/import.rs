@@ -545,12 +545,11 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     let resume_at = results.answered_prefix();
     results.errors.finish()?;
     let t = &results.tally;
-    let secs = progress.elapsed().as_secs_f64();
     let verb = if args.dry_run { "checked" } else { "imported" };
     eprintln!(
-        "{verb} {} records in {secs:.1}s ({:.0}/s): {}",
+        "{verb} {} records {}: {}",
         t.done(),
-        progress.rate(t.done()),
+        progress.took(t.done()),
         t.detail()
     );
     if t.failed > SHOWN_FAILURES && !results.has_errors_file {

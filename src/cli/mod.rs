@@ -52,6 +52,19 @@ pub enum Command {
     Export(Box<export::ExportArgs>),
 }
 
+/// An error as an operator reads it: the message and its causes joined by ": ", a cause that
+/// repeats the one before it left out (tonic's connect error says "tcp connect error" twice).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if parts.last() != Some(&text) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
 /// Ends the process with this exit status once the command has cleaned up (logs flushed),
 /// without an error message of its own: the command has already said what happened.
 #[derive(Debug)]
@@ -89,5 +102,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => admin::encryption(command, &database, &keys).await,
         Command::Import(args) => import::run(*args).await,
         Command::Export(args) => export::run(*args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    #[test]
+    fn an_error_line_leaves_out_a_cause_that_repeats_the_one_before() {
+        let e = anyhow::anyhow!("Connection refused (os error 111)")
+            .context("tcp connect error")
+            .context("tcp connect error")
+            .context("transport error")
+            .context("cannot reach the Roster server at http://127.0.0.1:1");
+        assert_eq!(
+            error_line(&e),
+            "cannot reach the Roster server at http://127.0.0.1:1: transport error: tcp connect \
+             error: Connection refused (os error 111)"
+        );
+        // Equal messages that are not neighbours are both kept.
+        let e = anyhow::anyhow!("a").context("b").context("a");
+        assert_eq!(error_line(&e), "a: b: a");
     }
 }

@@ -142,13 +142,40 @@ impl Progress {
         count as f64 / self.started.elapsed().as_secs_f64().max(1e-3)
     }
 
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
+    /// "in 12.3s (81300/s)" for the final summary; a run under a second gets no rate, which
+    /// would only restate its count ("11 records in 0.0s (11000/s)").
+    pub fn took(&self, count: u64) -> String {
+        took(self.started.elapsed(), count)
     }
 
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+}
+
+fn took(elapsed: Duration, count: u64) -> String {
+    let secs = elapsed.as_secs_f64();
+    if secs < 1.0 {
+        format!("in {secs:.1}s")
+    } else {
+        format!("in {secs:.1}s ({:.0}/s)", count as f64 / secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::took;
+    use std::time::Duration;
+
+    #[test]
+    fn a_summary_gives_a_rate_only_for_runs_of_a_second_or_more() {
+        assert_eq!(took(Duration::from_millis(40), 11), "in 0.0s");
+        assert_eq!(took(Duration::from_millis(999), 11), "in 1.0s");
+        assert_eq!(
+            took(Duration::from_millis(2_500), 5_000),
+            "in 2.5s (2000/s)"
+        );
     }
 }

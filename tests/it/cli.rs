@@ -828,6 +828,31 @@ async fn roster_client_fed(
     .unwrap()
 }
 
+/// A client command against a server that is not there says so in one plain line.
+#[test]
+fn client_commands_say_when_the_server_cannot_be_reached() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let out = Command::new(ROSTER)
+        .args(["export"])
+        .env("ROSTER_SERVER", format!("http://{addr}"))
+        .env("ROSTER_API_KEY", format!("rst_{}_secret", "0".repeat(32)))
+        .env("RUST_BACKTRACE", "1")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("run roster");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "Error: cannot reach the Roster server at http://{addr}: "
+        )) && err.lines().count() == 1,
+        "{err}"
+    );
+    assert_eq!(err.matches("tcp connect error").count(), 1, "{err}");
+}
+
 #[tokio::test]
 async fn csv_export_and_import_round_trip_quotes_newlines_and_unicode() {
     use crate::bulk::{export_all, import, record_of};
