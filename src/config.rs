@@ -133,6 +133,12 @@ pub struct ServerConfig {
     #[arg(long, env = "ROSTER_LOCKOUT_SECS", default_value_t = 900,
           value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     pub lockout_secs: u64,
+    /// A new password may not repeat any of the user's last N passwords, the current one
+    /// included (PCI DSS 8.3.7 asks for 4); at most 24. The hashes of the N-1 before the
+    /// current one are kept for it; 0 keeps none and checks nothing.
+    #[arg(long, env = "ROSTER_PASSWORD_HISTORY", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=24))]
+    pub password_history: u32,
     /// Days events are kept; older ones are deleted in the background. 0 keeps them forever.
     #[arg(long, env = "ROSTER_EVENT_RETENTION_DAYS", default_value_t = 90,
           value_parser = clap::value_parser!(u32).range(0..=36_500))]
@@ -259,6 +265,7 @@ impl Default for ServerConfig {
             encryption_keys_file: None,
             lockout_threshold: 10,
             lockout_secs: 900,
+            password_history: 0,
             event_retention_days: 90,
             event_retention_interval_secs: 300,
             event_poll_ms: 1000,
@@ -340,6 +347,7 @@ impl ServerConfig {
         PasswordSettings {
             lockout_threshold: self.lockout_threshold,
             lockout: chrono::Duration::seconds(self.lockout_secs.min(31_536_000) as i64),
+            history: self.password_history.min(24),
         }
     }
 

@@ -242,6 +242,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let user = password::set_password(
             &s.pool,
             &s.hasher,
+            &s.passwords,
             &caller,
             id,
             password,
@@ -393,8 +394,15 @@ impl AuthenticatorService for AuthenticatorApi {
         new_plain_password(&mut v, "new_password", &req.new_password);
         v.into_result()?;
         let s = &self.state;
-        let user =
-            password::reset_password(&s.pool, &s.hasher, &caller, token, req.new_password).await?;
+        let user = password::reset_password(
+            &s.pool,
+            &s.hasher,
+            &s.passwords,
+            &caller,
+            token,
+            req.new_password,
+        )
+        .await?;
         Ok(Response::new(pb::ResetPasswordResponse {
             user: Some(user_to_proto(&user)),
         }))

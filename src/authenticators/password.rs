@@ -27,6 +27,8 @@ pub struct PasswordSettings {
     pub lockout_threshold: u32,
     /// How long a lock lasts.
     pub lockout: Duration,
+    /// A new password may not repeat any of the last this many (the current one included).
+    pub history: u32,
 }
 
 impl Default for PasswordSettings {
@@ -34,6 +36,7 @@ impl Default for PasswordSettings {
         PasswordSettings {
             lockout_threshold: 10,
             lockout: Duration::minutes(15),
+            history: 0,
         }
     }
 }
@@ -118,6 +121,74 @@ async fn hash_of(hasher: &Hasher, password: &NewPassword) -> Result<String> {
     }
 }
 
+/// Refuses a plain new password equal to one of the user's last `settings.history`
+/// passwords: `current` (the stored hash, when the caller has not already ruled it out) and
+/// the previous ones kept. Compared on the hashing pool, no connection held meanwhile.
+#[allow(clippy::too_many_arguments)]
+async fn check_history(
+    pool: &Pool,
+    hasher: &Hasher,
+    settings: &PasswordSettings,
+    caller: &Caller,
+    id: Uuid,
+    current: Option<&str>,
+    password: &NewPassword,
+    field: &str,
+) -> Result<()> {
+    let NewPassword::Plain(plain) = password else {
+        return Ok(());
+    };
+    if settings.history == 0 {
+        return Ok(());
+    }
+    let mut hashes: Vec<String> = current.map(str::to_owned).into_iter().collect();
+    if settings.history > 1 {
+        let client = db::client(pool).await?;
+        hashes.extend(
+            store::previous_hashes(&*client, caller.project_id, id, settings.history - 1).await?,
+        );
+    }
+    let checks = hashes
+        .into_iter()
+        .map(|h| hasher.verify(plain.clone(), Some(h)));
+    let reused = futures_util::future::try_join_all(checks)
+        .await?
+        .iter()
+        .any(|v| v.ok);
+    if reused {
+        let message = match settings.history {
+            1 => "is the user's current password; choose another".to_string(),
+            n => format!("is one of the user's last {n} passwords; choose another"),
+        };
+        return Err(Error::invalid(field, message));
+    }
+    Ok(())
+}
+
+/// After the history check, inside the transaction: the hash it compared against must still be
+/// the stored one, or a concurrent change slipped in between (ABORTED: retry).
+fn unchanged_since_check(
+    settings: &PasswordSettings,
+    password: &NewPassword,
+    checked: Option<&str>,
+    current: &Credentials,
+) -> Result<()> {
+    if settings.history > 0
+        && matches!(password, NewPassword::Plain(_))
+        && current.hash.as_deref() != checked
+    {
+        return Err(Error::EtagMismatch { resource: USER });
+    }
+    Ok(())
+}
+
+async fn credentials_of(pool: &Pool, caller: &Caller, id: Uuid) -> Result<Credentials> {
+    let client = db::client(pool).await?;
+    store::credentials(&*client, caller.project_id, &Login::Id(id))
+        .await?
+        .ok_or_else(|| not_found(id))
+}
+
 fn password_event_data(password: &NewPassword, require_change: bool) -> serde_json::Value {
     let format = match password {
         NewPassword::Plain(_) => "argon2id",
@@ -130,23 +201,22 @@ fn password_event_data(password: &NewPassword, require_change: bool) -> serde_js
     })
 }
 
-async fn get_user(pool: &Pool, caller: &Caller, id: Uuid) -> Result<User> {
-    let client = db::client(pool).await?;
-    crate::users::store::get(&*client, caller.project_id, id)
-        .await?
-        .ok_or_else(|| not_found(id))
-}
-
 pub async fn set_password(
     pool: &Pool,
     hasher: &Hasher,
+    settings: &PasswordSettings,
     caller: &Caller,
     id: Uuid,
     password: NewPassword,
     require_change: bool,
 ) -> Result<User> {
-    let user = get_user(pool, caller, id).await?;
-    check_personal(&user, &password, "password")?;
+    let found = credentials_of(pool, caller, id).await?;
+    check_personal(&found.user, &password, "password")?;
+    let checked = found.hash.as_deref();
+    check_history(
+        pool, hasher, settings, caller, id, checked, &password, "password",
+    )
+    .await?;
     let hash = hash_of(hasher, &password).await?;
     let mut client = db::client(pool).await?;
     let tx = client.transaction().await?;
@@ -155,6 +225,9 @@ pub async fn set_password(
         .ok_or_else(|| not_found(id))?;
     // The profile may have changed while hashing; the rule must hold for the stored one.
     check_personal(&current.user, &password, "password")?;
+    unchanged_since_check(settings, &password, checked, &current)?;
+    let keep = settings.history.saturating_sub(1);
+    store::file_password_history(&tx, caller.project_id, id, &hash, keep).await?;
     let updated =
         store::set_password(&tx, caller.project_id, id, Some(&hash), require_change).await?;
     let ev = NewEvent::for_user(
@@ -526,6 +599,19 @@ pub async fn change_password(
     check_personal(&found.user, &new, "new_password")?;
     let verified = hasher.verify(current_password, Some(hash.clone())).await?;
     let new_hash = if verified.ok {
+        // Only for the holder of the current password: it tells whether a password was
+        // used before. The current one is ruled out already (it is not the new one).
+        check_history(
+            pool,
+            hasher,
+            settings,
+            caller,
+            id,
+            None,
+            &new,
+            "new_password",
+        )
+        .await?;
         Some(hash_of(hasher, &new).await?)
     } else {
         None
@@ -563,6 +649,8 @@ pub async fn change_password(
         ));
     };
     check_personal(&current.user, &new, "new_password")?;
+    let keep = settings.history.saturating_sub(1);
+    store::file_password_history(&tx, caller.project_id, id, &new_hash, keep).await?;
     let updated = store::set_password(&tx, caller.project_id, id, Some(&new_hash), false).await?;
     let ev = NewEvent::for_user(
         EventType::PasswordChanged,
@@ -626,6 +714,7 @@ fn token_error(description: &str) -> Error {
 pub async fn reset_password(
     pool: &Pool,
     hasher: &Hasher,
+    settings: &PasswordSettings,
     caller: &Caller,
     token: &str,
     new_password: String,
@@ -642,9 +731,21 @@ pub async fn reset_password(
     if expires_at <= Utc::now() {
         return Err(expired());
     }
-    let user = get_user(pool, caller, user_id).await?;
+    let found = credentials_of(pool, caller, user_id).await?;
     let new = NewPassword::Plain(new_password);
-    check_personal(&user, &new, "new_password")?;
+    check_personal(&found.user, &new, "new_password")?;
+    let checked = found.hash.as_deref();
+    check_history(
+        pool,
+        hasher,
+        settings,
+        caller,
+        user_id,
+        checked,
+        &new,
+        "new_password",
+    )
+    .await?;
     let new_hash = hash_of(hasher, &new).await?;
 
     let mut client = db::client(pool).await?;
@@ -662,7 +763,10 @@ pub async fn reset_password(
         .await?
         .ok_or_else(unknown)?;
     check_personal(&current.user, &new, "new_password")?;
+    unchanged_since_check(settings, &new, checked, &current)?;
     let lock_cleared = current.user.locked_until.is_some_and(|t| t > Utc::now());
+    let keep = settings.history.saturating_sub(1);
+    store::file_password_history(&tx, caller.project_id, user_id, &new_hash, keep).await?;
     let updated =
         store::set_password(&tx, caller.project_id, user_id, Some(&new_hash), false).await?;
     let ev = NewEvent::for_user(

@@ -209,6 +209,60 @@ pub async fn record_success_if_unchanged(
     Ok(Some(user_from_row(&row)))
 }
 
+/// The hashes of the user's previous passwords (not the current one), newest first, at most
+/// `limit` (`--password-history`).
+pub async fn previous_hashes(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    id: Uuid,
+    limit: u32,
+) -> Result<Vec<String>> {
+    let stmt = db
+        .prepare_cached(
+            "SELECT hash FROM password_history WHERE project_id = $1 AND user_id = $2
+             ORDER BY seq DESC LIMIT $3",
+        )
+        .await?;
+    let rows = db
+        .query(&stmt, &[&project_id, &id, &i64::from(limit)])
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Before a password change: files the current hash among the previous ones (unless it is
+/// `new_hash` itself) and keeps the newest `keep`; 0 deletes them all, so a server whose
+/// history is off keeps no old hashes.
+pub async fn file_password_history(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    id: Uuid,
+    new_hash: &str,
+    keep: u32,
+) -> Result<()> {
+    if keep > 0 {
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO password_history (project_id, user_id, hash)
+                 SELECT project_id, id, password_hash FROM users
+                 WHERE project_id = $1 AND id = $2 AND password_hash IS NOT NULL
+                   AND password_hash <> $3",
+            )
+            .await?;
+        tx.execute(&stmt, &[&project_id, &id, &new_hash]).await?;
+    }
+    let stmt = tx
+        .prepare_cached(
+            "DELETE FROM password_history WHERE project_id = $1 AND user_id = $2
+               AND seq NOT IN (SELECT seq FROM password_history
+                               WHERE project_id = $1 AND user_id = $2
+                               ORDER BY seq DESC LIMIT $3)",
+        )
+        .await?;
+    tx.execute(&stmt, &[&project_id, &id, &i64::from(keep)])
+        .await?;
+    Ok(())
+}
+
 /// Replaces the password hash (NULL removes the password), sets whether it must be changed,
 /// clears a brute-force lock and voids the user's reset tokens.
 pub async fn set_password(

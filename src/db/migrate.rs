@@ -45,6 +45,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "api_key_expiry",
         include_str!("migrations/0009_api_key_expiry.sql"),
     ),
+    (
+        10,
+        "password_history",
+        include_str!("migrations/0010_password_history.sql"),
+    ),
 ];
 
 /// A short digest of every migration's version, name and SQL: equal for two builds exactly

@@ -122,6 +122,10 @@ fn serve_refuses_bad_settings_and_busy_ports_before_starting_a_database() {
             "36501 is not in 0..=36500".into(),
         ),
         (
+            vec!["--password-history", "25"],
+            "25 is not in 0..=24".into(),
+        ),
+        (
             vec!["--listen", &busy],
             format!("binding {busy} (--listen, ROSTER_LISTEN)"),
         ),

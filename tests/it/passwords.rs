@@ -1029,6 +1029,119 @@ async fn reset_tokens_work_once_expire_and_void_the_others() {
     assert_eq!(t.split(',').filter(|t| *t == "PASSWORD_RESET").count(), 1);
 }
 
+/// `--password-history 3`: ChangePassword, ResetPassword and SetPassword refuse any of the
+/// user's last three passwords (the current one included) with a field violation and write
+/// nothing; older ones are allowed again; only two previous hashes are kept. With the
+/// default (off) passwords may repeat and no old hash is kept.
+#[tokio::test]
+async fn password_history_refuses_the_last_passwords() {
+    let app = TestApp::spawn_with(ServerConfig {
+        password_history: 3,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut a = app.authenticators();
+    let user = user_with_password(&app, "history@example.com").await;
+    let (b, c, d) = (
+        "second passphrase b",
+        "third passphrase c",
+        "fourth passphrase d",
+    );
+    let change = |current: &str, new: &str| pb::ChangePasswordRequest {
+        user_id: user.id.clone(),
+        current_password: current.into(),
+        new_password: new.into(),
+    };
+    let set = |p: &str| pb::SetPasswordRequest {
+        user_id: user.id.clone(),
+        new_password: Some(pb::set_password_request::NewPassword::Password(p.into())),
+        require_change: false,
+    };
+    let previous = || async {
+        let id = Uuid::parse_str(&user.id).unwrap();
+        app.sql_one::<i64>(
+            "SELECT count(*) FROM password_history WHERE user_id = $1",
+            &[&id],
+        )
+        .await
+    };
+    a.change_password(change(PASSWORD, b)).await.unwrap();
+    a.change_password(change(b, c)).await.unwrap();
+
+    // Now c (current), b and PASSWORD are the last three.
+    let events_before = app.events_of(&user.id).await.len();
+    let hash_before = stored_hash(&app, &user.id).await;
+    let err = a.change_password(change(c, PASSWORD)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), ["new_password"]);
+    assert!(
+        err.message().contains("one of the user's last 3 passwords")
+            && !err.message().contains(PASSWORD),
+        "{}",
+        err.message()
+    );
+    let err = a.set_password(set(b)).await.unwrap_err();
+    assert_eq!(violated_fields(&err), ["password"]);
+    let err = a.set_password(set(c)).await.unwrap_err();
+    assert_eq!(
+        violated_fields(&err),
+        ["password"],
+        "the current one counts"
+    );
+    use pb::create_password_reset_token_request::Login as TL;
+    let token = a
+        .create_password_reset_token(pb::CreatePasswordResetTokenRequest {
+            login: Some(TL::UserId(user.id.clone())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let reset = |p: &str| pb::ResetPasswordRequest {
+        token: token.clone(),
+        new_password: p.into(),
+    };
+    let err = a.reset_password(reset(b)).await.unwrap_err();
+    assert_eq!(violated_fields(&err), ["new_password"]);
+    assert_eq!(
+        stored_hash(&app, &user.id).await,
+        hash_before,
+        "nothing changed"
+    );
+    assert_eq!(
+        app.events_of(&user.id).await.len(),
+        events_before + 1,
+        "only the reset request's event"
+    );
+    // The refused reset left the token usable.
+    a.reset_password(reset(d)).await.unwrap();
+    assert_eq!(previous().await, 2, "the current one and two before it");
+
+    // d, c and b are the last three: the first password is allowed again.
+    a.set_password(set(PASSWORD)).await.unwrap();
+    let r = verify(&mut a, email("history@example.com"), PASSWORD).await;
+    assert_eq!(result(&r), R::Ok);
+    assert_eq!(previous().await, 2);
+
+    // Off (the default): a password may repeat, and no old hash is kept.
+    let app = TestApp::spawn().await;
+    let mut a = app.authenticators();
+    let user = user_with_password(&app, "nohistory@example.com").await;
+    for (current, new) in [(PASSWORD, b), (b, PASSWORD)] {
+        a.change_password(pb::ChangePasswordRequest {
+            user_id: user.id.clone(),
+            current_password: current.into(),
+            new_password: new.into(),
+        })
+        .await
+        .unwrap();
+    }
+    let kept: i64 = app
+        .sql_one("SELECT count(*) FROM password_history", &[])
+        .await;
+    assert_eq!(kept, 0);
+}
+
 #[tokio::test]
 async fn concurrent_uses_of_one_reset_token_exactly_one_wins() {
     let app = TestApp::spawn().await;
