@@ -226,7 +226,9 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                     expires_in,
                 } => {
                     let p = admin::find_project(&*client, &project).await?;
-                    let expires_at = expires_in.map(|d| chrono::Utc::now() + d);
+                    // Whole seconds: the time an operator reads back and writes down.
+                    let expires_at = expires_in
+                        .map(|d| chrono::SubsecRound::trunc_subsecs(chrono::Utc::now() + d, 0));
                     let (key, token) =
                         admin::create_key(&*client, p.id, &name, &scopes, expires_at).await?;
                     let lasts = match key.expires_at {
