@@ -205,12 +205,24 @@ pub struct ServerConfig {
     pub health_listen: String,
     /// Calls per second each API key may make (a token bucket per key); 0 turns limiting off.
     /// Over the limit, calls answer RESOURCE_EXHAUSTED with RetryInfo.
-    #[arg(long, env = "ROSTER_RATE_LIMIT_RPS", default_value_t = 0.0)]
+    #[arg(long, env = "ROSTER_RATE_LIMIT_RPS", default_value_t = 0.0, value_parser = parse_rate)]
     pub rate_limit_rps: f64,
     /// Calls a key may make at once after a quiet spell (the bucket's size); 0 means twice
     /// the rate.
-    #[arg(long, env = "ROSTER_RATE_LIMIT_BURST", default_value_t = 0.0)]
+    #[arg(long, env = "ROSTER_RATE_LIMIT_BURST", default_value_t = 0.0, value_parser = parse_rate)]
     pub rate_limit_burst: f64,
+    /// Failed sign-ins (VerifyPassword answering INVALID_CREDENTIALS) one client address may
+    /// make per project within --ip-failure-window-secs; past it, VerifyPassword calls that
+    /// give that `ip` answer RESOURCE_EXHAUSTED (IP_THROTTLED) with RetryInfo, unchecked.
+    /// Counted per server, per /64 for IPv6; calls without `ip` are not counted. 0: off.
+    #[arg(long, env = "ROSTER_IP_FAILURE_LIMIT", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub ip_failure_limit: u32,
+    /// The window --ip-failure-limit refills over, evenly (100 a day: one more every
+    /// 864 s).
+    #[arg(long, env = "ROSTER_IP_FAILURE_WINDOW_SECS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
+    pub ip_failure_window_secs: u64,
     /// Seconds a call may take to answer (a stream: to start) whatever deadline its client
     /// set, or when it set none; past it the call answers DEADLINE_EXCEEDED (CALL_TIMEOUT) and
     /// its database statements are cancelled. 0: no bound beyond the client's.
@@ -281,6 +293,8 @@ impl Default for ServerConfig {
             db_write_batch: 64,
             rate_limit_rps: 0.0,
             rate_limit_burst: 0.0,
+            ip_failure_limit: 0,
+            ip_failure_window_secs: 86_400,
             call_timeout_secs: 30,
             max_exports: 0,
             export_stall_secs: 60,
@@ -336,6 +350,14 @@ impl ServerConfig {
             };
             crate::ratelimit::RateLimiter::new(rate, burst)
         })
+    }
+
+    /// The per-address throttle of failed sign-ins, when it is on.
+    pub fn ip_throttle(&self) -> Option<crate::ratelimit::FailureThrottle> {
+        crate::ratelimit::FailureThrottle::new(
+            self.ip_failure_limit,
+            Duration::from_secs(self.ip_failure_window_secs),
+        )
     }
 
     /// The encryption key list from the flag/env or the file, if either is set.
@@ -409,6 +431,14 @@ pub fn encryption_keys(
                 .to_string(),
         )),
         None => Ok(None),
+    }
+}
+
+/// A rate or burst: a finite number from 0 to 1,000,000.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=1_000_000.0).contains(&v) => Ok(v),
+        _ => Err("give a number from 0 to 1000000".into()),
     }
 }
 

@@ -3,6 +3,7 @@
 //! that exist). A call over the limit answers RESOURCE_EXHAUSTED with RetryInfo saying when a
 //! token will be there; a stream counts as one call.
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -49,14 +50,231 @@ impl RateLimiter {
             b.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / self.rate))
+            Err(wait_for((1.0 - b.tokens) / self.rate))
         }
+    }
+}
+
+/// Seconds until a token, as a Duration: at most a day (a tiny rate must not overflow it).
+fn wait_for(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs.min(86_400.0)).unwrap_or(Duration::from_secs(86_400))
+}
+
+/// Failed sign-ins per project and client address (`--ip-failure-limit` per
+/// `--ip-failure-window-secs`): a budget of `limit` failures that refills evenly over the
+/// window. An attempt takes one failure from the budget before its password is checked (so
+/// many attempts at once cannot overdraw it) and gives it back unless it failed; an address
+/// with nothing left is refused without hashing anything. IPv6 addresses count per /64, the
+/// block one subscriber gets. Kept in memory per server, bounded.
+pub struct FailureThrottle {
+    limit: f64,
+    /// Failures given back per second.
+    rate: f64,
+    budgets: Mutex<HashMap<(Uuid, IpAddr), Budget>>,
+}
+
+struct Budget {
+    left: f64,
+    at: Instant,
+    /// Whether this address's refusal has been logged since it last had budget left.
+    warned: bool,
+}
+
+/// One attempt's failure, taken from its address's budget; see [`FailureThrottle::attempt`].
+pub struct Taken<'a> {
+    throttle: &'a FailureThrottle,
+    project: Uuid,
+    ip: IpAddr,
+    failed: bool,
+}
+
+impl Taken<'_> {
+    /// The attempt failed: its failure stays spent.
+    pub fn failed(mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if !self.failed {
+            self.throttle.give_back(self.project, self.ip);
+        }
+    }
+}
+
+/// Most addresses tracked; past it, those owing nothing are dropped, and if that frees too
+/// little the lot is forgotten (the throttle fails open rather than growing without bound).
+const MAX_ADDRESSES: usize = 100_000;
+
+impl FailureThrottle {
+    /// `None` when `limit` is 0 (off).
+    pub fn new(limit: u32, window: Duration) -> Option<Self> {
+        (limit > 0).then(|| FailureThrottle {
+            limit: f64::from(limit),
+            rate: f64::from(limit) / window.as_secs_f64().max(1.0),
+            budgets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// What an address counts as: itself, or for IPv6 its /64.
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+            v4 => v4,
+        }
+    }
+
+    /// Takes one failure from the budget of `ip` in `project` for an attempt about to be
+    /// checked; `Err` says how long until the address may try again.
+    pub fn take(&self, project: Uuid, ip: IpAddr) -> Result<(), Duration> {
+        self.take_at(project, ip, Instant::now())
+    }
+
+    fn take_at(&self, project: Uuid, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (project, Self::key(ip));
+        if budgets.len() >= MAX_ADDRESSES && !budgets.contains_key(&key) {
+            let before = budgets.len();
+            budgets.retain(|_, b| self.refilled(b, now) < self.limit);
+            if budgets.len() > MAX_ADDRESSES * 9 / 10 {
+                budgets.clear();
+            }
+            tracing::warn!(
+                tracked = before,
+                kept = budgets.len(),
+                "too many addresses with failed sign-ins to track; forgot those owing least"
+            );
+        }
+        let limit = self.limit;
+        let b = budgets.entry(key).or_insert(Budget {
+            left: limit,
+            at: now,
+            warned: false,
+        });
+        b.left = self.refilled(b, now);
+        b.at = now;
+        if b.left >= 1.0 {
+            b.left -= 1.0;
+            b.warned = false;
+            return Ok(());
+        }
+        if !b.warned {
+            b.warned = true;
+            tracing::warn!(
+                project = %project,
+                ip = %key.1,
+                "failed sign-ins from this address are over --ip-failure-limit: its \
+                 VerifyPassword calls are refused until its budget refills"
+            );
+        }
+        Err(wait_for((1.0 - b.left) / self.rate))
+    }
+
+    /// [`take`](Self::take) for one attempt: the failure goes back when the returned guard
+    /// drops, unless [`Taken::failed`] was called (a call given up on gives it back too).
+    pub fn attempt(&self, project: Uuid, ip: IpAddr) -> Result<Taken<'_>, Duration> {
+        self.take(project, ip)?;
+        Ok(Taken {
+            throttle: self,
+            project,
+            ip,
+            failed: false,
+        })
+    }
+
+    /// Gives back the failure taken for an attempt that did not fail.
+    fn give_back(&self, project: Uuid, ip: IpAddr) {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = budgets.get_mut(&(project, Self::key(ip))) {
+            b.left = (b.left + 1.0).min(self.limit);
+        }
+    }
+
+    fn refilled(&self, b: &Budget, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        (b.left + elapsed * self.rate).min(self.limit)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tiny_rate_waits_a_day_at_most() {
+        let l = RateLimiter::new(1e-300, 1.0);
+        let (k, t) = (Uuid::now_v7(), Instant::now());
+        assert!(l.check_at(k, t).is_ok());
+        assert_eq!(l.check_at(k, t).unwrap_err(), Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn failures_per_address_refill_over_the_window() {
+        let th = FailureThrottle::new(3, Duration::from_secs(300)).unwrap();
+        assert!(FailureThrottle::new(0, Duration::from_secs(300)).is_none());
+        let (p, q) = (Uuid::now_v7(), Uuid::now_v7());
+        let ip: IpAddr = "203.0.113.7".parse().unwrap();
+        let t = Instant::now();
+        for _ in 0..3 {
+            th.take_at(p, ip, t).unwrap();
+        }
+        // One failure comes back every 100 s.
+        let wait = th.take_at(p, ip, t).unwrap_err();
+        assert!((wait.as_secs_f64() - 100.0).abs() < 1e-6, "{wait:?}");
+        assert!(
+            th.take_at(q, ip, t).is_ok(),
+            "projects have their own budgets"
+        );
+        assert!(th.take_at(p, "203.0.113.8".parse().unwrap(), t).is_ok());
+        // An attempt that did not fail gives its failure back.
+        th.give_back(p, ip);
+        th.take_at(p, ip, t).unwrap();
+        assert!(th.take_at(p, ip, t).is_err());
+        let q_ip: IpAddr = "192.0.2.1".parse().unwrap();
+        th.attempt(q, q_ip).unwrap().failed();
+        drop(th.attempt(q, q_ip).unwrap());
+        drop(th.attempt(q, q_ip).unwrap());
+        th.attempt(q, q_ip).unwrap().failed();
+        assert!(th.attempt(q, q_ip).is_err(), "two failed, two given back");
+        assert!(th.take_at(p, ip, t + Duration::from_secs(100)).is_ok());
+        assert!(th.take_at(p, ip, t + Duration::from_secs(100)).is_err());
+        // Refilled up to the limit, not beyond.
+        let later = t + Duration::from_secs(86_400);
+        for _ in 0..3 {
+            th.take_at(p, ip, later).unwrap();
+        }
+        assert!(th.take_at(p, ip, later).is_err());
+    }
+
+    #[test]
+    fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
+        let th = FailureThrottle::new(1, Duration::from_secs(60)).unwrap();
+        let (p, t) = (Uuid::now_v7(), Instant::now());
+        th.take_at(p, "2001:db8:1:2::1".parse().unwrap(), t)
+            .unwrap();
+        assert!(
+            th.take_at(p, "2001:db8:1:2:ffff::9".parse().unwrap(), t)
+                .is_err()
+        );
+        assert!(th.take_at(p, "2001:db8:1:3::1".parse().unwrap(), t).is_ok());
+        th.take_at(p, "198.51.100.1".parse().unwrap(), t).unwrap();
+        assert!(
+            th.take_at(p, "::ffff:198.51.100.1".parse().unwrap(), t)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_tracked_addresses_are_bounded() {
+        let th = FailureThrottle::new(2, Duration::from_secs(60)).unwrap();
+        let (p, t) = (Uuid::now_v7(), Instant::now());
+        for i in 0..MAX_ADDRESSES as u32 + 10 {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(i));
+            let _ = th.take_at(p, ip, t);
+        }
+        assert!(th.budgets.lock().unwrap().len() <= MAX_ADDRESSES);
+    }
 
     #[test]
     fn a_burst_then_the_rate() {

@@ -336,6 +336,21 @@ impl AuthenticatorService for AuthenticatorApi {
             return Err(Error::invalid("login", "is required").into());
         };
         let s = &self.state;
+        // Only an address the caller reports is counted: the peer is the calling backend.
+        let ip = origin
+            .ip
+            .as_deref()
+            .and_then(|ip| ip.parse::<IpAddr>().ok());
+        let taken = match (&s.ip_throttle, ip) {
+            (Some(throttle), Some(ip)) => Some(throttle.attempt(caller.project_id, ip).map_err(
+                |retry_after| Error::Exhausted {
+                    reason: "IP_THROTTLED",
+                    message: "too many failed sign-ins from this ip address; retry later".into(),
+                    retry_after,
+                },
+            )?),
+            _ => None,
+        };
         let (result, user) = password::verify_password(
             &s.pool,
             &s.hasher,
@@ -346,6 +361,9 @@ impl AuthenticatorService for AuthenticatorApi {
             &origin,
         )
         .await?;
+        if let (Some(taken), SignInResult::InvalidCredentials) = (taken, result) {
+            taken.failed();
+        }
         tracing::info!(result = ?result, "password verified");
         Ok(Response::new(pb::VerifyPasswordResponse {
             result: sign_in_result(result) as i32,

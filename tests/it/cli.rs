@@ -125,6 +125,17 @@ fn serve_refuses_bad_settings_and_busy_ports_before_starting_a_database() {
             vec!["--password-history", "25"],
             "25 is not in 0..=24".into(),
         ),
+        // A rate of 1e-300 made the wait before the next call overflow a Duration (panic).
+        (
+            vec!["--rate-limit-rps", "NaN"],
+            "invalid value 'NaN' for '--rate-limit-rps <RATE_LIMIT_RPS>': give a number from 0 \
+             to 1000000"
+                .into(),
+        ),
+        (
+            vec!["--ip-failure-window-secs", "0"],
+            "0 is not in 1..=86400".into(),
+        ),
         (
             vec!["--listen", &busy],
             format!("binding {busy} (--listen, ROSTER_LISTEN)"),

@@ -1142,6 +1142,113 @@ async fn password_history_refuses_the_last_passwords() {
     assert_eq!(kept, 0);
 }
 
+/// `--ip-failure-limit 3` per hour: after three failed sign-ins from one address (wrong
+/// passwords or unknown logins, across users), its VerifyPassword calls answer
+/// RESOURCE_EXHAUSTED IP_THROTTLED with RetryInfo, even with the right password, without
+/// being checked or recorded; other addresses, calls without `ip`, other projects and
+/// successful sign-ins are not affected.
+#[tokio::test]
+async fn failed_sign_ins_from_one_address_are_throttled() {
+    let (logs, _guard) = capture_logs();
+    let app = TestApp::spawn_with(ServerConfig {
+        ip_failure_limit: 3,
+        ip_failure_window_secs: 3_600,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut a = app.authenticators();
+    let ada = user_with_password(&app, "ada@example.com").await;
+    user_with_password(&app, "bob@example.com").await;
+    let attempt = |login: &str, password: &str, ip: &str| pb::VerifyPasswordRequest {
+        login: Some(email(login)),
+        password: password.into(),
+        ip: ip.into(),
+        user_agent: String::new(),
+    };
+    let sign_in = |a: &mut Authenticators, req| {
+        let mut a = a.clone();
+        async move { a.verify_password(req).await.map(|r| r.into_inner()) }
+    };
+    const X: &str = "198.51.100.23";
+    // Successful sign-ins cost nothing.
+    for _ in 0..5 {
+        let r = sign_in(&mut a, attempt("bob@example.com", PASSWORD, X))
+            .await
+            .unwrap();
+        assert_eq!(result(&r), R::Ok);
+    }
+    for (login, password) in [
+        ("ada@example.com", "wrong guess one"),
+        ("bob@example.com", "wrong guess two"),
+        ("nobody@example.com", "wrong guess three"),
+    ] {
+        let r = sign_in(&mut a, attempt(login, password, X)).await.unwrap();
+        assert_eq!(result(&r), R::InvalidCredentials);
+    }
+    let events_before = app.events_of(&ada.id).await.len();
+    let failed_before = failed_logins(&app, &ada.id).await;
+    let err = sign_in(&mut a, attempt("ada@example.com", PASSWORD, X))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(reason(&err), "IP_THROTTLED");
+    let wait = crate::harness::details(&err)
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo");
+    // One failure comes back every 1,200 s.
+    assert!(
+        wait > Duration::from_secs(1_190) && wait <= Duration::from_secs(1_200),
+        "{wait:?}"
+    );
+    let err = sign_in(&mut a, attempt("ada@example.com", "wrong guess four", X))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "IP_THROTTLED");
+    assert_eq!(
+        app.events_of(&ada.id).await.len(),
+        events_before,
+        "nothing recorded"
+    );
+    assert_eq!(failed_logins(&app, &ada.id).await, failed_before);
+
+    // Not throttled: another address, no address, another project.
+    let r = sign_in(
+        &mut a,
+        attempt("ada@example.com", PASSWORD, "198.51.100.24"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(result(&r), R::Ok);
+    let r = sign_in(&mut a, attempt("ada@example.com", PASSWORD, ""))
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::Ok);
+    let (_, other) = app.other_project().await;
+    let r = sign_in(
+        &mut app.authenticators_with(Some(&other)),
+        attempt("ada@example.com", PASSWORD, X),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        result(&r),
+        R::InvalidCredentials,
+        "no such user there, but checked"
+    );
+
+    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+    let warnings: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("over --ip-failure-limit"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "once per address: {warnings:?}");
+    assert!(
+        warnings[0].contains("WARN") && warnings[0].contains(X),
+        "{warnings:?}"
+    );
+}
+
 #[tokio::test]
 async fn concurrent_uses_of_one_reset_token_exactly_one_wins() {
     let app = TestApp::spawn().await;
