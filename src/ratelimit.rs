@@ -236,7 +236,8 @@ mod tests {
         drop(th.attempt(q, q_ip).unwrap());
         drop(th.attempt(q, q_ip).unwrap());
         th.attempt(q, q_ip).unwrap().failed();
-        assert!(th.attempt(q, q_ip).is_err(), "two failed, two given back");
+        th.attempt(q, q_ip).unwrap().failed();
+        assert!(th.attempt(q, q_ip).is_err(), "three failed, two given back");
         assert!(th.take_at(p, ip, t + Duration::from_secs(100)).is_ok());
         assert!(th.take_at(p, ip, t + Duration::from_secs(100)).is_err());
         // Refilled up to the limit, not beyond.
