@@ -136,6 +136,55 @@ pub async fn set_relying_party(
     Ok(())
 }
 
+/// A change to one setting of a project's policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyChange {
+    /// Back to the server's setting.
+    ServerDefault,
+    Value(u32),
+}
+
+/// Changes the given settings of a project's sign-in policy (the others stay) and returns the
+/// policy as stored. Servers apply it within their key-cache time.
+pub async fn update_policy(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    lockout_threshold: Option<PolicyChange>,
+    lockout_secs: Option<PolicyChange>,
+    password_history: Option<PolicyChange>,
+) -> Result<crate::auth::ProjectPolicy> {
+    let param = |c: Option<PolicyChange>| -> (bool, Option<i32>) {
+        match c {
+            None => (false, None),
+            Some(PolicyChange::ServerDefault) => (true, None),
+            Some(PolicyChange::Value(v)) => (true, Some(i32::try_from(v).unwrap_or(i32::MAX))),
+        }
+    };
+    let (a, b, c) = (
+        param(lockout_threshold),
+        param(lockout_secs),
+        param(password_history),
+    );
+    let row = db
+        .query_opt(
+            "UPDATE projects SET
+                lockout_threshold = CASE WHEN $2 THEN $3 ELSE lockout_threshold END,
+                lockout_secs = CASE WHEN $4 THEN $5 ELSE lockout_secs END,
+                password_history = CASE WHEN $6 THEN $7::integer ELSE password_history END
+             WHERE id = $1
+             RETURNING lockout_threshold, lockout_secs, password_history::integer",
+            &[&project_id, &a.0, &a.1, &b.0, &b.1, &c.0, &c.1],
+        )
+        .await?
+        .ok_or_else(|| Error::not_found("project", project_id.to_string()))?;
+    let setting = |i| row.get::<_, Option<i32>>(i).map(|v| v.max(0) as u32);
+    Ok(crate::auth::ProjectPolicy {
+        lockout_threshold: setting(0),
+        lockout_secs: setting(1),
+        password_history: setting(2),
+    })
+}
+
 /// Finds a project by id or by name.
 pub async fn find_project(db: &impl GenericClient, id_or_name: &str) -> Result<Project> {
     let id = Uuid::try_parse(id_or_name).ok();

@@ -114,13 +114,22 @@ impl ScopeSet {
     }
 }
 
-/// What every handler knows about who is calling: from the key, plus the request's id and
-/// the calling peer's address.
+/// A project's own sign-in settings (`roster projects policy`); `None`: the server's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProjectPolicy {
+    pub lockout_threshold: Option<u32>,
+    pub lockout_secs: Option<u32>,
+    pub password_history: Option<u32>,
+}
+
+/// What every handler knows about who is calling: from the key (and its project's policy,
+/// read and cached with it), plus the request's id and the calling peer's address.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub project_id: Uuid,
     pub key_id: Uuid,
     pub scopes: ScopeSet,
+    pub policy: ProjectPolicy,
     pub request_id: String,
     pub peer_ip: Option<String>,
 }
@@ -272,6 +281,7 @@ struct KeyRecord {
     secret_hash: Vec<u8>,
     revoked: bool,
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
+    policy: ProjectPolicy,
 }
 
 /// Verifies keys against the database, with a short-lived cache.
@@ -365,8 +375,11 @@ impl KeyVerifier {
         let client = db::client(&self.pool).await?;
         let row = client
             .query_opt(
-                "SELECT project_id, scopes, secret_hash, revoked_at IS NOT NULL, expires_at
-                 FROM api_keys WHERE id = $1",
+                "SELECT k.project_id, k.scopes, k.secret_hash, k.revoked_at IS NOT NULL,
+                        k.expires_at, p.lockout_threshold, p.lockout_secs,
+                        p.password_history::integer
+                 FROM api_keys k JOIN projects p ON p.id = k.project_id
+                 WHERE k.id = $1",
                 &[&id],
             )
             .await?;
@@ -386,6 +399,15 @@ impl KeyVerifier {
                     secret_hash: row.get(2),
                     revoked: row.get(3),
                     expires_at: row.get(4),
+                    policy: {
+                        // The columns' CHECKs keep them non-negative.
+                        let setting = |i| row.get::<_, Option<i32>>(i).map(|v| v.max(0) as u32);
+                        ProjectPolicy {
+                            lockout_threshold: setting(5),
+                            lockout_secs: setting(6),
+                            password_history: setting(7),
+                        }
+                    },
                 })
             }
             None => None,
@@ -399,8 +421,12 @@ impl KeyVerifier {
         Ok(rec)
     }
 
-    /// The project and scopes of the key in an `authorization` header value.
-    async fn verify(&self, header: Option<&str>) -> Result<(Uuid, Uuid, ScopeSet), Error> {
+    /// The key id, project, scopes and project policy of the key in an `authorization`
+    /// header value.
+    async fn verify(
+        &self,
+        header: Option<&str>,
+    ) -> Result<(Uuid, Uuid, ScopeSet, ProjectPolicy), Error> {
         let unauthenticated = |reason, message| Error::Unauthenticated { reason, message };
         let header = header.ok_or(unauthenticated(
             "MISSING_API_KEY",
@@ -448,7 +474,7 @@ impl KeyVerifier {
             }
         }
         self.note_use(id);
-        Ok((id, rec.project_id, rec.scopes))
+        Ok((id, rec.project_id, rec.scopes, rec.policy))
     }
 }
 
@@ -610,7 +636,7 @@ where
                     .get("authorization")
                     .and_then(|v| v.to_str().ok());
                 let authorized = match verifier.verify(header).await {
-                    Ok((key_id, project_id, scopes)) => {
+                    Ok((key_id, project_id, scopes, policy)) => {
                         let span = tracing::Span::current();
                         span.record("project", tracing::field::display(project_id));
                         span.record("key", tracing::field::display(key_id));
@@ -629,6 +655,7 @@ where
                                 project_id,
                                 key_id,
                                 scopes,
+                                policy,
                                 request_id: rid.clone(),
                                 peer_ip: peer_ip(req.extensions()),
                             }),

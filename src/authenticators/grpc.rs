@@ -242,7 +242,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let user = password::set_password(
             &s.pool,
             &s.hasher,
-            &s.passwords,
+            &s.passwords.for_project(&caller.policy),
             &caller,
             id,
             password,
@@ -273,7 +273,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let user = password::change_password(
             &s.pool,
             &s.hasher,
-            &s.passwords,
+            &s.passwords.for_project(&caller.policy),
             &caller,
             id,
             req.current_password,
@@ -354,7 +354,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let (result, user) = password::verify_password(
             &s.pool,
             &s.hasher,
-            &s.passwords,
+            &s.passwords.for_project(&caller.policy),
             &caller,
             &login,
             req.password,
@@ -415,7 +415,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let user = password::reset_password(
             &s.pool,
             &s.hasher,
-            &s.passwords,
+            &s.passwords.for_project(&caller.policy),
             &caller,
             token,
             req.new_password,
@@ -566,7 +566,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let attempt = factors::Attempt {
             caller: &caller,
             ctx: &ctx,
-            settings: &s.passwords,
+            settings: &s.passwords.for_project(&caller.policy),
             via: "VerifyFactor",
         };
         let out = factors::verify_factor(
@@ -676,7 +676,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let out = passkey::finish_authentication(
             &s.pool,
             &s.relying_party,
-            &s.passwords,
+            &s.passwords.for_project(&caller.policy),
             &caller,
             ceremony,
             &credential,

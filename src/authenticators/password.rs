@@ -31,6 +31,19 @@ pub struct PasswordSettings {
     pub history: u32,
 }
 
+impl PasswordSettings {
+    /// These settings with a project's own policy applied over them.
+    pub fn for_project(&self, policy: &crate::auth::ProjectPolicy) -> PasswordSettings {
+        PasswordSettings {
+            lockout_threshold: policy.lockout_threshold.unwrap_or(self.lockout_threshold),
+            lockout: policy
+                .lockout_secs
+                .map_or(self.lockout, |s| Duration::seconds(i64::from(s))),
+            history: policy.password_history.unwrap_or(self.history),
+        }
+    }
+}
+
 impl Default for PasswordSettings {
     fn default() -> Self {
         PasswordSettings {

@@ -23,6 +23,24 @@ pub enum ProjectCommand {
     },
     /// List projects.
     List,
+    /// Show or change a project's sign-in policy: settings given here replace the server's
+    /// (--lockout-threshold, --lockout-secs, --password-history of `serve`) for this
+    /// project; `default` goes back to the server's. Servers apply a change within their
+    /// key-cache time. Prints the policy, one setting per line.
+    Policy {
+        /// Project id or name.
+        project: String,
+        /// Consecutive failed sign-ins that lock an account (0: never), or `default`.
+        #[arg(long, value_parser = policy_value(0, 1_000_000))]
+        lockout_threshold: Option<admin::PolicyChange>,
+        /// Seconds a lock lasts (at most a year), or `default`.
+        #[arg(long, value_parser = policy_value(1, 31_536_000))]
+        lockout_secs: Option<admin::PolicyChange>,
+        /// A new password may not repeat any of the user's last N (0: off, at most 24), or
+        /// `default`.
+        #[arg(long, value_parser = policy_value(0, 24))]
+        password_history: Option<admin::PolicyChange>,
+    },
     /// Set a project's WebAuthn relying party, used by its passkey ceremonies.
     Update {
         /// Project id or name.
@@ -167,6 +185,29 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                         println!("{}\t{}\t{}", p.id, p.name, p.created_at.to_rfc3339());
                     }
                 }
+                ProjectCommand::Policy {
+                    project,
+                    lockout_threshold,
+                    lockout_secs,
+                    password_history,
+                } => {
+                    let p = admin::find_project(&*client, &project).await?;
+                    let policy = admin::update_policy(
+                        &*client,
+                        p.id,
+                        lockout_threshold,
+                        lockout_secs,
+                        password_history,
+                    )
+                    .await?;
+                    let show = |v: Option<u32>| match v {
+                        Some(v) => v.to_string(),
+                        None => "default (the server's)".to_string(),
+                    };
+                    println!("lockout-threshold\t{}", show(policy.lockout_threshold));
+                    println!("lockout-secs\t{}", show(policy.lockout_secs));
+                    println!("password-history\t{}", show(policy.password_history));
+                }
                 ProjectCommand::Update {
                     project,
                     webauthn_rp_id,
@@ -189,6 +230,20 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
         })
     })
     .await
+}
+
+/// A policy setting: `default`, or a whole number from `min` to `max`.
+fn policy_value(
+    min: u32,
+    max: u32,
+) -> impl Fn(&str) -> Result<admin::PolicyChange, String> + Clone + Send + Sync + 'static {
+    move |text| match text.trim() {
+        "default" => Ok(admin::PolicyChange::ServerDefault),
+        t => match t.parse::<u32>() {
+            Ok(v) if (min..=max).contains(&v) => Ok(admin::PolicyChange::Value(v)),
+            _ => Err(format!("give a number from {min} to {max}, or default")),
+        },
+    }
 }
 
 /// A key's lifetime: a whole number with a unit, `s`, `m`, `h` or `d`.

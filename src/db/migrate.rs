@@ -50,6 +50,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "password_history",
         include_str!("migrations/0010_password_history.sql"),
     ),
+    (
+        11,
+        "project_policy",
+        include_str!("migrations/0011_project_policy.sql"),
+    ),
 ];
 
 /// A short digest of every migration's version, name and SQL: equal for two builds exactly

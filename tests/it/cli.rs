@@ -201,6 +201,36 @@ async fn projects_and_keys_commands() {
     assert!(!ok, "duplicate project names are refused");
     assert_eq!(err.trim(), "Error: a project with this name already exists");
 
+    // A project's sign-in policy: the server's until set, `default` gives it back.
+    let policy = |args: &[&str]| {
+        let mut all = vec!["projects", "policy", "acme"];
+        all.extend_from_slice(args);
+        roster(&app.url, &all)
+    };
+    let (ok, out, err) = policy(&[]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "lockout-threshold\tdefault (the server's)\nlockout-secs\tdefault (the server's)\n\
+         password-history\tdefault (the server's)\n"
+    );
+    let (ok, out, err) = policy(&["--lockout-threshold", "5", "--password-history", "4"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "lockout-threshold\t5\nlockout-secs\tdefault (the server's)\npassword-history\t4\n"
+    );
+    let (ok, out, _) = policy(&["--lockout-threshold", "default"]);
+    assert!(ok && out.starts_with("lockout-threshold\tdefault") && out.contains("history\t4"));
+    for (flag, bad) in [
+        ("--password-history", "25"),
+        ("--lockout-secs", "0"),
+        ("--lockout-threshold", "many"),
+    ] {
+        let (ok, _, err) = policy(&[flag, bad]);
+        assert!(!ok && err.contains("or default"), "{flag} {bad}: {err}");
+    }
+
     let (ok, token, err) = roster(
         &app.url,
         &[

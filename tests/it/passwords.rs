@@ -1249,6 +1249,104 @@ async fn failed_sign_ins_from_one_address_are_throttled() {
     );
 }
 
+/// A project's own policy (`roster projects policy`) replaces the server's lockout and
+/// password-history settings for that project only, within the key-cache time, and
+/// `default` gives the server's back.
+#[tokio::test]
+async fn a_projects_policy_overrides_the_servers_settings() {
+    use roster::admin::PolicyChange as C;
+    let app = spawn_with_lockout(10, 900).await;
+    let (other_id, other) = app.other_project().await;
+    let mut a = app.authenticators();
+    let user = user_with_password(&app, "strict@example.com").await;
+    let policy = roster::admin::update_policy(
+        &**app.pool.get().await.unwrap(),
+        app.project_id,
+        Some(C::Value(2)),
+        Some(C::Value(60)),
+        Some(C::Value(1)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        policy,
+        roster::auth::ProjectPolicy {
+            lockout_threshold: Some(2),
+            lockout_secs: Some(60),
+            password_history: Some(1),
+        }
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // Two failures lock, for a minute.
+    let r = verify(&mut a, email("strict@example.com"), "wrong guess one").await;
+    assert_eq!(result(&r), R::InvalidCredentials);
+    let r = verify(&mut a, email("strict@example.com"), "wrong guess two").await;
+    assert_eq!(result(&r), R::Locked);
+    let until = r.locked_until.unwrap().seconds - chrono::Utc::now().timestamp();
+    assert!((55..=60).contains(&until), "{until}");
+    // The current password may not be set again.
+    let err = a
+        .set_password(pb::SetPasswordRequest {
+            user_id: user.id.clone(),
+            new_password: Some(pb::set_password_request::NewPassword::Password(
+                PASSWORD.into(),
+            )),
+            require_change: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["password"]);
+    assert!(
+        err.message().contains("current password"),
+        "{}",
+        err.message()
+    );
+
+    // The other project keeps the server's ten.
+    let mut theirs = app.authenticators_with(Some(&other));
+    app.users_with(Some(&other))
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("lenient@example.com")),
+            initial_password: Some(pb::create_user_request::InitialPassword::Password(
+                PASSWORD.into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for guess in ["wrong guess one", "wrong guess two", "wrong guess three"] {
+        let r = verify(&mut theirs, email("lenient@example.com"), guess).await;
+        assert_eq!(result(&r), R::InvalidCredentials, "{other_id}");
+    }
+
+    // Back to the server's settings.
+    roster::admin::update_policy(
+        &**app.pool.get().await.unwrap(),
+        app.project_id,
+        Some(C::ServerDefault),
+        None,
+        Some(C::ServerDefault),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = user_with_password(&app, "relaxed@example.com").await;
+    for guess in ["wrong guess one", "wrong guess two", "wrong guess three"] {
+        let r = verify(&mut a, email("relaxed@example.com"), guess).await;
+        assert_eq!(result(&r), R::InvalidCredentials);
+    }
+    a.set_password(pb::SetPasswordRequest {
+        user_id: second.id.clone(),
+        new_password: Some(pb::set_password_request::NewPassword::Password(
+            PASSWORD.into(),
+        )),
+        require_change: false,
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn concurrent_uses_of_one_reset_token_exactly_one_wins() {
     let app = TestApp::spawn().await;
