@@ -152,6 +152,8 @@ pub async fn update_policy(
     lockout_threshold: Option<PolicyChange>,
     lockout_secs: Option<PolicyChange>,
     password_history: Option<PolicyChange>,
+    password_min_length: Option<PolicyChange>,
+    password_max_age_days: Option<PolicyChange>,
 ) -> Result<crate::auth::ProjectPolicy> {
     let param = |c: Option<PolicyChange>| -> (bool, Option<i32>) {
         match c {
@@ -160,20 +162,38 @@ pub async fn update_policy(
             Some(PolicyChange::Value(v)) => (true, Some(i32::try_from(v).unwrap_or(i32::MAX))),
         }
     };
-    let (a, b, c) = (
+    let (a, b, c, d, e) = (
         param(lockout_threshold),
         param(lockout_secs),
         param(password_history),
+        param(password_min_length),
+        param(password_max_age_days),
     );
     let row = db
         .query_opt(
             "UPDATE projects SET
                 lockout_threshold = CASE WHEN $2 THEN $3 ELSE lockout_threshold END,
                 lockout_secs = CASE WHEN $4 THEN $5 ELSE lockout_secs END,
-                password_history = CASE WHEN $6 THEN $7::integer ELSE password_history END
+                password_history = CASE WHEN $6 THEN $7::integer ELSE password_history END,
+                password_min_length = CASE WHEN $8 THEN $9::integer
+                                           ELSE password_min_length END,
+                password_max_age_days = CASE WHEN $10 THEN $11 ELSE password_max_age_days END
              WHERE id = $1
-             RETURNING lockout_threshold, lockout_secs, password_history::integer",
-            &[&project_id, &a.0, &a.1, &b.0, &b.1, &c.0, &c.1],
+             RETURNING lockout_threshold, lockout_secs, password_history::integer,
+                       password_min_length::integer, password_max_age_days",
+            &[
+                &project_id,
+                &a.0,
+                &a.1,
+                &b.0,
+                &b.1,
+                &c.0,
+                &c.1,
+                &d.0,
+                &d.1,
+                &e.0,
+                &e.1,
+            ],
         )
         .await?
         .ok_or_else(|| Error::not_found("project", project_id.to_string()))?;
@@ -182,6 +202,8 @@ pub async fn update_policy(
         lockout_threshold: setting(0),
         lockout_secs: setting(1),
         password_history: setting(2),
+        password_min_length: setting(3),
+        password_max_age_days: setting(4),
     })
 }
 

@@ -120,6 +120,8 @@ pub struct ProjectPolicy {
     pub lockout_threshold: Option<u32>,
     pub lockout_secs: Option<u32>,
     pub password_history: Option<u32>,
+    pub password_min_length: Option<u32>,
+    pub password_max_age_days: Option<u32>,
 }
 
 /// What every handler knows about who is calling: from the key (and its project's policy,
@@ -377,7 +379,8 @@ impl KeyVerifier {
             .query_opt(
                 "SELECT k.project_id, k.scopes, k.secret_hash, k.revoked_at IS NOT NULL,
                         k.expires_at, p.lockout_threshold, p.lockout_secs,
-                        p.password_history::integer
+                        p.password_history::integer, p.password_min_length::integer,
+                        p.password_max_age_days
                  FROM api_keys k JOIN projects p ON p.id = k.project_id
                  WHERE k.id = $1",
                 &[&id],
@@ -406,6 +409,8 @@ impl KeyVerifier {
                             lockout_threshold: setting(5),
                             lockout_secs: setting(6),
                             password_history: setting(7),
+                            password_min_length: setting(8),
+                            password_max_age_days: setting(9),
                         }
                     },
                 })

@@ -139,6 +139,16 @@ pub struct ServerConfig {
     #[arg(long, env = "ROSTER_PASSWORD_HISTORY", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=24))]
     pub password_history: u32,
+    /// Fewest characters in a new password (NIST SP 800-63B-4 asks 15 where a password is
+    /// the only factor); 8 to 128. Passwords already set keep working.
+    #[arg(long, env = "ROSTER_PASSWORD_MIN_LENGTH", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(8..=128))]
+    pub password_min_length: u32,
+    /// Days a password lasts: past it, VerifyPassword answers PASSWORD_CHANGE_REQUIRED until
+    /// the password is changed (PCI DSS 8.3.9); 0: no limit.
+    #[arg(long, env = "ROSTER_PASSWORD_MAX_AGE_DAYS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=36_500))]
+    pub password_max_age_days: u32,
     /// Days events are kept; older ones are deleted in the background. 0 keeps them forever.
     #[arg(long, env = "ROSTER_EVENT_RETENTION_DAYS", default_value_t = 90,
           value_parser = clap::value_parser!(u32).range(0..=36_500))]
@@ -278,6 +288,8 @@ impl Default for ServerConfig {
             lockout_threshold: 10,
             lockout_secs: 900,
             password_history: 0,
+            password_min_length: 8,
+            password_max_age_days: 0,
             event_retention_days: 90,
             event_retention_interval_secs: 300,
             event_poll_ms: 1000,
@@ -370,6 +382,8 @@ impl ServerConfig {
             lockout_threshold: self.lockout_threshold,
             lockout: chrono::Duration::seconds(self.lockout_secs.min(31_536_000) as i64),
             history: self.password_history.min(24),
+            min_length: self.password_min_length.clamp(8, 128),
+            max_age_days: self.password_max_age_days.min(36_500),
         }
     }
 

@@ -8,7 +8,7 @@ use super::factors::{self, AuthenticatorPatch, FactorTarget};
 use super::password::{self, NewPassword, Origin, SignInResult, sign_in_context};
 use super::store::Login;
 use super::{Authenticator, FactorResult, Kind, MAX_NAME_CHARS, otp, passkey, recovery, totp};
-use crate::auth::caller_of;
+use crate::auth::{Caller, caller_of};
 use crate::crypto::{formats, policy};
 use crate::error::{Error, Violations};
 use crate::pb::v1 as pb;
@@ -45,8 +45,10 @@ fn typed_password(v: &mut Violations, field: &str, p: &str) {
     }
 }
 
-fn new_plain_password(v: &mut Violations, field: &str, p: &str) {
-    if let Err(e) = policy::check_new_password(p, &[]) {
+/// A new password, checked against the caller's project's minimum length.
+fn new_plain_password(v: &mut Violations, caller: &Caller, state: &AppState, field: &str, p: &str) {
+    let min = state.passwords.for_project(&caller.policy).min_length as usize;
+    if let Err(e) = policy::check_new_password(p, &[], min) {
         v.add(field, e);
     }
 }
@@ -224,7 +226,7 @@ impl AuthenticatorService for AuthenticatorApi {
                 None
             }
             Some(P::Password(p)) => {
-                new_plain_password(&mut v, "password", &p);
+                new_plain_password(&mut v, &caller, &self.state, "password", &p);
                 Some(NewPassword::Plain(p))
             }
             Some(P::PasswordHash(h)) => {
@@ -264,7 +266,13 @@ impl AuthenticatorService for AuthenticatorApi {
         let mut v = Violations::new();
         let id = user_id(&mut v, "user_id", &req.user_id);
         typed_password(&mut v, "current_password", &req.current_password);
-        new_plain_password(&mut v, "new_password", &req.new_password);
+        new_plain_password(
+            &mut v,
+            &caller,
+            &self.state,
+            "new_password",
+            &req.new_password,
+        );
         if !req.new_password.is_empty() && req.new_password == req.current_password {
             v.add("new_password", "must differ from the current password");
         }
@@ -409,7 +417,13 @@ impl AuthenticatorService for AuthenticatorApi {
         if !password::is_reset_token(token) {
             v.add("token", "is not a password reset token");
         }
-        new_plain_password(&mut v, "new_password", &req.new_password);
+        new_plain_password(
+            &mut v,
+            &caller,
+            &self.state,
+            "new_password",
+            &req.new_password,
+        );
         v.into_result()?;
         let s = &self.state;
         let user = password::reset_password(

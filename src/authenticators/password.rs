@@ -29,6 +29,10 @@ pub struct PasswordSettings {
     pub lockout: Duration,
     /// A new password may not repeat any of the last this many (the current one included).
     pub history: u32,
+    /// Fewest characters in a new password.
+    pub min_length: u32,
+    /// Days a password lasts before a sign-in requires a change; 0: no limit.
+    pub max_age_days: u32,
 }
 
 impl PasswordSettings {
@@ -40,7 +44,15 @@ impl PasswordSettings {
                 .lockout_secs
                 .map_or(self.lockout, |s| Duration::seconds(i64::from(s))),
             history: policy.password_history.unwrap_or(self.history),
+            min_length: policy.password_min_length.unwrap_or(self.min_length),
+            max_age_days: policy.password_max_age_days.unwrap_or(self.max_age_days),
         }
+    }
+
+    /// Whether a password set at `changed_at` is past its maximum age at `now`.
+    pub fn too_old(&self, changed_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
+        self.max_age_days > 0
+            && changed_at.is_some_and(|t| now - t >= Duration::days(i64::from(self.max_age_days)))
     }
 }
 
@@ -50,6 +62,8 @@ impl Default for PasswordSettings {
             lockout_threshold: 10,
             lockout: Duration::minutes(15),
             history: 0,
+            min_length: policy::MIN_PASSWORD_CHARS as u32,
+            max_age_days: 0,
         }
     }
 }
@@ -118,9 +132,14 @@ pub(super) fn sign_in_context(caller: &Caller, origin: &Origin) -> EventContext 
     ctx
 }
 
-fn check_personal(user: &User, password: &NewPassword, field: &str) -> Result<()> {
+fn check_personal(
+    settings: &PasswordSettings,
+    user: &User,
+    password: &NewPassword,
+    field: &str,
+) -> Result<()> {
     if let NewPassword::Plain(p) = password {
-        policy::check_new_password(p, &user.profile.personal())
+        policy::check_new_password(p, &user.profile.personal(), settings.min_length as usize)
             .map_err(|e| Error::invalid(field, e))?;
     }
     Ok(())
@@ -224,7 +243,7 @@ pub async fn set_password(
     require_change: bool,
 ) -> Result<User> {
     let found = credentials_of(pool, caller, id).await?;
-    check_personal(&found.user, &password, "password")?;
+    check_personal(settings, &found.user, &password, "password")?;
     let checked = found.hash.as_deref();
     check_history(
         pool, hasher, settings, caller, id, checked, &password, "password",
@@ -237,7 +256,7 @@ pub async fn set_password(
         .await?
         .ok_or_else(|| not_found(id))?;
     // The profile may have changed while hashing; the rule must hold for the stored one.
-    check_personal(&current.user, &password, "password")?;
+    check_personal(settings, &current.user, &password, "password")?;
     unchanged_since_check(settings, &password, checked, &current)?;
     let keep = settings.history.saturating_sub(1);
     store::file_password_history(&tx, caller.project_id, id, &hash, keep).await?;
@@ -432,8 +451,13 @@ impl Attempt<'_> {
         let mut client = db::client(pool).await?;
         if verified.ok {
             // The usual case, nothing changed since the read: one statement, one round trip.
-            let (success, evs, result) =
-                sign_in(&found, origin, verified.outdated, rehash.as_deref());
+            let (success, evs, result) = sign_in(
+                settings,
+                &found,
+                origin,
+                verified.outdated,
+                rehash.as_deref(),
+            );
             if let Some(user) = store::record_success_if_unchanged(
                 &*client,
                 caller.project_id,
@@ -478,8 +502,13 @@ impl Attempt<'_> {
                 None => (SignInResult::InvalidCredentials, None),
             }));
         }
-        let (success, evs, result) =
-            sign_in(&current, origin, verified.outdated, rehash.as_deref());
+        let (success, evs, result) = sign_in(
+            settings,
+            &current,
+            origin,
+            verified.outdated,
+            rehash.as_deref(),
+        );
         let user = store::record_success(&tx, caller.project_id, id, &success).await?;
         record(&tx, caller, ctx, &evs).await?;
         tx.commit().await?;
@@ -539,15 +568,19 @@ fn recheck(current: &Credentials, checked: &str, last: bool, now: DateTime<Utc>)
 }
 
 /// What a right password does for `current`: the bookkeeping to store, the events to record
-/// and the answer. `outdated` names the algorithm of a hash being replaced by `rehash`.
+/// and the answer. `outdated` names the algorithm of a hash being replaced by `rehash`. A
+/// password past the maximum age requires a change like an expired one (nothing is stored
+/// for it: changing the password ends it).
 fn sign_in<'a>(
+    settings: &PasswordSettings,
     current: &Credentials,
     origin: &'a Origin,
     outdated: Option<&'static str>,
     rehash: Option<&'a str>,
 ) -> (Success<'a>, Vec<NewEvent>, SignInResult) {
     let id = current.user.id;
-    let change_required = current.user.require_password_change;
+    let too_old = settings.too_old(current.user.password_changed_at, Utc::now());
+    let change_required = current.user.require_password_change || too_old;
     let activate = !change_required && current.user.status == UserStatus::PendingVerification;
     let mut evs = Vec::new();
     if let (Some(from), Some(_)) = (outdated, rehash) {
@@ -563,6 +596,9 @@ fn sign_in<'a>(
         SignInResult::Ok
     };
     let mut data = json!({ "method": "PASSWORD", "result": refusal_name(result) });
+    if too_old {
+        data["password_max_age_days"] = json!(settings.max_age_days);
+    }
     if activate {
         data["activated"] = json!(true);
     }
@@ -609,7 +645,7 @@ pub async fn change_password(
         ));
     };
     let new = NewPassword::Plain(new_password);
-    check_personal(&found.user, &new, "new_password")?;
+    check_personal(settings, &found.user, &new, "new_password")?;
     let verified = hasher.verify(current_password, Some(hash.clone())).await?;
     let new_hash = if verified.ok {
         // Only for the holder of the current password: it tells whether a password was
@@ -661,7 +697,7 @@ pub async fn change_password(
             "is not the user's current password",
         ));
     };
-    check_personal(&current.user, &new, "new_password")?;
+    check_personal(settings, &current.user, &new, "new_password")?;
     let keep = settings.history.saturating_sub(1);
     store::file_password_history(&tx, caller.project_id, id, &new_hash, keep).await?;
     let updated = store::set_password(&tx, caller.project_id, id, Some(&new_hash), false).await?;
@@ -746,7 +782,7 @@ pub async fn reset_password(
     }
     let found = credentials_of(pool, caller, user_id).await?;
     let new = NewPassword::Plain(new_password);
-    check_personal(&found.user, &new, "new_password")?;
+    check_personal(settings, &found.user, &new, "new_password")?;
     let checked = found.hash.as_deref();
     check_history(
         pool,
@@ -775,7 +811,7 @@ pub async fn reset_password(
     let current = store::credentials_for_update(&tx, caller.project_id, user_id)
         .await?
         .ok_or_else(unknown)?;
-    check_personal(&current.user, &new, "new_password")?;
+    check_personal(settings, &current.user, &new, "new_password")?;
     unchanged_since_check(settings, &new, checked, &current)?;
     let lock_cleared = current.user.locked_until.is_some_and(|t| t > Utc::now());
     let keep = settings.history.saturating_sub(1);

@@ -24,7 +24,7 @@ pub enum ProjectCommand {
     /// List projects.
     List,
     /// Show or change a project's sign-in policy: settings given here replace the server's
-    /// (--lockout-threshold, --lockout-secs, --password-history of `serve`) for this
+    /// (the same flags of `serve`) for this
     /// project; `default` goes back to the server's. Servers apply a change within their
     /// key-cache time. Prints the policy, one setting per line.
     Policy {
@@ -40,6 +40,13 @@ pub enum ProjectCommand {
         /// `default`.
         #[arg(long, value_parser = policy_value(0, 24))]
         password_history: Option<admin::PolicyChange>,
+        /// Fewest characters in a new password (8 to 128), or `default`.
+        #[arg(long, value_parser = policy_value(8, 128))]
+        password_min_length: Option<admin::PolicyChange>,
+        /// Days a password lasts before a sign-in requires a change (0: no limit, at most
+        /// 36500), or `default`.
+        #[arg(long, value_parser = policy_value(0, 36_500))]
+        password_max_age_days: Option<admin::PolicyChange>,
     },
     /// Set a project's WebAuthn relying party, used by its passkey ceremonies.
     Update {
@@ -190,6 +197,8 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                     lockout_threshold,
                     lockout_secs,
                     password_history,
+                    password_min_length,
+                    password_max_age_days,
                 } => {
                     let p = admin::find_project(&*client, &project).await?;
                     let policy = admin::update_policy(
@@ -198,6 +207,8 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                         lockout_threshold,
                         lockout_secs,
                         password_history,
+                        password_min_length,
+                        password_max_age_days,
                     )
                     .await?;
                     let show = |v: Option<u32>| match v {
@@ -207,6 +218,11 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                     println!("lockout-threshold\t{}", show(policy.lockout_threshold));
                     println!("lockout-secs\t{}", show(policy.lockout_secs));
                     println!("password-history\t{}", show(policy.password_history));
+                    println!("password-min-length\t{}", show(policy.password_min_length));
+                    println!(
+                        "password-max-age-days\t{}",
+                        show(policy.password_max_age_days)
+                    );
                 }
                 ProjectCommand::Update {
                     project,

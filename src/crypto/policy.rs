@@ -29,10 +29,18 @@ pub fn check_length(password: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks a new password. `personal` holds the user's own email, username and phone number
+/// Checks a new password of at least `min_chars` characters (a project may ask for more than
+/// [`MIN_PASSWORD_CHARS`]). `personal` holds the user's own email, username and phone number
 /// (whichever it has); the password may not be any of them, nor the email's local part.
-pub fn check_new_password(password: &str, personal: &[&str]) -> Result<(), String> {
+pub fn check_new_password(
+    password: &str,
+    personal: &[&str],
+    min_chars: usize,
+) -> Result<(), String> {
     check_length(password)?;
+    if password.chars().count() < min_chars {
+        return Err(format!("must be at least {min_chars} characters"));
+    }
     let lower = password.to_lowercase();
     if COMMON.contains(lower.as_str()) {
         return Err("is one of the most common passwords; choose a less guessable one".into());
@@ -64,7 +72,7 @@ mod tests {
     fn common_and_personal_passwords_are_refused() {
         assert_eq!(COMMON.len(), 10_000);
         for common in ["password", "PassWord", "12345678", "iloveyou", "felicidade"] {
-            let e = check_new_password(common, &[]).unwrap_err();
+            let e = check_new_password(common, &[], 8).unwrap_err();
             assert!(e.contains("common"), "{common}: {e}");
         }
         let me = ["ada.lovelace@example.com", "countess_ada", "+14155550123"];
@@ -74,9 +82,12 @@ mod tests {
             "COUNTESS_ADA",
             "+14155550123",
         ] {
-            let e = check_new_password(own, &me).unwrap_err();
+            let e = check_new_password(own, &me, 8).unwrap_err();
             assert!(e.contains("own"), "{own}: {e}");
         }
-        assert!(check_new_password("correct horse battery staple", &me).is_ok());
+        assert!(check_new_password("correct horse battery staple", &me, 8).is_ok());
+        let e = check_new_password("horse battery", &me, 15).unwrap_err();
+        assert_eq!(e, "must be at least 15 characters");
+        assert!(check_new_password("horse battery staple", &me, 15).is_ok());
     }
 }

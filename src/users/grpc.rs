@@ -143,7 +143,11 @@ fn contact_channel(n: i32) -> Result<ContactChannel, Error> {
     }
 }
 
-fn new_user_from_request(req: pb::CreateUserRequest) -> Result<NewUser, Error> {
+/// `min_password_chars`: the caller's project's minimum for a new password.
+fn new_user_from_request(
+    req: pb::CreateUserRequest,
+    min_password_chars: usize,
+) -> Result<NewUser, Error> {
     let mut v = Violations::new();
     let Some(u) = req.user else {
         return Err(Error::invalid("user", "is required"));
@@ -165,7 +169,9 @@ fn new_user_from_request(req: pb::CreateUserRequest) -> Result<NewUser, Error> {
     let password = match req.initial_password {
         None => None,
         Some(InitialPassword::Password(p)) => {
-            if let Err(e) = crypto::policy::check_new_password(&p, &profile.personal()) {
+            if let Err(e) =
+                crypto::policy::check_new_password(&p, &profile.personal(), min_password_chars)
+            {
                 v.add("password", e);
             }
             Some(PasswordInput::Plain(p))
@@ -371,7 +377,8 @@ impl UserService for UserApi {
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let caller = caller_of(&request)?;
-        let new = new_user_from_request(request.into_inner())?;
+        let min = self.state.passwords.for_project(&caller.policy).min_length;
+        let new = new_user_from_request(request.into_inner(), min as usize)?;
         let user =
             ops::create_user(&self.state.user_creates, &self.state.hasher, &caller, new).await?;
         Ok(Response::new(pb::CreateUserResponse {

@@ -125,6 +125,10 @@ fn serve_refuses_bad_settings_and_busy_ports_before_starting_a_database() {
             vec!["--password-history", "25"],
             "25 is not in 0..=24".into(),
         ),
+        (
+            vec!["--password-min-length", "7"],
+            "7 is not in 8..=128".into(),
+        ),
         // A rate of 1e-300 made the wait before the next call overflow a Duration (panic).
         (
             vec!["--rate-limit-rps", "NaN"],
@@ -209,16 +213,31 @@ async fn projects_and_keys_commands() {
     };
     let (ok, out, err) = policy(&[]);
     assert!(ok, "{err}");
+    let default = "default (the server's)";
     assert_eq!(
         out,
-        "lockout-threshold\tdefault (the server's)\nlockout-secs\tdefault (the server's)\n\
-         password-history\tdefault (the server's)\n"
+        format!(
+            "lockout-threshold\t{default}\nlockout-secs\t{default}\npassword-history\t{default}\n\
+             password-min-length\t{default}\npassword-max-age-days\t{default}\n"
+        )
     );
-    let (ok, out, err) = policy(&["--lockout-threshold", "5", "--password-history", "4"]);
+    let (ok, out, err) = policy(&[
+        "--lockout-threshold",
+        "5",
+        "--password-history",
+        "4",
+        "--password-min-length",
+        "15",
+        "--password-max-age-days",
+        "90",
+    ]);
     assert!(ok, "{err}");
     assert_eq!(
         out,
-        "lockout-threshold\t5\nlockout-secs\tdefault (the server's)\npassword-history\t4\n"
+        format!(
+            "lockout-threshold\t5\nlockout-secs\t{default}\npassword-history\t4\n\
+             password-min-length\t15\npassword-max-age-days\t90\n"
+        )
     );
     let (ok, out, _) = policy(&["--lockout-threshold", "default"]);
     assert!(ok && out.starts_with("lockout-threshold\tdefault") && out.contains("history\t4"));
@@ -226,6 +245,8 @@ async fn projects_and_keys_commands() {
         ("--password-history", "25"),
         ("--lockout-secs", "0"),
         ("--lockout-threshold", "many"),
+        ("--password-min-length", "7"),
+        ("--password-max-age-days", "36501"),
     ] {
         let (ok, _, err) = policy(&[flag, bad]);
         assert!(!ok && err.contains("or default"), "{flag} {bad}: {err}");

@@ -1259,12 +1259,15 @@ async fn a_projects_policy_overrides_the_servers_settings() {
     let (other_id, other) = app.other_project().await;
     let mut a = app.authenticators();
     let user = user_with_password(&app, "strict@example.com").await;
+    let aged = user_with_password(&app, "aged@example.com").await;
     let policy = roster::admin::update_policy(
         &**app.pool.get().await.unwrap(),
         app.project_id,
         Some(C::Value(2)),
         Some(C::Value(60)),
         Some(C::Value(1)),
+        Some(C::Value(20)),
+        Some(C::Value(90)),
     )
     .await
     .unwrap();
@@ -1274,9 +1277,72 @@ async fn a_projects_policy_overrides_the_servers_settings() {
             lockout_threshold: Some(2),
             lockout_secs: Some(60),
             password_history: Some(1),
+            password_min_length: Some(20),
+            password_max_age_days: Some(90),
         }
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // A password set 91 days ago must be changed at the next sign-in; 89 days is fine.
+    let set_age = |days: i32| {
+        let id = Uuid::parse_str(&aged.id).unwrap();
+        let pool = app.pool.clone();
+        async move {
+            pool.get()
+                .await
+                .unwrap()
+                .execute(
+                    "UPDATE users SET password_changed_at = now() - make_interval(days => $2)
+                     WHERE id = $1",
+                    &[&id, &days],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    set_age(89).await;
+    let r = verify(&mut a, email("aged@example.com"), PASSWORD).await;
+    assert_eq!(result(&r), R::Ok);
+    set_age(91).await;
+    let r = verify(&mut a, email("aged@example.com"), PASSWORD).await;
+    assert_eq!(result(&r), R::PasswordChangeRequired);
+    let (kind, data, ..) = app.events_of(&aged.id).await.pop().unwrap();
+    assert_eq!(kind, "LOGIN_SUCCEEDED");
+    assert_eq!(data["password_max_age_days"], 90, "{data}");
+    // Changing it (to one of at least 20 characters) ends that.
+    let long = "a passphrase of thirty characters";
+    let err = a
+        .change_password(pb::ChangePasswordRequest {
+            user_id: aged.id.clone(),
+            current_password: PASSWORD.into(),
+            new_password: "nineteen characters".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["new_password"]);
+    assert!(err.message().contains("at least 20"), "{}", err.message());
+    a.change_password(pb::ChangePasswordRequest {
+        user_id: aged.id.clone(),
+        current_password: PASSWORD.into(),
+        new_password: long.into(),
+    })
+    .await
+    .unwrap();
+    let r = verify(&mut a, email("aged@example.com"), long).await;
+    assert_eq!(result(&r), R::Ok);
+    // The minimum holds at creation too, and passwords set before still work.
+    let err = app
+        .users()
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("short@example.com")),
+            initial_password: Some(pb::create_user_request::InitialPassword::Password(
+                "short but fine 1".into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["password"]);
 
     // Two failures lock, for a minute.
     let r = verify(&mut a, email("strict@example.com"), "wrong guess one").await;
@@ -1327,6 +1393,8 @@ async fn a_projects_policy_overrides_the_servers_settings() {
         Some(C::ServerDefault),
         None,
         Some(C::ServerDefault),
+        Some(C::ServerDefault),
+        None,
     )
     .await
     .unwrap();

@@ -5,3 +5,7 @@ ALTER TABLE projects ADD COLUMN lockout_secs integer
     CHECK (lockout_secs BETWEEN 1 AND 31536000);
 ALTER TABLE projects ADD COLUMN password_history smallint
     CHECK (password_history BETWEEN 0 AND 24);
+ALTER TABLE projects ADD COLUMN password_min_length smallint
+    CHECK (password_min_length BETWEEN 8 AND 128);
+ALTER TABLE projects ADD COLUMN password_max_age_days integer
+    CHECK (password_max_age_days BETWEEN 0 AND 36500);
