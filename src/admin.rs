@@ -28,6 +28,10 @@ pub struct ApiKey {
     pub last_used_at: Option<DateTime<Utc>>,
     /// When servers stop accepting the key; `None`: never.
     pub expires_at: Option<DateTime<Utc>>,
+    /// The key's own rate limit (calls per second; 0: none), `None`: the server's.
+    pub rate_limit_rps: Option<f64>,
+    /// Its burst; `None`: twice the rate.
+    pub rate_limit_burst: Option<f64>,
 }
 
 pub async fn create_project(db: &impl GenericClient, name: &str) -> Result<Project> {
@@ -264,6 +268,8 @@ pub async fn create_key(
         revoked_at: None,
         last_used_at: None,
         expires_at,
+        rate_limit_rps: None,
+        rate_limit_burst: None,
     };
     Ok((api_key, key.token))
 }
@@ -272,7 +278,7 @@ pub async fn list_keys(db: &impl GenericClient, project_id: Uuid) -> Result<Vec<
     let rows = db
         .query(
             "SELECT id, project_id, name, scopes, created_at, revoked_at, last_used_at,
-                    expires_at
+                    expires_at, rate_limit_rps, rate_limit_burst
              FROM api_keys WHERE project_id = $1 ORDER BY created_at",
             &[&project_id],
         )
@@ -288,8 +294,42 @@ pub async fn list_keys(db: &impl GenericClient, project_id: Uuid) -> Result<Vec<
             revoked_at: r.get(5),
             last_used_at: r.get(6),
             expires_at: r.get(7),
+            rate_limit_rps: r.get(8),
+            rate_limit_burst: r.get(9),
         })
         .collect())
+}
+
+/// Sets a key's own rate limit: `rps` calls per second (0: none) with bursts of `burst`
+/// (twice the rate when `None`), or `rps` `None` for the server's. Servers apply it within
+/// their key-cache time.
+pub async fn set_key_limit(
+    db: &impl GenericClient,
+    key_id: Uuid,
+    rps: Option<f64>,
+    burst: Option<f64>,
+) -> Result<()> {
+    let mut v = crate::error::Violations::new();
+    if rps.is_some_and(|r| !(r.is_finite() && (0.0..=1_000_000.0).contains(&r))) {
+        v.add("rate_limit_rps", "must be a number from 0 to 1000000");
+    }
+    if burst.is_some_and(|b| !(b.is_finite() && (1.0..=1_000_000.0).contains(&b))) {
+        v.add("rate_limit_burst", "must be a number from 1 to 1000000");
+    }
+    if burst.is_some() && !rps.is_some_and(|r| r > 0.0) {
+        v.add("rate_limit_burst", "goes with a rate above 0");
+    }
+    v.into_result()?;
+    let n = db
+        .execute(
+            "UPDATE api_keys SET rate_limit_rps = $2, rate_limit_burst = $3 WHERE id = $1",
+            &[&key_id, &rps, &burst],
+        )
+        .await?;
+    if n == 0 {
+        return Err(Error::not_found("api_key", key_id.to_string()));
+    }
+    Ok(())
 }
 
 /// Revokes a key; servers stop accepting it within their key-cache time.

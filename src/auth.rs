@@ -284,6 +284,16 @@ struct KeyRecord {
     revoked: bool,
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
     policy: ProjectPolicy,
+    limit: crate::ratelimit::KeyLimit,
+}
+
+/// What a verified key says about its call.
+struct Verified {
+    key_id: Uuid,
+    project_id: Uuid,
+    scopes: ScopeSet,
+    policy: ProjectPolicy,
+    limit: crate::ratelimit::KeyLimit,
 }
 
 /// Verifies keys against the database, with a short-lived cache.
@@ -380,7 +390,7 @@ impl KeyVerifier {
                 "SELECT k.project_id, k.scopes, k.secret_hash, k.revoked_at IS NOT NULL,
                         k.expires_at, p.lockout_threshold, p.lockout_secs,
                         p.password_history::integer, p.password_min_length::integer,
-                        p.password_max_age_days
+                        p.password_max_age_days, k.rate_limit_rps, k.rate_limit_burst
                  FROM api_keys k JOIN projects p ON p.id = k.project_id
                  WHERE k.id = $1",
                 &[&id],
@@ -413,6 +423,9 @@ impl KeyVerifier {
                             password_max_age_days: setting(9),
                         }
                     },
+                    limit: row
+                        .get::<_, Option<f64>>(10)
+                        .map(|rate| crate::ratelimit::Limit::new(rate, row.get(11))),
                 })
             }
             None => None,
@@ -428,10 +441,7 @@ impl KeyVerifier {
 
     /// The key id, project, scopes and project policy of the key in an `authorization`
     /// header value.
-    async fn verify(
-        &self,
-        header: Option<&str>,
-    ) -> Result<(Uuid, Uuid, ScopeSet, ProjectPolicy), Error> {
+    async fn verify(&self, header: Option<&str>) -> Result<Verified, Error> {
         let unauthenticated = |reason, message| Error::Unauthenticated { reason, message };
         let header = header.ok_or(unauthenticated(
             "MISSING_API_KEY",
@@ -479,7 +489,13 @@ impl KeyVerifier {
             }
         }
         self.note_use(id);
-        Ok((id, rec.project_id, rec.scopes, rec.policy))
+        Ok(Verified {
+            key_id: id,
+            project_id: rec.project_id,
+            scopes: rec.scopes,
+            policy: rec.policy,
+            limit: rec.limit,
+        })
     }
 }
 
@@ -527,7 +543,7 @@ impl Drop for InFlightGuard {
 pub struct AuthLayer {
     verifier: Arc<KeyVerifier>,
     in_flight: InFlight,
-    limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
+    limiter: Arc<crate::ratelimit::RateLimiter>,
     metrics: Arc<crate::metrics::Metrics>,
     call_timeout: Option<Duration>,
 }
@@ -538,7 +554,7 @@ impl AuthLayer {
     pub fn new(
         verifier: Arc<KeyVerifier>,
         in_flight: InFlight,
-        limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
+        limiter: Arc<crate::ratelimit::RateLimiter>,
         metrics: Arc<crate::metrics::Metrics>,
         call_timeout: Option<Duration>,
     ) -> Self {
@@ -571,7 +587,7 @@ pub struct AuthService<S> {
     inner: S,
     verifier: Arc<KeyVerifier>,
     in_flight: InFlight,
-    limiter: Option<Arc<crate::ratelimit::RateLimiter>>,
+    limiter: Arc<crate::ratelimit::RateLimiter>,
     metrics: Arc<crate::metrics::Metrics>,
     call_timeout: Option<Duration>,
 }
@@ -641,7 +657,13 @@ where
                     .get("authorization")
                     .and_then(|v| v.to_str().ok());
                 let authorized = match verifier.verify(header).await {
-                    Ok((key_id, project_id, scopes, policy)) => {
+                    Ok(Verified {
+                        key_id,
+                        project_id,
+                        scopes,
+                        policy,
+                        limit,
+                    }) => {
                         let span = tracing::Span::current();
                         span.record("project", tracing::field::display(project_id));
                         span.record("key", tracing::field::display(key_id));
@@ -651,9 +673,7 @@ where
                                     scope: scope.as_str(),
                                 })
                             }
-                            _ if let Some(Err(wait)) =
-                                limiter.as_ref().map(|l| l.check(key_id)) =>
-                            {
+                            _ if let Err(wait) = limiter.check(key_id, limit) => {
                                 Err(Error::RateLimited { retry_after: wait })
                             }
                             _ => Ok(Caller {

@@ -351,17 +351,13 @@ impl ServerConfig {
         }
     }
 
-    /// The per-key limiter, when limiting is on.
-    pub fn rate_limiter(&self) -> Option<crate::ratelimit::RateLimiter> {
-        let rate = self.rate_limit_rps;
-        (rate.is_finite() && rate > 0.0).then(|| {
-            let burst = if self.rate_limit_burst > 0.0 {
-                self.rate_limit_burst
-            } else {
-                rate * 2.0
-            };
-            crate::ratelimit::RateLimiter::new(rate, burst)
-        })
+    /// The per-key limiter, with the server's limit when it has one (keys may have their
+    /// own either way).
+    pub fn rate_limiter(&self) -> crate::ratelimit::RateLimiter {
+        crate::ratelimit::RateLimiter::new(crate::ratelimit::Limit::new(
+            self.rate_limit_rps,
+            Some(self.rate_limit_burst),
+        ))
     }
 
     /// The per-address throttle of failed sign-ins, when it is on.

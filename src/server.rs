@@ -340,7 +340,7 @@ impl Application {
             .layer(AuthLayer::new(
                 verifier,
                 in_flight.clone(),
-                self.config.rate_limiter().map(Arc::new),
+                Arc::new(self.config.rate_limiter()),
                 self.metrics.clone(),
                 (self.config.call_timeout_secs > 0)
                     .then(|| Duration::from_secs(self.config.call_timeout_secs)),

@@ -100,6 +100,20 @@ pub enum KeyCommand {
         /// The key id (the part after rst_ in the token, or its UUID form).
         key_id: String,
     },
+    /// Set a key's own rate limit, in place of the server's --rate-limit-rps: a noisy batch
+    /// job can get less, a sign-in frontend more. Servers apply it within their key-cache
+    /// time.
+    Limit {
+        /// The key id (the part after rst_ in the token, or its UUID form).
+        key_id: String,
+        /// Calls per second (0: not limited at all), or `default` for the server's.
+        #[arg(long, value_parser = parse_key_rate)]
+        rps: KeyRate,
+        /// Calls the key may make at once after a quiet spell (1 to 1000000); twice the
+        /// rate when not given.
+        #[arg(long)]
+        burst: Option<f64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -248,6 +262,52 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
     .await
 }
 
+/// `roster keys limit --rps`: a rate, or the server's.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyRate {
+    ServerDefault,
+    PerSecond(f64),
+}
+
+fn parse_key_rate(text: &str) -> Result<KeyRate, String> {
+    match text.trim() {
+        "default" => Ok(KeyRate::ServerDefault),
+        t => match t.parse::<f64>() {
+            Ok(r) if r.is_finite() && (0.0..=1_000_000.0).contains(&r) => Ok(KeyRate::PerSecond(r)),
+            _ => Err("give calls per second from 0 (no limit) to 1000000, or default".into()),
+        },
+    }
+}
+
+/// A key's id from its id or its whole token. The input is not echoed on error: it may be a
+/// mistyped token holding a secret.
+fn key_id_of(text: &str) -> anyhow::Result<Uuid> {
+    Uuid::try_parse(
+        text.trim_start_matches("rst_")
+            .split('_')
+            .next()
+            .unwrap_or(""),
+    )
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "not a key id or token: give the key's id (a UUID) or its whole token \
+                 (rst_<key-id>_<secret>)"
+        )
+    })
+}
+
+/// How `keys list` and `keys limit` show a key's own rate limit.
+fn limit_text(rps: Option<f64>, burst: Option<f64>) -> String {
+    match rps {
+        None => "limit default".to_string(),
+        Some(r) if r <= 0.0 => "no limit".to_string(),
+        Some(r) => {
+            let limit = crate::ratelimit::Limit::new(r, burst);
+            format!("limit {r}/s burst {}", limit.map_or(1.0, |l| l.burst))
+        }
+    }
+}
+
 /// A policy setting: `default`, or a whole number from `min` to `max`.
 fn policy_value(
     min: u32,
@@ -329,8 +389,9 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                             Some(t) => format!("expires {}", t.to_rfc3339()),
                             None => "no expiry".to_string(),
                         };
+                        let limit = limit_text(k.rate_limit_rps, k.rate_limit_burst);
                         println!(
-                            "{}\t{}\t{}\t{state}\t{used}\t{expiry}",
+                            "{}\t{}\t{}\t{state}\t{used}\t{expiry}\t{limit}",
                             k.id,
                             k.name,
                             k.scopes.join(",")
@@ -338,22 +399,18 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                     }
                 }
                 KeyCommand::Revoke { key_id } => {
-                    let id = Uuid::try_parse(
-                        key_id
-                            .trim_start_matches("rst_")
-                            .split('_')
-                            .next()
-                            .unwrap_or(""),
-                    )
-                    // The input is not echoed: it may be a mistyped token holding a secret.
-                    .map_err(|_| {
-                        anyhow::anyhow!(
-                            "not a key id or token: give the key's id (a UUID) or its whole \
-                             token (rst_<key-id>_<secret>)"
-                        )
-                    })?;
+                    let id = key_id_of(&key_id)?;
                     admin::revoke_key(&*client, id).await?;
                     println!("revoked {id}");
+                }
+                KeyCommand::Limit { key_id, rps, burst } => {
+                    let id = key_id_of(&key_id)?;
+                    let rps = match rps {
+                        KeyRate::ServerDefault => None,
+                        KeyRate::PerSecond(r) => Some(r),
+                    };
+                    admin::set_key_limit(&*client, id, rps, burst).await?;
+                    println!("{id}\t{}", limit_text(rps, burst));
                 }
             }
             Ok(())

@@ -55,6 +55,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "project_policy",
         include_str!("migrations/0011_project_policy.sql"),
     ),
+    (
+        12,
+        "api_key_rate_limit",
+        include_str!("migrations/0012_api_key_rate_limit.sql"),
+    ),
 ];
 
 /// A short digest of every migration's version, name and SQL: equal for two builds exactly

@@ -338,3 +338,81 @@ async fn each_key_has_its_own_rate_limit_with_retry_info() {
     let err = users.get_user(get()).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
+
+/// A key's own limit (`roster keys limit`) replaces the server's for that key: lower, higher,
+/// none at all (0), and back to the server's (`default`); servers apply it within their
+/// key-cache time.
+#[tokio::test]
+async fn a_keys_own_rate_limit_replaces_the_servers() {
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        key_cache_ms: 50,
+        rate_limit_rps: 1.0,
+        rate_limit_burst: 2.0,
+        ..Default::default()
+    })
+    .await;
+    let get = || pb::GetUserRequest {
+        id: uuid::Uuid::now_v7().to_string(),
+    };
+    let key_id = |token: &str| {
+        uuid::Uuid::parse_str(token.trim_start_matches("rst_").split('_').next().unwrap()).unwrap()
+    };
+    let set = |token: &str, rps: Option<f64>, burst: Option<f64>| {
+        let (pool, id) = (app.pool.clone(), key_id(token));
+        async move {
+            roster::admin::set_key_limit(&**pool.get().await.unwrap(), id, rps, burst)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    // How many of 20 calls at once pass.
+    let passing = |token: String| {
+        let mut users = app.users_with(Some(&token));
+        async move {
+            let mut passed = 0;
+            for _ in 0..20 {
+                match users.get_user(get()).await {
+                    Err(e) if e.code() == Code::NotFound => passed += 1,
+                    Err(e) => {
+                        assert_eq!(reason(&e), "RATE_LIMITED");
+                    }
+                    Ok(_) => unreachable!(),
+                }
+            }
+            passed
+        }
+    };
+    let (batch, frontend, trusted) = (
+        app.key(&["users.read"]).await,
+        app.key(&["users.read"]).await,
+        app.key(&["users.read"]).await,
+    );
+    set(&frontend, Some(0.5), Some(10.0)).await;
+    set(&trusted, Some(0.0), None).await;
+    // (One more may pass on a machine slow enough to refill a token meanwhile.)
+    let batch_passed = passing(batch.clone()).await;
+    assert!(
+        (2..=3).contains(&batch_passed),
+        "the server's burst: {batch_passed}"
+    );
+    let frontend_passed = passing(frontend.clone()).await;
+    assert!(
+        (10..=11).contains(&frontend_passed),
+        "its own burst: {frontend_passed}"
+    );
+    assert_eq!(passing(trusted.clone()).await, 20, "no limit");
+    // Back to the server's: its bucket holds the server's burst at most.
+    set(&trusted, None, None).await;
+    assert!(passing(trusted).await <= 3);
+    // A burst without a rate to go with it is refused.
+    let err = roster::admin::set_key_limit(
+        &**app.pool.get().await.unwrap(),
+        key_id(&batch),
+        Some(0.0),
+        Some(5.0),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("invalid"), "{err}");
+}

@@ -352,7 +352,7 @@ async fn projects_and_keys_commands() {
     let line = listed.lines().find(|l| l.contains("\tci\t")).unwrap();
     assert!(
         line.ends_with(&format!(
-            "active\tlast used {}\tno expiry",
+            "active\tlast used {}\tno expiry\tlimit default",
             first.to_rfc3339()
         )),
         "{listed}"
@@ -430,6 +430,33 @@ async fn projects_and_keys_commands() {
     let (_, listed, _) = roster(&app.url, &["keys", "list", "--project", "acme"]);
     let line = listed.lines().find(|l| l.contains("\ttemp\t")).unwrap();
     assert!(line.contains("\texpired\t"), "{line}");
+
+    // Its own rate limit, shown by `keys list`; `default` gives the server's back.
+    let (ok, out, err) = roster(&app.url, &["keys", "limit", &token, "--rps", "5"]);
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("{key_id}\tlimit 5/s burst 10\n"));
+    let (ok, out, _) = roster(
+        &app.url,
+        &["keys", "limit", &key_id.to_string(), "--rps", "0"],
+    );
+    assert!(ok && out.ends_with("\tno limit\n"), "{out}");
+    let (ok, _, err) = roster(
+        &app.url,
+        &["keys", "limit", &token, "--rps", "0", "--burst", "3"],
+    );
+    assert!(!ok && err.contains("goes with a rate above 0"), "{err}");
+    let (ok, _, err) = roster(&app.url, &["keys", "limit", &token, "--rps", "fast"]);
+    assert!(!ok && err.contains("or default"), "{err}");
+    let (ok, _, _) = roster(
+        &app.url,
+        &["keys", "limit", &token, "--rps", "2.5", "--burst", "4"],
+    );
+    assert!(ok);
+    let (_, listed, _) = roster(&app.url, &["keys", "list", "--project", "acme"]);
+    let line = listed.lines().find(|l| l.contains("\tci\t")).unwrap();
+    assert!(line.ends_with("\tlimit 2.5/s burst 4"), "{line}");
+    let (ok, out, _) = roster(&app.url, &["keys", "limit", &token, "--rps", "default"]);
+    assert!(ok && out.ends_with("\tlimit default\n"), "{out}");
 
     // A mangled token is refused without echoing it (it may hold the secret).
     let (ok, _, err) = roster(&app.url, &["keys", "revoke", "rst_typo_s3cret"]);
