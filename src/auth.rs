@@ -439,8 +439,8 @@ impl KeyVerifier {
         Ok(rec)
     }
 
-    /// The key id, project, scopes and project policy of the key in an `authorization`
-    /// header value.
+    /// What the key in an `authorization` header value says: its id, project, scopes, the
+    /// project's policy and the key's own rate limit.
     async fn verify(&self, header: Option<&str>) -> Result<Verified, Error> {
         let unauthenticated = |reason, message| Error::Unauthenticated { reason, message };
         let header = header.ok_or(unauthenticated(

@@ -24,9 +24,9 @@ pub enum ProjectCommand {
     /// List projects.
     List,
     /// Show or change a project's sign-in policy: settings given here replace the server's
-    /// (the same flags of `serve`) for this
-    /// project; `default` goes back to the server's. Servers apply a change within their
-    /// key-cache time. Prints the policy, one setting per line.
+    /// (the same flags of `serve`) for this project; `default` goes back to the server's.
+    /// Servers apply a change within their key-cache time. Prints the policy, one setting
+    /// per line.
     Policy {
         /// Project id or name.
         project: String,
@@ -88,8 +88,8 @@ pub enum KeyCommand {
         expires_in: Option<chrono::TimeDelta>,
     },
     /// List a project's keys (never their secrets): id, name, scopes, state (active,
-    /// revoked or expired), when a server last accepted the key (to within a minute) and
-    /// when it expires.
+    /// revoked or expired), when a server last accepted the key (to within a minute), when
+    /// it expires and its rate limit.
     List {
         /// Project id or name.
         #[arg(long)]
