@@ -56,6 +56,14 @@ pub struct AppState {
     pub exports: Arc<crate::users::bulk_grpc::Exports>,
 }
 
+impl AppState {
+    /// The password and lockout settings for a call: the server's, with the caller's
+    /// project's own policy over them.
+    pub fn passwords_for(&self, caller: &crate::auth::Caller) -> PasswordSettings {
+        self.passwords.for_project(&caller.policy)
+    }
+}
+
 /// Largest request message accepted (API.md).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 

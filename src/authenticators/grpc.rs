@@ -47,7 +47,7 @@ fn typed_password(v: &mut Violations, field: &str, p: &str) {
 
 /// A new password, checked against the caller's project's minimum length.
 fn new_plain_password(v: &mut Violations, caller: &Caller, state: &AppState, field: &str, p: &str) {
-    let min = state.passwords.for_project(&caller.policy).min_length as usize;
+    let min = state.passwords_for(caller).min_length as usize;
     if let Err(e) = policy::check_new_password(p, &[], min) {
         v.add(field, e);
     }
@@ -244,7 +244,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let user = password::set_password(
             &s.pool,
             &s.hasher,
-            &s.passwords.for_project(&caller.policy),
+            &s.passwords_for(&caller),
             &caller,
             id,
             password,
@@ -281,7 +281,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let user = password::change_password(
             &s.pool,
             &s.hasher,
-            &s.passwords.for_project(&caller.policy),
+            &s.passwords_for(&caller),
             &caller,
             id,
             req.current_password,
@@ -362,7 +362,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let (result, user) = password::verify_password(
             &s.pool,
             &s.hasher,
-            &s.passwords.for_project(&caller.policy),
+            &s.passwords_for(&caller),
             &caller,
             &login,
             req.password,
@@ -429,7 +429,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let user = password::reset_password(
             &s.pool,
             &s.hasher,
-            &s.passwords.for_project(&caller.policy),
+            &s.passwords_for(&caller),
             &caller,
             token,
             req.new_password,
@@ -580,7 +580,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let attempt = factors::Attempt {
             caller: &caller,
             ctx: &ctx,
-            settings: &s.passwords.for_project(&caller.policy),
+            settings: &s.passwords_for(&caller),
             via: "VerifyFactor",
         };
         let out = factors::verify_factor(
@@ -690,7 +690,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let out = passkey::finish_authentication(
             &s.pool,
             &s.relying_party,
-            &s.passwords.for_project(&caller.policy),
+            &s.passwords_for(&caller),
             &caller,
             ceremony,
             &credential,

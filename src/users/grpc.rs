@@ -377,7 +377,7 @@ impl UserService for UserApi {
         request: Request<pb::CreateUserRequest>,
     ) -> Result<Response<pb::CreateUserResponse>, Status> {
         let caller = caller_of(&request)?;
-        let min = self.state.passwords.for_project(&caller.policy).min_length;
+        let min = self.state.passwords_for(&caller).min_length;
         let new = new_user_from_request(request.into_inner(), min as usize)?;
         let user =
             ops::create_user(&self.state.user_creates, &self.state.hasher, &caller, new).await?;
