@@ -148,16 +148,22 @@ pub enum PolicyChange {
     Value(u32),
 }
 
+/// The settings of a project's sign-in policy to change; `None` leaves one as it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PolicyUpdate {
+    pub lockout_threshold: Option<PolicyChange>,
+    pub lockout_secs: Option<PolicyChange>,
+    pub password_history: Option<PolicyChange>,
+    pub password_min_length: Option<PolicyChange>,
+    pub password_max_age_days: Option<PolicyChange>,
+}
+
 /// Changes the given settings of a project's sign-in policy (the others stay) and returns the
 /// policy as stored. Servers apply it within their key-cache time.
 pub async fn update_policy(
     db: &impl GenericClient,
     project_id: Uuid,
-    lockout_threshold: Option<PolicyChange>,
-    lockout_secs: Option<PolicyChange>,
-    password_history: Option<PolicyChange>,
-    password_min_length: Option<PolicyChange>,
-    password_max_age_days: Option<PolicyChange>,
+    update: PolicyUpdate,
 ) -> Result<crate::auth::ProjectPolicy> {
     let param = |c: Option<PolicyChange>| -> (bool, Option<i32>) {
         match c {
@@ -167,11 +173,11 @@ pub async fn update_policy(
         }
     };
     let (a, b, c, d, e) = (
-        param(lockout_threshold),
-        param(lockout_secs),
-        param(password_history),
-        param(password_min_length),
-        param(password_max_age_days),
+        param(update.lockout_threshold),
+        param(update.lockout_secs),
+        param(update.password_history),
+        param(update.password_min_length),
+        param(update.password_max_age_days),
     );
     let row = db
         .query_opt(

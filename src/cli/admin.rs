@@ -215,16 +215,14 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                     password_max_age_days,
                 } => {
                     let p = admin::find_project(&*client, &project).await?;
-                    let policy = admin::update_policy(
-                        &*client,
-                        p.id,
+                    let update = admin::PolicyUpdate {
                         lockout_threshold,
                         lockout_secs,
                         password_history,
                         password_min_length,
                         password_max_age_days,
-                    )
-                    .await?;
+                    };
+                    let policy = admin::update_policy(&*client, p.id, update).await?;
                     let show = |v: Option<u32>| match v {
                         Some(v) => v.to_string(),
                         None => "default (the server's)".to_string(),

@@ -1263,11 +1263,13 @@ async fn a_projects_policy_overrides_the_servers_settings() {
     let policy = roster::admin::update_policy(
         &**app.pool.get().await.unwrap(),
         app.project_id,
-        Some(C::Value(2)),
-        Some(C::Value(60)),
-        Some(C::Value(1)),
-        Some(C::Value(20)),
-        Some(C::Value(90)),
+        roster::admin::PolicyUpdate {
+            lockout_threshold: Some(C::Value(2)),
+            lockout_secs: Some(C::Value(60)),
+            password_history: Some(C::Value(1)),
+            password_min_length: Some(C::Value(20)),
+            password_max_age_days: Some(C::Value(90)),
+        },
     )
     .await
     .unwrap();
@@ -1390,11 +1392,12 @@ async fn a_projects_policy_overrides_the_servers_settings() {
     roster::admin::update_policy(
         &**app.pool.get().await.unwrap(),
         app.project_id,
-        Some(C::ServerDefault),
-        None,
-        Some(C::ServerDefault),
-        Some(C::ServerDefault),
-        None,
+        roster::admin::PolicyUpdate {
+            lockout_threshold: Some(C::ServerDefault),
+            password_history: Some(C::ServerDefault),
+            password_min_length: Some(C::ServerDefault),
+            ..Default::default()
+        },
     )
     .await
     .unwrap();
