@@ -130,8 +130,9 @@ impl Drop for Taken<'_> {
     }
 }
 
-/// Most addresses tracked; past it, those owing nothing are dropped, and if that frees too
-/// little the lot is forgotten (the throttle fails open rather than growing without bound).
+/// Most addresses tracked (an address is tracked while it owes failures); past it, those
+/// refilled meanwhile are dropped, and if that frees too little the lot is forgotten (the
+/// throttle fails open rather than growing without bound).
 const MAX_ADDRESSES: usize = 100_000;
 
 impl FailureThrottle {
@@ -154,7 +155,7 @@ impl FailureThrottle {
 
     /// Takes one failure from the budget of `ip` in `project` for an attempt about to be
     /// checked; `Err` says how long until the address may try again.
-    pub fn take(&self, project: Uuid, ip: IpAddr) -> Result<(), Duration> {
+    fn take(&self, project: Uuid, ip: IpAddr) -> Result<(), Duration> {
         self.take_at(project, ip, Instant::now())
     }
 
@@ -162,16 +163,14 @@ impl FailureThrottle {
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
         let key = (project, Self::key(ip));
         if budgets.len() >= MAX_ADDRESSES && !budgets.contains_key(&key) {
-            let before = budgets.len();
             budgets.retain(|_, b| self.refilled(b, now) < self.limit);
             if budgets.len() > MAX_ADDRESSES * 9 / 10 {
+                tracing::warn!(
+                    tracked = budgets.len(),
+                    "too many addresses owe failed sign-ins to track: all are forgiven"
+                );
                 budgets.clear();
             }
-            tracing::warn!(
-                tracked = before,
-                kept = budgets.len(),
-                "too many addresses with failed sign-ins to track; forgot those owing least"
-            );
         }
         let limit = self.limit;
         let b = budgets.entry(key).or_insert(Budget {
@@ -213,8 +212,13 @@ impl FailureThrottle {
     /// Gives back the failure taken for an attempt that did not fail.
     fn give_back(&self, project: Uuid, ip: IpAddr) {
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = budgets.get_mut(&(project, Self::key(ip))) {
-            b.left = (b.left + 1.0).min(self.limit);
+        let key = (project, Self::key(ip));
+        if let Some(b) = budgets.get_mut(&key) {
+            b.left += 1.0;
+            // An address that owes nothing needs no entry (successful sign-ins add none).
+            if b.left >= self.limit {
+                budgets.remove(&key);
+            }
         }
     }
 
@@ -326,6 +330,15 @@ mod tests {
             let _ = th.take_at(p, ip, t);
         }
         assert!(th.budgets.lock().unwrap().len() <= MAX_ADDRESSES);
+        // Attempts that did not fail leave nothing behind.
+        let th = FailureThrottle::new(2, Duration::from_secs(60)).unwrap();
+        for i in 0..1_000u32 {
+            drop(
+                th.attempt(p, IpAddr::V4(std::net::Ipv4Addr::from(i)))
+                    .unwrap(),
+            );
+        }
+        assert_eq!(th.budgets.lock().unwrap().len(), 0);
     }
 
     #[test]
