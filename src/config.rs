@@ -233,6 +233,12 @@ pub struct ServerConfig {
     #[arg(long, env = "ROSTER_IP_FAILURE_WINDOW_SECS", default_value_t = 86_400,
           value_parser = clap::value_parser!(u64).range(1..=MAX_SECS))]
     pub ip_failure_window_secs: u64,
+    /// Addresses the sign-in throttle never counts nor refuses, as comma-separated CIDR
+    /// ranges or addresses (an office's NAT, your own proxies), at most 100:
+    /// `203.0.113.0/24,2001:db8::/32`.
+    #[arg(long, env = "ROSTER_IP_FAILURE_EXEMPT", default_value = "",
+          value_parser = parse_exempt)]
+    pub ip_failure_exempt: Exempt,
     /// Seconds a call may take to answer (a stream: to start) whatever deadline its client
     /// set, or when it set none; past it the call answers DEADLINE_EXCEEDED (CALL_TIMEOUT) and
     /// its database statements are cancelled. 0: no bound beyond the client's.
@@ -307,6 +313,7 @@ impl Default for ServerConfig {
             rate_limit_burst: 0.0,
             ip_failure_limit: 0,
             ip_failure_window_secs: 86_400,
+            ip_failure_exempt: Exempt::default(),
             call_timeout_secs: 30,
             max_exports: 0,
             export_stall_secs: 60,
@@ -365,6 +372,7 @@ impl ServerConfig {
         crate::ratelimit::FailureThrottle::new(
             self.ip_failure_limit,
             Duration::from_secs(self.ip_failure_window_secs),
+            self.ip_failure_exempt.0.clone(),
         )
     }
 
@@ -442,6 +450,28 @@ pub fn encryption_keys(
         )),
         None => Ok(None),
     }
+}
+
+/// `--ip-failure-exempt`: address ranges.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Exempt(pub Vec<ipnet::IpNet>);
+
+/// Comma-separated CIDR ranges or single addresses, at most 100.
+fn parse_exempt(text: &str) -> Result<Exempt, String> {
+    let mut nets = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let net = part
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| part.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| {
+                format!("{part:?} is not an address or a CIDR range like 203.0.113.0/24")
+            })?;
+        nets.push(net);
+    }
+    if nets.len() > 100 {
+        return Err("at most 100 ranges".into());
+    }
+    Ok(Exempt(nets))
 }
 
 /// A rate or burst: a finite number from 0 to 1,000,000.

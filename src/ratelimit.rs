@@ -94,6 +94,8 @@ fn wait_for(secs: f64) -> Duration {
 /// with nothing left is refused without hashing anything. IPv6 addresses count per /64, the
 /// block one subscriber gets. Kept in memory per server, bounded.
 pub struct FailureThrottle {
+    /// Ranges never counted nor refused (`--ip-failure-exempt`).
+    exempt: Vec<ipnet::IpNet>,
     limit: f64,
     /// Failures given back per second.
     rate: f64,
@@ -137,8 +139,9 @@ const MAX_ADDRESSES: usize = 100_000;
 
 impl FailureThrottle {
     /// `None` when `limit` is 0 (off).
-    pub fn new(limit: u32, window: Duration) -> Option<Self> {
+    pub fn new(limit: u32, window: Duration, exempt: Vec<ipnet::IpNet>) -> Option<Self> {
         (limit > 0).then(|| FailureThrottle {
+            exempt,
             limit: f64::from(limit),
             rate: f64::from(limit) / window.as_secs_f64().max(1.0),
             budgets: Mutex::new(HashMap::new()),
@@ -199,14 +202,19 @@ impl FailureThrottle {
 
     /// [`take`](Self::take) for one attempt: the failure goes back when the returned guard
     /// drops, unless [`Taken::failed`] was called (a call given up on gives it back too).
-    pub fn attempt(&self, project: Uuid, ip: IpAddr) -> Result<Taken<'_>, Duration> {
+    /// `None` for an exempt address, which nothing counts.
+    pub fn attempt(&self, project: Uuid, ip: IpAddr) -> Result<Option<Taken<'_>>, Duration> {
+        let ip = ip.to_canonical();
+        if self.exempt.iter().any(|net| net.contains(&ip)) {
+            return Ok(None);
+        }
         self.take(project, ip)?;
-        Ok(Taken {
+        Ok(Some(Taken {
             throttle: self,
             project,
             ip,
             failed: false,
-        })
+        }))
     }
 
     /// Gives back the failure taken for an attempt that did not fail.
@@ -266,8 +274,8 @@ mod tests {
 
     #[test]
     fn failures_per_address_refill_over_the_window() {
-        let th = FailureThrottle::new(3, Duration::from_secs(300)).unwrap();
-        assert!(FailureThrottle::new(0, Duration::from_secs(300)).is_none());
+        let th = FailureThrottle::new(3, Duration::from_secs(300), vec![]).unwrap();
+        assert!(FailureThrottle::new(0, Duration::from_secs(300), vec![]).is_none());
         let (p, q) = (Uuid::now_v7(), Uuid::now_v7());
         let ip: IpAddr = "203.0.113.7".parse().unwrap();
         let t = Instant::now();
@@ -287,11 +295,12 @@ mod tests {
         th.take_at(p, ip, t).unwrap();
         assert!(th.take_at(p, ip, t).is_err());
         let q_ip: IpAddr = "192.0.2.1".parse().unwrap();
-        th.attempt(q, q_ip).unwrap().failed();
+        let fail = |ip| th.attempt(q, ip).unwrap().unwrap().failed();
+        fail(q_ip);
         drop(th.attempt(q, q_ip).unwrap());
         drop(th.attempt(q, q_ip).unwrap());
-        th.attempt(q, q_ip).unwrap().failed();
-        th.attempt(q, q_ip).unwrap().failed();
+        fail(q_ip);
+        fail(q_ip);
         assert!(th.attempt(q, q_ip).is_err(), "three failed, two given back");
         assert!(th.take_at(p, ip, t + Duration::from_secs(100)).is_ok());
         assert!(th.take_at(p, ip, t + Duration::from_secs(100)).is_err());
@@ -304,8 +313,31 @@ mod tests {
     }
 
     #[test]
+    fn exempt_ranges_are_never_counted() {
+        let exempt = vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8::/32".parse().unwrap(),
+        ];
+        let th = FailureThrottle::new(1, Duration::from_secs(60), exempt).unwrap();
+        let p = Uuid::now_v7();
+        for ip in ["10.1.2.3", "::ffff:10.9.9.9", "2001:db8:ffff::1"] {
+            for _ in 0..5 {
+                assert!(
+                    th.attempt(p, ip.parse().unwrap()).unwrap().is_none(),
+                    "{ip}"
+                );
+            }
+        }
+        th.attempt(p, "11.0.0.1".parse().unwrap())
+            .unwrap()
+            .unwrap()
+            .failed();
+        assert!(th.attempt(p, "11.0.0.1".parse().unwrap()).is_err());
+    }
+
+    #[test]
     fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
-        let th = FailureThrottle::new(1, Duration::from_secs(60)).unwrap();
+        let th = FailureThrottle::new(1, Duration::from_secs(60), vec![]).unwrap();
         let (p, t) = (Uuid::now_v7(), Instant::now());
         th.take_at(p, "2001:db8:1:2::1".parse().unwrap(), t)
             .unwrap();
@@ -323,7 +355,7 @@ mod tests {
 
     #[test]
     fn the_tracked_addresses_are_bounded() {
-        let th = FailureThrottle::new(2, Duration::from_secs(60)).unwrap();
+        let th = FailureThrottle::new(2, Duration::from_secs(60), vec![]).unwrap();
         let (p, t) = (Uuid::now_v7(), Instant::now());
         for i in 0..MAX_ADDRESSES as u32 + 10 {
             let ip = IpAddr::V4(std::net::Ipv4Addr::from(i));
@@ -331,7 +363,7 @@ mod tests {
         }
         assert!(th.budgets.lock().unwrap().len() <= MAX_ADDRESSES);
         // Attempts that did not fail leave nothing behind.
-        let th = FailureThrottle::new(2, Duration::from_secs(60)).unwrap();
+        let th = FailureThrottle::new(2, Duration::from_secs(60), vec![]).unwrap();
         for i in 0..1_000u32 {
             drop(
                 th.attempt(p, IpAddr::V4(std::net::Ipv4Addr::from(i)))

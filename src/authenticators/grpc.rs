@@ -350,13 +350,16 @@ impl AuthenticatorService for AuthenticatorApi {
             .as_deref()
             .and_then(|ip| ip.parse::<IpAddr>().ok());
         let taken = match (&s.ip_throttle, ip) {
-            (Some(throttle), Some(ip)) => Some(throttle.attempt(caller.project_id, ip).map_err(
-                |retry_after| Error::Exhausted {
-                    reason: "IP_THROTTLED",
-                    message: "too many failed sign-ins from this ip address; retry later".into(),
-                    retry_after,
-                },
-            )?),
+            (Some(throttle), Some(ip)) => {
+                throttle
+                    .attempt(caller.project_id, ip)
+                    .map_err(|retry_after| Error::Exhausted {
+                        reason: "IP_THROTTLED",
+                        message: "too many failed sign-ins from this ip address; retry later"
+                            .into(),
+                        retry_after,
+                    })?
+            }
             _ => None,
         };
         let (result, user) = password::verify_password(

@@ -141,6 +141,10 @@ fn serve_refuses_bad_settings_and_busy_ports_before_starting_a_database() {
             "0 is not in 1..=86400".into(),
         ),
         (
+            vec!["--ip-failure-exempt", "10.0.0.0/8, 10.0.0.0/33"],
+            "\"10.0.0.0/33\" is not an address or a CIDR range like 203.0.113.0/24".into(),
+        ),
+        (
             vec!["--listen", &busy],
             format!("binding {busy} (--listen, ROSTER_LISTEN)"),
         ),

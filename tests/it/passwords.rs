@@ -1153,6 +1153,7 @@ async fn failed_sign_ins_from_one_address_are_throttled() {
     let app = TestApp::spawn_with(ServerConfig {
         ip_failure_limit: 3,
         ip_failure_window_secs: 3_600,
+        ip_failure_exempt: roster::config::Exempt(vec!["192.0.2.0/24".parse().unwrap()]),
         ..ServerConfig::default()
     })
     .await;
@@ -1212,7 +1213,17 @@ async fn failed_sign_ins_from_one_address_are_throttled() {
     );
     assert_eq!(failed_logins(&app, &ada.id).await, failed_before);
 
-    // Not throttled: another address, no address, another project.
+    // Not throttled: an exempt range, another address, no address, another project.
+    for _ in 0..5 {
+        let r = sign_in(
+            &mut a,
+            attempt("ada@example.com", "wrong again", "192.0.2.9"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(result(&r), R::InvalidCredentials);
+    }
+    // (Six wrong passwords in all: under the account's lockout of ten.)
     let r = sign_in(
         &mut a,
         attempt("ada@example.com", PASSWORD, "198.51.100.24"),
