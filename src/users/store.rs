@@ -740,6 +740,8 @@ pub fn filter_field(name: &str) -> Result<Field, String> {
         "email_verified" => simple("email_verified", FieldKind::Bool),
         "phone_verified" => simple("phone_verified", FieldKind::Bool),
         "has_password" => simple("(password_hash IS NOT NULL)", FieldKind::Bool),
+        "password_changed_at" => simple("password_changed_at", FieldKind::Timestamp),
+        "require_password_change" => simple("require_password_change", FieldKind::Bool),
         "phone_number" => simple("phone_number", text),
         "external_id" => simple("external_id", text),
         "display_name" => simple("display_name", text),

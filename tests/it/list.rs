@@ -119,6 +119,40 @@ async fn filter_grammar() {
     for (filter, want) in cases {
         assert_eq!(emails(&mut users, filter).await.unwrap(), *want, "{filter}");
     }
+
+    // The password fields: whose password is older than a date, whose must change.
+    for (email, days, expired) in [
+        ("ada@example.com", 100, false),
+        ("grace@example.com", 10, true),
+    ] {
+        app.sql_one::<i64>(
+            "WITH u AS (UPDATE users SET password_hash = 'x',
+                        password_changed_at = now() - make_interval(days => $2),
+                        require_password_change = $3
+                        WHERE lower(email) = $1 RETURNING 1)
+             SELECT count(*) FROM u",
+            &[&email, &days, &expired],
+        )
+        .await;
+    }
+    let month_ago = (chrono::Utc::now() - chrono::TimeDelta::days(30)).to_rfc3339();
+    let cases: &[(String, &[&str])] = &[
+        (
+            format!(r#"password_changed_at < "{month_ago}""#),
+            &["ada@example.com"],
+        ),
+        (
+            format!(r#"password_changed_at >= "{month_ago}""#),
+            &["grace@example.com"],
+        ),
+        (
+            "require_password_change = true".into(),
+            &["grace@example.com"],
+        ),
+    ];
+    for (filter, want) in cases {
+        assert_eq!(emails(&mut users, filter).await.unwrap(), *want, "{filter}");
+    }
 }
 
 #[tokio::test]
