@@ -13,6 +13,7 @@ import grpc  # noqa: E402
 from google.protobuf import field_mask_pb2  # noqa: E402
 from google.rpc import error_details_pb2  # noqa: E402
 from grpc_status import rpc_status  # noqa: E402
+from roster.v1 import authenticator_pb2, authenticator_pb2_grpc  # noqa: E402
 from roster.v1 import user_pb2, user_pb2_grpc  # noqa: E402
 
 
@@ -110,6 +111,46 @@ def main():
         )
     ]
     check(len(exported) == 5 and all(e.startswith("py") for e in exported), f"export: {exported}")
+
+    # The server runs with --ip-failure-limit 2: a third attempt from an address that failed
+    # twice is refused, with ErrorInfo and RetryInfo a client can read.
+    auth = authenticator_pb2_grpc.AuthenticatorServiceStub(channel)
+    users.CreateUser(
+        user_pb2.CreateUserRequest(
+            user=user_pb2.User(email=f"signin.{tag}@example.com"),
+            password="correct horse battery staple",
+        ),
+        metadata=meta,
+    )
+
+    def sign_in(password):
+        return auth.VerifyPassword(
+            authenticator_pb2.VerifyPasswordRequest(
+                email=f"signin.{tag}@example.com", password=password, ip="198.51.100.77"
+            ),
+            metadata=meta,
+        )
+
+    for guess in ["wrong guess one", "wrong guess two"]:
+        r = sign_in(guess)
+        check(r.result == authenticator_pb2.VERIFY_PASSWORD_RESULT_INVALID_CREDENTIALS, f"{r}")
+    try:
+        sign_in("correct horse battery staple")
+        check(False, "a throttled address is refused")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, f"RESOURCE_EXHAUSTED, got {e.code()}")
+        reason, delay = None, None
+        for d in rpc_status.from_call(e).details:
+            if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                d.Unpack(info)
+                reason = info.reason
+            if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                d.Unpack(retry)
+                delay = retry.retry_delay.seconds
+        check(reason == "IP_THROTTLED", f"ErrorInfo reason: {reason}")
+        check(delay is not None and 0 < delay <= 43200, f"RetryInfo delay: {delay}")
     print("python scenario: ok")
 
 
