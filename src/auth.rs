@@ -184,7 +184,7 @@ pub fn required_scope(path: &str) -> Option<Scope> {
             _ => return None,
         },
         ("roster.v1.AuthenticatorService", m) => match m {
-            "ListAuthenticators" | "GetAuthenticator" => AuthenticatorsRead,
+            "ListAuthenticators" | "GetAuthenticator" | "CheckPassword" => AuthenticatorsRead,
             "VerifyPassword"
             | "StartOtpChallenge"
             | "VerifyFactor"

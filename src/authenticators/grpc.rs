@@ -444,6 +444,47 @@ impl AuthenticatorService for AuthenticatorApi {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn check_password(
+        &self,
+        request: Request<pb::CheckPasswordRequest>,
+    ) -> Result<Response<pb::CheckPasswordResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let req = request.into_inner();
+        let s = &self.state;
+        let settings = s.passwords_for(&caller);
+        let user = if req.user_id.trim().is_empty() {
+            None
+        } else {
+            let id = required_id("user_id", &req.user_id)?;
+            let client = crate::db::client(&s.pool).await?;
+            let user = crate::users::store::get(&*client, caller.project_id, id)
+                .await?
+                .ok_or_else(|| password::not_found(id))?;
+            Some(user)
+        };
+        let personal = user
+            .as_ref()
+            .map(|u| u.profile.personal())
+            .unwrap_or_default();
+        let problems = policy::problems(&req.password, &personal, settings.min_length as usize);
+        Ok(Response::new(pb::CheckPasswordResponse {
+            acceptable: problems.is_empty(),
+            problems,
+            policy: Some(pb::PasswordPolicy {
+                min_length: settings.min_length as i32,
+                max_length: policy::MAX_PASSWORD_CHARS as i32,
+                history: settings.history as i32,
+                max_age_days: settings.max_age_days as i32,
+                lockout_threshold: settings.lockout_threshold.min(i32::MAX as u32) as i32,
+                lockout_duration: Some(prost_types::Duration {
+                    seconds: settings.lockout.num_seconds(),
+                    nanos: 0,
+                }),
+            }),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn enroll_totp(
         &self,
         request: Request<pb::EnrollTotpRequest>,

@@ -37,13 +37,28 @@ pub fn check_new_password(
     personal: &[&str],
     min_chars: usize,
 ) -> Result<(), String> {
-    check_length(password)?;
-    if password.chars().count() < min_chars {
-        return Err(format!("must be at least {min_chars} characters"));
+    match problems(password, personal, min_chars).into_iter().next() {
+        Some(problem) => Err(problem),
+        None => Ok(()),
+    }
+}
+
+/// Every rule of [`check_new_password`] that `password` breaks, in that order.
+pub fn problems(password: &str, personal: &[&str], min_chars: usize) -> Vec<String> {
+    let mut found = Vec::new();
+    let n = password.chars().count();
+    let min = min_chars.max(MIN_PASSWORD_CHARS);
+    if n < min {
+        found.push(format!("must be at least {min} characters"));
+    }
+    if n > MAX_PASSWORD_CHARS {
+        found.push(format!("must be at most {MAX_PASSWORD_CHARS} characters"));
+        // Nothing longer is worth lower-casing and comparing.
+        return found;
     }
     let lower = password.to_lowercase();
     if COMMON.contains(lower.as_str()) {
-        return Err("is one of the most common passwords; choose a less guessable one".into());
+        found.push("is one of the most common passwords; choose a less guessable one".into());
     }
     let own = personal.iter().any(|p| {
         let p = p.trim().to_lowercase();
@@ -51,9 +66,9 @@ pub fn check_new_password(
         !p.is_empty() && (lower == p || local.is_some_and(|l| lower == l))
     });
     if own {
-        return Err("must not be the user's own email address, username or phone number".into());
+        found.push("must not be the user's own email address, username or phone number".into());
     }
-    Ok(())
+    found
 }
 
 #[cfg(test)]
@@ -89,5 +104,15 @@ mod tests {
         let e = check_new_password("horse battery", &me, 15).unwrap_err();
         assert_eq!(e, "must be at least 15 characters");
         assert!(check_new_password("horse battery staple", &me, 15).is_ok());
+        // Every broken rule, in order.
+        assert_eq!(
+            problems("password", &["password@example.com"], 12),
+            [
+                "must be at least 12 characters",
+                "is one of the most common passwords; choose a less guessable one",
+                "must not be the user's own email address, username or phone number",
+            ]
+        );
+        assert_eq!(problems(&"x".repeat(1025), &[], 8).len(), 1);
     }
 }

@@ -1429,6 +1429,102 @@ async fn a_projects_policy_overrides_the_servers_settings() {
     .unwrap();
 }
 
+/// CheckPassword says which rules a candidate breaks, in the caller's project, and what the
+/// rules are, without writing anything.
+#[tokio::test]
+async fn check_password_names_every_broken_rule_and_the_policy() {
+    let app = spawn_with_lockout(5, 600).await;
+    let mut a = app.authenticators();
+    let user = user_with_password(&app, "candidate@example.com").await;
+    let check = |password: &str, user_id: &str| pb::CheckPasswordRequest {
+        password: password.into(),
+        user_id: user_id.into(),
+    };
+    let events_before = app.events_of(&user.id).await.len();
+    let r = a
+        .check_password(check("a fine long passphrase", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.acceptable && r.problems.is_empty(), "{r:?}");
+    assert_eq!(
+        r.policy,
+        Some(pb::PasswordPolicy {
+            min_length: 8,
+            max_length: 1024,
+            history: 0,
+            max_age_days: 0,
+            lockout_threshold: 5,
+            lockout_duration: Some(prost_types::Duration {
+                seconds: 600,
+                nanos: 0
+            }),
+        })
+    );
+    let r = a
+        .check_password(check("password", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!r.acceptable);
+    assert_eq!(
+        r.problems,
+        ["is one of the most common passwords; choose a less guessable one"]
+    );
+    // With the user: its own username is refused too; every broken rule is named.
+    let r = a
+        .check_password(check("CANDIDATE_NAME", &user.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.problems,
+        ["must not be the user's own email address, username or phone number"]
+    );
+    let r = a
+        .check_password(check("", &user.id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.problems, ["must be at least 8 characters"]);
+
+    // The project's own minimum.
+    roster::admin::update_policy(
+        &**app.pool.get().await.unwrap(),
+        app.project_id,
+        roster::admin::PolicyUpdate {
+            password_min_length: Some(roster::admin::PolicyChange::Value(25)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = a
+        .check_password(check("a fine long passphrase", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.problems, ["must be at least 25 characters"]);
+    assert_eq!(r.policy.unwrap().min_length, 25);
+
+    let err = a
+        .check_password(check("whatever it is", &Uuid::now_v7().to_string()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = a
+        .check_password(check("whatever it is", "not-a-uuid"))
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["user_id"]);
+    assert_eq!(
+        app.events_of(&user.id).await.len(),
+        events_before,
+        "nothing recorded"
+    );
+}
+
 #[tokio::test]
 async fn concurrent_uses_of_one_reset_token_exactly_one_wins() {
     let app = TestApp::spawn().await;

@@ -110,6 +110,9 @@ EXPECT = {
     "UserService/UpdateUser": lambda out, docs: docs[0]["user"]["displayName"] == "Ada L.",
     "AuthenticatorService/VerifyPassword": lambda out, docs: ok(docs[0]["result"])
     and docs[0]["user"]["loginCount"] == "1",
+    "AuthenticatorService/CheckPassword": lambda out, docs: not docs[0].get("acceptable")
+    and "common" in docs[0]["problems"][0]
+    and docs[0]["policy"]["minLength"] == 8,
     "AuthenticatorService/EnrollTotp": lambda out, docs: docs[0]["otpauthUri"].startswith(
         "otpauth://totp/"
     ),
