@@ -156,6 +156,7 @@ pub struct PolicyUpdate {
     pub password_history: Option<PolicyChange>,
     pub password_min_length: Option<PolicyChange>,
     pub password_max_age_days: Option<PolicyChange>,
+    pub ip_failure_limit: Option<PolicyChange>,
 }
 
 /// Changes the given settings of a project's sign-in policy (the others stay) and returns the
@@ -172,12 +173,13 @@ pub async fn update_policy(
             Some(PolicyChange::Value(v)) => (true, Some(i32::try_from(v).unwrap_or(i32::MAX))),
         }
     };
-    let (a, b, c, d, e) = (
+    let (a, b, c, d, e, f) = (
         param(update.lockout_threshold),
         param(update.lockout_secs),
         param(update.password_history),
         param(update.password_min_length),
         param(update.password_max_age_days),
+        param(update.ip_failure_limit),
     );
     let row = db
         .query_opt(
@@ -187,10 +189,11 @@ pub async fn update_policy(
                 password_history = CASE WHEN $6 THEN $7::integer ELSE password_history END,
                 password_min_length = CASE WHEN $8 THEN $9::integer
                                            ELSE password_min_length END,
-                password_max_age_days = CASE WHEN $10 THEN $11 ELSE password_max_age_days END
+                password_max_age_days = CASE WHEN $10 THEN $11 ELSE password_max_age_days END,
+                ip_failure_limit = CASE WHEN $12 THEN $13 ELSE ip_failure_limit END
              WHERE id = $1
              RETURNING lockout_threshold, lockout_secs, password_history::integer,
-                       password_min_length::integer, password_max_age_days",
+                       password_min_length::integer, password_max_age_days, ip_failure_limit",
             &[
                 &project_id,
                 &a.0,
@@ -203,6 +206,8 @@ pub async fn update_policy(
                 &d.1,
                 &e.0,
                 &e.1,
+                &f.0,
+                &f.1,
             ],
         )
         .await?
@@ -214,6 +219,7 @@ pub async fn update_policy(
         password_history: setting(2),
         password_min_length: setting(3),
         password_max_age_days: setting(4),
+        ip_failure_limit: setting(5),
     })
 }
 

@@ -122,6 +122,7 @@ pub struct ProjectPolicy {
     pub password_history: Option<u32>,
     pub password_min_length: Option<u32>,
     pub password_max_age_days: Option<u32>,
+    pub ip_failure_limit: Option<u32>,
 }
 
 /// What every handler knows about who is calling: from the key (and its project's policy,
@@ -390,7 +391,8 @@ impl KeyVerifier {
                 "SELECT k.project_id, k.scopes, k.secret_hash, k.revoked_at IS NOT NULL,
                         k.expires_at, p.lockout_threshold, p.lockout_secs,
                         p.password_history::integer, p.password_min_length::integer,
-                        p.password_max_age_days, k.rate_limit_rps, k.rate_limit_burst
+                        p.password_max_age_days, k.rate_limit_rps, k.rate_limit_burst,
+                        p.ip_failure_limit
                  FROM api_keys k JOIN projects p ON p.id = k.project_id
                  WHERE k.id = $1",
                 &[&id],
@@ -421,6 +423,7 @@ impl KeyVerifier {
                             password_history: setting(7),
                             password_min_length: setting(8),
                             password_max_age_days: setting(9),
+                            ip_failure_limit: setting(12),
                         }
                     },
                     limit: row

@@ -367,10 +367,10 @@ impl ServerConfig {
         ))
     }
 
-    /// The per-address throttle of failed sign-ins, when it is on.
-    pub fn ip_throttle(&self) -> Option<crate::ratelimit::FailureThrottle> {
+    /// The per-address throttle of failed sign-ins (its limit is a password setting, which
+    /// a project may set for itself).
+    pub fn ip_throttle(&self) -> crate::ratelimit::FailureThrottle {
         crate::ratelimit::FailureThrottle::new(
-            self.ip_failure_limit,
             Duration::from_secs(self.ip_failure_window_secs),
             self.ip_failure_exempt.0.clone(),
         )
@@ -388,6 +388,7 @@ impl ServerConfig {
             history: self.password_history.min(24),
             min_length: self.password_min_length.clamp(8, 128),
             max_age_days: self.password_max_age_days.min(36_500),
+            ip_failure_limit: self.ip_failure_limit.min(1_000_000),
         }
     }
 

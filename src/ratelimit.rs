@@ -96,13 +96,14 @@ fn wait_for(secs: f64) -> Duration {
 pub struct FailureThrottle {
     /// Ranges never counted nor refused (`--ip-failure-exempt`).
     exempt: Vec<ipnet::IpNet>,
-    limit: f64,
-    /// Failures given back per second.
-    rate: f64,
+    /// The window a budget refills over.
+    window_secs: f64,
     budgets: Mutex<HashMap<(Uuid, IpAddr), Budget>>,
 }
 
 struct Budget {
+    /// The budget's size: the limit in force when it was last used (a project's may change).
+    limit: f64,
     left: f64,
     at: Instant,
     /// Whether this address's refusal has been logged since it last had budget left.
@@ -138,14 +139,14 @@ impl Drop for Taken<'_> {
 const MAX_ADDRESSES: usize = 100_000;
 
 impl FailureThrottle {
-    /// `None` when `limit` is 0 (off).
-    pub fn new(limit: u32, window: Duration, exempt: Vec<ipnet::IpNet>) -> Option<Self> {
-        (limit > 0).then(|| FailureThrottle {
+    /// Budgets refill over `window`; the limit comes with each attempt (the server's
+    /// `--ip-failure-limit` or the project's own).
+    pub fn new(window: Duration, exempt: Vec<ipnet::IpNet>) -> Self {
+        FailureThrottle {
             exempt,
-            limit: f64::from(limit),
-            rate: f64::from(limit) / window.as_secs_f64().max(1.0),
+            window_secs: window.as_secs_f64().max(1.0),
             budgets: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// What an address counts as: itself, or for IPv6 its /64.
@@ -156,17 +157,18 @@ impl FailureThrottle {
         }
     }
 
-    /// Takes one failure from the budget of `ip` in `project` for an attempt about to be
-    /// checked; `Err` says how long until the address may try again.
-    fn take(&self, project: Uuid, ip: IpAddr) -> Result<(), Duration> {
-        self.take_at(project, ip, Instant::now())
+    /// Takes one failure from the budget (of `limit`) of `ip` in `project` for an attempt
+    /// about to be checked; `Err` says how long until the address may try again.
+    fn take(&self, project: Uuid, ip: IpAddr, limit: u32) -> Result<(), Duration> {
+        self.take_at(project, ip, limit, Instant::now())
     }
 
-    fn take_at(&self, project: Uuid, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+    fn take_at(&self, project: Uuid, ip: IpAddr, limit: u32, now: Instant) -> Result<(), Duration> {
+        let limit = f64::from(limit.max(1));
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
         let key = (project, Self::key(ip));
         if budgets.len() >= MAX_ADDRESSES && !budgets.contains_key(&key) {
-            budgets.retain(|_, b| self.refilled(b, now) < self.limit);
+            budgets.retain(|_, b| self.refilled(b, now) < b.limit);
             if budgets.len() > MAX_ADDRESSES * 9 / 10 {
                 tracing::warn!(
                     tracked = budgets.len(),
@@ -175,12 +177,13 @@ impl FailureThrottle {
                 budgets.clear();
             }
         }
-        let limit = self.limit;
         let b = budgets.entry(key).or_insert(Budget {
+            limit,
             left: limit,
             at: now,
             warned: false,
         });
+        b.limit = limit;
         b.left = self.refilled(b, now);
         b.at = now;
         if b.left >= 1.0 {
@@ -197,18 +200,28 @@ impl FailureThrottle {
                  VerifyPassword calls are refused until its budget refills"
             );
         }
-        Err(wait_for((1.0 - b.left) / self.rate))
+        Err(wait_for((1.0 - b.left) / self.rate(b)))
+    }
+
+    /// Failures a budget gets back per second.
+    fn rate(&self, b: &Budget) -> f64 {
+        b.limit / self.window_secs
     }
 
     /// [`take`](Self::take) for one attempt: the failure goes back when the returned guard
     /// drops, unless [`Taken::failed`] was called (a call given up on gives it back too).
-    /// `None` for an exempt address, which nothing counts.
-    pub fn attempt(&self, project: Uuid, ip: IpAddr) -> Result<Option<Taken<'_>>, Duration> {
+    /// `None` for an exempt address or a `limit` of 0 (off), which nothing counts.
+    pub fn attempt(
+        &self,
+        project: Uuid,
+        ip: IpAddr,
+        limit: u32,
+    ) -> Result<Option<Taken<'_>>, Duration> {
         let ip = ip.to_canonical();
-        if self.exempt.iter().any(|net| net.contains(&ip)) {
+        if limit == 0 || self.exempt.iter().any(|net| net.contains(&ip)) {
             return Ok(None);
         }
-        self.take(project, ip)?;
+        self.take(project, ip, limit)?;
         Ok(Some(Taken {
             throttle: self,
             project,
@@ -224,7 +237,7 @@ impl FailureThrottle {
         if let Some(b) = budgets.get_mut(&key) {
             b.left += 1.0;
             // An address that owes nothing needs no entry (successful sign-ins add none).
-            if b.left >= self.limit {
+            if b.left >= b.limit {
                 budgets.remove(&key);
             }
         }
@@ -232,7 +245,7 @@ impl FailureThrottle {
 
     fn refilled(&self, b: &Budget, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        (b.left + elapsed * self.rate).min(self.limit)
+        (b.left + elapsed * self.rate(b)).min(b.limit)
     }
 }
 
@@ -274,42 +287,47 @@ mod tests {
 
     #[test]
     fn failures_per_address_refill_over_the_window() {
-        let th = FailureThrottle::new(3, Duration::from_secs(300), vec![]).unwrap();
-        assert!(FailureThrottle::new(0, Duration::from_secs(300), vec![]).is_none());
+        let th = FailureThrottle::new(Duration::from_secs(300), vec![]);
+        let take = |p, ip, t| th.take_at(p, ip, 3, t);
         let (p, q) = (Uuid::now_v7(), Uuid::now_v7());
         let ip: IpAddr = "203.0.113.7".parse().unwrap();
         let t = Instant::now();
         for _ in 0..3 {
-            th.take_at(p, ip, t).unwrap();
+            take(p, ip, t).unwrap();
         }
         // One failure comes back every 100 s.
-        let wait = th.take_at(p, ip, t).unwrap_err();
+        let wait = take(p, ip, t).unwrap_err();
         assert!((wait.as_secs_f64() - 100.0).abs() < 1e-6, "{wait:?}");
-        assert!(
-            th.take_at(q, ip, t).is_ok(),
-            "projects have their own budgets"
-        );
-        assert!(th.take_at(p, "203.0.113.8".parse().unwrap(), t).is_ok());
+        assert!(take(q, ip, t).is_ok(), "projects have their own budgets");
+        assert!(take(p, "203.0.113.8".parse().unwrap(), t).is_ok());
         // An attempt that did not fail gives its failure back.
         th.give_back(p, ip);
-        th.take_at(p, ip, t).unwrap();
-        assert!(th.take_at(p, ip, t).is_err());
+        take(p, ip, t).unwrap();
+        assert!(take(p, ip, t).is_err());
         let q_ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let fail = |ip| th.attempt(q, ip).unwrap().unwrap().failed();
+        let fail = |ip| th.attempt(q, ip, 3).unwrap().unwrap().failed();
         fail(q_ip);
-        drop(th.attempt(q, q_ip).unwrap());
-        drop(th.attempt(q, q_ip).unwrap());
+        drop(th.attempt(q, q_ip, 3).unwrap());
+        drop(th.attempt(q, q_ip, 3).unwrap());
         fail(q_ip);
         fail(q_ip);
-        assert!(th.attempt(q, q_ip).is_err(), "three failed, two given back");
-        assert!(th.take_at(p, ip, t + Duration::from_secs(100)).is_ok());
-        assert!(th.take_at(p, ip, t + Duration::from_secs(100)).is_err());
+        assert!(
+            th.attempt(q, q_ip, 3).is_err(),
+            "three failed, two given back"
+        );
+        assert!(take(p, ip, t + Duration::from_secs(100)).is_ok());
+        assert!(take(p, ip, t + Duration::from_secs(100)).is_err());
         // Refilled up to the limit, not beyond.
         let later = t + Duration::from_secs(86_400);
         for _ in 0..3 {
-            th.take_at(p, ip, later).unwrap();
+            take(p, ip, later).unwrap();
         }
-        assert!(th.take_at(p, ip, later).is_err());
+        assert!(take(p, ip, later).is_err());
+        // A limit of 0 counts nothing; a raised limit gives the budget room at once.
+        for _ in 0..10 {
+            assert!(th.attempt(p, ip, 0).unwrap().is_none());
+        }
+        assert!(th.take_at(p, ip, 5, later).is_ok());
     }
 
     #[test]
@@ -318,55 +336,47 @@ mod tests {
             "10.0.0.0/8".parse().unwrap(),
             "2001:db8::/32".parse().unwrap(),
         ];
-        let th = FailureThrottle::new(1, Duration::from_secs(60), exempt).unwrap();
+        let th = FailureThrottle::new(Duration::from_secs(60), exempt);
         let p = Uuid::now_v7();
         for ip in ["10.1.2.3", "::ffff:10.9.9.9", "2001:db8:ffff::1"] {
             for _ in 0..5 {
                 assert!(
-                    th.attempt(p, ip.parse().unwrap()).unwrap().is_none(),
+                    th.attempt(p, ip.parse().unwrap(), 1).unwrap().is_none(),
                     "{ip}"
                 );
             }
         }
-        th.attempt(p, "11.0.0.1".parse().unwrap())
-            .unwrap()
-            .unwrap()
-            .failed();
-        assert!(th.attempt(p, "11.0.0.1".parse().unwrap()).is_err());
+        let other: IpAddr = "11.0.0.1".parse().unwrap();
+        th.attempt(p, other, 1).unwrap().unwrap().failed();
+        assert!(th.attempt(p, other, 1).is_err());
     }
 
     #[test]
     fn ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() {
-        let th = FailureThrottle::new(1, Duration::from_secs(60), vec![]).unwrap();
+        let th = FailureThrottle::new(Duration::from_secs(60), vec![]);
         let (p, t) = (Uuid::now_v7(), Instant::now());
-        th.take_at(p, "2001:db8:1:2::1".parse().unwrap(), t)
-            .unwrap();
-        assert!(
-            th.take_at(p, "2001:db8:1:2:ffff::9".parse().unwrap(), t)
-                .is_err()
-        );
-        assert!(th.take_at(p, "2001:db8:1:3::1".parse().unwrap(), t).is_ok());
-        th.take_at(p, "198.51.100.1".parse().unwrap(), t).unwrap();
-        assert!(
-            th.take_at(p, "::ffff:198.51.100.1".parse().unwrap(), t)
-                .is_err()
-        );
+        let take = |ip: &str| th.take_at(p, ip.parse().unwrap(), 1, t);
+        take("2001:db8:1:2::1").unwrap();
+        assert!(take("2001:db8:1:2:ffff::9").is_err());
+        assert!(take("2001:db8:1:3::1").is_ok());
+        take("198.51.100.1").unwrap();
+        assert!(take("::ffff:198.51.100.1").is_err());
     }
 
     #[test]
     fn the_tracked_addresses_are_bounded() {
-        let th = FailureThrottle::new(2, Duration::from_secs(60), vec![]).unwrap();
+        let th = FailureThrottle::new(Duration::from_secs(60), vec![]);
         let (p, t) = (Uuid::now_v7(), Instant::now());
         for i in 0..MAX_ADDRESSES as u32 + 10 {
             let ip = IpAddr::V4(std::net::Ipv4Addr::from(i));
-            let _ = th.take_at(p, ip, t);
+            let _ = th.take_at(p, ip, 2, t);
         }
         assert!(th.budgets.lock().unwrap().len() <= MAX_ADDRESSES);
         // Attempts that did not fail leave nothing behind.
-        let th = FailureThrottle::new(2, Duration::from_secs(60), vec![]).unwrap();
+        let th = FailureThrottle::new(Duration::from_secs(60), vec![]);
         for i in 0..1_000u32 {
             drop(
-                th.attempt(p, IpAddr::V4(std::net::Ipv4Addr::from(i)))
+                th.attempt(p, IpAddr::V4(std::net::Ipv4Addr::from(i)), 2)
                     .unwrap(),
             );
         }

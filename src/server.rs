@@ -46,8 +46,8 @@ pub struct AppState {
     pub user_creates: Arc<UserCreates>,
     pub hasher: Arc<Hasher>,
     pub passwords: PasswordSettings,
-    /// Failed sign-ins per client address (`--ip-failure-limit`); `None` when off.
-    pub ip_throttle: Option<Arc<crate::ratelimit::FailureThrottle>>,
+    /// Failed sign-ins per client address (`--ip-failure-limit`, or the project's own).
+    pub ip_throttle: Arc<crate::ratelimit::FailureThrottle>,
     /// Seals provider tokens and TOTP seeds; `None` when no key is configured.
     pub sealer: Option<Arc<Sealer>>,
     /// The WebAuthn relying party of projects that set none of their own.
@@ -207,7 +207,7 @@ impl Application {
                 pool,
                 hasher: Arc::new(hasher),
                 passwords: config.password_settings(),
-                ip_throttle: config.ip_throttle().map(Arc::new),
+                ip_throttle: Arc::new(config.ip_throttle()),
                 sealer,
                 relying_party: config.relying_party(),
                 exports: Arc::new(exports),

@@ -349,23 +349,22 @@ impl AuthenticatorService for AuthenticatorApi {
             .ip
             .as_deref()
             .and_then(|ip| ip.parse::<IpAddr>().ok());
-        let taken = match (&s.ip_throttle, ip) {
-            (Some(throttle), Some(ip)) => {
-                throttle
-                    .attempt(caller.project_id, ip)
-                    .map_err(|retry_after| Error::Exhausted {
-                        reason: "IP_THROTTLED",
-                        message: "too many failed sign-ins from this ip address; retry later"
-                            .into(),
-                        retry_after,
-                    })?
-            }
-            _ => None,
+        let settings = s.passwords_for(&caller);
+        let taken = match ip {
+            Some(ip) => s
+                .ip_throttle
+                .attempt(caller.project_id, ip, settings.ip_failure_limit)
+                .map_err(|retry_after| Error::Exhausted {
+                    reason: "IP_THROTTLED",
+                    message: "too many failed sign-ins from this ip address; retry later".into(),
+                    retry_after,
+                })?,
+            None => None,
         };
         let (result, user) = password::verify_password(
             &s.pool,
             &s.hasher,
-            &s.passwords_for(&caller),
+            &settings,
             &caller,
             &login,
             req.password,

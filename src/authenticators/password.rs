@@ -33,6 +33,8 @@ pub struct PasswordSettings {
     pub min_length: u32,
     /// Days a password lasts before a sign-in requires a change; 0: no limit.
     pub max_age_days: u32,
+    /// Failed sign-ins one client address may make per window; 0: not throttled.
+    pub ip_failure_limit: u32,
 }
 
 impl PasswordSettings {
@@ -46,6 +48,7 @@ impl PasswordSettings {
             history: policy.password_history.unwrap_or(self.history),
             min_length: policy.password_min_length.unwrap_or(self.min_length),
             max_age_days: policy.password_max_age_days.unwrap_or(self.max_age_days),
+            ip_failure_limit: policy.ip_failure_limit.unwrap_or(self.ip_failure_limit),
         }
     }
 
@@ -64,6 +67,7 @@ impl Default for PasswordSettings {
             history: 0,
             min_length: policy::MIN_PASSWORD_CHARS as u32,
             max_age_days: 0,
+            ip_failure_limit: 0,
         }
     }
 }

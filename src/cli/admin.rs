@@ -47,6 +47,11 @@ pub enum ProjectCommand {
         /// 36500), or `default`.
         #[arg(long, value_parser = policy_value(0, 36_500))]
         password_max_age_days: Option<admin::PolicyChange>,
+        /// Failed sign-ins one client address may make per window (0: not throttled, at
+        /// most 1000000), or `default`: for projects whose backends pass the end user's
+        /// real `ip` to VerifyPassword.
+        #[arg(long, value_parser = policy_value(0, 1_000_000))]
+        ip_failure_limit: Option<admin::PolicyChange>,
     },
     /// Set a project's WebAuthn relying party, used by its passkey ceremonies.
     Update {
@@ -213,6 +218,7 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                     password_history,
                     password_min_length,
                     password_max_age_days,
+                    ip_failure_limit,
                 } => {
                     let p = admin::find_project(&*client, &project).await?;
                     let update = admin::PolicyUpdate {
@@ -221,6 +227,7 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                         password_history,
                         password_min_length,
                         password_max_age_days,
+                        ip_failure_limit,
                     };
                     let policy = admin::update_policy(&*client, p.id, update).await?;
                     let show = |v: Option<u32>| match v {
@@ -235,6 +242,7 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                         "password-max-age-days\t{}",
                         show(policy.password_max_age_days)
                     );
+                    println!("ip-failure-limit\t{}", show(policy.ip_failure_limit));
                 }
                 ProjectCommand::Update {
                     project,

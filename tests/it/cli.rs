@@ -222,7 +222,8 @@ async fn projects_and_keys_commands() {
         out,
         format!(
             "lockout-threshold\t{default}\nlockout-secs\t{default}\npassword-history\t{default}\n\
-             password-min-length\t{default}\npassword-max-age-days\t{default}\n"
+             password-min-length\t{default}\npassword-max-age-days\t{default}\n\
+             ip-failure-limit\t{default}\n"
         )
     );
     let (ok, out, err) = policy(&[
@@ -234,13 +235,15 @@ async fn projects_and_keys_commands() {
         "15",
         "--password-max-age-days",
         "90",
+        "--ip-failure-limit",
+        "100",
     ]);
     assert!(ok, "{err}");
     assert_eq!(
         out,
         format!(
             "lockout-threshold\t5\nlockout-secs\t{default}\npassword-history\t4\n\
-             password-min-length\t15\npassword-max-age-days\t90\n"
+             password-min-length\t15\npassword-max-age-days\t90\nip-failure-limit\t100\n"
         )
     );
     let (ok, out, _) = policy(&["--lockout-threshold", "default"]);

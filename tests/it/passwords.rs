@@ -1151,6 +1151,7 @@ async fn password_history_refuses_the_last_passwords() {
 async fn failed_sign_ins_from_one_address_are_throttled() {
     let (logs, _guard) = capture_logs();
     let app = TestApp::spawn_with(ServerConfig {
+        key_cache_ms: 50,
         ip_failure_limit: 3,
         ip_failure_window_secs: 3_600,
         ip_failure_exempt: roster::config::Exempt(vec!["192.0.2.0/24".parse().unwrap()]),
@@ -1171,6 +1172,7 @@ async fn failed_sign_ins_from_one_address_are_throttled() {
         async move { a.verify_password(req).await.map(|r| r.into_inner()) }
     };
     const X: &str = "198.51.100.23";
+    const Y: &str = "198.51.100.99";
     // Successful sign-ins cost nothing.
     for _ in 0..5 {
         let r = sign_in(&mut a, attempt("bob@example.com", PASSWORD, X))
@@ -1235,7 +1237,7 @@ async fn failed_sign_ins_from_one_address_are_throttled() {
         .await
         .unwrap();
     assert_eq!(result(&r), R::Ok);
-    let (_, other) = app.other_project().await;
+    let (other_id, other) = app.other_project().await;
     let r = sign_in(
         &mut app.authenticators_with(Some(&other)),
         attempt("ada@example.com", PASSWORD, X),
@@ -1257,6 +1259,38 @@ async fn failed_sign_ins_from_one_address_are_throttled() {
     assert!(
         warnings[0].contains("WARN") && warnings[0].contains(X),
         "{warnings:?}"
+    );
+
+    // A project's own limit: 0 turns it off for this project, 1 on for the other.
+    use roster::admin::{PolicyChange as C, PolicyUpdate};
+    let client = app.pool.get().await.unwrap();
+    let limit = |n| PolicyUpdate {
+        ip_failure_limit: Some(C::Value(n)),
+        ..Default::default()
+    };
+    roster::admin::update_policy(&**client, app.project_id, limit(0))
+        .await
+        .unwrap();
+    roster::admin::update_policy(&**client, other_id, limit(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = sign_in(&mut a, attempt("ada@example.com", PASSWORD, X))
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::Ok, "this project no longer throttles");
+    let mut theirs = app.authenticators_with(Some(&other));
+    let r = sign_in(&mut theirs, attempt("nobody@example.com", "wrong guess", Y))
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::InvalidCredentials);
+    let err = sign_in(&mut theirs, attempt("nobody@example.com", "wrong guess", Y))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        reason(&err),
+        "IP_THROTTLED",
+        "the other project's own limit of one"
     );
 }
 
@@ -1280,6 +1314,7 @@ async fn a_projects_policy_overrides_the_servers_settings() {
             password_history: Some(C::Value(1)),
             password_min_length: Some(C::Value(20)),
             password_max_age_days: Some(C::Value(90)),
+            ip_failure_limit: None,
         },
     )
     .await
@@ -1292,6 +1327,7 @@ async fn a_projects_policy_overrides_the_servers_settings() {
             password_history: Some(1),
             password_min_length: Some(20),
             password_max_age_days: Some(90),
+            ip_failure_limit: None,
         }
     );
     tokio::time::sleep(Duration::from_millis(100)).await;

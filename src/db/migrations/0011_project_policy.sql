@@ -9,3 +9,5 @@ ALTER TABLE projects ADD COLUMN password_min_length smallint
     CHECK (password_min_length BETWEEN 8 AND 128);
 ALTER TABLE projects ADD COLUMN password_max_age_days integer
     CHECK (password_max_age_days BETWEEN 0 AND 36500);
+ALTER TABLE projects ADD COLUMN ip_failure_limit integer
+    CHECK (ip_failure_limit BETWEEN 0 AND 1000000);
