@@ -183,9 +183,13 @@ impl FailureThrottle {
             at: now,
             warned: false,
         });
-        b.limit = limit;
         b.left = self.refilled(b, now);
         b.at = now;
+        if b.limit != limit {
+            // A changed limit keeps what was spent: raised, the address has room at once.
+            b.left = (b.left + limit - b.limit).max(0.0);
+            b.limit = limit;
+        }
         if b.left >= 1.0 {
             b.left -= 1.0;
             b.warned = false;
