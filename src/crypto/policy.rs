@@ -1,6 +1,7 @@
-//! What a new password must be (NIST SP 800-63B): 8 to 1,024 characters, not one of the most
-//! common passwords, and not the user's own email, username or phone number. No composition
-//! rules: they make passwords harder to remember, not to guess.
+//! What a new password must be (NIST SP 800-63B): 8 (or a configured minimum) to 1,024
+//! characters, not one of the most common passwords, and not the user's own email, username
+//! or phone number. No composition rules: they make passwords harder to remember, not to
+//! guess.
 use std::collections::HashSet;
 use std::sync::LazyLock;
 
