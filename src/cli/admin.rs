@@ -116,7 +116,7 @@ pub enum KeyCommand {
         rps: KeyRate,
         /// Calls the key may make at once after a quiet spell (1 to 1000000); twice the
         /// rate when not given.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_burst)]
         burst: Option<f64>,
     },
 }
@@ -282,6 +282,13 @@ fn parse_key_rate(text: &str) -> Result<KeyRate, String> {
             Ok(r) if r.is_finite() && (0.0..=1_000_000.0).contains(&r) => Ok(KeyRate::PerSecond(r)),
             _ => Err("give calls per second from 0 (no limit) to 1000000, or default".into()),
         },
+    }
+}
+
+fn parse_burst(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(b) if b.is_finite() && (1.0..=1_000_000.0).contains(&b) => Ok(b),
+        _ => Err("give a number of calls from 1 to 1000000".into()),
     }
 }
 

@@ -454,6 +454,14 @@ async fn projects_and_keys_commands() {
     assert!(!ok && err.contains("goes with a rate above 0"), "{err}");
     let (ok, _, err) = roster(&app.url, &["keys", "limit", &token, "--rps", "fast"]);
     assert!(!ok && err.contains("or default"), "{err}");
+    let (ok, _, err) = roster(
+        &app.url,
+        &["keys", "limit", &token, "--rps", "2", "--burst", "0.5"],
+    );
+    assert!(
+        !ok && err.contains("--burst") && err.contains("from 1 to 1000000"),
+        "{err}"
+    );
     let (ok, _, _) = roster(
         &app.url,
         &["keys", "limit", &token, "--rps", "2.5", "--burst", "4"],
