@@ -461,10 +461,16 @@ impl AuthenticatorService for AuthenticatorApi {
                 .ok_or_else(|| password::not_found(id))?;
             Some(user)
         };
-        let personal = user
+        let mut personal = user
             .as_ref()
             .map(|u| u.profile.personal())
             .unwrap_or_default();
+        // Those of a sign-up form, for a user not created yet (compared, never stored).
+        for given in [&req.email, &req.username, &req.phone_number] {
+            if !given.trim().is_empty() && given.len() <= 1_024 {
+                personal.push(given);
+            }
+        }
         let problems = policy::problems(&req.password, &personal, settings.min_length as usize);
         Ok(Response::new(pb::CheckPasswordResponse {
             acceptable: problems.is_empty(),

@@ -1475,6 +1475,7 @@ async fn check_password_names_every_broken_rule_and_the_policy() {
     let check = |password: &str, user_id: &str| pb::CheckPasswordRequest {
         password: password.into(),
         user_id: user_id.into(),
+        ..Default::default()
     };
     let events_before = app.events_of(&user.id).await.len();
     let r = a
@@ -1523,6 +1524,21 @@ async fn check_password_names_every_broken_rule_and_the_policy() {
         .unwrap()
         .into_inner();
     assert_eq!(r.problems, ["must be at least 8 characters"]);
+    // A sign-up form's identifiers, before the user exists.
+    let r = a
+        .check_password(pb::CheckPasswordRequest {
+            password: "NEWCOMER.2026".into(),
+            email: "newcomer.2026@example.com".into(),
+            username: "someone".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.problems,
+        ["must not be the user's own email address, username or phone number"]
+    );
 
     // The project's own minimum.
     roster::admin::update_policy(
