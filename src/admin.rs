@@ -183,7 +183,8 @@ pub async fn update_policy(
     );
     let row = db
         .query_opt(
-            "UPDATE projects SET
+            &format!(
+                "UPDATE projects SET
                 lockout_threshold = CASE WHEN $2 THEN $3 ELSE lockout_threshold END,
                 lockout_secs = CASE WHEN $4 THEN $5 ELSE lockout_secs END,
                 password_history = CASE WHEN $6 THEN $7::integer ELSE password_history END,
@@ -192,8 +193,9 @@ pub async fn update_policy(
                 password_max_age_days = CASE WHEN $10 THEN $11 ELSE password_max_age_days END,
                 ip_failure_limit = CASE WHEN $12 THEN $13 ELSE ip_failure_limit END
              WHERE id = $1
-             RETURNING lockout_threshold, lockout_secs, password_history::integer,
-                       password_min_length::integer, password_max_age_days, ip_failure_limit",
+             RETURNING {}",
+                crate::auth::POLICY_COLUMNS
+            ),
             &[
                 &project_id,
                 &a.0,
@@ -212,15 +214,7 @@ pub async fn update_policy(
         )
         .await?
         .ok_or_else(|| Error::not_found("project", project_id.to_string()))?;
-    let setting = |i| row.get::<_, Option<i32>>(i).map(|v| v.max(0) as u32);
-    Ok(crate::auth::ProjectPolicy {
-        lockout_threshold: setting(0),
-        lockout_secs: setting(1),
-        password_history: setting(2),
-        password_min_length: setting(3),
-        password_max_age_days: setting(4),
-        ip_failure_limit: setting(5),
-    })
+    Ok(crate::auth::ProjectPolicy::from_row(&row, 0))
 }
 
 /// Finds a project by id or by name.

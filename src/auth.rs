@@ -125,6 +125,31 @@ pub struct ProjectPolicy {
     pub ip_failure_limit: Option<u32>,
 }
 
+/// The `projects` columns of a [`ProjectPolicy`], in the order [`ProjectPolicy::from_row`]
+/// reads them.
+pub const POLICY_COLUMNS: &str = "lockout_threshold, lockout_secs, \
+     password_history::integer, password_min_length::integer, password_max_age_days, \
+     ip_failure_limit";
+
+impl ProjectPolicy {
+    /// The policy from [`POLICY_COLUMNS`] selected from column `first` on.
+    pub fn from_row(row: &tokio_postgres::Row, first: usize) -> Self {
+        // The columns' CHECKs keep them non-negative.
+        let setting = |i: usize| {
+            row.get::<_, Option<i32>>(first + i)
+                .map(|v| v.max(0) as u32)
+        };
+        ProjectPolicy {
+            lockout_threshold: setting(0),
+            lockout_secs: setting(1),
+            password_history: setting(2),
+            password_min_length: setting(3),
+            password_max_age_days: setting(4),
+            ip_failure_limit: setting(5),
+        }
+    }
+}
+
 /// What every handler knows about who is calling: from the key (and its project's policy,
 /// read and cached with it), plus the request's id and the calling peer's address.
 #[derive(Debug, Clone)]
@@ -388,13 +413,12 @@ impl KeyVerifier {
         let client = db::client(&self.pool).await?;
         let row = client
             .query_opt(
-                "SELECT k.project_id, k.scopes, k.secret_hash, k.revoked_at IS NOT NULL,
-                        k.expires_at, p.lockout_threshold, p.lockout_secs,
-                        p.password_history::integer, p.password_min_length::integer,
-                        p.password_max_age_days, k.rate_limit_rps, k.rate_limit_burst,
-                        p.ip_failure_limit
-                 FROM api_keys k JOIN projects p ON p.id = k.project_id
-                 WHERE k.id = $1",
+                &format!(
+                    "SELECT k.project_id, k.scopes, k.secret_hash, k.revoked_at IS NOT NULL,
+                            k.expires_at, k.rate_limit_rps, k.rate_limit_burst, {POLICY_COLUMNS}
+                     FROM api_keys k JOIN projects p ON p.id = k.project_id
+                     WHERE k.id = $1"
+                ),
                 &[&id],
             )
             .await?;
@@ -414,21 +438,10 @@ impl KeyVerifier {
                     secret_hash: row.get(2),
                     revoked: row.get(3),
                     expires_at: row.get(4),
-                    policy: {
-                        // The columns' CHECKs keep them non-negative.
-                        let setting = |i| row.get::<_, Option<i32>>(i).map(|v| v.max(0) as u32);
-                        ProjectPolicy {
-                            lockout_threshold: setting(5),
-                            lockout_secs: setting(6),
-                            password_history: setting(7),
-                            password_min_length: setting(8),
-                            password_max_age_days: setting(9),
-                            ip_failure_limit: setting(12),
-                        }
-                    },
                     limit: row
-                        .get::<_, Option<f64>>(10)
-                        .map(|rate| crate::ratelimit::Limit::new(rate, row.get(11))),
+                        .get::<_, Option<f64>>(5)
+                        .map(|rate| crate::ratelimit::Limit::new(rate, row.get(6))),
+                    policy: ProjectPolicy::from_row(&row, 7),
                 })
             }
             None => None,
