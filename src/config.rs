@@ -477,10 +477,15 @@ fn parse_exempt(text: &str) -> Result<Exempt, String> {
 
 /// A rate or burst: a finite number from 0 to 1,000,000.
 fn parse_rate(text: &str) -> Result<f64, String> {
-    match text.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && (0.0..=1_000_000.0).contains(&v) => Ok(v),
-        _ => Err("give a number from 0 to 1000000".into()),
-    }
+    number_in(text, 0.0, 1_000_000.0).ok_or_else(|| "give a number from 0 to 1000000".into())
+}
+
+/// `text` as a finite number from `min` to `max`, for the flags that take one.
+pub fn number_in(text: &str, min: f64, max: f64) -> Option<f64> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && (min..=max).contains(v))
 }
 
 #[cfg(test)]

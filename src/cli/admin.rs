@@ -278,18 +278,15 @@ pub enum KeyRate {
 fn parse_key_rate(text: &str) -> Result<KeyRate, String> {
     match text.trim() {
         "default" => Ok(KeyRate::ServerDefault),
-        t => match t.parse::<f64>() {
-            Ok(r) if r.is_finite() && (0.0..=1_000_000.0).contains(&r) => Ok(KeyRate::PerSecond(r)),
-            _ => Err("give calls per second from 0 (no limit) to 1000000, or default".into()),
-        },
+        t => crate::config::number_in(t, 0.0, 1_000_000.0)
+            .map(KeyRate::PerSecond)
+            .ok_or_else(|| "give calls per second from 0 (no limit) to 1000000, or default".into()),
     }
 }
 
 fn parse_burst(text: &str) -> Result<f64, String> {
-    match text.trim().parse::<f64>() {
-        Ok(b) if b.is_finite() && (1.0..=1_000_000.0).contains(&b) => Ok(b),
-        _ => Err("give a number of calls from 1 to 1000000".into()),
-    }
+    crate::config::number_in(text, 1.0, 1_000_000.0)
+        .ok_or_else(|| "give a number of calls from 1 to 1000000".into())
 }
 
 /// A key's id from its id or its whole token. The input is not echoed on error: it may be a
