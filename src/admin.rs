@@ -148,15 +148,54 @@ pub enum PolicyChange {
     Value(u32),
 }
 
-/// The settings of a project's sign-in policy to change; `None` leaves one as it is.
-#[derive(Debug, Clone, Copy, Default)]
+/// The settings of a project's sign-in policy to change; `None` leaves one as it is. Also
+/// the flags of `roster projects policy`, whose help the comments are.
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
 pub struct PolicyUpdate {
+    /// Consecutive failed sign-ins that lock an account (0: never), or `default`.
+    #[arg(long, value_parser = policy_value(0, 1_000_000))]
     pub lockout_threshold: Option<PolicyChange>,
+    /// Seconds a lock lasts (at most a year), or `default`.
+    #[arg(long, value_parser = policy_value(1, 31_536_000))]
     pub lockout_secs: Option<PolicyChange>,
+    /// A new password may not repeat any of the user's last N (0: off, at most 24), or
+    /// `default`.
+    #[arg(long, value_parser = policy_value(0, 24))]
     pub password_history: Option<PolicyChange>,
+    /// Fewest characters in a new password (8 to 128), or `default`.
+    #[arg(long, value_parser = policy_value(8, 128))]
     pub password_min_length: Option<PolicyChange>,
+    /// Days a password lasts before a sign-in requires a change (0: no limit, at most
+    /// 36500), or `default`.
+    #[arg(long, value_parser = policy_value(0, 36_500))]
     pub password_max_age_days: Option<PolicyChange>,
+    /// Failed sign-ins one client address may make per window (0: not throttled, at
+    /// most 1000000), or `default`: for projects whose backends pass the end user's
+    /// real `ip` to VerifyPassword.
+    #[arg(long, value_parser = policy_value(0, 1_000_000))]
     pub ip_failure_limit: Option<PolicyChange>,
+    /// Seconds before another code or link of the same kind can be issued to a user (0:
+    /// none, at most 86400), or `default`.
+    #[arg(long, value_parser = policy_value(0, 86_400))]
+    pub code_resend_secs: Option<PolicyChange>,
+    /// Codes or links of one kind a user can be issued per rolling hour (0: no cap, at most
+    /// 1000), or `default`.
+    #[arg(long, value_parser = policy_value(0, 1000))]
+    pub codes_per_hour: Option<PolicyChange>,
+}
+
+/// A policy setting: `default`, or a whole number from `min` to `max`.
+fn policy_value(
+    min: u32,
+    max: u32,
+) -> impl Fn(&str) -> std::result::Result<PolicyChange, String> + Clone + Send + Sync + 'static {
+    move |text| match text.trim() {
+        "default" => Ok(PolicyChange::ServerDefault),
+        t => match t.parse::<u32>() {
+            Ok(v) if (min..=max).contains(&v) => Ok(PolicyChange::Value(v)),
+            _ => Err(format!("give a number from {min} to {max}, or default")),
+        },
+    }
 }
 
 /// Changes the given settings of a project's sign-in policy (the others stay) and returns the
@@ -166,51 +205,44 @@ pub async fn update_policy(
     project_id: Uuid,
     update: PolicyUpdate,
 ) -> Result<crate::auth::ProjectPolicy> {
-    let param = |c: Option<PolicyChange>| -> (bool, Option<i32>) {
-        match c {
-            None => (false, None),
-            Some(PolicyChange::ServerDefault) => (true, None),
-            Some(PolicyChange::Value(v)) => (true, Some(i32::try_from(v).unwrap_or(i32::MAX))),
-        }
-    };
-    let (a, b, c, d, e, f) = (
-        param(update.lockout_threshold),
-        param(update.lockout_secs),
-        param(update.password_history),
-        param(update.password_min_length),
-        param(update.password_max_age_days),
-        param(update.ip_failure_limit),
-    );
+    let u = update;
+    // (column, whether to change it, the new value: NULL for the server's).
+    let changes = [
+        ("lockout_threshold", u.lockout_threshold),
+        ("lockout_secs", u.lockout_secs),
+        ("password_history", u.password_history),
+        ("password_min_length", u.password_min_length),
+        ("password_max_age_days", u.password_max_age_days),
+        ("ip_failure_limit", u.ip_failure_limit),
+        ("code_resend_secs", u.code_resend_secs),
+        ("codes_per_hour", u.codes_per_hour),
+    ]
+    .map(|(column, change)| match change {
+        None => (column, false, None),
+        Some(PolicyChange::ServerDefault) => (column, true, None),
+        Some(PolicyChange::Value(v)) => (column, true, Some(i32::try_from(v).unwrap_or(i32::MAX))),
+    });
+    let sets: Vec<String> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, (column, ..))| {
+            let (flag, value) = (2 * i + 2, 2 * i + 3);
+            format!("{column} = CASE WHEN ${flag} THEN ${value}::integer ELSE {column} END")
+        })
+        .collect();
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&project_id];
+    for (_, change, value) in &changes {
+        params.push(change);
+        params.push(value);
+    }
     let row = db
         .query_opt(
             &format!(
-                "UPDATE projects SET
-                lockout_threshold = CASE WHEN $2 THEN $3 ELSE lockout_threshold END,
-                lockout_secs = CASE WHEN $4 THEN $5 ELSE lockout_secs END,
-                password_history = CASE WHEN $6 THEN $7::integer ELSE password_history END,
-                password_min_length = CASE WHEN $8 THEN $9::integer
-                                           ELSE password_min_length END,
-                password_max_age_days = CASE WHEN $10 THEN $11 ELSE password_max_age_days END,
-                ip_failure_limit = CASE WHEN $12 THEN $13 ELSE ip_failure_limit END
-             WHERE id = $1
-             RETURNING {}",
+                "UPDATE projects SET {} WHERE id = $1 RETURNING {}",
+                sets.join(", "),
                 crate::auth::POLICY_COLUMNS
             ),
-            &[
-                &project_id,
-                &a.0,
-                &a.1,
-                &b.0,
-                &b.1,
-                &c.0,
-                &c.1,
-                &d.0,
-                &d.1,
-                &e.0,
-                &e.1,
-                &f.0,
-                &f.1,
-            ],
+            &params,
         )
         .await?
         .ok_or_else(|| Error::not_found("project", project_id.to_string()))?;

@@ -123,13 +123,15 @@ pub struct ProjectPolicy {
     pub password_min_length: Option<u32>,
     pub password_max_age_days: Option<u32>,
     pub ip_failure_limit: Option<u32>,
+    pub code_resend_secs: Option<u32>,
+    pub codes_per_hour: Option<u32>,
 }
 
 /// The `projects` columns of a [`ProjectPolicy`], in the order [`ProjectPolicy::from_row`]
 /// reads them.
 pub const POLICY_COLUMNS: &str = "lockout_threshold, lockout_secs, \
      password_history::integer, password_min_length::integer, password_max_age_days, \
-     ip_failure_limit";
+     ip_failure_limit, code_resend_secs, codes_per_hour";
 
 impl ProjectPolicy {
     /// The policy from [`POLICY_COLUMNS`] selected from column `first` on.
@@ -146,6 +148,8 @@ impl ProjectPolicy {
             password_min_length: setting(3),
             password_max_age_days: setting(4),
             ip_failure_limit: setting(5),
+            code_resend_secs: setting(6),
+            codes_per_hour: setting(7),
         }
     }
 }

@@ -149,6 +149,18 @@ pub struct ServerConfig {
     #[arg(long, env = "ROSTER_PASSWORD_MAX_AGE_DAYS", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=36_500))]
     pub password_max_age_days: u32,
+    /// Seconds before another code or link of the same kind can be issued to a user
+    /// (StartOtpChallenge per channel, StartContactVerification per channel,
+    /// CreatePasswordResetToken); sooner, the call answers RESOURCE_EXHAUSTED (TOO_MANY_CODES)
+    /// with RetryInfo. Stops a "resend" button from flooding a user's inbox or phone. 0: none.
+    #[arg(long, env = "ROSTER_CODE_RESEND_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(0..=86_400))]
+    pub code_resend_secs: u32,
+    /// Codes or links of one kind a user can be issued per rolling hour (as
+    /// --code-resend-secs; SMS pumping runs up a bill one message at a time). 0: no cap.
+    #[arg(long, env = "ROSTER_CODES_PER_HOUR", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub codes_per_hour: u32,
     /// Days events are kept; older ones are deleted in the background. 0 keeps them forever.
     #[arg(long, env = "ROSTER_EVENT_RETENTION_DAYS", default_value_t = 90,
           value_parser = clap::value_parser!(u32).range(0..=36_500))]
@@ -296,6 +308,8 @@ impl Default for ServerConfig {
             password_history: 0,
             password_min_length: 8,
             password_max_age_days: 0,
+            code_resend_secs: 30,
+            codes_per_hour: 10,
             event_retention_days: 90,
             event_retention_interval_secs: 300,
             event_poll_ms: 1000,
@@ -389,6 +403,10 @@ impl ServerConfig {
             min_length: self.password_min_length.clamp(8, 128),
             max_age_days: self.password_max_age_days.min(36_500),
             ip_failure_limit: self.ip_failure_limit.min(1_000_000),
+            codes: crate::authenticators::sends::SendLimit {
+                resend_secs: self.code_resend_secs.min(86_400),
+                per_hour: self.codes_per_hour.min(1000),
+            },
         }
     }
 

@@ -399,8 +399,9 @@ impl AuthenticatorService for AuthenticatorApi {
                 Login::Key(well_formed_lookup("email", e, LookupKey::Email).map_err(Error::from)?)
             }
         };
+        let limit = self.state.passwords_for(&caller).codes;
         let (token, expires_at) =
-            password::create_reset_token(&self.state.pool, &caller, &login).await?;
+            password::create_reset_token(&self.state.pool, &caller, &login, limit).await?;
         Ok(Response::new(pb::CreatePasswordResetTokenResponse {
             token,
             expires_at: Some(wire::timestamp(expires_at)),
@@ -588,8 +589,9 @@ impl AuthenticatorService for AuthenticatorApi {
             &[Kind::EmailOtp, Kind::SmsOtp],
         );
         v.into_result()?;
+        let limit = self.state.passwords_for(&caller).codes;
         let (code, expires_at, a) =
-            otp::start_challenge(&self.state.pool, &caller, uid, target).await?;
+            otp::start_challenge(&self.state.pool, &caller, uid, target, limit).await?;
         Ok(Response::new(pb::StartOtpChallengeResponse {
             code,
             expires_at: Some(wire::timestamp(expires_at)),

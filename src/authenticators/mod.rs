@@ -16,6 +16,7 @@ pub mod otp;
 pub mod passkey;
 pub mod password;
 pub mod recovery;
+pub mod sends;
 pub mod store;
 pub mod totp;
 

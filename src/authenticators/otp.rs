@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::factors::{self, FactorTarget, about, authenticator_not_found, check_state, lock_user};
 use super::password::{precondition, record};
+use super::sends::{self, Delivery, SendLimit};
 use super::store::{self, NewAuthenticator, OtpChallenge};
 use super::{Authenticator, FactorResult, Kind};
 use crate::auth::Caller;
@@ -93,6 +94,7 @@ pub async fn start_challenge(
     caller: &Caller,
     user_id: Uuid,
     target: FactorTarget,
+    limit: SendLimit,
 ) -> Result<(String, DateTime<Utc>, Authenticator)> {
     let p = caller.project_id;
     let mut client = db::client(pool).await?;
@@ -129,6 +131,12 @@ pub async fn start_challenge(
              enrolled; enrol the channel again",
         ));
     }
+    let what = if authenticator.kind == Kind::EmailOtp {
+        Delivery::EmailOtp
+    } else {
+        Delivery::SmsOtp
+    };
+    sends::take(&tx, p, user_id, what, limit).await?;
     let code = codes::six_digit_code();
     let salt = codes::salt();
     let expires_at = Utc::now() + Duration::minutes(CODE_TTL_MINUTES);

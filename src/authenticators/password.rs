@@ -35,6 +35,8 @@ pub struct PasswordSettings {
     pub max_age_days: u32,
     /// Failed sign-ins one client address may make per window; 0: not throttled.
     pub ip_failure_limit: u32,
+    /// How often codes and links may be issued to one user.
+    pub codes: super::sends::SendLimit,
 }
 
 impl PasswordSettings {
@@ -49,6 +51,10 @@ impl PasswordSettings {
             min_length: policy.password_min_length.unwrap_or(self.min_length),
             max_age_days: policy.password_max_age_days.unwrap_or(self.max_age_days),
             ip_failure_limit: policy.ip_failure_limit.unwrap_or(self.ip_failure_limit),
+            codes: super::sends::SendLimit {
+                resend_secs: policy.code_resend_secs.unwrap_or(self.codes.resend_secs),
+                per_hour: policy.codes_per_hour.unwrap_or(self.codes.per_hour),
+            },
         }
     }
 
@@ -56,19 +62,6 @@ impl PasswordSettings {
     pub fn too_old(&self, changed_at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> bool {
         self.max_age_days > 0
             && changed_at.is_some_and(|t| now - t >= Duration::days(i64::from(self.max_age_days)))
-    }
-}
-
-impl Default for PasswordSettings {
-    fn default() -> Self {
-        PasswordSettings {
-            lockout_threshold: 10,
-            lockout: Duration::minutes(15),
-            history: 0,
-            min_length: policy::MIN_PASSWORD_CHARS as u32,
-            max_age_days: 0,
-            ip_failure_limit: 0,
-        }
     }
 }
 
@@ -733,6 +726,7 @@ pub async fn create_reset_token(
     pool: &Pool,
     caller: &Caller,
     login: &Login,
+    limit: super::sends::SendLimit,
 ) -> Result<(String, DateTime<Utc>)> {
     let mut client = db::client(pool).await?;
     let tx = client.transaction().await?;
@@ -745,10 +739,18 @@ pub async fn create_reset_token(
         };
         return Err(Error::not_found(USER, id));
     };
+    let id = found.user.id;
+    super::sends::take(
+        &tx,
+        caller.project_id,
+        id,
+        super::sends::Delivery::PasswordReset,
+        limit,
+    )
+    .await?;
     let secret: [u8; 32] = rand::random();
     let token = format!("{RESET_TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(secret));
     let expires_at = Utc::now() + Duration::minutes(RESET_TOKEN_TTL_MINUTES);
-    let id = found.user.id;
     store::insert_reset_token(&tx, caller.project_id, id, &token_hash(&token), expires_at).await?;
     let ev = NewEvent::for_user(
         EventType::PasswordResetRequested,

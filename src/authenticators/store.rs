@@ -798,6 +798,41 @@ pub async fn count_otp_failure(
     Ok(())
 }
 
+/// The times codes of `kind` were issued to the user, with the row locked for the rest of the
+/// transaction (made empty when there is none yet, so that a first issue is locked too).
+pub async fn code_sends_for_update(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    user_id: Uuid,
+    kind: i16,
+) -> Result<Vec<DateTime<Utc>>> {
+    let row = tx
+        .query_one(
+            "INSERT INTO code_sends (project_id, user_id, kind, sent_at) VALUES ($1, $2, $3, '{}')
+             ON CONFLICT (project_id, user_id, kind) DO UPDATE SET sent_at = code_sends.sent_at
+             RETURNING sent_at",
+            &[&project_id, &user_id, &kind],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+pub async fn put_code_sends(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    user_id: Uuid,
+    kind: i16,
+    sent_at: &[DateTime<Utc>],
+) -> Result<()> {
+    tx.execute(
+        "UPDATE code_sends SET sent_at = $4
+         WHERE project_id = $1 AND user_id = $2 AND kind = $3",
+        &[&project_id, &user_id, &kind, &sent_at],
+    )
+    .await?;
+    Ok(())
+}
+
 pub async fn delete_otp_challenge(
     tx: &Transaction<'_>,
     project_id: Uuid,

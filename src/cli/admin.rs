@@ -30,28 +30,8 @@ pub enum ProjectCommand {
     Policy {
         /// Project id or name.
         project: String,
-        /// Consecutive failed sign-ins that lock an account (0: never), or `default`.
-        #[arg(long, value_parser = policy_value(0, 1_000_000))]
-        lockout_threshold: Option<admin::PolicyChange>,
-        /// Seconds a lock lasts (at most a year), or `default`.
-        #[arg(long, value_parser = policy_value(1, 31_536_000))]
-        lockout_secs: Option<admin::PolicyChange>,
-        /// A new password may not repeat any of the user's last N (0: off, at most 24), or
-        /// `default`.
-        #[arg(long, value_parser = policy_value(0, 24))]
-        password_history: Option<admin::PolicyChange>,
-        /// Fewest characters in a new password (8 to 128), or `default`.
-        #[arg(long, value_parser = policy_value(8, 128))]
-        password_min_length: Option<admin::PolicyChange>,
-        /// Days a password lasts before a sign-in requires a change (0: no limit, at most
-        /// 36500), or `default`.
-        #[arg(long, value_parser = policy_value(0, 36_500))]
-        password_max_age_days: Option<admin::PolicyChange>,
-        /// Failed sign-ins one client address may make per window (0: not throttled, at
-        /// most 1000000), or `default`: for projects whose backends pass the end user's
-        /// real `ip` to VerifyPassword.
-        #[arg(long, value_parser = policy_value(0, 1_000_000))]
-        ip_failure_limit: Option<admin::PolicyChange>,
+        #[command(flatten)]
+        update: admin::PolicyUpdate,
     },
     /// Set a project's WebAuthn relying party, used by its passkey ceremonies.
     Update {
@@ -211,24 +191,8 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                         println!("{}\t{}\t{}", p.id, p.name, p.created_at.to_rfc3339());
                     }
                 }
-                ProjectCommand::Policy {
-                    project,
-                    lockout_threshold,
-                    lockout_secs,
-                    password_history,
-                    password_min_length,
-                    password_max_age_days,
-                    ip_failure_limit,
-                } => {
+                ProjectCommand::Policy { project, update } => {
                     let p = admin::find_project(&*client, &project).await?;
-                    let update = admin::PolicyUpdate {
-                        lockout_threshold,
-                        lockout_secs,
-                        password_history,
-                        password_min_length,
-                        password_max_age_days,
-                        ip_failure_limit,
-                    };
                     let policy = admin::update_policy(&*client, p.id, update).await?;
                     let show = |v: Option<u32>| match v {
                         Some(v) => v.to_string(),
@@ -243,6 +207,8 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                         show(policy.password_max_age_days)
                     );
                     println!("ip-failure-limit\t{}", show(policy.ip_failure_limit));
+                    println!("code-resend-secs\t{}", show(policy.code_resend_secs));
+                    println!("codes-per-hour\t{}", show(policy.codes_per_hour));
                 }
                 ProjectCommand::Update {
                     project,
@@ -315,20 +281,6 @@ fn limit_text(rps: Option<f64>, burst: Option<f64>) -> String {
             let limit = crate::ratelimit::Limit::new(r, burst);
             format!("limit {r}/s burst {}", limit.map_or(1.0, |l| l.burst))
         }
-    }
-}
-
-/// A policy setting: `default`, or a whole number from `min` to `max`.
-fn policy_value(
-    min: u32,
-    max: u32,
-) -> impl Fn(&str) -> Result<admin::PolicyChange, String> + Clone + Send + Sync + 'static {
-    move |text| match text.trim() {
-        "default" => Ok(admin::PolicyChange::ServerDefault),
-        t => match t.parse::<u32>() {
-            Ok(v) if (min..=max).contains(&v) => Ok(admin::PolicyChange::Value(v)),
-            _ => Err(format!("give a number from {min} to {max}, or default")),
-        },
     }
 }
 

@@ -60,6 +60,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "api_key_rate_limit",
         include_str!("migrations/0012_api_key_rate_limit.sql"),
     ),
+    (
+        13,
+        "code_sends",
+        include_str!("migrations/0013_code_sends.sql"),
+    ),
 ];
 
 /// A short digest of every migration's version, name and SQL: equal for two builds exactly

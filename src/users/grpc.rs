@@ -588,8 +588,9 @@ impl UserService for UserApi {
         let req = request.into_inner();
         let id = required_id("id", &req.id)?;
         let channel = contact_channel(req.channel)?;
+        let limit = self.state.passwords_for(&caller).codes;
         let (code, expires_at) =
-            ops::start_contact_verification(&self.state.pool, &caller, id, channel).await?;
+            ops::start_contact_verification(&self.state.pool, &caller, id, channel, limit).await?;
         Ok(Response::new(pb::StartContactVerificationResponse {
             code,
             expires_at: Some(wire::timestamp(expires_at)),

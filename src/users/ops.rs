@@ -2,6 +2,7 @@
 //! transaction, or one statement).
 //! Inputs arrive validated (see `grpc.rs`); what can only be checked against the stored row
 //! (etags, the profile after an update mask, state transitions) is checked here.
+use crate::authenticators::sends::{self, Delivery, SendLimit};
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -418,6 +419,7 @@ pub async fn start_contact_verification(
     caller: &Caller,
     id: Uuid,
     channel: ContactChannel,
+    limit: SendLimit,
 ) -> Result<(String, DateTime<Utc>)> {
     let mut client = db::client(pool).await?;
     let tx = client.transaction().await?;
@@ -437,6 +439,11 @@ pub async fn start_contact_verification(
             ),
         });
     };
+    let what = match channel {
+        ContactChannel::Email => Delivery::EmailVerification,
+        ContactChannel::Phone => Delivery::PhoneVerification,
+    };
+    sends::take(&tx, caller.project_id, id, what, limit).await?;
     let code = codes::six_digit_code();
     let salt = codes::salt();
     let expires_at = Utc::now() + Duration::minutes(CODE_TTL_MINUTES);

@@ -223,7 +223,7 @@ async fn projects_and_keys_commands() {
         format!(
             "lockout-threshold\t{default}\nlockout-secs\t{default}\npassword-history\t{default}\n\
              password-min-length\t{default}\npassword-max-age-days\t{default}\n\
-             ip-failure-limit\t{default}\n"
+             ip-failure-limit\t{default}\ncode-resend-secs\t{default}\ncodes-per-hour\t{default}\n"
         )
     );
     let (ok, out, err) = policy(&[
@@ -237,13 +237,18 @@ async fn projects_and_keys_commands() {
         "90",
         "--ip-failure-limit",
         "100",
+        "--code-resend-secs",
+        "0",
+        "--codes-per-hour",
+        "3",
     ]);
     assert!(ok, "{err}");
     assert_eq!(
         out,
         format!(
             "lockout-threshold\t5\nlockout-secs\t{default}\npassword-history\t4\n\
-             password-min-length\t15\npassword-max-age-days\t90\nip-failure-limit\t100\n"
+             password-min-length\t15\npassword-max-age-days\t90\nip-failure-limit\t100\n\
+             code-resend-secs\t0\ncodes-per-hour\t3\n"
         )
     );
     let (ok, out, _) = policy(&["--lockout-threshold", "default"]);
@@ -254,6 +259,8 @@ async fn projects_and_keys_commands() {
         ("--lockout-threshold", "many"),
         ("--password-min-length", "7"),
         ("--password-max-age-days", "36501"),
+        ("--code-resend-secs", "86401"),
+        ("--codes-per-hour", "1001"),
     ] {
         let (ok, _, err) = policy(&[flag, bad]);
         assert!(!ok && err.contains("or default"), "{flag} {bad}: {err}");

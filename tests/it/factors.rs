@@ -471,7 +471,7 @@ async fn recovery_codes_work_once_and_a_new_set_replaces_the_old() {
 
 #[tokio::test]
 async fn otp_channels_issue_codes_that_void_each_other_and_die_after_five_failures() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(crate::harness::unlimited_codes()).await;
     let mut users = app.users();
     let mut authn = app.authenticators();
     let user = create_user(&mut users, "otp@example.com").await;
@@ -1011,5 +1011,186 @@ async fn seeds_and_codes_never_reach_logs_or_events() {
         for s in &secrets {
             assert!(!text.contains(s.as_str()), "{s:?} leaked in {text}");
         }
+    }
+}
+
+/// The wait a TOO_MANY_CODES refusal asks for.
+fn code_wait(err: &tonic::Status) -> std::time::Duration {
+    assert_eq!(
+        (err.code(), reason(err).as_str()),
+        (Code::ResourceExhausted, "TOO_MANY_CODES"),
+        "{err:?}"
+    );
+    crate::harness::details(err)
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo")
+}
+
+#[tokio::test]
+async fn codes_for_a_user_are_limited_per_kind_with_a_gap_and_an_hourly_cap() {
+    use std::time::Duration;
+    let app = TestApp::spawn_with(ServerConfig {
+        key_cache_ms: 50,
+        code_resend_secs: 1,
+        codes_per_hour: 3,
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let user = crate::create(
+        &mut users,
+        pb::User {
+            email: "sends@example.com".into(),
+            email_verified: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let channel = authn
+        .enroll_otp_channel(pb::EnrollOtpChannelRequest {
+            user_id: user.id.clone(),
+            r#type: T::EmailOtp as i32,
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticator
+        .unwrap();
+    let challenge = || pb::StartOtpChallengeRequest {
+        user_id: user.id.clone(),
+        r#type: T::EmailOtp as i32,
+        ..Default::default()
+    };
+    let first = authn
+        .start_otp_challenge(challenge())
+        .await
+        .unwrap()
+        .into_inner();
+    // A resend within the gap is refused and leaves the code sent intact.
+    let err = authn.start_otp_challenge(challenge()).await.unwrap_err();
+    let wait = code_wait(&err);
+    assert_eq!(wait, Duration::from_secs(1), "rounded up to whole seconds");
+    assert!(
+        err.message().contains("email one-time codes"),
+        "{}",
+        err.message()
+    );
+    let r = verify(&mut authn, &user.id, &channel.id, T::EmailOtp, &first.code)
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::Ok);
+
+    // Other kinds of delivery, and other users, have their own allowance.
+    users
+        .start_contact_verification(pb::StartContactVerificationRequest {
+            id: user.id.clone(),
+            channel: pb::ContactChannel::Email as i32,
+        })
+        .await
+        .unwrap();
+    let reset = |id: &str| pb::CreatePasswordResetTokenRequest {
+        login: Some(pb::create_password_reset_token_request::Login::UserId(
+            id.into(),
+        )),
+    };
+    authn
+        .create_password_reset_token(reset(&user.id))
+        .await
+        .unwrap();
+    let other = create_user(&mut users, "other-sends@example.com").await;
+    authn
+        .create_password_reset_token(reset(&other.id))
+        .await
+        .unwrap();
+    let err = users
+        .start_contact_verification(pb::StartContactVerificationRequest {
+            id: user.id.clone(),
+            channel: pb::ContactChannel::Email as i32,
+        })
+        .await
+        .unwrap_err();
+    code_wait(&err);
+    let err = authn
+        .create_password_reset_token(reset(&user.id))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("password reset tokens"),
+        "{}",
+        err.message()
+    );
+
+    // Past the gap, two more codes; the fourth within the hour waits for the first to leave.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        authn.start_otp_challenge(challenge()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let wait = code_wait(&authn.start_otp_challenge(challenge()).await.unwrap_err());
+    assert!(
+        wait > Duration::from_secs(3590) && wait <= Duration::from_secs(3600),
+        "{wait:?}"
+    );
+    let started = app
+        .events_of(&user.id)
+        .await
+        .iter()
+        .filter(|e| e.0 == "OTP_CHALLENGE_STARTED")
+        .count();
+    assert_eq!(started, 3, "a refused issue records nothing");
+
+    // A project's own policy replaces the server's limits.
+    use roster::admin::PolicyChange as C;
+    let client = app.pool.get().await.unwrap();
+    roster::admin::update_policy(
+        &**client,
+        app.project_id,
+        roster::admin::PolicyUpdate {
+            code_resend_secs: Some(C::Value(0)),
+            codes_per_hour: Some(C::Value(0)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for _ in 0..3 {
+        authn.start_otp_challenge(challenge()).await.unwrap();
+    }
+
+    // Back on the server's limits: concurrent first issues for a new user count one by one.
+    roster::admin::update_policy(
+        &**client,
+        app.project_id,
+        roster::admin::PolicyUpdate {
+            code_resend_secs: Some(C::ServerDefault),
+            codes_per_hour: Some(C::ServerDefault),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let racer = create_user(&mut users, "race-sends@example.com").await;
+    let calls = (0..10).map(|_| {
+        let mut authn = authn.clone();
+        let request = reset(&racer.id);
+        async move { authn.create_password_reset_token(request).await }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let codes: Vec<Code> = answers
+        .iter()
+        .map(|a| a.as_ref().map_or_else(|e| e.code(), |_| Code::Ok))
+        .collect();
+    assert_eq!(
+        codes.iter().filter(|c| **c == Code::Ok).count(),
+        1,
+        "{codes:?}"
+    );
+    for a in answers.iter().filter_map(|a| a.as_ref().err()) {
+        code_wait(a);
     }
 }

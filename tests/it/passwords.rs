@@ -918,7 +918,11 @@ async fn change_password_checks_the_current_one_and_counts_failures() {
 
 #[tokio::test]
 async fn reset_tokens_work_once_expire_and_void_the_others() {
-    let app = spawn_with_lockout(1, 900).await;
+    let app = TestApp::spawn_with(ServerConfig {
+        lockout_threshold: 1,
+        ..crate::harness::unlimited_codes()
+    })
+    .await;
     let mut a = app.authenticators();
     let user = user_with_password(&app, "reset@example.com").await;
     let token_for = |login| pb::CreatePasswordResetTokenRequest { login: Some(login) };
@@ -1314,7 +1318,7 @@ async fn a_projects_policy_overrides_the_servers_settings() {
             password_history: Some(C::Value(1)),
             password_min_length: Some(C::Value(20)),
             password_max_age_days: Some(C::Value(90)),
-            ip_failure_limit: None,
+            ..Default::default()
         },
     )
     .await
@@ -1327,7 +1331,7 @@ async fn a_projects_policy_overrides_the_servers_settings() {
             password_history: Some(1),
             password_min_length: Some(20),
             password_max_age_days: Some(90),
-            ip_failure_limit: None,
+            ..Default::default()
         }
     );
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -1,0 +1,190 @@
+//! Limits on issuing codes and links for delivery to a user: OTP codes, contact verification
+//! codes and password reset tokens. Each is one message to the user's inbox or phone that the
+//! calling backend sends, usually behind a "send me a code" button that anyone can press, so
+//! without a limit a script could flood a user with mail or run up the SMS bill (SMS
+//! pumping). Per user and kind of delivery: a gap between two issues (`--code-resend-secs`)
+//! and a cap per rolling hour (`--codes-per-hour`); past either the call answers
+//! RESOURCE_EXHAUSTED (TOO_MANY_CODES) with RetryInfo saying when the next one can be issued.
+//!
+//! The issue times live in PostgreSQL (`code_sends`), taken under a row lock in the issuing
+//! transaction, so every replica counts against one allowance and an issue that does not
+//! commit is not counted.
+use chrono::{DateTime, Duration, Utc};
+use uuid::Uuid;
+
+use super::store;
+use crate::error::{Error, Result};
+
+/// What a code or link is issued for; the numbers are stored (`code_sends.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    EmailOtp = 1,
+    SmsOtp = 2,
+    EmailVerification = 3,
+    PhoneVerification = 4,
+    PasswordReset = 5,
+}
+
+impl Delivery {
+    /// How the refusal names it.
+    fn describe(self) -> &'static str {
+        match self {
+            Delivery::EmailOtp => "email one-time codes",
+            Delivery::SmsOtp => "SMS one-time codes",
+            Delivery::EmailVerification => "email verification codes",
+            Delivery::PhoneVerification => "phone verification codes",
+            Delivery::PasswordReset => "password reset tokens",
+        }
+    }
+}
+
+/// The allowance of one user for one kind of delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendLimit {
+    /// Seconds between two issues; 0: no gap.
+    pub resend_secs: u32,
+    /// Issues per rolling hour; 0: no cap.
+    pub per_hour: u32,
+}
+
+const HOUR: Duration = Duration::hours(1);
+
+/// Whether one more issue at `now` fits the limit after the issues `sent`: the times to keep
+/// (this one included), or how long until one would fit.
+pub fn allowance(
+    limit: SendLimit,
+    sent: &[DateTime<Utc>],
+    now: DateTime<Utc>,
+) -> std::result::Result<Vec<DateTime<Utc>>, Duration> {
+    let mut recent: Vec<DateTime<Utc>> = sent.iter().copied().filter(|t| *t > now - HOUR).collect();
+    recent.sort_unstable();
+    let mut free_at = now;
+    if let Some(last) = recent.last() {
+        free_at = free_at.max(*last + Duration::seconds(i64::from(limit.resend_secs)));
+    }
+    let cap = limit.per_hour as usize;
+    if cap > 0 && recent.len() >= cap {
+        // The issue that must leave the window before another fits.
+        free_at = free_at.max(recent[recent.len() - cap] + HOUR);
+    }
+    if free_at > now {
+        return Err(free_at - now);
+    }
+    // Only what a later decision can need: the last `cap` (the gap needs only the last one).
+    let keep = cap.max(1).saturating_sub(1);
+    let drop = recent.len().saturating_sub(keep);
+    recent.drain(..drop);
+    recent.push(now);
+    Ok(recent)
+}
+
+/// Takes one issue of `what` for the user from their allowance in the caller's transaction,
+/// or answers RESOURCE_EXHAUSTED (TOO_MANY_CODES) with the wait. The row stays locked until
+/// the transaction ends, so concurrent issues for one user queue and count one by one.
+pub async fn take(
+    tx: &deadpool_postgres::Transaction<'_>,
+    project_id: Uuid,
+    user_id: Uuid,
+    what: Delivery,
+    limit: SendLimit,
+) -> Result<()> {
+    if limit.resend_secs == 0 && limit.per_hour == 0 {
+        return Ok(());
+    }
+    let kind = what as i16;
+    let sent = store::code_sends_for_update(tx, project_id, user_id, kind).await?;
+    match allowance(limit, &sent, Utc::now()) {
+        Ok(keep) => store::put_code_sends(tx, project_id, user_id, kind, &keep).await,
+        Err(wait) => {
+            // Whole seconds, rounded up: retrying after RetryInfo must succeed.
+            let secs = (wait.num_milliseconds() + 999) / 1000;
+            Err(Error::Exhausted {
+                reason: "TOO_MANY_CODES",
+                message: format!(
+                    "too many {} for this user; the next can be issued in {secs} s",
+                    what.describe()
+                ),
+                retry_after: std::time::Duration::from_secs(secs.max(1).unsigned_abs()),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    const LIMIT: SendLimit = SendLimit {
+        resend_secs: 30,
+        per_hour: 3,
+    };
+
+    #[test]
+    fn the_first_issue_is_free_and_kept() {
+        assert_eq!(allowance(LIMIT, &[], at(0)), Ok(vec![at(0)]));
+    }
+
+    #[test]
+    fn a_resend_waits_for_the_gap() {
+        assert_eq!(
+            allowance(LIMIT, &[at(0)], at(10)),
+            Err(Duration::seconds(20))
+        );
+        assert_eq!(allowance(LIMIT, &[at(0)], at(30)), Ok(vec![at(0), at(30)]));
+    }
+
+    #[test]
+    fn the_hourly_cap_waits_for_the_oldest_to_leave_the_window() {
+        let sent = [at(0), at(100), at(200)];
+        assert_eq!(
+            allowance(LIMIT, &sent, at(300)),
+            Err(Duration::seconds(3300))
+        );
+        // At the hour the first has left; only the last cap-1 are kept with the new one.
+        assert_eq!(
+            allowance(LIMIT, &sent, at(3601)),
+            Ok(vec![at(100), at(200), at(3601)])
+        );
+    }
+
+    #[test]
+    fn the_longer_of_the_two_waits_is_answered() {
+        let sent = [at(0), at(100), at(3590)];
+        // The cap frees at 3600 (the first leaves), the gap at 3620.
+        assert_eq!(
+            allowance(LIMIT, &sent, at(3595)),
+            Err(Duration::seconds(25))
+        );
+    }
+
+    #[test]
+    fn zero_turns_each_rule_off() {
+        let no_gap = SendLimit {
+            resend_secs: 0,
+            per_hour: 2,
+        };
+        assert!(allowance(no_gap, &[at(0)], at(0)).is_ok());
+        assert!(allowance(no_gap, &[at(0), at(1)], at(2)).is_err());
+        let no_cap = SendLimit {
+            resend_secs: 1,
+            per_hour: 0,
+        };
+        let many: Vec<_> = (0..100).map(|i| at(i * 2)).collect();
+        // Without a cap only the new issue is kept (the gap needs no more).
+        assert_eq!(allowance(no_cap, &many, at(198)), Err(Duration::seconds(1)));
+        assert_eq!(allowance(no_cap, &many, at(199)), Ok(vec![at(199)]));
+    }
+
+    #[test]
+    fn issues_older_than_an_hour_are_forgotten_and_order_does_not_matter() {
+        let sent = [at(200), at(-4000), at(100)];
+        assert_eq!(
+            allowance(LIMIT, &sent, at(300)),
+            Ok(vec![at(100), at(200), at(300)])
+        );
+    }
+}
