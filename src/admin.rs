@@ -175,8 +175,8 @@ pub struct PolicyUpdate {
     #[arg(long, value_parser = policy_value(0, 1_000_000))]
     pub ip_failure_limit: Option<PolicyChange>,
     /// Seconds before another code or link of the same kind can be issued to a user (0:
-    /// none, at most 86400), or `default`.
-    #[arg(long, value_parser = policy_value(0, 86_400))]
+    /// none, at most 3600), or `default`.
+    #[arg(long, value_parser = policy_value(0, 3600))]
     pub code_resend_secs: Option<PolicyChange>,
     /// Codes or links of one kind a user can be issued per rolling hour (0: no cap, at most
     /// 1000), or `default`.

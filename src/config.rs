@@ -10,6 +10,7 @@ use anyhow::Context;
 
 use crate::authenticators::passkey::RelyingPartyDefaults;
 use crate::authenticators::password::PasswordSettings;
+use crate::authenticators::sends::SmsPrefixes;
 
 /// The most a `-secs` time setting takes (a day): beyond it a value is a mistake, and
 /// near `u64::MAX` one would overflow the clock where it is added to it.
@@ -152,15 +153,23 @@ pub struct ServerConfig {
     /// Seconds before another code or link of the same kind can be issued to a user
     /// (StartOtpChallenge per channel, StartContactVerification per channel,
     /// CreatePasswordResetToken); sooner, the call answers RESOURCE_EXHAUSTED (TOO_MANY_CODES)
-    /// with RetryInfo. Stops a "resend" button from flooding a user's inbox or phone. 0: none.
+    /// with RetryInfo. Stops a "resend" button from flooding a user's inbox or phone. 0: none;
+    /// at most an hour (the window the issues are counted over).
     #[arg(long, env = "ROSTER_CODE_RESEND_SECS", default_value_t = 30,
-          value_parser = clap::value_parser!(u32).range(0..=86_400))]
+          value_parser = clap::value_parser!(u32).range(0..=3600))]
     pub code_resend_secs: u32,
     /// Codes or links of one kind a user can be issued per rolling hour (as
     /// --code-resend-secs; SMS pumping runs up a bill one message at a time). 0: no cap.
     #[arg(long, env = "ROSTER_CODES_PER_HOUR", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub codes_per_hour: u32,
+    /// The phone number prefixes SMS may be sent to (SMS_OTP challenges, phone verification),
+    /// comma-separated calling codes or longer prefixes (`+1,+44,+4915`), at most 500: the
+    /// countries you serve, which shuts out SMS pumping through premium ranges elsewhere.
+    /// Others answer FAILED_PRECONDITION (SMS_DESTINATION_NOT_ALLOWED). Empty: any.
+    #[arg(long, env = "ROSTER_SMS_ALLOWED_PREFIXES", default_value = "",
+          value_parser = SmsPrefixes::parse)]
+    pub sms_allowed_prefixes: SmsPrefixes,
     /// Days events are kept; older ones are deleted in the background. 0 keeps them forever.
     #[arg(long, env = "ROSTER_EVENT_RETENTION_DAYS", default_value_t = 90,
           value_parser = clap::value_parser!(u32).range(0..=36_500))]
@@ -310,6 +319,7 @@ impl Default for ServerConfig {
             password_max_age_days: 0,
             code_resend_secs: 30,
             codes_per_hour: 10,
+            sms_allowed_prefixes: SmsPrefixes::default(),
             event_retention_days: 90,
             event_retention_interval_secs: 300,
             event_poll_ms: 1000,
@@ -404,7 +414,7 @@ impl ServerConfig {
             max_age_days: self.password_max_age_days.min(36_500),
             ip_failure_limit: self.ip_failure_limit.min(1_000_000),
             codes: crate::authenticators::sends::SendLimit {
-                resend_secs: self.code_resend_secs.min(86_400),
+                resend_secs: self.code_resend_secs.min(3600),
                 per_hour: self.codes_per_hour.min(1000),
             },
         }

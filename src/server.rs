@@ -46,6 +46,8 @@ pub struct AppState {
     pub user_creates: Arc<UserCreates>,
     pub hasher: Arc<Hasher>,
     pub passwords: PasswordSettings,
+    /// Where SMS may be sent (`--sms-allowed-prefixes`).
+    pub sms_prefixes: Arc<crate::authenticators::sends::SmsPrefixes>,
     /// Failed sign-ins per client address (`--ip-failure-limit`, or the project's own).
     pub ip_throttle: Arc<crate::ratelimit::FailureThrottle>,
     /// Seals provider tokens and TOTP seeds; `None` when no key is configured.
@@ -207,6 +209,7 @@ impl Application {
                 pool,
                 hasher: Arc::new(hasher),
                 passwords: config.password_settings(),
+                sms_prefixes: Arc::new(config.sms_allowed_prefixes.clone()),
                 ip_throttle: Arc::new(config.ip_throttle()),
                 sealer,
                 relying_party: config.relying_party(),

@@ -590,8 +590,15 @@ impl AuthenticatorService for AuthenticatorApi {
         );
         v.into_result()?;
         let limit = self.state.passwords_for(&caller).codes;
-        let (code, expires_at, a) =
-            otp::start_challenge(&self.state.pool, &caller, uid, target, limit).await?;
+        let (code, expires_at, a) = otp::start_challenge(
+            &self.state.pool,
+            &caller,
+            uid,
+            target,
+            limit,
+            &self.state.sms_prefixes,
+        )
+        .await?;
         Ok(Response::new(pb::StartOtpChallengeResponse {
             code,
             expires_at: Some(wire::timestamp(expires_at)),

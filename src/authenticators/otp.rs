@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::factors::{self, FactorTarget, about, authenticator_not_found, check_state, lock_user};
 use super::password::{precondition, record};
-use super::sends::{self, Delivery, SendLimit};
+use super::sends::{self, Delivery, SendLimit, SmsPrefixes};
 use super::store::{self, NewAuthenticator, OtpChallenge};
 use super::{Authenticator, FactorResult, Kind};
 use crate::auth::Caller;
@@ -95,6 +95,7 @@ pub async fn start_challenge(
     user_id: Uuid,
     target: FactorTarget,
     limit: SendLimit,
+    sms: &SmsPrefixes,
 ) -> Result<(String, DateTime<Utc>, Authenticator)> {
     let p = caller.project_id;
     let mut client = db::client(pool).await?;
@@ -134,6 +135,7 @@ pub async fn start_challenge(
     let what = if authenticator.kind == Kind::EmailOtp {
         Delivery::EmailOtp
     } else {
+        sms.check(channel_address(&authenticator).unwrap_or_default())?;
         Delivery::SmsOtp
     };
     sends::take(&tx, p, user_id, what, limit).await?;

@@ -6,6 +6,10 @@
 //! and a cap per rolling hour (`--codes-per-hour`); past either the call answers
 //! RESOURCE_EXHAUSTED (TOO_MANY_CODES) with RetryInfo saying when the next one can be issued.
 //!
+//! SMS can also be kept to the countries a deployment serves (`--sms-allowed-prefixes`):
+//! pumping schemes send to premium numbers of a few far-away ranges, which an allow list of
+//! calling codes shuts out (the geo permissions of Twilio, Auth0, Stytch).
+//!
 //! The issue times live in PostgreSQL (`code_sends`), taken under a row lock in the issuing
 //! transaction, so every replica counts against one allowance and an issue that does not
 //! commit is not counted.
@@ -41,7 +45,7 @@ impl Delivery {
 /// The allowance of one user for one kind of delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SendLimit {
-    /// Seconds between two issues; 0: no gap.
+    /// Seconds between two issues; 0: no gap; at most an hour (older issues are forgotten).
     pub resend_secs: u32,
     /// Issues per rolling hour; 0: no cap.
     pub per_hour: u32,
@@ -110,9 +114,88 @@ pub async fn take(
     }
 }
 
+/// The phone number prefixes SMS may be sent to (`--sms-allowed-prefixes`); none: any.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SmsPrefixes(Vec<String>);
+
+impl SmsPrefixes {
+    /// Most prefixes in a list.
+    pub const MAX: usize = 500;
+
+    /// Comma-separated E.164 prefixes: `+` and 1 to 14 digits (`+1,+44,+4915`).
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        let mut prefixes = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let digits = part.strip_prefix('+').unwrap_or("");
+            if digits.is_empty() || digits.len() > 14 || !digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                return Err(format!(
+                    "{part:?} is not a phone number prefix like +44 (a plus and 1 to 14 digits)"
+                ));
+            }
+            prefixes.push(part.to_string());
+        }
+        if prefixes.len() > Self::MAX {
+            return Err(format!("at most {} prefixes", Self::MAX));
+        }
+        Ok(SmsPrefixes(prefixes))
+    }
+
+    /// Whether an SMS may go to `phone` (E.164, as stored).
+    pub fn allows(&self, phone: &str) -> bool {
+        self.0.is_empty() || self.0.iter().any(|p| phone.starts_with(p.as_str()))
+    }
+
+    /// FAILED_PRECONDITION (SMS_DESTINATION_NOT_ALLOWED) unless an SMS may go to `phone`.
+    pub fn check(&self, phone: &str) -> Result<()> {
+        if self.allows(phone) {
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition {
+            reason: "SMS_DESTINATION_NOT_ALLOWED",
+            message: "this server does not send SMS to the user's phone number (its calling \
+                      code is not in --sms-allowed-prefixes)"
+                .into(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sms_prefixes_allow_what_they_list_and_everything_when_empty() {
+        let any = SmsPrefixes::parse(" ").unwrap();
+        assert!(any.allows("+88212345678"));
+        let some = SmsPrefixes::parse("+1, +44,+4915").unwrap();
+        assert!(some.allows("+14155550100") && some.allows("+447700900123"));
+        assert!(some.allows("+4915123456789") && !some.allows("+4930123456"));
+        assert!(!some.allows("+88212345678"));
+        assert_eq!(
+            some.check("+88212345678").unwrap_err().to_string(),
+            "this server does not send SMS to the user's phone number (its calling code is not \
+             in --sms-allowed-prefixes)"
+        );
+        for bad in ["44", "+", "+4a", "+123456789012345", "+1;+44"] {
+            assert!(SmsPrefixes::parse(bad).is_err(), "{bad}");
+        }
+        let many = vec!["+1"; SmsPrefixes::MAX + 1].join(",");
+        assert!(SmsPrefixes::parse(&many).is_err());
+    }
+
+    #[test]
+    fn a_gap_of_an_hour_is_kept_to_the_second() {
+        let hourly = SendLimit {
+            resend_secs: 3600,
+            per_hour: 0,
+        };
+        assert_eq!(
+            allowance(hourly, &[at(0)], at(3599)),
+            Err(Duration::seconds(1))
+        );
+        assert_eq!(allowance(hourly, &[at(0)], at(3600)), Ok(vec![at(3600)]));
+    }
 
     fn at(secs: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000 + secs, 0).unwrap()

@@ -589,8 +589,15 @@ impl UserService for UserApi {
         let id = required_id("id", &req.id)?;
         let channel = contact_channel(req.channel)?;
         let limit = self.state.passwords_for(&caller).codes;
-        let (code, expires_at) =
-            ops::start_contact_verification(&self.state.pool, &caller, id, channel, limit).await?;
+        let (code, expires_at) = ops::start_contact_verification(
+            &self.state.pool,
+            &caller,
+            id,
+            channel,
+            limit,
+            &self.state.sms_prefixes,
+        )
+        .await?;
         Ok(Response::new(pb::StartContactVerificationResponse {
             code,
             expires_at: Some(wire::timestamp(expires_at)),

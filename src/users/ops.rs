@@ -2,7 +2,7 @@
 //! transaction, or one statement).
 //! Inputs arrive validated (see `grpc.rs`); what can only be checked against the stored row
 //! (etags, the profile after an update mask, state transitions) is checked here.
-use crate::authenticators::sends::{self, Delivery, SendLimit};
+use crate::authenticators::sends::{self, Delivery, SendLimit, SmsPrefixes};
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -420,6 +420,7 @@ pub async fn start_contact_verification(
     id: Uuid,
     channel: ContactChannel,
     limit: SendLimit,
+    sms: &SmsPrefixes,
 ) -> Result<(String, DateTime<Utc>)> {
     let mut client = db::client(pool).await?;
     let tx = client.transaction().await?;
@@ -441,7 +442,10 @@ pub async fn start_contact_verification(
     };
     let what = match channel {
         ContactChannel::Email => Delivery::EmailVerification,
-        ContactChannel::Phone => Delivery::PhoneVerification,
+        ContactChannel::Phone => {
+            sms.check(target)?;
+            Delivery::PhoneVerification
+        }
     };
     sends::take(&tx, caller.project_id, id, what, limit).await?;
     let code = codes::six_digit_code();

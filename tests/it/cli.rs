@@ -145,6 +145,14 @@ fn serve_refuses_bad_settings_and_busy_ports_before_starting_a_database() {
             "\"10.0.0.0/33\" is not an address or a CIDR range like 203.0.113.0/24".into(),
         ),
         (
+            vec!["--code-resend-secs", "3601"],
+            "3601 is not in 0..=3600".into(),
+        ),
+        (
+            vec!["--sms-allowed-prefixes", "+44,44"],
+            "\"44\" is not a phone number prefix like +44 (a plus and 1 to 14 digits)".into(),
+        ),
+        (
             vec!["--listen", &busy],
             format!("binding {busy} (--listen, ROSTER_LISTEN)"),
         ),
@@ -259,7 +267,7 @@ async fn projects_and_keys_commands() {
         ("--lockout-threshold", "many"),
         ("--password-min-length", "7"),
         ("--password-max-age-days", "36501"),
-        ("--code-resend-secs", "86401"),
+        ("--code-resend-secs", "3601"),
         ("--codes-per-hour", "1001"),
     ] {
         let (ok, _, err) = policy(&[flag, bad]);

@@ -1194,3 +1194,94 @@ async fn codes_for_a_user_are_limited_per_kind_with_a_gap_and_an_hourly_cap() {
         code_wait(a);
     }
 }
+
+#[tokio::test]
+async fn sms_goes_only_to_the_allowed_prefixes() {
+    let app = TestApp::spawn_with(ServerConfig {
+        sms_allowed_prefixes: roster::authenticators::sends::SmsPrefixes::parse("+44,+4915")
+            .unwrap(),
+        ..crate::harness::unlimited_codes()
+    })
+    .await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let with_phone = |email: &str, phone: &str| pb::User {
+        email: email.into(),
+        email_verified: true,
+        phone_number: phone.into(),
+        phone_verified: true,
+        ..Default::default()
+    };
+    let far = crate::create(&mut users, with_phone("far@example.com", "+88216001234")).await;
+    let near = crate::create(&mut users, with_phone("near@example.com", "+447700900123")).await;
+    let verify_phone = |id: &str| pb::StartContactVerificationRequest {
+        id: id.into(),
+        channel: pb::ContactChannel::Phone as i32,
+    };
+    let challenge = |id: &str, kind: T| pb::StartOtpChallengeRequest {
+        user_id: id.into(),
+        r#type: kind as i32,
+        ..Default::default()
+    };
+    for u in [&far, &near] {
+        for kind in [T::SmsOtp, T::EmailOtp] {
+            authn
+                .enroll_otp_channel(pb::EnrollOtpChannelRequest {
+                    user_id: u.id.clone(),
+                    r#type: kind as i32,
+                    name: String::new(),
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let refused = |err: tonic::Status| {
+        assert_eq!(
+            (err.code(), reason(&err).as_str()),
+            (Code::FailedPrecondition, "SMS_DESTINATION_NOT_ALLOWED")
+        );
+    };
+    refused(
+        users
+            .start_contact_verification(verify_phone(&far.id))
+            .await
+            .unwrap_err(),
+    );
+    refused(
+        authn
+            .start_otp_challenge(challenge(&far.id, T::SmsOtp))
+            .await
+            .unwrap_err(),
+    );
+    // Email is not SMS; allowed numbers get their codes.
+    authn
+        .start_otp_challenge(challenge(&far.id, T::EmailOtp))
+        .await
+        .unwrap();
+    users
+        .start_contact_verification(verify_phone(&near.id))
+        .await
+        .unwrap();
+    authn
+        .start_otp_challenge(challenge(&near.id, T::SmsOtp))
+        .await
+        .unwrap();
+    let types: Vec<String> = app
+        .events_of(&far.id)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert!(
+        !types.contains(&"CONTACT_VERIFICATION_STARTED".to_string()),
+        "{types:?}"
+    );
+    assert_eq!(
+        types
+            .iter()
+            .filter(|t| *t == "OTP_CHALLENGE_STARTED")
+            .count(),
+        1,
+        "only the email code: {types:?}"
+    );
+}

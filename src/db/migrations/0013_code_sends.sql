@@ -14,6 +14,6 @@ CREATE TABLE code_sends (
 
 -- A project's own limits over --code-resend-secs and --codes-per-hour (NULL: the server's).
 ALTER TABLE projects ADD COLUMN code_resend_secs integer
-    CHECK (code_resend_secs BETWEEN 0 AND 86400);
+    CHECK (code_resend_secs BETWEEN 0 AND 3600);
 ALTER TABLE projects ADD COLUMN codes_per_hour integer
     CHECK (codes_per_hour BETWEEN 0 AND 1000);
