@@ -22,6 +22,21 @@ def check(cond, what):
         sys.exit(f"python scenario: {what}")
 
 
+def reason_and_delay(e):
+    """The ErrorInfo reason and RetryInfo delay (whole seconds) of a failed call."""
+    reason, delay = None, None
+    for d in rpc_status.from_call(e).details:
+        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            d.Unpack(info)
+            reason = info.reason
+        if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            d.Unpack(retry)
+            delay = retry.retry_delay.seconds
+    return reason, delay
+
+
 def main():
     channel = grpc.insecure_channel(os.environ["ROSTER_ADDR"])
     meta = [("authorization", "Bearer " + os.environ["ROSTER_API_KEY"])]
@@ -139,18 +154,23 @@ def main():
         check(False, "a throttled address is refused")
     except grpc.RpcError as e:
         check(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, f"RESOURCE_EXHAUSTED, got {e.code()}")
-        reason, delay = None, None
-        for d in rpc_status.from_call(e).details:
-            if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                d.Unpack(info)
-                reason = info.reason
-            if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                d.Unpack(retry)
-                delay = retry.retry_delay.seconds
+        reason, delay = reason_and_delay(e)
         check(reason == "IP_THROTTLED", f"ErrorInfo reason: {reason}")
         check(delay is not None and 0 < delay <= 43200, f"RetryInfo delay: {delay}")
+
+    # Codes and links are rationed per user (one every 30 s by default): a second reset
+    # token at once is refused with the wait.
+    reset = authenticator_pb2.CreatePasswordResetTokenRequest(email=f"signin.{tag}@example.com")
+    token = auth.CreatePasswordResetToken(reset, metadata=meta).token
+    check(token.startswith("prt_"), "a reset token is issued")
+    try:
+        auth.CreatePasswordResetToken(reset, metadata=meta)
+        check(False, "a second reset token at once is refused")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, f"RESOURCE_EXHAUSTED, got {e.code()}")
+        reason, delay = reason_and_delay(e)
+        check(reason == "TOO_MANY_CODES", f"ErrorInfo reason: {reason}")
+        check(delay is not None and 0 < delay <= 30, f"RetryInfo delay: {delay}")
     print("python scenario: ok")
 
 
