@@ -1,8 +1,9 @@
 //! Password benchmark: VerifyPassword/s through the real server against raw argon2id
 //! verifies/s on the same machine in the same run, and GetUser latency idle against during a
 //! VerifyPassword flood. Prints figures and ratios (goals: ≥ 0.85 of raw; GetUser p99 under
-//! the flood ≤ 3× idle). Run: `cargo bench --bench passwords` (`BENCH_SECS` sets each
-//! phase's length, default 10).
+//! the flood ≤ 3× idle). Also the cost of a `--breached-passwords-file` lookup in a list of
+//! `BENCH_BREACHED_HASHES` hashes (default 10,000,000, ~450 MB in the temp dir; 0 skips).
+//! Run: `cargo bench --bench passwords` (`BENCH_SECS` sets each phase's length, default 10).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -219,4 +220,66 @@ async fn main() {
     );
     println!("| p99 ratio (goal ≤ 3) | {:.2} |", busy99 / idle99);
     drop(env);
+    let hashes = std::env::var("BENCH_BREACHED_HASHES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000_000usize);
+    if hashes > 0 {
+        let verify_ms = 1000.0 * workers as f64 / raw;
+        tokio::task::spawn_blocking(move || breached_lookups(hashes, verify_ms))
+            .await
+            .unwrap();
+    }
+}
+
+/// Lookups in a breached-passwords list of `n` hashes written in HIBP's format: half of them
+/// listed, on one thread once the file is in the page cache (as on a server that has been
+/// checking passwords), against the time of one argon2id hash.
+fn breached_lookups(n: usize, verify_ms: f64) {
+    use roster::crypto::breached::{BreachedList, sha1_hex};
+    use std::io::Write;
+    let made = Instant::now();
+    let mut hashes: Vec<[u8; 40]> = (0..n).map(|i| sha1_hex(&format!("listed {i}"))).collect();
+    hashes.sort_unstable();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    {
+        let mut w = std::io::BufWriter::new(file.as_file());
+        for (i, h) in hashes.iter().enumerate() {
+            w.write_all(h).unwrap();
+            writeln!(w, ":{}\r", i % 1000 + 1).unwrap();
+        }
+        w.flush().unwrap();
+    }
+    drop(hashes);
+    let bytes = file.as_file().metadata().unwrap().len();
+    let list = BreachedList::open(file.path()).unwrap();
+    // Warm the page cache the way a running server would have.
+    std::io::copy(
+        &mut std::fs::File::open(file.path()).unwrap(),
+        &mut std::io::sink(),
+    )
+    .unwrap();
+    let mut times = Vec::with_capacity(100_000);
+    let mut found = 0;
+    for i in 0..100_000 {
+        let p = if i % 2 == 0 {
+            format!("listed {}", (i * 7919) % n)
+        } else {
+            format!("not listed {i}")
+        };
+        let start = Instant::now();
+        let hash = sha1_hex(&p);
+        found += usize::from(list.contains_hash(&hash).unwrap());
+        times.push(start.elapsed());
+    }
+    assert_eq!(found, 50_000, "every listed password is found, no other");
+    let (p50, p99) = percentiles(&mut times);
+    println!(
+        "| breached-list lookup, {n} hashes ({:.0} MB, written in {:.0} s): p50 / p99 (µs) | {:.1} / {:.1} ({:.3} % of one argon2id hash, {verify_ms:.1} ms) |",
+        bytes as f64 / 1e6,
+        made.elapsed().as_secs_f64(),
+        p50 * 1000.0,
+        p99 * 1000.0,
+        100.0 * p99 / verify_ms
+    );
 }

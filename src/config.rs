@@ -170,6 +170,12 @@ pub struct ServerConfig {
     #[arg(long, env = "ROSTER_SMS_ALLOWED_PREFIXES", default_value = "",
           value_parser = SmsPrefixes::parse)]
     pub sms_allowed_prefixes: SmsPrefixes,
+    /// A list of breached passwords that new passwords (CreateUser, SetPassword,
+    /// ChangePassword, ResetPassword; CheckPassword reports it) may not be: SHA-1 hashes in
+    /// hex, one per line, optionally `:count`, sorted by hash, as Have I Been Pwned's Pwned
+    /// Passwords "ordered by hash" download. Searched on disk, never loaded.
+    #[arg(long, env = "ROSTER_BREACHED_PASSWORDS_FILE")]
+    pub breached_passwords_file: Option<PathBuf>,
     /// Days events are kept; older ones are deleted in the background. 0 keeps them forever.
     #[arg(long, env = "ROSTER_EVENT_RETENTION_DAYS", default_value_t = 90,
           value_parser = clap::value_parser!(u32).range(0..=36_500))]
@@ -320,6 +326,7 @@ impl Default for ServerConfig {
             code_resend_secs: 30,
             codes_per_hour: 10,
             sms_allowed_prefixes: SmsPrefixes::default(),
+            breached_passwords_file: None,
             event_retention_days: 90,
             event_retention_interval_secs: 300,
             event_poll_ms: 1000,
@@ -398,6 +405,17 @@ impl ServerConfig {
             Duration::from_secs(self.ip_failure_window_secs),
             self.ip_failure_exempt.0.clone(),
         )
+    }
+
+    /// The breached-passwords list, opened and checked, if one is set.
+    pub fn breached_passwords(
+        &self,
+    ) -> anyhow::Result<Option<crate::crypto::breached::BreachedList>> {
+        self.breached_passwords_file
+            .as_deref()
+            .map(crate::crypto::breached::BreachedList::open)
+            .transpose()
+            .context("--breached-passwords-file")
     }
 
     /// The encryption key list from the flag/env or the file, if either is set.

@@ -46,6 +46,8 @@ pub struct AppState {
     pub user_creates: Arc<UserCreates>,
     pub hasher: Arc<Hasher>,
     pub passwords: PasswordSettings,
+    /// Passwords exposed in breaches (`--breached-passwords-file`), when configured.
+    pub breached: Option<Arc<crate::crypto::breached::BreachedList>>,
     /// Where SMS may be sent (`--sms-allowed-prefixes`).
     pub sms_prefixes: Arc<crate::authenticators::sends::SmsPrefixes>,
     /// Failed sign-ins per client address (`--ip-failure-limit`, or the project's own).
@@ -63,6 +65,38 @@ impl AppState {
     /// project's own policy over them.
     pub fn passwords_for(&self, caller: &crate::auth::Caller) -> PasswordSettings {
         self.passwords.for_project(&caller.policy)
+    }
+
+    /// Whether `password` is in the breached-passwords list (never, without one). The search
+    /// reads the file, so it runs on the blocking pool, given only the password's SHA-1.
+    pub async fn is_breached(&self, password: &str) -> Result<bool, crate::error::Error> {
+        let Some(list) = self.breached.clone() else {
+            return Ok(false);
+        };
+        let hash = crate::crypto::breached::sha1_hex(password);
+        let found = tokio::task::spawn_blocking(move || list.contains_hash(&hash))
+            .await
+            .map_err(|e| crate::error::Error::Internal(e.into()))?;
+        found.map_err(|e| {
+            crate::error::Error::Internal(
+                anyhow::Error::new(e).context("reading the breached-passwords file"),
+            )
+        })
+    }
+
+    /// INVALID_ARGUMENT on `field` when a new `password` is in the breached-passwords list.
+    pub async fn refuse_breached(
+        &self,
+        field: &str,
+        password: &str,
+    ) -> Result<(), crate::error::Error> {
+        if self.is_breached(password).await? {
+            return Err(crate::error::Error::invalid(
+                field,
+                crate::crypto::breached::PROBLEM,
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -130,6 +164,7 @@ pub fn check_settings(config: &ServerConfig) -> anyhow::Result<()> {
         Sealer::parse(&spec)
             .context("the encryption keys (--encryption-keys or --encryption-keys-file)")?;
     }
+    config.breached_passwords()?;
     Ok(())
 }
 
@@ -210,6 +245,7 @@ impl Application {
                 hasher: Arc::new(hasher),
                 passwords: config.password_settings(),
                 sms_prefixes: Arc::new(config.sms_allowed_prefixes.clone()),
+                breached: config.breached_passwords()?.map(Arc::new),
                 ip_throttle: Arc::new(config.ip_throttle()),
                 sealer,
                 relying_party: config.relying_party(),

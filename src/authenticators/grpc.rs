@@ -241,6 +241,9 @@ impl AuthenticatorService for AuthenticatorApi {
             return Err(Error::invalid("password", "set password or password_hash").into());
         };
         let s = &self.state;
+        if let NewPassword::Plain(p) = &password {
+            s.refuse_breached("password", p).await?;
+        }
         let user = password::set_password(
             &s.pool,
             &s.hasher,
@@ -278,6 +281,7 @@ impl AuthenticatorService for AuthenticatorApi {
         }
         v.into_result()?;
         let s = &self.state;
+        s.refuse_breached("new_password", &req.new_password).await?;
         let user = password::change_password(
             &s.pool,
             &s.hasher,
@@ -429,6 +433,7 @@ impl AuthenticatorService for AuthenticatorApi {
         );
         v.into_result()?;
         let s = &self.state;
+        s.refuse_breached("new_password", &req.new_password).await?;
         let user = password::reset_password(
             &s.pool,
             &s.hasher,
@@ -472,7 +477,13 @@ impl AuthenticatorService for AuthenticatorApi {
                 personal.push(given);
             }
         }
-        let problems = policy::problems(&req.password, &personal, settings.min_length as usize);
+        let mut problems = policy::problems(&req.password, &personal, settings.min_length as usize);
+        if !req.password.is_empty()
+            && req.password.chars().count() <= policy::MAX_PASSWORD_CHARS
+            && s.is_breached(&req.password).await?
+        {
+            problems.push(crate::crypto::breached::PROBLEM.into());
+        }
         Ok(Response::new(pb::CheckPasswordResponse {
             acceptable: problems.is_empty(),
             problems,

@@ -7,6 +7,7 @@
 //! lookups keep being served; a thread that finishes a hash starts the next queued one at
 //! once, without a wake-up in between. Each running hash borrows a memory buffer from a small
 //! free list instead of allocating (and page-faulting) tens of MiB per call.
+pub mod breached;
 pub mod codes;
 pub mod formats;
 pub mod policy;

@@ -379,6 +379,9 @@ impl UserService for UserApi {
         let caller = caller_of(&request)?;
         let min = self.state.passwords_for(&caller).min_length;
         let new = new_user_from_request(request.into_inner(), min as usize)?;
+        if let Some(crate::users::PasswordInput::Plain(p)) = &new.password {
+            self.state.refuse_breached("password", p).await?;
+        }
         let user =
             ops::create_user(&self.state.user_creates, &self.state.hasher, &caller, new).await?;
         Ok(Response::new(pb::CreateUserResponse {

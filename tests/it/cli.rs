@@ -153,6 +153,10 @@ fn serve_refuses_bad_settings_and_busy_ports_before_starting_a_database() {
             "\"44\" is not a phone number prefix like +44 (a plus and 1 to 14 digits)".into(),
         ),
         (
+            vec!["--breached-passwords-file", missing],
+            format!("--breached-passwords-file: opening the breached-passwords file {missing}"),
+        ),
+        (
             vec!["--listen", &busy],
             format!("binding {busy} (--listen, ROSTER_LISTEN)"),
         ),

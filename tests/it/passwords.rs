@@ -1798,3 +1798,134 @@ async fn passwords_hashes_and_tokens_never_leave_the_service() {
         }
     }
 }
+
+/// With `--breached-passwords-file`, a new password found in the list is refused wherever a
+/// password is set, and CheckPassword reports it.
+#[tokio::test]
+async fn passwords_in_the_breached_list_are_refused_wherever_one_is_set() {
+    const LEAKED: &str = "leaked in some breach 2024";
+    const ALSO_LEAKED: &str = "another leaked passphrase";
+    let mut hashes: Vec<String> = [LEAKED, ALSO_LEAKED, "filler one", "filler two"]
+        .iter()
+        .map(|p| String::from_utf8(roster::crypto::breached::sha1_hex(p).to_vec()).unwrap())
+        .collect();
+    hashes.sort();
+    let list = tempfile::NamedTempFile::new().unwrap();
+    let text: String = hashes.iter().map(|h| format!("{h}:12\r\n")).collect();
+    std::fs::write(list.path(), text).unwrap();
+    let app = TestApp::spawn_with(ServerConfig {
+        breached_passwords_file: Some(list.path().to_path_buf()),
+        ..crate::harness::unlimited_codes()
+    })
+    .await;
+    let mut users = app.users();
+    let mut a = app.authenticators();
+    let breached = |err: tonic::Status, field: &str| {
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(violated_fields(&err), [field]);
+        assert!(
+            err.message().contains("exposed in data breaches"),
+            "{}",
+            err.message()
+        );
+    };
+    let create = |email: &str, password: &str| pb::CreateUserRequest {
+        user: Some(user_with_email(email)),
+        initial_password: Some(pb::create_user_request::InitialPassword::Password(
+            password.into(),
+        )),
+        ..Default::default()
+    };
+    breached(
+        users
+            .create_user(create("leaky@example.com", LEAKED))
+            .await
+            .unwrap_err(),
+        "password",
+    );
+    let err = users
+        .lookup_user(pb::LookupUserRequest {
+            key: Some(pb::lookup_user_request::Key::Email(
+                "leaky@example.com".into(),
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "nothing was created");
+    let user = users
+        .create_user(create("careful@example.com", PASSWORD))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+
+    let set = |password: &str| pb::SetPasswordRequest {
+        user_id: user.id.clone(),
+        new_password: Some(pb::set_password_request::NewPassword::Password(
+            password.into(),
+        )),
+        require_change: false,
+    };
+    breached(
+        a.set_password(set(ALSO_LEAKED)).await.unwrap_err(),
+        "password",
+    );
+    breached(
+        a.change_password(pb::ChangePasswordRequest {
+            user_id: user.id.clone(),
+            current_password: PASSWORD.into(),
+            new_password: LEAKED.into(),
+        })
+        .await
+        .unwrap_err(),
+        "new_password",
+    );
+    let token = a
+        .create_password_reset_token(pb::CreatePasswordResetTokenRequest {
+            login: Some(pb::create_password_reset_token_request::Login::UserId(
+                user.id.clone(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let reset = |password: &str| pb::ResetPasswordRequest {
+        token: token.clone(),
+        new_password: password.into(),
+    };
+    breached(
+        a.reset_password(reset(LEAKED)).await.unwrap_err(),
+        "new_password",
+    );
+    // The refusal left the token usable and the password as it was.
+    a.reset_password(reset("a passphrase nobody leaked"))
+        .await
+        .unwrap();
+
+    let check = |password: &str| pb::CheckPasswordRequest {
+        password: password.into(),
+        ..Default::default()
+    };
+    let r = a.check_password(check(LEAKED)).await.unwrap().into_inner();
+    assert!(!r.acceptable, "{r:?}");
+    assert_eq!(r.problems, [roster::crypto::breached::PROBLEM]);
+    let r = a
+        .check_password(check("a passphrase nobody leaked"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.acceptable && r.problems.is_empty(), "{r:?}");
+    let types: Vec<String> = app
+        .events_of(&user.id)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(
+        types.iter().filter(|t| t.starts_with("PASSWORD_")).count(),
+        2,
+        "the reset request and the one reset: {types:?}"
+    );
+}
