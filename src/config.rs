@@ -176,6 +176,12 @@ pub struct ServerConfig {
     /// Passwords "ordered by hash" download. Searched on disk, never loaded.
     #[arg(long, env = "ROSTER_BREACHED_PASSWORDS_FILE")]
     pub breached_passwords_file: Option<PathBuf>,
+    /// A right password found in that list at sign-in: `change` answers VerifyPassword with
+    /// PASSWORD_CHANGE_REQUIRED until it is changed (NIST SP 800-63B: a change is forced on
+    /// evidence of compromise; Auth0's breached password detection blocks it likewise);
+    /// `allow` signs the user in as usual.
+    #[arg(long, env = "ROSTER_BREACHED_AT_SIGN_IN", value_enum, default_value_t = BreachedSignIn::Change)]
+    pub breached_at_sign_in: BreachedSignIn,
     /// Days events are kept; older ones are deleted in the background. 0 keeps them forever.
     #[arg(long, env = "ROSTER_EVENT_RETENTION_DAYS", default_value_t = 90,
           value_parser = clap::value_parser!(u32).range(0..=36_500))]
@@ -327,6 +333,7 @@ impl Default for ServerConfig {
             codes_per_hour: 10,
             sms_allowed_prefixes: SmsPrefixes::default(),
             breached_passwords_file: None,
+            breached_at_sign_in: BreachedSignIn::Change,
             event_retention_days: 90,
             event_retention_interval_secs: 300,
             event_poll_ms: 1000,
@@ -497,6 +504,15 @@ pub fn encryption_keys(
         )),
         None => Ok(None),
     }
+}
+
+/// What a sign-in with a password in the breached list answers (`--breached-at-sign-in`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BreachedSignIn {
+    /// PASSWORD_CHANGE_REQUIRED until the password is changed.
+    Change,
+    /// As any right password.
+    Allow,
 }
 
 /// `--ip-failure-exempt`: address ranges.

@@ -48,6 +48,8 @@ pub struct AppState {
     pub passwords: PasswordSettings,
     /// Passwords exposed in breaches (`--breached-passwords-file`), when configured.
     pub breached: Option<Arc<crate::crypto::breached::BreachedList>>,
+    /// What a sign-in with a listed password answers.
+    pub breached_sign_in: crate::config::BreachedSignIn,
     /// Where SMS may be sent (`--sms-allowed-prefixes`).
     pub sms_prefixes: Arc<crate::authenticators::sends::SmsPrefixes>,
     /// Failed sign-ins per client address (`--ip-failure-limit`, or the project's own).
@@ -82,6 +84,15 @@ impl AppState {
                 anyhow::Error::new(e).context("reading the breached-passwords file"),
             )
         })
+    }
+
+    /// Whether a sign-in with `password` must change it first: it is in the breached list and
+    /// `--breached-at-sign-in` is `change`.
+    pub async fn breached_at_sign_in(&self, password: &str) -> Result<bool, crate::error::Error> {
+        match self.breached_sign_in {
+            crate::config::BreachedSignIn::Change => self.is_breached(password).await,
+            crate::config::BreachedSignIn::Allow => Ok(false),
+        }
     }
 
     /// INVALID_ARGUMENT on `field` when a new `password` is in the breached-passwords list.
@@ -246,6 +257,7 @@ impl Application {
                 passwords: config.password_settings(),
                 sms_prefixes: Arc::new(config.sms_allowed_prefixes.clone()),
                 breached: config.breached_passwords()?.map(Arc::new),
+                breached_sign_in: config.breached_at_sign_in,
                 ip_throttle: Arc::new(config.ip_throttle()),
                 sealer,
                 relying_party: config.relying_party(),

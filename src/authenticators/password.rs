@@ -360,9 +360,10 @@ pub async fn verify_password(
     settings: &PasswordSettings,
     caller: &Caller,
     login: &Login,
-    password: String,
+    presented: Presented,
     origin: &Origin,
 ) -> Result<(SignInResult, Option<User>)> {
+    let Presented { password, breached } = presented;
     let ctx = sign_in_context(caller, origin);
     let attempt = Attempt {
         pool,
@@ -372,6 +373,7 @@ pub async fn verify_password(
         login,
         origin,
         ctx: &ctx,
+        breached,
     };
     // A hash replaced while the password was being checked (most often by a concurrent
     // sign-in upgrading a legacy hash) is checked once more, against the new one.
@@ -384,6 +386,13 @@ pub async fn verify_password(
     }
 }
 
+/// The password a sign-in presents, and what is known of it before it is checked.
+pub struct Presented {
+    pub password: String,
+    /// It is in the breached-passwords list, and the server then requires a change.
+    pub breached: bool,
+}
+
 /// One password check with its bookkeeping, for [`verify_password`].
 struct Attempt<'a> {
     pool: &'a Pool,
@@ -393,6 +402,8 @@ struct Attempt<'a> {
     login: &'a Login,
     origin: &'a Origin,
     ctx: &'a EventContext,
+    /// The password is in the breached-passwords list (and the server requires a change).
+    breached: bool,
 }
 
 impl Attempt<'_> {
@@ -411,6 +422,7 @@ impl Attempt<'_> {
             login,
             origin,
             ctx,
+            breached,
         } = *self;
         let found = {
             let client = db::client(pool).await?;
@@ -454,6 +466,7 @@ impl Attempt<'_> {
                 origin,
                 verified.outdated,
                 rehash.as_deref(),
+                breached,
             );
             if let Some(user) = store::record_success_if_unchanged(
                 &*client,
@@ -505,6 +518,7 @@ impl Attempt<'_> {
             origin,
             verified.outdated,
             rehash.as_deref(),
+            breached,
         );
         let user = store::record_success(&tx, caller.project_id, id, &success).await?;
         record(&tx, caller, ctx, &evs).await?;
@@ -566,18 +580,19 @@ fn recheck(current: &Credentials, checked: &str, last: bool, now: DateTime<Utc>)
 
 /// What a right password does for `current`: the bookkeeping to store, the events to record
 /// and the answer. `outdated` names the algorithm of a hash being replaced by `rehash`. A
-/// password past the maximum age requires a change like an expired one (nothing is stored
-/// for it: changing the password ends it).
+/// password past the maximum age, or a `breached` one, requires a change like an expired one
+/// (nothing is stored for it: changing the password ends it).
 fn sign_in<'a>(
     settings: &PasswordSettings,
     current: &Credentials,
     origin: &'a Origin,
     outdated: Option<&'static str>,
     rehash: Option<&'a str>,
+    breached: bool,
 ) -> (Success<'a>, Vec<NewEvent>, SignInResult) {
     let id = current.user.id;
     let too_old = settings.too_old(current.user.password_changed_at, Utc::now());
-    let change_required = current.user.require_password_change || too_old;
+    let change_required = current.user.require_password_change || too_old || breached;
     let activate = !change_required && current.user.status == UserStatus::PendingVerification;
     let mut evs = Vec::new();
     if let (Some(from), Some(_)) = (outdated, rehash) {
@@ -595,6 +610,9 @@ fn sign_in<'a>(
     let mut data = json!({ "method": "PASSWORD", "result": refusal_name(result) });
     if too_old {
         data["password_max_age_days"] = json!(settings.max_age_days);
+    }
+    if breached {
+        data["password_breached"] = json!(true);
     }
     if activate {
         data["activated"] = json!(true);

@@ -1805,7 +1805,7 @@ async fn passwords_hashes_and_tokens_never_leave_the_service() {
 async fn passwords_in_the_breached_list_are_refused_wherever_one_is_set() {
     const LEAKED: &str = "leaked in some breach 2024";
     const ALSO_LEAKED: &str = "another leaked passphrase";
-    let mut hashes: Vec<String> = [LEAKED, ALSO_LEAKED, "filler one", "filler two"]
+    let mut hashes: Vec<String> = [LEAKED, ALSO_LEAKED, LEGACY_PASSWORD, "filler two"]
         .iter()
         .map(|p| String::from_utf8(roster::crypto::breached::sha1_hex(p).to_vec()).unwrap())
         .collect();
@@ -1928,4 +1928,63 @@ async fn passwords_in_the_breached_list_are_refused_wherever_one_is_set() {
         2,
         "the reset request and the one reset: {types:?}"
     );
+
+    // A password set before the list (here: imported as a hash) signs in only to be changed.
+    let old = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("old@example.com")),
+            initial_password: Some(pb::create_user_request::InitialPassword::PasswordHash(
+                LEGACY_HASHES[0].1.into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let r = verify(&mut a, email("old@example.com"), LEGACY_PASSWORD).await;
+    assert_eq!(result(&r), R::PasswordChangeRequired);
+    assert_eq!(r.user.map(|u| u.id), Some(old.id.clone()));
+    let r = verify(&mut a, email("old@example.com"), "not the password").await;
+    assert_eq!(
+        result(&r),
+        R::InvalidCredentials,
+        "a wrong one is still wrong"
+    );
+    let events = app.events_of(&old.id).await;
+    let login = events
+        .iter()
+        .find(|e| e.0 == "LOGIN_SUCCEEDED")
+        .expect("LOGIN_SUCCEEDED");
+    assert_eq!(login.1["password_breached"], true, "{:?}", login.1);
+    assert_eq!(login.1["result"], "PASSWORD_CHANGE_REQUIRED");
+    // A server told to allow them signs the user in.
+    let mut lenient =
+        roster::pb::v1::authenticator_service_client::AuthenticatorServiceClient::with_interceptor(
+            app.another_server(ServerConfig {
+                breached_passwords_file: Some(list.path().to_path_buf()),
+                breached_at_sign_in: roster::config::BreachedSignIn::Allow,
+                ..ServerConfig::default()
+            })
+            .await,
+            crate::harness::key(Some(&app.token)),
+        );
+    let r = verify(&mut lenient, email("old@example.com"), LEGACY_PASSWORD).await;
+    assert_eq!(result(&r), R::Ok);
+    // Changing it ends the requirement.
+    a.change_password(pb::ChangePasswordRequest {
+        user_id: old.id.clone(),
+        current_password: LEGACY_PASSWORD.into(),
+        new_password: "a passphrase nobody leaked".into(),
+    })
+    .await
+    .unwrap();
+    let r = verify(
+        &mut a,
+        email("old@example.com"),
+        "a passphrase nobody leaked",
+    )
+    .await;
+    assert_eq!(result(&r), R::Ok);
 }
