@@ -365,9 +365,9 @@ impl AuthenticatorService for AuthenticatorApi {
                 })?,
             None => None,
         };
-        // Looked up whatever the outcome (36 µs, against the hash's 13 ms): only a right
-        // password's answer depends on it, and whether a password is in a public list is no
-        // secret.
+        // Looked up whatever the outcome (tens of µs, against the hash's milliseconds): only a
+        // right password's answer depends on it, and whether a password is in a public list
+        // is no secret.
         let breached = s.breached_at_sign_in(&req.password).await?;
         let (result, user) = password::verify_password(
             &s.pool,

@@ -2,7 +2,6 @@
 //! transaction, or one statement).
 //! Inputs arrive validated (see `grpc.rs`); what can only be checked against the stored row
 //! (etags, the profile after an update mask, state transitions) is checked here.
-use crate::authenticators::sends::{self, Delivery, SendLimit, SmsPrefixes};
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -16,6 +15,7 @@ use super::{
     has_identifier, validate_profile,
 };
 use crate::auth::Caller;
+use crate::authenticators::sends::{self, Delivery, SendLimit, SmsPrefixes};
 use crate::crypto::{Hasher, codes};
 use crate::db::{self, Pool};
 use crate::error::{Error, Result, Violations};
