@@ -204,7 +204,17 @@ fn sign_in_result(r: SignInResult) -> pb::VerifyPasswordResult {
         SignInResult::Locked(_) => P::Locked,
         SignInResult::Blocked => P::Blocked,
         SignInResult::Deactivated => P::Deactivated,
-        SignInResult::PasswordChangeRequired => P::PasswordChangeRequired,
+        SignInResult::PasswordChangeRequired(_) => P::PasswordChangeRequired,
+    }
+}
+
+fn change_reason(r: SignInResult) -> pb::PasswordChangeReason {
+    use pb::PasswordChangeReason as P;
+    match r {
+        SignInResult::PasswordChangeRequired(password::ChangeReason::Breached) => P::Breached,
+        SignInResult::PasswordChangeRequired(password::ChangeReason::Expired) => P::Expired,
+        SignInResult::PasswordChangeRequired(password::ChangeReason::MaxAge) => P::MaxAge,
+        _ => P::Unspecified,
     }
 }
 
@@ -388,6 +398,7 @@ impl AuthenticatorService for AuthenticatorApi {
         tracing::info!(result = ?result, "password verified");
         Ok(Response::new(pb::VerifyPasswordResponse {
             result: sign_in_result(result) as i32,
+            change_reason: change_reason(result) as i32,
             user: user.as_ref().map(user_to_proto),
             locked_until: match result {
                 SignInResult::Locked(t) => Some(wire::timestamp(t)),

@@ -87,7 +87,16 @@ pub enum SignInResult {
     Locked(DateTime<Utc>),
     Blocked,
     Deactivated,
-    PasswordChangeRequired,
+    PasswordChangeRequired(ChangeReason),
+}
+
+/// Why a right password must be changed, as `roster.v1.PasswordChangeReason`; the first that
+/// applies in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeReason {
+    Breached,
+    Expired,
+    MaxAge,
 }
 
 /// Where a sign-in comes from, as the calling backend reports it.
@@ -309,7 +318,7 @@ fn refusal_name(r: SignInResult) -> &'static str {
         SignInResult::Locked(_) => "USER_LOCKED",
         SignInResult::Ok => "OK",
         SignInResult::InvalidCredentials => "INVALID_CREDENTIALS",
-        SignInResult::PasswordChangeRequired => "PASSWORD_CHANGE_REQUIRED",
+        SignInResult::PasswordChangeRequired(_) => "PASSWORD_CHANGE_REQUIRED",
     }
 }
 
@@ -592,7 +601,16 @@ fn sign_in<'a>(
 ) -> (Success<'a>, Vec<NewEvent>, SignInResult) {
     let id = current.user.id;
     let too_old = settings.too_old(current.user.password_changed_at, Utc::now());
-    let change_required = current.user.require_password_change || too_old || breached;
+    let change = if breached {
+        Some(ChangeReason::Breached)
+    } else if current.user.require_password_change {
+        Some(ChangeReason::Expired)
+    } else if too_old {
+        Some(ChangeReason::MaxAge)
+    } else {
+        None
+    };
+    let change_required = change.is_some();
     let activate = !change_required && current.user.status == UserStatus::PendingVerification;
     let mut evs = Vec::new();
     if let (Some(from), Some(_)) = (outdated, rehash) {
@@ -602,11 +620,7 @@ fn sign_in<'a>(
             json!({ "from": from, "to": "argon2id" }),
         ));
     }
-    let result = if change_required {
-        SignInResult::PasswordChangeRequired
-    } else {
-        SignInResult::Ok
-    };
+    let result = change.map_or(SignInResult::Ok, SignInResult::PasswordChangeRequired);
     let mut data = json!({ "method": "PASSWORD", "result": refusal_name(result) });
     if too_old {
         data["password_max_age_days"] = json!(settings.max_age_days);

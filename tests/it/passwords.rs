@@ -473,6 +473,7 @@ async fn expired_and_temporary_passwords_require_a_change() {
 
     let r = verify(&mut a, email("temp@example.com"), PASSWORD).await;
     assert_eq!(result(&r), R::PasswordChangeRequired);
+    assert_eq!(r.change_reason, pb::PasswordChangeReason::Expired as i32);
     let u = r.user.unwrap();
     assert_eq!(u.login_count, 0, "not a completed sign-in");
     // A wrong password still answers INVALID_CREDENTIALS: the result reveals nothing.
@@ -493,6 +494,10 @@ async fn expired_and_temporary_passwords_require_a_change() {
     assert!(!changed.require_password_change);
     let r = verify(&mut a, email("temp@example.com"), "a brand new passphrase").await;
     assert_eq!(result(&r), R::Ok);
+    assert_eq!(
+        r.change_reason,
+        pb::PasswordChangeReason::Unspecified as i32
+    );
 
     // SetPassword with require_change makes a temporary password.
     a.set_password(pb::SetPasswordRequest {
@@ -506,6 +511,7 @@ async fn expired_and_temporary_passwords_require_a_change() {
     .unwrap();
     let r = verify(&mut a, email("temp@example.com"), "temporary passphrase 42").await;
     assert_eq!(result(&r), R::PasswordChangeRequired);
+    assert_eq!(r.change_reason, pb::PasswordChangeReason::Expired as i32);
 
     let evs = types(&app.events_of(&user.id).await).join(",");
     assert!(
@@ -1359,6 +1365,7 @@ async fn a_projects_policy_overrides_the_servers_settings() {
     set_age(91).await;
     let r = verify(&mut a, email("aged@example.com"), PASSWORD).await;
     assert_eq!(result(&r), R::PasswordChangeRequired);
+    assert_eq!(r.change_reason, pb::PasswordChangeReason::MaxAge as i32);
     let (kind, data, ..) = app.events_of(&aged.id).await.pop().unwrap();
     assert_eq!(kind, "LOGIN_SUCCEEDED");
     assert_eq!(data["password_max_age_days"], 90, "{data}");
@@ -1945,6 +1952,7 @@ async fn passwords_in_the_breached_list_are_refused_wherever_one_is_set() {
         .unwrap();
     let r = verify(&mut a, email("old@example.com"), LEGACY_PASSWORD).await;
     assert_eq!(result(&r), R::PasswordChangeRequired);
+    assert_eq!(r.change_reason, pb::PasswordChangeReason::Breached as i32);
     assert_eq!(r.user.map(|u| u.id), Some(old.id.clone()));
     let r = verify(&mut a, email("old@example.com"), "not the password").await;
     assert_eq!(
