@@ -153,14 +153,16 @@ pub struct ServerConfig {
     /// Seconds before another code or link of the same kind can be issued to a user
     /// (StartOtpChallenge per channel, StartContactVerification per channel,
     /// CreatePasswordResetToken); sooner, the call answers RESOURCE_EXHAUSTED (TOO_MANY_CODES)
-    /// with RetryInfo. Stops a "resend" button from flooding a user's inbox or phone. 0: none;
-    /// at most an hour (the window the issues are counted over).
-    #[arg(long, env = "ROSTER_CODE_RESEND_SECS", default_value_t = 30,
+    /// with RetryInfo. Stops a "resend" button from flooding a user's inbox or phone (30 is
+    /// usual; the Helm chart sets it). 0 (the default, as API.md lets a new start void the
+    /// last code at once): none; at most an hour (the window issues are counted over).
+    #[arg(long, env = "ROSTER_CODE_RESEND_SECS", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=3600))]
     pub code_resend_secs: u32,
     /// Codes or links of one kind a user can be issued per rolling hour (as
-    /// --code-resend-secs; SMS pumping runs up a bill one message at a time). 0: no cap.
-    #[arg(long, env = "ROSTER_CODES_PER_HOUR", default_value_t = 10,
+    /// --code-resend-secs; SMS pumping runs up a bill one message at a time; 10 is usual, the
+    /// Helm chart sets it). 0 (the default): no cap.
+    #[arg(long, env = "ROSTER_CODES_PER_HOUR", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=1000))]
     pub codes_per_hour: u32,
     /// The phone number prefixes SMS may be sent to (SMS_OTP challenges, phone verification),
@@ -329,8 +331,8 @@ impl Default for ServerConfig {
             password_history: 0,
             password_min_length: 8,
             password_max_age_days: 0,
-            code_resend_secs: 30,
-            codes_per_hour: 10,
+            code_resend_secs: 0,
+            codes_per_hour: 0,
             sms_allowed_prefixes: SmsPrefixes::default(),
             breached_passwords_file: None,
             breached_at_sign_in: BreachedSignIn::Change,

@@ -471,7 +471,7 @@ async fn recovery_codes_work_once_and_a_new_set_replaces_the_old() {
 
 #[tokio::test]
 async fn otp_channels_issue_codes_that_void_each_other_and_die_after_five_failures() {
-    let app = TestApp::spawn_with(crate::harness::unlimited_codes()).await;
+    let app = TestApp::spawn().await;
     let mut users = app.users();
     let mut authn = app.authenticators();
     let user = create_user(&mut users, "otp@example.com").await;
@@ -1200,7 +1200,7 @@ async fn sms_goes_only_to_the_allowed_prefixes() {
     let app = TestApp::spawn_with(ServerConfig {
         sms_allowed_prefixes: roster::authenticators::sends::SmsPrefixes::parse("+44,+4915")
             .unwrap(),
-        ..crate::harness::unlimited_codes()
+        ..ServerConfig::default()
     })
     .await;
     let mut users = app.users();

@@ -506,17 +506,6 @@ impl TestApp {
     }
 }
 
-/// A test server's settings with no limit on issuing codes and links (`--code-resend-secs 0
-/// --codes-per-hour 0`), for tests that issue several in a row for one user.
-pub fn unlimited_codes() -> ServerConfig {
-    ServerConfig {
-        key_cache_ms: 50,
-        code_resend_secs: 0,
-        codes_per_hour: 0,
-        ..ServerConfig::default()
-    }
-}
-
 /// The secret part of a key `rst_<key id>_<secret>` (URL-safe base64: it may hold '_').
 pub fn key_secret(token: &str) -> &str {
     let secret = token.splitn(3, '_').nth(2).expect("rst_<id>_<secret>");

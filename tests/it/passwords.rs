@@ -924,11 +924,7 @@ async fn change_password_checks_the_current_one_and_counts_failures() {
 
 #[tokio::test]
 async fn reset_tokens_work_once_expire_and_void_the_others() {
-    let app = TestApp::spawn_with(ServerConfig {
-        lockout_threshold: 1,
-        ..crate::harness::unlimited_codes()
-    })
-    .await;
+    let app = spawn_with_lockout(1, 900).await;
     let mut a = app.authenticators();
     let user = user_with_password(&app, "reset@example.com").await;
     let token_for = |login| pb::CreatePasswordResetTokenRequest { login: Some(login) };
@@ -1822,7 +1818,8 @@ async fn passwords_in_the_breached_list_are_refused_wherever_one_is_set() {
     std::fs::write(list.path(), text).unwrap();
     let app = TestApp::spawn_with(ServerConfig {
         breached_passwords_file: Some(list.path().to_path_buf()),
-        ..crate::harness::unlimited_codes()
+        key_cache_ms: 50,
+        ..ServerConfig::default()
     })
     .await;
     let mut users = app.users();

@@ -1369,7 +1369,7 @@ async fn contact_verification_flow() {
 
 #[tokio::test]
 async fn contact_verification_limits_attempts_and_expires() {
-    let app = TestApp::spawn_with(crate::harness::unlimited_codes()).await;
+    let app = TestApp::spawn().await;
     let mut users = app.users();
     let u = create_user(&mut users, "limits@x.io").await;
     let email = pb::ContactChannel::Email as i32;

@@ -158,8 +158,8 @@ def main():
         check(reason == "IP_THROTTLED", f"ErrorInfo reason: {reason}")
         check(delay is not None and 0 < delay <= 43200, f"RetryInfo delay: {delay}")
 
-    # Codes and links are rationed per user (one every 30 s by default): a second reset
-    # token at once is refused with the wait.
+    # The server rations codes and links (--code-resend-secs 30): a second reset token at
+    # once is refused with the wait.
     reset = authenticator_pb2.CreatePasswordResetTokenRequest(email=f"signin.{tag}@example.com")
     token = auth.CreatePasswordResetToken(reset, metadata=meta).token
     check(token.startswith("prt_"), "a reset token is issued")
