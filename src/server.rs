@@ -256,7 +256,14 @@ impl Application {
                 hasher: Arc::new(hasher),
                 passwords: config.password_settings(),
                 sms_prefixes: Arc::new(config.sms_allowed_prefixes.clone()),
-                breached: config.breached_passwords()?.map(Arc::new),
+                breached: config.breached_passwords()?.map(|list| {
+                    tracing::info!(
+                        file = %list.path().display(),
+                        bytes = list.len(),
+                        "new passwords are checked against a breached-passwords list"
+                    );
+                    Arc::new(list)
+                }),
                 breached_sign_in: config.breached_at_sign_in,
                 ip_throttle: Arc::new(config.ip_throttle()),
                 sealer,

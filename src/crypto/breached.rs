@@ -41,11 +41,9 @@ pub fn sha1_hex(password: &str) -> HexHash {
     use sha1::Digest;
     let digest = sha1::Sha1::digest(password.as_bytes());
     let mut out = [0u8; 40];
-    for (i, b) in digest.iter().enumerate() {
-        const HEX: &[u8; 16] = b"0123456789ABCDEF";
-        out[2 * i] = HEX[usize::from(b >> 4)];
-        out[2 * i + 1] = HEX[usize::from(b & 0xf)];
-    }
+    // 20 bytes always fit 40 hex digits.
+    let _ = hex::encode_to_slice(digest.as_slice(), &mut out);
+    out.make_ascii_uppercase();
     out
 }
 
@@ -96,6 +94,16 @@ impl BreachedList {
     /// The file it reads.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file's size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file is empty (never, once opened: an empty file is refused).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// The hash of the file's last line.
