@@ -596,7 +596,16 @@ impl AuthenticatorService for AuthenticatorApi {
         };
         let name = optional_name(&mut v, "name", &req.name);
         v.into_result()?;
-        let a = otp::enroll(&self.state.pool, &caller, uid, kind, name.as_deref()).await?;
+        let s = &self.state;
+        let a = otp::enroll(
+            &s.pool,
+            &caller,
+            uid,
+            kind,
+            name.as_deref(),
+            &s.sms_prefixes,
+        )
+        .await?;
         Ok(Response::new(pb::EnrollOtpChannelResponse {
             authenticator: Some(authenticator_to_proto(&a)),
         }))

@@ -45,13 +45,16 @@ fn still_current(user: &User, a: &Authenticator) -> bool {
     }
 }
 
-/// Enrols the user's verified email (EMAIL_OTP) or phone (SMS_OTP) as a channel.
+/// Enrols the user's verified email (EMAIL_OTP) or phone (SMS_OTP) as a channel; a phone
+/// SMS may not go to (`sms`) is refused now rather than at the first challenge, when the
+/// user would be left with a second factor that cannot work.
 pub async fn enroll(
     pool: &Pool,
     caller: &Caller,
     user_id: Uuid,
     kind: Kind,
     name: Option<&str>,
+    sms: &SmsPrefixes,
 ) -> Result<Authenticator> {
     let mut client = db::client(pool).await?;
     let tx = client.transaction().await?;
@@ -68,6 +71,9 @@ pub async fn enroll(
             "CONTACT_NOT_VERIFIED",
             &format!("the user's {what} is not verified (StartContactVerification first)"),
         ));
+    }
+    if kind == Kind::SmsOtp {
+        sms.check(addr)?;
     }
     let authenticator = factors::enroll_confirmed(
         &tx,

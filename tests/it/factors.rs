@@ -1223,24 +1223,44 @@ async fn sms_goes_only_to_the_allowed_prefixes() {
         r#type: kind as i32,
         ..Default::default()
     };
-    for u in [&far, &near] {
-        for kind in [T::SmsOtp, T::EmailOtp] {
-            authn
-                .enroll_otp_channel(pb::EnrollOtpChannelRequest {
-                    user_id: u.id.clone(),
-                    r#type: kind as i32,
-                    name: String::new(),
-                })
-                .await
-                .unwrap();
-        }
-    }
+    let enroll = |id: &str, kind: T| pb::EnrollOtpChannelRequest {
+        user_id: id.into(),
+        r#type: kind as i32,
+        name: String::new(),
+    };
     let refused = |err: tonic::Status| {
         assert_eq!(
             (err.code(), reason(&err).as_str()),
             (Code::FailedPrecondition, "SMS_DESTINATION_NOT_ALLOWED")
         );
     };
+    // An SMS channel that could never get a code is refused at enrolment.
+    refused(
+        authn
+            .enroll_otp_channel(enroll(&far.id, T::SmsOtp))
+            .await
+            .unwrap_err(),
+    );
+    for u in [&far, &near] {
+        authn
+            .enroll_otp_channel(enroll(&u.id, T::EmailOtp))
+            .await
+            .unwrap();
+    }
+    authn
+        .enroll_otp_channel(enroll(&near.id, T::SmsOtp))
+        .await
+        .unwrap();
+    // One enrolled before the list (here: through a server without it) gets no code either.
+    let mut unlisted =
+        roster::pb::v1::authenticator_service_client::AuthenticatorServiceClient::with_interceptor(
+            app.another_server(ServerConfig::default()).await,
+            crate::harness::key(Some(&app.token)),
+        );
+    unlisted
+        .enroll_otp_channel(enroll(&far.id, T::SmsOtp))
+        .await
+        .unwrap();
     refused(
         users
             .start_contact_verification(verify_phone(&far.id))
