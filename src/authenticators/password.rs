@@ -20,7 +20,8 @@ use crate::error::{Error, Result};
 use crate::events::{EventContext, EventType, NewEvent, store as events};
 use crate::users::{User, UserStatus};
 
-/// Brute-force and reset-token settings.
+/// The credential settings of a call (the server's, or its project's policy over them):
+/// lockout, password rules and age, the per-address throttle, the rations of codes.
 #[derive(Debug, Clone, Copy)]
 pub struct PasswordSettings {
     /// Consecutive failures that lock an account; 0 never locks.
