@@ -150,7 +150,7 @@ pub enum PolicyChange {
 
 /// The settings of a project's sign-in policy to change; `None` leaves one as it is. Also
 /// the flags of `roster projects policy`, whose help the comments are.
-#[derive(Debug, Clone, Copy, Default, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct PolicyUpdate {
     /// Consecutive failed sign-ins that lock an account (0: never), or `default`.
     #[arg(long, value_parser = policy_value(0, 1_000_000))]
@@ -182,6 +182,26 @@ pub struct PolicyUpdate {
     /// 1000), or `default`.
     #[arg(long, value_parser = policy_value(0, 1000))]
     pub codes_per_hour: Option<PolicyChange>,
+    /// Phone prefixes SMS may go to (`+1,+44`; an empty string: any number), or `default`
+    /// (the server's --sms-allowed-prefixes): for a project serving other countries than the
+    /// server's list.
+    #[arg(long, value_parser = sms_prefixes_value)]
+    pub sms_allowed_prefixes: Option<SmsPrefixesChange>,
+}
+
+/// A change to a project's SMS prefixes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SmsPrefixesChange {
+    /// Back to the server's list.
+    ServerDefault,
+    Value(crate::authenticators::sends::SmsPrefixes),
+}
+
+fn sms_prefixes_value(text: &str) -> std::result::Result<SmsPrefixesChange, String> {
+    match text.trim() {
+        "default" => Ok(SmsPrefixesChange::ServerDefault),
+        t => crate::authenticators::sends::SmsPrefixes::parse(t).map(SmsPrefixesChange::Value),
+    }
 }
 
 /// A policy setting: `default`, or a whole number from `min` to `max`.
@@ -206,6 +226,12 @@ pub async fn update_policy(
     update: PolicyUpdate,
 ) -> Result<crate::auth::ProjectPolicy> {
     let u = update;
+    // The list, a text column, beside the numbers.
+    let (sms_set, sms_value) = match &u.sms_allowed_prefixes {
+        None => (false, None),
+        Some(SmsPrefixesChange::ServerDefault) => (true, None),
+        Some(SmsPrefixesChange::Value(list)) => (true, Some(list.to_text())),
+    };
     // (column, whether to change it, the new value: NULL for the server's).
     let changes = [
         ("lockout_threshold", u.lockout_threshold),
@@ -222,7 +248,7 @@ pub async fn update_policy(
         Some(PolicyChange::ServerDefault) => (column, true, None),
         Some(PolicyChange::Value(v)) => (column, true, Some(i32::try_from(v).unwrap_or(i32::MAX))),
     });
-    let sets: Vec<String> = changes
+    let mut sets: Vec<String> = changes
         .iter()
         .enumerate()
         .map(|(i, (column, ..))| {
@@ -230,11 +256,17 @@ pub async fn update_policy(
             format!("{column} = CASE WHEN ${flag} THEN ${value}::integer ELSE {column} END")
         })
         .collect();
+    let (flag, value) = (2 * changes.len() + 2, 2 * changes.len() + 3);
+    sets.push(format!(
+        "sms_allowed_prefixes = CASE WHEN ${flag} THEN ${value}::text ELSE sms_allowed_prefixes END"
+    ));
     let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&project_id];
     for (_, change, value) in &changes {
         params.push(change);
         params.push(value);
     }
+    params.push(&sms_set);
+    params.push(&sms_value);
     let row = db
         .query_opt(
             &format!(

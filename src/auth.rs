@@ -115,7 +115,7 @@ impl ScopeSet {
 }
 
 /// A project's own sign-in settings (`roster projects policy`); `None`: the server's.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProjectPolicy {
     pub lockout_threshold: Option<u32>,
     pub lockout_secs: Option<u32>,
@@ -125,13 +125,14 @@ pub struct ProjectPolicy {
     pub ip_failure_limit: Option<u32>,
     pub code_resend_secs: Option<u32>,
     pub codes_per_hour: Option<u32>,
+    pub sms_allowed_prefixes: Option<Arc<crate::authenticators::sends::SmsPrefixes>>,
 }
 
 /// The `projects` columns of a [`ProjectPolicy`], in the order [`ProjectPolicy::from_row`]
 /// reads them.
 pub const POLICY_COLUMNS: &str = "lockout_threshold, lockout_secs, \
      password_history::integer, password_min_length::integer, password_max_age_days, \
-     ip_failure_limit, code_resend_secs, codes_per_hour";
+     ip_failure_limit, code_resend_secs, codes_per_hour, sms_allowed_prefixes";
 
 impl ProjectPolicy {
     /// The policy from [`POLICY_COLUMNS`] selected from column `first` on.
@@ -150,6 +151,11 @@ impl ProjectPolicy {
             ip_failure_limit: setting(5),
             code_resend_secs: setting(6),
             codes_per_hour: setting(7),
+            // Written checked by `roster projects policy`; anything else is the server's.
+            sms_allowed_prefixes: row
+                .get::<_, Option<String>>(first + 8)
+                .and_then(|t| crate::authenticators::sends::SmsPrefixes::parse(&t).ok())
+                .map(Arc::new),
         }
     }
 }

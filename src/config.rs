@@ -169,7 +169,7 @@ pub struct ServerConfig {
     /// comma-separated calling codes or longer prefixes (`+1,+44,+4915`), at most 500: the
     /// countries you serve, which shuts out SMS pumping through premium ranges elsewhere.
     /// Others answer FAILED_PRECONDITION (SMS_DESTINATION_NOT_ALLOWED), and are refused as
-    /// SMS_OTP channels at enrolment. Empty: any.
+    /// SMS_OTP channels at enrolment. Empty: any. A project may set its own list.
     #[arg(long, env = "ROSTER_SMS_ALLOWED_PREFIXES", default_value = "",
           value_parser = SmsPrefixes::parse)]
     pub sms_allowed_prefixes: SmsPrefixes,

@@ -69,6 +69,18 @@ impl AppState {
         self.passwords.for_project(&caller.policy)
     }
 
+    /// The phone prefixes SMS may go to for a call: its project's own list, or the server's.
+    pub fn sms_for(
+        &self,
+        caller: &crate::auth::Caller,
+    ) -> Arc<crate::authenticators::sends::SmsPrefixes> {
+        caller
+            .policy
+            .sms_allowed_prefixes
+            .clone()
+            .unwrap_or_else(|| self.sms_prefixes.clone())
+    }
+
     /// Whether `password` is in the breached-passwords list (never, without one). The search
     /// reads the file, so it runs on the blocking pool, given only the password's SHA-1.
     pub async fn is_breached(&self, password: &str) -> Result<bool, crate::error::Error> {

@@ -603,7 +603,7 @@ impl AuthenticatorService for AuthenticatorApi {
             uid,
             kind,
             name.as_deref(),
-            &s.sms_prefixes,
+            &s.sms_for(&caller),
         )
         .await?;
         Ok(Response::new(pb::EnrollOtpChannelResponse {
@@ -634,7 +634,7 @@ impl AuthenticatorService for AuthenticatorApi {
             uid,
             target,
             limit,
-            &self.state.sms_prefixes,
+            &self.state.sms_for(&caller),
         )
         .await?;
         Ok(Response::new(pb::StartOtpChallengeResponse {

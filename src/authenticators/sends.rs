@@ -141,6 +141,16 @@ impl SmsPrefixes {
         Ok(SmsPrefixes(prefixes))
     }
 
+    /// Whether the list is empty, which allows any number.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The list as `parse` reads it.
+    pub fn to_text(&self) -> String {
+        self.0.join(",")
+    }
+
     /// Whether an SMS may go to `phone` (E.164, as stored).
     pub fn allows(&self, phone: &str) -> bool {
         self.0.is_empty() || self.0.iter().any(|p| phone.starts_with(p.as_str()))

@@ -209,6 +209,12 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                     println!("ip-failure-limit\t{}", show(policy.ip_failure_limit));
                     println!("code-resend-secs\t{}", show(policy.code_resend_secs));
                     println!("codes-per-hour\t{}", show(policy.codes_per_hour));
+                    let sms = match &policy.sms_allowed_prefixes {
+                        None => "default (the server's)".to_string(),
+                        Some(list) if list.is_empty() => "any".to_string(),
+                        Some(list) => list.to_text(),
+                    };
+                    println!("sms-allowed-prefixes\t{sms}");
                 }
                 ProjectCommand::Update {
                     project,

@@ -598,7 +598,7 @@ impl UserService for UserApi {
             id,
             channel,
             limit,
-            &self.state.sms_prefixes,
+            &self.state.sms_for(&caller),
         )
         .await?;
         Ok(Response::new(pb::StartContactVerificationResponse {

@@ -235,7 +235,8 @@ async fn projects_and_keys_commands() {
         format!(
             "lockout-threshold\t{default}\nlockout-secs\t{default}\npassword-history\t{default}\n\
              password-min-length\t{default}\npassword-max-age-days\t{default}\n\
-             ip-failure-limit\t{default}\ncode-resend-secs\t{default}\ncodes-per-hour\t{default}\n"
+             ip-failure-limit\t{default}\ncode-resend-secs\t{default}\ncodes-per-hour\t{default}\n\
+             sms-allowed-prefixes\t{default}\n"
         )
     );
     let (ok, out, err) = policy(&[
@@ -253,6 +254,8 @@ async fn projects_and_keys_commands() {
         "0",
         "--codes-per-hour",
         "3",
+        "--sms-allowed-prefixes",
+        "+44, +1",
     ]);
     assert!(ok, "{err}");
     assert_eq!(
@@ -260,7 +263,7 @@ async fn projects_and_keys_commands() {
         format!(
             "lockout-threshold\t5\nlockout-secs\t{default}\npassword-history\t4\n\
              password-min-length\t15\npassword-max-age-days\t90\nip-failure-limit\t100\n\
-             code-resend-secs\t0\ncodes-per-hour\t3\n"
+             code-resend-secs\t0\ncodes-per-hour\t3\nsms-allowed-prefixes\t+44,+1\n"
         )
     );
     let (ok, out, _) = policy(&["--lockout-threshold", "default"]);
@@ -277,6 +280,13 @@ async fn projects_and_keys_commands() {
         let (ok, _, err) = policy(&[flag, bad]);
         assert!(!ok && err.contains("or default"), "{flag} {bad}: {err}");
     }
+    let (ok, _, err) = policy(&["--sms-allowed-prefixes", "44"]);
+    assert!(!ok && err.contains("is not a phone number prefix"), "{err}");
+    let (ok, out, err) = policy(&["--sms-allowed-prefixes", ""]);
+    assert!(
+        ok && out.ends_with("sms-allowed-prefixes\tany\n"),
+        "{out} {err}"
+    );
 
     let (ok, token, err) = roster(
         &app.url,

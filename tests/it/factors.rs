@@ -1204,6 +1204,7 @@ async fn sms_goes_only_to_the_allowed_prefixes() {
     let app = TestApp::spawn_with(ServerConfig {
         sms_allowed_prefixes: roster::authenticators::sends::SmsPrefixes::parse("+44,+4915")
             .unwrap(),
+        key_cache_ms: 50,
         ..ServerConfig::default()
     })
     .await;
@@ -1308,4 +1309,41 @@ async fn sms_goes_only_to_the_allowed_prefixes() {
         1,
         "only the email code: {types:?}"
     );
+    // A project's own list replaces the server's: empty allows any number; `default` goes back.
+    use roster::admin::{PolicyUpdate, SmsPrefixesChange as S};
+    let set = |change: S| {
+        let pool = app.pool.clone();
+        let project = app.project_id;
+        async move {
+            let client = pool.get().await.unwrap();
+            roster::admin::update_policy(
+                &**client,
+                project,
+                PolicyUpdate {
+                    sms_allowed_prefixes: Some(change),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    let before = types.len();
+    set(S::Value(
+        roster::authenticators::sends::SmsPrefixes::parse("").unwrap(),
+    ))
+    .await;
+    users
+        .start_contact_verification(verify_phone(&far.id))
+        .await
+        .unwrap();
+    set(S::ServerDefault).await;
+    refused(
+        authn
+            .start_otp_challenge(challenge(&far.id, T::SmsOtp))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(app.events_of(&far.id).await.len(), before + 1);
 }

@@ -17,3 +17,7 @@ ALTER TABLE projects ADD COLUMN code_resend_secs integer
     CHECK (code_resend_secs BETWEEN 0 AND 3600);
 ALTER TABLE projects ADD COLUMN codes_per_hour integer
     CHECK (codes_per_hour BETWEEN 0 AND 1000);
+-- A project's own --sms-allowed-prefixes, comma-separated ('' allows any number; NULL: the
+-- server's list).
+ALTER TABLE projects ADD COLUMN sms_allowed_prefixes text
+    CHECK (length(sms_allowed_prefixes) <= 10000);
