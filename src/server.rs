@@ -271,7 +271,7 @@ impl Application {
                 breached: config.breached_passwords()?.map(|list| {
                     tracing::info!(
                         file = %list.path().display(),
-                        bytes = list.len(),
+                        bytes = list.size_bytes(),
                         "new passwords are checked against a breached-passwords list"
                     );
                     Arc::new(list)

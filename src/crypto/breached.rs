@@ -97,13 +97,8 @@ impl BreachedList {
     }
 
     /// The file's size in bytes.
-    pub fn len(&self) -> u64 {
+    pub fn size_bytes(&self) -> u64 {
         self.len
-    }
-
-    /// Whether the file is empty (never, once opened: an empty file is refused).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// The hash of the file's last line.
