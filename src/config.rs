@@ -260,7 +260,8 @@ pub struct ServerConfig {
     /// Failed sign-ins (VerifyPassword answering INVALID_CREDENTIALS) one client address may
     /// make per project within --ip-failure-window-secs; past it, VerifyPassword calls that
     /// give that `ip` answer RESOURCE_EXHAUSTED (IP_THROTTLED) with RetryInfo, unchecked.
-    /// Counted per server, per /64 for IPv6; calls without `ip` are not counted. 0: off.
+    /// Counted in PostgreSQL, so every replica shares one budget per address; per /64 for
+    /// IPv6; calls without `ip` are not counted. 0: off.
     #[arg(long, env = "ROSTER_IP_FAILURE_LIMIT", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub ip_failure_limit: u32,
@@ -410,8 +411,8 @@ impl ServerConfig {
 
     /// The per-address throttle of failed sign-ins (its limit is a password setting, which
     /// a project may set for itself).
-    pub fn ip_throttle(&self) -> crate::ratelimit::FailureThrottle {
-        crate::ratelimit::FailureThrottle::new(
+    pub fn ip_throttle(&self) -> crate::authenticators::throttle::FailureThrottle {
+        crate::authenticators::throttle::FailureThrottle::new(
             Duration::from_secs(self.ip_failure_window_secs),
             self.ip_failure_exempt.0.clone(),
         )

@@ -17,6 +17,7 @@ use crate::auth::{AuthLayer, InFlight, KeyVerifier};
 use crate::authenticators::grpc::AuthenticatorApi;
 use crate::authenticators::passkey::RelyingPartyDefaults;
 use crate::authenticators::password::PasswordSettings;
+use crate::authenticators::throttle::FailureThrottle;
 use crate::config::{ServeConfig, ServerConfig};
 use crate::crypto::Hasher;
 use crate::crypto::seal::Sealer;
@@ -53,7 +54,7 @@ pub struct AppState {
     /// Where SMS may be sent (`--sms-allowed-prefixes`).
     pub sms_prefixes: Arc<crate::authenticators::sends::SmsPrefixes>,
     /// Failed sign-ins per client address (`--ip-failure-limit`, or the project's own).
-    pub ip_throttle: Arc<crate::ratelimit::FailureThrottle>,
+    pub ip_throttle: Arc<FailureThrottle>,
     /// Seals provider tokens and TOTP seeds; `None` when no key is configured.
     pub sealer: Option<Arc<Sealer>>,
     /// The WebAuthn relying party of projects that set none of their own.
@@ -125,6 +126,9 @@ impl AppState {
 
 /// Largest request message accepted (API.md).
 pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// How often refilled addresses are forgotten by the sign-in throttle.
+const THROTTLE_PURGE_EVERY: Duration = Duration::from_secs(300);
 
 /// The fully-qualified names of Roster's services, for health statuses.
 pub const SERVICE_NAMES: [&str; 4] = [
@@ -341,6 +345,13 @@ impl Application {
                 Duration::from_secs(self.config.event_retention_interval_secs.max(1)),
             ))
         });
+        // Every server purges (a project may turn the throttle on whatever the server's
+        // limit); concurrent purges skip each other's rows.
+        let throttle_purge = tokio::spawn(FailureThrottle::purge_forever(
+            self.state.pool.clone(),
+            Duration::from_secs(self.config.ip_failure_window_secs),
+            THROTTLE_PURGE_EVERY,
+        ));
         let key_check = tokio::spawn({
             let (pool, sealer) = (self.state.pool.clone(), self.state.sealer.clone());
             async move { crate::crypto::rotation::warn_of_missing_keys(pool, sealer.as_deref()).await }
@@ -510,6 +521,7 @@ impl Application {
             r.abort();
         }
         key_check.abort();
+        throttle_purge.abort();
         result
     }
 }

@@ -365,14 +365,11 @@ impl AuthenticatorService for AuthenticatorApi {
             .and_then(|ip| ip.parse::<IpAddr>().ok());
         let settings = s.passwords_for(&caller);
         let taken = match ip {
-            Some(ip) => s
-                .ip_throttle
-                .attempt(caller.project_id, ip, settings.ip_failure_limit)
-                .map_err(|retry_after| Error::Exhausted {
-                    reason: "IP_THROTTLED",
-                    message: "too many failed sign-ins from this ip address; retry later".into(),
-                    retry_after,
-                })?,
+            Some(ip) => {
+                s.ip_throttle
+                    .attempt(&s.pool, caller.project_id, ip, settings.ip_failure_limit)
+                    .await?
+            }
             None => None,
         };
         // Looked up whatever the outcome (tens of µs, against the hash's milliseconds): only a
@@ -392,8 +389,10 @@ impl AuthenticatorService for AuthenticatorApi {
             &origin,
         )
         .await?;
-        if let (Some(taken), SignInResult::InvalidCredentials) = (taken, result) {
-            taken.failed();
+        if let Some(taken) = taken {
+            taken
+                .settle(result == SignInResult::InvalidCredentials)
+                .await;
         }
         tracing::info!(result = ?result, "password verified");
         Ok(Response::new(pb::VerifyPasswordResponse {

@@ -18,6 +18,7 @@ pub mod password;
 pub mod recovery;
 pub mod sends;
 pub mod store;
+pub mod throttle;
 pub mod totp;
 
 use chrono::{DateTime, Utc};

@@ -1038,3 +1038,79 @@ pub async fn count_authenticators(
         .await?
         .get(0))
 }
+
+/// The failures `ip` owes in the project, refilled at `rate` per second, as of now.
+const IP_FAILURES_OWED: &str =
+    "greatest(f.spent - greatest(extract(epoch FROM now() - f.at)::float8, 0) * $3, 0)";
+
+/// Takes one failure for `ip` from a budget of `limit` that refills at `rate` per second, if
+/// one is left: `(owed, refusals)` after the attempt, `refusals` 0 when it was taken, else how
+/// many attempts in a row have now been refused. One statement, so concurrent attempts (on
+/// any replica) count one by one under the row's lock.
+pub async fn take_ip_failure(
+    client: &impl GenericClient,
+    project_id: Uuid,
+    ip: std::net::IpAddr,
+    rate: f64,
+    limit: f64,
+) -> Result<(f64, i32)> {
+    let row = client
+        .query_one(
+            &format!(
+                "INSERT INTO ip_failures AS f (project_id, ip, spent, at)
+                 VALUES ($1, $2, 1, now())
+                 ON CONFLICT ON CONSTRAINT ip_failures_pkey DO UPDATE SET
+                     spent = {owed} + ({owed} + 1 <= $4)::int,
+                     at = now(),
+                     refusals = CASE WHEN {owed} + 1 <= $4 THEN 0 ELSE f.refusals + 1 END
+                 RETURNING spent, refusals",
+                owed = IP_FAILURES_OWED
+            ),
+            &[&project_id, &ip, &rate, &limit],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Gives back the failure an attempt took that did not fail; an address left owing nothing
+/// loses its row (successful sign-ins leave none behind).
+pub async fn give_back_ip_failure(
+    client: &impl GenericClient,
+    project_id: Uuid,
+    ip: std::net::IpAddr,
+    rate: f64,
+) -> Result<()> {
+    client
+        .execute(
+            &format!(
+                "WITH gone AS (
+                     DELETE FROM ip_failures f
+                     WHERE project_id = $1 AND ip = $2 AND {owed} <= 1
+                     RETURNING 1)
+                 UPDATE ip_failures SET spent = greatest(spent - 1, 0)
+                 WHERE project_id = $1 AND ip = $2 AND NOT EXISTS (SELECT FROM gone)",
+                owed = IP_FAILURES_OWED
+            ),
+            &[&project_id, &ip, &rate],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Deletes up to `batch` rows of addresses untouched for `window_secs` (refilled by then);
+/// rows in use are skipped, not waited for.
+pub async fn purge_ip_failures(
+    client: &impl GenericClient,
+    window_secs: f64,
+    batch: i64,
+) -> Result<u64> {
+    Ok(client
+        .execute(
+            "DELETE FROM ip_failures WHERE ctid IN (
+                 SELECT ctid FROM ip_failures
+                 WHERE at < now() - make_interval(secs => $1)
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&window_secs, &batch],
+        )
+        .await?)
+}

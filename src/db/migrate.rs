@@ -65,6 +65,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "code_sends",
         include_str!("migrations/0013_code_sends.sql"),
     ),
+    (
+        14,
+        "ip_failures",
+        include_str!("migrations/0014_ip_failures.sql"),
+    ),
 ];
 
 /// A short digest of every migration's version, name and SQL: equal for two builds exactly

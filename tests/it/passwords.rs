@@ -1300,6 +1300,164 @@ async fn failed_sign_ins_from_one_address_are_throttled() {
     );
 }
 
+/// The sign-in throttle's budgets live in PostgreSQL: two servers on one database (two
+/// replicas, or a server and its restart) draw on one budget per address, concurrent attempts
+/// through both count one by one before any hashing (20 wrong passwords at once, limit 3:
+/// exactly 3 checked), a budget refills with time, successful sign-ins leave no row behind,
+/// and the purge forgets the addresses that have refilled.
+#[tokio::test]
+async fn the_sign_in_throttle_is_shared_by_every_replica() {
+    let config = || ServerConfig {
+        key_cache_ms: 50,
+        ip_failure_limit: 3,
+        ip_failure_window_secs: 3_600,
+        ..ServerConfig::default()
+    };
+    let app = TestApp::spawn_with(config()).await;
+    let mut a = app.authenticators();
+    let mut b =
+        roster::pb::v1::authenticator_service_client::AuthenticatorServiceClient::with_interceptor(
+            app.another_server(config()).await,
+            crate::harness::key(Some(&app.token)),
+        );
+    user_with_password(&app, "ada@example.com").await;
+    let attempt = |password: &str, ip: &str| pb::VerifyPasswordRequest {
+        login: Some(email("ada@example.com")),
+        password: password.into(),
+        ip: ip.into(),
+        user_agent: String::new(),
+    };
+    let rows = |ip: &'static str| {
+        let app = &app;
+        async move {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            app.sql_one::<i64>("SELECT count(*) FROM ip_failures WHERE ip = $1", &[&ip])
+                .await
+        }
+    };
+    const X: &str = "198.51.100.23";
+    const Y: &str = "198.51.100.24";
+
+    // Successful sign-ins through either server leave nothing behind.
+    for _ in 0..2 {
+        let r = a.verify_password(attempt(PASSWORD, X)).await.unwrap();
+        assert_eq!(result(&r.into_inner()), R::Ok);
+        let r = b.verify_password(attempt(PASSWORD, X)).await.unwrap();
+        assert_eq!(result(&r.into_inner()), R::Ok);
+    }
+    assert_eq!(rows(X).await, 0);
+
+    // Two failures through one server and one through the other spend the one budget.
+    for client in [&mut a, &mut b] {
+        let r = client
+            .verify_password(attempt("wrong guess", X))
+            .await
+            .unwrap();
+        assert_eq!(result(&r.into_inner()), R::InvalidCredentials);
+    }
+    let r = a.verify_password(attempt("wrong guess", X)).await.unwrap();
+    assert_eq!(result(&r.into_inner()), R::InvalidCredentials);
+    for client in [&mut a, &mut b] {
+        let err = client
+            .verify_password(attempt(PASSWORD, X))
+            .await
+            .unwrap_err();
+        assert_eq!(reason(&err), "IP_THROTTLED");
+    }
+    assert_eq!(rows(X).await, 1);
+
+    // A third of the window later (one failure's worth refilled) one more attempt is let
+    // through, and the right password signs in and keeps its place.
+    app.sql_one::<i64>(
+        "WITH u AS (UPDATE ip_failures SET at = at - interval '1201 seconds' RETURNING 1)
+         SELECT count(*) FROM u",
+        &[],
+    )
+    .await;
+    let r = b.verify_password(attempt(PASSWORD, X)).await.unwrap();
+    assert_eq!(result(&r.into_inner()), R::Ok);
+    let r = a.verify_password(attempt("wrong guess", X)).await.unwrap();
+    assert_eq!(result(&r.into_inner()), R::InvalidCredentials);
+    let err = b.verify_password(attempt(PASSWORD, X)).await.unwrap_err();
+    assert_eq!(reason(&err), "IP_THROTTLED");
+
+    // 20 wrong passwords at once from a new address, half through each server: 3 are checked.
+    let calls = (0..20).map(|i| {
+        let mut client = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let req = attempt("wrong guess", Y);
+        async move { client.verify_password(req).await }
+    });
+    let outcomes = futures_util::future::join_all(calls).await;
+    let checked = outcomes.iter().filter(|o| o.is_ok()).count();
+    let throttled = outcomes
+        .iter()
+        .filter(|o| o.as_ref().is_err_and(|e| reason(e) == "IP_THROTTLED"))
+        .count();
+    assert_eq!((checked, throttled), (3, 17));
+
+    // The purge forgets addresses untouched for a whole window, and only those.
+    app.sql_one::<i64>(
+        "WITH u AS (UPDATE ip_failures SET at = now() - interval '3601 seconds'
+                    WHERE ip = '198.51.100.23' RETURNING 1)
+         SELECT count(*) FROM u",
+        &[],
+    )
+    .await;
+    let purged = roster::authenticators::throttle::FailureThrottle::purge(
+        &app.pool,
+        Duration::from_secs(3_600),
+    )
+    .await
+    .unwrap();
+    assert_eq!(purged, 1);
+    assert_eq!((rows(X).await, rows(Y).await), (0, 1));
+    let r = a.verify_password(attempt(PASSWORD, X)).await.unwrap();
+    assert_eq!(
+        result(&r.into_inner()),
+        R::Ok,
+        "forgotten: a full budget again"
+    );
+
+    // An attempt given up on while its password is hashed (its deadline passed) gives its
+    // failure back: after two failures, a cancelled attempt leaves room for one more.
+    const Z: &str = "198.51.100.25";
+    for _ in 0..2 {
+        let r = a.verify_password(attempt("wrong guess", Z)).await.unwrap();
+        assert_eq!(result(&r.into_inner()), R::InvalidCredentials);
+    }
+    let mut req = tonic::Request::new(attempt("wrong guess", Z));
+    req.set_timeout(Duration::from_millis(5));
+    let err = a.verify_password(req).await.unwrap_err();
+    // (tonic's client reports its own deadline as CANCELLED.)
+    assert!(
+        matches!(err.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{err:?}"
+    );
+    let spent = || {
+        let app = &app;
+        async move {
+            let ip: std::net::IpAddr = Z.parse().unwrap();
+            app.sql_one::<f64>("SELECT spent FROM ip_failures WHERE ip = $1", &[&ip])
+                .await
+        }
+    };
+    let given_up = Instant::now() + Duration::from_secs(5);
+    while spent().await > 2.01 {
+        assert!(
+            Instant::now() < given_up,
+            "the cancelled attempt's failure is still spent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = b.verify_password(attempt("wrong guess", Z)).await.unwrap();
+    assert_eq!(result(&r.into_inner()), R::InvalidCredentials);
+    let err = b
+        .verify_password(attempt("wrong guess", Z))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "IP_THROTTLED");
+}
+
 /// A project's own policy (`roster projects policy`) replaces the server's lockout and
 /// password-history settings for that project only, within the key-cache time, and
 /// `default` gives the server's back.
