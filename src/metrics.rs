@@ -38,6 +38,25 @@ struct ReadLabels {
     kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CodeLabels {
+    kind: &'static str,
+}
+
+/// Codes and links issued for delivery, by kind: what the calling backends send by email and
+/// SMS, so an operator can watch (and alert on) the SMS bill and floods. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct CodesIssued(Family<CodeLabels, Counter>);
+
+impl CodesIssued {
+    /// Counts one code or link of `kind` issued (its transaction committed).
+    pub fn inc(&self, kind: crate::authenticators::sends::Delivery) {
+        self.0
+            .get_or_create(&CodeLabels { kind: kind.label() })
+            .inc();
+    }
+}
+
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -64,6 +83,8 @@ pub struct Metrics {
     pub user_read_batch: Histogram,
     /// CreateUser calls per coalesced statement (`users::creates`).
     pub user_create_batch: Histogram,
+    /// Codes and links issued for delivery.
+    pub codes_issued: CodesIssued,
 }
 
 impl Default for Metrics {
@@ -139,6 +160,12 @@ impl Default for Metrics {
             "CreateUser calls written together (users and events in one statement)",
             user_create_batch.clone(),
         );
+        let codes_issued = CodesIssued::default();
+        registry.register(
+            "codes_issued",
+            "codes and links issued for the caller to deliver, by kind: email_otp, sms_otp (StartOtpChallenge), email_verification, phone_verification (StartContactVerification), password_reset (CreatePasswordResetToken)",
+            codes_issued.0.clone(),
+        );
         Metrics {
             registry,
             calls,
@@ -154,6 +181,7 @@ impl Default for Metrics {
             in_flight,
             user_read_batch,
             user_create_batch,
+            codes_issued,
         }
     }
 }

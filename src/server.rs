@@ -61,6 +61,8 @@ pub struct AppState {
     pub relying_party: RelyingPartyDefaults,
     /// How many exports run at once, and how long one waits on a client.
     pub exports: Arc<crate::users::bulk_grpc::Exports>,
+    /// Counts the codes and links issued (a share of the server's metrics).
+    pub codes_issued: crate::metrics::CodesIssued,
 }
 
 impl AppState {
@@ -258,6 +260,7 @@ impl Application {
             config.export_slots(pool.status().max_size)?,
             (config.export_stall_secs > 0).then(|| Duration::from_secs(config.export_stall_secs)),
         );
+        let codes_issued = metrics.codes_issued.clone();
         Ok(Application {
             listener,
             tls,
@@ -285,6 +288,7 @@ impl Application {
                 sealer,
                 relying_party: config.relying_party(),
                 exports: Arc::new(exports),
+                codes_issued,
             },
             config,
             feed: EventFeed::new(),

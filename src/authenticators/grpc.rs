@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::factors::{self, AuthenticatorPatch, FactorTarget};
 use super::password::{self, NewPassword, Origin, SignInResult, sign_in_context};
+use super::sends::Delivery;
 use super::store::Login;
 use super::{Authenticator, FactorResult, Kind, MAX_NAME_CHARS, otp, passkey, recovery, totp};
 use crate::auth::{Caller, caller_of};
@@ -423,6 +424,7 @@ impl AuthenticatorService for AuthenticatorApi {
         let limit = self.state.passwords_for(&caller).codes;
         let (token, expires_at) =
             password::create_reset_token(&self.state.pool, &caller, &login, limit).await?;
+        self.state.codes_issued.inc(Delivery::PasswordReset);
         Ok(Response::new(pb::CreatePasswordResetTokenResponse {
             token,
             expires_at: Some(wire::timestamp(expires_at)),
@@ -636,6 +638,7 @@ impl AuthenticatorService for AuthenticatorApi {
             &self.state.sms_for(&caller),
         )
         .await?;
+        self.state.codes_issued.inc(Delivery::of_otp(a.kind));
         Ok(Response::new(pb::StartOtpChallengeResponse {
             code,
             expires_at: Some(wire::timestamp(expires_at)),

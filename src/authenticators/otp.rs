@@ -138,12 +138,10 @@ pub async fn start_challenge(
              enrolled; enrol the channel again",
         ));
     }
-    let what = if authenticator.kind == Kind::EmailOtp {
-        Delivery::EmailOtp
-    } else {
+    let what = Delivery::of_otp(authenticator.kind);
+    if what == Delivery::SmsOtp {
         sms.check(channel_address(&authenticator).unwrap_or_default())?;
-        Delivery::SmsOtp
-    };
+    }
     sends::take(&tx, p, user_id, what, limit).await?;
     let code = codes::six_digit_code();
     let salt = codes::salt();

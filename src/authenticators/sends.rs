@@ -30,6 +30,26 @@ pub enum Delivery {
 }
 
 impl Delivery {
+    /// What an OTP channel's codes are issued as (`kind` is EMAIL_OTP or SMS_OTP).
+    pub fn of_otp(kind: super::Kind) -> Delivery {
+        if kind == super::Kind::SmsOtp {
+            Delivery::SmsOtp
+        } else {
+            Delivery::EmailOtp
+        }
+    }
+
+    /// Its name in metrics (`roster_codes_issued_total{kind}`).
+    pub fn label(self) -> &'static str {
+        match self {
+            Delivery::EmailOtp => "email_otp",
+            Delivery::SmsOtp => "sms_otp",
+            Delivery::EmailVerification => "email_verification",
+            Delivery::PhoneVerification => "phone_verification",
+            Delivery::PasswordReset => "password_reset",
+        }
+    }
+
     /// How the refusal names it.
     fn describe(self) -> &'static str {
         match self {

@@ -601,6 +601,7 @@ impl UserService for UserApi {
             &self.state.sms_for(&caller),
         )
         .await?;
+        self.state.codes_issued.inc(channel.delivery());
         Ok(Response::new(pb::StartContactVerificationResponse {
             code,
             expires_at: Some(wire::timestamp(expires_at)),

@@ -42,6 +42,14 @@ impl ContactChannel {
             ContactChannel::Phone => "PHONE",
         }
     }
+
+    /// What a verification code for this channel is issued as.
+    pub fn delivery(self) -> Delivery {
+        match self {
+            ContactChannel::Email => Delivery::EmailVerification,
+            ContactChannel::Phone => Delivery::PhoneVerification,
+        }
+    }
 }
 
 /// Outcome of a contact confirmation (not an error: the caller shows it to the end user).
@@ -440,14 +448,10 @@ pub async fn start_contact_verification(
             ),
         });
     };
-    let what = match channel {
-        ContactChannel::Email => Delivery::EmailVerification,
-        ContactChannel::Phone => {
-            sms.check(target)?;
-            Delivery::PhoneVerification
-        }
-    };
-    sends::take(&tx, caller.project_id, id, what, limit).await?;
+    if channel == ContactChannel::Phone {
+        sms.check(target)?;
+    }
+    sends::take(&tx, caller.project_id, id, channel.delivery(), limit).await?;
     let code = codes::six_digit_code();
     let salt = codes::salt();
     let expires_at = Utc::now() + Duration::minutes(CODE_TTL_MINUTES);

@@ -1034,6 +1034,7 @@ async fn codes_for_a_user_are_limited_per_kind_with_a_gap_and_an_hourly_cap() {
         key_cache_ms: 50,
         code_resend_secs: 2,
         codes_per_hour: 3,
+        metrics_listen: "127.0.0.1:0".into(),
         ..ServerConfig::default()
     })
     .await;
@@ -1197,6 +1198,18 @@ async fn codes_for_a_user_are_limited_per_kind_with_a_gap_and_an_hourly_cap() {
     for a in answers.iter().filter_map(|a| a.as_ref().err()) {
         code_wait(a);
     }
+
+    // What was issued, by kind, for the operator's dashboards; refusals are not counted.
+    let metrics = app.metrics().await;
+    let issued = |kind: &str| {
+        metrics
+            .get(&format!("roster_codes_issued_total{{kind=\"{kind}\"}}"))
+            .copied()
+    };
+    assert_eq!(issued("email_otp"), Some(6.0), "{metrics:?}");
+    assert_eq!(issued("email_verification"), Some(1.0));
+    assert_eq!(issued("password_reset"), Some(3.0));
+    assert_eq!(issued("sms_otp"), None, "none issued");
 }
 
 #[tokio::test]
@@ -1205,6 +1218,7 @@ async fn sms_goes_only_to_the_allowed_prefixes() {
         sms_allowed_prefixes: roster::authenticators::sends::SmsPrefixes::parse("+44,+4915")
             .unwrap(),
         key_cache_ms: 50,
+        metrics_listen: "127.0.0.1:0".into(),
         ..ServerConfig::default()
     })
     .await;
@@ -1308,6 +1322,17 @@ async fn sms_goes_only_to_the_allowed_prefixes() {
             .count(),
         1,
         "only the email code: {types:?}"
+    );
+    // The SMS sent, by kind, as the operator's metrics count them (the refused ones not).
+    let metrics = app.metrics().await;
+    let issued = |kind: &str| metrics[&format!("roster_codes_issued_total{{kind=\"{kind}\"}}")];
+    assert_eq!(
+        (
+            issued("sms_otp"),
+            issued("phone_verification"),
+            issued("email_otp")
+        ),
+        (1.0, 1.0, 1.0)
     );
     // A project's own list replaces the server's: empty allows any number; `default` goes back.
     use roster::admin::{PolicyUpdate, SmsPrefixesChange as S};
