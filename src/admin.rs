@@ -187,6 +187,10 @@ pub struct PolicyUpdate {
     /// server's list.
     #[arg(long, value_parser = sms_prefixes_value)]
     pub sms_allowed_prefixes: Option<SmsPrefixesChange>,
+    /// SMS (SMS_OTP challenges and phone verifications) the project's users may be sent per
+    /// hour, all together (0: no ceiling, at most 1000000), or `default`.
+    #[arg(long, value_parser = policy_value(0, 1_000_000))]
+    pub sms_per_hour: Option<PolicyChange>,
 }
 
 /// A change to a project's SMS prefixes.
@@ -242,6 +246,7 @@ pub async fn update_policy(
         ("ip_failure_limit", u.ip_failure_limit),
         ("code_resend_secs", u.code_resend_secs),
         ("codes_per_hour", u.codes_per_hour),
+        ("sms_per_hour", u.sms_per_hour),
     ]
     .map(|(column, change)| match change {
         None => (column, false, None),

@@ -126,13 +126,14 @@ pub struct ProjectPolicy {
     pub code_resend_secs: Option<u32>,
     pub codes_per_hour: Option<u32>,
     pub sms_allowed_prefixes: Option<Arc<crate::authenticators::sends::SmsPrefixes>>,
+    pub sms_per_hour: Option<u32>,
 }
 
 /// The `projects` columns of a [`ProjectPolicy`], in the order [`ProjectPolicy::from_row`]
 /// reads them.
 pub const POLICY_COLUMNS: &str = "lockout_threshold, lockout_secs, \
      password_history::integer, password_min_length::integer, password_max_age_days, \
-     ip_failure_limit, code_resend_secs, codes_per_hour, sms_allowed_prefixes";
+     ip_failure_limit, code_resend_secs, codes_per_hour, sms_allowed_prefixes, sms_per_hour";
 
 impl ProjectPolicy {
     /// The policy from [`POLICY_COLUMNS`] selected from column `first` on.
@@ -156,6 +157,7 @@ impl ProjectPolicy {
                 .get::<_, Option<String>>(first + 8)
                 .and_then(|t| crate::authenticators::sends::SmsPrefixes::parse(&t).ok())
                 .map(Arc::new),
+            sms_per_hour: setting(9),
         }
     }
 }

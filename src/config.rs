@@ -173,6 +173,16 @@ pub struct ServerConfig {
     #[arg(long, env = "ROSTER_SMS_ALLOWED_PREFIXES", default_value = "",
           value_parser = SmsPrefixes::parse)]
     pub sms_allowed_prefixes: SmsPrefixes,
+    /// SMS (SMS_OTP challenges and phone verifications) one project's users may be sent per
+    /// hour, all together: a ceiling on the SMS bill against pumping through many new
+    /// accounts, which per-user limits cannot see (a spending limit, like SNS's). The whole
+    /// hour's worth may go at once after a quiet spell, then it refills evenly; past it, SMS
+    /// calls answer RESOURCE_EXHAUSTED (SMS_LIMIT_REACHED) with RetryInfo, email is
+    /// unaffected. Set it well above your busiest hour. 0 (the default): none. A project may
+    /// set its own.
+    #[arg(long, env = "ROSTER_SMS_PER_HOUR", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub sms_per_hour: u32,
     /// A list of breached passwords that new passwords (CreateUser, SetPassword,
     /// ChangePassword, ResetPassword; CheckPassword reports it) may not be: SHA-1 hashes in
     /// hex, one per line, optionally `:count`, sorted by hash, as Have I Been Pwned's Pwned
@@ -336,6 +346,7 @@ impl Default for ServerConfig {
             code_resend_secs: 0,
             codes_per_hour: 0,
             sms_allowed_prefixes: SmsPrefixes::default(),
+            sms_per_hour: 0,
             breached_passwords_file: None,
             breached_at_sign_in: BreachedSignIn::Change,
             event_retention_days: 90,
@@ -445,6 +456,7 @@ impl ServerConfig {
             codes: crate::authenticators::sends::SendLimit {
                 resend_secs: self.code_resend_secs.min(3600),
                 per_hour: self.codes_per_hour.min(1000),
+                sms_per_hour: self.sms_per_hour.min(1_000_000),
             },
         }
     }

@@ -55,6 +55,7 @@ impl PasswordSettings {
             codes: super::sends::SendLimit {
                 resend_secs: policy.code_resend_secs.unwrap_or(self.codes.resend_secs),
                 per_hour: policy.codes_per_hour.unwrap_or(self.codes.per_hour),
+                sms_per_hour: policy.sms_per_hour.unwrap_or(self.codes.sms_per_hour),
             },
         }
     }

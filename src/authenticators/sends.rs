@@ -30,6 +30,11 @@ pub enum Delivery {
 }
 
 impl Delivery {
+    /// Whether it goes out by SMS (and counts against the project's ceiling).
+    pub fn is_sms(self) -> bool {
+        matches!(self, Delivery::SmsOtp | Delivery::PhoneVerification)
+    }
+
     /// What an OTP channel's codes are issued as (`kind` is EMAIL_OTP or SMS_OTP).
     pub fn of_otp(kind: super::Kind) -> Delivery {
         if kind == super::Kind::SmsOtp {
@@ -69,6 +74,8 @@ pub struct SendLimit {
     pub resend_secs: u32,
     /// Issues per rolling hour; 0: no cap.
     pub per_hour: u32,
+    /// SMS per hour for the user's whole project (not per user); 0: no ceiling.
+    pub sms_per_hour: u32,
 }
 
 const HOUR: Duration = Duration::hours(1);
@@ -103,8 +110,10 @@ pub fn allowance(
 }
 
 /// Takes one issue of `what` for the user from their allowance in the caller's transaction,
-/// or answers RESOURCE_EXHAUSTED (TOO_MANY_CODES) with the wait. The row stays locked until
-/// the transaction ends, so concurrent issues for one user queue and count one by one.
+/// or answers RESOURCE_EXHAUSTED (TOO_MANY_CODES) with the wait; an SMS also from its
+/// project's hourly ceiling (SMS_LIMIT_REACHED). The rows stay locked until the transaction
+/// ends, so concurrent issues queue and count one by one, and one that does not commit
+/// takes nothing.
 pub async fn take(
     tx: &deadpool_postgres::Transaction<'_>,
     project_id: Uuid,
@@ -112,23 +121,84 @@ pub async fn take(
     what: Delivery,
     limit: SendLimit,
 ) -> Result<()> {
-    if limit.resend_secs == 0 && limit.per_hour == 0 {
-        return Ok(());
+    if limit.resend_secs > 0 || limit.per_hour > 0 {
+        take_for_user(tx, project_id, user_id, what, limit).await?;
     }
+    if what.is_sms() && limit.sms_per_hour > 0 {
+        take_sms(tx, project_id, limit.sms_per_hour).await?;
+    }
+    Ok(())
+}
+
+/// Whole seconds, rounded up (retrying after RetryInfo must succeed), at least one.
+fn whole_secs(wait: Duration) -> i64 {
+    ((wait.num_milliseconds() + 999) / 1000).max(1)
+}
+
+/// Takes one SMS from the project's budget of `per_hour`, which refills evenly over the hour.
+async fn take_sms(
+    tx: &deadpool_postgres::Transaction<'_>,
+    project_id: Uuid,
+    per_hour: u32,
+) -> Result<()> {
+    let ceiling = f64::from(per_hour);
+    let rate = ceiling / HOUR.num_seconds() as f64;
+    let Err(owed) = store::take_sms_budget(tx, project_id, rate, ceiling).await? else {
+        return Ok(());
+    };
+    let wait = Duration::milliseconds(((owed + 1.0 - ceiling) / rate * 1000.0).ceil() as i64);
+    let secs = whole_secs(wait);
+    warn_of_sms_ceiling(project_id, per_hour);
+    Err(Error::Exhausted {
+        reason: "SMS_LIMIT_REACHED",
+        message: format!(
+            "this project's SMS ceiling ({per_hour} an hour) is reached; the next SMS can be \
+             issued in {secs} s"
+        ),
+        retry_after: std::time::Duration::from_secs(secs.unsigned_abs()),
+    })
+}
+
+/// Logs that a project's SMS are being refused, at most once a minute per project and server
+/// (the refused issue's transaction rolls back, so the database cannot remember it).
+fn warn_of_sms_ceiling(project_id: Uuid, per_hour: u32) {
+    static WARNED: std::sync::Mutex<Vec<(Uuid, std::time::Instant)>> =
+        std::sync::Mutex::new(Vec::new());
+    let now = std::time::Instant::now();
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    warned.retain(|(_, at)| now.duration_since(*at) < std::time::Duration::from_secs(60));
+    if warned.iter().any(|(p, _)| *p == project_id) {
+        return;
+    }
+    warned.push((project_id, now));
+    tracing::warn!(
+        project = %project_id,
+        sms_per_hour = per_hour,
+        "the project's SMS ceiling (--sms-per-hour) is reached: its SMS codes are refused \
+         until the budget refills"
+    );
+}
+
+async fn take_for_user(
+    tx: &deadpool_postgres::Transaction<'_>,
+    project_id: Uuid,
+    user_id: Uuid,
+    what: Delivery,
+    limit: SendLimit,
+) -> Result<()> {
     let kind = what as i16;
     let sent = store::code_sends_for_update(tx, project_id, user_id, kind).await?;
     match allowance(limit, &sent, Utc::now()) {
         Ok(keep) => store::put_code_sends(tx, project_id, user_id, kind, &keep).await,
         Err(wait) => {
-            // Whole seconds, rounded up: retrying after RetryInfo must succeed.
-            let secs = (wait.num_milliseconds() + 999) / 1000;
+            let secs = whole_secs(wait);
             Err(Error::Exhausted {
                 reason: "TOO_MANY_CODES",
                 message: format!(
                     "too many {} for this user; the next can be issued in {secs} s",
                     what.describe()
                 ),
-                retry_after: std::time::Duration::from_secs(secs.max(1).unsigned_abs()),
+                retry_after: std::time::Duration::from_secs(secs.unsigned_abs()),
             })
         }
     }
@@ -219,6 +289,7 @@ mod tests {
         let hourly = SendLimit {
             resend_secs: 3600,
             per_hour: 0,
+            sms_per_hour: 0,
         };
         assert_eq!(
             allowance(hourly, &[at(0)], at(3599)),
@@ -234,6 +305,7 @@ mod tests {
     const LIMIT: SendLimit = SendLimit {
         resend_secs: 30,
         per_hour: 3,
+        sms_per_hour: 0,
     };
 
     #[test]
@@ -279,12 +351,14 @@ mod tests {
         let no_gap = SendLimit {
             resend_secs: 0,
             per_hour: 2,
+            sms_per_hour: 0,
         };
         assert!(allowance(no_gap, &[at(0)], at(0)).is_ok());
         assert!(allowance(no_gap, &[at(0), at(1)], at(2)).is_err());
         let no_cap = SendLimit {
             resend_secs: 1,
             per_hour: 0,
+            sms_per_hour: 0,
         };
         let many: Vec<_> = (0..100).map(|i| at(i * 2)).collect();
         // Without a cap only the new issue is kept (the gap needs no more).

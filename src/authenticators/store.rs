@@ -1039,6 +1039,40 @@ pub async fn count_authenticators(
         .get(0))
 }
 
+/// Takes one SMS from the project's budget of `ceiling` that refills at `rate` per second, if
+/// one is left, locking the row for the rest of the transaction: `Ok` when taken, else
+/// `Err(owed)`, what the budget owes now.
+pub async fn take_sms_budget(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    rate: f64,
+    ceiling: f64,
+) -> Result<std::result::Result<(), f64>> {
+    let owed = "greatest(b.spent - greatest(extract(epoch FROM now() - b.at)::float8, 0) * $2, 0)";
+    // A refused take changes nothing, but the conflicting row is locked all the same.
+    let taken = tx
+        .query_opt(
+            &format!(
+                "INSERT INTO sms_budgets AS b (project_id, spent, at) VALUES ($1, 1, now())
+                 ON CONFLICT (project_id) DO UPDATE SET spent = {owed} + 1, at = now()
+                 WHERE {owed} + 1 <= $3
+                 RETURNING 1"
+            ),
+            &[&project_id, &rate, &ceiling],
+        )
+        .await?;
+    if taken.is_some() {
+        return Ok(Ok(()));
+    }
+    let row = tx
+        .query_one(
+            &format!("SELECT {owed} FROM sms_budgets b WHERE project_id = $1"),
+            &[&project_id, &rate],
+        )
+        .await?;
+    Ok(Err(row.get(0)))
+}
+
 /// The failures `ip` owes in the project, refilled at `rate` per second, as of now.
 const IP_FAILURES_OWED: &str =
     "greatest(f.spent - greatest(extract(epoch FROM now() - f.at)::float8, 0) * $3, 0)";

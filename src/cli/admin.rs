@@ -215,6 +215,7 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                         Some(list) => list.to_text(),
                     };
                     println!("sms-allowed-prefixes\t{sms}");
+                    println!("sms-per-hour\t{}", show(policy.sms_per_hour));
                 }
                 ProjectCommand::Update {
                     project,

@@ -70,6 +70,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "ip_failures",
         include_str!("migrations/0014_ip_failures.sql"),
     ),
+    (
+        15,
+        "sms_budgets",
+        include_str!("migrations/0015_sms_budgets.sql"),
+    ),
 ];
 
 /// A short digest of every migration's version, name and SQL: equal for two builds exactly

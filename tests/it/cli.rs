@@ -236,7 +236,7 @@ async fn projects_and_keys_commands() {
             "lockout-threshold\t{default}\nlockout-secs\t{default}\npassword-history\t{default}\n\
              password-min-length\t{default}\npassword-max-age-days\t{default}\n\
              ip-failure-limit\t{default}\ncode-resend-secs\t{default}\ncodes-per-hour\t{default}\n\
-             sms-allowed-prefixes\t{default}\n"
+             sms-allowed-prefixes\t{default}\nsms-per-hour\t{default}\n"
         )
     );
     let (ok, out, err) = policy(&[
@@ -256,6 +256,8 @@ async fn projects_and_keys_commands() {
         "3",
         "--sms-allowed-prefixes",
         "+44, +1",
+        "--sms-per-hour",
+        "500",
     ]);
     assert!(ok, "{err}");
     assert_eq!(
@@ -263,7 +265,8 @@ async fn projects_and_keys_commands() {
         format!(
             "lockout-threshold\t5\nlockout-secs\t{default}\npassword-history\t4\n\
              password-min-length\t15\npassword-max-age-days\t90\nip-failure-limit\t100\n\
-             code-resend-secs\t0\ncodes-per-hour\t3\nsms-allowed-prefixes\t+44,+1\n"
+             code-resend-secs\t0\ncodes-per-hour\t3\nsms-allowed-prefixes\t+44,+1\n\
+             sms-per-hour\t500\n"
         )
     );
     let (ok, out, _) = policy(&["--lockout-threshold", "default"]);
@@ -276,6 +279,7 @@ async fn projects_and_keys_commands() {
         ("--password-max-age-days", "36501"),
         ("--code-resend-secs", "3601"),
         ("--codes-per-hour", "1001"),
+        ("--sms-per-hour", "1000001"),
     ] {
         let (ok, _, err) = policy(&[flag, bad]);
         assert!(!ok && err.contains("or default"), "{flag} {bad}: {err}");
@@ -284,7 +288,7 @@ async fn projects_and_keys_commands() {
     assert!(!ok && err.contains("is not a phone number prefix"), "{err}");
     let (ok, out, err) = policy(&["--sms-allowed-prefixes", ""]);
     assert!(
-        ok && out.ends_with("sms-allowed-prefixes\tany\n"),
+        ok && out.ends_with("sms-allowed-prefixes\tany\nsms-per-hour\t500\n"),
         "{out} {err}"
     );
 

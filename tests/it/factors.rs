@@ -1212,6 +1212,197 @@ async fn codes_for_a_user_are_limited_per_kind_with_a_gap_and_an_hourly_cap() {
     assert_eq!(issued("sms_otp"), None, "none issued");
 }
 
+/// `--sms-per-hour 2`: SMS codes (phone verifications and SMS_OTP challenges) of all the
+/// project's users together stop at two an hour, refilling evenly (one every 1,800 s); past
+/// it RESOURCE_EXHAUSTED SMS_LIMIT_REACHED with RetryInfo, nothing issued nor recorded, one
+/// warning logged; email codes and other projects are not affected; concurrent issues for
+/// many users count one by one; a project's own ceiling replaces the server's.
+#[tokio::test]
+async fn a_projects_sms_stop_at_its_hourly_ceiling() {
+    use std::time::Duration;
+    let (logs, _guard) = crate::passwords::capture_logs();
+    let app = TestApp::spawn_with(ServerConfig {
+        sms_per_hour: 2,
+        key_cache_ms: 50,
+        metrics_listen: "127.0.0.1:0".into(),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let mut n = 0;
+    let mut phone_user = |users: &mut crate::harness::Users| {
+        n += 1;
+        let user = pb::User {
+            email: format!("sms{n}@example.com"),
+            email_verified: true,
+            phone_number: format!("+4477009{n:05}"),
+            phone_verified: true,
+            ..Default::default()
+        };
+        let mut users = users.clone();
+        async move { crate::create(&mut users, user).await }
+    };
+    let verify = |id: &str, channel: pb::ContactChannel| pb::StartContactVerificationRequest {
+        id: id.into(),
+        channel: channel as i32,
+    };
+    let over = |err: &tonic::Status| {
+        assert_eq!(
+            (err.code(), reason(err).as_str()),
+            (Code::ResourceExhausted, "SMS_LIMIT_REACHED"),
+            "{err:?}"
+        );
+        crate::harness::details(err)
+            .retry_info()
+            .and_then(|r| r.retry_delay)
+            .expect("RetryInfo")
+    };
+    let (a, b, c, d) = (
+        phone_user(&mut users).await,
+        phone_user(&mut users).await,
+        phone_user(&mut users).await,
+        phone_user(&mut users).await,
+    );
+    users
+        .start_contact_verification(verify(&a.id, pb::ContactChannel::Phone))
+        .await
+        .unwrap();
+    authn
+        .enroll_otp_channel(pb::EnrollOtpChannelRequest {
+            user_id: b.id.clone(),
+            r#type: T::SmsOtp as i32,
+            name: String::new(),
+        })
+        .await
+        .unwrap();
+    let sms_challenge = |id: &str| pb::StartOtpChallengeRequest {
+        user_id: id.into(),
+        r#type: T::SmsOtp as i32,
+        ..Default::default()
+    };
+    authn
+        .start_otp_challenge(sms_challenge(&b.id))
+        .await
+        .unwrap();
+    // The third SMS of the hour, for a third user: refused, with the wait for one to refill.
+    let err = users
+        .start_contact_verification(verify(&c.id, pb::ContactChannel::Phone))
+        .await
+        .unwrap_err();
+    let wait = over(&err);
+    assert!(
+        wait > Duration::from_secs(1_790) && wait <= Duration::from_secs(1_800),
+        "{wait:?}"
+    );
+    let err = authn
+        .start_otp_challenge(sms_challenge(&b.id))
+        .await
+        .unwrap_err();
+    over(&err);
+    let events_of_c = app.events_of(&c.id).await;
+    assert!(
+        !events_of_c
+            .iter()
+            .any(|e| e.0 == "CONTACT_VERIFICATION_STARTED"),
+        "{events_of_c:?}"
+    );
+    // Email is not SMS; another project has its own budget.
+    users
+        .start_contact_verification(verify(&c.id, pb::ContactChannel::Email))
+        .await
+        .unwrap();
+    let (_, other) = app.other_project().await;
+    let mut theirs = roster::pb::v1::user_service_client::UserServiceClient::with_interceptor(
+        app.channel.clone(),
+        crate::harness::key(Some(&other)),
+    );
+    let their_user = phone_user(&mut theirs).await;
+    theirs
+        .start_contact_verification(verify(&their_user.id, pb::ContactChannel::Phone))
+        .await
+        .unwrap();
+
+    // Half an hour later one SMS has refilled: one more goes, the next is refused.
+    app.sql_one::<i64>(
+        "WITH u AS (UPDATE sms_budgets SET at = at - interval '1801 seconds' WHERE project_id = $1
+                    RETURNING 1)
+         SELECT count(*) FROM u",
+        &[&app.project_id],
+    )
+    .await;
+    users
+        .start_contact_verification(verify(&c.id, pb::ContactChannel::Phone))
+        .await
+        .unwrap();
+    over(
+        &users
+            .start_contact_verification(verify(&d.id, pb::ContactChannel::Phone))
+            .await
+            .unwrap_err(),
+    );
+
+    // A project's own ceiling: 0 lifts it; 3, with ten users asking at once, lets three go.
+    use roster::admin::PolicyChange as C;
+    let ceiling = |v: C| {
+        let pool = app.pool.clone();
+        let project = app.project_id;
+        async move {
+            let client = pool.get().await.unwrap();
+            roster::admin::update_policy(
+                &**client,
+                project,
+                roster::admin::PolicyUpdate {
+                    sms_per_hour: Some(v),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    ceiling(C::Value(0)).await;
+    users
+        .start_contact_verification(verify(&d.id, pb::ContactChannel::Phone))
+        .await
+        .unwrap();
+    ceiling(C::Value(3)).await;
+    app.sql_one::<i64>(
+        "WITH u AS (DELETE FROM sms_budgets WHERE project_id = $1 RETURNING 1)
+         SELECT count(*) FROM u",
+        &[&app.project_id],
+    )
+    .await;
+    let mut many = Vec::new();
+    for _ in 0..10 {
+        many.push(phone_user(&mut users).await);
+    }
+    let calls = many.iter().map(|u| {
+        let mut users = users.clone();
+        let req = verify(&u.id, pb::ContactChannel::Phone);
+        async move { users.start_contact_verification(req).await }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    assert_eq!(answers.iter().filter(|a| a.is_ok()).count(), 3);
+    for err in answers.iter().filter_map(|a| a.as_ref().err()) {
+        over(err);
+    }
+
+    // The operator sees the SMS sent (refusals not counted) and one warning.
+    let metrics = app.metrics().await;
+    let issued = |kind: &str| metrics[&format!("roster_codes_issued_total{{kind=\"{kind}\"}}")];
+    // a, c, d and three of the ten (the other project's went through the same server).
+    assert_eq!(issued("phone_verification"), 7.0);
+    assert_eq!(issued("sms_otp"), 1.0);
+    let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
+    let warnings = logged
+        .lines()
+        .filter(|l| l.contains("SMS ceiling (--sms-per-hour) is reached"))
+        .count();
+    assert_eq!(warnings, 1, "once a minute per project");
+}
+
 #[tokio::test]
 async fn sms_goes_only_to_the_allowed_prefixes() {
     let app = TestApp::spawn_with(ServerConfig {
