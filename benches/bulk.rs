@@ -401,8 +401,8 @@ async fn main() {
     let hashes = tokio::task::spawn_blocking(hashes).await.unwrap();
 
     let raw_project = {
-        let client = env.pool.get().await.unwrap();
-        roster::admin::create_project(&**client, "bench-raw")
+        let mut client = env.pool.get().await.unwrap();
+        roster::admin::create_project(&mut **client, "bench-raw")
             .await
             .unwrap()
             .id

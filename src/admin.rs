@@ -6,6 +6,26 @@ use uuid::Uuid;
 
 use crate::auth::{NewKey, ScopeSet};
 use crate::error::{Error, Result};
+use crate::events::{EventType, NewEvent};
+
+/// Records an operator's change to a project in `tx` (LogService shows it like any event),
+/// with `data.operator`, the operating-system user who ran the command, when known.
+async fn audit(
+    tx: &tokio_postgres::Transaction<'_>,
+    project_id: Uuid,
+    kind: EventType,
+    mut data: serde_json::Value,
+) -> Result<()> {
+    let operator = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|u| !u.is_empty());
+    if let (Some(operator), Some(fields)) = (operator, data.as_object_mut()) {
+        fields.insert("operator".into(), operator.into());
+    }
+    crate::events::store::record_operator(tx, project_id, &[NewEvent::for_project(kind, data)])
+        .await
+}
 
 /// A project: the isolation boundary of users, keys and events.
 #[derive(Debug, Clone)]
@@ -34,7 +54,7 @@ pub struct ApiKey {
     pub rate_limit_burst: Option<f64>,
 }
 
-pub async fn create_project(db: &impl GenericClient, name: &str) -> Result<Project> {
+pub async fn create_project(db: &mut impl GenericClient, name: &str) -> Result<Project> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 256 || name.chars().any(char::is_control) {
         return Err(Error::invalid(
@@ -42,17 +62,27 @@ pub async fn create_project(db: &impl GenericClient, name: &str) -> Result<Proje
             "must be 1 to 256 printable characters",
         ));
     }
-    let row = db
+    let tx = db.transaction().await?;
+    let row = tx
         .query_one(
             "INSERT INTO projects (id, name) VALUES ($1, $2) RETURNING id, name, created_at",
             &[&Uuid::now_v7(), &name],
         )
         .await?;
-    Ok(Project {
+    let project = Project {
         id: row.get(0),
         name: row.get(1),
         created_at: row.get(2),
-    })
+    };
+    audit(
+        &tx,
+        project.id,
+        EventType::ProjectCreated,
+        serde_json::json!({ "name": project.name }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(project)
 }
 
 pub async fn list_projects(db: &impl GenericClient) -> Result<Vec<Project>> {
@@ -78,7 +108,7 @@ pub const MAX_ORIGINS: usize = 16;
 /// Sets a project's WebAuthn relying party: its id (a domain), optional display name, and
 /// the origins allowed to run ceremonies (http only for localhost, as browsers require).
 pub async fn set_relying_party(
-    db: &impl GenericClient,
+    db: &mut impl GenericClient,
     project_id: Uuid,
     rp_id: &str,
     rp_name: Option<&str>,
@@ -131,12 +161,29 @@ pub async fn set_relying_party(
         }
     }
     v.into_result()?;
-    db.execute(
-        "UPDATE projects SET webauthn_rp_id = $2, webauthn_rp_name = $3, webauthn_origins = $4
-         WHERE id = $1",
-        &[&project_id, &rp_id, &rp_name, &clean],
+    let tx = db.transaction().await?;
+    let n = tx
+        .execute(
+            "UPDATE projects SET webauthn_rp_id = $2, webauthn_rp_name = $3, webauthn_origins = $4
+             WHERE id = $1",
+            &[&project_id, &rp_id, &rp_name, &clean],
+        )
+        .await?;
+    if n == 0 {
+        return Err(Error::not_found("project", project_id.to_string()));
+    }
+    audit(
+        &tx,
+        project_id,
+        EventType::ProjectUpdated,
+        serde_json::json!({
+            "webauthn_rp_id": rp_id,
+            "webauthn_rp_name": rp_name,
+            "webauthn_origins": clean,
+        }),
     )
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -223,9 +270,10 @@ fn policy_value(
 }
 
 /// Changes the given settings of a project's sign-in policy (the others stay) and returns the
-/// policy as stored. Servers apply it within their key-cache time.
+/// policy as stored (a PROJECT_POLICY_UPDATED event names what changed). Servers apply it
+/// within their key-cache time.
 pub async fn update_policy(
-    db: &impl GenericClient,
+    db: &mut impl GenericClient,
     project_id: Uuid,
     update: PolicyUpdate,
 ) -> Result<crate::auth::ProjectPolicy> {
@@ -272,7 +320,24 @@ pub async fn update_policy(
     }
     params.push(&sms_set);
     params.push(&sms_value);
-    let row = db
+    // What the event says changed: each setting given, with its new value or "default".
+    let mut changed = serde_json::Map::new();
+    for (column, change, value) in &changes {
+        if *change {
+            changed.insert(
+                (*column).into(),
+                value.map_or_else(|| "default".into(), serde_json::Value::from),
+            );
+        }
+    }
+    if sms_set {
+        changed.insert(
+            "sms_allowed_prefixes".into(),
+            sms_value.clone().unwrap_or_else(|| "default".into()).into(),
+        );
+    }
+    let tx = db.transaction().await?;
+    let row = tx
         .query_opt(
             &format!(
                 "UPDATE projects SET {} WHERE id = $1 RETURNING {}",
@@ -283,6 +348,16 @@ pub async fn update_policy(
         )
         .await?
         .ok_or_else(|| Error::not_found("project", project_id.to_string()))?;
+    if !changed.is_empty() {
+        audit(
+            &tx,
+            project_id,
+            EventType::ProjectPolicyUpdated,
+            serde_json::json!({ "changed": changed }),
+        )
+        .await?;
+    }
+    tx.commit().await?;
     Ok(crate::auth::ProjectPolicy::from_row(&row, 0))
 }
 
@@ -306,7 +381,7 @@ pub async fn find_project(db: &impl GenericClient, id_or_name: &str) -> Result<P
 /// Creates a key, accepted until `expires_at` when given; the returned token is the only
 /// time the secret is seen.
 pub async fn create_key(
-    db: &impl GenericClient,
+    db: &mut impl GenericClient,
     project_id: Uuid,
     name: &str,
     scopes: &[String],
@@ -320,7 +395,8 @@ pub async fn create_key(
         return Err(Error::invalid("expires_at", "must be in the future"));
     }
     let key = NewKey::generate();
-    let row = db
+    let tx = db.transaction().await?;
+    let row = tx
         .query_one(
             "INSERT INTO api_keys (id, project_id, name, scopes, secret_hash, expires_at)
              VALUES ($1, $2, $3, $4, $5, $6) RETURNING created_at",
@@ -346,6 +422,19 @@ pub async fn create_key(
         rate_limit_rps: None,
         rate_limit_burst: None,
     };
+    audit(
+        &tx,
+        project_id,
+        EventType::ApiKeyCreated,
+        serde_json::json!({
+            "key_id": api_key.id,
+            "name": api_key.name,
+            "scopes": api_key.scopes,
+            "expires_at": expires_at.map(|t| t.to_rfc3339()),
+        }),
+    )
+    .await?;
+    tx.commit().await?;
     Ok((api_key, key.token))
 }
 
@@ -379,7 +468,7 @@ pub async fn list_keys(db: &impl GenericClient, project_id: Uuid) -> Result<Vec<
 /// (twice the rate when `None`), or `rps` `None` for the server's. Servers apply it within
 /// their key-cache time.
 pub async fn set_key_limit(
-    db: &impl GenericClient,
+    db: &mut impl GenericClient,
     key_id: Uuid,
     rps: Option<f64>,
     burst: Option<f64>,
@@ -395,28 +484,58 @@ pub async fn set_key_limit(
         v.add("rate_limit_burst", "goes with a rate above 0");
     }
     v.into_result()?;
-    let n = db
-        .execute(
-            "UPDATE api_keys SET rate_limit_rps = $2, rate_limit_burst = $3 WHERE id = $1",
+    let tx = db.transaction().await?;
+    let row = tx
+        .query_opt(
+            "UPDATE api_keys SET rate_limit_rps = $2, rate_limit_burst = $3 WHERE id = $1
+             RETURNING project_id, name",
             &[&key_id, &rps, &burst],
         )
-        .await?;
-    if n == 0 {
-        return Err(Error::not_found("api_key", key_id.to_string()));
-    }
+        .await?
+        .ok_or_else(|| Error::not_found("api_key", key_id.to_string()))?;
+    audit(
+        &tx,
+        row.get(0),
+        EventType::ApiKeyUpdated,
+        serde_json::json!({
+            "key_id": key_id,
+            "name": row.get::<_, String>(1),
+            "rate_limit_rps": rps,
+            "rate_limit_burst": burst,
+        }),
+    )
+    .await?;
+    tx.commit().await?;
     Ok(())
 }
 
-/// Revokes a key; servers stop accepting it within their key-cache time.
-pub async fn revoke_key(db: &impl GenericClient, key_id: Uuid) -> Result<()> {
-    let n = db
-        .execute(
-            "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE id = $1",
+/// Revokes a key; servers stop accepting it within their key-cache time. Revoking a revoked
+/// key changes nothing (and records nothing).
+pub async fn revoke_key(db: &mut impl GenericClient, key_id: Uuid) -> Result<()> {
+    let tx = db.transaction().await?;
+    let row = tx
+        .query_opt(
+            "SELECT project_id, name, revoked_at IS NOT NULL FROM api_keys WHERE id = $1
+             FOR UPDATE",
             &[&key_id],
         )
-        .await?;
-    if n == 0 {
-        return Err(Error::not_found("api_key", key_id.to_string()));
+        .await?
+        .ok_or_else(|| Error::not_found("api_key", key_id.to_string()))?;
+    if row.get::<_, bool>(2) {
+        return Ok(());
     }
+    tx.execute(
+        "UPDATE api_keys SET revoked_at = now() WHERE id = $1",
+        &[&key_id],
+    )
+    .await?;
+    audit(
+        &tx,
+        row.get(0),
+        EventType::ApiKeyRevoked,
+        serde_json::json!({ "key_id": key_id, "name": row.get::<_, String>(1) }),
+    )
+    .await?;
+    tx.commit().await?;
     Ok(())
 }

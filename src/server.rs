@@ -651,10 +651,10 @@ pub async fn start_embedded(dir: &Path) -> anyhow::Result<(EmbeddedPostgres, Str
 async fn ensure_dev_key(pool: &Pool, dir: &Path) -> anyhow::Result<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join("dev-key");
-    let client = pool.get().await?;
+    let mut client = pool.get().await?;
     let project = match crate::admin::find_project(&**client, "default").await {
         Ok(p) => p,
-        Err(_) => crate::admin::create_project(&**client, "default").await?,
+        Err(_) => crate::admin::create_project(&mut **client, "default").await?,
     };
     if let Ok(token) = std::fs::read_to_string(&path) {
         let keys = crate::admin::list_keys(&**client, project.id).await?;
@@ -666,7 +666,8 @@ async fn ensure_dev_key(pool: &Pool, dir: &Path) -> anyhow::Result<std::path::Pa
         }
     }
     let (_, token) =
-        crate::admin::create_key(&**client, project.id, "dev", &["*".to_string()], None).await?;
+        crate::admin::create_key(&mut **client, project.id, "dev", &["*".to_string()], None)
+            .await?;
     std::fs::write(&path, format!("{token}\n"))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(path)

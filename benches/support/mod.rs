@@ -100,13 +100,13 @@ impl BenchEnv {
 
         let pool = roster::db::connect_pool(&url, 32, Duration::from_secs(10)).expect("pool");
         let (project_id, token) = {
-            let client = pool.get().await.expect("db");
+            let mut client = pool.get().await.expect("db");
             let name = format!("bench-{}", uuid::Uuid::now_v7().simple());
-            let p = roster::admin::create_project(&**client, &name)
+            let p = roster::admin::create_project(&mut **client, &name)
                 .await
                 .expect("project");
             let (_, token) =
-                roster::admin::create_key(&**client, p.id, "bench", &["*".into()], None)
+                roster::admin::create_key(&mut **client, p.id, "bench", &["*".into()], None)
                     .await
                     .expect("key");
             (p.id, token)

@@ -183,7 +183,7 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
         Box::pin(async move {
             match cmd {
                 ProjectCommand::Create { name } => {
-                    let p = admin::create_project(&*client, &name).await?;
+                    let p = admin::create_project(&mut *client, &name).await?;
                     println!("{}\t{}", p.id, p.name);
                 }
                 ProjectCommand::List => {
@@ -193,7 +193,7 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                 }
                 ProjectCommand::Policy { project, update } => {
                     let p = admin::find_project(&*client, &project).await?;
-                    let policy = admin::update_policy(&*client, p.id, update).await?;
+                    let policy = admin::update_policy(&mut *client, p.id, update).await?;
                     let show = |v: Option<u32>| match v {
                         Some(v) => v.to_string(),
                         None => "default (the server's)".to_string(),
@@ -225,7 +225,7 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                 } => {
                     let p = admin::find_project(&*client, &project).await?;
                     admin::set_relying_party(
-                        &*client,
+                        &mut *client,
                         p.id,
                         &webauthn_rp_id,
                         webauthn_rp_name.as_deref(),
@@ -330,7 +330,7 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                     let expires_at = expires_in
                         .map(|d| chrono::SubsecRound::trunc_subsecs(chrono::Utc::now() + d, 0));
                     let (key, token) =
-                        admin::create_key(&*client, p.id, &name, &scopes, expires_at).await?;
+                        admin::create_key(&mut *client, p.id, &name, &scopes, expires_at).await?;
                     let lasts = match key.expires_at {
                         Some(t) => format!(", expiring {}", t.to_rfc3339()),
                         None => String::new(),
@@ -369,7 +369,7 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                 }
                 KeyCommand::Revoke { key_id } => {
                     let id = key_id_of(&key_id)?;
-                    admin::revoke_key(&*client, id).await?;
+                    admin::revoke_key(&mut *client, id).await?;
                     println!("revoked {id}");
                 }
                 KeyCommand::Limit { key_id, rps, burst } => {
@@ -378,7 +378,7 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                         KeyRate::ServerDefault => None,
                         KeyRate::PerSecond(r) => Some(r),
                     };
-                    admin::set_key_limit(&*client, id, rps, burst).await?;
+                    admin::set_key_limit(&mut *client, id, rps, burst).await?;
                     println!("{id}\t{}", limit_text(rps, burst));
                 }
             }

@@ -1,8 +1,8 @@
 //! Audit events: what happened to a user or was done by a key.
 //!
-//! Architecture invariant: an event is written by [`store::record`] in the same transaction as
-//! the change it records, so an acknowledged change always has its event and a failed one
-//! never does. Event data names fields and non-secret values only, never secrets or hashes.
+//! Architecture invariant: an event is written by [`store::record`] (an operator command's by
+//! [`store::record_operator`]) in the same transaction as the change it records, so an
+//! acknowledged change always has its event and a failed one never does. Event data names fields and non-secret values only, never secrets or hashes.
 pub mod grpc;
 pub mod matcher;
 pub mod retention;
@@ -70,6 +70,12 @@ event_types! {
     UsersMerged => "USERS_MERGED",
     UsersExported => "USERS_EXPORTED",
     OtpChallengeStarted => "OTP_CHALLENGE_STARTED",
+    ProjectCreated => "PROJECT_CREATED",
+    ProjectUpdated => "PROJECT_UPDATED",
+    ProjectPolicyUpdated => "PROJECT_POLICY_UPDATED",
+    ApiKeyCreated => "API_KEY_CREATED",
+    ApiKeyUpdated => "API_KEY_UPDATED",
+    ApiKeyRevoked => "API_KEY_REVOKED",
 }
 
 impl EventType {
@@ -126,6 +132,15 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
+    /// An event about the project itself (its keys and settings), not about a user.
+    pub fn for_project(kind: EventType, data: serde_json::Value) -> Self {
+        NewEvent {
+            kind,
+            user_id: None,
+            data,
+        }
+    }
+
     pub fn for_user(kind: EventType, user_id: Uuid, data: serde_json::Value) -> Self {
         NewEvent {
             kind,

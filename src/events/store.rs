@@ -21,36 +21,88 @@ pub async fn record(
     if events.is_empty() {
         return Ok(());
     }
-    let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
-    let types: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    let users: Vec<Option<Uuid>> = events.iter().map(|e| e.user_id).collect();
-    let data: Vec<&serde_json::Value> = events.iter().map(|e| &e.data).collect();
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO events (project_id, id, type, user_id, api_key_id, ip, user_agent,
-                                 request_id, data)
-             SELECT $1, e.id, e.type, e.user_id, $5, $6, $7, $8, e.data
-             FROM unnest($2::uuid[], $3::text[], $4::uuid[], $9::jsonb[])
-                  AS e(id, type, user_id, data)",
-        )
-        .await?;
+    let by = By {
+        api_key_id: Some(ctx.api_key_id),
+        ip: ctx.ip.as_deref(),
+        user_agent: ctx.user_agent.as_deref(),
+        request_id: Some(&ctx.request_id),
+    };
+    let rows = Rows::of(project_id, events);
+    let stmt = tx.prepare_cached(INSERT_EVENTS).await?;
     super::stream::written();
-    tx.execute(
-        &stmt,
-        &[
-            &project_id,
-            &ids,
-            &types,
-            &users,
-            &ctx.api_key_id,
-            &ctx.ip,
-            &ctx.user_agent,
-            &ctx.request_id,
-            &data,
-        ],
-    )
-    .await?;
+    tx.execute(&stmt, &rows.params(&by)).await?;
     Ok(())
+}
+
+/// What an operator command (the `roster` CLI, or `serve` setting up its embedded database)
+/// names itself as in its events' `user_agent`.
+pub const OPERATOR: &str = "roster (operator command)";
+
+/// Records `events` of an operator command run against the database, in `tx`: no key, no
+/// request, no address; the user agent is [`OPERATOR`].
+pub async fn record_operator(
+    tx: &tokio_postgres::Transaction<'_>,
+    project_id: Uuid,
+    events: &[NewEvent],
+) -> Result<()> {
+    let by = By {
+        api_key_id: None,
+        ip: None,
+        user_agent: Some(OPERATOR),
+        request_id: None,
+    };
+    let rows = Rows::of(project_id, events);
+    super::stream::written();
+    tx.execute(INSERT_EVENTS, &rows.params(&by)).await?;
+    Ok(())
+}
+
+const INSERT_EVENTS: &str = "INSERT INTO events (project_id, id, type, user_id, api_key_id, ip,
+                                                 user_agent, request_id, data)
+     SELECT $1, e.id, e.type, e.user_id, $5, $6, $7, $8, e.data
+     FROM unnest($2::uuid[], $3::text[], $4::uuid[], $9::jsonb[]) AS e(id, type, user_id, data)";
+
+/// Who the columns of an event say caused it.
+struct By<'a> {
+    api_key_id: Option<Uuid>,
+    ip: Option<&'a str>,
+    user_agent: Option<&'a str>,
+    request_id: Option<&'a str>,
+}
+
+/// The per-event columns of [`INSERT_EVENTS`].
+struct Rows<'a> {
+    project_id: Uuid,
+    ids: Vec<Uuid>,
+    types: Vec<&'static str>,
+    users: Vec<Option<Uuid>>,
+    data: Vec<&'a serde_json::Value>,
+}
+
+impl<'a> Rows<'a> {
+    fn of(project_id: Uuid, events: &'a [NewEvent]) -> Self {
+        Rows {
+            project_id,
+            ids: events.iter().map(|_| Uuid::now_v7()).collect(),
+            types: events.iter().map(|e| e.kind.as_str()).collect(),
+            users: events.iter().map(|e| e.user_id).collect(),
+            data: events.iter().map(|e| &e.data).collect(),
+        }
+    }
+
+    fn params<'p>(&'p self, by: &'p By<'_>) -> [&'p (dyn tokio_postgres::types::ToSql + Sync); 9] {
+        [
+            &self.project_id,
+            &self.ids,
+            &self.types,
+            &self.users,
+            &by.api_key_id,
+            &by.ip,
+            &by.user_agent,
+            &by.request_id,
+            &self.data,
+        ]
+    }
 }
 
 /// The columns every event query returns, in the order [`event_from_row`] reads them.

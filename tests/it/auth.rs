@@ -58,8 +58,10 @@ async fn revoked_keys_stop_working_within_the_cache_time() {
     let key_id =
         uuid::Uuid::parse_str(token.trim_start_matches("rst_").split('_').next().unwrap()).unwrap();
     {
-        let client = app.pool.get().await.unwrap();
-        roster::admin::revoke_key(&**client, key_id).await.unwrap();
+        let mut client = app.pool.get().await.unwrap();
+        roster::admin::revoke_key(&mut **client, key_id)
+            .await
+            .unwrap();
     }
     // The harness caches keys for 50 ms; allow generous slack, no fixed sleep.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -89,10 +91,10 @@ async fn keys_expire_on_time_even_while_cached() {
         ..Default::default()
     })
     .await;
-    let client = app.pool.get().await.unwrap();
+    let mut client = app.pool.get().await.unwrap();
     let expires_at = chrono::Utc::now() + chrono::TimeDelta::milliseconds(3_000);
     let (key, token) = roster::admin::create_key(
-        &**client,
+        &mut **client,
         app.project_id,
         "short",
         &["users.read".into()],
@@ -145,7 +147,7 @@ async fn keys_expire_on_time_even_while_cached() {
 
     // An expiry in the past is refused at creation.
     let err = roster::admin::create_key(
-        &**client,
+        &mut **client,
         app.project_id,
         "stillborn",
         &["users.read".into()],
@@ -363,7 +365,7 @@ async fn a_keys_own_rate_limit_replaces_the_servers() {
     let set = |token: &str, rps: Option<f64>, burst: Option<f64>| {
         let (pool, id) = (app.pool.clone(), key_id(token));
         async move {
-            roster::admin::set_key_limit(&**pool.get().await.unwrap(), id, rps, burst)
+            roster::admin::set_key_limit(&mut **pool.get().await.unwrap(), id, rps, burst)
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -410,7 +412,7 @@ async fn a_keys_own_rate_limit_replaces_the_servers() {
     assert!(passing(trusted).await <= 3);
     // A burst without a rate to go with it is refused.
     let err = roster::admin::set_key_limit(
-        &**app.pool.get().await.unwrap(),
+        &mut **app.pool.get().await.unwrap(),
         key_id(&batch),
         Some(0.0),
         Some(5.0),

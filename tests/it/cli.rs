@@ -529,6 +529,36 @@ async fn projects_and_keys_commands() {
     }
     let (_, listed, _) = roster(&app.url, &["keys", "list", "--project", "acme"]);
     assert!(listed.contains("revoked"), "{listed}");
+
+    // Every change the commands made is in acme's audit log, by the operator, never a secret.
+    let client = app.pool.get().await.unwrap();
+    let rows = client
+        .query(
+            "SELECT e.type, e.user_agent, e.data::text FROM events e
+             JOIN projects p ON p.id = e.project_id
+             WHERE p.name = 'acme' AND e.user_id IS NULL ORDER BY e.position",
+            &[],
+        )
+        .await
+        .unwrap();
+    let kinds: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    for kind in [
+        "PROJECT_CREATED",
+        "PROJECT_POLICY_UPDATED",
+        "API_KEY_CREATED",
+        "API_KEY_UPDATED",
+        "API_KEY_REVOKED",
+    ] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind}: {kinds:?}");
+    }
+    assert_eq!(kinds[0], "PROJECT_CREATED");
+    for r in &rows {
+        assert_eq!(r.get::<_, String>(1), roster::events::store::OPERATOR);
+        assert!(
+            !r.get::<_, String>(2)
+                .contains(crate::harness::key_secret(&token))
+        );
+    }
 }
 
 /// Rotating the key that seals secrets at rest, as an operator does it: servers first seal

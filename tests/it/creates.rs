@@ -234,7 +234,7 @@ async fn a_batch_of_creates_answers_each_as_if_alone() {
     assert_eq!(events, 1);
     let orphans: i64 = app
         .sql_one(
-            "SELECT count(*) FROM events e WHERE NOT EXISTS
+            "SELECT count(*) FROM events e WHERE e.user_id IS NOT NULL AND NOT EXISTS
                  (SELECT 1 FROM users u WHERE u.project_id = e.project_id AND u.id = e.user_id)",
             &[],
         )

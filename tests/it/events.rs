@@ -651,3 +651,149 @@ async fn caught_up_streams_share_each_read() {
     quiet(&mut other).await;
     quiet(&mut streams[1]).await; // type = USER_CREATED, of this project
 }
+
+/// Operator commands that change a project (its keys, policy, relying party) are audit
+/// events of that project like any other: no user and no key, the operator command as the
+/// user agent, `data` naming what changed and never a key's secret; a revoke that changes
+/// nothing, or a policy command without settings, records nothing.
+#[tokio::test]
+async fn operator_changes_to_a_project_are_audited() {
+    let app = TestApp::spawn().await;
+    let mut logs = app.logs();
+    use roster::admin::{PolicyChange as C, PolicyUpdate, SmsPrefixesChange};
+    let mut client = app.pool.get().await.unwrap();
+    let (key, token) = roster::admin::create_key(
+        &mut **client,
+        app.project_id,
+        "billing backend",
+        &["users.read".into(), "logs.read".into()],
+        None,
+    )
+    .await
+    .unwrap();
+    roster::admin::set_key_limit(&mut **client, key.id, Some(50.0), None)
+        .await
+        .unwrap();
+    roster::admin::revoke_key(&mut **client, key.id)
+        .await
+        .unwrap();
+    roster::admin::revoke_key(&mut **client, key.id)
+        .await
+        .unwrap();
+    let policy = |update| {
+        let pool = app.pool.clone();
+        let project = app.project_id;
+        async move {
+            let mut client = pool.get().await.unwrap();
+            roster::admin::update_policy(&mut **client, project, update)
+                .await
+                .unwrap();
+        }
+    };
+    policy(PolicyUpdate {
+        lockout_threshold: Some(C::Value(5)),
+        password_history: Some(C::ServerDefault),
+        sms_allowed_prefixes: Some(SmsPrefixesChange::Value(
+            roster::authenticators::sends::SmsPrefixes::parse("+44").unwrap(),
+        )),
+        ..Default::default()
+    })
+    .await;
+    policy(PolicyUpdate::default()).await;
+    roster::admin::set_relying_party(
+        &mut **client,
+        app.project_id,
+        "example.com",
+        None,
+        &["https://example.com".into()],
+    )
+    .await
+    .unwrap();
+
+    let events = logs
+        .list_events(list("", 0, "", "occurred_at"))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let kinds: Vec<pb::EventType> = events.iter().map(type_of).collect();
+    use pb::EventType as E;
+    assert_eq!(
+        kinds,
+        [
+            E::ApiKeyCreated,
+            E::ApiKeyUpdated,
+            E::ApiKeyRevoked,
+            E::ProjectPolicyUpdated,
+            E::ProjectUpdated,
+        ]
+    );
+    for e in &events {
+        assert!(e.user_id.is_empty() && e.api_key_id.is_empty(), "{e:?}");
+        assert_eq!(e.user_agent, roster::events::store::OPERATOR);
+    }
+    let data: Vec<serde_json::Map<String, serde_json::Value>> = events
+        .iter()
+        .map(|e| roster::wire::struct_to_json(e.data.as_ref().unwrap()).unwrap())
+        .collect();
+    let id = key.id.to_string();
+    assert_eq!(data[0]["key_id"], id.as_str());
+    assert_eq!(data[0]["name"], "billing backend");
+    assert_eq!(
+        data[0]["scopes"],
+        serde_json::json!(["users.read", "logs.read"])
+    );
+    assert_eq!(data[0]["expires_at"], serde_json::Value::Null);
+    assert_eq!(data[1]["rate_limit_rps"], 50.0);
+    assert_eq!(data[2]["key_id"], id.as_str());
+    assert_eq!(
+        data[3]["changed"],
+        serde_json::json!({
+            "lockout_threshold": 5,
+            "password_history": "default",
+            "sms_allowed_prefixes": "+44",
+        })
+    );
+    assert_eq!(data[4]["webauthn_rp_id"], "example.com");
+    let everything = format!("{events:?}");
+    assert!(
+        !everything.contains(crate::harness::key_secret(&token)),
+        "a key's secret in an event"
+    );
+    // Filterable like any other event.
+    let revoked = logs
+        .list_events(list("type = API_KEY_REVOKED", 0, "", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(revoked.len(), 1);
+
+    // A new project's log starts with its creation and its first key.
+    let (project, token) = {
+        let mut client = app.pool.get().await.unwrap();
+        let p = roster::admin::create_project(&mut **client, "audited")
+            .await
+            .unwrap();
+        let (_, token) =
+            roster::admin::create_key(&mut **client, p.id, "reader", &["logs.read".into()], None)
+                .await
+                .unwrap();
+        (p, token)
+    };
+    let theirs = app
+        .logs_with(Some(&token))
+        .list_events(list("", 0, "", "occurred_at"))
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let kinds: Vec<pb::EventType> = theirs.iter().map(type_of).collect();
+    assert_eq!(kinds, [E::ProjectCreated, E::ApiKeyCreated]);
+    let created = roster::wire::struct_to_json(theirs[0].data.as_ref().unwrap()).unwrap();
+    assert_eq!(created["name"], project.name.as_str());
+    // Who ran the command, when the environment says.
+    if let Ok(user) = std::env::var("USER") {
+        assert_eq!(created["operator"], user.as_str(), "{created:?}");
+    }
+}

@@ -1149,9 +1149,9 @@ async fn codes_for_a_user_are_limited_per_kind_with_a_gap_and_an_hourly_cap() {
 
     // A project's own policy replaces the server's limits.
     use roster::admin::PolicyChange as C;
-    let client = app.pool.get().await.unwrap();
+    let mut client = app.pool.get().await.unwrap();
     roster::admin::update_policy(
-        &**client,
+        &mut **client,
         app.project_id,
         roster::admin::PolicyUpdate {
             code_resend_secs: Some(C::Value(0)),
@@ -1168,7 +1168,7 @@ async fn codes_for_a_user_are_limited_per_kind_with_a_gap_and_an_hourly_cap() {
 
     // Back on the server's limits: concurrent first issues for a new user count one by one.
     roster::admin::update_policy(
-        &**client,
+        &mut **client,
         app.project_id,
         roster::admin::PolicyUpdate {
             code_resend_secs: Some(C::ServerDefault),
@@ -1348,9 +1348,9 @@ async fn a_projects_sms_stop_at_its_hourly_ceiling() {
         let pool = app.pool.clone();
         let project = app.project_id;
         async move {
-            let client = pool.get().await.unwrap();
+            let mut client = pool.get().await.unwrap();
             roster::admin::update_policy(
-                &**client,
+                &mut **client,
                 project,
                 roster::admin::PolicyUpdate {
                     sms_per_hour: Some(v),
@@ -1531,9 +1531,9 @@ async fn sms_goes_only_to_the_allowed_prefixes() {
         let pool = app.pool.clone();
         let project = app.project_id;
         async move {
-            let client = pool.get().await.unwrap();
+            let mut client = pool.get().await.unwrap();
             roster::admin::update_policy(
-                &**client,
+                &mut **client,
                 project,
                 PolicyUpdate {
                     sms_allowed_prefixes: Some(change),

@@ -69,9 +69,11 @@ async fn a_database_restart_under_load_loses_no_acknowledged_write() {
     drop(client);
     let pool = roster::db::connect_pool(&url, 8, Duration::from_secs(2)).unwrap();
     let token = {
-        let c = pool.get().await.unwrap();
-        let p = roster::admin::create_project(&**c, "faults").await.unwrap();
-        roster::admin::create_key(&**c, p.id, "all", &["*".into()], None)
+        let mut c = pool.get().await.unwrap();
+        let p = roster::admin::create_project(&mut **c, "faults")
+            .await
+            .unwrap();
+        roster::admin::create_key(&mut **c, p.id, "all", &["*".into()], None)
             .await
             .unwrap()
             .1

@@ -310,14 +310,15 @@ impl TestApp {
         let pool =
             roster::db::connect_pool(&url, 8, std::time::Duration::from_secs(10)).expect("pool");
         let (project_id, token) = {
-            let client = pool.get().await.expect("db");
-            let p = roster::admin::create_project(&**client, "test")
+            let mut client = pool.get().await.expect("db");
+            let p = roster::admin::create_project(&mut **client, "test")
                 .await
                 .expect("project");
             let (_, token) =
-                roster::admin::create_key(&**client, p.id, "all", &["*".to_string()], None)
+                roster::admin::create_key(&mut **client, p.id, "all", &["*".to_string()], None)
                     .await
                     .expect("key");
+            clear_set_up_events(&client, p.id).await;
             (p.id, token)
         };
         let app = roster::server::Application::build(
@@ -464,9 +465,9 @@ impl TestApp {
 
     /// A new key in this app's project with the given scopes.
     pub async fn key(&self, scopes: &[&str]) -> String {
-        let client = self.pool.get().await.expect("db");
+        let mut client = self.pool.get().await.expect("db");
         let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
-        roster::admin::create_key(&**client, self.project_id, "scoped", &scopes, None)
+        roster::admin::create_key(&mut **client, self.project_id, "scoped", &scopes, None)
             .await
             .expect("key")
             .1
@@ -474,15 +475,18 @@ impl TestApp {
 
     /// A second project with an all-scopes key: (project id, token).
     pub async fn other_project(&self) -> (Uuid, String) {
-        let client = self.pool.get().await.expect("db");
-        let p =
-            roster::admin::create_project(&**client, &format!("other-{}", Uuid::now_v7().simple()))
-                .await
-                .expect("project");
+        let mut client = self.pool.get().await.expect("db");
+        let p = roster::admin::create_project(
+            &mut **client,
+            &format!("other-{}", Uuid::now_v7().simple()),
+        )
+        .await
+        .expect("project");
         let (_, token) =
-            roster::admin::create_key(&**client, p.id, "all", &["*".to_string()], None)
+            roster::admin::create_key(&mut **client, p.id, "all", &["*".to_string()], None)
                 .await
                 .expect("key");
+        clear_set_up_events(&client, p.id).await;
         (p.id, token)
     }
 
@@ -504,6 +508,15 @@ impl TestApp {
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect()
     }
+}
+
+/// Deletes a test project's set-up events (PROJECT_CREATED, API_KEY_CREATED), so that its log
+/// holds what the test did (events.rs checks those events on a project of its own).
+async fn clear_set_up_events(client: &deadpool_postgres::Client, project_id: Uuid) {
+    client
+        .execute("DELETE FROM events WHERE project_id = $1", &[&project_id])
+        .await
+        .expect("clear the set-up's events");
 }
 
 /// The secret part of a key `rst_<key id>_<secret>` (URL-safe base64: it may hold '_').

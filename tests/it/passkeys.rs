@@ -15,9 +15,9 @@ use crate::{create_user, pb};
 const ORIGIN: &str = "https://localhost:8443";
 
 async fn configure(app: &TestApp) {
-    let client = app.pool.get().await.unwrap();
+    let mut client = app.pool.get().await.unwrap();
     roster::admin::set_relying_party(
-        &**client,
+        &mut **client,
         app.project_id,
         "localhost",
         Some("Roster tests"),
@@ -266,7 +266,7 @@ async fn hostile_webauthn_input_is_invalid_argument_never_internal() {
     );
     // The relying party is validated: a domain, and https origins (http only on localhost).
     {
-        let client = app.pool.get().await.unwrap();
+        let mut client = app.pool.get().await.unwrap();
         for (rp, origins) in [
             ("", vec![ORIGIN]),
             ("exa mple.com", vec![ORIGIN]),
@@ -277,7 +277,7 @@ async fn hostile_webauthn_input_is_invalid_argument_never_internal() {
         ] {
             let origins: Vec<String> = origins.iter().map(|o| o.to_string()).collect();
             let err =
-                roster::admin::set_relying_party(&**client, app.project_id, rp, None, &origins)
+                roster::admin::set_relying_party(&mut **client, app.project_id, rp, None, &origins)
                     .await
                     .unwrap_err();
             assert!(

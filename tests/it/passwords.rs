@@ -1269,15 +1269,15 @@ async fn failed_sign_ins_from_one_address_are_throttled() {
 
     // A project's own limit: 0 turns it off for this project, 1 on for the other.
     use roster::admin::{PolicyChange as C, PolicyUpdate};
-    let client = app.pool.get().await.unwrap();
+    let mut client = app.pool.get().await.unwrap();
     let limit = |n| PolicyUpdate {
         ip_failure_limit: Some(C::Value(n)),
         ..Default::default()
     };
-    roster::admin::update_policy(&**client, app.project_id, limit(0))
+    roster::admin::update_policy(&mut **client, app.project_id, limit(0))
         .await
         .unwrap();
-    roster::admin::update_policy(&**client, other_id, limit(1))
+    roster::admin::update_policy(&mut **client, other_id, limit(1))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1470,7 +1470,7 @@ async fn a_projects_policy_overrides_the_servers_settings() {
     let user = user_with_password(&app, "strict@example.com").await;
     let aged = user_with_password(&app, "aged@example.com").await;
     let policy = roster::admin::update_policy(
-        &**app.pool.get().await.unwrap(),
+        &mut **app.pool.get().await.unwrap(),
         app.project_id,
         roster::admin::PolicyUpdate {
             lockout_threshold: Some(C::Value(2)),
@@ -1602,7 +1602,7 @@ async fn a_projects_policy_overrides_the_servers_settings() {
 
     // Back to the server's settings.
     roster::admin::update_policy(
-        &**app.pool.get().await.unwrap(),
+        &mut **app.pool.get().await.unwrap(),
         app.project_id,
         roster::admin::PolicyUpdate {
             lockout_threshold: Some(C::ServerDefault),
@@ -1707,7 +1707,7 @@ async fn check_password_names_every_broken_rule_and_the_policy() {
 
     // The project's own minimum.
     roster::admin::update_policy(
-        &**app.pool.get().await.unwrap(),
+        &mut **app.pool.get().await.unwrap(),
         app.project_id,
         roster::admin::PolicyUpdate {
             password_min_length: Some(roster::admin::PolicyChange::Value(25)),

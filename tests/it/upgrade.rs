@@ -22,7 +22,9 @@ async fn factor_summary_is_backfilled_and_then_kept_by_the_trigger() {
             .unwrap(),
         5
     );
-    let project = roster::admin::create_project(&client, "old").await.unwrap();
+    let project = roster::admin::create_project(&mut client, "old")
+        .await
+        .unwrap();
     // The key as that release wrote it (today's create_key names later columns).
     let key = roster::auth::NewKey::generate();
     client
@@ -168,7 +170,9 @@ async fn the_backfill_keeps_a_change_committed_while_it_waits() {
     roster::db::migrate::migrate_to(&mut client, 5)
         .await
         .unwrap();
-    let project = roster::admin::create_project(&client, "old").await.unwrap();
+    let project = roster::admin::create_project(&mut client, "old")
+        .await
+        .unwrap();
     let user = Uuid::now_v7();
     client
         .execute(

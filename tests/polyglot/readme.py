@@ -132,6 +132,9 @@ EXPECT = {
     == list(
         enumerate(
             [
+                # `serve` made the default project and its dev key: operator events.
+                "PROJECT_CREATED",
+                "API_KEY_CREATED",
                 "USER_CREATED",
                 "USER_UPDATED",
                 "LOGIN_SUCCEEDED",
