@@ -259,8 +259,9 @@ pub struct ServerConfig {
     /// statuses are the main port's.
     #[arg(long, env = "ROSTER_HEALTH_LISTEN", default_value = "")]
     pub health_listen: String,
-    /// Calls per second each API key may make (a token bucket per key); 0 turns limiting off.
-    /// Over the limit, calls answer RESOURCE_EXHAUSTED with RetryInfo.
+    /// Calls per second each API key may make on this server (a token bucket per key, kept in
+    /// memory: each replica counts its own); 0 turns limiting off. Over the limit, calls
+    /// answer RESOURCE_EXHAUSTED with RetryInfo.
     #[arg(long, env = "ROSTER_RATE_LIMIT_RPS", default_value_t = 0.0, value_parser = parse_rate)]
     pub rate_limit_rps: f64,
     /// Calls a key may make at once after a quiet spell (the bucket's size); 0 means twice
