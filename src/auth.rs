@@ -747,7 +747,7 @@ where
                 // the call when it ends, so a stream's outcome and duration are its own.
                 Ok(match grpc_status(response.headers()) {
                     Some(code) => {
-                        unanswered.finish(code);
+                        unanswered.finish(code, response.headers());
                         response.map(Observed::untracked)
                     }
                     None => response.map(|body| Observed::tracked(body, unanswered)),
@@ -818,8 +818,14 @@ struct Unanswered {
 }
 
 impl Unanswered {
-    /// Records the call as answered with `code`: counted, and logged as `rpc finished`.
-    fn finish(&mut self, code: tonic::Code) {
+    /// Records the call as answered with `code` (its status in `status`, the headers or
+    /// trailers that carry it): counted, and logged as `rpc finished`.
+    fn finish(&mut self, code: tonic::Code, status: &http::HeaderMap) {
+        if code != tonic::Code::Ok
+            && let Some(reason) = error_reason(status)
+        {
+            self.metrics.record_error(&self.path, self.known, &reason);
+        }
         self.record(code, "finished");
     }
 
@@ -835,6 +841,19 @@ impl Unanswered {
             tracing::info!(code = ?code, latency_ms, "rpc {outcome}");
         });
     }
+}
+
+/// The ErrorInfo reason of an error status (`grpc-status-details-bin`), when it has one.
+fn error_reason(status: &http::HeaderMap) -> Option<String> {
+    use tonic_types::StatusExt;
+    let reason = tonic::Status::from_header_map(status)?
+        .get_details_error_info()?
+        .reason;
+    // Roster's reasons are UPPER_SNAKE_CASE words; anything else is not a label value.
+    (!reason.is_empty()
+        && reason.len() <= 64
+        && reason.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'))
+    .then_some(reason)
 }
 
 /// The `grpc-status` of a header or trailer map, when it has one.
@@ -888,16 +907,19 @@ impl<B: http_body::Body> http_body::Body for Observed<B> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
         if let Some(call) = this.call {
+            let empty = http::HeaderMap::new();
             let code = match &polled {
                 Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|t| {
                     // gRPC requires a status; a trailer block without one is not a success.
-                    grpc_status(t).unwrap_or(tonic::Code::Unknown)
+                    (grpc_status(t).unwrap_or(tonic::Code::Unknown), t)
                 }),
-                Poll::Ready(Some(Err(_))) | Poll::Ready(None) => Some(tonic::Code::Unknown),
+                Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
+                    Some((tonic::Code::Unknown, &empty))
+                }
                 Poll::Pending => None,
             };
-            if let Some(code) = code {
-                call.finish(code);
+            if let Some((code, status)) = code {
+                call.finish(code, status);
                 *this.call = None;
             }
         }

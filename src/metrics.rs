@@ -29,6 +29,12 @@ struct CallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    method: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
     method: String,
 }
@@ -68,6 +74,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     calls: Family<CallLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
     latency: HistogramFamily,
     pool_size: Gauge,
     pool_available: Gauge,
@@ -95,6 +102,12 @@ impl Default for Metrics {
             "rpc_calls",
             "gRPC calls by method and status code",
             calls.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "rpc_errors",
+            "gRPC calls that failed with a reason (google.rpc.ErrorInfo), by method and reason: IP_THROTTLED, SMS_LIMIT_REACHED, RATE_LIMITED, INVALID_API_KEY, DATABASE_UNAVAILABLE, ...",
+            errors.clone(),
         );
         let latency = HistogramFamily::new_with_constructor(latency_histogram);
         registry.register(
@@ -169,6 +182,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             calls,
+            errors,
             latency,
             pool_size,
             pool_available,
@@ -199,6 +213,17 @@ impl Metrics {
         self.latency
             .get_or_create(&MethodLabels { method })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one failed call by its ErrorInfo `reason` (one of Roster's fixed set).
+    pub fn record_error(&self, path: &str, known: bool, reason: &str) {
+        let method = if known { path } else { "unknown" }.to_string();
+        self.errors
+            .get_or_create(&ErrorLabels {
+                method,
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     fn render(&self, sources: &Sources) -> String {

@@ -913,6 +913,15 @@ async fn exports_past_the_limit_are_refused_and_a_stalled_one_is_ended() {
     assert!(got < N, "{got}");
     assert_eq!(err.code(), tonic::Code::Aborted);
     assert_eq!(harness::reason(&err), "EXPORT_STALLED");
+    // Both refusals are counted by reason: the one before the stream (in its headers) and the
+    // one ending it (in its trailers).
+    let metrics = app.metrics().await;
+    for reason in ["TOO_MANY_EXPORTS", "EXPORT_STALLED"] {
+        let series = format!(
+            "roster_rpc_errors_total{{method=\"/roster.v1.UserService/ExportUsers\",reason=\"{reason}\"}}"
+        );
+        assert_eq!(metrics.get(&series), Some(&1.0), "{series}");
+    }
 }
 
 fn big_record_ok(i: usize) -> pb::ImportUsersRequest {

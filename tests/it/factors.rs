@@ -1395,6 +1395,14 @@ async fn a_projects_sms_stop_at_its_hourly_ceiling() {
     // a, c, d and three of the ten (the other project's went through the same server).
     assert_eq!(issued("phone_verification"), 7.0);
     assert_eq!(issued("sms_otp"), 1.0);
+    // The refusals, by method and reason, for an operator's alert.
+    let refused = |method: &str| {
+        metrics[&format!(
+            "roster_rpc_errors_total{{method=\"/roster.v1.{method}\",reason=\"SMS_LIMIT_REACHED\"}}"
+        )]
+    };
+    assert_eq!(refused("UserService/StartContactVerification"), 9.0);
+    assert_eq!(refused("AuthenticatorService/StartOtpChallenge"), 1.0);
     let logged = String::from_utf8_lossy(&logs.0.lock().unwrap()).to_string();
     let warnings = logged
         .lines()
