@@ -40,12 +40,14 @@ pub struct Taken {
 
 impl Taken {
     /// The attempt is over: a failure stays spent, any other outcome gives it back. A give-back
-    /// that cannot be written is logged, not answered: the sign-in itself has happened.
+    /// that cannot be written is logged, not answered: the sign-in itself has happened. One
+    /// cut short (the call dropped meanwhile) is made again by `drop`: at worst an address is
+    /// given one failure too many back, never charged for a sign-in that did not fail.
     pub async fn settle(mut self, failed: bool) {
-        self.settled = true;
         if !failed {
             give_back(&self.pool, self.project, self.ip, self.rate).await;
         }
+        self.settled = true;
     }
 }
 
