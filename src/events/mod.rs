@@ -2,7 +2,8 @@
 //!
 //! Architecture invariant: an event is written by [`store::record`] (an operator command's by
 //! [`store::record_operator`]) in the same transaction as the change it records, so an
-//! acknowledged change always has its event and a failed one never does. Event data names fields and non-secret values only, never secrets or hashes.
+//! acknowledged change always has its event and a failed one never does. Event data names
+//! fields and non-secret values only, never secrets or hashes.
 pub mod grpc;
 pub mod matcher;
 pub mod retention;

@@ -1016,9 +1016,14 @@ async fn seeds_and_codes_never_reach_logs_or_events() {
 
 /// The wait a TOO_MANY_CODES refusal asks for.
 fn code_wait(err: &tonic::Status) -> std::time::Duration {
+    exhausted_wait(err, "TOO_MANY_CODES")
+}
+
+/// The wait a RESOURCE_EXHAUSTED refusal for `why` asks for (its RetryInfo).
+fn exhausted_wait(err: &tonic::Status, why: &str) -> std::time::Duration {
     assert_eq!(
         (err.code(), reason(err).as_str()),
-        (Code::ResourceExhausted, "TOO_MANY_CODES"),
+        (Code::ResourceExhausted, why),
         "{err:?}"
     );
     crate::harness::details(err)
@@ -1247,17 +1252,7 @@ async fn a_projects_sms_stop_at_its_hourly_ceiling() {
         id: id.into(),
         channel: channel as i32,
     };
-    let over = |err: &tonic::Status| {
-        assert_eq!(
-            (err.code(), reason(err).as_str()),
-            (Code::ResourceExhausted, "SMS_LIMIT_REACHED"),
-            "{err:?}"
-        );
-        crate::harness::details(err)
-            .retry_info()
-            .and_then(|r| r.retry_delay)
-            .expect("RetryInfo")
-    };
+    let over = |err: &tonic::Status| exhausted_wait(err, "SMS_LIMIT_REACHED");
     let (a, b, c, d) = (
         phone_user(&mut users).await,
         phone_user(&mut users).await,
