@@ -63,6 +63,28 @@ impl CodesIssued {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerificationLabels {
+    factor: &'static str,
+    result: &'static str,
+}
+
+/// Credential checks by factor and result (VerifyPassword, VerifyFactor,
+/// FinishPasskeyAuthentication answer results, not errors, so the call counts cannot show a
+/// rise of wrong passwords). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Verifications(Family<VerificationLabels, Counter>);
+
+impl Verifications {
+    /// Counts one check of `factor` (an AuthenticatorType name: PASSWORD, TOTP, ...) that
+    /// answered `result` (its result enum's name: OK, INVALID_CREDENTIALS, INVALID_CODE, ...).
+    pub fn inc(&self, factor: &'static str, result: &'static str) {
+        self.0
+            .get_or_create(&VerificationLabels { factor, result })
+            .inc();
+    }
+}
+
 type HistogramFamily = Family<MethodLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -92,6 +114,8 @@ pub struct Metrics {
     pub user_create_batch: Histogram,
     /// Codes and links issued for delivery.
     pub codes_issued: CodesIssued,
+    /// Credential checks by factor and result.
+    pub verifications: Verifications,
 }
 
 impl Default for Metrics {
@@ -179,6 +203,12 @@ impl Default for Metrics {
             "codes and links issued for the caller to deliver, by kind: email_otp, sms_otp (StartOtpChallenge), email_verification, phone_verification (StartContactVerification), password_reset (CreatePasswordResetToken)",
             codes_issued.0.clone(),
         );
+        let verifications = Verifications::default();
+        registry.register(
+            "verifications",
+            "credential checks by factor (PASSWORD, TOTP, RECOVERY_CODES, EMAIL_OTP, SMS_OTP, PASSKEY) and result (OK, INVALID_CREDENTIALS, INVALID_CODE, LOCKED, ...): VerifyPassword, VerifyFactor, FinishPasskeyAuthentication",
+            verifications.0.clone(),
+        );
         Metrics {
             registry,
             calls,
@@ -196,6 +226,7 @@ impl Default for Metrics {
             user_read_batch,
             user_create_batch,
             codes_issued,
+            verifications,
         }
     }
 }

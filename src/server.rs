@@ -63,6 +63,8 @@ pub struct AppState {
     pub exports: Arc<crate::users::bulk_grpc::Exports>,
     /// Counts the codes and links issued (a share of the server's metrics).
     pub codes_issued: crate::metrics::CodesIssued,
+    /// Counts credential checks by factor and result (likewise).
+    pub verifications: crate::metrics::Verifications,
 }
 
 impl AppState {
@@ -261,6 +263,7 @@ impl Application {
             (config.export_stall_secs > 0).then(|| Duration::from_secs(config.export_stall_secs)),
         );
         let codes_issued = metrics.codes_issued.clone();
+        let verifications = metrics.verifications.clone();
         Ok(Application {
             listener,
             tls,
@@ -289,6 +292,7 @@ impl Application {
                 relying_party: config.relying_party(),
                 exports: Arc::new(exports),
                 codes_issued,
+                verifications,
             },
             config,
             feed: EventFeed::new(),

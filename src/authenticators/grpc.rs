@@ -396,8 +396,15 @@ impl AuthenticatorService for AuthenticatorApi {
                 .await;
         }
         tracing::info!(result = ?result, "password verified");
+        let answer = sign_in_result(result);
+        s.verifications.inc(
+            Kind::Password.as_str(),
+            answer
+                .as_str_name()
+                .trim_start_matches("VERIFY_PASSWORD_RESULT_"),
+        );
         Ok(Response::new(pb::VerifyPasswordResponse {
-            result: sign_in_result(result) as i32,
+            result: answer as i32,
             change_reason: change_reason(result) as i32,
             user: user.as_ref().map(user_to_proto),
             locked_until: match result {
@@ -674,6 +681,10 @@ impl AuthenticatorService for AuthenticatorApi {
         let origin = origin(&mut v, &req.ip, &req.user_agent);
         v.into_result()?;
         let s = &self.state;
+        let asked_for = match target {
+            FactorTarget::Kind(kind) => Some(kind),
+            FactorTarget::Id(_) => None,
+        };
         let ctx = sign_in_context(&caller, &origin);
         let attempt = factors::Attempt {
             caller: &caller,
@@ -691,6 +702,9 @@ impl AuthenticatorService for AuthenticatorApi {
         )
         .await?;
         tracing::info!(result = out.result.as_str(), "factor verified");
+        if let Some(kind) = out.authenticator.as_ref().map(|a| a.kind).or(asked_for) {
+            s.verifications.inc(kind.as_str(), out.result.as_str());
+        }
         Ok(Response::new(pb::VerifyFactorResponse {
             result: factor_result(out.result),
             authenticator: out.authenticator.as_ref().map(authenticator_to_proto),
@@ -796,6 +810,8 @@ impl AuthenticatorService for AuthenticatorApi {
         )
         .await?;
         tracing::info!(result = out.result.as_str(), "passkey verified");
+        s.verifications
+            .inc(Kind::Passkey.as_str(), out.result.as_str());
         Ok(Response::new(pb::FinishPasskeyAuthenticationResponse {
             result: factor_result(out.result),
             authenticator: out.authenticator.as_ref().map(authenticator_to_proto),

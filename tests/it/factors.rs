@@ -1566,3 +1566,80 @@ async fn sms_goes_only_to_the_allowed_prefixes() {
     );
     assert_eq!(app.events_of(&far.id).await.len(), before + 1);
 }
+
+/// Credential checks answer results, not errors, so the call counts show none of them
+/// failing: `roster_verifications_total{factor,result}` counts each VerifyPassword and
+/// VerifyFactor by factor and result (what a dashboard of failed sign-ins needs).
+#[tokio::test]
+async fn credential_checks_are_counted_by_factor_and_result() {
+    let app = TestApp::spawn_with(ServerConfig {
+        metrics_listen: "127.0.0.1:0".into(),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let user = users
+        .create_user(pb::CreateUserRequest {
+            user: Some(crate::user_with_email("counted@example.com")),
+            initial_password: Some(pb::create_user_request::InitialPassword::Password(
+                "a counted passphrase".into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let sign_in = |password: &str| pb::VerifyPasswordRequest {
+        login: Some(pb::verify_password_request::Login::Email(
+            "counted@example.com".into(),
+        )),
+        password: password.into(),
+        ..Default::default()
+    };
+    authn
+        .verify_password(sign_in("a counted passphrase"))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        authn.verify_password(sign_in("wrong guess")).await.unwrap();
+    }
+    // An unknown login is a wrong password too.
+    let mut nobody = sign_in("wrong guess");
+    nobody.login = Some(pb::verify_password_request::Login::Email(
+        "nobody@example.com".into(),
+    ));
+    authn.verify_password(nobody).await.unwrap();
+    let (totp, secret) = confirmed_totp(&mut authn, &user.id).await;
+    // The next step's code (confirming spent this one's; ±1 step is accepted).
+    let t = mid_step().await + 30;
+    let r = verify(&mut authn, &user.id, &totp, T::Totp, &code(&secret, t))
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::Ok);
+    let wrong = if code(&secret, t) == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    let r = verify(&mut authn, &user.id, "", T::Totp, wrong)
+        .await
+        .unwrap();
+    assert_eq!(result(&r), R::InvalidCode);
+
+    let metrics = app.metrics().await;
+    let counted = |factor: &str, result: &str| {
+        metrics
+            .get(&format!(
+                "roster_verifications_total{{factor=\"{factor}\",result=\"{result}\"}}"
+            ))
+            .copied()
+    };
+    assert_eq!(counted("PASSWORD", "OK"), Some(1.0));
+    assert_eq!(counted("PASSWORD", "INVALID_CREDENTIALS"), Some(3.0));
+    assert_eq!(counted("TOTP", "OK"), Some(1.0));
+    assert_eq!(counted("TOTP", "INVALID_CODE"), Some(1.0));
+    assert_eq!(counted("PASSWORD", "LOCKED"), None);
+}
