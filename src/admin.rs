@@ -361,6 +361,85 @@ pub async fn update_policy(
     Ok(crate::auth::ProjectPolicy::from_row(&row, 0))
 }
 
+/// What deleting a project removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deleted {
+    pub users: u64,
+    pub events: u64,
+    pub keys: u64,
+}
+
+/// Users deleted per statement (each takes its authenticators, identities, tokens and the
+/// rest with it through the foreign keys), and events per statement.
+const DELETE_USERS_BATCH: i64 = 1000;
+const DELETE_EVENTS_BATCH: i64 = 10_000;
+
+/// Deletes a project and everything in it: its keys stop working first (revoked in their own
+/// transaction, so servers refuse them within their key-cache time), then its users (with
+/// everything that hangs off them) and its events go in batches, each its own short
+/// transaction, and last the project itself. Irreversible. An interrupted deletion is
+/// finished by running it again. `progress` hears the running totals after each batch.
+pub async fn delete_project(
+    db: &mut impl GenericClient,
+    project_id: Uuid,
+    mut progress: impl FnMut(&Deleted),
+) -> Result<Deleted> {
+    let mut done = Deleted {
+        keys: db
+            .execute(
+                "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now())
+                 WHERE project_id = $1",
+                &[&project_id],
+            )
+            .await?,
+        ..Deleted::default()
+    };
+    loop {
+        let n = db
+            .execute(
+                "DELETE FROM users WHERE project_id = $1 AND id IN (
+                     SELECT id FROM users WHERE project_id = $1 LIMIT $2)",
+                &[&project_id, &DELETE_USERS_BATCH],
+            )
+            .await?;
+        done.users += n;
+        progress(&done);
+        if n == 0 {
+            break;
+        }
+    }
+    loop {
+        let n = db
+            .execute(
+                "DELETE FROM events WHERE project_id = $1 AND position IN (
+                     SELECT position FROM events WHERE project_id = $1 LIMIT $2)",
+                &[&project_id, &DELETE_EVENTS_BATCH],
+            )
+            .await?;
+        done.events += n;
+        progress(&done);
+        if n == 0 {
+            break;
+        }
+    }
+    // Whatever arrived meanwhile (a server still holding a key in its cache) goes with the
+    // project, through the foreign keys.
+    let tx = db.transaction().await?;
+    tx.execute(
+        "DELETE FROM ip_failures WHERE project_id = $1",
+        &[&project_id],
+    )
+    .await?;
+    let gone = tx
+        .execute("DELETE FROM projects WHERE id = $1", &[&project_id])
+        .await?;
+    if gone == 0 {
+        return Err(Error::not_found("project", project_id.to_string()));
+    }
+    tx.commit().await?;
+    Ok(done)
+}
+
 /// Finds a project by id or by name.
 pub async fn find_project(db: &impl GenericClient, id_or_name: &str) -> Result<Project> {
     let id = Uuid::try_parse(id_or_name).ok();

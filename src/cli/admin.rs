@@ -33,6 +33,16 @@ pub enum ProjectCommand {
         #[command(flatten)]
         update: admin::PolicyUpdate,
     },
+    /// Delete a project and everything in it (users, their credentials and identities,
+    /// events, API keys): irreversible. Its keys stop working first; users and events go in
+    /// batches; an interrupted deletion is finished by running it again.
+    Delete {
+        /// Project id or name.
+        project: String,
+        /// The project's name again, to confirm.
+        #[arg(long)]
+        confirm: String,
+    },
     /// Set a project's WebAuthn relying party, used by its passkey ceremonies.
     Update {
         /// Project id or name.
@@ -185,6 +195,30 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                 ProjectCommand::Create { name } => {
                     let p = admin::create_project(&mut *client, &name).await?;
                     println!("{}\t{}", p.id, p.name);
+                }
+                ProjectCommand::Delete { project, confirm } => {
+                    let p = admin::find_project(&*client, &project).await?;
+                    if confirm != p.name {
+                        anyhow::bail!(
+                            "--confirm must be the project's name ({:?}) to delete it and \
+                             everything in it",
+                            p.name
+                        );
+                    }
+                    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+                    let done = admin::delete_project(&mut *client, p.id, |d| {
+                        if terminal {
+                            eprint!("\rdeleted {} users, {} events", d.users, d.events);
+                        }
+                    })
+                    .await?;
+                    if terminal {
+                        eprintln!();
+                    }
+                    println!(
+                        "{}\t{}\tdeleted: {} users, {} events, {} keys",
+                        p.id, p.name, done.users, done.events, done.keys
+                    );
                 }
                 ProjectCommand::List => {
                     for p in admin::list_projects(&*client).await? {

@@ -1304,3 +1304,170 @@ async fn jsonl_import_reports_bad_records_and_resumes() {
     assert!(err.contains("ROSTER_API_KEY"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `roster projects delete P --confirm P` removes the project and everything in it (users with
+/// their passwords, factors and identities, events, keys) and nothing of another project; its
+/// keys are refused; a missing or wrong confirmation deletes nothing.
+#[tokio::test]
+async fn a_project_is_deleted_with_everything_in_it() {
+    let app = TestApp::spawn().await;
+    let (ok, _, err) = roster(&app.url, &["projects", "create", "doomed"]);
+    assert!(ok, "{err}");
+    let (ok, token, err) = roster(
+        &app.url,
+        &[
+            "keys",
+            "create",
+            "--project",
+            "doomed",
+            "--scope",
+            "*",
+            "--name",
+            "all",
+        ],
+    );
+    assert!(ok, "{err}");
+    let token = token.trim().to_string();
+    let mut users = app.users_with(Some(&token));
+    let mut authn = app.authenticators_with(Some(&token));
+    let mut ids = app.identities_with(Some(&token));
+    for i in 0..3 {
+        let u = create_user(&mut users, &format!("doomed{i}@example.com")).await;
+        authn
+            .set_password(pb::SetPasswordRequest {
+                user_id: u.id.clone(),
+                new_password: Some(pb::set_password_request::NewPassword::Password(
+                    "a doomed passphrase".into(),
+                )),
+                require_change: false,
+            })
+            .await
+            .unwrap();
+        authn
+            .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
+                user_id: u.id.clone(),
+            })
+            .await
+            .unwrap();
+        ids.link_identity(pb::LinkIdentityRequest {
+            user_id: u.id.clone(),
+            provider: "github".into(),
+            subject: format!("doomed-{i}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let kept = create_user(&mut app.users(), "kept@example.com").await;
+
+    // Rows of a project, in every table that has a project_id.
+    let rows_of = |project: &'static str| {
+        let app = &app;
+        async move {
+            let client = app.pool.get().await.unwrap();
+            let tables: Vec<String> = client
+                .query(
+                    "SELECT table_name::text FROM information_schema.columns
+                     WHERE column_name = 'project_id' AND table_schema = 'public'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            assert!(tables.len() >= 10, "{tables:?}");
+            let mut total = 0i64;
+            for t in tables {
+                let n: i64 = client
+                    .query_one(
+                        &format!(
+                            "SELECT count(*) FROM {t} WHERE project_id IN
+                                 (SELECT id FROM projects WHERE name = $1)"
+                        ),
+                        &[&project],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0);
+                total += n;
+            }
+            total
+        }
+    };
+    let before = rows_of("doomed").await;
+    assert!(before > 20, "{before}");
+
+    // Without the project's name as confirmation nothing happens.
+    let (ok, _, err) = roster(&app.url, &["projects", "delete", "doomed"]);
+    assert!(!ok && err.contains("--confirm"), "{err}");
+    let (ok, _, err) = roster(
+        &app.url,
+        &["projects", "delete", "doomed", "--confirm", "test"],
+    );
+    assert!(
+        !ok && err.contains("--confirm must be the project's name"),
+        "{err}"
+    );
+    assert_eq!(rows_of("doomed").await, before);
+
+    let (ok, out, err) = roster(
+        &app.url,
+        &["projects", "delete", "doomed", "--confirm", "doomed"],
+    );
+    assert!(ok, "{err}");
+    // Events: the project's creation and its key's, and four for each user (created,
+    // password set, recovery codes, identity linked).
+    assert!(
+        out.trim_end()
+            .ends_with("\tdoomed\tdeleted: 3 users, 14 events, 1 keys"),
+        "{out}"
+    );
+    let (_, listed, _) = roster(&app.url, &["projects", "list"]);
+    assert!(!listed.contains("doomed"), "{listed}");
+    // Nothing is left in any table of a project that no longer exists.
+    let client = app.pool.get().await.unwrap();
+    let tables: Vec<String> = client
+        .query(
+            "SELECT table_name::text FROM information_schema.columns
+             WHERE column_name = 'project_id' AND table_schema = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for t in tables {
+        let left: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {t} WHERE project_id NOT IN (SELECT id FROM projects)"
+                ),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "{t}");
+    }
+    let err = users
+        .get_user(pb::GetUserRequest {
+            id: kept.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "its key is gone");
+    // The other project is untouched.
+    app.users()
+        .get_user(pb::GetUserRequest {
+            id: kept.id.clone(),
+        })
+        .await
+        .unwrap();
+    let (ok, _, err) = roster(
+        &app.url,
+        &["projects", "delete", "doomed", "--confirm", "doomed"],
+    );
+    assert!(!ok && err.contains("not found"), "{err}");
+}
