@@ -238,6 +238,10 @@ pub struct PolicyUpdate {
     /// hour, all together (0: no ceiling, at most 1000000), or `default`.
     #[arg(long, value_parser = policy_value(0, 1_000_000))]
     pub sms_per_hour: Option<PolicyChange>,
+    /// Days the project's events are kept (0: kept, at most 36500), or `default` (the
+    /// server's --event-retention-days).
+    #[arg(long, value_parser = policy_value(0, 36_500))]
+    pub event_retention_days: Option<PolicyChange>,
 }
 
 /// A change to a project's SMS prefixes.
@@ -295,6 +299,7 @@ pub async fn update_policy(
         ("code_resend_secs", u.code_resend_secs),
         ("codes_per_hour", u.codes_per_hour),
         ("sms_per_hour", u.sms_per_hour),
+        ("event_retention_days", u.event_retention_days),
     ]
     .map(|(column, change)| match change {
         None => (column, false, None),

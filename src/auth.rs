@@ -127,13 +127,16 @@ pub struct ProjectPolicy {
     pub codes_per_hour: Option<u32>,
     pub sms_allowed_prefixes: Option<Arc<crate::authenticators::sends::SmsPrefixes>>,
     pub sms_per_hour: Option<u32>,
+    /// Read by the retention pass, not by calls (cached with the rest all the same).
+    pub event_retention_days: Option<u32>,
 }
 
 /// The `projects` columns of a [`ProjectPolicy`], in the order [`ProjectPolicy::from_row`]
 /// reads them.
 pub const POLICY_COLUMNS: &str = "lockout_threshold, lockout_secs, \
      password_history::integer, password_min_length::integer, password_max_age_days, \
-     ip_failure_limit, code_resend_secs, codes_per_hour, sms_allowed_prefixes, sms_per_hour";
+     ip_failure_limit, code_resend_secs, codes_per_hour, sms_allowed_prefixes, sms_per_hour, \
+     event_retention_days";
 
 impl ProjectPolicy {
     /// The policy from [`POLICY_COLUMNS`] selected from column `first` on.
@@ -158,6 +161,7 @@ impl ProjectPolicy {
                 .and_then(|t| crate::authenticators::sends::SmsPrefixes::parse(&t).ok())
                 .map(Arc::new),
             sms_per_hour: setting(9),
+            event_retention_days: setting(10),
         }
     }
 }

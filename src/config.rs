@@ -196,6 +196,7 @@ pub struct ServerConfig {
     #[arg(long, env = "ROSTER_BREACHED_AT_SIGN_IN", value_enum, default_value_t = BreachedSignIn::Change)]
     pub breached_at_sign_in: BreachedSignIn,
     /// Days events are kept; older ones are deleted in the background. 0 keeps them forever.
+    /// A project may set its own (`roster projects policy --event-retention-days`).
     #[arg(long, env = "ROSTER_EVENT_RETENTION_DAYS", default_value_t = 90,
           value_parser = clap::value_parser!(u32).range(0..=36_500))]
     pub event_retention_days: u32,

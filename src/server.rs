@@ -346,13 +346,12 @@ impl Application {
             self.events_listen.clone(),
             Duration::from_millis(self.config.event_poll_ms.max(10)),
         );
-        let retention = (self.config.event_retention_days > 0).then(|| {
-            tokio::spawn(retention::run(
-                self.state.pool.clone(),
-                Duration::from_secs(u64::from(self.config.event_retention_days) * 86_400),
-                Duration::from_secs(self.config.event_retention_interval_secs.max(1)),
-            ))
-        });
+        // Always: a project may set a retention of its own whatever the server's.
+        let retention = tokio::spawn(retention::run(
+            self.state.pool.clone(),
+            self.config.event_retention_days.min(36_500),
+            Duration::from_secs(self.config.event_retention_interval_secs.max(1)),
+        ));
         // Every server purges (a project may turn the throttle on whatever the server's
         // limit); concurrent purges skip each other's rows.
         let throttle_purge = tokio::spawn(FailureThrottle::purge_forever(
@@ -525,9 +524,7 @@ impl Application {
         if let Some(h) = horizon {
             h.abort();
         }
-        if let Some(r) = retention {
-            r.abort();
-        }
+        retention.abort();
         key_check.abort();
         throttle_purge.abort();
         result

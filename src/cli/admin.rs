@@ -23,10 +23,10 @@ pub enum ProjectCommand {
     },
     /// List projects.
     List,
-    /// Show or change a project's sign-in policy: settings given here replace the server's
-    /// (the same flags of `serve`) for this project; `default` goes back to the server's.
-    /// Servers apply a change within their key-cache time. Prints the policy, one setting
-    /// per line.
+    /// Show or change a project's policy (sign-in, codes, SMS, event retention): settings
+    /// given here replace the server's (the same flags of `serve`) for this project;
+    /// `default` goes back to the server's. Servers apply a change within their key-cache
+    /// time. Prints the policy, one setting per line.
     Policy {
         /// Project id or name.
         project: String,
@@ -250,6 +250,10 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                     };
                     println!("sms-allowed-prefixes\t{sms}");
                     println!("sms-per-hour\t{}", show(policy.sms_per_hour));
+                    println!(
+                        "event-retention-days\t{}",
+                        show(policy.event_retention_days)
+                    );
                 }
                 ProjectCommand::Update {
                     project,

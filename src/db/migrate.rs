@@ -75,6 +75,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "sms_budgets",
         include_str!("migrations/0015_sms_budgets.sql"),
     ),
+    (
+        16,
+        "project_event_retention",
+        include_str!("migrations/0016_project_event_retention.sql"),
+    ),
 ];
 
 /// A short digest of every migration's version, name and SQL: equal for two builds exactly

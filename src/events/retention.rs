@@ -1,5 +1,6 @@
-//! Deletes events older than the retention age, in the background and in small batches so
-//! no statement holds locks for long. Every replica may run it: a transaction-level advisory
+//! Deletes events older than their project's retention age (its own, or the server's
+//! `--event-retention-days`; 0 keeps them), in the background and in small batches so no
+//! statement holds locks for long. Every replica may run it: a transaction-level advisory
 //! lock lets one batch run at a time.
 use std::time::Duration;
 
@@ -11,10 +12,11 @@ const BATCH: i64 = 1000;
 /// Names Roster's retention lock.
 const RETENTION_LOCK: i64 = 0x526f_7374_6572_0002;
 
-/// Runs forever: a pass every `every`, removing events older than `age`.
-pub async fn run(pool: Pool, age: Duration, every: Duration) {
+/// Runs forever: a pass every `every`, removing each project's events older than its
+/// retention (`server_days` for projects without their own).
+pub async fn run(pool: Pool, server_days: u32, every: Duration) {
     loop {
-        match purge(&pool, age).await {
+        match purge(&pool, server_days).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "event retention: old events deleted"),
             Err(e) => tracing::warn!(error = %e, "event retention pass failed; will retry"),
@@ -24,8 +26,8 @@ pub async fn run(pool: Pool, age: Duration, every: Duration) {
 }
 
 /// One pass: deletes batches until none is left; returns how many events went.
-pub async fn purge(pool: &Pool, age: Duration) -> Result<u64> {
-    let secs = age.as_secs_f64();
+pub async fn purge(pool: &Pool, server_days: u32) -> Result<u64> {
+    let server_days = i32::try_from(server_days).unwrap_or(i32::MAX);
     let mut total = 0;
     loop {
         let mut client = db::client(pool).await?;
@@ -37,13 +39,20 @@ pub async fn purge(pool: &Pool, age: Duration) -> Result<u64> {
         if !locked {
             return Ok(total); // another replica is at it
         }
+        // Per project, so each reads its own (project_id, occurred_at) index range.
         let n = tx
             .execute(
                 "DELETE FROM events WHERE (project_id, position) IN (
-                     SELECT project_id, position FROM events
-                     WHERE occurred_at < now() - make_interval(secs => $1)
+                     SELECT e.project_id, e.position FROM projects p
+                     CROSS JOIN LATERAL (
+                         SELECT project_id, position FROM events
+                         WHERE project_id = p.id
+                           AND occurred_at < now()
+                               - make_interval(days => coalesce(p.event_retention_days, $1))
+                         LIMIT $2) e
+                     WHERE coalesce(p.event_retention_days, $1) > 0
                      LIMIT $2)",
-                &[&secs, &BATCH],
+                &[&server_days, &BATCH],
             )
             .await?;
         tx.commit().await?;

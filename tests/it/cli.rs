@@ -236,7 +236,8 @@ async fn projects_and_keys_commands() {
             "lockout-threshold\t{default}\nlockout-secs\t{default}\npassword-history\t{default}\n\
              password-min-length\t{default}\npassword-max-age-days\t{default}\n\
              ip-failure-limit\t{default}\ncode-resend-secs\t{default}\ncodes-per-hour\t{default}\n\
-             sms-allowed-prefixes\t{default}\nsms-per-hour\t{default}\n"
+             sms-allowed-prefixes\t{default}\nsms-per-hour\t{default}\n\
+             event-retention-days\t{default}\n"
         )
     );
     let (ok, out, err) = policy(&[
@@ -258,6 +259,8 @@ async fn projects_and_keys_commands() {
         "+44, +1",
         "--sms-per-hour",
         "500",
+        "--event-retention-days",
+        "365",
     ]);
     assert!(ok, "{err}");
     assert_eq!(
@@ -266,7 +269,7 @@ async fn projects_and_keys_commands() {
             "lockout-threshold\t5\nlockout-secs\t{default}\npassword-history\t4\n\
              password-min-length\t15\npassword-max-age-days\t90\nip-failure-limit\t100\n\
              code-resend-secs\t0\ncodes-per-hour\t3\nsms-allowed-prefixes\t+44,+1\n\
-             sms-per-hour\t500\n"
+             sms-per-hour\t500\nevent-retention-days\t365\n"
         )
     );
     let (ok, out, _) = policy(&["--lockout-threshold", "default"]);
@@ -280,6 +283,7 @@ async fn projects_and_keys_commands() {
         ("--code-resend-secs", "3601"),
         ("--codes-per-hour", "1001"),
         ("--sms-per-hour", "1000001"),
+        ("--event-retention-days", "36501"),
     ] {
         let (ok, _, err) = policy(&[flag, bad]);
         assert!(!ok && err.contains("or default"), "{flag} {bad}: {err}");
@@ -288,7 +292,7 @@ async fn projects_and_keys_commands() {
     assert!(!ok && err.contains("is not a phone number prefix"), "{err}");
     let (ok, out, err) = policy(&["--sms-allowed-prefixes", ""]);
     assert!(
-        ok && out.ends_with("sms-allowed-prefixes\tany\nsms-per-hour\t500\n"),
+        ok && out.contains("sms-allowed-prefixes\tany\nsms-per-hour\t500\n"),
         "{out} {err}"
     );
 

@@ -458,6 +458,91 @@ async fn old_events_are_deleted_in_the_background() {
     assert_eq!(left[0].user_id, new.id);
 }
 
+/// A project's own retention (`roster projects policy --event-retention-days`) replaces the
+/// server's for its events: 0 keeps them under a server that deletes, and a project's 30 days
+/// delete under a server that keeps (`--event-retention-days 0`), while a project of 60 days
+/// keeps events of 31.
+#[tokio::test]
+async fn a_projects_own_retention_replaces_the_servers() {
+    use roster::admin::{PolicyChange as C, PolicyUpdate};
+    let app = TestApp::spawn_with(ServerConfig {
+        event_retention_days: 0,
+        event_retention_interval_secs: 1,
+        ..ServerConfig::default()
+    })
+    .await;
+    let (keep_id, keep_token) = app.other_project().await;
+    let (long_id, long_token) = app.other_project().await;
+    let mut client = app.pool.get().await.unwrap();
+    for (project, days) in [(app.project_id, 30), (keep_id, 0), (long_id, 60)] {
+        roster::admin::update_policy(
+            &mut **client,
+            project,
+            PolicyUpdate {
+                event_retention_days: Some(C::Value(days)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    for token in [&app.token, &keep_token, &long_token] {
+        create_user(&mut app.users_with(Some(token)), "aged@example.com").await;
+    }
+    // Every event of the three users, and the policy changes, 31 days old.
+    client
+        .execute(
+            "UPDATE events SET occurred_at = now() - interval '31 days'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let events_of = |token: String| {
+        let app = &app;
+        async move {
+            app.logs_with(Some(&token))
+                .list_events(list("", 0, "", ""))
+                .await
+                .unwrap()
+                .into_inner()
+                .events
+                .len()
+        }
+    };
+    let mut left = usize::MAX;
+    for _ in 0..40 {
+        left = events_of(app.token.clone()).await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        left, 0,
+        "30 days of the project's own, under a server that keeps"
+    );
+    // (One pass has run since: what it left is kept.)
+    assert_eq!(events_of(keep_token.clone()).await, 2, "kept: 0 is forever");
+    assert_eq!(events_of(long_token.clone()).await, 2, "kept: 60 days");
+    // Back to the server's (keep): nothing more goes.
+    roster::admin::update_policy(
+        &mut **client,
+        long_id,
+        PolicyUpdate {
+            event_retention_days: Some(C::ServerDefault),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        events_of(long_token).await,
+        3,
+        "the policy change's own event is new"
+    );
+}
+
 /// Caught-up streams take each new range's events from one shared read and pick their own in
 /// memory: for events with every mix of empty and set fields, and filters built to catch
 /// SQL's NULL logic, exactly what a stream's own SQL read returns.
