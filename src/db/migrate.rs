@@ -80,6 +80,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "project_event_retention",
         include_str!("migrations/0016_project_event_retention.sql"),
     ),
+    (
+        17,
+        "drop_events_retention_idx",
+        include_str!("migrations/0017_drop_events_retention_idx.sql"),
+    ),
 ];
 
 /// A short digest of every migration's version, name and SQL: equal for two builds exactly
