@@ -548,6 +548,107 @@ pub async fn list_keys(db: &impl GenericClient, project_id: Uuid) -> Result<Vec<
         .collect())
 }
 
+/// Replaces a key: a new key with the old one's project, name, scopes, rate limit and
+/// lifetime (its expiry as far from now as the old one's was from its creation), while the
+/// old key keeps working until `old_expires_at` (sooner if it expired sooner), so callers
+/// can move to the new one without an outage. The old key must be active. Both changes
+/// are audited (API_KEY_CREATED with `rotated_from`, API_KEY_UPDATED with the old key's
+/// new expiry). Returns the new key, its token, and when the old one stops working.
+pub async fn rotate_key(
+    db: &mut impl GenericClient,
+    key_id: Uuid,
+    old_expires_at: DateTime<Utc>,
+) -> Result<(ApiKey, String, DateTime<Utc>)> {
+    let tx = db.transaction().await?;
+    let row = tx
+        .query_opt(
+            "SELECT project_id, name, scopes, created_at, expires_at, rate_limit_rps,
+                    rate_limit_burst, revoked_at IS NULL AND coalesce(expires_at > now(), true)
+             FROM api_keys WHERE id = $1 FOR UPDATE",
+            &[&key_id],
+        )
+        .await?
+        .ok_or_else(|| Error::not_found("api_key", key_id.to_string()))?;
+    if !row.get::<_, bool>(7) {
+        return Err(Error::FailedPrecondition {
+            reason: "KEY_NOT_ACTIVE",
+            message: "the key is revoked or expired: create a new one instead".into(),
+        });
+    }
+    let (project_id, name, scopes): (Uuid, String, Vec<String>) =
+        (row.get(0), row.get(1), row.get(2));
+    let created_at: DateTime<Utc> = row.get(3);
+    let expires_at: Option<DateTime<Utc>> = row.get(4);
+    let (rps, burst): (Option<f64>, Option<f64>) = (row.get(5), row.get(6));
+    let now = Utc::now();
+    let new_expiry =
+        expires_at.map(|t| chrono::SubsecRound::trunc_subsecs(now + (t - created_at), 0));
+    let old_until = expires_at.map_or(old_expires_at, |t| t.min(old_expires_at));
+    let key = NewKey::generate();
+    let created: DateTime<Utc> = tx
+        .query_one(
+            "INSERT INTO api_keys (id, project_id, name, scopes, secret_hash, expires_at,
+                                   rate_limit_rps, rate_limit_burst)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING created_at",
+            &[
+                &key.id,
+                &project_id,
+                &name,
+                &scopes,
+                &key.secret_hash,
+                &new_expiry,
+                &rps,
+                &burst,
+            ],
+        )
+        .await?
+        .get(0);
+    tx.execute(
+        "UPDATE api_keys SET expires_at = $2 WHERE id = $1",
+        &[&key_id, &old_until],
+    )
+    .await?;
+    audit(
+        &tx,
+        project_id,
+        EventType::ApiKeyCreated,
+        serde_json::json!({
+            "key_id": key.id,
+            "name": name,
+            "scopes": scopes,
+            "expires_at": new_expiry.map(|t| t.to_rfc3339()),
+            "rotated_from": key_id,
+        }),
+    )
+    .await?;
+    audit(
+        &tx,
+        project_id,
+        EventType::ApiKeyUpdated,
+        serde_json::json!({
+            "key_id": key_id,
+            "name": name,
+            "expires_at": old_until.to_rfc3339(),
+            "rotated_to": key.id,
+        }),
+    )
+    .await?;
+    tx.commit().await?;
+    let api_key = ApiKey {
+        id: key.id,
+        project_id,
+        name,
+        scopes,
+        created_at: created,
+        revoked_at: None,
+        last_used_at: None,
+        expires_at: new_expiry,
+        rate_limit_rps: rps,
+        rate_limit_burst: burst,
+    };
+    Ok((api_key, key.token, old_until))
+}
+
 /// Sets a key's own rate limit: `rps` calls per second (0: none) with bursts of `burst`
 /// (twice the rate when `None`), or `rps` `None` for the server's. Servers apply it within
 /// their key-cache time.

@@ -95,6 +95,16 @@ pub enum KeyCommand {
         /// The key id (the part after rst_ in the token, or its UUID form).
         key_id: String,
     },
+    /// Replace a key without an outage: a new key with the old one's name, scopes, rate limit
+    /// and lifetime is printed (once), and the old one keeps working for --old-expires-in
+    /// (1d unless given; `now` ends it at once) so its callers can switch.
+    Rotate {
+        /// The key id (the part after rst_ in the token, or its UUID form).
+        key_id: String,
+        /// How long the old key keeps working: a number with s, m, h or d, or `now`.
+        #[arg(long, default_value = "1d", value_parser = parse_grace)]
+        old_expires_in: chrono::TimeDelta,
+    },
     /// Set a key's own rate limit, in place of the server's --rate-limit-rps: a noisy batch
     /// job can get less, a sign-in frontend more. Servers apply it within their key-cache
     /// time.
@@ -329,6 +339,14 @@ fn limit_text(rps: Option<f64>, burst: Option<f64>) -> String {
     }
 }
 
+/// How long a rotated key keeps working: a lifetime, or `now`.
+fn parse_grace(text: &str) -> Result<chrono::TimeDelta, String> {
+    match text.trim() {
+        "now" => Ok(chrono::TimeDelta::zero()),
+        t => parse_lifetime(t).map_err(|e| format!("{e}, or now")),
+    }
+}
+
 /// A key's lifetime: a whole number with a unit, `s`, `m`, `h` or `d`.
 fn parse_lifetime(text: &str) -> Result<chrono::TimeDelta, String> {
     const MAX_DAYS: i64 = 36_500;
@@ -409,6 +427,27 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                     let id = key_id_of(&key_id)?;
                     admin::revoke_key(&mut *client, id).await?;
                     println!("revoked {id}");
+                }
+                KeyCommand::Rotate {
+                    key_id,
+                    old_expires_in,
+                } => {
+                    let id = key_id_of(&key_id)?;
+                    let until =
+                        chrono::SubsecRound::trunc_subsecs(chrono::Utc::now() + old_expires_in, 0);
+                    let (key, token, old_until) =
+                        admin::rotate_key(&mut *client, id, until).await?;
+                    let lasts = match key.expires_at {
+                        Some(t) => format!(", expiring {}", t.to_rfc3339()),
+                        None => String::new(),
+                    };
+                    eprintln!(
+                        "created key {} to replace {id}{lasts}; {id} stops working at {}; \
+                         the new token is shown only now:",
+                        key.id,
+                        old_until.to_rfc3339()
+                    );
+                    println!("{token}");
                 }
                 KeyCommand::Limit { key_id, rps, burst } => {
                     let id = key_id_of(&key_id)?;

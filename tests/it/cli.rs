@@ -1475,3 +1475,145 @@ async fn a_project_is_deleted_with_everything_in_it() {
     );
     assert!(!ok && err.contains("not found"), "{err}");
 }
+
+/// `roster keys rotate` replaces a key without an outage: the new key has the old one's
+/// scopes, limit and lifetime; the old one keeps working for the grace given, then is
+/// refused; both changes are in the project's log; a revoked key cannot be rotated.
+#[tokio::test]
+async fn a_key_is_rotated_with_a_grace_period() {
+    let app = TestApp::spawn().await;
+    let run = |args: &[&str]| roster(&app.url, args);
+    let (ok, old, err) = run(&[
+        "keys",
+        "create",
+        "--project",
+        "test",
+        "--scope",
+        "users.read",
+        "--name",
+        "billing",
+        "--expires-in",
+        "90d",
+    ]);
+    assert!(ok, "{err}");
+    let old = old.trim().to_string();
+    let old_id = old.split('_').nth(1).unwrap().to_string();
+    let (ok, _, err) = run(&["keys", "limit", &old_id, "--rps", "50"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["keys", "rotate", &old_id, "--old-expires-in", "soon"]);
+    assert!(!ok && err.contains("or now"), "{err}");
+
+    let (ok, new, err) = run(&["keys", "rotate", &old, "--old-expires-in", "3s"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("the new token is shown only now"), "{err}");
+    let new = new.trim().to_string();
+    assert!(new.starts_with("rst_") && new != old);
+    let new_id = new.split('_').nth(1).unwrap().to_string();
+
+    // Both work meanwhile, with the same scope (and only it).
+    let kept = create_user(&mut app.users(), "rotated@example.com").await;
+    let get = |token: &str| {
+        let mut users = app.users_with(Some(token));
+        let id = kept.id.clone();
+        async move { users.get_user(pb::GetUserRequest { id }).await }
+    };
+    get(&old).await.unwrap();
+    get(&new).await.unwrap();
+    let err = create_user_with(&app, &new).await;
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    let (_, listed, _) = run(&["keys", "list", "--project", "test"]);
+    let line = |id: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap()
+            .to_string()
+    };
+    let new_line = line(&uuid_form(&new_id));
+    assert!(
+        new_line.contains("\tbilling\tusers.read\tactive\t")
+            && new_line.ends_with("\tlimit 50/s burst 100"),
+        "{listed}"
+    );
+    // The new key lasts what the old one did: about 90 days from now.
+    let expires = new_line
+        .split("expires ")
+        .nth(1)
+        .unwrap()
+        .split('\t')
+        .next()
+        .unwrap();
+    let expires = chrono::DateTime::parse_from_rfc3339(expires).unwrap();
+    let days = (expires.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_hours() as f64 / 24.0;
+    assert!((89.9..=90.1).contains(&days), "{days}");
+
+    // Past the grace the old key is refused; the new one goes on.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let err = get(&old).await.unwrap_err();
+    assert_eq!(crate::harness::reason(&err), "EXPIRED_API_KEY");
+    get(&new).await.unwrap();
+    let (ok, _, err) = run(&["keys", "rotate", &old_id]);
+    assert!(!ok && err.contains("revoked or expired"), "{err}");
+
+    // `now` ends the old key at once (servers refuse it within their key-cache time).
+    let (ok, third, err) = run(&["keys", "rotate", &new, "--old-expires-in", "now"]);
+    assert!(ok, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let refused = loop {
+        match get(&new).await {
+            Err(e) => break e,
+            Ok(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Ok(_) => panic!("the replaced key still works"),
+        }
+    };
+    assert_eq!(crate::harness::reason(&refused), "EXPIRED_API_KEY");
+    get(third.trim()).await.unwrap();
+
+    let kinds: Vec<String> = app
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT type || ':' || coalesce(data->>'rotated_from', data->>'rotated_to', '')
+             FROM events WHERE project_id = $1 AND type LIKE 'API_KEY_%' ORDER BY position",
+            &[&app.project_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let old_uuid = uuid_form(&old_id);
+    let new_uuid = uuid_form(&new_id);
+    assert_eq!(
+        &kinds[..5],
+        [
+            "API_KEY_CREATED:".to_string(),
+            "API_KEY_UPDATED:".to_string(),
+            format!("API_KEY_CREATED:{old_uuid}"),
+            format!("API_KEY_UPDATED:{new_uuid}"),
+            format!("API_KEY_CREATED:{new_uuid}"),
+        ],
+        "{kinds:?}"
+    );
+}
+
+/// A key id as `keys list` prints it (hyphenated), from the simple form in a token.
+fn uuid_form(simple: &str) -> String {
+    uuid::Uuid::try_parse(simple).unwrap().to_string()
+}
+
+/// The status of a CreateUser with `token`.
+async fn create_user_with(app: &TestApp, token: &str) -> tonic::Status {
+    app.users_with(Some(token))
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("denied@example.com")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+}
