@@ -97,7 +97,8 @@ pub enum KeyCommand {
     },
     /// Replace a key without an outage: a new key with the old one's name, scopes, rate limit
     /// and lifetime is printed (once), and the old one keeps working for --old-expires-in
-    /// (1d unless given; `now` ends it at once) so its callers can switch.
+    /// (1d unless given; `now`: at once, within the servers' key-cache time) so its callers
+    /// can switch.
     Rotate {
         /// The key id (the part after rst_ in the token, or its UUID form).
         key_id: String,
