@@ -399,32 +399,24 @@ pub async fn delete_project(
             .await?,
         ..Deleted::default()
     };
-    loop {
-        let n = db
-            .execute(
-                "DELETE FROM users WHERE project_id = $1 AND id IN (
-                     SELECT id FROM users WHERE project_id = $1 LIMIT $2)",
-                &[&project_id, &DELETE_USERS_BATCH],
-            )
-            .await?;
-        done.users += n;
-        progress(&done);
-        if n == 0 {
-            break;
-        }
-    }
-    loop {
-        let n = db
-            .execute(
-                "DELETE FROM events WHERE project_id = $1 AND position IN (
-                     SELECT position FROM events WHERE project_id = $1 LIMIT $2)",
-                &[&project_id, &DELETE_EVENTS_BATCH],
-            )
-            .await?;
-        done.events += n;
-        progress(&done);
-        if n == 0 {
-            break;
+    // (table, its key within a project, batch size, the total it adds to)
+    type Total = fn(&mut Deleted) -> &mut u64;
+    let batches: [(&str, &str, i64, Total); 2] = [
+        ("users", "id", DELETE_USERS_BATCH, |d| &mut d.users),
+        ("events", "position", DELETE_EVENTS_BATCH, |d| &mut d.events),
+    ];
+    for (table, key, batch, total) in batches {
+        let sql = format!(
+            "DELETE FROM {table} WHERE project_id = $1 AND {key} IN (
+                 SELECT {key} FROM {table} WHERE project_id = $1 LIMIT $2)"
+        );
+        loop {
+            let n = db.execute(&sql, &[&project_id, &batch]).await?;
+            *total(&mut done) += n;
+            progress(&done);
+            if n == 0 {
+                break;
+            }
         }
     }
     // Whatever arrived meanwhile (a server still holding a key in its cache) goes with the

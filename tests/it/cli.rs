@@ -1364,42 +1364,13 @@ async fn a_project_is_deleted_with_everything_in_it() {
     }
     let kept = create_user(&mut app.users(), "kept@example.com").await;
 
-    // Rows of a project, in every table that has a project_id.
     let rows_of = |project: &'static str| {
-        let app = &app;
-        async move {
-            let client = app.pool.get().await.unwrap();
-            let tables: Vec<String> = client
-                .query(
-                    "SELECT table_name::text FROM information_schema.columns
-                     WHERE column_name = 'project_id' AND table_schema = 'public'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            assert!(tables.len() >= 10, "{tables:?}");
-            let mut total = 0i64;
-            for t in tables {
-                let n: i64 = client
-                    .query_one(
-                        &format!(
-                            "SELECT count(*) FROM {t} WHERE project_id IN
-                                 (SELECT id FROM projects WHERE name = $1)"
-                        ),
-                        &[&project],
-                    )
-                    .await
-                    .unwrap()
-                    .get(0);
-                total += n;
-            }
-            total
-        }
+        rows_in_project_tables(
+            &app,
+            format!("project_id IN (SELECT id FROM projects WHERE name = '{project}')"),
+        )
     };
-    let before = rows_of("doomed").await;
+    let before: i64 = rows_of("doomed").await.iter().map(|(_, n)| n).sum();
     assert!(before > 20, "{before}");
 
     // Without the project's name as confirmation nothing happens.
@@ -1413,7 +1384,10 @@ async fn a_project_is_deleted_with_everything_in_it() {
         !ok && err.contains("--confirm must be the project's name"),
         "{err}"
     );
-    assert_eq!(rows_of("doomed").await, before);
+    assert_eq!(
+        rows_of("doomed").await.iter().map(|(_, n)| n).sum::<i64>(),
+        before
+    );
 
     let (ok, out, err) = roster(
         &app.url,
@@ -1430,30 +1404,10 @@ async fn a_project_is_deleted_with_everything_in_it() {
     let (_, listed, _) = roster(&app.url, &["projects", "list"]);
     assert!(!listed.contains("doomed"), "{listed}");
     // Nothing is left in any table of a project that no longer exists.
-    let client = app.pool.get().await.unwrap();
-    let tables: Vec<String> = client
-        .query(
-            "SELECT table_name::text FROM information_schema.columns
-             WHERE column_name = 'project_id' AND table_schema = 'public'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    for t in tables {
-        let left: i64 = client
-            .query_one(
-                &format!(
-                    "SELECT count(*) FROM {t} WHERE project_id NOT IN (SELECT id FROM projects)"
-                ),
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(left, 0, "{t}");
+    for (table, left) in
+        rows_in_project_tables(&app, "project_id NOT IN (SELECT id FROM projects)".into()).await
+    {
+        assert_eq!(left, 0, "{table}");
     }
     let err = users
         .get_user(pb::GetUserRequest {
@@ -1600,6 +1554,36 @@ async fn a_key_is_rotated_with_a_grace_period() {
         ],
         "{kinds:?}"
     );
+}
+
+/// The rows matching `condition` in every table that has a `project_id` column, by table.
+async fn rows_in_project_tables(app: &TestApp, condition: String) -> Vec<(String, i64)> {
+    let client = app.pool.get().await.unwrap();
+    let tables: Vec<String> = client
+        .query(
+            "SELECT table_name::text FROM information_schema.columns
+             WHERE column_name = 'project_id' AND table_schema = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(tables.len() >= 10, "{tables:?}");
+    let mut counts = Vec::new();
+    for table in tables {
+        let n: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM {table} WHERE {condition}"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        counts.push((table, n));
+    }
+    counts
 }
 
 /// A key id as `keys list` prints it (hyphenated), from the simple form in a token.

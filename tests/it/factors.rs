@@ -1577,21 +1577,8 @@ async fn credential_checks_are_counted_by_factor_and_result() {
         ..ServerConfig::default()
     })
     .await;
-    let mut users = app.users();
     let mut authn = app.authenticators();
-    let user = users
-        .create_user(pb::CreateUserRequest {
-            user: Some(crate::user_with_email("counted@example.com")),
-            initial_password: Some(pb::create_user_request::InitialPassword::Password(
-                "a counted passphrase".into(),
-            )),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let user = crate::passwords::user_with_password(&app, "counted@example.com").await;
     let sign_in = |password: &str| pb::VerifyPasswordRequest {
         login: Some(pb::verify_password_request::Login::Email(
             "counted@example.com".into(),
@@ -1600,7 +1587,7 @@ async fn credential_checks_are_counted_by_factor_and_result() {
         ..Default::default()
     };
     authn
-        .verify_password(sign_in("a counted passphrase"))
+        .verify_password(sign_in(crate::passwords::PASSWORD))
         .await
         .unwrap();
     for _ in 0..2 {

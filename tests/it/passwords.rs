@@ -13,7 +13,7 @@ use crate::get;
 use pb::VerifyPasswordResult as R;
 use pb::verify_password_request::Login;
 
-const PASSWORD: &str = "correct horse battery staple";
+pub const PASSWORD: &str = "correct horse battery staple";
 
 /// The password every legacy fixture hash below was made from.
 pub const LEGACY_PASSWORD: &str = "legacy password 1";
@@ -61,7 +61,7 @@ pub const LEGACY_HASHES: &[(&str, &str)] = &[
 ];
 
 /// Creates a user with an email, a username, a phone number and `PASSWORD`.
-async fn user_with_password(app: &TestApp, email: &str) -> pb::User {
+pub async fn user_with_password(app: &TestApp, email: &str) -> pb::User {
     let local = email.split('@').next().unwrap_or(email);
     app.users()
         .create_user(pb::CreateUserRequest {
