@@ -106,6 +106,23 @@ fn email(e: &str) -> Login {
     Login::Email(e.into())
 }
 
+/// A user with `email` whose password is given as `hash` (an imported or legacy one).
+async fn user_with_hash(users: &mut crate::harness::Users, email: &str, hash: &str) -> pb::User {
+    users
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email(email)),
+            initial_password: Some(pb::create_user_request::InitialPassword::PasswordHash(
+                hash.into(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap()
+}
+
 async fn stored_hash(app: &TestApp, id: &str) -> String {
     let id = Uuid::parse_str(id).unwrap();
     app.sql_one("SELECT password_hash FROM users WHERE id = $1", &[&id])
@@ -538,19 +555,7 @@ async fn every_legacy_format_verifies_and_is_upgraded_to_argon2id() {
     let mut users = app.users();
     for (i, (format, hash)) in LEGACY_HASHES.iter().enumerate() {
         let mail = format!("legacy{i}@example.com");
-        let user = users
-            .create_user(pb::CreateUserRequest {
-                user: Some(user_with_email(&mail)),
-                initial_password: Some(pb::create_user_request::InitialPassword::PasswordHash(
-                    hash.to_string(),
-                )),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .user
-            .unwrap();
+        let user = user_with_hash(&mut users, &mail, hash).await;
         // A wrong password neither passes nor touches the stored hash.
         let r = verify(&mut a, email(&mail), "not the legacy one").await;
         assert_eq!(result(&r), R::InvalidCredentials, "{format}");
@@ -1858,19 +1863,7 @@ async fn passwords_hashes_and_tokens_never_leave_the_service() {
     let mut a = app.authenticators();
     let mut users = app.users();
     let user = user_with_password(&app, "secret@example.com").await;
-    let legacy = users
-        .create_user(pb::CreateUserRequest {
-            user: Some(user_with_email("legacy.secret@example.com")),
-            initial_password: Some(pb::create_user_request::InitialPassword::PasswordHash(
-                LEGACY_HASHES[6].1.into(),
-            )),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let legacy = user_with_hash(&mut users, "legacy.secret@example.com", LEGACY_HASHES[6].1).await;
     let mut responses = Vec::new();
     responses.push(format!(
         "{:?}",
@@ -2092,19 +2085,7 @@ async fn passwords_in_the_breached_list_are_refused_wherever_one_is_set() {
     );
 
     // A password set before the list (here: imported as a hash) signs in only to be changed.
-    let old = users
-        .create_user(pb::CreateUserRequest {
-            user: Some(user_with_email("old@example.com")),
-            initial_password: Some(pb::create_user_request::InitialPassword::PasswordHash(
-                LEGACY_HASHES[0].1.into(),
-            )),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let old = user_with_hash(&mut users, "old@example.com", LEGACY_HASHES[0].1).await;
     let r = verify(&mut a, email("old@example.com"), LEGACY_PASSWORD).await;
     assert_eq!(result(&r), R::PasswordChangeRequired);
     assert_eq!(r.change_reason, pb::PasswordChangeReason::Breached as i32);
