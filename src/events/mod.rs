@@ -77,6 +77,7 @@ event_types! {
     ApiKeyCreated => "API_KEY_CREATED",
     ApiKeyUpdated => "API_KEY_UPDATED",
     ApiKeyRevoked => "API_KEY_REVOKED",
+    ProviderTokensRead => "PROVIDER_TOKENS_READ",
 }
 
 impl EventType {

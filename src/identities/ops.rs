@@ -315,7 +315,9 @@ pub async fn merge(pool: &Pool, caller: &Caller, primary: Uuid, secondary: Uuid)
     Ok(user)
 }
 
-/// The decrypted tokens of one of a user's identities.
+/// The decrypted tokens of one of a user's identities. Handing them out is recorded as
+/// PROVIDER_TOKENS_READ in the same transaction (they act as the user at the provider, so a
+/// security review asks who read them), and no token leaves unless that event committed.
 pub async fn provider_tokens(
     pool: &Pool,
     sealer: Option<&Sealer>,
@@ -324,8 +326,9 @@ pub async fn provider_tokens(
     provider: &str,
     subject: &str,
 ) -> Result<Tokens> {
-    let client = db::client(pool).await?;
-    let (id, sealed) = store::tokens(&*client, caller.project_id, user_id, provider, subject)
+    let mut client = db::client(pool).await?;
+    let tx = client.transaction().await?;
+    let (id, sealed) = store::tokens(&tx, caller.project_id, user_id, provider, subject)
         .await?
         .ok_or_else(|| identity_not_found(provider, subject))?;
     let open = |v: &Option<Vec<u8>>, column: &str| -> Result<Option<String>> {
@@ -349,9 +352,23 @@ pub async fn provider_tokens(
             .map(Some)
             .map_err(|_| Error::internal(anyhow::anyhow!("stored token is not UTF-8")))
     };
-    Ok(Tokens {
+    let tokens = Tokens {
         access: open(&sealed.access, "access_token")?,
         refresh: open(&sealed.refresh, "refresh_token")?,
         expires_at: sealed.expires_at,
-    })
+    };
+    // Which tokens were handed out, never their values.
+    let data = json!({ "identity_id": id, "provider": provider, "subject": subject,
+                       "access_token": tokens.access.is_some(),
+                       "refresh_token": tokens.refresh.is_some() });
+    let ev = NewEvent::for_user(EventType::ProviderTokensRead, user_id, data);
+    events::record(
+        &tx,
+        caller.project_id,
+        &EventContext::from_caller(caller),
+        &[ev],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(tokens)
 }

@@ -105,6 +105,17 @@ async fn link_lookup_relink_and_sealed_tokens() {
     assert_eq!(t.access_token, "ya29.access-token-secret");
     assert_eq!(t.refresh_token, "1//refresh-token-secret");
     assert_eq!(t.expires_at.unwrap().seconds, 2_000_000_000);
+    // The read is audited: which identity and which tokens, by which key, never the values.
+    let reads = token_reads(&app, &ada.id).await;
+    assert_eq!(reads.len(), 1);
+    let (data, key_id) = &reads[0];
+    assert_eq!(
+        *data,
+        serde_json::json!({"identity_id": first.id, "provider": "google",
+            "subject": "10769150350006150715113082367",
+            "access_token": true, "refresh_token": true})
+    );
+    assert!(key_id.is_some());
 
     linked(&mut ids, link(&ada.id, "github", "583231")).await;
     let list = ids
@@ -151,6 +162,33 @@ async fn link_lookup_relink_and_sealed_tokens() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(lookup(&mut weak, "github", "583231").await.is_ok());
+    // An identity without tokens still records its read (nothing was returned, but asked);
+    // a refused call or an unknown identity records nothing.
+    tokens(&mut ids, &ada.id, "github", "583231").await;
+    let err = ids
+        .get_provider_tokens(pb::GetProviderTokensRequest {
+            user_id: ada.id.clone(),
+            provider: "github".into(),
+            subject: "nobody".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let reads = token_reads(&app, &ada.id).await;
+    assert_eq!(reads.len(), 2, "{reads:?}");
+    assert_eq!(reads[1].0["provider"], "github");
+    assert_eq!(reads[1].0["access_token"], false);
+    assert_eq!(reads[1].0["refresh_token"], false);
+}
+
+/// The PROVIDER_TOKENS_READ events of a user, oldest first: (data, api_key_id).
+async fn token_reads(app: &TestApp, user_id: &str) -> Vec<(serde_json::Value, Option<Uuid>)> {
+    app.events_of(user_id)
+        .await
+        .into_iter()
+        .filter(|(kind, ..)| kind == "PROVIDER_TOKENS_READ")
+        .map(|(_, data, key_id, _)| (data, key_id))
+        .collect()
 }
 
 #[tokio::test]
@@ -292,7 +330,10 @@ async fn unlink_removes_or_moves_to_a_standalone_user() {
         .into_iter()
         .map(|e| e.0)
         .collect();
-    assert_eq!(evs, ["USER_CREATED", "IDENTITY_LINKED"]);
+    assert_eq!(
+        evs,
+        ["USER_CREATED", "IDENTITY_LINKED", "PROVIDER_TOKENS_READ"]
+    );
 }
 
 #[tokio::test]
