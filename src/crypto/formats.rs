@@ -1,7 +1,9 @@
 //! The password-hash formats Roster accepts (new argon2id ones and legacy ones brought in by
 //! imports), their cost bounds, and verification in each.
 //!
-//! Every format is checked by its reference crate (`argon2`, `bcrypt`, `pbkdf2`, `scrypt`).
+//! Every format is checked by its reference crate (`argon2`, `bcrypt`, `pbkdf2`, `scrypt`,
+//! `sha-crypt`); for the frameworks' own encodings of those (Django, Werkzeug) only the text
+//! around the hash is ours.
 //! Cost parameters are bounded on the way in: an imported hash is attacker-controlled input,
 //! and one with `bcrypt` cost 31 or a 4 GiB argon2 memory cost would turn every sign-in
 //! attempt against it into a denial of service.
@@ -11,7 +13,9 @@ use subtle::ConstantTimeEq;
 
 /// The hash formats accepted on create, set and import.
 pub const ACCEPTED_HASH_FORMATS: &str = "PHC argon2id/argon2i/argon2d, bcrypt ($2a$, $2b$, $2y$), \
-    PHC pbkdf2-sha256/pbkdf2-sha512, PHC scrypt";
+    PHC pbkdf2-sha256/pbkdf2-sha512, PHC scrypt, SHA-crypt ($5$, $6$), \
+    Django (pbkdf2_sha256$, argon2$, bcrypt$, bcrypt_sha256$), \
+    Werkzeug (pbkdf2:sha256:N$, pbkdf2:sha512:N$, scrypt:N:r:p$)";
 
 /// Longest hash string accepted.
 pub const MAX_HASH_LEN: usize = 1024;
@@ -29,6 +33,10 @@ pub const MAX_PBKDF2_ITERATIONS: u32 = 5_000_000;
 pub const MAX_SCRYPT_MEMORY_BYTES: u64 = 256 * 1024 * 1024;
 /// Highest scrypt parallelism accepted.
 pub const MAX_SCRYPT_PARALLELISM: u32 = 16;
+/// Highest SHA-crypt round count accepted (glibc's default is 5,000, passlib's 656,000).
+pub const MAX_SHA_CRYPT_ROUNDS: u32 = 1_000_000;
+/// Longest salt of a framework hash (Django's are 22 characters, Werkzeug's 16).
+const MAX_SALT_LEN: usize = 128;
 
 /// A parsed, bounded hash.
 pub enum Format<'a> {
@@ -38,9 +46,33 @@ pub enum Format<'a> {
         version: Version,
         params: Params,
     },
-    Bcrypt,
+    /// `hash` is the bcrypt string itself; `sha256_first` for Django's bcrypt_sha256, which
+    /// hashes the password's hex SHA-256 digest (so that passwords past bcrypt's 72 bytes
+    /// count in full).
+    Bcrypt {
+        hash: &'a str,
+        sha256_first: bool,
+    },
     Pbkdf2(PasswordHash<'a>),
     Scrypt(PasswordHash<'a>),
+    /// `$5$` (SHA-256) or `$6$` (SHA-512) crypt, as in /etc/shadow, LDAP and Dovecot.
+    ShaCrypt {
+        sha512: bool,
+    },
+    /// A framework's own encoding of PBKDF2 or scrypt (Django, Werkzeug): the salt is used as
+    /// its text's bytes, the output's length is the expected hash's.
+    Salted {
+        kdf: Kdf,
+        salt: &'a str,
+        expected: Vec<u8>,
+    },
+}
+
+/// The key derivation of a [`Format::Salted`] hash.
+pub enum Kdf {
+    Pbkdf2Sha256 { rounds: u32 },
+    Pbkdf2Sha512 { rounds: u32 },
+    Scrypt(scrypt::Params),
 }
 
 impl Format<'_> {
@@ -52,10 +84,23 @@ impl Format<'_> {
                 Algorithm::Argon2i => "argon2i",
                 Algorithm::Argon2id => "argon2id",
             },
-            Format::Bcrypt => "bcrypt",
+            Format::Bcrypt {
+                sha256_first: false,
+                ..
+            } => "bcrypt",
+            Format::Bcrypt {
+                sha256_first: true, ..
+            } => "bcrypt-sha256",
             Format::Pbkdf2(phc) if phc.algorithm.as_str() == "pbkdf2-sha512" => "pbkdf2-sha512",
             Format::Pbkdf2(_) => "pbkdf2-sha256",
             Format::Scrypt(_) => "scrypt",
+            Format::ShaCrypt { sha512: false } => "sha256-crypt",
+            Format::ShaCrypt { sha512: true } => "sha512-crypt",
+            Format::Salted { kdf, .. } => match kdf {
+                Kdf::Pbkdf2Sha256 { .. } => "pbkdf2-sha256",
+                Kdf::Pbkdf2Sha512 { .. } => "pbkdf2-sha512",
+                Kdf::Scrypt(_) => "scrypt",
+            },
         }
     }
 }
@@ -78,17 +123,49 @@ pub fn argon2_over_bound(
 
 /// Parses `hash` as one of the accepted formats within the cost bounds; the error says why not.
 pub fn parse(hash: &str) -> Result<Format<'_>, String> {
-    let unsupported =
-        || format!("is not a supported password hash; accepted: {ACCEPTED_HASH_FORMATS}");
     if hash.len() > MAX_HASH_LEN {
         return Err(format!("must be at most {MAX_HASH_LEN} characters"));
     }
-    if let Some(cost) = bcrypt_cost(hash) {
-        if cost > MAX_BCRYPT_COST {
-            return Err(format!("bcrypt cost must be at most {MAX_BCRYPT_COST}"));
-        }
-        return Ok(Format::Bcrypt);
+    // Django prefixes its hasher's name: `bcrypt$` and `argon2$` to the library's own
+    // string, `bcrypt_sha256$` to a bcrypt of the password's SHA-256.
+    if let Some(rest) = hash.strip_prefix("bcrypt_sha256$") {
+        return bcrypt(rest, true);
     }
+    if let Some(rest) = hash.strip_prefix("bcrypt$") {
+        return bcrypt(rest, false);
+    }
+    if hash.starts_with("argon2$argon2") {
+        return phc(&hash["argon2".len()..]);
+    }
+    if let Some(rest) = hash.strip_prefix("pbkdf2_sha256$") {
+        return django_pbkdf2(rest);
+    }
+    if hash.starts_with("pbkdf2:") || hash.starts_with("scrypt:") {
+        return werkzeug(hash);
+    }
+    if hash.starts_with("$5$") || hash.starts_with("$6$") {
+        return sha_crypt(hash);
+    }
+    if bcrypt_cost(hash).is_some() {
+        return bcrypt(hash, false);
+    }
+    phc(hash)
+}
+
+fn unsupported() -> String {
+    format!("is not a supported password hash; accepted: {ACCEPTED_HASH_FORMATS}")
+}
+
+fn bcrypt(hash: &str, sha256_first: bool) -> Result<Format<'_>, String> {
+    let cost = bcrypt_cost(hash).ok_or_else(unsupported)?;
+    if cost > MAX_BCRYPT_COST {
+        return Err(format!("bcrypt cost must be at most {MAX_BCRYPT_COST}"));
+    }
+    Ok(Format::Bcrypt { hash, sha256_first })
+}
+
+/// A PHC string: argon2, pbkdf2 or scrypt.
+fn phc(hash: &str) -> Result<Format<'_>, String> {
     let phc = PasswordHash::new(hash).map_err(|_| unsupported())?;
     if phc.hash.is_none() || phc.salt.is_none() {
         return Err(unsupported());
@@ -147,23 +224,155 @@ pub fn parse(hash: &str) -> Result<Format<'_>, String> {
         "scrypt" => {
             let params = scrypt::Params::try_from(&phc)
                 .map_err(|e| format!("invalid scrypt parameters: {e}"))?;
-            // ln is at most 63 here; anything above 30 is far over the bound anyway.
-            let memory = if params.log_n() > 30 {
-                u64::MAX
-            } else {
-                (128 * u64::from(params.r())) << params.log_n()
-            };
-            if memory > MAX_SCRYPT_MEMORY_BYTES || params.p() > MAX_SCRYPT_PARALLELISM {
-                return Err(format!(
-                    "scrypt parameters must need at most {} MiB (128·r·2^ln bytes) and p ≤ \
-                     {MAX_SCRYPT_PARALLELISM}",
-                    MAX_SCRYPT_MEMORY_BYTES >> 20
-                ));
-            }
+            scrypt_bounds(&params)?;
             Ok(Format::Scrypt(phc))
         }
         _ => Err(unsupported()),
     }
+}
+
+fn scrypt_bounds(params: &scrypt::Params) -> Result<(), String> {
+    // ln is at most 63 here; anything above 30 is far over the bound anyway.
+    let memory = if params.log_n() > 30 {
+        u64::MAX
+    } else {
+        (128 * u64::from(params.r())) << params.log_n()
+    };
+    if memory > MAX_SCRYPT_MEMORY_BYTES || params.p() > MAX_SCRYPT_PARALLELISM {
+        return Err(format!(
+            "scrypt parameters must need at most {} MiB (128·r·2^ln bytes) and p ≤ \
+             {MAX_SCRYPT_PARALLELISM}",
+            MAX_SCRYPT_MEMORY_BYTES >> 20
+        ));
+    }
+    Ok(())
+}
+
+fn pbkdf2_rounds(text: &str) -> Result<u32, String> {
+    let rounds: u32 = text
+        .parse()
+        .map_err(|_| format!("pbkdf2 iterations {text:?} are not a number"))?;
+    if !(1..=MAX_PBKDF2_ITERATIONS).contains(&rounds) {
+        return Err(format!(
+            "pbkdf2 iterations must be 1..={MAX_PBKDF2_ITERATIONS}"
+        ));
+    }
+    Ok(rounds)
+}
+
+/// A framework's salt: text of its own (the KDF takes its bytes), no `$`.
+fn salt_text(salt: &str) -> Result<&str, String> {
+    if salt.is_empty() || salt.len() > MAX_SALT_LEN {
+        return Err(format!("salt must be 1..={MAX_SALT_LEN} characters"));
+    }
+    Ok(salt)
+}
+
+/// A derived key of 16..=64 bytes, the range of the hashes these frameworks write.
+fn expected_len(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
+    if !(16..=64).contains(&bytes.len()) {
+        return Err("hash must be 16..=64 bytes".into());
+    }
+    Ok(bytes)
+}
+
+/// Django's default hasher: `pbkdf2_sha256$<iterations>$<salt>$<base64 of the key>`.
+fn django_pbkdf2(rest: &str) -> Result<Format<'_>, String> {
+    use base64::Engine as _;
+    let mut parts = rest.split('$');
+    let (Some(rounds), Some(salt), Some(key), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(
+            "Django pbkdf2_sha256 hashes are pbkdf2_sha256$<iterations>$<salt>$<hash>".into(),
+        );
+    };
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(key)
+        .map_err(|_| "Django pbkdf2_sha256 hash is not base64".to_string())?;
+    Ok(Format::Salted {
+        kdf: Kdf::Pbkdf2Sha256 {
+            rounds: pbkdf2_rounds(rounds)?,
+        },
+        salt: salt_text(salt)?,
+        expected: expected_len(key)?,
+    })
+}
+
+/// Werkzeug's (Flask's): `pbkdf2:sha256:<iterations>$<salt>$<hex>`, `pbkdf2:sha512:...`,
+/// `scrypt:<n>:<r>:<p>$<salt>$<hex>`. The parameters must be written out: Werkzeug's
+/// defaults for omitted ones changed between versions.
+fn werkzeug(hash: &str) -> Result<Format<'_>, String> {
+    let shape = "Werkzeug hashes are pbkdf2:sha256:<iterations>$<salt>$<hex> or \
+                 scrypt:<n>:<r>:<p>$<salt>$<hex>";
+    let mut parts = hash.split('$');
+    let (Some(method), Some(salt), Some(key), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(shape.into());
+    };
+    let method: Vec<&str> = method.split(':').collect();
+    let kdf = match method[..] {
+        ["pbkdf2", "sha256", rounds] => Kdf::Pbkdf2Sha256 {
+            rounds: pbkdf2_rounds(rounds)?,
+        },
+        ["pbkdf2", "sha512", rounds] => Kdf::Pbkdf2Sha512 {
+            rounds: pbkdf2_rounds(rounds)?,
+        },
+        ["scrypt", n, r, p] => {
+            let number = |t: &str| t.parse::<u32>().map_err(|_| shape.to_string());
+            let n = number(n)?;
+            if !n.is_power_of_two() || n < 2 {
+                return Err("scrypt n must be a power of two".into());
+            }
+            let params = scrypt::Params::new(n.trailing_zeros() as u8, number(r)?, number(p)?, 16)
+                .map_err(|e| format!("invalid scrypt parameters: {e}"))?;
+            scrypt_bounds(&params)?;
+            Kdf::Scrypt(params)
+        }
+        _ => return Err(shape.into()),
+    };
+    let key = hex::decode(key).map_err(|_| format!("{shape} (the hash is not hex)"))?;
+    Ok(Format::Salted {
+        kdf,
+        salt: salt_text(salt)?,
+        expected: expected_len(key)?,
+    })
+}
+
+/// `$5$[rounds=N$]<salt>$<hash>` or `$6$...`, checked field by field so that verification
+/// (by `sha-crypt`) never meets a string it reads differently.
+fn sha_crypt(hash: &str) -> Result<Format<'_>, String> {
+    let sha512 = hash.starts_with("$6$");
+    let shape = "SHA-crypt hashes are $5$ or $6$, [rounds=N$], a salt of up to 16 characters, $, \
+                 and the hash";
+    let fields: Vec<&str> = hash[3..].split('$').collect();
+    let (rounds, salt, key) = match fields[..] {
+        [salt, key] => (None, salt, key),
+        [rounds, salt, key] => (Some(rounds), salt, key),
+        _ => return Err(shape.into()),
+    };
+    if let Some(rounds) = rounds {
+        let n: u32 = rounds
+            .strip_prefix("rounds=")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| shape.to_string())?;
+        // glibc writes what it used, never below 1,000.
+        if !(1_000..=MAX_SHA_CRYPT_ROUNDS).contains(&n) {
+            return Err(format!(
+                "SHA-crypt rounds must be 1000..={MAX_SHA_CRYPT_ROUNDS}"
+            ));
+        }
+    }
+    let crypt64 = |t: &str| {
+        t.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'/')
+    };
+    let key_len = if sha512 { 86 } else { 43 };
+    if salt.len() > 16 || salt.starts_with("rounds=") || key.len() != key_len || !crypt64(key) {
+        return Err(shape.into());
+    }
+    Ok(Format::ShaCrypt { sha512 })
 }
 
 /// The cost of a well-formed bcrypt hash: `$2a$`, `$2b$` or `$2y$`, two digits, `$`, and 53
@@ -224,11 +433,46 @@ pub fn verify(
                 .map_err(|e| anyhow::anyhow!("argon2: {e}"))?;
             Ok(bool::from(out.as_slice().ct_eq(expected.as_bytes())))
         }
-        Format::Bcrypt => {
+        Format::Bcrypt { hash, sha256_first } => {
+            let digest;
+            let password = if *sha256_first {
+                use sha2::Digest as _;
+                digest = hex::encode(sha2::Sha256::digest(password));
+                digest.as_bytes()
+            } else {
+                password
+            };
             bcrypt::verify(password, hash).map_err(|e| anyhow::anyhow!("bcrypt: {e}"))
         }
         Format::Pbkdf2(phc) => Ok(pbkdf2::Pbkdf2.verify_password(password, phc).is_ok()),
         Format::Scrypt(phc) => Ok(scrypt::Scrypt.verify_password(password, phc).is_ok()),
+        Format::ShaCrypt { .. } => {
+            use sha_crypt::password_hash::{Error, PasswordVerifier as _};
+            match sha_crypt::ShaCrypt::default().verify_password(password, hash) {
+                Ok(()) => Ok(true),
+                Err(Error::PasswordInvalid) => Ok(false),
+                Err(e) => Err(anyhow::anyhow!("sha-crypt: {e}")),
+            }
+        }
+        Format::Salted {
+            kdf,
+            salt,
+            expected,
+        } => {
+            let mut out = vec![0u8; expected.len()];
+            let salt = salt.as_bytes();
+            match kdf {
+                Kdf::Pbkdf2Sha256 { rounds } => {
+                    pbkdf2::pbkdf2_hmac::<sha2::Sha256>(password, salt, *rounds, &mut out)
+                }
+                Kdf::Pbkdf2Sha512 { rounds } => {
+                    pbkdf2::pbkdf2_hmac::<sha2::Sha512>(password, salt, *rounds, &mut out)
+                }
+                Kdf::Scrypt(params) => scrypt::scrypt(password, salt, params, &mut out)
+                    .map_err(|e| anyhow::anyhow!("scrypt: {e}"))?,
+            }
+            Ok(bool::from(out.as_slice().ct_eq(expected)))
+        }
     }
 }
 
@@ -288,6 +532,60 @@ mod tests {
             ),
         ] {
             let err = parse(bad).err().unwrap_or_default();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn framework_formats_are_parsed_strictly() {
+        let sha512 = "zHds6jenH9HqnLCeIi7oExqGm4X6DZX38ZduOJeGVXRY5oyJCC/IUfYEsDwhhsrC9yXQ4PUqBo8m039aMRIVZ.";
+        let hex32 = "931b959a5718874655f9af4cb79e0d769e067056f5d6a050ef419fe88c399b79";
+        for (ok, name) in [
+            (format!("$6$rounds=10000$salt${sha512}"), "sha512-crypt"),
+            (format!("$6$salt${sha512}"), "sha512-crypt"),
+            (format!("$5$salt${}", &sha512[..43]), "sha256-crypt"),
+            (
+                format!("pbkdf2:sha256:600000$salt${hex32}"),
+                "pbkdf2-sha256",
+            ),
+            (format!("scrypt:32768:8:1$salt${hex32}"), "scrypt"),
+            (
+                "pbkdf2_sha256$870000$salt$oAYrzfyuPoi+SvRaXjJ4joM0+SKgl6/evx19IAj8Wp4=".into(),
+                "pbkdf2-sha256",
+            ),
+            (
+                "bcrypt_sha256$$2b$10$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy".into(),
+                "bcrypt-sha256",
+            ),
+        ] {
+            let got = parse(&ok).map(|f| f.name());
+            assert_eq!(got, Ok(name), "{ok}");
+        }
+        for (bad, says) in [
+            (format!("$6$rounds=5000000$salt${sha512}"), "rounds must be"),
+            (format!("$6$rounds=10$salt${sha512}"), "rounds must be"),
+            (format!("$6$rounds=x$salt${sha512}"), "SHA-crypt hashes are"),
+            (format!("$6$salt${}", &sha512[..43]), "SHA-crypt hashes are"),
+            (format!("$6$seventeen-chars!!${sha512}"), "SHA-crypt hashes are"),
+            (format!("$6$a$b$c${sha512}"), "SHA-crypt hashes are"),
+            (format!("pbkdf2:sha256$salt${hex32}"), "Werkzeug hashes are"),
+            (format!("pbkdf2:md5:1000$salt${hex32}"), "Werkzeug hashes are"),
+            (format!("pbkdf2:sha256:0$salt${hex32}"), "pbkdf2 iterations"),
+            (format!("pbkdf2:sha256:90000000$salt${hex32}"), "pbkdf2 iterations"),
+            (format!("scrypt:1000:8:1$salt${hex32}"), "power of two"),
+            (format!("scrypt:4194304:8:1$salt${hex32}"), "scrypt parameters"),
+            (format!("scrypt:32768:8:99$salt${hex32}"), "scrypt parameters"),
+            ("pbkdf2:sha256:1000$salt$zz".into(), "not hex"),
+            ("pbkdf2:sha256:1000$salt$abcd".into(), "16..=64 bytes"),
+            (format!("pbkdf2:sha256:1000$${hex32}"), "salt must be"),
+            (format!("pbkdf2:sha256:1000${}${hex32}", "s".repeat(129)), "salt must be"),
+            ("pbkdf2_sha256$870000$salt".into(), "Django pbkdf2_sha256 hashes are"),
+            ("pbkdf2_sha256$870000$salt$not base64!".into(), "not base64"),
+            ("bcrypt$$2b$99$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy".into(), "accepted:"),
+            ("bcrypt$$2b$17$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy".into(), "bcrypt cost"),
+            ("argon2$argon2id$v=19$m=4194304,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$W7wzG3zJx4bC4aCqb9jB8ODm3pLoT9H0yJu5QwZ9vYw".into(), "argon2 parameters"),
+        ] {
+            let err = parse(&bad).err().unwrap_or_default();
             assert!(err.contains(says), "{bad}: {err}");
         }
     }

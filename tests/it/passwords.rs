@@ -18,8 +18,9 @@ pub const PASSWORD: &str = "correct horse battery staple";
 /// The password every legacy fixture hash below was made from.
 pub const LEGACY_PASSWORD: &str = "legacy password 1";
 
-/// Known hashes of `LEGACY_PASSWORD` made by the reference crates (argon2, pbkdf2, scrypt,
-/// bcrypt) and checked independently with Python's argon2-cffi, bcrypt and hashlib.
+/// Known hashes of `LEGACY_PASSWORD`, with the algorithm name their upgrade event gives: PHC
+/// and bcrypt ones made by the reference crates (argon2, pbkdf2, scrypt, bcrypt) and checked
+/// independently with Python's argon2-cffi, bcrypt and hashlib; the frameworks' ones below.
 pub const LEGACY_HASHES: &[(&str, &str)] = &[
     (
         "argon2id",
@@ -57,6 +58,52 @@ pub const LEGACY_HASHES: &[(&str, &str)] = &[
     (
         "bcrypt",
         "$2y$06$ak7xbETwJUXncFPzakSfGOhYLQ0XwO60H/0gyPM.iWJiovVXU9YK2",
+    ),
+    // The frameworks' encodings, made the way Django and Werkzeug make them (Python's
+    // hashlib, bcrypt and argon2-cffi) and SHA-crypt by glibc's crypt(3).
+    (
+        "pbkdf2-sha256",
+        "pbkdf2_sha256$10000$cm9zdGVyZml4dHVyZXNhbHQ$oAYrzfyuPoi+SvRaXjJ4joM0+SKgl6/evx19IAj8Wp4=",
+    ),
+    (
+        "argon2id",
+        "argon2$argon2id$v=19$m=4096,t=1,p=2$G5rbiKysyvkcP2NVcMIsHg$mHIOOYTCROahxKIzs/oyIp9KfSE7TvhDqQvwoNJyjIQ",
+    ),
+    (
+        "bcrypt",
+        "bcrypt$$2b$06$ZvF5Q4E4lyR.siVPcqIg1uFSbQV07jepJ84dVef7z6gbTzEx/zHPq",
+    ),
+    (
+        "bcrypt-sha256",
+        "bcrypt_sha256$$2b$06$4LdUsekbVY2PQ/BpwdvV6.8AnFK4rbouI0S6GuKM8kvixsouAMzuS",
+    ),
+    (
+        "pbkdf2-sha256",
+        "pbkdf2:sha256:10000$rosterfixture16c$931b959a5718874655f9af4cb79e0d769e067056f5d6a050ef419fe88c399b79",
+    ),
+    (
+        "pbkdf2-sha512",
+        "pbkdf2:sha512:10000$rosterfixture16c$d44ac05c2915336ea58a61cc41ff099df7c471e0bef54578ce754016c61ddab5c5c555aa9b7ae0b26cdda80373867f4aa20b242b7b35d899b44cb3697d214226",
+    ),
+    (
+        "scrypt",
+        "scrypt:1024:8:1$rosterfixture16c$a2a44d922740c0a52eb0a21b48778bc83a97ee3081cea83cdba382d2f3d2233e52004b8207ae8eb9b01dea361bf6d9cb670052c2fd8cc1cb7a3fe6ec4b67aeba",
+    ),
+    (
+        "sha512-crypt",
+        "$6$rosterfixture16$SAXZV.jQqHiUOCN5nIkh6ULhGxxmKzQbbVwHegakueTi4LVCMNVMDmVn0a1aXYx4gngypKpSXffiFAoaK5Lqu1",
+    ),
+    (
+        "sha512-crypt",
+        "$6$rounds=10000$rosterfixture16$zHds6jenH9HqnLCeIi7oExqGm4X6DZX38ZduOJeGVXRY5oyJCC/IUfYEsDwhhsrC9yXQ4PUqBo8m039aMRIVZ.",
+    ),
+    (
+        "sha256-crypt",
+        "$5$rounds=10000$rosterfixture16$EMjqjPPlHzfZSw3KokgiVD5/ZQGcwyKUmiS4ZahKPn2",
+    ),
+    (
+        "sha256-crypt",
+        "$5$shortsalt$tbV72LRiilfZaiW2B1X4KtI9oC.625XCIGLb5LQ2XU1",
     ),
 ];
 
@@ -598,6 +645,9 @@ async fn hashes_with_costs_beyond_the_bounds_are_refused() {
         "$2b$20$ak7xbETwJUXncFPzakSfGOhYLQ0XwO60H/0gyPM.iWJiovVXU9YK2",
         "$argon2id$v=19$m=2097152,t=2,p=1$cm9zdGVyLWZpeHR1cmUtc2FsdA$ofXGEmfS3J4FGek5tGGqnH+36jXUZTjD7SOZ9ptg79U",
         "$scrypt$ln=24,r=8,p=1$cm9zdGVyLWZpeHR1cmUtc2FsdA$ly39Byjh1alWA0zXTETO+sZH91tCTx6skWCbtz5IfV4",
+        "$6$rounds=900000000$rosterfixture16$zHds6jenH9HqnLCeIi7oExqGm4X6DZX38ZduOJeGVXRY5oyJCC/IUfYEsDwhhsrC9yXQ4PUqBo8m039aMRIVZ.",
+        "scrypt:1048576:8:1$rosterfixture16c$931b959a5718874655f9af4cb79e0d769e067056f5d6a050ef419fe88c399b79",
+        "pbkdf2:sha256$rosterfixture16c$931b959a5718874655f9af4cb79e0d769e067056f5d6a050ef419fe88c399b79",
         "$md5$rounds=5000$salt$hash",
         "5f4dcc3b5aa765d61d8327deb882cf99",
     ] {
