@@ -210,7 +210,7 @@ pub fn required_scope(path: &str) -> Option<Scope> {
     use Scope::*;
     Some(match (service, method) {
         ("roster.v1.UserService", m) => match m {
-            "GetUser" | "LookupUser" | "ListUsers" => UsersRead,
+            "GetUser" | "BatchGetUsers" | "LookupUser" | "ListUsers" => UsersRead,
             "ImportUsers" => UsersImport,
             "ExportUsers" => UsersExport,
             "CreateUser"

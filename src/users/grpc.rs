@@ -32,6 +32,28 @@ impl UserApi {
 /// Most limits that apply to all ids in a batch.
 pub const MAX_BATCH: usize = 1000;
 
+/// The ids of a batch call: 1 to [`MAX_BATCH`] UUIDs, each bad one a violation of its own
+/// (`ids[3]`), repeats dropped, first-seen order kept.
+fn batch_ids(given: &[String]) -> Result<Vec<Uuid>, Status> {
+    if given.len() > MAX_BATCH {
+        return Err(Error::invalid("ids", format!("at most {MAX_BATCH} ids per call")).into());
+    }
+    let mut v = Violations::new();
+    if given.is_empty() {
+        v.add("ids", "must name at least one user");
+    }
+    let mut seen = std::collections::HashSet::with_capacity(given.len());
+    let mut ids = Vec::with_capacity(given.len());
+    for (i, s) in given.iter().enumerate() {
+        let id = id_field(&mut v, &format!("ids[{i}]"), s);
+        if seen.insert(id) {
+            ids.push(id);
+        }
+    }
+    v.into_result()?;
+    Ok(ids)
+}
+
 fn text(s: &str) -> Option<String> {
     let t = s.trim();
     if t.is_empty() {
@@ -403,6 +425,20 @@ impl UserService for UserApi {
     }
 
     #[tracing::instrument(skip_all)]
+    async fn batch_get_users(
+        &self,
+        request: Request<pb::BatchGetUsersRequest>,
+    ) -> Result<Response<pb::BatchGetUsersResponse>, Status> {
+        let caller = caller_of(&request)?;
+        let ids = batch_ids(&request.get_ref().ids)?;
+        let (found, missing) = ops::batch_get_users(&self.state.pool, &caller, &ids).await?;
+        Ok(Response::new(pb::BatchGetUsersResponse {
+            users: found.iter().map(user_to_proto).collect(),
+            not_found_ids: missing.iter().map(Uuid::to_string).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all)]
     async fn lookup_user(
         &self,
         request: Request<pb::LookupUserRequest>,
@@ -459,22 +495,7 @@ impl UserService for UserApi {
         request: Request<pb::BatchDeleteUsersRequest>,
     ) -> Result<Response<pb::BatchDeleteUsersResponse>, Status> {
         let caller = caller_of(&request)?;
-        let req = request.into_inner();
-        let mut v = Violations::new();
-        if req.ids.is_empty() {
-            v.add("ids", "must name at least one user");
-        }
-        if req.ids.len() > MAX_BATCH {
-            return Err(Error::invalid("ids", format!("at most {MAX_BATCH} ids per call")).into());
-        }
-        let mut ids: Vec<Uuid> = Vec::with_capacity(req.ids.len());
-        for (i, s) in req.ids.iter().enumerate() {
-            let id = id_field(&mut v, &format!("ids[{i}]"), s);
-            if !ids.contains(&id) {
-                ids.push(id);
-            }
-        }
-        v.into_result()?;
+        let ids = batch_ids(&request.get_ref().ids)?;
         let (deleted, missing) = ops::batch_delete_users(&self.state.pool, &caller, &ids).await?;
         Ok(Response::new(pb::BatchDeleteUsersResponse {
             deleted_ids: deleted.iter().map(Uuid::to_string).collect(),

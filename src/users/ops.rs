@@ -142,6 +142,29 @@ pub async fn get_user(reads: &UserReads, caller: &Caller, id: Uuid) -> Result<Us
         .ok_or_else(|| not_found(id))
 }
 
+/// The users of `ids` in their order, and the ids that name none: one statement.
+pub async fn batch_get_users(
+    pool: &Pool,
+    caller: &Caller,
+    ids: &[Uuid],
+) -> Result<(Vec<User>, Vec<Uuid>)> {
+    let client = db::client(pool).await?;
+    let mut by_id: std::collections::HashMap<Uuid, User> =
+        store::get_many(&*client, caller.project_id, ids)
+            .await?
+            .into_iter()
+            .map(|u| (u.id, u))
+            .collect();
+    let (mut found, mut missing) = (Vec::with_capacity(by_id.len()), Vec::new());
+    for id in ids {
+        match by_id.remove(id) {
+            Some(u) => found.push(u),
+            None => missing.push(*id),
+        }
+    }
+    Ok((found, missing))
+}
+
 pub async fn lookup_user(reads: &UserReads, caller: &Caller, key: &LookupKey) -> Result<User> {
     reads
         .lookup(caller.project_id, key.clone())

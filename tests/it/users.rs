@@ -1150,6 +1150,112 @@ async fn batch_delete_reports_deleted_and_missing() {
 }
 
 #[tokio::test]
+async fn batch_get_answers_in_request_order_and_lists_the_missing() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let a = create_user(&mut users, "a@x.io").await;
+    let b = create_user(&mut users, "b@x.io").await;
+    let c = create_user(&mut users, "c@x.io").await;
+    let missing = uuid::Uuid::now_v7().to_string();
+    // Another project's user is as missing as an id of nobody.
+    let (_, other_token) = app.other_project().await;
+    let theirs = create_user(&mut app.users_with(Some(&other_token)), "a@x.io").await;
+    let r = users
+        .batch_get_users(pb::BatchGetUsersRequest {
+            ids: vec![
+                c.id.clone(),
+                missing.clone(),
+                a.id.clone(),
+                theirs.id.clone(),
+                c.id.clone(),
+                b.id.clone(),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let got: Vec<(&str, &str)> = r
+        .users
+        .iter()
+        .map(|u| (u.id.as_str(), u.email.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (c.id.as_str(), "c@x.io"),
+            (a.id.as_str(), "a@x.io"),
+            (b.id.as_str(), "b@x.io")
+        ]
+    );
+    assert_eq!(
+        r.users[0], c,
+        "the whole user, etag included, as GetUser gives it"
+    );
+    assert_eq!(r.not_found_ids, vec![missing.clone(), theirs.id.clone()]);
+
+    // Only missing ids: an empty list of users, not an error.
+    let r = users
+        .batch_get_users(pb::BatchGetUsersRequest {
+            ids: vec![missing.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.users.is_empty());
+    assert_eq!(r.not_found_ids, vec![missing]);
+
+    // The limits and bad ids, each named.
+    let err = users
+        .batch_get_users(pb::BatchGetUsersRequest {
+            ids: vec![a.id.clone(), "x".into(), "".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), vec!["ids[1]", "ids[2]"]);
+    let err = users
+        .batch_get_users(pb::BatchGetUsersRequest { ids: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), vec!["ids"]);
+    let mut many: Vec<String> = (0..999).map(|_| uuid::Uuid::now_v7().to_string()).collect();
+    many.push(b.id.clone());
+    let r = users
+        .batch_get_users(pb::BatchGetUsersRequest { ids: many.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.users.len(), 1);
+    assert_eq!(r.not_found_ids.len(), 999);
+    many.push(a.id.clone());
+    let err = users
+        .batch_get_users(pb::BatchGetUsersRequest { ids: many })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), vec!["ids"]);
+
+    // users.read is enough; users.write alone is not.
+    let reader = app.key(&["users.read"]).await;
+    assert!(
+        app.users_with(Some(&reader))
+            .batch_get_users(pb::BatchGetUsersRequest {
+                ids: vec![a.id.clone()],
+            })
+            .await
+            .is_ok()
+    );
+    let writer = app.key(&["users.write"]).await;
+    let err = app
+        .users_with(Some(&writer))
+        .batch_get_users(pb::BatchGetUsersRequest {
+            ids: vec![a.id.clone()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
 async fn lifecycle_transitions_and_their_events() {
     let app = TestApp::spawn().await;
     let mut users = app.users();

@@ -105,6 +105,9 @@ EXPECT = {
     "UserService/CreateUser": lambda out, docs: docs[0]["user"]["email"] == "ada@example.com"
     and docs[0]["user"]["hasPassword"],
     "UserService/GetUser": lambda out, docs: docs[0]["user"]["id"] == state["<id>"],
+    "UserService/BatchGetUsers": lambda out, docs: [u["id"] for u in docs[0]["users"]]
+    == [state["<id>"]]
+    and docs[0]["notFoundIds"] == ["0190b5e4-0000-7000-8000-000000000000"],
     "UserService/ListUsers": lambda out, docs: [u["id"] for u in docs[0]["users"]]
     == [state["<id>"]],
     "UserService/UpdateUser": lambda out, docs: docs[0]["user"]["displayName"] == "Ada L.",
