@@ -52,6 +52,62 @@ pub struct ApiKey {
     pub rate_limit_rps: Option<f64>,
     /// Its burst; `None`: twice the rate.
     pub rate_limit_burst: Option<f64>,
+    /// The networks it is accepted from (`10.0.0.0/8`); `None`: any.
+    pub allowed_networks: Option<Vec<String>>,
+}
+
+/// Most networks one key may name.
+pub const MAX_KEY_NETWORKS: usize = 100;
+
+/// The networks of `--allow-from`: CIDR blocks or single addresses (as /32 or /128), at
+/// most [`MAX_KEY_NETWORKS`]. A block with host bits set (`10.0.0.1/8`) is refused with the
+/// block it probably means, rather than silently widened or narrowed.
+pub fn parse_networks<S: AsRef<str>>(given: &[S]) -> Result<Vec<ipnet::IpNet>> {
+    let mut v = crate::error::Violations::new();
+    if given.is_empty() {
+        v.add(
+            "allow_from",
+            "give at least one network (or lift the restriction)",
+        );
+    }
+    if given.len() > MAX_KEY_NETWORKS {
+        v.add(
+            "allow_from",
+            format!("at most {MAX_KEY_NETWORKS} networks per key"),
+        );
+    }
+    let mut nets = Vec::with_capacity(given.len());
+    for text in given.iter().map(|t| t.as_ref().trim()) {
+        let net = match text.parse::<ipnet::IpNet>() {
+            Ok(net) => net,
+            Err(_) => match text.parse::<std::net::IpAddr>() {
+                Ok(ip) => ipnet::IpNet::from(ip),
+                Err(_) => {
+                    v.add(
+                        "allow_from",
+                        format!("{text:?} is not an address or CIDR block (10.0.0.0/8, fd00::/8)"),
+                    );
+                    continue;
+                }
+            },
+        };
+        if net != net.trunc() {
+            v.add(
+                "allow_from",
+                format!("{net} has host bits set: did you mean {}?", net.trunc()),
+            );
+            continue;
+        }
+        if !nets.contains(&net) {
+            nets.push(net);
+        }
+    }
+    v.into_result()?;
+    Ok(nets)
+}
+
+fn network_texts(nets: &[ipnet::IpNet]) -> Vec<String> {
+    nets.iter().map(ToString::to_string).collect()
 }
 
 pub async fn create_project(db: &mut impl GenericClient, name: &str) -> Result<Project> {
@@ -463,6 +519,18 @@ pub async fn create_key(
     scopes: &[String],
     expires_at: Option<DateTime<Utc>>,
 ) -> Result<(ApiKey, String)> {
+    create_restricted_key(db, project_id, name, scopes, expires_at, None).await
+}
+
+/// [`create_key`], accepted only from `networks` when given.
+pub async fn create_restricted_key(
+    db: &mut impl GenericClient,
+    project_id: Uuid,
+    name: &str,
+    scopes: &[String],
+    expires_at: Option<DateTime<Utc>>,
+    networks: Option<&[ipnet::IpNet]>,
+) -> Result<(ApiKey, String)> {
     ScopeSet::parse(scopes).map_err(|e| Error::invalid("scopes", e))?;
     if scopes.is_empty() {
         return Err(Error::invalid("scopes", "give at least one scope (or *)"));
@@ -471,11 +539,13 @@ pub async fn create_key(
         return Err(Error::invalid("expires_at", "must be in the future"));
     }
     let key = NewKey::generate();
+    let networks = networks.map(network_texts);
     let tx = db.transaction().await?;
     let row = tx
         .query_one(
-            "INSERT INTO api_keys (id, project_id, name, scopes, secret_hash, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6) RETURNING created_at",
+            "INSERT INTO api_keys (id, project_id, name, scopes, secret_hash, expires_at,
+                                   allowed_networks)
+             VALUES ($1, $2, $3, $4, $5, $6, $7::text[]::cidr[]) RETURNING created_at",
             &[
                 &key.id,
                 &project_id,
@@ -483,6 +553,7 @@ pub async fn create_key(
                 &scopes,
                 &key.secret_hash,
                 &expires_at,
+                &networks,
             ],
         )
         .await?;
@@ -497,6 +568,7 @@ pub async fn create_key(
         expires_at,
         rate_limit_rps: None,
         rate_limit_burst: None,
+        allowed_networks: networks,
     };
     audit(
         &tx,
@@ -507,6 +579,7 @@ pub async fn create_key(
             "name": api_key.name,
             "scopes": api_key.scopes,
             "expires_at": expires_at.map(|t| t.to_rfc3339()),
+            "allowed_networks": api_key.allowed_networks,
         }),
     )
     .await?;
@@ -518,7 +591,7 @@ pub async fn list_keys(db: &impl GenericClient, project_id: Uuid) -> Result<Vec<
     let rows = db
         .query(
             "SELECT id, project_id, name, scopes, created_at, revoked_at, last_used_at,
-                    expires_at, rate_limit_rps, rate_limit_burst
+                    expires_at, rate_limit_rps, rate_limit_burst, allowed_networks::text[]
              FROM api_keys WHERE project_id = $1 ORDER BY created_at",
             &[&project_id],
         )
@@ -536,6 +609,7 @@ pub async fn list_keys(db: &impl GenericClient, project_id: Uuid) -> Result<Vec<
             expires_at: r.get(7),
             rate_limit_rps: r.get(8),
             rate_limit_burst: r.get(9),
+            allowed_networks: r.get(10),
         })
         .collect())
 }
@@ -555,7 +629,8 @@ pub async fn rotate_key(
     let row = tx
         .query_opt(
             "SELECT project_id, name, scopes, created_at, expires_at, rate_limit_rps,
-                    rate_limit_burst, revoked_at IS NULL AND coalesce(expires_at > now(), true)
+                    rate_limit_burst, revoked_at IS NULL AND coalesce(expires_at > now(), true),
+                    allowed_networks::text[]
              FROM api_keys WHERE id = $1 FOR UPDATE",
             &[&key_id],
         )
@@ -572,6 +647,7 @@ pub async fn rotate_key(
     let created_at: DateTime<Utc> = row.get(3);
     let expires_at: Option<DateTime<Utc>> = row.get(4);
     let (rps, burst): (Option<f64>, Option<f64>) = (row.get(5), row.get(6));
+    let networks: Option<Vec<String>> = row.get(8);
     let now = Utc::now();
     let new_expiry =
         expires_at.map(|t| chrono::SubsecRound::trunc_subsecs(now + (t - created_at), 0));
@@ -580,8 +656,8 @@ pub async fn rotate_key(
     let created: DateTime<Utc> = tx
         .query_one(
             "INSERT INTO api_keys (id, project_id, name, scopes, secret_hash, expires_at,
-                                   rate_limit_rps, rate_limit_burst)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING created_at",
+                                   rate_limit_rps, rate_limit_burst, allowed_networks)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text[]::cidr[]) RETURNING created_at",
             &[
                 &key.id,
                 &project_id,
@@ -591,6 +667,7 @@ pub async fn rotate_key(
                 &new_expiry,
                 &rps,
                 &burst,
+                &networks,
             ],
         )
         .await?
@@ -609,6 +686,7 @@ pub async fn rotate_key(
             "name": name,
             "scopes": scopes,
             "expires_at": new_expiry.map(|t| t.to_rfc3339()),
+            "allowed_networks": networks,
             "rotated_from": key_id,
         }),
     )
@@ -637,8 +715,41 @@ pub async fn rotate_key(
         expires_at: new_expiry,
         rate_limit_rps: rps,
         rate_limit_burst: burst,
+        allowed_networks: networks,
     };
     Ok((api_key, key.token, old_until))
+}
+
+/// Restricts a key to `networks` (`None`: accepted from any address again). Servers apply it
+/// within their key-cache time. Audited as API_KEY_UPDATED with `allowed_networks`.
+pub async fn restrict_key(
+    db: &mut impl GenericClient,
+    key_id: Uuid,
+    networks: Option<&[ipnet::IpNet]>,
+) -> Result<()> {
+    let networks = networks.map(network_texts);
+    let tx = db.transaction().await?;
+    let row = tx
+        .query_opt(
+            "UPDATE api_keys SET allowed_networks = $2::text[]::cidr[] WHERE id = $1
+             RETURNING project_id, name",
+            &[&key_id, &networks],
+        )
+        .await?
+        .ok_or_else(|| Error::not_found("api_key", key_id.to_string()))?;
+    audit(
+        &tx,
+        row.get(0),
+        EventType::ApiKeyUpdated,
+        serde_json::json!({
+            "key_id": key_id,
+            "name": row.get::<_, String>(1),
+            "allowed_networks": networks,
+        }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Sets a key's own rate limit: `rps` calls per second (0: none) with bursts of `burst`

@@ -259,8 +259,9 @@ pub fn required_scope(path: &str) -> Option<Scope> {
     })
 }
 
-/// The calling peer's address, over plaintext or TLS.
-fn peer_ip(ext: &http::Extensions) -> Option<String> {
+/// The calling peer's address, over plaintext or TLS; an IPv4 peer of a dual-stack listener
+/// as IPv4 (not `::ffff:10.0.0.1`), so that IPv4 networks match it.
+fn peer_addr(ext: &http::Extensions) -> Option<std::net::IpAddr> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
     ext.get::<TcpConnectInfo>()
         .or_else(|| {
@@ -268,7 +269,7 @@ fn peer_ip(ext: &http::Extensions) -> Option<String> {
                 .map(|t| t.get_ref())
         })
         .and_then(|i| i.remote_addr())
-        .map(|a| a.ip().to_string())
+        .map(|a| a.ip().to_canonical())
 }
 
 /// Paths served without a key: health checks and reflection.
@@ -327,6 +328,8 @@ struct KeyRecord {
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
     policy: ProjectPolicy,
     limit: crate::ratelimit::KeyLimit,
+    /// The networks the key is accepted from; `None`: any.
+    networks: Option<Vec<ipnet::IpNet>>,
 }
 
 /// What a verified key says about its call.
@@ -347,6 +350,8 @@ pub struct KeyVerifier {
     noted: Mutex<HashMap<Uuid, Instant>>,
     /// When this server last warned that each key expires soon.
     warned: Mutex<HashMap<Uuid, Instant>>,
+    /// When this server last warned that each key was tried from outside its networks.
+    refused: Mutex<HashMap<Uuid, Instant>>,
 }
 
 /// Bound on cached key ids (including unknown ones) so random ids cannot grow it forever.
@@ -360,6 +365,8 @@ pub const KEY_USE_RESOLUTION: Duration = Duration::from_secs(60);
 /// replacement is made before the callers start failing.
 const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 86_400);
 const EXPIRY_WARNING_EVERY: Duration = Duration::from_secs(3_600);
+/// How often a key refused outside its networks is logged, per server.
+const REFUSED_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// Whether `key` was last seen in `seen` less than `every` ago; if not, records it as seen now.
 fn seen_within(seen: &Mutex<HashMap<Uuid, Instant>>, key: Uuid, every: Duration) -> bool {
@@ -388,6 +395,7 @@ impl KeyVerifier {
             cache: Mutex::new(HashMap::new()),
             noted: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
         }
     }
 
@@ -431,7 +439,8 @@ impl KeyVerifier {
             .query_opt(
                 &format!(
                     "SELECT k.project_id, k.scopes, k.secret_hash, k.revoked_at IS NOT NULL,
-                            k.expires_at, k.rate_limit_rps, k.rate_limit_burst, {POLICY_COLUMNS}
+                            k.expires_at, k.rate_limit_rps, k.rate_limit_burst,
+                            k.allowed_networks::text[], {POLICY_COLUMNS}
                      FROM api_keys k JOIN projects p ON p.id = k.project_id
                      WHERE k.id = $1"
                 ),
@@ -457,7 +466,12 @@ impl KeyVerifier {
                     limit: row
                         .get::<_, Option<f64>>(5)
                         .map(|rate| crate::ratelimit::Limit::new(rate, row.get(6))),
-                    policy: ProjectPolicy::from_row(&row, 7),
+                    // PostgreSQL's cidr text always parses; were one not to, the key would
+                    // be refused rather than opened up.
+                    networks: row
+                        .get::<_, Option<Vec<String>>>(7)
+                        .map(|nets| nets.iter().filter_map(|n| n.parse().ok()).collect()),
+                    policy: ProjectPolicy::from_row(&row, 8),
                 })
             }
             None => None,
@@ -471,9 +485,13 @@ impl KeyVerifier {
         Ok(rec)
     }
 
-    /// What the key in an `authorization` header value says: its id, project, scopes, the
-    /// project's policy and the key's own rate limit.
-    async fn verify(&self, header: Option<&str>) -> Result<Verified, Error> {
+    /// What the key in an `authorization` header value, used by the peer at `peer`, says:
+    /// its id, project, scopes, the project's policy and the key's own rate limit.
+    async fn verify(
+        &self,
+        header: Option<&str>,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Verified, Error> {
         let unauthenticated = |reason, message| Error::Unauthenticated { reason, message };
         let header = header.ok_or(unauthenticated(
             "MISSING_API_KEY",
@@ -519,6 +537,17 @@ impl KeyVerifier {
                      (roster keys create --expires-in ...)"
                 );
             }
+        }
+        if let Some(networks) = &rec.networks
+            && !peer.is_some_and(|ip| networks.iter().any(|n| n.contains(&ip)))
+        {
+            let ip = peer.map_or_else(|| "an unknown address".to_string(), |ip| ip.to_string());
+            // A valid secret from the wrong place: a leaked key, or a caller that moved.
+            if !seen_within(&self.refused, id, REFUSED_WARNING_EVERY) {
+                tracing::warn!(key = %id, ip = %ip, "an API key was used from outside its \
+                    allowed networks and refused (roster keys restrict)");
+            }
+            return Err(Error::AddressNotAllowed { ip });
         }
         self.note_use(id);
         Ok(Verified {
@@ -688,7 +717,8 @@ where
                     .headers()
                     .get("authorization")
                     .and_then(|v| v.to_str().ok());
-                let authorized = match verifier.verify(header).await {
+                let peer = peer_addr(req.extensions());
+                let authorized = match verifier.verify(header, peer).await {
                     Ok(Verified {
                         key_id,
                         project_id,
@@ -714,7 +744,7 @@ where
                                 scopes,
                                 policy,
                                 request_id: rid.clone(),
-                                peer_ip: peer_ip(req.extensions()),
+                                peer_ip: peer.map(|ip| ip.to_string()),
                             }),
                         }
                     }

@@ -97,6 +97,10 @@ pub enum Error {
     },
     #[error("the API key lacks the scope {scope}")]
     PermissionDenied { scope: &'static str },
+    /// The key is restricted to networks the calling peer is not in (`ip`: the peer's
+    /// address, as the server saw it, so an operator can tell a proxy from the caller).
+    #[error("the API key is not accepted from {ip}: it is restricted to other networks")]
+    AddressNotAllowed { ip: String },
     #[error("rate limit exceeded")]
     RateLimited { retry_after: Duration },
     /// A server-wide limit (not the caller's rate): RESOURCE_EXHAUSTED with RetryInfo.
@@ -165,6 +169,7 @@ impl Error {
             Error::FailedPrecondition { reason, .. } => (Code::FailedPrecondition, reason),
             Error::Unauthenticated { reason, .. } => (Code::Unauthenticated, reason),
             Error::PermissionDenied { .. } => (Code::PermissionDenied, "MISSING_SCOPE"),
+            Error::AddressNotAllowed { .. } => (Code::PermissionDenied, "ADDRESS_NOT_ALLOWED"),
             Error::RateLimited { .. } => (Code::ResourceExhausted, "RATE_LIMITED"),
             Error::Exhausted { reason, .. } => (Code::ResourceExhausted, reason),
             Error::Aborted { reason, .. } => (Code::Aborted, reason),
@@ -224,6 +229,10 @@ impl From<Error> for Status {
             }
             Error::PermissionDenied { scope } => {
                 meta.insert("scope".to_string(), scope.to_string());
+                err.to_string()
+            }
+            Error::AddressNotAllowed { ip } => {
+                meta.insert("ip".to_string(), ip.clone());
                 err.to_string()
             }
             Error::RateLimited { retry_after } | Error::Exhausted { retry_after, .. } => {

@@ -81,10 +81,15 @@ pub enum KeyCommand {
         /// Without it the key lasts until revoked.
         #[arg(long, value_parser = parse_lifetime)]
         expires_in: Option<chrono::TimeDelta>,
+        /// Accept the key only from these networks: CIDR blocks or addresses, comma-separated
+        /// or repeated (e.g. 10.0.0.0/8,fd00::/8). Anywhere else it is refused with
+        /// PERMISSION_DENIED ADDRESS_NOT_ALLOWED. Without it, from any address.
+        #[arg(long = "allow-from", value_delimiter = ',')]
+        allow_from: Vec<String>,
     },
     /// List a project's keys (never their secrets): id, name, scopes, state (active,
     /// revoked or expired), when a server last accepted the key (to within a minute), when
-    /// it expires and its rate limit.
+    /// it expires, its rate limit and the networks it is accepted from.
     List {
         /// Project id or name.
         #[arg(long)]
@@ -119,6 +124,18 @@ pub enum KeyCommand {
         /// rate when not given.
         #[arg(long, value_parser = parse_burst)]
         burst: Option<f64>,
+    },
+    /// Accept a key only from some networks (a leaked key is then refused anywhere else), or
+    /// from any address again. Servers check the address of the connection's peer (a proxy
+    /// or service-mesh sidecar in front of Roster is the peer), and apply the change within
+    /// their key-cache time.
+    Restrict {
+        /// The key id (the part after rst_ in the token, or its UUID form).
+        key_id: String,
+        /// CIDR blocks or addresses, comma-separated or repeated (at most 100), or `any` to
+        /// lift the restriction.
+        #[arg(long = "allow-from", value_delimiter = ',', required = true)]
+        allow_from: Vec<String>,
     },
 }
 
@@ -340,6 +357,14 @@ fn limit_text(rps: Option<f64>, burst: Option<f64>) -> String {
     }
 }
 
+/// How `keys list`, `create` and `restrict` show where a key is accepted from.
+fn networks_text(networks: Option<&[String]>) -> String {
+    match networks {
+        None => "from any address".to_string(),
+        Some(nets) => format!("from {}", nets.join(",")),
+    }
+}
+
 /// How long a rotated key keeps working: a lifetime, or `now`.
 fn parse_grace(text: &str) -> Result<chrono::TimeDelta, String> {
     match text.trim() {
@@ -381,19 +406,35 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                     scopes,
                     name,
                     expires_in,
+                    allow_from,
                 } => {
+                    let networks = match allow_from.is_empty() {
+                        true => None,
+                        false => Some(admin::parse_networks(&allow_from)?),
+                    };
                     let p = admin::find_project(&*client, &project).await?;
                     // Whole seconds: the time an operator reads back and writes down.
                     let expires_at = expires_in
                         .map(|d| chrono::SubsecRound::trunc_subsecs(chrono::Utc::now() + d, 0));
-                    let (key, token) =
-                        admin::create_key(&mut *client, p.id, &name, &scopes, expires_at).await?;
+                    let (key, token) = admin::create_restricted_key(
+                        &mut *client,
+                        p.id,
+                        &name,
+                        &scopes,
+                        expires_at,
+                        networks.as_deref(),
+                    )
+                    .await?;
                     let lasts = match key.expires_at {
                         Some(t) => format!(", expiring {}", t.to_rfc3339()),
                         None => String::new(),
                     };
+                    let from = match &key.allowed_networks {
+                        Some(_) => format!(", {}", networks_text(key.allowed_networks.as_deref())),
+                        None => String::new(),
+                    };
                     eprintln!(
-                        "created key {} in project {}{lasts}; the token is shown only now:",
+                        "created key {} in project {}{lasts}{from}; the token is shown only now:",
                         key.id, p.name
                     );
                     println!("{token}");
@@ -416,8 +457,9 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                             None => "no expiry".to_string(),
                         };
                         let limit = limit_text(k.rate_limit_rps, k.rate_limit_burst);
+                        let from = networks_text(k.allowed_networks.as_deref());
                         println!(
-                            "{}\t{}\t{}\t{state}\t{used}\t{expiry}\t{limit}",
+                            "{}\t{}\t{}\t{state}\t{used}\t{expiry}\t{limit}\t{from}",
                             k.id,
                             k.name,
                             k.scopes.join(",")
@@ -458,6 +500,17 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
                     };
                     admin::set_key_limit(&mut *client, id, rps, burst).await?;
                     println!("{id}\t{}", limit_text(rps, burst));
+                }
+                KeyCommand::Restrict { key_id, allow_from } => {
+                    let id = key_id_of(&key_id)?;
+                    let networks = match allow_from.as_slice() {
+                        [any] if any.trim() == "any" => None,
+                        given => Some(admin::parse_networks(given)?),
+                    };
+                    admin::restrict_key(&mut *client, id, networks.as_deref()).await?;
+                    let texts: Option<Vec<String>> =
+                        networks.map(|nets| nets.iter().map(ToString::to_string).collect());
+                    println!("{id}\t{}", networks_text(texts.as_deref()));
                 }
             }
             Ok(())

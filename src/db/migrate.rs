@@ -85,6 +85,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "drop_events_retention_idx",
         include_str!("migrations/0017_drop_events_retention_idx.sql"),
     ),
+    (
+        18,
+        "api_key_networks",
+        include_str!("migrations/0018_api_key_networks.sql"),
+    ),
 ];
 
 /// A short digest of every migration's version, name and SQL: equal for two builds exactly

@@ -421,3 +421,175 @@ async fn a_keys_own_rate_limit_replaces_the_servers() {
     .unwrap_err();
     assert!(err.to_string().contains("invalid"), "{err}");
 }
+
+/// A key restricted to networks is refused from any other address with its own reason, the
+/// address the server saw and a warning (once, not per call); restricting and lifting apply
+/// within the key-cache time, and each change is audited.
+#[tokio::test]
+async fn keys_restricted_to_networks_are_refused_elsewhere() {
+    let (logs, _guard) = crate::passwords::capture_logs();
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        key_cache_ms: 50,
+        metrics_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    })
+    .await;
+    let nets = |given: &[&str]| roster::admin::parse_networks(given).unwrap();
+    let create = |networks: Vec<ipnet::IpNet>| {
+        let pool = app.pool.clone();
+        let project = app.project_id;
+        async move {
+            roster::admin::create_restricted_key(
+                &mut **pool.get().await.unwrap(),
+                project,
+                "cluster only",
+                &["users.read".into()],
+                None,
+                Some(&networks),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let list = pb::ListUsersRequest::default();
+    // The tests call from 127.0.0.1.
+    let (inside, inside_token) = create(nets(&["10.0.0.0/8", "127.0.0.0/8"])).await;
+    assert_eq!(
+        inside.allowed_networks,
+        Some(vec!["10.0.0.0/8".to_string(), "127.0.0.0/8".to_string()])
+    );
+    app.users_with(Some(&inside_token))
+        .list_users(list.clone())
+        .await
+        .unwrap();
+    let (outside, outside_token) = create(nets(&["10.0.0.0/8", "fd00::/8", "192.0.2.7"])).await;
+    let mut users = app.users_with(Some(&outside_token));
+    for _ in 0..3 {
+        let err = users.list_users(list.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert_eq!(reason(&err), "ADDRESS_NOT_ALLOWED");
+        assert_eq!(
+            details(&err).error_info().unwrap().metadata["ip"],
+            "127.0.0.1"
+        );
+        assert!(err.message().contains("127.0.0.1"), "{}", err.message());
+    }
+    let warned: Vec<String> = String::from_utf8_lossy(&logs.0.lock().unwrap())
+        .lines()
+        .filter(|l| l.contains("outside its allowed networks"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(warned.len(), 1, "once, not per call: {warned:?}");
+    assert!(warned[0].contains(&outside.id.to_string()) && warned[0].contains("127.0.0.1"));
+    assert!(!warned[0].contains(crate::harness::key_secret(&outside_token)));
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metrics["roster_rpc_errors_total{method=\"/roster.v1.UserService/ListUsers\",reason=\"ADDRESS_NOT_ALLOWED\"}"],
+        3.0
+    );
+    // A refused call is not a use of the key.
+    let keys = roster::admin::list_keys(&**app.pool.get().await.unwrap(), app.project_id)
+        .await
+        .unwrap();
+    let listed = keys.iter().find(|k| k.id == outside.id).unwrap();
+    assert_eq!(listed.last_used_at, None);
+
+    // Lifting the restriction, then restricting an open key, within the cache time.
+    let wait_for = |token: String, accepted: bool| {
+        let mut users = app.users_with(Some(&token));
+        let list = list.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let got = users.list_users(list.clone()).await;
+                if got.is_ok() == accepted {
+                    return got.err();
+                }
+                assert!(Instant::now() < deadline, "still {got:?} after 5 s");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    roster::admin::restrict_key(&mut **app.pool.get().await.unwrap(), outside.id, None)
+        .await
+        .unwrap();
+    wait_for(outside_token.clone(), true).await;
+    roster::admin::restrict_key(
+        &mut **app.pool.get().await.unwrap(),
+        inside.id,
+        Some(&nets(&["192.0.2.0/24"])),
+    )
+    .await
+    .unwrap();
+    let err = wait_for(inside_token.clone(), false).await.unwrap();
+    assert_eq!(reason(&err), "ADDRESS_NOT_ALLOWED");
+
+    // A rotated key keeps the restriction.
+    let (rotated, rotated_token, _) = roster::admin::rotate_key(
+        &mut **app.pool.get().await.unwrap(),
+        inside.id,
+        chrono::Utc::now() + chrono::TimeDelta::hours(1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        rotated.allowed_networks,
+        Some(vec!["192.0.2.0/24".to_string()])
+    );
+    let err = app
+        .users_with(Some(&rotated_token))
+        .list_users(list.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&err), "ADDRESS_NOT_ALLOWED");
+
+    // Every change is in the project's log.
+    let events: Vec<serde_json::Value> = app
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT data FROM events WHERE project_id = $1
+               AND type IN ('API_KEY_CREATED', 'API_KEY_UPDATED') ORDER BY position",
+            &[&app.project_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let networks: Vec<&serde_json::Value> = events.iter().map(|e| &e["allowed_networks"]).collect();
+    assert_eq!(
+        networks,
+        [
+            &serde_json::json!(["10.0.0.0/8", "127.0.0.0/8"]),
+            &serde_json::json!(["10.0.0.0/8", "fd00::/8", "192.0.2.7/32"]),
+            &serde_json::Value::Null,
+            &serde_json::json!(["192.0.2.0/24"]),
+            &serde_json::json!(["192.0.2.0/24"]),
+            &serde_json::Value::Null,
+        ],
+        "{events:?}"
+    );
+}
+
+#[test]
+fn key_networks_are_parsed_strictly() {
+    use roster::admin::parse_networks;
+    let ok = parse_networks(&["10.0.0.0/8", " 192.0.2.7 ", "2001:db8::/32", "10.0.0.0/8"]).unwrap();
+    let texts: Vec<String> = ok.iter().map(ToString::to_string).collect();
+    assert_eq!(texts, ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]);
+    for (bad, says) in [
+        (vec!["10.0.0.1/8"], "did you mean 10.0.0.0/8?"),
+        (vec!["nonsense"], "is not an address or CIDR block"),
+        (vec!["10.0.0.0/33"], "is not an address or CIDR block"),
+        (vec![], "at least one network"),
+    ] {
+        let err = parse_networks(&bad).unwrap_err().to_string();
+        assert!(err.contains(says), "{bad:?}: {err}");
+    }
+    let many: Vec<String> = (0..101).map(|i| format!("10.0.{i}.0/24")).collect();
+    let err = parse_networks(&many).unwrap_err().to_string();
+    assert!(err.contains("at most 100"), "{err}");
+}

@@ -396,7 +396,7 @@ async fn projects_and_keys_commands() {
     let line = listed.lines().find(|l| l.contains("\tci\t")).unwrap();
     assert!(
         line.ends_with(&format!(
-            "active\tlast used {}\tno expiry\tlimit default",
+            "active\tlast used {}\tno expiry\tlimit default\tfrom any address",
             first.to_rfc3339()
         )),
         "{listed}"
@@ -506,9 +506,72 @@ async fn projects_and_keys_commands() {
     assert!(ok);
     let (_, listed, _) = roster(&app.url, &["keys", "list", "--project", "acme"]);
     let line = listed.lines().find(|l| l.contains("\tci\t")).unwrap();
-    assert!(line.ends_with("\tlimit 2.5/s burst 4"), "{line}");
+    assert!(
+        line.ends_with("\tlimit 2.5/s burst 4\tfrom any address"),
+        "{line}"
+    );
     let (ok, out, _) = roster(&app.url, &["keys", "limit", &token, "--rps", "default"]);
     assert!(ok && out.ends_with("\tlimit default\n"), "{out}");
+
+    // Networks: a key restricted elsewhere is refused from here (the test's 127.0.0.1),
+    // `any` lifts it; bad blocks are refused before anything changes.
+    let restrict = |nets: &str| {
+        roster(
+            &app.url,
+            &["keys", "restrict", &token, "--allow-from", nets],
+        )
+    };
+    let (ok, _, err) = restrict("10.0.0.1/8");
+    assert!(!ok && err.contains("did you mean 10.0.0.0/8?"), "{err}");
+    let (ok, _, err) = restrict("intranet");
+    assert!(!ok && err.contains("not an address or CIDR block"), "{err}");
+    let (ok, out, err) = restrict("10.0.0.0/8,fd00::/8");
+    assert!(ok, "{err}");
+    assert_eq!(out, format!("{key_id}\tfrom 10.0.0.0/8,fd00::/8\n"));
+    let refused = |want: bool| {
+        let mut users = users.clone();
+        let id = u.id.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let got = users.get_user(pb::GetUserRequest { id: id.clone() }).await;
+                let is_refused = got
+                    .as_ref()
+                    .is_err_and(|e| crate::harness::reason(e) == "ADDRESS_NOT_ALLOWED");
+                if is_refused == want {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{got:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    refused(true).await;
+    let (_, listed, _) = roster(&app.url, &["keys", "list", "--project", "acme"]);
+    let line = listed.lines().find(|l| l.contains("\tci\t")).unwrap();
+    assert!(line.ends_with("\tfrom 10.0.0.0/8,fd00::/8"), "{line}");
+    let (ok, out, _) = restrict("any");
+    assert!(ok && out.ends_with("\tfrom any address\n"), "{out}");
+    refused(false).await;
+    let (ok, _, err) = roster(
+        &app.url,
+        &[
+            "keys",
+            "create",
+            "--project",
+            "acme",
+            "--scope",
+            "users.read",
+            "--name",
+            "office",
+            "--allow-from",
+            "192.0.2.0/24",
+            "--allow-from",
+            "2001:db8::1",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("from 192.0.2.0/24,2001:db8::1/128;"), "{err}");
 
     // A mangled token is refused without echoing it (it may hold the secret).
     let (ok, _, err) = roster(&app.url, &["keys", "revoke", "rst_typo_s3cret"]);
