@@ -48,6 +48,15 @@ impl Kind {
         })
     }
 
+    /// Filter values: `TOTP` or `AUTHENTICATOR_TYPE_TOTP`.
+    pub fn number_by_name(name: &str) -> Option<i16> {
+        let name = name.strip_prefix("AUTHENTICATOR_TYPE_").unwrap_or(name);
+        (1..=6)
+            .filter_map(Kind::from_i16)
+            .find(|k| k.as_str() == name)
+            .map(|k| k as i16)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Password => "PASSWORD",

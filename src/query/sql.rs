@@ -53,6 +53,9 @@ pub enum FieldKind {
     Enum(fn(&str) -> Option<i16>),
     /// An enum stored as its name; the function maps a value name to the stored one.
     Name(fn(&str) -> Option<&'static str>),
+    /// A list of enum numbers (a smallint[] expression), matched with `:` only (AIP-160's
+    /// "has" on a repeated field): `x:VALUE` contains it, `x:*` is not empty.
+    EnumList(fn(&str) -> Option<i16>),
     /// A jsonb column, addressed with a key path.
     Json,
 }
@@ -212,6 +215,21 @@ fn comparison(
             let n = lookup(text_of(value))
                 .ok_or_else(|| format!("'{}' is not a value of '{name}'", text_of(value)))?;
             format!("{col} {} {}", sql_op(op), sql.param(n.to_string()))
+        }
+        FieldKind::EnumList(lookup) => {
+            if op != Op::Has {
+                return Err(format!(
+                    "'{name}' is a list: match it with ':', e.g. '{name}:TOTP' (has TOTP), \
+                     '{name}:*' (has any), 'NOT {name}:TOTP'"
+                ));
+            }
+            match text_of(value) {
+                "*" => format!("cardinality({col}) > 0"),
+                v => {
+                    let n = lookup(v).ok_or_else(|| format!("'{v}' is not a value of '{name}'"))?;
+                    format!("{col} @> ARRAY[{}::smallint]", sql.param(n))
+                }
+            }
         }
         FieldKind::Int => {
             if op == Op::Has {

@@ -752,6 +752,14 @@ pub fn filter_field(name: &str) -> Result<Field, String> {
         "updated_at" => simple("updated_at", FieldKind::Timestamp),
         "last_login_at" => simple("last_login_at", FieldKind::Timestamp),
         "login_count" => simple("login_count", FieldKind::Int),
+        // As User.enrolled_methods shows it: PASSWORD when a password is set, then the
+        // confirmed factors (kept on the row by a trigger). `NOT enrolled_methods:TOTP AND
+        // NOT enrolled_methods:PASSKEY` lists who to nudge into a second factor.
+        "enrolled_methods" => simple(
+            "(CASE WHEN password_hash IS NULL THEN '{}'::smallint[] ELSE '{1}' END \
+             || factor_types)",
+            FieldKind::EnumList(crate::authenticators::Kind::number_by_name),
+        ),
         _ => {
             let json = name
                 .strip_prefix("app_metadata")

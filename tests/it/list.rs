@@ -153,6 +153,73 @@ async fn filter_grammar() {
     for (filter, want) in cases {
         assert_eq!(emails(&mut users, filter).await.unwrap(), *want, "{filter}");
     }
+
+    // Enrolled methods, as User.enrolled_methods shows them: who has which factor, who has
+    // none. Alan confirms TOTP, Grace has recovery codes, Linus only starts a TOTP.
+    let id_of = |email: &str| {
+        let mut users = users.clone();
+        let email = email.to_string();
+        async move {
+            users
+                .lookup_user(pb::LookupUserRequest {
+                    key: Some(pb::lookup_user_request::Key::Email(email)),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .user
+                .unwrap()
+                .id
+        }
+    };
+    let mut authn = app.authenticators();
+    crate::factors::confirmed_totp(&mut authn, &id_of("alan@other.org").await).await;
+    crate::factors::enroll_totp(&mut authn, &id_of("linus@other.org").await).await;
+    authn
+        .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
+            user_id: id_of("grace@example.com").await,
+        })
+        .await
+        .unwrap();
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "enrolled_methods:PASSWORD",
+            &["ada@example.com", "grace@example.com"],
+        ),
+        (
+            "enrolled_methods:AUTHENTICATOR_TYPE_TOTP",
+            &["alan@other.org"],
+        ),
+        ("enrolled_methods:RECOVERY_CODES", &["grace@example.com"]),
+        (
+            "enrolled_methods:*",
+            &["ada@example.com", "alan@other.org", "grace@example.com"],
+        ),
+        ("NOT enrolled_methods:*", &["linus@other.org"]),
+        (
+            "NOT enrolled_methods:TOTP AND NOT enrolled_methods:PASSKEY",
+            &["ada@example.com", "grace@example.com", "linus@other.org"],
+        ),
+        (
+            "enrolled_methods:PASSWORD AND enrolled_methods:RECOVERY_CODES",
+            &["grace@example.com"],
+        ),
+    ];
+    for (filter, want) in cases {
+        assert_eq!(emails(&mut users, filter).await.unwrap(), *want, "{filter}");
+    }
+    for (filter, says) in [
+        ("enrolled_methods = TOTP", "is a list: match it with ':'"),
+        (
+            "enrolled_methods:FINGERPRINT",
+            "'FINGERPRINT' is not a value",
+        ),
+        ("enrolled_methods:\"*TP\"", "is not a value"),
+    ] {
+        let err = emails(&mut users, filter).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{filter}");
+        assert!(err.message().contains(says), "{filter}: {}", err.message());
+    }
 }
 
 #[tokio::test]
