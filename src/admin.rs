@@ -827,3 +827,81 @@ pub async fn revoke_key(db: &mut impl GenericClient, key_id: Uuid) -> Result<()>
     tx.commit().await?;
     Ok(())
 }
+
+/// An address the sign-in throttle counts failed sign-ins against, as stored: `failures`
+/// owed as of `as_of` (they refill evenly over the window from then on), and the attempts
+/// `refused` since it last had room.
+#[derive(Debug, Clone)]
+pub struct Throttled {
+    pub ip: std::net::IpAddr,
+    pub failures: f64,
+    pub as_of: DateTime<Utc>,
+    pub refused: i32,
+}
+
+/// Most addresses `list_throttled` returns: the ones refusing, then the most indebted.
+pub const THROTTLED_LISTED: i64 = 1000;
+
+/// The addresses of a project the sign-in throttle holds failures against, those being
+/// refused first (IPv6 ones as their /64).
+pub async fn list_throttled(db: &impl GenericClient, project_id: Uuid) -> Result<Vec<Throttled>> {
+    let rows = db
+        .query(
+            "SELECT ip, spent, at, refusals FROM ip_failures WHERE project_id = $1
+             ORDER BY refusals DESC, spent DESC, ip LIMIT $2",
+            &[&project_id, &THROTTLED_LISTED],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Throttled {
+            ip: r.get(0),
+            failures: r.get(1),
+            as_of: r.get(2),
+            refused: r.get(3),
+        })
+        .collect())
+}
+
+/// Forgets the failures an address owes in a project (an office behind one NAT that a few
+/// forgotten passwords got throttled), so its sign-ins are checked again at once; an IPv6
+/// address releases its /64. Audited as IP_THROTTLE_RELEASED. `None` when it owed nothing.
+/// Sign-ins in flight from it settle against the fresh budget.
+pub async fn release_ip(
+    db: &mut impl GenericClient,
+    project_id: Uuid,
+    ip: std::net::IpAddr,
+) -> Result<Option<Throttled>> {
+    let key = crate::authenticators::throttle::FailureThrottle::key(ip);
+    let tx = db.transaction().await?;
+    let Some(row) = tx
+        .query_opt(
+            "DELETE FROM ip_failures WHERE project_id = $1 AND ip = $2
+             RETURNING ip, spent, at, refusals",
+            &[&project_id, &key],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let released = Throttled {
+        ip: row.get(0),
+        failures: row.get(1),
+        as_of: row.get(2),
+        refused: row.get(3),
+    };
+    audit(
+        &tx,
+        project_id,
+        EventType::IpThrottleReleased,
+        serde_json::json!({
+            "ip": released.ip.to_string(),
+            // Tenths: the budget refills continuously, more digits say nothing.
+            "failures": (released.failures * 10.0).round() / 10.0,
+            "refused": released.refused,
+        }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(released))
+}

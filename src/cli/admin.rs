@@ -140,6 +140,28 @@ pub enum KeyCommand {
 }
 
 #[derive(Subcommand)]
+pub enum ThrottleCommand {
+    /// List a project's addresses with failed sign-ins counted against them, those being
+    /// refused first: address (IPv6 as its /64), failures owed as of a time (they refill
+    /// evenly over --ip-failure-window-secs from then), attempts refused since it had room.
+    List {
+        /// Project id or name.
+        #[arg(long)]
+        project: String,
+    },
+    /// Forget what an address owes, so its sign-ins are checked again at once (an office
+    /// behind one NAT throttled by a few forgotten passwords). Audited. For an address that
+    /// should never be throttled, use serve's --ip-failure-exempt instead.
+    Release {
+        /// Project id or name.
+        #[arg(long)]
+        project: String,
+        /// The address (an IPv6 one releases its /64).
+        ip: std::net::IpAddr,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum EncryptionCommand {
     /// Count the stored secrets (provider tokens, TOTP seeds) by the key that sealed them,
     /// and say which of those keys this configuration lacks.
@@ -517,6 +539,56 @@ pub async fn keys(cmd: KeyCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
         })
     })
     .await
+}
+
+pub async fn throttle(cmd: ThrottleCommand, db: &DatabaseConfig) -> anyhow::Result<()> {
+    with_database(db, move |client, _| {
+        Box::pin(async move {
+            match cmd {
+                ThrottleCommand::List { project } => {
+                    let p = admin::find_project(&*client, &project).await?;
+                    let listed = admin::list_throttled(&*client, p.id).await?;
+                    for t in &listed {
+                        println!(
+                            "{}\towes {} as of {}\trefused {}",
+                            t.ip,
+                            failures_text(t.failures),
+                            t.as_of.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                            t.refused
+                        );
+                    }
+                    if listed.len() as i64 == admin::THROTTLED_LISTED {
+                        eprintln!("(the first {} addresses)", admin::THROTTLED_LISTED);
+                    }
+                }
+                ThrottleCommand::Release { project, ip } => {
+                    let p = admin::find_project(&*client, &project).await?;
+                    match admin::release_ip(&mut *client, p.id, ip).await? {
+                        Some(t) => println!(
+                            "released {} in {}: it owed {}, {} attempts refused",
+                            t.ip,
+                            p.name,
+                            failures_text(t.failures),
+                            t.refused
+                        ),
+                        None => println!("{ip} owes no failed sign-ins in {}", p.name),
+                    }
+                }
+            }
+            Ok(())
+        })
+    })
+    .await
+}
+
+/// Failures owed, as an operator reads them: `1 failure`, `2.5 failures`.
+fn failures_text(n: f64) -> String {
+    let n = (n * 10.0).round() / 10.0;
+    if n == 1.0 {
+        "1 failure".to_string()
+    } else {
+        format!("{n} failures")
+    }
 }
 
 pub async fn encryption(

@@ -37,6 +37,14 @@ pub enum Command {
         #[command(flatten)]
         database: DatabaseConfig,
     },
+    /// See and release the addresses the sign-in throttle (--ip-failure-limit) holds failed
+    /// sign-ins against.
+    Throttle {
+        #[command(subcommand)]
+        command: admin::ThrottleCommand,
+        #[command(flatten)]
+        database: DatabaseConfig,
+    },
     /// Rotate the keys sealing secrets at rest: which keys stored secrets need, re-seal them.
     Encryption {
         #[command(subcommand)]
@@ -95,6 +103,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Projects { command, database } => admin::projects(command, &database).await,
         Command::Keys { command, database } => admin::keys(command, &database).await,
+        Command::Throttle { command, database } => admin::throttle(command, &database).await,
         Command::Encryption {
             command,
             keys,

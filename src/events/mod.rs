@@ -78,6 +78,7 @@ event_types! {
     ApiKeyUpdated => "API_KEY_UPDATED",
     ApiKeyRevoked => "API_KEY_REVOKED",
     ProviderTokensRead => "PROVIDER_TOKENS_READ",
+    IpThrottleReleased => "IP_THROTTLE_RELEASED",
 }
 
 impl EventType {

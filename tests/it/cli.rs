@@ -1550,7 +1550,7 @@ async fn a_key_is_rotated_with_a_grace_period() {
     let new_line = line(&uuid_form(&new_id));
     assert!(
         new_line.contains("\tbilling\tusers.read\tactive\t")
-            && new_line.ends_with("\tlimit 50/s burst 100"),
+            && new_line.ends_with("\tlimit 50/s burst 100\tfrom any address"),
         "{listed}"
     );
     // The new key lasts what the old one did: about 90 days from now.
@@ -1663,4 +1663,126 @@ async fn create_user_with(app: &TestApp, token: &str) -> tonic::Status {
         })
         .await
         .unwrap_err()
+}
+
+/// An office throttled by a few wrong passwords: `roster throttle list` shows the address
+/// being refused, `release` lets its next sign-in through at once (audited), an IPv6 address
+/// releases its /64, and releasing an address that owes nothing changes nothing.
+#[tokio::test]
+async fn a_throttled_address_is_listed_and_released() {
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        key_cache_ms: 50,
+        ip_failure_limit: 2,
+        ..Default::default()
+    })
+    .await;
+    crate::passwords::user_with_password(&app, "office@x.io").await;
+    let project = app.project_id.to_string();
+    let a = app.authenticators();
+    let sign_in = |ip: &str, password: &str| {
+        let mut a = a.clone();
+        let req = pb::VerifyPasswordRequest {
+            login: Some(pb::verify_password_request::Login::Email(
+                "office@x.io".into(),
+            )),
+            password: password.into(),
+            ip: ip.into(),
+            user_agent: String::new(),
+        };
+        async move { a.verify_password(req).await.map(|r| r.into_inner().result) }
+    };
+    const OFFICE: &str = "203.0.113.9";
+    const HOME: &str = "2001:db8:1:2::7";
+    for ip in [OFFICE, OFFICE, HOME, HOME] {
+        sign_in(ip, "not the password 1").await.unwrap();
+    }
+    for ip in [OFFICE, HOME] {
+        let err = sign_in(ip, crate::passwords::PASSWORD).await.unwrap_err();
+        assert_eq!(crate::harness::reason(&err), "IP_THROTTLED");
+    }
+    sign_in(OFFICE, "not the password 2").await.unwrap_err();
+
+    let (ok, out, err) = roster(&app.url, &["throttle", "list", "--project", &project]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].starts_with(&format!("{OFFICE}\towes 2 failures as of 20")),
+        "{out}"
+    );
+    assert!(lines[0].ends_with("\trefused 2"), "{out}");
+    assert!(
+        lines[1].starts_with("2001:db8:1:2::\towes 2 failures"),
+        "{out}"
+    );
+    assert!(lines[1].ends_with("\trefused 1"), "{out}");
+
+    let (ok, out, err) = roster(
+        &app.url,
+        &["throttle", "release", "--project", &project, OFFICE],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with(&format!("released {OFFICE} in "))
+            && out.ends_with(": it owed 2 failures, 2 attempts refused\n"),
+        "{out}"
+    );
+    assert_eq!(
+        sign_in(OFFICE, crate::passwords::PASSWORD).await.unwrap(),
+        pb::VerifyPasswordResult::Ok as i32
+    );
+    // Another address of the same /64 releases it.
+    let (ok, out, _) = roster(
+        &app.url,
+        &[
+            "throttle",
+            "release",
+            "--project",
+            &project,
+            "2001:db8:1:2::ffff",
+        ],
+    );
+    assert!(
+        ok && out.starts_with("released 2001:db8:1:2:: in "),
+        "{out}"
+    );
+    assert_eq!(
+        sign_in(HOME, crate::passwords::PASSWORD).await.unwrap(),
+        pb::VerifyPasswordResult::Ok as i32
+    );
+    let (ok, out, _) = roster(&app.url, &["throttle", "list", "--project", &project]);
+    assert!(ok && out.is_empty(), "{out}");
+    let (ok, out, _) = roster(
+        &app.url,
+        &["throttle", "release", "--project", &project, OFFICE],
+    );
+    assert!(
+        ok && out.starts_with(&format!("{OFFICE} owes no failed sign-ins in ")),
+        "{out}"
+    );
+    let (ok, _, err) = roster(
+        &app.url,
+        &["throttle", "release", "--project", &project, "office"],
+    );
+    assert!(!ok && err.contains("invalid value 'office'"), "{err}");
+
+    // Two releases, in the project's log, by the operator.
+    let rows = app
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT data FROM events WHERE project_id = $1 AND type = 'IP_THROTTLE_RELEASED'
+             ORDER BY position",
+            &[&app.project_id],
+        )
+        .await
+        .unwrap();
+    let data: Vec<serde_json::Value> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(data.len(), 2, "{data:?}");
+    assert_eq!(data[0]["ip"], OFFICE);
+    assert_eq!(data[0]["failures"], 2.0);
+    assert_eq!(data[0]["refused"], 2);
+    assert_eq!(data[1]["ip"], "2001:db8:1:2::");
 }
