@@ -504,11 +504,29 @@ impl AuthenticatorService for AuthenticatorApi {
             }
         }
         let mut problems = policy::problems(&req.password, &personal, settings.min_length as usize);
-        if !req.password.is_empty()
-            && req.password.chars().count() <= policy::MAX_PASSWORD_CHARS
-            && s.is_breached(&req.password).await?
-        {
+        let checkable =
+            !req.password.is_empty() && req.password.chars().count() <= policy::MAX_PASSWORD_CHARS;
+        if checkable && s.is_breached(&req.password).await? {
             problems.push(crate::crypto::breached::PROBLEM.into());
+        }
+        if req.check_history {
+            let Some(user) = &user else {
+                return Err(Error::invalid("check_history", "needs user_id").into());
+            };
+            // Only for a password that could be set: the hashing is what costs.
+            if checkable && problems.is_empty() {
+                problems.extend(
+                    password::reuse_problem(
+                        &s.pool,
+                        &s.hasher,
+                        &settings,
+                        &caller,
+                        user.id,
+                        &req.password,
+                    )
+                    .await?,
+                );
+            }
         }
         Ok(Response::new(pb::CheckPasswordResponse {
             acceptable: problems.is_empty(),

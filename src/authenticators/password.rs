@@ -178,8 +178,25 @@ async fn check_history(
     let NewPassword::Plain(plain) = password else {
         return Ok(());
     };
+    match history_problem(pool, hasher, settings, caller, id, current, plain).await? {
+        Some(problem) => Err(Error::invalid(field, problem)),
+        None => Ok(()),
+    }
+}
+
+/// Why `plain` may not be the user's new password by the history rule (it is the current
+/// one, hashed as `current`, or one of those kept), if it may not.
+async fn history_problem(
+    pool: &Pool,
+    hasher: &Hasher,
+    settings: &PasswordSettings,
+    caller: &Caller,
+    id: Uuid,
+    current: Option<&str>,
+    plain: &str,
+) -> Result<Option<String>> {
     if settings.history == 0 {
-        return Ok(());
+        return Ok(None);
     }
     let mut hashes: Vec<String> = current.map(str::to_owned).into_iter().collect();
     if settings.history > 1 {
@@ -190,19 +207,38 @@ async fn check_history(
     }
     let checks = hashes
         .into_iter()
-        .map(|h| hasher.verify(plain.clone(), Some(h)));
+        .map(|h| hasher.verify(plain.to_owned(), Some(h)));
     let reused = futures_util::future::try_join_all(checks)
         .await?
         .iter()
         .any(|v| v.ok);
-    if reused {
-        let message = match settings.history {
-            1 => "is the user's current password; choose another".to_string(),
-            n => format!("is one of the user's last {n} passwords; choose another"),
-        };
-        return Err(Error::invalid(field, message));
-    }
-    Ok(())
+    Ok(reused.then(|| match settings.history {
+        1 => "is the user's current password; choose another".to_string(),
+        n => format!("is one of the user's last {n} passwords; choose another"),
+    }))
+}
+
+/// For CheckPassword: why `plain` may not be user `id`'s next password by the history rule,
+/// as SetPassword and ChangePassword would refuse it. One hash check per password compared.
+pub async fn reuse_problem(
+    pool: &Pool,
+    hasher: &Hasher,
+    settings: &PasswordSettings,
+    caller: &Caller,
+    id: Uuid,
+    plain: &str,
+) -> Result<Option<String>> {
+    let found = credentials_of(pool, caller, id).await?;
+    history_problem(
+        pool,
+        hasher,
+        settings,
+        caller,
+        id,
+        found.hash.as_deref(),
+        plain,
+    )
+    .await
 }
 
 /// After the history check, inside the transaction: the hash it compared against must still be

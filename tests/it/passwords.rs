@@ -1130,6 +1130,42 @@ async fn password_history_refuses_the_last_passwords() {
     a.change_password(change(b, c)).await.unwrap();
 
     // Now c (current), b and PASSWORD are the last three.
+    // CheckPassword says so when asked to (on submit), and not otherwise (per keystroke).
+    let check = |p: &str, check_history: bool| pb::CheckPasswordRequest {
+        password: p.into(),
+        user_id: user.id.clone(),
+        check_history,
+        ..Default::default()
+    };
+    for reused in [PASSWORD, b, c] {
+        let r = a
+            .check_password(check(reused, true))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!r.acceptable, "{reused}");
+        assert_eq!(
+            r.problems,
+            ["is one of the user's last 3 passwords; choose another"]
+        );
+        let r = a
+            .check_password(check(reused, false))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.acceptable, "{reused} without check_history: {r:?}");
+    }
+    let r = a.check_password(check(d, true)).await.unwrap().into_inner();
+    assert!(r.acceptable && r.problems.is_empty(), "{r:?}");
+    let err = a
+        .check_password(pb::CheckPasswordRequest {
+            password: d.into(),
+            check_history: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["check_history"]);
     let events_before = app.events_of(&user.id).await.len();
     let hash_before = stored_hash(&app, &user.id).await;
     let err = a.change_password(change(c, PASSWORD)).await.unwrap_err();
