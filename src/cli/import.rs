@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::records::{self, Format};
+use super::records::{self, Format, Source};
 use super::remote::{Progress, ServerArgs};
 use crate::pb::v1 as pb;
 
@@ -56,6 +56,10 @@ pub struct ImportArgs {
     /// Write each failed record here, in the input's format, with `_record` and `_error`.
     #[arg(long)]
     pub errors: Option<PathBuf>,
+    /// Whose field names the file uses: roster (what `roster export` writes) or auth0 (an
+    /// Auth0 user export, JSON or CSV; see the README's migrating from Auth0).
+    #[arg(long, value_enum, default_value = "roster")]
+    pub from: Source,
     /// Leave out the first N records (to resume an interrupted import; use --mode upsert).
     #[arg(long, default_value_t = 0)]
     pub skip: u64,
@@ -144,6 +148,7 @@ fn sniff_format(input: &mut dyn Read) -> std::io::Result<(Format, Vec<u8>)> {
 
 struct Reader {
     format: Format,
+    from: Source,
     skip: u64,
     keep_raw: bool,
     requests: mpsc::Sender<pb::ImportUsersRequest>,
@@ -153,7 +158,13 @@ struct Reader {
 impl Reader {
     /// Sends one parsed record; false when the stream is gone.
     fn send(&self, record: u64, raw: Raw, parsed: Result<Map<String, Value>, String>) -> bool {
-        let request = parsed.and_then(records::import_record);
+        let csv = self.format == Format::Csv;
+        let request = parsed
+            .and_then(|obj| match self.from {
+                Source::Roster => Ok(obj),
+                Source::Auth0 => records::from_auth0(obj, csv),
+            })
+            .and_then(records::import_record);
         match request {
             Err(reason) => self
                 .notes
@@ -497,6 +508,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     let bytes = Arc::new(AtomicU64::new(0));
     let reader = Reader {
         format,
+        from: args.from,
         skip: args.skip,
         keep_raw: args.errors.is_some(),
         requests,

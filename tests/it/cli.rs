@@ -1786,3 +1786,184 @@ async fn a_throttled_address_is_listed_and_released() {
     assert_eq!(data[0]["refused"], 2);
     assert_eq!(data[1]["ip"], "2001:db8:1:2::");
 }
+
+/// Moving off Auth0: its user export (JSON lines or CSV, Auth0's field names) plus the
+/// `passwordHash` of its password export import as they are with `--from auth0`: users keep
+/// their Auth0 id as external_id, their social logins as identities and their passwords;
+/// a blocked user and an unknown field are refused, each with its reason.
+#[tokio::test]
+async fn an_auth0_export_imports_with_its_identities_and_passwords() {
+    use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-auth0-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bcrypt = LEGACY_HASHES[6].1;
+    let records = [
+        serde_json::json!({
+            "_id": {"$oid": "5f7c8ec7c33c6c004bbafe82"},
+            "user_id": "auth0|5f7c8ec7c33c6c004bbafe82",
+            "email": "ada@example.com", "email_verified": true,
+            "name": "Ada Lovelace", "given_name": "Ada", "family_name": "Lovelace",
+            "nickname": "ada", "picture": "https://s.gravatar.com/avatar/ada.png",
+            "created_at": "2020-05-12T09:34:12.123Z", "updated_at": "2024-01-02T03:04:05.000Z",
+            "last_login": "2024-01-02T03:04:05.000Z", "logins_count": 42, "blocked": false,
+            "user_metadata": {"theme": "dark"}, "app_metadata": {"plan": "pro"},
+            "identities": [{"provider": "auth0", "user_id": "5f7c8ec7c33c6c004bbafe82",
+                            "connection": "Username-Password-Authentication", "isSocial": false}],
+            "passwordHash": bcrypt,
+        }),
+        serde_json::json!({
+            "user_id": "google-oauth2|107691503500061507151",
+            "email": "grace@gmail.com", "email_verified": true, "name": "Grace Hopper",
+            "identities": [
+                {"provider": "google-oauth2", "user_id": "107691503500061507151",
+                 "connection": "google-oauth2", "isSocial": true},
+                {"provider": "github", "user_id": 583231, "connection": "github",
+                 "isSocial": true},
+            ],
+        }),
+        serde_json::json!({"user_id": "auth0|blocked", "email": "mallory@example.com",
+                           "blocked": true}),
+        serde_json::json!({"user_id": "auth0|odd", "email": "odd@example.com",
+                           "favorite_color": "blue"}),
+    ];
+    let file = dir.join("tenant.json");
+    std::fs::write(
+        &file,
+        records.iter().map(|r| format!("{r}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let errors = dir.join("errors.json");
+    let (code, _, err) = roster_client(
+        &app,
+        &app.token,
+        &[
+            "import",
+            file.to_str().unwrap(),
+            "--from",
+            "auth0",
+            "--errors",
+            errors.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("2 created, 0 updated, 2 failed"), "{err}");
+    let failed: Vec<serde_json::Value> = std::fs::read_to_string(&errors)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        failed[0]["_error"]
+            .as_str()
+            .unwrap()
+            .contains("blocked in Auth0"),
+        "{failed:?}"
+    );
+    assert!(
+        failed[1]["_error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown Auth0 field 'favorite_color'"),
+        "{failed:?}"
+    );
+
+    let mut users = app.users();
+    let ada = users
+        .lookup_user(pb::LookupUserRequest {
+            key: Some(pb::lookup_user_request::Key::ExternalId(
+                "auth0|5f7c8ec7c33c6c004bbafe82".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(ada.email, "ada@example.com");
+    assert!(ada.email_verified);
+    assert_eq!(ada.display_name, "Ada Lovelace");
+    assert_eq!(
+        (ada.given_name.as_str(), ada.family_name.as_str()),
+        ("Ada", "Lovelace")
+    );
+    assert_eq!(ada.picture_url, "https://s.gravatar.com/avatar/ada.png");
+    assert_eq!(ada.created_at.unwrap().seconds, 1_589_276_052);
+    assert_eq!(ada.login_count, 0, "Roster counts its own sign-ins");
+    assert_eq!(
+        ada.app_metadata.unwrap().fields["plan"],
+        crate::pb_struct(serde_json::json!({"p": "pro"})).fields["p"]
+    );
+    // Her Auth0 password signs her in (and is upgraded to argon2id).
+    let r = app
+        .authenticators()
+        .verify_password(pb::VerifyPasswordRequest {
+            login: Some(pb::verify_password_request::Login::Email(
+                "ada@example.com".into(),
+            )),
+            password: LEGACY_PASSWORD.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result, pb::VerifyPasswordResult::Ok as i32);
+    // Her Auth0 database identity is her password, not a linked account.
+    let ids = app
+        .identities()
+        .list_identities(pb::ListIdentitiesRequest {
+            user_id: ada.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .identities;
+    assert!(ids.is_empty(), "{ids:?}");
+    // Grace's social logins find her, as the social-login lookup will after the move.
+    for (provider, subject) in [
+        ("google-oauth2", "107691503500061507151"),
+        ("github", "583231"),
+    ] {
+        let found = app
+            .identities()
+            .lookup_user_by_identity(pb::LookupUserByIdentityRequest {
+                provider: provider.into(),
+                subject: subject.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(found.user.unwrap().email, "grace@gmail.com");
+    }
+
+    // Auth0's CSV: each text cell starts with ' (its CSV-injection guard).
+    let csv = dir.join("tenant.csv");
+    std::fs::write(
+        &csv,
+        "user_id,email,email_verified,name\n\
+         'auth0|csv1,'csv@example.com,true,'Csv O'Neil\n",
+    )
+    .unwrap();
+    let (code, _, err) = roster_client(
+        &app,
+        &app.token,
+        &["import", csv.to_str().unwrap(), "--from", "auth0"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let csv_user = users
+        .lookup_user(pb::LookupUserRequest {
+            key: Some(pb::lookup_user_request::Key::Email(
+                "csv@example.com".into(),
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(csv_user.external_id, "auth0|csv1");
+    assert_eq!(csv_user.display_name, "Csv O'Neil");
+    assert!(csv_user.email_verified);
+}
