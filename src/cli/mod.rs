@@ -1,5 +1,6 @@
 //! The `roster` command line: one binary, a subcommand per job (clap, `--help` on each).
 pub mod admin;
+pub mod events;
 pub mod export;
 pub mod import;
 pub mod records;
@@ -58,6 +59,10 @@ pub enum Command {
     Import(Box<import::ImportArgs>),
     /// Export users to JSONL or CSV through a running server (ExportUsers).
     Export(Box<export::ExportArgs>),
+    /// Follow the audit log as JSON lines on standard output, for a SIEM or log shipper:
+    /// every event after a position, then new ones as they happen, until stopped
+    /// (StreamEvents; reconnects when the server goes away; --state resumes after a restart).
+    Events(Box<events::EventsArgs>),
 }
 
 /// An error as an operator reads it: the message and its causes joined by ": ", a cause that
@@ -111,6 +116,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => admin::encryption(command, &database, &keys).await,
         Command::Import(args) => import::run(*args).await,
         Command::Export(args) => export::run(*args).await,
+        Command::Events(args) => events::run(*args).await,
     }
 }
 

@@ -1,5 +1,5 @@
-//! What the client commands (`import`, `export`) share: the server address, the API key, a
-//! UserService client, and progress reporting (a bar on a terminal, periodic lines otherwise).
+//! What the client commands (`import`, `export`, `events`) share: the server address, the API
+//! key, the clients, and progress reporting (a bar on a terminal, periodic lines otherwise).
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -11,6 +11,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::pb::v1::log_service_client::LogServiceClient;
 use crate::pb::v1::user_service_client::UserServiceClient;
 
 /// Where the server is. The API key comes from `ROSTER_API_KEY` (never a flag: flags show in
@@ -40,6 +41,7 @@ impl Interceptor for Bearer {
 }
 
 pub type Users = UserServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Logs = LogServiceClient<InterceptedService<Channel, Bearer>>;
 
 impl ServerArgs {
     fn api_key(&self) -> anyhow::Result<String> {
@@ -57,7 +59,9 @@ impl ServerArgs {
         Ok(k.trim().to_string())
     }
 
-    pub async fn users(&self) -> anyhow::Result<Users> {
+    /// The key as a header value, and a channel to the server (connected now, so a wrong
+    /// address is said at once).
+    async fn connect(&self) -> anyhow::Result<(Channel, Bearer)> {
         let key = self.api_key()?;
         let bearer: MetadataValue<Ascii> = format!("Bearer {key}")
             .parse()
@@ -68,8 +72,18 @@ impl ServerArgs {
             .connect()
             .await
             .with_context(|| format!("cannot reach the Roster server at {}", self.server))?;
-        Ok(UserServiceClient::with_interceptor(channel, Bearer(bearer))
+        Ok((channel, Bearer(bearer)))
+    }
+
+    pub async fn users(&self) -> anyhow::Result<Users> {
+        let (channel, bearer) = self.connect().await?;
+        Ok(UserServiceClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(64 * 1024 * 1024))
+    }
+
+    pub async fn logs(&self) -> anyhow::Result<Logs> {
+        let (channel, bearer) = self.connect().await?;
+        Ok(LogServiceClient::with_interceptor(channel, bearer))
     }
 }
 

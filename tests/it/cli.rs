@@ -1967,3 +1967,178 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
     assert_eq!(csv_user.display_name, "Csv O'Neil");
     assert!(csv_user.email_verified);
 }
+
+/// `roster events` for a log shipper: the log as JSON lines, the backlog then live events;
+/// with `--state` a follower killed and started again resumes after the last event it wrote
+/// (nothing skipped, nothing repeated once saved); SIGTERM saves and exits 0; a bad filter
+/// ends it with the server's reason; a server going away is retried, not fatal.
+#[tokio::test]
+async fn events_follows_the_log_and_resumes_from_its_state() {
+    use std::sync::mpsc;
+    let mut app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-events-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("position");
+    let state_arg = state.to_str().unwrap().to_string();
+    let server = format!("http://{}", app.addr);
+    let token = app.token.clone();
+    let follow = |args: &[&str]| {
+        let mut child = Command::new(ROSTER)
+            .arg("events")
+            .args(args)
+            .env("ROSTER_SERVER", &server)
+            .env("ROSTER_API_KEY", &token)
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run roster events");
+        let (lines_tx, lines) = mpsc::channel::<serde_json::Value>();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if lines_tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                    break;
+                }
+            }
+        });
+        (Reap(child), lines)
+    };
+    let saved = |want: i64| {
+        let state = state.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let text = std::fs::read_to_string(&state).unwrap_or_default();
+                if text.trim().parse::<i64>().ok() == Some(want) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "state {text:?}, want {want}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let mut users = app.users();
+    let first = create_user(&mut users, "first@x.io").await;
+
+    let (child, lines) = follow(&["--state", &state_arg]);
+    let e = next_line(&lines).await;
+    assert_eq!(e["type"], "USER_CREATED");
+    assert_eq!(e["user_id"], first.id.as_str());
+    assert_eq!(e["data"]["fields"], serde_json::json!(["email"]), "{e}");
+    assert_eq!(e["ip"], "127.0.0.1");
+    assert!(e["occurred_at"].as_str().unwrap().ends_with('Z'), "{e}");
+    assert!(e["position"].as_i64().unwrap() > 0);
+    saved(e["position"].as_i64().unwrap()).await;
+    // Live.
+    let second = create_user(&mut users, "second@x.io").await;
+    let e = next_line(&lines).await;
+    assert_eq!(e["user_id"], second.id.as_str());
+    saved(e["position"].as_i64().unwrap()).await;
+    drop(child);
+
+    // Killed; two changes meanwhile; started again it goes on after the second user.
+    let third = create_user(&mut users, "third@x.io").await;
+    users
+        .delete_user(pb::DeleteUserRequest {
+            id: first.id.clone(),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    let (mut child, lines) = follow(&["--state", &state_arg]);
+    let e = next_line(&lines).await;
+    assert_eq!(
+        e["user_id"],
+        third.id.as_str(),
+        "resumed after the second: {e}"
+    );
+    let e = next_line(&lines).await;
+    assert_eq!(e["type"], "USER_DELETED");
+    let deleted = e["position"].as_i64().unwrap();
+    saved(deleted).await;
+    // SIGTERM: saved, exit 0.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let status = exited(&mut child.0).await;
+    assert!(status.success(), "{status:?}");
+    assert!(lines.try_recv().is_err(), "nothing more");
+
+    // A filter, from position 0 without state.
+    let (child, lines) = follow(&["--filter", "type = USER_DELETED"]);
+    assert_eq!(next_line(&lines).await["position"], deleted);
+    drop(child);
+
+    // A bad filter is the server's INVALID_ARGUMENT, said once, exit 1.
+    let (mut child, _lines) = follow(&["--filter", "colour = blue"]);
+    let status = exited(&mut child.0).await;
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("colour"), "{err}");
+
+    // The server going away is waited out (a replica restarting), not an exit.
+    let (mut child, _lines) = follow(&["--state", &state_arg]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.begin_shutdown();
+    app.stopped().await;
+    let stderr = child.0.stderr.take().unwrap();
+    let (said_tx, said) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if said_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Two attempts (after 0.5 s and 1 s), still running.
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let said: Vec<String> = said.try_iter().collect();
+    assert!(child.0.try_wait().unwrap().is_none(), "exited: {said:?}");
+    assert!(
+        said.len() >= 2
+            && said[0].starts_with("roster events: ")
+            && said[0].contains("reconnecting in 0.5 s")
+            && said[1].contains("cannot reach the Roster server")
+            && said[1].contains("reconnecting in 1.0 s"),
+        "{said:?}"
+    );
+}
+
+/// The next JSON line from a follower, within 10 s. The server runs on the test's thread:
+/// this polls, never blocks it.
+async fn next_line(lines: &std::sync::mpsc::Receiver<serde_json::Value>) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match lines.try_recv() {
+            Ok(line) => return line,
+            Err(std::sync::mpsc::TryRecvError::Empty) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("no event line within 10 s: {e}"),
+        }
+    }
+}
+
+/// Kills the child it holds when dropped, so a failed test leaves no process behind.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits for `child` to exit without blocking the test's runtime.
+async fn exited(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "still running after 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

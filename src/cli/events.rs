@@ -1,0 +1,265 @@
+//! `roster events`: follows the audit log (StreamEvents) and writes one JSON object per event
+//! to standard output, for a SIEM or log shipper. With `--state FILE` the last position
+//! written is kept there, so a restarted follower resumes after it. Delivery is at least once:
+//! the state is saved after the lines it covers are flushed, so a crash between the two
+//! repeats a few events (each has its `id` to tell them apart), and never skips one.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{Map, Value};
+use tonic::Code;
+
+use super::remote::ServerArgs;
+use crate::pb::v1 as pb;
+use crate::wire;
+
+#[derive(clap::Args, Debug)]
+pub struct EventsArgs {
+    /// AIP-160 filter, as on ListEvents (e.g. 'type = LOGIN_FAILED').
+    #[arg(long, default_value = "")]
+    pub filter: String,
+    /// Start after this position (0: from the oldest event kept). A position in --state
+    /// wins over it.
+    #[arg(long, default_value_t = 0)]
+    pub after: i64,
+    /// Keep the last position written in this file and resume after it on the next start.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// How long output may wait for more events before it is flushed and the state saved.
+const FLUSH_AFTER: Duration = Duration::from_millis(50);
+/// Events written between saves of the state while they keep coming.
+const SAVE_EVERY: u64 = 1_000;
+/// Waits between reconnections: doubling from the first to the last.
+const RECONNECT_FIRST: Duration = Duration::from_millis(500);
+const RECONNECT_LAST: Duration = Duration::from_secs(30);
+
+pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
+    let mut after = args.after;
+    if let Some(path) = &args.state
+        && let Some(saved) = read_state(path)?
+    {
+        after = saved;
+    }
+    let mut out = Output {
+        stdout: std::io::BufWriter::new(std::io::stdout().lock()),
+        state: args.state.clone(),
+        after,
+        unsaved: 0,
+    };
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        let _ = stop.send(true);
+    });
+    // Stopped by a signal, it saves what it wrote before exiting 0.
+    let result = follow(&args, &mut out, stopped).await;
+    out.save()?;
+    result
+}
+
+/// What has been written and where it has been saved.
+struct Output<W: Write> {
+    stdout: W,
+    state: Option<PathBuf>,
+    /// The position of the last event written.
+    after: i64,
+    /// Events written since the state was last saved.
+    unsaved: u64,
+}
+
+impl<W: Write> Output<W> {
+    fn write(&mut self, event: &pb::Event) -> anyhow::Result<()> {
+        let line = serde_json::to_string(&event_json(event))?;
+        writeln!(self.stdout, "{line}").context("writing to standard output")?;
+        self.after = event.position;
+        self.unsaved += 1;
+        if self.unsaved >= SAVE_EVERY {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// Flushes what was written, then records its last position: never the other way round.
+    fn save(&mut self) -> anyhow::Result<()> {
+        self.stdout.flush().context("writing to standard output")?;
+        if self.unsaved > 0
+            && let Some(path) = &self.state
+        {
+            write_state(path, self.after)?;
+        }
+        self.unsaved = 0;
+        Ok(())
+    }
+}
+
+/// Streams from `out.after` on, reconnecting (from the last position written) when the
+/// server goes away, until `stopped` turns true (Ok) or an error retrying cannot mend.
+async fn follow<W: Write>(
+    args: &EventsArgs,
+    out: &mut Output<W>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut wait = RECONNECT_FIRST;
+    loop {
+        let stream = async {
+            let mut logs = args.server.logs().await?;
+            let stream = logs
+                .stream_events(pb::StreamEventsRequest {
+                    after_position: out.after,
+                    since: None,
+                    filter: args.filter.clone(),
+                })
+                .await?;
+            anyhow::Ok(stream.into_inner())
+        }
+        .await;
+        let ended = match stream {
+            Ok(mut stream) => {
+                wait = RECONNECT_FIRST;
+                tokio::select! {
+                    ended = pump(&mut stream, out) => ended,
+                    _ = stopped.wait_for(|s| *s) => return Ok(()),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let e = match ended {
+            Ok(()) => anyhow::anyhow!("the server ended the stream"),
+            Err(e) => e,
+        };
+        if !retryable(&e) {
+            return Err(e);
+        }
+        out.save()?;
+        eprintln!(
+            "roster events: {}; reconnecting in {:.1} s from position {}",
+            super::error_line(&e),
+            wait.as_secs_f64(),
+            out.after
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopped.wait_for(|s| *s) => return Ok(()),
+        }
+        wait = (wait * 2).min(RECONNECT_LAST);
+    }
+}
+
+/// Writes the stream's events as they come, flushing when it pauses.
+async fn pump<W: Write>(
+    stream: &mut tonic::Streaming<pb::StreamEventsResponse>,
+    out: &mut Output<W>,
+) -> anyhow::Result<()> {
+    loop {
+        // `message` is cancel-safe: a timed-out wait loses nothing.
+        let next = if out.unsaved > 0 {
+            match tokio::time::timeout(FLUSH_AFTER, stream.message()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    out.save()?;
+                    continue;
+                }
+            }
+        } else {
+            stream.message().await
+        };
+        match next? {
+            Some(m) => {
+                if let Some(event) = m.event {
+                    out.write(&event)?;
+                }
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Whether following can go on after `e`: the server or the network went away (a replica
+/// shutting down, a restart, a broken connection), as opposed to a bad key or filter.
+fn retryable(e: &anyhow::Error) -> bool {
+    match e.downcast_ref::<tonic::Status>() {
+        Some(status) => matches!(
+            status.code(),
+            Code::Unavailable
+                | Code::Unknown
+                | Code::Internal
+                | Code::Cancelled
+                | Code::ResourceExhausted
+                | Code::DeadlineExceeded
+        ),
+        // Connecting failed, or the stream ended: the server is away.
+        None => e.downcast_ref::<std::io::Error>().is_none(),
+    }
+}
+
+fn read_state(path: &Path) -> anyhow::Result<Option<i64>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .trim()
+            .parse::<i64>()
+            .map(Some)
+            .with_context(|| format!("{} does not hold a position", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Replaces the state file whole (written aside, then renamed), so it is never half-written.
+fn write_state(path: &Path, position: i64) -> anyhow::Result<()> {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".tmp");
+    let aside = PathBuf::from(aside);
+    std::fs::write(&aside, format!("{position}\n"))
+        .with_context(|| format!("writing {}", aside.display()))?;
+    std::fs::rename(&aside, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// An event as one JSON object: the proto's field names, the type without its prefix, the
+/// time in RFC 3339, `data` as an object, absent values as null.
+fn event_json(e: &pb::Event) -> Value {
+    let text = |s: &str| match s {
+        "" => Value::Null,
+        s => Value::String(s.to_string()),
+    };
+    let mut m = Map::new();
+    m.insert("position".into(), e.position.into());
+    m.insert("id".into(), text(&e.id));
+    let kind = pb::EventType::try_from(e.r#type)
+        .map(|t| {
+            t.as_str_name()
+                .trim_start_matches("EVENT_TYPE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| e.r#type.to_string());
+    m.insert("type".into(), Value::String(kind));
+    m.insert("user_id".into(), text(&e.user_id));
+    let at = e
+        .occurred_at
+        .as_ref()
+        .and_then(wire::from_timestamp)
+        .map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)));
+    m.insert("occurred_at".into(), at.unwrap_or(Value::Null));
+    m.insert("api_key_id".into(), text(&e.api_key_id));
+    m.insert("ip".into(), text(&e.ip));
+    m.insert("user_agent".into(), text(&e.user_agent));
+    m.insert("request_id".into(), text(&e.request_id));
+    let data = e
+        .data
+        .as_ref()
+        .and_then(|d| wire::struct_to_json(d).ok())
+        .map(Value::Object)
+        .unwrap_or(Value::Null);
+    m.insert("data".into(), data);
+    Value::Object(m)
+}
