@@ -538,6 +538,9 @@ pub async fn create_restricted_key(
     if expires_at.is_some_and(|t| t <= Utc::now()) {
         return Err(Error::invalid("expires_at", "must be in the future"));
     }
+    if networks.is_some_and(<[_]>::is_empty) {
+        return Err(Error::invalid("allow_from", "give at least one network"));
+    }
     let key = NewKey::generate();
     let networks = networks.map(network_texts);
     let tx = db.transaction().await?;
@@ -727,27 +730,44 @@ pub async fn restrict_key(
     key_id: Uuid,
     networks: Option<&[ipnet::IpNet]>,
 ) -> Result<()> {
+    if networks.is_some_and(<[_]>::is_empty) {
+        return Err(Error::invalid("allow_from", "give at least one network"));
+    }
     let networks = networks.map(network_texts);
+    update_key(
+        db,
+        key_id,
+        "allowed_networks = $2::text[]::cidr[]",
+        &[&networks],
+        serde_json::json!({ "allowed_networks": networks }),
+    )
+    .await
+}
+
+/// Sets columns of a key (`set`, with `params` as $2...) and records API_KEY_UPDATED with
+/// its id, name and `changed`, in one transaction.
+async fn update_key(
+    db: &mut impl GenericClient,
+    key_id: Uuid,
+    set: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    changed: serde_json::Value,
+) -> Result<()> {
     let tx = db.transaction().await?;
+    let mut all: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&key_id];
+    all.extend_from_slice(params);
     let row = tx
         .query_opt(
-            "UPDATE api_keys SET allowed_networks = $2::text[]::cidr[] WHERE id = $1
-             RETURNING project_id, name",
-            &[&key_id, &networks],
+            &format!("UPDATE api_keys SET {set} WHERE id = $1 RETURNING project_id, name"),
+            &all,
         )
         .await?
         .ok_or_else(|| Error::not_found("api_key", key_id.to_string()))?;
-    audit(
-        &tx,
-        row.get(0),
-        EventType::ApiKeyUpdated,
-        serde_json::json!({
-            "key_id": key_id,
-            "name": row.get::<_, String>(1),
-            "allowed_networks": networks,
-        }),
-    )
-    .await?;
+    let mut data = serde_json::json!({ "key_id": key_id, "name": row.get::<_, String>(1) });
+    if let (Some(data), serde_json::Value::Object(changed)) = (data.as_object_mut(), changed) {
+        data.extend(changed);
+    }
+    audit(&tx, row.get(0), EventType::ApiKeyUpdated, data).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -772,29 +792,14 @@ pub async fn set_key_limit(
         v.add("rate_limit_burst", "goes with a rate above 0");
     }
     v.into_result()?;
-    let tx = db.transaction().await?;
-    let row = tx
-        .query_opt(
-            "UPDATE api_keys SET rate_limit_rps = $2, rate_limit_burst = $3 WHERE id = $1
-             RETURNING project_id, name",
-            &[&key_id, &rps, &burst],
-        )
-        .await?
-        .ok_or_else(|| Error::not_found("api_key", key_id.to_string()))?;
-    audit(
-        &tx,
-        row.get(0),
-        EventType::ApiKeyUpdated,
-        serde_json::json!({
-            "key_id": key_id,
-            "name": row.get::<_, String>(1),
-            "rate_limit_rps": rps,
-            "rate_limit_burst": burst,
-        }),
+    update_key(
+        db,
+        key_id,
+        "rate_limit_rps = $2, rate_limit_burst = $3",
+        &[&rps, &burst],
+        serde_json::json!({ "rate_limit_rps": rps, "rate_limit_burst": burst }),
     )
-    .await?;
-    tx.commit().await?;
-    Ok(())
+    .await
 }
 
 /// Revokes a key; servers stop accepting it within their key-cache time. Revoking a revoked

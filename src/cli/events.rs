@@ -40,6 +40,9 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_LAST: Duration = Duration::from_secs(30);
 
 pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
+    // A server that is down is waited for; an address that cannot be one is said at once.
+    tonic::transport::Endpoint::from_shared(args.server.server.clone())
+        .with_context(|| format!("bad server address {}", args.server.server))?;
     let mut after = args.after;
     if let Some(path) = &args.state
         && let Some(saved) = read_state(path)?

@@ -1335,34 +1335,14 @@ async fn jsonl_import_reports_bad_records_and_resumes() {
     let (code, _, err) = roster_client(&app, &app.token, &["import", csv.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{err}");
     let mut users = app.users();
-    let zoe = users
-        .lookup_user(pb::LookupUserRequest {
-            key: Some(pb::lookup_user_request::Key::Email(
-                "zoe@example.com".into(),
-            )),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let zoe = crate::user_by_email(&mut users, "zoe@example.com").await;
     assert_eq!(zoe.display_name, "O'Brien, \"Zoë\"");
     assert!(zoe.email_verified);
     assert_eq!(
         zoe.user_metadata.unwrap(),
         crate::pb_struct(serde_json::json!({"bio": "a, b"}))
     );
-    let lee = users
-        .lookup_user(pb::LookupUserRequest {
-            key: Some(pb::lookup_user_request::Key::Email(
-                "lee@example.com".into(),
-            )),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let lee = crate::user_by_email(&mut users, "lee@example.com").await;
     assert_eq!(lee.display_name, "李小龍");
 
     // Without a key the client says how to get one.
@@ -1870,17 +1850,11 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
     );
 
     let mut users = app.users();
-    let ada = users
-        .lookup_user(pb::LookupUserRequest {
-            key: Some(pb::lookup_user_request::Key::ExternalId(
-                "auth0|5f7c8ec7c33c6c004bbafe82".into(),
-            )),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let ada = crate::user_by(
+        &mut users,
+        pb::lookup_user_request::Key::ExternalId("auth0|5f7c8ec7c33c6c004bbafe82".into()),
+    )
+    .await;
     assert_eq!(ada.email, "ada@example.com");
     assert!(ada.email_verified);
     assert_eq!(ada.display_name, "Ada Lovelace");
@@ -1925,15 +1899,9 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
         ("google-oauth2", "107691503500061507151"),
         ("github", "583231"),
     ] {
-        let found = app
-            .identities()
-            .lookup_user_by_identity(pb::LookupUserByIdentityRequest {
-                provider: provider.into(),
-                subject: subject.into(),
-            })
+        let found = crate::identities::lookup(&mut app.identities(), provider, subject)
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         assert_eq!(found.user.unwrap().email, "grace@gmail.com");
     }
 
@@ -1952,17 +1920,7 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
     )
     .await;
     assert_eq!(code, 0, "{err}");
-    let csv_user = users
-        .lookup_user(pb::LookupUserRequest {
-            key: Some(pb::lookup_user_request::Key::Email(
-                "csv@example.com".into(),
-            )),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let csv_user = crate::user_by_email(&mut users, "csv@example.com").await;
     assert_eq!(csv_user.external_id, "auth0|csv1");
     assert_eq!(csv_user.display_name, "Csv O'Neil");
     assert!(csv_user.email_verified);
@@ -2076,6 +2034,13 @@ async fn events_follows_the_log_and_resumes_from_its_state() {
     std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("colour"), "{err}");
+    // So is an address that cannot be one (a server that is down is waited for, below).
+    let (mut child, _lines) = follow(&["--server", "not a url"]);
+    let status = exited(&mut child.0).await;
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("bad server address not a url"), "{err}");
 
     // The server going away is waited out (a replica restarting), not an exit.
     let (mut child, _lines) = follow(&["--state", &state_arg]);

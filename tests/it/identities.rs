@@ -25,7 +25,8 @@ async fn linked(ids: &mut Identities, req: pb::LinkIdentityRequest) -> pb::Ident
         .unwrap()
 }
 
-async fn lookup(
+/// LookupUserByIdentity (provider, subject).
+pub async fn lookup(
     ids: &mut Identities,
     provider: &str,
     subject: &str,

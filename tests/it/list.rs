@@ -159,18 +159,7 @@ async fn filter_grammar() {
     let id_of = |email: &str| {
         let mut users = users.clone();
         let email = email.to_string();
-        async move {
-            users
-                .lookup_user(pb::LookupUserRequest {
-                    key: Some(pb::lookup_user_request::Key::Email(email)),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .user
-                .unwrap()
-                .id
-        }
+        async move { crate::user_by_email(&mut users, &email).await.id }
     };
     let mut authn = app.authenticators();
     crate::factors::confirmed_totp(&mut authn, &id_of("alan@other.org").await).await;

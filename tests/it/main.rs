@@ -62,6 +62,22 @@ pub async fn get(users: &mut harness::Users, id: &str) -> pb::User {
         .expect("user")
 }
 
+/// LookupUser by `key`, which must find the user.
+pub async fn user_by(users: &mut harness::Users, key: pb::lookup_user_request::Key) -> pb::User {
+    users
+        .lookup_user(pb::LookupUserRequest { key: Some(key) })
+        .await
+        .expect("lookup user")
+        .into_inner()
+        .user
+        .expect("user")
+}
+
+/// LookupUser by email, which must find the user.
+pub async fn user_by_email(users: &mut harness::Users, email: &str) -> pb::User {
+    user_by(users, pb::lookup_user_request::Key::Email(email.into())).await
+}
+
 /// A `Struct` from a JSON object literal.
 pub fn pb_struct(v: serde_json::Value) -> prost_types::Struct {
     roster::wire::json_to_struct(v.as_object().expect("object"))
