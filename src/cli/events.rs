@@ -24,6 +24,10 @@ pub struct EventsArgs {
     /// wins over it.
     #[arg(long, default_value_t = 0)]
     pub after: i64,
+    /// Without a position to start after: begin with the events from this time (RFC 3339),
+    /// or `now` for new events only (a first start that should not replay the whole log).
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
     /// Keep the last position written in this file and resume after it on the next start.
     #[arg(long)]
     pub state: Option<PathBuf>,
@@ -120,7 +124,8 @@ async fn follow<W: Write>(
             let stream = logs
                 .stream_events(pb::StreamEventsRequest {
                     after_position: out.after,
-                    since: None,
+                    // Once an event has been written, its position says where to go on.
+                    since: args.since.filter(|_| out.after == 0).map(wire::timestamp),
                     filter: args.filter.clone(),
                 })
                 .await?;
@@ -203,6 +208,15 @@ fn retryable(e: &anyhow::Error) -> bool {
         ),
         // Connecting failed, or the stream ended: the server is away.
         None => e.downcast_ref::<std::io::Error>().is_none(),
+    }
+}
+
+fn parse_since(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    match text.trim() {
+        "now" => Ok(chrono::Utc::now()),
+        t => chrono::DateTime::parse_from_rfc3339(t)
+            .map(|t| t.with_timezone(&chrono::Utc))
+            .map_err(|_| "give an RFC 3339 time (2026-12-01T00:00:00Z) or now".to_string()),
     }
 }
 

@@ -2026,6 +2026,12 @@ async fn events_follows_the_log_and_resumes_from_its_state() {
     let (child, lines) = follow(&["--filter", "type = USER_DELETED"]);
     assert_eq!(next_line(&lines).await["position"], deleted);
     drop(child);
+    // `--since now`: none of the backlog, the next change first.
+    let (child, lines) = follow(&["--since", "now"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fourth = create_user(&mut users, "fourth@x.io").await;
+    assert_eq!(next_line(&lines).await["user_id"], fourth.id.as_str());
+    drop(child);
 
     // A bad filter is the server's INVALID_ARGUMENT, said once, exit 1.
     let (mut child, _lines) = follow(&["--filter", "colour = blue"]);
