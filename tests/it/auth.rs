@@ -545,19 +545,10 @@ async fn keys_restricted_to_networks_are_refused_elsewhere() {
 
     // Every change is in the project's log.
     let events: Vec<serde_json::Value> = app
-        .pool
-        .get()
+        .project_events(&["API_KEY_CREATED", "API_KEY_UPDATED"])
         .await
-        .unwrap()
-        .query(
-            "SELECT data FROM events WHERE project_id = $1
-               AND type IN ('API_KEY_CREATED', 'API_KEY_UPDATED') ORDER BY position",
-            &[&app.project_id],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
+        .into_iter()
+        .map(|(_, data)| data)
         .collect();
     let networks: Vec<&serde_json::Value> = events.iter().map(|e| &e["allowed_networks"]).collect();
     assert_eq!(

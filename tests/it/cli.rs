@@ -1570,19 +1570,15 @@ async fn a_key_is_rotated_with_a_grace_period() {
     get(third.trim()).await.unwrap();
 
     let kinds: Vec<String> = app
-        .pool
-        .get()
+        .project_events(&["API_KEY_CREATED", "API_KEY_UPDATED", "API_KEY_REVOKED"])
         .await
-        .unwrap()
-        .query(
-            "SELECT type || ':' || coalesce(data->>'rotated_from', data->>'rotated_to', '')
-             FROM events WHERE project_id = $1 AND type LIKE 'API_KEY_%' ORDER BY position",
-            &[&app.project_id],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
+        .into_iter()
+        .map(|(kind, data)| {
+            let rotation = data["rotated_from"]
+                .as_str()
+                .or(data["rotated_to"].as_str());
+            format!("{kind}:{}", rotation.unwrap_or(""))
+        })
         .collect();
     let old_uuid = uuid_form(&old_id);
     let new_uuid = uuid_form(&new_id);
@@ -1747,19 +1743,12 @@ async fn a_throttled_address_is_listed_and_released() {
     assert!(!ok && err.contains("invalid value 'office'"), "{err}");
 
     // Two releases, in the project's log, by the operator.
-    let rows = app
-        .pool
-        .get()
+    let data: Vec<serde_json::Value> = app
+        .project_events(&["IP_THROTTLE_RELEASED"])
         .await
-        .unwrap()
-        .query(
-            "SELECT data FROM events WHERE project_id = $1 AND type = 'IP_THROTTLE_RELEASED'
-             ORDER BY position",
-            &[&app.project_id],
-        )
-        .await
-        .unwrap();
-    let data: Vec<serde_json::Value> = rows.iter().map(|r| r.get(0)).collect();
+        .into_iter()
+        .map(|(_, data)| data)
+        .collect();
     assert_eq!(data.len(), 2, "{data:?}");
     assert_eq!(data[0]["ip"], OFFICE);
     assert_eq!(data[0]["failures"], 2.0);

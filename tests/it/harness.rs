@@ -490,6 +490,22 @@ impl TestApp {
         (p.id, token)
     }
 
+    /// The events of this test's project of the given types, in position order: (type, data).
+    pub async fn project_events(&self, types: &[&str]) -> Vec<(String, serde_json::Value)> {
+        let client = self.pool.get().await.expect("db");
+        client
+            .query(
+                "SELECT type, data FROM events WHERE project_id = $1 AND type = ANY($2)
+                 ORDER BY position",
+                &[&self.project_id, &types],
+            )
+            .await
+            .expect("events")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
     /// The events stored for a user, oldest first: (type, data, api_key_id, request_id).
     pub async fn events_of(
         &self,
