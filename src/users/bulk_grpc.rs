@@ -106,6 +106,7 @@ pub fn import_options(o: &pb::ImportOptions) -> Result<ImportOptions, Error> {
         mode,
         match_on,
         dry_run: o.dry_run,
+        password_history: 0,
     })
 }
 
@@ -274,10 +275,12 @@ fn result_message(index: i64, outcome: Outcome) -> pb::ImportUsersResponse {
 /// Runs an import stream: answers at once (a client may wait for the response headers before
 /// it sends anything), then reads the options and spawns the reader and the writer. A bad
 /// start (no options first, no database) ends the response stream with that error.
+/// `password_history` is the caller's project's (see [`ImportOptions`]).
 pub fn run_import(
     mut inbound: Streaming<pb::ImportUsersRequest>,
     pool: crate::db::Pool,
     caller: Caller,
+    password_history: u32,
 ) -> ImportStream {
     // Room for two batches of results: the writer never waits on a reader keeping up.
     let (out_tx, out_rx) = mpsc::channel(2 * import::BATCH_RECORDS);
@@ -287,6 +290,10 @@ pub fn run_import(
                 let _ = out_tx.send(Err(e)).await;
             }
             Ok(options) => {
+                let options = ImportOptions {
+                    password_history,
+                    ..options
+                };
                 let (batch_tx, batch_rx) = mpsc::channel(1);
                 tokio::spawn(read_records(inbound, options, batch_tx));
                 write_batches(pool, caller, options, batch_rx, out_tx).await;

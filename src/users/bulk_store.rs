@@ -333,6 +333,52 @@ pub async fn update_users(
         .collect())
 }
 
+/// Before `update_users`: files the current hash of each user a staged record gives another
+/// one in the password history, then keeps each such user's newest `keep` (as SetPassword's
+/// `file_password_history` does, for a batch in two statements).
+pub async fn file_replaced_hashes(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    matches: &[(i32, Uuid)],
+    keep: u32,
+) -> Result<()> {
+    let idxs: Vec<i32> = matches.iter().map(|m| m.0).collect();
+    let ids: Vec<Uuid> = matches.iter().map(|m| m.1).collect();
+    let filed = tx
+        .prepare_cached(
+            "INSERT INTO password_history (project_id, user_id, hash)
+             SELECT $1, u.id, u.password_hash
+             FROM unnest($2::int4[], $3::uuid[]) AS m(idx, id)
+             JOIN roster_import_users s ON s.idx = m.idx
+             JOIN users u ON u.project_id = $1 AND u.id = m.id
+             WHERE s.password_hash IS NOT NULL AND u.password_hash IS NOT NULL
+               AND s.password_hash <> u.password_hash
+             RETURNING user_id",
+        )
+        .await?;
+    let users: Vec<Uuid> = tx
+        .query(&filed, &[&project_id, &idxs, &ids])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if users.is_empty() {
+        return Ok(());
+    }
+    let trim = tx
+        .prepare_cached(
+            "DELETE FROM password_history h USING (
+                 SELECT user_id, seq, row_number() OVER (PARTITION BY user_id ORDER BY seq DESC)
+                 FROM password_history WHERE project_id = $1 AND user_id = ANY($2)) old
+             WHERE h.project_id = $1 AND h.user_id = old.user_id AND h.seq = old.seq
+               AND old.row_number > $3",
+        )
+        .await?;
+    tx.execute(&trim, &[&project_id, &users, &i64::from(keep)])
+        .await?;
+    Ok(())
+}
+
 /// Links the staged identities of the records written, `(idx, user id)`; identities already
 /// linked to that user stay as they are. Returns the idxs that gained an identity.
 pub async fn insert_identities(

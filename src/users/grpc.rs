@@ -328,10 +328,12 @@ impl UserService for UserApi {
         request: Request<tonic::Streaming<pb::ImportUsersRequest>>,
     ) -> Result<Response<bulk_grpc::ImportStream>, Status> {
         let caller = caller_of(&request)?;
+        let history = self.state.passwords_for(&caller).history;
         Ok(Response::new(bulk_grpc::run_import(
             request.into_inner(),
             self.state.pool.clone(),
             caller,
+            history,
         )))
     }
 

@@ -63,6 +63,9 @@ pub struct ImportOptions {
     pub mode: Mode,
     pub match_on: MatchOn,
     pub dry_run: bool,
+    /// The project's `--password-history`: an UPSERT that replaces a user's hash files the
+    /// old one as SetPassword does, so the history keeps covering the passwords it replaced.
+    pub password_history: u32,
 }
 
 /// A linked identity to create with an imported user.
@@ -455,6 +458,10 @@ async fn write_staged(
     } else {
         bulk_store::insert_users(tx, project, &creates).await?;
     }
+    if options.password_history > 0 && !updates.is_empty() {
+        let keep = options.password_history - 1;
+        bulk_store::file_replaced_hashes(tx, project, &updates, keep).await?;
+    }
     let changed = bulk_store::update_users(tx, project, &updates).await?;
     let mut owners: Vec<(i32, Uuid)> = creates
         .iter()
@@ -537,6 +544,7 @@ mod tests {
             mode: Mode::Upsert,
             match_on: MatchOn::Email,
             dry_run: false,
+            password_history: 0,
         };
         let r = record("a@x.io");
         let (u, other) = (Uuid::now_v7(), Uuid::now_v7());

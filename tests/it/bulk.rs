@@ -1043,3 +1043,70 @@ async fn imported_hashes_provider_tokens_and_key_secrets_stay_out_of_logs_and_ev
         assert!(!error_text.contains(secret), "a secret in an error");
     }
 }
+
+/// With `--password-history`, an UPSERT that replaces a user's hash files the old one, as
+/// SetPassword does: the replaced password cannot come back while it is among the last ones,
+/// the history keeps its length, and a record with the hash the user already has files
+/// nothing.
+#[tokio::test]
+async fn upserted_hashes_keep_the_password_history() {
+    use crate::passwords::{PASSWORD, user_with_password};
+    let app = TestApp::spawn_with(roster::config::ServerConfig {
+        password_history: 3,
+        ..Default::default()
+    })
+    .await;
+    let mut users = app.users();
+    let user = user_with_password(&app, "moved@example.com").await;
+    let with_hash = |hash: &str| {
+        record(pb::ImportRecord {
+            user: Some(user_with_email("moved@example.com")),
+            password_hash: hash.into(),
+            ..Default::default()
+        })
+    };
+    let kept = || async {
+        let id = uuid::Uuid::parse_str(&user.id).unwrap();
+        app.sql_one::<i64>(
+            "SELECT count(*) FROM password_history WHERE user_id = $1",
+            &[&id],
+        )
+        .await
+    };
+    // Whether PASSWORD may be the user's next one, as ChangePassword would decide.
+    let password_allowed = || {
+        let mut a = app.authenticators();
+        let user_id = user.id.clone();
+        async move {
+            a.check_password(pb::CheckPasswordRequest {
+                password: PASSWORD.into(),
+                user_id,
+                check_history: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .acceptable
+        }
+    };
+    assert!(!password_allowed().await, "the current one");
+    // Three bcrypt strings of LEGACY_PASSWORD ($2b$, $2a$, $2y$) one after another, then the
+    // last one again: PASSWORD is filed by the first and falls out of the last three with
+    // the third.
+    let hashes = [
+        LEGACY_HASHES[6].1,
+        LEGACY_HASHES[7].1,
+        LEGACY_HASHES[8].1,
+        LEGACY_HASHES[8].1,
+    ];
+    for (i, hash) in hashes.iter().enumerate() {
+        let (results, summary) =
+            import(&mut users, [upsert_on_email(), with_hash(hash)].into_iter())
+                .await
+                .unwrap();
+        assert_eq!(summary.failed, 0, "{results:?}");
+        assert_eq!(kept().await, [1, 2, 2, 2][i], "after import {i}");
+        assert_eq!(password_allowed().await, i >= 2, "after import {i}");
+    }
+}
