@@ -105,6 +105,42 @@ impl Format<'_> {
     }
 }
 
+/// The algorithm names of [`Format::name`], for the `password_format` filter.
+pub const FORMAT_NAMES: &[&str] = &[
+    "argon2id",
+    "argon2i",
+    "argon2d",
+    "bcrypt",
+    "bcrypt-sha256",
+    "pbkdf2-sha256",
+    "pbkdf2-sha512",
+    "scrypt",
+    "sha256-crypt",
+    "sha512-crypt",
+];
+
+/// [`Format::name`] of a stored `password_hash`, in SQL (NULL without a hash): by the prefix
+/// [`parse`] tells each format by, so a listing can tell the users a migration has not yet
+/// moved to argon2id without parsing every hash. Only accepted hashes are ever stored.
+pub const FORMAT_SQL: &str = "(CASE \
+    WHEN password_hash LIKE '$argon2id$%' OR password_hash LIKE 'argon2$argon2id$%' THEN 'argon2id' \
+    WHEN password_hash LIKE '$argon2i$%' OR password_hash LIKE 'argon2$argon2i$%' THEN 'argon2i' \
+    WHEN password_hash LIKE '$argon2d$%' OR password_hash LIKE 'argon2$argon2d$%' THEN 'argon2d' \
+    WHEN password_hash LIKE 'bcrypt\\_sha256$%' THEN 'bcrypt-sha256' \
+    WHEN password_hash LIKE '$2_$%' OR password_hash LIKE 'bcrypt$%' THEN 'bcrypt' \
+    WHEN password_hash LIKE '$pbkdf2-sha512$%' OR password_hash LIKE 'pbkdf2:sha512:%' \
+         THEN 'pbkdf2-sha512' \
+    WHEN password_hash LIKE '$pbkdf2-sha256$%' OR password_hash LIKE 'pbkdf2:sha256:%' \
+         OR password_hash LIKE 'pbkdf2\\_sha256$%' THEN 'pbkdf2-sha256' \
+    WHEN password_hash LIKE '$scrypt$%' OR password_hash LIKE 'scrypt:%' THEN 'scrypt' \
+    WHEN password_hash LIKE '$5$%' THEN 'sha256-crypt' \
+    WHEN password_hash LIKE '$6$%' THEN 'sha512-crypt' END)";
+
+/// A `password_format` filter value: one of [`FORMAT_NAMES`].
+pub fn format_name(name: &str) -> Option<&'static str> {
+    FORMAT_NAMES.iter().copied().find(|n| *n == name)
+}
+
 /// The first argon2 parameter above its bound, as (what, value, bound): the bounds on stored
 /// and imported hashes, which the hasher's own settings must keep too.
 pub fn argon2_over_bound(

@@ -740,6 +740,12 @@ pub fn filter_field(name: &str) -> Result<Field, String> {
         "email_verified" => simple("email_verified", FieldKind::Bool),
         "phone_verified" => simple("phone_verified", FieldKind::Bool),
         "has_password" => simple("(password_hash IS NOT NULL)", FieldKind::Bool),
+        // The stored hash's algorithm: `password_format != "argon2id"` lists the users a
+        // migration has not moved to argon2id yet (they are, at their next sign-in).
+        "password_format" => simple(
+            crate::crypto::formats::FORMAT_SQL,
+            FieldKind::Name(crate::crypto::formats::format_name),
+        ),
         "password_changed_at" => simple("password_changed_at", FieldKind::Timestamp),
         "require_password_change" => simple("require_password_change", FieldKind::Bool),
         "phone_number" => simple("phone_number", text),

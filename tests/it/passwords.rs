@@ -635,6 +635,73 @@ async fn every_legacy_format_verifies_and_is_upgraded_to_argon2id() {
     assert_eq!(rehashes, LEGACY_HASHES.len() as i64);
 }
 
+/// `password_format` tells every accepted format apart as its upgrade event names it, so a
+/// migration can count the users not yet on argon2id; an upgraded user leaves that count.
+#[tokio::test]
+async fn the_password_format_filter_names_every_accepted_format() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let mut created = Vec::new();
+    for (i, (_, hash)) in LEGACY_HASHES.iter().enumerate() {
+        created.push(user_with_hash(&mut users, &format!("format{i}@example.com"), hash).await);
+    }
+    user_with_password(&app, "current@example.com").await;
+    create_user(&mut users, "nopassword@example.com").await;
+    let count = |filter: String| {
+        let mut users = users.clone();
+        async move {
+            users
+                .list_users(pb::ListUsersRequest {
+                    filter,
+                    show_total_size: true,
+                    page_size: 1,
+                    ..Default::default()
+                })
+                .await
+                .map(|r| i64::from(r.into_inner().total_size))
+        }
+    };
+    for name in roster::crypto::formats::FORMAT_NAMES {
+        let fixtures = LEGACY_HASHES.iter().filter(|(n, _)| n == name).count() as i64;
+        let current = i64::from(*name == "argon2id");
+        let got = count(format!("password_format = \"{name}\""))
+            .await
+            .unwrap();
+        assert_eq!(got, fixtures + current, "{name}");
+    }
+    // Weaker argon2id fixtures are argon2id too (upgraded in parameters, not format).
+    let not_moved = LEGACY_HASHES
+        .iter()
+        .filter(|(n, _)| *n != "argon2id")
+        .count() as i64;
+    assert_eq!(
+        count(r#"password_format != "argon2id""#.into())
+            .await
+            .unwrap(),
+        not_moved,
+        "users without a password are in neither"
+    );
+    // A sign-in upgrades a sha512-crypt user: one fewer not on argon2id.
+    let (i, _) = LEGACY_HASHES
+        .iter()
+        .enumerate()
+        .find(|(_, (n, _))| *n == "sha512-crypt")
+        .unwrap();
+    let mut a = app.authenticators();
+    let r = verify(&mut a, email(&created[i].email), LEGACY_PASSWORD).await;
+    assert_eq!(result(&r), R::Ok);
+    assert_eq!(
+        count(r#"password_format != "argon2id""#.into())
+            .await
+            .unwrap(),
+        not_moved - 1
+    );
+    let err = count(r#"password_format = "md5""#.into())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
 #[tokio::test]
 async fn hashes_with_costs_beyond_the_bounds_are_refused() {
     let app = TestApp::spawn().await;
