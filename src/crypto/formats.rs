@@ -524,7 +524,9 @@ mod tests {
             "$pbkdf2-sha256$i=600000,l=32$c29tZXNhbHQ$T6QzUU0zNlNxWVZ0cGs3ZmJ6bXp4c0p6dXhtN0RkZkE",
             "$scrypt$ln=17,r=8,p=1$c29tZXNhbHQ$T6QzUU0zNlNxWVZ0cGs3ZmJ6bXp4c0p6dXhtN0RkZkE",
         ] {
-            assert!(parse(ok).is_ok(), "{ok}: {:?}", parse(ok).err());
+            let name = parse(ok).map(|f| f.name());
+            assert!(name.is_ok(), "{ok}: {:?}", parse(ok).err());
+            assert!(FORMAT_NAMES.contains(&name.unwrap()), "{ok} is filterable");
         }
         for bad in [
             "",
@@ -596,6 +598,7 @@ mod tests {
         ] {
             let got = parse(&ok).map(|f| f.name());
             assert_eq!(got, Ok(name), "{ok}");
+            assert!(FORMAT_NAMES.contains(&name), "{name} is filterable");
         }
         for (bad, says) in [
             (format!("$6$rounds=5000000$salt${sha512}"), "rounds must be"),
