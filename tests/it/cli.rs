@@ -1873,15 +1873,7 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
         .into_inner();
     assert_eq!(r.result, pb::VerifyPasswordResult::Ok as i32);
     // Her Auth0 database identity is her password, not a linked account.
-    let ids = app
-        .identities()
-        .list_identities(pb::ListIdentitiesRequest {
-            user_id: ada.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .identities;
+    let ids = crate::identities::identities_of(&mut app.identities(), &ada.id).await;
     assert!(ids.is_empty(), "{ids:?}");
     // Grace's social logins find her, as the social-login lookup will after the move.
     for (provider, subject) in [

@@ -25,6 +25,17 @@ async fn linked(ids: &mut Identities, req: pb::LinkIdentityRequest) -> pb::Ident
         .unwrap()
 }
 
+/// ListIdentities of `user_id`, which must succeed.
+pub async fn identities_of(ids: &mut Identities, user_id: &str) -> Vec<pb::Identity> {
+    ids.list_identities(pb::ListIdentitiesRequest {
+        user_id: user_id.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .identities
+}
+
 /// LookupUserByIdentity (provider, subject).
 pub async fn lookup(
     ids: &mut Identities,
@@ -119,14 +130,7 @@ async fn link_lookup_relink_and_sealed_tokens() {
     assert!(key_id.is_some());
 
     linked(&mut ids, link(&ada.id, "github", "583231")).await;
-    let list = ids
-        .list_identities(pb::ListIdentitiesRequest {
-            user_id: ada.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .identities;
+    let list = identities_of(&mut ids, &ada.id).await;
     let providers: Vec<&str> = list.iter().map(|i| i.provider.as_str()).collect();
     assert_eq!(providers, ["google", "github"]);
 
@@ -386,14 +390,7 @@ async fn merge_moves_identities_and_removes_the_secondary() {
         merged.has_password,
         "the primary had none, so it takes the secondary's"
     );
-    let list = ids
-        .list_identities(pb::ListIdentitiesRequest {
-            user_id: primary.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .identities;
+    let list = identities_of(&mut ids, &primary.id).await;
     assert_eq!(list.len(), 3);
     let err = users
         .get_user(pb::GetUserRequest {
