@@ -3,7 +3,8 @@
 //!
 //! Every format is checked by its reference crate (`argon2`, `bcrypt`, `pbkdf2`, `scrypt`,
 //! `sha-crypt`); for the frameworks' own encodings of those (Django, Werkzeug) only the text
-//! around the hash is ours.
+//! around the hash is ours, and Firebase's scrypt is that crate's scrypt and `aes`'s AES-CTR
+//! put together as Firebase publishes it.
 //! Cost parameters are bounded on the way in: an imported hash is attacker-controlled input,
 //! and one with `bcrypt` cost 31 or a 4 GiB argon2 memory cost would turn every sign-in
 //! attempt against it into a denial of service.
@@ -13,9 +14,10 @@ use subtle::ConstantTimeEq;
 
 /// The hash formats accepted on create, set and import.
 pub const ACCEPTED_HASH_FORMATS: &str = "PHC argon2id/argon2i/argon2d, bcrypt ($2a$, $2b$, $2y$), \
-    PHC pbkdf2-sha256/pbkdf2-sha512, PHC scrypt, SHA-crypt ($5$, $6$), \
-    Django (pbkdf2_sha256$, argon2$, bcrypt$, bcrypt_sha256$), \
-    Werkzeug (pbkdf2:sha256:N$, pbkdf2:sha512:N$, scrypt:N:r:p$)";
+    PHC pbkdf2 (SHA-1)/pbkdf2-sha256/pbkdf2-sha512, PHC scrypt, SHA-crypt ($5$, $6$), \
+    Django (pbkdf2_sha256$, pbkdf2_sha1$, argon2$, bcrypt$, bcrypt_sha256$), \
+    Werkzeug (pbkdf2:sha256:N$, pbkdf2:sha512:N$, pbkdf2:sha1:N$, scrypt:N:r:p$), \
+    Firebase scrypt ($firescrypt$)";
 
 /// Longest hash string accepted.
 pub const MAX_HASH_LEN: usize = 1024;
@@ -59,17 +61,31 @@ pub enum Format<'a> {
     ShaCrypt {
         sha512: bool,
     },
-    /// A framework's own encoding of PBKDF2 or scrypt (Django, Werkzeug): the salt is used as
-    /// its text's bytes, the output's length is the expected hash's.
+    /// Firebase Authentication's modified scrypt, in Ory Kratos's encoding
+    /// `$firescrypt$ln=<mem_cost>,r=<rounds>,p=1$<salt>$<hash>$<salt separator>$<signer key>`
+    /// (standard base64): the hash is the project's signer key encrypted with AES-256-CTR
+    /// (zero IV) under scrypt(password, salt ‖ separator).
+    Firebase {
+        params: scrypt::Params,
+        salt: Vec<u8>,
+        separator: Vec<u8>,
+        signer_key: Vec<u8>,
+        expected: Vec<u8>,
+    },
+    /// PBKDF2 or scrypt with the salt and expected output taken apart: the frameworks' own
+    /// encodings (Django, Werkzeug; the salt is its text's bytes) and PHC `$pbkdf2$` (SHA-1,
+    /// which the `pbkdf2` crate's PHC support does not cover). The output's length is the
+    /// expected hash's.
     Salted {
         kdf: Kdf,
-        salt: &'a str,
+        salt: Vec<u8>,
         expected: Vec<u8>,
     },
 }
 
 /// The key derivation of a [`Format::Salted`] hash.
 pub enum Kdf {
+    Pbkdf2Sha1 { rounds: u32 },
     Pbkdf2Sha256 { rounds: u32 },
     Pbkdf2Sha512 { rounds: u32 },
     Scrypt(scrypt::Params),
@@ -94,9 +110,11 @@ impl Format<'_> {
             Format::Pbkdf2(phc) if phc.algorithm.as_str() == "pbkdf2-sha512" => "pbkdf2-sha512",
             Format::Pbkdf2(_) => "pbkdf2-sha256",
             Format::Scrypt(_) => "scrypt",
+            Format::Firebase { .. } => "firebase-scrypt",
             Format::ShaCrypt { sha512: false } => "sha256-crypt",
             Format::ShaCrypt { sha512: true } => "sha512-crypt",
             Format::Salted { kdf, .. } => match kdf {
+                Kdf::Pbkdf2Sha1 { .. } => "pbkdf2-sha1",
                 Kdf::Pbkdf2Sha256 { .. } => "pbkdf2-sha256",
                 Kdf::Pbkdf2Sha512 { .. } => "pbkdf2-sha512",
                 Kdf::Scrypt(_) => "scrypt",
@@ -112,9 +130,11 @@ pub const FORMAT_NAMES: &[&str] = &[
     "argon2d",
     "bcrypt",
     "bcrypt-sha256",
+    "pbkdf2-sha1",
     "pbkdf2-sha256",
     "pbkdf2-sha512",
     "scrypt",
+    "firebase-scrypt",
     "sha256-crypt",
     "sha512-crypt",
 ];
@@ -128,11 +148,14 @@ pub const FORMAT_SQL: &str = "(CASE \
     WHEN password_hash LIKE '$argon2d$%' OR password_hash LIKE 'argon2$argon2d$%' THEN 'argon2d' \
     WHEN password_hash LIKE 'bcrypt\\_sha256$%' THEN 'bcrypt-sha256' \
     WHEN password_hash LIKE '$2_$%' OR password_hash LIKE 'bcrypt$%' THEN 'bcrypt' \
+    WHEN password_hash LIKE '$pbkdf2$%' OR password_hash LIKE 'pbkdf2:sha1:%' \
+         OR password_hash LIKE 'pbkdf2\\_sha1$%' THEN 'pbkdf2-sha1' \
     WHEN password_hash LIKE '$pbkdf2-sha512$%' OR password_hash LIKE 'pbkdf2:sha512:%' \
          THEN 'pbkdf2-sha512' \
     WHEN password_hash LIKE '$pbkdf2-sha256$%' OR password_hash LIKE 'pbkdf2:sha256:%' \
          OR password_hash LIKE 'pbkdf2\\_sha256$%' THEN 'pbkdf2-sha256' \
     WHEN password_hash LIKE '$scrypt$%' OR password_hash LIKE 'scrypt:%' THEN 'scrypt' \
+    WHEN password_hash LIKE '$firescrypt$%' THEN 'firebase-scrypt' \
     WHEN password_hash LIKE '$5$%' THEN 'sha256-crypt' \
     WHEN password_hash LIKE '$6$%' THEN 'sha512-crypt' END)";
 
@@ -174,13 +197,19 @@ pub fn parse(hash: &str) -> Result<Format<'_>, String> {
         return phc(&hash["argon2".len()..]);
     }
     if let Some(rest) = hash.strip_prefix("pbkdf2_sha256$") {
-        return django_pbkdf2(rest);
+        return django_pbkdf2(rest, false);
+    }
+    if let Some(rest) = hash.strip_prefix("pbkdf2_sha1$") {
+        return django_pbkdf2(rest, true);
     }
     if hash.starts_with("pbkdf2:") || hash.starts_with("scrypt:") {
         return werkzeug(hash);
     }
     if hash.starts_with("$5$") || hash.starts_with("$6$") {
         return sha_crypt(hash);
+    }
+    if let Some(rest) = hash.strip_prefix("$firescrypt$") {
+        return firebase(rest);
     }
     if bcrypt_cost(hash).is_some() {
         return bcrypt(hash, false);
@@ -257,6 +286,25 @@ fn phc(hash: &str) -> Result<Format<'_>, String> {
             }
             Ok(Format::Pbkdf2(phc))
         }
+        // SHA-1: what Keycloak (`pbkdf2`) and passlib wrote before SHA-2 became their default.
+        "pbkdf2" => {
+            let params = pbkdf2::Params::try_from(&phc)
+                .map_err(|e| format!("invalid pbkdf2 parameters: {e}"))?;
+            let (Some(salt), Some(expected)) = (phc.salt, phc.hash) else {
+                return Err(unsupported());
+            };
+            let mut buf = [0u8; MAX_SALT_LEN];
+            let salt = salt
+                .decode_b64(&mut buf)
+                .map_err(|_| "pbkdf2 salt is not base64".to_string())?;
+            Ok(Format::Salted {
+                kdf: Kdf::Pbkdf2Sha1 {
+                    rounds: pbkdf2_bound(params.rounds)?,
+                },
+                salt: salt.to_vec(),
+                expected: expected_len(expected.as_bytes().to_vec())?,
+            })
+        }
         "scrypt" => {
             let params = scrypt::Params::try_from(&phc)
                 .map_err(|e| format!("invalid scrypt parameters: {e}"))?;
@@ -275,19 +323,27 @@ fn scrypt_bounds(params: &scrypt::Params) -> Result<(), String> {
         (128 * u64::from(params.r())) << params.log_n()
     };
     if memory > MAX_SCRYPT_MEMORY_BYTES || params.p() > MAX_SCRYPT_PARALLELISM {
-        return Err(format!(
-            "scrypt parameters must need at most {} MiB (128·r·2^ln bytes) and p ≤ \
-             {MAX_SCRYPT_PARALLELISM}",
-            MAX_SCRYPT_MEMORY_BYTES >> 20
-        ));
+        return Err(scrypt_bounds_text());
     }
     Ok(())
+}
+
+fn scrypt_bounds_text() -> String {
+    format!(
+        "scrypt parameters must need at most {} MiB (128·r·2^ln bytes) and p ≤ \
+         {MAX_SCRYPT_PARALLELISM}",
+        MAX_SCRYPT_MEMORY_BYTES >> 20
+    )
 }
 
 fn pbkdf2_rounds(text: &str) -> Result<u32, String> {
     let rounds: u32 = text
         .parse()
         .map_err(|_| format!("pbkdf2 iterations {text:?} are not a number"))?;
+    pbkdf2_bound(rounds)
+}
+
+fn pbkdf2_bound(rounds: u32) -> Result<u32, String> {
     if !(1..=MAX_PBKDF2_ITERATIONS).contains(&rounds) {
         return Err(format!(
             "pbkdf2 iterations must be 1..={MAX_PBKDF2_ITERATIONS}"
@@ -297,11 +353,11 @@ fn pbkdf2_rounds(text: &str) -> Result<u32, String> {
 }
 
 /// A framework's salt: text of its own (the KDF takes its bytes), no `$`.
-fn salt_text(salt: &str) -> Result<&str, String> {
+fn salt_text(salt: &str) -> Result<Vec<u8>, String> {
     if salt.is_empty() || salt.len() > MAX_SALT_LEN {
         return Err(format!("salt must be 1..={MAX_SALT_LEN} characters"));
     }
-    Ok(salt)
+    Ok(salt.as_bytes().to_vec())
 }
 
 /// A derived key of 16..=64 bytes, the range of the hashes these frameworks write.
@@ -312,23 +368,28 @@ fn expected_len(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// Django's default hasher: `pbkdf2_sha256$<iterations>$<salt>$<base64 of the key>`.
-fn django_pbkdf2(rest: &str) -> Result<Format<'_>, String> {
+/// Django's default hasher, `pbkdf2_sha256$<iterations>$<salt>$<base64 of the key>`, or its
+/// older `pbkdf2_sha1$...`.
+fn django_pbkdf2(rest: &str, sha1: bool) -> Result<Format<'_>, String> {
     use base64::Engine as _;
+    let name = if sha1 { "pbkdf2_sha1" } else { "pbkdf2_sha256" };
     let mut parts = rest.split('$');
     let (Some(rounds), Some(salt), Some(key), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(
-            "Django pbkdf2_sha256 hashes are pbkdf2_sha256$<iterations>$<salt>$<hash>".into(),
-        );
+        return Err(format!(
+            "Django {name} hashes are {name}$<iterations>$<salt>$<hash>"
+        ));
     };
     let key = base64::engine::general_purpose::STANDARD
         .decode(key)
-        .map_err(|_| "Django pbkdf2_sha256 hash is not base64".to_string())?;
+        .map_err(|_| format!("Django {name} hash is not base64"))?;
+    let rounds = pbkdf2_rounds(rounds)?;
     Ok(Format::Salted {
-        kdf: Kdf::Pbkdf2Sha256 {
-            rounds: pbkdf2_rounds(rounds)?,
+        kdf: if sha1 {
+            Kdf::Pbkdf2Sha1 { rounds }
+        } else {
+            Kdf::Pbkdf2Sha256 { rounds }
         },
         salt: salt_text(salt)?,
         expected: expected_len(key)?,
@@ -355,6 +416,9 @@ fn werkzeug(hash: &str) -> Result<Format<'_>, String> {
         ["pbkdf2", "sha512", rounds] => Kdf::Pbkdf2Sha512 {
             rounds: pbkdf2_rounds(rounds)?,
         },
+        ["pbkdf2", "sha1", rounds] => Kdf::Pbkdf2Sha1 {
+            rounds: pbkdf2_rounds(rounds)?,
+        },
         ["scrypt", n, r, p] => {
             let number = |t: &str| t.parse::<u32>().map_err(|_| shape.to_string());
             let n = number(n)?;
@@ -373,6 +437,70 @@ fn werkzeug(hash: &str) -> Result<Format<'_>, String> {
         kdf,
         salt: salt_text(salt)?,
         expected: expected_len(key)?,
+    })
+}
+
+/// Firebase's scrypt, after `$firescrypt$`: `ln=<mem_cost>,r=<rounds>,p=<p>`, then salt, hash,
+/// salt separator and signer key in standard base64 (Firebase's export and console give them
+/// so). The hash is as long as the signer key (Firebase's are 64 bytes).
+fn firebase(rest: &str) -> Result<Format<'_>, String> {
+    use base64::Engine as _;
+    let shape = "Firebase scrypt hashes are $firescrypt$ln=<mem_cost>,r=<rounds>,p=1$<salt>$\
+                 <hash>$<salt separator>$<signer key>, the last four in base64";
+    let fields: Vec<&str> = rest.split('$').collect();
+    let [params, salt, hash, separator, signer_key] = fields[..] else {
+        return Err(shape.into());
+    };
+    let mut ln = None;
+    let mut r = None;
+    let mut p = None;
+    for pair in params.split(',') {
+        let (name, value) = pair.split_once('=').ok_or_else(|| shape.to_string())?;
+        let slot = match name {
+            "ln" => &mut ln,
+            "r" => &mut r,
+            "p" => &mut p,
+            _ => return Err(shape.into()),
+        };
+        let value: u32 = value.parse().map_err(|_| shape.to_string())?;
+        if slot.replace(value).is_some() {
+            return Err(shape.into());
+        }
+    }
+    let (Some(ln), Some(r), Some(p)) = (ln, r, p) else {
+        return Err(shape.into());
+    };
+    if ln > 30 {
+        return Err(scrypt_bounds_text());
+    }
+    // Output length 32: the AES-256 key.
+    let params = scrypt::Params::new(ln as u8, r, p, 32)
+        .map_err(|e| format!("invalid scrypt parameters: {e}"))?;
+    scrypt_bounds(&params)?;
+    let decode = |what: &str, text: &str, range: std::ops::RangeInclusive<usize>| {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|_| format!("{shape} (the {what} is not base64)"))?;
+        if !range.contains(&bytes.len()) {
+            return Err(format!(
+                "Firebase scrypt {what} must be {}..={} bytes",
+                range.start(),
+                range.end()
+            ));
+        }
+        Ok(bytes)
+    };
+    let signer_key = decode("signer key", signer_key, 16..=128)?;
+    let expected = decode("hash", hash, 16..=128)?;
+    if expected.len() != signer_key.len() {
+        return Err("Firebase scrypt hash must be as long as the signer key".into());
+    }
+    Ok(Format::Firebase {
+        params,
+        salt: decode("salt", salt, 1..=MAX_SALT_LEN)?,
+        separator: decode("salt separator", separator, 0..=16)?,
+        signer_key,
+        expected,
     })
 }
 
@@ -482,6 +610,23 @@ pub fn verify(
         }
         Format::Pbkdf2(phc) => Ok(pbkdf2::Pbkdf2.verify_password(password, phc).is_ok()),
         Format::Scrypt(phc) => Ok(scrypt::Scrypt.verify_password(password, phc).is_ok()),
+        Format::Firebase {
+            params,
+            salt,
+            separator,
+            signer_key,
+            expected,
+        } => {
+            use aes::cipher::{KeyIvInit as _, StreamCipher as _};
+            let mut key = [0u8; 32];
+            let salted = [salt.as_slice(), separator].concat();
+            scrypt::scrypt(password, &salted, params, &mut key)
+                .map_err(|e| anyhow::anyhow!("scrypt: {e}"))?;
+            let mut out = signer_key.clone();
+            ctr::Ctr128BE::<aes::Aes256>::new(&key.into(), &[0u8; 16].into())
+                .apply_keystream(&mut out);
+            Ok(bool::from(out.as_slice().ct_eq(expected)))
+        }
         Format::ShaCrypt { .. } => {
             use sha_crypt::password_hash::{Error, PasswordVerifier as _};
             match sha_crypt::ShaCrypt::default().verify_password(password, hash) {
@@ -496,8 +641,10 @@ pub fn verify(
             expected,
         } => {
             let mut out = vec![0u8; expected.len()];
-            let salt = salt.as_bytes();
             match kdf {
+                Kdf::Pbkdf2Sha1 { rounds } => {
+                    pbkdf2_sha1::pbkdf2_hmac::<sha1::Sha1>(password, salt, *rounds, &mut out)
+                }
                 Kdf::Pbkdf2Sha256 { rounds } => {
                     pbkdf2::pbkdf2_hmac::<sha2::Sha256>(password, salt, *rounds, &mut out)
                 }
@@ -578,6 +725,11 @@ mod tests {
     fn framework_formats_are_parsed_strictly() {
         let sha512 = "zHds6jenH9HqnLCeIi7oExqGm4X6DZX38ZduOJeGVXRY5oyJCC/IUfYEsDwhhsrC9yXQ4PUqBo8m039aMRIVZ.";
         let hex32 = "931b959a5718874655f9af4cb79e0d769e067056f5d6a050ef419fe88c399b79";
+        let key64 = "a".repeat(85) + "A==";
+        let fire = |params: &str, salt: &str, hash: &str, sep: &str, key: &str| {
+            format!("$firescrypt${params}${salt}${hash}${sep}${key}")
+        };
+        let p = "ln=14,r=8,p=1";
         for (ok, name) in [
             (format!("$6$rounds=10000$salt${sha512}"), "sha512-crypt"),
             (format!("$6$salt${sha512}"), "sha512-crypt"),
@@ -594,6 +746,23 @@ mod tests {
             (
                 "bcrypt_sha256$$2b$10$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy".into(),
                 "bcrypt-sha256",
+            ),
+            (
+                format!("$firescrypt$ln=14,r=8,p=1$c2FsdA==${key64}$Bw==${key64}"),
+                "firebase-scrypt",
+            ),
+            (format!("pbkdf2:sha1:20000$salt${hex32}"), "pbkdf2-sha1"),
+            (
+                "pbkdf2_sha1$10000$salt$/oWvuzD2PUF7FV8msQicE/JG0YA=".into(),
+                "pbkdf2-sha1",
+            ),
+            (
+                "$pbkdf2$i=20000,l=20$c2FsdHNhbHQ$/oWvuzD2PUF7FV8msQicE/JG0YA".into(),
+                "pbkdf2-sha1",
+            ),
+            (
+                format!("$firescrypt$p=1,r=8,ln=14$c2FsdA==${key64}$${key64}"),
+                "firebase-scrypt",
             ),
         ] {
             let got = parse(&ok).map(|f| f.name());
@@ -620,9 +789,28 @@ mod tests {
             (format!("pbkdf2:sha256:1000${}${hex32}", "s".repeat(129)), "salt must be"),
             ("pbkdf2_sha256$870000$salt".into(), "Django pbkdf2_sha256 hashes are"),
             ("pbkdf2_sha256$870000$salt$not base64!".into(), "not base64"),
+            ("pbkdf2_sha1$10000$salt".into(), "Django pbkdf2_sha1 hashes are"),
+            ("$pbkdf2$i=90000000,l=20$c2FsdHNhbHQ$/oWvuzD2PUF7FV8msQicE/JG0YA".into(), "pbkdf2 iterations"),
+            ("$pbkdf2$i=1000,l=21$c2FsdHNhbHQ$/oWvuzD2PUF7FV8msQicE/JG0YA".into(), "invalid pbkdf2 parameters"),
+            ("$pbkdf2$i=1000$c2FsdHNhbHQ$/oWvuzD2PUF7FV8m".into(), "16..=64 bytes"),
             ("bcrypt$$2b$99$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy".into(), "accepted:"),
             ("bcrypt$$2b$17$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy".into(), "bcrypt cost"),
             ("argon2$argon2id$v=19$m=4194304,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$W7wzG3zJx4bC4aCqb9jB8ODm3pLoT9H0yJu5QwZ9vYw".into(), "argon2 parameters"),
+            (fire("ln=14,r=8", "c2FsdA==", &key64, "Bw==", &key64), "Firebase scrypt hashes are"),
+            (fire("ln=14,r=8,p=1,ln=14", "c2FsdA==", &key64, "Bw==", &key64), "Firebase scrypt hashes are"),
+            (fire("ln=14,r=8,q=1", "c2FsdA==", &key64, "Bw==", &key64), "Firebase scrypt hashes are"),
+            (fire("ln=x,r=8,p=1", "c2FsdA==", &key64, "Bw==", &key64), "Firebase scrypt hashes are"),
+            (fire("ln=31,r=8,p=1", "c2FsdA==", &key64, "Bw==", &key64), "scrypt parameters"),
+            (fire("ln=255,r=8,p=1", "c2FsdA==", &key64, "Bw==", &key64), "scrypt parameters"),
+            (fire("ln=18,r=1024,p=1", "c2FsdA==", &key64, "Bw==", &key64), "scrypt parameters"),
+            (fire("ln=14,r=8,p=1024", "c2FsdA==", &key64, "Bw==", &key64), "scrypt parameters"),
+            (fire(p, "", &key64, "Bw==", &key64), "salt must be"),
+            (fire(p, "c2FsdA==", "not base64!", "Bw==", &key64), "hash is not base64"),
+            (fire(p, "c2FsdA==", &key64, "Bw==", "YWJj"), "signer key must be"),
+            (fire(p, "c2FsdA==", &key64[..44], "Bw==", &key64), "as long as the signer key"),
+            (fire(p, "c2FsdA==", &key64, &"B".repeat(24), &key64), "salt separator must be"),
+            (format!("$firescrypt${p}$c2FsdA==${key64}$Bw=="), "Firebase scrypt hashes are"),
+            (format!("$firescrypt${p}$c2FsdA==${key64}$Bw==${key64}$x"), "Firebase scrypt hashes are"),
         ] {
             let err = parse(&bad).err().unwrap_or_default();
             assert!(err.contains(says), "{bad}: {err}");

@@ -105,6 +105,27 @@ pub const LEGACY_HASHES: &[(&str, &str)] = &[
         "sha256-crypt",
         "$5$shortsalt$tbV72LRiilfZaiW2B1X4KtI9oC.625XCIGLb5LQ2XU1",
     ),
+    (
+        // PBKDF2-HMAC-SHA1, the older default of Keycloak (`pbkdf2`, here a 16-byte salt and
+        // 64-byte key as it writes them, in PHC form), Werkzeug and Django; Python's hashlib.
+        "pbkdf2-sha1",
+        "$pbkdf2$i=20000,l=64$a2V5Y2xvYWstc2FsdC0xNg$qfkoHjux8mAB/ZPVjw/yvx6TaXJuU9HbT3DYKrFIO8xIjfQRCWWoqC0FVPYVlCr1lCtne0I+JYj+RkEIswO8cA",
+    ),
+    (
+        "pbkdf2-sha1",
+        "pbkdf2:sha1:10000$rosterfixture16c$d77a7decd60d8c3d1a0c75165c09ed7890cccf50",
+    ),
+    (
+        "pbkdf2-sha1",
+        "pbkdf2_sha1$10000$cm9zdGVyZml4dHVyZXNhbHQ$/oWvuzD2PUF7FV8msQicE/JG0YA=",
+    ),
+    (
+        // Firebase's modified scrypt with its usual parameters (mem_cost 14, rounds 8, salt
+        // separator 0x07) and a 64-byte signer key, made with Python's hashlib.scrypt and
+        // cryptography's AES-CTR (which reproduce Ory Kratos's published Firebase vector).
+        "firebase-scrypt",
+        "$firescrypt$ln=14,r=8,p=1$cm9zdGVyZml4dHVyZQ==$95LE+hYrEG6090iK98DQ/6CQl2WJMtryPz0LuN8iRFtPCcNCnmSPKmPbkvmOzbIXKWNp9J1xkdwIOJ0PILmbKA==$Bw==$cm9zdGVyLWZpeHR1cmUtc2lnbmVyLWtleS1ra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2traw==",
+    ),
 ];
 
 /// Creates a user with an email, a username, a phone number and `PASSWORD`.
@@ -715,6 +736,7 @@ async fn hashes_with_costs_beyond_the_bounds_are_refused() {
         "$6$rounds=900000000$rosterfixture16$zHds6jenH9HqnLCeIi7oExqGm4X6DZX38ZduOJeGVXRY5oyJCC/IUfYEsDwhhsrC9yXQ4PUqBo8m039aMRIVZ.",
         "scrypt:1048576:8:1$rosterfixture16c$931b959a5718874655f9af4cb79e0d769e067056f5d6a050ef419fe88c399b79",
         "pbkdf2:sha256$rosterfixture16c$931b959a5718874655f9af4cb79e0d769e067056f5d6a050ef419fe88c399b79",
+        "$firescrypt$ln=20,r=8,p=1$cm9zdGVyZml4dHVyZQ==$95LE+hYrEG6090iK98DQ/6CQl2WJMtryPz0LuN8iRFtPCcNCnmSPKmPbkvmOzbIXKWNp9J1xkdwIOJ0PILmbKA==$Bw==$cm9zdGVyLWZpeHR1cmUtc2lnbmVyLWtleS1ra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2tra2traw==",
         "$md5$rounds=5000$salt$hash",
         "5f4dcc3b5aa765d61d8327deb882cf99",
     ] {
