@@ -1,4 +1,4 @@
-//! `roster import FILE`: streams a JSONL or CSV file into ImportUsers.
+//! `roster import FILE`: streams a JSONL, JSON or CSV file into ImportUsers.
 //!
 //! A reader thread parses the file and feeds a bounded channel, so parsing overlaps the
 //! network and a slow server slows the reader instead of filling memory. The reader also
@@ -14,12 +14,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 
 use anyhow::{Context, bail};
+use clap::ValueEnum as _;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::records::{self, Format, Source};
+use serde::de::{DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess};
+
+use super::records::{self, Format};
 use super::remote::{Progress, ServerArgs};
+use super::sources::{Convert, FirebaseHash, Source};
 use crate::pb::v1 as pb;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -36,14 +40,27 @@ pub enum MatchOnArg {
     ExternalId,
 }
 
+/// The formats import reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum InputFormat {
+    /// One JSON object per line.
+    Jsonl,
+    /// One JSON document: an array of records, or an object with a `users` array (Firebase's
+    /// and Keycloak's exports), read as a stream.
+    Json,
+    /// A header row, then one record per row.
+    Csv,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct ImportArgs {
-    /// The file to import (JSONL or CSV; `-` reads standard input).
+    /// The file to import (JSONL, JSON or CSV; `-` reads standard input).
     pub file: PathBuf,
-    /// The file's format; told from the extension, else from the first non-blank byte (`{` is
-    /// JSONL, anything else CSV), when not given.
+    /// The file's format; when not given, `.csv`, `.jsonl` and `.ndjson` files are told by
+    /// their extension, others by their content (`[`, or a `{` whose first line is not a whole
+    /// record, is JSON; `{` JSONL; anything else CSV).
     #[arg(long, value_enum)]
-    pub format: Option<Format>,
+    pub format: Option<InputFormat>,
     /// What to do with a record whose user exists.
     #[arg(long, value_enum, default_value = "create-only")]
     pub mode: ModeArg,
@@ -56,10 +73,15 @@ pub struct ImportArgs {
     /// Write each failed record here, in the input's format, with `_record` and `_error`.
     #[arg(long)]
     pub errors: Option<PathBuf>,
-    /// Whose field names the file uses: roster (what `roster export` writes) or auth0 (an
-    /// Auth0 user export, JSON or CSV; see the README's migrating from Auth0).
+    /// Whose field names the file uses: roster (what `roster export` writes), auth0 (an Auth0
+    /// user export, JSON or CSV), firebase (`firebase auth:export users.json`) or keycloak (a
+    /// realm export); see the README's "Moving in from another user store".
     #[arg(long, value_enum, default_value = "roster")]
     pub from: Source,
+    /// With --from firebase: a file holding the project's password hash parameters as the
+    /// Firebase console shows them (the hash_config block), needed to import passwords.
+    #[arg(long, value_name = "FILE")]
+    pub firebase_hash_parameters: Option<PathBuf>,
     /// Leave out the first N records (to resume an interrupted import; use --mode upsert).
     #[arg(long, default_value_t = 0)]
     pub skip: u64,
@@ -104,8 +126,8 @@ impl<R: Read> Read for Counting<R> {
 }
 
 /// The format the user gave, else the one the extension names, else `None`: the content
-/// decides.
-fn declared_format(args: &ImportArgs) -> Option<Format> {
+/// decides (a `.json` file may hold JSON lines or one document).
+fn declared_format(args: &ImportArgs) -> Option<InputFormat> {
     if let Some(f) = args.format {
         return Some(f);
     }
@@ -115,18 +137,22 @@ fn declared_format(args: &ImportArgs) -> Option<Format> {
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
     match ext.as_deref() {
-        Some("csv") => Some(Format::Csv),
-        Some("jsonl" | "ndjson" | "json") => Some(Format::Jsonl),
+        Some("csv") => Some(InputFormat::Csv),
+        Some("jsonl" | "ndjson") => Some(InputFormat::Jsonl),
         _ => None,
     }
 }
 
-/// Reads `input` up to its first non-blank byte (or the end) and tells the format from it: a
-/// `{` starts JSONL, anything else is CSV. Returns what was read, to be put back in front, so
-/// that a pipe (`roster export | roster import -`) is told as well as a file.
-fn sniff_format(input: &mut dyn Read) -> std::io::Result<(Format, Vec<u8>)> {
+/// Reads the start of `input` and tells the format from it: `[` starts a JSON document; `{`
+/// JSON lines when the first line is a whole record by itself, else a JSON document (a
+/// pretty-printed export, or one whose records are in `users`); anything else is CSV.
+/// Returns what was read, to be put back in front, so that a pipe (`roster export | roster
+/// import -`) is told as well as a file.
+fn sniff_format(input: &mut dyn Read) -> std::io::Result<(InputFormat, Vec<u8>)> {
+    // A first line longer than this is not a user record.
+    const MAX_LINE: usize = 1 << 20;
     let mut head = Vec::new();
-    let mut chunk = [0u8; 512];
+    let mut chunk = [0u8; 8192];
     loop {
         let n = match input.read(&mut chunk) {
             Ok(n) => n,
@@ -134,21 +160,38 @@ fn sniff_format(input: &mut dyn Read) -> std::io::Result<(Format, Vec<u8>)> {
             Err(e) => return Err(e),
         };
         head.extend_from_slice(&chunk[..n]);
-        let first = head.iter().find(|b| !b.is_ascii_whitespace());
-        // Bounded: a stream of nothing but blanks is taken as CSV, which then reads it.
-        if n == 0 || first.is_some() || head.len() >= 64 * 1024 {
-            let format = match first {
-                Some(b'{') => Format::Jsonl,
-                _ => Format::Csv,
-            };
+        let start = head.iter().position(|b| !b.is_ascii_whitespace());
+        let decided = match start.map(|i| (i, head[i])) {
+            // Bounded: a stream of nothing but blanks is taken as CSV, which then reads it.
+            None if n > 0 && head.len() < 64 * 1024 => None,
+            Some((i, b'{')) => {
+                let line_end = head[i..].iter().position(|&b| b == b'\n').map(|e| i + e);
+                match line_end {
+                    None if n > 0 && head.len() < MAX_LINE => None,
+                    end => {
+                        let line = &head[i..end.unwrap_or(head.len())];
+                        let record = serde_json::from_slice::<Map<String, Value>>(line)
+                            .is_ok_and(|obj| !obj.contains_key("users"));
+                        Some(if record {
+                            InputFormat::Jsonl
+                        } else {
+                            InputFormat::Json
+                        })
+                    }
+                }
+            }
+            Some((_, b'[')) => Some(InputFormat::Json),
+            _ => Some(InputFormat::Csv),
+        };
+        if let Some(format) = decided {
             return Ok((format, head));
         }
     }
 }
 
 struct Reader {
-    format: Format,
-    from: Source,
+    format: InputFormat,
+    convert: Convert,
     skip: u64,
     keep_raw: bool,
     requests: mpsc::Sender<pb::ImportUsersRequest>,
@@ -158,12 +201,8 @@ struct Reader {
 impl Reader {
     /// Sends one parsed record; false when the stream is gone.
     fn send(&self, record: u64, raw: Raw, parsed: Result<Map<String, Value>, String>) -> bool {
-        let csv = self.format == Format::Csv;
         let request = parsed
-            .and_then(|obj| match self.from {
-                Source::Roster => Ok(obj),
-                Source::Auth0 => records::from_auth0(obj, csv),
-            })
+            .and_then(|obj| self.convert.apply(obj))
             .and_then(records::import_record);
         match request {
             Err(reason) => self
@@ -189,8 +228,9 @@ impl Reader {
 
     fn run(self, input: impl Read) {
         let result = match self.format {
-            Format::Jsonl => self.jsonl(input),
-            Format::Csv => self.csv(input),
+            InputFormat::Jsonl => self.jsonl(input),
+            InputFormat::Json => self.json(input),
+            InputFormat::Csv => self.csv(input),
         };
         if let Err(e) = result {
             let _ = self.notes.send(Note::Broken(format!("{e:#}")));
@@ -220,6 +260,28 @@ impl Reader {
                 return Ok(());
             }
         }
+    }
+
+    /// A JSON document, streamed: records are sent as the parser reaches them, so a
+    /// million-user export is read in flat memory. Several documents one after another (JSON
+    /// lines) are read too; unlike JSONL, a syntax error stops the reading at its line.
+    fn json(&self, input: impl Read) -> anyhow::Result<()> {
+        let input = BufReader::with_capacity(256 * 1024, input);
+        let mut de = serde_json::Deserializer::from_reader(input);
+        let mut walk = Walk {
+            reader: self,
+            record: 0,
+            stopped: false,
+        };
+        // `end` is Ok once only blanks are left.
+        while de.end().is_err() {
+            let read = Top(&mut walk).deserialize(&mut de);
+            if walk.stopped {
+                return Ok(());
+            }
+            read.context("reading the JSON")?;
+        }
+        Ok(())
     }
 
     fn csv(&self, input: impl Read) -> anyhow::Result<()> {
@@ -272,6 +334,94 @@ impl Reader {
                 return Ok(());
             }
         }
+    }
+}
+
+/// Where the JSON reader is: the records seen, and whether the stream is gone.
+struct Walk<'a> {
+    reader: &'a Reader,
+    record: u64,
+    stopped: bool,
+}
+
+impl Walk<'_> {
+    /// Sends one record; false once the stream is gone.
+    fn record(&mut self, v: Value) -> bool {
+        self.record += 1;
+        if self.record <= self.reader.skip {
+            return true;
+        }
+        // For the errors file: the record as one JSON line.
+        let raw = Raw::Line(if self.reader.keep_raw {
+            v.to_string()
+        } else {
+            String::new()
+        });
+        let parsed = match v {
+            Value::Object(obj) => Ok(obj),
+            _ => Err("not a JSON object".to_string()),
+        };
+        let sent = self.reader.send(self.record, raw, parsed);
+        self.stopped = !sent;
+        sent
+    }
+}
+
+/// A JSON value at the top of the document or in a `users` array: a record, an array of
+/// records, or an object whose `users` holds them (any other keys, such as a Keycloak realm's
+/// settings, are skipped).
+struct Top<'w, 'a>(&'w mut Walk<'a>);
+
+impl<'de> DeserializeSeed<'de> for Top<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Top<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a user record, an array of them, or an object with a `users` array")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(v) = seq.next_element::<Value>()? {
+            if !self.0.record(v) {
+                return Err(A::Error::custom("the import stopped"));
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut fields = Map::new();
+        let mut container = false;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "users" && !container {
+                container = true;
+                map.next_value_seed(Users(&mut *self.0))?;
+            } else if container {
+                map.next_value::<IgnoredAny>()?;
+            } else {
+                fields.insert(key, map.next_value()?);
+            }
+        }
+        if !container && !self.0.record(Value::Object(fields)) {
+            return Err(A::Error::custom("the import stopped"));
+        }
+        Ok(())
+    }
+}
+
+/// The `users` array of a document.
+struct Users<'w, 'a>(&'w mut Walk<'a>);
+
+impl<'de> DeserializeSeed<'de> for Users<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(Top(self.0))
     }
 }
 
@@ -466,6 +616,24 @@ impl Results {
     }
 }
 
+/// The command that imports the rest of the file after `done` records: the same reading of
+/// it (source, Firebase's parameters, format), as an UPSERT in case the last answers were lost.
+fn resume_command(args: &ImportArgs, done: u64) -> String {
+    let mut command = format!("roster import {}", args.file.display());
+    if let Some(from) = args.from.to_possible_value()
+        && args.from != Source::Roster
+    {
+        command += &format!(" --from {}", from.get_name());
+    }
+    if let Some(p) = &args.firebase_hash_parameters {
+        command += &format!(" --firebase-hash-parameters {}", p.display());
+    }
+    if let Some(f) = args.format.and_then(|f| f.to_possible_value()) {
+        command += &format!(" --format {}", f.get_name());
+    }
+    command + &format!(" --mode upsert --skip {done}")
+}
+
 pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     let (mut input, total): (Box<dyn Read + Send>, Option<u64>) = if args.file.as_os_str() == "-" {
         (Box::new(std::io::stdin()), None)
@@ -484,7 +652,44 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             f
         }
     };
-    let errors = ErrorsFile::open(&args.errors, format)?;
+    if args.firebase_hash_parameters.is_some() && args.from != Source::Firebase {
+        bail!("--firebase-hash-parameters goes with --from firebase");
+    }
+    let convert = match args.from {
+        Source::Roster => Convert::Roster,
+        Source::Auth0 => Convert::Auth0 {
+            csv: format == InputFormat::Csv,
+        },
+        Source::Firebase => Convert::Firebase(
+            args.firebase_hash_parameters
+                .as_ref()
+                .map(|path| {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    FirebaseHash::parse(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+                })
+                .transpose()?,
+        ),
+        Source::Keycloak => Convert::Keycloak,
+    };
+    if format == InputFormat::Csv && matches!(args.from, Source::Firebase | Source::Keycloak) {
+        bail!(
+            "{} exports are read as JSON (firebase auth:export users.json; kc.sh export); \
+             this file looks like CSV",
+            if args.from == Source::Firebase {
+                "Firebase"
+            } else {
+                "Keycloak"
+            }
+        );
+    }
+    // Failed records of a JSON document are written as JSON lines.
+    let errors_format = match format {
+        InputFormat::Csv => Format::Csv,
+        InputFormat::Jsonl | InputFormat::Json => Format::Jsonl,
+    };
+    let errors = ErrorsFile::open(&args.errors, errors_format)?;
     let mut users = args.server.users().await?;
 
     let (requests, requests_rx) = mpsc::channel(1024);
@@ -508,7 +713,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     let bytes = Arc::new(AtomicU64::new(0));
     let reader = Reader {
         format,
-        from: args.from,
+        convert,
         skip: args.skip,
         keep_raw: args.errors.is_some(),
         requests,
@@ -575,9 +780,8 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     };
     if let Some(why) = interrupted {
         bail!(
-            "the import stopped: {why}\nrecords 1 to {resume_at} have their results; resume with:\n  \
-             roster import {} --mode upsert --skip {resume_at}",
-            args.file.display()
+            "the import stopped: {why}\nrecords 1 to {resume_at} have their results; resume with:\n  {}",
+            resume_command(&args, resume_at)
         );
     }
     if t.failed > 0 {
@@ -585,4 +789,68 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         return Err(super::Exit(2).into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_import_resumes_reading_the_file_the_same_way() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            import: ImportArgs,
+        }
+        let args = |line: &[&str]| Cli::parse_from([&["roster"], line].concat()).import;
+        assert_eq!(
+            resume_command(&args(&["users.jsonl"]), 7),
+            "roster import users.jsonl --mode upsert --skip 7"
+        );
+        assert_eq!(
+            resume_command(
+                &args(&[
+                    "users.json",
+                    "--from",
+                    "firebase",
+                    "--firebase-hash-parameters",
+                    "hash.txt",
+                    "--format",
+                    "json",
+                    "--skip",
+                    "2",
+                ]),
+                1000
+            ),
+            "roster import users.json --from firebase --firebase-hash-parameters hash.txt \
+             --format json --mode upsert --skip 1000"
+        );
+    }
+
+    #[test]
+    fn the_format_is_told_from_the_content() {
+        let long = format!("{{\"email\": \"{}@x.io\"}}\n", "a".repeat(100_000));
+        for (text, format) in [
+            (
+                "{\"email\": \"a@x.io\"}\n{\"email\": \"b@x.io\"}\n",
+                InputFormat::Jsonl,
+            ),
+            ("\n  {\"email\": \"a@x.io\"}", InputFormat::Jsonl),
+            (long.as_str(), InputFormat::Jsonl),
+            ("{\n  \"users\": [\n", InputFormat::Json),
+            ("{\"users\": [{\"email\": \"a@x.io\"}]}", InputFormat::Json),
+            ("[{\"email\": \"a@x.io\"}]", InputFormat::Json),
+            ("email,username\na@x.io,a\n", InputFormat::Csv),
+            ("", InputFormat::Csv),
+        ] {
+            let mut input = std::io::Cursor::new(text.as_bytes().to_vec());
+            let (got, head) = sniff_format(&mut input).unwrap();
+            assert_eq!(got, format, "{:?}", &text[..text.len().min(40)]);
+            // What was read is handed back whole.
+            let mut all = head;
+            input.read_to_end(&mut all).unwrap();
+            assert_eq!(all, text.as_bytes());
+        }
+    }
 }

@@ -5,6 +5,7 @@ pub mod export;
 pub mod import;
 pub mod records;
 pub mod remote;
+pub mod sources;
 
 use clap::{Parser, Subcommand};
 

@@ -168,7 +168,7 @@ fn as_text(field: &str, v: Value) -> Result<Option<String>, String> {
     }
 }
 
-fn as_bool(field: &str, v: Value) -> Result<bool, String> {
+pub(super) fn as_bool(field: &str, v: Value) -> Result<bool, String> {
     match v {
         Value::Null => Ok(false),
         Value::Bool(b) => Ok(b),
@@ -182,7 +182,7 @@ fn as_bool(field: &str, v: Value) -> Result<bool, String> {
 }
 
 /// A JSON value, or JSON text in a string (CSV cells).
-fn as_json(field: &str, v: Value) -> Result<Value, String> {
+pub(super) fn as_json(field: &str, v: Value) -> Result<Value, String> {
     match v {
         Value::String(s) if s.trim().is_empty() => Ok(Value::Null),
         Value::String(s) => {
@@ -233,113 +233,6 @@ fn identities(v: Value) -> Result<Vec<pb::ImportIdentity>, String> {
             }
         }
         out.push(x);
-    }
-    Ok(out)
-}
-
-/// Whose field names a file to import uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Source {
-    /// Roster's own (what `roster export` writes).
-    Roster,
-    /// An Auth0 user export (the Management API's users-exports job, JSON or CSV, with
-    /// Auth0's user profile field names), plus the `passwordHash` of Auth0's password export.
-    Auth0,
-}
-
-/// Identity providers of Auth0 that are not linked accounts: its own database connection
-/// (the password, imported as such) and passwordless email and SMS (the email and phone).
-const AUTH0_NOT_LINKED: &[&str] = &["auth0", "email", "sms"];
-
-/// Auth0 fields Roster keeps its own account of (activity, counters, computed names).
-const AUTH0_SKIPPED: &[&str] = &[
-    "nickname",
-    "updated_at",
-    "last_login",
-    "last_ip",
-    "logins_count",
-    "multifactor",
-    "last_password_reset",
-];
-
-/// An Auth0 user export record in Roster's field names: `user_id` (`auth0|5f7c...`) becomes
-/// `external_id`, `name` `display_name`, `picture` `picture_url`, `passwordHash` (or
-/// `custom_password_hash.hash.value`) `password_hash`; linked social and enterprise
-/// identities become `identities` (provider and the provider's user id as subject); Auth0's
-/// activity fields are left out. A user blocked in Auth0 is refused rather than imported
-/// active. Auth0's CSV starts each text cell with `'` (its CSV-injection guard): removed.
-pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Value>, String> {
-    let mut out = Map::new();
-    for (k, v) in obj {
-        let v = match v {
-            Value::String(s) if csv && s.starts_with('\'') => Value::String(s[1..].to_string()),
-            v => v,
-        };
-        let to = match k.as_str() {
-            "user_id" => "external_id",
-            "name" => "display_name",
-            "picture" => "picture_url",
-            "passwordHash" => "password_hash",
-            "custom_password_hash" => {
-                let hash = as_json(&k, v)?;
-                let value = hash.pointer("/hash/value").and_then(Value::as_str);
-                match value {
-                    Some(h) => {
-                        out.insert("password_hash".into(), Value::String(h.into()));
-                        continue;
-                    }
-                    None => return Err(format!("{k}: has no hash.value")),
-                }
-            }
-            "identities" => {
-                let list = match as_json(&k, v)? {
-                    Value::Array(a) => a,
-                    Value::Null => continue,
-                    _ => return Err("identities: must be an array".into()),
-                };
-                let mut linked = Vec::new();
-                for (i, id) in list.iter().enumerate() {
-                    let text = |f: &str| match id.get(f) {
-                        Some(Value::String(s)) => Some(s.clone()),
-                        Some(Value::Number(n)) => Some(n.to_string()),
-                        _ => None,
-                    };
-                    let (Some(provider), Some(subject)) = (text("provider"), text("user_id"))
-                    else {
-                        return Err(format!("identities[{i}]: needs provider and user_id"));
-                    };
-                    if AUTH0_NOT_LINKED.contains(&provider.as_str()) {
-                        continue;
-                    }
-                    let mut x = Map::new();
-                    x.insert("provider".into(), Value::String(provider));
-                    x.insert("subject".into(), Value::String(subject));
-                    if let Some(c) = text("connection") {
-                        x.insert("connection".into(), Value::String(c));
-                    }
-                    linked.push(Value::Object(x));
-                }
-                if !linked.is_empty() {
-                    out.insert("identities".into(), Value::Array(linked));
-                }
-                continue;
-            }
-            "blocked" => {
-                if as_bool(&k, v)? {
-                    return Err("blocked in Auth0: import it without `blocked`, then block \
-                                it with BlockUser, so it is not imported active"
-                        .into());
-                }
-                continue;
-            }
-            "email" | "email_verified" | "username" | "phone_number" | "phone_verified"
-            | "given_name" | "family_name" | "created_at" | "user_metadata" | "app_metadata" => {
-                k.as_str()
-            }
-            other if other.starts_with('_') || AUTH0_SKIPPED.contains(&other) => continue,
-            other => return Err(format!("unknown Auth0 field '{other}'")),
-        };
-        out.insert(to.to_string(), v);
     }
     Ok(out)
 }
@@ -418,41 +311,6 @@ mod tests {
         assert_eq!(typed, csv);
         assert!(typed.pending);
         assert_eq!(typed.created_at.unwrap().nanos, 123_456_000);
-    }
-
-    #[test]
-    fn auth0_records_take_roster_names() {
-        let r = from_auth0(
-            obj(json!({
-                "user_id": "auth0|1", "name": "N", "logins_count": 3, "_id": {"$oid": "x"},
-                "custom_password_hash": {"algorithm": "bcrypt", "hash": {"value": "$2b$10$h"}},
-                "identities": [{"provider": "auth0", "user_id": "1"},
-                               {"provider": "github", "user_id": 7, "connection": "github"}],
-            })),
-            false,
-        )
-        .unwrap();
-        assert_eq!(
-            Value::Object(r),
-            json!({"external_id": "auth0|1", "display_name": "N", "password_hash": "$2b$10$h",
-                   "identities": [{"provider": "github", "subject": "7",
-                                   "connection": "github"}]})
-        );
-        for (bad, says) in [
-            (
-                json!({"custom_password_hash": {"algorithm": "md5"}}),
-                "has no hash.value",
-            ),
-            (
-                json!({"identities": [{"provider": "github"}]}),
-                "needs provider and user_id",
-            ),
-            (json!({"blocked": "true"}), "blocked in Auth0"),
-            (json!({"favorite": 1}), "unknown Auth0 field 'favorite'"),
-        ] {
-            let err = from_auth0(obj(bad.clone()), false).unwrap_err();
-            assert!(err.contains(says), "{bad}: {err}");
-        }
     }
 
     #[test]

@@ -1859,19 +1859,7 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
         crate::pb_struct(serde_json::json!({"p": "pro"})).fields["p"]
     );
     // Her Auth0 password signs her in (and is upgraded to argon2id).
-    let r = app
-        .authenticators()
-        .verify_password(pb::VerifyPasswordRequest {
-            login: Some(pb::verify_password_request::Login::Email(
-                "ada@example.com".into(),
-            )),
-            password: LEGACY_PASSWORD.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.result, pb::VerifyPasswordResult::Ok as i32);
+    assert!(signs_in(&app, "ada@example.com", LEGACY_PASSWORD).await);
     // Her Auth0 database identity is her password, not a linked account.
     let ids = crate::identities::identities_of(&mut app.identities(), &ada.id).await;
     assert!(ids.is_empty(), "{ids:?}");
@@ -1905,6 +1893,329 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
     assert_eq!(csv_user.external_id, "auth0|csv1");
     assert_eq!(csv_user.display_name, "Csv O'Neil");
     assert!(csv_user.email_verified);
+}
+
+/// Whether `password` signs `email` in (VerifyPassword answers OK).
+async fn signs_in(app: &TestApp, email: &str, password: &str) -> bool {
+    let r = app
+        .authenticators()
+        .verify_password(pb::VerifyPasswordRequest {
+            login: Some(pb::verify_password_request::Login::Email(email.into())),
+            password: password.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.result == pb::VerifyPasswordResult::Ok as i32
+}
+
+/// The `_error`s of an `--errors` file (JSON lines), in order.
+fn error_reasons(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["_error"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// Moving off Firebase Authentication: `firebase auth:export users.json` (one pretty-printed
+/// document, read as a stream) imports with `--from firebase`; with the console's password
+/// hash parameters its users keep their passwords (Firebase's modified scrypt), and their
+/// Google/GitHub sign-ins become identities. Without the parameters, a user with a password
+/// is refused saying what to give; a disabled user is refused; a bad parameters file stops
+/// the run before anything is sent, without printing the signer key.
+#[tokio::test]
+async fn a_firebase_export_imports_with_its_passwords() {
+    use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-firebase-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The Firebase fixture hash, taken apart as the export and the console give it.
+    let (_, fixture) = LEGACY_HASHES
+        .iter()
+        .find(|(name, _)| *name == "firebase-scrypt")
+        .unwrap();
+    let parts: Vec<&str> = fixture.split('$').collect();
+    let (salt, hash, separator, signer) = (parts[3], parts[4], parts[5], parts[6]);
+    let users = serde_json::json!([
+        {
+            "localId": "Xk3v9QeUuPbYq0J1sRfT2mWnZa83", "email": "fire@example.com",
+            "emailVerified": true, "passwordHash": hash, "salt": salt,
+            "displayName": "Fira Base", "photoUrl": "https://example.com/fira.png",
+            "lastSignedInAt": "1700000000000", "createdAt": "1589276052123",
+            "phoneNumber": "+14155550123", "disabled": false,
+            "customAttributes": "{\"admin\":true}",
+            "providerUserInfo": [{"providerId": "google.com", "rawId": "107691503500061507151",
+                                  "email": "fira@gmail.com", "displayName": "Fira"}],
+        },
+        {
+            "localId": "social0000000000000000000002", "email": "social@example.com",
+            "emailVerified": true, "createdAt": "1600000000000",
+            "providerUserInfo": [
+                {"providerId": "google.com", "rawId": "200000000000000000002"},
+                {"providerId": "github.com", "rawId": "583232", "email": "social@example.com"},
+            ],
+        },
+        {"localId": "disabled00000000000000000003", "email": "off@example.com",
+         "disabled": true, "createdAt": "1600000000000"},
+    ]);
+    // As firebase-tools writes it: a pretty-printed document with the records in `users`.
+    let file = dir.join("users.json");
+    let doc = serde_json::json!({ "users": users });
+    std::fs::write(&file, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    let errors = dir.join("errors.jsonl");
+    let import = |extra: Vec<String>| {
+        let mut args: Vec<String> = ["import", file.to_str().unwrap(), "--from", "firebase"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra);
+        let app = &app;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            roster_client(app, &app.token, &args).await
+        }
+    };
+
+    // Without the hash parameters: checked, nothing written, the password user refused.
+    let (code, _, err) = import(vec![
+        "--dry-run".into(),
+        "--errors".into(),
+        errors.to_str().unwrap().into(),
+    ])
+    .await;
+    assert_eq!(code, 2, "{err}");
+    let reasons = error_reasons(&errors);
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].contains("--firebase-hash-parameters"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("disabled in Firebase"), "{reasons:?}");
+
+    // A parameters file missing a field stops the run, naming it and not the key.
+    let params = dir.join("hash-config.txt");
+    std::fs::write(
+        &params,
+        format!("hash_config {{\n  base64_signer_key: {signer},\n}}\n"),
+    )
+    .unwrap();
+    let (code, _, err) = import(vec![
+        "--firebase-hash-parameters".into(),
+        params.to_str().unwrap().into(),
+    ])
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("base64_salt_separator is missing"), "{err}");
+    assert!(!err.contains(signer), "{err}");
+
+    // The console's block, as copied from it.
+    std::fs::write(
+        &params,
+        format!(
+            "hash_config {{\n  algorithm: SCRYPT,\n  base64_signer_key: {signer},\n  \
+             base64_salt_separator: {separator},\n  rounds: 8,\n  mem_cost: 14,\n}}\n"
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = import(vec![
+        "--firebase-hash-parameters".into(),
+        params.to_str().unwrap().into(),
+        "--errors".into(),
+        errors.to_str().unwrap().into(),
+    ])
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("2 created, 0 updated, 1 failed"), "{err}");
+    assert_eq!(error_reasons(&errors).len(), 1);
+
+    let mut users = app.users();
+    let fira = crate::user_by_email(&mut users, "fire@example.com").await;
+    assert_eq!(fira.external_id, "Xk3v9QeUuPbYq0J1sRfT2mWnZa83");
+    assert_eq!(fira.display_name, "Fira Base");
+    assert_eq!(fira.picture_url, "https://example.com/fira.png");
+    assert_eq!(fira.phone_number, "+14155550123");
+    assert!(fira.phone_verified && fira.email_verified);
+    let created = fira.created_at.unwrap();
+    assert_eq!(
+        (created.seconds, created.nanos),
+        (1_589_276_052, 123_000_000)
+    );
+    assert_eq!(
+        fira.app_metadata.unwrap().fields["admin"],
+        crate::pb_struct(serde_json::json!({"a": true})).fields["a"]
+    );
+    // Her Firebase password signs her in; a wrong one does not.
+    assert!(!signs_in(&app, "fire@example.com", "not her password").await);
+    assert!(signs_in(&app, "fire@example.com", LEGACY_PASSWORD).await);
+    for (provider, subject, email) in [
+        ("google.com", "107691503500061507151", "fire@example.com"),
+        ("google.com", "200000000000000000002", "social@example.com"),
+        ("github.com", "583232", "social@example.com"),
+    ] {
+        let found = crate::identities::lookup(&mut app.identities(), provider, subject)
+            .await
+            .unwrap();
+        assert_eq!(found.user.unwrap().email, email);
+    }
+    let social = crate::user_by_email(&mut users, "social@example.com").await;
+    assert!(
+        !social
+            .enrolled_methods
+            .contains(&(pb::AuthenticatorType::Password as i32))
+    );
+}
+
+/// Moving off Keycloak: a realm export (`kc.sh export`, the realm's settings around its
+/// `users`) imports with `--from keycloak`: passwords in each of Keycloak's hash algorithms
+/// sign in, identity-provider links become identities, attributes become the locale and
+/// user_metadata; a disabled user and a service account are refused with their reasons.
+#[tokio::test]
+async fn a_keycloak_realm_export_imports_with_its_passwords() {
+    use crate::passwords::LEGACY_PASSWORD;
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-keycloak-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Keycloak's credential JSON for LEGACY_PASSWORD, made with Python's hashlib and
+    // argon2-cffi: pbkdf2-sha256 (27,500 iterations, 64-byte key: Keycloak's defaults before
+    // 24), argon2 (its defaults since 25) and pbkdf2 (SHA-1, its oldest).
+    let credential = |value: &str, salt: &str, data: serde_json::Value| {
+        serde_json::json!({
+            "id": uuid::Uuid::new_v4().to_string(), "type": "password",
+            "userLabel": "My password", "createdDate": 1700000000000_i64,
+            "secretData": serde_json::json!({"value": value, "salt": salt,
+                                             "additionalParameters": {}}).to_string(),
+            "credentialData": data.to_string(),
+        })
+    };
+    let pbkdf2_sha256 = credential(
+        "sZv1VyP/2Wn73wkFPaB3+9L1zuFp2i2dRyviC8KPVbXbZbqTLe19O0sXgga8SwLXqhzOTrVx1T+UEhv+ejUqbA==",
+        "a2V5Y2xvYWstc2FsdC0wMQ==",
+        serde_json::json!({"hashIterations": 27500, "algorithm": "pbkdf2-sha256",
+                           "additionalParameters": {}}),
+    );
+    let argon2 = credential(
+        "w1oRYURqlJoHNb5Ng07B4dwAd9Y2aACcFHMgoBTCWjY=",
+        "a2V5Y2xvYWstc2FsdC0wMg==",
+        serde_json::json!({"hashIterations": 5, "algorithm": "argon2",
+                           "additionalParameters": {"hashLength": ["32"], "memory": ["7168"],
+                                                    "type": ["id"], "version": ["1.3"],
+                                                    "parallelism": ["1"]}}),
+    );
+    let pbkdf2_sha1 = credential(
+        "q1wc2qcDiteDajjOACW5d3KTfq/RwPHizcvxyf/QAwJaS6J92l84dGRNMJwKdqaqL73WqZ2RpZKSSMSVDfHTDA==",
+        "a2V5Y2xvYWstc2FsdC0wMw==",
+        serde_json::json!({"hashIterations": 20000, "algorithm": "pbkdf2",
+                           "additionalParameters": {}}),
+    );
+    let totp = serde_json::json!({"type": "otp", "secretData": "{\"value\":\"JBSWY3DPEHPK3PXP\"}",
+                                  "credentialData": "{\"subType\":\"totp\",\"digits\":6}"});
+    let user = |id: &str, name: &str, creds: Vec<serde_json::Value>| {
+        serde_json::json!({
+            "id": id, "username": name, "email": format!("{name}@example.com"),
+            "emailVerified": true, "enabled": true, "totp": false,
+            "createdTimestamp": 1589276052123_i64, "credentials": creds,
+            "disableableCredentialTypes": [], "requiredActions": [],
+            "realmRoles": ["default-roles-acme"], "notBefore": 0, "groups": ["/staff"],
+        })
+    };
+    let mut alice = user(
+        "6f0c9a0e-8b1d-4c2e-9f3a-1b2c3d4e5f60",
+        "alice",
+        vec![pbkdf2_sha256, totp],
+    );
+    alice["firstName"] = "Alice".into();
+    alice["lastName"] = "Liddell".into();
+    alice["attributes"] = serde_json::json!({"locale": ["de"], "department": ["eng"],
+                                             "badges": ["a", "b"]});
+    alice["federatedIdentities"] = serde_json::json!([
+        {"identityProvider": "google", "userId": "107691503500061507152",
+         "userName": "alice@gmail.com"}]);
+    let bob = user("6f0c9a0e-8b1d-4c2e-9f3a-1b2c3d4e5f61", "bob", vec![argon2]);
+    let carol = user(
+        "6f0c9a0e-8b1d-4c2e-9f3a-1b2c3d4e5f62",
+        "carol",
+        vec![pbkdf2_sha1],
+    );
+    let mut dave = user("6f0c9a0e-8b1d-4c2e-9f3a-1b2c3d4e5f63", "dave", vec![]);
+    dave["enabled"] = false.into();
+    let mut robot = user(
+        "6f0c9a0e-8b1d-4c2e-9f3a-1b2c3d4e5f64",
+        "service-account-ci",
+        vec![],
+    );
+    robot["serviceAccountClientId"] = "ci".into();
+    let realm = serde_json::json!({
+        "id": "acme", "realm": "acme", "enabled": true, "sslRequired": "external",
+        "clients": [{"clientId": "ci", "serviceAccountsEnabled": true}],
+        "users": [alice, bob, carol, dave, robot],
+        "identityProviders": [{"alias": "google", "providerId": "google"}],
+    });
+    let file = dir.join("acme-realm.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&realm).unwrap()).unwrap();
+    let errors = dir.join("errors.jsonl");
+    let (code, _, err) = roster_client(
+        &app,
+        &app.token,
+        &[
+            "import",
+            file.to_str().unwrap(),
+            "--from",
+            "keycloak",
+            "--errors",
+            errors.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("3 created, 0 updated, 2 failed"), "{err}");
+    let reasons = error_reasons(&errors);
+    assert!(reasons[0].contains("disabled in Keycloak"), "{reasons:?}");
+    assert!(
+        reasons[1].contains("service account of Keycloak client 'ci'"),
+        "{reasons:?}"
+    );
+
+    let mut users = app.users();
+    let a = crate::user_by_email(&mut users, "alice@example.com").await;
+    assert_eq!(a.external_id, "6f0c9a0e-8b1d-4c2e-9f3a-1b2c3d4e5f60");
+    assert_eq!(a.username, "alice");
+    assert_eq!(
+        (a.given_name.as_str(), a.family_name.as_str()),
+        ("Alice", "Liddell")
+    );
+    assert_eq!(a.locale, "de");
+    assert_eq!(a.created_at.unwrap().seconds, 1_589_276_052);
+    assert_eq!(
+        a.user_metadata.unwrap(),
+        crate::pb_struct(serde_json::json!({"department": "eng", "badges": ["a", "b"]}))
+    );
+    // The OTP credential is not carried: the password is her only method.
+    assert_eq!(a.enrolled_methods, [pb::AuthenticatorType::Password as i32]);
+    for name in ["alice", "bob", "carol"] {
+        let email = format!("{name}@example.com");
+        assert!(!signs_in(&app, &email, "wrong password").await, "{name}");
+        assert!(signs_in(&app, &email, LEGACY_PASSWORD).await, "{name}");
+    }
+    let found = crate::identities::lookup(&mut app.identities(), "google", "107691503500061507152")
+        .await
+        .unwrap();
+    assert_eq!(found.user.unwrap().id, a.id);
+
+    // A JSON array of Roster's own records is read the same way.
+    let list = dir.join("list.json");
+    std::fs::write(
+        &list,
+        r#"[{"email": "arr1@example.com"}, {"email": "arr2@example.com"}]"#,
+    )
+    .unwrap();
+    let (code, _, err) = roster_client(&app, &app.token, &["import", list.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("2 created"), "{err}");
 }
 
 /// `roster events` for a log shipper: the log as JSON lines, the backlog then live events;

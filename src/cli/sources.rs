@@ -1,0 +1,743 @@
+//! Other user stores' exports, as `roster import --from` reads them: each record is put in
+//! Roster's field names (records.rs), so that everything after (validation, the request, the
+//! errors file) is the same whatever the source. A field a source may carry but Roster has no
+//! place for (activity, roles) is left out by name; any other field fails its record naming
+//! it, so a new field in a source's export is noticed rather than dropped.
+use base64::Engine as _;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value};
+
+use super::records::{as_bool, as_json};
+
+/// Whose field names a file to import uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// Roster's own (what `roster export` writes).
+    Roster,
+    /// An Auth0 user export (the Management API's users-exports job, JSON or CSV, with
+    /// Auth0's user profile field names), plus the `passwordHash` of Auth0's password export.
+    Auth0,
+    /// A Firebase Authentication export (`firebase auth:export users.json`); password hashes
+    /// need `--firebase-hash-parameters`.
+    Firebase,
+    /// A Keycloak realm export (`kc.sh export`: the realm file or its `*-users-*.json` files).
+    Keycloak,
+}
+
+/// Identity providers of Auth0 that are not linked accounts: its own database connection
+/// (the password, imported as such) and passwordless email and SMS (the email and phone).
+const AUTH0_NOT_LINKED: &[&str] = &["auth0", "email", "sms"];
+
+/// Auth0 fields Roster keeps its own account of (activity, counters, computed names).
+const AUTH0_SKIPPED: &[&str] = &[
+    "nickname",
+    "updated_at",
+    "last_login",
+    "last_ip",
+    "logins_count",
+    "multifactor",
+    "last_password_reset",
+];
+
+/// An Auth0 user export record in Roster's field names: `user_id` (`auth0|5f7c...`) becomes
+/// `external_id`, `name` `display_name`, `picture` `picture_url`, `passwordHash` (or
+/// `custom_password_hash.hash.value`) `password_hash`; linked social and enterprise
+/// identities become `identities` (provider and the provider's user id as subject); Auth0's
+/// activity fields are left out. A user blocked in Auth0 is refused rather than imported
+/// active. Auth0's CSV starts each text cell with `'` (its CSV-injection guard): removed.
+pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    for (k, v) in obj {
+        let v = match v {
+            Value::String(s) if csv && s.starts_with('\'') => Value::String(s[1..].to_string()),
+            v => v,
+        };
+        let to = match k.as_str() {
+            "user_id" => "external_id",
+            "name" => "display_name",
+            "picture" => "picture_url",
+            "passwordHash" => "password_hash",
+            "custom_password_hash" => {
+                let hash = as_json(&k, v)?;
+                let value = hash.pointer("/hash/value").and_then(Value::as_str);
+                match value {
+                    Some(h) => {
+                        out.insert("password_hash".into(), Value::String(h.into()));
+                        continue;
+                    }
+                    None => return Err(format!("{k}: has no hash.value")),
+                }
+            }
+            "identities" => {
+                let list = match as_json(&k, v)? {
+                    Value::Array(a) => a,
+                    Value::Null => continue,
+                    _ => return Err("identities: must be an array".into()),
+                };
+                let mut linked = Vec::new();
+                for (i, id) in list.iter().enumerate() {
+                    let text = |f: &str| match id.get(f) {
+                        Some(Value::String(s)) => Some(s.clone()),
+                        Some(Value::Number(n)) => Some(n.to_string()),
+                        _ => None,
+                    };
+                    let (Some(provider), Some(subject)) = (text("provider"), text("user_id"))
+                    else {
+                        return Err(format!("identities[{i}]: needs provider and user_id"));
+                    };
+                    if AUTH0_NOT_LINKED.contains(&provider.as_str()) {
+                        continue;
+                    }
+                    let mut x = Map::new();
+                    x.insert("provider".into(), Value::String(provider));
+                    x.insert("subject".into(), Value::String(subject));
+                    if let Some(c) = text("connection") {
+                        x.insert("connection".into(), Value::String(c));
+                    }
+                    linked.push(Value::Object(x));
+                }
+                if !linked.is_empty() {
+                    out.insert("identities".into(), Value::Array(linked));
+                }
+                continue;
+            }
+            "blocked" => {
+                if as_bool(&k, v)? {
+                    return Err("blocked in Auth0: import it without `blocked`, then block \
+                                it with BlockUser, so it is not imported active"
+                        .into());
+                }
+                continue;
+            }
+            "email" | "email_verified" | "username" | "phone_number" | "phone_verified"
+            | "given_name" | "family_name" | "created_at" | "user_metadata" | "app_metadata" => {
+                k.as_str()
+            }
+            other if other.starts_with('_') || AUTH0_SKIPPED.contains(&other) => continue,
+            other => return Err(format!("unknown Auth0 field '{other}'")),
+        };
+        out.insert(to.to_string(), v);
+    }
+    Ok(out)
+}
+
+/// A source's conversion, set up once for a run.
+pub enum Convert {
+    Roster,
+    Auth0 { csv: bool },
+    Firebase(Option<FirebaseHash>),
+    Keycloak,
+}
+
+impl Convert {
+    pub fn apply(&self, obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
+        match self {
+            Convert::Roster => Ok(obj),
+            Convert::Auth0 { csv } => from_auth0(obj, *csv),
+            Convert::Firebase(hash) => from_firebase(obj, hash.as_ref()),
+            Convert::Keycloak => from_keycloak(obj),
+        }
+    }
+}
+
+/// A time given as milliseconds since the epoch (a number or its text), as RFC 3339.
+fn millis_time(field: &str, v: Value) -> Result<Value, String> {
+    let ms = match &v {
+        Value::Null => return Ok(Value::Null),
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    };
+    ms.and_then(DateTime::<Utc>::from_timestamp_millis)
+        .map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true)))
+        .ok_or_else(|| format!("{field}: must be milliseconds since 1970"))
+}
+
+/// Text of a string or number field; `None` for null or empty.
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Base64 as the sources write it: standard or URL-safe alphabet, padded or not.
+fn base64_bytes(field: &str, text: &str) -> Result<Vec<u8>, String> {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    LENIENT
+        .decode(text.trim().replace('-', "+").replace('_', "/"))
+        .map_err(|_| format!("{field}: is not base64"))
+}
+
+/// The project-wide parameters of Firebase's scrypt, as its console shows them
+/// (Authentication, Users, the menu's "Password hash parameters"):
+///
+/// ```text
+/// hash_config {
+///   algorithm: SCRYPT,
+///   base64_signer_key: jxspr8Ki0RYy...,
+///   base64_salt_separator: Bw==,
+///   rounds: 8,
+///   mem_cost: 14,
+/// }
+/// ```
+///
+/// The signer key is a secret (with it, exported hashes can be attacked offline): it is never
+/// printed, and this type has no `Debug`.
+pub struct FirebaseHash {
+    signer_key: Vec<u8>,
+    separator: Vec<u8>,
+    rounds: u32,
+    mem_cost: u32,
+}
+
+impl FirebaseHash {
+    /// Reads the console's block, or the same keys as JSON.
+    pub fn parse(text: &str) -> Result<FirebaseHash, String> {
+        let mut fields = std::collections::HashMap::new();
+        // Base64 has no `,`, `{`, `}` or `:`, so the block and JSON split alike.
+        for piece in text.split(['\n', ',', '{', '}']) {
+            if let Some((k, v)) = piece.split_once(':') {
+                let unquote = |t: &str| t.trim().trim_matches('"').trim().to_string();
+                fields.insert(unquote(k), unquote(v));
+            }
+        }
+        if let Some(a) = fields.get("algorithm")
+            && !a.eq_ignore_ascii_case("scrypt")
+        {
+            return Err(format!("algorithm is {a}; only Firebase's SCRYPT is read"));
+        }
+        let field = |name: &str| {
+            fields
+                .get(name)
+                .ok_or_else(|| format!("{name} is missing (copy the whole hash_config block)"))
+        };
+        let number = |name: &str| {
+            field(name)?
+                .parse::<u32>()
+                .map_err(|_| format!("{name} must be a number"))
+        };
+        let hash = FirebaseHash {
+            signer_key: base64_bytes("base64_signer_key", field("base64_signer_key")?)?,
+            separator: base64_bytes("base64_salt_separator", field("base64_salt_separator")?)?,
+            rounds: number("rounds")?,
+            mem_cost: number("mem_cost")?,
+        };
+        // The server's bounds, checked once here rather than on every record.
+        let probe = hash.hash_string(&[0; 8], &vec![0; hash.signer_key.len()]);
+        crate::crypto::formats::parse(&probe)?;
+        Ok(hash)
+    }
+
+    /// A user's hash in the `$firescrypt$` form the server takes.
+    fn hash_string(&self, salt: &[u8], hash: &[u8]) -> String {
+        let b = base64::engine::general_purpose::STANDARD;
+        format!(
+            "$firescrypt$ln={},r={},p=1${}${}${}${}",
+            self.mem_cost,
+            self.rounds,
+            b.encode(salt),
+            b.encode(hash),
+            b.encode(&self.separator),
+            b.encode(&self.signer_key)
+        )
+    }
+}
+
+/// Firebase's activity and bookkeeping fields, which Roster keeps its own account of; and
+/// `mfaInfo` (enrolled second factors, which an import cannot carry: users enroll again).
+const FIREBASE_SKIPPED: &[&str] = &[
+    "lastSignedInAt",
+    "lastLoginAt",
+    "lastRefreshAt",
+    "validSince",
+    "passwordUpdatedAt",
+    "version",
+    "mfaInfo",
+];
+
+/// Firebase providers that are not linked accounts: the password and phone sign-ins (the
+/// user's own password and phone number).
+const FIREBASE_NOT_LINKED: &[&str] = &["password", "phone"];
+
+/// A Firebase Authentication export record (`firebase auth:export users.json`) in Roster's
+/// field names: `localId` becomes `external_id`, `displayName`/`photoUrl`
+/// `display_name`/`picture_url`, `phoneNumber` a verified `phone_number` (Firebase only holds
+/// numbers it verified), `createdAt` (milliseconds) `created_at`, `customAttributes` (the
+/// custom claims, set by the application's backend) `app_metadata`; `providerUserInfo`
+/// entries become identities (`providerId` as provider, `rawId` as subject);
+/// `passwordHash` and `salt` become a `$firescrypt$` hash with the project's parameters. A
+/// user `disabled` in Firebase is refused rather than imported active.
+pub fn from_firebase(
+    obj: Map<String, Value>,
+    hash: Option<&FirebaseHash>,
+) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    let (mut password, mut salt) = (None, None);
+    for (k, v) in obj {
+        let to = match k.as_str() {
+            "localId" => "external_id",
+            "email" => "email",
+            "emailVerified" => "email_verified",
+            "displayName" => "display_name",
+            "photoUrl" => "picture_url",
+            "customAttributes" => "app_metadata",
+            "phoneNumber" => {
+                if text(&v).is_some() {
+                    out.insert("phone_verified".into(), Value::Bool(true));
+                }
+                "phone_number"
+            }
+            "passwordHash" => {
+                password = text(&v);
+                continue;
+            }
+            "salt" => {
+                salt = text(&v);
+                continue;
+            }
+            "createdAt" => {
+                out.insert("created_at".into(), millis_time(&k, v)?);
+                continue;
+            }
+            "disabled" => {
+                if as_bool(&k, v)? {
+                    return Err("disabled in Firebase: import it without `disabled`, then \
+                                block it with BlockUser, so it is not imported active"
+                        .into());
+                }
+                continue;
+            }
+            "providerUserInfo" => {
+                let list = match v {
+                    Value::Array(a) => a,
+                    Value::Null => continue,
+                    _ => return Err("providerUserInfo: must be an array".into()),
+                };
+                let mut linked = Vec::new();
+                for (i, p) in list.iter().enumerate() {
+                    let field = |f: &str| p.get(f).and_then(text);
+                    let (Some(provider), Some(subject)) = (field("providerId"), field("rawId"))
+                    else {
+                        return Err(format!("providerUserInfo[{i}]: needs providerId and rawId"));
+                    };
+                    if FIREBASE_NOT_LINKED.contains(&provider.as_str()) {
+                        continue;
+                    }
+                    let mut x = Map::new();
+                    x.insert("provider".into(), Value::String(provider));
+                    x.insert("subject".into(), Value::String(subject));
+                    if let Some(email) = field("email") {
+                        x.insert("email".into(), Value::String(email));
+                    }
+                    let profile: Map<String, Value> = ["displayName", "photoUrl"]
+                        .iter()
+                        .filter_map(|f| Some((f.to_string(), Value::String(field(f)?))))
+                        .collect();
+                    if !profile.is_empty() {
+                        x.insert("profile".into(), Value::Object(profile));
+                    }
+                    linked.push(Value::Object(x));
+                }
+                if !linked.is_empty() {
+                    out.insert("identities".into(), Value::Array(linked));
+                }
+                continue;
+            }
+            other if other.starts_with('_') || FIREBASE_SKIPPED.contains(&other) => continue,
+            other => return Err(format!("unknown Firebase field '{other}'")),
+        };
+        out.insert(to.to_string(), v);
+    }
+    if let Some(password) = password {
+        let Some(hash) = hash else {
+            return Err(
+                "has a passwordHash: give --firebase-hash-parameters FILE (the \
+                        console's Authentication, Users, \"Password hash parameters\")"
+                    .into(),
+            );
+        };
+        let Some(salt) = salt else {
+            return Err("has a passwordHash without its salt".into());
+        };
+        let hashed = hash.hash_string(
+            &base64_bytes("salt", &salt)?,
+            &base64_bytes("passwordHash", &password)?,
+        );
+        out.insert("password_hash".into(), Value::String(hashed));
+    }
+    Ok(out)
+}
+
+/// Keycloak user fields Roster has no place for: roles, groups, consents and links to
+/// Keycloak's own configuration, the session cut-off, and the pending actions.
+const KEYCLOAK_SKIPPED: &[&str] = &[
+    "self",
+    "origin",
+    "totp",
+    "access",
+    "notBefore",
+    "realmRoles",
+    "clientRoles",
+    "applicationRoles",
+    "groups",
+    "clientConsents",
+    "socialLinks",
+    "federationLink",
+    "requiredActions",
+    "disableableCredentialTypes",
+    "userProfileMetadata",
+];
+
+/// A Keycloak user (a realm export's `users` entry) in Roster's field names: `id` becomes
+/// `external_id`, `firstName`/`lastName` `given_name`/`family_name`, `createdTimestamp`
+/// `created_at`, the `locale` attribute `locale` and the other attributes `user_metadata`
+/// (one value as itself, several as a list); `federatedIdentities` become identities (the
+/// identity provider's alias as provider, its `userId` as subject); the password credential
+/// becomes a PHC hash (pbkdf2-sha256, pbkdf2-sha512, pbkdf2 (SHA-1) or argon2 as Keycloak
+/// stores them). OTP and WebAuthn credentials cannot be carried (users enroll again); a
+/// disabled user or a client's service account is refused.
+pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    for (k, v) in obj {
+        let to = match k.as_str() {
+            "id" => "external_id",
+            "username" => "username",
+            "email" => "email",
+            "emailVerified" => "email_verified",
+            "firstName" => "given_name",
+            "lastName" => "family_name",
+            "createdTimestamp" => {
+                out.insert("created_at".into(), millis_time(&k, v)?);
+                continue;
+            }
+            "enabled" => {
+                if v == Value::Bool(false) {
+                    return Err(
+                        "disabled in Keycloak: import it enabled, then block it with \
+                                BlockUser, so it is not imported active"
+                            .into(),
+                    );
+                }
+                continue;
+            }
+            "serviceAccountClientId" => {
+                let client = text(&v).unwrap_or_default();
+                return Err(format!(
+                    "the service account of Keycloak client '{client}', not a user"
+                ));
+            }
+            "attributes" => {
+                let Value::Object(attributes) = v else {
+                    return Err("attributes: must be an object".into());
+                };
+                let mut metadata = Map::new();
+                for (name, values) in attributes {
+                    // Keycloak keeps every attribute as a list of strings.
+                    let value = match values {
+                        Value::Array(mut a) if a.len() == 1 => a.remove(0),
+                        other => other,
+                    };
+                    if name == "locale" {
+                        out.insert("locale".into(), value);
+                    } else {
+                        metadata.insert(name, value);
+                    }
+                }
+                if !metadata.is_empty() {
+                    out.insert("user_metadata".into(), Value::Object(metadata));
+                }
+                continue;
+            }
+            "credentials" => {
+                let Value::Array(list) = v else {
+                    return Err("credentials: must be an array".into());
+                };
+                let passwords: Vec<_> = list
+                    .iter()
+                    .filter(|c| c.get("type").and_then(Value::as_str) == Some("password"))
+                    .collect();
+                match passwords[..] {
+                    [] => {}
+                    [c] => {
+                        out.insert("password_hash".into(), Value::String(keycloak_hash(c)?));
+                    }
+                    _ => return Err("credentials: more than one password".into()),
+                }
+                continue;
+            }
+            "federatedIdentities" => {
+                let Value::Array(list) = v else {
+                    return Err("federatedIdentities: must be an array".into());
+                };
+                let mut linked = Vec::new();
+                for (i, f) in list.iter().enumerate() {
+                    let field = |name: &str| f.get(name).and_then(text);
+                    let (Some(provider), Some(subject)) =
+                        (field("identityProvider"), field("userId"))
+                    else {
+                        return Err(format!(
+                            "federatedIdentities[{i}]: needs identityProvider and userId"
+                        ));
+                    };
+                    let mut x = Map::new();
+                    x.insert("provider".into(), Value::String(provider));
+                    x.insert("subject".into(), Value::String(subject));
+                    if let Some(name) = field("userName") {
+                        let profile = Map::from_iter([("userName".into(), Value::String(name))]);
+                        x.insert("profile".into(), Value::Object(profile));
+                    }
+                    linked.push(Value::Object(x));
+                }
+                if !linked.is_empty() {
+                    out.insert("identities".into(), Value::Array(linked));
+                }
+                continue;
+            }
+            other if other.starts_with('_') || KEYCLOAK_SKIPPED.contains(&other) => continue,
+            other => return Err(format!("unknown Keycloak field '{other}'")),
+        };
+        out.insert(to.to_string(), v);
+    }
+    Ok(out)
+}
+
+/// A Keycloak password credential as a PHC string. Keycloak keeps `secretData` (`value`, the
+/// derived key, and `salt`, both base64) and `credentialData` (`algorithm`, `hashIterations`
+/// and, for argon2, `additionalParameters` of one-element lists) as JSON text.
+fn keycloak_hash(credential: &Value) -> Result<String, String> {
+    let part = |name: &str| {
+        let v = credential.get(name).cloned().unwrap_or(Value::Null);
+        match as_json(&format!("credentials.{name}"), v)? {
+            Value::Object(m) => Ok(m),
+            _ => Err(format!("credentials.{name}: must be a JSON object")),
+        }
+    };
+    let secret = part("secretData")?;
+    let data = part("credentialData")?;
+    let bytes = |name: &str| {
+        let t = secret.get(name).and_then(Value::as_str).unwrap_or_default();
+        base64_bytes(&format!("credentials.secretData.{name}"), t)
+    };
+    let value = bytes("value")?;
+    let key_len = value.len();
+    // PHC strings carry base64 without padding.
+    let b64 = base64::engine::general_purpose::STANDARD_NO_PAD;
+    let (value, salt) = (b64.encode(value), b64.encode(bytes("salt")?));
+    let iterations = data
+        .get("hashIterations")
+        .and_then(Value::as_u64)
+        .ok_or("credentials.credentialData: has no hashIterations")?;
+    let algorithm = data
+        .get("algorithm")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    match algorithm {
+        "pbkdf2-sha256" | "pbkdf2-sha512" | "pbkdf2" => Ok(format!(
+            "${algorithm}$i={iterations},l={key_len}${salt}${value}"
+        )),
+        "argon2" => {
+            let extra = data.get("additionalParameters");
+            let param = |name: &str, default: &str| {
+                let v = extra.and_then(|e| e.get(name));
+                let v = match v {
+                    Some(Value::Array(a)) => a.first(),
+                    other => other,
+                };
+                v.and_then(text).unwrap_or_else(|| default.to_string())
+            };
+            let kind = param("type", "id");
+            let version = match param("version", "1.3").as_str() {
+                "1.3" => 19,
+                "1.0" => 16,
+                other => return Err(format!("credentials: unknown argon2 version {other}")),
+            };
+            if !["id", "i", "d"].contains(&kind.as_str()) {
+                return Err(format!("credentials: unknown argon2 type {kind}"));
+            }
+            Ok(format!(
+                "$argon2{kind}$v={version}$m={},t={iterations},p={}${salt}${value}",
+                param("memory", "7168"),
+                param("parallelism", "1")
+            ))
+        }
+        other => Err(format!(
+            "credentials: Keycloak hash algorithm '{other}' is not one Roster accepts"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn auth0_records_take_roster_names() {
+        let r = from_auth0(
+            obj(json!({
+                "user_id": "auth0|1", "name": "N", "logins_count": 3, "_id": {"$oid": "x"},
+                "custom_password_hash": {"algorithm": "bcrypt", "hash": {"value": "$2b$10$h"}},
+                "identities": [{"provider": "auth0", "user_id": "1"},
+                               {"provider": "github", "user_id": 7, "connection": "github"}],
+            })),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({"external_id": "auth0|1", "display_name": "N", "password_hash": "$2b$10$h",
+                   "identities": [{"provider": "github", "subject": "7",
+                                   "connection": "github"}]})
+        );
+        for (bad, says) in [
+            (
+                json!({"custom_password_hash": {"algorithm": "md5"}}),
+                "has no hash.value",
+            ),
+            (
+                json!({"identities": [{"provider": "github"}]}),
+                "needs provider and user_id",
+            ),
+            (json!({"blocked": "true"}), "blocked in Auth0"),
+            (json!({"favorite": 1}), "unknown Auth0 field 'favorite'"),
+        ] {
+            let err = from_auth0(obj(bad.clone()), false).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn firebase_hash_parameters_read_from_the_console_block_or_json() {
+        let key = "a".repeat(85) + "A==";
+        let block = format!(
+            "hash_config {{\n  algorithm: SCRYPT,\n  base64_signer_key: {key},\n  \
+             base64_salt_separator: Bw==,\n  rounds: 8,\n  mem_cost: 14,\n}}"
+        );
+        let json = format!(
+            r#"{{"base64_signer_key": "{key}", "base64_salt_separator": "Bw==", "rounds": 8, "mem_cost": 14}}"#
+        );
+        for text in [block.as_str(), json.as_str()] {
+            let h = FirebaseHash::parse(text).unwrap();
+            assert_eq!(
+                (h.rounds, h.mem_cost, h.separator.as_slice()),
+                (8, 14, &[7u8][..])
+            );
+            assert_eq!(h.signer_key.len(), 64);
+        }
+        for (bad, says) in [
+            (
+                block.replace("SCRYPT", "HMAC_SHA256"),
+                "only Firebase's SCRYPT",
+            ),
+            (block.replace("  rounds: 8,\n", ""), "rounds is missing"),
+            (
+                block.replace("rounds: 8", "rounds: eight"),
+                "rounds must be a number",
+            ),
+            (
+                block.replace("Bw==", "B!w"),
+                "base64_salt_separator: is not base64",
+            ),
+            // The server's bound (256 MiB), checked before any record is sent.
+            (
+                block.replace("mem_cost: 14", "mem_cost: 22"),
+                "scrypt parameters",
+            ),
+        ] {
+            let err = FirebaseHash::parse(&bad).err().unwrap_or_default();
+            assert!(err.contains(says), "{bad}: {err}");
+            assert!(!err.contains(&key[..20]), "no key in {err}");
+        }
+    }
+
+    #[test]
+    fn firebase_and_keycloak_records_take_roster_names() {
+        let r = from_firebase(
+            obj(
+                json!({"localId": "u1", "createdAt": 1589276052123_i64, "mfaInfo": [],
+                       "providerUserInfo": [{"providerId": "password", "rawId": "a@x.io"},
+                                            {"providerId": "apple.com", "rawId": "001.abc"}]}),
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({"external_id": "u1", "created_at": "2020-05-12T09:34:12.123Z",
+                   "identities": [{"provider": "apple.com", "subject": "001.abc"}]})
+        );
+        for (bad, says) in [
+            (
+                json!({"createdAt": "yesterday"}),
+                "createdAt: must be milliseconds",
+            ),
+            (
+                json!({"providerUserInfo": [{"rawId": "1"}]}),
+                "needs providerId and rawId",
+            ),
+            (
+                json!({"passwordHash": "aGFzaA=="}),
+                "--firebase-hash-parameters",
+            ),
+            (
+                json!({"tenantSecret": 1}),
+                "unknown Firebase field 'tenantSecret'",
+            ),
+        ] {
+            let err = from_firebase(obj(bad.clone()), None).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let r = from_keycloak(obj(json!({
+            "id": "k1", "username": "u", "enabled": true, "attributes": {"locale": ["fr"]},
+            "realmRoles": ["admin"], "credentials": [{"type": "otp"}],
+        })))
+        .unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({"external_id": "k1", "username": "u", "locale": "fr"})
+        );
+        let cred = |algorithm: &str| {
+            json!({"type": "password",
+                   "secretData": "{\"value\":\"aGFzaGhhc2hoYXNoaGFzaA==\",\"salt\":\"c2FsdHNhbHQ=\"}",
+                   "credentialData": format!("{{\"hashIterations\":1000,\"algorithm\":\"{algorithm}\"}}")})
+        };
+        let r = from_keycloak(obj(json!({"credentials": [cred("pbkdf2-sha512")]}))).unwrap();
+        assert_eq!(
+            r["password_hash"],
+            "$pbkdf2-sha512$i=1000,l=16$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA"
+        );
+        for (bad, says) in [
+            (
+                json!({"credentials": [cred("md5")]}),
+                "algorithm 'md5' is not one",
+            ),
+            (
+                json!({"credentials": [cred("pbkdf2"), cred("pbkdf2")]}),
+                "more than one password",
+            ),
+            (
+                json!({"credentials": [{"type": "password", "secretData": "{}"}]}),
+                "credentialData",
+            ),
+            (
+                json!({"federatedIdentities": [{"userId": "1"}]}),
+                "needs identityProvider",
+            ),
+            (json!({"enabled": false}), "disabled in Keycloak"),
+            (json!({"favorite": 1}), "unknown Keycloak field 'favorite'"),
+        ] {
+            let err = from_keycloak(obj(bad.clone())).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+}
