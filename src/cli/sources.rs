@@ -5,7 +5,7 @@
 //! it, so a new field in a source's export is noticed rather than dropped.
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 use super::records::{as_bool, as_json};
 
@@ -76,29 +76,21 @@ pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Valu
                 };
                 let mut linked = Vec::new();
                 for (i, id) in list.iter().enumerate() {
-                    let text = |f: &str| match id.get(f) {
-                        Some(Value::String(s)) => Some(s.clone()),
-                        Some(Value::Number(n)) => Some(n.to_string()),
-                        _ => None,
-                    };
-                    let (Some(provider), Some(subject)) = (text("provider"), text("user_id"))
+                    let field = |f: &str| id.get(f).and_then(text);
+                    let (Some(provider), Some(subject)) = (field("provider"), field("user_id"))
                     else {
                         return Err(format!("identities[{i}]: needs provider and user_id"));
                     };
                     if AUTH0_NOT_LINKED.contains(&provider.as_str()) {
                         continue;
                     }
-                    let mut x = Map::new();
-                    x.insert("provider".into(), Value::String(provider));
-                    x.insert("subject".into(), Value::String(subject));
-                    if let Some(c) = text("connection") {
-                        x.insert("connection".into(), Value::String(c));
-                    }
-                    linked.push(Value::Object(x));
+                    linked.push(identity(
+                        provider,
+                        subject,
+                        &[("connection", field("connection").map(Value::String))],
+                    ));
                 }
-                if !linked.is_empty() {
-                    out.insert("identities".into(), Value::Array(linked));
-                }
+                set_identities(&mut out, linked);
                 continue;
             }
             "blocked" => {
@@ -151,6 +143,27 @@ fn millis_time(field: &str, v: Value) -> Result<Value, String> {
     ms.and_then(DateTime::<Utc>::from_timestamp_millis)
         .map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true)))
         .ok_or_else(|| format!("{field}: must be milliseconds since 1970"))
+}
+
+/// An `identities` entry (records.rs): provider, subject, and those of `optional` present.
+fn identity(provider: String, subject: String, optional: &[(&str, Option<Value>)]) -> Value {
+    let mut x = Map::from_iter([
+        ("provider".to_string(), Value::String(provider)),
+        ("subject".to_string(), Value::String(subject)),
+    ]);
+    for (name, value) in optional {
+        if let Some(v) = value {
+            x.insert(name.to_string(), v.clone());
+        }
+    }
+    Value::Object(x)
+}
+
+/// Sets a record's `identities`, unless there are none.
+fn set_identities(out: &mut Map<String, Value>, linked: Vec<Value>) {
+    if !linked.is_empty() {
+        out.insert("identities".into(), Value::Array(linked));
+    }
 }
 
 /// Text of a string or number field; `None` for null or empty.
@@ -329,24 +342,21 @@ pub fn from_firebase(
                     if FIREBASE_NOT_LINKED.contains(&provider.as_str()) {
                         continue;
                     }
-                    let mut x = Map::new();
-                    x.insert("provider".into(), Value::String(provider));
-                    x.insert("subject".into(), Value::String(subject));
-                    if let Some(email) = field("email") {
-                        x.insert("email".into(), Value::String(email));
-                    }
                     let profile: Map<String, Value> = ["displayName", "photoUrl"]
                         .iter()
                         .filter_map(|f| Some((f.to_string(), Value::String(field(f)?))))
                         .collect();
-                    if !profile.is_empty() {
-                        x.insert("profile".into(), Value::Object(profile));
-                    }
-                    linked.push(Value::Object(x));
+                    let profile = (!profile.is_empty()).then_some(Value::Object(profile));
+                    linked.push(identity(
+                        provider,
+                        subject,
+                        &[
+                            ("email", field("email").map(Value::String)),
+                            ("profile", profile),
+                        ],
+                    ));
                 }
-                if !linked.is_empty() {
-                    out.insert("identities".into(), Value::Array(linked));
-                }
+                set_identities(&mut out, linked);
                 continue;
             }
             other if other.starts_with('_') || FIREBASE_SKIPPED.contains(&other) => continue,
@@ -485,18 +495,10 @@ pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
                             "federatedIdentities[{i}]: needs identityProvider and userId"
                         ));
                     };
-                    let mut x = Map::new();
-                    x.insert("provider".into(), Value::String(provider));
-                    x.insert("subject".into(), Value::String(subject));
-                    if let Some(name) = field("userName") {
-                        let profile = Map::from_iter([("userName".into(), Value::String(name))]);
-                        x.insert("profile".into(), Value::Object(profile));
-                    }
-                    linked.push(Value::Object(x));
+                    let profile = field("userName").map(|name| json!({ "userName": name }));
+                    linked.push(identity(provider, subject, &[("profile", profile)]));
                 }
-                if !linked.is_empty() {
-                    out.insert("identities".into(), Value::Array(linked));
-                }
+                set_identities(&mut out, linked);
                 continue;
             }
             other if other.starts_with('_') || KEYCLOAK_SKIPPED.contains(&other) => continue,

@@ -1802,39 +1802,12 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
         records.iter().map(|r| format!("{r}\n")).collect::<String>(),
     )
     .unwrap();
-    let errors = dir.join("errors.json");
-    let (code, _, err) = roster_client(
-        &app,
-        &app.token,
-        &[
-            "import",
-            file.to_str().unwrap(),
-            "--from",
-            "auth0",
-            "--errors",
-            errors.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (code, err, failed) = import_from(&app, &file, "auth0", &[]).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("2 created, 0 updated, 2 failed"), "{err}");
-    let failed: Vec<serde_json::Value> = std::fs::read_to_string(&errors)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    assert!(failed[0].contains("blocked in Auth0"), "{failed:?}");
     assert!(
-        failed[0]["_error"]
-            .as_str()
-            .unwrap()
-            .contains("blocked in Auth0"),
-        "{failed:?}"
-    );
-    assert!(
-        failed[1]["_error"]
-            .as_str()
-            .unwrap()
-            .contains("unknown Auth0 field 'favorite_color'"),
+        failed[1].contains("unknown Auth0 field 'favorite_color'"),
         "{failed:?}"
     );
 
@@ -1910,16 +1883,34 @@ async fn signs_in(app: &TestApp, email: &str, password: &str) -> bool {
     r.result == pb::VerifyPasswordResult::Ok as i32
 }
 
-/// The `_error`s of an `--errors` file (JSON lines), in order.
-fn error_reasons(path: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap()
+/// `roster import FILE --from SOURCE --errors <FILE's dir>/errors.jsonl [extra...]`: its exit
+/// code, its standard error and the `_error` of each failed record, in order.
+async fn import_from(
+    app: &TestApp,
+    file: &std::path::Path,
+    source: &str,
+    extra: &[&str],
+) -> (i32, String, Vec<String>) {
+    let errors = file.with_file_name("errors.jsonl");
+    let mut args = vec![
+        "import",
+        file.to_str().unwrap(),
+        "--from",
+        source,
+        "--errors",
+        errors.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let (code, _, err) = roster_client(app, &app.token, &args).await;
+    let reasons = std::fs::read_to_string(&errors)
+        .unwrap_or_default()
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             v["_error"].as_str().unwrap().to_string()
         })
-        .collect()
+        .collect();
+    (code, err, reasons)
 }
 
 /// Moving off Firebase Authentication: `firebase auth:export users.json` (one pretty-printed
@@ -1967,29 +1958,9 @@ async fn a_firebase_export_imports_with_its_passwords() {
     let file = dir.join("users.json");
     let doc = serde_json::json!({ "users": users });
     std::fs::write(&file, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
-    let errors = dir.join("errors.jsonl");
-    let import = |extra: Vec<String>| {
-        let mut args: Vec<String> = ["import", file.to_str().unwrap(), "--from", "firebase"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        args.extend(extra);
-        let app = &app;
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            roster_client(app, &app.token, &args).await
-        }
-    };
-
     // Without the hash parameters: checked, nothing written, the password user refused.
-    let (code, _, err) = import(vec![
-        "--dry-run".into(),
-        "--errors".into(),
-        errors.to_str().unwrap().into(),
-    ])
-    .await;
+    let (code, err, reasons) = import_from(&app, &file, "firebase", &["--dry-run"]).await;
     assert_eq!(code, 2, "{err}");
-    let reasons = error_reasons(&errors);
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(
         reasons[0].contains("--firebase-hash-parameters"),
@@ -1999,16 +1970,13 @@ async fn a_firebase_export_imports_with_its_passwords() {
 
     // A parameters file missing a field stops the run, naming it and not the key.
     let params = dir.join("hash-config.txt");
+    let with_params = ["--firebase-hash-parameters", params.to_str().unwrap()];
     std::fs::write(
         &params,
         format!("hash_config {{\n  base64_signer_key: {signer},\n}}\n"),
     )
     .unwrap();
-    let (code, _, err) = import(vec![
-        "--firebase-hash-parameters".into(),
-        params.to_str().unwrap().into(),
-    ])
-    .await;
+    let (code, err, _) = import_from(&app, &file, "firebase", &with_params).await;
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("base64_salt_separator is missing"), "{err}");
     assert!(!err.contains(signer), "{err}");
@@ -2022,16 +1990,10 @@ async fn a_firebase_export_imports_with_its_passwords() {
         ),
     )
     .unwrap();
-    let (code, _, err) = import(vec![
-        "--firebase-hash-parameters".into(),
-        params.to_str().unwrap().into(),
-        "--errors".into(),
-        errors.to_str().unwrap().into(),
-    ])
-    .await;
+    let (code, err, reasons) = import_from(&app, &file, "firebase", &with_params).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("2 created, 0 updated, 1 failed"), "{err}");
-    assert_eq!(error_reasons(&errors).len(), 1);
+    assert_eq!(reasons.len(), 1);
 
     let mut users = app.users();
     let fira = crate::user_by_email(&mut users, "fire@example.com").await;
@@ -2157,23 +2119,9 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
     });
     let file = dir.join("acme-realm.json");
     std::fs::write(&file, serde_json::to_string_pretty(&realm).unwrap()).unwrap();
-    let errors = dir.join("errors.jsonl");
-    let (code, _, err) = roster_client(
-        &app,
-        &app.token,
-        &[
-            "import",
-            file.to_str().unwrap(),
-            "--from",
-            "keycloak",
-            "--errors",
-            errors.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (code, err, reasons) = import_from(&app, &file, "keycloak", &[]).await;
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("3 created, 0 updated, 2 failed"), "{err}");
-    let reasons = error_reasons(&errors);
     assert!(reasons[0].contains("disabled in Keycloak"), "{reasons:?}");
     assert!(
         reasons[1].contains("service account of Keycloak client 'ci'"),
