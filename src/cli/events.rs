@@ -2,7 +2,9 @@
 //! to standard output, for a SIEM or log shipper. With `--state FILE` the last position
 //! written is kept there, so a restarted follower resumes after it. Delivery is at least once:
 //! the state is saved after the lines it covers are flushed, so a crash between the two
-//! repeats a few events (each has its `id` to tell them apart), and never skips one.
+//! repeats a few events (each has its `id` to tell them apart), and never skips one. With
+//! `--until-caught-up` it writes the events there are and exits, for a one-off query or a
+//! shipper run by a scheduler (the state file carries it from one run to the next).
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -31,6 +33,10 @@ pub struct EventsArgs {
     /// Keep the last position written in this file and resume after it on the next start.
     #[arg(long)]
     pub state: Option<PathBuf>,
+    /// Write the events there are, then exit 0 instead of following: once the stream has
+    /// brought nothing for 2 s (a backlog comes without pauses).
+    #[arg(long)]
+    pub until_caught_up: bool,
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -39,6 +45,9 @@ pub struct EventsArgs {
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
 /// Events written between saves of the state while they keep coming.
 const SAVE_EVERY: u64 = 1_000;
+/// With --until-caught-up: how long the stream must bring nothing before the log counts as
+/// read to its end.
+const CAUGHT_UP_AFTER: Duration = Duration::from_secs(2);
 /// Waits between reconnections: doubling from the first to the last.
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_LAST: Duration = Duration::from_secs(30);
@@ -110,8 +119,17 @@ impl<W: Write> Output<W> {
     }
 }
 
+/// How a stream stopped bringing events.
+enum Paused {
+    /// The server ended it: reconnect.
+    Ended,
+    /// Nothing came for CAUGHT_UP_AFTER, with --until-caught-up: done.
+    CaughtUp,
+}
+
 /// Streams from `out.after` on, reconnecting (from the last position written) when the
-/// server goes away, until `stopped` turns true (Ok) or an error retrying cannot mend.
+/// server goes away, until `stopped` turns true or the log is read to its end with
+/// --until-caught-up (Ok), or an error retrying cannot mend.
 async fn follow<W: Write>(
     args: &EventsArgs,
     out: &mut Output<W>,
@@ -135,15 +153,17 @@ async fn follow<W: Write>(
         let ended = match stream {
             Ok(mut stream) => {
                 wait = RECONNECT_FIRST;
+                let quiet = args.until_caught_up.then_some(CAUGHT_UP_AFTER);
                 tokio::select! {
-                    ended = pump(&mut stream, out) => ended,
+                    ended = pump(&mut stream, out, quiet) => ended,
                     _ = stopped.wait_for(|s| *s) => return Ok(()),
                 }
             }
             Err(e) => Err(e),
         };
         let e = match ended {
-            Ok(()) => anyhow::anyhow!("the server ended the stream"),
+            Ok(Paused::CaughtUp) => return Ok(()),
+            Ok(Paused::Ended) => anyhow::anyhow!("the server ended the stream"),
             Err(e) => e,
         };
         if !retryable(&e) {
@@ -164,11 +184,13 @@ async fn follow<W: Write>(
     }
 }
 
-/// Writes the stream's events as they come, flushing when it pauses.
+/// Writes the stream's events as they come, flushing when it pauses; with `quiet`, returns
+/// once nothing has come for that long.
 async fn pump<W: Write>(
     stream: &mut tonic::Streaming<pb::StreamEventsResponse>,
     out: &mut Output<W>,
-) -> anyhow::Result<()> {
+    quiet: Option<Duration>,
+) -> anyhow::Result<Paused> {
     loop {
         // `message` is cancel-safe: a timed-out wait loses nothing.
         let next = if out.unsaved > 0 {
@@ -179,6 +201,11 @@ async fn pump<W: Write>(
                     continue;
                 }
             }
+        } else if let Some(quiet) = quiet {
+            match tokio::time::timeout(quiet, stream.message()).await {
+                Ok(next) => next,
+                Err(_) => return Ok(Paused::CaughtUp),
+            }
         } else {
             stream.message().await
         };
@@ -188,7 +215,7 @@ async fn pump<W: Write>(
                     out.write(&event)?;
                 }
             }
-            None => return Ok(()),
+            None => return Ok(Paused::Ended),
         }
     }
 }
