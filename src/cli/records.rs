@@ -2,8 +2,9 @@
 //! or CSV with a header row, both using `User`'s field names.
 //!
 //! What export writes, import reads: `id`, the profile fields, `user_metadata`/`app_metadata`
-//! (objects; JSON text in CSV), `password_hash`, `created_at` (RFC 3339) and `status`
-//! (`PENDING_VERIFICATION` imports as pending). Import also takes `pending` and `identities`
+//! (objects; JSON text in CSV), `password_hash`, `created_at` (RFC 3339), `status`
+//! (`PENDING_VERIFICATION`, `BLOCKED` and `DEACTIVATED` import as such), `blocked_reason` and
+//! `require_password_change`. Import also takes `pending`, `blocked`, `deactivated` and `identities`
 //! (an array of `{provider, subject, connection, email, profile}`; JSON text in CSV). Other
 //! output-only fields (`login_count`, `etag`, ...) are ignored on import, as are keys that
 //! start with `_` (the `--errors` file adds `_record` and `_error`, so it can be fixed and
@@ -242,7 +243,8 @@ pub fn import_record(obj: Map<String, Value>) -> Result<pb::ImportRecord, String
     let mut r = pb::ImportRecord::default();
     let mut u = pb::User::default();
     let mut pending: Option<bool> = None;
-    let mut status_pending = false;
+    // The status an export writes, as the state flags the record carries.
+    let mut status = String::new();
     for (k, v) in obj {
         let s = |v: Value| as_text(&k, v).map(Option::unwrap_or_default);
         match k.as_str() {
@@ -264,17 +266,27 @@ pub fn import_record(obj: Map<String, Value>) -> Result<pb::ImportRecord, String
             "password_hash" => r.password_hash = s(v)?,
             "created_at" => r.created_at = as_time(&k, v)?,
             "pending" => pending = Some(as_bool(&k, v)?),
-            "status" => {
-                let st = s(v)?;
-                status_pending = st.trim_start_matches("USER_STATUS_") == "PENDING_VERIFICATION";
-            }
+            "blocked" => r.blocked = as_bool(&k, v)?,
+            "deactivated" => r.deactivated = as_bool(&k, v)?,
+            "blocked_reason" => r.blocked_reason = s(v)?,
+            "require_password_change" => r.require_password_change = as_bool(&k, v)?,
+            "status" => status = s(v)?.trim_start_matches("USER_STATUS_").to_string(),
             "identities" => r.identities = identities(v)?,
             // Output-only fields an export writes (id, status, created_at are read above).
             other if other.starts_with('_') || OUTPUT_ONLY.contains(&other) => {}
             other => return Err(format!("unknown field '{other}'")),
         }
     }
-    r.pending = pending.unwrap_or(status_pending);
+    match status.as_str() {
+        "" | "ACTIVE" => {}
+        "PENDING_VERIFICATION" => r.pending = true,
+        "BLOCKED" => r.blocked = true,
+        "DEACTIVATED" => r.deactivated = true,
+        other => return Err(format!("status: unknown status '{other}'")),
+    }
+    if let Some(p) = pending {
+        r.pending = p;
+    }
     r.user = Some(u);
     Ok(r)
 }
@@ -311,6 +323,27 @@ mod tests {
         assert_eq!(typed, csv);
         assert!(typed.pending);
         assert_eq!(typed.created_at.unwrap().nanos, 123_456_000);
+    }
+
+    #[test]
+    fn an_exported_users_state_imports_as_such() {
+        let r = import_record(obj(json!({
+            "email": "a@x.io", "status": "BLOCKED", "blocked_reason": "chargebacks",
+            "require_password_change": true,
+        })))
+        .unwrap();
+        assert!(r.blocked && !r.deactivated && !r.pending && r.require_password_change);
+        assert_eq!(r.blocked_reason, "chargebacks");
+        let r = import_record(obj(
+            json!({"email": "a@x.io", "status": "USER_STATUS_DEACTIVATED",
+                                         "require_password_change": "false"}),
+        ))
+        .unwrap();
+        assert!(r.deactivated && !r.blocked && !r.require_password_change);
+        let r = import_record(obj(json!({"email": "a@x.io", "status": "ACTIVE"}))).unwrap();
+        assert!(!r.blocked && !r.deactivated && !r.pending);
+        let e = import_record(obj(json!({"status": "SUSPENDED"}))).unwrap_err();
+        assert_eq!(e, "status: unknown status 'SUSPENDED'");
     }
 
     #[test]

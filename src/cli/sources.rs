@@ -43,7 +43,7 @@ const AUTH0_SKIPPED: &[&str] = &[
 /// `external_id`, `name` `display_name`, `picture` `picture_url`, `passwordHash` (or
 /// `custom_password_hash.hash.value`) `password_hash`; linked social and enterprise
 /// identities become `identities` (provider and the provider's user id as subject); Auth0's
-/// activity fields are left out. A user blocked in Auth0 is refused rather than imported
+/// activity fields are left out. A user blocked in Auth0 is imported blocked rather than
 /// active. Auth0's CSV starts each text cell with `'` (its CSV-injection guard): removed.
 pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
@@ -95,9 +95,7 @@ pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Valu
             }
             "blocked" => {
                 if as_bool(&k, v)? {
-                    return Err("blocked in Auth0: import it without `blocked`, then block \
-                                it with BlockUser, so it is not imported active"
-                        .into());
+                    blocked(&mut out, "blocked in Auth0");
                 }
                 continue;
             }
@@ -157,6 +155,12 @@ fn identity(provider: String, subject: String, optional: &[(&str, Option<Value>)
         }
     }
     Value::Object(x)
+}
+
+/// Marks a record blocked, so a user the source had disabled does not arrive active.
+fn blocked(out: &mut Map<String, Value>, reason: &str) {
+    out.insert("blocked".into(), Value::Bool(true));
+    out.insert("blocked_reason".into(), Value::String(reason.into()));
 }
 
 /// Sets a record's `identities`, unless there are none.
@@ -285,7 +289,7 @@ const FIREBASE_NOT_LINKED: &[&str] = &["password", "phone"];
 /// custom claims, set by the application's backend) `app_metadata`; `providerUserInfo`
 /// entries become identities (`providerId` as provider, `rawId` as subject);
 /// `passwordHash` and `salt` become a `$firescrypt$` hash with the project's parameters. A
-/// user `disabled` in Firebase is refused rather than imported active.
+/// user `disabled` in Firebase is imported blocked rather than active.
 pub fn from_firebase(
     obj: Map<String, Value>,
     hash: Option<&FirebaseHash>,
@@ -320,9 +324,7 @@ pub fn from_firebase(
             }
             "disabled" => {
                 if as_bool(&k, v)? {
-                    return Err("disabled in Firebase: import it without `disabled`, then \
-                                block it with BlockUser, so it is not imported active"
-                        .into());
+                    blocked(&mut out, "disabled in Firebase");
                 }
                 continue;
             }
@@ -385,7 +387,7 @@ pub fn from_firebase(
 }
 
 /// Keycloak user fields Roster has no place for: roles, groups, consents and links to
-/// Keycloak's own configuration, the session cut-off, and the pending actions.
+/// Keycloak's own configuration, and the session cut-off.
 const KEYCLOAK_SKIPPED: &[&str] = &[
     "self",
     "origin",
@@ -399,7 +401,6 @@ const KEYCLOAK_SKIPPED: &[&str] = &[
     "clientConsents",
     "socialLinks",
     "federationLink",
-    "requiredActions",
     "disableableCredentialTypes",
     "userProfileMetadata",
 ];
@@ -411,7 +412,8 @@ const KEYCLOAK_SKIPPED: &[&str] = &[
 /// identity provider's alias as provider, its `userId` as subject); the password credential
 /// becomes a PHC hash (pbkdf2-sha256, pbkdf2-sha512, pbkdf2 (SHA-1) or argon2 as Keycloak
 /// stores them). OTP and WebAuthn credentials cannot be carried (users enroll again); a
-/// disabled user or a client's service account is refused.
+/// disabled user is imported blocked, a pending UPDATE_PASSWORD action becomes
+/// `require_password_change`, and a client's service account is refused.
 pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
     for (k, v) in obj {
@@ -428,11 +430,17 @@ pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
             }
             "enabled" => {
                 if v == Value::Bool(false) {
-                    return Err(
-                        "disabled in Keycloak: import it enabled, then block it with \
-                                BlockUser, so it is not imported active"
-                            .into(),
-                    );
+                    blocked(&mut out, "disabled in Keycloak");
+                }
+                continue;
+            }
+            "requiredActions" => {
+                // Keycloak's "update your password at the next sign-in".
+                let update = v
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x == "UPDATE_PASSWORD"));
+                if update {
+                    out.insert("require_password_change".into(), Value::Bool(true));
                 }
                 continue;
             }
@@ -610,7 +618,6 @@ mod tests {
                 json!({"identities": [{"provider": "github"}]}),
                 "needs provider and user_id",
             ),
-            (json!({"blocked": "true"}), "blocked in Auth0"),
             (json!({"favorite": 1}), "unknown Auth0 field 'favorite'"),
         ] {
             let err = from_auth0(obj(bad.clone()), false).unwrap_err();
@@ -702,12 +709,28 @@ mod tests {
         let r = from_keycloak(obj(json!({
             "id": "k1", "username": "u", "enabled": true, "attributes": {"locale": ["fr"]},
             "realmRoles": ["admin"], "credentials": [{"type": "otp"}],
+            "requiredActions": ["VERIFY_EMAIL"],
         })))
         .unwrap();
         assert_eq!(
             Value::Object(r),
             json!({"external_id": "k1", "username": "u", "locale": "fr"})
         );
+        // Disabled users arrive blocked, each source saying so; a pending password update
+        // is kept.
+        let r = from_keycloak(obj(json!({
+            "enabled": false, "requiredActions": ["UPDATE_PASSWORD", "CONFIGURE_TOTP"],
+        })))
+        .unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({"blocked": true, "blocked_reason": "disabled in Keycloak",
+                   "require_password_change": true})
+        );
+        let r = from_firebase(obj(json!({"disabled": true})), None).unwrap();
+        assert_eq!(r["blocked_reason"], "disabled in Firebase");
+        let r = from_auth0(obj(json!({"blocked": "true"})), true).unwrap();
+        assert_eq!(r["blocked_reason"], "blocked in Auth0");
         let cred = |algorithm: &str| {
             json!({"type": "password",
                    "secretData": "{\"value\":\"aGFzaGhhc2hoYXNoaGFzaA==\",\"salt\":\"c2FsdHNhbHQ=\"}",
@@ -735,7 +758,6 @@ mod tests {
                 json!({"federatedIdentities": [{"userId": "1"}]}),
                 "needs identityProvider",
             ),
-            (json!({"enabled": false}), "disabled in Keycloak"),
             (json!({"favorite": 1}), "unknown Keycloak field 'favorite'"),
         ] {
             let err = from_keycloak(obj(bad.clone())).unwrap_err();

@@ -23,7 +23,7 @@ use super::import::{
     self, Batch, Batcher, Entry, ImportIdentity, ImportOptions, ImportRecord, MatchOn, Mode,
     Outcome,
 };
-use super::{USER_FIELDS, has_identifier, validate_profile};
+use super::{USER_FIELDS, UserStatus, has_identifier, validate_profile};
 use crate::auth::Caller;
 use crate::crypto;
 use crate::error::{Error, Violations};
@@ -188,12 +188,39 @@ pub fn record_from_proto(
         }
         parsed
     });
+    let status = match (r.pending, r.blocked, r.deactivated) {
+        (false, false, false) => UserStatus::Active,
+        (true, false, false) => UserStatus::PendingVerification,
+        (false, true, false) => UserStatus::Blocked,
+        (false, false, true) => UserStatus::Deactivated,
+        (_, blocked, _) => {
+            v.add(
+                if blocked {
+                    "record.blocked"
+                } else {
+                    "record.deactivated"
+                },
+                "a record is at most one of pending, blocked and deactivated",
+            );
+            UserStatus::Active
+        }
+    };
+    let blocked_reason = super::grpc::text(&r.blocked_reason);
+    if let Some(reason) = &blocked_reason {
+        if !r.blocked {
+            v.add("record.blocked_reason", "goes with blocked");
+        } else if let Err(m) = super::check_reason(reason) {
+            v.add("record.blocked_reason", m);
+        }
+    }
     v.into_result()?;
     Ok(ImportRecord {
         id,
         id_given,
         profile,
-        pending: r.pending,
+        status,
+        blocked_reason,
+        require_password_change: r.require_password_change,
         password_hash,
         identities: ids,
         created_at,

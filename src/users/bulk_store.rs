@@ -26,6 +26,8 @@ pub struct StagedUser<'a> {
     pub id: Uuid,
     pub profile: &'a Profile,
     pub status: UserStatus,
+    pub blocked_reason: Option<&'a str>,
+    pub require_password_change: bool,
     pub password_hash: Option<&'a str>,
     pub created_at: Option<DateTime<Utc>>,
 }
@@ -56,7 +58,8 @@ pub async fn create_staging(db: &impl GenericClient) -> Result<()> {
             email_verified bool NOT NULL, phone_number text, phone_verified bool NOT NULL,
             username text, display_name text, given_name text, family_name text,
             picture_url text, locale text, timezone text, status int2 NOT NULL,
-            user_metadata jsonb, app_metadata jsonb, password_hash text, created_at timestamptz
+            user_metadata jsonb, app_metadata jsonb, password_hash text, created_at timestamptz,
+            blocked_reason text, require_password_change bool NOT NULL
          ) ON COMMIT DELETE ROWS;
          CREATE TEMP TABLE IF NOT EXISTS roster_import_identities (
             idx int4 NOT NULL, id uuid NOT NULL, provider text NOT NULL, subject text NOT NULL,
@@ -68,7 +71,7 @@ pub async fn create_staging(db: &impl GenericClient) -> Result<()> {
     Ok(())
 }
 
-const USER_TYPES: [Type; 19] = [
+const USER_TYPES: [Type; 21] = [
     Type::INT4,
     Type::UUID,
     Type::TEXT,
@@ -88,6 +91,8 @@ const USER_TYPES: [Type; 19] = [
     Type::JSONB,
     Type::TEXT,
     Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::BOOL,
 ];
 
 const IDENTITY_TYPES: [Type; 7] = [
@@ -125,6 +130,8 @@ pub async fn stage(
             &app_metadata,
             &u.password_hash,
             &u.created_at,
+            &u.blocked_reason,
+            &u.require_password_change,
         ]);
         writer.as_mut().write(&row).await?;
     }
@@ -217,13 +224,13 @@ pub async fn clashes(
 const INSERT_USERS: &str = "INSERT INTO users (project_id, id, external_id, email, email_verified,
         phone_number, phone_verified, username, display_name, given_name, family_name,
         picture_url, locale, timezone, status, user_metadata, app_metadata, password_hash,
-        password_changed_at, created_at, updated_at)
+        password_changed_at, created_at, updated_at, blocked_reason, require_password_change)
      SELECT $1, s.id, s.external_id, s.email, s.email_verified, s.phone_number,
         s.phone_verified, s.username, s.display_name, s.given_name, s.family_name,
         s.picture_url, s.locale, s.timezone, s.status,
         coalesce(s.user_metadata, '{}'), coalesce(s.app_metadata, '{}'),
         s.password_hash, CASE WHEN s.password_hash IS NULL THEN NULL ELSE now() END,
-        coalesce(s.created_at, now()), now()
+        coalesce(s.created_at, now()), now(), s.blocked_reason, s.require_password_change
      FROM roster_import_users s WHERE s.idx = ANY($2)";
 
 /// Creates the staged users `idxs`. A plain INSERT: the clash check just ran in this
@@ -265,7 +272,9 @@ pub async fn insert_users_skipping_clashes(
 }
 
 /// Applies UPSERT matches `(idx, user id)`: the fields a record sets replace the stored ones
-/// (an email or phone brings its `*_verified` along); rows that would not change are left
+/// (an email or phone brings its `*_verified` along); a record's blocked, deactivated and
+/// require_password_change only ever restrict (block a user not blocked, deactivate an
+/// active or pending one, set the flag), never lift; rows that would not change are left
 /// alone, so re-running an import writes nothing. Returns the idxs of users changed.
 pub async fn update_users(
     tx: &Transaction<'_>,
@@ -297,7 +306,14 @@ pub async fn update_users(
                   coalesce(s.timezone, u.timezone) AS timezone,
                   coalesce(s.user_metadata, u.user_metadata) AS user_metadata,
                   coalesce(s.app_metadata, u.app_metadata) AS app_metadata,
-                  coalesce(s.password_hash, u.password_hash) AS password_hash
+                  coalesce(s.password_hash, u.password_hash) AS password_hash,
+                  CASE WHEN s.status = 3 AND u.status <> 3 THEN 3
+                       WHEN s.status = 4 AND u.status IN (1, 2) THEN 4
+                       ELSE u.status END AS status,
+                  CASE WHEN s.status = 3 AND u.status <> 3 THEN s.blocked_reason
+                       ELSE u.blocked_reason END AS blocked_reason,
+                  u.require_password_change OR s.require_password_change
+                    AS require_password_change
                 FROM unnest($2::int4[], $3::uuid[]) AS m(idx, id)
                 JOIN roster_import_users s ON s.idx = m.idx
                 JOIN users u ON u.project_id = $1 AND u.id = m.id
@@ -309,6 +325,8 @@ pub async fn update_users(
                 family_name = n.family_name, picture_url = n.picture_url, locale = n.locale,
                 timezone = n.timezone, user_metadata = n.user_metadata,
                 app_metadata = n.app_metadata, password_hash = n.password_hash,
+                status = n.status, blocked_reason = n.blocked_reason,
+                require_password_change = n.require_password_change,
                 password_changed_at = CASE WHEN n.password_hash IS DISTINCT FROM u.password_hash
                     THEN now() ELSE u.password_changed_at END,
                 failed_logins = CASE WHEN n.password_hash IS DISTINCT FROM u.password_hash
@@ -317,11 +335,13 @@ pub async fn update_users(
              FROM n WHERE u.project_id = $1 AND u.id = n.id
                AND (n.external_id, n.email, n.email_verified, n.phone_number, n.phone_verified,
                     n.username, n.display_name, n.given_name, n.family_name, n.picture_url,
-                    n.locale, n.timezone, n.user_metadata, n.app_metadata, n.password_hash)
+                    n.locale, n.timezone, n.user_metadata, n.app_metadata, n.password_hash,
+                    n.status, n.blocked_reason, n.require_password_change)
                    IS DISTINCT FROM
                    (u.external_id, u.email, u.email_verified, u.phone_number, u.phone_verified,
                     u.username, u.display_name, u.given_name, u.family_name, u.picture_url,
-                    u.locale, u.timezone, u.user_metadata, u.app_metadata, u.password_hash)
+                    u.locale, u.timezone, u.user_metadata, u.app_metadata, u.password_hash,
+                    u.status, u.blocked_reason, u.require_password_change)
              RETURNING n.idx",
         )
         .await?;

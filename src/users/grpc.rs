@@ -54,7 +54,7 @@ fn batch_ids(given: &[String]) -> Result<Vec<Uuid>, Status> {
     Ok(ids)
 }
 
-fn text(s: &str) -> Option<String> {
+pub(super) fn text(s: &str) -> Option<String> {
     let t = s.trim();
     if t.is_empty() {
         None
@@ -536,16 +536,9 @@ impl UserService for UserApi {
         let id = id_field(&mut v, "id", &req.id);
         let reason = text(&req.reason);
         if let Some(r) = &reason
-            && (r.chars().count() > super::MAX_REASON
-                || r.chars().any(|c| c.is_control() && c != '\n'))
+            && let Err(m) = super::check_reason(r)
         {
-            v.add(
-                "reason",
-                format!(
-                    "must be at most {} characters without control characters",
-                    super::MAX_REASON
-                ),
-            );
+            v.add("reason", m);
         }
         v.into_result()?;
         let user = ops::change_lifecycle(

@@ -86,7 +86,11 @@ pub struct ImportRecord {
     /// Whether the client chose `id` (an UPSERT match must then have that id).
     pub id_given: bool,
     pub profile: Profile,
-    pub pending: bool,
+    /// The status a created user starts in (active, pending, blocked or deactivated); on
+    /// UPSERT only blocked and deactivated count, and only as restrictions.
+    pub status: super::UserStatus,
+    pub blocked_reason: Option<String>,
+    pub require_password_change: bool,
     pub password_hash: Option<String>,
     pub identities: Vec<ImportIdentity>,
     pub created_at: Option<DateTime<Utc>>,
@@ -333,7 +337,9 @@ async fn write_valid(
             idx: i as i32,
             id: r.id,
             profile: &r.profile,
-            status: super::UserStatus::initial(r.pending),
+            status: r.status,
+            blocked_reason: r.blocked_reason.as_deref(),
+            require_password_change: r.require_password_change,
             password_hash: r.password_hash.as_deref(),
             created_at: r.created_at,
         })
@@ -386,12 +392,22 @@ async fn write_valid(
             Outcome::Updated(id) if *changed => (*id, "UPDATED"),
             _ => continue,
         };
-        let data = json!({
+        let mut data = json!({
             "outcome": outcome,
             "fields": super::ops::set_fields(&r.profile),
             "has_password": r.password_hash.is_some(),
             "identities": r.identities.len(),
         });
+        // What the record asked of the user's state (an UPSERT applies it as a restriction).
+        if r.status != super::UserStatus::Active {
+            data["status"] = json!(r.status.as_str());
+        }
+        if let Some(reason) = &r.blocked_reason {
+            data["blocked_reason"] = json!(reason);
+        }
+        if r.require_password_change {
+            data["require_password_change"] = json!(true);
+        }
         new_events.push(NewEvent::for_user(EventType::UserImported, id, data));
     }
     events::record(&tx, project, &ctx, &new_events).await?;
@@ -502,7 +518,9 @@ mod tests {
                 email: Some(email.into()),
                 ..Default::default()
             },
-            pending: false,
+            status: crate::users::UserStatus::Active,
+            blocked_reason: None,
+            require_password_change: false,
             password_hash: None,
             identities: vec![],
             created_at: None,

@@ -175,6 +175,17 @@ pub const MAX_PICTURE_URL: usize = 2048;
 pub const MAX_LOCALE: usize = 64;
 pub const MAX_REASON: usize = 1024;
 
+/// A blocked user's reason (BlockUser's, or an import's): bounded, no control characters but
+/// newlines.
+pub fn check_reason(reason: &str) -> Result<(), String> {
+    if reason.chars().count() > MAX_REASON || reason.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(format!(
+            "must be at most {MAX_REASON} characters without control characters"
+        ));
+    }
+    Ok(())
+}
+
 fn has_control(s: &str) -> bool {
     s.chars().any(char::is_control)
 }

@@ -434,6 +434,172 @@ async fn upsert_updates_matches_and_a_second_run_changes_nothing() {
     assert_eq!(failure(&r[0]).1, "ALREADY_EXISTS");
 }
 
+/// A user's state comes along: records create users blocked (with the reason), deactivated
+/// or with a password to change, and sign-ins answer accordingly; on UPSERT those only ever
+/// restrict (block, deactivate, require a change), never lift, so re-importing an older
+/// file cannot reopen an account; contradictory records fail with field violations.
+#[tokio::test]
+async fn imported_users_keep_their_state_and_upserts_only_restrict() {
+    use pb::VerifyPasswordResult as R;
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let hash = LEGACY_HASHES[0].1;
+    let rec = |email: &str, f: &dyn Fn(&mut pb::ImportRecord)| {
+        let mut r = pb::ImportRecord {
+            user: Some(user_with_email(email)),
+            password_hash: hash.into(),
+            ..Default::default()
+        };
+        f(&mut r);
+        record(r)
+    };
+    let requests = vec![
+        create_only(),
+        rec("blocked@example.com", &|r| {
+            r.blocked = true;
+            r.blocked_reason = "chargebacks".into();
+        }),
+        rec("deactivated@example.com", &|r| r.deactivated = true),
+        rec("change@example.com", &|r| r.require_password_change = true),
+        rec("both@example.com", &|r| {
+            r.blocked = true;
+            r.deactivated = true;
+        }),
+        rec("pendingblocked@example.com", &|r| {
+            r.pending = true;
+            r.blocked = true;
+        }),
+        rec("reason@example.com", &|r| {
+            r.blocked_reason = "no block".into()
+        }),
+        rec("long@example.com", &|r| {
+            r.blocked = true;
+            r.blocked_reason = "x".repeat(1025);
+        }),
+    ];
+    let (res, summary) = import(&mut users, requests.into_iter()).await.unwrap();
+    assert_eq!((summary.created, summary.failed), (3, 4), "{res:?}");
+    assert_eq!(failure(&res[3]).2, ["record.blocked"]);
+    assert_eq!(failure(&res[4]).2, ["record.blocked"]);
+    assert_eq!(failure(&res[5]).2, ["record.blocked_reason"]);
+    assert_eq!(failure(&res[6]).2, ["record.blocked_reason"]);
+
+    let blocked = get(&mut users, &res[0].user_id).await;
+    assert_eq!(blocked.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(blocked.blocked_reason, "chargebacks");
+    let deactivated = get(&mut users, &res[1].user_id).await;
+    assert_eq!(deactivated.status, pb::UserStatus::Deactivated as i32);
+    assert!(
+        get(&mut users, &res[2].user_id)
+            .await
+            .require_password_change
+    );
+    let a = app.authenticators();
+    let sign_in = |email: &str| {
+        let mut a = a.clone();
+        let email = email.to_string();
+        async move {
+            let r = a
+                .verify_password(pb::VerifyPasswordRequest {
+                    login: Some(pb::verify_password_request::Login::Email(email)),
+                    password: LEGACY_PASSWORD.into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            R::try_from(r.result).unwrap()
+        }
+    };
+    assert_eq!(sign_in("blocked@example.com").await, R::Blocked);
+    assert_eq!(sign_in("deactivated@example.com").await, R::Deactivated);
+    assert_eq!(
+        sign_in("change@example.com").await,
+        R::PasswordChangeRequired
+    );
+    let imported = app.project_events(&["USER_IMPORTED"]).await;
+    assert_eq!(imported[0].1["status"], "BLOCKED");
+    assert_eq!(imported[0].1["blocked_reason"], "chargebacks");
+    assert_eq!(imported[1].1["status"], "DEACTIVATED");
+    assert_eq!(imported[2].1["require_password_change"], true);
+
+    // UPSERT: an active user gets blocked and must change its password; a record without
+    // those leaves a blocked user blocked and the flag set; deactivating a blocked user
+    // leaves it blocked (and its reason).
+    let active = crate::create_user(&mut users, "active@example.com").await;
+    let upsert = |email: &str, f: &dyn Fn(&mut pb::ImportRecord)| {
+        let mut r = pb::ImportRecord {
+            user: Some(user_with_email(email)),
+            ..Default::default()
+        };
+        f(&mut r);
+        vec![upsert_on_email(), record(r)]
+    };
+    let (res, _) = import(
+        &mut users,
+        upsert("active@example.com", &|r| {
+            r.blocked = true;
+            r.blocked_reason = "found in a breach".into();
+            r.require_password_change = true;
+        })
+        .into_iter(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome(&res[0]), pb::ImportOutcome::Updated);
+    let now_blocked = get(&mut users, &active.id).await;
+    assert_eq!(now_blocked.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(now_blocked.blocked_reason, "found in a breach");
+    assert!(now_blocked.require_password_change);
+    for f in [
+        &(|_: &mut pb::ImportRecord| {}) as &dyn Fn(&mut pb::ImportRecord),
+        &|r| r.deactivated = true,
+        &|r| {
+            r.blocked = true;
+            r.blocked_reason = "another reason".into();
+        },
+    ] {
+        import(&mut users, upsert("active@example.com", f).into_iter())
+            .await
+            .unwrap();
+        let after = get(&mut users, &active.id).await;
+        assert_eq!(after.etag, now_blocked.etag, "nothing lifted or rewritten");
+    }
+    // A deactivated user is not reactivated, a pending one can be deactivated.
+    import(
+        &mut users,
+        upsert("deactivated@example.com", &|_| {}).into_iter(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        get(&mut users, &deactivated.id).await.status,
+        pb::UserStatus::Deactivated as i32
+    );
+    let pending = app
+        .users()
+        .create_user(pb::CreateUserRequest {
+            user: Some(user_with_email("pending@example.com")),
+            pending: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    import(
+        &mut users,
+        upsert("pending@example.com", &|r| r.deactivated = true).into_iter(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        get(&mut users, &pending.id).await.status,
+        pb::UserStatus::Deactivated as i32
+    );
+}
+
 #[tokio::test]
 async fn every_hash_format_imports_and_verifies() {
     let app = TestApp::spawn().await;
@@ -586,6 +752,15 @@ pub fn rich_user(i: usize) -> pb::ImportRecord {
         .take(2 - (i % 3).min(2))
         .collect(),
         pending: i.is_multiple_of(5),
+        // Some blocked (with a reason) and some deactivated, never two states at once.
+        blocked: !i.is_multiple_of(5) && i % 7 == 1,
+        blocked_reason: if !i.is_multiple_of(5) && i % 7 == 1 {
+            format!("fraud review {i}")
+        } else {
+            String::new()
+        },
+        deactivated: !i.is_multiple_of(5) && i % 7 != 1 && i % 11 == 2,
+        require_password_change: i % 4 == 3,
         created_at: Some(prost_types::Timestamp {
             seconds: 1_600_000_000 + i as i64,
             nanos: 123_456_000,
@@ -601,6 +776,10 @@ pub fn record_of(m: &pb::ExportUsersResponse) -> pb::ImportRecord {
         password_hash: m.password_hash.clone(),
         identities: m.identities.clone(),
         pending: u.status == pb::UserStatus::PendingVerification as i32,
+        blocked: u.status == pb::UserStatus::Blocked as i32,
+        blocked_reason: u.blocked_reason,
+        deactivated: u.status == pb::UserStatus::Deactivated as i32,
+        require_password_change: u.require_password_change,
         created_at: u.created_at,
         user: Some(pb::User {
             external_id: u.external_id,

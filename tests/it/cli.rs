@@ -1759,7 +1759,7 @@ async fn a_throttled_address_is_listed_and_released() {
 /// Moving off Auth0: its user export (JSON lines or CSV, Auth0's field names) plus the
 /// `passwordHash` of its password export import as they are with `--from auth0`: users keep
 /// their Auth0 id as external_id, their social logins as identities and their passwords;
-/// a blocked user and an unknown field are refused, each with its reason.
+/// a blocked user arrives blocked (not active), and an unknown field is refused by name.
 #[tokio::test]
 async fn an_auth0_export_imports_with_its_identities_and_passwords() {
     use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
@@ -1804,10 +1804,9 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
     .unwrap();
     let (code, err, failed) = import_from(&app, &file, "auth0", &[]).await;
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("2 created, 0 updated, 2 failed"), "{err}");
-    assert!(failed[0].contains("blocked in Auth0"), "{failed:?}");
+    assert!(err.contains("3 created, 0 updated, 1 failed"), "{err}");
     assert!(
-        failed[1].contains("unknown Auth0 field 'favorite_color'"),
+        failed[0].contains("unknown Auth0 field 'favorite_color'"),
         "{failed:?}"
     );
 
@@ -1831,6 +1830,9 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
         ada.app_metadata.unwrap().fields["plan"],
         crate::pb_struct(serde_json::json!({"p": "pro"})).fields["p"]
     );
+    let mallory = crate::user_by_email(&mut users, "mallory@example.com").await;
+    assert_eq!(mallory.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(mallory.blocked_reason, "blocked in Auth0");
     // Her Auth0 password signs her in (and is upgraded to argon2id).
     assert!(signs_in(&app, "ada@example.com", LEGACY_PASSWORD).await);
     // Her Auth0 database identity is her password, not a linked account.
@@ -1868,8 +1870,8 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
     assert!(csv_user.email_verified);
 }
 
-/// Whether `password` signs `email` in (VerifyPassword answers OK).
-async fn signs_in(app: &TestApp, email: &str, password: &str) -> bool {
+/// What VerifyPassword answers for `email` and `password`.
+async fn sign_in(app: &TestApp, email: &str, password: &str) -> pb::VerifyPasswordResult {
     let r = app
         .authenticators()
         .verify_password(pb::VerifyPasswordRequest {
@@ -1880,7 +1882,12 @@ async fn signs_in(app: &TestApp, email: &str, password: &str) -> bool {
         .await
         .unwrap()
         .into_inner();
-    r.result == pb::VerifyPasswordResult::Ok as i32
+    pb::VerifyPasswordResult::try_from(r.result).unwrap()
+}
+
+/// Whether `password` signs `email` in (VerifyPassword answers OK).
+async fn signs_in(app: &TestApp, email: &str, password: &str) -> bool {
+    sign_in(app, email, password).await == pb::VerifyPasswordResult::Ok
 }
 
 /// `roster import FILE --from SOURCE --errors <FILE's dir>/errors.jsonl [extra...]`: its exit
@@ -1916,9 +1923,9 @@ async fn import_from(
 /// Moving off Firebase Authentication: `firebase auth:export users.json` (one pretty-printed
 /// document, read as a stream) imports with `--from firebase`; with the console's password
 /// hash parameters its users keep their passwords (Firebase's modified scrypt), and their
-/// Google/GitHub sign-ins become identities. Without the parameters, a user with a password
-/// is refused saying what to give; a disabled user is refused; a bad parameters file stops
-/// the run before anything is sent, without printing the signer key.
+/// Google/GitHub sign-ins become identities; a disabled user arrives blocked. Without the
+/// parameters, a user with a password is refused saying what to give; a bad parameters file
+/// stops the run before anything is sent, without printing the signer key.
 #[tokio::test]
 async fn a_firebase_export_imports_with_its_passwords() {
     use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
@@ -1961,12 +1968,11 @@ async fn a_firebase_export_imports_with_its_passwords() {
     // Without the hash parameters: checked, nothing written, the password user refused.
     let (code, err, reasons) = import_from(&app, &file, "firebase", &["--dry-run"]).await;
     assert_eq!(code, 2, "{err}");
-    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
     assert!(
         reasons[0].contains("--firebase-hash-parameters"),
         "{reasons:?}"
     );
-    assert!(reasons[1].contains("disabled in Firebase"), "{reasons:?}");
 
     // A parameters file missing a field stops the run, naming it and not the key.
     let params = dir.join("hash-config.txt");
@@ -1991,9 +1997,12 @@ async fn a_firebase_export_imports_with_its_passwords() {
     )
     .unwrap();
     let (code, err, reasons) = import_from(&app, &file, "firebase", &with_params).await;
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("2 created, 0 updated, 1 failed"), "{err}");
-    assert_eq!(reasons.len(), 1);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("3 created, 0 updated, 0 failed"), "{err}");
+    assert!(reasons.is_empty());
+    let off = crate::user_by_email(&mut app.users(), "off@example.com").await;
+    assert_eq!(off.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(off.blocked_reason, "disabled in Firebase");
 
     let mut users = app.users();
     let fira = crate::user_by_email(&mut users, "fire@example.com").await;
@@ -2035,7 +2044,8 @@ async fn a_firebase_export_imports_with_its_passwords() {
 /// Moving off Keycloak: a realm export (`kc.sh export`, the realm's settings around its
 /// `users`) imports with `--from keycloak`: passwords in each of Keycloak's hash algorithms
 /// sign in, identity-provider links become identities, attributes become the locale and
-/// user_metadata; a disabled user and a service account are refused with their reasons.
+/// user_metadata; a disabled user arrives blocked, a pending UPDATE_PASSWORD as a password to
+/// change, and a service account is refused with its reason.
 #[tokio::test]
 async fn a_keycloak_realm_export_imports_with_its_passwords() {
     use crate::passwords::LEGACY_PASSWORD;
@@ -2103,6 +2113,8 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
         "carol",
         vec![pbkdf2_sha1],
     );
+    let mut carol = carol;
+    carol["requiredActions"] = serde_json::json!(["UPDATE_PASSWORD"]);
     let mut dave = user("6f0c9a0e-8b1d-4c2e-9f3a-1b2c3d4e5f63", "dave", vec![]);
     dave["enabled"] = false.into();
     let mut robot = user(
@@ -2121,10 +2133,9 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
     std::fs::write(&file, serde_json::to_string_pretty(&realm).unwrap()).unwrap();
     let (code, err, reasons) = import_from(&app, &file, "keycloak", &[]).await;
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("3 created, 0 updated, 2 failed"), "{err}");
-    assert!(reasons[0].contains("disabled in Keycloak"), "{reasons:?}");
+    assert!(err.contains("4 created, 0 updated, 1 failed"), "{err}");
     assert!(
-        reasons[1].contains("service account of Keycloak client 'ci'"),
+        reasons[0].contains("service account of Keycloak client 'ci'"),
         "{reasons:?}"
     );
 
@@ -2144,11 +2155,25 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
     );
     // The OTP credential is not carried: the password is her only method.
     assert_eq!(a.enrolled_methods, [pb::AuthenticatorType::Password as i32]);
-    for name in ["alice", "bob", "carol"] {
+    // Carol's right password is known, and must be changed, as Keycloak was to ask her.
+    use pb::VerifyPasswordResult as R;
+    for (name, right) in [
+        ("alice", R::Ok),
+        ("bob", R::Ok),
+        ("carol", R::PasswordChangeRequired),
+    ] {
         let email = format!("{name}@example.com");
-        assert!(!signs_in(&app, &email, "wrong password").await, "{name}");
-        assert!(signs_in(&app, &email, LEGACY_PASSWORD).await, "{name}");
+        let wrong = sign_in(&app, &email, "wrong password").await;
+        assert_eq!(wrong, R::InvalidCredentials, "{name}");
+        assert_eq!(
+            sign_in(&app, &email, LEGACY_PASSWORD).await,
+            right,
+            "{name}"
+        );
     }
+    let dave = crate::user_by_email(&mut users, "dave@example.com").await;
+    assert_eq!(dave.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(dave.blocked_reason, "disabled in Keycloak");
     let found = crate::identities::lookup(&mut app.identities(), "google", "107691503500061507152")
         .await
         .unwrap();
