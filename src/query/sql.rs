@@ -56,6 +56,13 @@ pub enum FieldKind {
     /// A list of enum numbers (a smallint[] expression), matched with `:` only (AIP-160's
     /// "has" on a repeated field): `x:VALUE` contains it, `x:*` is not empty.
     EnumList(fn(&str) -> Option<i16>),
+    /// Rows of another table linked to the row filtered (`rows`, a subquery selecting them),
+    /// matched with `:` only, as a list of their `column`: `x:"v"` has one whose column is v,
+    /// `x:*` has any.
+    Linked {
+        rows: &'static str,
+        column: &'static str,
+    },
     /// A jsonb column, addressed with a key path.
     Json,
 }
@@ -229,6 +236,21 @@ fn comparison(
                     let n = lookup(v).ok_or_else(|| format!("'{v}' is not a value of '{name}'"))?;
                     format!("{col} @> ARRAY[{}::smallint]", sql.param(n))
                 }
+            }
+        }
+        FieldKind::Linked { rows, column } => {
+            if op != Op::Has {
+                return Err(format!(
+                    "'{name}' is a list: match it with ':', e.g. '{name}:\"google\"' (has \
+                     google), '{name}:*' (has any), 'NOT {name}:*'"
+                ));
+            }
+            match text_of(value) {
+                "*" => format!("EXISTS ({rows})"),
+                v => format!(
+                    "EXISTS ({rows} AND {column} = {})",
+                    sql.param(v.to_string())
+                ),
             }
         }
         FieldKind::Int => {

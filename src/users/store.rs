@@ -766,6 +766,21 @@ pub fn filter_field(name: &str) -> Result<Field, String> {
              || factor_types)",
             FieldKind::EnumList(crate::authenticators::Kind::number_by_name),
         ),
+        // The user's linked identities, by provider or by connection (an enterprise SSO
+        // connection's users, say, when a customer leaves): `identity_providers:"google"
+        // AND has_password = false` lists who can only sign in with Google.
+        "identity_providers" | "identity_connections" => simple(
+            "",
+            FieldKind::Linked {
+                rows: "SELECT 1 FROM identities i WHERE i.project_id = users.project_id \
+                       AND i.user_id = users.id",
+                column: if name == "identity_providers" {
+                    "i.provider"
+                } else {
+                    "i.connection"
+                },
+            },
+        ),
         _ => {
             let json = name
                 .strip_prefix("app_metadata")

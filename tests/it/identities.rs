@@ -7,7 +7,7 @@ use uuid::Uuid;
 use crate::harness::{Identities, TestApp, details, key, reason, violated_fields};
 use crate::{create_user, pb, pb_struct};
 
-fn link(user_id: &str, provider: &str, subject: &str) -> pb::LinkIdentityRequest {
+pub fn link(user_id: &str, provider: &str, subject: &str) -> pb::LinkIdentityRequest {
     pb::LinkIdentityRequest {
         user_id: user_id.into(),
         provider: provider.into(),
@@ -16,7 +16,7 @@ fn link(user_id: &str, provider: &str, subject: &str) -> pb::LinkIdentityRequest
     }
 }
 
-async fn linked(ids: &mut Identities, req: pb::LinkIdentityRequest) -> pb::Identity {
+pub async fn linked(ids: &mut Identities, req: pb::LinkIdentityRequest) -> pb::Identity {
     ids.link_identity(req)
         .await
         .unwrap()

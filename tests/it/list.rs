@@ -209,6 +209,57 @@ async fn filter_grammar() {
         assert_eq!(err.code(), Code::InvalidArgument, "{filter}");
         assert!(err.message().contains(says), "{filter}: {}", err.message());
     }
+
+    // Linked identities, by provider and by connection: Ada and Grace sign in with Google,
+    // Alan with GitHub and his company's SAML connection; Linus with nothing linked.
+    use crate::identities::{link, linked};
+    let mut ids = app.identities();
+    for (email, provider, subject, connection) in [
+        ("ada@example.com", "google", "g-ada", ""),
+        ("grace@example.com", "google", "g-grace", ""),
+        ("alan@other.org", "github", "583231", ""),
+        ("alan@other.org", "saml", "alan@acme.example", "acme-okta"),
+    ] {
+        let req = pb::LinkIdentityRequest {
+            connection: connection.into(),
+            ..link(
+                &crate::user_by_email(&mut users, email).await.id,
+                provider,
+                subject,
+            )
+        };
+        linked(&mut ids, req).await;
+    }
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "identity_providers:\"google\"",
+            &["ada@example.com", "grace@example.com"],
+        ),
+        (
+            "identity_providers:*",
+            &["ada@example.com", "alan@other.org", "grace@example.com"],
+        ),
+        ("NOT identity_providers:*", &["linus@other.org"]),
+        ("identity_connections:\"acme-okta\"", &["alan@other.org"]),
+        // Who can sign in only through a linked account.
+        (
+            "identity_providers:* AND has_password = false",
+            &["alan@other.org"],
+        ),
+        (
+            "identity_providers:\"github\" OR identity_providers:\"google\"",
+            &["ada@example.com", "alan@other.org", "grace@example.com"],
+        ),
+        ("identity_providers:\"GOOGLE\"", &[]),
+    ];
+    for (filter, want) in cases {
+        assert_eq!(emails(&mut users, filter).await.unwrap(), *want, "{filter}");
+    }
+    let err = emails(&mut users, "identity_providers = \"google\"")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("is a list"), "{}", err.message());
 }
 
 #[tokio::test]
