@@ -3,8 +3,8 @@
 //!
 //! What export writes, import reads: `id`, the profile fields, `user_metadata`/`app_metadata`
 //! (objects; JSON text in CSV), `password_hash`, `created_at` (RFC 3339), `status`
-//! (`PENDING_VERIFICATION`, `BLOCKED` and `DEACTIVATED` import as such), `blocked_reason` and
-//! `require_password_change`. Import also takes `pending`, `blocked`, `deactivated` and `identities`
+//! (`PENDING_VERIFICATION`, `BLOCKED` and `DEACTIVATED` import as such), `blocked_reason`,
+//! `require_password_change` and `last_login_at`. Import also takes `pending`, `blocked`, `deactivated` and `identities`
 //! (an array of `{provider, subject, connection, email, profile}`; JSON text in CSV). Other
 //! output-only fields (`login_count`, `etag`, ...) are ignored on import, as are keys that
 //! start with `_` (the `--errors` file adds `_record` and `_error`, so it can be fixed and
@@ -265,6 +265,7 @@ pub fn import_record(obj: Map<String, Value>) -> Result<pb::ImportRecord, String
             "app_metadata" => u.app_metadata = as_struct(&k, v)?,
             "password_hash" => r.password_hash = s(v)?,
             "created_at" => r.created_at = as_time(&k, v)?,
+            "last_login_at" => r.last_login_at = as_time(&k, v)?,
             "pending" => pending = Some(as_bool(&k, v)?),
             "blocked" => r.blocked = as_bool(&k, v)?,
             "deactivated" => r.deactivated = as_bool(&k, v)?,

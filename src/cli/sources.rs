@@ -32,7 +32,6 @@ const AUTH0_NOT_LINKED: &[&str] = &["auth0", "email", "sms"];
 const AUTH0_SKIPPED: &[&str] = &[
     "nickname",
     "updated_at",
-    "last_login",
     "last_ip",
     "logins_count",
     "multifactor",
@@ -43,7 +42,8 @@ const AUTH0_SKIPPED: &[&str] = &[
 /// `external_id`, `name` `display_name`, `picture` `picture_url`, `passwordHash` (or
 /// `custom_password_hash.hash.value`) `password_hash`; linked social and enterprise
 /// identities become `identities` (provider and the provider's user id as subject); Auth0's
-/// activity fields are left out. A user blocked in Auth0 is imported blocked rather than
+/// `last_login` becomes `last_login_at`; its other activity fields are left out. A user
+/// blocked in Auth0 is imported blocked rather than
 /// active. Auth0's CSV starts each text cell with `'` (its CSV-injection guard): removed.
 pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
@@ -99,6 +99,7 @@ pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Valu
                 }
                 continue;
             }
+            "last_login" => "last_login_at",
             "email" | "email_verified" | "username" | "phone_number" | "phone_verified"
             | "given_name" | "family_name" | "created_at" | "user_metadata" | "app_metadata" => {
                 k.as_str()
@@ -266,11 +267,9 @@ impl FirebaseHash {
     }
 }
 
-/// Firebase's activity and bookkeeping fields, which Roster keeps its own account of; and
+/// Firebase's bookkeeping fields, which Roster keeps its own account of; and
 /// `mfaInfo` (enrolled second factors, which an import cannot carry: users enroll again).
 const FIREBASE_SKIPPED: &[&str] = &[
-    "lastSignedInAt",
-    "lastLoginAt",
     "lastRefreshAt",
     "validSince",
     "passwordUpdatedAt",
@@ -285,7 +284,8 @@ const FIREBASE_NOT_LINKED: &[&str] = &["password", "phone"];
 /// A Firebase Authentication export record (`firebase auth:export users.json`) in Roster's
 /// field names: `localId` becomes `external_id`, `displayName`/`photoUrl`
 /// `display_name`/`picture_url`, `phoneNumber` a verified `phone_number` (Firebase only holds
-/// numbers it verified), `createdAt` (milliseconds) `created_at`, `customAttributes` (the
+/// numbers it verified), `createdAt` and `lastSignedInAt` (milliseconds) `created_at` and
+/// `last_login_at`, `customAttributes` (the
 /// custom claims, set by the application's backend) `app_metadata`; `providerUserInfo`
 /// entries become identities (`providerId` as provider, `rawId` as subject);
 /// `passwordHash` and `salt` become a `$firescrypt$` hash with the project's parameters. A
@@ -320,6 +320,11 @@ pub fn from_firebase(
             }
             "createdAt" => {
                 out.insert("created_at".into(), millis_time(&k, v)?);
+                continue;
+            }
+            // `lastSignedInAt` as firebase-tools names it, `lastLoginAt` as the API does.
+            "lastSignedInAt" | "lastLoginAt" => {
+                out.insert("last_login_at".into(), millis_time(&k, v)?);
                 continue;
             }
             "disabled" => {
@@ -674,6 +679,7 @@ mod tests {
         let r = from_firebase(
             obj(
                 json!({"localId": "u1", "createdAt": 1589276052123_i64, "mfaInfo": [],
+                       "lastSignedInAt": "1700000000000",
                        "providerUserInfo": [{"providerId": "password", "rawId": "a@x.io"},
                                             {"providerId": "apple.com", "rawId": "001.abc"}]}),
             ),
@@ -683,6 +689,7 @@ mod tests {
         assert_eq!(
             Value::Object(r),
             json!({"external_id": "u1", "created_at": "2020-05-12T09:34:12.123Z",
+                   "last_login_at": "2023-11-14T22:13:20.000Z",
                    "identities": [{"provider": "apple.com", "subject": "001.abc"}]})
         );
         for (bad, says) in [

@@ -177,17 +177,19 @@ pub fn record_from_proto(
             );
         }
     }
-    let created_at = r.created_at.as_ref().and_then(|t| {
-        let parsed = wire::from_timestamp(t)
-            .filter(|t| t.timestamp() >= 0 && *t <= Utc::now() + chrono::Duration::days(1));
-        if parsed.is_none() {
-            v.add(
-                "record.created_at",
-                "must be a valid time between 1970 and now",
-            );
-        }
-        parsed
-    });
+    // A past time: between 1970 and now (a day's leeway for the source's clock).
+    let mut past = |field: &str, t: &Option<prost_types::Timestamp>| {
+        t.as_ref().and_then(|t| {
+            let parsed = wire::from_timestamp(t)
+                .filter(|t| t.timestamp() >= 0 && *t <= Utc::now() + chrono::Duration::days(1));
+            if parsed.is_none() {
+                v.add(field, "must be a valid time between 1970 and now");
+            }
+            parsed
+        })
+    };
+    let created_at = past("record.created_at", &r.created_at);
+    let last_login_at = past("record.last_login_at", &r.last_login_at);
     let status = match (r.pending, r.blocked, r.deactivated) {
         (false, false, false) => UserStatus::Active,
         (true, false, false) => UserStatus::PendingVerification,
@@ -224,6 +226,7 @@ pub fn record_from_proto(
         password_hash,
         identities: ids,
         created_at,
+        last_login_at,
     })
 }
 

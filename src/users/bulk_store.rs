@@ -30,6 +30,7 @@ pub struct StagedUser<'a> {
     pub require_password_change: bool,
     pub password_hash: Option<&'a str>,
     pub created_at: Option<DateTime<Utc>>,
+    pub last_login_at: Option<DateTime<Utc>>,
 }
 
 pub struct StagedIdentity<'a> {
@@ -59,7 +60,8 @@ pub async fn create_staging(db: &impl GenericClient) -> Result<()> {
             username text, display_name text, given_name text, family_name text,
             picture_url text, locale text, timezone text, status int2 NOT NULL,
             user_metadata jsonb, app_metadata jsonb, password_hash text, created_at timestamptz,
-            blocked_reason text, require_password_change bool NOT NULL
+            blocked_reason text, require_password_change bool NOT NULL,
+            last_login_at timestamptz
          ) ON COMMIT DELETE ROWS;
          CREATE TEMP TABLE IF NOT EXISTS roster_import_identities (
             idx int4 NOT NULL, id uuid NOT NULL, provider text NOT NULL, subject text NOT NULL,
@@ -71,7 +73,7 @@ pub async fn create_staging(db: &impl GenericClient) -> Result<()> {
     Ok(())
 }
 
-const USER_TYPES: [Type; 21] = [
+const USER_TYPES: [Type; 22] = [
     Type::INT4,
     Type::UUID,
     Type::TEXT,
@@ -93,6 +95,7 @@ const USER_TYPES: [Type; 21] = [
     Type::TIMESTAMPTZ,
     Type::TEXT,
     Type::BOOL,
+    Type::TIMESTAMPTZ,
 ];
 
 const IDENTITY_TYPES: [Type; 7] = [
@@ -132,6 +135,7 @@ pub async fn stage(
             &u.created_at,
             &u.blocked_reason,
             &u.require_password_change,
+            &u.last_login_at,
         ]);
         writer.as_mut().write(&row).await?;
     }
@@ -224,13 +228,15 @@ pub async fn clashes(
 const INSERT_USERS: &str = "INSERT INTO users (project_id, id, external_id, email, email_verified,
         phone_number, phone_verified, username, display_name, given_name, family_name,
         picture_url, locale, timezone, status, user_metadata, app_metadata, password_hash,
-        password_changed_at, created_at, updated_at, blocked_reason, require_password_change)
+        password_changed_at, created_at, updated_at, blocked_reason, require_password_change,
+        last_login_at)
      SELECT $1, s.id, s.external_id, s.email, s.email_verified, s.phone_number,
         s.phone_verified, s.username, s.display_name, s.given_name, s.family_name,
         s.picture_url, s.locale, s.timezone, s.status,
         coalesce(s.user_metadata, '{}'), coalesce(s.app_metadata, '{}'),
         s.password_hash, CASE WHEN s.password_hash IS NULL THEN NULL ELSE now() END,
-        coalesce(s.created_at, now()), now(), s.blocked_reason, s.require_password_change
+        coalesce(s.created_at, now()), now(), s.blocked_reason, s.require_password_change,
+        s.last_login_at
      FROM roster_import_users s WHERE s.idx = ANY($2)";
 
 /// Creates the staged users `idxs`. A plain INSERT: the clash check just ran in this
@@ -313,7 +319,8 @@ pub async fn update_users(
                   CASE WHEN s.status = 3 AND u.status <> 3 THEN s.blocked_reason
                        ELSE u.blocked_reason END AS blocked_reason,
                   u.require_password_change OR s.require_password_change
-                    AS require_password_change
+                    AS require_password_change,
+                  greatest(u.last_login_at, s.last_login_at) AS last_login_at
                 FROM unnest($2::int4[], $3::uuid[]) AS m(idx, id)
                 JOIN roster_import_users s ON s.idx = m.idx
                 JOIN users u ON u.project_id = $1 AND u.id = m.id
@@ -327,6 +334,7 @@ pub async fn update_users(
                 app_metadata = n.app_metadata, password_hash = n.password_hash,
                 status = n.status, blocked_reason = n.blocked_reason,
                 require_password_change = n.require_password_change,
+                last_login_at = n.last_login_at,
                 password_changed_at = CASE WHEN n.password_hash IS DISTINCT FROM u.password_hash
                     THEN now() ELSE u.password_changed_at END,
                 failed_logins = CASE WHEN n.password_hash IS DISTINCT FROM u.password_hash
@@ -336,12 +344,12 @@ pub async fn update_users(
                AND (n.external_id, n.email, n.email_verified, n.phone_number, n.phone_verified,
                     n.username, n.display_name, n.given_name, n.family_name, n.picture_url,
                     n.locale, n.timezone, n.user_metadata, n.app_metadata, n.password_hash,
-                    n.status, n.blocked_reason, n.require_password_change)
+                    n.status, n.blocked_reason, n.require_password_change, n.last_login_at)
                    IS DISTINCT FROM
                    (u.external_id, u.email, u.email_verified, u.phone_number, u.phone_verified,
                     u.username, u.display_name, u.given_name, u.family_name, u.picture_url,
                     u.locale, u.timezone, u.user_metadata, u.app_metadata, u.password_hash,
-                    u.status, u.blocked_reason, u.require_password_change)
+                    u.status, u.blocked_reason, u.require_password_change, u.last_login_at)
              RETURNING n.idx",
         )
         .await?;

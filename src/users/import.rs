@@ -94,6 +94,7 @@ pub struct ImportRecord {
     pub password_hash: Option<String>,
     pub identities: Vec<ImportIdentity>,
     pub created_at: Option<DateTime<Utc>>,
+    pub last_login_at: Option<DateTime<Utc>>,
 }
 
 /// What became of one record.
@@ -342,6 +343,7 @@ async fn write_valid(
             require_password_change: r.require_password_change,
             password_hash: r.password_hash.as_deref(),
             created_at: r.created_at,
+            last_login_at: r.last_login_at,
         })
         .collect();
     let identities: Vec<StagedIdentity<'_>> = records
@@ -524,6 +526,7 @@ mod tests {
             password_hash: None,
             identities: vec![],
             created_at: None,
+            last_login_at: None,
         }
     }
 

@@ -565,6 +565,37 @@ async fn imported_users_keep_their_state_and_upserts_only_restrict() {
         let after = get(&mut users, &active.id).await;
         assert_eq!(after.etag, now_blocked.etag, "nothing lifted or rewritten");
     }
+    // The last sign-in at the old store: kept on create, replaced on UPSERT only by a later
+    // one (a sign-in here is later than any the old store saw).
+    let at = |seconds: i64| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    for (seconds, kept) in [
+        (1_700_000_000, 1_700_000_000),
+        (1_600_000_000, 1_700_000_000),
+    ] {
+        import(
+            &mut users,
+            upsert("change@example.com", &|r| r.last_login_at = at(seconds)).into_iter(),
+        )
+        .await
+        .unwrap();
+        let u = crate::user_by_email(&mut users, "change@example.com").await;
+        assert_eq!(u.last_login_at.map(|t| t.seconds), Some(kept));
+    }
+    let (res, _) = import(
+        &mut users,
+        upsert("change@example.com", &|r| {
+            r.last_login_at = at(4_102_444_800)
+        })
+        .into_iter(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        failure(&res[0]).2,
+        ["record.last_login_at"],
+        "2100 is not past"
+    );
+
     // A deactivated user is not reactivated, a pending one can be deactivated.
     import(
         &mut users,
@@ -765,6 +796,11 @@ pub fn rich_user(i: usize) -> pb::ImportRecord {
             seconds: 1_600_000_000 + i as i64,
             nanos: 123_456_000,
         }),
+        // Half signed in at the store they come from.
+        last_login_at: i.is_multiple_of(2).then_some(prost_types::Timestamp {
+            seconds: 1_700_000_000 + i as i64,
+            nanos: 0,
+        }),
     }
 }
 
@@ -781,6 +817,7 @@ pub fn record_of(m: &pb::ExportUsersResponse) -> pb::ImportRecord {
         deactivated: u.status == pb::UserStatus::Deactivated as i32,
         require_password_change: u.require_password_change,
         created_at: u.created_at,
+        last_login_at: u.last_login_at,
         user: Some(pb::User {
             external_id: u.external_id,
             email: u.email,

@@ -1826,6 +1826,8 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
     assert_eq!(ada.picture_url, "https://s.gravatar.com/avatar/ada.png");
     assert_eq!(ada.created_at.unwrap().seconds, 1_589_276_052);
     assert_eq!(ada.login_count, 0, "Roster counts its own sign-ins");
+    // Her last sign-in at Auth0 carries over, so inactivity filters keep their meaning.
+    assert_eq!(ada.last_login_at.unwrap().seconds, 1_704_164_645);
     assert_eq!(
         ada.app_metadata.unwrap().fields["plan"],
         crate::pb_struct(serde_json::json!({"p": "pro"})).fields["p"]
@@ -2016,6 +2018,7 @@ async fn a_firebase_export_imports_with_its_passwords() {
         (created.seconds, created.nanos),
         (1_589_276_052, 123_000_000)
     );
+    assert_eq!(fira.last_login_at.unwrap().seconds, 1_700_000_000);
     assert_eq!(
         fira.app_metadata.unwrap().fields["admin"],
         crate::pb_struct(serde_json::json!({"a": true})).fields["a"]
