@@ -607,18 +607,7 @@ async fn imported_users_keep_their_state_and_upserts_only_restrict() {
         get(&mut users, &deactivated.id).await.status,
         pb::UserStatus::Deactivated as i32
     );
-    let pending = app
-        .users()
-        .create_user(pb::CreateUserRequest {
-            user: Some(user_with_email("pending@example.com")),
-            pending: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let pending = crate::create_pending(&mut users, "pending@example.com").await;
     import(
         &mut users,
         upsert("pending@example.com", &|r| r.deactivated = true).into_iter(),

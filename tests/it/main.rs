@@ -39,11 +39,33 @@ pub async fn create_user(users: &mut harness::Users, email: &str) -> pb::User {
 
 /// Creates `user` and returns it as stored.
 pub async fn create(users: &mut harness::Users, user: pb::User) -> pb::User {
-    users
-        .create_user(pb::CreateUserRequest {
+    create_from(
+        users,
+        pb::CreateUserRequest {
             user: Some(user),
             ..Default::default()
-        })
+        },
+    )
+    .await
+}
+
+/// Creates a user PENDING_VERIFICATION with `email`.
+pub async fn create_pending(users: &mut harness::Users, email: &str) -> pb::User {
+    create_from(
+        users,
+        pb::CreateUserRequest {
+            user: Some(user_with_email(email)),
+            pending: true,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Runs a CreateUser that must succeed and returns the user as stored.
+pub async fn create_from(users: &mut harness::Users, req: pb::CreateUserRequest) -> pb::User {
+    users
+        .create_user(req)
         .await
         .expect("create user")
         .into_inner()

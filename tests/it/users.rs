@@ -1361,17 +1361,7 @@ async fn lifecycle_transitions_and_their_events() {
 async fn contact_verification_flow() {
     let app = TestApp::spawn().await;
     let mut users = app.users();
-    let u = users
-        .create_user(pb::CreateUserRequest {
-            user: Some(user_with_email("verify@x.io")),
-            pending: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let u = crate::create_pending(&mut users, "verify@x.io").await;
     let email = pb::ContactChannel::Email as i32;
     let start = users
         .start_contact_verification(pb::StartContactVerificationRequest {
