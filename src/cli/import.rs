@@ -74,8 +74,9 @@ pub struct ImportArgs {
     #[arg(long)]
     pub errors: Option<PathBuf>,
     /// Whose field names the file uses: roster (what `roster export` writes), auth0 (an Auth0
-    /// user export, JSON or CSV), firebase (`firebase auth:export users.json`) or keycloak (a
-    /// realm export); see the README's "Moving in from another user store".
+    /// user export, JSON or CSV), firebase (`firebase auth:export users.json`), keycloak (a
+    /// realm export) or cognito (`aws cognito-idp list-users`); see the README's "Moving off"
+    /// paragraphs.
     #[arg(long, value_enum, default_value = "roster")]
     pub from: Source,
     /// With --from firebase: a file holding the project's password hash parameters as the
@@ -170,8 +171,10 @@ fn sniff_format(input: &mut dyn Read) -> std::io::Result<(InputFormat, Vec<u8>)>
                     None if n > 0 && head.len() < MAX_LINE => None,
                     end => {
                         let line = &head[i..end.unwrap_or(head.len())];
-                        let record = serde_json::from_slice::<Map<String, Value>>(line)
-                            .is_ok_and(|obj| !obj.contains_key("users"));
+                        let record =
+                            serde_json::from_slice::<Map<String, Value>>(line).is_ok_and(|obj| {
+                                !obj.contains_key("users") && !obj.contains_key("Users")
+                            });
                         Some(if record {
                             InputFormat::Jsonl
                         } else {
@@ -399,7 +402,8 @@ impl<'de> serde::de::Visitor<'de> for Top<'_, '_> {
         let mut fields = Map::new();
         let mut container = false;
         while let Some(key) = map.next_key::<String>()? {
-            if key == "users" && !container {
+            // Firebase and Keycloak say `users`, Cognito's list-users `Users`.
+            if (key == "users" || key == "Users") && !container {
                 container = true;
                 map.next_value_seed(Users(&mut *self.0))?;
             } else if container {
@@ -672,16 +676,18 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
                 .transpose()?,
         ),
         Source::Keycloak => Convert::Keycloak,
+        Source::Cognito => Convert::Cognito,
     };
-    if format == InputFormat::Csv && matches!(args.from, Source::Firebase | Source::Keycloak) {
+    if format == InputFormat::Csv
+        && matches!(
+            args.from,
+            Source::Firebase | Source::Keycloak | Source::Cognito
+        )
+    {
         bail!(
-            "{} exports are read as JSON (firebase auth:export users.json; kc.sh export); \
-             this file looks like CSV",
-            if args.from == Source::Firebase {
-                "Firebase"
-            } else {
-                "Keycloak"
-            }
+            "{:?} exports are read as JSON (firebase auth:export users.json; kc.sh export; \
+             aws cognito-idp list-users); this file looks like CSV",
+            args.from
         );
     }
     // Failed records of a JSON document are written as JSON lines.
@@ -840,6 +846,7 @@ mod tests {
             (long.as_str(), InputFormat::Jsonl),
             ("{\n  \"users\": [\n", InputFormat::Json),
             ("{\"users\": [{\"email\": \"a@x.io\"}]}", InputFormat::Json),
+            ("{\"Users\": [], \"NextToken\": null}\n", InputFormat::Json),
             ("[{\"email\": \"a@x.io\"}]", InputFormat::Json),
             ("email,username\na@x.io,a\n", InputFormat::Csv),
             ("", InputFormat::Csv),

@@ -22,6 +22,9 @@ pub enum Source {
     Firebase,
     /// A Keycloak realm export (`kc.sh export`: the realm file or its `*-users-*.json` files).
     Keycloak,
+    /// An Amazon Cognito user pool's users (`aws cognito-idp list-users`); Cognito never
+    /// exports passwords.
+    Cognito,
 }
 
 /// Identity providers of Auth0 that are not linked accounts: its own database connection
@@ -118,6 +121,7 @@ pub enum Convert {
     Auth0 { csv: bool },
     Firebase(Option<FirebaseHash>),
     Keycloak,
+    Cognito,
 }
 
 impl Convert {
@@ -127,6 +131,7 @@ impl Convert {
             Convert::Auth0 { csv } => from_auth0(obj, *csv),
             Convert::Firebase(hash) => from_firebase(obj, hash.as_ref()),
             Convert::Keycloak => from_keycloak(obj),
+            Convert::Cognito => from_cognito(obj),
         }
     }
 }
@@ -522,6 +527,144 @@ pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
     Ok(out)
 }
 
+/// Cognito's standard attributes that have a field of their own, by Roster's name.
+const COGNITO_ATTRIBUTES: &[(&str, &str)] = &[
+    ("email", "email"),
+    ("email_verified", "email_verified"),
+    ("phone_number", "phone_number"),
+    ("phone_number_verified", "phone_verified"),
+    ("name", "display_name"),
+    ("given_name", "given_name"),
+    ("family_name", "family_name"),
+    ("picture", "picture_url"),
+    ("locale", "locale"),
+    ("zoneinfo", "timezone"),
+];
+
+/// A Cognito user (`aws cognito-idp list-users`, its `Users` entries) in Roster's field
+/// names: the `sub` attribute (the id applications hold) becomes `external_id`, `Username`
+/// `username` (unless it is the `sub` again, as in pools that sign in by email), the standard
+/// attributes their fields (`name` `display_name`, `picture` `picture_url`, `zoneinfo`
+/// `timezone`, ...), the other attributes (`custom:*` without the prefix, `birthdate`,
+/// `preferred_username`, ...) `user_metadata`; the `identities` attribute's federated logins
+/// become identities (`providerName` as provider, `userId` as subject). `UserCreateDate`
+/// becomes `created_at`; `Enabled: false` a blocked user, `UNCONFIRMED` a pending one. Cognito
+/// never exports passwords: a user that had one (any status but `EXTERNAL_PROVIDER`) gets
+/// `app_metadata.legacy_password`, the mark the README's sign-in migration looks for.
+pub fn from_cognito(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    let mut metadata = Map::new();
+    let mut username = None;
+    for (k, v) in obj {
+        match k.as_str() {
+            "Username" => username = text(&v),
+            "Attributes" => {
+                let Value::Array(list) = v else {
+                    return Err("Attributes: must be an array".into());
+                };
+                for (i, a) in list.iter().enumerate() {
+                    let (Some(name), Some(value)) = (
+                        a.get("Name").and_then(Value::as_str),
+                        a.get("Value").and_then(Value::as_str),
+                    ) else {
+                        return Err(format!("Attributes[{i}]: needs Name and Value"));
+                    };
+                    let own = COGNITO_ATTRIBUTES.iter().find(|(c, _)| *c == name);
+                    match (name, own) {
+                        ("sub", _) => {
+                            out.insert("external_id".into(), Value::String(value.into()));
+                        }
+                        ("identities", _) => {
+                            let linked = cognito_identities(value)?;
+                            set_identities(&mut out, linked);
+                        }
+                        (_, Some((_, to))) => {
+                            out.insert(to.to_string(), Value::String(value.into()));
+                        }
+                        (name, None) => {
+                            let key = name.strip_prefix("custom:").unwrap_or(name);
+                            metadata.insert(key.to_string(), Value::String(value.into()));
+                        }
+                    }
+                }
+            }
+            "UserCreateDate" => {
+                out.insert("created_at".into(), aws_time(&k, v)?);
+            }
+            "Enabled" => {
+                if v == Value::Bool(false) {
+                    blocked(&mut out, "disabled in Cognito");
+                }
+            }
+            "UserStatus" => {
+                let status = text(&v).unwrap_or_default();
+                if status == "UNCONFIRMED" {
+                    out.insert("pending".into(), Value::Bool(true));
+                }
+                if status != "EXTERNAL_PROVIDER" {
+                    out.insert("app_metadata".into(), json!({ "legacy_password": true }));
+                }
+            }
+            // Cognito's bookkeeping and its second factors (which users enroll again).
+            "UserLastModifiedDate"
+            | "MFAOptions"
+            | "UserMFASettingList"
+            | "PreferredMfaSetting" => {}
+            other if other.starts_with('_') => {}
+            other => return Err(format!("unknown Cognito field '{other}'")),
+        }
+    }
+    if let Some(name) = username
+        && out.get("external_id").and_then(Value::as_str) != Some(name.as_str())
+    {
+        out.insert("username".into(), Value::String(name));
+    }
+    if !metadata.is_empty() {
+        out.insert("user_metadata".into(), Value::Object(metadata));
+    }
+    // A pending user is not also blocked: Cognito's Enabled wins.
+    if out.contains_key("blocked") {
+        out.remove("pending");
+    }
+    Ok(out)
+}
+
+/// The `identities` attribute: JSON text of the user's federated logins.
+fn cognito_identities(text: &str) -> Result<Vec<Value>, String> {
+    let list = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Array(a)) => a,
+        _ => return Err("the identities attribute: must be a JSON array".into()),
+    };
+    let mut linked = Vec::with_capacity(list.len());
+    for (i, x) in list.iter().enumerate() {
+        let field = |f: &str| x.get(f).and_then(self::text);
+        let (Some(provider), Some(subject)) = (field("providerName"), field("userId")) else {
+            return Err(format!(
+                "the identities attribute [{i}]: needs providerName and userId"
+            ));
+        };
+        linked.push(identity(provider, subject, &[]));
+    }
+    Ok(linked)
+}
+
+/// A time as the AWS CLI writes it: ISO 8601 (its default), or seconds since 1970 (the API's,
+/// and the CLI's with `cli_timestamp_format = none`).
+fn aws_time(field: &str, v: Value) -> Result<Value, String> {
+    let parsed = match &v {
+        Value::Number(n) => n
+            .as_f64()
+            .and_then(|s| DateTime::<Utc>::from_timestamp_millis((s * 1000.0).round() as i64)),
+        Value::String(s) => DateTime::parse_from_rfc3339(s.trim())
+            .ok()
+            .map(|t| t.with_timezone(&Utc)),
+        _ => None,
+    };
+    parsed
+        .map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true)))
+        .ok_or_else(|| format!("{field}: must be an ISO 8601 time or seconds since 1970"))
+}
+
 /// A Keycloak password credential as a PHC string. Keycloak keeps `secretData` (`value`, the
 /// derived key, and `salt`, both base64) and `credentialData` (`algorithm`, `hashIterations`
 /// and, for argon2, `additionalParameters` of one-element lists) as JSON text.
@@ -768,6 +911,41 @@ mod tests {
             (json!({"favorite": 1}), "unknown Keycloak field 'favorite'"),
         ] {
             let err = from_keycloak(obj(bad.clone())).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn cognito_records_take_roster_names() {
+        let r = from_cognito(obj(json!({
+            "Username": "ann", "UserStatus": "FORCE_CHANGE_PASSWORD", "MFAOptions": [],
+            "Attributes": [{"Name": "sub", "Value": "s-1"}, {"Name": "zoneinfo", "Value": "Europe/Oslo"},
+                           {"Name": "phone_number_verified", "Value": "false"}],
+            "UserCreateDate": 1689980857.5,
+        })))
+        .unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({"external_id": "s-1", "timezone": "Europe/Oslo", "phone_verified": "false",
+                   "app_metadata": {"legacy_password": true}, "username": "ann",
+                   "created_at": "2023-07-21T23:07:37.500Z"})
+        );
+        for (bad, says) in [
+            (
+                json!({"Attributes": [{"Name": "email"}]}),
+                "needs Name and Value",
+            ),
+            (
+                json!({"Attributes": [{"Name": "identities", "Value": "{}"}]}),
+                "must be a JSON array",
+            ),
+            (
+                json!({"UserCreateDate": "last week"}),
+                "must be an ISO 8601 time",
+            ),
+            (json!({"Groups": []}), "unknown Cognito field 'Groups'"),
+        ] {
+            let err = from_cognito(obj(bad.clone())).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
         }
     }

@@ -2194,6 +2194,103 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
     assert!(err.contains("2 created"), "{err}");
 }
 
+/// Moving off Amazon Cognito: `aws cognito-idp list-users` output imports with `--from
+/// cognito`: the `sub` becomes external_id, attributes their fields or user_metadata,
+/// federated logins identities; Cognito exports no passwords, so users who had one carry the
+/// `legacy_password` mark a sign-in migration looks for; disabled users arrive blocked and
+/// unconfirmed ones pending.
+#[tokio::test]
+async fn a_cognito_user_list_imports_with_its_identities() {
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-cognito-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let attrs = |pairs: &[(&str, &str)]| {
+        pairs
+            .iter()
+            .map(|(n, v)| serde_json::json!({"Name": n, "Value": v}))
+            .collect::<Vec<_>>()
+    };
+    let sub = [
+        "0b7c8f3e-1111-4c2e-9f3a-000000000001",
+        "0b7c8f3e-1111-4c2e-9f3a-000000000002",
+    ];
+    let list = serde_json::json!({"Users": [
+        {
+            "Username": sub[0],
+            "Attributes": attrs(&[("sub", sub[0]), ("email", "cora@example.com"),
+                                  ("email_verified", "true"), ("name", "Cora Cognito"),
+                                  ("custom:plan", "pro"), ("birthdate", "1990-01-31")]),
+            "UserCreateDate": "2023-07-21T23:07:37.949000+00:00",
+            "UserLastModifiedDate": "2023-07-22T00:00:00+00:00",
+            "Enabled": true, "UserStatus": "CONFIRMED",
+        },
+        {
+            "Username": "Google_117600000000000000001",
+            "Attributes": attrs(&[("sub", sub[1]), ("email", "gus@gmail.com"),
+                                  ("identities", r#"[{"userId":"117600000000000000001","providerName":"Google","providerType":"Google","issuer":null,"primary":true,"dateCreated":1689980857949}]"#)]),
+            "UserCreateDate": 1689980857.949, "Enabled": true,
+            "UserStatus": "EXTERNAL_PROVIDER",
+        },
+        {
+            "Username": "dora", "Attributes": attrs(&[("email", "dora@example.com")]),
+            "UserCreateDate": 1689980857, "Enabled": false, "UserStatus": "CONFIRMED",
+        },
+        {
+            "Username": "ulla", "Attributes": attrs(&[("email", "ulla@example.com")]),
+            "UserCreateDate": 1689980857, "Enabled": true, "UserStatus": "UNCONFIRMED",
+        },
+    ]});
+    let file = dir.join("users.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&list).unwrap()).unwrap();
+    let (code, err, reasons) = import_from(&app, &file, "cognito", &[]).await;
+    assert_eq!(code, 0, "{err} {reasons:?}");
+    assert!(err.contains("4 created, 0 updated, 0 failed"), "{err}");
+
+    let mut users = app.users();
+    let cora = crate::user_by_email(&mut users, "cora@example.com").await;
+    assert_eq!(cora.external_id, sub[0]);
+    assert_eq!(
+        cora.username, "",
+        "a Username that is the sub is not a username"
+    );
+    assert_eq!(cora.display_name, "Cora Cognito");
+    assert!(cora.email_verified);
+    assert_eq!(
+        cora.user_metadata.unwrap(),
+        crate::pb_struct(serde_json::json!({"plan": "pro", "birthdate": "1990-01-31"}))
+    );
+    assert_eq!(cora.created_at.unwrap().seconds, 1_689_980_857);
+    let gus = crate::identities::lookup(&mut app.identities(), "Google", "117600000000000000001")
+        .await
+        .unwrap()
+        .user
+        .unwrap();
+    assert_eq!(gus.email, "gus@gmail.com");
+    assert_eq!(gus.username, "Google_117600000000000000001");
+    assert_eq!(gus.created_at.unwrap().nanos, 949_000_000);
+    let dora = crate::user_by_email(&mut users, "dora@example.com").await;
+    assert_eq!(dora.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(dora.blocked_reason, "disabled in Cognito");
+    let ulla = crate::user_by_email(&mut users, "ulla@example.com").await;
+    assert_eq!(ulla.status, pb::UserStatus::PendingVerification as i32);
+    // Everyone but the Google user had a Cognito password: marked for the sign-in migration.
+    let marked = users
+        .list_users(pb::ListUsersRequest {
+            filter: "app_metadata.legacy_password = true".into(),
+            order_by: "email".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .users;
+    let marked: Vec<&str> = marked.iter().map(|u| u.email.as_str()).collect();
+    assert_eq!(
+        marked,
+        ["cora@example.com", "dora@example.com", "ulla@example.com"]
+    );
+}
+
 /// `roster events --until-caught-up`, for a one-off query or a shipper run by a scheduler:
 /// it writes the events there are (the filter applied) and exits 0; with `--state`, the next
 /// run writes only what came since.
