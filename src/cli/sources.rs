@@ -39,6 +39,10 @@ const AUTH0_SKIPPED: &[&str] = &[
     "logins_count",
     "multifactor",
     "last_password_reset",
+    // The password export's own bookkeeping.
+    "password_set_date",
+    "tenant",
+    "connection",
 ];
 
 /// An Auth0 user export record in Roster's field names: `user_id` (`auth0|5f7c...`) becomes
@@ -46,10 +50,17 @@ const AUTH0_SKIPPED: &[&str] = &[
 /// `custom_password_hash.hash.value`) `password_hash`; linked social and enterprise
 /// identities become `identities` (provider and the provider's user id as subject); Auth0's
 /// `last_login` becomes `last_login_at`; its other activity fields are left out. A user
-/// blocked in Auth0 is imported blocked rather than
-/// active. Auth0's CSV starts each text cell with `'` (its CSV-injection guard): removed.
+/// blocked in Auth0 is imported blocked rather than active. Auth0's CSV starts each text
+/// cell with `'` (its CSV-injection guard): removed. A record of Auth0's password export
+/// (`_id.$oid`, `email`, `passwordHash`, no `user_id`) gets the `external_id` its user has
+/// in the user export, `auth0|<oid>`, so that file applies as an UPSERT on external_id.
 pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
+    let oid = obj
+        .get("_id")
+        .and_then(|id| id.get("$oid"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
     for (k, v) in obj {
         let v = match v {
             Value::String(s) if csv && s.starts_with('\'') => Value::String(s[1..].to_string()),
@@ -111,6 +122,11 @@ pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Valu
             other => return Err(format!("unknown Auth0 field '{other}'")),
         };
         out.insert(to.to_string(), v);
+    }
+    if let Some(oid) = oid
+        && !out.contains_key("external_id")
+    {
+        out.insert("external_id".into(), Value::String(format!("auth0|{oid}")));
     }
     Ok(out)
 }
@@ -766,6 +782,10 @@ mod tests {
                 json!({"identities": [{"provider": "github"}]}),
                 "needs provider and user_id",
             ),
+            (
+                json!({"passwordHash": "x", "password_set": 1}),
+                "unknown Auth0 field",
+            ),
             (json!({"favorite": 1}), "unknown Auth0 field 'favorite'"),
         ] {
             let err = from_auth0(obj(bad.clone()), false).unwrap_err();
@@ -876,6 +896,20 @@ mod tests {
             Value::Object(r),
             json!({"blocked": true, "blocked_reason": "disabled in Keycloak",
                    "require_password_change": true})
+        );
+        // A line of Auth0's password export: its user's external_id.
+        let r = from_auth0(
+            obj(
+                json!({"_id": {"$oid": "5f7c"}, "email": "a@x.io", "passwordHash": "$2b$h",
+                       "password_set_date": {"$date": "2020-01-01"}, "tenant": "t",
+                       "connection": "Username-Password-Authentication"}),
+            ),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({"external_id": "auth0|5f7c", "email": "a@x.io", "password_hash": "$2b$h"})
         );
         let r = from_firebase(obj(json!({"disabled": true})), None).unwrap();
         assert_eq!(r["blocked_reason"], "disabled in Firebase");

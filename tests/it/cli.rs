@@ -1779,7 +1779,6 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
             "user_metadata": {"theme": "dark"}, "app_metadata": {"plan": "pro"},
             "identities": [{"provider": "auth0", "user_id": "5f7c8ec7c33c6c004bbafe82",
                             "connection": "Username-Password-Authentication", "isSocial": false}],
-            "passwordHash": bcrypt,
         }),
         serde_json::json!({
             "user_id": "google-oauth2|107691503500061507151",
@@ -1835,7 +1834,21 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
     let mallory = crate::user_by_email(&mut users, "mallory@example.com").await;
     assert_eq!(mallory.status, pb::UserStatus::Blocked as i32);
     assert_eq!(mallory.blocked_reason, "blocked in Auth0");
-    // Her Auth0 password signs her in (and is upgraded to argon2id).
+    // Auth0's password export, a file of its own, applies as an UPSERT on external_id: no
+    // join needed. Then her Auth0 password signs her in (and is upgraded to argon2id).
+    assert!(!ada.has_password);
+    let passwords = dir.join("passwords.json");
+    let line = serde_json::json!({
+        "_id": {"$oid": "5f7c8ec7c33c6c004bbafe82"}, "email": "ada@example.com",
+        "email_verified": true, "passwordHash": bcrypt,
+        "password_set_date": {"$date": "2020-05-12T09:34:12.123Z"}, "tenant": "acme",
+        "connection": "Username-Password-Authentication", "_tmp_is_unique": true,
+    });
+    std::fs::write(&passwords, format!("{line}\n")).unwrap();
+    let upsert = ["--mode", "upsert", "--match-on", "external-id"];
+    let (code, err, _) = import_from(&app, &passwords, "auth0", &upsert).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("0 created, 1 updated"), "{err}");
     assert!(signs_in(&app, "ada@example.com", LEGACY_PASSWORD).await);
     // Her Auth0 database identity is her password, not a linked account.
     let ids = crate::identities::identities_of(&mut app.identities(), &ada.id).await;
