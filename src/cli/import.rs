@@ -15,11 +15,10 @@ use std::sync::mpsc as std_mpsc;
 
 use anyhow::{Context, bail};
 use clap::ValueEnum as _;
+use serde::de::{DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-
-use serde::de::{DeserializeSeed, Deserializer, Error as _, IgnoredAny, MapAccess, SeqAccess};
 
 use super::records::{self, Format};
 use super::remote::{Progress, ServerArgs};
@@ -46,7 +45,7 @@ pub enum InputFormat {
     /// One JSON object per line.
     Jsonl,
     /// One JSON document: an array of records, or an object with a `users` array (Firebase's
-    /// and Keycloak's exports), read as a stream.
+    /// and Keycloak's exports; Cognito's `Users`), read as a stream.
     Json,
     /// A header row, then one record per row.
     Csv,
