@@ -88,7 +88,7 @@ fn origin(v: &mut Violations, ip: &str, user_agent: &str) -> Origin {
 }
 
 /// An optional authenticator name: trimmed, at most 256 printable characters.
-fn optional_name(v: &mut Violations, field: &str, raw: &str) -> Option<String> {
+pub(crate) fn optional_name(v: &mut Violations, field: &str, raw: &str) -> Option<String> {
     let t = raw.trim();
     if t.chars().count() > MAX_NAME_CHARS || t.chars().any(char::is_control) {
         v.add(

@@ -33,6 +33,11 @@ pub struct ExportArgs {
     /// them: a JSON array per user (JSON text in a CSV cell).
     #[arg(long)]
     pub include_identities: bool,
+    /// Include second factors with their secrets (TOTP seeds, recovery-code hashes) and OTP
+    /// channels (the key needs authenticators.read and users.export_secrets), as `roster
+    /// import` reads them: a JSON array per user. Passkeys are not included.
+    #[arg(long)]
+    pub include_authenticators: bool,
     /// Write here instead of standard output.
     #[arg(short = 'o', long)]
     pub output: Option<PathBuf>,
@@ -59,6 +64,9 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     if args.include_identities {
         columns.push("identities".into());
     }
+    if args.include_authenticators {
+        columns.push("authenticators".into());
+    }
     // The total, for the progress bar; a key without users.read just gets no ETA.
     let total = users
         .list_users(pb::ListUsersRequest {
@@ -77,6 +85,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         }),
         include_password_hashes: args.include_password_hashes,
         include_identities: args.include_identities,
+        include_authenticators: args.include_authenticators,
     };
     // A server running its limit of exports says when to try again: wait (a scheduled
     // backup should not fail because another one is running), for a while.

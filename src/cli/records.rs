@@ -113,6 +113,8 @@ pub fn export_json(m: &pb::ExportUsersResponse, columns: &[String]) -> Map<Strin
             text(&m.password_hash)
         } else if c == "identities" {
             identities_json(&m.identities)
+        } else if c == "authenticators" {
+            authenticators_json(&m.authenticators)
         } else {
             field_value(u, c)
         };
@@ -146,6 +148,100 @@ fn identities_json(list: &[pb::ImportIdentity]) -> Value {
             })
             .collect(),
     )
+}
+
+/// Exported second factors in the shape `authenticators` takes them on import (null when
+/// none): the type without its prefix, bytes in standard base64.
+fn authenticators_json(list: &[pb::ImportAuthenticator]) -> Value {
+    use base64::Engine as _;
+    if list.is_empty() {
+        return Value::Null;
+    }
+    let b64 = |b: &[u8]| Value::String(base64::engine::general_purpose::STANDARD.encode(b));
+    Value::Array(
+        list.iter()
+            .map(|a| {
+                let mut o = Map::new();
+                o.insert("type".into(), authenticator_name(a.r#type));
+                if !a.name.is_empty() {
+                    o.insert("name".into(), text(&a.name));
+                }
+                if a.is_default {
+                    o.insert("is_default".into(), Value::Bool(true));
+                }
+                o.insert("created_at".into(), time_text(&a.created_at));
+                if !a.totp_secret.is_empty() {
+                    o.insert("totp_secret".into(), b64(&a.totp_secret));
+                }
+                if !a.recovery_code_hashes.is_empty() {
+                    let hashes = a.recovery_code_hashes.iter().map(|h| b64(h)).collect();
+                    o.insert("recovery_code_hashes".into(), Value::Array(hashes));
+                }
+                for (k, v) in [("email", &a.email), ("phone_number", &a.phone_number)] {
+                    if !v.is_empty() {
+                        o.insert(k.into(), text(v));
+                    }
+                }
+                Value::Object(o)
+            })
+            .collect(),
+    )
+}
+
+/// The `authenticators` of a record: as export writes them (JSON text in CSV).
+fn authenticators(v: Value) -> Result<Vec<pb::ImportAuthenticator>, String> {
+    use base64::Engine as _;
+    let list = match as_json("authenticators", v)? {
+        Value::Null => return Ok(vec![]),
+        Value::Array(a) => a,
+        _ => return Err("authenticators: must be an array".into()),
+    };
+    let b64 = |f: &str, v: &Value| {
+        let t = v
+            .as_str()
+            .ok_or_else(|| format!("{f}: must be base64 text"))?;
+        base64::engine::general_purpose::STANDARD
+            .decode(t)
+            .map_err(|_| format!("{f}: is not base64"))
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, item) in list.into_iter().enumerate() {
+        let Value::Object(obj) = item else {
+            return Err(format!("authenticators[{i}]: must be an object"));
+        };
+        let mut a = pb::ImportAuthenticator::default();
+        for (k, v) in obj {
+            let f = format!("authenticators[{i}].{k}");
+            match k.as_str() {
+                "type" => {
+                    let name = as_text(&f, v)?.unwrap_or_default();
+                    let name = name.strip_prefix("AUTHENTICATOR_TYPE_").unwrap_or(&name);
+                    a.r#type =
+                        pb::AuthenticatorType::from_str_name(&format!("AUTHENTICATOR_TYPE_{name}"))
+                            .ok_or_else(|| format!("{f}: unknown type '{name}'"))?
+                            as i32;
+                }
+                "name" => a.name = as_text(&f, v)?.unwrap_or_default(),
+                "is_default" => a.is_default = as_bool(&f, v)?,
+                "created_at" => a.created_at = as_time(&f, v)?,
+                "totp_secret" => a.totp_secret = b64(&f, &v)?,
+                "recovery_code_hashes" => {
+                    let Value::Array(hashes) = v else {
+                        return Err(format!("{f}: must be an array"));
+                    };
+                    a.recovery_code_hashes = hashes
+                        .iter()
+                        .map(|h| b64(&f, h))
+                        .collect::<Result<_, _>>()?;
+                }
+                "email" => a.email = as_text(&f, v)?.unwrap_or_default(),
+                "phone_number" => a.phone_number = as_text(&f, v)?.unwrap_or_default(),
+                _ => return Err(format!("{f}: unknown field")),
+            }
+        }
+        out.push(a);
+    }
+    Ok(out)
 }
 
 /// A JSON value as a CSV cell: strings as they are, objects and arrays as JSON text.
@@ -273,6 +369,7 @@ pub fn import_record(obj: Map<String, Value>) -> Result<pb::ImportRecord, String
             "require_password_change" => r.require_password_change = as_bool(&k, v)?,
             "status" => status = s(v)?.trim_start_matches("USER_STATUS_").to_string(),
             "identities" => r.identities = identities(v)?,
+            "authenticators" => r.authenticators = authenticators(v)?,
             // Output-only fields an export writes (id, status, created_at are read above).
             other if other.starts_with('_') || OUTPUT_ONLY.contains(&other) => {}
             other => return Err(format!("unknown field '{other}'")),
@@ -348,6 +445,38 @@ mod tests {
     }
 
     #[test]
+    fn authenticators_read_as_export_writes_them() {
+        let r = import_record(obj(json!({
+            "email": "a@x.io",
+            "authenticators": [{"type": "TOTP", "totp_secret": "c2VlZHNlZWRzZWVk", "is_default": true},
+                               {"type": "AUTHENTICATOR_TYPE_RECOVERY_CODES",
+                                "recovery_code_hashes": ["AAAA"]}],
+        })))
+        .unwrap();
+        assert_eq!(r.authenticators[0].totp_secret, b"seedseedseed");
+        assert!(r.authenticators[0].is_default);
+        assert_eq!(r.authenticators[1].recovery_code_hashes, [vec![0u8, 0, 0]]);
+        for (bad, says) in [
+            (
+                json!([{"type": "FINGERPRINT"}]),
+                "unknown type 'FINGERPRINT'",
+            ),
+            (
+                json!([{"type": "TOTP", "totp_secret": "not base64!"}]),
+                "is not base64",
+            ),
+            (
+                json!([{"type": "TOTP", "seed": "AAAA"}]),
+                "authenticators[0].seed: unknown field",
+            ),
+            (json!({"type": "TOTP"}), "must be an array"),
+        ] {
+            let e = import_record(obj(json!({"authenticators": bad.clone()}))).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let e = import_record(obj(json!({"emial": "a@x.io"}))).unwrap_err();
         assert_eq!(e, "unknown field 'emial'");
@@ -371,6 +500,7 @@ mod tests {
             }),
             password_hash: String::new(),
             identities: vec![],
+            authenticators: vec![],
         };
         let cols: Vec<String> = [
             "id",

@@ -20,12 +20,13 @@ use uuid::Uuid;
 
 use super::grpc::{id_field, profile_from_proto, user_to_proto};
 use super::import::{
-    self, Batch, Batcher, Entry, ImportIdentity, ImportOptions, ImportRecord, MatchOn, Mode,
-    Outcome,
+    self, Batch, Batcher, CarriedFactor, Entry, ImportIdentity, ImportOptions, ImportRecord,
+    MatchOn, Mode, Outcome,
 };
 use super::{USER_FIELDS, UserStatus, has_identifier, validate_profile};
 use crate::auth::Caller;
 use crate::crypto;
+use crate::crypto::seal::Sealer;
 use crate::error::{Error, Violations};
 use crate::identities;
 use crate::pb::v1 as pb;
@@ -107,6 +108,7 @@ pub fn import_options(o: &pb::ImportOptions) -> Result<ImportOptions, Error> {
         match_on,
         dry_run: o.dry_run,
         password_history: 0,
+        can_seal: false,
     })
 }
 
@@ -190,6 +192,7 @@ pub fn record_from_proto(
     };
     let created_at = past("record.created_at", &r.created_at);
     let last_login_at = past("record.last_login_at", &r.last_login_at);
+    let factors = factors_from_proto(&r.authenticators, &mut v);
     let status = match (r.pending, r.blocked, r.deactivated) {
         (false, false, false) => UserStatus::Active,
         (true, false, false) => UserStatus::PendingVerification,
@@ -227,7 +230,142 @@ pub fn record_from_proto(
         identities: ids,
         created_at,
         last_login_at,
+        factors,
     })
+    .and_then(|record| {
+        if !options.can_seal && record.factors.iter().any(|f| f.totp_secret.is_some()) {
+            return Err(Error::FailedPrecondition {
+                reason: "ENCRYPTION_NOT_CONFIGURED",
+                message: "TOTP seeds need ROSTER_ENCRYPTION_KEYS to be configured".into(),
+            });
+        }
+        Ok(record)
+    })
+}
+
+/// Validates a record's second factors under `record.authenticators[i]`: kinds that can be
+/// carried, each with only its own data and that bounded, the singletons once, one default.
+fn factors_from_proto(list: &[pb::ImportAuthenticator], v: &mut Violations) -> Vec<CarriedFactor> {
+    use crate::authenticators::Kind;
+    if list.len() > import::MAX_FACTORS {
+        v.add(
+            "record.authenticators",
+            format!("at most {} authenticators per user", import::MAX_FACTORS),
+        );
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, a) in list.iter().take(import::MAX_FACTORS).enumerate() {
+        let f = |name: &str| format!("record.authenticators[{i}].{name}");
+        let kind = match pb::AuthenticatorType::try_from(a.r#type) {
+            Ok(pb::AuthenticatorType::Totp) => Kind::Totp,
+            Ok(pb::AuthenticatorType::RecoveryCodes) => Kind::RecoveryCodes,
+            Ok(pb::AuthenticatorType::EmailOtp) => Kind::EmailOtp,
+            Ok(pb::AuthenticatorType::SmsOtp) => Kind::SmsOtp,
+            _ => {
+                v.add(
+                    f("type"),
+                    "must be TOTP, RECOVERY_CODES, EMAIL_OTP or SMS_OTP (passkeys are not carried)",
+                );
+                continue;
+            }
+        };
+        let name = crate::authenticators::grpc::optional_name(v, &f("name"), &a.name);
+        // Each kind's own data, and none of the others'.
+        let totp = kind == Kind::Totp;
+        if totp == a.totp_secret.is_empty() {
+            v.add(f("totp_secret"), "is required for TOTP and only for TOTP");
+        } else if totp && !(10..=64).contains(&a.totp_secret.len()) {
+            v.add(f("totp_secret"), "must be 10..=64 bytes");
+        }
+        let codes = kind == Kind::RecoveryCodes;
+        if codes == a.recovery_code_hashes.is_empty() {
+            v.add(
+                f("recovery_code_hashes"),
+                "are required for RECOVERY_CODES and only for them",
+            );
+        } else if codes
+            && (a.recovery_code_hashes.len() > crate::authenticators::recovery::CODES_PER_SET
+                || a.recovery_code_hashes.iter().any(|h| h.len() != 32))
+        {
+            v.add(
+                f("recovery_code_hashes"),
+                format!(
+                    "must be at most {} SHA-256 hashes of 32 bytes",
+                    crate::authenticators::recovery::CODES_PER_SET
+                ),
+            );
+        }
+        let email = Some(a.email.trim().to_string()).filter(|e| !e.is_empty());
+        match (&email, kind == Kind::EmailOtp) {
+            (Some(e), true) => {
+                if let Err(m) = super::check_email(e) {
+                    v.add(f("email"), m);
+                }
+            }
+            (None, false) => {}
+            _ => v.add(f("email"), "is required for EMAIL_OTP and only for it"),
+        }
+        let phone = Some(a.phone_number.trim().to_string()).filter(|p| !p.is_empty());
+        match (&phone, kind == Kind::SmsOtp) {
+            (Some(p), true) => {
+                if let Err(m) = super::check_phone(p) {
+                    v.add(f("phone_number"), m);
+                }
+            }
+            (None, false) => {}
+            _ => v.add(f("phone_number"), "is required for SMS_OTP and only for it"),
+        }
+        if a.is_default && !kind.can_be_default() {
+            v.add(
+                f("is_default"),
+                "recovery codes cannot be the default factor",
+            );
+        }
+        let created_at = a.created_at.as_ref().and_then(|t| {
+            let parsed = wire::from_timestamp(t)
+                .filter(|t| t.timestamp() >= 0 && *t <= Utc::now() + chrono::Duration::days(1));
+            if parsed.is_none() {
+                v.add(f("created_at"), "must be a valid time between 1970 and now");
+            }
+            parsed
+        });
+        out.push(CarriedFactor {
+            kind,
+            name,
+            is_default: a.is_default,
+            created_at,
+            totp_secret: totp.then(|| a.totp_secret.clone()),
+            recovery_code_hashes: a.recovery_code_hashes.clone(),
+            email,
+            phone_number: phone,
+        });
+    }
+    for kind in [Kind::RecoveryCodes, Kind::EmailOtp, Kind::SmsOtp] {
+        if out.iter().filter(|f| f.kind == kind).count() > 1 {
+            v.add(
+                "record.authenticators",
+                format!("a user has at most one {}", kind.as_str()),
+            );
+        }
+    }
+    if out.iter().filter(|f| f.is_default).count() > 1 {
+        v.add("record.authenticators", "at most one is_default");
+    }
+    out
+}
+
+/// A carried factor as the proto says it.
+pub fn factor_to_proto(f: CarriedFactor) -> pb::ImportAuthenticator {
+    pb::ImportAuthenticator {
+        r#type: f.kind as i32,
+        name: f.name.unwrap_or_default(),
+        is_default: f.is_default,
+        created_at: f.created_at.map(wire::timestamp),
+        totp_secret: f.totp_secret.unwrap_or_default(),
+        recovery_code_hashes: f.recovery_code_hashes,
+        email: f.email.unwrap_or_default(),
+        phone_number: f.phone_number.unwrap_or_default(),
+    }
 }
 
 fn identity_from_proto(x: &pb::ImportIdentity, prefix: &str, v: &mut Violations) -> ImportIdentity {
@@ -311,6 +449,7 @@ pub fn run_import(
     pool: crate::db::Pool,
     caller: Caller,
     password_history: u32,
+    sealer: Option<std::sync::Arc<Sealer>>,
 ) -> ImportStream {
     // Room for two batches of results: the writer never waits on a reader keeping up.
     let (out_tx, out_rx) = mpsc::channel(2 * import::BATCH_RECORDS);
@@ -322,11 +461,12 @@ pub fn run_import(
             Ok(options) => {
                 let options = ImportOptions {
                     password_history,
+                    can_seal: sealer.is_some(),
                     ..options
                 };
                 let (batch_tx, batch_rx) = mpsc::channel(1);
                 tokio::spawn(read_records(inbound, options, batch_tx));
-                write_batches(pool, caller, options, batch_rx, out_tx).await;
+                write_batches(pool, caller, options, sealer, batch_rx, out_tx).await;
             }
         }
     });
@@ -429,18 +569,20 @@ async fn write_one(
     pool: crate::db::Pool,
     caller: Caller,
     options: ImportOptions,
+    sealer: Option<std::sync::Arc<Sealer>>,
     batch: Batch,
 ) -> crate::error::Result<Vec<(i64, Outcome)>> {
     // A connection per batch, not per stream: an idle stream holds none.
     let mut client = crate::db::client(&pool).await?;
     import::prepare(&client).await?;
-    import::write_batch(&mut client, &caller, &options, batch).await
+    import::write_batch(&mut client, &caller, &options, sealer.as_deref(), batch).await
 }
 
 async fn write_batches(
     pool: crate::db::Pool,
     caller: Caller,
     options: ImportOptions,
+    sealer: Option<std::sync::Arc<Sealer>>,
     mut batches: mpsc::Receiver<Result<Batch, Status>>,
     out: mpsc::Sender<Result<pb::ImportUsersResponse, Status>>,
 ) {
@@ -456,7 +598,13 @@ async fn write_batches(
                 if out.is_closed() {
                     return;
                 }
-                running.push_back(write_one(pool.clone(), caller.clone(), options, b));
+                running.push_back(write_one(
+                    pool.clone(),
+                    caller.clone(),
+                    options,
+                    sealer.clone(),
+                    b,
+                ));
             } else {
                 waiting = Some(b);
             }
@@ -607,6 +755,7 @@ pub fn export_stream(
                     }),
                     password_hash: x.password_hash.unwrap_or_default(),
                     identities: x.identities.into_iter().map(identity_to_proto).collect(),
+                    authenticators: x.factors.into_iter().map(factor_to_proto).collect(),
                 })
             })
             .collect();

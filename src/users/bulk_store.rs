@@ -13,9 +13,11 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, ToSql, Type};
 use uuid::Uuid;
 
-use super::import::ImportIdentity;
+use super::import::{CarriedFactor, ImportIdentity};
 use super::store::{USER_COLUMNS, filter_field};
 use super::{Profile, UserStatus};
+use crate::authenticators::Kind;
+use crate::crypto::seal::Sealer;
 use crate::error::{Error, Result};
 use crate::query::filter::Expr;
 use crate::query::sql::{self, Sql};
@@ -440,6 +442,148 @@ pub async fn insert_identities(
         .collect())
 }
 
+/// Enrolls each created user's carried factors, confirmed: one INSERT for the authenticators
+/// (TOTP seeds sealed under this server's key, bound to their new ids), one for the recovery
+/// codes. A user's default is the factor marked so, else its oldest that can be one (as
+/// `ensure_default` picks).
+pub async fn insert_factors(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    sealer: Option<&Sealer>,
+    users: &[(Uuid, &[CarriedFactor])],
+) -> Result<()> {
+    let now = Utc::now();
+    let (mut ids, mut user_ids, mut kinds, mut names, mut defaults) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut created, mut seeds, mut emails, mut phones) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut code_owners, mut code_hashes) = (Vec::new(), Vec::new());
+    for (user_id, factors) in users {
+        let marked = factors.iter().position(|f| f.is_default);
+        let default = marked.or_else(|| {
+            (0..factors.len())
+                .filter(|&i| factors[i].kind.can_be_default())
+                .min_by_key(|&i| (factors[i].created_at.unwrap_or(now), i))
+        });
+        for (i, f) in factors.iter().enumerate() {
+            let id = Uuid::now_v7();
+            let sealed = match &f.totp_secret {
+                Some(seed) => {
+                    let sealer = sealer.ok_or_else(|| Error::FailedPrecondition {
+                        reason: "ENCRYPTION_NOT_CONFIGURED",
+                        message: "TOTP seeds need ROSTER_ENCRYPTION_KEYS to be configured".into(),
+                    })?;
+                    let context = crate::authenticators::totp::seal_context(project_id, id);
+                    Some(sealer.seal(seed, &context).map_err(Error::internal)?)
+                }
+                None => None,
+            };
+            if f.kind == Kind::RecoveryCodes {
+                for h in &f.recovery_code_hashes {
+                    code_owners.push(id);
+                    code_hashes.push(h.clone());
+                }
+            }
+            ids.push(id);
+            user_ids.push(*user_id);
+            kinds.push(f.kind as i16);
+            names.push(f.name.clone());
+            defaults.push(Some(i) == default);
+            created.push(f.created_at.unwrap_or(now));
+            seeds.push(sealed);
+            emails.push(f.email.clone());
+            phones.push(f.phone_number.clone());
+        }
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO authenticators (project_id, id, user_id, type, name, confirmed,
+                is_default, created_at, totp_secret, email, phone_number)
+             SELECT $1, id, user_id, type, name, true, is_default, created_at, totp_secret,
+                email, phone_number
+             FROM unnest($2::uuid[], $3::uuid[], $4::int2[], $5::text[], $6::bool[],
+                         $7::timestamptz[], $8::bytea[], $9::text[], $10::text[])
+                AS f(id, user_id, type, name, is_default, created_at, totp_secret, email,
+                     phone_number)",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[
+            &project_id,
+            &ids,
+            &user_ids,
+            &kinds,
+            &names,
+            &defaults,
+            &created,
+            &seeds,
+            &emails,
+            &phones,
+        ],
+    )
+    .await?;
+    if !code_owners.is_empty() {
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO recovery_codes (project_id, authenticator_id, code_hash)
+                 SELECT $1, a, h FROM unnest($2::uuid[], $3::bytea[]) AS c(a, h)",
+            )
+            .await?;
+        tx.execute(&stmt, &[&project_id, &code_owners, &code_hashes])
+            .await?;
+    }
+    Ok(())
+}
+
+/// The confirmed second factors of `users` that an export carries (TOTP with its seed still
+/// sealed, each set of recovery codes with the hashes of its unused codes, OTP channels),
+/// each user's oldest first, with their ids (the seal is bound to them). Passkeys are left
+/// out, and so is a set of recovery codes all spent.
+pub async fn factors_of(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    users: &[Uuid],
+) -> Result<HashMap<Uuid, Vec<(Uuid, CarriedFactor)>>> {
+    let stmt = tx
+        .prepare_cached(
+            "SELECT a.user_id, a.id, a.type, a.name, a.is_default, a.created_at, a.totp_secret,
+                a.email, a.phone_number,
+                ARRAY(SELECT c.code_hash FROM recovery_codes c
+                      WHERE c.project_id = a.project_id AND c.authenticator_id = a.id
+                        AND c.used_at IS NULL ORDER BY c.code_hash)
+             FROM authenticators a
+             WHERE a.project_id = $1 AND a.user_id = ANY($2) AND a.confirmed
+               AND a.type IN (2, 4, 5, 6)
+             ORDER BY a.user_id, a.created_at, a.id",
+        )
+        .await?;
+    let mut out: HashMap<Uuid, Vec<(Uuid, CarriedFactor)>> = HashMap::new();
+    for r in tx.query(&stmt, &[&project_id, &users]).await? {
+        let Some(kind) = Kind::from_i16(r.get(2)) else {
+            continue;
+        };
+        let codes: Vec<Vec<u8>> = r.get(9);
+        if kind == Kind::RecoveryCodes && codes.is_empty() {
+            continue;
+        }
+        out.entry(r.get(0)).or_default().push((
+            r.get(1),
+            CarriedFactor {
+                kind,
+                name: r.get(3),
+                is_default: r.get(4),
+                created_at: Some(r.get(5)),
+                totp_secret: r.get(6),
+                recovery_code_hashes: codes,
+                email: r.get(7),
+                phone_number: r.get(8),
+            },
+        ));
+    }
+    Ok(out)
+}
+
 // ---- export ----
 
 /// What an export reads.
@@ -447,6 +591,8 @@ pub struct ExportSpec {
     pub filter: Option<Expr>,
     /// Read each chunk's linked identities too (one query per chunk).
     pub with_identities: bool,
+    /// Read each chunk's second factors too (one query per chunk), opening TOTP seeds.
+    pub with_factors: bool,
     pub with_password_hash: bool,
 }
 

@@ -334,6 +334,7 @@ impl UserService for UserApi {
             self.state.pool.clone(),
             caller,
             history,
+            self.state.sealer.clone(),
         )))
     }
 
@@ -357,9 +358,15 @@ impl UserService for UserApi {
         if req.include_identities {
             caller.require(Scope::IdentitiesRead)?;
         }
+        if req.include_authenticators {
+            // TOTP seeds are secrets as much as password hashes are.
+            caller.require(Scope::AuthenticatorsRead)?;
+            caller.require(Scope::UsersExportSecrets)?;
+        }
         let spec = super::bulk_store::ExportSpec {
             filter,
             with_identities: req.include_identities,
+            with_factors: req.include_authenticators,
             with_password_hash: req.include_password_hashes,
         };
         let data = serde_json::json!({
@@ -367,6 +374,7 @@ impl UserService for UserApi {
             "fields": fields.clone().unwrap_or_else(|| vec!["*"]),
             "include_password_hashes": req.include_password_hashes,
             "include_identities": req.include_identities,
+            "include_authenticators": req.include_authenticators,
         });
         let slot = self.state.exports.slot()?;
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
@@ -375,6 +383,7 @@ impl UserService for UserApi {
             self.state.pool.clone(),
             caller,
             spec,
+            self.state.sealer.clone(),
             data,
             ops::ExportOut {
                 chunks: tx,

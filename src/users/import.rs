@@ -21,6 +21,8 @@ use uuid::Uuid;
 use super::Profile;
 use super::bulk_store::{self, Clash, StagedIdentity, StagedUser};
 use crate::auth::Caller;
+use crate::authenticators::Kind;
+use crate::crypto::seal::Sealer;
 use crate::db::Client;
 use crate::error::{Error, Result};
 use crate::events::{EventContext, EventType, NewEvent, store as events};
@@ -66,6 +68,9 @@ pub struct ImportOptions {
     /// The project's `--password-history`: an UPSERT that replaces a user's hash files the
     /// old one as SetPassword does, so the history keeps covering the passwords it replaced.
     pub password_history: u32,
+    /// Whether the server can seal TOTP seeds (ROSTER_ENCRYPTION_KEYS is set); a record
+    /// carrying one fails otherwise.
+    pub can_seal: bool,
 }
 
 /// A linked identity to create with an imported user.
@@ -76,6 +81,34 @@ pub struct ImportIdentity {
     pub connection: Option<String>,
     pub email: Option<String>,
     pub profile: Map<String, Value>,
+}
+
+/// Most second factors a record carries (the per-user bound of enrolments).
+pub const MAX_FACTORS: usize = crate::authenticators::factors::MAX_PER_USER as usize;
+
+/// A second factor carried by export and import. The TOTP seed is in clear here: opened from
+/// the source's seal on export, sealed again under the target's key and ids on import; so
+/// this type's `Debug` leaves it out.
+#[derive(Clone)]
+pub struct CarriedFactor {
+    pub kind: Kind,
+    pub name: Option<String>,
+    pub is_default: bool,
+    pub created_at: Option<DateTime<Utc>>,
+    pub totp_secret: Option<Vec<u8>>,
+    pub recovery_code_hashes: Vec<Vec<u8>>,
+    pub email: Option<String>,
+    pub phone_number: Option<String>,
+}
+
+impl std::fmt::Debug for CarriedFactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CarriedFactor")
+            .field("kind", &self.kind)
+            .field("name", &self.name)
+            .field("is_default", &self.is_default)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A validated record.
@@ -95,6 +128,8 @@ pub struct ImportRecord {
     pub identities: Vec<ImportIdentity>,
     pub created_at: Option<DateTime<Utc>>,
     pub last_login_at: Option<DateTime<Utc>>,
+    /// Second factors to enroll when the record creates its user.
+    pub factors: Vec<CarriedFactor>,
 }
 
 /// What became of one record.
@@ -292,6 +327,7 @@ pub async fn write_batch(
     client: &mut Client,
     caller: &Caller,
     options: &ImportOptions,
+    sealer: Option<&Sealer>,
     batch: Batch,
 ) -> Result<Vec<(i64, Outcome)>> {
     let mut outcomes: Vec<(i64, Option<Outcome>)> = Vec::with_capacity(batch.entries.len());
@@ -306,7 +342,7 @@ pub async fn write_batch(
         }
     }
     if !valid.is_empty() {
-        let written = write_valid(client, caller, options, &valid).await?;
+        let written = write_valid(client, caller, options, sealer, &valid).await?;
         for ((slot, _), outcome) in valid.iter().zip(written) {
             outcomes[*slot].1 = Some(outcome);
         }
@@ -328,6 +364,7 @@ async fn write_valid(
     client: &mut Client,
     caller: &Caller,
     options: &ImportOptions,
+    sealer: Option<&Sealer>,
     records: &[(usize, ImportRecord)],
 ) -> Result<Vec<Outcome>> {
     let project = caller.project_id;
@@ -386,6 +423,18 @@ async fn write_valid(
             Err(e) => return Err(e),
         }
     };
+    // Created users' second factors (an UPSERT leaves a matched user's alone).
+    let with_factors: Vec<(Uuid, &[CarriedFactor])> = records
+        .iter()
+        .zip(&outcomes)
+        .filter_map(|((_, r), (o, _))| match o {
+            Outcome::Created(id) if !r.factors.is_empty() => Some((*id, r.factors.as_slice())),
+            _ => None,
+        })
+        .collect();
+    if !with_factors.is_empty() {
+        bulk_store::insert_factors(&tx, project, sealer, &with_factors).await?;
+    }
     let ctx = EventContext::from_caller(caller);
     let mut new_events = Vec::new();
     for ((_, r), (o, changed)) in records.iter().zip(&outcomes) {
@@ -409,6 +458,10 @@ async fn write_valid(
         }
         if r.require_password_change {
             data["require_password_change"] = json!(true);
+        }
+        if outcome == "CREATED" && !r.factors.is_empty() {
+            let kinds: Vec<&str> = r.factors.iter().map(|f| f.kind.as_str()).collect();
+            data["authenticators"] = json!(kinds);
         }
         new_events.push(NewEvent::for_user(EventType::UserImported, id, data));
     }
@@ -527,6 +580,7 @@ mod tests {
             identities: vec![],
             created_at: None,
             last_login_at: None,
+            factors: vec![],
         }
     }
 
@@ -566,6 +620,7 @@ mod tests {
             match_on: MatchOn::Email,
             dry_run: false,
             password_history: 0,
+            can_seal: true,
         };
         let r = record("a@x.io");
         let (u, other) = (Uuid::now_v7(), Uuid::now_v7());

@@ -570,11 +570,13 @@ pub async fn confirm_contact_verification(
     Ok((result, user))
 }
 
-/// One exported user, with its password hash and identities when those were asked for.
+/// One exported user, with its password hash, identities and second factors when those
+/// were asked for.
 pub struct Exported {
     pub user: User,
     pub password_hash: Option<String>,
     pub identities: Vec<super::import::ImportIdentity>,
+    pub factors: Vec<super::import::CarriedFactor>,
 }
 
 /// Where an export goes: its chunks, then its outcome; `stall` bounds the wait for a client
@@ -597,6 +599,7 @@ pub async fn export_users(
     pool: Pool,
     caller: Caller,
     spec: bulk_store::ExportSpec,
+    sealer: Option<std::sync::Arc<crate::crypto::seal::Sealer>>,
     data: Value,
     out: ExportOut,
 ) {
@@ -635,9 +638,15 @@ pub async fn export_users(
         loop {
             let rows = tx.query_portal(&portal, bulk_store::EXPORT_CHUNK).await?;
             let last = rows.len() < bulk_store::EXPORT_CHUNK as usize;
+            let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
             let mut identities = if spec.with_identities && !rows.is_empty() {
-                let ids: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
                 bulk_store::identities_of(&tx, caller.project_id, &ids).await?
+            } else {
+                Default::default()
+            };
+            let mut factors = if spec.with_factors && !rows.is_empty() {
+                let stored = bulk_store::factors_of(&tx, caller.project_id, &ids).await?;
+                open_seeds(stored, caller.project_id, sealer.as_deref())?
             } else {
                 Default::default()
             };
@@ -647,6 +656,7 @@ pub async fn export_users(
                     let user = store::user_from_row(r);
                     Exported {
                         identities: identities.remove(&user.id).unwrap_or_default(),
+                        factors: factors.remove(&user.id).unwrap_or_default(),
                         password_hash: r.get(store::USER_COLUMN_COUNT),
                         user,
                     }
@@ -666,6 +676,40 @@ pub async fn export_users(
     let outcome = run.await;
     drop(slot);
     let _ = end.send(outcome);
+}
+
+/// The exported factors with their TOTP seeds opened (each bound to its project and id), for
+/// the export's client to seal again wherever it imports them.
+fn open_seeds(
+    stored: std::collections::HashMap<Uuid, Vec<(Uuid, super::import::CarriedFactor)>>,
+    project_id: Uuid,
+    sealer: Option<&crate::crypto::seal::Sealer>,
+) -> Result<std::collections::HashMap<Uuid, Vec<super::import::CarriedFactor>>> {
+    let mut out = std::collections::HashMap::with_capacity(stored.len());
+    for (user, factors) in stored {
+        let mut opened = Vec::with_capacity(factors.len());
+        for (id, mut f) in factors {
+            if let Some(sealed) = f.totp_secret.take() {
+                let sealer = sealer.ok_or_else(|| Error::FailedPrecondition {
+                    reason: "ENCRYPTION_NOT_CONFIGURED",
+                    message: "TOTP seeds need ROSTER_ENCRYPTION_KEYS to be configured".into(),
+                })?;
+                let context = crate::authenticators::totp::seal_context(project_id, id);
+                let seed = sealer.open(&sealed, &context).map_err(|e| {
+                    tracing::warn!(error = %e, authenticator = %id, "TOTP seed cannot be opened");
+                    Error::FailedPrecondition {
+                        reason: "SECRET_UNREADABLE",
+                        message: "a stored TOTP seed cannot be decrypted with the configured keys"
+                            .into(),
+                    }
+                })?;
+                f.totp_secret = Some(seed);
+            }
+            opened.push(f);
+        }
+        out.insert(user, opened);
+    }
+    Ok(out)
 }
 
 /// Hands `chunk` to the client's stream: false when the client went away; EXPORT_STALLED

@@ -790,6 +790,29 @@ pub fn rich_user(i: usize) -> pb::ImportRecord {
             seconds: 1_700_000_000 + i as i64,
             nanos: 0,
         }),
+        // A TOTP seed on every third, recovery codes on every fourth, an email channel on
+        // every fifth.
+        authenticators: [
+            (i.is_multiple_of(3)).then(|| pb::ImportAuthenticator {
+                r#type: pb::AuthenticatorType::Totp as i32,
+                name: format!("Phone {i}"),
+                totp_secret: vec![i as u8; 20],
+                ..Default::default()
+            }),
+            (i % 4 == 1).then(|| pb::ImportAuthenticator {
+                r#type: pb::AuthenticatorType::RecoveryCodes as i32,
+                recovery_code_hashes: (0..3u8).map(|k| vec![k ^ i as u8; 32]).collect(),
+                ..Default::default()
+            }),
+            (i % 5 == 2).then(|| pb::ImportAuthenticator {
+                r#type: pb::AuthenticatorType::EmailOtp as i32,
+                email: format!("rich{i}@example.com"),
+                ..Default::default()
+            }),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
     }
 }
 
@@ -807,6 +830,7 @@ pub fn record_of(m: &pb::ExportUsersResponse) -> pb::ImportRecord {
         require_password_change: u.require_password_change,
         created_at: u.created_at,
         last_login_at: u.last_login_at,
+        authenticators: m.authenticators.clone(),
         user: Some(pb::User {
             external_id: u.external_id,
             email: u.email,
@@ -845,9 +869,15 @@ async fn export_round_trips_into_a_fresh_project() {
     assert!(exported.iter().all(|m| m.identities.is_empty()));
     let all = pb::ExportUsersRequest {
         include_identities: true,
+        include_authenticators: true,
         ..all
     };
     let exported = export_all(&mut users, all.clone()).await.unwrap();
+    let with_totp = exported
+        .iter()
+        .filter(|m| m.authenticators.iter().any(|a| !a.totp_secret.is_empty()))
+        .count();
+    assert_eq!(with_totp, N.div_ceil(3), "every third user's seed");
     let with_identities = exported.iter().filter(|m| !m.identities.is_empty()).count();
     assert_eq!(with_identities, (0..N).filter(|i| i % 3 != 2).count());
     let sample = exported.iter().find(|m| m.identities.len() == 2).unwrap();
@@ -887,6 +917,208 @@ async fn export_round_trips_into_a_fresh_project() {
         .user
         .unwrap();
     assert_eq!(found.id, sample.user.as_ref().unwrap().id);
+}
+
+/// Second factors survive a copy: exported with their secrets (TOTP seed opened, unused
+/// recovery-code hashes, OTP channels; only for a key that may read secrets), imported into
+/// another project, sealed again there: the same authenticator app's code and an unused
+/// recovery code work, the default is kept, a spent code stays spent. Malformed factors fail
+/// their record by field.
+#[tokio::test]
+async fn second_factors_survive_an_export_and_import() {
+    use crate::factors::{code, confirmed_totp, mid_step};
+    use pb::AuthenticatorType as T;
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let ada = pb::User {
+        email_verified: true,
+        ..user_with_email("ada@example.com")
+    };
+    let ada = crate::create(&mut users, ada).await;
+    let (_, seed) = confirmed_totp(&mut authn, &ada.id).await;
+    let codes = authn
+        .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
+            user_id: ada.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .codes;
+    authn
+        .enroll_otp_channel(pb::EnrollOtpChannelRequest {
+            user_id: ada.id.clone(),
+            r#type: T::EmailOtp as i32,
+            name: "Inbox".into(),
+        })
+        .await
+        .unwrap();
+    let verify = |authn: &mut crate::harness::Authenticators, user: &str, kind: T, code: &str| {
+        let mut authn = authn.clone();
+        let req = pb::VerifyFactorRequest {
+            user_id: user.into(),
+            r#type: kind as i32,
+            code: code.into(),
+            ..Default::default()
+        };
+        async move {
+            let r = authn.verify_factor(req).await.unwrap().into_inner();
+            pb::VerifyFactorResult::try_from(r.result).unwrap()
+        }
+    };
+    // One recovery code spent before the copy.
+    let spent = verify(&mut authn, &ada.id, T::RecoveryCodes, &codes[0]).await;
+    assert_eq!(spent, pb::VerifyFactorResult::Ok);
+
+    let all = pb::ExportUsersRequest {
+        include_password_hashes: true,
+        include_authenticators: true,
+        ..Default::default()
+    };
+    // Seeds are secrets: authenticators.read alone is not enough.
+    let token = app.key(&["users.export", "authenticators.read"]).await;
+    let err = export_all(&mut app.users_with(Some(&token)), all.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let exported = export_all(&mut users, all).await.unwrap();
+    let factors = &exported[0].authenticators;
+    let kinds: Vec<i32> = factors.iter().map(|a| a.r#type).collect();
+    assert_eq!(
+        kinds,
+        [T::Totp as i32, T::RecoveryCodes as i32, T::EmailOtp as i32]
+    );
+    assert_eq!(factors[0].totp_secret, seed);
+    assert!(factors[0].is_default);
+    assert_eq!(
+        factors[1].recovery_code_hashes.len(),
+        9,
+        "the spent one is left out"
+    );
+    assert_eq!(factors[2].email, "ada@example.com");
+    assert_eq!(factors[2].name, "Inbox");
+    // The export's event says factors were read; no seed in any event.
+    let exports = app.project_events(&["USERS_EXPORTED"]).await;
+    assert_eq!(exports.last().unwrap().1["include_authenticators"], true);
+
+    let (_, token) = app.other_project().await;
+    let mut other = app.users_with(Some(&token));
+    let records: Vec<_> = exported.iter().map(|m| record(record_of(m))).collect();
+    let (res, summary) = import(&mut other, std::iter::once(create_only()).chain(records))
+        .await
+        .unwrap();
+    assert_eq!(summary.created, 1, "{res:?}");
+    let copy = &res[0].user_id;
+    let listed = app
+        .authenticators_with(Some(&token))
+        .list_authenticators(pb::ListAuthenticatorsRequest {
+            user_id: copy.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticators;
+    let kinds: Vec<(i32, bool)> = listed.iter().map(|a| (a.r#type, a.is_default)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (T::Totp as i32, true),
+            (T::RecoveryCodes as i32, false),
+            (T::EmailOtp as i32, false)
+        ]
+    );
+    let mut other_authn = app.authenticators_with(Some(&token));
+    let now = mid_step().await;
+    let totp = verify(&mut other_authn, copy, T::Totp, &code(&seed, now)).await;
+    assert_eq!(totp, pb::VerifyFactorResult::Ok, "the same app's code");
+    let recovery = verify(&mut other_authn, copy, T::RecoveryCodes, &codes[1]).await;
+    assert_eq!(recovery, pb::VerifyFactorResult::Ok);
+    let again = verify(&mut other_authn, copy, T::RecoveryCodes, &codes[0]).await;
+    assert_ne!(again, pb::VerifyFactorResult::Ok, "spent before the copy");
+    let copied = get(&mut other, copy).await;
+    assert!(copied.enrolled_methods.contains(&(T::Totp as i32)));
+    let imported = app.events_of(copy).await;
+    let data = &imported.iter().find(|e| e.0 == "USER_IMPORTED").unwrap().1;
+    assert_eq!(
+        data["authenticators"],
+        serde_json::json!(["TOTP", "RECOVERY_CODES", "EMAIL_OTP"])
+    );
+    let seed_text = format!("{seed:?}");
+    assert!(
+        !imported
+            .iter()
+            .any(|e| e.1.to_string().contains(&seed_text))
+    );
+
+    // Malformed factors fail their record, each by field.
+    let factor = |f: &dyn Fn(&mut pb::ImportAuthenticator)| {
+        let mut a = pb::ImportAuthenticator {
+            r#type: T::Totp as i32,
+            totp_secret: vec![7; 20],
+            ..Default::default()
+        };
+        f(&mut a);
+        a
+    };
+    let with = |email: &str, factors: Vec<pb::ImportAuthenticator>| {
+        record(pb::ImportRecord {
+            user: Some(user_with_email(email)),
+            authenticators: factors,
+            ..Default::default()
+        })
+    };
+    let requests = vec![
+        create_only(),
+        with(
+            "f1@example.com",
+            vec![factor(&|a| a.r#type = T::Passkey as i32)],
+        ),
+        with(
+            "f2@example.com",
+            vec![factor(&|a| a.totp_secret = vec![1; 5])],
+        ),
+        with(
+            "f3@example.com",
+            vec![factor(&|a| {
+                a.r#type = T::RecoveryCodes as i32;
+                a.totp_secret.clear();
+                a.recovery_code_hashes = vec![vec![0; 31]];
+            })],
+        ),
+        with(
+            "f4@example.com",
+            vec![factor(&|a| {
+                a.r#type = T::SmsOtp as i32;
+                a.totp_secret.clear();
+                a.phone_number = "555-0100".into();
+            })],
+        ),
+        with(
+            "f5@example.com",
+            vec![
+                factor(&|a| a.is_default = true),
+                factor(&|a| a.is_default = true),
+            ],
+        ),
+        with(
+            "f6@example.com",
+            vec![factor(&|a| a.email = "x@example.com".into())],
+        ),
+    ];
+    let (res, summary) = import(&mut users, requests.into_iter()).await.unwrap();
+    assert_eq!(summary.failed, 6, "{res:?}");
+    let fields: Vec<Vec<String>> = res.iter().map(|r| failure(r).2).collect();
+    assert_eq!(
+        fields,
+        [
+            vec!["record.authenticators[0].type"],
+            vec!["record.authenticators[0].totp_secret"],
+            vec!["record.authenticators[0].recovery_code_hashes"],
+            vec!["record.authenticators[0].phone_number"],
+            vec!["record.authenticators"],
+            vec!["record.authenticators[0].email"],
+        ]
+    );
 }
 
 #[tokio::test]
@@ -1175,16 +1407,34 @@ async fn imported_hashes_provider_tokens_and_key_secrets_stay_out_of_logs_and_ev
     let app = TestApp::spawn().await;
     let mut users = app.users();
     let bad_hash = "$argon2id$v=19$m=999999999,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo";
+    let seed = b"totp-seed-secret-0123";
+    let seed_forms = [
+        hex::encode(seed),
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, seed),
+        format!("{:?}", seed.to_vec()),
+        "totp-seed-secret".to_string(),
+    ];
     let requests = vec![
         create_only(),
         record(pb::ImportRecord {
             user: Some(user_with_email("s1@example.com")),
             password_hash: LEGACY_HASHES[0].1.into(),
+            authenticators: vec![pb::ImportAuthenticator {
+                r#type: pb::AuthenticatorType::Totp as i32,
+                totp_secret: seed.to_vec(),
+                ..Default::default()
+            }],
             ..Default::default()
         }),
         record(pb::ImportRecord {
             user: Some(user_with_email("s2@example.com")),
             password_hash: bad_hash.into(),
+            // A good seed on a bad record: refused with the record, and not repeated.
+            authenticators: vec![pb::ImportAuthenticator {
+                r#type: pb::AuthenticatorType::Totp as i32,
+                totp_secret: seed.to_vec(),
+                ..Default::default()
+            }],
             ..Default::default()
         }),
     ];
@@ -1198,6 +1448,7 @@ async fn imported_hashes_provider_tokens_and_key_secrets_stay_out_of_logs_and_ev
         &mut users,
         pb::ExportUsersRequest {
             include_password_hashes: true,
+            include_authenticators: true,
             ..Default::default()
         },
     )
@@ -1207,6 +1458,7 @@ async fn imported_hashes_provider_tokens_and_key_secrets_stay_out_of_logs_and_ev
         exported[0].password_hash, LEGACY_HASHES[0].1,
         "export is the one way out"
     );
+    assert_eq!(exported[0].authenticators[0].totp_secret, seed);
     let (access, refresh) = ("ya29.access-token-secret", "1//refresh-token-secret");
     app.identities()
         .link_identity(pb::LinkIdentityRequest {
@@ -1242,10 +1494,17 @@ async fn imported_hashes_provider_tokens_and_key_secrets_stay_out_of_logs_and_ev
             .collect()
     };
     let events = serde_json::to_string(&events).unwrap();
-    for secret in [LEGACY_HASHES[0].1, bad_hash, access, refresh, key_secret] {
-        assert!(!logged.contains(secret), "a secret in the logs");
-        assert!(!events.contains(secret), "a secret in the events");
-        assert!(!error_text.contains(secret), "a secret in an error");
+    let seeds = seed_forms.iter().map(String::as_str);
+    for secret in [LEGACY_HASHES[0].1, bad_hash, access, refresh, key_secret]
+        .into_iter()
+        .chain(seeds)
+    {
+        assert!(!logged.contains(secret), "a secret in the logs: {secret}");
+        assert!(!events.contains(secret), "a secret in the events: {secret}");
+        assert!(
+            !error_text.contains(secret),
+            "a secret in an error: {secret}"
+        );
     }
 }
 
