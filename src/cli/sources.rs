@@ -437,7 +437,8 @@ const KEYCLOAK_SKIPPED: &[&str] = &[
 /// (one value as itself, several as a list); `federatedIdentities` become identities (the
 /// identity provider's alias as provider, its `userId` as subject); the password credential
 /// becomes a PHC hash (pbkdf2-sha256, pbkdf2-sha512, pbkdf2 (SHA-1) or argon2 as Keycloak
-/// stores them). OTP and WebAuthn credentials cannot be carried (users enroll again); a
+/// stores them), each OTP credential a TOTP factor with its seed (see [`keycloak_totp`]);
+/// WebAuthn credentials cannot be carried (users register again); a
 /// disabled user is imported blocked, a pending UPDATE_PASSWORD action becomes
 /// `require_password_change`, and a client's service account is refused.
 pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
@@ -512,6 +513,15 @@ pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
                         out.insert("password_hash".into(), Value::String(keycloak_hash(c)?));
                     }
                     _ => return Err("credentials: more than one password".into()),
+                }
+                // Authenticator apps (OTP) come along as TOTP factors.
+                let factors = list
+                    .iter()
+                    .filter(|c| c.get("type").and_then(Value::as_str) == Some("otp"))
+                    .map(keycloak_totp)
+                    .collect::<Result<Vec<_>, _>>()?;
+                if !factors.is_empty() {
+                    out.insert("authenticators".into(), Value::Array(factors));
                 }
                 continue;
             }
@@ -679,6 +689,70 @@ fn aws_time(field: &str, v: Value) -> Result<Value, String> {
     parsed
         .map(|t| Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true)))
         .ok_or_else(|| format!("{field}: must be an ISO 8601 time or seconds since 1970"))
+}
+
+/// A Keycloak OTP credential as a TOTP factor (as `authenticators` takes it). The seed is
+/// `secretData.value`'s UTF-8 bytes, or that value decoded from base32 when
+/// `credentialData.secretEncoding` says BASE32 (as Keycloak reads it). Only what Roster's TOTP
+/// is can be carried (HMAC-SHA1, 6 digits, 30 s steps): another fails the record, naming it,
+/// rather than dropping the user's second factor.
+fn keycloak_totp(credential: &Value) -> Result<Value, String> {
+    use base64::Engine as _;
+    let part = |name: &str| match credential
+        .get(name)
+        .cloned()
+        .map(|v| as_json(&format!("credentials.{name}"), v))
+    {
+        Some(Ok(Value::Object(m))) => Ok(m),
+        Some(Err(e)) => Err(e),
+        _ => Err(format!("credentials.{name}: must be a JSON object")),
+    };
+    let (secret, data) = (part("secretData")?, part("credentialData")?);
+    let get = |name: &str| data.get(name).and_then(text);
+    let sub_type = get("subType").unwrap_or_else(|| "totp".into());
+    let algorithm = get("algorithm").unwrap_or_else(|| "HmacSHA1".into());
+    let digits = get("digits").unwrap_or_else(|| "6".into());
+    let period = get("period").unwrap_or_else(|| "30".into());
+    if (
+        sub_type.as_str(),
+        algorithm.as_str(),
+        digits.as_str(),
+        period.as_str(),
+    ) != ("totp", "HmacSHA1", "6", "30")
+    {
+        return Err(format!(
+            "credentials: an OTP credential ({sub_type}, {algorithm}, {digits} digits, {period} s) \
+             that Roster's TOTP (totp, HmacSHA1, 6 digits, 30 s) cannot carry; remove it to \
+             import the user without it"
+        ));
+    }
+    let value = secret
+        .get("value")
+        .and_then(Value::as_str)
+        .ok_or("credentials.secretData: has no value")?;
+    let seed = match get("secretEncoding").map(|e| e.to_ascii_uppercase()) {
+        None => value.as_bytes().to_vec(),
+        Some(e) if e == "BASE32" => base32::decode(
+            base32::Alphabet::Rfc4648 { padding: false },
+            value.trim_end_matches('='),
+        )
+        .ok_or("credentials.secretData: is not base32")?,
+        Some(e) => return Err(format!("credentials: unknown OTP secretEncoding {e}")),
+    };
+    let mut factor = Map::from_iter([
+        ("type".to_string(), json!("TOTP")),
+        (
+            "totp_secret".to_string(),
+            json!(base64::engine::general_purpose::STANDARD.encode(seed)),
+        ),
+    ]);
+    if let Some(label) = credential.get("userLabel").and_then(text) {
+        factor.insert("name".into(), Value::String(label));
+    }
+    if let Some(created) = credential.get("createdDate").cloned() {
+        factor.insert("created_at".into(), millis_time("createdDate", created)?);
+    }
+    Ok(Value::Object(factor))
 }
 
 /// A Keycloak password credential as a PHC string. Keycloak keeps `secretData` (`value`, the

@@ -274,8 +274,11 @@ fn factors_from_proto(list: &[pb::ImportAuthenticator], v: &mut Violations) -> V
         let totp = kind == Kind::Totp;
         if totp == a.totp_secret.is_empty() {
             v.add(f("totp_secret"), "is required for TOTP and only for TOTP");
-        } else if totp && !(10..=64).contains(&a.totp_secret.len()) {
-            v.add(f("totp_secret"), "must be 10..=64 bytes");
+        } else if totp && !(16..=64).contains(&a.totp_secret.len()) {
+            v.add(
+                f("totp_secret"),
+                "must be 16..=64 bytes (128 bits at least, as RFC 4226 asks)",
+            );
         }
         let codes = kind == Kind::RecoveryCodes;
         if codes == a.recovery_code_hashes.is_empty() {

@@ -2105,8 +2105,27 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
         serde_json::json!({"hashIterations": 20000, "algorithm": "pbkdf2",
                            "additionalParameters": {}}),
     );
-    let totp = serde_json::json!({"type": "otp", "secretData": "{\"value\":\"JBSWY3DPEHPK3PXP\"}",
-                                  "credentialData": "{\"subType\":\"totp\",\"digits\":6}"});
+    // OTP credentials as Keycloak keeps them: the seed as text (its UTF-8 bytes are the key),
+    // or in base32 when credentialData says so.
+    let otp = |value: &str, data: serde_json::Value| {
+        serde_json::json!({"type": "otp", "userLabel": "My phone",
+                           "createdDate": 1700000000000_i64,
+                           "secretData": serde_json::json!({"value": value}).to_string(),
+                           "credentialData": data.to_string()})
+    };
+    let totp = otp(
+        "kEy1seedAtLeastTen20",
+        serde_json::json!({"subType": "totp", "digits": 6, "period": 30, "counter": 0,
+                           "algorithm": "HmacSHA1"}),
+    );
+    let totp_base32 = otp(
+        "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP",
+        serde_json::json!({"subType": "totp", "digits": 6, "secretEncoding": "BASE32"}),
+    );
+    let eight_digits = otp(
+        "kEy1seedAtLeastTen20",
+        serde_json::json!({"subType": "totp", "digits": 8, "algorithm": "HmacSHA1"}),
+    );
     let user = |id: &str, name: &str, creds: Vec<serde_json::Value>| {
         serde_json::json!({
             "id": id, "username": name, "email": format!("{name}@example.com"),
@@ -2128,7 +2147,16 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
     alice["federatedIdentities"] = serde_json::json!([
         {"identityProvider": "google", "userId": "107691503500061507152",
          "userName": "alice@gmail.com"}]);
-    let bob = user("6f0c9a0e-8b1d-4c2e-9f3a-1b2c3d4e5f61", "bob", vec![argon2]);
+    let bob = user(
+        "6f0c9a0e-8b1d-4c2e-9f3a-1b2c3d4e5f61",
+        "bob",
+        vec![argon2, totp_base32],
+    );
+    let erin = user(
+        "6f0c9a0e-8b1d-4c2e-9f3a-1b2c3d4e5f65",
+        "erin",
+        vec![eight_digits],
+    );
     let carol = user(
         "6f0c9a0e-8b1d-4c2e-9f3a-1b2c3d4e5f62",
         "carol",
@@ -2147,18 +2175,19 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
     let realm = serde_json::json!({
         "id": "acme", "realm": "acme", "enabled": true, "sslRequired": "external",
         "clients": [{"clientId": "ci", "serviceAccountsEnabled": true}],
-        "users": [alice, bob, carol, dave, robot],
+        "users": [alice, bob, carol, dave, robot, erin],
         "identityProviders": [{"alias": "google", "providerId": "google"}],
     });
     let file = dir.join("acme-realm.json");
     std::fs::write(&file, serde_json::to_string_pretty(&realm).unwrap()).unwrap();
     let (code, err, reasons) = import_from(&app, &file, "keycloak", &[]).await;
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("4 created, 0 updated, 1 failed"), "{err}");
+    assert!(err.contains("4 created, 0 updated, 2 failed"), "{err}");
     assert!(
         reasons[0].contains("service account of Keycloak client 'ci'"),
         "{reasons:?}"
     );
+    assert!(reasons[1].contains("8 digits"), "{reasons:?}");
 
     let mut users = app.users();
     let a = crate::user_by_email(&mut users, "alice@example.com").await;
@@ -2174,8 +2203,36 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
         a.user_metadata.unwrap(),
         crate::pb_struct(serde_json::json!({"department": "eng", "badges": ["a", "b"]}))
     );
-    // The OTP credential is not carried: the password is her only method.
-    assert_eq!(a.enrolled_methods, [pb::AuthenticatorType::Password as i32]);
+    // Her authenticator app came along: its code works here.
+    assert_eq!(
+        a.enrolled_methods,
+        [
+            pb::AuthenticatorType::Password as i32,
+            pb::AuthenticatorType::Totp as i32
+        ]
+    );
+    let now = crate::factors::mid_step().await;
+    let bob = crate::user_by_email(&mut users, "bob@example.com").await;
+    for (user, seed) in [
+        (&a.id, b"kEy1seedAtLeastTen20".to_vec()),
+        (
+            &bob.id,
+            b"Hello!\xde\xad\xbe\xefHello!\xde\xad\xbe\xef".to_vec(),
+        ),
+    ] {
+        let r = app
+            .authenticators()
+            .verify_factor(pb::VerifyFactorRequest {
+                user_id: user.clone(),
+                r#type: pb::AuthenticatorType::Totp as i32,
+                code: crate::factors::code(&seed, now),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result, pb::VerifyFactorResult::Ok as i32, "{user}");
+    }
     // Carol's right password is known, and must be changed, as Keycloak was to ask her.
     use pb::VerifyPasswordResult as R;
     for (name, right) in [
