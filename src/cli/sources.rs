@@ -952,7 +952,7 @@ mod tests {
         }
         let r = from_keycloak(obj(json!({
             "id": "k1", "username": "u", "enabled": true, "attributes": {"locale": ["fr"]},
-            "realmRoles": ["admin"], "credentials": [{"type": "otp"}],
+            "realmRoles": ["admin"], "credentials": [{"type": "webauthn"}],
             "requiredActions": ["VERIFY_EMAIL"],
         })))
         .unwrap();
