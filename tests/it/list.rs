@@ -46,7 +46,8 @@ async fn seed(users: &mut Users) {
     }
 }
 
-async fn emails(users: &mut Users, filter: &str) -> Result<Vec<String>, tonic::Status> {
+/// The emails of the users `filter` matches, by email (ListUsers, one page).
+pub async fn emails(users: &mut Users, filter: &str) -> Result<Vec<String>, tonic::Status> {
     let r = users
         .list_users(pb::ListUsersRequest {
             filter: filter.into(),
