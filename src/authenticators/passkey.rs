@@ -80,6 +80,24 @@ async fn webauthn_for(
         .map_err(|e| precondition("WEBAUTHN_NOT_CONFIGURED", &format!("relying party: {e}")))
 }
 
+/// Largest passkey an import takes, as its JSON (a stored one is well under 2 KiB).
+pub const MAX_CARRIED_BYTES: usize = 16 * 1024;
+
+/// A passkey as an export carried it (the stored JSON): the form to store again, its
+/// credential id, whether it is backed up and its counter; `None` when the bytes are not a
+/// passkey as Roster stores one.
+pub fn read_carried(bytes: &[u8]) -> Option<(serde_json::Value, Vec<u8>, bool, i64)> {
+    let passkey: Passkey = serde_json::from_slice(bytes).ok()?;
+    let stored = serde_json::to_value(&passkey).ok()?;
+    let cred = Credential::from(passkey);
+    Some((
+        stored,
+        cred.cred_id.to_vec(),
+        cred.backup_state,
+        i64::from(cred.counter),
+    ))
+}
+
 fn state_json<T: serde::Serialize>(state: &T) -> Result<serde_json::Value> {
     serde_json::to_value(state).map_err(|e| Error::internal(anyhow::anyhow!("ceremony state: {e}")))
 }

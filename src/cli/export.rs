@@ -35,7 +35,7 @@ pub struct ExportArgs {
     pub include_identities: bool,
     /// Include second factors with their secrets (TOTP seeds, recovery-code hashes) and OTP
     /// channels (the key needs authenticators.read and users.export_secrets), as `roster
-    /// import` reads them: a JSON array per user. Passkeys are not included.
+    /// import` reads them: a JSON array per user, passkeys included.
     #[arg(long)]
     pub include_authenticators: bool,
     /// Write here instead of standard output.

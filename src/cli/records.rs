@@ -177,10 +177,20 @@ fn authenticators_json(list: &[pb::ImportAuthenticator]) -> Value {
                     let hashes = a.recovery_code_hashes.iter().map(|h| b64(h)).collect();
                     o.insert("recovery_code_hashes".into(), Value::Array(hashes));
                 }
-                for (k, v) in [("email", &a.email), ("phone_number", &a.phone_number)] {
+                for (k, v) in [
+                    ("email", &a.email),
+                    ("phone_number", &a.phone_number),
+                    ("aaguid", &a.aaguid),
+                ] {
                     if !v.is_empty() {
                         o.insert(k.into(), text(v));
                     }
+                }
+                if !a.passkey.is_empty() {
+                    o.insert("passkey".into(), b64(&a.passkey));
+                }
+                if !a.transports.is_empty() {
+                    o.insert("transports".into(), a.transports.clone().into());
                 }
                 Value::Object(o)
             })
@@ -236,6 +246,18 @@ fn authenticators(v: Value) -> Result<Vec<pb::ImportAuthenticator>, String> {
                 }
                 "email" => a.email = as_text(&f, v)?.unwrap_or_default(),
                 "phone_number" => a.phone_number = as_text(&f, v)?.unwrap_or_default(),
+                "passkey" => a.passkey = b64(&f, &v)?,
+                "aaguid" => a.aaguid = as_text(&f, v)?.unwrap_or_default(),
+                "transports" => {
+                    let Value::Array(list) = v else {
+                        return Err(format!("{f}: must be an array"));
+                    };
+                    a.transports = list
+                        .iter()
+                        .map(|t| t.as_str().map(str::to_string))
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| format!("{f}: must be an array of text"))?;
+                }
                 _ => return Err(format!("{f}: unknown field")),
             }
         }
@@ -456,6 +478,34 @@ mod tests {
         assert_eq!(r.authenticators[0].totp_secret, b"seedseedseed");
         assert!(r.authenticators[0].is_default);
         assert_eq!(r.authenticators[1].recovery_code_hashes, [vec![0u8, 0, 0]]);
+        // What export writes, import reads back the same, passkeys included.
+        let factors = vec![
+            pb::ImportAuthenticator {
+                r#type: pb::AuthenticatorType::Passkey as i32,
+                name: "Laptop".into(),
+                is_default: true,
+                passkey: b"{\"cred\":{}}".to_vec(),
+                aaguid: "ea9b8d66-4d01-1d21-3ce4-b6b48cb575d4".into(),
+                transports: vec!["usb".into(), "nfc".into()],
+                ..Default::default()
+            },
+            pb::ImportAuthenticator {
+                r#type: pb::AuthenticatorType::SmsOtp as i32,
+                phone_number: "+14155550123".into(),
+                ..Default::default()
+            },
+        ];
+        let m = pb::ExportUsersResponse {
+            user: Some(pb::User {
+                email: "a@x.io".into(),
+                ..Default::default()
+            }),
+            authenticators: factors.clone(),
+            ..Default::default()
+        };
+        let columns = ["email".to_string(), "authenticators".to_string()];
+        let back = import_record(export_json(&m, &columns)).unwrap();
+        assert_eq!(back.authenticators, factors);
         for (bad, says) in [
             (
                 json!([{"type": "FINGERPRINT"}]),

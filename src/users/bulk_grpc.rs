@@ -261,10 +261,11 @@ fn factors_from_proto(list: &[pb::ImportAuthenticator], v: &mut Violations) -> V
             Ok(pb::AuthenticatorType::RecoveryCodes) => Kind::RecoveryCodes,
             Ok(pb::AuthenticatorType::EmailOtp) => Kind::EmailOtp,
             Ok(pb::AuthenticatorType::SmsOtp) => Kind::SmsOtp,
+            Ok(pb::AuthenticatorType::Passkey) => Kind::Passkey,
             _ => {
                 v.add(
                     f("type"),
-                    "must be TOTP, RECOVERY_CODES, EMAIL_OTP or SMS_OTP (passkeys are not carried)",
+                    "must be TOTP, RECOVERY_CODES, EMAIL_OTP, SMS_OTP or PASSKEY",
                 );
                 continue;
             }
@@ -318,6 +319,7 @@ fn factors_from_proto(list: &[pb::ImportAuthenticator], v: &mut Violations) -> V
             (None, false) => {}
             _ => v.add(f("phone_number"), "is required for SMS_OTP and only for it"),
         }
+        let passkey = carried_passkey(a, kind == Kind::Passkey, &f, v);
         if a.is_default && !kind.can_be_default() {
             v.add(
                 f("is_default"),
@@ -341,6 +343,7 @@ fn factors_from_proto(list: &[pb::ImportAuthenticator], v: &mut Violations) -> V
             recovery_code_hashes: a.recovery_code_hashes.clone(),
             email,
             phone_number: phone,
+            passkey,
         });
     }
     for kind in [Kind::RecoveryCodes, Kind::EmailOtp, Kind::SmsOtp] {
@@ -357,6 +360,67 @@ fn factors_from_proto(list: &[pb::ImportAuthenticator], v: &mut Violations) -> V
     out
 }
 
+/// A record's passkey: the stored JSON (bounded, and readable as webauthn-rs's Passkey),
+/// the AAGUID and transports; none of them on another kind of factor.
+fn carried_passkey(
+    a: &pb::ImportAuthenticator,
+    is_passkey: bool,
+    f: &dyn Fn(&str) -> String,
+    v: &mut Violations,
+) -> Option<import::CarriedPasskey> {
+    use crate::authenticators::passkey::{MAX_CARRIED_BYTES, read_carried};
+    if !is_passkey {
+        if !a.passkey.is_empty() || !a.aaguid.is_empty() || !a.transports.is_empty() {
+            v.add(
+                f("passkey"),
+                "passkey, aaguid and transports are only for PASSKEY",
+            );
+        }
+        return None;
+    }
+    let read = if a.passkey.len() > MAX_CARRIED_BYTES {
+        v.add(
+            f("passkey"),
+            format!("must be at most {MAX_CARRIED_BYTES} bytes"),
+        );
+        None
+    } else {
+        let read = read_carried(&a.passkey);
+        if read.is_none() {
+            v.add(
+                f("passkey"),
+                "is required for PASSKEY: the credential as ExportUsers writes it",
+            );
+        }
+        read
+    };
+    let aaguid = if a.aaguid.is_empty() {
+        None
+    } else {
+        let parsed = Uuid::try_parse(&a.aaguid).ok();
+        if parsed.is_none() {
+            v.add(f("aaguid"), "must be a UUID");
+        }
+        parsed
+    };
+    let known = ["usb", "nfc", "ble", "hybrid", "internal", "smart-card"];
+    if a.transports.len() > 8 || a.transports.iter().any(|t| !known.contains(&t.as_str())) {
+        v.add(
+            f("transports"),
+            format!("at most 8 of {}", known.join(", ")),
+        );
+    }
+    let (stored, credential_id, backed_up, sign_count) = read?;
+    Some(import::CarriedPasskey {
+        stored,
+        credential_id,
+        aaguid,
+        transports: a.transports.clone(),
+        backed_up,
+        sign_count,
+    })
+}
+
 /// A carried factor as the proto says it.
 pub fn factor_to_proto(f: CarriedFactor) -> pb::ImportAuthenticator {
     pb::ImportAuthenticator {
@@ -368,6 +432,18 @@ pub fn factor_to_proto(f: CarriedFactor) -> pb::ImportAuthenticator {
         recovery_code_hashes: f.recovery_code_hashes,
         email: f.email.unwrap_or_default(),
         phone_number: f.phone_number.unwrap_or_default(),
+        passkey: f
+            .passkey
+            .as_ref()
+            .and_then(|p| serde_json::to_vec(&p.stored).ok())
+            .unwrap_or_default(),
+        aaguid: f
+            .passkey
+            .as_ref()
+            .and_then(|p| p.aaguid)
+            .map(|u| u.to_string())
+            .unwrap_or_default(),
+        transports: f.passkey.map(|p| p.transports).unwrap_or_default(),
     }
 }
 

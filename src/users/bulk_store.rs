@@ -13,7 +13,7 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, ToSql, Type};
 use uuid::Uuid;
 
-use super::import::{CarriedFactor, ImportIdentity};
+use super::import::{CarriedFactor, CarriedPasskey, ImportIdentity};
 use super::store::{USER_COLUMNS, filter_field};
 use super::{Profile, UserStatus};
 use crate::authenticators::Kind;
@@ -444,28 +444,27 @@ pub async fn insert_identities(
 
 /// Enrolls each created user's carried factors, confirmed: one INSERT for the authenticators
 /// (TOTP seeds sealed under this server's key, bound to their new ids), one for the recovery
-/// codes. A user's default is the factor marked so, else its oldest that can be one (as
-/// `ensure_default` picks).
+/// codes, one giving each user without a default its oldest factor that can be one (as
+/// `ensure_default` picks). A passkey whose credential id the project already has (another
+/// user's) is left out; returns how many were, per user.
 pub async fn insert_factors(
     tx: &Transaction<'_>,
     project_id: Uuid,
     sealer: Option<&Sealer>,
     users: &[(Uuid, &[CarriedFactor])],
-) -> Result<()> {
+) -> Result<HashMap<Uuid, usize>> {
     let now = Utc::now();
     let (mut ids, mut user_ids, mut kinds, mut names, mut defaults) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut created, mut seeds, mut emails, mut phones) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut credential_ids, mut passkeys, mut aaguids, mut transports, mut backed_up) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut sign_counts = Vec::new();
     let (mut code_owners, mut code_hashes) = (Vec::new(), Vec::new());
+    let mut passkey_owner: HashMap<Uuid, Uuid> = HashMap::new();
     for (user_id, factors) in users {
-        let marked = factors.iter().position(|f| f.is_default);
-        let default = marked.or_else(|| {
-            (0..factors.len())
-                .filter(|&i| factors[i].kind.can_be_default())
-                .min_by_key(|&i| (factors[i].created_at.unwrap_or(now), i))
-        });
-        for (i, f) in factors.iter().enumerate() {
+        for f in factors.iter() {
             let id = Uuid::now_v7();
             let sealed = match &f.totp_secret {
                 Some(seed) => {
@@ -484,45 +483,95 @@ pub async fn insert_factors(
                     code_hashes.push(h.clone());
                 }
             }
+            let p = f.passkey.as_ref();
+            if p.is_some() {
+                passkey_owner.insert(id, *user_id);
+            }
             ids.push(id);
             user_ids.push(*user_id);
             kinds.push(f.kind as i16);
             names.push(f.name.clone());
-            defaults.push(Some(i) == default);
+            defaults.push(f.is_default);
             created.push(f.created_at.unwrap_or(now));
             seeds.push(sealed);
             emails.push(f.email.clone());
             phones.push(f.phone_number.clone());
+            credential_ids.push(p.map(|p| p.credential_id.clone()));
+            passkeys.push(p.map(|p| Json(p.stored.clone())));
+            aaguids.push(p.and_then(|p| p.aaguid));
+            // An array of arrays cannot be ragged: the transports travel as one text each.
+            transports.push(p.map(|p| p.transports.join(",")).unwrap_or_default());
+            backed_up.push(p.is_some_and(|p| p.backed_up));
+            sign_counts.push(p.map_or(0, |p| p.sign_count));
         }
     }
     let stmt = tx
         .prepare_cached(
             "INSERT INTO authenticators (project_id, id, user_id, type, name, confirmed,
-                is_default, created_at, totp_secret, email, phone_number)
+                is_default, created_at, totp_secret, email, phone_number, credential_id,
+                passkey, aaguid, transports, backed_up, sign_count)
              SELECT $1, id, user_id, type, name, true, is_default, created_at, totp_secret,
-                email, phone_number
+                email, phone_number, credential_id, passkey, aaguid,
+                coalesce(string_to_array(nullif(transports, ''), ','), '{}'), backed_up, sign_count
              FROM unnest($2::uuid[], $3::uuid[], $4::int2[], $5::text[], $6::bool[],
-                         $7::timestamptz[], $8::bytea[], $9::text[], $10::text[])
+                         $7::timestamptz[], $8::bytea[], $9::text[], $10::text[],
+                         $11::bytea[], $12::jsonb[], $13::uuid[], $14::text[], $15::bool[],
+                         $16::int8[])
                 AS f(id, user_id, type, name, is_default, created_at, totp_secret, email,
-                     phone_number)",
+                     phone_number, credential_id, passkey, aaguid, transports, backed_up,
+                     sign_count)
+             ON CONFLICT (project_id, credential_id) DO NOTHING
+             RETURNING id",
         )
         .await?;
-    tx.execute(
-        &stmt,
-        &[
-            &project_id,
-            &ids,
-            &user_ids,
-            &kinds,
-            &names,
-            &defaults,
-            &created,
-            &seeds,
-            &emails,
-            &phones,
-        ],
-    )
-    .await?;
+    let inserted: HashSet<Uuid> = tx
+        .query(
+            &stmt,
+            &[
+                &project_id,
+                &ids,
+                &user_ids,
+                &kinds,
+                &names,
+                &defaults,
+                &created,
+                &seeds,
+                &emails,
+                &phones,
+                &credential_ids,
+                &passkeys,
+                &aaguids,
+                &transports,
+                &backed_up,
+                &sign_counts,
+            ],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut skipped: HashMap<Uuid, usize> = HashMap::new();
+    for (id, user) in &passkey_owner {
+        if !inserted.contains(id) {
+            *skipped.entry(*user).or_default() += 1;
+        }
+    }
+    // Each user without a default (none marked, or the marked one left out) gets one.
+    let owners: Vec<Uuid> = users.iter().map(|(u, _)| *u).collect();
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE authenticators a SET is_default = true
+             FROM (SELECT DISTINCT ON (user_id) id FROM authenticators
+                   WHERE project_id = $1 AND user_id = ANY($2) AND confirmed
+                     AND type NOT IN (1, 6)
+                   ORDER BY user_id, created_at, id) d
+             WHERE a.project_id = $1 AND a.id = d.id
+               AND NOT EXISTS (SELECT 1 FROM authenticators b
+                               WHERE b.project_id = $1 AND b.user_id = a.user_id
+                                 AND b.is_default)",
+        )
+        .await?;
+    tx.execute(&stmt, &[&project_id, &owners]).await?;
     if !code_owners.is_empty() {
         let stmt = tx
             .prepare_cached(
@@ -533,7 +582,7 @@ pub async fn insert_factors(
         tx.execute(&stmt, &[&project_id, &code_owners, &code_hashes])
             .await?;
     }
-    Ok(())
+    Ok(skipped)
 }
 
 /// The confirmed second factors of `users` that an export carries (TOTP with its seed still
@@ -551,10 +600,11 @@ pub async fn factors_of(
                 a.email, a.phone_number,
                 ARRAY(SELECT c.code_hash FROM recovery_codes c
                       WHERE c.project_id = a.project_id AND c.authenticator_id = a.id
-                        AND c.used_at IS NULL ORDER BY c.code_hash)
+                        AND c.used_at IS NULL ORDER BY c.code_hash),
+                a.credential_id, a.passkey, a.aaguid, a.transports, a.backed_up, a.sign_count
              FROM authenticators a
              WHERE a.project_id = $1 AND a.user_id = ANY($2) AND a.confirmed
-               AND a.type IN (2, 4, 5, 6)
+               AND a.type IN (2, 3, 4, 5, 6)
              ORDER BY a.user_id, a.created_at, a.id",
         )
         .await?;
@@ -578,6 +628,17 @@ pub async fn factors_of(
                 recovery_code_hashes: codes,
                 email: r.get(7),
                 phone_number: r.get(8),
+                passkey: match (r.get::<_, Option<Vec<u8>>>(10), r.get(11)) {
+                    (Some(credential_id), Some(stored)) => Some(CarriedPasskey {
+                        stored,
+                        credential_id,
+                        aaguid: r.get(12),
+                        transports: r.get(13),
+                        backed_up: r.get(14),
+                        sign_count: r.get(15),
+                    }),
+                    _ => None,
+                },
             },
         ));
     }

@@ -99,6 +99,20 @@ pub struct CarriedFactor {
     pub recovery_code_hashes: Vec<Vec<u8>>,
     pub email: Option<String>,
     pub phone_number: Option<String>,
+    /// A passkey: the stored credential (webauthn-rs's Passkey as JSON), with the columns
+    /// the API shows, derived from it or carried along.
+    pub passkey: Option<CarriedPasskey>,
+}
+
+/// A passkey's stored form and the columns kept beside it.
+#[derive(Clone)]
+pub struct CarriedPasskey {
+    pub stored: Value,
+    pub credential_id: Vec<u8>,
+    pub aaguid: Option<Uuid>,
+    pub transports: Vec<String>,
+    pub backed_up: bool,
+    pub sign_count: i64,
 }
 
 impl std::fmt::Debug for CarriedFactor {
@@ -432,9 +446,11 @@ async fn write_valid(
             _ => None,
         })
         .collect();
-    if !with_factors.is_empty() {
-        bulk_store::insert_factors(&tx, project, sealer, &with_factors).await?;
-    }
+    let skipped = if with_factors.is_empty() {
+        Default::default()
+    } else {
+        bulk_store::insert_factors(&tx, project, sealer, &with_factors).await?
+    };
     let ctx = EventContext::from_caller(caller);
     let mut new_events = Vec::new();
     for ((_, r), (o, changed)) in records.iter().zip(&outcomes) {
@@ -462,6 +478,9 @@ async fn write_valid(
         if outcome == "CREATED" && !r.factors.is_empty() {
             let kinds: Vec<&str> = r.factors.iter().map(|f| f.kind.as_str()).collect();
             data["authenticators"] = json!(kinds);
+            if let Some(n) = skipped.get(&id) {
+                data["passkeys_skipped"] = json!(n);
+            }
         }
         new_events.push(NewEvent::for_user(EventType::UserImported, id, data));
     }

@@ -1071,7 +1071,7 @@ async fn second_factors_survive_an_export_and_import() {
         create_only(),
         with(
             "f1@example.com",
-            vec![factor(&|a| a.r#type = T::Passkey as i32)],
+            vec![factor(&|a| a.r#type = T::Password as i32)],
         ),
         with(
             "f2@example.com",

@@ -15,10 +15,15 @@ use crate::{create_user, pb};
 const ORIGIN: &str = "https://localhost:8443";
 
 async fn configure(app: &TestApp) {
+    configure_project(app, app.project_id).await;
+}
+
+/// Makes `project`'s relying party the tests' (localhost, ORIGIN).
+async fn configure_project(app: &TestApp, project: Uuid) {
     let mut client = app.pool.get().await.unwrap();
     roster::admin::set_relying_party(
         &mut **client,
-        app.project_id,
+        project,
         "localhost",
         Some("Roster tests"),
         &[ORIGIN.to_string()],
@@ -95,6 +100,158 @@ async fn finish(
 
 const OK: i32 = pb::VerifyFactorResult::Ok as i32;
 const INVALID: i32 = pb::VerifyFactorResult::InvalidCode as i32;
+
+/// A passkey survives a copy into another project with the same relying party: exported
+/// with the user's factors, imported, it signs the copy in there (the counter carried, so
+/// the authenticator's next count is accepted); a second copy of the same credential for
+/// another user of that project is left out and counted; malformed passkeys fail by field.
+#[tokio::test]
+async fn a_passkey_survives_an_export_and_import() {
+    use crate::bulk::{export_all, import, options, record_of};
+    let app = TestApp::spawn().await;
+    configure(&app).await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let user = create_user(&mut users, "pk-copy@example.com").await;
+    let mut soft = SoftPasskey::new(true);
+    let registered = register(&mut authn, &mut soft, &user.id, ORIGIN)
+        .await
+        .unwrap();
+    let (ceremony, json) = assertion(&mut authn, &mut soft, &user.id).await;
+    assert_eq!(
+        finish(&mut authn, &ceremony, &json).await.unwrap().result,
+        OK
+    );
+
+    let exported = export_all(
+        &mut users,
+        pb::ExportUsersRequest {
+            include_authenticators: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let carried = &exported[0].authenticators;
+    assert_eq!(carried.len(), 1);
+    assert_eq!(carried[0].r#type, pb::AuthenticatorType::Passkey as i32);
+    assert_eq!(carried[0].name, "Laptop");
+    assert!(carried[0].is_default);
+
+    let (other, token) = app.other_project().await;
+    configure_project(&app, other).await;
+    let record = |email: &str| {
+        let mut r = record_of(&exported[0]);
+        r.user_id.clear();
+        r.user.as_mut().unwrap().email = email.into();
+        pb::ImportUsersRequest {
+            item: Some(pb::import_users_request::Item::Record(r)),
+        }
+    };
+    let create_only = || {
+        options(
+            pb::ImportMode::CreateOnly,
+            pb::ImportMatchOn::Unspecified,
+            false,
+        )
+    };
+    let mut other_users = app.users_with(Some(&token));
+    let (res, summary) = import(
+        &mut other_users,
+        [create_only(), record("pk-copy@example.com")].into_iter(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.created, 1, "{res:?}");
+    let copy = res[0].user_id.clone();
+    let mut other_authn = app.authenticators_with(Some(&token));
+    let listed = other_authn
+        .list_authenticators(pb::ListAuthenticatorsRequest {
+            user_id: copy.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticators;
+    assert_eq!(listed[0].credential_id, registered.credential_id);
+    assert!(listed[0].is_default);
+    let (ceremony, json) = assertion(&mut other_authn, &mut soft, &copy).await;
+    let r = finish(&mut other_authn, &ceremony, &json).await.unwrap();
+    assert_eq!(r.result, OK, "the same passkey signs the copy in");
+
+    // The same credential for another user of that project: the user is created, the
+    // passkey left out and counted.
+    let (res, _) = import(
+        &mut other_users,
+        [create_only(), record("pk-second@example.com")].into_iter(),
+    )
+    .await
+    .unwrap();
+    let second = res[0].user_id.clone();
+    let listed = other_authn
+        .list_authenticators(pb::ListAuthenticatorsRequest { user_id: second })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticators;
+    assert!(listed.is_empty(), "{listed:?}");
+    let counted: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM events WHERE project_id = $1 AND type = 'USER_IMPORTED'
+               AND (data->>'passkeys_skipped')::int = 1",
+            &[&other],
+        )
+        .await;
+    assert_eq!(counted, 1);
+
+    // Malformed passkeys fail their record by field.
+    let bad = |f: &dyn Fn(&mut pb::ImportAuthenticator)| {
+        let mut r = record_of(&exported[0]);
+        r.user_id.clear();
+        r.user.as_mut().unwrap().email = "pk-bad@example.com".into();
+        f(&mut r.authenticators[0]);
+        pb::ImportUsersRequest {
+            item: Some(pb::import_users_request::Item::Record(r)),
+        }
+    };
+    let (res, _) = import(
+        &mut users,
+        [
+            create_only(),
+            bad(&|a| a.passkey = b"{\"cred\": 1}".to_vec()),
+            bad(&|a| a.aaguid = "not-a-uuid".into()),
+            bad(&|a| a.transports = vec!["pigeon".into()]),
+            bad(&|a| a.r#type = pb::AuthenticatorType::Totp as i32),
+        ]
+        .into_iter(),
+    )
+    .await
+    .unwrap();
+    let fields: Vec<Vec<String>> = res
+        .iter()
+        .map(|r| {
+            let e = r.error.as_ref().expect("refused");
+            let status = tonic::Status::with_details(
+                Code::from(e.code),
+                e.message.clone(),
+                prost::Message::encode_to_vec(e).into(),
+            );
+            violated_fields(&status)
+        })
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            vec!["record.authenticators[0].passkey"],
+            vec!["record.authenticators[0].aaguid"],
+            vec!["record.authenticators[0].transports"],
+            vec![
+                "record.authenticators[0].passkey",
+                "record.authenticators[0].totp_secret"
+            ],
+        ]
+    );
+}
 
 #[tokio::test]
 async fn register_and_sign_in_with_a_software_passkey() {
