@@ -179,19 +179,8 @@ pub fn record_from_proto(
             );
         }
     }
-    // A past time: between 1970 and now (a day's leeway for the source's clock).
-    let mut past = |field: &str, t: &Option<prost_types::Timestamp>| {
-        t.as_ref().and_then(|t| {
-            let parsed = wire::from_timestamp(t)
-                .filter(|t| t.timestamp() >= 0 && *t <= Utc::now() + chrono::Duration::days(1));
-            if parsed.is_none() {
-                v.add(field, "must be a valid time between 1970 and now");
-            }
-            parsed
-        })
-    };
-    let created_at = past("record.created_at", &r.created_at);
-    let last_login_at = past("record.last_login_at", &r.last_login_at);
+    let created_at = past_time(&mut v, "record.created_at", &r.created_at);
+    let last_login_at = past_time(&mut v, "record.last_login_at", &r.last_login_at);
     let factors = factors_from_proto(&r.authenticators, &mut v);
     let status = match (r.pending, r.blocked, r.deactivated) {
         (false, false, false) => UserStatus::Active,
@@ -241,6 +230,22 @@ pub fn record_from_proto(
         }
         Ok(record)
     })
+}
+
+/// A past time, as a record's times must be: between 1970 and now (a day's leeway for the
+/// source's clock).
+fn past_time(
+    v: &mut Violations,
+    field: &str,
+    t: &Option<prost_types::Timestamp>,
+) -> Option<chrono::DateTime<Utc>> {
+    let t = t.as_ref()?;
+    let parsed = wire::from_timestamp(t)
+        .filter(|t| t.timestamp() >= 0 && *t <= Utc::now() + chrono::Duration::days(1));
+    if parsed.is_none() {
+        v.add(field, "must be a valid time between 1970 and now");
+    }
+    parsed
 }
 
 /// Validates a record's second factors under `record.authenticators[i]`: kinds that can be
@@ -326,14 +331,7 @@ fn factors_from_proto(list: &[pb::ImportAuthenticator], v: &mut Violations) -> V
                 "recovery codes cannot be the default factor",
             );
         }
-        let created_at = a.created_at.as_ref().and_then(|t| {
-            let parsed = wire::from_timestamp(t)
-                .filter(|t| t.timestamp() >= 0 && *t <= Utc::now() + chrono::Duration::days(1));
-            if parsed.is_none() {
-                v.add(f("created_at"), "must be a valid time between 1970 and now");
-            }
-            parsed
-        });
+        let created_at = past_time(v, &f("created_at"), &a.created_at);
         out.push(CarriedFactor {
             kind,
             name,
@@ -403,11 +401,14 @@ fn carried_passkey(
         }
         parsed
     };
-    let known = ["usb", "nfc", "ble", "hybrid", "internal", "smart-card"];
-    if a.transports.len() > 8 || a.transports.iter().any(|t| !known.contains(&t.as_str())) {
+    // As the browser named them (usb, nfc, ble, hybrid, internal, smart-card, ...).
+    let token = |t: &String| {
+        (1..=32).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+    };
+    if a.transports.len() > 8 || !a.transports.iter().all(token) {
         v.add(
             f("transports"),
-            format!("at most 8 of {}", known.join(", ")),
+            "at most 8 names such as usb, nfc, ble, hybrid, internal",
         );
     }
     let (stored, credential_id, backed_up, sign_count) = read?;

@@ -220,7 +220,7 @@ async fn a_passkey_survives_an_export_and_import() {
             create_only(),
             bad(&|a| a.passkey = b"{\"cred\": 1}".to_vec()),
             bad(&|a| a.aaguid = "not-a-uuid".into()),
-            bad(&|a| a.transports = vec!["pigeon".into()]),
+            bad(&|a| a.transports = vec!["USB drive".into()]),
             bad(&|a| a.r#type = pb::AuthenticatorType::Totp as i32),
         ]
         .into_iter(),
