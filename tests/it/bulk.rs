@@ -1009,15 +1009,7 @@ async fn second_factors_survive_an_export_and_import() {
         .unwrap();
     assert_eq!(summary.created, 1, "{res:?}");
     let copy = &res[0].user_id;
-    let listed = app
-        .authenticators_with(Some(&token))
-        .list_authenticators(pb::ListAuthenticatorsRequest {
-            user_id: copy.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .authenticators;
+    let listed = crate::factors::list_of(&mut app.authenticators_with(Some(&token)), copy).await;
     let kinds: Vec<(i32, bool)> = listed.iter().map(|a| (a.r#type, a.is_default)).collect();
     assert_eq!(
         kinds,

@@ -114,7 +114,8 @@ async fn create_verified_user(users: &mut crate::harness::Users, email: &str) ->
         .unwrap()
 }
 
-async fn list_of(authn: &mut Authenticators, user: &str) -> Vec<pb::Authenticator> {
+/// The authenticators of `user` (ListAuthenticators, which must succeed).
+pub async fn list_of(authn: &mut Authenticators, user: &str) -> Vec<pb::Authenticator> {
     authn
         .list_authenticators(pb::ListAuthenticatorsRequest {
             user_id: user.into(),

@@ -165,14 +165,7 @@ async fn a_passkey_survives_an_export_and_import() {
     assert_eq!(summary.created, 1, "{res:?}");
     let copy = res[0].user_id.clone();
     let mut other_authn = app.authenticators_with(Some(&token));
-    let listed = other_authn
-        .list_authenticators(pb::ListAuthenticatorsRequest {
-            user_id: copy.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .authenticators;
+    let listed = crate::factors::list_of(&mut other_authn, &copy).await;
     assert_eq!(listed[0].credential_id, registered.credential_id);
     assert!(listed[0].is_default);
     let (ceremony, json) = assertion(&mut other_authn, &mut soft, &copy).await;
@@ -188,12 +181,7 @@ async fn a_passkey_survives_an_export_and_import() {
     .await
     .unwrap();
     let second = res[0].user_id.clone();
-    let listed = other_authn
-        .list_authenticators(pb::ListAuthenticatorsRequest { user_id: second })
-        .await
-        .unwrap()
-        .into_inner()
-        .authenticators;
+    let listed = crate::factors::list_of(&mut other_authn, &second).await;
     assert!(listed.is_empty(), "{listed:?}");
     let counted: i64 = app
         .sql_one(
