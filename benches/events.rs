@@ -95,6 +95,7 @@ async fn follow_from_now(
             after_position: 0,
             since: Some(roster::wire::timestamp(chrono::Utc::now())),
             filter: filter.into(),
+            checkpoints: false,
         })
         .await
         .unwrap()

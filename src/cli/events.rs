@@ -4,7 +4,10 @@
 //! the state is saved after the lines it covers are flushed, so a crash between the two
 //! repeats a few events (each has its `id` to tell them apart), and never skips one. With
 //! `--until-caught-up` it writes the events there are and exits, for a one-off query or a
-//! shipper run by a scheduler (the state file carries it from one run to the next).
+//! shipper run by a scheduler (the state file carries it from one run to the next). The
+//! stream's checkpoints say exactly where the log's end was when reached, and let the state
+//! move past stretches without events for this follower (another project's, or ones its
+//! filter leaves out), so a filtered follower does not read them again after a restart.
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -33,8 +36,8 @@ pub struct EventsArgs {
     /// Keep the last position written in this file and resume after it on the next start.
     #[arg(long)]
     pub state: Option<PathBuf>,
-    /// Write the events there are, then exit 0 instead of following: once the stream has
-    /// brought nothing for 2 s (a backlog comes without pauses).
+    /// Write the events there are, then exit 0 instead of following: once the server says
+    /// the stream has reached the end of the log.
     #[arg(long)]
     pub until_caught_up: bool,
     #[command(flatten)]
@@ -45,9 +48,9 @@ pub struct EventsArgs {
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
 /// Events written between saves of the state while they keep coming.
 const SAVE_EVERY: u64 = 1_000;
-/// With --until-caught-up: how long the stream must bring nothing before the log counts as
-/// read to its end.
-const CAUGHT_UP_AFTER: Duration = Duration::from_secs(2);
+/// With --until-caught-up and a server from before checkpoints (which never says where the
+/// log ends): how long the stream must bring nothing before the log counts as read.
+const CAUGHT_UP_AFTER: Duration = Duration::from_secs(10);
 /// Waits between reconnections: doubling from the first to the last.
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_LAST: Duration = Duration::from_secs(30);
@@ -66,6 +69,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         stdout: std::io::BufWriter::new(std::io::stdout().lock()),
         state: args.state.clone(),
         after,
+        saved: after,
         unsaved: 0,
     };
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -88,8 +92,10 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
 struct Output<W: Write> {
     stdout: W,
     state: Option<PathBuf>,
-    /// The position of the last event written.
+    /// The position of the last event written, or of a later checkpoint.
     after: i64,
+    /// The position the state file holds.
+    saved: i64,
     /// Events written since the state was last saved.
     unsaved: u64,
 }
@@ -106,13 +112,20 @@ impl<W: Write> Output<W> {
         Ok(())
     }
 
+    /// Everything up to `position` has been written (the events for it up to there were).
+    fn checkpoint(&mut self, position: i64) -> anyhow::Result<()> {
+        self.after = self.after.max(position);
+        self.save()
+    }
+
     /// Flushes what was written, then records its last position: never the other way round.
     fn save(&mut self) -> anyhow::Result<()> {
         self.stdout.flush().context("writing to standard output")?;
-        if self.unsaved > 0
+        if self.after != self.saved
             && let Some(path) = &self.state
         {
             write_state(path, self.after)?;
+            self.saved = self.after;
         }
         self.unsaved = 0;
         Ok(())
@@ -123,7 +136,7 @@ impl<W: Write> Output<W> {
 enum Paused {
     /// The server ended it: reconnect.
     Ended,
-    /// Nothing came for CAUGHT_UP_AFTER, with --until-caught-up: done.
+    /// The log was read to its end, with --until-caught-up: done.
     CaughtUp,
 }
 
@@ -145,6 +158,7 @@ async fn follow<W: Write>(
                     // Once an event has been written, its position says where to go on.
                     since: args.since.filter(|_| out.after == 0).map(wire::timestamp),
                     filter: args.filter.clone(),
+                    checkpoints: true,
                 })
                 .await?;
             anyhow::Ok(stream.into_inner())
@@ -153,9 +167,9 @@ async fn follow<W: Write>(
         let ended = match stream {
             Ok(mut stream) => {
                 wait = RECONNECT_FIRST;
-                let quiet = args.until_caught_up.then_some(CAUGHT_UP_AFTER);
+                let until = args.until_caught_up.then_some(CAUGHT_UP_AFTER);
                 tokio::select! {
-                    ended = pump(&mut stream, out, quiet) => ended,
+                    ended = pump(&mut stream, out, until) => ended,
                     _ = stopped.wait_for(|s| *s) => return Ok(()),
                 }
             }
@@ -184,12 +198,13 @@ async fn follow<W: Write>(
     }
 }
 
-/// Writes the stream's events as they come, flushing when it pauses; with `quiet`, returns
-/// once nothing has come for that long.
+/// Writes the stream's events as they come, flushing when it pauses; with `until`, returns at
+/// the first checkpoint (the end of the log when the stream began), or once nothing has come
+/// for that long from a server that sends none.
 async fn pump<W: Write>(
     stream: &mut tonic::Streaming<pb::StreamEventsResponse>,
     out: &mut Output<W>,
-    quiet: Option<Duration>,
+    until: Option<Duration>,
 ) -> anyhow::Result<Paused> {
     loop {
         // `message` is cancel-safe: a timed-out wait loses nothing.
@@ -201,7 +216,7 @@ async fn pump<W: Write>(
                     continue;
                 }
             }
-        } else if let Some(quiet) = quiet {
+        } else if let Some(quiet) = until {
             match tokio::time::timeout(quiet, stream.message()).await {
                 Ok(next) => next,
                 Err(_) => return Ok(Paused::CaughtUp),
@@ -213,6 +228,12 @@ async fn pump<W: Write>(
             Some(m) => {
                 if let Some(event) = m.event {
                     out.write(&event)?;
+                }
+                if let Some(checkpoint) = m.checkpoint {
+                    out.checkpoint(checkpoint.position)?;
+                    if until.is_some() {
+                        return Ok(Paused::CaughtUp);
+                    }
                 }
             }
             None => return Ok(Paused::Ended),

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::Event;
 use super::store::{self, ListSpec, ORDER_FIELDS, StreamSpec};
-use super::stream::{EventFeed, Start};
+use super::stream::{EventFeed, Item, Start};
 use crate::auth::caller_of;
 use crate::db;
 use crate::error::{Error, Violations};
@@ -157,10 +157,17 @@ impl LogService for LogApi {
             filter,
             since,
         };
-        let rx = self.feed.follow(self.state.pool.clone(), spec, start);
+        let rx = self
+            .feed
+            .follow(self.state.pool.clone(), spec, start, req.checkpoints);
         let stream = ReceiverStream::new(rx).map(|item| match item {
-            Ok(e) => Ok(pb::StreamEventsResponse {
+            Ok(Item::Event(e)) => Ok(pb::StreamEventsResponse {
                 event: Some(event_to_proto(&e)),
+                checkpoint: None,
+            }),
+            Ok(Item::Checkpoint(position)) => Ok(pb::StreamEventsResponse {
+                event: None,
+                checkpoint: Some(pb::StreamCheckpoint { position }),
             }),
             Err(e) => Err(Status::from(e)),
         });

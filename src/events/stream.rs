@@ -76,6 +76,8 @@ pub fn written() {
 const BATCH: i64 = 256;
 /// Events buffered per stream before the reader waits for the client.
 const BUFFER: usize = 64;
+/// The least time between two checkpoints of a stream after its first.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// How soon to look again while fences wait for transactions to finish.
 const PENDING_RECHECK: Duration = Duration::from_millis(5);
 /// The least time between two horizon computations: a burst of commits costs one.
@@ -235,14 +237,16 @@ impl EventFeed {
     }
 
     /// Follows `spec` from `start`: where to begin, resolved from a position or a time.
-    /// Events (or the error that ended the stream) arrive on the returned channel, which
-    /// holds at most a small batch; dropping it stops the reader.
+    /// Events, checkpoints when `checkpoints` is set (or the error that ended the stream)
+    /// arrive on the returned channel, which holds at most a small batch; dropping it stops
+    /// the reader.
     pub fn follow(
         &self,
         pool: Pool,
         spec: StreamSpec,
         start: Start,
-    ) -> mpsc::Receiver<Result<Event>> {
+        checkpoints: bool,
+    ) -> mpsc::Receiver<Result<Item>> {
         let (tx, rx) = mpsc::channel(BUFFER);
         self.subscribers.fetch_add(1, Ordering::Relaxed);
         let guard = Subscribed(self.subscribers.clone());
@@ -252,7 +256,7 @@ impl EventFeed {
         tokio::spawn(async move {
             let _guard = guard;
             let ended = tokio::select! {
-                r = follow(pool, spec, start, horizon, &reads, &tx) => r,
+                r = follow(pool, spec, start, checkpoints, horizon, &reads, &tx) => r,
                 _ = closing.wait_for(|closed| *closed) => Err(Error::ShuttingDown),
             };
             if let Err(e) = ended {
@@ -261,6 +265,14 @@ impl EventFeed {
         });
         rx
     }
+}
+
+/// What a stream sends.
+#[derive(Debug)]
+pub enum Item {
+    Event(Event),
+    /// Every event for the stream up to this position has been sent.
+    Checkpoint(i64),
 }
 
 /// Where a stream begins.
@@ -276,9 +288,10 @@ async fn follow(
     pool: Pool,
     spec: StreamSpec,
     start: Start,
+    checkpoints: bool,
     mut horizon: watch::Receiver<Tail>,
     reads: &Reads,
-    tx: &mpsc::Sender<Result<Event>>,
+    tx: &mpsc::Sender<Result<Item>>,
 ) -> Result<()> {
     let matcher = Matcher::new(&spec);
     let mut cursor = match start {
@@ -293,6 +306,18 @@ async fn follow(
             }
         }
     };
+    // The first checkpoint marks the end of the backlog: every event committed before the
+    // stream began. The horizon may still lag behind some of them, so it waits for the
+    // horizon to pass the last position handed out by then.
+    let backlog_end = if checkpoints {
+        last_position(&*db::client(&pool).await?).await?
+    } else {
+        0
+    };
+    // The position the client knows it has everything up to (by an event or a checkpoint),
+    // and when the last checkpoint went (None before the first).
+    let mut told = cursor;
+    let mut last_checkpoint: Option<tokio::time::Instant> = None;
     loop {
         // Only the range in hand is held, and only while it is sent: an idle or slow stream
         // keeps no old range alive.
@@ -316,7 +341,8 @@ async fn follow(
                 .collect();
             if let Ok(picked) = picked {
                 for e in picked {
-                    if tx.send(Ok(e.clone())).await.is_err() {
+                    told = e.position;
+                    if tx.send(Ok(Item::Event(e.clone()))).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -333,7 +359,8 @@ async fn follow(
             let full = batch.len() as i64 == BATCH;
             for e in batch {
                 cursor = e.position;
-                if tx.send(Ok(e)).await.is_err() {
+                told = cursor;
+                if tx.send(Ok(Item::Event(e))).await.is_err() {
                     return Ok(()); // the client went away
                 }
             }
@@ -342,15 +369,52 @@ async fn follow(
                 cursor = h;
             }
         }
+        // Caught up with the horizon. A checkpoint is owed when the client was never told
+        // the backlog ended, or the log moved past what it was told; after the first, they
+        // are spaced so a busy log costs a stream at most one a second.
+        let mut due = None;
+        if checkpoints {
+            match last_checkpoint {
+                None if cursor >= backlog_end => due = Some(tokio::time::Instant::now()),
+                None => {}
+                Some(at) if told < cursor => due = Some(at + CHECKPOINT_EVERY),
+                Some(_) => {}
+            }
+        }
+        if let Some(at) = due
+            && at <= tokio::time::Instant::now()
+        {
+            if tx.send(Ok(Item::Checkpoint(cursor))).await.is_err() {
+                return Ok(());
+            }
+            told = cursor;
+            last_checkpoint = Some(tokio::time::Instant::now());
+            due = None;
+        }
         tokio::select! {
             changed = horizon.changed() => {
                 if changed.is_err() {
                     return Err(Error::Unavailable(anyhow::anyhow!("the event feed stopped")));
                 }
             }
+            // A checkpoint held back by the spacing goes when its time comes, even when the
+            // log has gone quiet meanwhile.
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {}
             _ = tx.closed() => return Ok(()),
         }
     }
+}
+
+/// The last position handed out: every event committed before this read has one at or below
+/// it (a non-transactional read of the sequence).
+async fn last_position(client: &tokio_postgres::Client) -> Result<i64> {
+    Ok(client
+        .query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM events_position_seq",
+            &[],
+        )
+        .await?
+        .get(0))
 }
 
 async fn run_horizon(
@@ -420,13 +484,7 @@ async fn advance(
     fenced: &mut i64,
 ) -> Result<Option<i64>> {
     let client = db::client(pool).await?;
-    let position: i64 = client
-        .query_one(
-            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM events_position_seq",
-            &[],
-        )
-        .await?
-        .get(0);
+    let position = last_position(&client).await?;
     if position > *fenced {
         // A transaction id taken now is above that of every transaction holding a position
         // read above (they took theirs first). A snapshot's xmax would not do: it is one past

@@ -2408,8 +2408,28 @@ async fn events_until_caught_up_writes_the_log_and_exits() {
         .unwrap();
     assert_eq!(saved, first[2]["position"].as_i64().unwrap());
 
-    // Nothing new: nothing written. Then one more user: only that one.
+    // Nothing new: nothing written. Then an event the filter leaves out: nothing written,
+    // but the state moves past it (the server's checkpoint), so no later run reads it again.
     assert!(run().await.is_empty());
+    users
+        .block_user(pb::BlockUserRequest {
+            id: created[1].clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let blocked_at = app
+        .sql_one::<i64>("SELECT max(position) FROM events", &[])
+        .await;
+    assert!(run().await.is_empty());
+    let saved: i64 = std::fs::read_to_string(&state)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(saved, blocked_at);
+    // One more user, read at once (the run does not stop before an event committed before it
+    // began): only that one.
     let late = create_user(&mut users, "catchup-late@example.com").await;
     let second = run().await;
     assert_eq!(second.len(), 1, "{second:?}");

@@ -57,6 +57,7 @@ async fn stream(
             after_position: after,
             since: None,
             filter: filter.into(),
+            checkpoints: false,
         })
         .await
         .unwrap()
@@ -279,6 +280,7 @@ async fn a_stream_replays_then_follows_and_resumes() {
             after_position: 0,
             since,
             filter: String::new(),
+            checkpoints: false,
         })
         .await
         .unwrap()
@@ -292,10 +294,138 @@ async fn a_stream_replays_then_follows_and_resumes() {
             after_position: -1,
             since: None,
             filter: "nope = 1".into(),
+            checkpoints: false,
         })
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&err), ["after_position", "filter"]);
+}
+
+/// The next message of a stream that asked for checkpoints, failing after `secs` seconds.
+async fn next_message(
+    stream: &mut tonic::Streaming<pb::StreamEventsResponse>,
+    secs: u64,
+) -> pb::StreamEventsResponse {
+    let m = tokio::time::timeout(Duration::from_secs(secs), stream.message())
+        .await
+        .expect("nothing arrived")
+        .unwrap()
+        .expect("stream ended");
+    assert!(
+        m.event.is_some() != m.checkpoint.is_some(),
+        "a message is an event or a checkpoint: {m:?}"
+    );
+    m
+}
+
+#[tokio::test]
+async fn checkpoints_mark_the_backlogs_end_and_what_the_filter_passed_over() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    for i in 0..3 {
+        create_user(&mut users, &format!("c{i}@example.com")).await;
+    }
+    let open = |after: i64, filter: &'static str| {
+        let mut logs = app.logs();
+        async move {
+            logs.stream_events(pb::StreamEventsRequest {
+                after_position: after,
+                since: None,
+                filter: filter.into(),
+                checkpoints: true,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+
+    // The backlog, then a checkpoint at its end (the last event's position: nothing of this
+    // project came after it).
+    let mut all = open(0, "").await;
+    let mut replayed = Vec::new();
+    let end = loop {
+        let m = next_message(&mut all, 5).await;
+        match m.checkpoint {
+            Some(c) => break c.position,
+            None => replayed.push(m.event.unwrap()),
+        }
+    };
+    assert_eq!(replayed.len(), 3, "{replayed:?}");
+    assert!(end >= replayed[2].position, "{end} {replayed:?}");
+
+    // A filtered stream with nothing to replay says so at once.
+    let mut blocked = open(0, "type = USER_BLOCKED").await;
+    let first = next_message(&mut blocked, 5).await;
+    let caught_up = first
+        .checkpoint
+        .expect("a checkpoint, not an event")
+        .position;
+    assert!(caught_up >= replayed[2].position);
+
+    // Events it leaves out move its checkpoints on, spaced at least a second apart, and the
+    // last one comes even though the log went quiet before its time.
+    let started = std::time::Instant::now();
+    let mut created = Vec::new();
+    for i in 0..12 {
+        created.push(create_user(&mut users, &format!("d{i}@example.com")).await);
+    }
+    let last_created = app
+        .logs()
+        .list_events(list("type = USER_CREATED", 1, "", "occurred_at desc"))
+        .await
+        .unwrap()
+        .into_inner()
+        .events[0]
+        .position;
+    let mut checkpoints = vec![caught_up];
+    while *checkpoints.last().unwrap() < last_created {
+        let m = next_message(&mut blocked, 5).await;
+        assert!(m.event.is_none(), "the filter lets no event through: {m:?}");
+        let at = m.checkpoint.unwrap().position;
+        assert!(
+            at > *checkpoints.last().unwrap(),
+            "{checkpoints:?} then {at}"
+        );
+        checkpoints.push(at);
+    }
+    let spaced_for = started.elapsed().as_secs_f64();
+    assert!(
+        (checkpoints.len() - 1) as f64 <= spaced_for + 1.0,
+        "{} checkpoints in {spaced_for:.1} s",
+        checkpoints.len() - 1
+    );
+    // The unfiltered stream is told about the same events as events, not checkpoints.
+    for _ in 0..12 {
+        let m = next_message(&mut all, 5).await;
+        assert_eq!(type_of(&m.event.unwrap()), pb::EventType::UserCreated);
+    }
+
+    // Then a matching event, and a resume from the last checkpoint: that event alone, since
+    // everything before the checkpoint was passed over.
+    users
+        .block_user(pb::BlockUserRequest {
+            id: created[5].id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let m = next_message(&mut blocked, 5).await;
+    let block = m.event.expect("the block");
+    assert_eq!(block.user_id, created[5].id);
+    let mut resumed = stream(&app, *checkpoints.last().unwrap(), "type = USER_BLOCKED").await;
+    assert_eq!(take(&mut resumed, 1, 5).await, std::slice::from_ref(&block));
+    quiet(&mut resumed).await;
+    let mut everything = stream(&app, *checkpoints.last().unwrap(), "").await;
+    assert_eq!(take(&mut everything, 1, 5).await, [block]);
+
+    // Another project's events are passed over too.
+    let (_, other) = app.other_project().await;
+    let before = *checkpoints.last().unwrap();
+    create_user(&mut app.users_with(Some(&other)), "o@example.com").await;
+    let m = next_message(&mut blocked, 5).await;
+    let after = m.checkpoint.expect("a checkpoint").position;
+    assert!(after > before);
 }
 
 #[tokio::test]
@@ -676,6 +806,7 @@ async fn caught_up_streams_share_each_read() {
                 after_position: 0,
                 since: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
                 filter: filter.into(),
+                checkpoints: false,
             })
             .await
             .unwrap()
