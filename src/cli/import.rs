@@ -676,18 +676,24 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         ),
         Source::Keycloak => Convert::Keycloak,
         Source::Cognito => Convert::Cognito,
+        Source::Supabase => Convert::Supabase,
+        Source::Clerk => Convert::Clerk,
     };
     if format == InputFormat::Csv
         && matches!(
             args.from,
-            Source::Firebase | Source::Keycloak | Source::Cognito
+            Source::Firebase | Source::Keycloak | Source::Cognito | Source::Supabase
         )
     {
         bail!(
             "{:?} exports are read as JSON (firebase auth:export users.json; kc.sh export; \
-             aws cognito-idp list-users); this file looks like CSV",
+             aws cognito-idp list-users; the README's psql query for Supabase); this file \
+             looks like CSV",
             args.from
         );
+    }
+    if format != InputFormat::Csv && args.from == Source::Clerk {
+        bail!("Clerk's user export is CSV; this file looks like JSON");
     }
     // Failed records of a JSON document are written as JSON lines.
     let errors_format = match format {

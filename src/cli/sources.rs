@@ -25,6 +25,11 @@ pub enum Source {
     /// An Amazon Cognito user pool's users (`aws cognito-idp list-users`); Cognito never
     /// exports passwords.
     Cognito,
+    /// Supabase Auth's `auth.users` rows as JSON (the README's psql query, which adds each
+    /// user's identities and verified MFA factors).
+    Supabase,
+    /// A Clerk dashboard user export (CSV).
+    Clerk,
 }
 
 /// Identity providers of Auth0 that are not linked accounts: its own database connection
@@ -138,6 +143,8 @@ pub enum Convert {
     Firebase(Option<FirebaseHash>),
     Keycloak,
     Cognito,
+    Supabase,
+    Clerk,
 }
 
 impl Convert {
@@ -148,6 +155,8 @@ impl Convert {
             Convert::Firebase(hash) => from_firebase(obj, hash.as_ref()),
             Convert::Keycloak => from_keycloak(obj),
             Convert::Cognito => from_cognito(obj),
+            Convert::Supabase => from_supabase(obj),
+            Convert::Clerk => from_clerk(obj),
         }
     }
 }
@@ -732,27 +741,53 @@ fn keycloak_totp(credential: &Value) -> Result<Value, String> {
         .ok_or("credentials.secretData: has no value")?;
     let seed = match get("secretEncoding").map(|e| e.to_ascii_uppercase()) {
         None => value.as_bytes().to_vec(),
-        Some(e) if e == "BASE32" => base32::decode(
-            base32::Alphabet::Rfc4648 { padding: false },
-            value.trim_end_matches('='),
-        )
-        .ok_or("credentials.secretData: is not base32")?,
+        Some(e) if e == "BASE32" => base32_seed("credentials.secretData", value)?,
         Some(e) => return Err(format!("credentials: unknown OTP secretEncoding {e}")),
     };
-    let mut factor = Map::from_iter([
-        ("type".to_string(), json!("TOTP")),
+    let created = match credential.get("createdDate").cloned() {
+        Some(c) => Some(millis_time("createdDate", c)?),
+        None => None,
+    };
+    Ok(factor(
+        "TOTP",
         (
-            "totp_secret".to_string(),
+            "totp_secret",
             json!(base64::engine::general_purpose::STANDARD.encode(seed)),
         ),
+        credential.get("userLabel").and_then(text),
+        created,
+    ))
+}
+
+/// An `authenticators` entry (records.rs): its type, the one field that type carries, and
+/// the optional name and creation time.
+fn factor(
+    kind: &str,
+    carried: (&str, Value),
+    name: Option<String>,
+    created: Option<Value>,
+) -> Value {
+    let mut f = Map::from_iter([
+        ("type".to_string(), json!(kind)),
+        (carried.0.to_string(), carried.1),
     ]);
-    if let Some(label) = credential.get("userLabel").and_then(text) {
-        factor.insert("name".into(), Value::String(label));
+    if let Some(name) = name {
+        f.insert("name".into(), Value::String(name));
     }
-    if let Some(created) = credential.get("createdDate").cloned() {
-        factor.insert("created_at".into(), millis_time("createdDate", created)?);
+    if let Some(created) = created.filter(|c| !c.is_null()) {
+        f.insert("created_at".into(), created);
     }
-    Ok(Value::Object(factor))
+    Value::Object(f)
+}
+
+/// A TOTP seed as authenticator apps are given it: base32, padded or not, any case.
+fn base32_seed(field: &str, text: &str) -> Result<Vec<u8>, String> {
+    base32::decode(
+        base32::Alphabet::Rfc4648 { padding: false },
+        &text.trim().trim_end_matches('=').to_ascii_uppercase(),
+    )
+    .filter(|seed| !seed.is_empty())
+    .ok_or_else(|| format!("{field}: is not base32"))
 }
 
 /// A Keycloak password credential as a PHC string. Keycloak keeps `secretData` (`value`, the
@@ -818,6 +853,378 @@ fn keycloak_hash(credential: &Value) -> Result<String, String> {
             "credentials: Keycloak hash algorithm '{other}' is not one Roster accepts"
         )),
     }
+}
+
+/// Supabase Auth's bookkeeping columns of `auth.users`: one-time tokens (secrets, never
+/// carried), pending changes, and what Roster keeps its own account of.
+const SUPABASE_SKIPPED: &[&str] = &[
+    "instance_id",
+    "aud",
+    "role",
+    "confirmation_token",
+    "confirmation_sent_at",
+    "recovery_token",
+    "recovery_sent_at",
+    "email_change_token_new",
+    "email_change_token_current",
+    "email_change",
+    "email_change_sent_at",
+    "email_change_confirm_status",
+    "phone_change",
+    "phone_change_token",
+    "phone_change_sent_at",
+    "reauthentication_token",
+    "reauthentication_sent_at",
+    "invited_at",
+    "confirmed_at",
+    "updated_at",
+    "is_super_admin",
+    "is_sso_user",
+];
+
+/// Identity providers of Supabase that are not linked accounts: the email and phone sign-ins.
+const SUPABASE_NOT_LINKED: &[&str] = &["email", "phone"];
+
+/// A row of Supabase Auth's `auth.users` (as `row_to_json` writes it) in Roster's field
+/// names: `id` becomes `external_id`, `encrypted_password` (bcrypt) `password_hash`,
+/// `email_confirmed_at`/`phone_confirmed_at` the verified flags, `phone` (kept without its
+/// `+`) an E.164 number, `last_sign_in_at` `last_login_at`; `raw_user_meta_data` becomes
+/// `user_metadata` (its `full_name` or `name` also `display_name`, its `avatar_url` or
+/// `picture` `picture_url`), `raw_app_meta_data` `app_metadata` without Supabase's own
+/// `provider`/`providers`. A user banned until a time still to come is imported blocked, one
+/// that confirmed neither address pending; a deleted or anonymous user is refused. The
+/// `identities` and `mfa_factors` columns the README's query adds carry linked accounts
+/// (`auth.identities`) and verified TOTP and phone factors (`auth.mfa_factors`).
+pub fn from_supabase(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    let mut confirmed = false;
+    for (k, v) in obj {
+        let to = match k.as_str() {
+            "id" => "external_id",
+            "email" | "username" => k.as_str(),
+            // As the Clerk migration tool's query names them.
+            "first_name" => "given_name",
+            "last_name" => "family_name",
+            "encrypted_password" => {
+                if let Some(hash) = text(&v) {
+                    out.insert("password_hash".into(), Value::String(hash));
+                }
+                continue;
+            }
+            "email_confirmed_at" | "phone_confirmed_at" => {
+                if text(&v).is_some() {
+                    confirmed = true;
+                    let flag = if k == "email_confirmed_at" {
+                        "email_verified"
+                    } else {
+                        "phone_verified"
+                    };
+                    out.insert(flag.into(), Value::Bool(true));
+                }
+                continue;
+            }
+            "phone" => {
+                if let Some(phone) = text(&v) {
+                    out.insert("phone_number".into(), Value::String(e164(&phone)));
+                }
+                continue;
+            }
+            "created_at" | "last_sign_in_at" => {
+                let to = if k == "created_at" {
+                    "created_at"
+                } else {
+                    "last_login_at"
+                };
+                out.insert(to.into(), pg_time(&k, &v)?);
+                continue;
+            }
+            "banned_until" => {
+                let Some(until) = text(&v) else { continue };
+                // PostgreSQL's 'infinity' is a ban for good.
+                let banned = until == "infinity"
+                    || pg_time(&k, &v)?
+                        .as_str()
+                        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+                        .is_some_and(|t| t > Utc::now());
+                if banned {
+                    blocked(&mut out, &format!("banned in Supabase until {until}"));
+                }
+                continue;
+            }
+            "deleted_at" => {
+                if text(&v).is_some() {
+                    return Err("deleted in Supabase (deleted_at is set)".into());
+                }
+                continue;
+            }
+            "is_anonymous" => {
+                if as_bool(&k, v)? {
+                    return Err("an anonymous Supabase user (no address to sign in with)".into());
+                }
+                continue;
+            }
+            "raw_user_meta_data" => {
+                let Value::Object(meta) = as_json(&k, v)? else {
+                    continue;
+                };
+                let first = |names: &[&str]| names.iter().find_map(|n| meta.get(*n).and_then(text));
+                if let Some(name) = first(&["full_name", "name"]) {
+                    out.insert("display_name".into(), Value::String(name));
+                }
+                if let Some(picture) = first(&["avatar_url", "picture"]) {
+                    out.insert("picture_url".into(), Value::String(picture));
+                }
+                if !meta.is_empty() {
+                    out.insert("user_metadata".into(), Value::Object(meta));
+                }
+                continue;
+            }
+            "raw_app_meta_data" => {
+                let Value::Object(mut meta) = as_json(&k, v)? else {
+                    continue;
+                };
+                // Which sign-in methods the user has: Roster keeps that itself.
+                meta.remove("provider");
+                meta.remove("providers");
+                if !meta.is_empty() {
+                    out.insert("app_metadata".into(), Value::Object(meta));
+                }
+                continue;
+            }
+            "identities" => {
+                let list = match as_json(&k, v)? {
+                    Value::Array(a) => a,
+                    Value::Null => continue,
+                    _ => return Err("identities: must be an array".into()),
+                };
+                let mut linked = Vec::new();
+                for (i, id) in list.iter().enumerate() {
+                    let field = |f: &str| id.get(f).and_then(text);
+                    let data = id.get("identity_data").filter(|d| d.is_object());
+                    // provider_id since 2023; before, the provider's id was the row's id.
+                    let subject = field("provider_id")
+                        .or_else(|| data.and_then(|d| d.get("sub")).and_then(text))
+                        .or_else(|| field("id"));
+                    let (Some(provider), Some(subject)) = (field("provider"), subject) else {
+                        return Err(format!("identities[{i}]: needs provider and provider_id"));
+                    };
+                    if SUPABASE_NOT_LINKED.contains(&provider.as_str()) {
+                        continue;
+                    }
+                    let email = field("email")
+                        .or_else(|| data.and_then(|d| d.get("email")).and_then(text))
+                        .map(Value::String);
+                    linked.push(identity(
+                        provider,
+                        subject,
+                        &[("email", email), ("profile", data.cloned())],
+                    ));
+                }
+                set_identities(&mut out, linked);
+                continue;
+            }
+            "mfa_factors" => {
+                let list = match as_json(&k, v)? {
+                    Value::Array(a) => a,
+                    Value::Null => continue,
+                    _ => return Err("mfa_factors: must be an array".into()),
+                };
+                let mut factors = Vec::new();
+                for (i, f) in list.iter().enumerate() {
+                    if let Some(factor) = supabase_factor(i, f)? {
+                        factors.push(factor);
+                    }
+                }
+                if !factors.is_empty() {
+                    out.insert("authenticators".into(), Value::Array(factors));
+                }
+                continue;
+            }
+            other if SUPABASE_SKIPPED.contains(&other) => continue,
+            other => return Err(format!("unknown Supabase field '{other}'")),
+        };
+        out.insert(to.to_string(), v);
+    }
+    let has_address = ["email", "phone_number"]
+        .iter()
+        .any(|f| out.get(*f).and_then(text).is_some());
+    if !confirmed && has_address && !out.contains_key("blocked") {
+        out.insert("pending".into(), Value::Bool(true));
+    }
+    Ok(out)
+}
+
+/// A verified Supabase MFA factor as an `authenticators` entry: TOTP with its base32 secret,
+/// phone as an SMS OTP channel. Unverified factors (enrolment never finished) are left out,
+/// and so are WebAuthn ones (Supabase's credential format is not webauthn-rs's: users
+/// register their passkeys again). A secret encrypted by GoTrue's database encryption cannot
+/// be read here and fails the record.
+fn supabase_factor(i: usize, f: &Value) -> Result<Option<Value>, String> {
+    let field = |name: &str| f.get(name).and_then(text);
+    if field("status").as_deref() != Some("verified") {
+        return Ok(None);
+    }
+    let created = match f.get("created_at") {
+        Some(c) => Some(pg_time("mfa_factors.created_at", c)?),
+        None => None,
+    };
+    let name = field("friendly_name");
+    match field("factor_type").as_deref() {
+        Some("totp") => {
+            let secret = field("secret").ok_or(format!("mfa_factors[{i}]: has no secret"))?;
+            if secret.starts_with('{') {
+                return Err(format!(
+                    "mfa_factors[{i}]: the TOTP secret is encrypted (GoTrue's database \
+                     encryption); decrypt it in the query, or leave mfa_factors out to import \
+                     the user without it"
+                ));
+            }
+            let seed = base32_seed(&format!("mfa_factors[{i}].secret"), &secret)?;
+            Ok(Some(factor(
+                "TOTP",
+                (
+                    "totp_secret",
+                    json!(base64::engine::general_purpose::STANDARD.encode(seed)),
+                ),
+                name,
+                created,
+            )))
+        }
+        Some("phone") => {
+            let phone = field("phone").ok_or(format!("mfa_factors[{i}]: has no phone"))?;
+            Ok(Some(factor(
+                "SMS_OTP",
+                ("phone_number", Value::String(e164(&phone))),
+                name,
+                created,
+            )))
+        }
+        Some("webauthn") => Ok(None),
+        other => Err(format!(
+            "mfa_factors[{i}]: unknown factor_type '{}'",
+            other.unwrap_or_default()
+        )),
+    }
+}
+
+/// A phone number stored without its `+` (Supabase), as E.164.
+fn e164(phone: &str) -> String {
+    let phone = phone.trim();
+    if phone.starts_with('+') {
+        phone.to_string()
+    } else {
+        format!("+{phone}")
+    }
+}
+
+/// A PostgreSQL `timestamptz` as JSON or psql writes it (`2024-01-15T10:30:00.123456+00:00`,
+/// `2024-01-15 10:30:00.123456+00`), as RFC 3339; null or empty stays null.
+fn pg_time(field: &str, v: &Value) -> Result<Value, String> {
+    let Some(t) = text(v) else {
+        return Ok(Value::Null);
+    };
+    let t = t.trim().replacen(' ', "T", 1);
+    DateTime::parse_from_rfc3339(&t)
+        .or_else(|_| DateTime::parse_from_str(&t, "%Y-%m-%dT%H:%M:%S%.f%#z"))
+        .map(|t| {
+            Value::String(
+                t.with_timezone(&Utc)
+                    .to_rfc3339_opts(SecondsFormat::Micros, true),
+            )
+        })
+        .map_err(|_| format!("{field}: must be a time as PostgreSQL writes it"))
+}
+
+/// Clerk's hashers whose digests are in a format Roster reads as it is (bcrypt and PHC
+/// argon2 as themselves, Django's and Werkzeug's as those frameworks write them).
+const CLERK_HASHERS: &[&str] = &[
+    "bcrypt",
+    "argon2i",
+    "argon2id",
+    "bcrypt_sha256_django",
+    "pbkdf2_sha256_django",
+    "scrypt_werkzeug",
+];
+
+/// A Clerk dashboard export row (CSV) in Roster's field names: `id` becomes `external_id`,
+/// `first_name`/`last_name` `given_name`/`family_name`, the primary email address and phone
+/// number `email` and `phone_number` (verified when listed among the verified ones; Roster
+/// keeps one of each, so other addresses are not carried), `password_digest` `password_hash`
+/// when its `password_hasher` is one Roster reads, and `totp_secret` a TOTP factor.
+pub fn from_clerk(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    let cell = |name: &str| obj.get(name).and_then(text).map(|s| s.trim().to_string());
+    let listed = |name: &str, address: &str| {
+        cell(name).is_some_and(|list| {
+            list.split([',', ';', '|', ' '])
+                .any(|a| a.trim().eq_ignore_ascii_case(address))
+        })
+    };
+    for k in obj.keys() {
+        match k.as_str() {
+            "id"
+            | "first_name"
+            | "last_name"
+            | "username"
+            | "primary_email_address"
+            | "primary_phone_number"
+            | "verified_email_addresses"
+            | "unverified_email_addresses"
+            | "verified_phone_numbers"
+            | "unverified_phone_numbers"
+            | "totp_secret"
+            | "password_digest"
+            | "password_hasher" => {}
+            other => return Err(format!("unknown Clerk field '{other}'")),
+        }
+    }
+    for (from, to) in [
+        ("id", "external_id"),
+        ("first_name", "given_name"),
+        ("last_name", "family_name"),
+        ("username", "username"),
+    ] {
+        if let Some(v) = cell(from) {
+            out.insert(to.into(), Value::String(v));
+        }
+    }
+    if let Some(email) = cell("primary_email_address") {
+        let verified = listed("verified_email_addresses", &email);
+        out.insert("email".into(), Value::String(email));
+        out.insert("email_verified".into(), Value::Bool(verified));
+    }
+    if let Some(phone) = cell("primary_phone_number") {
+        let verified = listed("verified_phone_numbers", &phone);
+        out.insert("phone_number".into(), Value::String(phone));
+        out.insert("phone_verified".into(), Value::Bool(verified));
+    }
+    if let Some(digest) = cell("password_digest") {
+        let hasher = cell("password_hasher").unwrap_or_else(|| "bcrypt".into());
+        if !CLERK_HASHERS.contains(&hasher.as_str()) {
+            return Err(format!(
+                "password_hasher '{hasher}' is not a format Roster reads ({}); empty \
+                 password_digest to import the user without the password",
+                CLERK_HASHERS.join(", ")
+            ));
+        }
+        out.insert("password_hash".into(), Value::String(digest));
+    }
+    if let Some(secret) = cell("totp_secret") {
+        let seed = base32_seed("totp_secret", &secret)?;
+        out.insert(
+            "authenticators".into(),
+            json!([factor(
+                "TOTP",
+                (
+                    "totp_secret",
+                    json!(base64::engine::general_purpose::STANDARD.encode(seed))
+                ),
+                None,
+                None,
+            )]),
+        );
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -1056,5 +1463,191 @@ mod tests {
             let err = from_cognito(obj(bad.clone())).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn supabase_rows_take_roster_names() {
+        // As row_to_json writes a row, with the README query's two added columns.
+        let r = from_supabase(obj(json!({
+            "instance_id": "00000000-0000-0000-0000-000000000000",
+            "id": "7c9e6679-7425-40de-944b-e07fc1f90ae7", "aud": "authenticated",
+            "role": "authenticated", "email": "sue@example.com",
+            "encrypted_password": "$2a$10$abc", "email_confirmed_at": "2024-01-15T10:30:00.123456+00:00",
+            "confirmation_token": "secret-token", "recovery_token": "",
+            "phone": "4915112345678", "phone_confirmed_at": null,
+            "last_sign_in_at": "2024-03-01 08:00:00+00", "created_at": "2024-01-15 10:30:00.5+01",
+            "raw_app_meta_data": {"provider": "email", "providers": ["email", "google"], "plan": "pro"},
+            "raw_user_meta_data": {"full_name": "Sue Storm", "avatar_url": "https://img/s.png"},
+            "banned_until": "2020-01-01T00:00:00+00:00", "deleted_at": null, "is_anonymous": false,
+            "is_sso_user": false,
+            "identities": [
+                {"provider": "email", "provider_id": "7c9e6679", "identity_data": {"sub": "7c9e6679"}},
+                {"provider": "google", "provider_id": "1099", "email": "sue@gmail.com",
+                 "identity_data": {"sub": "1099", "name": "Sue"}},
+                {"provider": "github", "id": "42", "identity_data": {"sub": "42"}}
+            ],
+            "mfa_factors": [
+                {"factor_type": "totp", "status": "verified", "secret": "jbswy3dpehpk3pxp",
+                 "friendly_name": "phone app", "created_at": "2024-02-01T00:00:00+00:00"},
+                {"factor_type": "totp", "status": "unverified", "secret": "GEZDGNBV"},
+                {"factor_type": "phone", "status": "verified", "phone": "4915112345678"},
+                {"factor_type": "webauthn", "status": "verified"}
+            ]
+        })))
+        .unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({
+                "external_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7", "email": "sue@example.com",
+                "password_hash": "$2a$10$abc", "email_verified": true,
+                "phone_number": "+4915112345678",
+                "last_login_at": "2024-03-01T08:00:00.000000Z",
+                "created_at": "2024-01-15T09:30:00.500000Z",
+                "app_metadata": {"plan": "pro"},
+                "display_name": "Sue Storm", "picture_url": "https://img/s.png",
+                "user_metadata": {"full_name": "Sue Storm", "avatar_url": "https://img/s.png"},
+                "identities": [
+                    {"provider": "google", "subject": "1099", "email": "sue@gmail.com",
+                     "profile": {"sub": "1099", "name": "Sue"}},
+                    {"provider": "github", "subject": "42", "profile": {"sub": "42"}}
+                ],
+                "authenticators": [
+                    {"type": "TOTP", "totp_secret": "SGVsbG8h3q2+7w==", "name": "phone app",
+                     "created_at": "2024-02-01T00:00:00.000000Z"},
+                    {"type": "SMS_OTP", "phone_number": "+4915112345678"}
+                ]
+            })
+        );
+        // Banned for good or until a time to come: blocked. Nothing confirmed: pending.
+        let r = from_supabase(obj(json!({"email": "b@x.io", "banned_until": "infinity"}))).unwrap();
+        assert_eq!(r["blocked"], true);
+        assert!(!r.contains_key("pending"));
+        let r = from_supabase(obj(
+            json!({"email": "b@x.io", "banned_until": "2999-01-01 00:00:00+00"}),
+        ))
+        .unwrap();
+        assert_eq!(
+            r["blocked_reason"],
+            "banned in Supabase until 2999-01-01 00:00:00+00"
+        );
+        let r = from_supabase(obj(json!({"email": "p@x.io", "email_confirmed_at": null}))).unwrap();
+        assert_eq!(r["pending"], true);
+        for (bad, says) in [
+            (
+                json!({"deleted_at": "2024-01-01T00:00:00+00:00"}),
+                "deleted in Supabase",
+            ),
+            (json!({"is_anonymous": true}), "anonymous"),
+            (
+                json!({"created_at": "yesterday"}),
+                "created_at: must be a time",
+            ),
+            (
+                json!({"identities": [{"provider": "google"}]}),
+                "identities[0]: needs provider",
+            ),
+            (
+                json!({"mfa_factors": [{"factor_type": "totp", "status": "verified",
+                                         "secret": "{\"key_id\":\"k\",\"data\":\"x\"}"}]}),
+                "encrypted",
+            ),
+            (
+                json!({"mfa_factors": [{"factor_type": "totp", "status": "verified", "secret": "not base32!"}]}),
+                "mfa_factors[0].secret: is not base32",
+            ),
+            (
+                json!({"email_change_token": "t"}),
+                "unknown Supabase field 'email_change_token'",
+            ),
+        ] {
+            let err = from_supabase(obj(bad.clone())).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+            assert!(!err.contains("key_id"), "{err}");
+        }
+    }
+
+    #[test]
+    fn clerk_rows_take_roster_names() {
+        // CSV cells: every value text, empty when absent.
+        let row = |cells: &[(&str, &str)]| {
+            let mut m = Map::new();
+            for name in [
+                "id",
+                "first_name",
+                "last_name",
+                "username",
+                "primary_email_address",
+                "primary_phone_number",
+                "verified_email_addresses",
+                "unverified_email_addresses",
+                "verified_phone_numbers",
+                "unverified_phone_numbers",
+                "totp_secret",
+                "password_digest",
+                "password_hasher",
+            ] {
+                let v = cells
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or("", |(_, v)| v);
+                m.insert(name.to_string(), Value::String(v.to_string()));
+            }
+            m
+        };
+        let r = from_clerk(row(&[
+            ("id", "user_2YDryYFVMM1W1plDDKz7Gzf4we6"),
+            ("first_name", "Jane"),
+            ("last_name", "Doe"),
+            ("primary_email_address", "jane@example.com"),
+            (
+                "verified_email_addresses",
+                "old@example.com,Jane@example.com",
+            ),
+            ("primary_phone_number", "+12125550100"),
+            ("unverified_phone_numbers", "+12125550100"),
+            ("totp_secret", "JBSWY3DPEHPK3PXP"),
+            ("password_digest", "$2b$10$U4C0ZY8OG8y41F9LusfKyu"),
+            ("password_hasher", "bcrypt"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({
+                "external_id": "user_2YDryYFVMM1W1plDDKz7Gzf4we6", "given_name": "Jane",
+                "family_name": "Doe", "email": "jane@example.com", "email_verified": true,
+                "phone_number": "+12125550100", "phone_verified": false,
+                "password_hash": "$2b$10$U4C0ZY8OG8y41F9LusfKyu",
+                "authenticators": [{"type": "TOTP", "totp_secret": "SGVsbG8h3q2+7w=="}]
+            })
+        );
+        let r = from_clerk(row(&[("id", "user_1"), ("username", "u1")])).unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({"external_id": "user_1", "username": "u1"})
+        );
+        for (bad, says) in [
+            (
+                row(&[("password_digest", "5f4dcc3b"), ("password_hasher", "md5")]),
+                "password_hasher 'md5' is not a format Roster reads",
+            ),
+            (
+                row(&[("totp_secret", "0189")]),
+                "totp_secret: is not base32",
+            ),
+        ] {
+            let err = from_clerk(bad).unwrap_err();
+            assert!(err.contains(says), "{err}");
+            assert!(
+                !err.contains("5f4dcc3b"),
+                "the digest is not repeated: {err}"
+            );
+        }
+        let mut extra = row(&[]);
+        extra.insert("web3_wallet".into(), json!(""));
+        assert!(
+            from_clerk(extra)
+                .unwrap_err()
+                .contains("unknown Clerk field 'web3_wallet'")
+        );
     }
 }

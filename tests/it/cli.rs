@@ -1929,14 +1929,25 @@ async fn import_from(
     ];
     args.extend(extra);
     let (code, _, err) = roster_client(app, &app.token, &args).await;
-    let reasons = std::fs::read_to_string(&errors)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["_error"].as_str().unwrap().to_string()
-        })
-        .collect();
+    let text = std::fs::read_to_string(&errors).unwrap_or_default();
+    // Failed records are written in the input's format: CSV rows for a CSV file.
+    let reasons = if text.starts_with('{') || text.is_empty() {
+        text.lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["_error"].as_str().unwrap().to_string()
+            })
+            .collect()
+    } else {
+        let mut rows = csv::Reader::from_reader(text.as_bytes());
+        let at = rows
+            .headers()
+            .unwrap()
+            .iter()
+            .position(|h| h == "_error")
+            .unwrap();
+        rows.records().map(|r| r.unwrap()[at].to_string()).collect()
+    };
     (code, err, reasons)
 }
 
@@ -2356,6 +2367,187 @@ async fn a_cognito_user_list_imports_with_its_identities() {
         marked,
         ["cora@example.com", "dora@example.com", "ulla@example.com"]
     );
+}
+
+/// Whether a user's authenticator app, seeded with `seed`, signs in here.
+async fn totp_works(app: &TestApp, user: &str, seed: &[u8]) -> bool {
+    let now = crate::factors::mid_step().await;
+    let r = app
+        .authenticators()
+        .verify_factor(pb::VerifyFactorRequest {
+            user_id: user.into(),
+            r#type: pb::AuthenticatorType::Totp as i32,
+            code: crate::factors::code(seed, now),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    r.result == pb::VerifyFactorResult::Ok as i32
+}
+
+/// A 20-byte TOTP seed (what Supabase and Clerk make) and its base32, as they store it.
+fn seed_of(fill: u8) -> (Vec<u8>, String) {
+    let seed: Vec<u8> = (0..20u8).map(|i| i.wrapping_mul(fill) ^ 0x5a).collect();
+    let b32 = base32::encode(base32::Alphabet::Rfc4648 { padding: false }, &seed);
+    (seed, b32)
+}
+
+/// Moving off Supabase Auth: `auth.users` rows as the README's psql query writes them (one
+/// row_to_json per line, with the user's identities and MFA factors) import with `--from
+/// supabase`: bcrypt passwords sign in, Google sign-ins become identities, verified TOTP
+/// factors keep working, phone numbers gain their `+`; a banned user arrives blocked, an
+/// unconfirmed one pending, and a deleted one is refused.
+#[tokio::test]
+async fn a_supabase_export_imports_with_passwords_and_factors() {
+    use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-supabase-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_, bcrypt) = LEGACY_HASHES.iter().find(|(n, _)| *n == "bcrypt").unwrap();
+    let (seed, secret) = seed_of(7);
+    let id = |n: u8| format!("7c9e6679-7425-40de-944b-e07fc1f90a{n:02x}");
+    let rows = [
+        serde_json::json!({
+            "instance_id": "00000000-0000-0000-0000-000000000000", "id": id(1),
+            "aud": "authenticated", "role": "authenticated", "email": "sue@example.com",
+            "encrypted_password": bcrypt,
+            "email_confirmed_at": "2024-01-15T10:30:00.123456+00:00",
+            "confirmation_token": "", "recovery_token": "", "phone": "4915112345678",
+            "phone_confirmed_at": "2024-01-16T00:00:00+00:00",
+            "last_sign_in_at": "2024-03-01T08:00:00+00:00",
+            "raw_app_meta_data": {"provider": "email", "providers": ["email", "google"], "plan": "pro"},
+            "raw_user_meta_data": {"full_name": "Sue Storm", "newsletter": true},
+            "created_at": "2024-01-15T10:30:00+00:00", "updated_at": "2024-03-01T08:00:00+00:00",
+            "banned_until": null, "deleted_at": null, "is_anonymous": false, "is_sso_user": false,
+            "identities": [
+                {"id": id(11), "user_id": id(1), "provider": "email", "provider_id": id(1),
+                 "identity_data": {"sub": id(1), "email": "sue@example.com"}},
+                {"id": id(12), "user_id": id(1), "provider": "google", "provider_id": "109876543210",
+                 "identity_data": {"sub": "109876543210", "email": "sue@gmail.com", "name": "Sue"},
+                 "email": "sue@gmail.com", "created_at": "2024-02-01T00:00:00+00:00"}
+            ],
+            "mfa_factors": [
+                {"id": id(21), "user_id": id(1), "friendly_name": "Authy", "factor_type": "totp",
+                 "status": "verified", "secret": secret, "created_at": "2024-02-02T00:00:00+00:00"}
+            ]
+        }),
+        serde_json::json!({"id": id(2), "email": "ben@example.com",
+            "email_confirmed_at": "2024-01-15T10:30:00+00:00", "banned_until": "infinity",
+            "identities": null, "mfa_factors": null}),
+        serde_json::json!({"id": id(3), "email": "pat@example.com", "email_confirmed_at": null,
+            "confirmation_token": "a-secret-link-token", "identities": null, "mfa_factors": null}),
+        serde_json::json!({"id": id(4), "email": "del@example.com",
+            "deleted_at": "2024-05-01T00:00:00+00:00"}),
+    ];
+    let file = dir.join("users.jsonl");
+    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let (code, err, reasons) = import_from(&app, &file, "supabase", &[]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("3 created, 0 updated, 1 failed"), "{err}");
+    assert_eq!(reasons, ["deleted in Supabase (deleted_at is set)"]);
+    assert!(!err.contains("a-secret-link-token"), "{err}");
+
+    let mut users = app.users();
+    let sue = crate::user_by_email(&mut users, "sue@example.com").await;
+    assert_eq!(sue.external_id, id(1));
+    assert_eq!(sue.display_name, "Sue Storm");
+    assert_eq!(sue.phone_number, "+4915112345678");
+    assert!(sue.email_verified && sue.phone_verified);
+    assert_eq!(
+        sue.app_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"plan": "pro"}))
+    );
+    assert_eq!(
+        sue.user_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"full_name": "Sue Storm", "newsletter": true}))
+    );
+    assert_eq!(sue.last_login_at.unwrap().seconds, 1_709_280_000);
+    assert_eq!(
+        sign_in(&app, "sue@example.com", "wrong").await,
+        pb::VerifyPasswordResult::InvalidCredentials
+    );
+    assert!(signs_in(&app, "sue@example.com", LEGACY_PASSWORD).await);
+    assert!(totp_works(&app, &sue.id, &seed).await);
+    let factors = crate::factors::list_of(&mut app.authenticators(), &sue.id).await;
+    assert!(factors.iter().any(|a| a.name == "Authy"), "{factors:?}");
+    let by_google = crate::identities::lookup(&mut app.identities(), "google", "109876543210")
+        .await
+        .unwrap()
+        .user
+        .unwrap();
+    assert_eq!(by_google.id, sue.id);
+    let linked = app
+        .identities()
+        .list_identities(pb::ListIdentitiesRequest {
+            user_id: sue.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .identities;
+    assert_eq!(
+        linked.len(),
+        1,
+        "the email sign-in is not a linked account: {linked:?}"
+    );
+
+    let ben = crate::user_by_email(&mut users, "ben@example.com").await;
+    assert_eq!(ben.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(ben.blocked_reason, "banned in Supabase until infinity");
+    let pat = crate::user_by_email(&mut users, "pat@example.com").await;
+    assert_eq!(pat.status, pb::UserStatus::PendingVerification as i32);
+}
+
+/// Moving off Clerk: the dashboard's user export (CSV) imports with `--from clerk`: bcrypt
+/// digests sign in, TOTP secrets keep working, the primary address is verified when Clerk
+/// listed it so; a digest of a hasher Roster does not read fails its record, naming it.
+#[tokio::test]
+async fn a_clerk_export_imports_with_passwords_and_totp() {
+    use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-clerk-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_, bcrypt) = LEGACY_HASHES.iter().find(|(n, _)| *n == "bcrypt").unwrap();
+    let (seed, secret) = seed_of(11);
+    let csv = format!(
+        "id,first_name,last_name,username,primary_email_address,primary_phone_number,\
+         verified_email_addresses,unverified_email_addresses,verified_phone_numbers,\
+         unverified_phone_numbers,totp_secret,password_digest,password_hasher\n\
+         user_2YDryYFVMM1W1plDDKz7Gzf4we6,Jane,Doe,,jane@example.com,,jane@example.com,,,,\
+         {secret},{bcrypt},bcrypt\n\
+         user_2ZZCgLE7kJG2CRBxTZ6YUIvzS10,John,Doe,johnd,john@example.com,+12125550100,,\
+         john@example.com,+12125550100,,,,\n\
+         user_2cWszPHuo6P2lCdnhhZbVMfbAIC,Mo,Five,,mo@example.com,,mo@example.com,,,,,\
+         5f4dcc3b5aa765d61d8327deb882cf99,md5\n"
+    );
+    let file = dir.join("clerk.csv");
+    std::fs::write(&file, csv).unwrap();
+    let (code, err, reasons) = import_from(&app, &file, "clerk", &[]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("2 created, 0 updated, 1 failed"), "{err}");
+    assert_eq!(reasons.len(), 1);
+    assert!(reasons[0].contains("password_hasher 'md5'"), "{reasons:?}");
+    assert!(!reasons[0].contains("5f4dcc3b"), "{reasons:?}");
+
+    let mut users = app.users();
+    let jane = crate::user_by_email(&mut users, "jane@example.com").await;
+    assert_eq!(jane.external_id, "user_2YDryYFVMM1W1plDDKz7Gzf4we6");
+    assert_eq!(
+        (jane.given_name.as_str(), jane.family_name.as_str()),
+        ("Jane", "Doe")
+    );
+    assert!(jane.email_verified);
+    assert!(signs_in(&app, "jane@example.com", LEGACY_PASSWORD).await);
+    assert!(!signs_in(&app, "jane@example.com", "wrong").await);
+    assert!(totp_works(&app, &jane.id, &seed).await);
+    let john = crate::user_by_email(&mut users, "john@example.com").await;
+    assert_eq!(john.username, "johnd");
+    assert!(!john.email_verified, "Clerk listed it as unverified");
+    assert_eq!(john.phone_number, "+12125550100");
+    assert!(john.phone_verified);
+    assert_eq!(john.enrolled_methods, Vec::<i32>::new());
 }
 
 /// `roster events --until-caught-up`, for a one-off query or a shipper run by a scheduler:
