@@ -885,7 +885,7 @@ const SUPABASE_SKIPPED: &[&str] = &[
 /// Identity providers of Supabase that are not linked accounts: the email and phone sign-ins.
 const SUPABASE_NOT_LINKED: &[&str] = &["email", "phone"];
 
-/// A row of Supabase Auth's `auth.users` (as `row_to_json` writes it) in Roster's field
+/// A row of Supabase Auth's `auth.users` (as `to_jsonb` writes it) in Roster's field
 /// names: `id` becomes `external_id`, `encrypted_password` (bcrypt) `password_hash`,
 /// `email_confirmed_at`/`phone_confirmed_at` the verified flags, `phone` (kept without its
 /// `+`) an E.164 number, `last_sign_in_at` `last_login_at`; `raw_user_meta_data` becomes
@@ -1467,7 +1467,7 @@ mod tests {
 
     #[test]
     fn supabase_rows_take_roster_names() {
-        // As row_to_json writes a row, with the README query's two added columns.
+        // As to_jsonb writes a row, with the README query's two added columns.
         let r = from_supabase(obj(json!({
             "instance_id": "00000000-0000-0000-0000-000000000000",
             "id": "7c9e6679-7425-40de-944b-e07fc1f90ae7", "aud": "authenticated",

@@ -2394,7 +2394,7 @@ fn seed_of(fill: u8) -> (Vec<u8>, String) {
 }
 
 /// Moving off Supabase Auth: `auth.users` rows as the README's psql query writes them (one
-/// row_to_json per line, with the user's identities and MFA factors) import with `--from
+/// to_jsonb row per line, with the user's identities and MFA factors) import with `--from
 /// supabase`: bcrypt passwords sign in, Google sign-ins become identities, verified TOTP
 /// factors keep working, phone numbers gain their `+`; a banned user arrives blocked, an
 /// unconfirmed one pending, and a deleted one is refused.
