@@ -692,9 +692,6 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             args.from
         );
     }
-    if format != InputFormat::Csv && args.from == Source::Clerk {
-        bail!("Clerk's user export is CSV; this file looks like JSON");
-    }
     // Failed records of a JSON document are written as JSON lines.
     let errors_format = match format {
         InputFormat::Csv => Format::Csv,

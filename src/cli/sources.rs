@@ -1146,60 +1146,119 @@ const CLERK_HASHERS: &[&str] = &[
     "scrypt_werkzeug",
 ];
 
-/// A Clerk dashboard export row (CSV) in Roster's field names: `id` becomes `external_id`,
-/// `first_name`/`last_name` `given_name`/`family_name`, the primary email address and phone
-/// number `email` and `phone_number` (verified when listed among the verified ones; Roster
-/// keeps one of each, so other addresses are not carried), `password_digest` `password_hash`
-/// when its `password_hasher` is one Roster reads, and `totp_secret` a TOTP factor.
+/// Clerk export fields Roster has no place for: backup codes (Clerk's own format, which
+/// Roster's recovery codes cannot check: users make new ones).
+const CLERK_SKIPPED: &[&str] = &["backup_codes_enabled", "backup_codes"];
+
+/// A Clerk dashboard export record (CSV, or the JSON variant) in Roster's field names: `id`
+/// becomes `external_id`, `first_name`/`last_name` `given_name`/`family_name`, the primary
+/// email address and phone number `email` and `phone_number` (verified when listed among the
+/// verified ones; Roster keeps one of each, so other addresses are not carried),
+/// `password_digest` `password_hash` when its `password_hasher` is one Roster reads,
+/// `totp_secret` a TOTP factor, `image_url` `picture_url` (when `has_image`: not Clerk's
+/// generated avatar); `unsafe_metadata` (which users may edit) becomes `user_metadata`, and
+/// `public_metadata` with `private_metadata` (both set by the backend) `app_metadata`.
 pub fn from_clerk(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
-    let cell = |name: &str| obj.get(name).and_then(text).map(|s| s.trim().to_string());
-    let listed = |name: &str, address: &str| {
-        cell(name).is_some_and(|list| {
-            list.split([',', ';', '|', ' '])
-                .any(|a| a.trim().eq_ignore_ascii_case(address))
-        })
-    };
-    for k in obj.keys() {
+    let mut verified_emails = Vec::new();
+    let mut verified_phones = Vec::new();
+    let mut picture = None;
+    let mut has_image = true;
+    let mut digest = None;
+    let mut hasher = None;
+    let mut app = Map::new();
+    for (k, v) in obj {
         match k.as_str() {
-            "id"
-            | "first_name"
-            | "last_name"
-            | "username"
-            | "primary_email_address"
-            | "primary_phone_number"
-            | "verified_email_addresses"
-            | "unverified_email_addresses"
-            | "verified_phone_numbers"
-            | "unverified_phone_numbers"
-            | "totp_secret"
-            | "password_digest"
-            | "password_hasher" => {}
+            "id" | "first_name" | "last_name" | "username" => {
+                let to = match k.as_str() {
+                    "id" => "external_id",
+                    "first_name" => "given_name",
+                    "last_name" => "family_name",
+                    _ => "username",
+                };
+                if let Some(t) = text(&v) {
+                    out.insert(to.into(), Value::String(t.trim().to_string()));
+                }
+            }
+            "primary_email_address" => {
+                if let Some(t) = text(&v) {
+                    out.insert("email".into(), Value::String(t.trim().to_string()));
+                }
+            }
+            "primary_phone_number" => {
+                if let Some(t) = text(&v) {
+                    out.insert("phone_number".into(), Value::String(t.trim().to_string()));
+                }
+            }
+            // The JSON export lists the verified ones as `email_addresses`/`phone_numbers`.
+            "verified_email_addresses" | "email_addresses" => verified_emails = clerk_list(&v),
+            "verified_phone_numbers" | "phone_numbers" => verified_phones = clerk_list(&v),
+            "unverified_email_addresses" | "unverified_phone_numbers" => {}
+            "password_digest" => digest = text(&v),
+            "password_hasher" => hasher = text(&v),
+            "totp_secret" => {
+                if let Some(secret) = text(&v) {
+                    let seed = base32_seed("totp_secret", &secret)?;
+                    let totp = factor(
+                        "TOTP",
+                        (
+                            "totp_secret",
+                            json!(base64::engine::general_purpose::STANDARD.encode(seed)),
+                        ),
+                        None,
+                        None,
+                    );
+                    out.insert("authenticators".into(), json!([totp]));
+                }
+            }
+            "image_url" => picture = text(&v),
+            "has_image" => has_image = as_bool(&k, v)?,
+            "unsafe_metadata" => {
+                if let Value::Object(m) = as_json(&k, v)?
+                    && !m.is_empty()
+                {
+                    out.insert("user_metadata".into(), Value::Object(m));
+                }
+            }
+            "public_metadata" | "private_metadata" => {
+                let Value::Object(m) = as_json(&k, v)? else {
+                    continue;
+                };
+                for (key, value) in m {
+                    match app.get(&key) {
+                        Some(other) if *other != value => {
+                            return Err(format!(
+                                "public_metadata and private_metadata both set '{key}', \
+                                 differently: app_metadata can hold one"
+                            ));
+                        }
+                        _ => {
+                            app.insert(key, value);
+                        }
+                    }
+                }
+            }
+            other if CLERK_SKIPPED.contains(&other) => {}
             other => return Err(format!("unknown Clerk field '{other}'")),
         }
     }
-    for (from, to) in [
-        ("id", "external_id"),
-        ("first_name", "given_name"),
-        ("last_name", "family_name"),
-        ("username", "username"),
+    for (field, flag, verified) in [
+        ("email", "email_verified", &verified_emails),
+        ("phone_number", "phone_verified", &verified_phones),
     ] {
-        if let Some(v) = cell(from) {
-            out.insert(to.into(), Value::String(v));
+        if let Some(address) = out.get(field).and_then(Value::as_str) {
+            let listed = verified.iter().any(|a| a.eq_ignore_ascii_case(address));
+            out.insert(flag.into(), Value::Bool(listed));
         }
     }
-    if let Some(email) = cell("primary_email_address") {
-        let verified = listed("verified_email_addresses", &email);
-        out.insert("email".into(), Value::String(email));
-        out.insert("email_verified".into(), Value::Bool(verified));
+    if let Some(picture) = picture.filter(|_| has_image) {
+        out.insert("picture_url".into(), Value::String(picture));
     }
-    if let Some(phone) = cell("primary_phone_number") {
-        let verified = listed("verified_phone_numbers", &phone);
-        out.insert("phone_number".into(), Value::String(phone));
-        out.insert("phone_verified".into(), Value::Bool(verified));
+    if !app.is_empty() {
+        out.insert("app_metadata".into(), Value::Object(app));
     }
-    if let Some(digest) = cell("password_digest") {
-        let hasher = cell("password_hasher").unwrap_or_else(|| "bcrypt".into());
+    if let Some(digest) = digest {
+        let hasher = hasher.unwrap_or_else(|| "bcrypt".into());
         if !CLERK_HASHERS.contains(&hasher.as_str()) {
             return Err(format!(
                 "password_hasher '{hasher}' is not a format Roster reads ({}); empty \
@@ -1209,22 +1268,28 @@ pub fn from_clerk(obj: Map<String, Value>) -> Result<Map<String, Value>, String>
         }
         out.insert("password_hash".into(), Value::String(digest));
     }
-    if let Some(secret) = cell("totp_secret") {
-        let seed = base32_seed("totp_secret", &secret)?;
-        out.insert(
-            "authenticators".into(),
-            json!([factor(
-                "TOTP",
-                (
-                    "totp_secret",
-                    json!(base64::engine::general_purpose::STANDARD.encode(seed))
-                ),
-                None,
-                None,
-            )]),
-        );
-    }
     Ok(out)
+}
+
+/// A list of addresses: a JSON array, or a CSV cell's text (comma-separated, or JSON).
+fn clerk_list(v: &Value) -> Vec<String> {
+    let items: Vec<Value> = match v {
+        Value::Array(a) => a.clone(),
+        Value::String(s) if s.trim_start().starts_with('[') => {
+            serde_json::from_str::<Vec<Value>>(s).unwrap_or_default()
+        }
+        Value::String(s) => s
+            .split([',', ';', '|', ' '])
+            .map(|a| Value::String(a.to_string()))
+            .collect(),
+        _ => vec![],
+    };
+    items
+        .iter()
+        .filter_map(text)
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect()
 }
 
 #[cfg(test)]
@@ -1649,5 +1714,35 @@ mod tests {
                 .unwrap_err()
                 .contains("unknown Clerk field 'web3_wallet'")
         );
+        // The JSON variant of the export.
+        let r = from_clerk(obj(json!({
+            "id": "user_2fT3", "first_name": "John", "last_name": null, "username": null,
+            "primary_email_address": "john@example.com",
+            "email_addresses": ["test@example.com", "JOHN@example.com"],
+            "primary_phone_number": null, "phone_numbers": null,
+            "password_digest": null, "password_hasher": null,
+            "unsafe_metadata": {"theme": "dark"}, "public_metadata": {"plan": "pro"},
+            "private_metadata": {"plan": "pro", "stripe": "cus_1"},
+            "has_image": false, "image_url": "https://img.clerk.com/generated",
+            "backup_codes_enabled": true, "backup_codes": ["a1b2c3d4"], "totp_secret": null
+        })))
+        .unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({
+                "external_id": "user_2fT3", "given_name": "John", "email": "john@example.com",
+                "email_verified": true, "user_metadata": {"theme": "dark"},
+                "app_metadata": {"plan": "pro", "stripe": "cus_1"}
+            })
+        );
+        let r = from_clerk(obj(
+            json!({"id": "u", "has_image": true, "image_url": "https://i/x.png"}),
+        ))
+        .unwrap();
+        assert_eq!(r["picture_url"], "https://i/x.png");
+        let clash = from_clerk(obj(json!({"public_metadata": {"role": "admin"},
+                                           "private_metadata": {"role": "user"}})))
+        .unwrap_err();
+        assert!(clash.contains("both set 'role'"), "{clash}");
     }
 }
