@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{Map, Value};
-use tonic::Code;
 
 use super::remote::ServerArgs;
 use crate::pb::v1 as pb;
@@ -180,7 +179,7 @@ async fn follow<W: Write>(
             Ok(Paused::Ended) => anyhow::anyhow!("the server ended the stream"),
             Err(e) => e,
         };
-        if !retryable(&e) {
+        if !super::remote::retryable(&e) {
             return Err(e);
         }
         out.save()?;
@@ -238,24 +237,6 @@ async fn pump<W: Write>(
             }
             None => return Ok(Paused::Ended),
         }
-    }
-}
-
-/// Whether following can go on after `e`: the server or the network went away (a replica
-/// shutting down, a restart, a broken connection), as opposed to a bad key or filter.
-fn retryable(e: &anyhow::Error) -> bool {
-    match e.downcast_ref::<tonic::Status>() {
-        Some(status) => matches!(
-            status.code(),
-            Code::Unavailable
-                | Code::Unknown
-                | Code::Internal
-                | Code::Cancelled
-                | Code::ResourceExhausted
-                | Code::DeadlineExceeded
-        ),
-        // Connecting failed, or the stream ended: the server is away.
-        None => e.downcast_ref::<std::io::Error>().is_none(),
     }
 }
 

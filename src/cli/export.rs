@@ -1,9 +1,12 @@
 //! `roster export`: writes ExportUsers to JSONL or CSV, a user at a time (memory stays flat).
 //! With `-o FILE` the file appears only once the export is complete (it is written under a
-//! temporary name first), so a broken export is never mistaken for a whole one.
+//! temporary name first), so a broken export is never mistaken for a whole one. When the
+//! server goes away mid-export (a replica restarted, a connection cut), the export goes on
+//! after the last user written: users come in id order, so a new call with `id > "<last>"`
+//! added to the filter brings exactly the rest.
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tonic_types::StatusExt;
@@ -14,6 +17,11 @@ use crate::pb::v1 as pb;
 
 /// How long `roster export` waits, in all, for a server busy with other exports.
 const MAX_BUSY_WAIT: Duration = Duration::from_secs(600);
+/// How long an export may go without receiving a user, across reconnections, before it
+/// gives up; and the waits between reconnections (doubling from the first to the last).
+const MAX_OUTAGE: Duration = Duration::from_secs(300);
+const RECONNECT_FIRST: Duration = Duration::from_millis(500);
+const RECONNECT_LAST: Duration = Duration::from_secs(30);
 
 #[derive(clap::Args, Debug)]
 pub struct ExportArgs {
@@ -78,11 +86,14 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         .await
         .ok()
         .map(|r| r.into_inner().total_size as u64);
+    // The id is asked for even when not written: it is where a broken export goes on from.
+    let mut mask = fields.clone();
+    if !mask.is_empty() && !mask.iter().any(|f| f == "id") {
+        mask.push("id".into());
+    }
     let request = pb::ExportUsersRequest {
         filter: args.filter.clone(),
-        read_mask: (!fields.is_empty()).then(|| prost_types::FieldMask {
-            paths: fields.clone(),
-        }),
+        read_mask: (!mask.is_empty()).then_some(prost_types::FieldMask { paths: mask }),
         include_password_hashes: args.include_password_hashes,
         include_identities: args.include_identities,
         include_authenticators: args.include_authenticators,
@@ -90,9 +101,9 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     // A server running its limit of exports says when to try again: wait (a scheduled
     // backup should not fail because another one is running), for a while.
     let mut waited = Duration::ZERO;
-    let mut stream = loop {
+    let mut open = async |request: pb::ExportUsersRequest| loop {
         match users.export_users(request.clone()).await {
-            Ok(r) => break r.into_inner(),
+            Ok(r) => return Ok(r.into_inner()),
             Err(s) => match s.get_details_retry_info().and_then(|r| r.retry_delay) {
                 Some(delay)
                     if s.code() == tonic::Code::ResourceExhausted && waited < MAX_BUSY_WAIT =>
@@ -101,10 +112,13 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
                     tokio::time::sleep(delay).await;
                     waited += delay;
                 }
-                _ => anyhow::bail!("the server refused the export: {}", s.message()),
+                _ => return Err(s),
             },
         }
     };
+    let mut stream = open(request.clone())
+        .await
+        .map_err(|s| anyhow::anyhow!("the server refused the export: {}", s.message()))?;
 
     let (sink, temp): (Box<dyn Write>, Option<PathBuf>) = match &args.output {
         Some(path) => {
@@ -133,22 +147,77 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     };
     let mut progress = Progress::new("exported", total, false);
     let mut count = 0u64;
+    let mut last_id = String::new();
+    let mut resumed = 0u32;
     let result = async {
-        while let Some(m) = stream.message().await? {
-            let obj = records::export_json(&m, &columns);
-            match &mut out {
-                Sink::Csv(w) => w.write_record(
-                    columns
-                        .iter()
-                        .map(|c| obj.get(c).map(records::cell).unwrap_or_default()),
-                )?,
-                Sink::Jsonl(w) => {
-                    serde_json::to_writer(&mut *w, &obj)?;
-                    w.write_all(b"\n")?;
+        let mut wait = RECONNECT_FIRST;
+        let mut last_user = Instant::now();
+        loop {
+            // The stream's own errors may be the server going away; writing's never are.
+            let broke = loop {
+                let m = match stream.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break None,
+                    Err(status) => break Some(status),
+                };
+                let obj = records::export_json(&m, &columns);
+                match &mut out {
+                    Sink::Csv(w) => w.write_record(
+                        columns
+                            .iter()
+                            .map(|c| obj.get(c).map(records::cell).unwrap_or_default()),
+                    )?,
+                    Sink::Jsonl(w) => {
+                        serde_json::to_writer(&mut *w, &obj)?;
+                        w.write_all(b"\n")?;
+                    }
+                }
+                if let Some(u) = &m.user {
+                    last_id.clone_from(&u.id);
+                }
+                count += 1;
+                last_user = Instant::now();
+                wait = RECONNECT_FIRST;
+                progress.update(count, count, String::new);
+            };
+            let Some(status) = broke else { break };
+            let status = anyhow::Error::from(status);
+            if !super::remote::retryable(&status) || last_user.elapsed() > MAX_OUTAGE {
+                return Err(status);
+            }
+            // Go on after the last user written, the rest of the filter as it was.
+            let after = format!("id > \"{last_id}\"");
+            let filter = match (args.filter.trim(), last_id.is_empty()) {
+                (_, true) => args.filter.clone(),
+                ("", false) => after,
+                (f, false) => format!("({f}) AND {after}"),
+            };
+            loop {
+                progress.println(&format!(
+                    "roster export: {}; going on after {count} users in {:.1} s",
+                    super::error_line(&status),
+                    wait.as_secs_f64()
+                ));
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(RECONNECT_LAST);
+                let again = pb::ExportUsersRequest {
+                    filter: filter.clone(),
+                    ..request.clone()
+                };
+                match open(again).await {
+                    Ok(s) => {
+                        stream = s;
+                        resumed += 1;
+                        break;
+                    }
+                    Err(s) => {
+                        let e = anyhow::Error::from(s);
+                        if !super::remote::retryable(&e) || last_user.elapsed() > MAX_OUTAGE {
+                            return Err(e);
+                        }
+                    }
                 }
             }
-            count += 1;
-            progress.update(count, count, String::new);
         }
         match &mut out {
             Sink::Csv(w) => w.flush()?,
@@ -169,5 +238,11 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         std::fs::rename(t, path).with_context(|| format!("writing {}", path.display()))?;
     }
     eprintln!("exported {count} users {}", progress.took(count));
+    if resumed > 0 {
+        eprintln!(
+            "the export went on {resumed} time(s) after the server went away: users changed \
+             during a break may be as they were before or after it"
+        );
+    }
     Ok(())
 }

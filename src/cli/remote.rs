@@ -162,6 +162,14 @@ impl Progress {
         took(self.started.elapsed(), count)
     }
 
+    /// A line on standard error, above the bar when there is one.
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
@@ -175,6 +183,25 @@ fn took(elapsed: Duration, count: u64) -> String {
         format!("in {secs:.1}s")
     } else {
         format!("in {secs:.1}s ({:.0}/s)", count as f64 / secs)
+    }
+}
+
+/// Whether a stream can go on after `e` by calling again: the server or the network went
+/// away (a replica shutting down, a restart, a broken connection), as opposed to a bad key
+/// or filter.
+pub fn retryable(e: &anyhow::Error) -> bool {
+    match e.downcast_ref::<tonic::Status>() {
+        Some(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::Cancelled
+                | tonic::Code::ResourceExhausted
+                | tonic::Code::DeadlineExceeded
+        ),
+        // Connecting failed, or the stream ended: the server is away.
+        None => e.downcast_ref::<std::io::Error>().is_none(),
     }
 }
 

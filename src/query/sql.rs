@@ -197,7 +197,13 @@ fn comparison(
     };
     Ok(match f.kind {
         FieldKind::Uuid => {
-            only_eq("id")?;
+            // Ids are UUIDv7, so they order by creation: `id > "..."` goes on after a user
+            // (how `roster export` resumes).
+            if op == Op::Has {
+                return Err(format!(
+                    "'{name}' is not a list: compare it with =, !=, <, >"
+                ));
+            }
             let id = Uuid::try_parse(text_of(value))
                 .map_err(|_| format!("'{name}' must be compared with a UUID"))?;
             format!("{col} {} {}", sql_op(op), sql.param(id))

@@ -1162,6 +1162,98 @@ async fn csv_export_and_import_round_trip_quotes_newlines_and_unicode() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A TCP proxy to `to` that cuts its first connection once `cut_after` bytes have gone to the
+/// client (a replica going away mid-stream); later connections pass through whole.
+async fn cutting_proxy(to: std::net::SocketAddr, cut_after: usize) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut limit = Some(cut_after);
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(to).await else {
+                continue;
+            };
+            let cut = limit.take();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = tokio::io::copy(&mut cr, &mut sw);
+                let down = async {
+                    let mut sent = 0usize;
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = sr.read(&mut buf).await?;
+                        if n == 0 || cut.is_some_and(|c| sent >= c) {
+                            return std::io::Result::Ok(());
+                        }
+                        cw.write_all(&buf[..n]).await?;
+                        sent += n;
+                    }
+                };
+                // Whichever direction ends, both sockets close with it.
+                tokio::select! {
+                    _ = up => {}
+                    _ = down => {}
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A connection cut in the middle of an export (a replica restarted, a load balancer's idle
+/// cut) does not end it: `roster export` goes on after the last user written, so the file
+/// holds every user exactly once, in id order, and says the export went on.
+#[tokio::test]
+async fn an_export_goes_on_after_its_connection_is_cut() {
+    const N: usize = 3000;
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    crate::bulk::seed_more_than_buffers_hold(&mut users, N).await;
+    // An email and an id are about 60 bytes a user: cut after a third of the export.
+    let proxy = cutting_proxy(app.addr, 60 * 1024).await;
+    let dir = std::env::temp_dir().join(format!("roster-export-cut-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("users.jsonl");
+    let server = format!("http://{proxy}");
+    let (code, _, err) = roster_client(
+        &app,
+        &app.token,
+        &[
+            "export",
+            "--server",
+            &server,
+            "--fields",
+            "email",
+            "-o",
+            file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("going on after"), "the cut happened: {err}");
+    assert!(err.contains(&format!("exported {N} users")), "{err}");
+    assert!(err.contains("went on 1 time(s)"), "{err}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let emails: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(
+                v.as_object().unwrap().len(),
+                1,
+                "only the fields asked for: {l}"
+            );
+            v["email"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(emails.len(), N);
+    let distinct: std::collections::BTreeSet<&String> = emails.iter().collect();
+    assert_eq!(distinct.len(), N, "no user twice");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `roster export | roster import -`: standard input has no extension, so its format is told
 /// from its first non-blank byte, as a file's is.
 #[tokio::test]

@@ -261,6 +261,43 @@ async fn filter_grammar() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("is a list"), "{}", err.message());
+
+    // Ids are UUIDv7 and order by creation: `id > "..."` goes on after a user.
+    let mut all = Vec::new();
+    for email in [
+        "ada@example.com",
+        "alan@other.org",
+        "grace@example.com",
+        "linus@other.org",
+    ] {
+        all.push((crate::user_by_email(&mut users, email).await.id, email));
+    }
+    all.sort();
+    let (pivot, _) = &all[1];
+    let mut later: Vec<&str> = all[2..].iter().map(|(_, e)| *e).collect();
+    later.sort();
+    assert_eq!(
+        emails(&mut users, &format!("id > \"{pivot}\""))
+            .await
+            .unwrap(),
+        later
+    );
+    let mut upto: Vec<&str> = all[..2].iter().map(|(_, e)| *e).collect();
+    upto.sort();
+    assert_eq!(
+        emails(&mut users, &format!("id <= \"{pivot}\""))
+            .await
+            .unwrap(),
+        upto
+    );
+    for (filter, says) in [
+        ("id:\"x\"", "is not a list"),
+        ("id > \"not-a-uuid\"", "must be compared with a UUID"),
+    ] {
+        let err = emails(&mut users, filter).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{filter}");
+        assert!(err.message().contains(says), "{filter}: {}", err.message());
+    }
 }
 
 #[tokio::test]
