@@ -6,12 +6,16 @@
 //! given) so that a failed result can be written back with its reason; notes live only until
 //! their result arrives. Records are numbered from 1 in file order (a CSV header is not a
 //! record); `--skip N` leaves out the first N, which is how an interrupted import resumes.
-use std::collections::BTreeMap;
+//! An UPSERT of a file resumes by itself when the server goes away (a replica restarted, a
+//! connection cut): the file is read again from the first record without a result, which
+//! UPSERT makes safe (a record already written is matched and left as it is).
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::ValueEnum as _;
@@ -25,7 +29,7 @@ use super::remote::{Progress, ServerArgs};
 use super::sources::{Convert, FirebaseHash, Source};
 use crate::pb::v1 as pb;
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModeArg {
     /// A record whose user exists fails with ALREADY_EXISTS.
     CreateOnly,
@@ -193,7 +197,7 @@ fn sniff_format(input: &mut dyn Read) -> std::io::Result<(InputFormat, Vec<u8>)>
 
 struct Reader {
     format: InputFormat,
-    convert: Convert,
+    convert: Arc<Convert>,
     skip: u64,
     keep_raw: bool,
     requests: mpsc::Sender<pb::ImportUsersRequest>,
@@ -455,8 +459,14 @@ impl ErrorsFile {
         })
     }
 
+    /// Starts the CSV errors file with the input's header (once: a resumed run reads the
+    /// header again).
     fn header(&mut self, header: &[String]) -> anyhow::Result<()> {
-        if let ErrorsFile::Csv { path, writer } = self {
+        if let ErrorsFile::Csv {
+            path,
+            writer: writer @ None,
+        } = self
+        {
             let mut w = csv::Writer::from_path(&*path)
                 .with_context(|| format!("creating {}", path.display()))?;
             let mut cols = header.to_vec();
@@ -540,6 +550,9 @@ struct Results {
     has_errors_file: bool,
     tally: Tally,
     broken: Option<String>,
+    /// Records that failed before reaching the server, so that a resumed run, reading them
+    /// again, does not count them twice.
+    local_failed: BTreeSet<u64>,
 }
 
 impl Results {
@@ -583,7 +596,9 @@ impl Results {
                     reason,
                 } => {
                     self.last_record = record;
-                    self.fail(record, Some(raw), &reason)?;
+                    if self.local_failed.insert(record) {
+                        self.fail(record, Some(raw), &reason)?;
+                    }
                 }
                 Note::Broken(e) => self.broken = Some(e),
             }
@@ -635,6 +650,33 @@ fn resume_command(args: &ImportArgs, done: u64) -> String {
         command += &format!(" --format {}", f.get_name());
     }
     command + &format!(" --mode upsert --skip {done}")
+}
+
+/// How long an import may go without a result, across reconnections, before it stops; and
+/// the waits between reconnections (doubling from the first to the last).
+const MAX_OUTAGE: Duration = Duration::from_secs(300);
+const RECONNECT_FIRST: Duration = Duration::from_millis(500);
+const RECONNECT_LAST: Duration = Duration::from_secs(30);
+
+/// Whether the import stopped because the server or the network went away (as opposed to a
+/// refusal, or a failure on this side, such as the errors file).
+fn server_went_away(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tonic::Status>().is_some_and(|s| {
+        matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::Cancelled
+                | tonic::Code::DeadlineExceeded
+        )
+    })
+}
+
+/// The file again, from its start, for a resumed run.
+fn reopen(path: &std::path::Path) -> anyhow::Result<Box<dyn Read + Send>> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(Box::new(f))
 }
 
 pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
@@ -699,8 +741,6 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     };
     let errors = ErrorsFile::open(&args.errors, errors_format)?;
     let mut users = args.server.users().await?;
-
-    let (requests, requests_rx) = mpsc::channel(1024);
     let options = pb::ImportOptions {
         mode: match args.mode {
             ModeArg::CreateOnly => pb::ImportMode::CreateOnly,
@@ -712,62 +752,109 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         } as i32,
         dry_run: args.dry_run,
     };
-    requests
-        .send(pb::ImportUsersRequest {
-            item: Some(pb::import_users_request::Item::Options(options)),
-        })
-        .await?;
-    let (notes_tx, notes) = std_mpsc::channel();
-    let bytes = Arc::new(AtomicU64::new(0));
-    let reader = Reader {
-        format,
-        convert,
-        skip: args.skip,
-        keep_raw: args.errors.is_some(),
-        requests,
-        notes: notes_tx,
-    };
-    let counting = Counting {
-        inner: input,
-        bytes: bytes.clone(),
-    };
-    let reader = std::thread::spawn(move || reader.run(counting));
-
+    // Only an UPSERT of a file can go on by itself: the file can be read again, and records
+    // whose results were lost in the break are matched rather than refused as duplicates.
+    let can_resume = args.mode == ModeArg::Upsert && args.file.as_os_str() != "-";
+    let convert = Arc::new(convert);
     let mut progress = Progress::new("imported", total, true);
-    let mut results = Results {
-        notes,
-        pending: BTreeMap::new(),
-        next_index: 0,
-        last_record: args.skip,
-        errors,
-        has_errors_file: args.errors.is_some(),
-        tally: Tally::default(),
-        broken: None,
-    };
-    let outcome = async {
-        let mut stream = users
-            .import_users(ReceiverStream::new(requests_rx))
-            .await?
-            .into_inner();
-        let mut summary = None;
-        while let Some(msg) = stream.message().await? {
-            match msg.item {
-                Some(pb::import_users_response::Item::Result(r)) => {
-                    results.result(r)?;
-                    let t = &results.tally;
-                    progress.update(bytes.load(Ordering::Relaxed), t.done(), || t.detail());
+    let mut input = Some(input);
+    let mut skip = args.skip;
+    let mut carried = (errors, Tally::default(), BTreeSet::new());
+    let mut resumed = 0u32;
+    let mut wait = RECONNECT_FIRST;
+    let mut last_result = Instant::now();
+    let (results, outcome, resume_at) = loop {
+        let input = match input.take() {
+            Some(i) => i,
+            None => reopen(&args.file)?,
+        };
+        let (requests, requests_rx) = mpsc::channel(1024);
+        requests
+            .send(pb::ImportUsersRequest {
+                item: Some(pb::import_users_request::Item::Options(options)),
+            })
+            .await?;
+        let (notes_tx, notes) = std_mpsc::channel();
+        let bytes = Arc::new(AtomicU64::new(0));
+        let reader = Reader {
+            format,
+            convert: convert.clone(),
+            skip,
+            keep_raw: args.errors.is_some(),
+            requests,
+            notes: notes_tx,
+        };
+        let counting = Counting {
+            inner: input,
+            bytes: bytes.clone(),
+        };
+        let reader = std::thread::spawn(move || reader.run(counting));
+        let (errors, tally, local_failed) = carried;
+        let mut results = Results {
+            notes,
+            pending: BTreeMap::new(),
+            next_index: 0,
+            last_record: skip,
+            errors,
+            has_errors_file: args.errors.is_some(),
+            tally,
+            broken: None,
+            local_failed,
+        };
+        let outcome = async {
+            let mut stream = users
+                .import_users(ReceiverStream::new(requests_rx))
+                .await?
+                .into_inner();
+            let mut summary = None;
+            while let Some(msg) = stream.message().await? {
+                match msg.item {
+                    Some(pb::import_users_response::Item::Result(r)) => {
+                        results.result(r)?;
+                        last_result = Instant::now();
+                        wait = RECONNECT_FIRST;
+                        let t = &results.tally;
+                        progress.update(bytes.load(Ordering::Relaxed), t.done(), || t.detail());
+                    }
+                    Some(pb::import_users_response::Item::Summary(s)) => summary = Some(s),
+                    None => {}
                 }
-                Some(pb::import_users_response::Item::Summary(s)) => summary = Some(s),
-                None => {}
             }
+            anyhow::Ok(summary)
         }
-        anyhow::Ok(summary)
-    }
-    .await;
+        .await;
+        // Local failures after the last record sent are only in the notes now.
+        let _ = reader.join();
+        let resume_at = results.answered_prefix();
+        let server_gone = match &outcome {
+            Err(e) => server_went_away(e),
+            Ok(None) => true,
+            Ok(Some(_)) => false,
+        };
+        if !(can_resume
+            && server_gone
+            && results.broken.is_none()
+            && last_result.elapsed() < MAX_OUTAGE)
+        {
+            break (results, outcome, resume_at);
+        }
+        let why = match &outcome {
+            Err(e) => super::error_line(e),
+            Ok(_) => "the server ended the stream without a summary".into(),
+        };
+        progress.println(&format!(
+            "roster import: {why}; going on after record {resume_at} in {:.1} s",
+            wait.as_secs_f64()
+        ));
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(RECONNECT_LAST);
+        resumed += 1;
+        skip = resume_at;
+        let mut local_failed = results.local_failed;
+        local_failed.retain(|r| *r > resume_at);
+        carried = (results.errors, results.tally, local_failed);
+    };
     progress.finish();
-    // Local failures after the last record sent are only in the notes now.
-    let _ = reader.join();
-    let resume_at = results.answered_prefix();
     results.errors.finish()?;
     let t = &results.tally;
     let verb = if args.dry_run { "checked" } else { "imported" };
@@ -779,6 +866,9 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     );
     if t.failed > SHOWN_FAILURES && !results.has_errors_file {
         eprintln!("(first {SHOWN_FAILURES} failures shown; --errors FILE keeps them all)");
+    }
+    if resumed > 0 {
+        eprintln!("the import went on {resumed} time(s) after the server went away");
     }
     let interrupted = match (&outcome, &results.broken) {
         (Err(e), _) => Some(format!("{e:#}")),

@@ -71,7 +71,12 @@ pub enum Command {
 pub fn error_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
-        let text = cause.to_string();
+        // A status as its code and message: its Display adds a Debug dump of its source,
+        // whose own causes follow in the chain anyway.
+        let text = match cause.downcast_ref::<tonic::Status>() {
+            Some(s) => format!("{:?}: {}", s.code(), s.message()),
+            None => cause.to_string(),
+        };
         if parts.last() != Some(&text) {
             parts.push(text);
         }
@@ -140,5 +145,8 @@ mod tests {
         // Equal messages that are not neighbours are both kept.
         let e = anyhow::anyhow!("a").context("b").context("a");
         assert_eq!(error_line(&e), "a: b: a");
+        // A status reads as its code and message, without its Debug dump.
+        let e = anyhow::Error::from(tonic::Status::unavailable("the server is shutting down"));
+        assert_eq!(error_line(&e), "Unavailable: the server is shutting down");
     }
 }

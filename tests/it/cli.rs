@@ -1254,6 +1254,94 @@ async fn an_export_goes_on_after_its_connection_is_cut() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A cut connection does not end an UPSERT import of a file either: `roster import` reads
+/// the file again from the first record without a result and goes on, so every user arrives
+/// once, and the records that fail on this side are reported once though read twice.
+#[tokio::test]
+async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
+    const N: usize = 3000;
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-import-cut-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("users.jsonl");
+    let errors = dir.join("errors.jsonl");
+    // Every 250th line is not JSON: 12 local failures, some read again after the cut.
+    let mut lines = Vec::new();
+    let mut bad = 0;
+    for i in 0..N {
+        if i % 250 == 249 {
+            lines.push(format!("not json {i}"));
+            bad += 1;
+        } else {
+            lines.push(
+                serde_json::json!({"email": format!("cut{i}@example.com"),
+                                          "display_name": format!("Cut {i}")})
+                .to_string(),
+            );
+        }
+    }
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    // A result is a few dozen bytes: cut after about a third of them.
+    let proxy = cutting_proxy(app.addr, 24 * 1024).await;
+    let server = format!("http://{proxy}");
+    let (code, _, err) = roster_client(
+        &app,
+        &app.token,
+        &[
+            "import",
+            file.to_str().unwrap(),
+            "--mode",
+            "upsert",
+            "--server",
+            &server,
+            "--errors",
+            errors.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "the bad lines failed: {err}");
+    assert!(
+        err.contains("going on after record"),
+        "the cut happened: {err}"
+    );
+    assert!(err.contains("went on 1 time(s)"), "{err}");
+    assert!(err.contains(&format!("imported {N} records")), "{err}");
+    assert!(err.contains(&format!(", {bad} failed")), "{err}");
+    let failed = std::fs::read_to_string(&errors).unwrap();
+    assert_eq!(failed.lines().count(), bad, "each bad line once: {failed}");
+    let total = app
+        .users()
+        .list_users(pb::ListUsersRequest {
+            page_size: 1,
+            show_total_size: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .total_size;
+    assert_eq!(total as usize, N - bad);
+    // CREATE_ONLY does not go on by itself (a lost result would come back a duplicate): it
+    // stops and prints the UPSERT command that would.
+    let again = dir.join("more.jsonl");
+    let more: Vec<String> = (0..N)
+        .map(|i| serde_json::json!({"email": format!("more{i}@example.com")}).to_string())
+        .collect();
+    std::fs::write(&again, more.join("\n") + "\n").unwrap();
+    let proxy = cutting_proxy(app.addr, 24 * 1024).await;
+    let server = format!("http://{proxy}");
+    let (code, _, err) = roster_client(
+        &app,
+        &app.token,
+        &["import", again.to_str().unwrap(), "--server", &server],
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("resume with:"), "{err}");
+    assert!(err.contains("--mode upsert --skip"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `roster export | roster import -`: standard input has no extension, so its format is told
 /// from its first non-blank byte, as a file's is.
 #[tokio::test]
