@@ -658,21 +658,6 @@ const MAX_OUTAGE: Duration = Duration::from_secs(300);
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_LAST: Duration = Duration::from_secs(30);
 
-/// Whether the import stopped because the server or the network went away (as opposed to a
-/// refusal, or a failure on this side, such as the errors file).
-fn server_went_away(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<tonic::Status>().is_some_and(|s| {
-        matches!(
-            s.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::Unknown
-                | tonic::Code::Internal
-                | tonic::Code::Cancelled
-                | tonic::Code::DeadlineExceeded
-        )
-    })
-}
-
 /// The file again, from its start, for a resumed run.
 fn reopen(path: &std::path::Path) -> anyhow::Result<Box<dyn Read + Send>> {
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -827,7 +812,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         let _ = reader.join();
         let resume_at = results.answered_prefix();
         let server_gone = match &outcome {
-            Err(e) => server_went_away(e),
+            Err(e) => super::remote::server_went_away(e),
             Ok(None) => true,
             Ok(Some(_)) => false,
         };

@@ -186,20 +186,26 @@ fn took(elapsed: Duration, count: u64) -> String {
     }
 }
 
-/// Whether a stream can go on after `e` by calling again: the server or the network went
-/// away (a replica shutting down, a restart, a broken connection), as opposed to a bad key
-/// or filter.
-pub fn retryable(e: &anyhow::Error) -> bool {
-    match e.downcast_ref::<tonic::Status>() {
-        Some(status) => matches!(
-            status.code(),
+/// Whether a call failed because the server or the network went away (a replica shutting
+/// down, a restart, a broken connection), as opposed to a refusal or a failure on this side.
+pub fn server_went_away(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tonic::Status>().is_some_and(|s| {
+        matches!(
+            s.code(),
             tonic::Code::Unavailable
                 | tonic::Code::Unknown
                 | tonic::Code::Internal
                 | tonic::Code::Cancelled
-                | tonic::Code::ResourceExhausted
                 | tonic::Code::DeadlineExceeded
-        ),
+        )
+    })
+}
+
+/// Whether a stream can go on after `e` by calling again: the server went away, or is busy
+/// (RESOURCE_EXHAUSTED), or a connection could not be made; not a bad key or filter.
+pub fn retryable(e: &anyhow::Error) -> bool {
+    match e.downcast_ref::<tonic::Status>() {
+        Some(s) => server_went_away(e) || s.code() == tonic::Code::ResourceExhausted,
         // Connecting failed, or the stream ended: the server is away.
         None => e.downcast_ref::<std::io::Error>().is_none(),
     }

@@ -706,7 +706,6 @@ fn aws_time(field: &str, v: Value) -> Result<Value, String> {
 /// is can be carried (HMAC-SHA1, 6 digits, 30 s steps): another fails the record, naming it,
 /// rather than dropping the user's second factor.
 fn keycloak_totp(credential: &Value) -> Result<Value, String> {
-    use base64::Engine as _;
     let part = |name: &str| match credential
         .get(name)
         .cloned()
@@ -748,12 +747,8 @@ fn keycloak_totp(credential: &Value) -> Result<Value, String> {
         Some(c) => Some(millis_time("createdDate", c)?),
         None => None,
     };
-    Ok(factor(
-        "TOTP",
-        (
-            "totp_secret",
-            json!(base64::engine::general_purpose::STANDARD.encode(seed)),
-        ),
+    Ok(totp_factor(
+        &seed,
         credential.get("userLabel").and_then(text),
         created,
     ))
@@ -778,6 +773,12 @@ fn factor(
         f.insert("created_at".into(), created);
     }
     Value::Object(f)
+}
+
+/// A TOTP factor with its seed (base64, as `authenticators` takes it).
+fn totp_factor(seed: &[u8], name: Option<String>, created: Option<Value>) -> Value {
+    let secret = base64::engine::general_purpose::STANDARD.encode(seed);
+    factor("TOTP", ("totp_secret", json!(secret)), name, created)
 }
 
 /// A TOTP seed as authenticator apps are given it: base32, padded or not, any case.
@@ -1080,15 +1081,7 @@ fn supabase_factor(i: usize, f: &Value) -> Result<Option<Value>, String> {
                 ));
             }
             let seed = base32_seed(&format!("mfa_factors[{i}].secret"), &secret)?;
-            Ok(Some(factor(
-                "TOTP",
-                (
-                    "totp_secret",
-                    json!(base64::engine::general_purpose::STANDARD.encode(seed)),
-                ),
-                name,
-                created,
-            )))
+            Ok(Some(totp_factor(&seed, name, created)))
         }
         Some("phone") => {
             let phone = field("phone").ok_or(format!("mfa_factors[{i}]: has no phone"))?;
@@ -1199,15 +1192,7 @@ pub fn from_clerk(obj: Map<String, Value>) -> Result<Map<String, Value>, String>
             "totp_secret" => {
                 if let Some(secret) = text(&v) {
                     let seed = base32_seed("totp_secret", &secret)?;
-                    let totp = factor(
-                        "TOTP",
-                        (
-                            "totp_secret",
-                            json!(base64::engine::general_purpose::STANDARD.encode(seed)),
-                        ),
-                        None,
-                        None,
-                    );
+                    let totp = totp_factor(&seed, None, None);
                     out.insert("authenticators".into(), json!([totp]));
                 }
             }
