@@ -599,6 +599,12 @@ impl Results {
                     if self.local_failed.insert(record) {
                         self.fail(record, Some(raw), &reason)?;
                     }
+                    // Only those after the first record still waiting can be read again.
+                    if self.local_failed.len() > 4096 {
+                        // Pending records are kept in stream order, which is file order.
+                        let first = self.pending.values().next().map(|(r, _)| *r);
+                        self.local_failed = self.local_failed.split_off(&first.unwrap_or(record));
+                    }
                 }
                 Note::Broken(e) => self.broken = Some(e),
             }
