@@ -14,6 +14,7 @@ from google.protobuf import field_mask_pb2  # noqa: E402
 from google.rpc import error_details_pb2  # noqa: E402
 from grpc_status import rpc_status  # noqa: E402
 from roster.v1 import authenticator_pb2, authenticator_pb2_grpc  # noqa: E402
+from roster.v1 import log_pb2, log_pb2_grpc  # noqa: E402
 from roster.v1 import user_pb2, user_pb2_grpc  # noqa: E402
 
 
@@ -171,6 +172,27 @@ def main():
         reason, delay = reason_and_delay(e)
         check(reason == "TOO_MANY_CODES", f"ErrorInfo reason: {reason}")
         check(delay is not None and 0 < delay <= 30, f"RetryInfo delay: {delay}")
+
+    # The audit log as a stream that says where its backlog ends: the one matching event,
+    # then a checkpoint at or past it (a message with no event), then the client stops.
+    logs = log_pb2_grpc.LogServiceStub(channel)
+    stream = logs.StreamEvents(
+        log_pb2.StreamEventsRequest(
+            filter=f'type = USER_CREATED AND user_id = "{made[0].id}"', checkpoints=True
+        ),
+        metadata=meta,
+        timeout=30,
+    )
+    first = next(stream)
+    check(first.HasField("event"), f"the backlog's event first: {first}")
+    check(first.event.type == log_pb2.EVENT_TYPE_USER_CREATED, f"{first.event}")
+    end = next(stream)
+    check(
+        end.HasField("checkpoint") and not end.HasField("event"),
+        f"then a checkpoint alone: {end}",
+    )
+    check(end.checkpoint.position >= first.event.position, f"{end.checkpoint}")
+    stream.cancel()
     print("python scenario: ok")
 
 
