@@ -78,8 +78,8 @@ pub struct ImportArgs {
     pub errors: Option<PathBuf>,
     /// Whose field names the file uses: roster (what `roster export` writes), auth0 (an Auth0
     /// user export, JSON or CSV), firebase (`firebase auth:export users.json`), keycloak (a
-    /// realm export) or cognito (`aws cognito-idp list-users`); see the README's "Moving off"
-    /// paragraphs.
+    /// realm export), cognito (`aws cognito-idp list-users`), supabase (`auth.users` rows) or
+    /// clerk (the dashboard's export); see the README's "Moving off" paragraphs.
     #[arg(long, value_enum, default_value = "roster")]
     pub from: Source,
     /// With --from firebase: a file holding the project's password hash parameters as the

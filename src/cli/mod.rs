@@ -56,7 +56,7 @@ pub enum Command {
         #[command(flatten)]
         database: DatabaseConfig,
     },
-    /// Import users from a JSONL or CSV file through a running server (ImportUsers).
+    /// Import users from a JSONL, JSON or CSV file through a running server (ImportUsers).
     Import(Box<import::ImportArgs>),
     /// Export users to JSONL or CSV through a running server (ExportUsers).
     Export(Box<export::ExportArgs>),

@@ -28,7 +28,7 @@ pub enum Source {
     /// Supabase Auth's `auth.users` rows as JSON (the README's psql query, which adds each
     /// user's identities and verified MFA factors).
     Supabase,
-    /// A Clerk dashboard user export (CSV).
+    /// A Clerk dashboard user export (CSV, or its JSON variant).
     Clerk,
 }
 
