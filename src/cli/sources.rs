@@ -28,7 +28,8 @@ pub enum Source {
     /// Supabase Auth's `auth.users` rows as JSON (the README's psql query, which adds each
     /// user's identities and verified MFA factors).
     Supabase,
-    /// A Clerk dashboard user export (CSV, or its JSON variant).
+    /// A Clerk dashboard user export (CSV, or its JSON variant), or the Backend API's user
+    /// list (`GET /v1/users`).
     Clerk,
 }
 
@@ -1139,9 +1140,34 @@ const CLERK_HASHERS: &[&str] = &[
     "scrypt_werkzeug",
 ];
 
-/// Clerk export fields Roster has no place for: backup codes (Clerk's own format, which
-/// Roster's recovery codes cannot check: users make new ones).
-const CLERK_SKIPPED: &[&str] = &["backup_codes_enabled", "backup_codes"];
+/// Clerk fields Roster has no place for: backup codes (Clerk's own format, which Roster's
+/// recovery codes cannot check: users make new ones), and the Backend API's flags, settings
+/// and activity that Roster keeps its own account of (or has no notion of: web3 wallets).
+const CLERK_SKIPPED: &[&str] = &[
+    "backup_codes_enabled",
+    "backup_codes",
+    "object",
+    "profile_image_url",
+    "primary_web3_wallet_id",
+    "web3_wallets",
+    "passkeys",
+    "password_enabled",
+    "password_last_updated_at",
+    "two_factor_enabled",
+    "totp_enabled",
+    "backup_code_enabled",
+    "mfa_enabled_at",
+    "mfa_disabled_at",
+    "locked",
+    "lockout_expires_in_seconds",
+    "verification_attempts_remaining",
+    "updated_at",
+    "last_active_at",
+    "delete_self_enabled",
+    "create_organization_enabled",
+    "create_organizations_limit",
+    "legal_accepted_at",
+];
 
 /// A Clerk dashboard export record (CSV, or the JSON variant) in Roster's field names: `id`
 /// becomes `external_id`, `first_name`/`last_name` `given_name`/`family_name`, the primary
@@ -1151,10 +1177,21 @@ const CLERK_SKIPPED: &[&str] = &["backup_codes_enabled", "backup_codes"];
 /// `totp_secret` a TOTP factor, `image_url` `picture_url` (when `has_image`: not Clerk's
 /// generated avatar); `unsafe_metadata` (which users may edit) becomes `user_metadata`, and
 /// `public_metadata` with `private_metadata` (both set by the backend) `app_metadata`.
+///
+/// A user of the Backend API's list (`GET /v1/users`, which has no digests or secrets) maps
+/// the same way, plus: its address objects (the primary one by `primary_*_id`, verified as
+/// its `verification.status` says), `external_accounts` (`oauth_google` as provider
+/// `google`) and `enterprise_accounts`/`saml_accounts` (with the connection's name) as
+/// identities, `banned` as blocked, `created_at` and `last_sign_in_at` (milliseconds), and
+/// Clerk's own `external_id` kept as `app_metadata.clerk_external_id`.
 pub fn from_clerk(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
     let mut verified_emails = Vec::new();
     let mut verified_phones = Vec::new();
+    // The Backend API's address objects, and which of them is primary.
+    let mut addresses: [Vec<(String, String, bool)>; 2] = Default::default();
+    let mut primary: [Option<String>; 2] = Default::default();
+    let mut linked = Vec::new();
     let mut picture = None;
     let mut has_image = true;
     let mut digest = None;
@@ -1183,9 +1220,66 @@ pub fn from_clerk(obj: Map<String, Value>) -> Result<Map<String, Value>, String>
                     out.insert("phone_number".into(), Value::String(t.trim().to_string()));
                 }
             }
-            // The JSON export lists the verified ones as `email_addresses`/`phone_numbers`.
+            // The JSON export lists the verified ones as `email_addresses`/`phone_numbers`
+            // (text); the Backend API lists every one as an object.
+            "email_addresses" | "phone_numbers"
+                if v.as_array().is_some_and(|a| a.iter().any(Value::is_object)) =>
+            {
+                let (i, field) = if k == "email_addresses" {
+                    (0, "email_address")
+                } else {
+                    (1, "phone_number")
+                };
+                addresses[i] = clerk_addresses(&k, field, &v)?;
+            }
+            "primary_email_address_id" => primary[0] = text(&v),
+            "primary_phone_number_id" => primary[1] = text(&v),
             "verified_email_addresses" | "email_addresses" => verified_emails = clerk_list(&v),
             "verified_phone_numbers" | "phone_numbers" => verified_phones = clerk_list(&v),
+            "external_accounts" | "enterprise_accounts" | "saml_accounts" => {
+                let Value::Array(list) = v else { continue };
+                for (i, a) in list.iter().enumerate() {
+                    let field = |f: &str| a.get(f).and_then(text);
+                    let (Some(provider), Some(subject)) =
+                        (field("provider"), field("provider_user_id"))
+                    else {
+                        return Err(format!("{k}[{i}]: needs provider and provider_user_id"));
+                    };
+                    // `oauth_google` is Google; `saml_okta` stays as it is, with its connection.
+                    let provider = provider
+                        .strip_prefix("oauth_")
+                        .map(str::to_string)
+                        .unwrap_or(provider);
+                    let connection = ["enterprise_connection", "saml_connection"]
+                        .iter()
+                        .find_map(|c| a.get(*c).and_then(|c| c.get("name")).and_then(text))
+                        .map(Value::String);
+                    let email = field("email_address").map(Value::String);
+                    linked.push(identity(
+                        provider,
+                        subject,
+                        &[("connection", connection), ("email", email)],
+                    ));
+                }
+            }
+            "banned" => {
+                if as_bool(&k, v)? {
+                    blocked(&mut out, "banned in Clerk");
+                }
+            }
+            "created_at" | "last_sign_in_at" => {
+                let to = if k == "created_at" {
+                    "created_at"
+                } else {
+                    "last_login_at"
+                };
+                out.insert(to.into(), millis_time(&k, v)?);
+            }
+            "external_id" => {
+                if let Some(id) = text(&v) {
+                    app.insert("clerk_external_id".into(), Value::String(id));
+                }
+            }
             "unverified_email_addresses" | "unverified_phone_numbers" => {}
             "password_digest" => digest = text(&v),
             "password_hasher" => hasher = text(&v),
@@ -1227,10 +1321,27 @@ pub fn from_clerk(obj: Map<String, Value>) -> Result<Map<String, Value>, String>
             other => return Err(format!("unknown Clerk field '{other}'")),
         }
     }
+    for (i, field, flag) in [
+        (0, "email", "email_verified"),
+        (1, "phone_number", "phone_verified"),
+    ] {
+        let chosen = addresses[i]
+            .iter()
+            .find(|(id, _, _)| Some(id) == primary[i].as_ref())
+            .or(addresses[i].first());
+        if let Some((_, address, verified)) = chosen {
+            out.insert(field.into(), Value::String(address.clone()));
+            out.insert(flag.into(), Value::Bool(*verified));
+        }
+    }
+    set_identities(&mut out, linked);
     for (field, flag, verified) in [
         ("email", "email_verified", &verified_emails),
         ("phone_number", "phone_verified", &verified_phones),
     ] {
+        if out.contains_key(flag) {
+            continue;
+        }
         if let Some(address) = out.get(field).and_then(Value::as_str) {
             let listed = verified.iter().any(|a| a.eq_ignore_ascii_case(address));
             out.insert(flag.into(), Value::Bool(listed));
@@ -1252,6 +1363,24 @@ pub fn from_clerk(obj: Map<String, Value>) -> Result<Map<String, Value>, String>
             ));
         }
         out.insert("password_hash".into(), Value::String(digest));
+    }
+    Ok(out)
+}
+
+/// The Backend API's address objects: (id, address, verified) each.
+fn clerk_addresses(
+    list_name: &str,
+    field: &str,
+    v: &Value,
+) -> Result<Vec<(String, String, bool)>, String> {
+    let mut out = Vec::new();
+    for (i, a) in v.as_array().into_iter().flatten().enumerate() {
+        let (Some(id), Some(address)) = (a.get("id").and_then(text), a.get(field).and_then(text))
+        else {
+            return Err(format!("{list_name}[{i}]: needs id and {field}"));
+        };
+        let status = a.pointer("/verification/status").and_then(Value::as_str);
+        out.push((id, address, status == Some("verified")));
     }
     Ok(out)
 }
@@ -1729,5 +1858,55 @@ mod tests {
                                            "private_metadata": {"role": "user"}})))
         .unwrap_err();
         assert!(clash.contains("both set 'role'"), "{clash}");
+        // A user of the Backend API's list.
+        let r = from_clerk(obj(json!({
+            "id": "user_2X", "object": "user", "external_id": "legacy-7",
+            "primary_email_address_id": "idn_b", "primary_phone_number_id": null,
+            "username": null, "first_name": "Ann", "last_name": null,
+            "image_url": "https://img.clerk.com/x", "has_image": false,
+            "email_addresses": [
+                {"id": "idn_a", "object": "email_address", "email_address": "old@example.com",
+                 "verification": {"status": "verified", "strategy": "email_code"}},
+                {"id": "idn_b", "object": "email_address", "email_address": "ann@example.com",
+                 "verification": {"status": "unverified"}}
+            ],
+            "phone_numbers": [], "web3_wallets": [], "passkeys": [],
+            "external_accounts": [
+                {"object": "google_account", "id": "eac_1", "provider": "oauth_google",
+                 "provider_user_id": "1077", "email_address": "ann@gmail.com"}
+            ],
+            "enterprise_accounts": [
+                {"provider": "saml_okta", "provider_user_id": "ann@acme.example",
+                 "enterprise_connection": {"name": "Acme Okta"}}
+            ],
+            "password_enabled": true, "two_factor_enabled": false, "banned": true,
+            "locked": false, "created_at": 1700000000000_i64, "last_sign_in_at": null,
+            "updated_at": 1700000001000_i64, "public_metadata": {}, "private_metadata": {},
+            "unsafe_metadata": {}
+        })))
+        .unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({
+                "external_id": "user_2X", "given_name": "Ann", "email": "ann@example.com",
+                "email_verified": false, "blocked": true, "blocked_reason": "banned in Clerk",
+                "created_at": "2023-11-14T22:13:20.000Z", "last_login_at": null,
+                "app_metadata": {"clerk_external_id": "legacy-7"},
+                // Keys are read in order: enterprise_accounts before external_accounts.
+                "identities": [
+                    {"provider": "saml_okta", "subject": "ann@acme.example",
+                     "connection": "Acme Okta"},
+                    {"provider": "google", "subject": "1077", "email": "ann@gmail.com"}
+                ]
+            })
+        );
+        let bad = from_clerk(obj(
+            json!({"external_accounts": [{"provider": "oauth_github"}]}),
+        ))
+        .unwrap_err();
+        assert!(
+            bad.contains("external_accounts[0]: needs provider"),
+            "{bad}"
+        );
     }
 }

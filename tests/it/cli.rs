@@ -2728,6 +2728,59 @@ async fn a_clerk_export_imports_with_passwords_and_totp() {
     assert_eq!(john.phone_number, "+12125550100");
     assert!(john.phone_verified);
     assert_eq!(john.enrolled_methods, Vec::<i32>::new());
+
+    // Then the Backend API's user list, which has what the CSV lacks (social connections,
+    // bans, last sign-in) but no digests or secrets, as an UPSERT on external_id: Jane gains
+    // her Google sign-in and keeps her password and app; John is banned.
+    let api = serde_json::json!([
+        {"id": "user_2YDryYFVMM1W1plDDKz7Gzf4we6", "object": "user", "first_name": "Jane",
+         "last_name": "Doe", "primary_email_address_id": "idn_1",
+         "email_addresses": [{"id": "idn_1", "object": "email_address",
+                              "email_address": "jane@example.com",
+                              "verification": {"status": "verified"}}],
+         "phone_numbers": [], "external_accounts": [
+             {"object": "google_account", "provider": "oauth_google",
+              "provider_user_id": "110248495921238986420", "email_address": "jane@gmail.com"}],
+         "password_enabled": true, "totp_enabled": true, "banned": false,
+         "last_sign_in_at": 1_733_000_000_000_i64, "created_at": 1_700_000_000_000_i64,
+         "public_metadata": {"plan": "team"}, "private_metadata": {}, "unsafe_metadata": {}},
+        {"id": "user_2ZZCgLE7kJG2CRBxTZ6YUIvzS10", "object": "user", "banned": true,
+         "last_sign_in_at": 1_733_000_000_000_i64,
+         "email_addresses": [], "phone_numbers": [], "external_accounts": []}
+    ]);
+    let file = dir.join("clerk-api.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&api).unwrap()).unwrap();
+    let upsert = ["--mode", "upsert", "--match-on", "external-id"];
+    let (code, err, reasons) = import_from(&app, &file, "clerk", &upsert).await;
+    assert_eq!(code, 0, "{err} {reasons:?}");
+    assert!(err.contains("0 created, 2 updated, 0 failed"), "{err}");
+    let by_google =
+        crate::identities::lookup(&mut app.identities(), "google", "110248495921238986420")
+            .await
+            .unwrap()
+            .user
+            .unwrap();
+    assert_eq!(by_google.id, jane.id);
+    // Her sign-in here above is later than Clerk's last one: the later is kept.
+    assert!(by_google.last_login_at.unwrap().seconds > 1_733_000_000);
+    assert_eq!(
+        by_google.app_metadata.unwrap(),
+        crate::pb_struct(serde_json::json!({"plan": "team"}))
+    );
+    assert!(signs_in(&app, "jane@example.com", LEGACY_PASSWORD).await);
+    // (Her app's code was used above: this step's code would be a replay. Her factor is
+    // still there.)
+    assert_eq!(
+        by_google.enrolled_methods,
+        [
+            pb::AuthenticatorType::Password as i32,
+            pb::AuthenticatorType::Totp as i32
+        ]
+    );
+    let john = crate::user_by_email(&mut users, "john@example.com").await;
+    assert_eq!(john.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(john.blocked_reason, "banned in Clerk");
+    assert_eq!(john.last_login_at.unwrap().seconds, 1_733_000_000);
 }
 
 /// `roster events --until-caught-up`, for a one-off query or a shipper run by a scheduler:
