@@ -89,11 +89,7 @@ pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Valu
                 }
             }
             "identities" => {
-                let list = match as_json(&k, v)? {
-                    Value::Array(a) => a,
-                    Value::Null => continue,
-                    _ => return Err("identities: must be an array".into()),
-                };
+                let list = array_of(&k, v)?;
                 let mut linked = Vec::new();
                 for (i, id) in list.iter().enumerate() {
                     let field = |f: &str| id.get(f).and_then(text);
@@ -199,6 +195,15 @@ fn blocked(out: &mut Map<String, Value>, reason: &str) {
 fn set_identities(out: &mut Map<String, Value>, linked: Vec<Value>) {
     if !linked.is_empty() {
         out.insert("identities".into(), Value::Array(linked));
+    }
+}
+
+/// A field holding an array (or JSON text of one, in a CSV cell); null is an empty one.
+fn array_of(field: &str, v: Value) -> Result<Vec<Value>, String> {
+    match as_json(field, v)? {
+        Value::Array(a) => Ok(a),
+        Value::Null => Ok(Vec::new()),
+        _ => Err(format!("{field}: must be an array")),
     }
 }
 
@@ -994,11 +999,7 @@ pub fn from_supabase(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
                 continue;
             }
             "identities" => {
-                let list = match as_json(&k, v)? {
-                    Value::Array(a) => a,
-                    Value::Null => continue,
-                    _ => return Err("identities: must be an array".into()),
-                };
+                let list = array_of(&k, v)?;
                 let mut linked = Vec::new();
                 for (i, id) in list.iter().enumerate() {
                     let field = |f: &str| id.get(f).and_then(text);
@@ -1026,11 +1027,7 @@ pub fn from_supabase(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
                 continue;
             }
             "mfa_factors" => {
-                let list = match as_json(&k, v)? {
-                    Value::Array(a) => a,
-                    Value::Null => continue,
-                    _ => return Err("mfa_factors: must be an array".into()),
-                };
+                let list = array_of(&k, v)?;
                 let mut factors = Vec::new();
                 for (i, f) in list.iter().enumerate() {
                     if let Some(factor) = supabase_factor(i, f)? {
