@@ -1251,6 +1251,37 @@ async fn an_export_goes_on_after_its_connection_is_cut() {
     assert_eq!(emails.len(), N);
     let distinct: std::collections::BTreeSet<&String> = emails.iter().collect();
     assert_eq!(distinct.len(), N, "no user twice");
+
+    // With a filter of its own, which the resumed call keeps: big1, big10..19, big100..199
+    // and big1000..1999.
+    let proxy = cutting_proxy(app.addr, 20 * 1024).await;
+    let server = format!("http://{proxy}");
+    let (code, out, err) = roster_client(
+        &app,
+        &app.token,
+        &[
+            "export",
+            "--server",
+            &server,
+            "--fields",
+            "email",
+            "--filter",
+            r#"email:"big1*" OR email = "nobody@example.com""#,
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("going on after"), "the cut happened: {err}");
+    let emails: std::collections::BTreeSet<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["email"].to_string())
+        .collect();
+    assert_eq!(out.lines().count(), 1111, "{err}");
+    assert_eq!(emails.len(), 1111);
+    assert!(
+        emails.iter().all(|e| e.starts_with("\"big1")),
+        "only the filter's users"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
