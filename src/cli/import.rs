@@ -439,6 +439,9 @@ enum ErrorsFile {
     Csv {
         path: PathBuf,
         writer: Option<Box<csv::Writer<std::fs::File>>>,
+        /// The input header's width: shorter rows are padded to it, so that `_record` and
+        /// `_error` stay in their columns.
+        width: usize,
     },
 }
 
@@ -455,6 +458,7 @@ impl ErrorsFile {
             Format::Csv => ErrorsFile::Csv {
                 path: path.clone(),
                 writer: None,
+                width: 0,
             },
         })
     }
@@ -465,10 +469,16 @@ impl ErrorsFile {
         if let ErrorsFile::Csv {
             path,
             writer: writer @ None,
+            width,
         } = self
         {
-            let mut w = csv::Writer::from_path(&*path)
+            // Flexible: a failed row with more cells than the header is written whole (its
+            // error says so) rather than failing the run.
+            let mut w = csv::WriterBuilder::new()
+                .flexible(true)
+                .from_path(&*path)
                 .with_context(|| format!("creating {}", path.display()))?;
+            *width = header.len();
             let mut cols = header.to_vec();
             cols.extend(["_record".to_string(), "_error".to_string()]);
             w.write_record(&cols)?;
@@ -491,10 +501,15 @@ impl ErrorsFile {
             }
             (
                 ErrorsFile::Csv {
-                    writer: Some(w), ..
+                    writer: Some(w),
+                    width,
+                    ..
                 },
                 Some(Raw::Row(mut fields)),
             ) => {
+                if fields.len() < *width {
+                    fields.resize(*width, String::new());
+                }
                 fields.extend([record.to_string(), reason.to_string()]);
                 w.write_record(&fields)?;
             }

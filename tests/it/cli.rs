@@ -1352,6 +1352,70 @@ async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
         .into_inner()
         .total_size;
     assert_eq!(total as usize, N - bad);
+    // The same as CSV: the errors file keeps its header once and each bad row once (the
+    // resumed run reads the header again).
+    let csv_file = dir.join("users.csv");
+    let csv_errors = dir.join("errors.csv");
+    let mut rows = vec!["email,display_name".to_string()];
+    for i in 0..N {
+        // Bad rows: half with a cell too many, half with one too few.
+        rows.push(if i % 500 == 249 {
+            format!("csvbad{i}@example.com,too,many")
+        } else if i % 500 == 499 {
+            format!("csvshort{i}@example.com")
+        } else {
+            format!("csv{i}@example.com,Csv {i}")
+        });
+    }
+    std::fs::write(&csv_file, rows.join("\n") + "\n").unwrap();
+    let proxy = cutting_proxy(app.addr, 24 * 1024).await;
+    let server = format!("http://{proxy}");
+    let (code, _, err) = roster_client(
+        &app,
+        &app.token,
+        &[
+            "import",
+            csv_file.to_str().unwrap(),
+            "--mode",
+            "upsert",
+            "--server",
+            &server,
+            "--errors",
+            csv_errors.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("going on after record"),
+        "the cut happened: {err}"
+    );
+    let failed = std::fs::read_to_string(&csv_errors).unwrap();
+    let lines: Vec<&str> = failed.lines().collect();
+    assert_eq!(lines[0], "email,display_name,_record,_error", "{failed}");
+    assert_eq!(
+        lines.len(),
+        1 + bad,
+        "a header and each bad row once: {failed}"
+    );
+    // A short row is padded, so its record number and error stay in their columns.
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(failed.as_bytes());
+    let mut short = 0;
+    for row in reader.records() {
+        let row = row.unwrap();
+        if row[0].starts_with("csvshort") {
+            short += 1;
+            assert_eq!(row.len(), 4, "{row:?}");
+            assert!(
+                row[3].contains("has 1 fields where the header has 2"),
+                "{row:?}"
+            );
+        }
+    }
+    assert_eq!(short, bad / 2);
+
     // CREATE_ONLY does not go on by itself (a lost result would come back a duplicate): it
     // stops and prints the UPSERT command that would.
     let again = dir.join("more.jsonl");
