@@ -1312,24 +1312,27 @@ async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
         }
     }
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-    // A result is a few dozen bytes: cut after about a third of them.
-    let proxy = cutting_proxy(app.addr, 24 * 1024).await;
-    let server = format!("http://{proxy}");
-    let (code, _, err) = roster_client(
-        &app,
-        &app.token,
-        &[
-            "import",
-            file.to_str().unwrap(),
-            "--mode",
-            "upsert",
-            "--server",
-            &server,
-            "--errors",
-            errors.to_str().unwrap(),
-        ],
-    )
-    .await;
+    // `roster import FILE --mode upsert --errors ERRORS` through a proxy that cuts the first
+    // connection: a result is a few dozen bytes, so after about a third of them.
+    let cut_upsert = |file: std::path::PathBuf, errors: std::path::PathBuf| {
+        let app = &app;
+        async move {
+            let proxy = cutting_proxy(app.addr, 24 * 1024).await;
+            let server = format!("http://{proxy}");
+            let args = [
+                "import",
+                file.to_str().unwrap(),
+                "--mode",
+                "upsert",
+                "--server",
+                &server,
+                "--errors",
+                errors.to_str().unwrap(),
+            ];
+            roster_client(app, &app.token, &args).await
+        }
+    };
+    let (code, _, err) = cut_upsert(file.clone(), errors.clone()).await;
     assert_eq!(code, 2, "the bad lines failed: {err}");
     assert!(
         err.contains("going on after record"),
@@ -1368,23 +1371,7 @@ async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
         });
     }
     std::fs::write(&csv_file, rows.join("\n") + "\n").unwrap();
-    let proxy = cutting_proxy(app.addr, 24 * 1024).await;
-    let server = format!("http://{proxy}");
-    let (code, _, err) = roster_client(
-        &app,
-        &app.token,
-        &[
-            "import",
-            csv_file.to_str().unwrap(),
-            "--mode",
-            "upsert",
-            "--server",
-            &server,
-            "--errors",
-            csv_errors.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let (code, _, err) = cut_upsert(csv_file, csv_errors.clone()).await;
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("going on after record"),
