@@ -767,6 +767,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     let mut skip = args.skip;
     let mut carried = (errors, Tally::default(), BTreeSet::new());
     let mut resumed = 0u32;
+    let mut retrying = false;
     let mut wait = RECONNECT_FIRST;
     let mut last_result = Instant::now();
     let (results, outcome, resume_at) = loop {
@@ -812,6 +813,11 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
                 .import_users(ReceiverStream::new(requests_rx))
                 .await?
                 .into_inner();
+            // Counted once the server took the call again, not per try while it was away.
+            if retrying {
+                resumed += 1;
+                retrying = false;
+            }
             let mut summary = None;
             while let Some(msg) = stream.message().await? {
                 match msg.item {
@@ -854,7 +860,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         ));
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(RECONNECT_LAST);
-        resumed += 1;
+        retrying = true;
         skip = resume_at;
         let mut local_failed = results.local_failed;
         local_failed.retain(|r| *r > resume_at);

@@ -141,11 +141,16 @@ impl Progress {
             }
             None if self.last_line.elapsed() >= LINE_EVERY => {
                 self.last_line = Instant::now();
+                let detail = detail();
+                let detail = if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {detail}")
+                };
                 eprintln!(
-                    "{} {count} records ({:.0}/s): {}",
+                    "{} {count} records ({:.0}/s){detail}",
                     self.label,
                     self.rate(count),
-                    detail()
                 );
             }
             None => {}

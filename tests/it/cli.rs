@@ -1163,14 +1163,25 @@ async fn csv_export_and_import_round_trip_quotes_newlines_and_unicode() {
 }
 
 /// A TCP proxy to `to` that cuts its first connection once `cut_after` bytes have gone to the
-/// client (a replica going away mid-stream); later connections pass through whole.
-async fn cutting_proxy(to: std::net::SocketAddr, cut_after: usize) -> std::net::SocketAddr {
+/// client (a replica going away mid-stream), closes the next `refuse` at once (the replica
+/// still away), and passes later ones through whole.
+async fn cutting_proxy(
+    to: std::net::SocketAddr,
+    cut_after: usize,
+    refuse: usize,
+) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         let mut limit = Some(cut_after);
+        let mut refuse = refuse;
         while let Ok((client, _)) = listener.accept().await {
+            if limit.is_none() && refuse > 0 {
+                refuse -= 1;
+                drop(client);
+                continue;
+            }
             let Ok(server) = tokio::net::TcpStream::connect(to).await else {
                 continue;
             };
@@ -1212,7 +1223,7 @@ async fn an_export_goes_on_after_its_connection_is_cut() {
     let mut users = app.users();
     crate::bulk::seed_more_than_buffers_hold(&mut users, N).await;
     // An email and an id are about 60 bytes a user: cut after a third of the export.
-    let proxy = cutting_proxy(app.addr, 60 * 1024).await;
+    let proxy = cutting_proxy(app.addr, 60 * 1024, 0).await;
     let dir = std::env::temp_dir().join(format!("roster-export-cut-{}", uuid::Uuid::now_v7()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("users.jsonl");
@@ -1254,7 +1265,7 @@ async fn an_export_goes_on_after_its_connection_is_cut() {
 
     // With a filter of its own, which the resumed call keeps: big1, big10..19, big100..199
     // and big1000..1999.
-    let proxy = cutting_proxy(app.addr, 20 * 1024).await;
+    let proxy = cutting_proxy(app.addr, 20 * 1024, 0).await;
     let server = format!("http://{proxy}");
     let (code, out, err) = roster_client(
         &app,
@@ -1314,10 +1325,10 @@ async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
     // `roster import FILE --mode upsert --errors ERRORS` through a proxy that cuts the first
     // connection: a result is a few dozen bytes, so after about a third of them.
-    let cut_upsert = |file: std::path::PathBuf, errors: std::path::PathBuf| {
+    let cut_upsert = |file: std::path::PathBuf, errors: std::path::PathBuf, refuse: usize| {
         let app = &app;
         async move {
-            let proxy = cutting_proxy(app.addr, 24 * 1024).await;
+            let proxy = cutting_proxy(app.addr, 24 * 1024, refuse).await;
             let server = format!("http://{proxy}");
             let args = [
                 "import",
@@ -1332,8 +1343,10 @@ async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
             roster_client(app, &app.token, &args).await
         }
     };
-    let (code, _, err) = cut_upsert(file.clone(), errors.clone()).await;
+    // The first try after the cut is refused too: the import still went on once.
+    let (code, _, err) = cut_upsert(file.clone(), errors.clone(), 1).await;
     assert_eq!(code, 2, "the bad lines failed: {err}");
+    assert_eq!(err.matches("going on after record").count(), 2, "{err}");
     assert!(
         err.contains("going on after record"),
         "the cut happened: {err}"
@@ -1371,7 +1384,7 @@ async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
         });
     }
     std::fs::write(&csv_file, rows.join("\n") + "\n").unwrap();
-    let (code, _, err) = cut_upsert(csv_file, csv_errors.clone()).await;
+    let (code, _, err) = cut_upsert(csv_file, csv_errors.clone(), 0).await;
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("going on after record"),
@@ -1410,7 +1423,7 @@ async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
         .map(|i| serde_json::json!({"email": format!("more{i}@example.com")}).to_string())
         .collect();
     std::fs::write(&again, more.join("\n") + "\n").unwrap();
-    let proxy = cutting_proxy(app.addr, 24 * 1024).await;
+    let proxy = cutting_proxy(app.addr, 24 * 1024, 0).await;
     let server = format!("http://{proxy}");
     let (code, _, err) = roster_client(
         &app,
