@@ -948,11 +948,8 @@ pub fn from_supabase(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
             "banned_until" => {
                 let Some(until) = text(&v) else { continue };
                 // PostgreSQL's 'infinity' is a ban for good.
-                let banned = until == "infinity"
-                    || pg_time(&k, &v)?
-                        .as_str()
-                        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-                        .is_some_and(|t| t > Utc::now());
+                let banned =
+                    until == "infinity" || pg_datetime(&k, &v)?.is_some_and(|t| t > Utc::now());
                 if banned {
                     blocked(&mut out, &format!("banned in Supabase until {until}"));
                 }
@@ -1111,18 +1108,21 @@ fn e164(phone: &str) -> String {
 /// A PostgreSQL `timestamptz` as JSON or psql writes it (`2024-01-15T10:30:00.123456+00:00`,
 /// `2024-01-15 10:30:00.123456+00`), as RFC 3339; null or empty stays null.
 fn pg_time(field: &str, v: &Value) -> Result<Value, String> {
+    Ok(match pg_datetime(field, v)? {
+        Some(t) => Value::String(t.to_rfc3339_opts(SecondsFormat::Micros, true)),
+        None => Value::Null,
+    })
+}
+
+/// [`pg_time`]'s parse, as a time.
+fn pg_datetime(field: &str, v: &Value) -> Result<Option<DateTime<Utc>>, String> {
     let Some(t) = text(v) else {
-        return Ok(Value::Null);
+        return Ok(None);
     };
     let t = t.trim().replacen(' ', "T", 1);
     DateTime::parse_from_rfc3339(&t)
         .or_else(|_| DateTime::parse_from_str(&t, "%Y-%m-%dT%H:%M:%S%.f%#z"))
-        .map(|t| {
-            Value::String(
-                t.with_timezone(&Utc)
-                    .to_rfc3339_opts(SecondsFormat::Micros, true),
-            )
-        })
+        .map(|t| Some(t.with_timezone(&Utc)))
         .map_err(|_| format!("{field}: must be a time as PostgreSQL writes it"))
 }
 
