@@ -726,17 +726,22 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         Source::Cognito => Convert::Cognito,
         Source::Supabase => Convert::Supabase,
         Source::Clerk => Convert::Clerk,
+        Source::Kratos => Convert::Kratos,
     };
     if format == InputFormat::Csv
         && matches!(
             args.from,
-            Source::Firebase | Source::Keycloak | Source::Cognito | Source::Supabase
+            Source::Firebase
+                | Source::Keycloak
+                | Source::Cognito
+                | Source::Supabase
+                | Source::Kratos
         )
     {
         bail!(
             "{:?} exports are read as JSON (firebase auth:export users.json; kc.sh export; \
-             aws cognito-idp list-users; the README's psql query for Supabase); this file \
-             looks like CSV",
+             aws cognito-idp list-users; the README's commands for Supabase and Kratos); \
+             this file looks like CSV",
             args.from
         );
     }

@@ -31,6 +31,9 @@ pub enum Source {
     /// A Clerk dashboard user export (CSV, or its JSON variant), or the Backend API's user
     /// list (`GET /v1/users`).
     Clerk,
+    /// Ory Kratos identities with their credentials (the README's admin API loop, or its
+    /// query of Kratos's database).
+    Kratos,
 }
 
 /// Identity providers of Auth0 that are not linked accounts: its own database connection
@@ -142,6 +145,7 @@ pub enum Convert {
     Cognito,
     Supabase,
     Clerk,
+    Kratos,
 }
 
 impl Convert {
@@ -154,6 +158,7 @@ impl Convert {
             Convert::Cognito => from_cognito(obj),
             Convert::Supabase => from_supabase(obj),
             Convert::Clerk => from_clerk(obj),
+            Convert::Kratos => from_kratos(obj),
         }
     }
 }
@@ -1106,7 +1111,8 @@ fn e164(phone: &str) -> String {
 }
 
 /// A PostgreSQL `timestamptz` as JSON or psql writes it (`2024-01-15T10:30:00.123456+00:00`,
-/// `2024-01-15 10:30:00.123456+00`), as RFC 3339; null or empty stays null.
+/// `2024-01-15 10:30:00.123456+00`), or a `timestamp` (taken as UTC), as RFC 3339; null or
+/// empty stays null.
 fn pg_time(field: &str, v: &Value) -> Result<Value, String> {
     Ok(match pg_datetime(field, v)? {
         Some(t) => Value::String(t.to_rfc3339_opts(SecondsFormat::Micros, true)),
@@ -1122,7 +1128,12 @@ fn pg_datetime(field: &str, v: &Value) -> Result<Option<DateTime<Utc>>, String> 
     let t = t.trim().replacen(' ', "T", 1);
     DateTime::parse_from_rfc3339(&t)
         .or_else(|_| DateTime::parse_from_str(&t, "%Y-%m-%dT%H:%M:%S%.f%#z"))
-        .map(|t| Some(t.with_timezone(&Utc)))
+        .map(|t| t.with_timezone(&Utc))
+        // A `timestamp` without time zone (Kratos's columns), which those stores keep in UTC.
+        .or_else(|_| {
+            chrono::NaiveDateTime::parse_from_str(&t, "%Y-%m-%dT%H:%M:%S%.f").map(|t| t.and_utc())
+        })
+        .map(Some)
         .map_err(|_| format!("{field}: must be a time as PostgreSQL writes it"))
 }
 
@@ -1297,21 +1308,8 @@ pub fn from_clerk(obj: Map<String, Value>) -> Result<Map<String, Value>, String>
                 }
             }
             "public_metadata" | "private_metadata" => {
-                let Value::Object(m) = as_json(&k, v)? else {
-                    continue;
-                };
-                for (key, value) in m {
-                    match app.get(&key) {
-                        Some(other) if *other != value => {
-                            return Err(format!(
-                                "public_metadata and private_metadata both set '{key}', \
-                                 differently: app_metadata can hold one"
-                            ));
-                        }
-                        _ => {
-                            app.insert(key, value);
-                        }
-                    }
+                if let Value::Object(m) = as_json(&k, v)? {
+                    merge_into(&mut app, m, "public_metadata and private_metadata")?;
                 }
             }
             other if CLERK_SKIPPED.contains(&other) => {}
@@ -1362,6 +1360,345 @@ pub fn from_clerk(obj: Map<String, Value>) -> Result<Map<String, Value>, String>
         out.insert("password_hash".into(), Value::String(digest));
     }
     Ok(out)
+}
+
+/// Kratos identity fields Roster has no place for or keeps its own account of: the schema
+/// (Roster's profile fields are fixed), bookkeeping times, the recovery addresses (Roster
+/// recovers by the user's own email and phone) and the assurance level it last reached.
+const KRATOS_SKIPPED: &[&str] = &[
+    "schema_id",
+    "schema_url",
+    "state_changed_at",
+    "updated_at",
+    "recovery_addresses",
+    "available_aal",
+    "nid",
+];
+
+/// Trait names that are Roster profile fields; every other trait goes to `user_metadata`.
+const KRATOS_TRAITS: &[(&str, &str)] = &[
+    ("email", "email"),
+    ("phone", "phone_number"),
+    ("phone_number", "phone_number"),
+    ("username", "username"),
+    ("first_name", "given_name"),
+    ("given_name", "given_name"),
+    ("last_name", "family_name"),
+    ("family_name", "family_name"),
+    ("picture", "picture_url"),
+    ("locale", "locale"),
+];
+
+/// An Ory Kratos identity (the admin API's `GET /admin/identities/{id}` with
+/// `include_credential`, or the README's query of Kratos's database, which writes the same
+/// shape) in Roster's field names: `id` becomes `external_id`; the traits `email`, `phone`,
+/// `username`, `name` (an object of `first` and `last`, or text), `picture` and `locale`
+/// their fields and the other traits `user_metadata` (Kratos's schema is the project's own);
+/// the verifiable addresses (`via` email or sms) the verified flags, and the address itself
+/// when no trait of those names holds it; `metadata_public` and `metadata_admin` (both set
+/// by the backend) `app_metadata`; an `inactive` identity is imported blocked.
+///
+/// Credentials: the password's `hashed_password` becomes `password_hash` (Kratos's
+/// `$pbkdf2-sha1$` and its `$scrypt$`, whose `ln` is N itself, are rewritten as the PHC
+/// strings Roster reads; a password left to Kratos's migration hook is marked as Cognito's
+/// are, `app_metadata.legacy_password`); each OIDC and SAML provider an identity (provider
+/// and subject; the tokens are not read); TOTP a TOTP factor. Recovery codes (`lookup_secret`,
+/// a form Roster's codes are not), WebAuthn and passkey credentials (go-webauthn's format)
+/// and `code` (the addresses, which the user has already) are not carried.
+pub fn from_kratos(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    let mut app = Map::new();
+    let mut addresses: Vec<(String, String, bool)> = Vec::new();
+    for (k, v) in obj {
+        match k.as_str() {
+            "id" => {
+                if let Some(id) = text(&v) {
+                    out.insert("external_id".into(), Value::String(id));
+                }
+            }
+            "created_at" => {
+                out.insert("created_at".into(), pg_time(&k, &v)?);
+            }
+            "state" => match text(&v).as_deref() {
+                None | Some("active") => {}
+                Some("inactive") => blocked(&mut out, "inactive in Kratos"),
+                Some(other) => return Err(format!("state: unknown Kratos state '{other}'")),
+            },
+            "traits" => kratos_traits(&mut out, as_json(&k, v)?)?,
+            "verifiable_addresses" => {
+                for (i, a) in array_of(&k, v)?.iter().enumerate() {
+                    let field = |f: &str| a.get(f).and_then(text);
+                    let (Some(via), Some(value)) = (field("via"), field("value")) else {
+                        return Err(format!("{k}[{i}]: needs via and value"));
+                    };
+                    let verified = as_bool(&k, a.get("verified").cloned().unwrap_or_default())?;
+                    addresses.push((via, value, verified));
+                }
+            }
+            "metadata_public" | "metadata_admin" => {
+                if let Value::Object(m) = as_json(&k, v)? {
+                    merge_into(&mut app, m, "metadata_public and metadata_admin")?;
+                }
+            }
+            "organization_id" => {
+                if let Some(org) = text(&v) {
+                    app.insert("kratos_organization_id".into(), Value::String(org));
+                }
+            }
+            "credentials" => {
+                let Value::Object(credentials) = as_json(&k, v)? else {
+                    continue;
+                };
+                for (kind, credential) in credentials {
+                    kratos_credential(&mut out, &mut app, &kind, &credential)?;
+                }
+            }
+            other if KRATOS_SKIPPED.contains(&other) => {}
+            other => return Err(format!("unknown Kratos field '{other}'")),
+        }
+    }
+    for (via, field, flag) in [
+        ("email", "email", "email_verified"),
+        ("sms", "phone_number", "phone_verified"),
+    ] {
+        let of_kind = || addresses.iter().filter(|(v, _, _)| v == via);
+        let chosen = match out.get(field).and_then(Value::as_str) {
+            Some(have) => of_kind().find(|(_, a, _)| a.eq_ignore_ascii_case(have)),
+            // No trait of Roster's names holds it: the first verified address, else the first.
+            None => of_kind()
+                .find(|(_, _, ok)| *ok)
+                .or_else(|| of_kind().next()),
+        };
+        if let Some((_, address, verified)) = chosen {
+            out.entry(field)
+                .or_insert_with(|| Value::String(address.clone()));
+            out.insert(flag.into(), Value::Bool(*verified));
+        }
+    }
+    if !app.is_empty() {
+        out.insert("app_metadata".into(), Value::Object(app));
+    }
+    Ok(out)
+}
+
+/// A Kratos identity's traits: those of [`KRATOS_TRAITS`] and `name` as profile fields, the
+/// rest as `user_metadata`.
+fn kratos_traits(out: &mut Map<String, Value>, traits: Value) -> Result<(), String> {
+    let traits = match traits {
+        Value::Object(t) => t,
+        Value::Null => return Ok(()),
+        _ => return Err("traits: must be a JSON object".into()),
+    };
+    let mut rest = Map::new();
+    for (name, value) in traits {
+        let to = KRATOS_TRAITS
+            .iter()
+            .find(|(t, _)| *t == name)
+            .map(|(_, to)| *to);
+        match (to, name.as_str(), &value) {
+            (Some(to), _, Value::String(_)) => {
+                out.insert(to.into(), value);
+            }
+            (None, "name", Value::String(_)) => {
+                out.insert("display_name".into(), value);
+            }
+            // The quickstart schema's `name: {first, last}`.
+            (None, "name", Value::Object(parts))
+                if parts.keys().all(|p| p == "first" || p == "last") =>
+            {
+                for (part, to) in [("first", "given_name"), ("last", "family_name")] {
+                    if let Some(t) = parts.get(part).and_then(text) {
+                        out.insert(to.into(), Value::String(t));
+                    }
+                }
+            }
+            _ => {
+                rest.insert(name, value);
+            }
+        }
+    }
+    if !rest.is_empty() {
+        out.insert("user_metadata".into(), Value::Object(rest));
+    }
+    Ok(())
+}
+
+/// One of a Kratos identity's credentials (by its type) into the record.
+fn kratos_credential(
+    out: &mut Map<String, Value>,
+    app: &mut Map<String, Value>,
+    kind: &str,
+    credential: &Value,
+) -> Result<(), String> {
+    let field = format!("credentials.{kind}");
+    let config = credential.get("config").filter(|c| !c.is_null());
+    // The list endpoint, and `GET` without `include_credential`, leave configs out: a
+    // password or app read that way would arrive silently missing.
+    let needs_config = || {
+        format!(
+            "{field}: has no config (the hash or secret); fetch each identity with \
+             GET /admin/identities/{{id}}?include_credential={kind} as the README shows"
+        )
+    };
+    match kind {
+        "password" => {
+            let config = config.ok_or_else(needs_config)?;
+            if let Some(hash) = config.get("hashed_password").and_then(text) {
+                out.insert("password_hash".into(), Value::String(kratos_hash(&hash)?));
+            } else if config
+                .get("use_password_migration_hook")
+                .is_some_and(|h| h == &Value::Bool(true))
+            {
+                app.insert("legacy_password".into(), Value::Bool(true));
+            }
+        }
+        "oidc" | "saml" => {
+            let mut linked = Vec::new();
+            match config.and_then(|c| c.get("providers")) {
+                Some(providers) => {
+                    for (i, p) in array_of(&field, providers.clone())?.iter().enumerate() {
+                        let get = |f: &str| p.get(f).and_then(text);
+                        let (Some(provider), Some(subject)) = (get("provider"), get("subject"))
+                        else {
+                            return Err(format!(
+                                "{field}.config.providers[{i}]: needs provider and subject"
+                            ));
+                        };
+                        linked.push(identity(provider, subject, &[]));
+                    }
+                }
+                // Without the config, the identifiers say the same: `<provider>:<subject>`.
+                None => {
+                    let ids = credential.get("identifiers").cloned().unwrap_or_default();
+                    for (i, id) in array_of(&field, ids)?.iter().enumerate() {
+                        let Some((provider, subject)) = id.as_str().and_then(|t| t.split_once(':'))
+                        else {
+                            return Err(format!(
+                                "{field}.identifiers[{i}]: must be <provider>:<subject>"
+                            ));
+                        };
+                        linked.push(identity(provider.into(), subject.into(), &[]));
+                    }
+                }
+            }
+            if let Some(Value::Array(have)) = out.get_mut("identities") {
+                have.extend(linked);
+            } else {
+                set_identities(out, linked);
+            }
+        }
+        "totp" => {
+            let config = config.ok_or_else(needs_config)?;
+            let Some(url) = config.get("totp_url").and_then(text) else {
+                return Ok(());
+            };
+            let created = match credential.get("created_at") {
+                Some(c) => Some(pg_time(&format!("{field}.created_at"), c)?),
+                None => None,
+            };
+            let seed = otpauth_seed(&format!("{field}.config.totp_url"), &url)?;
+            out.insert(
+                "authenticators".into(),
+                json!([totp_factor(&seed, None, created)]),
+            );
+        }
+        "lookup_secret" | "webauthn" | "passkey" | "code" => {}
+        other => return Err(format!("{field}: unknown Kratos credential type '{other}'")),
+    }
+    Ok(())
+}
+
+/// A Kratos `hashed_password` as Roster reads it. Kratos writes PBKDF2 with SHA-1 as
+/// `$pbkdf2-sha1$` (PHC's name is `$pbkdf2$`) and scrypt as `$scrypt$ln=<N>,r=..,p=..$` with
+/// N itself and padded base64 (PHC: log2 N, unpadded); the others (bcrypt, argon2,
+/// `$pbkdf2-sha256$`, `$firescrypt$`) are already in the form Roster reads, and a format it
+/// does not read is refused by the server, naming the ones it does.
+fn kratos_hash(hash: &str) -> Result<String, String> {
+    if let Some(rest) = hash.strip_prefix("$pbkdf2-sha1$") {
+        return Ok(format!("$pbkdf2${rest}"));
+    }
+    let Some(rest) = hash.strip_prefix("$scrypt$") else {
+        return Ok(hash.to_string());
+    };
+    let bad = || {
+        "credentials.password: a Kratos scrypt hash must be $scrypt$ln=<N>,r=<r>,p=<p>$<salt>$<hash>".to_string()
+    };
+    let mut parts = rest.split('$');
+    let (Some(params), Some(salt), Some(key), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    let mut fields = params.split(',');
+    let n = fields
+        .next()
+        .and_then(|f| f.strip_prefix("ln="))
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|n| *n >= 2 && n.is_power_of_two())
+        .ok_or_else(bad)?;
+    let rest_params: Vec<&str> = fields.collect();
+    let unpadded = |b64: &str| -> Result<String, String> {
+        let bytes = base64_bytes("credentials.password", b64)?;
+        Ok(base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes))
+    };
+    Ok(format!(
+        "$scrypt$ln={},{}${}${}",
+        n.trailing_zeros(),
+        rest_params.join(","),
+        unpadded(salt)?,
+        unpadded(key)?
+    ))
+}
+
+/// The seed of an `otpauth://totp/...` URI, when it is of the kind Roster's TOTP is (SHA1,
+/// 6 digits, 30 s, the defaults of every app and of Kratos); another kind fails the record.
+fn otpauth_seed(field: &str, uri: &str) -> Result<Vec<u8>, String> {
+    let url = url::Url::parse(uri).map_err(|_| format!("{field}: is not an otpauth:// URI"))?;
+    if url.scheme() != "otpauth" || url.host_str() != Some("totp") {
+        return Err(format!("{field}: is not an otpauth://totp/ URI"));
+    }
+    let (mut secret, mut algorithm, mut digits, mut period) =
+        (None, "SHA1".to_string(), "6".to_string(), "30".to_string());
+    for (k, v) in url.query_pairs() {
+        match k.to_ascii_lowercase().as_str() {
+            "secret" => secret = Some(v.into_owned()),
+            "algorithm" => algorithm = v.to_ascii_uppercase(),
+            "digits" => digits = v.into_owned(),
+            "period" => period = v.into_owned(),
+            _ => {}
+        }
+    }
+    if (algorithm.as_str(), digits.as_str(), period.as_str()) != ("SHA1", "6", "30") {
+        return Err(format!(
+            "{field}: a TOTP app ({algorithm}, {digits} digits, {period} s) that Roster's TOTP \
+             (SHA1, 6 digits, 30 s) cannot carry; remove the totp credential to import the \
+             user without it"
+        ));
+    }
+    let secret = secret.ok_or_else(|| format!("{field}: has no secret"))?;
+    base32_seed(field, &secret)
+}
+
+/// Adds `m`'s keys to `app` (two of a source's metadata objects that both become
+/// `app_metadata`); a key both set differently is refused, since `app_metadata` holds one.
+fn merge_into(
+    app: &mut Map<String, Value>,
+    m: Map<String, Value>,
+    both: &str,
+) -> Result<(), String> {
+    for (key, value) in m {
+        match app.get(&key) {
+            Some(other) if *other != value => {
+                return Err(format!(
+                    "{both} both set '{key}', differently: app_metadata can hold one"
+                ));
+            }
+            _ => {
+                app.insert(key, value);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The Backend API's address objects: (id, address, verified) each.
@@ -1638,6 +1975,143 @@ mod tests {
         ] {
             let err = from_cognito(obj(bad.clone())).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn kratos_identities_take_roster_names() {
+        // As GET /admin/identities/{id}?include_credential=... writes one.
+        let r = from_kratos(obj(json!({
+            "id": "9f425a8d-7efc-4768-8f23-7647a74fdf13", "schema_id": "default",
+            "schema_url": "http://kratos/schemas/ZGVmYXVsdA", "state": "active",
+            "state_changed_at": "2024-01-15T10:30:00.123456Z",
+            "traits": {"email": "Kim@Example.com", "name": {"first": "Kim", "last": "Lee"},
+                       "newsletter": true},
+            "verifiable_addresses": [
+                {"id": "a1", "value": "kim@example.com", "verified": true, "via": "email",
+                 "status": "completed", "verified_at": "2024-01-15T10:31:00Z"},
+                {"id": "a2", "value": "+4915112345678", "verified": false, "via": "sms",
+                 "status": "sent"}
+            ],
+            "recovery_addresses": [{"id": "r1", "value": "kim@example.com", "via": "email"}],
+            "metadata_public": {"plan": "pro"}, "metadata_admin": {"crm": 42, "plan": "pro"},
+            "created_at": "2024-01-15T10:30:00.123456Z", "updated_at": "2024-02-01T00:00:00Z",
+            "organization_id": null,
+            "credentials": {
+                "password": {"type": "password", "identifiers": ["kim@example.com"],
+                    "config": {"hashed_password": "$2a$10$abc"}, "version": 0},
+                "oidc": {"type": "oidc", "identifiers": ["google:1099"],
+                    "config": {"providers": [{"subject": "1099", "provider": "google",
+                        "initial_id_token": "a-token", "initial_access_token": "",
+                        "initial_refresh_token": ""}]}},
+                "saml": {"type": "saml", "identifiers": ["okta:kim"]},
+                "totp": {"type": "totp", "identifiers": ["9f42"], "created_at": "2024-02-01T00:00:00Z",
+                    "config": {"totp_url": "otpauth://totp/Acme:kim@example.com?secret=JBSWY3DPEHPK3PXP&issuer=Acme&algorithm=SHA1&digits=6&period=30"}},
+                "lookup_secret": {"type": "lookup_secret",
+                    "config": {"recovery_codes": [{"code": "abcd1234", "used_at": null}]}},
+                "webauthn": {"type": "webauthn", "config": {"credentials": []}},
+                "code": {"type": "code", "config": {"addresses": []}}
+            }
+        })))
+        .unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({
+                "external_id": "9f425a8d-7efc-4768-8f23-7647a74fdf13",
+                "email": "Kim@Example.com", "email_verified": true,
+                "phone_number": "+4915112345678", "phone_verified": false,
+                "given_name": "Kim", "family_name": "Lee",
+                "user_metadata": {"newsletter": true},
+                "app_metadata": {"plan": "pro", "crm": 42},
+                "created_at": "2024-01-15T10:30:00.123456Z",
+                "password_hash": "$2a$10$abc",
+                "identities": [
+                    {"provider": "google", "subject": "1099"},
+                    {"provider": "okta", "subject": "kim"}
+                ],
+                "authenticators": [
+                    {"type": "TOTP", "totp_secret": "SGVsbG8h3q2+7w==",
+                     "created_at": "2024-02-01T00:00:00.000000Z"}
+                ]
+            })
+        );
+        let one = |v: Value| from_kratos(obj(v));
+        // Inactive: blocked. A name as text: the display name. The migration hook: marked.
+        let r = one(
+            json!({"state": "inactive", "traits": {"email": "a@x.io", "name": "Al"},
+            "organization_id": "org-1",
+            "credentials": {"password": {"config": {"use_password_migration_hook": true}}}}),
+        )
+        .unwrap();
+        assert_eq!(r["blocked_reason"], "inactive in Kratos");
+        assert_eq!(r["display_name"], "Al");
+        assert_eq!(
+            r["app_metadata"],
+            json!({"kratos_organization_id": "org-1", "legacy_password": true})
+        );
+        // Kratos's own spellings of PBKDF2-SHA1 and scrypt, as PHC.
+        let hash = |h: &str| {
+            one(json!({"credentials": {"password": {"config": {"hashed_password": h}}}}))
+                .map(|r| r["password_hash"].clone())
+        };
+        assert_eq!(
+            hash("$pbkdf2-sha1$i=10000,l=20$c2FsdA$FbCk").unwrap(),
+            "$pbkdf2$i=10000,l=20$c2FsdA$FbCk"
+        );
+        assert_eq!(
+            hash("$scrypt$ln=1024,r=8,p=1$cm9zdGVyLWZpeHR1cmUtc2FsdA==$ly39Byjh1alWA0zXTETO+sZH91tCTx6skWCbtz5IfV4=").unwrap(),
+            "$scrypt$ln=10,r=8,p=1$cm9zdGVyLWZpeHR1cmUtc2FsdA$ly39Byjh1alWA0zXTETO+sZH91tCTx6skWCbtz5IfV4"
+        );
+        assert!(hash("$scrypt$ln=1000,r=8,p=1$c2FsdA==$aGFzaA==").is_err());
+        assert_eq!(
+            hash("$argon2id$v=19$m=65536,t=1,p=2$c2FsdA$aGFzaA").unwrap(),
+            "$argon2id$v=19$m=65536,t=1,p=2$c2FsdA$aGFzaA"
+        );
+        // No trait of Roster's names: the first verified address of each kind.
+        let r = one(json!({"traits": {"contact": {"mail": "b@x.io"}},
+            "verifiable_addresses": [
+                {"value": "old@x.io", "via": "email", "verified": false},
+                {"value": "b@x.io", "via": "email", "verified": true}]}))
+        .unwrap();
+        assert_eq!(
+            (&r["email"], &r["email_verified"]),
+            (&json!("b@x.io"), &json!(true))
+        );
+        // Read without include_credential: refused rather than imported without a password.
+        let e = one(json!({"credentials": {"password": {"type": "password",
+            "identifiers": ["a@x.io"]}}}))
+        .unwrap_err();
+        assert!(e.contains("include_credential=password"), "{e}");
+        for (bad, says) in [
+            (json!({"state": "deleted"}), "unknown Kratos state"),
+            (
+                json!({"credentials": {"totp": {"config": {"totp_url":
+                "otpauth://totp/A:b?secret=JBSWY3DPEHPK3PXP&digits=8"}}}}),
+                "8 digits",
+            ),
+            (
+                json!({"credentials": {"totp": {"config": {"totp_url": "https://x"}}}}),
+                "otpauth",
+            ),
+            (
+                json!({"credentials": {"profile": {}}}),
+                "unknown Kratos credential type",
+            ),
+            (
+                json!({"credentials": {"oidc": {"identifiers": ["nocolon"]}}}),
+                "<provider>:<subject>",
+            ),
+            (
+                json!({"metadata_public": {"a": 1}, "metadata_admin": {"a": 2}}),
+                "both set 'a'",
+            ),
+            (
+                json!({"traits": {}, "favourite": 1}),
+                "unknown Kratos field 'favourite'",
+            ),
+        ] {
+            let e = one(bad).unwrap_err();
+            assert!(e.contains(says), "{e}");
         }
     }
 

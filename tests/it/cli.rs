@@ -2878,6 +2878,149 @@ async fn a_clerk_export_imports_with_passwords_and_totp() {
     assert_eq!(john.last_login_at.unwrap().seconds, 1_733_000_000);
 }
 
+/// Moving off Ory Kratos: identities as the admin API gives them with `include_credential`
+/// (and one row as the README's database query writes it) import with `--from kratos`:
+/// bcrypt and Kratos's own scrypt and PBKDF2-SHA1 spellings sign in, the TOTP app keeps
+/// working, OIDC and SAML sign-ins become identities, traits become the profile; an inactive
+/// identity arrives blocked, and one listed without its credentials' configs is refused
+/// rather than imported without its password.
+#[tokio::test]
+async fn a_kratos_export_imports_with_passwords_and_totp() {
+    use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-kratos-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_, bcrypt) = LEGACY_HASHES.iter().find(|(n, _)| *n == "bcrypt").unwrap();
+    // LEGACY_PASSWORD under scrypt (N=1024) and PBKDF2-SHA1 (10,000 rounds), salt
+    // "roster-fixture-salt", written as Kratos writes them (Python's hashlib).
+    let scrypt = "$scrypt$ln=1024,r=8,p=1$cm9zdGVyLWZpeHR1cmUtc2FsdA==$ly39Byjh1alWA0zXTETO+sZH91tCTx6skWCbtz5IfV4=";
+    let pbkdf2 = "$pbkdf2-sha1$i=10000,l=20$cm9zdGVyLWZpeHR1cmUtc2FsdA$FbCkJsQS2mu4E+Drb6Xbs8BZ7oA";
+    let (seed, secret) = seed_of(13);
+    let id = |n: u8| format!("9f425a8d-7efc-4768-8f23-7647a74fdf{n:02x}");
+    let password = |hash: &str| {
+        serde_json::json!({"type": "password", "identifiers": [], "version": 0,
+            "config": {"hashed_password": hash}})
+    };
+    let rows = [
+        serde_json::json!({
+            "id": id(1), "schema_id": "default", "schema_url": "http://kratos/schemas/ZGVmYXVsdA",
+            "state": "active", "state_changed_at": "2024-01-15T10:30:00.123456Z",
+            "traits": {"email": "kim@example.com", "name": {"first": "Kim", "last": "Lee"},
+                       "newsletter": true},
+            "verifiable_addresses": [{"id": id(11), "value": "kim@example.com",
+                "verified": true, "via": "email", "status": "completed"}],
+            "recovery_addresses": [{"id": id(12), "value": "kim@example.com", "via": "email"}],
+            "metadata_public": {"plan": "pro"}, "metadata_admin": {"crm": 42},
+            "created_at": "2024-01-15T10:30:00.123456Z", "updated_at": "2024-02-01T00:00:00Z",
+            "organization_id": null,
+            "credentials": {
+                "password": password(bcrypt),
+                "oidc": {"type": "oidc", "identifiers": ["google:1099"], "config": {"providers": [
+                    {"provider": "google", "subject": "1099",
+                     "initial_access_token": "a-google-access-token"}]}},
+                "saml": {"type": "saml", "identifiers": ["okta:kim"], "config": {"providers": [
+                    {"provider": "okta", "subject": "kim"}]}},
+                "totp": {"type": "totp", "config": {"totp_url": format!(
+                    "otpauth://totp/Acme:kim@example.com?secret={secret}&issuer=Acme&algorithm=SHA1&digits=6&period=30")}},
+                "lookup_secret": {"type": "lookup_secret", "config": {"recovery_codes": [
+                    {"code": "lookup-code-1", "used_at": null}]}}
+            }
+        }),
+        serde_json::json!({"id": id(2), "state": "active",
+            "traits": {"email": "lee@example.com", "username": "lee"},
+            "credentials": {"password": password(scrypt)}}),
+        serde_json::json!({"id": id(3), "state": "inactive",
+            "traits": {"email": "pia@example.com"},
+            "credentials": {"password": password(pbkdf2)}}),
+        // As the README's query of Kratos's database writes a row: `timestamp` columns
+        // without a zone, credentials by type with their configs.
+        serde_json::json!({"id": id(4), "state": "active", "traits": {"phone": "+4915112345678"},
+            "created_at": "2023-06-01T12:00:00.5", "metadata_public": null,
+            "metadata_admin": null, "organization_id": null,
+            "verifiable_addresses": [{"value": "+4915112345678", "via": "sms", "verified": true}],
+            "credentials": {"password": {"config": {"use_password_migration_hook": true},
+                "created_at": "2023-06-01T12:00:00.5"}}}),
+        // From the list endpoint: credentials without their configs.
+        serde_json::json!({"id": id(5), "state": "active", "traits": {"email": "oli@example.com"},
+            "credentials": {"password": {"type": "password",
+                "identifiers": ["oli@example.com"], "version": 0}}}),
+    ];
+    let file = dir.join("identities.jsonl");
+    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let (code, err, reasons) = import_from(&app, &file, "kratos", &[]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("4 created, 0 updated, 1 failed"), "{err}");
+    assert_eq!(reasons.len(), 1);
+    assert!(
+        reasons[0].contains("include_credential=password"),
+        "{reasons:?}"
+    );
+    assert!(!err.contains("a-google-access-token"), "{err}");
+
+    let mut users = app.users();
+    let kim = crate::user_by_email(&mut users, "kim@example.com").await;
+    assert_eq!(kim.external_id, id(1));
+    assert_eq!(
+        (kim.given_name.as_str(), kim.family_name.as_str()),
+        ("Kim", "Lee")
+    );
+    assert!(kim.email_verified);
+    assert_eq!(
+        kim.user_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"newsletter": true}))
+    );
+    assert_eq!(
+        kim.app_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"plan": "pro", "crm": 42}))
+    );
+    assert_eq!(
+        sign_in(&app, "kim@example.com", "wrong").await,
+        pb::VerifyPasswordResult::InvalidCredentials
+    );
+    assert!(signs_in(&app, "kim@example.com", LEGACY_PASSWORD).await);
+    assert!(totp_works(&app, &kim.id, &seed).await);
+    for (provider, subject) in [("google", "1099"), ("okta", "kim")] {
+        let found = crate::identities::lookup(&mut app.identities(), provider, subject)
+            .await
+            .unwrap()
+            .user
+            .unwrap();
+        assert_eq!(found.id, kim.id, "{provider}");
+    }
+    let factors = crate::factors::list_of(&mut app.authenticators(), &kim.id).await;
+    let types: Vec<i32> = factors.iter().map(|a| a.r#type).collect();
+    assert_eq!(
+        types,
+        [pb::AuthenticatorType::Totp as i32],
+        "recovery codes are not carried: {factors:?}"
+    );
+
+    let lee = crate::user_by_email(&mut users, "lee@example.com").await;
+    assert_eq!(lee.username, "lee");
+    assert!(signs_in(&app, "lee@example.com", LEGACY_PASSWORD).await);
+    let pia = crate::user_by_email(&mut users, "pia@example.com").await;
+    assert_eq!(pia.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(pia.blocked_reason, "inactive in Kratos");
+    assert_eq!(
+        crate::list::emails(&mut users, "password_format = \"pbkdf2-sha1\"")
+            .await
+            .unwrap(),
+        ["pia@example.com"]
+    );
+    let nia = crate::user_by(
+        &mut users,
+        pb::lookup_user_request::Key::PhoneNumber("+4915112345678".into()),
+    )
+    .await;
+    assert!(nia.phone_verified);
+    assert_eq!(nia.created_at.unwrap().seconds, 1_685_620_800);
+    assert_eq!(
+        nia.app_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"legacy_password": true}))
+    );
+}
+
 /// `roster events --until-caught-up`, for a one-off query or a shipper run by a scheduler:
 /// it writes the events there are (the filter applied) and exits 0; with `--state`, the next
 /// run writes only what came since.
