@@ -1,5 +1,6 @@
 //! `roster events`: follows the audit log (StreamEvents) and writes one JSON object per event
-//! to standard output, for a SIEM or log shipper. With `--state FILE` the last position
+//! to standard output, for a SIEM or log shipper, or with `--post URL` POSTs each to a
+//! webhook (webhook.rs). With `--state FILE` the last position
 //! written is kept there, so a restarted follower resumes after it. Delivery is at least once:
 //! the state is saved after the lines it covers are flushed, so a crash between the two
 //! repeats a few events (each has its `id` to tell them apart), and never skips one. With
@@ -16,6 +17,7 @@ use anyhow::Context;
 use serde_json::{Map, Value};
 
 use super::remote::ServerArgs;
+use super::webhook::{PostArgs, Poster, Refused};
 use crate::pb::v1 as pb;
 use crate::wire;
 
@@ -39,6 +41,8 @@ pub struct EventsArgs {
     /// the stream has reached the end of the log.
     #[arg(long)]
     pub until_caught_up: bool,
+    #[command(flatten)]
+    pub post: PostArgs,
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -64,8 +68,10 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     {
         after = saved;
     }
+    let poster = Poster::new(&args.post)?;
     let mut out = Output {
         stdout: std::io::BufWriter::new(std::io::stdout().lock()),
+        poster,
         state: args.state.clone(),
         after,
         saved: after,
@@ -90,6 +96,8 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
 /// What has been written and where it has been saved.
 struct Output<W: Write> {
     stdout: W,
+    /// With --post: where each event goes instead of standard output.
+    poster: Option<Poster>,
     state: Option<PathBuf>,
     /// The position of the last event written, or of a later checkpoint.
     after: i64,
@@ -100,9 +108,24 @@ struct Output<W: Write> {
 }
 
 impl<W: Write> Output<W> {
-    fn write(&mut self, event: &pb::Event) -> anyhow::Result<()> {
-        let line = serde_json::to_string(&event_json(event))?;
-        writeln!(self.stdout, "{line}").context("writing to standard output")?;
+    async fn write(&mut self, event: &pb::Event) -> anyhow::Result<()> {
+        let json = serde_json::to_vec(&event_json(event))?;
+        match &mut self.poster {
+            // Delivered (a 2xx) before the position moves on past it.
+            Some(poster) => {
+                let id = match event.id.as_str() {
+                    "" => event.position.to_string(),
+                    id => id.to_string(),
+                };
+                poster.deliver(&id, event.position, json).await?;
+            }
+            None => {
+                self.stdout
+                    .write_all(&json)
+                    .and_then(|()| self.stdout.write_all(b"\n"))
+                    .context("writing to standard output")?;
+            }
+        }
         self.after = event.position;
         self.unsaved += 1;
         if self.unsaved >= SAVE_EVERY {
@@ -179,7 +202,8 @@ async fn follow<W: Write>(
             Ok(Paused::Ended) => anyhow::anyhow!("the server ended the stream"),
             Err(e) => e,
         };
-        if !super::remote::retryable(&e) {
+        // A webhook's refusal is for good: the follower stops before that event.
+        if e.is::<Refused>() || !super::remote::retryable(&e) {
             return Err(e);
         }
         out.save()?;
@@ -226,7 +250,7 @@ async fn pump<W: Write>(
         match next? {
             Some(m) => {
                 if let Some(event) = m.event {
-                    out.write(&event)?;
+                    out.write(&event).await?;
                 }
                 if let Some(checkpoint) = m.checkpoint {
                     out.checkpoint(checkpoint.position)?;

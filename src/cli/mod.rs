@@ -6,6 +6,7 @@ pub mod import;
 pub mod records;
 pub mod remote;
 pub mod sources;
+pub mod webhook;
 
 use clap::{Parser, Subcommand};
 

@@ -3099,6 +3099,344 @@ async fn events_until_caught_up_writes_the_log_and_exits() {
     assert_eq!(second[0]["user_id"], late.id.as_str());
 }
 
+/// One request a test webhook received, and when.
+struct Received {
+    at: Instant,
+    path: String,
+    headers: http::HeaderMap,
+    body: serde_json::Value,
+    /// The body as sent: what the signature covers.
+    raw: Vec<u8>,
+}
+
+/// A webhook receiver on 127.0.0.1 for `roster events --post`: answers each request with the
+/// next of `answers` (status, Retry-After, body), then 200; keeps every request.
+async fn webhook_receiver(
+    answers: Vec<(u16, Option<&'static str>, &'static str)>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
+    webhook_receiver_tls(answers, None).await
+}
+
+/// [`webhook_receiver`], over TLS with `identity` (certificate and key PEM) when given: the
+/// URL is then https://localhost:<port>.
+async fn webhook_receiver_tls(
+    answers: Vec<(u16, Option<&'static str>, &'static str)>,
+    identity: Option<(String, String)>,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Received>>>) {
+    use http_body_util::BodyExt;
+    use std::sync::{Arc, Mutex};
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = identity.map(|(cert, key)| {
+        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                CertificateDer::pem_slice_iter(cert.as_bytes())
+                    .map(Result::unwrap)
+                    .collect(),
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    });
+    let url = match acceptor {
+        Some(_) => format!("https://localhost:{port}"),
+        None => format!("http://127.0.0.1:{port}"),
+    };
+    let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+    let answers = Arc::new(Mutex::new(std::collections::VecDeque::from(answers)));
+    let kept = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (got, answers) = (kept.clone(), answers.clone());
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (got, answers) = (got.clone(), answers.clone());
+                    async move {
+                        let at = Instant::now();
+                        let path = req.uri().to_string();
+                        let headers = req.headers().clone();
+                        let bytes = req.into_body().collect().await.unwrap().to_bytes();
+                        got.lock().unwrap().push(Received {
+                            at,
+                            path,
+                            headers,
+                            body: serde_json::from_slice(&bytes).unwrap(),
+                            raw: bytes.to_vec(),
+                        });
+                        let (status, retry_after, text) = answers
+                            .lock()
+                            .unwrap()
+                            .pop_front()
+                            .unwrap_or((200, None, ""));
+                        let mut answer = http::Response::builder().status(status);
+                        if let Some(after) = retry_after {
+                            answer = answer.header("retry-after", after);
+                        }
+                        anyhow::Ok(
+                            answer
+                                .body(http_body_util::Full::new(hyper::body::Bytes::from(text)))
+                                .unwrap(),
+                        )
+                    }
+                });
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let http = hyper::server::conn::http1::Builder::new();
+                match acceptor {
+                    Some(acceptor) => {
+                        if let Ok(tls) = acceptor.accept(stream).await {
+                            let _ = http
+                                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                .await;
+                        }
+                    }
+                    None => {
+                        let _ = http
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    (url, got)
+}
+
+/// The Standard Webhooks signature of a received request, worked out here from the secret's
+/// key (the receiver's side of the specification).
+fn webhook_signature(key: &[u8], r: &Received) -> String {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let header = |n: &str| r.headers[n].to_str().unwrap().to_string();
+    let signed = format!("{}.{}.", header("webhook-id"), header("webhook-timestamp"));
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(signed.as_bytes());
+    mac.update(&r.raw);
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    )
+}
+
+/// `roster events --post`: each event POSTed to a webhook with Standard Webhooks headers and
+/// signature and the operator's own header; a 503 and a 429 are tried again with the same
+/// webhook-id (the 429 after its Retry-After), the state moves on only past delivered events,
+/// and nothing secret (the URL's path and query, the secret, the header's value) is printed.
+#[tokio::test]
+async fn events_post_to_a_webhook_signed_and_retried() {
+    use base64::Engine as _;
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-webhook-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut users = app.users();
+    let mut created = Vec::new();
+    for i in 0..3 {
+        created.push(
+            create_user(&mut users, &format!("hook{i}@example.com"))
+                .await
+                .id,
+        );
+    }
+    let key = [7u8; 32];
+    let secret = dir.join("secret");
+    std::fs::write(
+        &secret,
+        format!(
+            "whsec_{}\n",
+            base64::engine::general_purpose::STANDARD.encode(key)
+        ),
+    )
+    .unwrap();
+    let state = dir.join("position");
+    let (url, got) = webhook_receiver(vec![(503, None, "busy\nnow"), (429, Some("1"), "")]).await;
+    let hook = format!("{url}/hooks/T0001/s3cr3t-path?token=t0p");
+    let (code, out, err) = roster_client(
+        &app,
+        &app.token,
+        &[
+            "events",
+            "--until-caught-up",
+            "--filter",
+            "type = USER_CREATED",
+            "--state",
+            state.to_str().unwrap(),
+            "--post",
+            &hook,
+            "--post-secret-file",
+            secret.to_str().unwrap(),
+            "--post-header",
+            "Authorization: Bearer hook-token",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.is_empty(),
+        "events go to the webhook, not stdout: {out}"
+    );
+    assert!(err.contains("503 Service Unavailable: busy now"), "{err}");
+    assert!(err.contains("429 Too Many Requests"), "{err}");
+    for secret_part in ["s3cr3t-path", "t0p", "hook-token", "whsec_"] {
+        assert!(!err.contains(secret_part), "{secret_part} printed: {err}");
+    }
+    let got = got.lock().unwrap();
+    let ids: Vec<&str> = got
+        .iter()
+        .map(|r| r.headers["webhook-id"].to_str().unwrap())
+        .collect();
+    assert_eq!(
+        got.len(),
+        5,
+        "the first event three times, then the others: {ids:?}"
+    );
+    assert!(ids[0] == ids[1] && ids[1] == ids[2] && ids[2] != ids[3] && ids[3] != ids[4]);
+    assert!(
+        got[2].at - got[1].at >= Duration::from_millis(950),
+        "Retry-After: 1 waited for"
+    );
+    let users_posted: Vec<&str> = got[2..]
+        .iter()
+        .map(|r| r.body["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(users_posted, created);
+    for r in got.iter() {
+        assert_eq!(r.path, "/hooks/T0001/s3cr3t-path?token=t0p");
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(r.headers["authorization"], "Bearer hook-token");
+        assert_eq!(r.body["type"], "USER_CREATED");
+        assert_eq!(
+            r.headers["webhook-id"].to_str().unwrap(),
+            r.body["id"].as_str().unwrap()
+        );
+        let sent: i64 = r.headers["webhook-timestamp"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((chrono::Utc::now().timestamp() - sent).abs() < 60);
+        assert_eq!(
+            r.headers["webhook-signature"].to_str().unwrap(),
+            webhook_signature(&key, r)
+        );
+    }
+    let saved: i64 = std::fs::read_to_string(&state)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(saved, got[4].body["position"].as_i64().unwrap());
+}
+
+/// An https:// webhook with a certificate from a private CA, trusted with --post-ca-file.
+#[tokio::test]
+async fn events_post_to_an_https_webhook() {
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-webhook-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let user = create_user(&mut app.users(), "tls-hook@example.com").await;
+    let ca = crate::tls::Ca::new();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let (url, got) = webhook_receiver_tls(vec![], Some(ca.issue(&["localhost"]))).await;
+    let (code, _, err) = roster_client(
+        &app,
+        &app.token,
+        &[
+            "events",
+            "--until-caught-up",
+            "--filter",
+            "type = USER_CREATED",
+            "--post",
+            &format!("{url}/roster"),
+            "--post-ca-file",
+            ca_file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let got = got.lock().unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body["user_id"], user.id.as_str());
+    assert!(
+        got[0].headers.get("webhook-signature").is_none(),
+        "no secret, no signature"
+    );
+}
+
+/// A webhook that refuses an event for good (a 4xx) stops `roster events` with exit 1 and
+/// the receiver's reason, its state before that event; started again, it goes on from that
+/// event: none lost.
+#[tokio::test]
+async fn events_post_stops_at_an_event_the_webhook_refuses() {
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-webhook-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut users = app.users();
+    let mut created = Vec::new();
+    for i in 0..3 {
+        created.push(
+            create_user(&mut users, &format!("refused{i}@example.com"))
+                .await
+                .id,
+        );
+    }
+    let state = dir.join("position");
+    let run = |url: String| {
+        let app = &app;
+        let state = state.clone();
+        async move {
+            let args = [
+                "events",
+                "--until-caught-up",
+                "--filter",
+                "type = USER_CREATED",
+                "--state",
+                state.to_str().unwrap(),
+                "--post",
+                &url,
+            ];
+            roster_client(app, &app.token, &args).await
+        }
+    };
+    let (url, got) = webhook_receiver(vec![(200, None, ""), (400, None, "unknown event")]).await;
+    let (code, _, err) = run(url).await;
+    assert_eq!(code, 1, "{err}");
+    let first = got.lock().unwrap()[0].body["position"].as_i64().unwrap();
+    let refused = got.lock().unwrap()[1].body["position"].as_i64().unwrap();
+    assert!(
+        err.contains(&format!(
+            "refused the event at position {refused}: 400 Bad Request: unknown event"
+        )),
+        "{err}"
+    );
+    assert_eq!(got.lock().unwrap().len(), 2, "a refusal is not tried again");
+    let saved: i64 = std::fs::read_to_string(&state)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(saved, first);
+
+    let (url, got) = webhook_receiver(vec![]).await;
+    let (code, _, err) = run(url).await;
+    assert_eq!(code, 0, "{err}");
+    let posted: Vec<String> = got
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.body["user_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(posted, created[1..]);
+}
+
 /// `roster events` for a log shipper: the log as JSON lines, the backlog then live events;
 /// with `--state` a follower killed and started again resumes after the last event it wrote
 /// (nothing skipped, nothing repeated once saved); SIGTERM saves and exits 0; a bad filter

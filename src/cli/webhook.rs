@@ -1,0 +1,458 @@
+//! `roster events --post URL`: each event POSTed to a webhook, as the Standard Webhooks
+//! specification (standardwebhooks.com) has it, so the receiver's own library checks it:
+//! `webhook-id` (the event's id, the same on every try, for the receiver to drop repeats),
+//! `webhook-timestamp` (the try's Unix time) and, with a secret, `webhook-signature`
+//! (`v1,` and the base64 HMAC-SHA256 of `id.timestamp.body` under the secret's key).
+//!
+//! An event counts as delivered only on a 2xx answer; the follower moves on (and its state
+//! file) only then, so delivery is at least once, in position order. A refused connection, a
+//! timeout, 408, 429 or a 5xx is tried again with the same id, waiting as the answer's
+//! `Retry-After` says or 0.5 s doubling to 30 s, for as long as it takes (the stream waits
+//! meanwhile). Any other answer (a 3xx, a 4xx: the receiver says the event is wrong or the
+//! sender unwelcome) stops the follower with an error, its state before that event: retrying
+//! cannot mend it, and skipping it would lose it.
+//!
+//! Messages name the webhook by its scheme, host and port only: a webhook URL's path or query
+//! is often its secret (Slack's are), and so are the secret and the header values.
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use http::{HeaderName, HeaderValue, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use sha2::Sha256;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{self, RootCertStore};
+
+/// How long connecting (TCP and TLS) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a try may wait for the answer, body included.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Waits between tries: doubling from the first to the last; a `Retry-After` is honoured up
+/// to the longest.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_LAST: Duration = Duration::from_secs(30);
+const RETRY_AFTER_LONGEST: Duration = Duration::from_secs(600);
+/// How much of an answer's body is read (and at most 200 characters of it shown).
+const ANSWER_BODY_LIMIT: usize = 64 * 1024;
+
+/// The webhook options of `roster events`.
+#[derive(clap::Args, Debug)]
+pub struct PostArgs {
+    /// POST each event to this http:// or https:// URL instead of writing it to standard
+    /// output (Standard Webhooks headers; see the README).
+    #[arg(long, value_name = "URL")]
+    pub post: Option<String>,
+    /// Sign each POST with this Standard Webhooks secret (`whsec_` and base64): a file
+    /// holding it.
+    #[arg(long, value_name = "FILE", requires = "post")]
+    pub post_secret_file: Option<std::path::PathBuf>,
+    /// A header to send with each POST, `Name: value` (say, the receiver's token); repeat for
+    /// more. Values are never printed.
+    #[arg(long, value_name = "HEADER", requires = "post")]
+    pub post_header: Vec<String>,
+    /// Trust the certificate authorities in this PEM file for an https:// webhook, besides the
+    /// system's.
+    #[arg(long, value_name = "FILE", requires = "post")]
+    pub post_ca_file: Option<std::path::PathBuf>,
+}
+
+/// A receiver's answer that retrying cannot mend: the follower stops.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(String);
+
+/// Where events are POSTed, and the connection kept to it.
+pub struct Poster {
+    /// `scheme://host:port`, the only part of the URL ever shown.
+    shown: String,
+    host: String,
+    port: u16,
+    /// The Host header: the URL's host, and its port when not the scheme's.
+    authority: String,
+    path: String,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    key: Option<Vec<u8>>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    connection: Option<SendRequest<Full<Bytes>>>,
+}
+
+/// What became of one try.
+enum Answer {
+    Delivered,
+    /// Worth another try, after the wait given if any.
+    Later(String, Option<Duration>),
+    Refused(String),
+}
+
+impl Poster {
+    pub fn new(args: &PostArgs) -> anyhow::Result<Option<Poster>> {
+        let Some(text) = &args.post else {
+            return Ok(None);
+        };
+        let url = url::Url::parse(text).map_err(|e| anyhow::anyhow!("--post: not a URL: {e}"))?;
+        let tls = match url.scheme() {
+            "http" => false,
+            "https" => true,
+            other => bail!("--post: the URL must be http:// or https://, not {other}://"),
+        };
+        if !url.username().is_empty() || url.password().is_some() {
+            bail!("--post: give credentials with --post-header, not in the URL");
+        }
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) => d.to_string(),
+            Some(url::Host::Ipv4(ip)) => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            None => bail!("--post: the URL has no host"),
+        };
+        let port = url
+            .port_or_known_default()
+            .unwrap_or(if tls { 443 } else { 80 });
+        let host_text = url.host_str().unwrap_or_default();
+        let authority = match url.port() {
+            Some(p) => format!("{host_text}:{p}"),
+            None => host_text.to_string(),
+        };
+        let path = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_string(),
+        };
+        let tls = if tls {
+            let config = client_config(args.post_ca_file.as_deref())?;
+            let name = ServerName::try_from(host.clone())
+                .map_err(|_| anyhow::anyhow!("--post: {host} cannot be checked by TLS"))?;
+            Some((TlsConnector::from(Arc::new(config)), name))
+        } else {
+            None
+        };
+        let key = match &args.post_secret_file {
+            Some(path) => Some(secret_key(path)?),
+            None => None,
+        };
+        let headers = args
+            .post_header
+            .iter()
+            .map(|h| header(h))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Some(Poster {
+            shown: format!("{}://{authority}", url.scheme()),
+            host,
+            port,
+            authority,
+            path,
+            tls,
+            key,
+            headers,
+            connection: None,
+        }))
+    }
+
+    /// POSTs one event (`id`, its JSON `body`) until the webhook takes it; Err(Refused) when
+    /// it refuses it for good.
+    pub async fn deliver(&mut self, id: &str, position: i64, body: Vec<u8>) -> anyhow::Result<()> {
+        let body = Bytes::from(body);
+        let mut wait = RETRY_FIRST;
+        loop {
+            let (why, asked) = match self.attempt(id, body.clone()).await {
+                Ok(Answer::Delivered) => return Ok(()),
+                Ok(Answer::Refused(why)) => {
+                    return Err(Refused(format!(
+                        "the webhook at {} refused the event at position {position}: {why}",
+                        self.shown
+                    ))
+                    .into());
+                }
+                Ok(Answer::Later(why, asked)) => (why, asked),
+                Err(e) => {
+                    self.connection = None;
+                    (format!("{e:#}"), None)
+                }
+            };
+            let pause = asked.unwrap_or(wait);
+            eprintln!(
+                "roster events: the webhook at {}: {why}; sending the event at position \
+                 {position} again in {:.1} s",
+                self.shown,
+                pause.as_secs_f64()
+            );
+            tokio::time::sleep(pause).await;
+            wait = (wait * 2).min(RETRY_LAST);
+        }
+    }
+
+    async fn attempt(&mut self, id: &str, body: Bytes) -> anyhow::Result<Answer> {
+        let mut send = match self.connection.take() {
+            Some(c) if !c.is_closed() => c,
+            _ => self.connect().await?,
+        };
+        send.ready().await.context("the connection closed")?;
+        let timestamp = chrono::Utc::now().timestamp().to_string();
+        let mut request = http::Request::post(self.path.as_str())
+            .header(http::header::HOST, self.authority.as_str())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(
+                http::header::USER_AGENT,
+                concat!("roster-events/", env!("CARGO_PKG_VERSION")),
+            )
+            .header("webhook-id", id)
+            .header("webhook-timestamp", timestamp.as_str());
+        if let Some(key) = &self.key {
+            let signature = sign(key, id, &timestamp, &body);
+            request = request.header("webhook-signature", format!("v1,{signature}"));
+        }
+        for (name, value) in &self.headers {
+            request = request.header(name, value);
+        }
+        let request = request
+            .body(Full::new(body))
+            .context("building the request")?;
+        let answer = tokio::time::timeout(ANSWER_TIMEOUT, async {
+            let response = send.send_request(request).await?;
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(http::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|s| Duration::from_secs(s).min(RETRY_AFTER_LONGEST));
+            let text = Limited::new(response.into_body(), ANSWER_BODY_LIMIT)
+                .collect()
+                .await
+                .map(|b| shown_body(&b.to_bytes()))
+                .unwrap_or_default();
+            anyhow::Ok((status, retry_after, text))
+        })
+        .await;
+        let (status, retry_after, text) = match answer {
+            Ok(answer) => answer.context("no answer")?,
+            Err(_) => bail!("no answer in {} s", ANSWER_TIMEOUT.as_secs()),
+        };
+        // The answer was read whole: the connection can carry the next event.
+        self.connection = Some(send);
+        let why = if text.is_empty() {
+            status.to_string()
+        } else {
+            format!("{status}: {text}")
+        };
+        Ok(if status.is_success() {
+            Answer::Delivered
+        } else if status.is_server_error()
+            || status == StatusCode::REQUEST_TIMEOUT
+            || status == StatusCode::TOO_MANY_REQUESTS
+        {
+            Answer::Later(why, retry_after)
+        } else {
+            Answer::Refused(why)
+        })
+    }
+
+    async fn connect(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no connection in {} s", CONNECT_TIMEOUT.as_secs()))?
+        .context("cannot connect")?;
+        tcp.set_nodelay(true).ok();
+        // The connection's own task drives it; it ends when the sender is dropped.
+        Ok(match &self.tls {
+            Some((connector, name)) => {
+                let tls =
+                    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
+                        .await
+                        .map_err(|_| {
+                            anyhow::anyhow!("no TLS handshake in {} s", CONNECT_TIMEOUT.as_secs())
+                        })?
+                        .context("TLS")?;
+                let (send, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+                tokio::spawn(connection);
+                send
+            }
+            None => {
+                let (send, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(connection);
+                send
+            }
+        })
+    }
+}
+
+/// The TLS settings for an https:// webhook: the system's roots, and a private CA's.
+fn client_config(ca_file: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        // A system certificate rustls cannot use is left out, as browsers do.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.with_context(|| format!("{}: not PEM certificates", path.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("{}: a certificate rustls cannot use", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            bail!("{}: holds no certificate", path.display());
+        }
+    }
+    if roots.is_empty() {
+        bail!("--post: no trusted certificate authorities (give --post-ca-file)");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS settings")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The key of a Standard Webhooks secret file: `whsec_` and base64 (the prefix optional).
+fn secret_key(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = text.trim();
+    let encoded = text.strip_prefix("whsec_").unwrap_or(text);
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "{}: must hold whsec_ and the base64 of the key (the secret is not shown)",
+                path.display()
+            )
+        })?;
+    if !(16..=256).contains(&key.len()) {
+        bail!(
+            "{}: the key must be 16 to 256 bytes, a random 32 is usual",
+            path.display()
+        );
+    }
+    Ok(key)
+}
+
+/// A `--post-header` value: `Name: value`. The value is never put in a message.
+fn header(text: &str) -> anyhow::Result<(HeaderName, HeaderValue)> {
+    let Some((name, value)) = text.split_once(':') else {
+        bail!("--post-header: give Name: value");
+    };
+    let name = HeaderName::from_bytes(name.trim().as_bytes())
+        .map_err(|_| anyhow::anyhow!("--post-header: '{}' is not a header name", name.trim()))?;
+    let fixed = [
+        "host",
+        "content-type",
+        "content-length",
+        "transfer-encoding",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    ];
+    if fixed.contains(&name.as_str()) {
+        bail!("--post-header: {name} is set by roster events");
+    }
+    let mut value = HeaderValue::from_str(value.trim())
+        .map_err(|_| anyhow::anyhow!("--post-header: the value of {name} cannot be sent"))?;
+    value.set_sensitive(true);
+    Ok((name, value))
+}
+
+/// The Standard Webhooks signature: base64 HMAC-SHA256 of `id.timestamp.body`.
+pub fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> String {
+    // Any key length is valid for HMAC.
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+        unreachable!("HMAC takes keys of any length")
+    };
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// An answer's body as a message shows it: text, on one line, at most 200 characters.
+fn shown_body(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match one_line.char_indices().nth(200) {
+        Some((at, _)) => format!("{}...", &one_line[..at]),
+        None => one_line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_standard_webhooks_ones() {
+        // The specification's example (standard-webhooks, libraries' test vector).
+        let key = base64::engine::general_purpose::STANDARD
+            .decode("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+            .unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", "1614265330", body),
+            "g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
+    #[test]
+    fn headers_and_urls_are_checked_before_anything_is_sent() {
+        assert!(header("Authorization: Bearer abc").is_ok());
+        for (bad, says) in [
+            ("no colon", "Name: value"),
+            ("Bad Name: x", "not a header name"),
+            ("webhook-id: 1", "set by roster events"),
+            ("X-Token: a\u{7}b", "cannot be sent"),
+        ] {
+            let e = header(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+            assert!(!e.contains("Bearer"), "{e}");
+        }
+        let args = |url: &str| PostArgs {
+            post: Some(url.into()),
+            post_secret_file: None,
+            post_header: vec![],
+            post_ca_file: None,
+        };
+        for (bad, says) in [
+            ("ftp://x/y", "http:// or https://"),
+            ("https://user:pw@x/y", "--post-header"),
+            ("not a url", "not a URL"),
+        ] {
+            let e = Poster::new(&args(bad)).err().unwrap().to_string();
+            assert!(e.contains(says), "{e}");
+            assert!(!e.contains("pw"), "{e}");
+        }
+        let p = Poster::new(&args("http://[::1]:8080/hooks/T0001/secret?x=1"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                p.host.as_str(),
+                p.port,
+                p.authority.as_str(),
+                p.path.as_str()
+            ),
+            ("::1", 8080, "[::1]:8080", "/hooks/T0001/secret?x=1")
+        );
+        assert_eq!(p.shown, "http://[::1]:8080");
+        assert_eq!(shown_body(b"  line one\n line two  "), "line one line two");
+        assert!(shown_body(&[b'x'; 500]).ends_with("..."));
+    }
+}

@@ -1,0 +1,59 @@
+"""`roster events --post` checked by the Standard Webhooks reference library for Python: a
+receiver that verifies every request as a receiver in production would (signature,
+timestamp window, id), and refuses a body changed by one byte, so the check can fail."""
+import base64
+import http.server
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+hook = Webhook(secret)
+verified, failed = [], []
+
+
+class Receiver(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        try:
+            event = hook.verify(body, headers)
+            verified.append(event)
+            try:
+                hook.verify(body[:-1] + b" }", headers)
+                failed.append("a changed body verified")
+            except WebhookVerificationError:
+                pass
+            self.send_response(204)
+        except WebhookVerificationError as e:
+            failed.append(str(e))
+            self.send_response(401)
+        self.end_headers()
+
+
+server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+with tempfile.NamedTemporaryFile("w", suffix=".whsec", delete=False) as f:
+    f.write(secret + "\n")
+run = subprocess.run(
+    [os.environ["ROSTER_BIN"], "events", "--until-caught-up",
+     "--server", "http://" + os.environ["ROSTER_ADDR"],
+     "--post", f"http://127.0.0.1:{server.server_address[1]}/roster",
+     "--post-secret-file", f.name],
+    capture_output=True, text=True, timeout=120)
+os.unlink(f.name)
+server.shutdown()
+if run.returncode != 0 or failed or not verified:
+    sys.exit(f"webhook: exit {run.returncode}, {len(verified)} verified, failures {failed}: {run.stderr}")
+if secret in run.stderr:
+    sys.exit("webhook: the secret was printed")
+types = sorted({e["type"] for e in verified})
+print(f"Python webhook receiver: ok ({len(verified)} events verified by standardwebhooks; {', '.join(types[:4])}, ...)")
