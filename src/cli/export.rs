@@ -118,7 +118,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     };
     let mut stream = open(request.clone())
         .await
-        .map_err(|s| anyhow::anyhow!("the server refused the export: {}", s.message()))?;
+        .map_err(|s| super::remote::call_failed(&args.server, "the export", s))?;
 
     let (sink, temp): (Box<dyn Write>, Option<PathBuf>) = match &args.output {
         Some(path) => {

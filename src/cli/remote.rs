@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::pb::v1::log_service_client::LogServiceClient;
 use crate::pb::v1::user_service_client::UserServiceClient;
@@ -28,6 +28,27 @@ pub struct ServerArgs {
         default_value = "./roster-data/dev-key"
     )]
     pub api_key_file: PathBuf,
+    /// For an https:// server: trust the CA certificates in this PEM file besides the
+    /// system's (a private CA, cert-manager's `ca.crt`).
+    #[arg(long, env = "ROSTER_CLIENT_TLS_CA_FILE", value_name = "FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// For a server that requires mutual TLS: this client certificate (PEM), with
+    /// --tls-key-file.
+    #[arg(
+        long,
+        env = "ROSTER_CLIENT_TLS_CERT_FILE",
+        value_name = "FILE",
+        requires = "tls_key_file"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert-file.
+    #[arg(
+        long,
+        env = "ROSTER_CLIENT_TLS_KEY_FILE",
+        value_name = "FILE",
+        requires = "tls_cert_file"
+    )]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Clone)]
@@ -66,13 +87,39 @@ impl ServerArgs {
         let bearer: MetadataValue<Ascii> = format!("Bearer {key}")
             .parse()
             .context("the API key has characters a header cannot carry")?;
-        let channel = tonic::transport::Endpoint::from_shared(self.server.clone())
+        let mut endpoint = tonic::transport::Endpoint::from_shared(self.server.clone())
             .with_context(|| format!("bad server address {}", self.server))?
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(10));
+        if let Some(tls) = self.tls()? {
+            endpoint = endpoint.tls_config(tls).context("TLS settings")?;
+        }
+        let channel = endpoint
             .connect()
             .await
             .with_context(|| format!("cannot reach the Roster server at {}", self.server))?;
         Ok((channel, Bearer(bearer)))
+    }
+
+    /// TLS for an https:// server (the system's CAs, --tls-ca-file's, and a client
+    /// certificate for mutual TLS); none for http://.
+    fn tls(&self) -> anyhow::Result<Option<ClientTlsConfig>> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        if !self.server.starts_with("https://") {
+            if self.tls_ca_file.is_some() || self.tls_cert_file.is_some() {
+                anyhow::bail!("--tls-ca-file and --tls-cert-file need an https:// --server");
+            }
+            return Ok(None);
+        }
+        let mut tls = ClientTlsConfig::new().with_native_roots();
+        if let Some(ca) = &self.tls_ca_file {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(Some(tls))
     }
 
     pub async fn users(&self) -> anyhow::Result<Users> {
@@ -189,6 +236,38 @@ fn took(elapsed: Duration, count: u64) -> String {
     } else {
         format!("in {secs:.1}s ({:.0}/s)", count as f64 / secs)
     }
+}
+
+/// A call's failure as its user should read it: a status the server answered, by its
+/// message; one the transport made (a TLS alert, a reset connection: tonic's "transport
+/// error"), by the server that could not be reached and the underlying reasons.
+pub fn call_failed(server: &ServerArgs, what: &str, s: tonic::Status) -> anyhow::Error {
+    let mut cause = std::error::Error::source(&s);
+    if cause.is_none() {
+        return anyhow::anyhow!("the server refused {what}: {}", s.message());
+    }
+    let mut why: Vec<String> = Vec::new();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if why.last() != Some(&text) {
+            why.push(text);
+        }
+        cause = c.source();
+    }
+    // TLS 1.3 checks the client's certificate after the client's side of the handshake:
+    // the refusal arrives with the first call (as an alert, or as the connection closing).
+    let hint = if why.iter().any(|w| w.contains("CertificateRequired")) {
+        " (the server requires a client certificate: --tls-cert-file and --tls-key-file)"
+    } else if server.server.starts_with("https://") && server.tls_cert_file.is_none() {
+        " (if the server requires client certificates: --tls-cert-file and --tls-key-file)"
+    } else {
+        ""
+    };
+    anyhow::anyhow!(
+        "cannot reach the Roster server at {}: {}{hint}",
+        server.server,
+        why.join(": ")
+    )
 }
 
 /// Whether a call failed because the server or the network went away (a replica shutting

@@ -1022,7 +1022,11 @@ async fn serve_with_the_embedded_default() {
 /// Runs a client command (`import`, `export`) of the binary against `app` with `token`;
 /// returns the exit code, stdout and stderr. It runs on a blocking thread: the server it
 /// talks to lives on this test's runtime.
-async fn roster_client(app: &TestApp, token: &str, args: &[&str]) -> (i32, String, String) {
+pub(crate) async fn roster_client(
+    app: &TestApp,
+    token: &str,
+    args: &[&str],
+) -> (i32, String, String) {
     roster_client_fed(app, token, args, None).await
 }
 

@@ -165,6 +165,85 @@ async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The client commands (`roster export`, `import`, `events`) reach a server that requires
+/// mutual TLS with --tls-ca-file, --tls-cert-file and --tls-key-file; without the client
+/// certificate the run fails with the server's address in the message, and TLS options with
+/// an http:// server are refused before anything is sent.
+#[tokio::test]
+async fn client_commands_speak_tls_and_mutual_tls() {
+    let dir = temp_dir();
+    let server_ca = Ca::new();
+    let client_ca = Ca::new();
+    let (cert, key_pem) = server_ca.issue(&["localhost"]);
+    let app = TestApp::spawn_with(ServerConfig {
+        tls_cert_file: Some(write(&dir, "server.pem", &cert)),
+        tls_key_file: Some(write(&dir, "server.key", &key_pem)),
+        tls_client_ca_file: Some(write(&dir, "clients.pem", &client_ca.pem())),
+        health_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    })
+    .await;
+    let ch = channel(&app, &server_ca.pem(), Some(&client_ca.issue(&["ops"])))
+        .await
+        .unwrap();
+    let mut users = UserServiceClient::with_interceptor(ch, key(Some(&app.token)));
+    crate::create_user(&mut users, "over-tls@example.com").await;
+    let ca_file = write(&dir, "ca.pem", &server_ca.pem());
+    let (client_cert, client_key) = client_ca.issue(&["ops"]);
+    let cert_file = write(&dir, "client.pem", &client_cert);
+    let key_file = write(&dir, "client.key", &client_key);
+    let server = format!("https://localhost:{}", app.addr.port());
+    let (code, out, err) = crate::cli::roster_client(
+        &app,
+        &app.token,
+        &[
+            "export",
+            "--fields",
+            "email",
+            "--server",
+            &server,
+            "--tls-ca-file",
+            ca_file.to_str().unwrap(),
+            "--tls-cert-file",
+            cert_file.to_str().unwrap(),
+            "--tls-key-file",
+            key_file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("over-tls@example.com"), "{out}");
+
+    let (code, _, err) = crate::cli::roster_client(
+        &app,
+        &app.token,
+        &[
+            "export",
+            "--server",
+            &server,
+            "--tls-ca-file",
+            ca_file.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_eq!(code, 1, "no client certificate: refused by the server");
+    assert!(
+        err.contains(&format!("cannot reach the Roster server at {server}"))
+            && err.contains("client certificate"),
+        "{err}"
+    );
+
+    let (code, _, err) = crate::cli::roster_client(
+        &app,
+        &app.token,
+        &["export", "--tls-ca-file", ca_file.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("need an https:// --server"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test]
 async fn bad_tls_settings_fail_at_start_up() {
     let dir = temp_dir();
