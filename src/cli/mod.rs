@@ -75,6 +75,8 @@ pub fn error_line(e: &anyhow::Error) -> String {
         // A status as its code and message: its Display adds a Debug dump of its source,
         // whose own causes follow in the chain anyway.
         let text = match cause.downcast_ref::<tonic::Status>() {
+            // A status the transport made ("transport error"): its causes say what happened.
+            Some(_) if cause.source().is_some() => continue,
             Some(s) => format!("{:?}: {}", s.code(), s.message()),
             None => cause.to_string(),
         };
@@ -149,5 +151,9 @@ mod tests {
         // A status reads as its code and message, without its Debug dump.
         let e = anyhow::Error::from(tonic::Status::unavailable("the server is shutting down"));
         assert_eq!(error_line(&e), "Unavailable: the server is shutting down");
+        // A transport failure: the causes, not "Unknown: transport error" before them.
+        let alert = std::io::Error::other("received fatal alert: CertificateRequired");
+        let e = anyhow::Error::from(tonic::Status::from_error(Box::new(alert)));
+        assert_eq!(error_line(&e), "received fatal alert: CertificateRequired");
     }
 }

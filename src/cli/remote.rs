@@ -281,8 +281,21 @@ pub fn server_went_away(e: &anyhow::Error) -> bool {
                 | tonic::Code::Internal
                 | tonic::Code::Cancelled
                 | tonic::Code::DeadlineExceeded
-        )
+        ) && !refused_by_tls(s)
     })
+}
+
+/// Whether the server's TLS refused the connection (a fatal alert: no or a wrong client
+/// certificate), which calling again cannot mend.
+fn refused_by_tls(s: &tonic::Status) -> bool {
+    let mut cause = std::error::Error::source(s);
+    while let Some(c) = cause {
+        if c.to_string().contains("received fatal alert") {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Whether a stream can go on after `e` by calling again: the server went away, or is busy
