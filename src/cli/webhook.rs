@@ -49,21 +49,36 @@ const ANSWER_BODY_LIMIT: usize = 64 * 1024;
 pub struct PostArgs {
     /// POST each event to this http:// or https:// URL instead of writing it to standard
     /// output (Standard Webhooks headers; see the README).
-    #[arg(long, value_name = "URL")]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "ROSTER_EVENTS_POST",
+        hide_env_values = true
+    )]
     pub post: Option<String>,
     /// Sign each POST with this Standard Webhooks secret (`whsec_` and base64): a file
-    /// holding it.
+    /// holding it. Without it, the secret itself may be in ROSTER_EVENTS_POST_SECRET.
     #[arg(long, value_name = "FILE", requires = "post")]
     pub post_secret_file: Option<std::path::PathBuf>,
     /// A header to send with each POST, `Name: value` (say, the receiver's token); repeat for
-    /// more. Values are never printed.
+    /// more (one may come from ROSTER_EVENTS_POST_HEADER). Values are never printed.
     #[arg(long, value_name = "HEADER", requires = "post")]
     pub post_header: Vec<String>,
     /// Trust the certificate authorities in this PEM file for an https:// webhook, besides the
     /// system's.
-    #[arg(long, value_name = "FILE", requires = "post")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "post",
+        env = "ROSTER_EVENTS_POST_CA_FILE"
+    )]
     pub post_ca_file: Option<std::path::PathBuf>,
 }
+
+/// The environment's signing secret and header (secrets belong there rather than in flags,
+/// which `ps` shows; a Kubernetes Secret becomes them).
+const SECRET_ENV: &str = "ROSTER_EVENTS_POST_SECRET";
+const HEADER_ENV: &str = "ROSTER_EVENTS_POST_HEADER";
 
 /// A receiver's answer that retrying cannot mend: the follower stops.
 #[derive(Debug, thiserror::Error)]
@@ -133,14 +148,21 @@ impl Poster {
         } else {
             None
         };
-        let key = match &args.post_secret_file {
-            Some(path) => Some(secret_key(path)?),
-            None => None,
+        let key = match (&args.post_secret_file, env(SECRET_ENV)) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Some(secret_key(&text).with_context(|| path.display().to_string())?)
+            }
+            (None, Some(text)) => Some(secret_key(&text).context(SECRET_ENV)?),
+            (None, None) => None,
         };
         let headers = args
             .post_header
             .iter()
-            .map(|h| header(h))
+            .cloned()
+            .chain(env(HEADER_ENV))
+            .map(|h| header(&h))
             .collect::<anyhow::Result<_>>()?;
         Ok(Some(Poster {
             shown: format!("{}://{authority}", url.scheme()),
@@ -322,25 +344,21 @@ fn client_config(ca_file: Option<&Path>) -> anyhow::Result<rustls::ClientConfig>
     Ok(config)
 }
 
-/// The key of a Standard Webhooks secret file: `whsec_` and base64 (the prefix optional).
-fn secret_key(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+/// A variable of the environment, unless unset or empty.
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// The key of a Standard Webhooks secret: `whsec_` and base64 (the prefix optional). Errors
+/// never show the text.
+fn secret_key(text: &str) -> anyhow::Result<Vec<u8>> {
     let text = text.trim();
     let encoded = text.strip_prefix("whsec_").unwrap_or(text);
     let key = base64::engine::general_purpose::STANDARD
         .decode(encoded)
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "{}: must hold whsec_ and the base64 of the key (the secret is not shown)",
-                path.display()
-            )
-        })?;
+        .map_err(|_| anyhow::anyhow!("must be whsec_ and the base64 of the key"))?;
     if !(16..=256).contains(&key.len()) {
-        bail!(
-            "{}: the key must be 16 to 256 bytes, a random 32 is usual",
-            path.display()
-        );
+        bail!("the key must be 16 to 256 bytes; a random 32 is usual");
     }
     Ok(key)
 }

@@ -1027,24 +1027,31 @@ pub(crate) async fn roster_client(
     token: &str,
     args: &[&str],
 ) -> (i32, String, String) {
-    roster_client_fed(app, token, args, None).await
+    roster_client_fed(app, token, args, None, &[]).await
 }
 
-/// `roster_client` with `stdin` written to the command's standard input.
+/// `roster_client` with `stdin` written to the command's standard input, and `env` added to
+/// its environment.
 async fn roster_client_fed(
     app: &TestApp,
     token: &str,
     args: &[&str],
     stdin: Option<Vec<u8>>,
+    env: &[(&str, &str)],
 ) -> (i32, String, String) {
     use std::io::Write;
     use std::process::Stdio;
     let server = format!("http://{}", app.addr);
     let token = token.to_string();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     tokio::task::spawn_blocking(move || {
         let mut child = Command::new(ROSTER)
             .args(&args)
+            .envs(env)
             .env("ROSTER_SERVER", server)
             .env("ROSTER_API_KEY", token)
             .env_remove("DATABASE_URL")
@@ -1467,7 +1474,8 @@ async fn import_reads_either_format_from_standard_input() {
         let (_, other) = app.other_project().await;
         // Empty lines ahead of the first record must not hide the format.
         let fed = format!("\n\n{exported}").into_bytes();
-        let (code, _, err) = roster_client_fed(&app, &other, &["import", "-"], Some(fed)).await;
+        let (code, _, err) =
+            roster_client_fed(&app, &other, &["import", "-"], Some(fed), &[]).await;
         assert_eq!(code, 0, "{format}: {err}");
         assert!(
             err.contains("3 created, 0 updated, 0 failed"),
@@ -3393,6 +3401,7 @@ async fn events_post_stops_at_an_event_the_webhook_refuses() {
         );
     }
     let state = dir.join("position");
+    // The webhook's settings from the environment, as the Helm chart gives them.
     let run = |url: String| {
         let app = &app;
         let state = state.clone();
@@ -3404,10 +3413,16 @@ async fn events_post_stops_at_an_event_the_webhook_refuses() {
                 "type = USER_CREATED",
                 "--state",
                 state.to_str().unwrap(),
-                "--post",
-                &url,
             ];
-            roster_client(app, &app.token, &args).await
+            let env = [
+                ("ROSTER_EVENTS_POST", url.as_str()),
+                (
+                    "ROSTER_EVENTS_POST_SECRET",
+                    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+                ),
+                ("ROSTER_EVENTS_POST_HEADER", "X-Collector-Token: c0ll3ct"),
+            ];
+            roster_client_fed(app, &app.token, &args, None, &env).await
         }
     };
     let (url, got) = webhook_receiver(vec![(200, None, ""), (400, None, "unknown event")]).await;
@@ -3422,6 +3437,19 @@ async fn events_post_stops_at_an_event_the_webhook_refuses() {
         "{err}"
     );
     assert_eq!(got.lock().unwrap().len(), 2, "a refusal is not tried again");
+    for r in got.lock().unwrap().iter() {
+        assert_eq!(r.headers["x-collector-token"], "c0ll3ct");
+        assert!(
+            r.headers["webhook-signature"]
+                .to_str()
+                .unwrap()
+                .starts_with("v1,")
+        );
+    }
+    assert!(
+        !err.contains("c0ll3ct") && !err.contains("MfKQ9r8"),
+        "{err}"
+    );
     let saved: i64 = std::fs::read_to_string(&state)
         .unwrap()
         .trim()
