@@ -53,3 +53,12 @@ The port the gRPC probes use: the plaintext health-only port when the gRPC port 
 {{- define "roster.probePort" -}}
 {{- if .Values.tls.enabled }}{{ .Values.tls.healthPort }}{{ else }}{{ .Values.service.port }}{{ end }}
 {{- end }}
+
+{{/*
+The events webhook's pods: labels apart from the server's, so the Service (which selects
+roster.selectorLabels) never sends gRPC calls to them.
+*/}}
+{{- define "roster.webhookSelectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}-events-webhook
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
