@@ -308,14 +308,23 @@ impl FirebaseHash {
     }
 }
 
-/// Firebase's bookkeeping fields, which Roster keeps its own account of; and
-/// `mfaInfo` (enrolled second factors, which an import cannot carry: users enroll again).
+/// Firebase's bookkeeping fields, which Roster keeps its own account of, and the Identity
+/// Toolkit API's fields Roster has no place for (deprecated profile fields, the tenant, which
+/// is the project here, and passkeys, which users register again).
 const FIREBASE_SKIPPED: &[&str] = &[
     "lastRefreshAt",
     "validSince",
     "passwordUpdatedAt",
     "version",
-    "mfaInfo",
+    "language",
+    "timeZone",
+    "dateOfBirth",
+    "screenName",
+    "customAuth",
+    "emailLinkSignin",
+    "initialEmail",
+    "tenantId",
+    "passkeyInfo",
 ];
 
 /// Firebase providers that are not linked accounts: the password and phone sign-ins (the
@@ -330,7 +339,9 @@ const FIREBASE_NOT_LINKED: &[&str] = &["password", "phone"];
 /// custom claims, set by the application's backend) `app_metadata`; `providerUserInfo`
 /// entries become identities (`providerId` as provider, `rawId` as subject);
 /// `passwordHash` and `salt` become a `$firescrypt$` hash with the project's parameters. A
-/// user `disabled` in Firebase is imported blocked rather than active.
+/// user `disabled` in Firebase is imported blocked rather than active. The Identity Toolkit
+/// API's users (`accounts:batchGet`), the same records plus `mfaInfo`, also bring their SMS
+/// and email second factors (see [`firebase_factor`]).
 pub fn from_firebase(
     obj: Map<String, Value>,
     hash: Option<&FirebaseHash>,
@@ -407,6 +418,18 @@ pub fn from_firebase(
                 set_identities(&mut out, linked);
                 continue;
             }
+            // The Identity Toolkit API's enrolled second factors (firebase-tools leaves them
+            // out of its export).
+            "mfaInfo" => {
+                let mut factors = Vec::new();
+                for (i, f) in array_of(&k, v)?.iter().enumerate() {
+                    factors.push(firebase_factor(i, f)?);
+                }
+                if !factors.is_empty() {
+                    out.insert("authenticators".into(), Value::Array(factors));
+                }
+                continue;
+            }
             other if other.starts_with('_') || FIREBASE_SKIPPED.contains(&other) => continue,
             other => return Err(format!("unknown Firebase field '{other}'")),
         };
@@ -430,6 +453,51 @@ pub fn from_firebase(
         out.insert("password_hash".into(), Value::String(hashed));
     }
     Ok(out)
+}
+
+/// An `mfaInfo` entry (the Identity Toolkit API's MfaEnrollment) as an `authenticators`
+/// entry: an SMS second factor as an SMS OTP channel (the admin API's number, unobfuscated),
+/// an email one as an email OTP channel. A TOTP one fails the record: Firebase never gives
+/// its secret, and dropping a user's second factor unsaid would leave them with a password
+/// alone.
+fn firebase_factor(i: usize, f: &Value) -> Result<Value, String> {
+    let field = |name: &str| f.get(name).and_then(text);
+    let name = field("displayName");
+    let created = match f.get("enrolledAt") {
+        Some(t) => Some(pg_time(&format!("mfaInfo[{i}].enrolledAt"), t)?),
+        None => None,
+    };
+    if let Some(phone) = field("unobfuscatedPhoneInfo").or_else(|| field("phoneInfo")) {
+        if phone.contains('*') {
+            return Err(format!(
+                "mfaInfo[{i}]: the phone number is obfuscated ({phone}); read the users with \
+                 a service account (the README's accounts:batchGet call)"
+            ));
+        }
+        return Ok(factor(
+            "SMS_OTP",
+            ("phone_number", Value::String(phone)),
+            name,
+            created,
+        ));
+    }
+    if let Some(email) = f.pointer("/emailInfo/emailAddress").and_then(text) {
+        return Ok(factor(
+            "EMAIL_OTP",
+            ("email", Value::String(email)),
+            name,
+            created,
+        ));
+    }
+    if f.get("totpInfo").is_some() {
+        return Err(format!(
+            "mfaInfo[{i}]: a TOTP second factor, whose secret Firebase does not export; remove \
+             it to import the user without it (they enroll their app again)"
+        ));
+    }
+    Err(format!(
+        "mfaInfo[{i}]: a second factor of a kind Roster does not know"
+    ))
 }
 
 /// Keycloak user fields Roster has no place for: roles, groups, consents and links to
@@ -1849,7 +1917,40 @@ mod tests {
                    "last_login_at": "2023-11-14T22:13:20.000Z",
                    "identities": [{"provider": "apple.com", "subject": "001.abc"}]})
         );
+        // The Identity Toolkit API's record (accounts:batchGet): times as text, second
+        // factors in mfaInfo.
+        let r = from_firebase(
+            obj(
+                json!({"localId": "u2", "createdAt": "1589276052123", "tenantId": "t",
+                "emailLinkSignin": false, "lastRefreshAt": "2024-01-01T00:00:00.123Z",
+                "mfaInfo": [
+                    {"mfaEnrollmentId": "e1", "displayName": "work phone",
+                     "phoneInfo": "+15555550100", "enrolledAt": "2023-03-01T10:00:00.5Z"},
+                    {"mfaEnrollmentId": "e2", "emailInfo": {"emailAddress": "b@x.io"}},
+                    {"mfaEnrollmentId": "e3", "phoneInfo": "+*******0100",
+                     "unobfuscatedPhoneInfo": "+15555550199"}]}),
+            ),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            r["authenticators"],
+            json!([
+                {"type": "SMS_OTP", "phone_number": "+15555550100", "name": "work phone",
+                 "created_at": "2023-03-01T10:00:00.500000Z"},
+                {"type": "EMAIL_OTP", "email": "b@x.io"},
+                {"type": "SMS_OTP", "phone_number": "+15555550199"}
+            ])
+        );
         for (bad, says) in [
+            (
+                json!({"mfaInfo": [{"mfaEnrollmentId": "e", "totpInfo": {}}]}),
+                "a TOTP second factor",
+            ),
+            (
+                json!({"mfaInfo": [{"phoneInfo": "+*******0100"}]}),
+                "obfuscated",
+            ),
             (
                 json!({"createdAt": "yesterday"}),
                 "createdAt: must be milliseconds",

@@ -2360,6 +2360,60 @@ async fn a_firebase_export_imports_with_its_passwords() {
     );
 }
 
+/// Firebase users read from the Identity Toolkit API (`accounts:batchGet`, as the README's
+/// loop writes them) bring their enrolled SMS and email second factors, which firebase-tools
+/// leaves out: the user arrives with them enrolled, so signing in still asks for a code. A
+/// TOTP second factor, whose secret Firebase does not give, fails its record rather than
+/// vanishing.
+#[tokio::test]
+async fn firebase_api_users_keep_their_sms_second_factor() {
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-firebase-mfa-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rows = [
+        serde_json::json!({"localId": "mfa0000000000000000000000001", "email": "two@example.com",
+            "emailVerified": true, "createdAt": "1600000000000", "lastLoginAt": "1700000000000",
+            "lastRefreshAt": "2023-11-14T22:13:20.123Z", "validSince": "1600000000",
+            "emailLinkSignin": false,
+            "providerUserInfo": [{"providerId": "password", "rawId": "two@example.com",
+                                  "federatedId": "two@example.com"}],
+            "mfaInfo": [
+                {"mfaEnrollmentId": "0a1b", "displayName": "Pixel", "phoneInfo": "+14155550142",
+                 "enrolledAt": "2023-05-01T12:00:00.250Z"},
+                {"mfaEnrollmentId": "0a1c", "emailInfo": {"emailAddress": "two@example.com"}}]}),
+        serde_json::json!({"localId": "mfa0000000000000000000000002", "email": "app@example.com",
+            "createdAt": "1600000000000",
+            "mfaInfo": [{"mfaEnrollmentId": "0a1d", "totpInfo": {}}]}),
+    ];
+    let file = dir.join("users.jsonl");
+    let lines: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let (code, err, reasons) = import_from(&app, &file, "firebase", &[]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("1 created, 0 updated, 1 failed"), "{err}");
+    assert_eq!(reasons.len(), 1);
+    assert!(reasons[0].contains("a TOTP second factor"), "{reasons:?}");
+    let two = crate::user_by_email(&mut app.users(), "two@example.com").await;
+    assert_eq!(two.last_login_at.unwrap().seconds, 1_700_000_000);
+    let factors = crate::factors::list_of(&mut app.authenticators(), &two.id).await;
+    let sms = factors
+        .iter()
+        .find(|a| a.r#type == pb::AuthenticatorType::SmsOtp as i32)
+        .expect("the SMS second factor");
+    assert_eq!(
+        (sms.phone_number.as_str(), sms.name.as_str()),
+        ("+14155550142", "Pixel")
+    );
+    assert!(sms.confirmed);
+    assert!(
+        factors
+            .iter()
+            .any(|a| a.r#type == pb::AuthenticatorType::EmailOtp as i32
+                && a.email == "two@example.com"),
+        "{factors:?}"
+    );
+}
+
 /// Moving off Keycloak: a realm export (`kc.sh export`, the realm's settings around its
 /// `users`) imports with `--from keycloak`: passwords in each of Keycloak's hash algorithms
 /// sign in, identity-provider links become identities, attributes become the locale and
