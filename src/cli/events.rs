@@ -1,8 +1,8 @@
 //! `roster events`: follows the audit log (StreamEvents) and writes one JSON object per event
 //! to standard output, for a SIEM or log shipper, or with `--post URL` POSTs each to a
-//! webhook (webhook.rs). With `--state FILE` the last position
-//! written is kept there, so a restarted follower resumes after it. Delivery is at least once:
-//! the state is saved after the lines it covers are flushed, so a crash between the two
+//! webhook (webhook.rs). With `--state FILE` the last position written is kept there, so a
+//! restarted follower resumes after it. Delivery is at least once: the state is saved after
+//! the lines it covers are flushed (or the webhook took them), so a crash between the two
 //! repeats a few events (each has its `id` to tell them apart), and never skips one. With
 //! `--until-caught-up` it writes the events there are and exits, for a one-off query or a
 //! shipper run by a scheduler (the state file carries it from one run to the next). The
@@ -54,6 +54,9 @@ const SAVE_EVERY: u64 = 1_000;
 /// With --until-caught-up and a server from before checkpoints (which never says where the
 /// log ends): how long the stream must bring nothing before the log counts as read.
 const CAUGHT_UP_AFTER: Duration = Duration::from_secs(10);
+/// With --until-caught-up and --post: how long a webhook may go without taking an event
+/// before the run stops (a follower tries for as long as it takes).
+const GIVE_UP_AFTER: Duration = Duration::from_secs(300);
 /// Waits between reconnections: doubling from the first to the last.
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_LAST: Duration = Duration::from_secs(30);
@@ -68,7 +71,13 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     {
         after = saved;
     }
-    let poster = Poster::new(&args.post)?;
+    let mut poster = Poster::new(&args.post)?;
+    if let Some(poster) = &mut poster
+        && args.until_caught_up
+    {
+        // A scheduled run must end, not retry until the next one starts beside it.
+        poster.give_up_after(GIVE_UP_AFTER);
+    }
     let mut out = Output {
         stdout: std::io::BufWriter::new(std::io::stdout().lock()),
         poster,

@@ -242,17 +242,9 @@ fn took(elapsed: Duration, count: u64) -> String {
 /// message; one the transport made (a TLS alert, a reset connection: tonic's "transport
 /// error"), by the server that could not be reached and the underlying reasons.
 pub fn call_failed(server: &ServerArgs, what: &str, s: tonic::Status) -> anyhow::Error {
-    let mut cause = std::error::Error::source(&s);
-    if cause.is_none() {
+    let why = causes(&s);
+    if why.is_empty() {
         return anyhow::anyhow!("the server refused {what}: {}", s.message());
-    }
-    let mut why: Vec<String> = Vec::new();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if why.last() != Some(&text) {
-            why.push(text);
-        }
-        cause = c.source();
     }
     // TLS 1.3 checks the client's certificate after the client's side of the handshake:
     // the refusal arrives with the first call (as an alert, or as the connection closing).
@@ -288,14 +280,22 @@ pub fn server_went_away(e: &anyhow::Error) -> bool {
 /// Whether the server's TLS refused the connection (a fatal alert: no or a wrong client
 /// certificate), which calling again cannot mend.
 fn refused_by_tls(s: &tonic::Status) -> bool {
+    causes(s).iter().any(|c| c.contains("received fatal alert"))
+}
+
+/// What a status the transport made says beneath it (none for one the server answered),
+/// each cause once.
+fn causes(s: &tonic::Status) -> Vec<String> {
+    let mut why: Vec<String> = Vec::new();
     let mut cause = std::error::Error::source(s);
     while let Some(c) = cause {
-        if c.to_string().contains("received fatal alert") {
-            return true;
+        let text = c.to_string();
+        if why.last() != Some(&text) {
+            why.push(text);
         }
         cause = c.source();
     }
-    false
+    why
 }
 
 /// Whether a stream can go on after `e` by calling again: the server went away, or is busy

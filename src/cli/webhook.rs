@@ -98,6 +98,9 @@ pub struct Poster {
     key: Option<Vec<u8>>,
     headers: Vec<(HeaderName, HeaderValue)>,
     connection: Option<SendRequest<Full<Bytes>>>,
+    /// How long one event may go untaken before delivery stops (None: for as long as it
+    /// takes).
+    give_up_after: Option<Duration>,
 }
 
 /// What became of one try.
@@ -174,14 +177,21 @@ impl Poster {
             key,
             headers,
             connection: None,
+            give_up_after: None,
         }))
     }
 
+    /// Stops delivery (with Refused) when one event has gone untaken this long.
+    pub fn give_up_after(&mut self, limit: Duration) {
+        self.give_up_after = Some(limit);
+    }
+
     /// POSTs one event (`id`, its JSON `body`) until the webhook takes it; Err(Refused) when
-    /// it refuses it for good.
+    /// it refuses it for good, or has not taken it within the limit set.
     pub async fn deliver(&mut self, id: &str, position: i64, body: Vec<u8>) -> anyhow::Result<()> {
         let body = Bytes::from(body);
         let mut wait = RETRY_FIRST;
+        let started = std::time::Instant::now();
         loop {
             let (why, asked) = match self.attempt(id, body.clone()).await {
                 Ok(Answer::Delivered) => return Ok(()),
@@ -199,6 +209,17 @@ impl Poster {
                 }
             };
             let pause = asked.unwrap_or(wait);
+            if let Some(limit) = self.give_up_after
+                && started.elapsed() + pause > limit
+            {
+                return Err(Refused(format!(
+                    "the webhook at {} has not taken the event at position {position} in {} s \
+                     (last: {why})",
+                    self.shown,
+                    limit.as_secs()
+                ))
+                .into());
+            }
             eprintln!(
                 "roster events: the webhook at {}: {why}; sending the event at position \
                  {position} again in {:.1} s",
@@ -427,6 +448,32 @@ mod tests {
             sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", "1614265330", body),
             "g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
+    }
+
+    #[tokio::test]
+    async fn a_limited_delivery_stops_when_the_webhook_stays_away() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", closed.local_addr().unwrap());
+        drop(closed);
+        let args = PostArgs {
+            post: Some(url),
+            post_secret_file: None,
+            post_header: vec![],
+            post_ca_file: None,
+        };
+        let mut poster = Poster::new(&args).unwrap().unwrap();
+        poster.give_up_after(Duration::from_millis(1200));
+        let started = std::time::Instant::now();
+        let e = poster.deliver("evt", 42, b"{}".to_vec()).await.unwrap_err();
+        assert!(e.is::<Refused>(), "{e:#}");
+        let text = e.to_string();
+        assert!(
+            text.contains("has not taken the event at position 42"),
+            "{text}"
+        );
+        assert!(text.contains("cannot connect"), "{text}");
+        // Tried at once and after 0.5 s; the next wait (1 s) would pass the limit.
+        assert!(started.elapsed() < Duration::from_millis(1200));
     }
 
     #[test]

@@ -3165,6 +3165,21 @@ async fn events_until_caught_up_writes_the_log_and_exits() {
     assert_eq!(second[0]["user_id"], late.id.as_str());
 }
 
+/// A server with `n` users made by CreateUser (`<prefix><i>@example.com`, their ids in
+/// order) and a scratch directory.
+async fn app_with_users(prefix: &str, n: usize) -> (TestApp, std::path::PathBuf, Vec<String>) {
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-{prefix}-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut users = app.users();
+    let mut created = Vec::new();
+    for i in 0..n {
+        let email = format!("{prefix}{i}@example.com");
+        created.push(create_user(&mut users, &email).await.id);
+    }
+    (app, dir, created)
+}
+
 /// One request a test webhook received, and when.
 struct Received {
     at: Instant,
@@ -3299,18 +3314,7 @@ fn webhook_signature(key: &[u8], r: &Received) -> String {
 #[tokio::test]
 async fn events_post_to_a_webhook_signed_and_retried() {
     use base64::Engine as _;
-    let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-webhook-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut users = app.users();
-    let mut created = Vec::new();
-    for i in 0..3 {
-        created.push(
-            create_user(&mut users, &format!("hook{i}@example.com"))
-                .await
-                .id,
-        );
-    }
+    let (app, dir, created) = app_with_users("hook", 3).await;
     let key = [7u8; 32];
     let secret = dir.join("secret");
     std::fs::write(
@@ -3404,10 +3408,7 @@ async fn events_post_to_a_webhook_signed_and_retried() {
 /// An https:// webhook with a certificate from a private CA, trusted with --post-ca-file.
 #[tokio::test]
 async fn events_post_to_an_https_webhook() {
-    let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-webhook-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let user = create_user(&mut app.users(), "tls-hook@example.com").await;
+    let (app, dir, created) = app_with_users("tls-hook", 1).await;
     let ca = crate::tls::Ca::new();
     let ca_file = dir.join("ca.pem");
     std::fs::write(&ca_file, ca.pem()).unwrap();
@@ -3430,7 +3431,7 @@ async fn events_post_to_an_https_webhook() {
     assert_eq!(code, 0, "{err}");
     let got = got.lock().unwrap();
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].body["user_id"], user.id.as_str());
+    assert_eq!(got[0].body["user_id"], created[0].as_str());
     assert!(
         got[0].headers.get("webhook-signature").is_none(),
         "no secret, no signature"
@@ -3442,18 +3443,7 @@ async fn events_post_to_an_https_webhook() {
 /// event: none lost.
 #[tokio::test]
 async fn events_post_stops_at_an_event_the_webhook_refuses() {
-    let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-webhook-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut users = app.users();
-    let mut created = Vec::new();
-    for i in 0..3 {
-        created.push(
-            create_user(&mut users, &format!("refused{i}@example.com"))
-                .await
-                .id,
-        );
-    }
+    let (app, dir, created) = app_with_users("refused", 3).await;
     let state = dir.join("position");
     // The webhook's settings from the environment, as the Helm chart gives them.
     let run = |url: String| {

@@ -84,6 +84,23 @@ fn temp_dir() -> std::path::PathBuf {
     dir
 }
 
+/// A server requiring mutual TLS (and serving plaintext health on a port of its own): the
+/// app, the CA of its certificate, and the CA client certificates must chain to.
+async fn mutual_tls_app(dir: &Path) -> (TestApp, Ca, Ca) {
+    let server_ca = Ca::new();
+    let client_ca = Ca::new();
+    let (cert, key_pem) = server_ca.issue(&["localhost"]);
+    let app = TestApp::spawn_with(ServerConfig {
+        tls_cert_file: Some(write(dir, "server.pem", &cert)),
+        tls_key_file: Some(write(dir, "server.key", &key_pem)),
+        tls_client_ca_file: Some(write(dir, "clients.pem", &client_ca.pem())),
+        health_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    })
+    .await;
+    (app, server_ca, client_ca)
+}
+
 #[tokio::test]
 async fn tls_serves_encrypted_and_refuses_plaintext() {
     let dir = temp_dir();
@@ -123,17 +140,7 @@ async fn tls_serves_encrypted_and_refuses_plaintext() {
 #[tokio::test]
 async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
     let dir = temp_dir();
-    let server_ca = Ca::new();
-    let client_ca = Ca::new();
-    let (cert, key_pem) = server_ca.issue(&["localhost"]);
-    let app = TestApp::spawn_with(ServerConfig {
-        tls_cert_file: Some(write(&dir, "server.pem", &cert)),
-        tls_key_file: Some(write(&dir, "server.key", &key_pem)),
-        tls_client_ca_file: Some(write(&dir, "clients.pem", &client_ca.pem())),
-        health_listen: "127.0.0.1:0".into(),
-        ..Default::default()
-    })
-    .await;
+    let (app, server_ca, client_ca) = mutual_tls_app(&dir).await;
     let good = client_ca.issue(&["billing.internal"]);
     let ch = channel(&app, &server_ca.pem(), Some(&good)).await.unwrap();
     reaches_the_server(ch, &app.token).await.unwrap();
@@ -172,17 +179,7 @@ async fn mutual_tls_requires_a_client_certificate_from_the_client_ca() {
 #[tokio::test]
 async fn client_commands_speak_tls_and_mutual_tls() {
     let dir = temp_dir();
-    let server_ca = Ca::new();
-    let client_ca = Ca::new();
-    let (cert, key_pem) = server_ca.issue(&["localhost"]);
-    let app = TestApp::spawn_with(ServerConfig {
-        tls_cert_file: Some(write(&dir, "server.pem", &cert)),
-        tls_key_file: Some(write(&dir, "server.key", &key_pem)),
-        tls_client_ca_file: Some(write(&dir, "clients.pem", &client_ca.pem())),
-        health_listen: "127.0.0.1:0".into(),
-        ..Default::default()
-    })
-    .await;
+    let (app, server_ca, client_ca) = mutual_tls_app(&dir).await;
     let ch = channel(&app, &server_ca.pem(), Some(&client_ca.issue(&["ops"])))
         .await
         .unwrap();
