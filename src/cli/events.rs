@@ -306,7 +306,7 @@ fn write_state(path: &Path, position: i64) -> anyhow::Result<()> {
 
 /// An event as one JSON object: the proto's field names, the type without its prefix, the
 /// time in RFC 3339, `data` as an object, absent values as null.
-fn event_json(e: &pb::Event) -> Value {
+pub(super) fn event_json(e: &pb::Event) -> Value {
     let text = |s: &str| match s {
         "" => Value::Null,
         s => Value::String(s.to_string()),

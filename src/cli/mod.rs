@@ -6,6 +6,7 @@ pub mod import;
 pub mod records;
 pub mod remote;
 pub mod sources;
+pub mod users;
 pub mod webhook;
 
 use clap::{Parser, Subcommand};
@@ -65,6 +66,9 @@ pub enum Command {
     /// every event after a position, then new ones as they happen, until stopped
     /// (StreamEvents; reconnects when the server goes away; --state resumes after a restart).
     Events(Box<events::EventsArgs>),
+    /// One user at a time through a running server, for operators and support: show, list,
+    /// block, unblock, deactivate, reactivate, delete, and a user's events.
+    Users(Box<users::UsersArgs>),
 }
 
 /// An error as an operator reads it: the message and its causes joined by ": ", a cause that
@@ -126,6 +130,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import(args) => import::run(*args).await,
         Command::Export(args) => export::run(*args).await,
         Command::Events(args) => events::run(*args).await,
+        Command::Users(args) => users::run(*args).await,
     }
 }
 

@@ -3180,6 +3180,101 @@ async fn app_with_users(prefix: &str, n: usize) -> (TestApp, std::path::PathBuf,
     (app, dir, created)
 }
 
+/// `roster users ARGS...` against `app`, with its key.
+async fn users_cmd(app: &TestApp, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["users"];
+    all.extend_from_slice(args);
+    roster_client(app, &app.token, &all).await
+}
+
+/// `roster users` for an operator: a user shown by email, phone, username or id; a filtered
+/// list as a table and as JSON; block (with the reason kept) and unblock by username; the
+/// user's events; delete only with the id confirmed; a user that is not there said plainly.
+#[tokio::test]
+async fn roster_users_shows_finds_blocks_and_deletes_one_user() {
+    let (app, _dir, created) = app_with_users("desk", 3).await;
+    let mut users = app.users();
+    let mut u1 = crate::user_by_email(&mut users, "desk1@example.com").await;
+    u1.username = "desk-one".into();
+    u1.phone_number = "+14155550166".into();
+    users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(u1.clone()),
+            update_mask: crate::mask(&["username", "phone_number"]),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    for who in [
+        "desk1@example.com",
+        "+14155550166",
+        "desk-one",
+        created[1].as_str(),
+    ] {
+        let (code, out, err) = users_cmd(&app, &["get", who]).await;
+        assert_eq!(code, 0, "{who}: {err}");
+        let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(shown["id"], created[1].as_str(), "{who}");
+        assert_eq!(shown["username"], "desk-one");
+    }
+
+    let (code, out, err) = users_cmd(&app, &["block", "desk-one", "--reason", "chargeback"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("blocked {} (desk1@example.com)", created[1])
+    );
+    let blocked = crate::user_by_email(&mut users, "desk1@example.com").await;
+    assert_eq!(blocked.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(blocked.blocked_reason, "chargeback");
+    let (_, table, _) = users_cmd(&app, &["list", "--filter", "status = BLOCKED"]).await;
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows.len(), 2, "a header and the blocked user: {table}");
+    assert!(
+        rows[1].starts_with(&created[1]) && rows[1].contains("BLOCKED"),
+        "{table}"
+    );
+    let (_, lines, _) = users_cmd(&app, &["list", "--json", "--limit", "2"]).await;
+    let listed: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 2, "--limit: {lines}");
+    assert_eq!(listed[0]["id"], created[2].as_str(), "newest first");
+    let (_, events, _) = users_cmd(&app, &["events", "desk-one", "--limit", "1"]).await;
+    let last: serde_json::Value = serde_json::from_str(events.trim()).unwrap();
+    assert_eq!(last["type"], "USER_BLOCKED");
+    assert_eq!(last["data"]["reason"], "chargeback");
+    let (code, _, err) = users_cmd(&app, &["unblock", "desk-one"]).await;
+    assert_eq!(code, 0, "{err}");
+    let unblocked = crate::user_by_email(&mut users, "desk1@example.com").await;
+    assert_eq!(unblocked.status, pb::UserStatus::Active as i32);
+
+    let (code, _, err) =
+        users_cmd(&app, &["delete", "desk0@example.com", "--confirm", "desk0"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("--confirm must be the user's id ({})", created[0])),
+        "{err}"
+    );
+    let (code, out, err) = users_cmd(
+        &app,
+        &["delete", "desk0@example.com", "--confirm", &created[0]],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("deleted"), "{out}");
+    let (code, _, err) = users_cmd(&app, &["get", "desk0@example.com"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no user with the email desk0@example.com"),
+        "{err}"
+    );
+    let (code, _, err) = users_cmd(&app, &["get", "desk0", "--by", "external-id"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no user with the external id desk0"), "{err}");
+}
+
 /// One request a test webhook received, and when.
 struct Received {
     at: Instant,

@@ -1,0 +1,327 @@
+//! `roster users`: one user at a time through a running server, for an operator or a support
+//! desk (what `buf curl` does, without the JSON requests): show a user, list users by filter
+//! or search, block, unblock, deactivate, reactivate or delete one, and show what happened to
+//! one (its events). A user is named by id, email, phone number or username, told apart by
+//! their form, or by external id with `--by external-id`.
+use anyhow::{Context, bail};
+use serde_json::{Map, Value};
+
+use super::records::{USER_FIELDS, field_value};
+use super::remote::ServerArgs;
+use crate::pb::v1 as pb;
+use crate::pb::v1::lookup_user_request::Key;
+
+#[derive(clap::Args, Debug)]
+pub struct UsersArgs {
+    #[command(subcommand)]
+    pub command: UsersCommand,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+/// How a user is named on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum By {
+    /// By its form: a UUID is an id, `@` an email, a leading `+` a phone number, anything
+    /// else a username.
+    Auto,
+    Id,
+    Email,
+    Phone,
+    Username,
+    ExternalId,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Who {
+    /// The user: id, email, phone number (E.164) or username (see --by).
+    pub user: String,
+    /// What USER is (default: told by its form).
+    #[arg(long, value_enum, default_value_t = By::Auto)]
+    pub by: By,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum UsersCommand {
+    /// Show a user, every field, as one JSON object (key users.read).
+    Get(Who),
+    /// List users, a line each (id, email or other login, status, created, last sign-in),
+    /// newest first unless --order-by says otherwise (key users.read).
+    List {
+        /// A ListUsers filter, e.g. 'status = BLOCKED AND last_login_at < "2026-01-01T00:00:00Z"'.
+        #[arg(long, default_value = "")]
+        filter: String,
+        /// Free-text search over email, username, names and external id.
+        #[arg(long, default_value = "")]
+        query: String,
+        /// ListUsers order, e.g. `last_login_at desc`.
+        #[arg(long, default_value = "created_at desc")]
+        order_by: String,
+        /// At most this many users (0: all of them).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// One JSON object per user instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Block a user: every sign-in refused until unblocked (key users.write).
+    Block {
+        #[command(flatten)]
+        who: Who,
+        /// Why, kept on the user and in the event.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Unblock a user (also ends a lock after failed sign-ins) (key users.write).
+    Unblock(Who),
+    /// Deactivate a user: dormant, cannot sign in, can be reactivated (key users.write).
+    Deactivate(Who),
+    /// Reactivate a deactivated user (key users.write).
+    Reactivate(Who),
+    /// Delete a user with its authenticators, identities and events: irreversible (key
+    /// users.write).
+    Delete {
+        #[command(flatten)]
+        who: Who,
+        /// The user's id, to confirm (`roster users get` shows it).
+        #[arg(long)]
+        confirm: String,
+    },
+    /// What happened to a user: its events, newest first, one JSON object each (key
+    /// logs.read).
+    Events {
+        #[command(flatten)]
+        who: Who,
+        /// At most this many events.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
+    let mut users = args.server.users().await?;
+    let refused = |s: tonic::Status| super::remote::call_failed(&args.server, "the call", s);
+    match args.command {
+        UsersCommand::Get(who) => {
+            let user = find(&mut users, &who).await?;
+            println!("{}", serde_json::to_string_pretty(&user_json(&user))?);
+        }
+        UsersCommand::List {
+            filter,
+            query,
+            order_by,
+            limit,
+            json,
+        } => {
+            let mut page_token = String::new();
+            let mut shown = 0;
+            if !json {
+                println!(
+                    "{:<36}  {:<32}  {:<20}  {:<20}  LAST SIGN-IN",
+                    "ID", "LOGIN", "STATUS", "CREATED"
+                );
+            }
+            loop {
+                let want = if limit == 0 {
+                    1000
+                } else {
+                    (limit - shown).min(1000)
+                };
+                let page = users
+                    .list_users(pb::ListUsersRequest {
+                        page_size: want as i32,
+                        page_token,
+                        filter: filter.clone(),
+                        query: query.clone(),
+                        order_by: order_by.clone(),
+                        show_total_size: false,
+                    })
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                for u in &page.users {
+                    if json {
+                        println!("{}", serde_json::to_string(&user_json(u))?);
+                    } else {
+                        println!("{}", table_line(u));
+                    }
+                }
+                shown += page.users.len();
+                if page.next_page_token.is_empty() || (limit != 0 && shown >= limit) {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+        }
+        UsersCommand::Block { who, reason } => {
+            let id = find(&mut users, &who).await?.id;
+            let user = users
+                .block_user(pb::BlockUserRequest { id, reason })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .user;
+            done("blocked", user);
+        }
+        UsersCommand::Unblock(who) => {
+            let id = find(&mut users, &who).await?.id;
+            let user = users
+                .unblock_user(pb::UnblockUserRequest { id })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .user;
+            done("unblocked", user);
+        }
+        UsersCommand::Deactivate(who) => {
+            let id = find(&mut users, &who).await?.id;
+            let user = users
+                .deactivate_user(pb::DeactivateUserRequest { id })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .user;
+            done("deactivated", user);
+        }
+        UsersCommand::Reactivate(who) => {
+            let id = find(&mut users, &who).await?.id;
+            let user = users
+                .reactivate_user(pb::ReactivateUserRequest { id })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .user;
+            done("reactivated", user);
+        }
+        UsersCommand::Delete { who, confirm } => {
+            let user = find(&mut users, &who).await?;
+            if confirm != user.id {
+                bail!(
+                    "--confirm must be the user's id ({}) to delete {}",
+                    user.id,
+                    login(&user)
+                );
+            }
+            // The etag read above: a user changed since is not deleted unseen.
+            users
+                .delete_user(pb::DeleteUserRequest {
+                    id: user.id.clone(),
+                    etag: user.etag.clone(),
+                })
+                .await
+                .map_err(refused)?;
+            println!("deleted {} ({})", user.id, login(&user));
+        }
+        UsersCommand::Events { who, limit } => {
+            let id = find(&mut users, &who).await?.id;
+            let mut logs = args.server.logs().await?;
+            let events = logs
+                .list_events(pb::ListEventsRequest {
+                    filter: format!("user_id = \"{id}\""),
+                    page_size: limit.clamp(1, 1000) as i32,
+                    page_token: String::new(),
+                    order_by: "occurred_at desc".into(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .events;
+            for e in &events {
+                println!("{}", serde_json::to_string(&super::events::event_json(e))?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The user WHO names (NOT_FOUND says which key was looked for).
+async fn find(users: &mut super::remote::Users, who: &Who) -> anyhow::Result<pb::User> {
+    let text = who.user.trim().to_string();
+    let by = match who.by {
+        By::Auto if uuid::Uuid::try_parse(&text).is_ok() => By::Id,
+        By::Auto if text.contains('@') => By::Email,
+        By::Auto if text.starts_with('+') => By::Phone,
+        By::Auto => By::Username,
+        by => by,
+    };
+    let answer = match by {
+        By::Id => users
+            .get_user(pb::GetUserRequest { id: text.clone() })
+            .await
+            .map(|r| r.into_inner().user),
+        key => {
+            let key = match key {
+                By::Email => Key::Email(text.clone()),
+                By::Phone => Key::PhoneNumber(text.clone()),
+                By::ExternalId => Key::ExternalId(text.clone()),
+                _ => Key::Username(text.clone()),
+            };
+            users
+                .lookup_user(pb::LookupUserRequest { key: Some(key) })
+                .await
+                .map(|r| r.into_inner().user)
+        }
+    };
+    let what = match by {
+        By::Id => "id",
+        By::Email => "email",
+        By::Phone => "phone number",
+        By::ExternalId => "external id",
+        _ => "username",
+    };
+    match answer {
+        Ok(Some(user)) => Ok(user),
+        Ok(None) => bail!("the server answered without a user"),
+        Err(s) if s.code() == tonic::Code::NotFound => {
+            bail!("no user with the {what} {text}")
+        }
+        Err(s) => Err(anyhow::Error::from(s)).with_context(|| format!("looking up {text}")),
+    }
+}
+
+/// Every field of a user, as `roster export` writes them (empty ones left out).
+fn user_json(u: &pb::User) -> Value {
+    let m: Map<String, Value> = USER_FIELDS
+        .iter()
+        .map(|f| (f.to_string(), field_value(u, f)))
+        .filter(|(_, v)| !v.is_null())
+        .collect();
+    Value::Object(m)
+}
+
+/// How a user is best known: email, else phone, username or external id.
+fn login(u: &pb::User) -> &str {
+    [&u.email, &u.phone_number, &u.username, &u.external_id]
+        .into_iter()
+        .find(|s| !s.is_empty())
+        .map(String::as_str)
+        .unwrap_or("-")
+}
+
+/// A user as a line of `list`'s table.
+fn table_line(u: &pb::User) -> String {
+    let time = |t: &Option<prost_types::Timestamp>| short_time(t).unwrap_or_else(|| "-".into());
+    let status = field_value(u, "status");
+    format!(
+        "{:<36}  {:<32}  {:<20}  {:<20}  {}",
+        u.id,
+        login(u),
+        status.as_str().unwrap_or("-"),
+        time(&u.created_at),
+        time(&u.last_login_at)
+    )
+}
+
+/// A time to the second, for the table.
+fn short_time(t: &Option<prost_types::Timestamp>) -> Option<String> {
+    t.as_ref()
+        .and_then(crate::wire::from_timestamp)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+fn done(what: &str, user: Option<pb::User>) {
+    match user {
+        Some(u) => println!("{what} {} ({})", u.id, login(&u)),
+        None => println!("{what}"),
+    }
+}
