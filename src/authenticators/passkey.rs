@@ -98,6 +98,57 @@ pub fn read_carried(bytes: &[u8]) -> Option<(serde_json::Value, Vec<u8>, bool, i
     ))
 }
 
+/// A passkey another WebAuthn server registered, as Roster stores one (the form
+/// [`read_carried`] reads), from what every such server keeps of a credential: its id, its
+/// public key as COSE (the bytes the authenticator gave at registration), the signature
+/// counter, the flags and the transports. The attestation is not carried (none was checked
+/// here). The error says which part is wrong, never the key.
+pub fn carried_from_cose(
+    credential_id: &[u8],
+    cose_key: &[u8],
+    counter: u32,
+    user_verified: bool,
+    backed_up: (bool, bool),
+    transports: &[String],
+) -> std::result::Result<Vec<u8>, String> {
+    use webauthn_rs::prelude::{
+        AttestationFormat, AttestationMetadata, COSEKey, ParsedAttestation, ParsedAttestationData,
+    };
+    use webauthn_rs_proto::{AuthenticatorTransport, RegisteredExtensions, UserVerificationPolicy};
+    if credential_id.is_empty() || credential_id.len() > 1023 {
+        return Err("the credential id must be 1 to 1023 bytes".into());
+    }
+    let value: serde_cbor_2::Value = serde_cbor_2::from_slice(cose_key)
+        .map_err(|_| "the public key is not COSE (CBOR)".to_string())?;
+    let cred = COSEKey::try_from(&value)
+        .map_err(|_| "the public key is not a COSE key webauthn-rs reads".to_string())?;
+    let transports = transports
+        .iter()
+        .filter_map(|t| t.parse::<AuthenticatorTransport>().ok())
+        .collect::<Vec<_>>();
+    let credential = Credential {
+        cred_id: credential_id.to_vec().into(),
+        cred,
+        counter,
+        transports: (!transports.is_empty()).then_some(transports),
+        user_verified,
+        backup_eligible: backed_up.0,
+        backup_state: backed_up.1,
+        registration_policy: if user_verified {
+            UserVerificationPolicy::Required
+        } else {
+            UserVerificationPolicy::Preferred
+        },
+        extensions: RegisteredExtensions::none(),
+        attestation: ParsedAttestation {
+            data: ParsedAttestationData::None,
+            metadata: AttestationMetadata::None,
+        },
+        attestation_format: AttestationFormat::None,
+    };
+    serde_json::to_vec(&Passkey::from(credential)).map_err(|e| format!("the passkey: {e}"))
+}
+
 fn state_json<T: serde::Serialize>(state: &T) -> Result<serde_json::Value> {
     serde_json::to_value(state).map_err(|e| Error::internal(anyhow::anyhow!("ceremony state: {e}")))
 }

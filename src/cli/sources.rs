@@ -1470,9 +1470,10 @@ const KRATOS_TRAITS: &[(&str, &str)] = &[
 /// `$pbkdf2-sha1$` and its `$scrypt$`, whose `ln` is N itself, are rewritten as the PHC
 /// strings Roster reads; a password left to Kratos's migration hook is marked as Cognito's
 /// are, `app_metadata.legacy_password`); each OIDC and SAML provider an identity (provider
-/// and subject; the tokens are not read); TOTP a TOTP factor. Recovery codes (`lookup_secret`,
-/// a form Roster's codes are not), WebAuthn and passkey credentials (go-webauthn's format)
-/// and `code` (the addresses, which the user has already) are not carried.
+/// and subject; the tokens are not read); TOTP a TOTP factor; WebAuthn and passkey
+/// credentials passkeys (see [`kratos_passkey`]). Recovery codes (`lookup_secret`, a form
+/// Roster's codes are not) and `code` (the addresses, which the user has already) are not
+/// carried.
 pub fn from_kratos(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
     let mut app = Map::new();
@@ -1665,15 +1666,101 @@ fn kratos_credential(
                 None => None,
             };
             let seed = otpauth_seed(&format!("{field}.config.totp_url"), &url)?;
-            out.insert(
-                "authenticators".into(),
-                json!([totp_factor(&seed, None, created)]),
-            );
+            add_factor(out, totp_factor(&seed, None, created));
         }
-        "lookup_secret" | "webauthn" | "passkey" | "code" => {}
+        // Security keys and passkeys, as go-webauthn keeps them: each with its COSE key.
+        "webauthn" | "passkey" => {
+            let config = config.ok_or_else(needs_config)?;
+            let list = config.get("credentials").cloned().unwrap_or_default();
+            for (i, c) in array_of(&field, list)?.iter().enumerate() {
+                add_factor(
+                    out,
+                    kratos_passkey(&format!("{field}.credentials[{i}]"), c)?,
+                );
+            }
+        }
+        "lookup_secret" | "code" => {}
         other => return Err(format!("{field}: unknown Kratos credential type '{other}'")),
     }
     Ok(())
+}
+
+/// Adds a factor to a record's `authenticators`.
+fn add_factor(out: &mut Map<String, Value>, factor: Value) {
+    match out.get_mut("authenticators") {
+        Some(Value::Array(list)) => list.push(factor),
+        _ => {
+            out.insert("authenticators".into(), Value::Array(vec![factor]));
+        }
+    }
+}
+
+/// A Kratos WebAuthn credential (`id`, `public_key` as COSE, `authenticator.sign_count` and
+/// `aaguid`, `flags`, `transport`, `display_name`, `added_at`; bytes in base64) as a PASSKEY
+/// factor carrying the credential as Roster stores one. It signs in where the target
+/// project's relying party is the one Kratos used.
+fn kratos_passkey(field: &str, c: &Value) -> Result<Value, String> {
+    let bytes = |name: &str| match c.get(name).and_then(text) {
+        Some(t) => base64_bytes(&format!("{field}.{name}"), &t),
+        None => Err(format!("{field}: has no {name}")),
+    };
+    let (id, key) = (bytes("id")?, bytes("public_key")?);
+    let flag = |name: &str| c.pointer(&format!("/flags/{name}")) == Some(&Value::Bool(true));
+    // Kratos before flags kept only passwordless credentials verified.
+    let verified = match c.get("flags") {
+        Some(_) => flag("user_verified"),
+        None => c.get("is_passwordless") == Some(&Value::Bool(true)),
+    };
+    let counter = c
+        .pointer("/authenticator/sign_count")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let transports: Vec<String> = c
+        .get("transport")
+        .and_then(Value::as_array)
+        .map(|t| t.iter().filter_map(text).collect())
+        .unwrap_or_default();
+    let passkey = crate::authenticators::passkey::carried_from_cose(
+        &id,
+        &key,
+        u32::try_from(counter).map_err(|_| format!("{field}: sign_count is out of range"))?,
+        verified,
+        (flag("backup_eligible"), flag("backup_state")),
+        &transports,
+    )
+    .map_err(|e| format!("{field}: {e}"))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut f = Map::from_iter([
+        ("type".to_string(), json!("PASSKEY")),
+        ("passkey".to_string(), json!(b64.encode(passkey))),
+    ]);
+    if let Some(aaguid) = c
+        .pointer("/authenticator/aaguid")
+        .and_then(text)
+        .and_then(|a| base64_bytes("aaguid", &a).ok())
+        .and_then(|a| uuid::Uuid::from_slice(&a).ok())
+        .filter(|a| !a.is_nil())
+    {
+        f.insert("aaguid".into(), json!(aaguid.to_string()));
+    }
+    if !transports.is_empty() {
+        f.insert("transports".into(), json!(transports));
+    }
+    if let Some(name) = c.get("display_name").and_then(text) {
+        f.insert("name".into(), json!(name));
+    }
+    // Go's zero time stands for "not recorded".
+    if let Some(added) = c
+        .get("added_at")
+        .and_then(text)
+        .filter(|t| !t.starts_with("0001-"))
+    {
+        f.insert(
+            "created_at".into(),
+            pg_time(&format!("{field}.added_at"), &json!(added))?,
+        );
+    }
+    Ok(Value::Object(f))
 }
 
 /// A Kratos `hashed_password` as Roster reads it. Kratos writes PBKDF2 with SHA-1 as
@@ -2197,6 +2284,16 @@ mod tests {
             (
                 json!({"credentials": {"profile": {}}}),
                 "unknown Kratos credential type",
+            ),
+            (
+                json!({"credentials": {"webauthn": {"config": {"credentials": [
+                    {"id": "Y3JlZDE=", "public_key": "cGsx"}]}}}}),
+                "credentials.webauthn.credentials[0]: the public key is not COSE",
+            ),
+            (
+                json!({"credentials": {"passkey": {"config": {"credentials": [
+                    {"public_key": "cGsx"}]}}}}),
+                "has no id",
             ),
             (
                 json!({"credentials": {"oidc": {"identifiers": ["nocolon"]}}}),

@@ -241,6 +241,103 @@ async fn a_passkey_survives_an_export_and_import() {
     );
 }
 
+/// Moving off Ory Kratos with passkeys: a credential as Kratos (go-webauthn) keeps it, its id
+/// and its public key as the COSE bytes the authenticator gave, imported with `roster import
+/// --from kratos` into a project with the same relying party, signs its user in there with the
+/// same authenticator, its counter carried.
+#[tokio::test]
+async fn a_kratos_webauthn_credential_signs_in_after_import() {
+    use base64::Engine as _;
+    use webauthn_rs::prelude::{COSEKeyType, Credential, Passkey};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let app = TestApp::spawn().await;
+    configure(&app).await;
+    // The authenticator's credential, made by a registration here: its id and public key
+    // are what any WebAuthn server keeps.
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let source = create_user(&mut users, "kratos-source@example.com").await;
+    let mut soft = SoftPasskey::new(true);
+    register(&mut authn, &mut soft, &source.id, ORIGIN)
+        .await
+        .unwrap();
+    let (ceremony, json) = assertion(&mut authn, &mut soft, &source.id).await;
+    assert_eq!(
+        finish(&mut authn, &ceremony, &json).await.unwrap().result,
+        OK
+    );
+    let stored: serde_json::Value = app
+        .sql_one(
+            "SELECT passkey FROM authenticators WHERE user_id = $1::text::uuid",
+            &[&source.id],
+        )
+        .await;
+    let credential = Credential::from(serde_json::from_value::<Passkey>(stored).unwrap());
+    let COSEKeyType::EC_EC2(ec) = &credential.cred.key else {
+        panic!("the soft authenticator makes P-256 keys")
+    };
+    // The COSE_Key map the authenticator sent: kty EC2, alg ES256, crv P-256, x, y.
+    use serde_cbor_2::Value as Cbor;
+    let cose = serde_cbor_2::to_vec(&Cbor::Map(
+        [
+            (Cbor::Integer(1), Cbor::Integer(2)),
+            (Cbor::Integer(3), Cbor::Integer(-7)),
+            (Cbor::Integer(-1), Cbor::Integer(1)),
+            (Cbor::Integer(-2), Cbor::Bytes(ec.x.to_vec())),
+            (Cbor::Integer(-3), Cbor::Bytes(ec.y.to_vec())),
+        ]
+        .into_iter()
+        .collect(),
+    ))
+    .unwrap();
+    let identity = serde_json::json!({
+        "id": "9f425a8d-7efc-4768-8f23-7647a74fdfaa", "state": "active",
+        "traits": {"email": "kim@example.com"},
+        "credentials": {"webauthn": {"type": "webauthn", "identifiers": ["kim-handle"],
+            "config": {"user_handle": b64.encode(b"kim-handle"), "credentials": [{
+                "id": b64.encode(credential.cred_id.as_slice()),
+                "public_key": b64.encode(&cose),
+                "attestation_type": "none",
+                "authenticator": {"aaguid": b64.encode([0u8; 16]), "sign_count": 1,
+                                  "clone_warning": false},
+                "display_name": "YubiKey", "added_at": "2024-02-01T09:00:00Z",
+                "is_passwordless": true,
+                "flags": {"user_present": true, "user_verified": true,
+                          "backup_eligible": false, "backup_state": false},
+                "transport": ["usb"]}]}}}
+    });
+    let dir = std::env::temp_dir().join(format!("roster-kratos-pk-{}", Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("identities.jsonl");
+    std::fs::write(&file, format!("{identity}\n")).unwrap();
+
+    let (other, token) = app.other_project().await;
+    configure_project(&app, other).await;
+    let (code, _, err) = crate::cli::roster_client(
+        &app,
+        &token,
+        &["import", file.to_str().unwrap(), "--from", "kratos"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let mut other_users = app.users_with(Some(&token));
+    let kim = crate::user_by_email(&mut other_users, "kim@example.com").await;
+    let mut other_authn = app.authenticators_with(Some(&token));
+    let listed = crate::factors::list_of(&mut other_authn, &kim.id).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].r#type, pb::AuthenticatorType::Passkey as i32);
+    assert_eq!(listed[0].name, "YubiKey");
+    assert_eq!(listed[0].transports, ["usb"]);
+    assert_eq!(
+        listed[0].created_at.as_ref().unwrap().seconds,
+        1_706_778_000
+    );
+    let (ceremony, json) = assertion(&mut other_authn, &mut soft, &kim.id).await;
+    let r = finish(&mut other_authn, &ceremony, &json).await.unwrap();
+    assert_eq!(r.result, OK, "the Kratos credential signs Kim in here");
+    assert_eq!(r.user.unwrap().id, kim.id);
+}
+
 #[tokio::test]
 async fn register_and_sign_in_with_a_software_passkey() {
     let app = TestApp::spawn().await;
