@@ -127,7 +127,7 @@ pub fn carried_from_cose(
         .filter_map(|t| t.parse::<AuthenticatorTransport>().ok())
         .collect::<Vec<_>>();
     let credential = Credential {
-        cred_id: credential_id.to_vec().into(),
+        cred_id: credential_id.to_vec(),
         cred,
         counter,
         transports: (!transports.is_empty()).then_some(transports),
