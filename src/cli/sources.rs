@@ -526,8 +526,8 @@ const KEYCLOAK_SKIPPED: &[&str] = &[
 /// identity provider's alias as provider, its `userId` as subject); the password credential
 /// becomes a PHC hash (pbkdf2-sha256, pbkdf2-sha512, pbkdf2 (SHA-1) or argon2 as Keycloak
 /// stores them), each OTP credential a TOTP factor with its seed (see [`keycloak_totp`]);
-/// WebAuthn credentials cannot be carried (users register again); a
-/// disabled user is imported blocked, a pending UPDATE_PASSWORD action becomes
+/// each WebAuthn credential a passkey (see [`keycloak_passkey`]); recovery codes are not
+/// carried (Keycloak's form); a disabled user is imported blocked, a pending UPDATE_PASSWORD action becomes
 /// `require_password_change`, and a client's service account is refused.
 pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
@@ -602,14 +602,17 @@ pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
                     }
                     _ => return Err("credentials: more than one password".into()),
                 }
-                // Authenticator apps (OTP) come along as TOTP factors.
-                let factors = list
-                    .iter()
-                    .filter(|c| c.get("type").and_then(Value::as_str) == Some("otp"))
-                    .map(keycloak_totp)
-                    .collect::<Result<Vec<_>, _>>()?;
-                if !factors.is_empty() {
-                    out.insert("authenticators".into(), Value::Array(factors));
+                // Authenticator apps (OTP) come along as TOTP factors, security keys and
+                // passkeys (WebAuthn, two-factor or passwordless) as passkeys.
+                for (i, c) in list.iter().enumerate() {
+                    let factor = match c.get("type").and_then(Value::as_str) {
+                        Some("otp") => keycloak_totp(c)?,
+                        Some(t @ ("webauthn" | "webauthn-passwordless")) => {
+                            keycloak_passkey(i, c, t == "webauthn-passwordless")?
+                        }
+                        _ => continue,
+                    };
+                    add_factor(&mut out, factor);
                 }
                 continue;
             }
@@ -868,6 +871,66 @@ fn base32_seed(field: &str, text: &str) -> Result<Vec<u8>, String> {
     )
     .filter(|seed| !seed.is_empty())
     .ok_or_else(|| format!("{field}: is not base32"))
+}
+
+/// A Keycloak WebAuthn credential (its `credentialData`: `credentialId` and
+/// `credentialPublicKey`, the COSE key, in base64, `counter`, `aaguid`, `transports`) as a
+/// PASSKEY factor. A passwordless one was registered with user verification.
+fn keycloak_passkey(i: usize, credential: &Value, passwordless: bool) -> Result<Value, String> {
+    let field = format!("credentials[{i}]");
+    let data = match credential
+        .get("credentialData")
+        .cloned()
+        .map(|v| as_json(&format!("{field}.credentialData"), v))
+    {
+        Some(Ok(Value::Object(m))) => m,
+        Some(Err(e)) => return Err(e),
+        _ => return Err(format!("{field}.credentialData: must be a JSON object")),
+    };
+    let bytes = |name: &str| match data.get(name).and_then(text) {
+        Some(t) => base64_bytes(&format!("{field}.{name}"), &t),
+        None => Err(format!("{field}: has no {name}")),
+    };
+    let transports: Vec<String> = data
+        .get("transports")
+        .and_then(Value::as_array)
+        .map(|t| t.iter().filter_map(text).collect())
+        .unwrap_or_default();
+    let counter = data.get("counter").and_then(Value::as_u64).unwrap_or(0);
+    let passkey = crate::authenticators::passkey::carried_from_cose(
+        &bytes("credentialId")?,
+        &bytes("credentialPublicKey")?,
+        u32::try_from(counter).map_err(|_| format!("{field}: counter is out of range"))?,
+        passwordless,
+        (false, false),
+        &transports,
+    )
+    .map_err(|e| format!("{field}: {e}"))?;
+    let mut f = Map::from_iter([
+        ("type".to_string(), json!("PASSKEY")),
+        (
+            "passkey".to_string(),
+            json!(base64::engine::general_purpose::STANDARD.encode(passkey)),
+        ),
+    ]);
+    if let Some(aaguid) = data
+        .get("aaguid")
+        .and_then(text)
+        .and_then(|a| uuid::Uuid::parse_str(&a).ok())
+        .filter(|a| !a.is_nil())
+    {
+        f.insert("aaguid".into(), json!(aaguid.to_string()));
+    }
+    if !transports.is_empty() {
+        f.insert("transports".into(), json!(transports));
+    }
+    if let Some(name) = credential.get("userLabel").and_then(text) {
+        f.insert("name".into(), json!(name));
+    }
+    if let Some(created) = credential.get("createdDate").cloned() {
+        f.insert("created_at".into(), millis_time("createdDate", created)?);
+    }
+    Ok(Value::Object(f))
 }
 
 /// A Keycloak password credential as a PHC string. Keycloak keeps `secretData` (`value`, the
@@ -2060,7 +2123,7 @@ mod tests {
         }
         let r = from_keycloak(obj(json!({
             "id": "k1", "username": "u", "enabled": true, "attributes": {"locale": ["fr"]},
-            "realmRoles": ["admin"], "credentials": [{"type": "webauthn"}],
+            "realmRoles": ["admin"], "credentials": [{"type": "recovery-authn-codes"}],
             "requiredActions": ["VERIFY_EMAIL"],
         })))
         .unwrap();
@@ -2123,6 +2186,15 @@ mod tests {
             (
                 json!({"federatedIdentities": [{"userId": "1"}]}),
                 "needs identityProvider",
+            ),
+            (
+                json!({"credentials": [{"type": "webauthn"}]}),
+                "credentials[0].credentialData: must be a JSON object",
+            ),
+            (
+                json!({"credentials": [{"type": "webauthn-passwordless",
+                    "credentialData": "{\"credentialId\":\"Y3JlZA==\",\"credentialPublicKey\":\"cGsx\"}"}]}),
+                "credentials[0]: the public key is not COSE",
             ),
             (json!({"favorite": 1}), "unknown Keycloak field 'favorite'"),
         ] {

@@ -241,12 +241,12 @@ async fn a_passkey_survives_an_export_and_import() {
     );
 }
 
-/// Moving off Ory Kratos with passkeys: a credential as Kratos (go-webauthn) keeps it, its id
-/// and its public key as the COSE bytes the authenticator gave, imported with `roster import
-/// --from kratos` into a project with the same relying party, signs its user in there with the
-/// same authenticator, its counter carried.
+/// Moving off Ory Kratos or Keycloak with passkeys: a credential as each keeps it, its id and
+/// its public key as the COSE bytes the authenticator gave, imported with `roster import --from
+/// kratos` (or `keycloak`) into a project with the same relying party, signs its user in there
+/// with the same authenticator, its counter carried.
 #[tokio::test]
-async fn a_kratos_webauthn_credential_signs_in_after_import() {
+async fn kratos_and_keycloak_webauthn_credentials_sign_in_after_import() {
     use base64::Engine as _;
     use webauthn_rs::prelude::{COSEKeyType, Credential, Passkey};
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -336,6 +336,44 @@ async fn a_kratos_webauthn_credential_signs_in_after_import() {
     let r = finish(&mut other_authn, &ceremony, &json).await.unwrap();
     assert_eq!(r.result, OK, "the Kratos credential signs Kim in here");
     assert_eq!(r.user.unwrap().id, kim.id);
+
+    // The same credential as Keycloak keeps it (a realm export's passwordless WebAuthn
+    // credential, the COSE key in base64url), into a third project: it signs Lee in there.
+    let url_b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let data = serde_json::json!({
+        "aaguid": "00000000-0000-0000-0000-000000000000",
+        "credentialId": b64.encode(credential.cred_id.as_slice()),
+        // The last count Keycloak saw: the authenticator has signed twice so far.
+        "counter": 2, "attestationStatementFormat": "none",
+        "credentialPublicKey": url_b64.encode(&cose), "transports": ["internal"]});
+    let realm = serde_json::json!({"realm": "acme", "users": [{
+        "id": "2b2f0b4e-8f5a-4c39-9a9e-3f0a9d6f1c11", "username": "lee",
+        "email": "lee@example.com", "enabled": true, "createdTimestamp": 1700000000000_i64,
+        "credentials": [{"type": "webauthn-passwordless", "userLabel": "Phone",
+                         "createdDate": 1700000000000_i64, "secretData": "{}",
+                         "credentialData": data.to_string()}]}]});
+    let file = dir.join("acme-realm.json");
+    std::fs::write(&file, realm.to_string()).unwrap();
+    let (third, token) = app.other_project().await;
+    configure_project(&app, third).await;
+    let (code, _, err) = crate::cli::roster_client(
+        &app,
+        &token,
+        &["import", file.to_str().unwrap(), "--from", "keycloak"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let lee = crate::user_by_email(&mut app.users_with(Some(&token)), "lee@example.com").await;
+    let mut third_authn = app.authenticators_with(Some(&token));
+    let listed = crate::factors::list_of(&mut third_authn, &lee.id).await;
+    assert_eq!(
+        (listed.len(), listed[0].name.as_str()),
+        (1, "Phone"),
+        "{listed:?}"
+    );
+    let (ceremony, json) = assertion(&mut third_authn, &mut soft, &lee.id).await;
+    let r = finish(&mut third_authn, &ceremony, &json).await.unwrap();
+    assert_eq!(r.result, OK, "the Keycloak credential signs Lee in here");
 }
 
 #[tokio::test]
