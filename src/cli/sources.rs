@@ -906,31 +906,16 @@ fn keycloak_passkey(i: usize, credential: &Value, passwordless: bool) -> Result<
         &transports,
     )
     .map_err(|e| format!("{field}: {e}"))?;
-    let mut f = Map::from_iter([
-        ("type".to_string(), json!("PASSKEY")),
-        (
-            "passkey".to_string(),
-            json!(base64::engine::general_purpose::STANDARD.encode(passkey)),
-        ),
-    ]);
-    if let Some(aaguid) = data
+    let aaguid = data
         .get("aaguid")
         .and_then(text)
-        .and_then(|a| uuid::Uuid::parse_str(&a).ok())
-        .filter(|a| !a.is_nil())
-    {
-        f.insert("aaguid".into(), json!(aaguid.to_string()));
-    }
-    if !transports.is_empty() {
-        f.insert("transports".into(), json!(transports));
-    }
-    if let Some(name) = credential.get("userLabel").and_then(text) {
-        f.insert("name".into(), json!(name));
-    }
-    if let Some(created) = credential.get("createdDate").cloned() {
-        f.insert("created_at".into(), millis_time("createdDate", created)?);
-    }
-    Ok(Value::Object(f))
+        .and_then(|a| uuid::Uuid::parse_str(&a).ok());
+    let created = match credential.get("createdDate").cloned() {
+        Some(c) => Some(millis_time("createdDate", c)?),
+        None => None,
+    };
+    let name = credential.get("userLabel").and_then(text);
+    Ok(passkey_factor(&passkey, aaguid, &transports, name, created))
 }
 
 /// A Keycloak password credential as a PHC string. Keycloak keeps `secretData` (`value`, the
@@ -1187,10 +1172,9 @@ pub fn from_supabase(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
 }
 
 /// A verified Supabase MFA factor as an `authenticators` entry: TOTP with its base32 secret,
-/// phone as an SMS OTP channel. Unverified factors (enrolment never finished) are left out,
-/// and so are WebAuthn ones (Supabase's credential format is not webauthn-rs's: users
-/// register their passkeys again). A secret encrypted by GoTrue's database encryption cannot
-/// be read here and fails the record.
+/// phone as an SMS OTP channel, WebAuthn as a passkey (from its `web_authn_credential`).
+/// Unverified factors (enrolment never finished) are left out. A secret encrypted by GoTrue's
+/// database encryption cannot be read here and fails the record.
 fn supabase_factor(i: usize, f: &Value) -> Result<Option<Value>, String> {
     let field = |name: &str| f.get(name).and_then(text);
     if field("status").as_deref() != Some("verified") {
@@ -1223,12 +1207,83 @@ fn supabase_factor(i: usize, f: &Value) -> Result<Option<Value>, String> {
                 created,
             )))
         }
-        Some("webauthn") => Ok(None),
+        // GoTrue keeps the credential as go-webauthn's Credential JSON; without it (a
+        // factor from before it did, or a query leaving it out), the user registers again.
+        Some("webauthn") => match f.get("web_authn_credential").filter(|c| c.is_object()) {
+            Some(c) => Ok(Some(go_webauthn_passkey(
+                &format!("mfa_factors[{i}].web_authn_credential"),
+                c,
+                name,
+                created,
+            )?)),
+            None => Ok(None),
+        },
         other => Err(format!(
             "mfa_factors[{i}]: unknown factor_type '{}'",
             other.unwrap_or_default()
         )),
     }
+}
+
+/// A go-webauthn `Credential` (`id`, `publicKey` as COSE, `flags`, `transport`,
+/// `authenticator.AAGUID` and `SignCount`; bytes in base64) as a PASSKEY factor.
+fn go_webauthn_passkey(
+    field: &str,
+    c: &Value,
+    name: Option<String>,
+    created: Option<Value>,
+) -> Result<Value, String> {
+    let bytes = |key: &str| match c.get(key).and_then(text) {
+        Some(t) => base64_bytes(&format!("{field}.{key}"), &t),
+        None => Err(format!("{field}: has no {key}")),
+    };
+    let flag = |key: &str| c.pointer(&format!("/flags/{key}")) == Some(&Value::Bool(true));
+    let counter = c
+        .pointer("/authenticator/SignCount")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let transports: Vec<String> = c
+        .get("transport")
+        .and_then(Value::as_array)
+        .map(|t| t.iter().filter_map(text).collect())
+        .unwrap_or_default();
+    let passkey = crate::authenticators::passkey::carried_from_cose(
+        &bytes("id")?,
+        &bytes("publicKey")?,
+        u32::try_from(counter).map_err(|_| format!("{field}: SignCount is out of range"))?,
+        flag("userVerified"),
+        (flag("backupEligible"), flag("backupState")),
+        &transports,
+    )
+    .map_err(|e| format!("{field}: {e}"))?;
+    let aaguid = c
+        .pointer("/authenticator/AAGUID")
+        .and_then(text)
+        .and_then(|a| base64_bytes("AAGUID", &a).ok())
+        .and_then(|a| uuid::Uuid::from_slice(&a).ok());
+    Ok(passkey_factor(&passkey, aaguid, &transports, name, created))
+}
+
+/// A PASSKEY `authenticators` entry carrying `passkey` (the stored form), with the
+/// authenticator's model (a nil AAGUID is none), transports, name and creation time.
+fn passkey_factor(
+    passkey: &[u8],
+    aaguid: Option<uuid::Uuid>,
+    transports: &[String],
+    name: Option<String>,
+    created: Option<Value>,
+) -> Value {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(passkey);
+    let mut f = factor("PASSKEY", ("passkey", json!(b64)), name, created);
+    if let Value::Object(m) = &mut f {
+        if let Some(aaguid) = aaguid.filter(|a| !a.is_nil()) {
+            m.insert("aaguid".into(), json!(aaguid.to_string()));
+        }
+        if !transports.is_empty() {
+            m.insert("transports".into(), json!(transports));
+        }
+    }
+    f
 }
 
 /// A phone number stored without its `+` (Supabase), as E.164.
@@ -1792,38 +1847,20 @@ fn kratos_passkey(field: &str, c: &Value) -> Result<Value, String> {
         &transports,
     )
     .map_err(|e| format!("{field}: {e}"))?;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let mut f = Map::from_iter([
-        ("type".to_string(), json!("PASSKEY")),
-        ("passkey".to_string(), json!(b64.encode(passkey))),
-    ]);
-    if let Some(aaguid) = c
+    let aaguid = c
         .pointer("/authenticator/aaguid")
         .and_then(text)
         .and_then(|a| base64_bytes("aaguid", &a).ok())
-        .and_then(|a| uuid::Uuid::from_slice(&a).ok())
-        .filter(|a| !a.is_nil())
-    {
-        f.insert("aaguid".into(), json!(aaguid.to_string()));
-    }
-    if !transports.is_empty() {
-        f.insert("transports".into(), json!(transports));
-    }
-    if let Some(name) = c.get("display_name").and_then(text) {
-        f.insert("name".into(), json!(name));
-    }
+        .and_then(|a| uuid::Uuid::from_slice(&a).ok());
     // Go's zero time stands for "not recorded".
-    if let Some(added) = c
-        .get("added_at")
-        .and_then(text)
-        .filter(|t| !t.starts_with("0001-"))
-    {
-        f.insert(
-            "created_at".into(),
-            pg_time(&format!("{field}.added_at"), &json!(added))?,
-        );
-    }
-    Ok(Value::Object(f))
+    let created = match c.get("added_at").and_then(text) {
+        Some(t) if !t.starts_with("0001-") => {
+            Some(pg_time(&format!("{field}.added_at"), &json!(t))?)
+        }
+        _ => None,
+    };
+    let name = c.get("display_name").and_then(text);
+    Ok(passkey_factor(&passkey, aaguid, &transports, name, created))
 }
 
 /// A Kratos `hashed_password` as Roster reads it. Kratos writes PBKDF2 with SHA-1 as

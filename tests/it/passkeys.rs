@@ -241,12 +241,12 @@ async fn a_passkey_survives_an_export_and_import() {
     );
 }
 
-/// Moving off Ory Kratos or Keycloak with passkeys: a credential as each keeps it, its id and
-/// its public key as the COSE bytes the authenticator gave, imported with `roster import --from
-/// kratos` (or `keycloak`) into a project with the same relying party, signs its user in there
-/// with the same authenticator, its counter carried.
+/// Moving off Ory Kratos, Keycloak or Supabase with passkeys: a credential as each keeps it,
+/// its id and its public key as the COSE bytes the authenticator gave, imported with `roster
+/// import --from kratos` (`keycloak`, `supabase`) into a project with the same relying party,
+/// signs its user in there with the same authenticator, its counter carried.
 #[tokio::test]
-async fn kratos_and_keycloak_webauthn_credentials_sign_in_after_import() {
+async fn webauthn_credentials_of_other_stores_sign_in_after_import() {
     use base64::Engine as _;
     use webauthn_rs::prelude::{COSEKeyType, Credential, Passkey};
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -374,6 +374,37 @@ async fn kratos_and_keycloak_webauthn_credentials_sign_in_after_import() {
     let (ceremony, json) = assertion(&mut third_authn, &mut soft, &lee.id).await;
     let r = finish(&mut third_authn, &ceremony, &json).await.unwrap();
     assert_eq!(r.result, OK, "the Keycloak credential signs Lee in here");
+
+    // And as Supabase keeps it: a verified WebAuthn factor holding go-webauthn's Credential.
+    let row = serde_json::json!({
+        "id": "7c9e6679-7425-40de-944b-e07fc1f90aff", "email": "sue@example.com",
+        "email_confirmed_at": "2024-01-15T10:30:00+00:00", "identities": null,
+        "mfa_factors": [{"id": "7c9e6679-7425-40de-944b-e07fc1f90a01", "factor_type": "webauthn",
+            "status": "verified", "friendly_name": "MacBook",
+            "web_authn_credential": {
+                "id": b64.encode(credential.cred_id.as_slice()),
+                "publicKey": b64.encode(&cose), "attestationType": "none",
+                "transport": ["internal"],
+                "flags": {"userPresent": true, "userVerified": true,
+                          "backupEligible": false, "backupState": false},
+                "authenticator": {"AAGUID": b64.encode([0u8; 16]), "SignCount": 3,
+                                  "CloneWarning": false, "Attachment": "platform"}}}]});
+    let file = dir.join("supabase-users.jsonl");
+    std::fs::write(&file, format!("{row}\n")).unwrap();
+    let (fourth, token) = app.other_project().await;
+    configure_project(&app, fourth).await;
+    let (code, _, err) = crate::cli::roster_client(
+        &app,
+        &token,
+        &["import", file.to_str().unwrap(), "--from", "supabase"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let sue = crate::user_by_email(&mut app.users_with(Some(&token)), "sue@example.com").await;
+    let mut fourth_authn = app.authenticators_with(Some(&token));
+    let (ceremony, json) = assertion(&mut fourth_authn, &mut soft, &sue.id).await;
+    let r = finish(&mut fourth_authn, &ceremony, &json).await.unwrap();
+    assert_eq!(r.result, OK, "the Supabase credential signs Sue in here");
 }
 
 #[tokio::test]
