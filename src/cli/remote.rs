@@ -11,6 +11,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+use crate::pb::v1::authenticator_service_client::AuthenticatorServiceClient;
 use crate::pb::v1::log_service_client::LogServiceClient;
 use crate::pb::v1::user_service_client::UserServiceClient;
 
@@ -63,6 +64,7 @@ impl Interceptor for Bearer {
 
 pub type Users = UserServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Logs = LogServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Authenticators = AuthenticatorServiceClient<InterceptedService<Channel, Bearer>>;
 
 impl ServerArgs {
     fn api_key(&self) -> anyhow::Result<String> {
@@ -131,6 +133,13 @@ impl ServerArgs {
     pub async fn logs(&self) -> anyhow::Result<Logs> {
         let (channel, bearer) = self.connect().await?;
         Ok(LogServiceClient::with_interceptor(channel, bearer))
+    }
+
+    pub async fn authenticators(&self) -> anyhow::Result<Authenticators> {
+        let (channel, bearer) = self.connect().await?;
+        Ok(AuthenticatorServiceClient::with_interceptor(
+            channel, bearer,
+        ))
     }
 }
 

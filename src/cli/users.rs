@@ -1,7 +1,8 @@
 //! `roster users`: one user at a time through a running server, for an operator or a support
 //! desk (what `buf curl` does, without the JSON requests): show a user, list users by filter
-//! or search, block, unblock, deactivate, reactivate or delete one, and show what happened to
-//! one (its events). A user is named by id, email, phone number or username, told apart by
+//! or search, block, unblock, deactivate, reactivate or delete one, list and remove their
+//! factors, make a password reset token or expire a password, and show what happened to one
+//! (its events). A user is named by id, email, phone number or username, told apart by
 //! their form, or by external id with `--by external-id`.
 use anyhow::{Context, bail};
 use serde_json::{Map, Value};
@@ -87,6 +88,40 @@ pub enum UsersCommand {
         #[arg(long)]
         confirm: String,
     },
+    /// A user's second factors and passkeys, a line each (key authenticators.read).
+    Factors {
+        #[command(flatten)]
+        who: Who,
+        /// One JSON object per factor instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove one factor (a lost phone's app, a lost key), by the id `factors` shows (key
+    /// authenticators.write).
+    RemoveFactor {
+        #[command(flatten)]
+        who: Who,
+        /// The factor's id.
+        #[arg(long)]
+        factor: String,
+    },
+    /// Remove all of a user's factors (or those of one --type), so they enroll again (key
+    /// authenticators.write).
+    ResetFactors {
+        #[command(flatten)]
+        who: Who,
+        /// Only factors of this type (TOTP, PASSKEY, EMAIL_OTP, SMS_OTP, RECOVERY_CODES).
+        #[arg(long, value_name = "TYPE")]
+        r#type: Option<String>,
+        /// The user's id, to confirm.
+        #[arg(long)]
+        confirm: String,
+    },
+    /// Make a one-time password reset token (30 minutes) to send the user; printed alone on
+    /// standard output (key authenticators.write).
+    PasswordReset(Who),
+    /// Make the user change their password at the next sign-in (key authenticators.write).
+    ExpirePassword(Who),
     /// What happened to a user: its events, newest first, one JSON object each (key
     /// logs.read).
     Events {
@@ -212,6 +247,109 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
                 .map_err(refused)?;
             println!("deleted {} ({})", user.id, login(&user));
         }
+        UsersCommand::Factors { who, json } => {
+            let user = find(&mut users, &who).await?;
+            let mut authn = args.server.authenticators().await?;
+            let list = authn
+                .list_authenticators(pb::ListAuthenticatorsRequest {
+                    user_id: user.id.clone(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .authenticators;
+            if !json {
+                println!(
+                    "{:<36}  {:<14}  {:<24}  {:<22}  {:<20}  LAST USED",
+                    "ID", "TYPE", "NAME", "STATE", "CREATED"
+                );
+            }
+            for a in &list {
+                if json {
+                    println!("{}", serde_json::to_string(&factor_json(a))?);
+                } else {
+                    println!("{}", factor_line(a));
+                }
+            }
+        }
+        UsersCommand::RemoveFactor { who, factor } => {
+            let user = find(&mut users, &who).await?;
+            let mut authn = args.server.authenticators().await?;
+            authn
+                .delete_authenticator(pb::DeleteAuthenticatorRequest {
+                    user_id: user.id.clone(),
+                    authenticator_id: factor.clone(),
+                })
+                .await
+                .map_err(refused)?;
+            println!("removed factor {factor} of {} ({})", user.id, login(&user));
+        }
+        UsersCommand::ResetFactors {
+            who,
+            r#type,
+            confirm,
+        } => {
+            let user = find(&mut users, &who).await?;
+            if confirm != user.id {
+                bail!(
+                    "--confirm must be the user's id ({}) to remove the factors of {}",
+                    user.id,
+                    login(&user)
+                );
+            }
+            let kind = match &r#type {
+                Some(t) => factor_type(t)?,
+                None => pb::AuthenticatorType::Unspecified,
+            };
+            let mut authn = args.server.authenticators().await?;
+            let deleted = authn
+                .delete_all_authenticators(pb::DeleteAllAuthenticatorsRequest {
+                    user_id: user.id.clone(),
+                    r#type: kind as i32,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .deleted_count;
+            println!(
+                "removed {deleted} factor(s) of {} ({})",
+                user.id,
+                login(&user)
+            );
+        }
+        UsersCommand::PasswordReset(who) => {
+            let user = find(&mut users, &who).await?;
+            let mut authn = args.server.authenticators().await?;
+            let reset = authn
+                .create_password_reset_token(pb::CreatePasswordResetTokenRequest {
+                    login: Some(pb::create_password_reset_token_request::Login::UserId(
+                        user.id.clone(),
+                    )),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            // The token alone on stdout (for a script to put in a link), the rest aside.
+            println!("{}", reset.token);
+            let until = short_time(&reset.expires_at).unwrap_or_default();
+            eprintln!(
+                "a password reset token for {} ({}), valid until {until} UTC: give it to \
+                 the user only (ResetPassword uses it once)",
+                user.id,
+                login(&user)
+            );
+        }
+        UsersCommand::ExpirePassword(who) => {
+            let id = find(&mut users, &who).await?.id;
+            let mut authn = args.server.authenticators().await?;
+            let user = authn
+                .expire_password(pb::ExpirePasswordRequest { user_id: id })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .user;
+            done("password expired for", user);
+        }
         UsersCommand::Events { who, limit } => {
             let id = find(&mut users, &who).await?.id;
             let mut logs = args.server.logs().await?;
@@ -277,6 +415,79 @@ async fn find(users: &mut super::remote::Users, who: &Who) -> anyhow::Result<pb:
         }
         Err(s) => Err(anyhow::Error::from(s)).with_context(|| format!("looking up {text}")),
     }
+}
+
+/// A factor type as `--type` names it, with or without `AUTHENTICATOR_TYPE_`.
+fn factor_type(text: &str) -> anyhow::Result<pb::AuthenticatorType> {
+    let name = text.trim().to_ascii_uppercase();
+    let name = name.strip_prefix("AUTHENTICATOR_TYPE_").unwrap_or(&name);
+    match pb::AuthenticatorType::from_str_name(&format!("AUTHENTICATOR_TYPE_{name}")) {
+        Some(t) if t != pb::AuthenticatorType::Unspecified => Ok(t),
+        _ => bail!("--type: TOTP, PASSKEY, EMAIL_OTP, SMS_OTP or RECOVERY_CODES, not {text}"),
+    }
+}
+
+fn factor_type_name(t: i32) -> String {
+    pb::AuthenticatorType::try_from(t)
+        .map(|t| {
+            t.as_str_name()
+                .trim_start_matches("AUTHENTICATOR_TYPE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// A factor as JSON: what ListAuthenticators says of it (no secret is ever there).
+fn factor_json(a: &pb::Authenticator) -> Value {
+    let time = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref()
+            .and_then(crate::wire::from_timestamp)
+            .map(|t| Value::String(t.to_rfc3339()))
+            .unwrap_or(Value::Null)
+    };
+    let text = |s: &str| (!s.is_empty()).then(|| Value::String(s.to_string()));
+    let mut m = Map::new();
+    m.insert("id".into(), Value::String(a.id.clone()));
+    m.insert("type".into(), Value::String(factor_type_name(a.r#type)));
+    m.insert("confirmed".into(), Value::Bool(a.confirmed));
+    m.insert("is_default".into(), Value::Bool(a.is_default));
+    m.insert("created_at".into(), time(&a.created_at));
+    m.insert("last_used_at".into(), time(&a.last_used_at));
+    for (k, v) in [
+        ("name", &a.name),
+        ("email", &a.email),
+        ("phone_number", &a.phone_number),
+        ("aaguid", &a.aaguid),
+    ] {
+        if let Some(v) = text(v) {
+            m.insert(k.into(), v);
+        }
+    }
+    Value::Object(m)
+}
+
+/// A factor as a line of `factors`' table.
+fn factor_line(a: &pb::Authenticator) -> String {
+    let time = |t: &Option<prost_types::Timestamp>| short_time(t).unwrap_or_else(|| "-".into());
+    let name = [&a.name, &a.email, &a.phone_number]
+        .into_iter()
+        .find(|s| !s.is_empty())
+        .map(String::as_str)
+        .unwrap_or("-");
+    let state = match (a.confirmed, a.is_default) {
+        (false, _) => "not confirmed",
+        (true, true) => "confirmed, default",
+        (true, false) => "confirmed",
+    };
+    format!(
+        "{:<36}  {:<14}  {:<24}  {:<22}  {:<20}  {}",
+        a.id,
+        factor_type_name(a.r#type),
+        name,
+        state,
+        time(&a.created_at),
+        time(&a.last_used_at)
+    )
 }
 
 /// Every field of a user, as `roster export` writes them (empty ones left out).

@@ -3275,6 +3275,72 @@ async fn roster_users_shows_finds_blocks_and_deletes_one_user() {
     assert!(err.contains("no user with the external id desk0"), "{err}");
 }
 
+/// `roster users` for a support desk's factor and password chores: a user's factors listed
+/// (table and JSON), one removed by id, the rest reset only with the id confirmed, a password
+/// reset token that ResetPassword takes, and a password expired.
+#[tokio::test]
+async fn roster_users_manages_factors_and_passwords() {
+    let (app, _dir, created) = app_with_users("helpdesk", 1).await;
+    let id = created[0].clone();
+    let mut authn = app.authenticators();
+    let (totp, _) = crate::factors::confirmed_totp(&mut authn, &id).await;
+    authn
+        .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
+            user_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    let (code, table, err) = users_cmd(&app, &["factors", "helpdesk0@example.com"]).await;
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(
+        rows[0].starts_with(&totp) && rows[0].contains("TOTP"),
+        "{table}"
+    );
+    assert!(rows[1].contains("RECOVERY_CODES"), "{table}");
+    let (_, json, _) = users_cmd(&app, &["factors", &id, "--json"]).await;
+    let first: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        (first["id"].as_str(), first["type"].as_str()),
+        (Some(totp.as_str()), Some("TOTP"))
+    );
+    assert_eq!(first["confirmed"], true);
+
+    let (code, out, err) = users_cmd(&app, &["remove-factor", &id, "--factor", &totp]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with(&format!("removed factor {totp}")), "{out}");
+    let left = crate::factors::list_of(&mut authn, &id).await;
+    assert_eq!(left.len(), 1);
+    let (code, _, err) = users_cmd(&app, &["reset-factors", &id, "--confirm", "no"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("--confirm must be the user's id"), "{err}");
+    assert_eq!(crate::factors::list_of(&mut authn, &id).await.len(), 1);
+    let (code, out, err) = users_cmd(&app, &["reset-factors", &id, "--confirm", &id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("removed 1 factor(s)"), "{out}");
+    assert!(crate::factors::list_of(&mut authn, &id).await.is_empty());
+
+    let (code, token, err) = users_cmd(&app, &["password-reset", "helpdesk0@example.com"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("valid until"), "{err}");
+    authn
+        .reset_password(pb::ResetPasswordRequest {
+            token: token.trim().to_string(),
+            new_password: "a brand new passphrase".into(),
+        })
+        .await
+        .unwrap();
+    assert!(signs_in(&app, "helpdesk0@example.com", "a brand new passphrase").await);
+    let (code, out, err) = users_cmd(&app, &["expire-password", &id]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("password expired for"), "{out}");
+    assert_eq!(
+        sign_in(&app, "helpdesk0@example.com", "a brand new passphrase").await,
+        pb::VerifyPasswordResult::PasswordChangeRequired
+    );
+}
+
 /// One request a test webhook received, and when.
 struct Received {
     at: Instant,
