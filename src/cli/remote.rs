@@ -12,6 +12,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::pb::v1::authenticator_service_client::AuthenticatorServiceClient;
+use crate::pb::v1::identity_service_client::IdentityServiceClient;
 use crate::pb::v1::log_service_client::LogServiceClient;
 use crate::pb::v1::user_service_client::UserServiceClient;
 
@@ -65,6 +66,7 @@ impl Interceptor for Bearer {
 pub type Users = UserServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Logs = LogServiceClient<InterceptedService<Channel, Bearer>>;
 pub type Authenticators = AuthenticatorServiceClient<InterceptedService<Channel, Bearer>>;
+pub type Identities = IdentityServiceClient<InterceptedService<Channel, Bearer>>;
 
 impl ServerArgs {
     fn api_key(&self) -> anyhow::Result<String> {
@@ -140,6 +142,11 @@ impl ServerArgs {
         Ok(AuthenticatorServiceClient::with_interceptor(
             channel, bearer,
         ))
+    }
+
+    pub async fn identities(&self) -> anyhow::Result<Identities> {
+        let (channel, bearer) = self.connect().await?;
+        Ok(IdentityServiceClient::with_interceptor(channel, bearer))
     }
 }
 

@@ -1,9 +1,9 @@
 //! `roster users`: one user at a time through a running server, for an operator or a support
 //! desk (what `buf curl` does, without the JSON requests): show a user, list users by filter
 //! or search, block, unblock, deactivate, reactivate or delete one, list and remove their
-//! factors, make a password reset token or expire a password, and show what happened to one
-//! (its events). A user is named by id, email, phone number or username, told apart by
-//! their form, or by external id with `--by external-id`.
+//! factors and linked identities, make a password reset token or expire a password, and show
+//! what happened to one (its events). A user is named by id, email, phone number or
+//! username, told apart by their form, or with `--by` by external id or linked identity.
 use anyhow::{Context, bail};
 use serde_json::{Map, Value};
 
@@ -31,11 +31,14 @@ pub enum By {
     Phone,
     Username,
     ExternalId,
+    /// A linked identity as `provider:subject` (`google:1076...`): whose is it?
+    Identity,
 }
 
 #[derive(clap::Args, Debug)]
 pub struct Who {
-    /// The user: id, email, phone number (E.164) or username (see --by).
+    /// The user: id, email, phone number (E.164) or username (see --by for an external id or
+    /// a linked identity).
     pub user: String,
     /// What USER is (default: told by its form).
     #[arg(long, value_enum, default_value_t = By::Auto)]
@@ -122,6 +125,30 @@ pub enum UsersCommand {
     PasswordReset(Who),
     /// Make the user change their password at the next sign-in (key authenticators.write).
     ExpirePassword(Who),
+    /// A user's linked identities (social and SSO accounts), a line each (key
+    /// identities.read).
+    Identities {
+        #[command(flatten)]
+        who: Who,
+        /// One JSON object per identity instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Unlink an identity from a user (key identities.write).
+    Unlink {
+        #[command(flatten)]
+        who: Who,
+        /// The identity's provider, as `identities` shows it.
+        #[arg(long)]
+        provider: String,
+        /// The identity's subject at the provider.
+        #[arg(long)]
+        subject: String,
+        /// Move the identity to a new user of its own instead of dropping it (an account
+        /// linked to the wrong person).
+        #[arg(long)]
+        to_new_user: bool,
+    },
     /// What happened to a user: its events, newest first, one JSON object each (key
     /// logs.read).
     Events {
@@ -138,7 +165,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
     let refused = |s: tonic::Status| super::remote::call_failed(&args.server, "the call", s);
     match args.command {
         UsersCommand::Get(who) => {
-            let user = find(&mut users, &who).await?;
+            let user = find(&args.server, &mut users, &who).await?;
             println!("{}", serde_json::to_string_pretty(&user_json(&user))?);
         }
         UsersCommand::List {
@@ -189,7 +216,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             }
         }
         UsersCommand::Block { who, reason } => {
-            let id = find(&mut users, &who).await?.id;
+            let id = find(&args.server, &mut users, &who).await?.id;
             let user = users
                 .block_user(pb::BlockUserRequest { id, reason })
                 .await
@@ -199,7 +226,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             done("blocked", user);
         }
         UsersCommand::Unblock(who) => {
-            let id = find(&mut users, &who).await?.id;
+            let id = find(&args.server, &mut users, &who).await?.id;
             let user = users
                 .unblock_user(pb::UnblockUserRequest { id })
                 .await
@@ -209,7 +236,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             done("unblocked", user);
         }
         UsersCommand::Deactivate(who) => {
-            let id = find(&mut users, &who).await?.id;
+            let id = find(&args.server, &mut users, &who).await?.id;
             let user = users
                 .deactivate_user(pb::DeactivateUserRequest { id })
                 .await
@@ -219,7 +246,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             done("deactivated", user);
         }
         UsersCommand::Reactivate(who) => {
-            let id = find(&mut users, &who).await?.id;
+            let id = find(&args.server, &mut users, &who).await?.id;
             let user = users
                 .reactivate_user(pb::ReactivateUserRequest { id })
                 .await
@@ -229,7 +256,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             done("reactivated", user);
         }
         UsersCommand::Delete { who, confirm } => {
-            let user = find(&mut users, &who).await?;
+            let user = find(&args.server, &mut users, &who).await?;
             if confirm != user.id {
                 bail!(
                     "--confirm must be the user's id ({}) to delete {}",
@@ -248,7 +275,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             println!("deleted {} ({})", user.id, login(&user));
         }
         UsersCommand::Factors { who, json } => {
-            let user = find(&mut users, &who).await?;
+            let user = find(&args.server, &mut users, &who).await?;
             let mut authn = args.server.authenticators().await?;
             let list = authn
                 .list_authenticators(pb::ListAuthenticatorsRequest {
@@ -273,7 +300,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             }
         }
         UsersCommand::RemoveFactor { who, factor } => {
-            let user = find(&mut users, &who).await?;
+            let user = find(&args.server, &mut users, &who).await?;
             let mut authn = args.server.authenticators().await?;
             authn
                 .delete_authenticator(pb::DeleteAuthenticatorRequest {
@@ -289,7 +316,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             r#type,
             confirm,
         } => {
-            let user = find(&mut users, &who).await?;
+            let user = find(&args.server, &mut users, &who).await?;
             if confirm != user.id {
                 bail!(
                     "--confirm must be the user's id ({}) to remove the factors of {}",
@@ -318,7 +345,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             );
         }
         UsersCommand::PasswordReset(who) => {
-            let user = find(&mut users, &who).await?;
+            let user = find(&args.server, &mut users, &who).await?;
             let mut authn = args.server.authenticators().await?;
             let reset = authn
                 .create_password_reset_token(pb::CreatePasswordResetTokenRequest {
@@ -340,7 +367,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             );
         }
         UsersCommand::ExpirePassword(who) => {
-            let id = find(&mut users, &who).await?.id;
+            let id = find(&args.server, &mut users, &who).await?.id;
             let mut authn = args.server.authenticators().await?;
             let user = authn
                 .expire_password(pb::ExpirePasswordRequest { user_id: id })
@@ -350,8 +377,79 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
                 .user;
             done("password expired for", user);
         }
+        UsersCommand::Identities { who, json } => {
+            let user = find(&args.server, &mut users, &who).await?;
+            let list = args
+                .server
+                .identities()
+                .await?
+                .list_identities(pb::ListIdentitiesRequest {
+                    user_id: user.id.clone(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .identities;
+            if !json {
+                println!(
+                    "{:<20}  {:<32}  {:<20}  {:<32}  LINKED",
+                    "PROVIDER", "SUBJECT", "CONNECTION", "EMAIL"
+                );
+            }
+            for i in &list {
+                if json {
+                    println!("{}", serde_json::to_string(&identity_json(i))?);
+                } else {
+                    let or_dash = |s: &str| {
+                        if s.is_empty() {
+                            "-".to_string()
+                        } else {
+                            s.to_string()
+                        }
+                    };
+                    println!(
+                        "{:<20}  {:<32}  {:<20}  {:<32}  {}",
+                        i.provider,
+                        i.subject,
+                        or_dash(&i.connection),
+                        or_dash(&i.email),
+                        short_time(&i.created_at).unwrap_or_else(|| "-".into())
+                    );
+                }
+            }
+        }
+        UsersCommand::Unlink {
+            who,
+            provider,
+            subject,
+            to_new_user,
+        } => {
+            let user = find(&args.server, &mut users, &who).await?;
+            let standalone = args
+                .server
+                .identities()
+                .await?
+                .unlink_identity(pb::UnlinkIdentityRequest {
+                    user_id: user.id.clone(),
+                    provider: provider.clone(),
+                    subject: subject.clone(),
+                    create_standalone_user: to_new_user,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .user;
+            println!(
+                "unlinked {provider}:{subject} from {} ({})",
+                user.id,
+                login(&user)
+            );
+            if let Some(new) = standalone {
+                println!("moved to the new user {}", new.id);
+            }
+        }
         UsersCommand::Events { who, limit } => {
-            let id = find(&mut users, &who).await?.id;
+            let id = find(&args.server, &mut users, &who).await?.id;
             let mut logs = args.server.logs().await?;
             let events = logs
                 .list_events(pb::ListEventsRequest {
@@ -373,7 +471,11 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
 }
 
 /// The user WHO names (NOT_FOUND says which key was looked for).
-async fn find(users: &mut super::remote::Users, who: &Who) -> anyhow::Result<pb::User> {
+async fn find(
+    server: &ServerArgs,
+    users: &mut super::remote::Users,
+    who: &Who,
+) -> anyhow::Result<pb::User> {
     let text = who.user.trim().to_string();
     let by = match who.by {
         By::Auto if uuid::Uuid::try_parse(&text).is_ok() => By::Id,
@@ -387,6 +489,20 @@ async fn find(users: &mut super::remote::Users, who: &Who) -> anyhow::Result<pb:
             .get_user(pb::GetUserRequest { id: text.clone() })
             .await
             .map(|r| r.into_inner().user),
+        By::Identity => {
+            let Some((provider, subject)) = text.split_once(':') else {
+                bail!("--by identity: give provider:subject, e.g. google:1076...");
+            };
+            server
+                .identities()
+                .await?
+                .lookup_user_by_identity(pb::LookupUserByIdentityRequest {
+                    provider: provider.into(),
+                    subject: subject.into(),
+                })
+                .await
+                .map(|r| r.into_inner().user)
+        }
         key => {
             let key = match key {
                 By::Email => Key::Email(text.clone()),
@@ -405,6 +521,7 @@ async fn find(users: &mut super::remote::Users, who: &Who) -> anyhow::Result<pb:
         By::Email => "email",
         By::Phone => "phone number",
         By::ExternalId => "external id",
+        By::Identity => "linked identity",
         _ => "username",
     };
     match answer {
@@ -415,6 +532,32 @@ async fn find(users: &mut super::remote::Users, who: &Who) -> anyhow::Result<pb:
         }
         Err(s) => Err(anyhow::Error::from(s)).with_context(|| format!("looking up {text}")),
     }
+}
+
+/// A linked identity as JSON (its profile included; provider tokens are never listed).
+fn identity_json(i: &pb::Identity) -> Value {
+    let mut m = Map::new();
+    for (k, v) in [
+        ("provider", &i.provider),
+        ("subject", &i.subject),
+        ("connection", &i.connection),
+        ("email", &i.email),
+    ] {
+        if !v.is_empty() {
+            m.insert(k.into(), Value::String(v.clone()));
+        }
+    }
+    if let Some(p) = i
+        .profile
+        .as_ref()
+        .and_then(|p| crate::wire::struct_to_json(p).ok())
+    {
+        m.insert("profile".into(), Value::Object(p));
+    }
+    if let Some(t) = i.created_at.as_ref().and_then(crate::wire::from_timestamp) {
+        m.insert("created_at".into(), Value::String(t.to_rfc3339()));
+    }
+    Value::Object(m)
 }
 
 /// A factor type as `--type` names it, with or without `AUTHENTICATOR_TYPE_`.

@@ -3341,6 +3341,77 @@ async fn roster_users_manages_factors_and_passwords() {
     );
 }
 
+/// `roster users` and linked identities: whose is `google:1099`? (`--by identity`), a user's
+/// identities listed, and one unlinked, or moved to a new user of its own.
+#[tokio::test]
+async fn roster_users_finds_by_and_unlinks_identities() {
+    let (app, _dir, created) = app_with_users("social", 1).await;
+    let id = created[0].clone();
+    let mut ids = app.identities();
+    for (provider, subject) in [("google", "1099"), ("github", "42")] {
+        ids.link_identity(pb::LinkIdentityRequest {
+            user_id: id.clone(),
+            provider: provider.into(),
+            subject: subject.into(),
+            email: format!("{provider}@example.net"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let (code, out, err) = users_cmd(&app, &["get", "google:1099", "--by", "identity"]).await;
+    assert_eq!(code, 0, "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["id"], id.as_str());
+    let (code, table, err) = users_cmd(&app, &["identities", &id]).await;
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(
+        table.contains("google") && table.contains("1099") && table.contains("github@example.net"),
+        "{table}"
+    );
+
+    let (code, out, err) = users_cmd(
+        &app,
+        &["unlink", &id, "--provider", "github", "--subject", "42"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("unlinked github:42"), "{out}");
+    let (code, out, err) = users_cmd(
+        &app,
+        &[
+            "unlink",
+            &id,
+            "--provider",
+            "google",
+            "--subject",
+            "1099",
+            "--to-new-user",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let moved = out
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim_start_matches("moved to the new user ");
+    let (_, json, _) = users_cmd(&app, &["identities", moved, "--json"]).await;
+    let only: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(
+        (only["provider"].as_str(), only["subject"].as_str()),
+        (Some("google"), Some("1099"))
+    );
+    let (code, _, err) = users_cmd(&app, &["get", "github:42", "--by", "identity"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no user with the linked identity github:42"),
+        "{err}"
+    );
+}
+
 /// One request a test webhook received, and when.
 struct Received {
     at: Instant,
