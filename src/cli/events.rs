@@ -57,6 +57,8 @@ const CAUGHT_UP_AFTER: Duration = Duration::from_secs(10);
 /// With --until-caught-up and --post: how long a webhook may go without taking an event
 /// before the run stops (a follower tries for as long as it takes).
 const GIVE_UP_AFTER: Duration = Duration::from_secs(300);
+/// With --post: how often a progress line is written while events go out.
+const REPORT_EVERY: Duration = Duration::from_secs(60);
 /// Waits between reconnections: doubling from the first to the last.
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_LAST: Duration = Duration::from_secs(30);
@@ -85,6 +87,8 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         after,
         saved: after,
         unsaved: 0,
+        sent: 0,
+        reported: std::time::Instant::now(),
     };
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("listening for SIGTERM")?;
@@ -98,6 +102,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     });
     // Stopped by a signal, it saves what it wrote before exiting 0.
     let result = follow(&args, &mut out, stopped).await;
+    out.report();
     out.save()?;
     result
 }
@@ -114,6 +119,9 @@ struct Output<W: Write> {
     saved: i64,
     /// Events written since the state was last saved.
     unsaved: u64,
+    /// With --post: events delivered since the last progress line, and when that was.
+    sent: u64,
+    reported: std::time::Instant,
 }
 
 impl<W: Write> Output<W> {
@@ -127,6 +135,11 @@ impl<W: Write> Output<W> {
                     id => id.to_string(),
                 };
                 poster.deliver(&id, event.position, json).await?;
+                self.sent += 1;
+                if self.reported.elapsed() >= REPORT_EVERY {
+                    self.after = event.position;
+                    self.report();
+                }
             }
             None => {
                 self.stdout
@@ -141,6 +154,22 @@ impl<W: Write> Output<W> {
             self.save()?;
         }
         Ok(())
+    }
+
+    /// With --post, a progress line on standard error (a follower run as a service is
+    /// otherwise silent while it works): how many events went out since the last, and where
+    /// it is.
+    fn report(&mut self) {
+        if self.poster.is_some() && self.sent > 0 {
+            eprintln!(
+                "roster events: {} event(s) sent to the webhook in {:.0} s; at position {}",
+                self.sent,
+                self.reported.elapsed().as_secs_f64(),
+                self.after
+            );
+        }
+        self.sent = 0;
+        self.reported = std::time::Instant::now();
     }
 
     /// Everything up to `position` has been written (the events for it up to there were).

@@ -3586,6 +3586,10 @@ async fn events_post_to_a_webhook_signed_and_retried() {
     );
     assert!(err.contains("503 Service Unavailable: busy now"), "{err}");
     assert!(err.contains("429 Too Many Requests"), "{err}");
+    assert!(
+        err.contains("3 event(s) sent to the webhook"),
+        "the run's progress line: {err}"
+    );
     for secret_part in ["s3cr3t-path", "t0p", "hook-token", "whsec_"] {
         assert!(!err.contains(secret_part), "{secret_part} printed: {err}");
     }
