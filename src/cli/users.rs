@@ -216,44 +216,16 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             }
         }
         UsersCommand::Block { who, reason } => {
-            let id = find(&args.server, &mut users, &who).await?.id;
-            let user = users
-                .block_user(pb::BlockUserRequest { id, reason })
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .user;
-            done("blocked", user);
+            change(&args.server, &mut users, &who, Change::Block(reason)).await?
         }
         UsersCommand::Unblock(who) => {
-            let id = find(&args.server, &mut users, &who).await?.id;
-            let user = users
-                .unblock_user(pb::UnblockUserRequest { id })
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .user;
-            done("unblocked", user);
+            change(&args.server, &mut users, &who, Change::Unblock).await?
         }
         UsersCommand::Deactivate(who) => {
-            let id = find(&args.server, &mut users, &who).await?.id;
-            let user = users
-                .deactivate_user(pb::DeactivateUserRequest { id })
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .user;
-            done("deactivated", user);
+            change(&args.server, &mut users, &who, Change::Deactivate).await?
         }
         UsersCommand::Reactivate(who) => {
-            let id = find(&args.server, &mut users, &who).await?.id;
-            let user = users
-                .reactivate_user(pb::ReactivateUserRequest { id })
-                .await
-                .map_err(refused)?
-                .into_inner()
-                .user;
-            done("reactivated", user);
+            change(&args.server, &mut users, &who, Change::Reactivate).await?
         }
         UsersCommand::Delete { who, confirm } => {
             let user = find(&args.server, &mut users, &who).await?;
@@ -467,6 +439,57 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// A change of a user's status.
+enum Change {
+    Block(String),
+    Unblock,
+    Deactivate,
+    Reactivate,
+}
+
+/// Makes `change` to the user WHO names and says so.
+async fn change(
+    server: &ServerArgs,
+    users: &mut super::remote::Users,
+    who: &Who,
+    change: Change,
+) -> anyhow::Result<()> {
+    let id = find(server, users, who).await?.id;
+    let (what, answer) = match change {
+        Change::Block(reason) => (
+            "blocked",
+            users
+                .block_user(pb::BlockUserRequest { id, reason })
+                .await
+                .map(|r| r.into_inner().user),
+        ),
+        Change::Unblock => (
+            "unblocked",
+            users
+                .unblock_user(pb::UnblockUserRequest { id })
+                .await
+                .map(|r| r.into_inner().user),
+        ),
+        Change::Deactivate => (
+            "deactivated",
+            users
+                .deactivate_user(pb::DeactivateUserRequest { id })
+                .await
+                .map(|r| r.into_inner().user),
+        ),
+        Change::Reactivate => (
+            "reactivated",
+            users
+                .reactivate_user(pb::ReactivateUserRequest { id })
+                .await
+                .map(|r| r.into_inner().user),
+        ),
+    };
+    let user = answer.map_err(|s| super::remote::call_failed(server, "the call", s))?;
+    done(what, user);
     Ok(())
 }
 

@@ -241,6 +241,28 @@ async fn a_passkey_survives_an_export_and_import() {
     );
 }
 
+/// `text`, a file of another store's users, imported with `roster import --from source` into
+/// a new project with the tests' relying party: that project's key, and the imported user
+/// with `email`.
+async fn import_elsewhere(
+    app: &TestApp,
+    source: &str,
+    text: &str,
+    email: &str,
+) -> (String, pb::User) {
+    let dir = std::env::temp_dir().join(format!("roster-{source}-pk-{}", Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("users.json");
+    std::fs::write(&file, text).unwrap();
+    let (project, token) = app.other_project().await;
+    configure_project(app, project).await;
+    let args = ["import", file.to_str().unwrap(), "--from", source];
+    let (code, _, err) = crate::cli::roster_client(app, &token, &args).await;
+    assert_eq!(code, 0, "{err}");
+    let user = crate::user_by_email(&mut app.users_with(Some(&token)), email).await;
+    (token, user)
+}
+
 /// Moving off Ory Kratos, Keycloak or Supabase with passkeys: a credential as each keeps it,
 /// its id and its public key as the COSE bytes the authenticator gave, imported with `roster
 /// import --from kratos` (`keycloak`, `supabase`) into a project with the same relying party,
@@ -306,22 +328,8 @@ async fn webauthn_credentials_of_other_stores_sign_in_after_import() {
                           "backup_eligible": false, "backup_state": false},
                 "transport": ["usb"]}]}}}
     });
-    let dir = std::env::temp_dir().join(format!("roster-kratos-pk-{}", Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("identities.jsonl");
-    std::fs::write(&file, format!("{identity}\n")).unwrap();
-
-    let (other, token) = app.other_project().await;
-    configure_project(&app, other).await;
-    let (code, _, err) = crate::cli::roster_client(
-        &app,
-        &token,
-        &["import", file.to_str().unwrap(), "--from", "kratos"],
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
-    let mut other_users = app.users_with(Some(&token));
-    let kim = crate::user_by_email(&mut other_users, "kim@example.com").await;
+    let (token, kim) =
+        import_elsewhere(&app, "kratos", &format!("{identity}\n"), "kim@example.com").await;
     let mut other_authn = app.authenticators_with(Some(&token));
     let listed = crate::factors::list_of(&mut other_authn, &kim.id).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
@@ -352,18 +360,8 @@ async fn webauthn_credentials_of_other_stores_sign_in_after_import() {
         "credentials": [{"type": "webauthn-passwordless", "userLabel": "Phone",
                          "createdDate": 1700000000000_i64, "secretData": "{}",
                          "credentialData": data.to_string()}]}]});
-    let file = dir.join("acme-realm.json");
-    std::fs::write(&file, realm.to_string()).unwrap();
-    let (third, token) = app.other_project().await;
-    configure_project(&app, third).await;
-    let (code, _, err) = crate::cli::roster_client(
-        &app,
-        &token,
-        &["import", file.to_str().unwrap(), "--from", "keycloak"],
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
-    let lee = crate::user_by_email(&mut app.users_with(Some(&token)), "lee@example.com").await;
+    let (token, lee) =
+        import_elsewhere(&app, "keycloak", &realm.to_string(), "lee@example.com").await;
     let mut third_authn = app.authenticators_with(Some(&token));
     let listed = crate::factors::list_of(&mut third_authn, &lee.id).await;
     assert_eq!(
@@ -389,18 +387,8 @@ async fn webauthn_credentials_of_other_stores_sign_in_after_import() {
                           "backupEligible": false, "backupState": false},
                 "authenticator": {"AAGUID": b64.encode([0u8; 16]), "SignCount": 3,
                                   "CloneWarning": false, "Attachment": "platform"}}}]});
-    let file = dir.join("supabase-users.jsonl");
-    std::fs::write(&file, format!("{row}\n")).unwrap();
-    let (fourth, token) = app.other_project().await;
-    configure_project(&app, fourth).await;
-    let (code, _, err) = crate::cli::roster_client(
-        &app,
-        &token,
-        &["import", file.to_str().unwrap(), "--from", "supabase"],
-    )
-    .await;
-    assert_eq!(code, 0, "{err}");
-    let sue = crate::user_by_email(&mut app.users_with(Some(&token)), "sue@example.com").await;
+    let (token, sue) =
+        import_elsewhere(&app, "supabase", &format!("{row}\n"), "sue@example.com").await;
     let mut fourth_authn = app.authenticators_with(Some(&token));
     let (ceremony, json) = assertion(&mut fourth_authn, &mut soft, &sue.id).await;
     let r = finish(&mut fourth_authn, &ceremony, &json).await.unwrap();
