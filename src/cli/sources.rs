@@ -891,21 +891,17 @@ fn keycloak_passkey(i: usize, credential: &Value, passwordless: bool) -> Result<
         Some(t) => base64_bytes(&format!("{field}.{name}"), &t),
         None => Err(format!("{field}: has no {name}")),
     };
-    let transports: Vec<String> = data
-        .get("transports")
-        .and_then(Value::as_array)
-        .map(|t| t.iter().filter_map(text).collect())
-        .unwrap_or_default();
+    let transports = texts(data.get("transports"));
     let counter = data.get("counter").and_then(Value::as_u64).unwrap_or(0);
-    let passkey = crate::authenticators::passkey::carried_from_cose(
+    let passkey = carry(
+        &field,
         &bytes("credentialId")?,
         &bytes("credentialPublicKey")?,
-        u32::try_from(counter).map_err(|_| format!("{field}: counter is out of range"))?,
+        (counter, "counter"),
         passwordless,
         (false, false),
         &transports,
-    )
-    .map_err(|e| format!("{field}: {e}"))?;
+    )?;
     let aaguid = data
         .get("aaguid")
         .and_then(text)
@@ -1242,26 +1238,53 @@ fn go_webauthn_passkey(
         .pointer("/authenticator/SignCount")
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let transports: Vec<String> = c
-        .get("transport")
-        .and_then(Value::as_array)
-        .map(|t| t.iter().filter_map(text).collect())
-        .unwrap_or_default();
-    let passkey = crate::authenticators::passkey::carried_from_cose(
+    let transports = texts(c.get("transport"));
+    let passkey = carry(
+        field,
         &bytes("id")?,
         &bytes("publicKey")?,
-        u32::try_from(counter).map_err(|_| format!("{field}: SignCount is out of range"))?,
+        (counter, "SignCount"),
         flag("userVerified"),
         (flag("backupEligible"), flag("backupState")),
         &transports,
-    )
-    .map_err(|e| format!("{field}: {e}"))?;
+    )?;
     let aaguid = c
         .pointer("/authenticator/AAGUID")
         .and_then(text)
         .and_then(|a| base64_bytes("AAGUID", &a).ok())
         .and_then(|a| uuid::Uuid::from_slice(&a).ok());
     Ok(passkey_factor(&passkey, aaguid, &transports, name, created))
+}
+
+/// The text items of an array field (a credential's transports); none when absent.
+fn texts(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|t| t.iter().filter_map(text).collect())
+        .unwrap_or_default()
+}
+
+/// [`carried_from_cose`](crate::authenticators::passkey::carried_from_cose) for a source's
+/// credential at `field`, its counter named as the source names it.
+fn carry(
+    field: &str,
+    id: &[u8],
+    key: &[u8],
+    (counter, counter_name): (u64, &str),
+    user_verified: bool,
+    backed_up: (bool, bool),
+    transports: &[String],
+) -> Result<Vec<u8>, String> {
+    let counter =
+        u32::try_from(counter).map_err(|_| format!("{field}: {counter_name} is out of range"))?;
+    crate::authenticators::passkey::carried_from_cose(
+        id,
+        key,
+        counter,
+        user_verified,
+        backed_up,
+        transports,
+    )
+    .map_err(|e| format!("{field}: {e}"))
 }
 
 /// A PASSKEY `authenticators` entry carrying `passkey` (the stored form), with the
@@ -1833,20 +1856,16 @@ fn kratos_passkey(field: &str, c: &Value) -> Result<Value, String> {
         .pointer("/authenticator/sign_count")
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let transports: Vec<String> = c
-        .get("transport")
-        .and_then(Value::as_array)
-        .map(|t| t.iter().filter_map(text).collect())
-        .unwrap_or_default();
-    let passkey = crate::authenticators::passkey::carried_from_cose(
+    let transports = texts(c.get("transport"));
+    let passkey = carry(
+        field,
         &id,
         &key,
-        u32::try_from(counter).map_err(|_| format!("{field}: sign_count is out of range"))?,
+        (counter, "sign_count"),
         verified,
         (flag("backup_eligible"), flag("backup_state")),
         &transports,
-    )
-    .map_err(|e| format!("{field}: {e}"))?;
+    )?;
     let aaguid = c
         .pointer("/authenticator/aaguid")
         .and_then(text)
