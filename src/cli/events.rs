@@ -127,18 +127,20 @@ struct Output<W: Write> {
 impl<W: Write> Output<W> {
     async fn write(&mut self, event: &pb::Event) -> anyhow::Result<()> {
         let json = serde_json::to_vec(&event_json(event))?;
-        match &mut self.poster {
+        match &self.poster {
             // Delivered (a 2xx) before the position moves on past it.
             Some(poster) => {
+                if poster.would_overflow(json.len()) {
+                    self.send().await?;
+                }
                 let id = match event.id.as_str() {
                     "" => event.position.to_string(),
                     id => id.to_string(),
                 };
-                poster.deliver(&id, event.position, json).await?;
-                self.sent += 1;
-                if self.reported.elapsed() >= REPORT_EVERY {
-                    self.after = event.position;
-                    self.report();
+                if let Some(poster) = &mut self.poster
+                    && poster.add(&id, event.position, &json)
+                {
+                    self.send().await?;
                 }
             }
             None => {
@@ -146,14 +148,47 @@ impl<W: Write> Output<W> {
                     .write_all(&json)
                     .and_then(|()| self.stdout.write_all(b"\n"))
                     .context("writing to standard output")?;
+                self.after = event.position;
+                self.unsaved += 1;
+                if self.unsaved >= SAVE_EVERY {
+                    self.save()?;
+                }
             }
         }
-        self.after = event.position;
-        self.unsaved += 1;
+        Ok(())
+    }
+
+    /// With --post: the events taken and not yet sent, sent (until the webhook takes them);
+    /// only then does the position move on past them.
+    async fn send(&mut self) -> anyhow::Result<()> {
+        let Some(poster) = &mut self.poster else {
+            return Ok(());
+        };
+        let Some((last, count)) = poster.send().await? else {
+            return Ok(());
+        };
+        self.after = last;
+        self.sent += count as u64;
+        self.unsaved += count as u64;
+        if self.reported.elapsed() >= REPORT_EVERY {
+            self.report();
+        }
         if self.unsaved >= SAVE_EVERY {
             self.save()?;
         }
         Ok(())
+    }
+
+    /// When events are waiting for more to go with them: when they must go at the latest.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        let due = self.poster.as_ref()?.due()?;
+        Some(due.into())
+    }
+
+    /// Sends what waits for the webhook, then flushes and saves.
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        self.send().await?;
+        self.save()
     }
 
     /// With --post, a progress line on standard error (a follower run as a service is
@@ -172,8 +207,10 @@ impl<W: Write> Output<W> {
         self.reported = std::time::Instant::now();
     }
 
-    /// Everything up to `position` has been written (the events for it up to there were).
-    fn checkpoint(&mut self, position: i64) -> anyhow::Result<()> {
+    /// Everything up to `position` has been written (the events for it up to there were):
+    /// once the events waiting for the webhook are delivered.
+    async fn checkpoint(&mut self, position: i64) -> anyhow::Result<()> {
+        self.send().await?;
         self.after = self.after.max(position);
         self.save()
     }
@@ -244,6 +281,11 @@ async fn follow<W: Write>(
         if e.is::<Refused>() || !super::remote::retryable(&e) {
             return Err(e);
         }
+        // Events taken and not delivered come again on the new stream, which starts after
+        // the last one delivered.
+        if let Some(poster) = &mut out.poster {
+            poster.discard();
+        }
         out.save()?;
         eprintln!(
             "roster events: {}; reconnecting in {:.1} s from position {}",
@@ -268,12 +310,18 @@ async fn pump<W: Write>(
     until: Option<Duration>,
 ) -> anyhow::Result<Paused> {
     loop {
-        // `message` is cancel-safe: a timed-out wait loses nothing.
-        let next = if out.unsaved > 0 {
-            match tokio::time::timeout(FLUSH_AFTER, stream.message()).await {
+        // `message` is cancel-safe: a timed-out wait loses nothing. Output waiting (lines not
+        // flushed, events not yet sent to the webhook) goes when the stream pauses, or at
+        // the latest when a batch is due.
+        let next = if out.unsaved > 0 || out.due().is_some() {
+            let mut by = tokio::time::Instant::now() + FLUSH_AFTER;
+            if let Some(due) = out.due() {
+                by = by.min(due);
+            }
+            match tokio::time::timeout_at(by, stream.message()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    out.save()?;
+                    out.flush().await?;
                     continue;
                 }
             }
@@ -291,7 +339,7 @@ async fn pump<W: Write>(
                     out.write(&event).await?;
                 }
                 if let Some(checkpoint) = m.checkpoint {
-                    out.checkpoint(checkpoint.position)?;
+                    out.checkpoint(checkpoint.position).await?;
                     if until.is_some() {
                         return Ok(Paused::CaughtUp);
                     }

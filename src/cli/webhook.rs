@@ -12,6 +12,13 @@
 //! sender unwelcome) stops the follower with an error, its state before that event: retrying
 //! cannot mend it, and skipping it would lose it.
 //!
+//! With `--post-batch N`, up to N events go in one request, as a JSON array (or JSON lines
+//! with `--post-format ndjson`), for log collectors (Datadog, Splunk, Elastic, Vector) whose
+//! intake takes batches and for a receiver far enough away that one round trip per event
+//! cannot keep up. A batch goes when full, before it would pass 1 MiB, when the stream
+//! pauses, or 1 s after its first event, whichever comes first; its `webhook-id` names its
+//! first and last positions (each event keeps its own `id` for dropping repeats).
+//!
 //! Messages name the webhook by its scheme, host and port only: a webhook URL's path or query
 //! is often its secret (Slack's are), and so are the secret and the header values.
 use std::path::Path;
@@ -43,6 +50,21 @@ const RETRY_LAST: Duration = Duration::from_secs(30);
 const RETRY_AFTER_LONGEST: Duration = Duration::from_secs(600);
 /// How much of an answer's body is read (and at most 200 characters of it shown).
 const ANSWER_BODY_LIMIT: usize = 64 * 1024;
+/// A batch goes before it would pass this size (collectors' usual limit on a request; an
+/// event larger by itself goes alone), and at the latest this long after its first event.
+const BATCH_BYTES: usize = 1024 * 1024;
+const BATCH_LINGER: Duration = Duration::from_secs(1);
+/// The most events one request may carry.
+const BATCH_MOST: usize = 1_000;
+
+/// How events are written in a request's body.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PostFormat {
+    /// A JSON object per event; a JSON array of them with --post-batch.
+    Json,
+    /// JSON lines: one object per line (`application/x-ndjson`).
+    Ndjson,
+}
 
 /// The webhook options of `roster events`.
 #[derive(clap::Args, Debug)]
@@ -73,6 +95,29 @@ pub struct PostArgs {
         env = "ROSTER_EVENTS_POST_CA_FILE"
     )]
     pub post_ca_file: Option<std::path::PathBuf>,
+    /// Send up to N events per POST (1 to 1000), as a JSON array or, with `--post-format
+    /// ndjson`, JSON lines: for log collectors that take batches, or a webhook too far away
+    /// for one round trip per event. A batch goes when full, when the stream pauses, or 1 s
+    /// after its first event.
+    #[arg(
+        long,
+        value_name = "N",
+        requires = "post",
+        env = "ROSTER_EVENTS_POST_BATCH",
+        value_parser = clap::value_parser!(u16).range(1..=BATCH_MOST as i64)
+    )]
+    pub post_batch: Option<u16>,
+    /// How the body holds the events: `json` (an object, or an array with --post-batch) or
+    /// `ndjson` (one object per line).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "FORMAT",
+        default_value = "json",
+        requires = "post",
+        env = "ROSTER_EVENTS_POST_FORMAT"
+    )]
+    pub post_format: PostFormat,
 }
 
 /// The environment's signing secret and header (secrets belong there rather than in flags,
@@ -101,6 +146,22 @@ pub struct Poster {
     /// How long one event may go untaken before delivery stops (None: for as long as it
     /// takes).
     give_up_after: Option<Duration>,
+    format: PostFormat,
+    /// With --post-batch: its size (the body is then always a list, even of one).
+    batch: Option<usize>,
+    pending: Pending,
+}
+
+/// The events taken from the stream and not yet delivered.
+#[derive(Default)]
+struct Pending {
+    body: Vec<u8>,
+    count: usize,
+    /// The first event's id (the webhook-id of a request of one event) and position.
+    first_id: String,
+    first: i64,
+    last: i64,
+    since: Option<std::time::Instant>,
 }
 
 /// What became of one try.
@@ -178,6 +239,9 @@ impl Poster {
             headers,
             connection: None,
             give_up_after: None,
+            format: args.post_format,
+            batch: args.post_batch.map(usize::from),
+            pending: Pending::default(),
         }))
     }
 
@@ -186,10 +250,76 @@ impl Poster {
         self.give_up_after = Some(limit);
     }
 
-    /// POSTs one event (`id`, its JSON `body`) until the webhook takes it; Err(Refused) when
-    /// it refuses it for good, or has not taken it within the limit set.
-    pub async fn deliver(&mut self, id: &str, position: i64, body: Vec<u8>) -> anyhow::Result<()> {
-        let body = Bytes::from(body);
+    /// Takes one event (`id`, `position`, its JSON); true when the request is full and
+    /// [`Poster::send`] is due.
+    pub fn add(&mut self, id: &str, position: i64, json: &[u8]) -> bool {
+        let p = &mut self.pending;
+        if p.count == 0 {
+            p.first_id = id.to_string();
+            p.first = position;
+            p.since = Some(std::time::Instant::now());
+        }
+        if self.format == PostFormat::Json && self.batch.is_some() {
+            p.body.push(if p.count == 0 { b'[' } else { b',' });
+        }
+        p.body.extend_from_slice(json);
+        if self.format == PostFormat::Ndjson {
+            p.body.push(b'\n');
+        }
+        p.count += 1;
+        p.last = position;
+        p.count >= self.batch.unwrap_or(1)
+    }
+
+    /// Whether an event of `size` bytes would take the request past its size: send first.
+    pub fn would_overflow(&self, size: usize) -> bool {
+        self.pending.count > 0 && self.pending.body.len() + size + 2 > BATCH_BYTES
+    }
+
+    /// When the events taken must go at the latest (None: there are none).
+    pub fn due(&self) -> Option<std::time::Instant> {
+        self.pending.since.map(|t| t + BATCH_LINGER)
+    }
+
+    /// Forgets the events taken and not sent (the stream is read again from before them).
+    pub fn discard(&mut self) {
+        self.pending = Pending::default();
+    }
+
+    /// POSTs the events taken until the webhook takes them: their last position and count
+    /// (None when there were none). Err(Refused) when it refuses them for good, or has not
+    /// taken them within the limit set.
+    pub async fn send(&mut self) -> anyhow::Result<Option<(i64, usize)>> {
+        let mut p = std::mem::take(&mut self.pending);
+        if p.count == 0 {
+            return Ok(None);
+        }
+        if self.format == PostFormat::Json && self.batch.is_some() {
+            p.body.push(b']');
+        }
+        let (id, what) = if self.batch.is_none() {
+            (
+                p.first_id.clone(),
+                format!("the event at position {}", p.first),
+            )
+        } else {
+            (
+                format!("positions-{}-{}", p.first, p.last),
+                match p.count {
+                    1 => format!("the batch of the event at position {}", p.first),
+                    n => format!(
+                        "the batch of {n} events at positions {} to {}",
+                        p.first, p.last
+                    ),
+                },
+            )
+        };
+        self.deliver(&id, &what, Bytes::from(p.body)).await?;
+        Ok(Some((p.last, p.count)))
+    }
+
+    /// POSTs one body until the webhook takes it.
+    async fn deliver(&mut self, id: &str, what: &str, body: Bytes) -> anyhow::Result<()> {
         let mut wait = RETRY_FIRST;
         let started = std::time::Instant::now();
         loop {
@@ -197,7 +327,7 @@ impl Poster {
                 Ok(Answer::Delivered) => return Ok(()),
                 Ok(Answer::Refused(why)) => {
                     return Err(Refused(format!(
-                        "the webhook at {} refused the event at position {position}: {why}",
+                        "the webhook at {} refused {what}: {why}",
                         self.shown
                     ))
                     .into());
@@ -213,16 +343,14 @@ impl Poster {
                 && started.elapsed() + pause > limit
             {
                 return Err(Refused(format!(
-                    "the webhook at {} has not taken the event at position {position} in {} s \
-                     (last: {why})",
+                    "the webhook at {} has not taken {what} in {} s (last: {why})",
                     self.shown,
                     limit.as_secs()
                 ))
                 .into());
             }
             eprintln!(
-                "roster events: the webhook at {}: {why}; sending the event at position \
-                 {position} again in {:.1} s",
+                "roster events: the webhook at {}: {why}; sending {what} again in {:.1} s",
                 self.shown,
                 pause.as_secs_f64()
             );
@@ -240,7 +368,13 @@ impl Poster {
         let timestamp = chrono::Utc::now().timestamp().to_string();
         let mut request = http::Request::post(self.path.as_str())
             .header(http::header::HOST, self.authority.as_str())
-            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(
+                http::header::CONTENT_TYPE,
+                match self.format {
+                    PostFormat::Json => "application/json",
+                    PostFormat::Ndjson => "application/x-ndjson",
+                },
+            )
             .header(
                 http::header::USER_AGENT,
                 concat!("roster-events/", env!("CARGO_PKG_VERSION")),
@@ -460,11 +594,14 @@ mod tests {
             post_secret_file: None,
             post_header: vec![],
             post_ca_file: None,
+            post_batch: None,
+            post_format: PostFormat::Json,
         };
         let mut poster = Poster::new(&args).unwrap().unwrap();
         poster.give_up_after(Duration::from_millis(1200));
         let started = std::time::Instant::now();
-        let e = poster.deliver("evt", 42, b"{}".to_vec()).await.unwrap_err();
+        assert!(poster.add("evt", 42, b"{}"), "one event per request");
+        let e = poster.send().await.unwrap_err();
         assert!(e.is::<Refused>(), "{e:#}");
         let text = e.to_string();
         assert!(
@@ -474,6 +611,42 @@ mod tests {
         assert!(text.contains("cannot connect"), "{text}");
         // Tried at once and after 0.5 s; the next wait (1 s) would pass the limit.
         assert!(started.elapsed() < Duration::from_millis(1200));
+    }
+
+    #[test]
+    fn batches_fill_to_their_size_and_stay_under_the_byte_limit() {
+        let args = |batch, format| PostArgs {
+            post: Some("http://127.0.0.1:9/hook".into()),
+            post_secret_file: None,
+            post_header: vec![],
+            post_ca_file: None,
+            post_batch: batch,
+            post_format: format,
+        };
+        let mut p = Poster::new(&args(Some(3), PostFormat::Json))
+            .unwrap()
+            .unwrap();
+        assert!(p.due().is_none());
+        assert!(!p.add("a", 1, br#"{"n":1}"#));
+        assert!(p.due().is_some(), "a batch begun is due within the linger");
+        assert!(!p.add("b", 2, br#"{"n":2}"#));
+        assert!(p.add("c", 3, br#"{"n":3}"#), "full at three");
+        assert_eq!(p.pending.body, br#"[{"n":1},{"n":2},{"n":3}"#);
+        assert_eq!((p.pending.first, p.pending.last), (1, 3));
+        assert!(
+            p.would_overflow(BATCH_BYTES - 10),
+            "a large event waits for the next"
+        );
+        p.discard();
+        assert!(!p.would_overflow(BATCH_BYTES * 2), "alone, any size goes");
+        let mut p = Poster::new(&args(None, PostFormat::Ndjson))
+            .unwrap()
+            .unwrap();
+        assert!(
+            p.add("a", 1, br#"{"n":1}"#),
+            "without --post-batch, one per request"
+        );
+        assert_eq!(p.pending.body, b"{\"n\":1}\n");
     }
 
     #[test]
@@ -494,6 +667,8 @@ mod tests {
             post_secret_file: None,
             post_header: vec![],
             post_ca_file: None,
+            post_batch: None,
+            post_format: PostFormat::Json,
         };
         for (bad, says) in [
             ("ftp://x/y", "http:// or https://"),

@@ -3477,11 +3477,18 @@ async fn webhook_receiver_tls(
                         let path = req.uri().to_string();
                         let headers = req.headers().clone();
                         let bytes = req.into_body().collect().await.unwrap().to_bytes();
+                        // JSON, or JSON lines (as an array of the lines).
+                        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                            String::from_utf8_lossy(&bytes)
+                                .lines()
+                                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                                .collect()
+                        });
                         got.lock().unwrap().push(Received {
                             at,
                             path,
                             headers,
-                            body: serde_json::from_slice(&bytes).unwrap(),
+                            body,
                             raw: bytes.to_vec(),
                         });
                         let (status, retry_after, text) = answers
@@ -3639,6 +3646,143 @@ async fn events_post_to_a_webhook_signed_and_retried() {
         .parse()
         .unwrap();
     assert_eq!(saved, got[4].body["position"].as_i64().unwrap());
+}
+
+/// `roster events --post-batch N`: up to N events per POST as a JSON array, each batch signed
+/// with a webhook-id naming its positions; a batch the webhook answers 503 to comes again
+/// whole with the same id; the state moves on one delivered batch at a time. With
+/// `--post-format ndjson` the body is JSON lines, and a refused batch stops the follower
+/// before its first event.
+#[tokio::test]
+async fn events_post_in_batches() {
+    use base64::Engine as _;
+    let (app, dir, created) = app_with_users("batch", 25).await;
+    let key = [9u8; 24];
+    let state = dir.join("position");
+    let (url, got) = webhook_receiver(vec![(200, None, ""), (503, None, "")]).await;
+    let secret = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    );
+    let run = |url: String, more: &'static [&'static str]| {
+        let (app, state, secret) = (&app, state.clone(), secret.clone());
+        async move {
+            let mut args = vec![
+                "events",
+                "--until-caught-up",
+                "--filter",
+                "type = USER_CREATED",
+                "--state",
+                state.to_str().unwrap(),
+            ];
+            args.extend_from_slice(more);
+            let env = [
+                ("ROSTER_EVENTS_POST", url.as_str()),
+                ("ROSTER_EVENTS_POST_SECRET", secret.as_str()),
+            ];
+            roster_client_fed(app, &app.token, &args, None, &env).await
+        }
+    };
+    let (code, _, err) = run(url, &["--post-batch", "10"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("25 event(s) sent to the webhook"), "{err}");
+    let got: Vec<Received> = std::mem::take(&mut *got.lock().unwrap());
+    assert!(
+        err.contains("503 Service Unavailable; sending the batch of"),
+        "{err}"
+    );
+    assert_eq!(
+        (got[1].headers["webhook-id"].clone(), &got[1].raw),
+        (got[2].headers["webhook-id"].clone(), &got[2].raw),
+        "the batch answered 503 comes again whole, with the same id"
+    );
+    let delivered: Vec<&Received> = got
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, r)| r)
+        .collect();
+    let mut posted = Vec::new();
+    for r in &delivered {
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(
+            r.headers["webhook-signature"].to_str().unwrap(),
+            webhook_signature(&key, r)
+        );
+        let events = r.body.as_array().expect("a batch is a JSON array");
+        assert!((1..=10).contains(&events.len()), "{}", events.len());
+        let position = |e: &serde_json::Value| e["position"].as_i64().unwrap();
+        assert_eq!(
+            r.headers["webhook-id"].to_str().unwrap(),
+            format!(
+                "positions-{}-{}",
+                position(&events[0]),
+                position(events.last().unwrap())
+            )
+        );
+        posted.extend(
+            events
+                .iter()
+                .map(|e| e["user_id"].as_str().unwrap().to_string()),
+        );
+    }
+    assert_eq!(posted, created, "every event once, in order");
+    assert!(
+        delivered.len() < 10
+            && delivered
+                .iter()
+                .any(|r| r.body.as_array().unwrap().len() == 10),
+        "the backlog goes in full batches: {} requests",
+        delivered.len()
+    );
+    let saved: i64 = std::fs::read_to_string(&state)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let last = delivered
+        .last()
+        .unwrap()
+        .body
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()["position"]
+        .clone();
+    assert_eq!(saved, last.as_i64().unwrap());
+
+    // JSON lines, from the start again; the second batch refused for good.
+    std::fs::remove_file(&state).unwrap();
+    let (url, got) = webhook_receiver(vec![(200, None, ""), (422, None, "bad batch")]).await;
+    let (code, _, err) = run(url, &["--post-batch", "4", "--post-format", "ndjson"]).await;
+    assert_eq!(code, 1, "{err}");
+    let got = got.lock().unwrap();
+    assert_eq!(got.len(), 2, "a refusal is not tried again");
+    assert_eq!(got[0].headers["content-type"], "application/x-ndjson");
+    assert!(got[0].raw.ends_with(b"\n"));
+    let lines = |r: &Received| r.body.as_array().unwrap().clone();
+    let refused = lines(&got[1]);
+    let (from, to) = (
+        refused[0]["position"].as_i64().unwrap(),
+        refused.last().unwrap()["position"].as_i64().unwrap(),
+    );
+    assert!(
+        err.contains(&format!(
+            "refused the batch of {} events at positions {from} to {to}: 422 Unprocessable Entity: bad batch",
+            refused.len()
+        )),
+        "{err}"
+    );
+    let saved: i64 = std::fs::read_to_string(&state)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        saved,
+        lines(&got[0]).last().unwrap()["position"].as_i64().unwrap(),
+        "the state stops before the refused batch"
+    );
 }
 
 /// An https:// webhook with a certificate from a private CA, trusted with --post-ca-file.
