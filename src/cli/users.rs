@@ -1,8 +1,8 @@
 //! `roster users`: one user at a time through a running server, for an operator or a support
 //! desk (what `buf curl` does, without the JSON requests): show a user, list users by filter
-//! or search, block, unblock, deactivate, reactivate or delete one, list and remove their
-//! factors and linked identities, make a password reset token or expire a password, and show
-//! what happened to one (its events). A user is named by id, email, phone number or
+//! or search, create one, change its fields, set its password, block, unblock, deactivate,
+//! reactivate or delete one, list and remove their factors and linked identities, make a
+//! password reset token or expire a password, and show what happened to one (its events). A user is named by id, email, phone number or
 //! username, told apart by their form, or with `--by` by external id or linked identity.
 use anyhow::{Context, bail};
 use serde_json::{Map, Value};
@@ -67,6 +67,59 @@ pub enum UsersCommand {
         /// One JSON object per user instead of the table.
         #[arg(long)]
         json: bool,
+    },
+    /// Create a user from `--set FIELD=VALUE`s, printed as `get` shows it (key users.write).
+    /// With --password, an initial password typed at the prompt or piped in.
+    Create {
+        /// A field of the new user, `FIELD=VALUE`, repeatable: email, phone_number, username,
+        /// external_id, display_name, given_name, family_name, picture_url, locale, timezone,
+        /// email_verified, phone_verified (true/false), user_metadata, app_metadata (a JSON
+        /// object, or one key as app_metadata.KEY=VALUE), id (a UUID of your own).
+        #[arg(long = "set", value_name = "FIELD=VALUE", required = true)]
+        set: Vec<String>,
+        /// Give the user a password: typed at the prompt (twice, not shown) or, piped in, the
+        /// first line of standard input.
+        #[arg(long)]
+        password: bool,
+        /// With --password: a temporary one, to be changed at the first sign-in (key
+        /// authenticators.write too).
+        #[arg(long, requires = "password")]
+        temporary: bool,
+        /// Create it PENDING_VERIFICATION (it cannot sign in until verified) instead of
+        /// ACTIVE.
+        #[arg(long)]
+        pending: bool,
+    },
+    /// Change some of a user's fields: only those named, and only if nobody changed the user
+    /// since it was read (key users.write).
+    Update {
+        #[command(flatten)]
+        who: Who,
+        /// A new value, `FIELD=VALUE` (the fields of create, but id); one metadata key as
+        /// app_metadata.KEY=VALUE (the value JSON when it reads as JSON, else text; nested keys
+        /// dotted, a key with a dot or dash in backticks). Repeatable.
+        #[arg(
+            long = "set",
+            value_name = "FIELD=VALUE",
+            required_unless_present = "unset"
+        )]
+        set: Vec<String>,
+        /// Clear a field, or remove one metadata key (app_metadata.KEY). Repeatable.
+        #[arg(long, value_name = "FIELD")]
+        unset: Vec<String>,
+    },
+    /// Set a user's password: typed at the prompt (twice, not shown) or, piped in, the first
+    /// line of standard input; never a command-line argument (key authenticators.write).
+    SetPassword {
+        #[command(flatten)]
+        who: Who,
+        /// A temporary password, to be changed at the next sign-in.
+        #[arg(long)]
+        temporary: bool,
+        /// What is given is a password hash made elsewhere (any format CreateUser takes), not
+        /// a password.
+        #[arg(long)]
+        hash: bool,
     },
     /// Block a user: every sign-in refused until unblocked (key users.write).
     Block {
@@ -214,6 +267,111 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
                 }
                 page_token = page.next_page_token;
             }
+        }
+        UsersCommand::Create {
+            set,
+            password,
+            temporary,
+            pending,
+        } => {
+            let (user, _) = user_changes(&set, &[], true)?;
+            let user_id = user.id.clone();
+            let initial = if password {
+                let label = match login(&user) {
+                    "-" => "the new user".to_string(),
+                    l => l.to_string(),
+                };
+                Some(pb::create_user_request::InitialPassword::Password(
+                    read_password(&format!("Password for {label}"))?,
+                ))
+            } else {
+                None
+            };
+            let created = users
+                .create_user(pb::CreateUserRequest {
+                    user: Some(pb::User {
+                        id: String::new(),
+                        ..user
+                    }),
+                    user_id,
+                    initial_password: initial,
+                    pending,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .user
+                .context("the server answered without a user")?;
+            println!("{}", serde_json::to_string_pretty(&user_json(&created))?);
+            if temporary {
+                let mut authn = args.server.authenticators().await?;
+                authn
+                    .expire_password(pb::ExpirePasswordRequest {
+                        user_id: created.id.clone(),
+                    })
+                    .await
+                    .map_err(|s| {
+                        super::remote::call_failed(&args.server, "the call", s).context(format!(
+                            "created {}, but its password could not be made temporary                              (roster users expire-password {} does it)",
+                            created.id, created.id
+                        ))
+                    })?;
+                eprintln!("the password is temporary: it must be changed at the first sign-in");
+            }
+        }
+        UsersCommand::Update { who, set, unset } => {
+            let found = find(&args.server, &mut users, &who).await?;
+            let (changes, paths) = user_changes(&set, &unset, false)?;
+            // The etag read above: a user changed since is not overwritten unseen.
+            let updated = users
+                .update_user(pb::UpdateUserRequest {
+                    user: Some(pb::User {
+                        id: found.id.clone(),
+                        ..changes
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: paths.clone(),
+                    }),
+                    etag: found.etag.clone(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .user;
+            done(&format!("updated {} of", paths.join(", ")), updated);
+        }
+        UsersCommand::SetPassword {
+            who,
+            temporary,
+            hash,
+        } => {
+            let user = find(&args.server, &mut users, &who).await?;
+            let what = if hash {
+                "Password hash"
+            } else {
+                "New password"
+            };
+            let secret = read_password(&format!("{what} for {}", login(&user)))?;
+            let new_password = if hash {
+                pb::set_password_request::NewPassword::PasswordHash(secret)
+            } else {
+                pb::set_password_request::NewPassword::Password(secret)
+            };
+            let mut authn = args.server.authenticators().await?;
+            authn
+                .set_password(pb::SetPasswordRequest {
+                    user_id: user.id.clone(),
+                    new_password: Some(new_password),
+                    require_change: temporary,
+                })
+                .await
+                .map_err(refused)?;
+            let how = if temporary {
+                " (temporary: to be changed at the next sign-in)"
+            } else {
+                ""
+            };
+            println!("password set for {} ({}){how}", user.id, login(&user));
         }
         UsersCommand::Block { who, reason } => {
             change(&args.server, &mut users, &who, Change::Block(reason)).await?
@@ -557,6 +715,159 @@ async fn find(
     }
 }
 
+/// The fields `--set` may give, besides `id` for a new user, and metadata keys.
+const SETTABLE: &[&str] = &[
+    "email",
+    "email_verified",
+    "phone_number",
+    "phone_verified",
+    "username",
+    "external_id",
+    "display_name",
+    "given_name",
+    "family_name",
+    "picture_url",
+    "locale",
+    "timezone",
+    "user_metadata",
+    "app_metadata",
+];
+
+/// A user holding the `--set` values, and the update mask naming them and the `--unset`
+/// fields (which the user leaves empty, so UpdateUser clears them).
+fn user_changes(
+    sets: &[String],
+    unsets: &[String],
+    creating: bool,
+) -> anyhow::Result<(pb::User, Vec<String>)> {
+    let mut fields = Map::new();
+    // Metadata keys set one by one, as the objects they make.
+    let mut keys: [(&str, Map<String, Value>); 2] =
+        [("user_metadata", Map::new()), ("app_metadata", Map::new())];
+    let mut paths: Vec<String> = Vec::new();
+    for text in sets {
+        let Some((name, value)) = split_assignment(text) else {
+            bail!("--set {text}: give FIELD=VALUE");
+        };
+        if let Some((field, object)) = keys
+            .iter_mut()
+            .find(|(f, _)| name.strip_prefix(f).is_some_and(|r| r.starts_with('.')))
+        {
+            let path = crate::wire::metadata_key_path(&name[field.len() + 1..])
+                .map_err(|e| anyhow::anyhow!("--set {name}: the key path {e}"))?;
+            // JSON when it reads as JSON (5, true, {"a":1}, "quoted"), else the text itself.
+            let value = serde_json::from_str(value).unwrap_or(Value::String(value.to_string()));
+            insert_at(object, &path, value).map_err(|e| anyhow::anyhow!("--set {name}: {e}"))?;
+        } else if SETTABLE.contains(&name) || (creating && name == "id") {
+            if fields
+                .insert(name.to_string(), Value::String(value.to_string()))
+                .is_some()
+            {
+                bail!("--set {name}: given twice");
+            }
+        } else {
+            bail!(
+                "--set {name}: not a field to set; one of {}{}",
+                SETTABLE.join(", "),
+                if creating { ", id" } else { "" }
+            );
+        }
+        if paths.iter().any(|p| p == name) {
+            bail!("--set {name}: given twice");
+        }
+        paths.push(name.to_string());
+    }
+    for (field, object) in &keys {
+        if object.is_empty() {
+            continue;
+        }
+        if fields.contains_key(*field) {
+            bail!("--set {field} and --set {field}.KEY: give one or the other");
+        }
+        fields.insert(field.to_string(), Value::Object(object.clone()));
+    }
+    for name in unsets {
+        let name = name.trim();
+        let known = SETTABLE.contains(&name)
+            || ["user_metadata.", "app_metadata."]
+                .iter()
+                .any(|p| name.starts_with(p));
+        if !known {
+            bail!(
+                "--unset {name}: not a field to clear; one of {}",
+                SETTABLE.join(", ")
+            );
+        }
+        if paths.iter().any(|p| p == name) {
+            bail!("--unset {name}: also given to --set");
+        }
+        paths.push(name.to_string());
+    }
+    let record = super::records::import_record(fields).map_err(|e| anyhow::anyhow!("--set {e}"))?;
+    let mut user = record.user.unwrap_or_default();
+    user.id = record.user_id;
+    Ok((user, paths))
+}
+
+/// `NAME=VALUE` split at the first `=` outside a backtick-quoted metadata key.
+fn split_assignment(text: &str) -> Option<(&str, &str)> {
+    let mut quoted = false;
+    for (i, c) in text.char_indices() {
+        match c {
+            '`' => quoted = !quoted,
+            '=' if !quoted => return Some((text[..i].trim(), &text[i + 1..])),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Puts `value` at `path` in `object`, making the objects on the way.
+fn insert_at(object: &mut Map<String, Value>, path: &[String], value: Value) -> Result<(), String> {
+    let (last, on_the_way) = path.split_last().ok_or("an empty key path")?;
+    let mut at = object;
+    for key in on_the_way {
+        let next = at
+            .entry(key.clone())
+            .or_insert_with(|| Value::Object(Map::new()));
+        at = next
+            .as_object_mut()
+            .ok_or_else(|| format!("{key} is given a value and keys of its own"))?;
+    }
+    if at.insert(last.clone(), value).is_some() {
+        return Err("given twice".into());
+    }
+    Ok(())
+}
+
+/// A password (or hash): typed at a terminal, not shown, and typed again to be sure; else
+/// the first line of standard input (a pipe from a password manager or a file).
+fn read_password(prompt: &str) -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    let secret = if std::io::stdin().is_terminal() {
+        let term = console::Term::stderr();
+        term.write_str(&format!("{prompt}: "))?;
+        let first = term.read_secure_line().context("reading the password")?;
+        term.write_str("Again: ")?;
+        let again = term.read_secure_line().context("reading the password")?;
+        if first != again {
+            bail!("the two did not match; nothing was changed");
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from standard input")?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    };
+    if secret.is_empty() {
+        bail!("no password given (type it at the prompt or pipe it in); nothing was changed");
+    }
+    Ok(secret)
+}
+
 /// A linked identity as JSON (its profile included; provider tokens are never listed).
 fn identity_json(i: &pb::Identity) -> Value {
     let mut m = Map::new();
@@ -700,5 +1011,88 @@ fn done(what: &str, user: Option<pb::User>) {
     match user {
         Some(u) => println!("{what} {} ({})", u.id, login(&u)),
         None => println!("{what}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sets(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn set_and_unset_make_the_user_and_its_mask() {
+        let (user, paths) = user_changes(
+            &sets(&[
+                "email=a@x.io",
+                "app_metadata.plan=pro",
+                "app_metadata.`a=b`.n=[1,2]",
+                "user_metadata.note=\"5\"",
+            ]),
+            &sets(&["locale", "app_metadata.old"]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(user.email, "a@x.io");
+        assert_eq!(
+            paths,
+            [
+                "email",
+                "app_metadata.plan",
+                "app_metadata.`a=b`.n",
+                "user_metadata.note",
+                "locale",
+                "app_metadata.old"
+            ]
+        );
+        let meta = crate::wire::struct_to_json(user.app_metadata.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            Value::Object(meta),
+            serde_json::json!({"plan": "pro", "a=b": {"n": [1, 2]}})
+        );
+        let note = crate::wire::struct_to_json(user.user_metadata.as_ref().unwrap()).unwrap();
+        assert_eq!(note["note"], "5", "a quoted JSON string stays text");
+        for (set, unset, says) in [
+            (vec!["email"], vec![], "give FIELD=VALUE"),
+            (vec!["email=a@x.io", "email=b@x.io"], vec![], "given twice"),
+            (
+                vec!["app_metadata.a=1", "app_metadata.a.b=2"],
+                vec![],
+                "keys of its own",
+            ),
+            (
+                vec!["app_metadata={}", "app_metadata.a=1"],
+                vec![],
+                "one or the other",
+            ),
+            (vec!["email=a@x.io"], vec!["email"], "also given to --set"),
+            (
+                vec!["created_at=2020-01-01T00:00:00Z"],
+                vec![],
+                "not a field to set",
+            ),
+            (
+                vec!["id=0190d6a0-0000-7000-8000-000000000001"],
+                vec![],
+                "not a field",
+            ),
+            (vec![], vec!["status"], "not a field to clear"),
+            (vec!["email_verified=maybe"], vec![], "email_verified"),
+            (vec!["app_metadata.`open=1"], vec![], "give FIELD=VALUE"),
+        ] {
+            let e = user_changes(&sets(&set), &sets(&unset), false)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{set:?} {unset:?}: {e}");
+        }
+        let (user, _) = user_changes(
+            &sets(&["id=0190d6a0-0000-7000-8000-000000000001"]),
+            &[],
+            true,
+        )
+        .unwrap();
+        assert_eq!(user.id, "0190d6a0-0000-7000-8000-000000000001");
     }
 }

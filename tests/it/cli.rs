@@ -3341,6 +3341,142 @@ async fn roster_users_manages_factors_and_passwords() {
     );
 }
 
+/// `roster users create|update|set-password`: a user made from `--set`s with a password piped
+/// in (never an argument), metadata keys set one by one with JSON values, an update of only
+/// the named fields (a cleared one, a metadata key changed beside one kept), a bad value
+/// refused by the server with its field and nothing changed, a temporary password set.
+#[tokio::test]
+async fn roster_users_creates_updates_and_sets_passwords() {
+    let (app, _dir, _) = app_with_users("desk-new", 0).await;
+    let users_fed = |args: &[&str], stdin: &str| {
+        let mut all = vec!["users".to_string()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let app = &app;
+        let stdin = stdin.as_bytes().to_vec();
+        async move {
+            let all: Vec<&str> = all.iter().map(String::as_str).collect();
+            roster_client_fed(app, &app.token, &all, Some(stdin), &[]).await
+        }
+    };
+    let (code, out, err) = users_fed(
+        &[
+            "create",
+            "--set",
+            "email=ann@example.com",
+            "--set",
+            "given_name=Ann",
+            "--set",
+            "email_verified=true",
+            "--set",
+            "app_metadata.plan=pro",
+            "--set",
+            "app_metadata.seats=5",
+            "--set",
+            "app_metadata.`example.com/roles`.admin=true",
+            "--password",
+        ],
+        "correct horse battery staple\n",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let created: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert_eq!(created["email"], "ann@example.com");
+    assert_eq!(created["email_verified"], true);
+    assert_eq!(
+        created["app_metadata"],
+        serde_json::json!({"plan": "pro", "seats": 5, "example.com/roles": {"admin": true}})
+    );
+    assert!(!err.contains("correct horse"), "{err}");
+    assert!(signs_in(&app, "ann@example.com", "correct horse battery staple").await);
+
+    let (code, out, err) = users_cmd(
+        &app,
+        &[
+            "update",
+            "ann@example.com",
+            "--set",
+            "app_metadata.plan=team",
+            "--set",
+            "username=ann",
+            "--unset",
+            "given_name",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("updated app_metadata.plan, username, given_name of {id} (ann@example.com)")
+    );
+    let mut users = app.users();
+    let stored = users
+        .get_user(pb::GetUserRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(
+        (stored.username.as_str(), stored.given_name.as_str()),
+        ("ann", "")
+    );
+    let meta = roster::wire::struct_to_json(stored.app_metadata.as_ref().unwrap()).unwrap();
+    assert_eq!(meta["plan"], "team");
+    assert_eq!(meta["seats"], 5, "a key not named is kept");
+
+    // Bad values: the server's field violation; a field that is not one: refused at once.
+    let (code, _, err) = users_cmd(&app, &["update", "ann", "--set", "email=not-an-email"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("refused the call: invalid request: user.email: must be an email address"),
+        "{err}"
+    );
+    let (code, _, err) = users_cmd(&app, &["update", "ann", "--set", "status=BLOCKED"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("--set status: not a field to set"), "{err}");
+    let (code, _, err) = users_cmd(&app, &["update", "ann", "--set", "id=x"]).await;
+    assert_eq!(code, 1, "an id is not updated: {err}");
+    let again = users
+        .get_user(pb::GetUserRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(again.email, "ann@example.com");
+    assert_eq!(again.etag, stored.etag, "nothing was written");
+
+    // A temporary password, piped in; an empty one refused; a weak one refused by the server
+    // without being printed.
+    let (code, out, err) = users_fed(
+        &["set-password", "ann", "--temporary"],
+        "temporary passphrase 7\n",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("password set for {id}")) && out.contains("temporary"),
+        "{out}"
+    );
+    assert_eq!(
+        sign_in(&app, "ann@example.com", "temporary passphrase 7").await,
+        pb::VerifyPasswordResult::PasswordChangeRequired
+    );
+    let (code, _, err) = users_fed(&["set-password", "ann"], "").await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no password given"), "{err}");
+    let (code, _, err) = users_fed(&["set-password", "ann"], "qwerty123\n").await;
+    assert_eq!(code, 1);
+    assert!(err.contains("invalid request: password"), "{err}");
+    assert!(!err.contains("qwerty123"), "{err}");
+    assert_eq!(
+        sign_in(&app, "ann@example.com", "temporary passphrase 7").await,
+        pb::VerifyPasswordResult::PasswordChangeRequired,
+        "a refused password changes nothing"
+    );
+}
+
 /// `roster users` and linked identities: whose is `google:1099`? (`--by identity`), a user's
 /// identities listed, and one unlinked, or moved to a new user of its own.
 #[tokio::test]
