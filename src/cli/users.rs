@@ -1,8 +1,9 @@
 //! `roster users`: one user at a time through a running server, for an operator or a support
 //! desk (what `buf curl` does, without the JSON requests): show a user, list users by filter
 //! or search, create one, change its fields, set its password, block, unblock, deactivate,
-//! reactivate or delete one, list and remove their factors and linked identities, make a
-//! password reset token or expire a password, and show what happened to one (its events). A user is named by id, email, phone number or
+//! reactivate or delete one, list and remove their factors, link, unlink and list their
+//! identities, merge a duplicate into another, make a password reset token or expire a
+//! password, and show what happened to one (its events). A user is named by id, email, phone number or
 //! username, told apart by their form, or with `--by` by external id or linked identity.
 use anyhow::{Context, bail};
 use serde_json::{Map, Value};
@@ -186,6 +187,37 @@ pub enum UsersCommand {
         /// One JSON object per identity instead of the table.
         #[arg(long)]
         json: bool,
+    },
+    /// Link an identity (a social or SSO account) to a user, so signing in with it finds
+    /// them (key identities.write).
+    Link {
+        #[command(flatten)]
+        who: Who,
+        /// The provider's name, as your sign-in code passes it (google, github, okta...).
+        #[arg(long)]
+        provider: String,
+        /// The user's id at the provider (OIDC `sub`).
+        #[arg(long)]
+        subject: String,
+        /// The connection (tenant, SAML or OIDC app) it came through, if you tell them apart.
+        #[arg(long, default_value = "")]
+        connection: String,
+        /// The email the provider knows.
+        #[arg(long, default_value = "")]
+        email: String,
+    },
+    /// Merge a duplicate account into another: its identities and factors move to the user
+    /// --into names, and the duplicate is deleted, in one transaction; irreversible (key
+    /// identities.write).
+    Merge {
+        #[command(flatten)]
+        who: Who,
+        /// The user that remains, keeping its own profile (id, email, phone or username).
+        #[arg(long, value_name = "USER")]
+        into: String,
+        /// The id of the user merged in and deleted, to confirm.
+        #[arg(long)]
+        confirm: String,
     },
     /// Unlink an identity from a user (key identities.write).
     Unlink {
@@ -547,6 +579,69 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        UsersCommand::Link {
+            who,
+            provider,
+            subject,
+            connection,
+            email,
+        } => {
+            let user = find(&args.server, &mut users, &who).await?;
+            args.server
+                .identities()
+                .await?
+                .link_identity(pb::LinkIdentityRequest {
+                    user_id: user.id.clone(),
+                    provider: provider.clone(),
+                    subject: subject.clone(),
+                    connection,
+                    email,
+                    ..Default::default()
+                })
+                .await
+                .map_err(refused)?;
+            println!(
+                "linked {provider}:{subject} to {} ({})",
+                user.id,
+                login(&user)
+            );
+        }
+        UsersCommand::Merge { who, into, confirm } => {
+            let merged = find(&args.server, &mut users, &who).await?;
+            let into = Who {
+                user: into,
+                by: By::Auto,
+            };
+            let kept = find(&args.server, &mut users, &into).await?;
+            if confirm != merged.id {
+                bail!(
+                    "--confirm must be the id of the user merged in and deleted ({}) to merge \
+                     {} into {}",
+                    merged.id,
+                    login(&merged),
+                    login(&kept)
+                );
+            }
+            if merged.id == kept.id {
+                bail!("{} and --into are the same user", login(&merged));
+            }
+            let user = args
+                .server
+                .identities()
+                .await?
+                .merge_users(pb::MergeUsersRequest {
+                    primary_user_id: kept.id.clone(),
+                    secondary_user_id: merged.id.clone(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .user;
+            done(
+                &format!("merged {} ({}) into", merged.id, login(&merged)),
+                user,
+            );
         }
         UsersCommand::Unlink {
             who,

@@ -3477,6 +3477,112 @@ async fn roster_users_creates_updates_and_sets_passwords() {
     );
 }
 
+/// `roster users link|merge`: an identity linked by an operator finds its user, and is
+/// refused for a second user; a duplicate merged into another (only with its id confirmed)
+/// is gone and its identity now finds the user that remains.
+#[tokio::test]
+async fn roster_users_links_identities_and_merges_duplicates() {
+    let (app, _dir, created) = app_with_users("merge", 2).await;
+    let (kept, dup) = (created[0].clone(), created[1].clone());
+    let (code, out, err) = users_cmd(
+        &app,
+        &[
+            "link",
+            "merge1@example.com",
+            "--provider",
+            "google",
+            "--subject",
+            "77",
+            "--email",
+            "m1@gmail.example",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("linked google:77 to {dup} (merge1@example.com)")
+    );
+    let whose = |app: &TestApp| {
+        let mut ids = app.identities();
+        async move {
+            ids.lookup_user_by_identity(pb::LookupUserByIdentityRequest {
+                provider: "google".into(),
+                subject: "77".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .user
+            .unwrap()
+            .id
+        }
+    };
+    assert_eq!(whose(&app).await, dup);
+    let (code, _, err) = users_cmd(
+        &app,
+        &["link", &kept, "--provider", "google", "--subject", "77"],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("already exists"), "{err}");
+
+    let merge = |confirm: &str| {
+        let confirm = confirm.to_string();
+        let app = &app;
+        async move {
+            users_cmd(
+                app,
+                &[
+                    "merge",
+                    "merge1@example.com",
+                    "--into",
+                    "merge0@example.com",
+                    "--confirm",
+                    &confirm,
+                ],
+            )
+            .await
+        }
+    };
+    let (code, _, err) = merge(&kept).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!(
+            "--confirm must be the id of the user merged in and deleted ({dup})"
+        )),
+        "{err}"
+    );
+    assert_eq!(whose(&app).await, dup, "nothing merged");
+    let (code, out, err) = merge(&dup).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        format!("merged {dup} (merge1@example.com) into {kept} (merge0@example.com)")
+    );
+    assert_eq!(whose(&app).await, kept);
+    let gone = app
+        .users()
+        .get_user(pb::GetUserRequest { id: dup.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    let (code, _, err) = users_cmd(
+        &app,
+        &[
+            "merge",
+            &kept,
+            "--into",
+            "merge0@example.com",
+            "--confirm",
+            &kept,
+        ],
+    )
+    .await;
+    assert_eq!(code, 1);
+    assert!(err.contains("are the same user"), "{err}");
+}
+
 /// `roster users` and linked identities: whose is `google:1099`? (`--by identity`), a user's
 /// identities listed, and one unlinked, or moved to a new user of its own.
 #[tokio::test]

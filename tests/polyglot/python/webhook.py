@@ -1,6 +1,7 @@
 """`roster events --post` checked by the Standard Webhooks reference library for Python: a
 receiver that verifies every request as a receiver in production would (signature,
-timestamp window, id), and refuses a body changed by one byte, so the check can fail."""
+timestamp window, id), and refuses a body changed by one byte, so the check can fail; then
+the same log again in batches (`--post-batch`), each request a JSON array, verified alike."""
 import base64
 import http.server
 import os
@@ -26,7 +27,8 @@ class Receiver(http.server.BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         try:
             event = hook.verify(body, headers)
-            verified.append(event)
+            # A batch is a list of events; one event per request, the event.
+            verified.extend(event if isinstance(event, list) else [event])
             try:
                 hook.verify(body[:-1] + b" }", headers)
                 failed.append("a changed body verified")
@@ -43,17 +45,30 @@ server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
 threading.Thread(target=server.serve_forever, daemon=True).start()
 with tempfile.NamedTemporaryFile("w", suffix=".whsec", delete=False) as f:
     f.write(secret + "\n")
-run = subprocess.run(
-    [os.environ["ROSTER_BIN"], "events", "--until-caught-up",
-     "--server", "http://" + os.environ["ROSTER_ADDR"],
-     "--post", f"http://127.0.0.1:{server.server_address[1]}/roster",
-     "--post-secret-file", f.name],
-    capture_output=True, text=True, timeout=120)
+
+
+def deliver(*extra):
+    """Runs `roster events --until-caught-up --post` with `extra`; the events verified."""
+    verified.clear()
+    run = subprocess.run(
+        [os.environ["ROSTER_BIN"], "events", "--until-caught-up",
+         "--server", "http://" + os.environ["ROSTER_ADDR"],
+         "--post", f"http://127.0.0.1:{server.server_address[1]}/roster",
+         "--post-secret-file", f.name, *extra],
+        capture_output=True, text=True, timeout=120)
+    if run.returncode != 0 or failed or not verified:
+        sys.exit(f"webhook {extra}: exit {run.returncode}, {len(verified)} verified, failures {failed}: {run.stderr}")
+    if secret in run.stderr:
+        sys.exit("webhook: the secret was printed")
+    return list(verified)
+
+
+one_by_one = deliver()
+batched = deliver("--post-batch", "7")
 os.unlink(f.name)
 server.shutdown()
-if run.returncode != 0 or failed or not verified:
-    sys.exit(f"webhook: exit {run.returncode}, {len(verified)} verified, failures {failed}: {run.stderr}")
-if secret in run.stderr:
-    sys.exit("webhook: the secret was printed")
-types = sorted({e["type"] for e in verified})
-print(f"Python webhook receiver: ok ({len(verified)} events verified by standardwebhooks; {', '.join(types[:4])}, ...)")
+if [e["id"] for e in batched] != [e["id"] for e in one_by_one]:
+    sys.exit(f"webhook: batches brought {len(batched)} events, one by one {len(one_by_one)}")
+types = sorted({e["type"] for e in one_by_one})
+print(f"Python webhook receiver: ok ({len(one_by_one)} events verified by standardwebhooks, "
+      f"alone and in batches of 7; {', '.join(types[:4])}, ...)")
