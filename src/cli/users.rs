@@ -12,6 +12,7 @@ use super::records::{USER_FIELDS, field_value};
 use super::remote::ServerArgs;
 use crate::pb::v1 as pb;
 use crate::pb::v1::lookup_user_request::Key;
+use crate::users::ProfileField;
 
 #[derive(clap::Args, Debug)]
 pub struct UsersArgs {
@@ -810,24 +811,6 @@ async fn find(
     }
 }
 
-/// The fields `--set` may give, besides `id` for a new user, and metadata keys.
-const SETTABLE: &[&str] = &[
-    "email",
-    "email_verified",
-    "phone_number",
-    "phone_verified",
-    "username",
-    "external_id",
-    "display_name",
-    "given_name",
-    "family_name",
-    "picture_url",
-    "locale",
-    "timezone",
-    "user_metadata",
-    "app_metadata",
-];
-
 /// A user holding the `--set` values, and the update mask naming them and the `--unset`
 /// fields (which the user leaves empty, so UpdateUser clears them).
 fn user_changes(
@@ -853,7 +836,7 @@ fn user_changes(
             // JSON when it reads as JSON (5, true, {"a":1}, "quoted"), else the text itself.
             let value = serde_json::from_str(value).unwrap_or(Value::String(value.to_string()));
             insert_at(object, &path, value).map_err(|e| anyhow::anyhow!("--set {name}: {e}"))?;
-        } else if SETTABLE.contains(&name) || (creating && name == "id") {
+        } else if settable(name) || (creating && name == "id") {
             if fields
                 .insert(name.to_string(), Value::String(value.to_string()))
                 .is_some()
@@ -863,7 +846,7 @@ fn user_changes(
         } else {
             bail!(
                 "--set {name}: not a field to set; one of {}{}",
-                SETTABLE.join(", "),
+                settable_names(),
                 if creating { ", id" } else { "" }
             );
         }
@@ -883,14 +866,14 @@ fn user_changes(
     }
     for name in unsets {
         let name = name.trim();
-        let known = SETTABLE.contains(&name)
+        let known = settable(name)
             || ["user_metadata.", "app_metadata."]
                 .iter()
                 .any(|p| name.starts_with(p));
         if !known {
             bail!(
                 "--unset {name}: not a field to clear; one of {}",
-                SETTABLE.join(", ")
+                settable_names()
             );
         }
         if paths.iter().any(|p| p == name) {
@@ -902,6 +885,16 @@ fn user_changes(
     let mut user = record.user.unwrap_or_default();
     user.id = record.user_id;
     Ok((user, paths))
+}
+
+/// Whether `--set` may give the field: UpdateUser's profile fields.
+fn settable(name: &str) -> bool {
+    ProfileField::ALL.iter().any(|f| f.name() == name)
+}
+
+fn settable_names() -> String {
+    let names: Vec<&str> = ProfileField::ALL.iter().map(|f| f.name()).collect();
+    names.join(", ")
 }
 
 /// `NAME=VALUE` split at the first `=` outside a backtick-quoted metadata key.
