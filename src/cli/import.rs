@@ -727,6 +727,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         Source::Supabase => Convert::Supabase,
         Source::Clerk => Convert::Clerk,
         Source::Kratos => Convert::Kratos,
+        Source::BetterAuth => Convert::BetterAuth,
     };
     if format == InputFormat::Csv
         && matches!(
@@ -736,11 +737,13 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
                 | Source::Cognito
                 | Source::Supabase
                 | Source::Kratos
+                | Source::BetterAuth
         )
     {
         bail!(
             "{:?} exports are read as JSON (firebase auth:export users.json; kc.sh export; \
-             aws cognito-idp list-users; the README's commands for Supabase and Kratos); \
+             aws cognito-idp list-users; the README's commands for Supabase, Kratos and \
+             Better Auth); \
              this file looks like CSV",
             args.from
         );

@@ -34,6 +34,9 @@ pub enum Source {
     /// Ory Kratos identities with their credentials (the README's admin API loop, or its
     /// query of Kratos's database).
     Kratos,
+    /// Better Auth's `user` rows with their `account` rows (the README's query of your
+    /// app's database).
+    BetterAuth,
 }
 
 /// Identity providers of Auth0 that are not linked accounts: its own database connection
@@ -146,6 +149,7 @@ pub enum Convert {
     Supabase,
     Clerk,
     Kratos,
+    BetterAuth,
 }
 
 impl Convert {
@@ -159,6 +163,7 @@ impl Convert {
             Convert::Supabase => from_supabase(obj),
             Convert::Clerk => from_clerk(obj),
             Convert::Kratos => from_kratos(obj),
+            Convert::BetterAuth => from_better_auth(obj),
         }
     }
 }
@@ -2014,9 +2019,213 @@ fn clerk_list(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Better Auth's scrypt: N = 2^14, r = 16, p = 1, a 64-byte key.
+const BETTER_AUTH_SCRYPT: &str = "$scrypt$ln=14,r=16,p=1$";
+
+/// A Better Auth `user` row (the README's query adds its `account` rows as `accounts`) in
+/// Roster's field names. Column names are read in Better Auth's own camelCase or in
+/// snake_case (an adapter set to it): `id` becomes `external_id`, `name` `display_name`,
+/// `image` `picture_url`; the username, phone number and admin plugins' columns their
+/// fields (`role` as `app_metadata.role`, a ban still running as blocked); the credential
+/// account's password (Better Auth's `salt:key` scrypt, rewritten as the PHC string Roster
+/// reads, or a custom hasher's bcrypt or argon2 as it is) `password_hash`; every other
+/// account an identity (`providerId` as provider, `accountId` as subject; tokens are not
+/// read). Columns of your own (`additionalFields`) go to `user_metadata`. A user with
+/// two-factor on fails its record: Better Auth encrypts the TOTP secret with your
+/// BETTER_AUTH_SECRET, which Roster cannot read, and importing the user without it would
+/// quietly drop their second factor.
+pub fn from_better_auth(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    let mut extra = Map::new();
+    let mut ban: Option<(String, Option<Value>)> = None;
+    let mut banned = false;
+    for (k, v) in obj {
+        // One spelling for the camelCase and snake_case columns.
+        let name = k.replace('_', "").to_ascii_lowercase();
+        let to = match name.as_str() {
+            "id" => "external_id",
+            "email" => "email",
+            "name" => "display_name",
+            "image" => "picture_url",
+            "username" => "username",
+            "phonenumber" => "phone_number",
+            "emailverified" | "phonenumberverified" => {
+                if v.is_null() {
+                    continue;
+                }
+                let to = if name == "emailverified" {
+                    "email_verified"
+                } else {
+                    "phone_verified"
+                };
+                out.insert(to.into(), Value::Bool(as_bool(&k, v)?));
+                continue;
+            }
+            "createdat" => {
+                out.insert("created_at".into(), pg_time(&k, &v)?);
+                continue;
+            }
+            "role" => {
+                // The admin plugin's role(s), comma-separated: what your backend checks.
+                if let Some(role) = text(&v) {
+                    out.insert("app_metadata".into(), json!({ "role": role }));
+                }
+                continue;
+            }
+            "banned" => {
+                banned = !v.is_null() && as_bool(&k, v)?;
+                continue;
+            }
+            "banreason" | "banexpires" => {
+                let entry = ban.get_or_insert((String::new(), None));
+                if name == "banreason" {
+                    entry.0 = text(&v).unwrap_or_default();
+                } else if !v.is_null() {
+                    entry.1 = Some(v);
+                }
+                continue;
+            }
+            "twofactorenabled" => {
+                if !v.is_null() && as_bool(&k, v)? {
+                    return Err("two-factor is on, and Better Auth keeps its TOTP secret \
+                                encrypted with your BETTER_AUTH_SECRET, which Roster cannot \
+                                read: set twoFactorEnabled false in the query to import the \
+                                user without it (they enroll again)"
+                        .into());
+                }
+                continue;
+            }
+            "isanonymous" => {
+                if !v.is_null() && as_bool(&k, v)? {
+                    return Err("an anonymous Better Auth user (no address to sign in with)".into());
+                }
+                continue;
+            }
+            "accounts" => {
+                let mut linked = Vec::new();
+                for (i, a) in array_of(&k, v)?.iter().enumerate() {
+                    let field = |f: &str, g: &str| a.get(f).or_else(|| a.get(g)).and_then(text);
+                    let (Some(provider), Some(subject)) = (
+                        field("providerId", "provider_id"),
+                        field("accountId", "account_id"),
+                    ) else {
+                        return Err(format!("accounts[{i}]: needs providerId and accountId"));
+                    };
+                    if provider != "credential" {
+                        linked.push(identity(provider, subject, &[]));
+                    } else if let Some(hash) = a.get("password").and_then(text) {
+                        let hash = better_auth_hash(&hash)
+                            .map_err(|e| format!("accounts[{i}].password: {e}"))?;
+                        out.insert("password_hash".into(), Value::String(hash));
+                    }
+                }
+                set_identities(&mut out, linked);
+                continue;
+            }
+            // Kept by Roster itself, or a second spelling of the username.
+            "updatedat" | "displayusername" | "lastloginmethod" => continue,
+            _ => {
+                if !v.is_null() {
+                    extra.insert(k, v);
+                }
+                continue;
+            }
+        };
+        if !v.is_null() {
+            out.insert(to.to_string(), v);
+        }
+    }
+    if banned {
+        let (reason, until) = ban.unwrap_or_default();
+        let ends = match &until {
+            Some(v) => pg_datetime("banExpires", v)?,
+            None => None,
+        };
+        if ends.is_none_or(|t| t > Utc::now()) {
+            let mut why = "banned in Better Auth".to_string();
+            if !reason.is_empty() {
+                why.push_str(&format!(": {reason}"));
+            }
+            if let Some(t) = ends {
+                why.push_str(&format!(
+                    " (until {})",
+                    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+                ));
+            }
+            blocked(&mut out, &why);
+        }
+    }
+    if !extra.is_empty() {
+        out.insert("user_metadata".into(), Value::Object(extra));
+    }
+    Ok(out)
+}
+
+/// A Better Auth password as a PHC string: its `salt:key` is scrypt of the password under
+/// the salt's hex text itself (not the bytes it spells), the key in hex. A hash of a custom
+/// hasher (bcrypt, argon2: `$...`) is left as it is for the server to read.
+fn better_auth_hash(hash: &str) -> Result<String, String> {
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD_NO_PAD.encode(b);
+    if hash.starts_with('$') {
+        return Ok(hash.to_string());
+    }
+    let shape = "must be Better Auth's salt:key (hex), or a custom hasher's $... hash";
+    let (salt, key) = hash.split_once(':').ok_or(shape)?;
+    let key = hex::decode(key.trim()).map_err(|_| shape.to_string())?;
+    let salt = salt.trim();
+    if salt.is_empty() || salt.len() > 48 || key.len() < 16 || key.len() > 64 {
+        return Err(shape.into());
+    }
+    Ok(format!(
+        "{BETTER_AUTH_SCRYPT}{}${}",
+        b64(salt.as_bytes()),
+        b64(&key)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn better_auth_rows_in_either_spelling() {
+        let row = |extra: Value| {
+            let mut m = json!({"id": "u1", "email": "a@x.io", "email_verified": true,
+                "created_at": "2026-01-02 03:04:05.6", "banned": true, "ban_reason": "spam",
+                "accounts": [{"provider_id": "credential", "account_id": "u1",
+                    "password": "$2b$10$abcdefghijklmnopqrstuu3KpJdU6Ew3o4vaL8R0iQ0bbR1iGTW6e"},
+                    {"provider_id": "github", "account_id": "583232"}]})
+            .as_object()
+            .unwrap()
+            .clone();
+            m.extend(extra.as_object().unwrap().clone());
+            from_better_auth(m)
+        };
+        let past = row(json!({"ban_expires": "2020-01-01T00:00:00Z"})).unwrap();
+        assert!(past.get("blocked").is_none(), "a ban over is no block");
+        assert_eq!(past["email_verified"], true);
+        assert_eq!(past["created_at"], "2026-01-02T03:04:05.600000Z");
+        assert!(past["password_hash"].as_str().unwrap().starts_with("$2b$"));
+        assert_eq!(past["identities"][0]["provider"], "github");
+        let future = row(json!({"ban_expires": "2999-01-01T00:00:00Z"})).unwrap();
+        assert_eq!(
+            future["blocked_reason"],
+            "banned in Better Auth: spam (until 2999-01-01T00:00:00Z)"
+        );
+        assert_eq!(row(json!({})).unwrap()["blocked"], true, "no end: for good");
+        assert_eq!(
+            better_auth_hash("6162:00112233445566778899aabbccddeeff").unwrap(),
+            "$scrypt$ln=14,r=16,p=1$NjE2Mg$ABEiM0RVZneImaq7zN3u/w"
+        );
+        for bad in [
+            "no-colon",
+            "salt:not-hex",
+            ":00112233445566778899aabbccddeeff",
+            "s:00",
+        ] {
+            assert!(better_auth_hash(bad).is_err(), "{bad}");
+        }
+    }
     use serde_json::json;
 
     fn obj(v: Value) -> Map<String, Value> {

@@ -3087,6 +3087,77 @@ async fn a_kratos_export_imports_with_passwords_and_totp() {
     );
 }
 
+/// Moving off Better Auth: rows as the README's query reads them from a database Better Auth
+/// 1.7 made (its admin, username and phone number plugins, a column of the app's own, a
+/// Google account linked with its tokens, which the query leaves out) import with `--from
+/// better-auth`: Better Auth's scrypt passwords sign in, the Google account finds its user,
+/// a banned user arrives blocked; a user with two-factor on is refused, saying why.
+#[tokio::test]
+async fn a_better_auth_database_imports_with_passwords() {
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-better-auth-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // As `psql -At` wrote them; the passwords were hashed by better-auth/crypto.
+    let rows = [
+        r#"{"id": "xVCyKCBLCHfJqjFa3GSBOv4vm4pLeLy5", "name": "Bob", "plan": null, "role": "user", "email": "bob@example.com", "image": null, "banned": true, "accounts": [{"password": "d15f09508a32fdf2518e7fa78528f74e:25438f03269f4e19fe5cc73d2b3db98c1eb52e40d4f1020ebb4f741cc4645fc3e05d95856148a210a0b126f20cfbeb3799f6b9a11747abccd054d39331fb475b", "accountId": "xVCyKCBLCHfJqjFa3GSBOv4vm4pLeLy5", "providerId": "credential"}], "username": null, "banReason": "spam", "createdAt": "2026-12-07T17:02:31.713+00:00", "updatedAt": "2026-12-07T17:02:31.727+00:00", "banExpires": null, "phoneNumber": null, "emailVerified": false, "displayUsername": null, "phoneNumberVerified": null}"#.to_string(),
+        r#"{"id": "wwLQmIqhrRg76ZONPx2NQxNI2UDiK2i4", "name": "Ann Lee", "plan": "pro", "role": "admin", "email": "ann@example.com", "image": null, "banned": false, "accounts": [{"password": "032e48199ef963b7fc6f88fffea0281b:8eb1e44375a6b6751569511ae9e01a1fba9e79a195b672b0703214e332a34e2b1eaf6517189f1caa48c64dc9877193b01402f98e63594e7f85a66086486fb5fc", "accountId": "wwLQmIqhrRg76ZONPx2NQxNI2UDiK2i4", "providerId": "credential"}, {"password": null, "accountId": "1076543210", "providerId": "google"}], "username": "ann_l", "banReason": null, "createdAt": "2026-12-07T17:02:31.569+00:00", "updatedAt": "2026-12-07T17:02:31.73+00:00", "banExpires": null, "phoneNumber": null, "emailVerified": true, "displayUsername": "Ann_L", "phoneNumberVerified": null}"#.to_string(),
+        serde_json::json!({"id": "2FAuser", "name": "Tia", "email": "tia@example.com",
+            "emailVerified": true, "createdAt": "2026-12-07T17:02:31.569+00:00",
+            "twoFactorEnabled": true})
+        .to_string(),
+    ];
+    let file = dir.join("better-auth-users.jsonl");
+    std::fs::write(&file, rows.join("\n") + "\n").unwrap();
+    let (code, err, reasons) = import_from(&app, &file, "better-auth", &[]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("2 created, 0 updated, 1 failed"), "{err}");
+    assert!(
+        reasons[0].contains("two-factor is on") && reasons[0].contains("BETTER_AUTH_SECRET"),
+        "{reasons:?}"
+    );
+
+    let mut users = app.users();
+    let ann = crate::user_by_email(&mut users, "ann@example.com").await;
+    assert_eq!(ann.external_id, "wwLQmIqhrRg76ZONPx2NQxNI2UDiK2i4");
+    assert_eq!(
+        (ann.display_name.as_str(), ann.username.as_str()),
+        ("Ann Lee", "ann_l")
+    );
+    assert!(ann.email_verified);
+    assert_eq!(ann.created_at.unwrap().seconds, 1_796_662_951);
+    assert_eq!(
+        ann.app_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"role": "admin"}))
+    );
+    assert_eq!(
+        ann.user_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"plan": "pro"}))
+    );
+    assert_eq!(
+        sign_in(&app, "ann@example.com", "correct horse battery stapler").await,
+        pb::VerifyPasswordResult::InvalidCredentials
+    );
+    assert!(signs_in(&app, "ann@example.com", "correct horse battery staple").await);
+    let found = crate::identities::lookup(&mut app.identities(), "google", "1076543210")
+        .await
+        .unwrap()
+        .user
+        .unwrap();
+    assert_eq!(found.id, ann.id);
+
+    let bob = crate::user_by_email(&mut users, "bob@example.com").await;
+    assert_eq!(bob.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(bob.blocked_reason, "banned in Better Auth: spam");
+    assert!(!bob.email_verified);
+    assert_eq!(
+        crate::list::emails(&mut users, "password_format = \"scrypt\"")
+            .await
+            .unwrap(),
+        ["bob@example.com"],
+        "scrypt until the first sign-in: Ann's is argon2id now"
+    );
+}
+
 /// `roster events --until-caught-up`, for a one-off query or a shipper run by a scheduler:
 /// it writes the events there are (the filter applied) and exits 0; with `--state`, the next
 /// run writes only what came since.
