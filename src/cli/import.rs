@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::records::{self, Format};
 use super::remote::{Progress, ServerArgs};
-use super::sources::{Convert, FirebaseHash, Source};
+use super::sources::{BetterAuthSecrets, Convert, FirebaseHash, Source};
 use crate::pb::v1 as pb;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -86,6 +86,11 @@ pub struct ImportArgs {
     /// Firebase console shows them (the hash_config block), needed to import passwords.
     #[arg(long, value_name = "FILE")]
     pub firebase_hash_parameters: Option<PathBuf>,
+    /// With --from better-auth: a file holding your BETTER_AUTH_SECRET (or your app's .env,
+    /// whose BETTER_AUTH_SECRET / BETTER_AUTH_SECRETS lines are read), to open the TOTP
+    /// secrets Better Auth sealed with it, so two-factor users keep their authenticator app.
+    #[arg(long, value_name = "FILE")]
+    pub better_auth_secret_file: Option<PathBuf>,
     /// Leave out the first N records (to resume an interrupted import; use --mode upsert).
     #[arg(long, default_value_t = 0)]
     pub skip: u64,
@@ -667,6 +672,9 @@ fn resume_command(args: &ImportArgs, done: u64) -> String {
     if let Some(p) = &args.firebase_hash_parameters {
         command += &format!(" --firebase-hash-parameters {}", p.display());
     }
+    if let Some(p) = &args.better_auth_secret_file {
+        command += &format!(" --better-auth-secret-file {}", p.display());
+    }
     if let Some(f) = args.format.and_then(|f| f.to_possible_value()) {
         command += &format!(" --format {}", f.get_name());
     }
@@ -706,6 +714,9 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     if args.firebase_hash_parameters.is_some() && args.from != Source::Firebase {
         bail!("--firebase-hash-parameters goes with --from firebase");
     }
+    if args.better_auth_secret_file.is_some() && args.from != Source::BetterAuth {
+        bail!("--better-auth-secret-file goes with --from better-auth");
+    }
     let convert = match args.from {
         Source::Roster => Convert::Roster,
         Source::Auth0 => Convert::Auth0 {
@@ -727,7 +738,17 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         Source::Supabase => Convert::Supabase,
         Source::Clerk => Convert::Clerk,
         Source::Kratos => Convert::Kratos,
-        Source::BetterAuth => Convert::BetterAuth,
+        Source::BetterAuth => Convert::BetterAuth(
+            args.better_auth_secret_file
+                .as_ref()
+                .map(|path| {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    BetterAuthSecrets::parse(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+                })
+                .transpose()?,
+        ),
     };
     if format == InputFormat::Csv
         && matches!(

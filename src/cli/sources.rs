@@ -149,7 +149,7 @@ pub enum Convert {
     Supabase,
     Clerk,
     Kratos,
-    BetterAuth,
+    BetterAuth(Option<BetterAuthSecrets>),
 }
 
 impl Convert {
@@ -163,7 +163,7 @@ impl Convert {
             Convert::Supabase => from_supabase(obj),
             Convert::Clerk => from_clerk(obj),
             Convert::Kratos => from_kratos(obj),
-            Convert::BetterAuth => from_better_auth(obj),
+            Convert::BetterAuth(secrets) => from_better_auth(obj, secrets.as_ref()),
         }
     }
 }
@@ -2031,11 +2031,16 @@ const BETTER_AUTH_SCRYPT: &str = "$scrypt$ln=14,r=16,p=1$";
 /// reads, or a custom hasher's bcrypt or argon2 as it is) `password_hash`; every other
 /// account an identity (`providerId` as provider, `accountId` as subject; tokens are not
 /// read). Columns of your own (`additionalFields`) go to `user_metadata`. A user with
-/// two-factor on fails its record: Better Auth encrypts the TOTP secret with your
-/// BETTER_AUTH_SECRET, which Roster cannot read, and importing the user without it would
-/// quietly drop their second factor.
-pub fn from_better_auth(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
+/// two-factor on brings their authenticator app (the query's `twoFactors`, the TOTP secret
+/// opened with the app's secret), or fails their record saying what is missing: importing
+/// them without it would quietly drop their second factor.
+pub fn from_better_auth(
+    obj: Map<String, Value>,
+    secrets: Option<&BetterAuthSecrets>,
+) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
+    let mut two_factor = false;
+    let mut sealed: Option<Vec<String>> = None;
     let mut extra = Map::new();
     let mut ban: Option<(String, Option<Value>)> = None;
     let mut banned = false;
@@ -2086,13 +2091,20 @@ pub fn from_better_auth(obj: Map<String, Value>) -> Result<Map<String, Value>, S
                 continue;
             }
             "twofactorenabled" => {
-                if !v.is_null() && as_bool(&k, v)? {
-                    return Err("two-factor is on, and Better Auth keeps its TOTP secret \
-                                encrypted with your BETTER_AUTH_SECRET, which Roster cannot \
-                                read: set twoFactorEnabled false in the query to import the \
-                                user without it (they enroll again)"
-                        .into());
+                two_factor = !v.is_null() && as_bool(&k, v)?;
+                continue;
+            }
+            "twofactors" => {
+                // Verified enrollments only (an unverified one is an app never confirmed).
+                let mut list = Vec::new();
+                for (i, t) in array_of(&k, v)?.iter().enumerate() {
+                    if t.get("verified") == Some(&Value::Bool(false)) {
+                        continue;
+                    }
+                    let secret = t.get("secret").and_then(text);
+                    list.push(secret.ok_or_else(|| format!("{k}[{i}]: needs its secret"))?);
                 }
+                sealed = Some(list);
                 continue;
             }
             "isanonymous" => {
@@ -2158,7 +2170,150 @@ pub fn from_better_auth(obj: Map<String, Value>) -> Result<Map<String, Value>, S
     if !extra.is_empty() {
         out.insert("user_metadata".into(), Value::Object(extra));
     }
+    if two_factor {
+        let gone = "importing the user without it would drop their second factor";
+        let Some(sealed) = sealed else {
+            return Err(format!(
+                "two-factor is on, and the row has no twoFactors: add them to the query \
+                 (README), and give --better-auth-secret-file; {gone}"
+            ));
+        };
+        let Some(secrets) = secrets else {
+            return Err(format!(
+                "two-factor is on: give --better-auth-secret-file (your BETTER_AUTH_SECRET) \
+                 to open its TOTP secret; {gone}"
+            ));
+        };
+        let Some(first) = sealed.first() else {
+            return Err(format!(
+                "two-factor is on without a verified authenticator app (Better Auth's OTP \
+                 method, codes your app sends, has no counterpart here); {gone}"
+            ));
+        };
+        let seed = secrets
+            .open(first)
+            .map_err(|e| format!("twoFactors[0].secret: {e}"))?;
+        out.insert(
+            "authenticators".into(),
+            Value::Array(vec![totp_factor(&seed, None, None)]),
+        );
+    }
     Ok(out)
+}
+
+/// The secrets Better Auth seals data with: BETTER_AUTH_SECRET (bare hex ciphertexts) and
+/// BETTER_AUTH_SECRETS' numbered ones (`$ba$<version>$<hex>`).
+pub struct BetterAuthSecrets {
+    legacy: Option<String>,
+    versions: Vec<(u32, String)>,
+}
+
+impl BetterAuthSecrets {
+    /// The secret itself, or an .env file's BETTER_AUTH_SECRET, AUTH_SECRET and
+    /// BETTER_AUTH_SECRETS (`<version>:<secret>,...`) lines. Errors never show a secret.
+    pub fn parse(text: &str) -> Result<BetterAuthSecrets, String> {
+        let mut legacy = None;
+        let mut auth_secret = None;
+        let mut versions = Vec::new();
+        let mut env_file = false;
+        for line in text.lines() {
+            let line = line.trim();
+            let line = line.strip_prefix("export ").unwrap_or(line);
+            let Some((name, value)) = line.split_once('=') else {
+                continue;
+            };
+            // An environment line (`NAME=value`), as opposed to a base64 secret's `=`.
+            let name = name.trim();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            {
+                continue;
+            }
+            env_file = true;
+            let value = value.trim().trim_matches(['"', '\'']).to_string();
+            match name {
+                "BETTER_AUTH_SECRET" => legacy = Some(value),
+                "AUTH_SECRET" => auth_secret = Some(value),
+                "BETTER_AUTH_SECRETS" => {
+                    for (i, entry) in value.split(',').enumerate() {
+                        let parsed = entry.trim().split_once(':').and_then(|(v, s)| {
+                            Some((v.trim().parse::<u32>().ok()?, s.trim().to_string()))
+                        });
+                        match parsed {
+                            Some((v, s)) if !s.is_empty() => versions.push((v, s)),
+                            _ => {
+                                return Err(format!(
+                                    "BETTER_AUTH_SECRETS entry {} is not <version>:<secret>",
+                                    i + 1
+                                ));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !env_file {
+            legacy = Some(text.trim().to_string());
+        }
+        let legacy = legacy.or(auth_secret).filter(|s| !s.is_empty());
+        if legacy.is_none() && versions.is_empty() {
+            return Err("holds no secret (BETTER_AUTH_SECRET's value, or an .env with it)".into());
+        }
+        Ok(BetterAuthSecrets { legacy, versions })
+    }
+
+    /// A TOTP secret as Better Auth's two-factor plugin sealed it: the key bytes the codes
+    /// are made with (the text of the secret, or what a `base32:` one spells).
+    fn open(&self, sealed: &str) -> Result<Vec<u8>, String> {
+        let (secret, hex_text) = match sealed.strip_prefix("$ba$") {
+            Some(rest) => {
+                let (version, hex_text) = rest.split_once('$').ok_or("is not sealed data")?;
+                let version: u32 = version.parse().map_err(|_| "is not sealed data")?;
+                let secret = self
+                    .versions
+                    .iter()
+                    .find(|(v, _)| *v == version)
+                    .map(|(_, s)| s)
+                    .ok_or_else(|| {
+                        format!(
+                            "sealed with secret version {version}, which the file does not hold"
+                        )
+                    })?;
+                (secret, hex_text)
+            }
+            None => (
+                self.legacy
+                    .as_ref()
+                    .ok_or("sealed with BETTER_AUTH_SECRET, which the file does not hold")?,
+                sealed,
+            ),
+        };
+        let opened = unseal(secret, hex_text)
+            .ok_or("does not open with the secret given (another BETTER_AUTH_SECRET sealed it)")?;
+        let text = String::from_utf8(opened).map_err(|_| "opens to no TOTP secret")?;
+        match text.strip_prefix("base32:") {
+            Some(b32) => base32_seed("the TOTP secret", b32),
+            None => Ok(text.into_bytes()),
+        }
+    }
+}
+
+/// Better Auth's `symmetricDecrypt`: XChaCha20-Poly1305 under SHA-256 of the secret's text,
+/// the 24-byte nonce before the ciphertext, all in hex.
+fn unseal(secret: &str, hex_text: &str) -> Option<Vec<u8>> {
+    use chacha20poly1305::aead::{Aead, KeyInit};
+    use sha2::Digest;
+    let data = hex::decode(hex_text.trim()).ok()?;
+    if data.len() < 24 + 16 {
+        return None;
+    }
+    let key = sha2::Sha256::digest(secret.as_bytes());
+    let cipher = chacha20poly1305::XChaCha20Poly1305::new_from_slice(&key).ok()?;
+    let nonce = chacha20poly1305::XNonce::try_from(&data[..24]).ok()?;
+    cipher.decrypt(&nonce, &data[24..]).ok()
 }
 
 /// A Better Auth password as a PHC string: its `salt:key` is scrypt of the password under
@@ -2187,6 +2342,76 @@ fn better_auth_hash(hash: &str) -> Result<String, String> {
 mod tests {
     use super::*;
 
+    /// Sealed by Better Auth 1.7's own symmetricEncrypt, as its two-factor plugin seals a
+    /// TOTP secret: under BETTER_AUTH_SECRET, and under version 2 of BETTER_AUTH_SECRETS.
+    const BETTER_AUTH_SEALED: &str = "319ba4a10c8c4065eaa19b45b2003cfc50ba36b6b63991396026f89fb251456384a698817e18fbe42855632309268450abb4fb0af5c3232fd01b46721b85d99afd982dc49e5ed2e6";
+    const BETTER_AUTH_SEALED_V2: &str = "$ba$2$a33b66c66ad516a887583093a407cdeffb15560eb90e5ad54e30cef8e7b0da91a9c3c40276957826b6936ab99b5ccf984e7036ee06cec6d013665097cc1aacb75505d43cd5a12905";
+
+    #[test]
+    fn better_auth_totp_secrets_open_with_the_apps_secret() {
+        let plain = BetterAuthSecrets::parse("legacy-secret-0123456789abcdefghijklmnop\n").unwrap();
+        assert_eq!(
+            plain.open(BETTER_AUTH_SEALED).unwrap(),
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"
+        );
+        let env = BetterAuthSecrets::parse(
+            "DATABASE_URL=postgres://x\nexport BETTER_AUTH_SECRETS=\"2:second-secret-0123456789abcdefghijklmnop, 1:first-secret-0123456789abcdefghijklmnopq\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            env.open(BETTER_AUTH_SEALED_V2).unwrap(),
+            b"VVVVVVVVVVVVVVVVVVVVVVVVVVVVVVVV"
+        );
+        let e = env.open(BETTER_AUTH_SEALED).unwrap_err();
+        assert!(
+            e.contains("BETTER_AUTH_SECRET, which the file does not hold"),
+            "{e}"
+        );
+        let e = plain.open(BETTER_AUTH_SEALED_V2).unwrap_err();
+        assert!(e.contains("secret version 2"), "{e}");
+        let wrong = BetterAuthSecrets::parse("BETTER_AUTH_SECRET=not-the-one").unwrap();
+        let e = wrong.open(BETTER_AUTH_SEALED).unwrap_err();
+        assert!(e.contains("does not open"), "{e}");
+        assert!(!e.contains("not-the-one"));
+        assert!(BetterAuthSecrets::parse("DATABASE_URL=x\n").is_err());
+        assert!(BetterAuthSecrets::parse("BETTER_AUTH_SECRETS=two:x").is_err());
+        // The record: the app carried, or the user refused with the reason.
+        let row = |extra: Value| {
+            let mut m = json!({"id": "u1", "email": "a@x.io", "twoFactorEnabled": true});
+            m.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            m.as_object().unwrap().clone()
+        };
+        let sealed = json!({"twoFactors": [{"secret": BETTER_AUTH_SEALED, "verified": true}]});
+        let r = from_better_auth(row(sealed.clone()), Some(&plain)).unwrap();
+        assert_eq!(r["authenticators"][0]["type"], "TOTP");
+        assert_eq!(
+            r["authenticators"][0]["totp_secret"],
+            base64::engine::general_purpose::STANDARD.encode(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345")
+        );
+        for (extra, secrets, says) in [
+            (json!({}), Some(&plain), "has no twoFactors"),
+            (sealed.clone(), None, "give --better-auth-secret-file"),
+            (
+                json!({"twoFactors": [{"secret": "x", "verified": false}]}),
+                Some(&plain),
+                "OTP method",
+            ),
+            (sealed, Some(&wrong), "does not open"),
+        ] {
+            let e = from_better_auth(row(extra), secrets).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+        let off = json!({"id": "u2", "email": "b@x.io", "twoFactorEnabled": false,
+            "twoFactors": [{"secret": "x", "verified": false}]});
+        let r = from_better_auth(off.as_object().unwrap().clone(), None).unwrap();
+        assert!(
+            r.get("authenticators").is_none(),
+            "an enrollment never finished"
+        );
+    }
+
     #[test]
     fn better_auth_rows_in_either_spelling() {
         let row = |extra: Value| {
@@ -2199,7 +2424,7 @@ mod tests {
             .unwrap()
             .clone();
             m.extend(extra.as_object().unwrap().clone());
-            from_better_auth(m)
+            from_better_auth(m, None)
         };
         let past = row(json!({"ban_expires": "2020-01-01T00:00:00Z"})).unwrap();
         assert!(past.get("blocked").is_none(), "a ban over is no block");

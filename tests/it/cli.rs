@@ -3101,20 +3101,36 @@ async fn a_better_auth_database_imports_with_passwords() {
     let rows = [
         r#"{"id": "xVCyKCBLCHfJqjFa3GSBOv4vm4pLeLy5", "name": "Bob", "plan": null, "role": "user", "email": "bob@example.com", "image": null, "banned": true, "accounts": [{"password": "d15f09508a32fdf2518e7fa78528f74e:25438f03269f4e19fe5cc73d2b3db98c1eb52e40d4f1020ebb4f741cc4645fc3e05d95856148a210a0b126f20cfbeb3799f6b9a11747abccd054d39331fb475b", "accountId": "xVCyKCBLCHfJqjFa3GSBOv4vm4pLeLy5", "providerId": "credential"}], "username": null, "banReason": "spam", "createdAt": "2026-12-07T17:02:31.713+00:00", "updatedAt": "2026-12-07T17:02:31.727+00:00", "banExpires": null, "phoneNumber": null, "emailVerified": false, "displayUsername": null, "phoneNumberVerified": null}"#.to_string(),
         r#"{"id": "wwLQmIqhrRg76ZONPx2NQxNI2UDiK2i4", "name": "Ann Lee", "plan": "pro", "role": "admin", "email": "ann@example.com", "image": null, "banned": false, "accounts": [{"password": "032e48199ef963b7fc6f88fffea0281b:8eb1e44375a6b6751569511ae9e01a1fba9e79a195b672b0703214e332a34e2b1eaf6517189f1caa48c64dc9877193b01402f98e63594e7f85a66086486fb5fc", "accountId": "wwLQmIqhrRg76ZONPx2NQxNI2UDiK2i4", "providerId": "credential"}, {"password": null, "accountId": "1076543210", "providerId": "google"}], "username": "ann_l", "banReason": null, "createdAt": "2026-12-07T17:02:31.569+00:00", "updatedAt": "2026-12-07T17:02:31.73+00:00", "banExpires": null, "phoneNumber": null, "emailVerified": true, "displayUsername": "Ann_L", "phoneNumberVerified": null}"#.to_string(),
-        serde_json::json!({"id": "2FAuser", "name": "Tia", "email": "tia@example.com",
+        // Two-factor on, its TOTP secret sealed by the two-factor plugin's way under
+        // BETTER_AUTH_SECRET (the query's twoFactors).
+        r#"{"id": "nwxvNGUZEA4N1SN8149nx0BxGqVUwTxK", "name": "T", "email": "tia@example.com", "image": null, "accounts": [{"password": "949aea412989174b850b03bd2ab5b6e6:dac6fccfe17d20692eae8fed574699aa1f3bc2ba2995c109744810144cc9be90450d767ced9479f0e08727f3a76d4e7c55b83c312bcfebb910e55709404b51ce", "accountId": "nwxvNGUZEA4N1SN8149nx0BxGqVUwTxK", "providerId": "credential"}], "createdAt": "2026-12-07T17:07:29.687+00:00", "updatedAt": "2026-12-07T17:07:29.715+00:00", "twoFactors": [{"secret": "319ba4a10c8c4065eaa19b45b2003cfc50ba36b6b63991396026f89fb251456384a698817e18fbe42855632309268450abb4fb0af5c3232fd01b46721b85d99afd982dc49e5ed2e6", "verified": true}], "emailVerified": false, "twoFactorEnabled": true}"#.to_string(),
+        serde_json::json!({"id": "2FAuser", "name": "Una", "email": "una@example.com",
             "emailVerified": true, "createdAt": "2026-12-07T17:02:31.569+00:00",
             "twoFactorEnabled": true})
         .to_string(),
     ];
     let file = dir.join("better-auth-users.jsonl");
     std::fs::write(&file, rows.join("\n") + "\n").unwrap();
-    let (code, err, reasons) = import_from(&app, &file, "better-auth", &[]).await;
+    let env = dir.join(".env");
+    std::fs::write(
+        &env,
+        "DATABASE_URL=postgres://app@db/app\nBETTER_AUTH_SECRET=\"legacy-secret-0123456789abcdefghijklmnop\"\n",
+    )
+    .unwrap();
+    let (code, err, reasons) = import_from(
+        &app,
+        &file,
+        "better-auth",
+        &["--better-auth-secret-file", env.to_str().unwrap()],
+    )
+    .await;
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("2 created, 0 updated, 1 failed"), "{err}");
+    assert!(err.contains("3 created, 0 updated, 1 failed"), "{err}");
     assert!(
-        reasons[0].contains("two-factor is on") && reasons[0].contains("BETTER_AUTH_SECRET"),
+        reasons[0].contains("two-factor is on, and the row has no twoFactors"),
         "{reasons:?}"
     );
+    assert!(!err.contains("legacy-secret"), "{err}");
 
     let mut users = app.users();
     let ann = crate::user_by_email(&mut users, "ann@example.com").await;
@@ -3153,9 +3169,13 @@ async fn a_better_auth_database_imports_with_passwords() {
         crate::list::emails(&mut users, "password_format = \"scrypt\"")
             .await
             .unwrap(),
-        ["bob@example.com"],
+        ["bob@example.com", "tia@example.com"],
         "scrypt until the first sign-in: Ann's is argon2id now"
     );
+
+    let tia = crate::user_by_email(&mut users, "tia@example.com").await;
+    assert!(signs_in(&app, "tia@example.com", "correct horse battery staple").await);
+    assert!(totp_works(&app, &tia.id, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345").await);
 }
 
 /// `roster events --until-caught-up`, for a one-off query or a shipper run by a scheduler:
