@@ -722,33 +722,19 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         Source::Auth0 => Convert::Auth0 {
             csv: format == InputFormat::Csv,
         },
-        Source::Firebase => Convert::Firebase(
-            args.firebase_hash_parameters
-                .as_ref()
-                .map(|path| {
-                    let text = std::fs::read_to_string(path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    FirebaseHash::parse(&text)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-                })
-                .transpose()?,
-        ),
+        Source::Firebase => Convert::Firebase(read_with(
+            args.firebase_hash_parameters.as_deref(),
+            FirebaseHash::parse,
+        )?),
         Source::Keycloak => Convert::Keycloak,
         Source::Cognito => Convert::Cognito,
         Source::Supabase => Convert::Supabase,
         Source::Clerk => Convert::Clerk,
         Source::Kratos => Convert::Kratos,
-        Source::BetterAuth => Convert::BetterAuth(
-            args.better_auth_secret_file
-                .as_ref()
-                .map(|path| {
-                    let text = std::fs::read_to_string(path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    BetterAuthSecrets::parse(&text)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
-                })
-                .transpose()?,
-        ),
+        Source::BetterAuth => Convert::BetterAuth(read_with(
+            args.better_auth_secret_file.as_deref(),
+            BetterAuthSecrets::parse,
+        )?),
     };
     if format == InputFormat::Csv
         && matches!(
@@ -928,6 +914,21 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         return Err(super::Exit(2).into());
     }
     Ok(())
+}
+
+/// A settings file given with a flag, read and parsed (errors name the file).
+fn read_with<T>(
+    path: Option<&std::path::Path>,
+    parse: fn(&str) -> Result<T, String>,
+) -> anyhow::Result<Option<T>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    parse(&text)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 #[cfg(test)]
