@@ -291,6 +291,9 @@ pub(super) fn as_bool(field: &str, v: Value) -> Result<bool, String> {
     match v {
         Value::Null => Ok(false),
         Value::Bool(b) => Ok(b),
+        // SQLite's and MySQL's booleans, as their JSON output writes them.
+        Value::Number(n) if n.as_u64() == Some(0) => Ok(false),
+        Value::Number(n) if n.as_u64() == Some(1) => Ok(true),
         Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
             "" | "false" | "0" | "no" => Ok(false),
             "true" | "1" | "yes" => Ok(true),

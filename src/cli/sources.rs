@@ -2098,7 +2098,9 @@ pub fn from_better_auth(
                 // Verified enrollments only (an unverified one is an app never confirmed).
                 let mut list = Vec::new();
                 for (i, t) in array_of(&k, v)?.iter().enumerate() {
-                    if t.get("verified") == Some(&Value::Bool(false)) {
+                    // Unset counts as verified (the plugin's default); SQLite writes 0/1.
+                    let verified = t.get("verified").cloned().unwrap_or(Value::Null);
+                    if !verified.is_null() && !as_bool("verified", verified)? {
                         continue;
                     }
                     let secret = t.get("secret").and_then(text);

@@ -3178,6 +3178,46 @@ async fn a_better_auth_database_imports_with_passwords() {
     assert!(totp_works(&app, &tia.id, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345").await);
 }
 
+/// Better Auth on SQLite: `sqlite3 -json` (the README's SQLite query) writes one JSON array,
+/// booleans as 0/1 and the accounts and two-factor rows as JSON text; read alike, the
+/// two-factor user's app carried.
+#[tokio::test]
+async fn a_better_auth_sqlite_database_imports() {
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-better-auth-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // As sqlite3 -json wrote it from a database Better Auth 1.7 made with better-sqlite3.
+    let file = dir.join("better-auth-users.json");
+    std::fs::write(&file, r#"[{"id":"WJU4XpMcOOXLKsntLqpuCOE5deuKH7wh","name":"Ann Lee","email":"ann@example.com","emailVerified":1,"image":null,"createdAt":"2026-12-07T17:22:46.113Z","updatedAt":"2026-12-07T17:22:46.255Z","role":"admin","banned":0,"banReason":null,"banExpires":null,"username":"ann_l","displayUsername":"Ann_L","phoneNumber":null,"phoneNumberVerified":null,"plan":"pro","accounts":"[{\"providerId\":\"credential\",\"accountId\":\"WJU4XpMcOOXLKsntLqpuCOE5deuKH7wh\",\"password\":\"c03773393340e6f26151050165183273:fda43de002104d1cfe05b92a567bf9b467aaa9e7583ce590f88a77b88214e493cff5a6e12d026f76df2ab47c1e1d97afd71557910b69cea3fad61e3ba8f3c2e1\"},{\"providerId\":\"google\",\"accountId\":\"1076543210\",\"password\":null}]"},{"id":"oi05W6pbQVLe7uvdaS6KtLinJkwNeIPt","name":"Bob","email":"bob@example.com","emailVerified":0,"image":null,"createdAt":"2026-12-07T17:22:46.240Z","updatedAt":"2026-12-07T17:22:46.250Z","role":"user","banned":1,"banReason":"spam","banExpires":null,"username":null,"displayUsername":null,"phoneNumber":null,"phoneNumberVerified":null,"plan":null,"accounts":"[{\"providerId\":\"credential\",\"accountId\":\"oi05W6pbQVLe7uvdaS6KtLinJkwNeIPt\",\"password\":\"212b443b4330d68e61b34b1d0aa0eeaa:d99d2934b0fdd93230f5401c25ab4d66ff6ddfa107da4a0c951e07847c57d4ea6295af1688f90a46e757c0f9aaf6f8524235e0710ca8c60606328f0671c71d8e\"}]"},{"id":"EhoiMOW7qEn09LxKBkM8aG4lzK7M7hXQ","name":"T","email":"tia@example.com","emailVerified":0,"image":null,"createdAt":"2026-12-07T17:23:43.966Z","updatedAt":"2026-12-07T17:23:43.985Z","twoFactorEnabled":1,"accounts":"[{\"providerId\":\"credential\",\"accountId\":\"EhoiMOW7qEn09LxKBkM8aG4lzK7M7hXQ\",\"password\":\"f9fcfce614ea096769f55c140c2b7fdb:1926097062e756a94a3ae22d7bdcb161695052b8f66b0e71b5f2fe5de58d94539e40b9ab28e6a995c323e048742f635058eec6811980b1bf805e851fbfec701d\"}]","twoFactors":"[{\"secret\":\"fb9b9773d44c1c7bf0d87f7e4ba17872e1689b2f746b849adee0675ecdcb858a05efbdd09dbaea0cbe5f745961ec3bcb2cded377e63d2b32a086bb514afe9e840d934f4dab323769\",\"verified\":1}]"}]"#).unwrap();
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "legacy-secret-0123456789abcdefghijklmnop\n").unwrap();
+    let (code, err, reasons) = import_from(
+        &app,
+        &file,
+        "better-auth",
+        &["--better-auth-secret-file", secret.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(code, 0, "{err} {reasons:?}");
+    assert!(err.contains("3 created"), "{err}");
+    let mut users = app.users();
+    let tia = crate::user_by_email(&mut users, "tia@example.com").await;
+    assert!(totp_works(&app, &tia.id, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345").await);
+    let ann = crate::user_by_email(&mut users, "ann@example.com").await;
+    assert!(ann.email_verified);
+    assert_eq!(ann.username, "ann_l");
+    assert!(signs_in(&app, "ann@example.com", "correct horse battery staple").await);
+    let found = crate::identities::lookup(&mut app.identities(), "google", "1076543210")
+        .await
+        .unwrap()
+        .user
+        .unwrap();
+    assert_eq!(found.id, ann.id);
+    let bob = crate::user_by_email(&mut users, "bob@example.com").await;
+    assert!(!bob.email_verified);
+    assert_eq!(bob.blocked_reason, "banned in Better Auth: spam");
+}
+
 /// `roster events --until-caught-up`, for a one-off query or a shipper run by a scheduler:
 /// it writes the events there are (the filter applied) and exits 0; with `--state`, the next
 /// run writes only what came since.
