@@ -3,8 +3,9 @@
 //! or search, create one, change its fields, set its password, block, unblock, deactivate,
 //! reactivate or delete one, list and remove their factors, link, unlink and list their
 //! identities, merge a duplicate into another, make a password reset token or expire a
-//! password, and show what happened to one (its events). A user is named by id, email, phone number or
-//! username, told apart by their form, or with `--by` by external id or linked identity.
+//! password, and show what happened to one (its events). A user is named by id, email, phone
+//! number or username, told apart by their form, or with `--by` by external id or linked
+//! identity.
 use anyhow::{Context, bail};
 use serde_json::{Map, Value};
 
@@ -315,7 +316,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
                     l => l.to_string(),
                 };
                 Some(pb::create_user_request::InitialPassword::Password(
-                    read_password(&format!("Password for {label}"))?,
+                    read_password(format!("Password for {label}")).await?,
                 ))
             } else {
                 None
@@ -384,7 +385,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             } else {
                 "New password"
             };
-            let secret = read_password(&format!("{what} for {}", login(&user)))?;
+            let secret = read_password(format!("{what} for {}", login(&user))).await?;
             let new_password = if hash {
                 pb::set_password_request::NewPassword::PasswordHash(secret)
             } else {
@@ -930,7 +931,14 @@ fn insert_at(object: &mut Map<String, Value>, path: &[String], value: Value) -> 
 
 /// A password (or hash): typed at a terminal, not shown, and typed again to be sure; else
 /// the first line of standard input (a pipe from a password manager or a file).
-fn read_password(prompt: &str) -> anyhow::Result<String> {
+async fn read_password(prompt: String) -> anyhow::Result<String> {
+    // A person typing, or a pipe: blocking reads, kept off the runtime's threads.
+    tokio::task::spawn_blocking(move || read_password_blocking(&prompt))
+        .await
+        .context("reading the password")?
+}
+
+fn read_password_blocking(prompt: &str) -> anyhow::Result<String> {
     use std::io::{BufRead, IsTerminal};
     let secret = if std::io::stdin().is_terminal() {
         let term = console::Term::stderr();
