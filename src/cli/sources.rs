@@ -2094,6 +2094,12 @@ pub fn from_better_auth(
                 two_factor = !v.is_null() && as_bool(&k, v)?;
                 continue;
             }
+            "passkeys" => {
+                for (i, pk) in array_of(&k, v)?.iter().enumerate() {
+                    add_factor(&mut out, better_auth_passkey(i, pk)?);
+                }
+                continue;
+            }
             "twofactors" => {
                 // Verified enrollments only (an unverified one is an app never confirmed).
                 let mut list = Vec::new();
@@ -2195,12 +2201,61 @@ pub fn from_better_auth(
         let seed = secrets
             .open(first)
             .map_err(|e| format!("twoFactors[0].secret: {e}"))?;
-        out.insert(
-            "authenticators".into(),
-            Value::Array(vec![totp_factor(&seed, None, None)]),
-        );
+        add_factor(&mut out, totp_factor(&seed, None, None));
     }
     Ok(out)
+}
+
+/// A row of Better Auth's passkey plugin (`credentialID` in base64url, `publicKey` the COSE
+/// key in base64, `counter`, `backedUp`, `deviceType`, `transports` comma-separated, `name`,
+/// `aaguid`, `createdAt`) as a PASSKEY factor: it signs in where the target project's relying
+/// party is the app's (its `rpID`). The plugin's passkeys sign users in without a password,
+/// so they are carried as user-verified.
+fn better_auth_passkey(i: usize, pk: &Value) -> Result<Value, String> {
+    let field = format!("passkeys[{i}]");
+    let get = |a: &str, b: &str| pk.get(a).or_else(|| pk.get(b));
+    let bytes = |a: &str, b: &str| match get(a, b).and_then(text) {
+        Some(t) => base64_bytes(&format!("{field}.{a}"), &t),
+        None => Err(format!("{field}: has no {a}")),
+    };
+    let counter = get("counter", "counter")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let flag = |a: &str, b: &str| {
+        get(a, b)
+            .cloned()
+            .map_or(Ok(false), |v| as_bool(&format!("{field}.{a}"), v))
+    };
+    let multi_device =
+        get("deviceType", "device_type").and_then(text).as_deref() == Some("multiDevice");
+    let transports: Vec<String> = get("transports", "transports")
+        .and_then(text)
+        .map(|t| {
+            t.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let passkey = carry(
+        &field,
+        &bytes("credentialID", "credential_id")?,
+        &bytes("publicKey", "public_key")?,
+        (counter, "counter"),
+        true,
+        (multi_device, flag("backedUp", "backed_up")?),
+        &transports,
+    )?;
+    let aaguid = get("aaguid", "aaguid")
+        .and_then(text)
+        .and_then(|a| uuid::Uuid::parse_str(&a).ok());
+    let created = match get("createdAt", "created_at") {
+        Some(c) if !c.is_null() => Some(pg_time("createdAt", c)?),
+        _ => None,
+    };
+    let name = get("name", "name").and_then(text);
+    Ok(passkey_factor(&passkey, aaguid, &transports, name, created))
 }
 
 /// The secrets Better Auth seals data with: BETTER_AUTH_SECRET (bare hex ciphertexts) and

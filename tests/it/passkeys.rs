@@ -393,6 +393,34 @@ async fn webauthn_credentials_of_other_stores_sign_in_after_import() {
     let (ceremony, json) = assertion(&mut fourth_authn, &mut soft, &sue.id).await;
     let r = finish(&mut fourth_authn, &ceremony, &json).await.unwrap();
     assert_eq!(r.result, OK, "the Supabase credential signs Sue in here");
+
+    // And as Better Auth's passkey plugin keeps it (the id in base64url, the COSE key in
+    // base64, transports comma-separated), a row of the README's query. Its flags are the
+    // soft authenticator's (single-device, not backed up): a credential whose backup
+    // eligibility changes is refused at sign-in, so they are carried as stored.
+    let row = serde_json::json!({
+        "id": "WJU4XpMcOOXLKsntLqpuCOE5deuKH7wh", "name": "Bea", "email": "bea@example.com",
+        "emailVerified": true, "createdAt": "2026-12-07T17:22:46.113Z",
+        "accounts": [{"providerId": "credential", "accountId": "x", "password": null}],
+        "passkeys": [{"id": "pk1", "name": "iPhone", "publicKey": b64.encode(&cose),
+            "userId": "WJU4XpMcOOXLKsntLqpuCOE5deuKH7wh",
+            "credentialID": url_b64.encode(credential.cred_id.as_slice()), "counter": 4,
+            "deviceType": "singleDevice", "backedUp": false, "transports": "internal,hybrid",
+            "createdAt": "2026-12-01T08:00:00.000Z",
+            "aaguid": "fbfc3007-154e-4ecc-8c0b-6e020557d7bd"}]});
+    let (token, bea) =
+        import_elsewhere(&app, "better-auth", &format!("{row}\n"), "bea@example.com").await;
+    let mut fifth_authn = app.authenticators_with(Some(&token));
+    let listed = crate::factors::list_of(&mut fifth_authn, &bea.id).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (listed[0].name.as_str(), listed[0].aaguid.as_str()),
+        ("iPhone", "fbfc3007-154e-4ecc-8c0b-6e020557d7bd")
+    );
+    assert_eq!(listed[0].transports, ["internal", "hybrid"]);
+    let (ceremony, json) = assertion(&mut fifth_authn, &mut soft, &bea.id).await;
+    let r = finish(&mut fifth_authn, &ceremony, &json).await.unwrap();
+    assert_eq!(r.result, OK, "the Better Auth credential signs Bea in here");
 }
 
 #[tokio::test]
