@@ -137,8 +137,12 @@ impl<W: Write> Output<W> {
                     "" => event.position.to_string(),
                     id => id.to_string(),
                 };
+                let at = event
+                    .occurred_at
+                    .as_ref()
+                    .map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9);
                 if let Some(poster) = &mut self.poster
-                    && poster.add(&id, event.position, &json)
+                    && poster.add(&id, event.position, at, &json)
                 {
                     self.send().await?;
                 }

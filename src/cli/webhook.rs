@@ -13,7 +13,8 @@
 //! cannot mend it, and skipping it would lose it.
 //!
 //! With `--post-batch N`, up to N events go in one request, as a JSON array (or JSON lines
-//! with `--post-format ndjson`), for log collectors (Datadog, Splunk, Elastic, Vector) whose
+//! with `--post-format ndjson`, or lines of Splunk HEC's envelope with `splunk-hec`), for
+//! log collectors (Datadog, Splunk, Elastic, Vector) whose
 //! intake takes batches and for a receiver far enough away that one round trip per event
 //! cannot keep up. A batch goes when full, before it would pass 1 MiB, when the stream
 //! pauses, or 1 s after its first event, whichever comes first; its `webhook-id` names its
@@ -64,6 +65,9 @@ pub enum PostFormat {
     Json,
     /// JSON lines: one object per line (`application/x-ndjson`).
     Ndjson,
+    /// Splunk's HTTP Event Collector (`/services/collector/event`): each event in HEC's
+    /// envelope (`time` the event's, `source` roster, `sourcetype` _json), one per line.
+    SplunkHec,
 }
 
 /// The webhook options of `roster events`.
@@ -107,8 +111,9 @@ pub struct PostArgs {
         value_parser = clap::value_parser!(u16).range(1..=BATCH_MOST as i64)
     )]
     pub post_batch: Option<u16>,
-    /// How the body holds the events: `json` (an object, or an array with --post-batch) or
-    /// `ndjson` (one object per line).
+    /// How the body holds the events: `json` (an object, or an array with --post-batch),
+    /// `ndjson` (one object per line) or `splunk-hec` (Splunk's HTTP Event Collector: each
+    /// event in HEC's envelope with its time).
     #[arg(
         long,
         value_enum,
@@ -250,9 +255,9 @@ impl Poster {
         self.give_up_after = Some(limit);
     }
 
-    /// Takes one event (`id`, `position`, its JSON); true when the request is full and
-    /// [`Poster::send`] is due.
-    pub fn add(&mut self, id: &str, position: i64, json: &[u8]) -> bool {
+    /// Takes one event (`id`, `position`, when it happened as Unix seconds, its JSON); true
+    /// when the request is full and [`Poster::send`] is due.
+    pub fn add(&mut self, id: &str, position: i64, at: Option<f64>, json: &[u8]) -> bool {
         let p = &mut self.pending;
         if p.count == 0 {
             p.first_id = id.to_string();
@@ -262,9 +267,25 @@ impl Poster {
         if self.format == PostFormat::Json && self.batch.is_some() {
             p.body.push(if p.count == 0 { b'[' } else { b',' });
         }
-        p.body.extend_from_slice(json);
-        if self.format == PostFormat::Ndjson {
-            p.body.push(b'\n');
+        match self.format {
+            PostFormat::SplunkHec => {
+                // HEC's envelope; without a time Splunk would use the time of arrival.
+                p.body.extend_from_slice(b"{");
+                if let Some(at) = at {
+                    p.body
+                        .extend_from_slice(format!("\"time\":{at:.3},").as_bytes());
+                }
+                p.body.extend_from_slice(
+                    b"\"source\":\"roster\",\"sourcetype\":\"_json\",\"event\":",
+                );
+                p.body.extend_from_slice(json);
+                p.body.extend_from_slice(b"}\n");
+            }
+            PostFormat::Ndjson => {
+                p.body.extend_from_slice(json);
+                p.body.push(b'\n');
+            }
+            PostFormat::Json => p.body.extend_from_slice(json),
         }
         p.count += 1;
         p.last = position;
@@ -273,7 +294,8 @@ impl Poster {
 
     /// Whether an event of `size` bytes would take the request past its size: send first.
     pub fn would_overflow(&self, size: usize) -> bool {
-        self.pending.count > 0 && self.pending.body.len() + size + 2 > BATCH_BYTES
+        // Room for the separators, or for HEC's envelope.
+        self.pending.count > 0 && self.pending.body.len() + size + 96 > BATCH_BYTES
     }
 
     /// When the events taken must go at the latest (None: there are none).
@@ -371,7 +393,7 @@ impl Poster {
             .header(
                 http::header::CONTENT_TYPE,
                 match self.format {
-                    PostFormat::Json => "application/json",
+                    PostFormat::Json | PostFormat::SplunkHec => "application/json",
                     PostFormat::Ndjson => "application/x-ndjson",
                 },
             )
@@ -600,7 +622,7 @@ mod tests {
         let mut poster = Poster::new(&args).unwrap().unwrap();
         poster.give_up_after(Duration::from_millis(1200));
         let started = std::time::Instant::now();
-        assert!(poster.add("evt", 42, b"{}"), "one event per request");
+        assert!(poster.add("evt", 42, None, b"{}"), "one event per request");
         let e = poster.send().await.unwrap_err();
         assert!(e.is::<Refused>(), "{e:#}");
         let text = e.to_string();
@@ -627,14 +649,14 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(p.due().is_none());
-        assert!(!p.add("a", 1, br#"{"n":1}"#));
+        assert!(!p.add("a", 1, None, br#"{"n":1}"#));
         assert!(p.due().is_some(), "a batch begun is due within the linger");
-        assert!(!p.add("b", 2, br#"{"n":2}"#));
-        assert!(p.add("c", 3, br#"{"n":3}"#), "full at three");
+        assert!(!p.add("b", 2, None, br#"{"n":2}"#));
+        assert!(p.add("c", 3, None, br#"{"n":3}"#), "full at three");
         assert_eq!(p.pending.body, br#"[{"n":1},{"n":2},{"n":3}"#);
         assert_eq!((p.pending.first, p.pending.last), (1, 3));
         assert!(
-            p.would_overflow(BATCH_BYTES - 10),
+            p.would_overflow(BATCH_BYTES - 100),
             "a large event waits for the next"
         );
         p.discard();
@@ -643,10 +665,31 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(
-            p.add("a", 1, br#"{"n":1}"#),
+            p.add("a", 1, None, br#"{"n":1}"#),
             "without --post-batch, one per request"
         );
         assert_eq!(p.pending.body, b"{\"n\":1}\n");
+        // Splunk's HEC: each event in its envelope with the event's own time, a line each.
+        let mut p = Poster::new(&args(Some(2), PostFormat::SplunkHec))
+            .unwrap()
+            .unwrap();
+        assert!(!p.add("a", 1, Some(1_700_000_000.25), br#"{"n":1}"#));
+        assert!(p.add("b", 2, None, br#"{"n":2}"#));
+        let lines: Vec<serde_json::Value> = p
+            .pending
+            .body
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines,
+            [
+                serde_json::json!({"time": 1_700_000_000.25, "source": "roster",
+                    "sourcetype": "_json", "event": {"n": 1}}),
+                serde_json::json!({"source": "roster", "sourcetype": "_json", "event": {"n": 2}}),
+            ]
+        );
     }
 
     #[test]

@@ -4129,7 +4129,7 @@ async fn events_post_in_batches() {
     let (url, got) = webhook_receiver(vec![(200, None, ""), (422, None, "bad batch")]).await;
     let (code, _, err) = run(url, &["--post-batch", "4", "--post-format", "ndjson"]).await;
     assert_eq!(code, 1, "{err}");
-    let got = got.lock().unwrap();
+    let got: Vec<Received> = std::mem::take(&mut *got.lock().unwrap());
     assert_eq!(got.len(), 2, "a refusal is not tried again");
     assert_eq!(got[0].headers["content-type"], "application/x-ndjson");
     assert!(got[0].raw.ends_with(b"\n"));
@@ -4156,6 +4156,44 @@ async fn events_post_in_batches() {
         lines(&got[0]).last().unwrap()["position"].as_i64().unwrap(),
         "the state stops before the refused batch"
     );
+
+    // Splunk's HTTP Event Collector: each event in HEC's envelope with its own time.
+    std::fs::remove_file(&state).unwrap();
+    let (url, got) = webhook_receiver(vec![]).await;
+    let (code, _, err) = run(
+        url,
+        &[
+            "--post-batch",
+            "10",
+            "--post-format",
+            "splunk-hec",
+            "--post-header",
+            "Authorization: Splunk hec-t0ken",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("hec-t0ken"), "{err}");
+    let got = got.lock().unwrap();
+    let mut users_sent = Vec::new();
+    for r in got.iter() {
+        assert_eq!(r.headers["content-type"], "application/json");
+        assert_eq!(r.headers["authorization"], "Splunk hec-t0ken");
+        for e in r.body.as_array().unwrap() {
+            assert_eq!(
+                (&e["source"], &e["sourcetype"]),
+                (&serde_json::json!("roster"), &serde_json::json!("_json"))
+            );
+            let at = e["time"].as_f64().unwrap();
+            assert!(
+                (chrono::Utc::now().timestamp() as f64 - at).abs() < 300.0,
+                "{at}"
+            );
+            assert_eq!(e["event"]["type"], "USER_CREATED");
+            users_sent.push(e["event"]["user_id"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(users_sent, created);
 }
 
 /// An https:// webhook with a certificate from a private CA, trusted with --post-ca-file.
