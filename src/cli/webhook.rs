@@ -14,11 +14,11 @@
 //!
 //! With `--post-batch N`, up to N events go in one request, as a JSON array (or JSON lines
 //! with `--post-format ndjson`, or lines of Splunk HEC's envelope with `splunk-hec`), for
-//! log collectors (Datadog, Splunk, Elastic, Vector) whose
-//! intake takes batches and for a receiver far enough away that one round trip per event
-//! cannot keep up. A batch goes when full, before it would pass 1 MiB, when the stream
-//! pauses, or 1 s after its first event, whichever comes first; its `webhook-id` names its
-//! first and last positions (each event keeps its own `id` for dropping repeats).
+//! log collectors (Datadog, Splunk, Elastic, Vector) whose intake takes batches and for a
+//! receiver far enough away that one round trip per event cannot keep up. A batch goes when
+//! full, before it would pass 1 MiB, when the stream pauses, or 1 s after its first event,
+//! whichever comes first; its `webhook-id` names its first and last positions (each event
+//! keeps its own `id` for dropping repeats).
 //!
 //! Messages name the webhook by its scheme, host and port only: a webhook URL's path or query
 //! is often its secret (Slack's are), and so are the secret and the header values.
