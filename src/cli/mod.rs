@@ -67,7 +67,8 @@ pub enum Command {
     /// (StreamEvents; reconnects when the server goes away; --state resumes after a restart).
     Events(Box<events::EventsArgs>),
     /// One user at a time through a running server, for operators and support: show, list,
-    /// block, unblock, deactivate, reactivate, delete, and a user's events.
+    /// create, update, set a password, block, unblock, deactivate, reactivate, delete; a
+    /// user's factors, identities (link, unlink, merge a duplicate) and events.
     Users(Box<users::UsersArgs>),
 }
 

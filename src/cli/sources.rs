@@ -34,8 +34,8 @@ pub enum Source {
     /// Ory Kratos identities with their credentials (the README's admin API loop, or its
     /// query of Kratos's database).
     Kratos,
-    /// Better Auth's `user` rows with their `account` rows (the README's query of your
-    /// app's database).
+    /// Better Auth's `user` rows with their `account`, `twoFactor` and `passkey` rows (the
+    /// README's query of your app's database; --better-auth-secret-file for two-factor).
     BetterAuth,
 }
 
