@@ -1,4 +1,4 @@
-//! What the client commands (`import`, `export`, `events`) share: the server address, the API
+//! What the client commands (`import`, `export`, `events`, `users`) share: the server address, the API
 //! key, the clients, and progress reporting (a bar on a terminal, periodic lines otherwise).
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -51,6 +51,16 @@ pub struct ServerArgs {
         requires = "tls_cert_file"
     )]
     pub tls_key_file: Option<PathBuf>,
+    /// Ping the server over an idle-looking connection this often, and count it gone when a
+    /// ping goes unanswered (at most 20 s): a follower whose connection a load balancer or a
+    /// vanished node dropped without a word reconnects instead of waiting for ever. 0: off.
+    #[arg(
+        long = "keepalive-secs",
+        env = "ROSTER_CLIENT_KEEPALIVE_SECS",
+        value_name = "SECS",
+        default_value_t = 60
+    )]
+    pub keepalive_secs: u64,
 }
 
 #[derive(Clone)]
@@ -94,6 +104,15 @@ impl ServerArgs {
         let mut endpoint = tonic::transport::Endpoint::from_shared(self.server.clone())
             .with_context(|| format!("bad server address {}", self.server))?
             .connect_timeout(Duration::from_secs(10));
+        if self.keepalive_secs > 0 {
+            // HTTP/2 pings; a stream's reads end with an error when one goes unanswered.
+            // While idle too: hyper counts a connection whose only stream is a long response
+            // (a follower's) as idle, and would never ping it otherwise.
+            endpoint = endpoint
+                .http2_keep_alive_interval(Duration::from_secs(self.keepalive_secs))
+                .keep_alive_timeout(Duration::from_secs(self.keepalive_secs.min(20)))
+                .keep_alive_while_idle(true);
+        }
         if let Some(tls) = self.tls()? {
             endpoint = endpoint.tls_config(tls).context("TLS settings")?;
         }

@@ -4470,6 +4470,108 @@ async fn next_line(lines: &std::sync::mpsc::Receiver<serde_json::Value>) -> serd
     }
 }
 
+/// A TCP proxy to `target` whose connections can each be made to go silent: from then on it
+/// drops what either side sends and closes nothing, as a load balancer that lost a
+/// connection's state or a vanished node does. The flags are the connections', in order.
+async fn silencing_proxy(
+    target: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<std::sync::Arc<std::sync::atomic::AtomicBool>>>>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let flags: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+    let kept = flags.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            let silent = Arc::new(AtomicBool::new(false));
+            kept.lock().unwrap().push(silent.clone());
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            for (mut from, mut to, silent) in [
+                (
+                    Box::new(cr) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                    Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                    silent.clone(),
+                ),
+                (Box::new(sr) as _, Box::new(cw) as _, silent),
+            ] {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if silent.load(Ordering::SeqCst) {
+                            // Swallowed; both ends stay open.
+                            continue;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Keep the other half open while the peer is silent.
+                    if silent.load(Ordering::SeqCst) {
+                        std::future::pending::<()>().await;
+                    }
+                });
+            }
+        }
+    });
+    (addr, flags)
+}
+
+/// A follower whose connection goes silent (dropped by something in between, without a
+/// reset) notices by its keepalive pings going unanswered, and reconnects: the next event
+/// still arrives.
+#[tokio::test]
+async fn events_reconnects_when_its_connection_goes_silent() {
+    use std::sync::mpsc;
+    let app = TestApp::spawn().await;
+    let (proxy, connections) = silencing_proxy(app.addr).await;
+    let mut child = Command::new(ROSTER)
+        .args(["events", "--keepalive-secs", "1"])
+        .env("ROSTER_SERVER", format!("http://{proxy}"))
+        .env("ROSTER_API_KEY", &app.token)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run roster events");
+    let (lines_tx, lines) = mpsc::channel::<serde_json::Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(serde_json::from_str(&line).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let _child = Reap(child);
+    let mut users = app.users();
+    let a = create_user(&mut users, "before-silence@x.io").await;
+    assert_eq!(next_line(&lines).await["user_id"], a.id.as_str());
+    for c in connections.lock().unwrap().iter() {
+        c.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+    let b = create_user(&mut users, "after-silence@x.io").await;
+    assert_eq!(
+        next_line(&lines).await["user_id"],
+        b.id.as_str(),
+        "the follower reconnected and went on"
+    );
+    assert!(connections.lock().unwrap().len() >= 2, "a new connection");
+}
+
 /// Kills the child it holds when dropped, so a failed test leaves no process behind.
 struct Reap(std::process::Child);
 
