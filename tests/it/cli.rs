@@ -3541,13 +3541,7 @@ async fn roster_users_creates_updates_and_sets_passwords() {
         format!("updated app_metadata.plan, username, given_name of {id} (ann@example.com)")
     );
     let mut users = app.users();
-    let stored = users
-        .get_user(pb::GetUserRequest { id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let stored = crate::get(&mut users, &id).await;
     assert_eq!(
         (stored.username.as_str(), stored.given_name.as_str()),
         ("ann", "")
@@ -3568,13 +3562,7 @@ async fn roster_users_creates_updates_and_sets_passwords() {
     assert!(err.contains("--set status: not a field to set"), "{err}");
     let (code, _, err) = users_cmd(&app, &["update", "ann", "--set", "id=x"]).await;
     assert_eq!(code, 1, "an id is not updated: {err}");
-    let again = users
-        .get_user(pb::GetUserRequest { id: id.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
+    let again = crate::get(&mut users, &id).await;
     assert_eq!(again.email, "ann@example.com");
     assert_eq!(again.etag, stored.etag, "nothing was written");
 
