@@ -1,5 +1,6 @@
-//! What the client commands (`import`, `export`, `events`, `users`) share: the server address, the API
-//! key, the clients, and progress reporting (a bar on a terminal, periodic lines otherwise).
+//! What the client commands (`import`, `export`, `events`, `users`) share: the server
+//! address, the API key, TLS and keepalive, the clients, and progress reporting (a bar on a
+//! terminal, periodic lines otherwise).
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
