@@ -3625,16 +3625,8 @@ async fn roster_users_links_identities_and_merges_duplicates() {
     let whose = |app: &TestApp| {
         let mut ids = app.identities();
         async move {
-            ids.lookup_user_by_identity(pb::LookupUserByIdentityRequest {
-                provider: "google".into(),
-                subject: "77".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .user
-            .unwrap()
-            .id
+            let found = crate::identities::lookup(&mut ids, "google", "77").await;
+            found.unwrap().user.unwrap().id
         }
     };
     assert_eq!(whose(&app).await, dup);
