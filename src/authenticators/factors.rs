@@ -329,6 +329,7 @@ pub async fn verify_factor(
     } else {
         "type"
     };
+    let mut recovery_hashes = Vec::new();
     let normalized = match kind {
         Kind::Totp | Kind::EmailOtp | Kind::SmsOtp => {
             let c: String = code.chars().filter(|c| !c.is_whitespace()).collect();
@@ -337,12 +338,22 @@ pub async fn verify_factor(
             }
             c
         }
-        Kind::RecoveryCodes => super::recovery::normalize(code).ok_or_else(|| {
-            Error::invalid(
-                "code",
-                "must be a recovery code: 12 characters like XXXX-XXXX-XXXX",
-            )
-        })?,
+        Kind::RecoveryCodes => {
+            // A set that came by import also takes its own system's codes, as issued.
+            let foreign = first.foreign_codes;
+            recovery_hashes = super::recovery::hashes_to_try(code, foreign);
+            if recovery_hashes.is_empty() {
+                return Err(Error::invalid(
+                    "code",
+                    if foreign {
+                        "must be a recovery code: 6 to 64 characters besides dashes and spaces"
+                    } else {
+                        "must be a recovery code: 12 characters like XXXX-XXXX-XXXX"
+                    },
+                ));
+            }
+            String::new()
+        }
         Kind::Passkey | Kind::Password => {
             return Err(Error::invalid(
                 field,
@@ -395,7 +406,7 @@ pub async fn verify_factor(
         }
         _ => {
             let a = &candidates[0].authenticator;
-            let r = match super::recovery::spend(&tx, p, a.id, &normalized).await? {
+            let r = match super::recovery::spend(&tx, p, a.id, &recovery_hashes).await? {
                 store::RecoveryUse::Spent { .. } => FactorResult::Ok,
                 store::RecoveryUse::AlreadyUsed => FactorResult::CodeReused,
                 store::RecoveryUse::Unknown => FactorResult::InvalidCode,

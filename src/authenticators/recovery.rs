@@ -60,6 +60,39 @@ fn code_hash(normalized: &str) -> Vec<u8> {
     Sha256::digest(normalized.as_bytes()).to_vec()
 }
 
+/// At most this many codes in an imported set (other systems issue 8 to 16).
+pub const IMPORTED_CODES_MAX: usize = 32;
+/// The lengths an imported code may have, as issued without dashes and spaces.
+const ISSUED_CHARS: std::ops::RangeInclusive<usize> = 6..=64;
+
+/// A code as another system issued it (Better Auth's `AbCdE-12345`, Kratos's `abcd1234`):
+/// without dashes and whitespace, case kept, since those systems compare codes exactly.
+/// Roster's own codes are in this form already once upper-cased, so one hash serves both.
+pub fn as_issued(code: &str) -> Option<String> {
+    let out: String = code
+        .chars()
+        .filter(|c| *c != '-' && !c.is_whitespace())
+        .collect();
+    (ISSUED_CHARS.contains(&out.len()) && out.bytes().all(|b| b.is_ascii_graphic())).then_some(out)
+}
+
+/// The hash an import carries for a code another system issued (see [`as_issued`]).
+pub fn issued_hash(code: &str) -> Option<Vec<u8>> {
+    as_issued(code).map(|c| code_hash(&c))
+}
+
+/// The hashes a typed code may be stored under, most likely first: Roster's form, and for a
+/// set that came by import ([`as_issued`]) the form its system issued. Empty when the code
+/// can be neither.
+pub fn hashes_to_try(typed: &str, foreign: bool) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = normalize(typed).iter().map(|c| code_hash(c)).collect();
+    let issued = foreign.then(|| issued_hash(typed)).flatten();
+    if let Some(h) = issued.filter(|h| !out.contains(h)) {
+        out.push(h);
+    }
+    out
+}
+
 /// Generates a new set for the user, replacing any older one; returns the codes once.
 pub async fn generate(
     pool: &Pool,
@@ -103,14 +136,20 @@ pub async fn generate(
 }
 
 /// What a recovery code check found: spent now (with how many remain), used before, or
-/// unknown.
+/// unknown. Tries each of [`hashes_to_try`]'s hashes in turn (one for a set Roster made).
 pub(super) async fn spend(
     tx: &deadpool_postgres::Transaction<'_>,
     project_id: Uuid,
     authenticator_id: Uuid,
-    normalized: &str,
+    hashes: &[Vec<u8>],
 ) -> Result<RecoveryUse> {
-    store::use_recovery_code(tx, project_id, authenticator_id, &code_hash(normalized)).await
+    for hash in hashes {
+        match store::use_recovery_code(tx, project_id, authenticator_id, hash).await? {
+            RecoveryUse::Unknown => {}
+            found => return Ok(found),
+        }
+    }
+    Ok(RecoveryUse::Unknown)
 }
 
 #[cfg(test)]
@@ -136,5 +175,33 @@ mod tests {
         ] {
             assert!(normalize(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn imported_codes_are_checked_as_issued() {
+        // Better Auth's and Kratos's shapes, dashes and spaces aside, case kept.
+        assert_eq!(as_issued("AbCdE-12345").as_deref(), Some("AbCdE12345"));
+        assert_eq!(as_issued(" abcd 1234 ").as_deref(), Some("abcd1234"));
+        assert_eq!(issued_hash("AbCdE-12345"), issued_hash("AbCdE12345"));
+        assert_ne!(issued_hash("AbCdE-12345"), issued_hash("abcde-12345"));
+        for bad in ["", "abc12", &"a".repeat(65), "abcd\u{e9}1234"] {
+            assert!(as_issued(bad).is_none(), "{bad}");
+        }
+        // A Roster code's hash is its issued form's: an exported set imports and still works.
+        let code = new_code();
+        assert_eq!(
+            issued_hash(&code),
+            Some(code_hash(&normalize(&code).unwrap()))
+        );
+        // Roster's form first; the issued form only for an imported set, and once.
+        let typed = code.to_lowercase();
+        assert_eq!(hashes_to_try(&typed, false).len(), 1);
+        assert_eq!(hashes_to_try(&typed, true).len(), 2);
+        assert_eq!(hashes_to_try(&code, true).len(), 1);
+        assert_eq!(hashes_to_try("AbCdE-12345", false).len(), 0);
+        assert_eq!(
+            hashes_to_try("AbCdE-12345", true),
+            [issued_hash("AbCdE12345").unwrap()]
+        );
     }
 }

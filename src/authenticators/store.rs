@@ -494,6 +494,8 @@ pub struct FactorSecrets {
     pub authenticator: Authenticator,
     pub totp_secret: Option<Vec<u8>>,
     pub totp_last_step: Option<i64>,
+    /// Recovery codes that came by import (checked as their system issued them too).
+    pub foreign_codes: bool,
 }
 
 /// The user's authenticators to check a code against: the one with `id`, or all of `kind`.
@@ -508,7 +510,7 @@ pub async fn factor_secrets(
     let rows = tx
         .query(
             &format!(
-                "SELECT {AUTH_COLUMNS}, totp_secret, totp_last_step FROM authenticators
+                "SELECT {AUTH_COLUMNS}, totp_secret, totp_last_step, foreign_codes FROM authenticators
                  WHERE project_id = $1 AND user_id = $2
                    AND ($3::uuid IS NULL OR id = $3) AND ($4::smallint IS NULL OR type = $4)
                  ORDER BY created_at, id"
@@ -522,6 +524,7 @@ pub async fn factor_secrets(
             authenticator: authenticator_from_row(r),
             totp_secret: r.get(14),
             totp_last_step: r.get(15),
+            foreign_codes: r.get(16),
         })
         .collect())
 }

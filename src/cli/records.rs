@@ -244,6 +244,27 @@ fn authenticators(v: Value) -> Result<Vec<pb::ImportAuthenticator>, String> {
                         .map(|h| b64(&f, h))
                         .collect::<Result<_, _>>()?;
                 }
+                // The codes themselves, as another system issued them (a migration that can
+                // read them): hashed here as the server checks them; never sent or printed.
+                "recovery_codes" => {
+                    let Value::Array(codes) = v else {
+                        return Err(format!("{f}: must be an array"));
+                    };
+                    for (j, c) in codes.iter().enumerate() {
+                        let hash = c
+                            .as_str()
+                            .and_then(crate::authenticators::recovery::issued_hash)
+                            .ok_or_else(|| {
+                                format!(
+                                    "{f}[{j}]: must be a code of 6 to 64 characters besides \
+                                     dashes and spaces"
+                                )
+                            })?;
+                        if !a.recovery_code_hashes.contains(&hash) {
+                            a.recovery_code_hashes.push(hash);
+                        }
+                    }
+                }
                 "email" => a.email = as_text(&f, v)?.unwrap_or_default(),
                 "phone_number" => a.phone_number = as_text(&f, v)?.unwrap_or_default(),
                 "passkey" => a.passkey = b64(&f, &v)?,
@@ -481,6 +502,27 @@ mod tests {
         assert_eq!(r.authenticators[0].totp_secret, b"seedseedseed");
         assert!(r.authenticators[0].is_default);
         assert_eq!(r.authenticators[1].recovery_code_hashes, [vec![0u8, 0, 0]]);
+        // Codes another system issued, hashed here as issued (a repeat once); a bad one
+        // fails the record without showing it.
+        let r = import_record(obj(json!({
+            "email": "a@x.io",
+            "authenticators": [{"type": "RECOVERY_CODES",
+                                "recovery_codes": ["AbCdE-12345", "abcd 1234", "AbCdE12345"]}],
+        })))
+        .unwrap();
+        let issued = crate::authenticators::recovery::issued_hash;
+        assert_eq!(
+            r.authenticators[0].recovery_code_hashes,
+            [issued("AbCdE12345").unwrap(), issued("abcd1234").unwrap()]
+        );
+        let e = import_record(obj(json!({"email": "a@x.io",
+            "authenticators": [{"type": "RECOVERY_CODES", "recovery_codes": ["abc"]}]})))
+        .unwrap_err();
+        assert!(
+            e.starts_with("authenticators[0].recovery_codes[0]: must be a code"),
+            "{e}"
+        );
+        assert!(!e.contains("abc\""), "{e}");
         // What export writes, import reads back the same, passkeys included.
         let factors = vec![
             pb::ImportAuthenticator {

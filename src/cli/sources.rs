@@ -1362,8 +1362,8 @@ const CLERK_HASHERS: &[&str] = &[
     "scrypt_werkzeug",
 ];
 
-/// Clerk fields Roster has no place for: backup codes (Clerk's own format, which Roster's
-/// recovery codes cannot check: users make new ones), and the Backend API's flags, settings
+/// Clerk fields Roster has no place for: backup codes (no Clerk export holds the codes
+/// themselves: users make new ones), and the Backend API's flags, settings
 /// and activity that Roster keeps its own account of (or has no notion of: web3 wallets).
 const CLERK_SKIPPED: &[&str] = &[
     "backup_codes_enabled",
@@ -1617,9 +1617,9 @@ const KRATOS_TRAITS: &[(&str, &str)] = &[
 /// strings Roster reads; a password left to Kratos's migration hook is marked as Cognito's
 /// are, `app_metadata.legacy_password`); each OIDC and SAML provider an identity (provider
 /// and subject; the tokens are not read); TOTP a TOTP factor; WebAuthn and passkey
-/// credentials passkeys (see [`kratos_passkey`]). Recovery codes (`lookup_secret`, a form
-/// Roster's codes are not) and `code` (the addresses, which the user has already) are not
-/// carried.
+/// credentials passkeys (see [`kratos_passkey`]); the unused recovery codes (`lookup_secret`)
+/// a set of codes checked as Kratos issued them. `code` (the addresses, which the user has
+/// already) is not carried.
 pub fn from_kratos(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
     let mut app = Map::new();
@@ -1825,7 +1825,44 @@ fn kratos_credential(
                 );
             }
         }
-        "lookup_secret" | "code" => {}
+        // Recovery codes, kept in the clear with the time each was used: the unused ones
+        // come along as codes Roster checks as Kratos issued them.
+        "lookup_secret" => {
+            let config = config.ok_or_else(needs_config)?;
+            let list = config.get("recovery_codes").cloned().unwrap_or_default();
+            let mut unused = Vec::new();
+            for (i, c) in array_of(&field, list)?.iter().enumerate() {
+                // Go's zero time is how an unset `used_at` may have been written.
+                let used = c
+                    .get("used_at")
+                    .and_then(text)
+                    .is_some_and(|t| !t.starts_with("0001-01-01"));
+                if used {
+                    continue;
+                }
+                let code = c.get("code").and_then(text);
+                unused.push(Value::String(code.ok_or_else(|| {
+                    format!("{field}.config.recovery_codes[{i}]: needs its code")
+                })?));
+            }
+            if !unused.is_empty() {
+                let created = credential.get("created_at").cloned();
+                let created = match created.filter(|c| !c.is_null()) {
+                    Some(c) => Some(pg_time(&format!("{field}.created_at"), &c)?),
+                    None => None,
+                };
+                add_factor(
+                    out,
+                    factor(
+                        "RECOVERY_CODES",
+                        ("recovery_codes", Value::Array(unused)),
+                        None,
+                        created,
+                    ),
+                );
+            }
+        }
+        "code" => {}
         other => return Err(format!("{field}: unknown Kratos credential type '{other}'")),
     }
     Ok(())
@@ -2040,7 +2077,8 @@ pub fn from_better_auth(
 ) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
     let mut two_factor = false;
-    let mut sealed: Option<Vec<String>> = None;
+    // Each verified app's sealed secret and backup codes.
+    let mut sealed: Option<Vec<(String, Option<String>)>> = None;
     let mut extra = Map::new();
     let mut ban: Option<(String, Option<Value>)> = None;
     let mut banned = false;
@@ -2110,7 +2148,9 @@ pub fn from_better_auth(
                         continue;
                     }
                     let secret = t.get("secret").and_then(text);
-                    list.push(secret.ok_or_else(|| format!("{k}[{i}]: needs its secret"))?);
+                    let secret = secret.ok_or_else(|| format!("{k}[{i}]: needs its secret"))?;
+                    let codes = t.get("backupCodes").or_else(|| t.get("backup_codes"));
+                    list.push((secret, codes.and_then(text)));
                 }
                 sealed = Some(list);
                 continue;
@@ -2192,7 +2232,7 @@ pub fn from_better_auth(
                  to open its TOTP secret; {gone}"
             ));
         };
-        let Some(first) = sealed.first() else {
+        let Some((first, codes)) = sealed.first() else {
             return Err(format!(
                 "two-factor is on without a verified authenticator app (Better Auth's OTP \
                  method, codes your app sends, has no counterpart here); {gone}"
@@ -2202,8 +2242,36 @@ pub fn from_better_auth(
             .open(first)
             .map_err(|e| format!("twoFactors[0].secret: {e}"))?;
         add_factor(&mut out, totp_factor(&seed, None, None));
+        if let Some(codes) = codes {
+            let codes = better_auth_backup_codes(codes, secrets)
+                .map_err(|e| format!("twoFactors[0].backupCodes: {e}"))?;
+            if !codes.is_empty() {
+                let codes = ("recovery_codes", json!(codes));
+                add_factor(&mut out, factor("RECOVERY_CODES", codes, None, None));
+            }
+        }
     }
     Ok(out)
+}
+
+/// The backup codes of a two-factor row: the unused ones, as JSON text sealed like the TOTP
+/// secret (the plugin's default) or in the clear (`storeBackupCodes: "plain"`). Better Auth
+/// drops a code from the list when it is used.
+fn better_auth_backup_codes(
+    stored: &str,
+    secrets: &BetterAuthSecrets,
+) -> Result<Vec<String>, String> {
+    let json = if stored.trim_start().starts_with('[') {
+        stored.as_bytes().to_vec()
+    } else {
+        secrets.open(stored).map_err(|e| {
+            format!(
+                "{e} (codes sealed by a custom storeBackupCodes cannot be read: leave \
+                 backupCodes out of the query to import the user without them)"
+            )
+        })?
+    };
+    serde_json::from_slice(&json).map_err(|_| "is not a JSON list of codes".to_string())
 }
 
 /// A row of Better Auth's passkey plugin (`credentialID` in base64url, `publicKey` the COSE
@@ -2402,6 +2470,8 @@ mod tests {
     /// Sealed by Better Auth 1.7's own symmetricEncrypt, as its two-factor plugin seals a
     /// TOTP secret: under BETTER_AUTH_SECRET, and under version 2 of BETTER_AUTH_SECRETS.
     const BETTER_AUTH_SEALED: &str = "319ba4a10c8c4065eaa19b45b2003cfc50ba36b6b63991396026f89fb251456384a698817e18fbe42855632309268450abb4fb0af5c3232fd01b46721b85d99afd982dc49e5ed2e6";
+    /// The two-factor plugin's backup codes, sealed under the same secret, one of ten spent.
+    const BETTER_AUTH_SEALED_CODES: &str = "ff0e43f26d22bc90c2d83858e7585cad85932cd58e09a78441e003e601b293f1f01daf7aa2b698b6435cc38fa1e9d3c03778bb47bc8fa21c7d914f3867fd2d61afe4ad2eda36e79f0e54302f259d7460a80d0a12ff83ce7fdabd47c6100322fe655e17c62084e9186358bef5ff98c1392330b3d1b76400a8c6726514260e6f571b0c63fdd98e31ced0b891a88c3ec15f82de621abee7e6171605556bebef8f8e180f2747065fe7";
     const BETTER_AUTH_SEALED_V2: &str = "$ba$2$a33b66c66ad516a887583093a407cdeffb15560eb90e5ad54e30cef8e7b0da91a9c3c40276957826b6936ab99b5ccf984e7036ee06cec6d013665097cc1aacb75505d43cd5a12905";
 
     #[test]
@@ -2447,6 +2517,29 @@ mod tests {
             r["authenticators"][0]["totp_secret"],
             base64::engine::general_purpose::STANDARD.encode(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345")
         );
+        // Backup codes: sealed by the plugin (Better Auth 1.7 made these, one spent), or
+        // in the clear; codes that do not open fail the record rather than vanish.
+        let with_codes = |codes: &str| {
+            row(
+                json!({"twoFactors": [{"secret": BETTER_AUTH_SEALED, "verified": 1,
+                                       "backupCodes": codes}]}),
+            )
+        };
+        let r = from_better_auth(with_codes(BETTER_AUTH_SEALED_CODES), Some(&plain)).unwrap();
+        assert_eq!(r["authenticators"][1]["type"], "RECOVERY_CODES");
+        let codes = r["authenticators"][1]["recovery_codes"].as_array().unwrap();
+        assert_eq!(codes.len(), 9);
+        assert_eq!(codes[0], "YTqtq-Y2Fmi");
+        let r = from_better_auth(with_codes(r#"["AbCdE-12345"]"#), Some(&plain)).unwrap();
+        assert_eq!(
+            r["authenticators"][1]["recovery_codes"],
+            json!(["AbCdE-12345"])
+        );
+        let r = from_better_auth(with_codes("[]"), Some(&plain)).unwrap();
+        assert_eq!(r["authenticators"].as_array().unwrap().len(), 1);
+        let e = from_better_auth(with_codes("c0ffee"), Some(&plain)).unwrap_err();
+        assert!(e.starts_with("twoFactors[0].backupCodes: "), "{e}");
+        assert!(e.contains("leave backupCodes out of the query"), "{e}");
         for (extra, secrets, says) in [
             (json!({}), Some(&plain), "has no twoFactors"),
             (sealed.clone(), None, "give --better-auth-secret-file"),
@@ -2815,7 +2908,11 @@ mod tests {
                 "totp": {"type": "totp", "identifiers": ["9f42"], "created_at": "2024-02-01T00:00:00Z",
                     "config": {"totp_url": "otpauth://totp/Acme:kim@example.com?secret=JBSWY3DPEHPK3PXP&issuer=Acme&algorithm=SHA1&digits=6&period=30"}},
                 "lookup_secret": {"type": "lookup_secret",
-                    "config": {"recovery_codes": [{"code": "abcd1234", "used_at": null}]}},
+                    "created_at": "2024-02-01T00:00:01Z",
+                    "config": {"recovery_codes": [{"code": "abcd1234", "used_at": null},
+                        {"code": "efgh5678", "used_at": "2024-03-01T00:00:00Z"},
+                        {"code": "ijkl9012", "used_at": "0001-01-01T00:00:00Z"},
+                        {"code": "mnop3456"}]}},
                 "webauthn": {"type": "webauthn", "config": {"credentials": []}},
                 "code": {"type": "code", "config": {"addresses": []}}
             }
@@ -2837,6 +2934,9 @@ mod tests {
                     {"provider": "okta", "subject": "kim"}
                 ],
                 "authenticators": [
+                    {"type": "RECOVERY_CODES",
+                     "recovery_codes": ["abcd1234", "ijkl9012", "mnop3456"],
+                     "created_at": "2024-02-01T00:00:01.000000Z"},
                     {"type": "TOTP", "totp_secret": "SGVsbG8h3q2+7w==",
                      "created_at": "2024-02-01T00:00:00.000000Z"}
                 ]

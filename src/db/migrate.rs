@@ -90,6 +90,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "api_key_networks",
         include_str!("migrations/0018_api_key_networks.sql"),
     ),
+    (
+        19,
+        "foreign_recovery_codes",
+        include_str!("migrations/0019_foreign_recovery_codes.sql"),
+    ),
 ];
 
 /// A short digest of every migration's version, name and SQL: equal for two builds exactly

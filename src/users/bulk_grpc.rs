@@ -6,6 +6,7 @@
 //! are bounded, so a fast client waits (HTTP/2 flow control) when the database is the
 //! bottleneck, and a slow reader of results stops the writer: memory stays flat whatever the
 //! stream's length.
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -292,17 +293,17 @@ fn factors_from_proto(list: &[pb::ImportAuthenticator], v: &mut Violations) -> V
                 f("recovery_code_hashes"),
                 "are required for RECOVERY_CODES and only for them",
             );
-        } else if codes
-            && (a.recovery_code_hashes.len() > crate::authenticators::recovery::CODES_PER_SET
-                || a.recovery_code_hashes.iter().any(|h| h.len() != 32))
-        {
-            v.add(
-                f("recovery_code_hashes"),
-                format!(
-                    "must be at most {} SHA-256 hashes of 32 bytes",
-                    crate::authenticators::recovery::CODES_PER_SET
-                ),
-            );
+        } else if codes {
+            let hashes = &a.recovery_code_hashes;
+            let max = crate::authenticators::recovery::IMPORTED_CODES_MAX;
+            if hashes.len() > max || hashes.iter().any(|h| h.len() != 32) {
+                v.add(
+                    f("recovery_code_hashes"),
+                    format!("must be at most {max} SHA-256 hashes of 32 bytes"),
+                );
+            } else if hashes.iter().collect::<HashSet<_>>().len() != hashes.len() {
+                v.add(f("recovery_code_hashes"), "must be distinct");
+            }
         }
         let email = Some(a.email.trim().to_string()).filter(|e| !e.is_empty());
         match (&email, kind == Kind::EmailOtp) {

@@ -444,7 +444,7 @@ pub async fn insert_identities(
 
 /// Enrolls each created user's carried factors, confirmed: one INSERT for the authenticators
 /// (TOTP seeds sealed under this server's key, bound to their new ids), one for the recovery
-/// codes, one giving each user without a default its oldest factor that can be one (as
+/// codes (a set marked as made elsewhere, so its codes are also checked as issued), one giving each user without a default its oldest factor that can be one (as
 /// `ensure_default` picks). A passkey whose credential id the project already has (another
 /// user's) is left out; returns how many were, per user.
 pub async fn insert_factors(
@@ -509,10 +509,11 @@ pub async fn insert_factors(
         .prepare_cached(
             "INSERT INTO authenticators (project_id, id, user_id, type, name, confirmed,
                 is_default, created_at, totp_secret, email, phone_number, credential_id,
-                passkey, aaguid, transports, backed_up, sign_count)
+                passkey, aaguid, transports, backed_up, sign_count, foreign_codes)
              SELECT $1, id, user_id, type, name, true, is_default, created_at, totp_secret,
                 email, phone_number, credential_id, passkey, aaguid,
-                coalesce(string_to_array(nullif(transports, ''), ','), '{}'), backed_up, sign_count
+                coalesce(string_to_array(nullif(transports, ''), ','), '{}'), backed_up, sign_count,
+                type = 6
              FROM unnest($2::uuid[], $3::uuid[], $4::int2[], $5::text[], $6::bool[],
                          $7::timestamptz[], $8::bytea[], $9::text[], $10::text[],
                          $11::bytea[], $12::jsonb[], $13::uuid[], $14::text[], $15::bool[],

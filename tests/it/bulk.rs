@@ -1096,9 +1096,28 @@ async fn second_factors_survive_an_export_and_import() {
             "f6@example.com",
             vec![factor(&|a| a.email = "x@example.com".into())],
         ),
+        with(
+            "f7@example.com",
+            vec![factor(&|a| {
+                a.r#type = T::RecoveryCodes as i32;
+                a.totp_secret.clear();
+                a.recovery_code_hashes = vec![vec![1; 32], vec![2; 32], vec![1; 32]];
+            })],
+        ),
+        with(
+            "f8@example.com",
+            vec![factor(&|a| {
+                a.r#type = T::RecoveryCodes as i32;
+                a.totp_secret.clear();
+                a.recovery_code_hashes = (0..33u8).map(|k| vec![k; 32]).collect();
+            })],
+        ),
     ];
     let (res, summary) = import(&mut users, requests.into_iter()).await.unwrap();
-    assert_eq!(summary.failed, 6, "{res:?}");
+    assert_eq!(summary.failed, 8, "{res:?}");
+    let says = |i: usize| res[i].error.as_ref().unwrap().message.clone();
+    assert!(says(6).contains("must be distinct"), "{}", says(6));
+    assert!(says(7).contains("at most 32"), "{}", says(7));
     let fields: Vec<Vec<String>> = res.iter().map(|r| failure(r).2).collect();
     assert_eq!(
         fields,
@@ -1109,8 +1128,100 @@ async fn second_factors_survive_an_export_and_import() {
             vec!["record.authenticators[0].phone_number"],
             vec!["record.authenticators"],
             vec!["record.authenticators[0].email"],
+            vec!["record.authenticators[0].recovery_code_hashes"],
+            vec!["record.authenticators[0].recovery_code_hashes"],
         ]
     );
+}
+
+/// Recovery codes another system issued (Better Auth's `AbCdE-12345`, Kratos's `abcd1234`),
+/// imported as the SHA-256 of each as issued: they work once each, typed with or without the
+/// dash, case kept as their system compared them; a code of no possible shape is refused
+/// as a bad argument. A set Roster makes later takes only its own shape again.
+#[tokio::test]
+async fn recovery_codes_another_system_issued_work_after_import() {
+    use pb::AuthenticatorType as T;
+    use pb::VerifyFactorResult as R;
+    use sha2::Digest;
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let authn = app.authenticators();
+    let issued = ["AbCdE-12345", "FgHiJ-67890", "abcd1234"];
+    let hashes = issued
+        .iter()
+        .map(|c| sha2::Sha256::digest(c.replace('-', "")).to_vec())
+        .collect();
+    let requests = vec![
+        create_only(),
+        record(pb::ImportRecord {
+            user: Some(user_with_email("bea@example.com")),
+            authenticators: vec![pb::ImportAuthenticator {
+                r#type: T::RecoveryCodes as i32,
+                recovery_code_hashes: hashes,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    ];
+    let (res, summary) = import(&mut users, requests.into_iter()).await.unwrap();
+    assert_eq!(summary.created, 1, "{res:?}");
+    let bea = crate::user_by_email(&mut users, "bea@example.com").await;
+    assert!(bea.enrolled_methods.contains(&(T::RecoveryCodes as i32)));
+    let verify = |code: &str| {
+        let mut authn = authn.clone();
+        let req = pb::VerifyFactorRequest {
+            user_id: bea.id.clone(),
+            r#type: T::RecoveryCodes as i32,
+            code: code.into(),
+            ..Default::default()
+        };
+        async move {
+            authn
+                .verify_factor(req)
+                .await
+                .map(|r| R::try_from(r.into_inner().result).unwrap())
+        }
+    };
+    assert_eq!(verify("abcde-12345").await.unwrap(), R::InvalidCode);
+    assert_eq!(verify("ZZZZ-ZZZZ-ZZZZ").await.unwrap(), R::InvalidCode);
+    assert_eq!(verify("AbCdE-12345").await.unwrap(), R::Ok);
+    assert_eq!(verify("AbCdE12345").await.unwrap(), R::CodeReused);
+    assert_eq!(verify(" FgHiJ 67890 ").await.unwrap(), R::Ok);
+    assert_eq!(verify("abcd-1234").await.unwrap(), R::Ok);
+    let err = verify("abc").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(harness::violated_fields(&err), ["code"]);
+    assert!(
+        err.message().contains("6 to 64 characters"),
+        "{}",
+        err.message()
+    );
+    let used: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM recovery_codes WHERE used_at IS NOT NULL",
+            &[],
+        )
+        .await;
+    assert_eq!(used, 3);
+
+    // A new set, Roster's own, replaces it and takes only Roster's shape.
+    let fresh = authn
+        .clone()
+        .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
+            user_id: bea.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .codes;
+    let err = verify("FgHiJ-67890").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("XXXX-XXXX-XXXX"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(verify(&fresh[0].to_lowercase()).await.unwrap(), R::Ok);
 }
 
 #[tokio::test]
