@@ -3825,8 +3825,10 @@ struct Received {
     path: String,
     headers: http::HeaderMap,
     body: serde_json::Value,
-    /// The body as sent: what the signature covers.
+    /// The body as sent (decompressed when it came gzipped): what the signature covers.
     raw: Vec<u8>,
+    /// How many bytes came on the wire.
+    wire: usize,
 }
 
 /// A webhook receiver on 127.0.0.1 for `roster events --post`: answers each request with the
@@ -3883,7 +3885,18 @@ async fn webhook_receiver_tls(
                         let at = Instant::now();
                         let path = req.uri().to_string();
                         let headers = req.headers().clone();
-                        let bytes = req.into_body().collect().await.unwrap().to_bytes();
+                        let wire = req.into_body().collect().await.unwrap().to_bytes();
+                        let bytes = if headers.get("content-encoding").is_some_and(|e| e == "gzip")
+                        {
+                            use std::io::Read as _;
+                            let mut out = Vec::new();
+                            flate2::read::GzDecoder::new(&wire[..])
+                                .read_to_end(&mut out)
+                                .unwrap();
+                            out.into()
+                        } else {
+                            wire.clone()
+                        };
                         // JSON, or JSON lines (as an array of the lines).
                         let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
                             String::from_utf8_lossy(&bytes)
@@ -3897,6 +3910,7 @@ async fn webhook_receiver_tls(
                             headers,
                             body,
                             raw: bytes.to_vec(),
+                            wire: wire.len(),
                         });
                         let (status, retry_after, text) = answers
                             .lock()
@@ -4059,7 +4073,7 @@ async fn events_post_to_a_webhook_signed_and_retried() {
 /// with a webhook-id naming its positions; a batch the webhook answers 503 to comes again
 /// whole with the same id; the state moves on one delivered batch at a time. With
 /// `--post-format ndjson` the body is JSON lines, and a refused batch stops the follower
-/// before its first event.
+/// before its first event; with `--post-gzip` it goes compressed, signed as JSON.
 #[tokio::test]
 async fn events_post_in_batches() {
     use base64::Engine as _;
@@ -4208,7 +4222,7 @@ async fn events_post_in_batches() {
     .await;
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("hec-t0ken"), "{err}");
-    let got = got.lock().unwrap();
+    let got: Vec<Received> = std::mem::take(&mut *got.lock().unwrap());
     let mut users_sent = Vec::new();
     for r in got.iter() {
         assert_eq!(r.headers["content-type"], "application/json");
@@ -4228,6 +4242,37 @@ async fn events_post_in_batches() {
         }
     }
     assert_eq!(users_sent, created);
+
+    // Compressed: gzip on the wire, the signature over the JSON the receiver reads, a 503
+    // answered by the same compressed batch again.
+    std::fs::remove_file(&state).unwrap();
+    let (url, got) = webhook_receiver(vec![(503, None, "")]).await;
+    let (code, _, err) = run(url, &["--post-batch", "25", "--post-gzip"]).await;
+    assert_eq!(code, 0, "{err}");
+    let got = got.lock().unwrap();
+    assert_eq!(got.len(), 2, "the batch, then the same again");
+    assert_eq!(got[0].raw, got[1].raw);
+    let r = &got[1];
+    assert_eq!(r.headers["content-encoding"], "gzip");
+    assert_eq!(r.headers["content-type"], "application/json");
+    assert_eq!(
+        r.headers["webhook-signature"].to_str().unwrap(),
+        webhook_signature(&key, r)
+    );
+    let sent: Vec<&str> = r
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["user_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(sent, created);
+    assert!(
+        r.wire * 3 < r.raw.len(),
+        "{} bytes for {}",
+        r.wire,
+        r.raw.len()
+    );
 }
 
 /// An https:// webhook with a certificate from a private CA, trusted with --post-ca-file.
