@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::records::{self, Format};
 use super::remote::{Progress, ServerArgs};
-use super::sources::{BetterAuthSecrets, Convert, FirebaseHash, Source};
+use super::sources::{BetterAuthSecrets, Convert, FirebaseHash, OtpChannel, Source};
 use crate::pb::v1 as pb;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -91,6 +91,11 @@ pub struct ImportArgs {
     /// secrets Better Auth sealed with it, so two-factor users keep their authenticator app.
     #[arg(long, value_name = "FILE")]
     pub better_auth_secret_file: Option<PathBuf>,
+    /// With --from better-auth, when the two-factor plugin's OTP method is on
+    /// (`otpOptions.sendOTP`): where it sends codes, `email` or `sms`. Two-factor users then
+    /// get that channel here (EMAIL_OTP or SMS_OTP), beside their authenticator app if any.
+    #[arg(long, value_enum, value_name = "CHANNEL")]
+    pub better_auth_otp: Option<OtpChannel>,
     /// Leave out the first N records (to resume an interrupted import; use --mode upsert).
     #[arg(long, default_value_t = 0)]
     pub skip: u64,
@@ -675,6 +680,9 @@ fn resume_command(args: &ImportArgs, done: u64) -> String {
     if let Some(p) = &args.better_auth_secret_file {
         command += &format!(" --better-auth-secret-file {}", p.display());
     }
+    if let Some(c) = args.better_auth_otp.and_then(|c| c.to_possible_value()) {
+        command += &format!(" --better-auth-otp {}", c.get_name());
+    }
     if let Some(f) = args.format.and_then(|f| f.to_possible_value()) {
         command += &format!(" --format {}", f.get_name());
     }
@@ -717,6 +725,9 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     if args.better_auth_secret_file.is_some() && args.from != Source::BetterAuth {
         bail!("--better-auth-secret-file goes with --from better-auth");
     }
+    if args.better_auth_otp.is_some() && args.from != Source::BetterAuth {
+        bail!("--better-auth-otp goes with --from better-auth");
+    }
     let convert = match args.from {
         Source::Roster => Convert::Roster,
         Source::Auth0 => Convert::Auth0 {
@@ -731,10 +742,13 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         Source::Supabase => Convert::Supabase,
         Source::Clerk => Convert::Clerk,
         Source::Kratos => Convert::Kratos,
-        Source::BetterAuth => Convert::BetterAuth(read_with(
-            args.better_auth_secret_file.as_deref(),
-            BetterAuthSecrets::parse,
-        )?),
+        Source::BetterAuth => Convert::BetterAuth(
+            read_with(
+                args.better_auth_secret_file.as_deref(),
+                BetterAuthSecrets::parse,
+            )?,
+            args.better_auth_otp,
+        ),
     };
     if format == InputFormat::Csv
         && matches!(

@@ -149,7 +149,16 @@ pub enum Convert {
     Supabase,
     Clerk,
     Kratos,
-    BetterAuth(Option<BetterAuthSecrets>),
+    BetterAuth(Option<BetterAuthSecrets>, Option<OtpChannel>),
+}
+
+/// Where Better Auth's two-factor OTP method (`otpOptions.sendOTP`) sends its codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OtpChannel {
+    /// To the user's email address (an EMAIL_OTP channel here).
+    Email,
+    /// To the user's phone number (an SMS_OTP channel here).
+    Sms,
 }
 
 impl Convert {
@@ -163,7 +172,7 @@ impl Convert {
             Convert::Supabase => from_supabase(obj),
             Convert::Clerk => from_clerk(obj),
             Convert::Kratos => from_kratos(obj),
-            Convert::BetterAuth(secrets) => from_better_auth(obj, secrets.as_ref()),
+            Convert::BetterAuth(secrets, otp) => from_better_auth(obj, secrets.as_ref(), *otp),
         }
     }
 }
@@ -2069,11 +2078,13 @@ const BETTER_AUTH_SCRYPT: &str = "$scrypt$ln=14,r=16,p=1$";
 /// account an identity (`providerId` as provider, `accountId` as subject; tokens are not
 /// read). Columns of your own (`additionalFields`) go to `user_metadata`. A user with
 /// two-factor on brings their authenticator app (the query's `twoFactors`, the TOTP secret
-/// opened with the app's secret), or fails their record saying what is missing: importing
-/// them without it would quietly drop their second factor.
+/// opened with the app's secret) with its unused backup codes, and with `otp` (the plugin's
+/// OTP method, where the app sends codes) that channel, or fails their record saying what
+/// is missing: importing them without it would quietly drop their second factor.
 pub fn from_better_auth(
     obj: Map<String, Value>,
     secrets: Option<&BetterAuthSecrets>,
+    otp: Option<OtpChannel>,
 ) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
     let mut two_factor = false;
@@ -2226,29 +2237,50 @@ pub fn from_better_auth(
                  (README), and give --better-auth-secret-file; {gone}"
             ));
         };
-        let Some(secrets) = secrets else {
-            return Err(format!(
-                "two-factor is on: give --better-auth-secret-file (your BETTER_AUTH_SECRET) \
-                 to open its TOTP secret; {gone}"
-            ));
-        };
-        let Some((first, codes)) = sealed.first() else {
-            return Err(format!(
-                "two-factor is on without a verified authenticator app (Better Auth's OTP \
-                 method, codes your app sends, has no counterpart here); {gone}"
-            ));
-        };
-        let seed = secrets
-            .open(first)
-            .map_err(|e| format!("twoFactors[0].secret: {e}"))?;
-        add_factor(&mut out, totp_factor(&seed, None, None));
-        if let Some(codes) = codes {
-            let codes = better_auth_backup_codes(codes, secrets)
-                .map_err(|e| format!("twoFactors[0].backupCodes: {e}"))?;
-            if !codes.is_empty() {
-                let codes = ("recovery_codes", json!(codes));
-                add_factor(&mut out, factor("RECOVERY_CODES", codes, None, None));
+        match sealed.first() {
+            Some((first, codes)) => {
+                let Some(secrets) = secrets else {
+                    return Err(format!(
+                        "two-factor is on: give --better-auth-secret-file (your \
+                         BETTER_AUTH_SECRET) to open its TOTP secret; {gone}"
+                    ));
+                };
+                let seed = secrets
+                    .open(first)
+                    .map_err(|e| format!("twoFactors[0].secret: {e}"))?;
+                add_factor(&mut out, totp_factor(&seed, None, None));
+                if let Some(codes) = codes {
+                    let codes = better_auth_backup_codes(codes, secrets)
+                        .map_err(|e| format!("twoFactors[0].backupCodes: {e}"))?;
+                    if !codes.is_empty() {
+                        let codes = ("recovery_codes", json!(codes));
+                        add_factor(&mut out, factor("RECOVERY_CODES", codes, None, None));
+                    }
+                }
             }
+            None if otp.is_some() => {}
+            None => {
+                return Err(format!(
+                    "two-factor is on without a verified authenticator app: the plugin's OTP \
+                     method (codes your app sends) comes along with --better-auth-otp email \
+                     or sms; {gone}"
+                ));
+            }
+        }
+        // With the OTP method on, every two-factor user may take codes by it (after their
+        // app, which stays the default).
+        if let Some(channel) = otp {
+            let (kind, field, what) = match channel {
+                OtpChannel::Email => ("EMAIL_OTP", "email", "email address"),
+                OtpChannel::Sms => ("SMS_OTP", "phone_number", "phone number"),
+            };
+            let Some(address) = out.get(field).filter(|a| !a.is_null()).cloned() else {
+                return Err(format!(
+                    "two-factor is on, and the user has no {what} for the OTP method's codes \
+                     (--better-auth-otp); {gone}"
+                ));
+            };
+            add_factor(&mut out, factor(kind, (field, address), None, None));
         }
     }
     Ok(out)
@@ -2511,7 +2543,7 @@ mod tests {
             m.as_object().unwrap().clone()
         };
         let sealed = json!({"twoFactors": [{"secret": BETTER_AUTH_SEALED, "verified": true}]});
-        let r = from_better_auth(row(sealed.clone()), Some(&plain)).unwrap();
+        let r = from_better_auth(row(sealed.clone()), Some(&plain), None).unwrap();
         assert_eq!(r["authenticators"][0]["type"], "TOTP");
         assert_eq!(
             r["authenticators"][0]["totp_secret"],
@@ -2525,21 +2557,46 @@ mod tests {
                                        "backupCodes": codes}]}),
             )
         };
-        let r = from_better_auth(with_codes(BETTER_AUTH_SEALED_CODES), Some(&plain)).unwrap();
+        let r = from_better_auth(with_codes(BETTER_AUTH_SEALED_CODES), Some(&plain), None).unwrap();
         assert_eq!(r["authenticators"][1]["type"], "RECOVERY_CODES");
         let codes = r["authenticators"][1]["recovery_codes"].as_array().unwrap();
         assert_eq!(codes.len(), 9);
         assert_eq!(codes[0], "YTqtq-Y2Fmi");
-        let r = from_better_auth(with_codes(r#"["AbCdE-12345"]"#), Some(&plain)).unwrap();
+        let r = from_better_auth(with_codes(r#"["AbCdE-12345"]"#), Some(&plain), None).unwrap();
         assert_eq!(
             r["authenticators"][1]["recovery_codes"],
             json!(["AbCdE-12345"])
         );
-        let r = from_better_auth(with_codes("[]"), Some(&plain)).unwrap();
+        let r = from_better_auth(with_codes("[]"), Some(&plain), None).unwrap();
         assert_eq!(r["authenticators"].as_array().unwrap().len(), 1);
-        let e = from_better_auth(with_codes("c0ffee"), Some(&plain)).unwrap_err();
+        let e = from_better_auth(with_codes("c0ffee"), Some(&plain), None).unwrap_err();
         assert!(e.starts_with("twoFactors[0].backupCodes: "), "{e}");
         assert!(e.contains("leave backupCodes out of the query"), "{e}");
+        // The OTP method (codes the app sends): a channel for every two-factor user, after
+        // their app; no secret needed for a user without one.
+        let otp_only = row(json!({"twoFactors": []}));
+        let r = from_better_auth(otp_only.clone(), None, Some(OtpChannel::Email)).unwrap();
+        assert_eq!(
+            r["authenticators"],
+            json!([{"type": "EMAIL_OTP", "email": "a@x.io"}])
+        );
+        let r = from_better_auth(row(sealed.clone()), Some(&plain), Some(OtpChannel::Email));
+        let kinds: Vec<Value> = r.unwrap()["authenticators"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["type"].clone())
+            .collect();
+        assert_eq!(kinds, [json!("TOTP"), json!("EMAIL_OTP")]);
+        let e = from_better_auth(otp_only.clone(), None, Some(OtpChannel::Sms)).unwrap_err();
+        assert!(e.contains("has no phone number"), "{e}");
+        let mut with_phone = otp_only;
+        with_phone.insert("phoneNumber".into(), json!("+14155550123"));
+        let r = from_better_auth(with_phone, None, Some(OtpChannel::Sms)).unwrap();
+        assert_eq!(
+            r["authenticators"],
+            json!([{"type": "SMS_OTP", "phone_number": "+14155550123"}])
+        );
         for (extra, secrets, says) in [
             (json!({}), Some(&plain), "has no twoFactors"),
             (sealed.clone(), None, "give --better-auth-secret-file"),
@@ -2550,12 +2607,12 @@ mod tests {
             ),
             (sealed, Some(&wrong), "does not open"),
         ] {
-            let e = from_better_auth(row(extra), secrets).unwrap_err();
+            let e = from_better_auth(row(extra), secrets, None).unwrap_err();
             assert!(e.contains(says), "{e}");
         }
         let off = json!({"id": "u2", "email": "b@x.io", "twoFactorEnabled": false,
             "twoFactors": [{"secret": "x", "verified": false}]});
-        let r = from_better_auth(off.as_object().unwrap().clone(), None).unwrap();
+        let r = from_better_auth(off.as_object().unwrap().clone(), None, None).unwrap();
         assert!(
             r.get("authenticators").is_none(),
             "an enrollment never finished"
@@ -2574,7 +2631,7 @@ mod tests {
             .unwrap()
             .clone();
             m.extend(extra.as_object().unwrap().clone());
-            from_better_auth(m, None)
+            from_better_auth(m, None, None)
         };
         let past = row(json!({"ban_expires": "2020-01-01T00:00:00Z"})).unwrap();
         assert!(past.get("blocked").is_none(), "a ban over is no block");

@@ -3214,7 +3214,8 @@ async fn a_better_auth_database_imports_with_passwords() {
 
 /// Better Auth on SQLite: `sqlite3 -json` (the README's SQLite query) writes one JSON array,
 /// booleans as 0/1 and the accounts and two-factor rows as JSON text; read alike, the
-/// two-factor users' apps and unused backup codes carried.
+/// two-factor users' apps and unused backup codes carried, and with `--better-auth-otp email`
+/// the plugin's OTP method as an email channel.
 #[tokio::test]
 async fn a_better_auth_sqlite_database_imports() {
     let app = TestApp::spawn().await;
@@ -3222,18 +3223,23 @@ async fn a_better_auth_sqlite_database_imports() {
     std::fs::create_dir_all(&dir).unwrap();
     // As sqlite3 -json wrote it from a database Better Auth 1.7 made with better-sqlite3.
     let file = dir.join("better-auth-users.json");
-    std::fs::write(&file, r#"[{"id":"WJU4XpMcOOXLKsntLqpuCOE5deuKH7wh","name":"Ann Lee","email":"ann@example.com","emailVerified":1,"image":null,"createdAt":"2026-12-07T17:22:46.113Z","updatedAt":"2026-12-07T17:22:46.255Z","role":"admin","banned":0,"banReason":null,"banExpires":null,"username":"ann_l","displayUsername":"Ann_L","phoneNumber":null,"phoneNumberVerified":null,"plan":"pro","accounts":"[{\"providerId\":\"credential\",\"accountId\":\"WJU4XpMcOOXLKsntLqpuCOE5deuKH7wh\",\"password\":\"c03773393340e6f26151050165183273:fda43de002104d1cfe05b92a567bf9b467aaa9e7583ce590f88a77b88214e493cff5a6e12d026f76df2ab47c1e1d97afd71557910b69cea3fad61e3ba8f3c2e1\"},{\"providerId\":\"google\",\"accountId\":\"1076543210\",\"password\":null}]"},{"id":"oi05W6pbQVLe7uvdaS6KtLinJkwNeIPt","name":"Bob","email":"bob@example.com","emailVerified":0,"image":null,"createdAt":"2026-12-07T17:22:46.240Z","updatedAt":"2026-12-07T17:22:46.250Z","role":"user","banned":1,"banReason":"spam","banExpires":null,"username":null,"displayUsername":null,"phoneNumber":null,"phoneNumberVerified":null,"plan":null,"accounts":"[{\"providerId\":\"credential\",\"accountId\":\"oi05W6pbQVLe7uvdaS6KtLinJkwNeIPt\",\"password\":\"212b443b4330d68e61b34b1d0aa0eeaa:d99d2934b0fdd93230f5401c25ab4d66ff6ddfa107da4a0c951e07847c57d4ea6295af1688f90a46e757c0f9aaf6f8524235e0710ca8c60606328f0671c71d8e\"}]"},{"id":"EhoiMOW7qEn09LxKBkM8aG4lzK7M7hXQ","name":"T","email":"tia@example.com","emailVerified":0,"image":null,"createdAt":"2026-12-07T17:23:43.966Z","updatedAt":"2026-12-07T17:23:43.985Z","twoFactorEnabled":1,"accounts":"[{\"providerId\":\"credential\",\"accountId\":\"EhoiMOW7qEn09LxKBkM8aG4lzK7M7hXQ\",\"password\":\"f9fcfce614ea096769f55c140c2b7fdb:1926097062e756a94a3ae22d7bdcb161695052b8f66b0e71b5f2fe5de58d94539e40b9ab28e6a995c323e048742f635058eec6811980b1bf805e851fbfec701d\"}]","twoFactors":"[{\"secret\":\"fb9b9773d44c1c7bf0d87f7e4ba17872e1689b2f746b849adee0675ecdcb858a05efbdd09dbaea0cbe5f745961ec3bcb2cded377e63d2b32a086bb514afe9e840d934f4dab323769\",\"verified\":1}]"},{"id":"IJ9urdbgSEiKztNbm5DUDhMrMQ6vCqh8","name":"Bea","email":"bea@example.com","emailVerified":0,"image":null,"createdAt":"2026-12-07T18:48:26.994Z","updatedAt":"2026-12-07T18:48:27.122Z","twoFactorEnabled":1,"accounts":"[{\"providerId\":\"credential\",\"accountId\":\"IJ9urdbgSEiKztNbm5DUDhMrMQ6vCqh8\",\"password\":\"08d19dde970353085dfdbafcac1674d5:83c91f3c79aa9086ef4528fff54c35f85e57c6c01961b7755db30577de23881b57f2357078692afe4b907310fab0dff7b053aa4c08fbd6c4447cbda54ae7f5c5\"}]","twoFactors":"[{\"secret\":\"be5f2605b6558f46ecc2ec3d9be4dc684332e2d78567e66d15a9be7e297410c3251e1df7a9687d9d57a7043ec2603442cd3241e22d97c95bcf8879d931f0b8a96097885c120beef4\",\"verified\":1,\"backupCodes\":\"ff0e43f26d22bc90c2d83858e7585cad85932cd58e09a78441e003e601b293f1f01daf7aa2b698b6435cc38fa1e9d3c03778bb47bc8fa21c7d914f3867fd2d61afe4ad2eda36e79f0e54302f259d7460a80d0a12ff83ce7fdabd47c6100322fe655e17c62084e9186358bef5ff98c1392330b3d1b76400a8c6726514260e6f571b0c63fdd98e31ced0b891a88c3ec15f82de621abee7e6171605556bebef8f8e180f2747065fe7\"}]"}]"#).unwrap();
+    std::fs::write(&file, r#"[{"id":"WJU4XpMcOOXLKsntLqpuCOE5deuKH7wh","name":"Ann Lee","email":"ann@example.com","emailVerified":1,"image":null,"createdAt":"2026-12-07T17:22:46.113Z","updatedAt":"2026-12-07T17:22:46.255Z","role":"admin","banned":0,"banReason":null,"banExpires":null,"username":"ann_l","displayUsername":"Ann_L","phoneNumber":null,"phoneNumberVerified":null,"plan":"pro","accounts":"[{\"providerId\":\"credential\",\"accountId\":\"WJU4XpMcOOXLKsntLqpuCOE5deuKH7wh\",\"password\":\"c03773393340e6f26151050165183273:fda43de002104d1cfe05b92a567bf9b467aaa9e7583ce590f88a77b88214e493cff5a6e12d026f76df2ab47c1e1d97afd71557910b69cea3fad61e3ba8f3c2e1\"},{\"providerId\":\"google\",\"accountId\":\"1076543210\",\"password\":null}]"},{"id":"oi05W6pbQVLe7uvdaS6KtLinJkwNeIPt","name":"Bob","email":"bob@example.com","emailVerified":0,"image":null,"createdAt":"2026-12-07T17:22:46.240Z","updatedAt":"2026-12-07T17:22:46.250Z","role":"user","banned":1,"banReason":"spam","banExpires":null,"username":null,"displayUsername":null,"phoneNumber":null,"phoneNumberVerified":null,"plan":null,"accounts":"[{\"providerId\":\"credential\",\"accountId\":\"oi05W6pbQVLe7uvdaS6KtLinJkwNeIPt\",\"password\":\"212b443b4330d68e61b34b1d0aa0eeaa:d99d2934b0fdd93230f5401c25ab4d66ff6ddfa107da4a0c951e07847c57d4ea6295af1688f90a46e757c0f9aaf6f8524235e0710ca8c60606328f0671c71d8e\"}]"},{"id":"EhoiMOW7qEn09LxKBkM8aG4lzK7M7hXQ","name":"T","email":"tia@example.com","emailVerified":0,"image":null,"createdAt":"2026-12-07T17:23:43.966Z","updatedAt":"2026-12-07T17:23:43.985Z","twoFactorEnabled":1,"accounts":"[{\"providerId\":\"credential\",\"accountId\":\"EhoiMOW7qEn09LxKBkM8aG4lzK7M7hXQ\",\"password\":\"f9fcfce614ea096769f55c140c2b7fdb:1926097062e756a94a3ae22d7bdcb161695052b8f66b0e71b5f2fe5de58d94539e40b9ab28e6a995c323e048742f635058eec6811980b1bf805e851fbfec701d\"}]","twoFactors":"[{\"secret\":\"fb9b9773d44c1c7bf0d87f7e4ba17872e1689b2f746b849adee0675ecdcb858a05efbdd09dbaea0cbe5f745961ec3bcb2cded377e63d2b32a086bb514afe9e840d934f4dab323769\",\"verified\":1}]"},{"id":"IJ9urdbgSEiKztNbm5DUDhMrMQ6vCqh8","name":"Bea","email":"bea@example.com","emailVerified":0,"image":null,"createdAt":"2026-12-07T18:48:26.994Z","updatedAt":"2026-12-07T18:48:27.122Z","twoFactorEnabled":1,"accounts":"[{\"providerId\":\"credential\",\"accountId\":\"IJ9urdbgSEiKztNbm5DUDhMrMQ6vCqh8\",\"password\":\"08d19dde970353085dfdbafcac1674d5:83c91f3c79aa9086ef4528fff54c35f85e57c6c01961b7755db30577de23881b57f2357078692afe4b907310fab0dff7b053aa4c08fbd6c4447cbda54ae7f5c5\"}]","twoFactors":"[{\"secret\":\"be5f2605b6558f46ecc2ec3d9be4dc684332e2d78567e66d15a9be7e297410c3251e1df7a9687d9d57a7043ec2603442cd3241e22d97c95bcf8879d931f0b8a96097885c120beef4\",\"verified\":1,\"backupCodes\":\"ff0e43f26d22bc90c2d83858e7585cad85932cd58e09a78441e003e601b293f1f01daf7aa2b698b6435cc38fa1e9d3c03778bb47bc8fa21c7d914f3867fd2d61afe4ad2eda36e79f0e54302f259d7460a80d0a12ff83ce7fdabd47c6100322fe655e17c62084e9186358bef5ff98c1392330b3d1b76400a8c6726514260e6f571b0c63fdd98e31ced0b891a88c3ec15f82de621abee7e6171605556bebef8f8e180f2747065fe7\"}]"},{"id":"xT1C1UDgodL3usQKuKrKWz9ro7RD7oo7","name":"Ola","email":"ola@example.com","emailVerified":1,"image":null,"createdAt":"2026-12-07T19:05:25.400Z","updatedAt":"2026-12-07T19:05:25.562Z","twoFactorEnabled":1,"accounts":"[{\"providerId\":\"credential\",\"accountId\":\"xT1C1UDgodL3usQKuKrKWz9ro7RD7oo7\",\"password\":\"df2a5cda8e92d4e16da03f524457f931:09e75eae111b00b209b03a26093d4ad60944e9e577e879cab638af721482e75dac95eb2f1f22a13491759620fbc16ebae6f68a79adc813ee5f792a1116bd0b79\"}]","twoFactors":"[]"}]"#).unwrap();
     let secret = dir.join("secret");
     std::fs::write(&secret, "legacy-secret-0123456789abcdefghijklmnop\n").unwrap();
     let (code, err, reasons) = import_from(
         &app,
         &file,
         "better-auth",
-        &["--better-auth-secret-file", secret.to_str().unwrap()],
+        &[
+            "--better-auth-secret-file",
+            secret.to_str().unwrap(),
+            "--better-auth-otp",
+            "email",
+        ],
     )
     .await;
     assert_eq!(code, 0, "{err} {reasons:?}");
-    assert!(err.contains("4 created"), "{err}");
+    assert!(err.contains("5 created"), "{err}");
     let mut users = app.users();
     let tia = crate::user_by_email(&mut users, "tia@example.com").await;
     assert!(totp_works(&app, &tia.id, b"ABCDEFGHIJKLMNOPQRSTUVWXYZ012345").await);
@@ -3257,6 +3263,55 @@ async fn a_better_auth_sqlite_database_imports() {
         recovery_code(&app, &bea.id, "oQepBoyaq9").await,
         R::CodeReused
     );
+    // The app served the plugin's OTP method too (codes by email): Ola turned two-factor on
+    // with it alone, and every two-factor user may take codes by email here as there, the
+    // app staying the default where there is one.
+    let mut authn = app.authenticators();
+    let factors = |id: &str| {
+        let (mut authn, id) = (authn.clone(), id.to_string());
+        async move {
+            crate::factors::list_of(&mut authn, &id)
+                .await
+                .iter()
+                .map(|a| (a.r#type, a.is_default, a.email.clone()))
+                .collect::<Vec<_>>()
+        }
+    };
+    use pb::AuthenticatorType as T;
+    assert_eq!(
+        factors(&bea.id).await,
+        [
+            (T::Totp as i32, true, String::new()),
+            (T::RecoveryCodes as i32, false, String::new()),
+            (T::EmailOtp as i32, false, "bea@example.com".to_string()),
+        ]
+    );
+    let ola = crate::user_by_email(&mut users, "ola@example.com").await;
+    assert_eq!(
+        factors(&ola.id).await,
+        [(T::EmailOtp as i32, true, "ola@example.com".to_string())]
+    );
+    let code = authn
+        .start_otp_challenge(pb::StartOtpChallengeRequest {
+            user_id: ola.id.clone(),
+            r#type: T::EmailOtp as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .code;
+    let r = authn
+        .verify_factor(pb::VerifyFactorRequest {
+            user_id: ola.id.clone(),
+            r#type: T::EmailOtp as i32,
+            code,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.result, R::Ok as i32);
     let ann = crate::user_by_email(&mut users, "ann@example.com").await;
     assert!(ann.email_verified);
     assert_eq!(ann.username, "ann_l");
