@@ -298,7 +298,17 @@ pub async fn serve(
     sources: Sources,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let sources = Arc::new(sources);
+    serve_with(listener, move || metrics.render(&sources), shutdown).await
+}
+
+/// Serves `GET /metrics` on `listener`, as `render` writes them at each scrape, until
+/// `shutdown` resolves (the server's, and `roster events --metrics-listen`'s).
+pub async fn serve_with(
+    listener: TcpListener,
+    render: impl Fn() -> String + Send + Sync + 'static,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let render = Arc::new(render);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -308,7 +318,7 @@ pub async fn serve(
                 Err(_) => continue,
             },
         };
-        let (metrics, sources) = (metrics.clone(), sources.clone());
+        let render = render.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
                 let response = if req.uri().path() == "/metrics" {
@@ -317,7 +327,7 @@ pub async fn serve(
                             "content-type",
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         )
-                        .body(Full::new(Bytes::from(metrics.render(&sources))))
+                        .body(Full::new(Bytes::from(render())))
                 } else {
                     hyper::Response::builder()
                         .status(404)

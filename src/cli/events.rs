@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{Map, Value};
 
+use super::follow_metrics::FollowMetrics;
 use super::remote::ServerArgs;
 use super::webhook::{PostArgs, Poster, Refused};
 use crate::pb::v1 as pb;
@@ -41,6 +42,11 @@ pub struct EventsArgs {
     /// the stream has reached the end of the log.
     #[arg(long)]
     pub until_caught_up: bool,
+    /// Serve the follower's Prometheus metrics (`GET /metrics`) on this address, e.g.
+    /// 0.0.0.0:9091: where it is, what it delivered, how old the oldest event waiting for
+    /// the webhook is, whether it is connected.
+    #[arg(long, value_name = "ADDR", env = "ROSTER_EVENTS_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub post: PostArgs,
     #[command(flatten)]
@@ -73,12 +79,26 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     {
         after = saved;
     }
+    let metrics = FollowMetrics::default();
+    metrics.position.set(after);
+    if let Some(addr) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics-listen {addr}"))?;
+        let m = metrics.clone();
+        tokio::spawn(crate::metrics::serve_with(
+            listener,
+            move || m.render(),
+            std::future::pending(),
+        ));
+    }
     let mut poster = Poster::new(&args.post)?;
-    if let Some(poster) = &mut poster
-        && args.until_caught_up
-    {
-        // A scheduled run must end, not retry until the next one starts beside it.
-        poster.give_up_after(GIVE_UP_AFTER);
+    if let Some(poster) = &mut poster {
+        poster.count_retries(metrics.retries.clone());
+        if args.until_caught_up {
+            // A scheduled run must end, not retry until the next one starts beside it.
+            poster.give_up_after(GIVE_UP_AFTER);
+        }
     }
     let mut out = Output {
         stdout: std::io::BufWriter::new(std::io::stdout().lock()),
@@ -89,6 +109,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         unsaved: 0,
         sent: 0,
         reported: std::time::Instant::now(),
+        metrics,
     };
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("listening for SIGTERM")?;
@@ -122,6 +143,7 @@ struct Output<W: Write> {
     /// With --post: events delivered since the last progress line, and when that was.
     sent: u64,
     reported: std::time::Instant,
+    metrics: FollowMetrics,
 }
 
 impl<W: Write> Output<W> {
@@ -141,10 +163,13 @@ impl<W: Write> Output<W> {
                     .occurred_at
                     .as_ref()
                     .map(|t| t.seconds as f64 + f64::from(t.nanos) / 1e9);
-                if let Some(poster) = &mut self.poster
-                    && poster.add(&id, event.position, at, &json)
-                {
-                    self.send().await?;
+                if let Some(poster) = &mut self.poster {
+                    if poster.is_empty() {
+                        self.metrics.waiting_since(at);
+                    }
+                    if poster.add(&id, event.position, at, &json) {
+                        self.send().await?;
+                    }
                 }
             }
             None => {
@@ -154,6 +179,8 @@ impl<W: Write> Output<W> {
                     .context("writing to standard output")?;
                 self.after = event.position;
                 self.unsaved += 1;
+                self.metrics.delivered.inc();
+                self.metrics.position.set(self.after);
                 if self.unsaved >= SAVE_EVERY {
                     self.save()?;
                 }
@@ -174,6 +201,9 @@ impl<W: Write> Output<W> {
         self.after = last;
         self.sent += count as u64;
         self.unsaved += count as u64;
+        self.metrics.none_waiting();
+        self.metrics.delivered.inc_by(count as u64);
+        self.metrics.position.set(last);
         if self.reported.elapsed() >= REPORT_EVERY {
             self.report();
         }
@@ -216,6 +246,7 @@ impl<W: Write> Output<W> {
     async fn checkpoint(&mut self, position: i64) -> anyhow::Result<()> {
         self.send().await?;
         self.after = self.after.max(position);
+        self.metrics.position.set(self.after);
         self.save()
     }
 
@@ -268,6 +299,7 @@ async fn follow<W: Write>(
         let ended = match stream {
             Ok(mut stream) => {
                 wait = RECONNECT_FIRST;
+                out.metrics.connected.set(1);
                 let until = args.until_caught_up.then_some(CAUGHT_UP_AFTER);
                 tokio::select! {
                     ended = pump(&mut stream, out, until) => ended,
@@ -285,10 +317,13 @@ async fn follow<W: Write>(
         if e.is::<Refused>() || !super::remote::retryable(&e) {
             return Err(e);
         }
+        out.metrics.connected.set(0);
+        out.metrics.reconnects.inc();
         // Events taken and not delivered come again on the new stream, which starts after
         // the last one delivered.
         if let Some(poster) = &mut out.poster {
             poster.discard();
+            out.metrics.none_waiting();
         }
         out.save()?;
         eprintln!(

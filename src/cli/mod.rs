@@ -2,6 +2,7 @@
 pub mod admin;
 pub mod events;
 pub mod export;
+pub mod follow_metrics;
 pub mod import;
 pub mod records;
 pub mod remote;

@@ -167,6 +167,8 @@ pub struct Poster {
     /// With --post-batch: its size (the body is then always a list, even of one).
     batch: Option<usize>,
     pending: Pending,
+    /// Counts the tries made again (`roster events --metrics-listen`).
+    retries: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 /// The events taken from the stream and not yet delivered.
@@ -264,7 +266,18 @@ impl Poster {
             gzip: args.post_gzip,
             batch: args.post_batch.map(usize::from),
             pending: Pending::default(),
+            retries: None,
         }))
+    }
+
+    /// Counts each try made again on `counter`.
+    pub fn count_retries(&mut self, counter: prometheus_client::metrics::counter::Counter) {
+        self.retries = Some(counter);
+    }
+
+    /// Whether no event waits to be sent.
+    pub fn is_empty(&self) -> bool {
+        self.pending.count == 0
     }
 
     /// Stops delivery (with Refused) when one event has gone untaken this long.
@@ -406,6 +419,9 @@ impl Poster {
                     limit.as_secs()
                 ))
                 .into());
+            }
+            if let Some(retries) = &self.retries {
+                retries.inc();
             }
             eprintln!(
                 "roster events: the webhook at {}: {why}; sending {what} again in {:.1} s",

@@ -4706,6 +4706,97 @@ async fn events_reconnects_when_its_connection_goes_silent() {
     assert!(connections.lock().unwrap().len() >= 2, "a new connection");
 }
 
+/// `roster events --metrics-listen`: while the webhook answers 503, the follower's metrics
+/// show it connected, retrying, and the oldest undelivered event's age growing; once the
+/// webhook takes the events, delivered and position move on and nothing waits.
+#[tokio::test]
+async fn events_metrics_show_a_webhook_falling_behind() {
+    let (app, _dir, created) = app_with_users("metrics", 3).await;
+    let (url, got) = webhook_receiver(vec![
+        (503, Some("1"), ""),
+        (503, Some("1"), ""),
+        (503, Some("1"), ""),
+    ])
+    .await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(ROSTER)
+        .args([
+            "events",
+            "--filter",
+            "type = USER_CREATED",
+            "--post",
+            &url,
+            "--post-batch",
+            "10",
+            "--metrics-listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("ROSTER_SERVER", format!("http://{}", app.addr))
+        .env("ROSTER_API_KEY", &app.token)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run roster events");
+    let _child = Reap(child);
+    // One metric's value from a scrape of the follower.
+    let scrape = || async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut text = String::new();
+        if let Ok(mut c) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            let _ = c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await;
+            let _ = c.read_to_string(&mut text).await;
+        }
+        text
+    };
+    let value = |text: &str, name: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .map(|v| v.parse().unwrap())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let behind = loop {
+        let text = scrape().await;
+        if value(&text, "roster_events_webhook_retries_total").unwrap_or(0.0) >= 2.0 {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no retries seen: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        value(&behind, "roster_events_connected"),
+        Some(1.0),
+        "{behind}"
+    );
+    assert_eq!(value(&behind, "roster_events_delivered_total"), Some(0.0));
+    assert!(
+        value(&behind, "roster_events_undelivered_age_seconds").unwrap() > 0.5,
+        "{behind}"
+    );
+    let caught_up = loop {
+        let text = scrape().await;
+        if value(&text, "roster_events_delivered_total") == Some(3.0) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        value(&caught_up, "roster_events_undelivered_age_seconds"),
+        Some(0.0)
+    );
+    let got = got.lock().unwrap();
+    let last = got.last().unwrap().body.as_array().unwrap().clone();
+    assert_eq!(last.len(), created.len());
+    // At the last event delivered, or past it at a checkpoint.
+    let position = value(&caught_up, "roster_events_position").unwrap();
+    assert!(position >= last.last().unwrap()["position"].as_f64().unwrap());
+}
+
 /// Kills the child it holds when dropped, so a failed test leaves no process behind.
 struct Reap(std::process::Child);
 
