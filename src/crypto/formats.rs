@@ -17,6 +17,7 @@ pub const ACCEPTED_HASH_FORMATS: &str = "PHC argon2id/argon2i/argon2d, bcrypt ($
     PHC pbkdf2 (SHA-1)/pbkdf2-sha256/pbkdf2-sha512, PHC scrypt, SHA-crypt ($5$, $6$), \
     Django (pbkdf2_sha256$, pbkdf2_sha1$, argon2$, bcrypt$, bcrypt_sha256$), \
     Werkzeug (pbkdf2:sha256:N$, pbkdf2:sha512:N$, pbkdf2:sha1:N$, scrypt:N:r:p$), \
+    passlib pbkdf2 ($pbkdf2-sha256$N$, $pbkdf2-sha512$N$, $pbkdf2$N$), \
     Firebase scrypt ($firescrypt$)";
 
 /// Longest hash string accepted.
@@ -211,6 +212,9 @@ pub fn parse(hash: &str) -> Result<Format<'_>, String> {
     if let Some(rest) = hash.strip_prefix("$firescrypt$") {
         return firebase(rest);
     }
+    if let Some(format) = passlib_pbkdf2(hash) {
+        return format;
+    }
     if bcrypt_cost(hash).is_some() {
         return bcrypt(hash, false);
     }
@@ -366,6 +370,55 @@ fn expected_len(bytes: Vec<u8>) -> Result<Vec<u8>, String> {
         return Err("hash must be 16..=64 bytes".into());
     }
     Ok(bytes)
+}
+
+/// passlib's PBKDF2 (`pbkdf2_sha256` and friends; ZITADEL's passwap writes it too):
+/// `$pbkdf2-sha256$<iterations>$<salt>$<key>` in passlib's base64 (`.` for `+`, unpadded).
+/// None when the hash is not of that shape (a PHC `$pbkdf2...$i=...` string is not: its
+/// second field is not a bare number).
+fn passlib_pbkdf2(hash: &str) -> Option<Result<Format<'_>, String>> {
+    use base64::Engine as _;
+    let mut parts = hash.split('$');
+    let (Some(""), Some(name), Some(rounds), Some(salt), Some(key), None) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    if rounds.is_empty() || !rounds.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let kind = match name {
+        "pbkdf2" => 1,
+        "pbkdf2-sha256" => 256,
+        "pbkdf2-sha512" => 512,
+        _ => return None,
+    };
+    let ab64 = |text: &str| {
+        base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(text.replace('.', "+"))
+            .map_err(|_| format!("passlib {name} salt and hash must be passlib's base64"))
+    };
+    Some((|| {
+        let rounds = pbkdf2_rounds(rounds)?;
+        let salt = ab64(salt)?;
+        if salt.is_empty() || salt.len() > MAX_SALT_LEN {
+            return Err(format!("salt must be 1..={MAX_SALT_LEN} bytes"));
+        }
+        Ok(Format::Salted {
+            kdf: match kind {
+                1 => Kdf::Pbkdf2Sha1 { rounds },
+                256 => Kdf::Pbkdf2Sha256 { rounds },
+                _ => Kdf::Pbkdf2Sha512 { rounds },
+            },
+            salt,
+            expected: expected_len(ab64(key)?)?,
+        })
+    })())
 }
 
 /// Django's default hasher, `pbkdf2_sha256$<iterations>$<salt>$<base64 of the key>`, or its
@@ -670,6 +723,8 @@ mod tests {
             "$2b$10$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy",
             "$pbkdf2-sha256$i=600000,l=32$c29tZXNhbHQ$T6QzUU0zNlNxWVZ0cGs3ZmJ6bXp4c0p6dXhtN0RkZkE",
             "$scrypt$ln=17,r=8,p=1$c29tZXNhbHQ$T6QzUU0zNlNxWVZ0cGs3ZmJ6bXp4c0p6dXhtN0RkZkE",
+            "$pbkdf2-sha256$29000$N2YuJWQsZQ$OFvEcLOIPFd/oq8egf10i.qJLI7A8nDjPLnolCWarQY",
+            "$pbkdf2$12$cmFuZG9tc2FsdGlzaGFyZA$mwUqsMixIYMc/0eN4v1.l3SVDpk",
         ] {
             let name = parse(ok).map(|f| f.name());
             assert!(name.is_ok(), "{ok}: {:?}", parse(ok).err());
@@ -715,6 +770,15 @@ mod tests {
                 "$scrypt$ln=22,r=8,p=1$c29tZXNhbHQ$T6QzUU0zNlNxWVZ0cGs3ZmJ6bXp4c0p6dXhtN0RkZkE",
                 "scrypt parameters",
             ),
+            (
+                "$pbkdf2-sha256$90000000$c29tZXNhbHQ$T6QzUU0zNlNxWVZ0cGs3ZmJ6bXp4c0p6dXhtN0RkZkE",
+                "pbkdf2 iterations",
+            ),
+            (
+                "$pbkdf2-sha256$1000$c29t!$T6QzUU0zNlNxWVZ0",
+                "passlib's base64",
+            ),
+            ("$pbkdf2-sha256$1000$c29tZXNhbHQ$T6Qz", "16..=64 bytes"),
         ] {
             let err = parse(bad).err().unwrap_or_default();
             assert!(err.contains(says), "{bad}: {err}");

@@ -119,6 +119,20 @@ pub const LEGACY_HASHES: &[(&str, &str)] = &[
         "pbkdf2-sha1",
         "pbkdf2_sha1$10000$cm9zdGVyZml4dHVyZXNhbHQ$/oWvuzD2PUF7FV8msQicE/JG0YA=",
     ),
+    // passlib's pbkdf2_sha256/sha512/sha1 (Python apps, ZITADEL's passwap): its own base64
+    // (`.` for `+`), made and checked by passlib 1.7.
+    (
+        "pbkdf2-sha256",
+        "$pbkdf2-sha256$10000$cm9zdGVyLWZpeHR1cmUrPz4$pXWV8WPY6HQXq61M.08xggVkTQS4Ut5pJLWdi9o2gss",
+    ),
+    (
+        "pbkdf2-sha512",
+        "$pbkdf2-sha512$10000$cm9zdGVyLWZpeHR1cmUrPz4$mrxJTCSmAboq/yqB0sRP5rOt9VEvblVWPMouUJ0PKjkllbDYL6NZbHRsKRl0NvK/H3yj0ye9LjoAx6CmOgeuNg",
+    ),
+    (
+        "pbkdf2-sha1",
+        "$pbkdf2$10000$cm9zdGVyLWZpeHR1cmUrPz4$cVz3YUyWsBVQyVlwIE1unwdrkO0",
+    ),
     (
         // Firebase's modified scrypt with its usual parameters (mem_cost 14, rounds 8, salt
         // separator 0x07) and a 64-byte signer key, made with Python's hashlib.scrypt and
