@@ -78,8 +78,9 @@ pub struct ImportArgs {
     pub errors: Option<PathBuf>,
     /// Whose field names the file uses: roster (what `roster export` writes), auth0 (an Auth0
     /// user export, JSON or CSV), firebase (`firebase auth:export users.json`), keycloak (a
-    /// realm export), cognito (`aws cognito-idp list-users`), supabase (`auth.users` rows) or
-    /// clerk (the dashboard's export); see the README's "Moving off" paragraphs.
+    /// realm export), cognito (`aws cognito-idp list-users`), supabase (`auth.users` rows),
+    /// clerk (the dashboard's export), kratos, better-auth (the README's queries) or zitadel
+    /// (an instance's export); see the README's "Moving off" paragraphs.
     #[arg(long, value_enum, default_value = "roster")]
     pub from: Source,
     /// With --from firebase: a file holding the project's password hash parameters as the
@@ -186,7 +187,9 @@ fn sniff_format(input: &mut dyn Read) -> std::io::Result<(InputFormat, Vec<u8>)>
                         let line = &head[i..end.unwrap_or(head.len())];
                         let record =
                             serde_json::from_slice::<Map<String, Value>>(line).is_ok_and(|obj| {
-                                !obj.contains_key("users") && !obj.contains_key("Users")
+                                !["users", "Users", "orgs"]
+                                    .iter()
+                                    .any(|k| obj.contains_key(*k))
                             });
                         Some(if record {
                             InputFormat::Jsonl
@@ -414,11 +417,15 @@ impl<'de> serde::de::Visitor<'de> for Top<'_, '_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut fields = Map::new();
         let mut container = false;
+        let zitadel = matches!(*self.0.reader.convert, Convert::Zitadel);
         while let Some(key) = map.next_key::<String>()? {
             // Firebase and Keycloak say `users`, Cognito's list-users `Users`.
             if (key == "users" || key == "Users") && !container {
                 container = true;
                 map.next_value_seed(Users(&mut *self.0))?;
+            } else if key == "orgs" && zitadel && !container {
+                container = true;
+                map.next_value_seed(Orgs(&mut *self.0))?;
             } else if container {
                 map.next_value::<IgnoredAny>()?;
             } else {
@@ -439,6 +446,36 @@ impl<'de> DeserializeSeed<'de> for Users<'_, '_> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_seq(Top(self.0))
+    }
+}
+
+/// A ZITADEL export's `orgs`: each organization read whole (its users' metadata and links
+/// come after them), then its human users sent one by one.
+struct Orgs<'w, 'a>(&'w mut Walk<'a>);
+
+impl<'de> DeserializeSeed<'de> for Orgs<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Orgs<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a ZITADEL export's array of organizations")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(org) = seq.next_element::<Map<String, Value>>()? {
+            for user in super::sources::zitadel_users(org) {
+                if !self.0.record(user) {
+                    return Err(A::Error::custom("the import stopped"));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -742,6 +779,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         Source::Supabase => Convert::Supabase,
         Source::Clerk => Convert::Clerk,
         Source::Kratos => Convert::Kratos,
+        Source::Zitadel => Convert::Zitadel,
         Source::BetterAuth => Convert::BetterAuth(
             read_with(
                 args.better_auth_secret_file.as_deref(),
@@ -759,13 +797,13 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
                 | Source::Supabase
                 | Source::Kratos
                 | Source::BetterAuth
+                | Source::Zitadel
         )
     {
         bail!(
             "{:?} exports are read as JSON (firebase auth:export users.json; kc.sh export; \
-             aws cognito-idp list-users; the README's commands for Supabase, Kratos and \
-             Better Auth); \
-             this file looks like CSV",
+             aws cognito-idp list-users; ZITADEL's /admin/v1/export; the README's commands \
+             for Supabase, Kratos and Better Auth); this file looks like CSV",
             args.from
         );
     }

@@ -37,6 +37,9 @@ pub enum Source {
     /// Better Auth's `user` rows with their `account`, `twoFactor` and `passkey` rows (the
     /// README's query of your app's database; --better-auth-secret-file for two-factor).
     BetterAuth,
+    /// A ZITADEL instance's export (`POST /admin/v1/export` with passwords and OTP): each
+    /// organization's human users with their metadata and identity provider links.
+    Zitadel,
 }
 
 /// Identity providers of Auth0 that are not linked accounts: its own database connection
@@ -150,6 +153,7 @@ pub enum Convert {
     Clerk,
     Kratos,
     BetterAuth(Option<BetterAuthSecrets>, Option<OtpChannel>),
+    Zitadel,
 }
 
 /// Where Better Auth's two-factor OTP method (`otpOptions.sendOTP`) sends its codes.
@@ -173,6 +177,7 @@ impl Convert {
             Convert::Clerk => from_clerk(obj),
             Convert::Kratos => from_kratos(obj),
             Convert::BetterAuth(secrets, otp) => from_better_auth(obj, secrets.as_ref(), *otp),
+            Convert::Zitadel => from_zitadel(obj),
         }
     }
 }
@@ -2495,6 +2500,240 @@ fn better_auth_hash(hash: &str) -> Result<String, String> {
     ))
 }
 
+/// One spelling for protobuf JSON's camelCase and proto names (`humanUsers`, `human_users`).
+fn proto_key(k: &str) -> String {
+    k.replace('_', "").to_ascii_lowercase()
+}
+
+/// A ZITADEL export's organization (`orgs[]`) as one record per human user: the user
+/// (`userId`, `user`) with its `metadata` and `links` gathered from the organization's
+/// `userMetadata` and `userLinks`, and the organization's id and name. Service accounts
+/// (`machineUsers`), projects, policies and the rest are left out.
+pub fn zitadel_users(org: Map<String, Value>) -> Vec<Value> {
+    let (mut users, mut metadata, mut links) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut org_id, mut org_name) = (Value::Null, Value::Null);
+    for (k, v) in org {
+        match proto_key(&k).as_str() {
+            "orgid" => org_id = v,
+            "org" => org_name = v.get("name").cloned().unwrap_or_default(),
+            "humanusers" => users = array_of(&k, v).unwrap_or_default(),
+            "usermetadata" => metadata = array_of(&k, v).unwrap_or_default(),
+            "userlinks" => links = array_of(&k, v).unwrap_or_default(),
+            _ => {}
+        }
+    }
+    // Each user's entries, by the user id they name (the lists come after the users).
+    let by_user = |list: Vec<Value>, field: &str| {
+        let mut map: std::collections::HashMap<String, Vec<Value>> = Default::default();
+        for entry in list {
+            let id = entry
+                .as_object()
+                .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == field))
+                .and_then(|(_, v)| text(v));
+            if let Some(id) = id {
+                map.entry(id).or_default().push(entry);
+            }
+        }
+        map
+    };
+    let (mut metadata, mut links) = (by_user(metadata, "id"), by_user(links, "userid"));
+    users
+        .into_iter()
+        .map(|mut u| {
+            let id = u
+                .as_object()
+                .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == "userid"))
+                .and_then(|(_, v)| text(v))
+                .unwrap_or_default();
+            if let Value::Object(o) = &mut u {
+                let metadata = metadata.remove(&id).unwrap_or_default();
+                o.insert("metadata".into(), Value::Array(metadata));
+                let links = links.remove(&id).unwrap_or_default();
+                o.insert("links".into(), Value::Array(links));
+                o.insert("org".into(), json!({"id": org_id, "name": org_name}));
+            }
+            u
+        })
+        .collect()
+}
+
+/// A ZITADEL human user as [`zitadel_users`] gathers it, in Roster's field names: `userId`
+/// becomes `external_id`; `userName` `username`; the profile's `firstName`, `lastName`,
+/// `displayName` and `preferredLanguage` `given_name`, `family_name`, `display_name` and
+/// `locale`, its `nickName` and `gender` `user_metadata`; the email and phone with their
+/// verified flags; `hashedPassword` (bcrypt, argon2, scrypt, passlib's PBKDF2, SHA-crypt:
+/// what ZITADEL's passwap writes) `password_hash`; `otpCode` (the authenticator app's
+/// secret, base32) a TOTP factor; the user's metadata (bytes, read as JSON where they are,
+/// else as text) and the organization's id and name (`zitadel_org_id`, `zitadel_org`)
+/// `app_metadata`; each identity provider link an identity (the provider's name in ZITADEL
+/// as provider, the user's id there as subject).
+pub fn from_zitadel(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    let mut app = Map::new();
+    let mut extra = Map::new();
+    let mut linked = Vec::new();
+    for (k, v) in obj {
+        match proto_key(&k).as_str() {
+            "userid" => {
+                if let Some(id) = text(&v) {
+                    out.insert("external_id".into(), Value::String(id));
+                }
+            }
+            "user" => {
+                let Value::Object(user) = v else {
+                    return Err("user: must be an object".into());
+                };
+                zitadel_user(&mut out, &mut extra, user)?;
+            }
+            "metadata" => {
+                for (i, m) in array_of(&k, v)?.iter().enumerate() {
+                    let field = |f: &str| {
+                        m.as_object()
+                            .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == f))
+                            .and_then(|(_, v)| text(v))
+                    };
+                    let Some(key) = field("key") else {
+                        return Err(format!("metadata[{i}]: needs its key"));
+                    };
+                    let bytes = base64_bytes(
+                        &format!("metadata[{i}].value"),
+                        &field("value").unwrap_or_default(),
+                    )?;
+                    let value = match std::str::from_utf8(&bytes) {
+                        Ok(t) => serde_json::from_str::<Value>(t)
+                            .ok()
+                            .filter(|v| {
+                                v.is_object() || v.is_array() || v.is_number() || v.is_boolean()
+                            })
+                            .unwrap_or_else(|| Value::String(t.to_string())),
+                        Err(_) => {
+                            Value::String(base64::engine::general_purpose::STANDARD.encode(&bytes))
+                        }
+                    };
+                    app.insert(key, value);
+                }
+            }
+            "links" => {
+                for (i, l) in array_of(&k, v)?.iter().enumerate() {
+                    let field = |f: &str| {
+                        l.as_object()
+                            .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == f))
+                            .and_then(|(_, v)| text(v))
+                    };
+                    let provider = field("idpname").or_else(|| field("idpid"));
+                    let (Some(provider), Some(subject)) = (provider, field("provideduserid"))
+                    else {
+                        return Err(format!("links[{i}]: needs idpName and providedUserId"));
+                    };
+                    linked.push(identity(provider, subject, &[]));
+                }
+            }
+            "org" => {
+                if let Some(id) = v.get("id").and_then(text) {
+                    app.insert("zitadel_org_id".into(), Value::String(id));
+                }
+                if let Some(name) = v.get("name").and_then(text) {
+                    app.insert("zitadel_org".into(), Value::String(name));
+                }
+            }
+            other => return Err(format!("unknown ZITADEL field '{other}'")),
+        }
+    }
+    set_identities(&mut out, linked);
+    if !app.is_empty() {
+        out.insert("app_metadata".into(), Value::Object(app));
+    }
+    if !extra.is_empty() {
+        out.insert("user_metadata".into(), Value::Object(extra));
+    }
+    Ok(out)
+}
+
+/// The `user` of a ZITADEL human user (its ImportHumanUserRequest).
+fn zitadel_user(
+    out: &mut Map<String, Value>,
+    extra: &mut Map<String, Value>,
+    user: Map<String, Value>,
+) -> Result<(), String> {
+    let get = |o: &Value, f: &str| {
+        o.as_object()
+            .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == f))
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.is_null())
+    };
+    for (k, v) in user {
+        let field = format!("user.{k}");
+        match proto_key(&k).as_str() {
+            "username" => {
+                if let Some(name) = text(&v) {
+                    out.insert("username".into(), Value::String(name));
+                }
+            }
+            "profile" => {
+                for (from, to) in [
+                    ("firstname", "given_name"),
+                    ("lastname", "family_name"),
+                    ("displayname", "display_name"),
+                    ("preferredlanguage", "locale"),
+                ] {
+                    // `und`: ZITADEL's "no language chosen".
+                    if let Some(t) = get(&v, from).and_then(|t| text(&t)).filter(|t| t != "und") {
+                        out.insert(to.into(), Value::String(t));
+                    }
+                }
+                if let Some(nick) = get(&v, "nickname").and_then(|t| text(&t)) {
+                    extra.insert("nickname".into(), Value::String(nick));
+                }
+                let gender = get(&v, "gender").and_then(|t| text(&t));
+                if let Some(g) = gender.filter(|g| g != "GENDER_UNSPECIFIED" && g != "0") {
+                    let g = g.strip_prefix("GENDER_").unwrap_or(&g).to_ascii_lowercase();
+                    extra.insert("gender".into(), Value::String(g));
+                }
+            }
+            "email" | "phone" => {
+                let (address, flag, to, to_flag) = if proto_key(&k) == "email" {
+                    ("email", "isemailverified", "email", "email_verified")
+                } else {
+                    ("phone", "isphoneverified", "phone_number", "phone_verified")
+                };
+                if let Some(a) = get(&v, address).and_then(|a| text(&a)) {
+                    out.insert(to.into(), Value::String(a));
+                    let verified = get(&v, flag).unwrap_or(Value::Bool(false));
+                    out.insert(to_flag.into(), Value::Bool(as_bool(&field, verified)?));
+                }
+            }
+            "hashedpassword" => {
+                if let Some(hash) = get(&v, "value").and_then(|h| text(&h)) {
+                    out.insert("password_hash".into(), Value::String(hash));
+                }
+            }
+            "otpcode" => {
+                if let Some(secret) = text(&v) {
+                    let seed = base32_seed(&field, &secret)?;
+                    add_factor(out, totp_factor(&seed, None, None));
+                }
+            }
+            "passwordchangerequired" => {
+                out.insert(
+                    "require_password_change".into(),
+                    Value::Bool(as_bool(&field, v)?),
+                );
+            }
+            // Sign-up time choices of the import request, not state to carry.
+            "requestpasswordlessregistration" | "idps" => {}
+            "password" => {
+                if text(&v).is_some() {
+                    return Err(format!(
+                        "{field}: a password in the clear is not imported; give its hash"
+                    ));
+                }
+            }
+            _ => return Err(format!("unknown ZITADEL field '{field}'")),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2505,6 +2744,55 @@ mod tests {
     /// The two-factor plugin's backup codes, sealed under the same secret, one of ten spent.
     const BETTER_AUTH_SEALED_CODES: &str = "ff0e43f26d22bc90c2d83858e7585cad85932cd58e09a78441e003e601b293f1f01daf7aa2b698b6435cc38fa1e9d3c03778bb47bc8fa21c7d914f3867fd2d61afe4ad2eda36e79f0e54302f259d7460a80d0a12ff83ce7fdabd47c6100322fe655e17c62084e9186358bef5ff98c1392330b3d1b76400a8c6726514260e6f571b0c63fdd98e31ced0b891a88c3ec15f82de621abee7e6171605556bebef8f8e180f2747065fe7";
     const BETTER_AUTH_SEALED_V2: &str = "$ba$2$a33b66c66ad516a887583093a407cdeffb15560eb90e5ad54e30cef8e7b0da91a9c3c40276957826b6936ab99b5ccf984e7036ee06cec6d013665097cc1aacb75505d43cd5a12905";
+
+    #[test]
+    fn zitadel_users_gather_their_metadata_and_links_in_either_spelling() {
+        // Proto names (snake_case) as well as protobuf JSON's camelCase.
+        let org = json!({"org_id": "o1", "org": {"name": "ACME"},
+            "human_users": [{"user_id": "u1", "user": {"user_name": "zoe",
+                "email": {"email": "z@x.io", "is_email_verified": true},
+                "hashed_password": {"value": "$2b$10$abc"}, "otp_code": "JBSWY3DPEHPK3PXP"}},
+                {"user_id": "u2", "user": {"user_name": "al"}}],
+            "user_metadata": [{"id": "u1", "key": "tags", "value": "WyJhIl0="},
+                {"id": "u1", "key": "bin", "value": "/w=="}],
+            "user_links": [{"user_id": "u1", "idp_id": "9", "provided_user_id": "s1"}]});
+        let records = zitadel_users(obj(org));
+        assert_eq!(records.len(), 2);
+        let r = from_zitadel(obj(records[0].clone())).unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({"external_id": "u1", "username": "zoe", "email": "z@x.io",
+                "email_verified": true, "password_hash": "$2b$10$abc",
+                "authenticators": [{"type": "TOTP", "totp_secret": "SGVsbG8h3q2+7w=="}],
+                "identities": [{"provider": "9", "subject": "s1"}],
+                "app_metadata": {"tags": ["a"], "bin": "/w==", "zitadel_org_id": "o1",
+                    "zitadel_org": "ACME"}})
+        );
+        let r = from_zitadel(obj(records[1].clone())).unwrap();
+        assert!(
+            r.get("app_metadata").unwrap().get("tags").is_none(),
+            "u2 has none"
+        );
+        for (user, says) in [
+            (
+                json!({"user": {"password": "hunter2"}}),
+                "not imported; give its hash",
+            ),
+            (json!({"user": {"otpCode": "not base32!"}}), "user.otpCode"),
+            (
+                json!({"user": {"userName": "a", "shoeSize": 9}}),
+                "unknown ZITADEL field",
+            ),
+            (
+                json!({"links": [{"idpName": "Google"}]}),
+                "needs idpName and providedUserId",
+            ),
+        ] {
+            let e = from_zitadel(obj(user)).unwrap_err();
+            assert!(e.contains(says), "{e}");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+    }
 
     #[test]
     fn better_auth_totp_secrets_open_with_the_apps_secret() {

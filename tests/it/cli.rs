@@ -3121,6 +3121,119 @@ async fn a_kratos_export_imports_with_passwords_and_totp() {
     );
 }
 
+/// Moving off ZITADEL: an instance's export (`POST /admin/v1/export` with passwords and
+/// OTP, one line of protobuf JSON as the API answers) imports with `--from zitadel`: each
+/// organization's human users, with bcrypt and passlib PBKDF2 passwords that sign in, the
+/// authenticator app, metadata and the organization in `app_metadata`, identity provider
+/// links as identities; service accounts, projects and policies are left out.
+#[tokio::test]
+async fn a_zitadel_export_imports_with_passwords_and_totp() {
+    use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
+    use base64::Engine as _;
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-zitadel-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hash = |name: &str, prefix: &str| {
+        LEGACY_HASHES
+            .iter()
+            .find(|(n, h)| *n == name && h.starts_with(prefix))
+            .unwrap()
+            .1
+    };
+    let (seed, secret) = seed_of(29);
+    let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+    let export = serde_json::json!({"orgs": [
+        {
+            "orgId": "259242039378444290", "org": {"name": "ACME"},
+            "domainPolicy": {"userLoginMustBeDomain": true},
+            "loginPolicy": {"allowUsernamePassword": true, "forceMfa": false},
+            "humanUsers": [
+                {"userId": "259242039378509826", "user": {
+                    "userName": "zoe", "profile": {"firstName": "Zoe", "lastName": "Ng",
+                        "nickName": "z", "displayName": "Zoe Ng", "preferredLanguage": "de",
+                        "gender": "GENDER_FEMALE"},
+                    "email": {"email": "zoe@acme.test", "isEmailVerified": true},
+                    "phone": {"phone": "+41791234567", "isPhoneVerified": false},
+                    "hashedPassword": {"value": hash("bcrypt", "$2b$")},
+                    "otpCode": secret}},
+                {"userId": "259242039378575362", "user": {
+                    "userName": "yan@acme.test", "profile": {"firstName": "Yan",
+                        "lastName": "Li", "displayName": "Yan Li", "preferredLanguage": "und"},
+                    "email": {"email": "yan@acme.test"},
+                    "hashedPassword": {"value": hash("pbkdf2-sha256", "$pbkdf2-sha256$10000$")}}}
+            ],
+            "machineUsers": [{"userId": "259242039378640898",
+                "user": {"userName": "ci-bot", "name": "CI"}}],
+            "userMetadata": [
+                {"id": "259242039378509826", "key": "plan", "value": b64("pro")},
+                {"id": "259242039378509826", "key": "seats", "value": b64("12")},
+                {"id": "259242039378640898", "key": "owner", "value": b64("ops")}
+            ],
+            "userLinks": [{"userId": "259242039378575362", "idpId": "259242039378706434",
+                "idpName": "Google", "providedUserId": "1098765",
+                "providedUserName": "yan@gmail.com", "idpType": "IDP_TYPE_OIDC"}],
+            "projects": [{"projectId": "1", "project": {"name": "app"}}]
+        },
+        {
+            "orgId": "259242039378771970", "org": {"name": "Globex"},
+            "humanUsers": [{"userId": "259242039378837506", "user": {
+                "userName": "xia", "profile": {"firstName": "Xia", "lastName": "Wu"},
+                "email": {"email": "xia@globex.test", "isEmailVerified": true},
+                "hashedPassword": {"value": "$1$md5salt$0123456789abcdefghijkl"}}}]
+        }
+    ]});
+    let file = dir.join("export.json");
+    std::fs::write(&file, export.to_string()).unwrap();
+    let (code, err, reasons) = import_from(&app, &file, "zitadel", &[]).await;
+    assert_eq!(code, 2, "{err} {reasons:?}");
+    assert!(err.contains("2 created, 0 updated, 1 failed"), "{err}");
+    assert!(
+        reasons[0].contains("not a supported password hash"),
+        "the md5-crypt user: {reasons:?}"
+    );
+
+    let mut users = app.users();
+    let zoe = crate::user_by_email(&mut users, "zoe@acme.test").await;
+    assert_eq!(zoe.external_id, "259242039378509826");
+    assert_eq!(
+        (
+            zoe.username.as_str(),
+            zoe.given_name.as_str(),
+            zoe.family_name.as_str(),
+            zoe.display_name.as_str(),
+            zoe.locale.as_str()
+        ),
+        ("zoe", "Zoe", "Ng", "Zoe Ng", "de")
+    );
+    assert!(zoe.email_verified && !zoe.phone_verified);
+    assert_eq!(zoe.phone_number, "+41791234567");
+    assert_eq!(
+        zoe.app_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"plan": "pro", "seats": 12,
+            "zitadel_org_id": "259242039378444290", "zitadel_org": "ACME"}))
+    );
+    assert_eq!(
+        zoe.user_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"nickname": "z", "gender": "female"}))
+    );
+    assert!(signs_in(&app, "zoe@acme.test", LEGACY_PASSWORD).await);
+    assert!(totp_works(&app, &zoe.id, &seed).await);
+
+    let yan = crate::user_by_email(&mut users, "yan@acme.test").await;
+    assert_eq!(yan.locale, "", "und: no language chosen");
+    assert!(!yan.email_verified);
+    assert!(signs_in(&app, "yan@acme.test", LEGACY_PASSWORD).await);
+    let found = crate::identities::lookup(&mut app.identities(), "Google", "1098765")
+        .await
+        .unwrap()
+        .user
+        .unwrap();
+    assert_eq!(found.id, yan.id);
+    // The service account is not a user.
+    let all = crate::list::emails(&mut users, "").await.unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+}
+
 /// Moving off Better Auth: rows as the README's query reads them from a database Better Auth
 /// 1.7 made (its admin, username and phone number plugins, a column of the app's own, a
 /// Google account linked with its tokens, which the query leaves out) import with `--from
