@@ -443,9 +443,10 @@ pub async fn insert_identities(
 }
 
 /// Enrolls each created user's carried factors, confirmed: one INSERT for the authenticators
-/// (TOTP seeds sealed under this server's key, bound to their new ids), one for the recovery
-/// codes (a set marked as made elsewhere, so its codes are also checked as issued), one giving each user without a default its oldest factor that can be one (as
-/// `ensure_default` picks). A passkey whose credential id the project already has (another
+/// (TOTP seeds sealed under this server's key, bound to their new ids; a set of recovery
+/// codes marked as made elsewhere, so its codes are also checked as issued), one for the
+/// recovery codes, one giving each user without a default its oldest factor that can be one
+/// (as `ensure_default` picks). A passkey whose credential id the project already has (another
 /// user's) is left out; returns how many were, per user.
 pub async fn insert_factors(
     tx: &Transaction<'_>,
