@@ -79,8 +79,9 @@ pub struct ImportArgs {
     /// Whose field names the file uses: roster (what `roster export` writes), auth0 (an Auth0
     /// user export, JSON or CSV), firebase (`firebase auth:export users.json`), keycloak (a
     /// realm export), cognito (`aws cognito-idp list-users`), supabase (`auth.users` rows),
-    /// clerk (the dashboard's export), kratos, better-auth (the README's queries) or zitadel
-    /// (an instance's export); see the README's "Moving off" paragraphs.
+    /// clerk (the dashboard's export), kratos, better-auth (the README's queries), zitadel
+    /// (an instance's export) or okta (its user list); see the README's "Moving off"
+    /// paragraphs.
     #[arg(long, value_enum, default_value = "roster")]
     pub from: Source,
     /// With --from firebase: a file holding the project's password hash parameters as the
@@ -780,6 +781,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         Source::Clerk => Convert::Clerk,
         Source::Kratos => Convert::Kratos,
         Source::Zitadel => Convert::Zitadel,
+        Source::Okta => Convert::Okta,
         Source::BetterAuth => Convert::BetterAuth(
             read_with(
                 args.better_auth_secret_file.as_deref(),
@@ -798,12 +800,13 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
                 | Source::Kratos
                 | Source::BetterAuth
                 | Source::Zitadel
+                | Source::Okta
         )
     {
         bail!(
             "{:?} exports are read as JSON (firebase auth:export users.json; kc.sh export; \
              aws cognito-idp list-users; ZITADEL's /admin/v1/export; the README's commands \
-             for Supabase, Kratos and Better Auth); this file looks like CSV",
+             for Supabase, Kratos, Better Auth and Okta); this file looks like CSV",
             args.from
         );
     }

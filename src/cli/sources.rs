@@ -40,6 +40,9 @@ pub enum Source {
     /// A ZITADEL instance's export (`POST /admin/v1/export` with passwords and OTP): each
     /// organization's human users with their metadata and identity provider links.
     Zitadel,
+    /// Okta's user list (`GET /api/v1/users`, the README's loop over its pages); Okta never
+    /// exports passwords, so users who had one are marked for the sign-in migration.
+    Okta,
 }
 
 /// Identity providers of Auth0 that are not linked accounts: its own database connection
@@ -154,6 +157,7 @@ pub enum Convert {
     Kratos,
     BetterAuth(Option<BetterAuthSecrets>, Option<OtpChannel>),
     Zitadel,
+    Okta,
 }
 
 /// Where Better Auth's two-factor OTP method (`otpOptions.sendOTP`) sends its codes.
@@ -178,6 +182,7 @@ impl Convert {
             Convert::Kratos => from_kratos(obj),
             Convert::BetterAuth(secrets, otp) => from_better_auth(obj, secrets.as_ref(), *otp),
             Convert::Zitadel => from_zitadel(obj),
+            Convert::Okta => from_okta(obj),
         }
     }
 }
@@ -2734,6 +2739,131 @@ fn zitadel_user(
     Ok(())
 }
 
+/// Okta profile attributes with a Roster field of their own (`login` is the username unless
+/// it is the email; `mobilePhone` the phone number when it is E.164).
+const OKTA_PROFILE: &[(&str, &str)] = &[
+    ("email", "email"),
+    ("firstName", "given_name"),
+    ("lastName", "family_name"),
+    ("displayName", "display_name"),
+    ("locale", "locale"),
+    ("timezone", "timezone"),
+];
+
+/// Okta's bookkeeping about a user, which Roster keeps its own account of.
+const OKTA_SKIPPED: &[&str] = &[
+    "activated",
+    "statusChanged",
+    "lastUpdated",
+    "passwordChanged",
+    "type",
+    "transitioningToStatus",
+    "realmId",
+];
+
+/// An Okta user (`GET /api/v1/users`) in Roster's field names: `id` becomes `external_id`;
+/// the profile's `email`, `firstName`, `lastName`, `displayName`, `locale` (`en_US` as
+/// `en-US`) and `timezone` their fields, `login` the username unless it is the email,
+/// `mobilePhone` the phone number when it is E.164; every other attribute (custom ones
+/// included) `user_metadata`. `created` and `lastLogin` become `created_at` and
+/// `last_login_at`; `STAGED` and `PROVISIONED` users arrive pending, `SUSPENDED` blocked,
+/// `DEPROVISIONED` deactivated, `PASSWORD_EXPIRED` made to change it. Okta never exports
+/// passwords: a user with one (`credentials.password`) is marked `app_metadata.legacy_password`
+/// for the sign-in migration.
+pub fn from_okta(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    let mut extra = Map::new();
+    let mut login = None;
+    for (k, v) in obj {
+        match k.as_str() {
+            "id" => {
+                if let Some(id) = text(&v) {
+                    out.insert("external_id".into(), Value::String(id));
+                }
+            }
+            "status" => match text(&v).as_deref() {
+                None | Some("ACTIVE" | "RECOVERY" | "LOCKED_OUT") => {}
+                Some("STAGED" | "PROVISIONED") => {
+                    out.insert("pending".into(), Value::Bool(true));
+                }
+                Some("SUSPENDED") => blocked(&mut out, "suspended in Okta"),
+                Some("DEPROVISIONED") => {
+                    out.insert("deactivated".into(), Value::Bool(true));
+                }
+                Some("PASSWORD_EXPIRED") => {
+                    out.insert("require_password_change".into(), Value::Bool(true));
+                }
+                Some(other) => return Err(format!("status: unknown Okta status '{other}'")),
+            },
+            "created" => {
+                out.insert("created_at".into(), v);
+            }
+            "lastLogin" => {
+                if !v.is_null() {
+                    out.insert("last_login_at".into(), v);
+                }
+            }
+            "profile" => {
+                let Value::Object(profile) = v else {
+                    return Err("profile: must be an object".into());
+                };
+                for (name, value) in profile {
+                    if value.is_null() {
+                        continue;
+                    }
+                    let own = OKTA_PROFILE.iter().find(|(o, _)| *o == name);
+                    match (name.as_str(), own) {
+                        ("login", _) => login = text(&value),
+                        ("locale", _) => {
+                            let tag = text(&value).unwrap_or_default().replace('_', "-");
+                            out.insert("locale".into(), Value::String(tag));
+                        }
+                        ("mobilePhone", _) => {
+                            let phone = text(&value).unwrap_or_default();
+                            let plain: String =
+                                phone.chars().filter(|c| !" -().".contains(*c)).collect();
+                            let e164 = plain.strip_prefix('+').is_some_and(|d| {
+                                (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit())
+                            });
+                            if e164 {
+                                out.insert("phone_number".into(), Value::String(plain));
+                            } else {
+                                extra.insert(name, value);
+                            }
+                        }
+                        (_, Some((_, to))) => {
+                            out.insert(to.to_string(), value);
+                        }
+                        (_, None) => {
+                            extra.insert(name, value);
+                        }
+                    }
+                }
+            }
+            "credentials" => {
+                let password = v.get("password").is_some_and(|p| !p.is_null());
+                if password {
+                    out.insert("app_metadata".into(), json!({ "legacy_password": true }));
+                }
+            }
+            other if other.starts_with('_') || OKTA_SKIPPED.contains(&other) => {}
+            other => return Err(format!("unknown Okta field '{other}'")),
+        }
+    }
+    let email = out.get("email").and_then(Value::as_str);
+    if let Some(login) = login.filter(|l| !email.is_some_and(|e| e.eq_ignore_ascii_case(l))) {
+        out.insert("username".into(), Value::String(login));
+    }
+    if !extra.is_empty() {
+        out.insert("user_metadata".into(), Value::Object(extra));
+    }
+    // A user that is not active in a second way too: the stronger state wins.
+    if out.contains_key("blocked") || out.contains_key("deactivated") {
+        out.remove("pending");
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2744,6 +2874,61 @@ mod tests {
     /// The two-factor plugin's backup codes, sealed under the same secret, one of ten spent.
     const BETTER_AUTH_SEALED_CODES: &str = "ff0e43f26d22bc90c2d83858e7585cad85932cd58e09a78441e003e601b293f1f01daf7aa2b698b6435cc38fa1e9d3c03778bb47bc8fa21c7d914f3867fd2d61afe4ad2eda36e79f0e54302f259d7460a80d0a12ff83ce7fdabd47c6100322fe655e17c62084e9186358bef5ff98c1392330b3d1b76400a8c6726514260e6f571b0c63fdd98e31ced0b891a88c3ec15f82de621abee7e6171605556bebef8f8e180f2747065fe7";
     const BETTER_AUTH_SEALED_V2: &str = "$ba$2$a33b66c66ad516a887583093a407cdeffb15560eb90e5ad54e30cef8e7b0da91a9c3c40276957826b6936ab99b5ccf984e7036ee06cec6d013665097cc1aacb75505d43cd5a12905";
+
+    #[test]
+    fn okta_users_take_roster_names() {
+        let r = from_okta(obj(json!({
+            "id": "00u1ero7vZFVEIYLWPBN", "status": "ACTIVE",
+            "created": "2013-06-24T16:39:18.000Z", "activated": "2013-06-24T16:39:19.000Z",
+            "statusChanged": null, "lastLogin": "2013-06-24T17:39:19.000Z",
+            "lastUpdated": "2013-07-02T21:36:25.344Z", "passwordChanged": null,
+            "type": {"id": "oty1"},
+            "profile": {"firstName": "Isaac", "lastName": "Brock", "email": "isaac@example.org",
+                "login": "isaac@example.org", "mobilePhone": "+1 415-555-1337",
+                "locale": "en_US", "timezone": "America/Los_Angeles", "secondEmail": null,
+                "costCenter": "R&D"},
+            "credentials": {"password": {}, "recovery_question": {"question": "pet?"},
+                "provider": {"type": "OKTA", "name": "OKTA"}},
+            "_links": {"self": {"href": "https://x.okta.com/api/v1/users/00u1"}}
+        })))
+        .unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({"external_id": "00u1ero7vZFVEIYLWPBN",
+                "created_at": "2013-06-24T16:39:18.000Z",
+                "last_login_at": "2013-06-24T17:39:19.000Z",
+                "given_name": "Isaac", "family_name": "Brock", "email": "isaac@example.org",
+                "phone_number": "+14155551337", "locale": "en-US",
+                "timezone": "America/Los_Angeles",
+                "user_metadata": {"costCenter": "R&D"},
+                "app_metadata": {"legacy_password": true}})
+        );
+        let one = |v: Value| from_okta(obj(v)).unwrap();
+        let r = one(
+            json!({"status": "STAGED", "profile": {"login": "ann", "email": "a@x.io",
+            "mobilePhone": "555-1337"}, "credentials": {"provider": {"type": "SOCIAL"}}}),
+        );
+        assert_eq!(r["pending"], true);
+        assert_eq!(r["username"], "ann");
+        assert_eq!(r["user_metadata"], json!({"mobilePhone": "555-1337"}));
+        assert!(r.get("app_metadata").is_none(), "no password in Okta");
+        assert_eq!(
+            one(json!({"status": "SUSPENDED"}))["blocked_reason"],
+            "suspended in Okta"
+        );
+        assert_eq!(one(json!({"status": "DEPROVISIONED"}))["deactivated"], true);
+        assert_eq!(
+            one(json!({"status": "PASSWORD_EXPIRED"}))["require_password_change"],
+            true
+        );
+        for (bad, says) in [
+            (json!({"status": "ZOMBIE"}), "unknown Okta status"),
+            (json!({"shoeSize": 9}), "unknown Okta field"),
+        ] {
+            let e = from_okta(obj(bad)).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+    }
 
     #[test]
     fn zitadel_users_gather_their_metadata_and_links_in_either_spelling() {

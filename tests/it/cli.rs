@@ -3234,6 +3234,68 @@ async fn a_zitadel_export_imports_with_passwords_and_totp() {
     assert_eq!(all.len(), 2, "{all:?}");
 }
 
+/// Moving off Okta: users as the README's loop over `GET /api/v1/users` writes them (one
+/// per line) import with `--from okta`: profiles, states and times carried, users who had an
+/// Okta password marked for the sign-in migration, a social user not.
+#[tokio::test]
+async fn an_okta_user_list_imports_with_states_and_the_migration_mark() {
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-okta-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let user = |id: &str, status: &str, login: &str, password: bool| {
+        let mut credentials = serde_json::json!({"provider": {"type": "OKTA", "name": "OKTA"}});
+        if password {
+            credentials["password"] = serde_json::json!({});
+        }
+        serde_json::json!({"id": id, "status": status, "created": "2021-03-04T05:06:07.000Z",
+            "activated": null, "statusChanged": "2021-03-04T05:06:08.000Z",
+            "lastLogin": null, "lastUpdated": "2021-03-04T05:06:08.000Z",
+            "passwordChanged": null, "type": {"id": "oty1"},
+            "profile": {"firstName": "F", "lastName": "L", "email": login, "login": login,
+                "mobilePhone": null, "secondEmail": null, "plan": "gold"},
+            "credentials": credentials,
+            "_links": {"self": {"href": format!("https://acme.okta.com/api/v1/users/{id}")}}})
+        .to_string()
+    };
+    let lines = [
+        user("00u1", "ACTIVE", "ada@acme.test", true),
+        user("00u2", "STAGED", "bo@acme.test", true),
+        user("00u3", "SUSPENDED", "cy@acme.test", true),
+        user("00u4", "ACTIVE", "di@acme.test", false),
+    ];
+    let file = dir.join("okta-users.jsonl");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let (code, err, reasons) = import_from(&app, &file, "okta", &[]).await;
+    assert_eq!(code, 0, "{err} {reasons:?}");
+    assert!(err.contains("4 created"), "{err}");
+    let mut users = app.users();
+    let ada = crate::user_by_email(&mut users, "ada@acme.test").await;
+    assert_eq!(ada.external_id, "00u1");
+    assert_eq!(
+        (ada.given_name.as_str(), ada.family_name.as_str()),
+        ("F", "L")
+    );
+    assert_eq!(ada.username, "", "the login is the email");
+    assert_eq!(ada.created_at.unwrap().seconds, 1_614_834_367);
+    assert_eq!(ada.status, pb::UserStatus::Active as i32);
+    assert_eq!(
+        ada.user_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"plan": "gold"}))
+    );
+    let bo = crate::user_by_email(&mut users, "bo@acme.test").await;
+    assert_eq!(bo.status, pb::UserStatus::PendingVerification as i32);
+    let cy = crate::user_by_email(&mut users, "cy@acme.test").await;
+    assert_eq!(cy.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(cy.blocked_reason, "suspended in Okta");
+    assert_eq!(
+        crate::list::emails(&mut users, "app_metadata.legacy_password = true")
+            .await
+            .unwrap(),
+        ["ada@acme.test", "bo@acme.test", "cy@acme.test"],
+        "every user who had an Okta password, not the social one"
+    );
+}
+
 /// Moving off Better Auth: rows as the README's query reads them from a database Better Auth
 /// 1.7 made (its admin, username and phone number plugins, a column of the app's own, a
 /// Google account linked with its tokens, which the query leaves out) import with `--from
