@@ -2710,37 +2710,36 @@ async fn a_cognito_user_list_imports_with_its_identities() {
     );
 }
 
-/// Whether a user's authenticator app, seeded with `seed`, signs in here.
-async fn totp_works(app: &TestApp, user: &str, seed: &[u8]) -> bool {
-    let now = crate::factors::mid_step().await;
+/// What a user's code for their factor of `kind` does here.
+async fn factor_result(
+    app: &TestApp,
+    user: &str,
+    kind: pb::AuthenticatorType,
+    code: String,
+) -> pb::VerifyFactorResult {
     let r = app
         .authenticators()
         .verify_factor(pb::VerifyFactorRequest {
             user_id: user.into(),
-            r#type: pb::AuthenticatorType::Totp as i32,
-            code: crate::factors::code(seed, now),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    r.result == pb::VerifyFactorResult::Ok as i32
-}
-
-/// What a user's recovery code does here.
-async fn recovery_code(app: &TestApp, user: &str, code: &str) -> pb::VerifyFactorResult {
-    let r = app
-        .authenticators()
-        .verify_factor(pb::VerifyFactorRequest {
-            user_id: user.into(),
-            r#type: pb::AuthenticatorType::RecoveryCodes as i32,
-            code: code.into(),
+            r#type: kind as i32,
+            code,
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
     pb::VerifyFactorResult::try_from(r.result).unwrap()
+}
+
+/// Whether a user's authenticator app, seeded with `seed`, signs in here.
+async fn totp_works(app: &TestApp, user: &str, seed: &[u8]) -> bool {
+    let code = crate::factors::code(seed, crate::factors::mid_step().await);
+    factor_result(app, user, pb::AuthenticatorType::Totp, code).await == pb::VerifyFactorResult::Ok
+}
+
+/// What a user's recovery code does here.
+async fn recovery_code(app: &TestApp, user: &str, code: &str) -> pb::VerifyFactorResult {
+    factor_result(app, user, pb::AuthenticatorType::RecoveryCodes, code.into()).await
 }
 
 /// A 20-byte TOTP seed (what Supabase and Clerk make) and its base32, as they store it.
@@ -3476,17 +3475,7 @@ async fn a_better_auth_sqlite_database_imports() {
         .unwrap()
         .into_inner()
         .code;
-    let r = authn
-        .verify_factor(pb::VerifyFactorRequest {
-            user_id: ola.id.clone(),
-            r#type: T::EmailOtp as i32,
-            code,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.result, R::Ok as i32);
+    assert_eq!(factor_result(&app, &ola.id, T::EmailOtp, code).await, R::Ok);
     let ann = crate::user_by_email(&mut users, "ann@example.com").await;
     assert!(ann.email_verified);
     assert_eq!(ann.username, "ann_l");
