@@ -80,8 +80,8 @@ pub struct ImportArgs {
     /// user export, JSON or CSV), firebase (`firebase auth:export users.json`), keycloak (a
     /// realm export), cognito (`aws cognito-idp list-users`), supabase (`auth.users` rows),
     /// clerk (the dashboard's export), kratos, better-auth (the README's queries), zitadel
-    /// (an instance's export) or okta (its user list); see the README's "Moving off"
-    /// paragraphs.
+    /// (an instance's export), okta (its user list) or appwrite (its Users API); see the
+    /// README's "Moving off" paragraphs.
     #[arg(long, value_enum, default_value = "roster")]
     pub from: Source,
     /// With --from firebase: a file holding the project's password hash parameters as the
@@ -782,6 +782,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         Source::Kratos => Convert::Kratos,
         Source::Zitadel => Convert::Zitadel,
         Source::Okta => Convert::Okta,
+        Source::Appwrite => Convert::Appwrite,
         Source::BetterAuth => Convert::BetterAuth(
             read_with(
                 args.better_auth_secret_file.as_deref(),
@@ -801,12 +802,13 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
                 | Source::BetterAuth
                 | Source::Zitadel
                 | Source::Okta
+                | Source::Appwrite
         )
     {
         bail!(
             "{:?} exports are read as JSON (firebase auth:export users.json; kc.sh export; \
              aws cognito-idp list-users; ZITADEL's /admin/v1/export; the README's commands \
-             for Supabase, Kratos, Better Auth and Okta); this file looks like CSV",
+             for Supabase, Kratos, Better Auth, Okta and Appwrite); this file looks like CSV",
             args.from
         );
     }

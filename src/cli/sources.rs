@@ -43,6 +43,9 @@ pub enum Source {
     /// Okta's user list (`GET /api/v1/users`, the README's loop over its pages); Okta never
     /// exports passwords, so users who had one are marked for the sign-in migration.
     Okta,
+    /// An Appwrite project's users as its Users API lists them to a server key (the
+    /// README's script), password hashes included.
+    Appwrite,
 }
 
 /// Identity providers of Auth0 that are not linked accounts: its own database connection
@@ -158,6 +161,7 @@ pub enum Convert {
     BetterAuth(Option<BetterAuthSecrets>, Option<OtpChannel>),
     Zitadel,
     Okta,
+    Appwrite,
 }
 
 /// Where Better Auth's two-factor OTP method (`otpOptions.sendOTP`) sends its codes.
@@ -183,6 +187,7 @@ impl Convert {
             Convert::BetterAuth(secrets, otp) => from_better_auth(obj, secrets.as_ref(), *otp),
             Convert::Zitadel => from_zitadel(obj),
             Convert::Okta => from_okta(obj),
+            Convert::Appwrite => from_appwrite(obj),
         }
     }
 }
@@ -2864,6 +2869,124 @@ pub fn from_okta(obj: Map<String, Value>) -> Result<Map<String, Value>, String> 
     Ok(out)
 }
 
+/// Appwrite's own bookkeeping about a user, and what it works out from the address.
+const APPWRITE_SKIPPED: &[&str] = &[
+    "$createdAt",
+    "$updatedAt",
+    "$permissions",
+    "passwordUpdate",
+    "targets",
+    "emailCanonical",
+    "emailIsFree",
+    "emailIsDisposable",
+    "emailIsCorporate",
+    "emailIsCanonical",
+    "impersonator",
+    "impersonatorUserId",
+];
+
+/// An Appwrite user (the Users API's `User`, as a server key reads it) in Roster's field
+/// names: `$id` becomes `external_id`, `name` `display_name`, `registration` `created_at`,
+/// `accessedAt` (Appwrite's last activity, kept to the day) `last_login_at`; the email and
+/// phone with their verification flags; `status: false` arrives blocked; `labels` go to
+/// `app_metadata.labels` (your backend sets them) and `prefs` (the user's own) to
+/// `user_metadata`. The password hash carries over when Roster reads its algorithm: argon2
+/// (Appwrite's own) and bcrypt as they are, `scryptMod` (Firebase's, with its
+/// `hashOptions`) in the `$firescrypt$` form; another fails the record, naming it. An
+/// authenticator app's secret is not in the API: a user with `mfa` on is marked
+/// `app_metadata.appwrite_mfa` to enroll again.
+pub fn from_appwrite(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
+    let mut out = Map::new();
+    let mut app = Map::new();
+    let (mut hash, mut algorithm, mut options) = (None, None, Value::Null);
+    for (k, v) in obj {
+        let to = match k.as_str() {
+            "$id" => "external_id",
+            "name" => "display_name",
+            "registration" => "created_at",
+            "email" => "email",
+            "phone" => "phone_number",
+            "emailVerification" => "email_verified",
+            "phoneVerification" => "phone_verified",
+            "accessedAt" => "last_login_at",
+            "password" => {
+                hash = text(&v);
+                continue;
+            }
+            "hash" => {
+                algorithm = text(&v);
+                continue;
+            }
+            "hashOptions" => {
+                options = v;
+                continue;
+            }
+            "status" => {
+                if !v.is_null() && !as_bool(&k, v)? {
+                    blocked(&mut out, "blocked in Appwrite");
+                }
+                continue;
+            }
+            "labels" => {
+                if v.as_array().is_some_and(|l| !l.is_empty()) {
+                    app.insert("labels".into(), v);
+                }
+                continue;
+            }
+            "mfa" => {
+                if !v.is_null() && as_bool(&k, v)? {
+                    app.insert("appwrite_mfa".into(), Value::Bool(true));
+                }
+                continue;
+            }
+            "prefs" => {
+                if v.as_object().is_some_and(|p| !p.is_empty()) {
+                    out.insert("user_metadata".into(), v);
+                }
+                continue;
+            }
+            other if APPWRITE_SKIPPED.contains(&other) => continue,
+            other => return Err(format!("unknown Appwrite field '{other}'")),
+        };
+        // Appwrite writes absent values as empty strings.
+        if !v.is_null() && v != Value::String(String::new()) {
+            out.insert(to.to_string(), v);
+        }
+    }
+    if let Some(hash) = hash {
+        let hash = match algorithm.as_deref() {
+            Some("argon2" | "bcrypt") | None => hash,
+            Some("scryptMod") => {
+                let option = |name: &str| {
+                    options
+                        .get(name)
+                        .and_then(text)
+                        .ok_or_else(|| format!("hashOptions: a scryptMod hash needs its {name}"))
+                };
+                // Appwrite's scryptMod is Firebase's with its fixed N = 2^14, r = 8.
+                format!(
+                    "$firescrypt$ln=14,r=8,p=1${}${hash}${}${}",
+                    option("salt")?,
+                    option("saltSeparator")?,
+                    option("signerKey")?
+                )
+            }
+            Some(other) => {
+                return Err(format!(
+                    "hash: Appwrite's {other} hashes cannot be carried (argon2, bcrypt and \
+                     scryptMod can; Appwrite's API does not give a scrypt hash's salt); empty \
+                     this user's password to import them without it"
+                ));
+            }
+        };
+        out.insert("password_hash".into(), Value::String(hash));
+    }
+    if !app.is_empty() {
+        out.insert("app_metadata".into(), Value::Object(app));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2874,6 +2997,38 @@ mod tests {
     /// The two-factor plugin's backup codes, sealed under the same secret, one of ten spent.
     const BETTER_AUTH_SEALED_CODES: &str = "ff0e43f26d22bc90c2d83858e7585cad85932cd58e09a78441e003e601b293f1f01daf7aa2b698b6435cc38fa1e9d3c03778bb47bc8fa21c7d914f3867fd2d61afe4ad2eda36e79f0e54302f259d7460a80d0a12ff83ce7fdabd47c6100322fe655e17c62084e9186358bef5ff98c1392330b3d1b76400a8c6726514260e6f571b0c63fdd98e31ced0b891a88c3ec15f82de621abee7e6171605556bebef8f8e180f2747065fe7";
     const BETTER_AUTH_SEALED_V2: &str = "$ba$2$a33b66c66ad516a887583093a407cdeffb15560eb90e5ad54e30cef8e7b0da91a9c3c40276957826b6936ab99b5ccf984e7036ee06cec6d013665097cc1aacb75505d43cd5a12905";
+
+    #[test]
+    fn appwrite_users_take_roster_names() {
+        let r = from_appwrite(obj(json!({"$id": "u1", "name": "", "email": "a@x.io",
+            "phone": "+14155550123", "phoneVerification": true, "emailVerification": false,
+            "registration": "2024-05-01T10:00:00.000+00:00", "accessedAt": "",
+            "status": true, "labels": [], "prefs": {}, "mfa": false, "targets": [],
+            "hash": "scryptMod", "password": "aGFzaA==", "hashOptions": {"type": "scryptMod",
+                "salt": "c2FsdA==", "saltSeparator": "Bw==", "signerKey": "a2V5"}})))
+        .unwrap();
+        assert_eq!(
+            Value::Object(r),
+            json!({"external_id": "u1", "email": "a@x.io", "email_verified": false,
+                "phone_number": "+14155550123", "phone_verified": true,
+                "created_at": "2024-05-01T10:00:00.000+00:00",
+                "password_hash": "$firescrypt$ln=14,r=8,p=1$c2FsdA==$aGFzaA==$Bw==$a2V5"})
+        );
+        for (bad, says) in [
+            (
+                json!({"hash": "scryptMod", "password": "aGFzaA==", "hashOptions": {}}),
+                "needs its salt",
+            ),
+            (
+                json!({"hash": "sha", "password": "00ff"}),
+                "sha hashes cannot be carried",
+            ),
+            (json!({"favouriteColour": "red"}), "unknown Appwrite field"),
+        ] {
+            let e = from_appwrite(obj(bad)).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+    }
 
     #[test]
     fn okta_users_take_roster_names() {

@@ -3295,6 +3295,101 @@ async fn an_okta_user_list_imports_with_states_and_the_migration_mark() {
     );
 }
 
+/// Moving off Appwrite: users as the README's script lists them with a server key (one per
+/// line) import with `--from appwrite`: Appwrite's own argon2id and a Firebase scrypt hash
+/// Appwrite kept for an imported user sign in, labels and prefs carried, a blocked user
+/// blocked, an MFA user marked, an MD5 hash refused by name.
+#[tokio::test]
+async fn an_appwrite_user_list_imports_with_passwords() {
+    use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
+    let app = TestApp::spawn().await;
+    let dir = std::env::temp_dir().join(format!("roster-appwrite-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The Firebase vector the password tests use, taken apart as Appwrite keeps it.
+    let fire = LEGACY_HASHES
+        .iter()
+        .find(|(n, _)| *n == "firebase-scrypt")
+        .unwrap()
+        .1;
+    let parts: Vec<&str> = fire.split('$').collect();
+    let user = |id: &str, email: &str, extra: serde_json::Value| {
+        let mut u = serde_json::json!({"$id": id, "$createdAt": "2024-05-01T10:00:00.000+00:00",
+            "$updatedAt": "2024-05-02T10:00:00.000+00:00", "name": "N", "registration":
+            "2024-05-01T10:00:00.000+00:00", "status": true, "labels": [],
+            "passwordUpdate": "", "email": email, "phone": "", "emailVerification": true,
+            "phoneVerification": false, "mfa": false, "prefs": {}, "targets": [],
+            "accessedAt": "2024-06-01T00:00:00.000+00:00"});
+        u.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        u.to_string()
+    };
+    let lines = [
+        user(
+            "ada",
+            "ada@aw.test",
+            serde_json::json!({"hash": "argon2",
+            "password": "$argon2id$v=19$m=65536,t=4,p=3$YXBwd3JpdGUtZml4dHVyZQ$sEF0JDoice72BMDG8bT+xRFWvrm0tMupBaR3mIG9xt8",
+            "hashOptions": {"type": "argon2", "memoryCost": 65536, "timeCost": 4, "threads": 3},
+            "labels": ["vip"], "prefs": {"theme": "dark"}}),
+        ),
+        user(
+            "fay",
+            "fay@aw.test",
+            serde_json::json!({"hash": "scryptMod",
+            "password": parts[4], "hashOptions": {"type": "scryptMod", "salt": parts[3],
+                "saltSeparator": parts[5], "signerKey": parts[6]}}),
+        ),
+        user(
+            "gus",
+            "gus@aw.test",
+            serde_json::json!({"status": false, "mfa": true}),
+        ),
+        user(
+            "hal",
+            "hal@aw.test",
+            serde_json::json!({"hash": "md5",
+            "password": "5f4dcc3b5aa765d61d8327deb882cf99", "hashOptions": {"type": "md5"}}),
+        ),
+    ];
+    let file = dir.join("appwrite-users.jsonl");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let (code, err, reasons) = import_from(&app, &file, "appwrite", &[]).await;
+    assert_eq!(code, 2, "{err} {reasons:?}");
+    assert!(err.contains("3 created, 0 updated, 1 failed"), "{err}");
+    assert!(
+        reasons[0].contains("Appwrite's md5 hashes cannot be carried"),
+        "{reasons:?}"
+    );
+    assert!(!err.contains("5f4dcc3b"), "{err}");
+
+    let mut users = app.users();
+    let ada = crate::user_by_email(&mut users, "ada@aw.test").await;
+    assert_eq!(
+        (ada.external_id.as_str(), ada.display_name.as_str()),
+        ("ada", "N")
+    );
+    assert!(ada.email_verified);
+    assert_eq!(ada.phone_number, "");
+    assert_eq!(
+        ada.app_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"labels": ["vip"]}))
+    );
+    assert_eq!(
+        ada.user_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"theme": "dark"}))
+    );
+    assert!(signs_in(&app, "ada@aw.test", LEGACY_PASSWORD).await);
+    assert!(signs_in(&app, "fay@aw.test", LEGACY_PASSWORD).await);
+    let gus = crate::user_by_email(&mut users, "gus@aw.test").await;
+    assert_eq!(gus.status, pb::UserStatus::Blocked as i32);
+    assert_eq!(gus.blocked_reason, "blocked in Appwrite");
+    assert_eq!(
+        gus.app_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"appwrite_mfa": true}))
+    );
+}
+
 /// Moving off Better Auth: rows as the README's query reads them from a database Better Auth
 /// 1.7 made (its admin, username and phone number plugins, a column of the app's own, a
 /// Google account linked with its tokens, which the query leaves out) import with `--from
