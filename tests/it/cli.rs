@@ -1122,8 +1122,7 @@ async fn csv_export_and_import_round_trip_quotes_newlines_and_unicode() {
         )),
     }));
     import(&mut users, requests).await.unwrap();
-    let dir = std::env::temp_dir().join(format!("roster-cli-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("cli");
     let file = dir.join("users.csv");
     let (code, _, err) = roster_client(
         &app,
@@ -1235,8 +1234,7 @@ async fn an_export_goes_on_after_its_connection_is_cut() {
     crate::bulk::seed_more_than_buffers_hold(&mut users, N).await;
     // An email and an id are about 60 bytes a user: cut after a third of the export.
     let proxy = cutting_proxy(app.addr, 60 * 1024, 0).await;
-    let dir = std::env::temp_dir().join(format!("roster-export-cut-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("export-cut");
     let file = dir.join("users.jsonl");
     let server = format!("http://{proxy}");
     let (code, _, err) = roster_client(
@@ -1314,8 +1312,7 @@ async fn an_export_goes_on_after_its_connection_is_cut() {
 async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
     const N: usize = 3000;
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-import-cut-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("import-cut");
     let file = dir.join("users.jsonl");
     let errors = dir.join("errors.jsonl");
     // Every 250th line is not JSON: 12 local failures, some read again after the cut.
@@ -1538,8 +1535,7 @@ async fn export_waits_while_the_server_runs_its_limit_of_exports() {
 #[tokio::test]
 async fn jsonl_import_reports_bad_records_and_resumes() {
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-cli-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("cli");
     let file = dir.join("users.jsonl");
     let errors = dir.join("errors.jsonl");
     std::fs::write(
@@ -2056,8 +2052,7 @@ async fn a_throttled_address_is_listed_and_released() {
 async fn an_auth0_export_imports_with_its_identities_and_passwords() {
     use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-auth0-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("auth0");
     let bcrypt = LEGACY_HASHES[6].1;
     let records = [
         serde_json::json!({
@@ -2248,8 +2243,7 @@ async fn import_from(
 async fn a_firebase_export_imports_with_its_passwords() {
     use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-firebase-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("firebase");
     // The Firebase fixture hash, taken apart as the export and the console give it.
     let (_, fixture) = LEGACY_HASHES
         .iter()
@@ -2368,8 +2362,7 @@ async fn a_firebase_export_imports_with_its_passwords() {
 #[tokio::test]
 async fn firebase_api_users_keep_their_sms_second_factor() {
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-firebase-mfa-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("firebase-mfa");
     let rows = [
         serde_json::json!({"localId": "mfa0000000000000000000000001", "email": "two@example.com",
             "emailVerified": true, "createdAt": "1600000000000", "lastLoginAt": "1700000000000",
@@ -2423,8 +2416,7 @@ async fn firebase_api_users_keep_their_sms_second_factor() {
 async fn a_keycloak_realm_export_imports_with_its_passwords() {
     use crate::passwords::LEGACY_PASSWORD;
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-keycloak-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("keycloak");
     // Keycloak's credential JSON for LEGACY_PASSWORD, made with Python's hashlib and
     // argon2-cffi: pbkdf2-sha256 (27,500 iterations, 64-byte key: Keycloak's defaults before
     // 24), argon2 (its defaults since 25) and pbkdf2 (SHA-1, its oldest).
@@ -2629,8 +2621,7 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
 #[tokio::test]
 async fn a_cognito_user_list_imports_with_its_identities() {
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-cognito-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("cognito");
     let attrs = |pairs: &[(&str, &str)]| {
         pairs
             .iter()
@@ -2758,8 +2749,7 @@ fn seed_of(fill: u8) -> (Vec<u8>, String) {
 async fn a_supabase_export_imports_with_passwords_and_factors() {
     use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-supabase-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("supabase");
     let (_, bcrypt) = LEGACY_HASHES.iter().find(|(n, _)| *n == "bcrypt").unwrap();
     let (seed, secret) = seed_of(7);
     let id = |n: u8| format!("7c9e6679-7425-40de-944b-e07fc1f90a{n:02x}");
@@ -2863,8 +2853,7 @@ async fn a_supabase_export_imports_with_passwords_and_factors() {
 async fn a_clerk_export_imports_with_passwords_and_totp() {
     use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-clerk-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("clerk");
     let (_, bcrypt) = LEGACY_HASHES.iter().find(|(n, _)| *n == "bcrypt").unwrap();
     let (seed, secret) = seed_of(11);
     let csv = format!(
@@ -2969,8 +2958,7 @@ async fn a_clerk_export_imports_with_passwords_and_totp() {
 async fn a_kratos_export_imports_with_passwords_and_totp() {
     use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-kratos-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("kratos");
     let (_, bcrypt) = LEGACY_HASHES.iter().find(|(n, _)| *n == "bcrypt").unwrap();
     // LEGACY_PASSWORD under scrypt (N=1024) and PBKDF2-SHA1 (10,000 rounds), salt
     // "roster-fixture-salt", written as Kratos writes them (Python's hashlib).
@@ -3130,8 +3118,7 @@ async fn a_zitadel_export_imports_with_passwords_and_totp() {
     use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
     use base64::Engine as _;
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-zitadel-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("zitadel");
     let hash = |name: &str, prefix: &str| {
         LEGACY_HASHES
             .iter()
@@ -3239,8 +3226,7 @@ async fn a_zitadel_export_imports_with_passwords_and_totp() {
 #[tokio::test]
 async fn an_okta_user_list_imports_with_states_and_the_migration_mark() {
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-okta-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("okta");
     let user = |id: &str, status: &str, login: &str, password: bool| {
         let mut credentials = serde_json::json!({"provider": {"type": "OKTA", "name": "OKTA"}});
         if password {
@@ -3303,8 +3289,7 @@ async fn an_okta_user_list_imports_with_states_and_the_migration_mark() {
 async fn an_appwrite_user_list_imports_with_passwords() {
     use crate::passwords::{LEGACY_HASHES, LEGACY_PASSWORD};
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-appwrite-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("appwrite");
     // The Firebase vector the password tests use, taken apart as Appwrite keeps it.
     let fire = LEGACY_HASHES
         .iter()
@@ -3398,8 +3383,7 @@ async fn an_appwrite_user_list_imports_with_passwords() {
 #[tokio::test]
 async fn a_better_auth_database_imports_with_passwords() {
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-better-auth-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("better-auth");
     // As `psql -At` wrote them; the passwords were hashed by better-auth/crypto.
     let rows = [
         r#"{"id": "xVCyKCBLCHfJqjFa3GSBOv4vm4pLeLy5", "name": "Bob", "plan": null, "role": "user", "email": "bob@example.com", "image": null, "banned": true, "accounts": [{"password": "d15f09508a32fdf2518e7fa78528f74e:25438f03269f4e19fe5cc73d2b3db98c1eb52e40d4f1020ebb4f741cc4645fc3e05d95856148a210a0b126f20cfbeb3799f6b9a11747abccd054d39331fb475b", "accountId": "xVCyKCBLCHfJqjFa3GSBOv4vm4pLeLy5", "providerId": "credential"}], "username": null, "banReason": "spam", "createdAt": "2026-12-07T17:02:31.713+00:00", "updatedAt": "2026-12-07T17:02:31.727+00:00", "banExpires": null, "phoneNumber": null, "emailVerified": false, "displayUsername": null, "phoneNumberVerified": null}"#.to_string(),
@@ -3488,8 +3472,7 @@ async fn a_better_auth_database_imports_with_passwords() {
 #[tokio::test]
 async fn a_better_auth_sqlite_database_imports() {
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-better-auth-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("better-auth");
     // As sqlite3 -json wrote it from a database Better Auth 1.7 made with better-sqlite3.
     let file = dir.join("better-auth-users.json");
     std::fs::write(&file, r#"[{"id":"WJU4XpMcOOXLKsntLqpuCOE5deuKH7wh","name":"Ann Lee","email":"ann@example.com","emailVerified":1,"image":null,"createdAt":"2026-12-07T17:22:46.113Z","updatedAt":"2026-12-07T17:22:46.255Z","role":"admin","banned":0,"banReason":null,"banExpires":null,"username":"ann_l","displayUsername":"Ann_L","phoneNumber":null,"phoneNumberVerified":null,"plan":"pro","accounts":"[{\"providerId\":\"credential\",\"accountId\":\"WJU4XpMcOOXLKsntLqpuCOE5deuKH7wh\",\"password\":\"c03773393340e6f26151050165183273:fda43de002104d1cfe05b92a567bf9b467aaa9e7583ce590f88a77b88214e493cff5a6e12d026f76df2ab47c1e1d97afd71557910b69cea3fad61e3ba8f3c2e1\"},{\"providerId\":\"google\",\"accountId\":\"1076543210\",\"password\":null}]"},{"id":"oi05W6pbQVLe7uvdaS6KtLinJkwNeIPt","name":"Bob","email":"bob@example.com","emailVerified":0,"image":null,"createdAt":"2026-12-07T17:22:46.240Z","updatedAt":"2026-12-07T17:22:46.250Z","role":"user","banned":1,"banReason":"spam","banExpires":null,"username":null,"displayUsername":null,"phoneNumber":null,"phoneNumberVerified":null,"plan":null,"accounts":"[{\"providerId\":\"credential\",\"accountId\":\"oi05W6pbQVLe7uvdaS6KtLinJkwNeIPt\",\"password\":\"212b443b4330d68e61b34b1d0aa0eeaa:d99d2934b0fdd93230f5401c25ab4d66ff6ddfa107da4a0c951e07847c57d4ea6295af1688f90a46e757c0f9aaf6f8524235e0710ca8c60606328f0671c71d8e\"}]"},{"id":"EhoiMOW7qEn09LxKBkM8aG4lzK7M7hXQ","name":"T","email":"tia@example.com","emailVerified":0,"image":null,"createdAt":"2026-12-07T17:23:43.966Z","updatedAt":"2026-12-07T17:23:43.985Z","twoFactorEnabled":1,"accounts":"[{\"providerId\":\"credential\",\"accountId\":\"EhoiMOW7qEn09LxKBkM8aG4lzK7M7hXQ\",\"password\":\"f9fcfce614ea096769f55c140c2b7fdb:1926097062e756a94a3ae22d7bdcb161695052b8f66b0e71b5f2fe5de58d94539e40b9ab28e6a995c323e048742f635058eec6811980b1bf805e851fbfec701d\"}]","twoFactors":"[{\"secret\":\"fb9b9773d44c1c7bf0d87f7e4ba17872e1689b2f746b849adee0675ecdcb858a05efbdd09dbaea0cbe5f745961ec3bcb2cded377e63d2b32a086bb514afe9e840d934f4dab323769\",\"verified\":1}]"},{"id":"IJ9urdbgSEiKztNbm5DUDhMrMQ6vCqh8","name":"Bea","email":"bea@example.com","emailVerified":0,"image":null,"createdAt":"2026-12-07T18:48:26.994Z","updatedAt":"2026-12-07T18:48:27.122Z","twoFactorEnabled":1,"accounts":"[{\"providerId\":\"credential\",\"accountId\":\"IJ9urdbgSEiKztNbm5DUDhMrMQ6vCqh8\",\"password\":\"08d19dde970353085dfdbafcac1674d5:83c91f3c79aa9086ef4528fff54c35f85e57c6c01961b7755db30577de23881b57f2357078692afe4b907310fab0dff7b053aa4c08fbd6c4447cbda54ae7f5c5\"}]","twoFactors":"[{\"secret\":\"be5f2605b6558f46ecc2ec3d9be4dc684332e2d78567e66d15a9be7e297410c3251e1df7a9687d9d57a7043ec2603442cd3241e22d97c95bcf8879d931f0b8a96097885c120beef4\",\"verified\":1,\"backupCodes\":\"ff0e43f26d22bc90c2d83858e7585cad85932cd58e09a78441e003e601b293f1f01daf7aa2b698b6435cc38fa1e9d3c03778bb47bc8fa21c7d914f3867fd2d61afe4ad2eda36e79f0e54302f259d7460a80d0a12ff83ce7fdabd47c6100322fe655e17c62084e9186358bef5ff98c1392330b3d1b76400a8c6726514260e6f571b0c63fdd98e31ced0b891a88c3ec15f82de621abee7e6171605556bebef8f8e180f2747065fe7\"}]"},{"id":"xT1C1UDgodL3usQKuKrKWz9ro7RD7oo7","name":"Ola","email":"ola@example.com","emailVerified":1,"image":null,"createdAt":"2026-12-07T19:05:25.400Z","updatedAt":"2026-12-07T19:05:25.562Z","twoFactorEnabled":1,"accounts":"[{\"providerId\":\"credential\",\"accountId\":\"xT1C1UDgodL3usQKuKrKWz9ro7RD7oo7\",\"password\":\"df2a5cda8e92d4e16da03f524457f931:09e75eae111b00b209b03a26093d4ad60944e9e577e879cab638af721482e75dac95eb2f1f22a13491759620fbc16ebae6f68a79adc813ee5f792a1116bd0b79\"}]","twoFactors":"[]"}]"#).unwrap();
@@ -3592,8 +3575,7 @@ async fn a_better_auth_sqlite_database_imports() {
 #[tokio::test]
 async fn events_until_caught_up_writes_the_log_and_exits() {
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-catchup-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("catchup");
     let state = dir.join("position");
     let mut users = app.users();
     let mut created = Vec::new();
@@ -3668,8 +3650,7 @@ async fn events_until_caught_up_writes_the_log_and_exits() {
 /// order) and a scratch directory.
 async fn app_with_users(prefix: &str, n: usize) -> (TestApp, std::path::PathBuf, Vec<String>) {
     let app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-{prefix}-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir(prefix);
     let mut users = app.users();
     let mut created = Vec::new();
     for i in 0..n {
@@ -3677,6 +3658,13 @@ async fn app_with_users(prefix: &str, n: usize) -> (TestApp, std::path::PathBuf,
         created.push(create_user(&mut users, &email).await.id);
     }
     (app, dir, created)
+}
+
+/// A fresh directory for a test's files, under the system's temporary one.
+fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("roster-{name}-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// `roster users ARGS...` against `app`, with its key.
@@ -4705,8 +4693,7 @@ async fn events_post_stops_at_an_event_the_webhook_refuses() {
 async fn events_follows_the_log_and_resumes_from_its_state() {
     use std::sync::mpsc;
     let mut app = TestApp::spawn().await;
-    let dir = std::env::temp_dir().join(format!("roster-events-{}", uuid::Uuid::now_v7()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("events");
     let state = dir.join("position");
     let state_arg = state.to_str().unwrap().to_string();
     let server = format!("http://{}", app.addr);
