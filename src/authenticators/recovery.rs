@@ -14,6 +14,8 @@ use crate::events::{EventContext, EventType, NewEvent};
 
 /// Codes per set.
 pub const CODES_PER_SET: usize = 10;
+/// A set's name when none is given (also an imported set's).
+pub const SET_NAME: &str = "Recovery codes";
 /// Characters of a code (without the dashes); 5 bits each.
 const CODE_CHARS: usize = 12;
 /// Crockford's base32: no I, L, O or U, so codes read aloud or typed go right.
@@ -119,7 +121,7 @@ pub async fn generate(
             id: Uuid::now_v7(),
             user_id,
             kind: Some(Kind::RecoveryCodes),
-            name: Some("Recovery codes"),
+            name: Some(SET_NAME),
             confirmed: true,
             ..Default::default()
         },

@@ -276,7 +276,12 @@ fn factors_from_proto(list: &[pb::ImportAuthenticator], v: &mut Violations) -> V
                 continue;
             }
         };
-        let name = crate::authenticators::grpc::optional_name(v, &f("name"), &a.name);
+        let name = crate::authenticators::grpc::optional_name(v, &f("name"), &a.name)
+            // Named as a set Roster makes is, so a factor list reads the same either way.
+            .or_else(|| {
+                (kind == Kind::RecoveryCodes)
+                    .then(|| crate::authenticators::recovery::SET_NAME.to_string())
+            });
         // Each kind's own data, and none of the others'.
         let totp = kind == Kind::Totp;
         if totp == a.totp_secret.is_empty() {

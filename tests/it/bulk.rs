@@ -1167,6 +1167,11 @@ async fn recovery_codes_another_system_issued_work_after_import() {
     assert_eq!(summary.created, 1, "{res:?}");
     let bea = crate::user_by_email(&mut users, "bea@example.com").await;
     assert!(bea.enrolled_methods.contains(&(T::RecoveryCodes as i32)));
+    let sets = crate::factors::list_of(&mut app.authenticators(), &bea.id).await;
+    assert_eq!(
+        sets[0].name, "Recovery codes",
+        "named as Roster's own sets are"
+    );
     let verify = |code: &str| {
         let mut authn = authn.clone();
         let req = pb::VerifyFactorRequest {
