@@ -1,8 +1,10 @@
 """`roster events --post` checked by the Standard Webhooks reference library for Python: a
 receiver that verifies every request as a receiver in production would (signature,
 timestamp window, id), and refuses a body changed by one byte, so the check can fail; then
-the same log again in batches (`--post-batch`), each request a JSON array, verified alike."""
+the same log again in batches (`--post-batch`), each request a JSON array, verified alike,
+and gzipped (`--post-gzip`): decompressed as a receiver's framework would, then verified."""
 import base64
+import gzip
 import http.server
 import os
 import secrets
@@ -15,7 +17,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 hook = Webhook(secret)
-verified, failed = [], []
+verified, failed, squeezed = [], [], []
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):
@@ -25,6 +27,10 @@ class Receiver(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["content-length"]))
         headers = {k.lower(): v for k, v in self.headers.items()}
+        if headers.get("content-encoding") == "gzip":
+            wire = len(body)
+            body = gzip.decompress(body)
+            squeezed.append((wire, len(body)))
         try:
             event = hook.verify(body, headers)
             # A batch is a list of events; one event per request, the event.
@@ -65,10 +71,15 @@ def deliver(*extra):
 
 one_by_one = deliver()
 batched = deliver("--post-batch", "7")
+gzipped = deliver("--post-batch", "50", "--post-gzip")
 os.unlink(f.name)
 server.shutdown()
-if [e["id"] for e in batched] != [e["id"] for e in one_by_one]:
-    sys.exit(f"webhook: batches brought {len(batched)} events, one by one {len(one_by_one)}")
+for name, got in (("batches", batched), ("gzipped batches", gzipped)):
+    if [e["id"] for e in got] != [e["id"] for e in one_by_one]:
+        sys.exit(f"webhook: {name} brought {len(got)} events, one by one {len(one_by_one)}")
+if not squeezed or any(wire >= plain for wire, plain in squeezed):
+    sys.exit(f"webhook: gzipped bodies were not smaller: {squeezed}")
 types = sorted({e["type"] for e in one_by_one})
 print(f"Python webhook receiver: ok ({len(one_by_one)} events verified by standardwebhooks, "
-      f"alone and in batches of 7; {', '.join(types[:4])}, ...)")
+      f"alone, in batches of 7 and gzipped ({sum(w for w, _ in squeezed)} bytes for "
+      f"{sum(p for _, p in squeezed)}); {', '.join(types[:4])}, ...)")
