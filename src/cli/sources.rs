@@ -2772,13 +2772,15 @@ const OKTA_SKIPPED: &[&str] = &[
 /// `mobilePhone` the phone number when it is E.164; every other attribute (custom ones
 /// included) `user_metadata`. `created` and `lastLogin` become `created_at` and
 /// `last_login_at`; `STAGED` and `PROVISIONED` users arrive pending, `SUSPENDED` blocked,
-/// `DEPROVISIONED` deactivated, `PASSWORD_EXPIRED` made to change it. Okta never exports
+/// `DEPROVISIONED` deactivated, `PASSWORD_EXPIRED` made to change it; the email is verified
+/// when `credentials.emails` lists it as VERIFIED (Identity Engine orgs). Okta never exports
 /// passwords: a user with one (`credentials.password`) is marked `app_metadata.legacy_password`
 /// for the sign-in migration.
 pub fn from_okta(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
     let mut extra = Map::new();
     let mut login = None;
+    let mut verified_emails: Vec<String> = Vec::new();
     for (k, v) in obj {
         match k.as_str() {
             "id" => {
@@ -2850,10 +2852,23 @@ pub fn from_okta(obj: Map<String, Value>) -> Result<Map<String, Value>, String> 
                 if password {
                     out.insert("app_metadata".into(), json!({ "legacy_password": true }));
                 }
+                // Identity Engine orgs list the addresses with their state.
+                if let Some(Value::Array(emails)) = v.get("emails") {
+                    verified_emails.extend(
+                        emails
+                            .iter()
+                            .filter(|e| e.get("status").and_then(Value::as_str) == Some("VERIFIED"))
+                            .filter_map(|e| e.get("value").and_then(text)),
+                    );
+                }
             }
             other if other.starts_with('_') || OKTA_SKIPPED.contains(&other) => {}
             other => return Err(format!("unknown Okta field '{other}'")),
         }
+    }
+    let email = out.get("email").and_then(Value::as_str);
+    if email.is_some_and(|e| verified_emails.iter().any(|v| v.eq_ignore_ascii_case(e))) {
+        out.insert("email_verified".into(), Value::Bool(true));
     }
     let email = out.get("email").and_then(Value::as_str);
     if let Some(login) = login.filter(|l| !email.is_some_and(|e| e.eq_ignore_ascii_case(l))) {
@@ -3059,6 +3074,17 @@ mod tests {
                 "app_metadata": {"legacy_password": true}})
         );
         let one = |v: Value| from_okta(obj(v)).unwrap();
+        let r = one(
+            json!({"profile": {"email": "V@x.io"}, "credentials": {"emails": [
+            {"value": "v@x.io", "status": "VERIFIED", "type": "PRIMARY"},
+            {"value": "w@x.io", "status": "UNVERIFIED", "type": "SECONDARY"}]}}),
+        );
+        assert_eq!(r["email_verified"], true);
+        let r = one(
+            json!({"profile": {"email": "w@x.io"}, "credentials": {"emails": [
+            {"value": "w@x.io", "status": "UNVERIFIED", "type": "PRIMARY"}]}}),
+        );
+        assert!(r.get("email_verified").is_none());
         let r = one(
             json!({"status": "STAGED", "profile": {"login": "ann", "email": "a@x.io",
             "mobilePhone": "555-1337"}, "credentials": {"provider": {"type": "SOCIAL"}}}),

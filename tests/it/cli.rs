@@ -3232,6 +3232,11 @@ async fn an_okta_user_list_imports_with_states_and_the_migration_mark() {
         if password {
             credentials["password"] = serde_json::json!({});
         }
+        // As an Identity Engine org lists a verified address (ada's only here).
+        if id == "00u1" {
+            credentials["emails"] =
+                serde_json::json!([{"value": login, "status": "VERIFIED", "type": "PRIMARY"}]);
+        }
         serde_json::json!({"id": id, "status": status, "created": "2021-03-04T05:06:07.000Z",
             "activated": null, "statusChanged": "2021-03-04T05:06:08.000Z",
             "lastLogin": null, "lastUpdated": "2021-03-04T05:06:08.000Z",
@@ -3263,12 +3268,14 @@ async fn an_okta_user_list_imports_with_states_and_the_migration_mark() {
     assert_eq!(ada.username, "", "the login is the email");
     assert_eq!(ada.created_at.unwrap().seconds, 1_614_834_367);
     assert_eq!(ada.status, pb::UserStatus::Active as i32);
+    assert!(ada.email_verified);
     assert_eq!(
         ada.user_metadata.clone().unwrap(),
         crate::pb_struct(serde_json::json!({"plan": "gold"}))
     );
     let bo = crate::user_by_email(&mut users, "bo@acme.test").await;
     assert_eq!(bo.status, pb::UserStatus::PendingVerification as i32);
+    assert!(!bo.email_verified, "Okta did not say");
     let cy = crate::user_by_email(&mut users, "cy@acme.test").await;
     assert_eq!(cy.status, pb::UserStatus::Blocked as i32);
     assert_eq!(cy.blocked_reason, "suspended in Okta");
