@@ -937,13 +937,8 @@ async fn second_factors_survive_an_export_and_import() {
     };
     let ada = crate::create(&mut users, ada).await;
     let (_, seed) = confirmed_totp(&mut authn, &ada.id).await;
-    let codes = authn
-        .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
-            user_id: ada.id.clone(),
-        })
+    let codes = crate::factors::recovery_codes(&mut authn, &ada.id)
         .await
-        .unwrap()
-        .into_inner()
         .codes;
     authn
         .enroll_otp_channel(pb::EnrollOtpChannelRequest {
@@ -1210,14 +1205,8 @@ async fn recovery_codes_another_system_issued_work_after_import() {
     assert_eq!(used, 3);
 
     // A new set, Roster's own, replaces it and takes only Roster's shape.
-    let fresh = authn
-        .clone()
-        .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
-            user_id: bea.id.clone(),
-        })
+    let fresh = crate::factors::recovery_codes(&mut authn.clone(), &bea.id)
         .await
-        .unwrap()
-        .into_inner()
         .codes;
     let err = verify("FgHiJ-67890").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);

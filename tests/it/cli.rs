@@ -1678,12 +1678,7 @@ async fn a_project_is_deleted_with_everything_in_it() {
             })
             .await
             .unwrap();
-        authn
-            .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
-                user_id: u.id.clone(),
-            })
-            .await
-            .unwrap();
+        crate::factors::recovery_codes(&mut authn, &u.id).await;
         ids.link_identity(pb::LinkIdentityRequest {
             user_id: u.id.clone(),
             provider: "github".into(),
@@ -3778,12 +3773,7 @@ async fn roster_users_manages_factors_and_passwords() {
     let id = created[0].clone();
     let mut authn = app.authenticators();
     let (totp, _) = crate::factors::confirmed_totp(&mut authn, &id).await;
-    authn
-        .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
-            user_id: id.clone(),
-        })
-        .await
-        .unwrap();
+    crate::factors::recovery_codes(&mut authn, &id).await;
     let (code, table, err) = users_cmd(&app, &["factors", "helpdesk0@example.com"]).await;
     assert_eq!(code, 0, "{err}");
     let rows: Vec<&str> = table.lines().skip(1).collect();

@@ -56,6 +56,20 @@ pub async fn enroll_totp(authn: &mut Authenticators, user: &str) -> (pb::Authent
     (r.authenticator.unwrap(), secret_bytes(&r.secret))
 }
 
+/// A new set of recovery codes for the user (its authenticator and the codes).
+pub async fn recovery_codes(
+    authn: &mut Authenticators,
+    user: &str,
+) -> pb::GenerateRecoveryCodesResponse {
+    authn
+        .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
+            user_id: user.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// A user with a confirmed TOTP authenticator: (its id, the seed).
 pub async fn confirmed_totp(authn: &mut Authenticators, user: &str) -> (String, Vec<u8>) {
     let (a, secret) = enroll_totp(authn, user).await;
@@ -354,18 +368,7 @@ async fn recovery_codes_work_once_and_a_new_set_replaces_the_old() {
     let mut users = app.users();
     let mut authn = app.authenticators();
     let user = create_user(&mut users, "rec@example.com").await;
-    let generate = |authn: &mut Authenticators| {
-        let mut authn = authn.clone();
-        let id = user.id.clone();
-        async move {
-            authn
-                .generate_recovery_codes(pb::GenerateRecoveryCodesRequest { user_id: id })
-                .await
-                .unwrap()
-                .into_inner()
-        }
-    };
-    let first = generate(&mut authn).await;
+    let first = recovery_codes(&mut authn, &user.id).await;
     assert_eq!(first.codes.len(), 10);
     let distinct: std::collections::HashSet<_> = first.codes.iter().collect();
     assert_eq!(distinct.len(), 10);
@@ -450,7 +453,7 @@ async fn recovery_codes_work_once_and_a_new_set_replaces_the_old() {
     assert_eq!(oks, 1);
 
     // A new set replaces the old one.
-    let second = generate(&mut authn).await;
+    let second = recovery_codes(&mut authn, &user.id).await;
     let r = verify(&mut authn, &user.id, "", T::RecoveryCodes, &first.codes[3])
         .await
         .unwrap();
@@ -667,13 +670,8 @@ async fn management_keeps_exactly_one_default_and_merge_moves_factors() {
         .authenticator
         .unwrap();
     assert!(!email.is_default);
-    let rec = authn
-        .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
-            user_id: user.id.clone(),
-        })
+    let rec = recovery_codes(&mut authn, &user.id)
         .await
-        .unwrap()
-        .into_inner()
         .authenticator
         .unwrap();
     let list = list_of(&mut authn, &user.id).await;
@@ -950,14 +948,7 @@ async fn seeds_and_codes_never_reach_logs_or_events() {
         })
         .await
         .unwrap();
-    let recovery = authn
-        .generate_recovery_codes(pb::GenerateRecoveryCodesRequest {
-            user_id: user.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .codes;
+    let recovery = recovery_codes(&mut authn, &user.id).await.codes;
     verify(&mut authn, &user.id, "", T::RecoveryCodes, &recovery[0])
         .await
         .unwrap();
