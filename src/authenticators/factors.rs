@@ -406,8 +406,8 @@ pub async fn verify_factor(
         }
         _ => {
             let a = &candidates[0].authenticator;
-            let r = match super::recovery::spend(&tx, p, a.id, &recovery_hashes).await? {
-                store::RecoveryUse::Spent { .. } => FactorResult::Ok,
+            let r = match store::use_recovery_code(&tx, p, a.id, &recovery_hashes).await? {
+                store::RecoveryUse::Spent => FactorResult::Ok,
                 store::RecoveryUse::AlreadyUsed => FactorResult::CodeReused,
                 store::RecoveryUse::Unknown => FactorResult::InvalidCode,
             };

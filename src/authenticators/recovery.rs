@@ -1,11 +1,11 @@
 //! Recovery codes: 10 single-use codes of 60 random bits each, shown once. Only their
 //! SHA-256 is stored (high-entropy codes need no slow hash); a new set replaces the old.
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha256, Sha512};
 use uuid::Uuid;
 
 use super::factors::{self, about, lock_user};
 use super::password::record;
-use super::store::{self, NewAuthenticator, RecoveryUse};
+use super::store::{self, NewAuthenticator};
 use super::{Authenticator, Kind};
 use crate::auth::Caller;
 use crate::db::{self, Pool};
@@ -84,13 +84,20 @@ pub fn issued_hash(code: &str) -> Option<Vec<u8>> {
 }
 
 /// The hashes a typed code may be stored under, most likely first: Roster's form, and for a
-/// set that came by import ([`as_issued`]) the form its system issued. Empty when the code
-/// can be neither.
+/// set that came by import ([`as_issued`]) the form its system issued, as SHA-256 and as
+/// SHA-512 (Keycloak keeps its codes' SHA-512; the hash's length tells them apart). Empty
+/// when the code can be neither.
 pub fn hashes_to_try(typed: &str, foreign: bool) -> Vec<Vec<u8>> {
     let mut out: Vec<Vec<u8>> = normalize(typed).iter().map(|c| code_hash(c)).collect();
-    let issued = foreign.then(|| issued_hash(typed)).flatten();
-    if let Some(h) = issued.filter(|h| !out.contains(h)) {
-        out.push(h);
+    if let Some(issued) = as_issued(typed).filter(|_| foreign) {
+        for h in [
+            code_hash(&issued),
+            Sha512::digest(issued.as_bytes()).to_vec(),
+        ] {
+            if !out.contains(&h) {
+                out.push(h);
+            }
+        }
     }
     out
 }
@@ -137,23 +144,6 @@ pub async fn generate(
     Ok((authenticator, codes))
 }
 
-/// What a recovery code check found: spent now (with how many remain), used before, or
-/// unknown. Tries each of [`hashes_to_try`]'s hashes in turn (one for a set Roster made).
-pub(super) async fn spend(
-    tx: &deadpool_postgres::Transaction<'_>,
-    project_id: Uuid,
-    authenticator_id: Uuid,
-    hashes: &[Vec<u8>],
-) -> Result<RecoveryUse> {
-    for hash in hashes {
-        match store::use_recovery_code(tx, project_id, authenticator_id, hash).await? {
-            RecoveryUse::Unknown => {}
-            found => return Ok(found),
-        }
-    }
-    Ok(RecoveryUse::Unknown)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,12 +188,14 @@ mod tests {
         // Roster's form first; the issued form only for an imported set, and once.
         let typed = code.to_lowercase();
         assert_eq!(hashes_to_try(&typed, false).len(), 1);
-        assert_eq!(hashes_to_try(&typed, true).len(), 2);
-        assert_eq!(hashes_to_try(&code, true).len(), 1);
+        assert_eq!(hashes_to_try(&typed, true).len(), 3);
+        assert_eq!(hashes_to_try(&code, true).len(), 2);
         assert_eq!(hashes_to_try("AbCdE-12345", false).len(), 0);
+        // Keycloak's: the Base64 of the SHA-512 of the code as shown, taken from a realm export.
+        let sha512 = Sha512::digest(b"AbCdE12345").to_vec();
         assert_eq!(
             hashes_to_try("AbCdE-12345", true),
-            [issued_hash("AbCdE12345").unwrap()]
+            [issued_hash("AbCdE12345").unwrap(), sha512]
         );
     }
 }

@@ -690,42 +690,46 @@ pub async fn insert_recovery_codes(
 
 /// What using a recovery code found.
 pub enum RecoveryUse {
-    /// Spent now; this many remain unused.
-    Spent {
-        remaining: i64,
-    },
+    /// Spent now.
+    Spent,
     /// Known but already spent.
     AlreadyUsed,
     Unknown,
 }
 
-/// Spends a recovery code. Of concurrent uses of one code exactly one spends it (the row
-/// update re-checks `used_at` after waiting for the other).
+/// Spends a recovery code stored under one of `hashes` (the forms a typed code may take).
+/// Of concurrent uses of one code exactly one spends it (the row update re-checks `used_at`
+/// after waiting for the other).
 pub async fn use_recovery_code(
     tx: &Transaction<'_>,
     project_id: Uuid,
     authenticator_id: Uuid,
-    hash: &[u8],
+    hashes: &[Vec<u8>],
 ) -> Result<RecoveryUse> {
-    let spent = tx
-        .execute(
-            "UPDATE recovery_codes SET used_at = now()
-             WHERE project_id = $1 AND authenticator_id = $2 AND code_hash = $3
-               AND used_at IS NULL",
-            &[&project_id, &authenticator_id, &hash],
-        )
-        .await?;
+    // One round trip whatever the number of forms tried: spends the first unused code among
+    // them (in the caller's order), or says whether one of them was spent before.
     let row = tx
         .query_one(
-            "SELECT count(*) FILTER (WHERE used_at IS NULL),
-                    count(*) FILTER (WHERE code_hash = $3)
-             FROM recovery_codes WHERE project_id = $1 AND authenticator_id = $2",
-            &[&project_id, &authenticator_id, &hash],
+            "WITH hit AS (
+                 SELECT code_hash FROM recovery_codes
+                 WHERE project_id = $1 AND authenticator_id = $2 AND code_hash = ANY($3)
+                   AND used_at IS NULL
+                 ORDER BY array_position($3, code_hash) LIMIT 1
+             ), spent AS (
+                 UPDATE recovery_codes r SET used_at = now() FROM hit
+                 WHERE r.project_id = $1 AND r.authenticator_id = $2
+                   AND r.code_hash = hit.code_hash AND r.used_at IS NULL
+                 RETURNING 1
+             )
+             SELECT (SELECT count(*) FROM spent),
+                    (SELECT count(*) FROM recovery_codes
+                     WHERE project_id = $1 AND authenticator_id = $2 AND code_hash = ANY($3))",
+            &[&project_id, &authenticator_id, &hashes],
         )
         .await?;
-    let (remaining, known): (i64, i64) = (row.get(0), row.get(1));
+    let (spent, known): (i64, i64) = (row.get(0), row.get(1));
     Ok(if spent == 1 {
-        RecoveryUse::Spent { remaining }
+        RecoveryUse::Spent
     } else if known > 0 {
         RecoveryUse::AlreadyUsed
     } else {

@@ -555,9 +555,10 @@ const KEYCLOAK_SKIPPED: &[&str] = &[
 /// identity provider's alias as provider, its `userId` as subject); the password credential
 /// becomes a PHC hash (pbkdf2-sha256, pbkdf2-sha512, pbkdf2 (SHA-1) or argon2 as Keycloak
 /// stores them), each OTP credential a TOTP factor with its seed (see [`keycloak_totp`]);
-/// each WebAuthn credential a passkey (see [`keycloak_passkey`]); recovery codes are not
-/// carried (Keycloak's form); a disabled user is imported blocked, a pending UPDATE_PASSWORD action becomes
-/// `require_password_change`, and a client's service account is refused.
+/// each WebAuthn credential a passkey (see [`keycloak_passkey`]), the unused recovery codes
+/// a set of them (see [`keycloak_recovery_codes`]); a disabled user is imported blocked, a
+/// pending UPDATE_PASSWORD action becomes `require_password_change`, and a client's service
+/// account is refused.
 pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
     for (k, v) in obj {
@@ -632,13 +633,18 @@ pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
                     _ => return Err("credentials: more than one password".into()),
                 }
                 // Authenticator apps (OTP) come along as TOTP factors, security keys and
-                // passkeys (WebAuthn, two-factor or passwordless) as passkeys.
+                // passkeys (WebAuthn, two-factor or passwordless) as passkeys, the unused
+                // recovery codes as a set of them.
                 for (i, c) in list.iter().enumerate() {
                     let factor = match c.get("type").and_then(Value::as_str) {
                         Some("otp") => keycloak_totp(c)?,
                         Some(t @ ("webauthn" | "webauthn-passwordless")) => {
                             keycloak_passkey(i, c, t == "webauthn-passwordless")?
                         }
+                        Some("recovery-authn-codes") => match keycloak_recovery_codes(c)? {
+                            Some(set) => set,
+                            None => continue,
+                        },
                         _ => continue,
                     };
                     add_factor(&mut out, factor);
@@ -817,15 +823,7 @@ fn aws_time(field: &str, v: Value) -> Result<Value, String> {
 /// is can be carried (HMAC-SHA1, 6 digits, 30 s steps): another fails the record, naming it,
 /// rather than dropping the user's second factor.
 fn keycloak_totp(credential: &Value) -> Result<Value, String> {
-    let part = |name: &str| match credential
-        .get(name)
-        .cloned()
-        .map(|v| as_json(&format!("credentials.{name}"), v))
-    {
-        Some(Ok(Value::Object(m))) => Ok(m),
-        Some(Err(e)) => Err(e),
-        _ => Err(format!("credentials.{name}: must be a JSON object")),
-    };
+    let part = |name| keycloak_part(credential, name);
     let (secret, data) = (part("secretData")?, part("credentialData")?);
     let get = |name: &str| data.get(name).and_then(text);
     let sub_type = get("subType").unwrap_or_else(|| "totp".into());
@@ -863,6 +861,75 @@ fn keycloak_totp(credential: &Value) -> Result<Value, String> {
         credential.get("userLabel").and_then(text),
         created,
     ))
+}
+
+/// A Keycloak credential's `secretData` or `credentialData`: JSON kept as a string.
+fn keycloak_part(credential: &Value, name: &str) -> Result<Map<String, Value>, String> {
+    match credential
+        .get(name)
+        .cloned()
+        .map(|v| as_json(&format!("credentials.{name}"), v))
+    {
+        Some(Ok(Value::Object(m))) => Ok(m),
+        Some(Err(e)) => Err(e),
+        _ => Err(format!("credentials.{name}: must be a JSON object")),
+    }
+}
+
+/// Keycloak's recovery codes (a `recovery-authn-codes` credential) as a RECOVERY_CODES
+/// factor, or `None` when all were used. Its `secretData` lists the unused codes (a used one
+/// is removed) with `encodedHashedValue`, the Base64 of the SHA-512 of the code as issued:
+/// the hash Roster checks an imported set's codes against. Keycloak asks for the codes in
+/// order; Roster takes any unused one.
+fn keycloak_recovery_codes(credential: &Value) -> Result<Option<Value>, String> {
+    let (secret, data) = (
+        keycloak_part(credential, "secretData")?,
+        keycloak_part(credential, "credentialData")?,
+    );
+    // `RS512` before Keycloak 26.2 and `SHA-512` since: both the SHA-512 of the code, once.
+    let algorithm = data.get("algorithm").and_then(text);
+    let iterations = data.get("hashIterations").and_then(text);
+    let known = matches!(
+        algorithm.as_deref(),
+        None | Some("RS512" | "SHA-512" | "SHA512")
+    );
+    if !known || iterations.as_deref().is_some_and(|n| n != "1") {
+        return Err(format!(
+            "credentials: recovery codes hashed with {} ({} iterations) that Roster cannot \
+             check (it takes Keycloak's SHA-512); remove the credential to import the user \
+             without them",
+            algorithm.as_deref().unwrap_or("an unnamed algorithm"),
+            iterations.as_deref().unwrap_or("1"),
+        ));
+    }
+    let Some(Value::Array(codes)) = secret.get("codes") else {
+        return Err("credentials.secretData: has no codes".into());
+    };
+    let mut hashes = Vec::with_capacity(codes.len());
+    for (i, code) in codes.iter().enumerate() {
+        let field = format!("credentials.secretData.codes[{i}].encodedHashedValue");
+        let value = code
+            .get("encodedHashedValue")
+            .and_then(text)
+            .ok_or_else(|| format!("{field}: is missing"))?;
+        let hash = base64_bytes(&field, &value)?;
+        if hash.len() != 64 {
+            return Err(format!("{field}: is not a SHA-512 hash (64 bytes)"));
+        }
+        hashes.push(json!(
+            base64::engine::general_purpose::STANDARD.encode(hash)
+        ));
+    }
+    if hashes.is_empty() {
+        return Ok(None);
+    }
+    let created = match credential.get("createdDate").cloned() {
+        Some(c) => Some(millis_time("createdDate", c)?),
+        None => None,
+    };
+    let name = credential.get("userLabel").and_then(text);
+    let carried = ("recovery_code_hashes", Value::Array(hashes));
+    Ok(Some(factor("RECOVERY_CODES", carried, name, created)))
 }
 
 /// An `authenticators` entry (records.rs): its type, the one field that type carries, and
@@ -3472,16 +3539,46 @@ mod tests {
             let err = from_firebase(obj(bad.clone()), None).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
         }
+        // Recovery codes as Keycloak keeps them: the Base64 of each unused code's SHA-512 (a
+        // used one is removed from the list; a set with none left is not carried).
+        use sha2::Digest;
+        let sha512 = |code: &str| {
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha512::digest(code))
+        };
+        let codes = |algorithm: &str, hashes: &[String]| {
+            let list: Vec<Value> = hashes
+                .iter()
+                .enumerate()
+                .map(|(i, h)| json!({"number": i + 3, "encodedHashedValue": h}))
+                .collect();
+            json!({"type": "recovery-authn-codes", "userLabel": "Backup codes",
+                   "createdDate": 1_700_000_000_000_i64,
+                   "secretData": json!({"codes": list}).to_string(),
+                   "credentialData": json!({"hashIterations": 1, "algorithm": algorithm,
+                                            "totalCodes": 12, "remainingCodes": 2}).to_string()})
+        };
+        let (one, two) = (sha512("ABCDEFGH1234"), sha512("JKLMNPQR5678"));
         let r = from_keycloak(obj(json!({
             "id": "k1", "username": "u", "enabled": true, "attributes": {"locale": ["fr"]},
-            "realmRoles": ["admin"], "credentials": [{"type": "recovery-authn-codes"}],
-            "requiredActions": ["VERIFY_EMAIL"],
+            "realmRoles": ["admin"], "requiredActions": ["VERIFY_EMAIL"],
+            "credentials": [codes("RS512", &[one.clone(), two.clone()]), codes("SHA-512", &[])],
         })))
         .unwrap();
         assert_eq!(
             Value::Object(r),
-            json!({"external_id": "k1", "username": "u", "locale": "fr"})
+            json!({"external_id": "k1", "username": "u", "locale": "fr",
+                   "authenticators": [{"type": "RECOVERY_CODES", "name": "Backup codes",
+                                       "created_at": "2023-11-14T22:13:20.000Z",
+                                       "recovery_code_hashes": [one, two]}]})
         );
+        for (credential, says) in [
+            (codes("PBKDF2", &[sha512("X")]), "hashed with PBKDF2"),
+            (codes("SHA-512", &["AAAA".into()]), "not a SHA-512 hash"),
+            (json!({"type": "recovery-authn-codes"}), "secretData"),
+        ] {
+            let err = from_keycloak(obj(json!({"credentials": [credential]}))).unwrap_err();
+            assert!(err.contains(says), "{says}: {err}");
+        }
         // Disabled users arrive blocked, each source saying so; a pending password update
         // is kept.
         let r = from_keycloak(obj(json!({

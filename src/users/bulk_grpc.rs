@@ -301,10 +301,13 @@ fn factors_from_proto(list: &[pb::ImportAuthenticator], v: &mut Violations) -> V
         } else if codes {
             let hashes = &a.recovery_code_hashes;
             let max = crate::authenticators::recovery::IMPORTED_CODES_MAX;
-            if hashes.len() > max || hashes.iter().any(|h| h.len() != 32) {
+            // SHA-256 (Roster's, Better Auth's, Kratos's) or SHA-512 (Keycloak's) of each.
+            if hashes.len() > max || hashes.iter().any(|h| h.len() != 32 && h.len() != 64) {
                 v.add(
                     f("recovery_code_hashes"),
-                    format!("must be at most {max} SHA-256 hashes of 32 bytes"),
+                    format!(
+                        "must be at most {max} hashes: SHA-256 (32 bytes) or SHA-512 (64 bytes)"
+                    ),
                 );
             } else if hashes.iter().collect::<HashSet<_>>().len() != hashes.len() {
                 v.add(f("recovery_code_hashes"), "must be distinct");

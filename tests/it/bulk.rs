@@ -1069,7 +1069,8 @@ async fn second_factors_survive_an_export_and_import() {
             vec![factor(&|a| {
                 a.r#type = T::RecoveryCodes as i32;
                 a.totp_secret.clear();
-                a.recovery_code_hashes = vec![vec![0; 31]];
+                // SHA-512 is taken (Keycloak's); 48 bytes is no hash a set is kept in.
+                a.recovery_code_hashes = vec![vec![0; 64], vec![0; 48]];
             })],
         ),
         with(
@@ -1130,9 +1131,10 @@ async fn second_factors_survive_an_export_and_import() {
 }
 
 /// Recovery codes another system issued (Better Auth's `AbCdE-12345`, Kratos's `abcd1234`),
-/// imported as the SHA-256 of each as issued: they work once each, typed with or without the
-/// dash, case kept as their system compared them; a code of no possible shape is refused
-/// as a bad argument. A set Roster makes later takes only its own shape again.
+/// imported as the SHA-256 of each as issued, or Keycloak's as the SHA-512 it keeps: they
+/// work once each, typed with or without the dash, case kept as their system compared them;
+/// a code of no possible shape is refused as a bad argument. A set Roster makes later takes
+/// only its own shape again.
 #[tokio::test]
 async fn recovery_codes_another_system_issued_work_after_import() {
     use pb::AuthenticatorType as T;
@@ -1142,10 +1144,12 @@ async fn recovery_codes_another_system_issued_work_after_import() {
     let mut users = app.users();
     let authn = app.authenticators();
     let issued = ["AbCdE-12345", "FgHiJ-67890", "abcd1234"];
-    let hashes = issued
+    let mut hashes: Vec<Vec<u8>> = issued
         .iter()
         .map(|c| sha2::Sha256::digest(c.replace('-', "")).to_vec())
         .collect();
+    // Keycloak's code, shown as `QRST-UVWX-YZ12`, kept as the SHA-512 of `QRSTUVWXYZ12`.
+    hashes.push(sha2::Sha512::digest("QRSTUVWXYZ12").to_vec());
     let requests = vec![
         create_only(),
         record(pb::ImportRecord {
@@ -1188,6 +1192,9 @@ async fn recovery_codes_another_system_issued_work_after_import() {
     assert_eq!(verify("AbCdE12345").await.unwrap(), R::CodeReused);
     assert_eq!(verify(" FgHiJ 67890 ").await.unwrap(), R::Ok);
     assert_eq!(verify("abcd-1234").await.unwrap(), R::Ok);
+    assert_eq!(verify("qrst-uvwx-yz12").await.unwrap(), R::InvalidCode);
+    assert_eq!(verify("QRST-UVWX-YZ12").await.unwrap(), R::Ok);
+    assert_eq!(verify("QRSTUVWXYZ12").await.unwrap(), R::CodeReused);
     let err = verify("abc").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert_eq!(harness::violated_fields(&err), ["code"]);
@@ -1202,7 +1209,7 @@ async fn recovery_codes_another_system_issued_work_after_import() {
             &[],
         )
         .await;
-    assert_eq!(used, 3);
+    assert_eq!(used, 4);
 
     // A new set, Roster's own, replaces it and takes only Roster's shape.
     let fresh = crate::factors::recovery_codes(&mut authn.clone(), &bea.id)

@@ -2404,9 +2404,10 @@ async fn firebase_api_users_keep_their_sms_second_factor() {
 
 /// Moving off Keycloak: a realm export (`kc.sh export`, the realm's settings around its
 /// `users`) imports with `--from keycloak`: passwords in each of Keycloak's hash algorithms
-/// sign in, identity-provider links become identities, attributes become the locale and
-/// user_metadata; a disabled user arrives blocked, a pending UPDATE_PASSWORD as a password to
-/// change, and a service account is refused with its reason.
+/// sign in, authenticator apps and unused recovery codes work, identity-provider links
+/// become identities, attributes become the locale and user_metadata; a disabled user
+/// arrives blocked, a pending UPDATE_PASSWORD as a password to change, and a service account
+/// is refused with its reason.
 #[tokio::test]
 async fn a_keycloak_realm_export_imports_with_its_passwords() {
     use crate::passwords::LEGACY_PASSWORD;
@@ -2465,6 +2466,26 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
         "kEy1seedAtLeastTen20",
         serde_json::json!({"subType": "totp", "digits": 8, "algorithm": "HmacSHA1"}),
     );
+    // Recovery codes as Keycloak keeps them: the Base64 of the SHA-512 of each unused code
+    // (it showed them as `ABCD-EFGH-1234`; the first two of the set were used and removed).
+    let recovery = {
+        use base64::Engine as _;
+        use sha2::Digest;
+        let codes: Vec<serde_json::Value> = ["ABCDEFGH1234", "JKLMNPQR5678"]
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let hash = base64::engine::general_purpose::STANDARD
+                    .encode(sha2::Sha512::digest(c.as_bytes()));
+                serde_json::json!({"number": i + 3, "encodedHashedValue": hash})
+            })
+            .collect();
+        serde_json::json!({"type": "recovery-authn-codes", "createdDate": 1700000000000_i64,
+                           "secretData": serde_json::json!({"codes": codes}).to_string(),
+                           "credentialData": serde_json::json!({
+                               "hashIterations": 1, "algorithm": "RS512",
+                               "totalCodes": 12, "remainingCodes": 2}).to_string()})
+    };
     let user = |id: &str, name: &str, creds: Vec<serde_json::Value>| {
         serde_json::json!({
             "id": id, "username": name, "email": format!("{name}@example.com"),
@@ -2477,7 +2498,7 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
     let mut alice = user(
         "6f0c9a0e-8b1d-4c2e-9f3a-1b2c3d4e5f60",
         "alice",
-        vec![pbkdf2_sha256, totp],
+        vec![pbkdf2_sha256, totp, recovery],
     );
     alice["firstName"] = "Alice".into();
     alice["lastName"] = "Liddell".into();
@@ -2542,14 +2563,27 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
         a.user_metadata.unwrap(),
         crate::pb_struct(serde_json::json!({"department": "eng", "badges": ["a", "b"]}))
     );
-    // Her authenticator app came along: its code works here.
+    // Her authenticator app and her unused recovery codes came along: they work here, each
+    // code once, typed as Keycloak showed it or without the dashes.
     assert_eq!(
         a.enrolled_methods,
         [
             pb::AuthenticatorType::Password as i32,
-            pb::AuthenticatorType::Totp as i32
+            pb::AuthenticatorType::Totp as i32,
+            pb::AuthenticatorType::RecoveryCodes as i32
         ]
     );
+    use pb::AuthenticatorType::RecoveryCodes as Codes;
+    use pb::VerifyFactorResult as F;
+    for (code, expected) in [
+        ("ABCD-EFGH-1234", F::Ok),
+        ("ABCDEFGH1234", F::CodeReused),
+        ("JKLMNPQR5678", F::Ok),
+        ("STUV-WXYZ-9999", F::InvalidCode),
+    ] {
+        let got = factor_result(&app, &a.id, Codes, code.into()).await;
+        assert_eq!(got, expected, "{code}");
+    }
     let now = crate::factors::mid_step().await;
     let bob = crate::user_by_email(&mut users, "bob@example.com").await;
     for (user, seed) in [
