@@ -6,9 +6,13 @@
 //! given) so that a failed result can be written back with its reason; notes live only until
 //! their result arrives. Records are numbered from 1 in file order (a CSV header is not a
 //! record); `--skip N` leaves out the first N, which is how an interrupted import resumes.
-//! An UPSERT of a file resumes by itself when the server goes away (a replica restarted, a
-//! connection cut): the file is read again from the first record without a result, which
-//! UPSERT makes safe (a record already written is matched and left as it is).
+//! An import of a file resumes by itself when the server goes away (a replica restarted, a
+//! connection cut): the file is read again from the first record without a result. UPSERT
+//! makes that safe (a record already written is matched and left as it is). So does
+//! CREATE_ONLY, for which the reader gives each record without an id a fresh UUIDv7 of its
+//! own and sends a record read again with the id it had: a record whose result was lost in
+//! the break then meets its own user, ALREADY_EXISTS naming that id, which only its own
+//! write can have made, and counts as created.
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
@@ -115,8 +119,13 @@ enum Raw {
 enum Note {
     /// The CSV header (first, for CSV only).
     Header(Vec<String>),
-    /// The next record sent to the server: its record number and text.
-    Sent { record: u64, raw: Option<Raw> },
+    /// The next record sent to the server: its record number and text, and the id this side
+    /// gave it (CREATE_ONLY).
+    Sent {
+        record: u64,
+        raw: Option<Raw>,
+        given_id: Option<String>,
+    },
     /// A record that could not even be read into a request.
     Local {
         record: u64,
@@ -214,6 +223,10 @@ struct Reader {
     convert: Arc<Convert>,
     skip: u64,
     keep_raw: bool,
+    /// Whether records without an id get one here (a CREATE_ONLY that can resume).
+    give_ids: bool,
+    /// The ids records read again had when they were sent before the break.
+    ids_before: Arc<BTreeMap<u64, String>>,
     requests: mpsc::Sender<pb::ImportUsersRequest>,
     notes: std_mpsc::Sender<Note>,
 }
@@ -233,9 +246,19 @@ impl Reader {
                     reason,
                 })
                 .is_ok(),
-            Ok(r) => {
+            Ok(mut r) => {
                 let raw = self.keep_raw.then_some(raw);
-                if self.notes.send(Note::Sent { record, raw }).is_err() {
+                let given_id = (self.give_ids && r.user_id.is_empty()).then(|| {
+                    let id = self.ids_before.get(&record).cloned();
+                    r.user_id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+                    r.user_id.clone()
+                });
+                let note = Note::Sent {
+                    record,
+                    raw,
+                    given_id,
+                };
+                if self.notes.send(note).is_err() {
                     return false;
                 }
                 let msg = pb::ImportUsersRequest {
@@ -585,6 +608,8 @@ struct Tally {
     updated: u64,
     failed: u64,
     shown: u64,
+    /// Of `created`, records written before a break whose result was lost.
+    created_before_break: u64,
 }
 
 impl Tally {
@@ -603,10 +628,19 @@ impl Tally {
 /// Failures printed to stderr when there is no `--errors` file.
 const SHOWN_FAILURES: u64 = 10;
 
+/// A record sent and not yet answered.
+struct Waiting {
+    record: u64,
+    raw: Option<Raw>,
+    given_id: Option<String>,
+}
+
 struct Results {
     notes: std_mpsc::Receiver<Note>,
-    /// Records sent and not yet answered, by stream index: (record number, text).
-    pending: BTreeMap<i64, (u64, Option<Raw>)>,
+    /// Records sent and not yet answered, by stream index.
+    pending: BTreeMap<i64, Waiting>,
+    /// The ids this side gave the records read again after a break (see the module's doc).
+    ids_before: Arc<BTreeMap<u64, String>>,
     next_index: i64,
     last_record: u64,
     errors: ErrorsFile,
@@ -648,8 +682,17 @@ impl Results {
             };
             match note {
                 Note::Header(h) => self.errors.header(&h)?,
-                Note::Sent { record, raw } => {
-                    self.pending.insert(self.next_index, (record, raw));
+                Note::Sent {
+                    record,
+                    raw,
+                    given_id,
+                } => {
+                    let waiting = Waiting {
+                        record,
+                        raw,
+                        given_id,
+                    };
+                    self.pending.insert(self.next_index, waiting);
                     self.next_index += 1;
                     self.last_record = record;
                 }
@@ -665,7 +708,7 @@ impl Results {
                     // Only those after the first record still waiting can be read again.
                     if self.local_failed.len() > 4096 {
                         // Pending records are kept in stream order, which is file order.
-                        let first = self.pending.values().next().map(|(r, _)| *r);
+                        let first = self.pending.values().next().map(|w| w.record);
                         self.local_failed = self.local_failed.split_off(&first.unwrap_or(record));
                     }
                 }
@@ -676,12 +719,21 @@ impl Results {
 
     fn result(&mut self, r: pb::ImportResult) -> anyhow::Result<()> {
         self.drain(Some(r.index))?;
-        let Some((record, raw)) = self.pending.remove(&r.index) else {
+        let Some(Waiting { record, raw, .. }) = self.pending.remove(&r.index) else {
             return Ok(());
         };
         match pb::ImportOutcome::try_from(r.outcome) {
             Ok(pb::ImportOutcome::Created) => self.tally.created += 1,
             Ok(pb::ImportOutcome::Updated) => self.tally.updated += 1,
+            _ if self
+                .ids_before
+                .get(&record)
+                .is_some_and(|id| holds_id(r.error.as_ref(), id)) =>
+            {
+                // Written before the break: its own user holds the id only it was given.
+                self.tally.created += 1;
+                self.tally.created_before_break += 1;
+            }
             _ => {
                 let reason = r
                     .error
@@ -696,11 +748,24 @@ impl Results {
     /// The number of leading records that have a result (what `--skip` resumes after).
     fn answered_prefix(&mut self) -> u64 {
         let _ = self.drain(None);
-        match self.pending.values().map(|(record, _)| *record).min() {
+        match self.pending.values().map(|w| w.record).min() {
             Some(first) => first - 1,
             None => self.last_record,
         }
     }
+}
+
+/// Whether a failure is ALREADY_EXISTS with ResourceInfo naming the user `id` as the holder.
+fn holds_id(error: Option<&tonic_types::pb::Status>, id: &str) -> bool {
+    use prost::Message as _;
+    let Some(e) = error.filter(|e| e.code == tonic::Code::AlreadyExists as i32) else {
+        return false;
+    };
+    e.details.iter().any(|d| {
+        d.type_url.ends_with("/google.rpc.ResourceInfo")
+            && tonic_types::pb::ResourceInfo::decode(d.value.as_slice())
+                .is_ok_and(|info| info.resource_type == "user" && info.resource_name == id)
+    })
 }
 
 /// The command that imports the rest of the file after `done` records: the same reading of
@@ -830,9 +895,12 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         } as i32,
         dry_run: args.dry_run,
     };
-    // Only an UPSERT of a file can go on by itself: the file can be read again, and records
-    // whose results were lost in the break are matched rather than refused as duplicates.
-    let can_resume = args.mode == ModeArg::Upsert && args.file.as_os_str() != "-";
+    // Only an import of a file can go on by itself (the file can be read again): an UPSERT
+    // or a dry run as it is, a CREATE_ONLY when the records still waiting had their ids
+    // given here (see the module's doc).
+    let from_file = args.file.as_os_str() != "-";
+    let give_ids = from_file && args.mode == ModeArg::CreateOnly && !args.dry_run;
+    let mut ids_before = Arc::new(BTreeMap::new());
     let convert = Arc::new(convert);
     let mut progress = Progress::new("imported", total, true);
     let mut input = Some(input);
@@ -860,6 +928,8 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             convert: convert.clone(),
             skip,
             keep_raw: args.errors.is_some(),
+            give_ids,
+            ids_before: ids_before.clone(),
             requests,
             notes: notes_tx,
         };
@@ -872,6 +942,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         let mut results = Results {
             notes,
             pending: BTreeMap::new(),
+            ids_before: ids_before.clone(),
             next_index: 0,
             last_record: skip,
             errors,
@@ -915,6 +986,8 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             Ok(None) => true,
             Ok(Some(_)) => false,
         };
+        let can_resume =
+            from_file && (!give_ids || results.pending.values().all(|w| w.given_id.is_some()));
         if !(can_resume
             && server_gone
             && results.broken.is_none()
@@ -934,6 +1007,13 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         wait = (wait * 2).min(RECONNECT_LAST);
         retrying = true;
         skip = resume_at;
+        // The records read again keep their ids (only those still waiting can be).
+        ids_before = Arc::new(
+            std::mem::take(&mut results.pending)
+                .into_values()
+                .filter_map(|w| Some((w.record, w.given_id?)))
+                .collect(),
+        );
         let mut local_failed = results.local_failed;
         local_failed.retain(|r| *r > resume_at);
         carried = (results.errors, results.tally, local_failed);
@@ -953,6 +1033,12 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     }
     if resumed > 0 {
         eprintln!("the import went on {resumed} time(s) after the server went away");
+    }
+    if t.created_before_break > 0 {
+        eprintln!(
+            "({} of the created were written before a break took their results)",
+            t.created_before_break
+        );
     }
     let interrupted = match (&outcome, &results.broken) {
         (Err(e), _) => Some(format!("{e:#}")),
@@ -991,6 +1077,37 @@ fn read_with<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_already_exists_naming_the_given_id_is_the_records_own_write() {
+        use prost::Message as _;
+        let status = |code: tonic::Code, holder: &str| tonic_types::pb::Status {
+            code: code as i32,
+            message: "a user with this id already exists".into(),
+            details: vec![prost_types::Any {
+                type_url: "type.googleapis.com/google.rpc.ResourceInfo".into(),
+                value: tonic_types::pb::ResourceInfo {
+                    resource_type: "user".into(),
+                    resource_name: holder.into(),
+                    owner: String::new(),
+                    description: "id is already taken".into(),
+                }
+                .encode_to_vec(),
+            }],
+        };
+        let id = "0190d6a0-0000-7000-8000-000000000001";
+        assert!(holds_id(Some(&status(tonic::Code::AlreadyExists, id)), id));
+        let other = status(
+            tonic::Code::AlreadyExists,
+            "0190d6a0-0000-7000-8000-000000000002",
+        );
+        assert!(!holds_id(Some(&other), id));
+        assert!(!holds_id(
+            Some(&status(tonic::Code::InvalidArgument, id)),
+            id
+        ));
+        assert!(!holds_id(None, id));
+    }
 
     #[test]
     fn an_interrupted_import_resumes_reading_the_file_the_same_way() {

@@ -1305,9 +1305,10 @@ async fn an_export_goes_on_after_its_connection_is_cut() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A cut connection does not end an UPSERT import of a file either: `roster import` reads
-/// the file again from the first record without a result and goes on, so every user arrives
-/// once, and the records that fail on this side are reported once though read twice.
+/// A cut connection does not end an import of a file either: `roster import` reads the file
+/// again from the first record without a result and goes on, so every user arrives once (an
+/// UPSERT's or a CREATE_ONLY's), and the records that fail on this side are reported once
+/// though read twice.
 #[tokio::test]
 async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
     const N: usize = 3000;
@@ -1424,19 +1425,63 @@ async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
     }
     assert_eq!(short, bad / 2);
 
-    // CREATE_ONLY does not go on by itself (a lost result would come back a duplicate): it
-    // stops and prints the UPSERT command that would.
+    // CREATE_ONLY goes on too: records read again keep the ids this side gave them, so one
+    // written before the cut meets its own user and counts as created, not as a duplicate,
+    // while a record repeating an earlier one's email still fails (every 200th here).
     let again = dir.join("more.jsonl");
     let more: Vec<String> = (0..N)
-        .map(|i| serde_json::json!({"email": format!("more{i}@example.com")}).to_string())
+        .map(|i| {
+            let n = if i % 200 == 199 { i - 1 } else { i };
+            serde_json::json!({"email": format!("more{n}@example.com")}).to_string()
+        })
         .collect();
     std::fs::write(&again, more.join("\n") + "\n").unwrap();
+    let repeats = N / 200;
     let proxy = cutting_proxy(app.addr, 24 * 1024, 0).await;
     let server = format!("http://{proxy}");
     let (code, _, err) = roster_client(
         &app,
         &app.token,
         &["import", again.to_str().unwrap(), "--server", &server],
+    )
+    .await;
+    assert_eq!(code, 2, "the repeated emails failed: {err}");
+    assert!(
+        err.contains("going on after record"),
+        "the cut happened: {err}"
+    );
+    let tally = format!("{} created, 0 updated, {repeats} failed", N - repeats);
+    assert!(err.contains(&tally), "{err}");
+    assert!(err.contains("written before a break"), "{err}");
+    assert!(
+        err.contains("record 200: a user with this email already exists"),
+        "{err}"
+    );
+    let stored: i64 = app
+        .sql_one(
+            "SELECT count(DISTINCT lower(email)) FROM users WHERE email LIKE 'more%'",
+            &[],
+        )
+        .await;
+    assert_eq!(stored as usize, N - repeats);
+
+    // Records carrying their own ids (Roster's export) cannot tell their own earlier write
+    // from a user that was there: such a CREATE_ONLY stops and prints the UPSERT command.
+    let with_ids = dir.join("with-ids.jsonl");
+    let lines: Vec<String> = (0..N)
+        .map(|i| {
+            serde_json::json!({"id": uuid::Uuid::now_v7().to_string(),
+                               "email": format!("own{i}@example.com")})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&with_ids, lines.join("\n") + "\n").unwrap();
+    let proxy = cutting_proxy(app.addr, 24 * 1024, 0).await;
+    let server = format!("http://{proxy}");
+    let (code, _, err) = roster_client(
+        &app,
+        &app.token,
+        &["import", with_ids.to_str().unwrap(), "--server", &server],
     )
     .await;
     assert_eq!(code, 1, "{err}");
