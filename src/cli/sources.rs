@@ -2147,6 +2147,34 @@ fn clerk_list(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// One membership of the organization plugin (a `member` row with its `organization`, as the
+/// README's query gives it) as `app_metadata.organizations` keeps it: the organization's
+/// `id`, `slug` and `name`, the member's `role` (Better Auth's comma-separated roles, as
+/// stored) and `joined_at`; the spellings of either adapter taken.
+fn better_auth_membership(field: &str, m: Value) -> Result<Value, String> {
+    let Value::Object(m) = m else {
+        return Err(format!("{field}: must be an object"));
+    };
+    let get = |names: &[&str]| names.iter().find_map(|n| m.get(*n)).and_then(text);
+    let id = get(&["id", "organizationId", "organization_id"])
+        .ok_or_else(|| format!("{field}: needs the organization's id"))?;
+    let mut out = Map::from_iter([("id".to_string(), Value::String(id))]);
+    for name in ["slug", "name", "role"] {
+        if let Some(v) = get(&[name]) {
+            out.insert(name.into(), Value::String(v));
+        }
+    }
+    if let Some(v) = m.get("createdAt").or_else(|| m.get("created_at"))
+        && !v.is_null()
+    {
+        out.insert(
+            "joined_at".into(),
+            pg_time(&format!("{field}.createdAt"), v)?,
+        );
+    }
+    Ok(Value::Object(out))
+}
+
 /// Better Auth's scrypt: N = 2^14, r = 16, p = 1, a 64-byte key.
 const BETTER_AUTH_SCRYPT: &str = "$scrypt$ln=14,r=16,p=1$";
 
@@ -2173,6 +2201,7 @@ pub fn from_better_auth(
     // Each verified app's sealed secret and backup codes.
     let mut sealed: Option<Vec<(String, Option<String>)>> = None;
     let mut extra = Map::new();
+    let mut app = Map::new();
     let mut ban: Option<(String, Option<Value>)> = None;
     let mut banned = false;
     for (k, v) in obj {
@@ -2204,7 +2233,18 @@ pub fn from_better_auth(
             "role" => {
                 // The admin plugin's role(s), comma-separated: what your backend checks.
                 if let Some(role) = text(&v) {
-                    out.insert("app_metadata".into(), json!({ "role": role }));
+                    app.insert("role".into(), Value::String(role));
+                }
+                continue;
+            }
+            "organizations" => {
+                // The organization plugin's memberships: what your backend checks access by.
+                let mut list = Vec::new();
+                for (i, m) in array_of(&k, v)?.into_iter().enumerate() {
+                    list.push(better_auth_membership(&format!("{k}[{i}]"), m)?);
+                }
+                if !list.is_empty() {
+                    app.insert("organizations".into(), Value::Array(list));
                 }
                 continue;
             }
@@ -2310,6 +2350,9 @@ pub fn from_better_auth(
     }
     if !extra.is_empty() {
         out.insert("user_metadata".into(), Value::Object(extra));
+    }
+    if !app.is_empty() {
+        out.insert("app_metadata".into(), Value::Object(app));
     }
     if two_factor {
         let gone = "importing the user without it would drop their second factor";
@@ -3337,6 +3380,36 @@ mod tests {
         assert!(
             r.get("authenticators").is_none(),
             "an enrollment never finished"
+        );
+    }
+
+    #[test]
+    fn better_auth_memberships_go_to_app_metadata() {
+        // A row of `sqlite3 -json` with the README's organizations query, from Better Auth
+        // 1.7.29's organization plugin (Bob, made a member of Acme with two roles, owns Beta),
+        // password left out; the admin plugin's role kept beside the memberships.
+        let row = json!({"id": "mxeYRbdAtVdctPtIjX8h6aI7uanKRkao", "name": "Bob",
+            "email": "bob@example.com", "emailVerified": 0, "image": null, "role": "user",
+            "createdAt": "2026-12-07T21:21:46.228Z", "updatedAt": "2026-12-07T21:21:46.228Z",
+            "organizations": "[{\"id\":\"9Qq0eNArddfjBWcc5zXAV0yMDwKUv8b1\",\"slug\":\"acme\",\"name\":\"Acme Inc.\",\"role\":\"admin,member\",\"createdAt\":\"2026-12-07T21:21:46.410Z\"},{\"id\":\"HRB0Tu3DYFk7CIqQWGFCvPA9dqO5vhJn\",\"slug\":\"beta\",\"name\":\"Beta\",\"role\":\"owner\",\"createdAt\":\"2026-12-07T21:21:46.422Z\"}]"});
+        let r = from_better_auth(obj(row), None, None).unwrap();
+        assert_eq!(
+            r["app_metadata"],
+            json!({"role": "user", "organizations": [
+                {"id": "9Qq0eNArddfjBWcc5zXAV0yMDwKUv8b1", "slug": "acme", "name": "Acme Inc.",
+                 "role": "admin,member", "joined_at": "2026-12-07T21:21:46.410000Z"},
+                {"id": "HRB0Tu3DYFk7CIqQWGFCvPA9dqO5vhJn", "slug": "beta", "name": "Beta",
+                 "role": "owner", "joined_at": "2026-12-07T21:21:46.422000Z"}]})
+        );
+        // No memberships (`[]` from SQLite, null from PostgreSQL): no app_metadata.
+        for none in [json!("[]"), Value::Null] {
+            let r = from_better_auth(obj(json!({"id": "u2", "organizations": none})), None, None);
+            assert!(r.unwrap().get("app_metadata").is_none());
+        }
+        let err = from_better_auth(obj(json!({"organizations": [{"slug": "x"}]})), None, None);
+        assert!(
+            err.unwrap_err()
+                .contains("organizations[0]: needs the organization's id")
         );
     }
 
