@@ -96,7 +96,7 @@ async fn alone(pool: &Pool, c: &Create) -> Result<User> {
 }
 
 async fn write_one(db: &impl GenericClient, c: &Create) -> Result<User> {
-    store::insert_with_event(
+    let written = store::insert_with_event(
         db,
         c.project_id,
         &c.user,
@@ -104,7 +104,11 @@ async fn write_one(db: &impl GenericClient, c: &Create) -> Result<User> {
         &c.ctx,
         &c.event,
     )
-    .await
+    .await;
+    match written {
+        Err(e) => Err(store::name_holder(db, c.project_id, e, &c.user.profile, c.user.id).await),
+        ok => ok,
+    }
 }
 
 /// Writes `own` and the users of `others` (those whose callers still wait), answers

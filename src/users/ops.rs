@@ -195,6 +195,25 @@ pub async fn update_user(
     mask: &[MaskPath],
     etag: Option<&str>,
 ) -> Result<User> {
+    match write_profile(pool, caller, id, given, mask, etag).await {
+        // Name the user holding a clashing value, as CreateUser does (the write's transaction
+        // went with its error, so the lookup takes a connection of its own).
+        Err(e @ Error::AlreadyExists { .. }) => {
+            let client = db::client(pool).await?;
+            Err(store::name_holder(&*client, caller.project_id, e, given, id).await)
+        }
+        other => other,
+    }
+}
+
+async fn write_profile(
+    pool: &Pool,
+    caller: &Caller,
+    id: Uuid,
+    given: &Profile,
+    mask: &[MaskPath],
+    etag: Option<&str>,
+) -> Result<User> {
     let p = caller.project_id;
     let ctx = EventContext::from_caller(caller);
     let mut client = db::client(pool).await?;

@@ -8,7 +8,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{LookupKey, NewUser, Profile, User, UserStatus};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::events::{EventContext, NewEvent};
 use crate::query::filter::Expr;
 use crate::query::page::{Cursor, Order, OrderField, SortKind};
@@ -75,6 +75,65 @@ pub async fn insert(
     password_hash: Option<&str>,
 ) -> Result<User> {
     insert_user(db, project_id, user, password_hash, None).await
+}
+
+/// The user already holding the unique `field` (ALREADY_EXISTS's `field`) of `profile` in the
+/// project, for the error's ResourceInfo: the caller learns whose it is (its own earlier
+/// create, retried, or another user's), as an import's results tell. Asked only once a
+/// write has clashed.
+async fn holder_of(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    field: &str,
+    profile: &Profile,
+) -> Result<Option<Uuid>> {
+    // The unique indexes' own expressions, so each lookup is an index probe.
+    let (condition, value) = match field {
+        "email" => ("lower(email) = lower($2)", &profile.email),
+        "phone_number" => ("phone_number = $2", &profile.phone_number),
+        "username" => ("lower(username) = lower($2)", &profile.username),
+        "external_id" => ("external_id = $2", &profile.external_id),
+        _ => return Ok(None),
+    };
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let sql = format!("SELECT id FROM users WHERE project_id = $1 AND {condition}");
+    let row = db.query_opt(sql.as_str(), &[&project_id, value]).await?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// `e` naming the user that holds the clashing value when it is a user's ALREADY_EXISTS
+/// that does not say (the unique index's error cannot): for an id, `id` itself (a create
+/// retried with a client-chosen id meets its own first try), else [`holder_of`]'s lookup.
+/// Any other error, or a lookup that fails, leaves `e` as it is.
+pub async fn name_holder(
+    db: &impl GenericClient,
+    project_id: Uuid,
+    e: Error,
+    profile: &Profile,
+    id: Uuid,
+) -> Error {
+    let Error::AlreadyExists {
+        resource: "user",
+        field,
+        owner: None,
+    } = e
+    else {
+        return e;
+    };
+    let owner = match field {
+        "id" => Some(id),
+        _ => holder_of(db, project_id, field, profile)
+            .await
+            .ok()
+            .flatten(),
+    };
+    Error::AlreadyExists {
+        resource: "user",
+        field,
+        owner: owner.map(|o| o.to_string()),
+    }
 }
 
 /// Inserts `user` and, in the same statement, its USER_CREATED-style `event` (one round trip,

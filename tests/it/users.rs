@@ -329,9 +329,29 @@ async fn unique_fields_clash_case_insensitively_with_resource_info() {
                 .map(String::as_str),
             Some(field)
         );
-        assert_eq!(d.resource_info().unwrap().resource_type, "user");
+        let holder = d.resource_info().unwrap();
+        assert_eq!(holder.resource_type, "user");
+        assert_eq!(holder.resource_name, first.id, "{field}: whose it is");
     }
-    let _ = first;
+    // An update taking another user's value names its holder too.
+    let second = create_user(&mut users, "second@x.io").await;
+    let err = users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: second.id.clone(),
+                username: "DUP".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["username"]),
+            etag: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(
+        details(&err).resource_info().unwrap().resource_name,
+        first.id
+    );
 }
 
 #[tokio::test]
@@ -349,14 +369,22 @@ async fn concurrent_creates_with_one_email_exactly_one_wins() {
                 .await
         }));
     }
-    let mut ok = 0;
+    let (mut won, mut holders) = (Vec::new(), std::collections::HashSet::new());
     for t in tasks {
         match t.await.unwrap() {
-            Ok(_) => ok += 1,
-            Err(e) => assert_eq!(e.code(), Code::AlreadyExists, "{e:?}"),
+            Ok(r) => won.push(r.into_inner().user.unwrap().id),
+            Err(e) => {
+                assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+                holders.insert(details(&e).resource_info().unwrap().resource_name.clone());
+            }
         }
     }
-    assert_eq!(ok, 1);
+    assert_eq!(won.len(), 1);
+    assert_eq!(
+        holders,
+        [won[0].clone()].into(),
+        "every loser names the winner"
+    );
 }
 
 #[tokio::test]
@@ -1753,4 +1781,80 @@ async fn concurrent_updates_without_etags_to_different_fields_lose_none() {
             now.insert(field.clone(), change["new"].clone());
         }
     }
+}
+
+/// The README's "Retrying calls": a write whose answer was lost (a deadline, a cut
+/// connection) can be sent again and the answer says what happened. CreateUser with a
+/// client-chosen id: ALREADY_EXISTS naming that id; UpdateUser with the etag read before:
+/// ABORTED, the change there once; BlockUser: the same user again and one event; DeleteUser:
+/// NOT_FOUND.
+#[tokio::test]
+async fn writes_sent_again_after_a_lost_answer_say_what_happened() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let id = uuid::Uuid::now_v7().to_string();
+    let create = pb::CreateUserRequest {
+        user: Some(user_with_email("retry@x.io")),
+        user_id: id.clone(),
+        ..Default::default()
+    };
+    let first = users
+        .create_user(create.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let again = users.create_user(create).await.unwrap_err();
+    assert_eq!(again.code(), Code::AlreadyExists);
+    let d = details(&again);
+    assert_eq!(d.resource_info().unwrap().resource_name, id, "the id sent");
+    assert_eq!(d.error_info().unwrap().metadata["field"], "id");
+
+    let etag = first.user.unwrap().etag;
+    let update = pb::UpdateUserRequest {
+        user: Some(pb::User {
+            id: id.clone(),
+            display_name: "Retried".into(),
+            ..Default::default()
+        }),
+        update_mask: mask(&["display_name"]),
+        etag,
+    };
+    let updated = users
+        .update_user(update.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let again = users.update_user(update).await.unwrap_err();
+    assert_eq!(again.code(), Code::Aborted);
+    let now = get(&mut users, &id).await;
+    assert_eq!(now.display_name, "Retried");
+    assert_eq!(now.etag, updated.user.unwrap().etag, "written once");
+
+    let block = pb::BlockUserRequest {
+        id: id.clone(),
+        reason: "fraud".into(),
+    };
+    let blocked = users.block_user(block.clone()).await.unwrap().into_inner();
+    let again = users.block_user(block).await.unwrap().into_inner();
+    assert_eq!(again.user, blocked.user, "already blocked: the same user");
+    let events = app
+        .logs()
+        .list_events(pb::ListEventsRequest {
+            filter: format!("user_id = \"{id}\" AND type = USER_BLOCKED"),
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    assert_eq!(events.len(), 1);
+
+    let delete = pb::DeleteUserRequest {
+        id: id.clone(),
+        etag: String::new(),
+    };
+    users.delete_user(delete.clone()).await.unwrap();
+    let again = users.delete_user(delete).await.unwrap_err();
+    assert_eq!(again.code(), Code::NotFound);
 }

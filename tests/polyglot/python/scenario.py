@@ -3,6 +3,7 @@
 Run by tests/polyglot/run (ROSTER_ADDR, ROSTER_API_KEY, GENERATED set). Exits non-zero with a
 message on the first thing that is not as the API promises.
 """
+import json
 import os
 import sys
 import uuid
@@ -38,8 +39,19 @@ def reason_and_delay(e):
     return reason, delay
 
 
+# The README's service config ("Retrying calls"): grpcio retries UNAVAILABLE by itself.
+SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": f"roster.v1.{s}"}
+             for s in ("UserService", "AuthenticatorService", "IdentityService", "LogService")],
+    "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "5s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+
+
 def main():
-    channel = grpc.insecure_channel(os.environ["ROSTER_ADDR"])
+    channel = grpc.insecure_channel(
+        os.environ["ROSTER_ADDR"],
+        options=[("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)],
+    )
     meta = [("authorization", "Bearer " + os.environ["ROSTER_API_KEY"])]
     users = user_pb2_grpc.UserServiceStub(channel)
     tag = uuid.uuid4().hex[:8]
@@ -96,6 +108,26 @@ def main():
         if not token:
             break
     check(sorted(seen) == sorted(u.id for u in made), f"paging returns each user once: {seen}")
+
+    # A create whose answer was lost, sent again with the id it chose: ALREADY_EXISTS whose
+    # ResourceInfo names that id, so the caller knows the first went through.
+    chosen = str(uuid.uuid4())
+    create = user_pb2.CreateUserRequest(
+        user=user_pb2.User(email=f"retry.{tag}@example.com"), user_id=chosen
+    )
+    users.CreateUser(create, metadata=meta)
+    try:
+        users.CreateUser(create, metadata=meta)
+        check(False, "a create sent again fails")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.ALREADY_EXISTS, f"ALREADY_EXISTS, got {e.code()}")
+        holder = None
+        for d in rpc_status.from_call(e).details:
+            if d.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+                info = error_details_pb2.ResourceInfo()
+                d.Unpack(info)
+                holder = info.resource_name
+        check(holder == chosen, f"ResourceInfo names the chosen id: {holder}")
 
     # A bad request: INVALID_ARGUMENT with field violations in the details.
     try:
