@@ -463,6 +463,46 @@ impl ServerConfig {
         }
     }
 
+    /// What this server applies where a project's policy says `default`, and the other
+    /// settings worth comparing across replicas, by their `serve` flag names: published in
+    /// the servers registry (`crate::servers`), so nothing secret (no URL, key or path).
+    pub fn published_settings(&self) -> serde_json::Value {
+        let p = self.password_settings();
+        let sms = &self.sms_allowed_prefixes;
+        let rate = crate::ratelimit::Limit::new(self.rate_limit_rps, Some(self.rate_limit_burst))
+            .map_or_else(
+                || "off".to_string(),
+                |l| format!("{} per second, burst {}", l.rate, l.burst),
+            );
+        let breached = match (&self.breached_passwords_file, self.breached_at_sign_in) {
+            (None, _) => "off",
+            (Some(_), BreachedSignIn::Change) => "on (sign-in: change)",
+            (Some(_), BreachedSignIn::Allow) => "on (sign-in: allow)",
+        };
+        serde_json::json!({
+            "lockout-threshold": p.lockout_threshold,
+            "lockout-secs": p.lockout.num_seconds(),
+            "password-history": p.history,
+            "password-min-length": p.min_length,
+            "password-max-age-days": p.max_age_days,
+            "ip-failure-limit": p.ip_failure_limit,
+            "code-resend-secs": p.codes.resend_secs,
+            "codes-per-hour": p.codes.per_hour,
+            "sms-allowed-prefixes": if sms.is_empty() { "any".to_string() } else { sms.to_text() },
+            "sms-per-hour": p.codes.sms_per_hour,
+            "event-retention-days": self.event_retention_days.min(36_500),
+            "rate-limit": rate,
+            "argon2": format!(
+                "m={},t={},p={}",
+                self.argon2_memory_kib, self.argon2_iterations, self.argon2_parallelism
+            ),
+            "breached-passwords": breached,
+            "key-cache-ms": self.key_cache_ms,
+            "call-timeout-secs": self.call_timeout_secs,
+            "tls": self.tls_cert_file.is_some(),
+        })
+    }
+
     pub fn relying_party(&self) -> RelyingPartyDefaults {
         RelyingPartyDefaults {
             rp_id: self.webauthn_rp_id.clone().filter(|s| !s.trim().is_empty()),

@@ -21,6 +21,7 @@ pub mod pb;
 pub mod query;
 pub mod ratelimit;
 pub mod server;
+pub mod servers;
 pub mod telemetry;
 pub mod tls;
 pub mod users;

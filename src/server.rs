@@ -359,6 +359,15 @@ impl Application {
             Duration::from_secs(self.config.ip_failure_window_secs),
             THROTTLE_PURGE_EVERY,
         ));
+        let mut settings = self.config.published_settings();
+        settings["encryption"] = self.state.sealer.is_some().into();
+        let registration =
+            crate::servers::Registration::new(self.local_addr().to_string(), settings);
+        let server_id = registration.id;
+        let registry = tokio::spawn(crate::servers::keep_registered(
+            self.state.pool.clone(),
+            registration,
+        ));
         let key_check = tokio::spawn({
             let (pool, sealer) = (self.state.pool.clone(), self.state.sealer.clone());
             async move { crate::crypto::rotation::warn_of_missing_keys(pool, sealer.as_deref()).await }
@@ -527,6 +536,8 @@ impl Application {
         retention.abort();
         key_check.abort();
         throttle_purge.abort();
+        registry.abort();
+        crate::servers::deregister(&self.state.pool, server_id).await;
         result
     }
 }

@@ -278,32 +278,35 @@ pub async fn projects(cmd: ProjectCommand, db: &DatabaseConfig) -> anyhow::Resul
                 ProjectCommand::Policy { project, update } => {
                     let p = admin::find_project(&*client, &project).await?;
                     let policy = admin::update_policy(&mut *client, p.id, update).await?;
-                    let show = |v: Option<u32>| match v {
-                        Some(v) => v.to_string(),
-                        None => "default (the server's)".to_string(),
+                    // A setting left to the servers shows what the running ones apply.
+                    let servers = crate::servers::running(&*client).await?;
+                    let default = |name: &str| {
+                        format!("default ({})", crate::servers::setting(&servers, name))
                     };
-                    println!("lockout-threshold\t{}", show(policy.lockout_threshold));
-                    println!("lockout-secs\t{}", show(policy.lockout_secs));
-                    println!("password-history\t{}", show(policy.password_history));
-                    println!("password-min-length\t{}", show(policy.password_min_length));
-                    println!(
-                        "password-max-age-days\t{}",
-                        show(policy.password_max_age_days)
-                    );
-                    println!("ip-failure-limit\t{}", show(policy.ip_failure_limit));
-                    println!("code-resend-secs\t{}", show(policy.code_resend_secs));
-                    println!("codes-per-hour\t{}", show(policy.codes_per_hour));
                     let sms = match &policy.sms_allowed_prefixes {
-                        None => "default (the server's)".to_string(),
-                        Some(list) if list.is_empty() => "any".to_string(),
-                        Some(list) => list.to_text(),
+                        None => None,
+                        Some(list) if list.is_empty() => Some("any".to_string()),
+                        Some(list) => Some(list.to_text()),
                     };
-                    println!("sms-allowed-prefixes\t{sms}");
-                    println!("sms-per-hour\t{}", show(policy.sms_per_hour));
-                    println!(
-                        "event-retention-days\t{}",
-                        show(policy.event_retention_days)
-                    );
+                    let number = |v: Option<u32>| v.map(|v| v.to_string());
+                    for (name, own) in [
+                        ("lockout-threshold", number(policy.lockout_threshold)),
+                        ("lockout-secs", number(policy.lockout_secs)),
+                        ("password-history", number(policy.password_history)),
+                        ("password-min-length", number(policy.password_min_length)),
+                        (
+                            "password-max-age-days",
+                            number(policy.password_max_age_days),
+                        ),
+                        ("ip-failure-limit", number(policy.ip_failure_limit)),
+                        ("code-resend-secs", number(policy.code_resend_secs)),
+                        ("codes-per-hour", number(policy.codes_per_hour)),
+                        ("sms-allowed-prefixes", sms),
+                        ("sms-per-hour", number(policy.sms_per_hour)),
+                        ("event-retention-days", number(policy.event_retention_days)),
+                    ] {
+                        println!("{name}\t{}", own.unwrap_or_else(|| default(name)));
+                    }
                 }
                 ProjectCommand::Update {
                     project,
@@ -574,6 +577,41 @@ pub async fn throttle(cmd: ThrottleCommand, db: &DatabaseConfig) -> anyhow::Resu
                         None => println!("{ip} owes no failed sign-ins in {}", p.name),
                     }
                 }
+            }
+            Ok(())
+        })
+    })
+    .await
+}
+
+/// `roster servers`: one line per running server, then each setting, one value where they
+/// agree and each value with its hosts where they differ.
+pub async fn servers(db: &DatabaseConfig) -> anyhow::Result<()> {
+    with_database(db, move |client, _| {
+        Box::pin(async move {
+            let servers = crate::servers::running(&*client).await?;
+            if servers.is_empty() {
+                eprintln!(
+                    "no server has been seen in the last {} s",
+                    crate::servers::ALIVE.as_secs()
+                );
+                return Ok(());
+            }
+            let now = chrono::Utc::now();
+            for s in &servers {
+                println!(
+                    "{}\t{}\t{}\t{}\tstarted {}\tseen {} s ago",
+                    s.id,
+                    s.host,
+                    s.version,
+                    s.listen,
+                    s.started_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    (now - s.seen_at).num_seconds().max(0)
+                );
+            }
+            for name in crate::servers::setting_names(&servers) {
+                println!("{name}\t{}", crate::servers::setting(&servers, &name));
             }
             Ok(())
         })

@@ -50,6 +50,13 @@ pub enum Command {
         #[command(flatten)]
         database: DatabaseConfig,
     },
+    /// List the servers running against this database (seen in the last 90 s): id, host,
+    /// version, address, start and last sign of life; then their settings, one per line,
+    /// saying where servers differ (a rollout half done, a replica configured apart).
+    Servers {
+        #[command(flatten)]
+        database: DatabaseConfig,
+    },
     /// Rotate the keys sealing secrets at rest: which keys stored secrets need, re-seal them.
     Encryption {
         #[command(subcommand)]
@@ -124,6 +131,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Projects { command, database } => admin::projects(command, &database).await,
         Command::Keys { command, database } => admin::keys(command, &database).await,
         Command::Throttle { command, database } => admin::throttle(command, &database).await,
+        Command::Servers { database } => admin::servers(&database).await,
         Command::Encryption {
             command,
             keys,

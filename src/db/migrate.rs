@@ -95,6 +95,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "foreign_recovery_codes",
         include_str!("migrations/0019_foreign_recovery_codes.sql"),
     ),
+    (20, "servers", include_str!("migrations/0020_servers.sql")),
 ];
 
 /// A short digest of every migration's version, name and SQL: equal for two builds exactly

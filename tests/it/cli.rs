@@ -209,6 +209,75 @@ fn serve_refuses_bad_settings_and_busy_ports_before_starting_a_database() {
     }
 }
 
+/// `roster servers` once it lists `n` servers (a server writes its row as it starts, in a
+/// task of its own): its output.
+async fn running_servers(app: &TestApp, n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (ok, out, err) = roster(&app.url, &["servers"]);
+        assert!(ok, "{err}");
+        let listed = out.lines().filter(|l| l.contains("\tstarted ")).count();
+        if listed == n {
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} servers never listed: {out}{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `roster servers` lists the servers running against the database with their settings,
+/// saying where two replicas differ; `roster projects policy` shows the values its defaults
+/// take on them; a server that stops leaves the list.
+#[tokio::test]
+async fn servers_lists_the_replicas_and_where_their_settings_differ() {
+    let mut app = TestApp::spawn().await;
+    let out = running_servers(&app, 1).await;
+    let first = out.lines().next().unwrap();
+    assert!(first.contains(&format!("\t{}\t", app.addr)), "{out}");
+    assert!(first.contains(env!("CARGO_PKG_VERSION")), "{out}");
+    for line in [
+        "lockout-threshold\t10",
+        "sms-allowed-prefixes\tany",
+        "rate-limit\toff",
+        "argon2\tm=19456,t=2,p=1",
+        "tls\tfalse",
+        "encryption\ttrue",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line}: {out}");
+    }
+    // A second replica, configured apart: both listed, the setting they differ on named.
+    let other = app
+        .another_server(roster::config::ServerConfig {
+            lockout_threshold: 5,
+            ..Default::default()
+        })
+        .await;
+    drop(other);
+    let out = running_servers(&app, 2).await;
+    let differ = out
+        .lines()
+        .find(|l| l.starts_with("lockout-threshold\t"))
+        .unwrap();
+    assert!(differ.contains("servers differ: 10 on "), "{out}");
+    assert!(differ.contains(&format!("({})", app.addr)), "{out}");
+    assert!(out.lines().any(|l| l == "lockout-secs\t900"), "{out}");
+    let (ok, policy, err) = roster(&app.url, &["projects", "policy", "test"]);
+    assert!(ok, "{err}");
+    assert!(
+        policy.starts_with("lockout-threshold\tdefault (servers differ: 10 on "),
+        "{policy}"
+    );
+    // The first server stops: its row goes with it.
+    app.begin_shutdown();
+    app.stopped().await;
+    let out = running_servers(&app, 1).await;
+    assert!(!out.contains(&app.addr.to_string()), "{out}");
+    assert!(out.lines().any(|l| l == "lockout-threshold\t5"), "{out}");
+}
+
 #[tokio::test]
 async fn projects_and_keys_commands() {
     let app = TestApp::spawn().await;
@@ -227,19 +296,21 @@ async fn projects_and_keys_commands() {
         all.extend_from_slice(args);
         roster(&app.url, &all)
     };
+    // A setting left to the servers shows the running server's value (the test server's
+    // defaults).
+    running_servers(&app, 1).await;
     let (ok, out, err) = policy(&[]);
     assert!(ok, "{err}");
-    let default = "default (the server's)";
     assert_eq!(
         out,
-        format!(
-            "lockout-threshold\t{default}\nlockout-secs\t{default}\npassword-history\t{default}\n\
-             password-min-length\t{default}\npassword-max-age-days\t{default}\n\
-             ip-failure-limit\t{default}\ncode-resend-secs\t{default}\ncodes-per-hour\t{default}\n\
-             sms-allowed-prefixes\t{default}\nsms-per-hour\t{default}\n\
-             event-retention-days\t{default}\n"
-        )
+        "lockout-threshold\tdefault (10)\nlockout-secs\tdefault (900)\n\
+         password-history\tdefault (0)\npassword-min-length\tdefault (8)\n\
+         password-max-age-days\tdefault (0)\nip-failure-limit\tdefault (0)\n\
+         code-resend-secs\tdefault (0)\ncodes-per-hour\tdefault (0)\n\
+         sms-allowed-prefixes\tdefault (any)\nsms-per-hour\tdefault (0)\n\
+         event-retention-days\tdefault (90)\n"
     );
+    let default = "default (900)";
     let (ok, out, err) = policy(&[
         "--lockout-threshold",
         "5",
