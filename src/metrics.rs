@@ -203,6 +203,16 @@ impl Default for Metrics {
             "codes and links issued for the caller to deliver, by kind: email_otp, sms_otp (StartOtpChallenge), email_verification, phone_verification (StartContactVerification), password_reset (CreatePasswordResetToken)",
             codes_issued.0.clone(),
         );
+        // The version on every scrape: dashboards and alerts tell replicas apart during a
+        // rollout (`roster servers` says the same from the database).
+        registry.register(
+            "build",
+            "the running server's version (always 1)",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            )]),
+        );
         let verifications = Verifications::default();
         registry.register(
             "verifications",

@@ -469,6 +469,14 @@ async fn metrics_count_calls_by_method_and_code_and_show_the_pools() {
     line(r#"roster_rpc_calls_total{method="unknown",code="Unimplemented"}"#);
     assert!(!body.contains("Invented"));
     line(r#"roster_rpc_duration_seconds_count{method="/roster.v1.UserService/GetUser"}"#);
+    let build = line("roster_build_info{");
+    assert_eq!(
+        build,
+        format!(
+            r#"roster_build_info{{version="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION")
+        )
+    );
     for gauge in [
         "roster_db_pool_connections ",
         "roster_db_pool_idle_connections ",
