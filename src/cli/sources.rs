@@ -537,16 +537,36 @@ const KEYCLOAK_SKIPPED: &[&str] = &[
     "totp",
     "access",
     "notBefore",
-    "realmRoles",
-    "clientRoles",
     "applicationRoles",
-    "groups",
     "clientConsents",
     "socialLinks",
     "federationLink",
     "disableableCredentialTypes",
     "userProfileMetadata",
 ];
+
+/// Keycloak's own realm roles and clients, whose roles say what a user may do in Keycloak
+/// itself (its account console, its admin API), not in your applications.
+const KEYCLOAK_BUILT_IN_ROLES: &[&str] = &["offline_access", "uma_authorization"];
+const KEYCLOAK_BUILT_IN_CLIENTS: &[&str] = &[
+    "account",
+    "account-console",
+    "admin-cli",
+    "broker",
+    "realm-management",
+    "security-admin-console",
+];
+
+/// A list of strings (Keycloak's roles and groups), refused by field when it is not one.
+fn string_list(field: &str, v: &Value) -> Result<Vec<String>, String> {
+    let Value::Array(list) = v else {
+        return Err(format!("{field}: must be a list of names"));
+    };
+    list.iter()
+        .map(|x| x.as_str().map(str::to_string))
+        .collect::<Option<_>>()
+        .ok_or_else(|| format!("{field}: must be a list of names"))
+}
 
 /// A Keycloak user (a realm export's `users` entry) in Roster's field names: `id` becomes
 /// `external_id`, `firstName`/`lastName` `given_name`/`family_name`, `createdTimestamp`
@@ -556,11 +576,14 @@ const KEYCLOAK_SKIPPED: &[&str] = &[
 /// becomes a PHC hash (pbkdf2-sha256, pbkdf2-sha512, pbkdf2 (SHA-1) or argon2 as Keycloak
 /// stores them), each OTP credential a TOTP factor with its seed (see [`keycloak_totp`]);
 /// each WebAuthn credential a passkey (see [`keycloak_passkey`]), the unused recovery codes
-/// a set of them (see [`keycloak_recovery_codes`]); a disabled user is imported blocked, a
-/// pending UPDATE_PASSWORD action becomes `require_password_change`, and a client's service
-/// account is refused.
+/// a set of them (see [`keycloak_recovery_codes`]); the realm roles, client roles and group
+/// paths that authorize the user in your applications `app_metadata.roles`,
+/// `app_metadata.client_roles` and `app_metadata.groups` (Keycloak's own left out); a
+/// disabled user is imported blocked, a pending UPDATE_PASSWORD action becomes
+/// `require_password_change`, and a client's service account is refused.
 pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
+    let mut app = Map::new();
     for (k, v) in obj {
         let to = match k.as_str() {
             "id" => "external_id",
@@ -651,6 +674,41 @@ pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
                 }
                 continue;
             }
+            "realmRoles" => {
+                let roles: Vec<String> = string_list(&k, &v)?
+                    .into_iter()
+                    .filter(|r| {
+                        !r.starts_with("default-roles-") && !KEYCLOAK_BUILT_IN_ROLES.contains(&&**r)
+                    })
+                    .collect();
+                if !roles.is_empty() {
+                    app.insert("roles".into(), json!(roles));
+                }
+                continue;
+            }
+            "clientRoles" => {
+                let Value::Object(clients) = v else {
+                    return Err("clientRoles: must be an object of lists".into());
+                };
+                let mut kept = Map::new();
+                for (client, roles) in clients {
+                    let roles = string_list(&format!("clientRoles.{client}"), &roles)?;
+                    if !roles.is_empty() && !KEYCLOAK_BUILT_IN_CLIENTS.contains(&client.as_str()) {
+                        kept.insert(client, json!(roles));
+                    }
+                }
+                if !kept.is_empty() {
+                    app.insert("client_roles".into(), Value::Object(kept));
+                }
+                continue;
+            }
+            "groups" => {
+                let groups = string_list(&k, &v)?;
+                if !groups.is_empty() {
+                    app.insert("groups".into(), json!(groups));
+                }
+                continue;
+            }
             "federatedIdentities" => {
                 let Value::Array(list) = v else {
                     return Err("federatedIdentities: must be an array".into());
@@ -675,6 +733,9 @@ pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
             other => return Err(format!("unknown Keycloak field '{other}'")),
         };
         out.insert(to.to_string(), v);
+    }
+    if !app.is_empty() {
+        out.insert("app_metadata".into(), Value::Object(app));
     }
     Ok(out)
 }
@@ -3631,19 +3692,33 @@ mod tests {
                                             "totalCodes": 12, "remainingCodes": 2}).to_string()})
         };
         let (one, two) = (sha512("ABCDEFGH1234"), sha512("JKLMNPQR5678"));
+        // Roles and groups that authorize the user in your applications, Keycloak's own
+        // left out.
         let r = from_keycloak(obj(json!({
             "id": "k1", "username": "u", "enabled": true, "attributes": {"locale": ["fr"]},
-            "realmRoles": ["admin"], "requiredActions": ["VERIFY_EMAIL"],
+            "realmRoles": ["default-roles-acme", "offline_access", "admin"],
+            "clientRoles": {"account": ["manage-account"], "billing": ["invoices:read"],
+                            "realm-management": ["view-users"], "empty": []},
+            "groups": ["/staff", "/staff/eng"], "requiredActions": ["VERIFY_EMAIL"],
             "credentials": [codes("RS512", &[one.clone(), two.clone()]), codes("SHA-512", &[])],
         })))
         .unwrap();
         assert_eq!(
             Value::Object(r),
             json!({"external_id": "k1", "username": "u", "locale": "fr",
+                   "app_metadata": {"roles": ["admin"],
+                                    "client_roles": {"billing": ["invoices:read"]},
+                                    "groups": ["/staff", "/staff/eng"]},
                    "authenticators": [{"type": "RECOVERY_CODES", "name": "Backup codes",
                                        "created_at": "2023-11-14T22:13:20.000Z",
                                        "recovery_code_hashes": [one, two]}]})
         );
+        let r = from_keycloak(obj(
+            json!({"realmRoles": ["default-roles-acme"], "groups": []}),
+        ));
+        assert!(r.unwrap().get("app_metadata").is_none(), "nothing of yours");
+        let err = from_keycloak(obj(json!({"groups": "/staff"}))).unwrap_err();
+        assert!(err.contains("groups: must be a list of names"), "{err}");
         for (credential, says) in [
             (codes("PBKDF2", &[sha512("X")]), "hashed with PBKDF2"),
             (codes("SHA-512", &["AAAA".into()]), "not a SHA-512 hash"),

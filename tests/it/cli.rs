@@ -2521,7 +2521,8 @@ async fn firebase_api_users_keep_their_sms_second_factor() {
 /// Moving off Keycloak: a realm export (`kc.sh export`, the realm's settings around its
 /// `users`) imports with `--from keycloak`: passwords in each of Keycloak's hash algorithms
 /// sign in, authenticator apps and unused recovery codes work, identity-provider links
-/// become identities, attributes become the locale and user_metadata; a disabled user
+/// become identities, attributes become the locale and user_metadata, roles and groups
+/// app_metadata; a disabled user
 /// arrives blocked, a pending UPDATE_PASSWORD as a password to change, and a service account
 /// is refused with its reason.
 #[tokio::test]
@@ -2616,6 +2617,8 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
         "alice",
         vec![pbkdf2_sha256, totp, recovery],
     );
+    alice["realmRoles"] = serde_json::json!(["default-roles-acme", "admin"]);
+    alice["clientRoles"] = serde_json::json!({"account": ["view-profile"], "shop": ["buyer"]});
     alice["firstName"] = "Alice".into();
     alice["lastName"] = "Liddell".into();
     alice["attributes"] = serde_json::json!({"locale": ["de"], "department": ["eng"],
@@ -2678,6 +2681,12 @@ async fn a_keycloak_realm_export_imports_with_its_passwords() {
     assert_eq!(
         a.user_metadata.unwrap(),
         crate::pb_struct(serde_json::json!({"department": "eng", "badges": ["a", "b"]}))
+    );
+    // Her roles and groups, for the backend that authorized by them (Keycloak's own left out).
+    assert_eq!(
+        a.app_metadata.clone().unwrap(),
+        crate::pb_struct(serde_json::json!({"roles": ["admin"],
+            "client_roles": {"shop": ["buyer"]}, "groups": ["/staff"]}))
     );
     // Her authenticator app and her unused recovery codes came along: they work here, each
     // code once, typed as Keycloak showed it or without the dashes.
