@@ -2687,11 +2687,14 @@ fn proto_key(k: &str) -> String {
 }
 
 /// A ZITADEL export's organization (`orgs[]`) as one record per human user: the user
-/// (`userId`, `user`) with its `metadata` and `links` gathered from the organization's
-/// `userMetadata` and `userLinks`, and the organization's id and name. Service accounts
-/// (`machineUsers`), projects, policies and the rest are left out.
+/// (`userId`, `user`) with its `metadata`, `links` and `grants` gathered from the
+/// organization's `userMetadata`, `userLinks` and `userGrants` (each grant with its
+/// project's name from `projects` when the project is the organization's own), and the
+/// organization's id and name. Service accounts (`machineUsers`), policies and the rest
+/// are left out.
 pub fn zitadel_users(org: Map<String, Value>) -> Vec<Value> {
     let (mut users, mut metadata, mut links) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut grants, mut projects) = (Vec::new(), Vec::new());
     let (mut org_id, mut org_name) = (Value::Null, Value::Null);
     for (k, v) in org {
         match proto_key(&k).as_str() {
@@ -2700,9 +2703,38 @@ pub fn zitadel_users(org: Map<String, Value>) -> Vec<Value> {
             "humanusers" => users = array_of(&k, v).unwrap_or_default(),
             "usermetadata" => metadata = array_of(&k, v).unwrap_or_default(),
             "userlinks" => links = array_of(&k, v).unwrap_or_default(),
+            "usergrants" => grants = array_of(&k, v).unwrap_or_default(),
+            "projects" => projects = array_of(&k, v).unwrap_or_default(),
             _ => {}
         }
     }
+    let field_of = |entry: &Value, field: &str| {
+        entry
+            .as_object()
+            .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == field))
+            .map(|(_, v)| v.clone())
+    };
+    // Project names by id, for the grants (a DataProject is `projectId` and `project`).
+    let project_names: std::collections::HashMap<String, Value> = projects
+        .iter()
+        .filter_map(|p| {
+            let id = field_of(p, "projectid").and_then(|v| text(&v))?;
+            let name = field_of(p, "project").and_then(|p| field_of(&p, "name"))?;
+            Some((id, name))
+        })
+        .collect();
+    let grants: Vec<Value> = grants
+        .into_iter()
+        .map(|mut g| {
+            let name = field_of(&g, "projectid")
+                .and_then(|v| text(&v))
+                .and_then(|id| project_names.get(&id).cloned());
+            if let (Value::Object(o), Some(name)) = (&mut g, name) {
+                o.insert("projectName".into(), name);
+            }
+            g
+        })
+        .collect();
     // Each user's entries, by the user id they name (the lists come after the users).
     let by_user = |list: Vec<Value>, field: &str| {
         let mut map: std::collections::HashMap<String, Vec<Value>> = Default::default();
@@ -2718,6 +2750,7 @@ pub fn zitadel_users(org: Map<String, Value>) -> Vec<Value> {
         map
     };
     let (mut metadata, mut links) = (by_user(metadata, "id"), by_user(links, "userid"));
+    let mut grants = by_user(grants, "userid");
     users
         .into_iter()
         .map(|mut u| {
@@ -2731,6 +2764,9 @@ pub fn zitadel_users(org: Map<String, Value>) -> Vec<Value> {
                 o.insert("metadata".into(), Value::Array(metadata));
                 let links = links.remove(&id).unwrap_or_default();
                 o.insert("links".into(), Value::Array(links));
+                if let Some(grants) = grants.remove(&id) {
+                    o.insert("grants".into(), Value::Array(grants));
+                }
                 o.insert("org".into(), json!({"id": org_id, "name": org_name}));
             }
             u
@@ -2745,9 +2781,10 @@ pub fn zitadel_users(org: Map<String, Value>) -> Vec<Value> {
 /// verified flags; `hashedPassword` (bcrypt, argon2, scrypt, passlib's PBKDF2, SHA-crypt:
 /// what ZITADEL's passwap writes) `password_hash`; `otpCode` (the authenticator app's
 /// secret, base32) a TOTP factor; the user's metadata (bytes, read as JSON where they are,
-/// else as text) and the organization's id and name (`zitadel_org_id`, `zitadel_org`)
-/// `app_metadata`; each identity provider link an identity (the provider's name in ZITADEL
-/// as provider, the user's id there as subject).
+/// else as text), the organization's id and name (`zitadel_org_id`, `zitadel_org`) and the
+/// user's grants (`zitadel_grants`: each project's id, name when known, and role keys: what
+/// applications authorized the user by) `app_metadata`; each identity provider link an
+/// identity (the provider's name in ZITADEL as provider, the user's id there as subject).
 pub fn from_zitadel(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
     let mut app = Map::new();
@@ -2807,6 +2844,34 @@ pub fn from_zitadel(obj: Map<String, Value>) -> Result<Map<String, Value>, Strin
                         return Err(format!("links[{i}]: needs idpName and providedUserId"));
                     };
                     linked.push(identity(provider, subject, &[]));
+                }
+            }
+            "grants" => {
+                let mut list = Vec::new();
+                for (i, g) in array_of(&k, v)?.iter().enumerate() {
+                    let field = |f: &str| {
+                        g.as_object()
+                            .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == f))
+                            .map(|(_, v)| v.clone())
+                    };
+                    let Some(project) = field("projectid").and_then(|v| text(&v)) else {
+                        return Err(format!("grants[{i}]: needs its projectId"));
+                    };
+                    let roles = match field("rolekeys") {
+                        Some(r) => string_list(&format!("grants[{i}].roleKeys"), &r)?,
+                        None => Vec::new(),
+                    };
+                    let mut grant = Map::from_iter([
+                        ("project_id".to_string(), Value::String(project)),
+                        ("roles".to_string(), json!(roles)),
+                    ]);
+                    if let Some(name) = field("projectname").and_then(|v| text(&v)) {
+                        grant.insert("project".into(), Value::String(name));
+                    }
+                    list.push(Value::Object(grant));
+                }
+                if !list.is_empty() {
+                    app.insert("zitadel_grants".into(), Value::Array(list));
                 }
             }
             "org" => {
@@ -3292,7 +3357,12 @@ mod tests {
                 {"user_id": "u2", "user": {"user_name": "al"}}],
             "user_metadata": [{"id": "u1", "key": "tags", "value": "WyJhIl0="},
                 {"id": "u1", "key": "bin", "value": "/w=="}],
-            "user_links": [{"user_id": "u1", "idp_id": "9", "provided_user_id": "s1"}]});
+            "user_links": [{"user_id": "u1", "idp_id": "9", "provided_user_id": "s1"}],
+            // Grants to a project of the organization's (named) and to a granted one.
+            "projects": [{"project_id": "p1", "project": {"name": "Shop"}}],
+            "user_grants": [{"user_id": "u1", "project_id": "p1", "role_keys": ["buyer"]},
+                {"user_id": "u1", "project_id": "p9", "project_grant_id": "g9",
+                 "role_keys": ["viewer", "editor"]}]});
         let records = zitadel_users(obj(org));
         assert_eq!(records.len(), 2);
         let r = from_zitadel(obj(records[0].clone())).unwrap();
@@ -3303,7 +3373,9 @@ mod tests {
                 "authenticators": [{"type": "TOTP", "totp_secret": "SGVsbG8h3q2+7w=="}],
                 "identities": [{"provider": "9", "subject": "s1"}],
                 "app_metadata": {"tags": ["a"], "bin": "/w==", "zitadel_org_id": "o1",
-                    "zitadel_org": "ACME"}})
+                    "zitadel_org": "ACME", "zitadel_grants": [
+                        {"project_id": "p1", "project": "Shop", "roles": ["buyer"]},
+                        {"project_id": "p9", "roles": ["viewer", "editor"]}]}})
         );
         let r = from_zitadel(obj(records[1].clone())).unwrap();
         assert!(
@@ -3323,6 +3395,10 @@ mod tests {
             (
                 json!({"links": [{"idpName": "Google"}]}),
                 "needs idpName and providedUserId",
+            ),
+            (
+                json!({"grants": [{"roleKeys": ["a"]}]}),
+                "grants[0]: needs its projectId",
             ),
         ] {
             let e = from_zitadel(obj(user)).unwrap_err();

@@ -3312,7 +3312,9 @@ async fn a_zitadel_export_imports_with_passwords_and_totp() {
             "userLinks": [{"userId": "259242039378575362", "idpId": "259242039378706434",
                 "idpName": "Google", "providedUserId": "1098765",
                 "providedUserName": "yan@gmail.com", "idpType": "IDP_TYPE_OIDC"}],
-            "projects": [{"projectId": "1", "project": {"name": "app"}}]
+            "projects": [{"projectId": "1", "project": {"name": "app"}}],
+            "userGrants": [{"userId": "259242039378509826", "projectId": "1",
+                "roleKeys": ["admin", "billing"]}]
         },
         {
             "orgId": "259242039378771970", "org": {"name": "Globex"},
@@ -3350,7 +3352,9 @@ async fn a_zitadel_export_imports_with_passwords_and_totp() {
     assert_eq!(
         zoe.app_metadata.clone().unwrap(),
         crate::pb_struct(serde_json::json!({"plan": "pro", "seats": 12,
-            "zitadel_org_id": "259242039378444290", "zitadel_org": "ACME"}))
+            "zitadel_org_id": "259242039378444290", "zitadel_org": "ACME",
+            "zitadel_grants": [{"project_id": "1", "project": "app",
+                                "roles": ["admin", "billing"]}]}))
     );
     assert_eq!(
         zoe.user_metadata.clone().unwrap(),
