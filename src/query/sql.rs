@@ -343,6 +343,16 @@ fn json_literal(value: &Literal) -> Result<serde_json::Value, String> {
     })
 }
 
+/// A metadata path as a jsonpath (lax mode): `$."a"."b"`, each key a quoted string (JSON's
+/// escaping is jsonpath's), so no key can end the path or inject syntax.
+fn json_path(path: &[String]) -> String {
+    path.iter().fold(String::from("$"), |mut p, k| {
+        p.push('.');
+        p.push_str(&serde_json::Value::String(k.clone()).to_string());
+        p
+    })
+}
+
 fn json_comparison(
     col: &str,
     path: &[String],
@@ -355,6 +365,10 @@ fn json_comparison(
         return Err(format!("'{name}' needs a key, e.g. '{name}.plan'"));
     }
     let v = json_literal(value)?;
+    // PostgreSQL's JSON holds no NUL character, so metadata never does either.
+    if path.iter().any(|k| k.contains('\0')) || v.as_str().is_some_and(|s| s.contains('\0')) {
+        return Err("metadata keys and values cannot contain the NUL character".into());
+    }
     // {"a":{"b":v}} for path a.b: containment uses the GIN index.
     let contained = || {
         path.iter()
@@ -364,9 +378,14 @@ fn json_comparison(
     Ok(match op {
         Op::Eq => format!("{col} @> {}", sql.param(contained())),
         Op::Ne => format!("NOT ({col} @> {})", sql.param(contained())),
+        // `:` is AIP-160's "has": the value itself, or a list holding it, at any list on the
+        // way (`app_metadata.roles:"admin"` for `"roles": ["admin", ...]`,
+        // `app_metadata.orgs.slug:"acme"` for `"orgs": [{"slug": "acme"}, ...]`). A jsonpath
+        // in lax mode looks into lists; `@?` uses the GIN index and is never unknown, so NOT
+        // works as it reads.
         Op::Has => match &v {
             serde_json::Value::String(s) if s == "*" => {
-                format!("{col} #> {} IS NOT NULL", sql.param(path.to_vec()))
+                format!("{col} @? {}::text::jsonpath", sql.param(json_path(path)))
             }
             serde_json::Value::String(s) if s.contains('*') => {
                 let pattern = like_pattern(&s.to_lowercase())?;
@@ -376,7 +395,10 @@ fn json_comparison(
                     sql.param(pattern)
                 )
             }
-            _ => format!("{col} @> {}", sql.param(contained())),
+            _ => {
+                let query = format!("{} ? (@ == {v})", json_path(path));
+                format!("{col} @? {}::text::jsonpath", sql.param(query))
+            }
         },
         _ => {
             let jtype = match &v {
@@ -464,5 +486,20 @@ mod tests {
     fn json_paths_use_containment() {
         let (text, _) = compiled(r#"app_metadata.plan = "pro""#).unwrap();
         assert_eq!(text, "app_metadata @> $1");
+    }
+
+    #[test]
+    fn has_on_json_paths_looks_into_lists() {
+        let (text, n) = compiled(r#"app_metadata.roles : "admin""#).unwrap();
+        assert_eq!(
+            (text.as_str(), n),
+            ("app_metadata @? $1::text::jsonpath", 1)
+        );
+        assert_eq!(
+            json_path(&["orgs".into(), "slug".into()]),
+            r#"$."orgs"."slug""#
+        );
+        // A key cannot end its quotes: JSON's escaping.
+        assert_eq!(json_path(&[r#"a" || $.b"#.into()]), r#"$."a\" || $.b""#);
     }
 }

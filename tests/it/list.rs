@@ -615,3 +615,53 @@ async fn page_tokens_are_bound_to_their_query_and_sizes_are_coerced() {
         .into_inner();
     assert_eq!(r.users.len(), 50);
 }
+
+/// `:` on a metadata path is AIP-160's "has": it finds a value in a list, and through lists
+/// of objects (roles, groups, organizations as migrations carry them), while `=` stays exact;
+/// NOT reads as it should, and a value PostgreSQL cannot hold is a bad argument.
+#[tokio::test]
+async fn has_on_metadata_finds_values_in_lists() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    for (email, meta) in [
+        (
+            "a@x.io",
+            json!({"roles": ["admin", "billing"], "orgs": [{"slug": "acme", "role": "owner"}]}),
+        ),
+        (
+            "b@x.io",
+            json!({"roles": "admin", "orgs": {"slug": "beta"}}),
+        ),
+        ("c@x.io", json!({"roles": ["viewer"], "seats": [3, 5]})),
+        ("d@x.io", json!({})),
+    ] {
+        let mut user = crate::user_with_email(email);
+        user.app_metadata = Some(pb_struct(meta));
+        crate::create(&mut users, user).await;
+    }
+    let cases: &[(&str, &[&str])] = &[
+        (r#"app_metadata.roles:"admin""#, &["a@x.io", "b@x.io"]),
+        (r#"app_metadata.roles = "admin""#, &["b@x.io"]),
+        (r#"NOT app_metadata.roles:"admin""#, &["c@x.io", "d@x.io"]),
+        (r#"app_metadata.orgs.slug:"acme""#, &["a@x.io"]),
+        (r#"app_metadata.orgs.slug:*"#, &["a@x.io", "b@x.io"]),
+        (r#"app_metadata.seats:5"#, &["c@x.io"]),
+        (r#"app_metadata.roles:5"#, &[]),
+        (
+            r#"app_metadata.orgs.role:"owner" AND app_metadata.roles:"billing""#,
+            &["a@x.io"],
+        ),
+    ];
+    for (filter, want) in cases {
+        assert_eq!(emails(&mut users, filter).await.unwrap(), *want, "{filter}");
+    }
+    for bad in [
+        "app_metadata.roles:\"a\u{0}b\"",
+        "app_metadata.roles = \"a\u{0}b\"",
+        "app_metadata.`a\u{0}b`:*",
+    ] {
+        let err = emails(&mut users, bad).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}: {err:?}");
+        assert!(err.message().contains("NUL"), "{}", err.message());
+    }
+}
