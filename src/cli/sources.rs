@@ -763,9 +763,12 @@ const COGNITO_ATTRIBUTES: &[(&str, &str)] = &[
 /// become identities (`providerName` as provider, `userId` as subject). `UserCreateDate`
 /// becomes `created_at`; `Enabled: false` a blocked user, `UNCONFIRMED` a pending one. Cognito
 /// never exports passwords: a user that had one (any status but `EXTERNAL_PROVIDER`) gets
-/// `app_metadata.legacy_password`, the mark the README's sign-in migration looks for.
+/// `app_metadata.legacy_password`, the mark the README's sign-in migration looks for. A
+/// `Groups` list (which list-users lacks; the README's script adds it) becomes
+/// `app_metadata.groups`.
 pub fn from_cognito(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
+    let mut app = Map::new();
     let mut metadata = Map::new();
     let mut username = None;
     for (k, v) in obj {
@@ -815,7 +818,25 @@ pub fn from_cognito(obj: Map<String, Value>) -> Result<Map<String, Value>, Strin
                     out.insert("pending".into(), Value::Bool(true));
                 }
                 if status != "EXTERNAL_PROVIDER" {
-                    out.insert("app_metadata".into(), json!({ "legacy_password": true }));
+                    app.insert("legacy_password".into(), Value::Bool(true));
+                }
+            }
+            // Not in list-users: the README's script adds each user's groups (names, or
+            // Cognito's group objects), what `cognito:groups` put in their tokens.
+            "Groups" => {
+                let Value::Array(list) = v else {
+                    return Err("Groups: must be a list of group names".into());
+                };
+                let mut groups = Vec::with_capacity(list.len());
+                for (i, g) in list.iter().enumerate() {
+                    let name = match g {
+                        Value::Object(o) => o.get("GroupName").and_then(text),
+                        other => text(other),
+                    };
+                    groups.push(name.ok_or_else(|| format!("Groups[{i}]: needs a GroupName"))?);
+                }
+                if !groups.is_empty() {
+                    app.insert("groups".into(), json!(groups));
                 }
             }
             // Cognito's bookkeeping and its second factors (which users enroll again).
@@ -834,6 +855,9 @@ pub fn from_cognito(obj: Map<String, Value>) -> Result<Map<String, Value>, Strin
     }
     if !metadata.is_empty() {
         out.insert("user_metadata".into(), Value::Object(metadata));
+    }
+    if !app.is_empty() {
+        out.insert("app_metadata".into(), Value::Object(app));
     }
     // A pending user is not also blocked: Cognito's Enabled wins.
     if out.contains_key("blocked") {
@@ -3882,13 +3906,14 @@ mod tests {
             "Attributes": [{"Name": "sub", "Value": "s-1"}, {"Name": "zoneinfo", "Value": "Europe/Oslo"},
                            {"Name": "phone_number_verified", "Value": "false"}],
             "UserCreateDate": 1689980857.5,
+            "Groups": ["admins", {"GroupName": "readers", "Precedence": 2}],
         })))
         .unwrap();
         assert_eq!(
             Value::Object(r),
             json!({"external_id": "s-1", "timezone": "Europe/Oslo", "phone_verified": "false",
-                   "app_metadata": {"legacy_password": true}, "username": "ann",
-                   "created_at": "2023-07-21T23:07:37.500Z"})
+                   "app_metadata": {"legacy_password": true, "groups": ["admins", "readers"]},
+                   "username": "ann", "created_at": "2023-07-21T23:07:37.500Z"})
         );
         for (bad, says) in [
             (
@@ -3903,7 +3928,12 @@ mod tests {
                 json!({"UserCreateDate": "last week"}),
                 "must be an ISO 8601 time",
             ),
-            (json!({"Groups": []}), "unknown Cognito field 'Groups'"),
+            (json!({"Groups": "admins"}), "Groups: must be a list"),
+            (
+                json!({"Groups": [{"Precedence": 1}]}),
+                "Groups[0]: needs a GroupName",
+            ),
+            (json!({"Pool": []}), "unknown Cognito field 'Pool'"),
         ] {
             let err = from_cognito(obj(bad.clone())).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");

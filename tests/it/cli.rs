@@ -2795,6 +2795,8 @@ async fn a_cognito_user_list_imports_with_its_identities() {
             "UserCreateDate": "2023-07-21T23:07:37.949000+00:00",
             "UserLastModifiedDate": "2023-07-22T00:00:00+00:00",
             "Enabled": true, "UserStatus": "CONFIRMED",
+            // As the README's script adds them from list-users-in-group.
+            "Groups": ["admins", "billing"],
         },
         {
             "Username": "Google_117600000000000000001",
@@ -2853,6 +2855,11 @@ async fn a_cognito_user_list_imports_with_its_identities() {
         marked,
         ["cora@example.com", "dora@example.com", "ulla@example.com"]
     );
+    // Cora's groups, what `cognito:groups` told applications, found as a filter finds them.
+    let admins = crate::list::emails(&mut users, r#"app_metadata.groups:"admins""#)
+        .await
+        .unwrap();
+    assert_eq!(admins, ["cora@example.com"]);
 }
 
 /// What a user's code for their factor of `kind` does here.
