@@ -3035,10 +3035,12 @@ const OKTA_SKIPPED: &[&str] = &[
 /// `DEPROVISIONED` deactivated, `PASSWORD_EXPIRED` made to change it; the email is verified
 /// when `credentials.emails` lists it as VERIFIED (Identity Engine orgs). Okta never exports
 /// passwords: a user with one (`credentials.password`) is marked `app_metadata.legacy_password`
-/// for the sign-in migration.
+/// for the sign-in migration. A `groups` list of names (which the users list lacks; the
+/// README's script adds it) becomes `app_metadata.groups`.
 pub fn from_okta(obj: Map<String, Value>) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
     let mut extra = Map::new();
+    let mut app = Map::new();
     let mut login = None;
     let mut verified_emails: Vec<String> = Vec::new();
     for (k, v) in obj {
@@ -3110,7 +3112,7 @@ pub fn from_okta(obj: Map<String, Value>) -> Result<Map<String, Value>, String> 
             "credentials" => {
                 let password = v.get("password").is_some_and(|p| !p.is_null());
                 if password {
-                    out.insert("app_metadata".into(), json!({ "legacy_password": true }));
+                    app.insert("legacy_password".into(), Value::Bool(true));
                 }
                 // Identity Engine orgs list the addresses with their state.
                 if let Some(Value::Array(emails)) = v.get("emails") {
@@ -3120,6 +3122,13 @@ pub fn from_okta(obj: Map<String, Value>) -> Result<Map<String, Value>, String> 
                             .filter(|e| e.get("status").and_then(Value::as_str) == Some("VERIFIED"))
                             .filter_map(|e| e.get("value").and_then(text)),
                     );
+                }
+            }
+            // Not in the users list: the README's script adds each user's group names.
+            "groups" => {
+                let groups = string_list(&k, &v)?;
+                if !groups.is_empty() {
+                    app.insert("groups".into(), json!(groups));
                 }
             }
             other if other.starts_with('_') || OKTA_SKIPPED.contains(&other) => {}
@@ -3136,6 +3145,9 @@ pub fn from_okta(obj: Map<String, Value>) -> Result<Map<String, Value>, String> 
     }
     if !extra.is_empty() {
         out.insert("user_metadata".into(), Value::Object(extra));
+    }
+    if !app.is_empty() {
+        out.insert("app_metadata".into(), Value::Object(app));
     }
     // A user that is not active in a second way too: the stronger state wins.
     if out.contains_key("blocked") || out.contains_key("deactivated") {
@@ -3319,7 +3331,9 @@ mod tests {
                 "costCenter": "R&D"},
             "credentials": {"password": {}, "recovery_question": {"question": "pet?"},
                 "provider": {"type": "OKTA", "name": "OKTA"}},
-            "_links": {"self": {"href": "https://x.okta.com/api/v1/users/00u1"}}
+            "_links": {"self": {"href": "https://x.okta.com/api/v1/users/00u1"}},
+            // As the README's script adds them.
+            "groups": ["Admins", "Sales Team"]
         })))
         .unwrap();
         assert_eq!(
@@ -3331,8 +3345,11 @@ mod tests {
                 "phone_number": "+14155551337", "locale": "en-US",
                 "timezone": "America/Los_Angeles",
                 "user_metadata": {"costCenter": "R&D"},
-                "app_metadata": {"legacy_password": true}})
+                "app_metadata": {"legacy_password": true, "groups": ["Admins", "Sales Team"]}})
         );
+        assert!(from_okta(obj(json!({"groups": []}))).unwrap().is_empty());
+        let err = from_okta(obj(json!({"groups": [{"id": "00g1"}]}))).unwrap_err();
+        assert!(err.contains("groups: must be a list of names"), "{err}");
         let one = |v: Value| from_okta(obj(v)).unwrap();
         let r = one(
             json!({"profile": {"email": "V@x.io"}, "credentials": {"emails": [
