@@ -1702,6 +1702,16 @@ pub fn from_clerk(obj: Map<String, Value>) -> Result<Map<String, Value>, String>
                     merge_into(&mut app, m, "public_metadata and private_metadata")?;
                 }
             }
+            // Not in the user list: the README's script adds each user's memberships.
+            "organizations" => {
+                let mut list = Vec::new();
+                for (i, m) in array_of(&k, v)?.into_iter().enumerate() {
+                    list.push(membership(&format!("{k}[{i}]"), m)?);
+                }
+                if !list.is_empty() {
+                    app.insert("organizations".into(), Value::Array(list));
+                }
+            }
             other if CLERK_SKIPPED.contains(&other) => {}
             other => return Err(format!("unknown Clerk field '{other}'")),
         }
@@ -2232,11 +2242,12 @@ fn clerk_list(v: &Value) -> Vec<String> {
         .collect()
 }
 
-/// One membership of the organization plugin (a `member` row with its `organization`, as the
-/// README's query gives it) as `app_metadata.organizations` keeps it: the organization's
-/// `id`, `slug` and `name`, the member's `role` (Better Auth's comma-separated roles, as
-/// stored) and `joined_at`; the spellings of either adapter taken.
-fn better_auth_membership(field: &str, m: Value) -> Result<Value, String> {
+/// One organization membership (Better Auth's organization plugin: a `member` row with its
+/// `organization`, as the README's query gives it; Clerk's, as its script gives them) as
+/// `app_metadata.organizations` keeps it: the organization's `id`, `slug` and `name`, the
+/// member's `role` (Better Auth's comma-separated roles, as stored) and `joined_at`; the
+/// spellings of either adapter taken.
+fn membership(field: &str, m: Value) -> Result<Value, String> {
     let Value::Object(m) = m else {
         return Err(format!("{field}: must be an object"));
     };
@@ -2326,7 +2337,7 @@ pub fn from_better_auth(
                 // The organization plugin's memberships: what your backend checks access by.
                 let mut list = Vec::new();
                 for (i, m) in array_of(&k, v)?.into_iter().enumerate() {
-                    list.push(better_auth_membership(&format!("{k}[{i}]"), m)?);
+                    list.push(membership(&format!("{k}[{i}]"), m)?);
                 }
                 if !list.is_empty() {
                     app.insert("organizations".into(), Value::Array(list));
@@ -4349,7 +4360,10 @@ mod tests {
             "password_enabled": true, "two_factor_enabled": false, "banned": true,
             "locked": false, "created_at": 1700000000000_i64, "last_sign_in_at": null,
             "updated_at": 1700000001000_i64, "public_metadata": {}, "private_metadata": {},
-            "unsafe_metadata": {}
+            "unsafe_metadata": {},
+            // As the README's script adds them from the instance's memberships.
+            "organizations": [{"id": "org_2a", "slug": "acme", "name": "Acme",
+                               "role": "org:admin"}]
         })))
         .unwrap();
         assert_eq!(
@@ -4358,7 +4372,8 @@ mod tests {
                 "external_id": "user_2X", "given_name": "Ann", "email": "ann@example.com",
                 "email_verified": false, "blocked": true, "blocked_reason": "banned in Clerk",
                 "created_at": "2023-11-14T22:13:20.000Z", "last_login_at": null,
-                "app_metadata": {"clerk_external_id": "legacy-7"},
+                "app_metadata": {"clerk_external_id": "legacy-7", "organizations": [
+                    {"id": "org_2a", "slug": "acme", "name": "Acme", "role": "org:admin"}]},
                 // Keys are read in order: enterprise_accounts before external_accounts.
                 "identities": [
                     {"provider": "saml_okta", "subject": "ann@acme.example",
