@@ -71,12 +71,15 @@ const AUTH0_SKIPPED: &[&str] = &[
 /// `custom_password_hash.hash.value`) `password_hash`; linked social and enterprise
 /// identities become `identities` (provider and the provider's user id as subject); Auth0's
 /// `last_login` becomes `last_login_at`; its other activity fields are left out. A user
-/// blocked in Auth0 is imported blocked rather than active. Auth0's CSV starts each text
+/// blocked in Auth0 is imported blocked rather than active. A `roles` list (the RBAC role
+/// names, which the export lacks; the README's script adds them) becomes
+/// `app_metadata.roles`. Auth0's CSV starts each text
 /// cell with `'` (its CSV-injection guard): removed. A record of Auth0's password export
 /// (`_id.$oid`, `email`, `passwordHash`, no `user_id`) gets the `external_id` its user has
 /// in the user export, `auth0|<oid>`, so that file applies as an UPSERT on external_id.
 pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
+    let mut roles = None;
     let oid = obj
         .get("_id")
         .and_then(|id| id.get("$oid"))
@@ -131,6 +134,11 @@ pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Valu
                 continue;
             }
             "last_login" => "last_login_at",
+            // Not in the export: the README's script adds each user's RBAC role names.
+            "roles" => {
+                roles = Some(string_list(&k, &v)?).filter(|r| !r.is_empty());
+                continue;
+            }
             "email" | "email_verified" | "username" | "phone_number" | "phone_verified"
             | "given_name" | "family_name" | "created_at" | "user_metadata" | "app_metadata" => {
                 k.as_str()
@@ -144,6 +152,27 @@ pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Valu
         && !out.contains_key("external_id")
     {
         out.insert("external_id".into(), Value::String(format!("auth0|{oid}")));
+    }
+    if let Some(roles) = roles {
+        let roles = json!(roles);
+        let app = out
+            .entry("app_metadata")
+            .or_insert_with(|| Value::Object(Map::new()));
+        let Value::Object(app) = app else {
+            return Err("app_metadata: must be an object".into());
+        };
+        match app.get("roles") {
+            Some(kept) if *kept != roles => {
+                return Err(
+                    "app_metadata.roles is set and differs from the user's Auth0 roles: \
+                     app_metadata can hold one (rename one)"
+                        .into(),
+                );
+            }
+            _ => {
+                app.insert("roles".into(), roles);
+            }
+        }
     }
     Ok(out)
 }
@@ -3679,10 +3708,30 @@ mod tests {
                 "unknown Auth0 field",
             ),
             (json!({"favorite": 1}), "unknown Auth0 field 'favorite'"),
+            (
+                json!({"roles": ["admin"], "app_metadata": {"roles": ["user"]}}),
+                "app_metadata.roles is set and differs",
+            ),
+            (json!({"roles": "admin"}), "roles: must be a list of names"),
         ] {
             let err = from_auth0(obj(bad.clone()), false).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
         }
+        // RBAC roles, as the README's script adds them, beside the user's own app_metadata.
+        let r = from_auth0(
+            obj(json!({"user_id": "auth0|2", "roles": ["admin", "billing"],
+                       "app_metadata": {"plan": "pro"}})),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            r["app_metadata"],
+            json!({"plan": "pro", "roles": ["admin", "billing"]})
+        );
+        let r = from_auth0(obj(json!({"roles": ["admin"]})), false).unwrap();
+        assert_eq!(r["app_metadata"], json!({"roles": ["admin"]}));
+        let r = from_auth0(obj(json!({"roles": []})), false).unwrap();
+        assert!(r.get("app_metadata").is_none());
     }
 
     #[test]
