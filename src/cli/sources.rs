@@ -597,6 +597,27 @@ fn string_list(field: &str, v: &Value) -> Result<Vec<String>, String> {
         .ok_or_else(|| format!("{field}: must be a list of names"))
 }
 
+/// Puts `names` (roles, groups) under `key` of `app`; an empty list is nothing to carry.
+fn put_names(app: &mut Map<String, Value>, key: &str, names: Vec<String>) {
+    if !names.is_empty() {
+        app.insert(key.into(), json!(names));
+    }
+}
+
+/// Puts a list of organization memberships (each read by [`membership`]) under
+/// `organizations` of `app`.
+fn put_memberships(app: &mut Map<String, Value>, field: &str, v: Value) -> Result<(), String> {
+    let list = array_of(field, v)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| membership(&format!("{field}[{i}]"), m))
+        .collect::<Result<Vec<_>, _>>()?;
+    if !list.is_empty() {
+        app.insert("organizations".into(), Value::Array(list));
+    }
+    Ok(())
+}
+
 /// A Keycloak user (a realm export's `users` entry) in Roster's field names: `id` becomes
 /// `external_id`, `firstName`/`lastName` `given_name`/`family_name`, `createdTimestamp`
 /// `created_at`, the `locale` attribute `locale` and the other attributes `user_metadata`
@@ -710,9 +731,7 @@ pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
                         !r.starts_with("default-roles-") && !KEYCLOAK_BUILT_IN_ROLES.contains(&&**r)
                     })
                     .collect();
-                if !roles.is_empty() {
-                    app.insert("roles".into(), json!(roles));
-                }
+                put_names(&mut app, "roles", roles);
                 continue;
             }
             "clientRoles" => {
@@ -732,10 +751,7 @@ pub fn from_keycloak(obj: Map<String, Value>) -> Result<Map<String, Value>, Stri
                 continue;
             }
             "groups" => {
-                let groups = string_list(&k, &v)?;
-                if !groups.is_empty() {
-                    app.insert("groups".into(), json!(groups));
-                }
+                put_names(&mut app, "groups", string_list(&k, &v)?);
                 continue;
             }
             "federatedIdentities" => {
@@ -864,9 +880,7 @@ pub fn from_cognito(obj: Map<String, Value>) -> Result<Map<String, Value>, Strin
                     };
                     groups.push(name.ok_or_else(|| format!("Groups[{i}]: needs a GroupName"))?);
                 }
-                if !groups.is_empty() {
-                    app.insert("groups".into(), json!(groups));
-                }
+                put_names(&mut app, "groups", groups);
             }
             // Cognito's bookkeeping and its second factors (which users enroll again).
             "UserLastModifiedDate"
@@ -1732,15 +1746,7 @@ pub fn from_clerk(obj: Map<String, Value>) -> Result<Map<String, Value>, String>
                 }
             }
             // Not in the user list: the README's script adds each user's memberships.
-            "organizations" => {
-                let mut list = Vec::new();
-                for (i, m) in array_of(&k, v)?.into_iter().enumerate() {
-                    list.push(membership(&format!("{k}[{i}]"), m)?);
-                }
-                if !list.is_empty() {
-                    app.insert("organizations".into(), Value::Array(list));
-                }
-            }
+            "organizations" => put_memberships(&mut app, &k, v)?,
             other if CLERK_SKIPPED.contains(&other) => {}
             other => return Err(format!("unknown Clerk field '{other}'")),
         }
@@ -2364,13 +2370,7 @@ pub fn from_better_auth(
             }
             "organizations" => {
                 // The organization plugin's memberships: what your backend checks access by.
-                let mut list = Vec::new();
-                for (i, m) in array_of(&k, v)?.into_iter().enumerate() {
-                    list.push(membership(&format!("{k}[{i}]"), m)?);
-                }
-                if !list.is_empty() {
-                    app.insert("organizations".into(), Value::Array(list));
-                }
+                put_memberships(&mut app, &k, v)?;
                 continue;
             }
             "banned" => {
@@ -3165,12 +3165,7 @@ pub fn from_okta(obj: Map<String, Value>) -> Result<Map<String, Value>, String> 
                 }
             }
             // Not in the users list: the README's script adds each user's group names.
-            "groups" => {
-                let groups = string_list(&k, &v)?;
-                if !groups.is_empty() {
-                    app.insert("groups".into(), json!(groups));
-                }
-            }
+            "groups" => put_names(&mut app, "groups", string_list(&k, &v)?),
             other if other.starts_with('_') || OKTA_SKIPPED.contains(&other) => {}
             other => return Err(format!("unknown Okta field '{other}'")),
         }
