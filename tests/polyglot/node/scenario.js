@@ -26,7 +26,22 @@ const rpc = protobuf.parse(`
   message Status { int32 code = 1; string message = 2; repeated Detail details = 3; }
   message FieldViolation { string field = 1; string description = 2; }
   message BadRequest { repeated FieldViolation field_violations = 1; }
+  message ResourceInfo {
+    string resource_type = 1; string resource_name = 2; string owner = 3; string description = 4;
+  }
 `, { keepCase: true }).root;
+
+// The README's service config ("Retrying calls"): grpc-js retries UNAVAILABLE by itself.
+const serviceConfig = {
+  methodConfig: [{
+    name: ['UserService', 'AuthenticatorService', 'IdentityService', 'LogService']
+      .map((s) => ({ service: `roster.v1.${s}` })),
+    retryPolicy: {
+      maxAttempts: 4, initialBackoff: '0.2s', maxBackoff: '5s', backoffMultiplier: 2,
+      retryableStatusCodes: ['UNAVAILABLE'],
+    },
+  }],
+};
 
 function check(cond, what) {
   if (!cond) {
@@ -35,7 +50,8 @@ function check(cond, what) {
   }
 }
 
-const users = new roster.UserService(process.env.ROSTER_ADDR, grpc.credentials.createInsecure());
+const users = new roster.UserService(process.env.ROSTER_ADDR, grpc.credentials.createInsecure(),
+  { 'grpc.service_config': JSON.stringify(serviceConfig) });
 const meta = new grpc.Metadata();
 meta.add('authorization', `Bearer ${process.env.ROSTER_API_KEY}`);
 const call = (method, req) =>
@@ -88,6 +104,24 @@ async function main() {
     const fields = rpc.lookupType('google.rpc.BadRequest').decode(br.value)
       .field_violations.map((v) => v.field).sort();
     check(JSON.stringify(fields) === '["user.email","user.phone_number"]', `violations: ${fields}`);
+  }
+
+  // A create whose answer was lost, sent again with the id it chose: ALREADY_EXISTS whose
+  // ResourceInfo names that id, so the caller knows the first went through.
+  const chosen = crypto.randomUUID();
+  const again = { user: { email: `retry.${tag}@example.com` }, user_id: chosen };
+  await call('CreateUser', again);
+  try {
+    await call('CreateUser', again);
+    check(false, 'a create sent again fails');
+  } catch (e) {
+    check(e.code === grpc.status.ALREADY_EXISTS, `ALREADY_EXISTS, got ${e.code}`);
+    const [bin] = e.metadata.get('grpc-status-details-bin');
+    const status = rpc.lookupType('google.rpc.Status').decode(bin);
+    const ri = status.details.find((d) => d.type_url.endsWith('/google.rpc.ResourceInfo'));
+    check(ri, 'a ResourceInfo detail');
+    const holder = rpc.lookupType('google.rpc.ResourceInfo').decode(ri.value).resource_name;
+    check(holder === chosen, `ResourceInfo names the chosen id: ${holder}`);
   }
 
   const exported = await new Promise((resolve, reject) => {
