@@ -180,6 +180,26 @@ fn like_pattern(s: &str) -> Result<String, String> {
     Ok(p)
 }
 
+/// A wildcard literal (`*` at the start and/or end) as an anchored regular expression for
+/// jsonpath's `like_regex`, every other character literal.
+fn like_regex(s: &str) -> Result<String, String> {
+    let (lead, core, trail) = wildcard(s)?;
+    let mut r = String::with_capacity(core.len() + 4);
+    if !lead {
+        r.push('^');
+    }
+    for c in core.chars() {
+        if "\\.^$*+?()[]{}|".contains(c) {
+            r.push('\\');
+        }
+        r.push(c);
+    }
+    if !trail {
+        r.push('$');
+    }
+    Ok(r)
+}
+
 fn comparison(
     f: &Field,
     name: &str,
@@ -387,13 +407,11 @@ fn json_comparison(
             serde_json::Value::String(s) if s == "*" => {
                 format!("{col} @? {}::text::jsonpath", sql.param(json_path(path)))
             }
+            // Case-insensitive, as text fields' wildcards are, and through lists too.
             serde_json::Value::String(s) if s.contains('*') => {
-                let pattern = like_pattern(&s.to_lowercase())?;
-                format!(
-                    "lower({col} #>> {}) LIKE {}",
-                    sql.param(path.to_vec()),
-                    sql.param(pattern)
-                )
+                let regex = serde_json::Value::String(like_regex(s)?);
+                let query = format!("{} ? (@ like_regex {regex} flag \"i\")", json_path(path));
+                format!("{col} @? {}::text::jsonpath", sql.param(query))
             }
             _ => {
                 let query = format!("{} ? (@ == {v})", json_path(path));
@@ -486,6 +504,16 @@ mod tests {
     fn json_paths_use_containment() {
         let (text, _) = compiled(r#"app_metadata.plan = "pro""#).unwrap();
         assert_eq!(text, "app_metadata @> $1");
+    }
+
+    #[test]
+    fn metadata_wildcards_are_anchored_regexes_with_literal_characters() {
+        assert_eq!(like_regex("/staff/*").unwrap(), "^/staff/");
+        assert_eq!(like_regex("*.example.com").unwrap(), "\\.example\\.com$");
+        assert_eq!(like_regex("*a(b)*").unwrap(), "a\\(b\\)");
+        assert!(like_regex("a*b").is_err());
+        let (text, _) = compiled(r#"app_metadata.groups:"/staff/*""#).unwrap();
+        assert_eq!(text, "app_metadata @? $1::text::jsonpath");
     }
 
     #[test]

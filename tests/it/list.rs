@@ -626,14 +626,18 @@ async fn has_on_metadata_finds_values_in_lists() {
     for (email, meta) in [
         (
             "a@x.io",
-            json!({"roles": ["admin", "billing"], "orgs": [{"slug": "acme", "role": "owner"}]}),
+            json!({"roles": ["admin", "billing"], "orgs": [{"slug": "acme", "role": "owner"}],
+                   "groups": ["/staff", "/Staff/Eng"]}),
         ),
         (
             "b@x.io",
-            json!({"roles": "admin", "orgs": {"slug": "beta"}}),
+            json!({"roles": "admin", "orgs": {"slug": "beta"}, "groups": "/staffing"}),
         ),
-        ("c@x.io", json!({"roles": ["viewer"], "seats": [3, 5]})),
-        ("d@x.io", json!({})),
+        (
+            "c@x.io",
+            json!({"roles": ["viewer"], "seats": [3, 5], "groups": ["a.b"]}),
+        ),
+        ("d@x.io", json!({"groups": ["axb"]})),
     ] {
         let mut user = crate::user_with_email(email);
         user.app_metadata = Some(pb_struct(meta));
@@ -651,6 +655,11 @@ async fn has_on_metadata_finds_values_in_lists() {
             r#"app_metadata.orgs.role:"owner" AND app_metadata.roles:"billing""#,
             &["a@x.io"],
         ),
+        // Wildcards reach into lists too, case-insensitively, other characters literal.
+        (r#"app_metadata.groups:"/staff/*""#, &["a@x.io"]),
+        (r#"app_metadata.groups:"/staff*""#, &["a@x.io", "b@x.io"]),
+        (r#"app_metadata.orgs.slug:"*CME""#, &["a@x.io"]),
+        (r#"app_metadata.groups:"a.*""#, &["c@x.io"]),
     ];
     for (filter, want) in cases {
         assert_eq!(emails(&mut users, filter).await.unwrap(), *want, "{filter}");
