@@ -373,6 +373,12 @@ fn json_path(path: &[String]) -> String {
     })
 }
 
+/// Whether `query` (a jsonpath) selects anything in `col`: `@?`, which the GIN index serves
+/// (for equality) and which is never unknown.
+fn json_exists(col: &str, query: String, sql: &mut Sql) -> String {
+    format!("{col} @? {}::text::jsonpath", sql.param(query))
+}
+
 fn json_comparison(
     col: &str,
     path: &[String],
@@ -404,19 +410,14 @@ fn json_comparison(
         // in lax mode looks into lists; `@?` uses the GIN index and is never unknown, so NOT
         // works as it reads.
         Op::Has => match &v {
-            serde_json::Value::String(s) if s == "*" => {
-                format!("{col} @? {}::text::jsonpath", sql.param(json_path(path)))
-            }
+            serde_json::Value::String(s) if s == "*" => json_exists(col, json_path(path), sql),
             // Case-insensitive, as text fields' wildcards are, and through lists too.
             serde_json::Value::String(s) if s.contains('*') => {
                 let regex = serde_json::Value::String(like_regex(s)?);
                 let query = format!("{} ? (@ like_regex {regex} flag \"i\")", json_path(path));
-                format!("{col} @? {}::text::jsonpath", sql.param(query))
+                json_exists(col, query, sql)
             }
-            _ => {
-                let query = format!("{} ? (@ == {v})", json_path(path));
-                format!("{col} @? {}::text::jsonpath", sql.param(query))
-            }
+            _ => json_exists(col, format!("{} ? (@ == {v})", json_path(path)), sql),
         },
         _ => {
             let jtype = match &v {
