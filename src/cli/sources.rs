@@ -2750,6 +2750,15 @@ fn proto_key(k: &str) -> String {
     k.replace('_', "").to_ascii_lowercase()
 }
 
+/// A field of a protobuf JSON object by its [`proto_key`] (`userId` or `user_id` as
+/// `userid`).
+fn proto_field<'a>(v: &'a Value, field: &str) -> Option<&'a Value> {
+    v.as_object()?
+        .iter()
+        .find(|(k, _)| proto_key(k) == field)
+        .map(|(_, v)| v)
+}
+
 /// A ZITADEL export's organization (`orgs[]`) as one record per human user: the user
 /// (`userId`, `user`) with its `metadata`, `links` and `grants` gathered from the
 /// organization's `userMetadata`, `userLinks` and `userGrants` (each grant with its
@@ -2772,26 +2781,20 @@ pub fn zitadel_users(org: Map<String, Value>) -> Vec<Value> {
             _ => {}
         }
     }
-    let field_of = |entry: &Value, field: &str| {
-        entry
-            .as_object()
-            .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == field))
-            .map(|(_, v)| v.clone())
-    };
     // Project names by id, for the grants (a DataProject is `projectId` and `project`).
     let project_names: std::collections::HashMap<String, Value> = projects
         .iter()
         .filter_map(|p| {
-            let id = field_of(p, "projectid").and_then(|v| text(&v))?;
-            let name = field_of(p, "project").and_then(|p| field_of(&p, "name"))?;
-            Some((id, name))
+            let id = proto_field(p, "projectid").and_then(text)?;
+            let name = proto_field(p, "project").and_then(|p| proto_field(p, "name"))?;
+            Some((id, name.clone()))
         })
         .collect();
     let grants: Vec<Value> = grants
         .into_iter()
         .map(|mut g| {
-            let name = field_of(&g, "projectid")
-                .and_then(|v| text(&v))
+            let name = proto_field(&g, "projectid")
+                .and_then(text)
                 .and_then(|id| project_names.get(&id).cloned());
             if let (Value::Object(o), Some(name)) = (&mut g, name) {
                 o.insert("projectName".into(), name);
@@ -2803,11 +2806,7 @@ pub fn zitadel_users(org: Map<String, Value>) -> Vec<Value> {
     let by_user = |list: Vec<Value>, field: &str| {
         let mut map: std::collections::HashMap<String, Vec<Value>> = Default::default();
         for entry in list {
-            let id = entry
-                .as_object()
-                .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == field))
-                .and_then(|(_, v)| text(v));
-            if let Some(id) = id {
+            if let Some(id) = proto_field(&entry, field).and_then(text) {
                 map.entry(id).or_default().push(entry);
             }
         }
@@ -2818,11 +2817,7 @@ pub fn zitadel_users(org: Map<String, Value>) -> Vec<Value> {
     users
         .into_iter()
         .map(|mut u| {
-            let id = u
-                .as_object()
-                .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == "userid"))
-                .and_then(|(_, v)| text(v))
-                .unwrap_or_default();
+            let id = proto_field(&u, "userid").and_then(text).unwrap_or_default();
             if let Value::Object(o) = &mut u {
                 let metadata = metadata.remove(&id).unwrap_or_default();
                 o.insert("metadata".into(), Value::Array(metadata));
@@ -2869,11 +2864,7 @@ pub fn from_zitadel(obj: Map<String, Value>) -> Result<Map<String, Value>, Strin
             }
             "metadata" => {
                 for (i, m) in array_of(&k, v)?.iter().enumerate() {
-                    let field = |f: &str| {
-                        m.as_object()
-                            .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == f))
-                            .and_then(|(_, v)| text(v))
-                    };
+                    let field = |f: &str| proto_field(m, f).and_then(text);
                     let Some(key) = field("key") else {
                         return Err(format!("metadata[{i}]: needs its key"));
                     };
@@ -2897,11 +2888,7 @@ pub fn from_zitadel(obj: Map<String, Value>) -> Result<Map<String, Value>, Strin
             }
             "links" => {
                 for (i, l) in array_of(&k, v)?.iter().enumerate() {
-                    let field = |f: &str| {
-                        l.as_object()
-                            .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == f))
-                            .and_then(|(_, v)| text(v))
-                    };
+                    let field = |f: &str| proto_field(l, f).and_then(text);
                     let provider = field("idpname").or_else(|| field("idpid"));
                     let (Some(provider), Some(subject)) = (provider, field("provideduserid"))
                     else {
@@ -2913,23 +2900,19 @@ pub fn from_zitadel(obj: Map<String, Value>) -> Result<Map<String, Value>, Strin
             "grants" => {
                 let mut list = Vec::new();
                 for (i, g) in array_of(&k, v)?.iter().enumerate() {
-                    let field = |f: &str| {
-                        g.as_object()
-                            .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == f))
-                            .map(|(_, v)| v.clone())
-                    };
-                    let Some(project) = field("projectid").and_then(|v| text(&v)) else {
+                    let field = |f: &str| proto_field(g, f);
+                    let Some(project) = field("projectid").and_then(text) else {
                         return Err(format!("grants[{i}]: needs its projectId"));
                     };
                     let roles = match field("rolekeys") {
-                        Some(r) => string_list(&format!("grants[{i}].roleKeys"), &r)?,
+                        Some(r) => string_list(&format!("grants[{i}].roleKeys"), r)?,
                         None => Vec::new(),
                     };
                     let mut grant = Map::from_iter([
                         ("project_id".to_string(), Value::String(project)),
                         ("roles".to_string(), json!(roles)),
                     ]);
-                    if let Some(name) = field("projectname").and_then(|v| text(&v)) {
+                    if let Some(name) = field("projectname").and_then(text) {
                         grant.insert("project".into(), Value::String(name));
                     }
                     list.push(Value::Object(grant));
@@ -2965,12 +2948,7 @@ fn zitadel_user(
     extra: &mut Map<String, Value>,
     user: Map<String, Value>,
 ) -> Result<(), String> {
-    let get = |o: &Value, f: &str| {
-        o.as_object()
-            .and_then(|o| o.iter().find(|(k, _)| proto_key(k) == f))
-            .map(|(_, v)| v.clone())
-            .filter(|v| !v.is_null())
-    };
+    let get = |o: &Value, f: &str| proto_field(o, f).filter(|v| !v.is_null()).cloned();
     for (k, v) in user {
         let field = format!("user.{k}");
         match proto_key(&k).as_str() {
