@@ -161,18 +161,8 @@ pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Valu
         let Value::Object(app) = app else {
             return Err("app_metadata: must be an object".into());
         };
-        match app.get("roles") {
-            Some(kept) if *kept != roles => {
-                return Err(
-                    "app_metadata.roles is set and differs from the user's Auth0 roles: \
-                     app_metadata can hold one (rename one)"
-                        .into(),
-                );
-            }
-            _ => {
-                app.insert("roles".into(), roles);
-            }
-        }
+        let rbac = Map::from_iter([("roles".to_string(), roles)]);
+        merge_into(app, rbac, "app_metadata and the user's Auth0 roles")?;
     }
     Ok(out)
 }
@@ -3683,7 +3673,7 @@ mod tests {
             (json!({"favorite": 1}), "unknown Auth0 field 'favorite'"),
             (
                 json!({"roles": ["admin"], "app_metadata": {"roles": ["user"]}}),
-                "app_metadata.roles is set and differs",
+                "app_metadata and the user's Auth0 roles both set 'roles', differently",
             ),
             (json!({"roles": "admin"}), "roles: must be a list of names"),
         ] {
