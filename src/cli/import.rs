@@ -9,10 +9,11 @@
 //! An import of a file resumes by itself when the server goes away (a replica restarted, a
 //! connection cut): the file is read again from the first record without a result. UPSERT
 //! makes that safe (a record already written is matched and left as it is). So does
-//! CREATE_ONLY, for which the reader gives each record without an id a fresh UUIDv7 of its
-//! own and sends a record read again with the id it had: a record whose result was lost in
-//! the break then meets its own user, ALREADY_EXISTS naming that id, which only its own
-//! write can have made, and counts as created.
+//! CREATE_ONLY: every stream of one import carries the same `run_id`, and the reader gives
+//! each record without an id a fresh UUIDv7 of its own, sending a record read again with the
+//! id it had; a record whose result was lost in the break then meets the user this run
+//! created for it, which the server answers as CREATED `replayed` (a user that was there
+//! before, or a record repeating another's values, still fails).
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
@@ -102,9 +103,16 @@ pub struct ImportArgs {
     /// get that channel here (EMAIL_OTP or SMS_OTP), beside their authenticator app if any.
     #[arg(long, value_enum, value_name = "CHANNEL")]
     pub better_auth_otp: Option<OtpChannel>,
-    /// Leave out the first N records (to resume an interrupted import; use --mode upsert).
+    /// Leave out the first N records (to resume an interrupted import, as the command it
+    /// prints says).
     #[arg(long, default_value_t = 0)]
     pub skip: u64,
+    /// The import's name, sent as ImportOptions.run_id and kept on its USER_IMPORTED events
+    /// (a fresh UUIDv7 unless given). A stopped CREATE_ONLY import of records with their own
+    /// ids resumes with the same one (its printed command says so): records it had written
+    /// count as created instead of failing as duplicates.
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -639,8 +647,6 @@ struct Results {
     notes: std_mpsc::Receiver<Note>,
     /// Records sent and not yet answered, by stream index.
     pending: BTreeMap<i64, Waiting>,
-    /// The ids this side gave the records read again after a break (see the module's doc).
-    ids_before: Arc<BTreeMap<u64, String>>,
     next_index: i64,
     last_record: u64,
     errors: ErrorsFile,
@@ -723,17 +729,12 @@ impl Results {
             return Ok(());
         };
         match pb::ImportOutcome::try_from(r.outcome) {
-            Ok(pb::ImportOutcome::Created) => self.tally.created += 1,
-            Ok(pb::ImportOutcome::Updated) => self.tally.updated += 1,
-            _ if self
-                .ids_before
-                .get(&record)
-                .is_some_and(|id| holds_id(r.error.as_ref(), id)) =>
-            {
-                // Written before the break: its own user holds the id only it was given.
+            Ok(pb::ImportOutcome::Created) => {
                 self.tally.created += 1;
-                self.tally.created_before_break += 1;
+                // Written before a break took its result: this run's user, found again.
+                self.tally.created_before_break += u64::from(r.replayed);
             }
+            Ok(pb::ImportOutcome::Updated) => self.tally.updated += 1,
             _ => {
                 let reason = r
                     .error
@@ -755,22 +756,11 @@ impl Results {
     }
 }
 
-/// Whether a failure is ALREADY_EXISTS with ResourceInfo naming the user `id` as the holder.
-fn holds_id(error: Option<&tonic_types::pb::Status>, id: &str) -> bool {
-    use prost::Message as _;
-    let Some(e) = error.filter(|e| e.code == tonic::Code::AlreadyExists as i32) else {
-        return false;
-    };
-    e.details.iter().any(|d| {
-        d.type_url.ends_with("/google.rpc.ResourceInfo")
-            && tonic_types::pb::ResourceInfo::decode(d.value.as_slice())
-                .is_ok_and(|info| info.resource_type == "user" && info.resource_name == id)
-    })
-}
-
 /// The command that imports the rest of the file after `done` records: the same reading of
-/// it (source, Firebase's parameters, format), as an UPSERT in case the last answers were lost.
-fn resume_command(args: &ImportArgs, done: u64) -> String {
+/// it (source, Firebase's parameters, format), in case the last answers were lost either as
+/// the same run (`run`: a CREATE_ONLY whose records waiting at the stop had their own ids,
+/// which the server finds again by it) or as an UPSERT.
+fn resume_command(args: &ImportArgs, done: u64, run: Option<&str>) -> String {
     let mut command = format!("roster import {}", args.file.display());
     if let Some(from) = args.from.to_possible_value()
         && args.from != Source::Roster
@@ -789,7 +779,10 @@ fn resume_command(args: &ImportArgs, done: u64) -> String {
     if let Some(f) = args.format.and_then(|f| f.to_possible_value()) {
         command += &format!(" --format {}", f.get_name());
     }
-    command + &format!(" --mode upsert --skip {done}")
+    match run {
+        Some(run) => command + &format!(" --run-id {run} --skip {done}"),
+        None => command + &format!(" --mode upsert --skip {done}"),
+    }
 }
 
 /// How long an import may go without a result, across reconnections, before it stops; and
@@ -894,10 +887,13 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             MatchOnArg::ExternalId => pb::ImportMatchOn::ExternalId,
         } as i32,
         dry_run: args.dry_run,
+        run_id: args
+            .run_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
     };
-    // Only an import of a file can go on by itself (the file can be read again): an UPSERT
-    // or a dry run as it is, a CREATE_ONLY when the records still waiting had their ids
-    // given here (see the module's doc).
+    // Only an import of a file can go on by itself (the file can be read again; see the
+    // module's doc for why that is exact in either mode).
     let from_file = args.file.as_os_str() != "-";
     let give_ids = from_file && args.mode == ModeArg::CreateOnly && !args.dry_run;
     let mut ids_before = Arc::new(BTreeMap::new());
@@ -918,7 +914,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         let (requests, requests_rx) = mpsc::channel(1024);
         requests
             .send(pb::ImportUsersRequest {
-                item: Some(pb::import_users_request::Item::Options(options)),
+                item: Some(pb::import_users_request::Item::Options(options.clone())),
             })
             .await?;
         let (notes_tx, notes) = std_mpsc::channel();
@@ -942,7 +938,6 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         let mut results = Results {
             notes,
             pending: BTreeMap::new(),
-            ids_before: ids_before.clone(),
             next_index: 0,
             last_record: skip,
             errors,
@@ -986,9 +981,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             Ok(None) => true,
             Ok(Some(_)) => false,
         };
-        let can_resume =
-            from_file && (!give_ids || results.pending.values().all(|w| w.given_id.is_some()));
-        if !(can_resume
+        if !(from_file
             && server_gone
             && results.broken.is_none()
             && last_result.elapsed() < MAX_OUTAGE)
@@ -1036,7 +1029,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     }
     if t.created_before_break > 0 {
         eprintln!(
-            "({} of the created were written before a break took their results)",
+            "({} of the created had been written by this run before, their results lost)",
             t.created_before_break
         );
     }
@@ -1047,9 +1040,15 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         _ => None,
     };
     if let Some(why) = interrupted {
+        // The server finds the run's own writes again by the record's id: exact only when
+        // no record waiting had an id given by this process, which a new one cannot repeat.
+        let same_run = args.mode == ModeArg::CreateOnly
+            && !args.dry_run
+            && results.pending.values().all(|w| w.given_id.is_none());
+        let run = same_run.then_some(options.run_id.as_str());
         bail!(
             "the import stopped: {why}\nrecords 1 to {resume_at} have their results; resume with:\n  {}",
-            resume_command(&args, resume_at)
+            resume_command(&args, resume_at, run)
         );
     }
     if t.failed > 0 {
@@ -1079,37 +1078,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_an_already_exists_naming_the_given_id_is_the_records_own_write() {
-        use prost::Message as _;
-        let status = |code: tonic::Code, holder: &str| tonic_types::pb::Status {
-            code: code as i32,
-            message: "a user with this id already exists".into(),
-            details: vec![prost_types::Any {
-                type_url: "type.googleapis.com/google.rpc.ResourceInfo".into(),
-                value: tonic_types::pb::ResourceInfo {
-                    resource_type: "user".into(),
-                    resource_name: holder.into(),
-                    owner: String::new(),
-                    description: "id is already taken".into(),
-                }
-                .encode_to_vec(),
-            }],
-        };
-        let id = "0190d6a0-0000-7000-8000-000000000001";
-        assert!(holds_id(Some(&status(tonic::Code::AlreadyExists, id)), id));
-        let other = status(
-            tonic::Code::AlreadyExists,
-            "0190d6a0-0000-7000-8000-000000000002",
-        );
-        assert!(!holds_id(Some(&other), id));
-        assert!(!holds_id(
-            Some(&status(tonic::Code::InvalidArgument, id)),
-            id
-        ));
-        assert!(!holds_id(None, id));
-    }
-
-    #[test]
     fn an_interrupted_import_resumes_reading_the_file_the_same_way() {
         use clap::Parser as _;
         #[derive(clap::Parser)]
@@ -1119,8 +1087,12 @@ mod tests {
         }
         let args = |line: &[&str]| Cli::parse_from([&["roster"], line].concat()).import;
         assert_eq!(
-            resume_command(&args(&["users.jsonl"]), 7),
+            resume_command(&args(&["users.jsonl"]), 7, None),
             "roster import users.jsonl --mode upsert --skip 7"
+        );
+        assert_eq!(
+            resume_command(&args(&["export.jsonl"]), 7, Some("0190d6a0-0000-7000")),
+            "roster import export.jsonl --run-id 0190d6a0-0000-7000 --skip 7"
         );
         assert_eq!(
             resume_command(
@@ -1135,7 +1107,8 @@ mod tests {
                     "--skip",
                     "2",
                 ]),
-                1000
+                1000,
+                None
             ),
             "roster import users.json --from firebase --firebase-hash-parameters hash.txt \
              --format json --mode upsert --skip 1000"

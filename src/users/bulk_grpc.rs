@@ -85,6 +85,9 @@ impl Exports {
 /// records and waits for their results gets them promptly.
 const IDLE_FLUSH: Duration = Duration::from_millis(20);
 
+/// Longest `ImportOptions.run_id`: room for any id a client makes, bounded as every string.
+const MAX_RUN_ID: usize = 128;
+
 pub fn import_options(o: &pb::ImportOptions) -> Result<ImportOptions, Error> {
     let mut v = Violations::new();
     let mode = match pb::ImportMode::try_from(o.mode) {
@@ -103,11 +106,21 @@ pub fn import_options(o: &pb::ImportOptions) -> Result<ImportOptions, Error> {
             MatchOn::Email
         }
     };
+    let run_id = (!o.run_id.is_empty()).then(|| o.run_id.clone());
+    if let Some(run) = &run_id
+        && (run.len() > MAX_RUN_ID || !run.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        v.add(
+            "options.run_id",
+            format!("must be 1 to {MAX_RUN_ID} printable ASCII characters without spaces"),
+        );
+    }
     v.into_result()?;
     Ok(ImportOptions {
         mode,
         match_on,
         dry_run: o.dry_run,
+        run_id,
         password_history: 0,
         can_seal: false,
     })
@@ -510,8 +523,11 @@ fn rpc_status(e: Error) -> tonic_types::pb::Status {
 }
 
 fn result_message(index: i64, outcome: Outcome) -> pb::ImportUsersResponse {
+    let replayed = matches!(outcome, Outcome::Replayed(_));
     let (user_id, outcome, error) = match outcome {
-        Outcome::Created(id) => (id.to_string(), pb::ImportOutcome::Created, None),
+        Outcome::Created(id) | Outcome::Replayed(id) => {
+            (id.to_string(), pb::ImportOutcome::Created, None)
+        }
         Outcome::Updated(id) => (id.to_string(), pb::ImportOutcome::Updated, None),
         Outcome::Failed(e) => (
             String::new(),
@@ -525,6 +541,7 @@ fn result_message(index: i64, outcome: Outcome) -> pb::ImportUsersResponse {
             user_id,
             outcome: outcome as i32,
             error,
+            replayed,
         })),
     }
 }
@@ -554,7 +571,7 @@ pub fn run_import(
                     ..options
                 };
                 let (batch_tx, batch_rx) = mpsc::channel(1);
-                tokio::spawn(read_records(inbound, options, batch_tx));
+                tokio::spawn(read_records(inbound, options.clone(), batch_tx));
                 write_batches(pool, caller, options, sealer, batch_rx, out_tx).await;
             }
         }
@@ -690,7 +707,7 @@ async fn write_batches(
                 running.push_back(write_one(
                     pool.clone(),
                     caller.clone(),
-                    options,
+                    options.clone(),
                     sealer.clone(),
                     b,
                 ));
@@ -714,7 +731,7 @@ async fn write_batches(
                 };
                 for (index, outcome) in outcomes {
                     match outcome {
-                        Outcome::Created(_) => created += 1,
+                        Outcome::Created(_) | Outcome::Replayed(_) => created += 1,
                         Outcome::Updated(_) => updated += 1,
                         Outcome::Failed(_) => failed += 1,
                     }

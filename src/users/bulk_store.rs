@@ -226,6 +226,38 @@ pub async fn clashes(
     Ok((users, identities))
 }
 
+/// Of the staged records `candidates` (idx, the user holding its id), those whose user the
+/// import run `run` created (its USER_IMPORTED event says so) and which is still linked to
+/// every identity the record carries.
+pub async fn created_by_run(
+    tx: &Transaction<'_>,
+    project_id: Uuid,
+    run: &str,
+    candidates: &[(i32, Uuid)],
+) -> Result<HashSet<i32>> {
+    let (idxs, holders): (Vec<i32>, Vec<Uuid>) = candidates.iter().copied().unzip();
+    let stmt = tx
+        .prepare_cached(
+            "SELECT c.idx FROM unnest($2::int[], $3::uuid[]) AS c(idx, holder)
+             WHERE EXISTS (
+                 SELECT 1 FROM events e
+                 WHERE e.project_id = $1 AND e.user_id = c.holder AND e.type = 'USER_IMPORTED'
+                   AND e.data->>'run_id' = $4 AND e.data->>'outcome' = 'CREATED')
+               AND NOT EXISTS (
+                 SELECT 1 FROM roster_import_identities s
+                 LEFT JOIN identities i ON i.project_id = $1 AND i.provider = s.provider
+                      AND i.subject = s.subject
+                 WHERE s.idx = c.idx AND i.user_id IS DISTINCT FROM c.holder)",
+        )
+        .await?;
+    Ok(tx
+        .query(&stmt, &[&project_id, &idxs, &holders, &run])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// Creates the staged users whose idx is in `$2` (in project `$1`).
 const INSERT_USERS: &str = "INSERT INTO users (project_id, id, external_id, email, email_verified,
         phone_number, phone_verified, username, display_name, given_name, family_name,

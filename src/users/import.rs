@@ -60,11 +60,14 @@ impl MatchOn {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ImportOptions {
     pub mode: Mode,
     pub match_on: MatchOn,
     pub dry_run: bool,
+    /// The client's name for this import: kept on its USER_IMPORTED events, so that a
+    /// CREATE_ONLY record sent again after a break can be told from a clash (see [`plan`]).
+    pub run_id: Option<String>,
     /// The project's `--password-history`: an UPSERT that replaces a user's hash files the
     /// old one as SetPassword does, so the history keeps covering the passwords it replaced.
     pub password_history: u32,
@@ -150,6 +153,8 @@ pub struct ImportRecord {
 #[derive(Debug)]
 pub enum Outcome {
     Created(Uuid),
+    /// Created by an earlier stream of the same run; nothing written this time.
+    Replayed(Uuid),
     Updated(Uuid),
     Failed(Error),
 }
@@ -261,6 +266,8 @@ enum Plan {
     Create,
     Update(Uuid),
     Fail(Error),
+    /// Its user was created by this run before (see [`replay_candidate`]).
+    Replay(Uuid),
 }
 
 fn clash(resource: &'static str, field: &'static str, owner: Uuid) -> Error {
@@ -329,6 +336,26 @@ fn plan(
         Some(t) => Plan::Update(t),
         None => Plan::Create,
     }
+}
+
+/// Under CREATE_ONLY with a run id, the user a record would replay: the record names its id,
+/// a user has that id, and that user holds every other unique value the record carries (its
+/// email, phone, username, external id). Whether this run created that user, and whether
+/// it still has the record's identities, is then asked of the database
+/// ([`bulk_store::created_by_run`]). Anything less (a value now held by someone else, or
+/// freed) is the clash it would be without a run id.
+fn replay_candidate(options: &ImportOptions, record: &ImportRecord, hits: &Clash) -> Option<Uuid> {
+    if options.mode != Mode::CreateOnly || options.run_id.is_none() || !record.id_given {
+        return None;
+    }
+    let holder = hits.by_id?;
+    let p = &record.profile;
+    let held = |claimed: bool, by: Option<Uuid>| !claimed || by == Some(holder);
+    (held(p.email.is_some(), hits.by_email)
+        && held(p.phone_number.is_some(), hits.by_phone)
+        && held(p.username.is_some(), hits.by_username)
+        && held(p.external_id.is_some(), hits.by_external_id))
+    .then_some(holder)
 }
 
 /// Makes sure `client` has the staging tables (they live as long as the connection).
@@ -482,6 +509,9 @@ async fn write_valid(
                 data["passkeys_skipped"] = json!(n);
             }
         }
+        if let Some(run) = &options.run_id {
+            data["run_id"] = json!(run);
+        }
         new_events.push(NewEvent::for_user(EventType::UserImported, id, data));
     }
     events::record(&tx, project, &ctx, &new_events).await?;
@@ -503,11 +533,24 @@ async fn write_staged(
 ) -> Result<Vec<(Outcome, bool)>> {
     let (clashes, identity_owners) = bulk_store::clashes(tx, project).await?;
     let mut plans: Vec<Plan> = Vec::with_capacity(records.len());
+    let mut candidates: Vec<(i32, Uuid)> = Vec::new();
     let none = Clash::default();
     for (i, (_, r)) in records.iter().enumerate() {
         let hits = clashes.get(&(i as i32)).unwrap_or(&none);
         let owner = identity_owners.get(&(i as i32)).copied();
+        if let Some(holder) = replay_candidate(options, r, hits) {
+            candidates.push((i as i32, holder));
+        }
         plans.push(plan(options, r, hits, owner));
+    }
+    if let (Some(run), false) = (&options.run_id, candidates.is_empty()) {
+        // Only records that clash get here: a resumed stream's first batches, or a mistake.
+        let ours = bulk_store::created_by_run(tx, project, run, &candidates).await?;
+        for (i, holder) in candidates {
+            if ours.contains(&i) {
+                plans[i as usize] = Plan::Replay(holder);
+            }
+        }
     }
     let creates: Vec<i32> = plans
         .iter()
@@ -575,6 +618,7 @@ async fn write_staged(
                     changed.contains(&i) || linked.contains(&i),
                 ),
                 Plan::Fail(e) => (Outcome::Failed(e), false),
+                Plan::Replay(id) => (Outcome::Replayed(id), false),
             }
         })
         .collect())
@@ -638,6 +682,7 @@ mod tests {
             mode: Mode::Upsert,
             match_on: MatchOn::Email,
             dry_run: false,
+            run_id: None,
             password_history: 0,
             can_seal: true,
         };
@@ -679,5 +724,54 @@ mod tests {
             plan(&create_only, &r, &hits, None),
             Plan::Fail(Error::AlreadyExists { field: "email", .. })
         ));
+    }
+
+    #[test]
+    fn only_a_record_naming_its_id_whose_user_holds_all_its_values_may_replay() {
+        let run = ImportOptions {
+            mode: Mode::CreateOnly,
+            match_on: MatchOn::Email,
+            dry_run: false,
+            run_id: Some("run-1".into()),
+            password_history: 0,
+            can_seal: true,
+        };
+        let mut r = record("a@x.io");
+        r.id_given = true;
+        r.profile.username = Some("ann".into());
+        let (u, other) = (r.id, Uuid::now_v7());
+        let all = Clash {
+            by_id: Some(u),
+            by_email: Some(u),
+            by_username: Some(u),
+            ..Default::default()
+        };
+        assert_eq!(replay_candidate(&run, &r, &all), Some(u));
+        // A value now held by another user, or by nobody, is not the run's own write.
+        for hits in [
+            Clash {
+                by_username: Some(other),
+                ..all.clone()
+            },
+            Clash {
+                by_email: None,
+                ..all.clone()
+            },
+        ] {
+            assert_eq!(replay_candidate(&run, &r, &hits), None);
+        }
+        // Nor without a run id, under UPSERT, or when the server made the id.
+        let no_run = ImportOptions {
+            run_id: None,
+            ..run.clone()
+        };
+        let upsert = ImportOptions {
+            mode: Mode::Upsert,
+            ..run.clone()
+        };
+        assert_eq!(replay_candidate(&no_run, &r, &all), None);
+        assert_eq!(replay_candidate(&upsert, &r, &all), None);
+        r.id_given = false;
+        assert_eq!(replay_candidate(&run, &r, &all), None);
     }
 }

@@ -24,6 +24,7 @@ pub fn options(
             mode: mode as i32,
             match_on: match_on as i32,
             dry_run,
+            run_id: String::new(),
         })),
     }
 }
@@ -218,12 +219,13 @@ async fn the_stream_must_open_with_valid_options() {
             mode: 9,
             match_on: 7,
             dry_run: false,
+            run_id: "two words".into(),
         })),
     };
     let err = import(&mut users, vec![bad].into_iter()).await.unwrap_err();
     assert_eq!(
         harness::violated_fields(&err),
-        vec!["options.match_on", "options.mode"]
+        vec!["options.match_on", "options.mode", "options.run_id"]
     );
 
     // Options again later end the stream after what was already committed.
@@ -723,6 +725,136 @@ async fn a_cut_stream_resumed_with_upsert_loses_and_duplicates_nothing() {
         .sql_one("SELECT count(DISTINCT external_id) FROM users", &[])
         .await;
     assert_eq!(distinct, N as i64);
+}
+
+/// A CREATE_ONLY import sent again under the same `run_id` (a client resuming after a break)
+/// finds the users that run created and answers them CREATED `replayed`, writing nothing;
+/// anything else (a user that was there before, another run, a record without its own id,
+/// a value since taken or freed, an identity the user lacks) still fails as a clash.
+#[tokio::test]
+async fn a_create_only_run_sent_again_replays_its_own_users_and_nothing_else() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let before = crate::create_user(&mut users, "there@example.com").await;
+    let run = |id: &str| {
+        let mut o = create_only();
+        if let Some(In::Options(opts)) = &mut o.item {
+            opts.run_id = id.into();
+        }
+        o
+    };
+    let (a, b, d) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    let with_id = |id: Uuid, email: &str, subjects: &[&str]| {
+        record(pb::ImportRecord {
+            user: Some(pb::User {
+                email: email.into(),
+                username: format!("u{}", &email[..1]),
+                ..Default::default()
+            }),
+            user_id: id.to_string(),
+            identities: subjects
+                .iter()
+                .map(|s| pb::ImportIdentity {
+                    provider: "google".into(),
+                    subject: s.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    };
+    let first = vec![
+        run("run-1"),
+        with_id(a, "a@example.com", &["g-a"]),
+        with_id(b, "b@example.com", &[]),
+        by_email("c@example.com"),
+    ];
+    let (results, summary) = import(&mut users, first.into_iter()).await.unwrap();
+    assert_eq!(summary.created, 3, "{results:?}");
+    assert!(results.iter().all(|r| !r.replayed));
+    let tagged: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM events WHERE type = 'USER_IMPORTED'
+               AND data->>'run_id' = 'run-1'",
+            &[],
+        )
+        .await;
+    assert_eq!(tagged, 3, "each USER_IMPORTED event names the run");
+
+    // b's email changes in between: the record no longer describes its user.
+    let mut changed = get(&mut users, &b.to_string()).await;
+    changed.email = "b2@example.com".into();
+    users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(changed),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["email".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let again = vec![
+        run("run-1"),
+        with_id(a, "a@example.com", &["g-a"]),
+        with_id(b, "b@example.com", &[]),
+        by_email("c@example.com"),
+        with_id(d, "d@example.com", &[]),
+        // The user that was there before names its id: not this run's.
+        record(pb::ImportRecord {
+            user: Some(user_with_email("there@example.com")),
+            user_id: before.id.clone(),
+            ..Default::default()
+        }),
+        // a again, with an identity its user does not have.
+        with_id(a, "a@example.com", &["g-a", "g-other"]),
+    ];
+    let (results, summary) = import(&mut users, again.into_iter()).await.unwrap();
+    let seen: Vec<(pb::ImportOutcome, bool)> =
+        results.iter().map(|r| (outcome(r), r.replayed)).collect();
+    use pb::ImportOutcome::{Created, Failed};
+    assert_eq!(
+        seen,
+        vec![
+            (Created, true),
+            (Failed, false),
+            (Failed, false),
+            (Created, false),
+            (Failed, false),
+            (Failed, false),
+        ],
+        "{results:?}"
+    );
+    assert_eq!(results[0].user_id, a.to_string());
+    assert_eq!(results[3].user_id, d.to_string());
+    for r in [&results[1], &results[2], &results[4], &results[5]] {
+        assert_eq!(failure(r).0, tonic::Code::AlreadyExists as i32, "{r:?}");
+    }
+    assert_eq!(
+        (summary.created, summary.updated, summary.failed),
+        (2, 0, 4)
+    );
+    // Nothing written for the replay: one new event (d's), a's user as it was.
+    let events: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM events WHERE type = 'USER_IMPORTED'",
+            &[],
+        )
+        .await;
+    assert_eq!(events, 4);
+    let a_identities: i64 = app
+        .sql_one("SELECT count(*) FROM identities WHERE user_id = $1", &[&a])
+        .await;
+    assert_eq!(a_identities, 1);
+    assert_eq!(count_users(&app).await, 5);
+
+    // Another run, or none, meets a's record as the clash it is.
+    for options in [run("run-2"), create_only()] {
+        let requests = vec![options, with_id(a, "a@example.com", &["g-a"])];
+        let (results, _) = import(&mut users, requests.into_iter()).await.unwrap();
+        assert_eq!(outcome(&results[0]), Failed, "{results:?}");
+        assert!(!results[0].replayed);
+    }
 }
 
 pub fn rich_user(i: usize) -> pb::ImportRecord {

@@ -1523,7 +1523,7 @@ async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
     );
     let tally = format!("{} created, 0 updated, {repeats} failed", N - repeats);
     assert!(err.contains(&tally), "{err}");
-    assert!(err.contains("written before a break"), "{err}");
+    assert!(err.contains("written by this run before"), "{err}");
     assert!(
         err.contains("record 200: a user with this email already exists"),
         "{err}"
@@ -1536,8 +1536,8 @@ async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
         .await;
     assert_eq!(stored as usize, N - repeats);
 
-    // Records carrying their own ids (Roster's export) cannot tell their own earlier write
-    // from a user that was there: such a CREATE_ONLY stops and prints the UPSERT command.
+    // Records carrying their own ids (Roster's export) go on too: the server finds the users
+    // the run wrote before the cut by its run id.
     let with_ids = dir.join("with-ids.jsonl");
     let lines: Vec<String> = (0..N)
         .map(|i| {
@@ -1549,15 +1549,57 @@ async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
     std::fs::write(&with_ids, lines.join("\n") + "\n").unwrap();
     let proxy = cutting_proxy(app.addr, 24 * 1024, 0).await;
     let server = format!("http://{proxy}");
+    let file = with_ids.to_str().unwrap();
     let (code, _, err) = roster_client(
         &app,
         &app.token,
-        &["import", with_ids.to_str().unwrap(), "--server", &server],
+        &["import", file, "--server", &server, "--run-id", "restore-1"],
     )
     .await;
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("resume with:"), "{err}");
-    assert!(err.contains("--mode upsert --skip"), "{err}");
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("going on after record"),
+        "the cut happened: {err}"
+    );
+    assert!(
+        err.contains(&format!("{N} created, 0 updated, 0 failed")),
+        "{err}"
+    );
+    assert!(err.contains("written by this run before"), "{err}");
+    let stored: i64 = app
+        .sql_one("SELECT count(*) FROM users WHERE email LIKE 'own%'", &[])
+        .await;
+    assert_eq!(stored as usize, N);
+    // The command a stopped import prints resumes it whole as the same run, and another
+    // run meets every record as a duplicate.
+    let (code, _, err) = roster_client(
+        &app,
+        &app.token,
+        &["import", file, "--run-id", "restore-1", "--skip", "0"],
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("{N} created, 0 updated, 0 failed")),
+        "{err}"
+    );
+    let (code, _, err) = roster_client(&app, &app.token, &["import", file]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("0 created, 0 updated, {N} failed")),
+        "{err}"
+    );
+    let imported: i64 = app
+        .sql_one(
+            "SELECT count(*) FROM events WHERE type = 'USER_IMPORTED'
+               AND data->>'run_id' = 'restore-1'",
+            &[],
+        )
+        .await;
+    assert_eq!(
+        imported as usize, N,
+        "one event per user, none for the replays"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
