@@ -73,13 +73,15 @@ const AUTH0_SKIPPED: &[&str] = &[
 /// `last_login` becomes `last_login_at`; its other activity fields are left out. A user
 /// blocked in Auth0 is imported blocked rather than active. A `roles` list (the RBAC role
 /// names, which the export lacks; the README's script adds them) becomes
-/// `app_metadata.roles`. Auth0's CSV starts each text
+/// `app_metadata.roles`, an `organizations` list (Auth0 Organizations memberships with the
+/// member's roles in each, likewise) `app_metadata.organizations`. Auth0's CSV starts each text
 /// cell with `'` (its CSV-injection guard): removed. A record of Auth0's password export
 /// (`_id.$oid`, `email`, `passwordHash`, no `user_id`) gets the `external_id` its user has
 /// in the user export, `auth0|<oid>`, so that file applies as an UPSERT on external_id.
 pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
-    let mut roles = None;
+    // What the export lacks and the README's scripts add: authorization, for app_metadata.
+    let mut authz = Map::new();
     let oid = obj
         .get("_id")
         .and_then(|id| id.get("$oid"))
@@ -134,9 +136,14 @@ pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Valu
                 continue;
             }
             "last_login" => "last_login_at",
-            // Not in the export: the README's script adds each user's RBAC role names.
+            // Not in the export: the README's scripts add each user's RBAC role names and
+            // organization memberships.
             "roles" => {
-                roles = Some(string_list(&k, &v)?).filter(|r| !r.is_empty());
+                put_names(&mut authz, "roles", string_list(&k, &v)?);
+                continue;
+            }
+            "organizations" => {
+                put_memberships(&mut authz, &k, v)?;
                 continue;
             }
             "email" | "email_verified" | "username" | "phone_number" | "phone_verified"
@@ -153,16 +160,18 @@ pub fn from_auth0(obj: Map<String, Value>, csv: bool) -> Result<Map<String, Valu
     {
         out.insert("external_id".into(), Value::String(format!("auth0|{oid}")));
     }
-    if let Some(roles) = roles {
-        let roles = json!(roles);
+    if !authz.is_empty() {
         let app = out
             .entry("app_metadata")
             .or_insert_with(|| Value::Object(Map::new()));
         let Value::Object(app) = app else {
             return Err("app_metadata: must be an object".into());
         };
-        let rbac = Map::from_iter([("roles".to_string(), roles)]);
-        merge_into(app, rbac, "app_metadata and the user's Auth0 roles")?;
+        merge_into(
+            app,
+            authz,
+            "app_metadata and the user's Auth0 roles and organizations",
+        )?;
     }
     Ok(out)
 }
@@ -2268,10 +2277,11 @@ fn clerk_list(v: &Value) -> Vec<String> {
 }
 
 /// One organization membership (Better Auth's organization plugin: a `member` row with its
-/// `organization`, as the README's query gives it; Clerk's, as its script gives them) as
-/// `app_metadata.organizations` keeps it: the organization's `id`, `slug` and `name`, the
-/// member's `role` (Better Auth's comma-separated roles, as stored) and `joined_at`; the
-/// spellings of either adapter taken.
+/// `organization`, as the README's query gives it; Clerk's and Auth0's, as their scripts
+/// give them) as `app_metadata.organizations` keeps it: the organization's `id`, `slug` and
+/// `name`, the member's `role` (Better Auth's comma-separated roles, as stored) or `roles`
+/// (a list of names, or of objects with a `name`, as Auth0 lists a member's roles) and
+/// `joined_at`; the spellings of either adapter taken.
 fn membership(field: &str, m: Value) -> Result<Value, String> {
     let Value::Object(m) = m else {
         return Err(format!("{field}: must be an object"));
@@ -2284,6 +2294,17 @@ fn membership(field: &str, m: Value) -> Result<Value, String> {
         if let Some(v) = get(&[name]) {
             out.insert(name.into(), Value::String(v));
         }
+    }
+    if let Some(roles) = m.get("roles").filter(|r| !r.is_null()) {
+        let names = roles.as_array().and_then(|list| {
+            list.iter()
+                .map(|r| r.get("name").unwrap_or(r).as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+        });
+        let Some(names) = names else {
+            return Err(format!("{field}.roles: must be a list of role names"));
+        };
+        put_names(&mut out, "roles", names);
     }
     if let Some(v) = m.get("createdAt").or_else(|| m.get("created_at"))
         && !v.is_null()
@@ -3673,9 +3694,17 @@ mod tests {
             (json!({"favorite": 1}), "unknown Auth0 field 'favorite'"),
             (
                 json!({"roles": ["admin"], "app_metadata": {"roles": ["user"]}}),
-                "app_metadata and the user's Auth0 roles both set 'roles', differently",
+                "app_metadata and the user's Auth0 roles and organizations both set 'roles', differently",
             ),
             (json!({"roles": "admin"}), "roles: must be a list of names"),
+            (
+                json!({"organizations": [{"id": "org_1", "roles": "admin"}]}),
+                "organizations[0].roles: must be a list of role names",
+            ),
+            (
+                json!({"organizations": [{"name": "acme"}]}),
+                "organizations[0]: needs the organization's id",
+            ),
         ] {
             let err = from_auth0(obj(bad.clone()), false).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
@@ -3694,6 +3723,23 @@ mod tests {
         let r = from_auth0(obj(json!({"roles": ["admin"]})), false).unwrap();
         assert_eq!(r["app_metadata"], json!({"roles": ["admin"]}));
         let r = from_auth0(obj(json!({"roles": []})), false).unwrap();
+        assert!(r.get("app_metadata").is_none());
+        // Organizations, as the README's script adds them (Auth0's member roles are objects).
+        let r = from_auth0(
+            obj(json!({"roles": ["admin"], "organizations": [
+                {"id": "org_1", "slug": "acme", "name": "Acme Inc.",
+                 "roles": [{"id": "rol_1", "name": "billing"}, {"id": "rol_2", "name": "owner"}]},
+                {"id": "org_2", "slug": "beta", "name": "Beta", "roles": []}]})),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            r["app_metadata"],
+            json!({"roles": ["admin"], "organizations": [
+                {"id": "org_1", "slug": "acme", "name": "Acme Inc.", "roles": ["billing", "owner"]},
+                {"id": "org_2", "slug": "beta", "name": "Beta"}]})
+        );
+        let r = from_auth0(obj(json!({"organizations": []})), false).unwrap();
         assert!(r.get("app_metadata").is_none());
     }
 

@@ -2219,6 +2219,10 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
             "user_metadata": {"theme": "dark"}, "app_metadata": {"plan": "pro"},
             "identities": [{"provider": "auth0", "user_id": "5f7c8ec7c33c6c004bbafe82",
                             "connection": "Username-Password-Authentication", "isSocial": false}],
+            // As the README's scripts add them.
+            "roles": ["admin"],
+            "organizations": [{"id": "org_W2Y1yJ", "slug": "acme", "name": "Acme Inc.",
+                               "roles": ["billing"]}],
         }),
         serde_json::json!({
             "user_id": "google-oauth2|107691503500061507151",
@@ -2268,9 +2272,29 @@ async fn an_auth0_export_imports_with_its_identities_and_passwords() {
     // Her last sign-in at Auth0 carries over, so inactivity filters keep their meaning.
     assert_eq!(ada.last_login_at.unwrap().seconds, 1_704_164_645);
     assert_eq!(
-        ada.app_metadata.unwrap().fields["plan"],
-        crate::pb_struct(serde_json::json!({"p": "pro"})).fields["p"]
+        ada.app_metadata,
+        Some(crate::pb_struct(serde_json::json!({
+            "plan": "pro", "roles": ["admin"],
+            "organizations": [{"id": "org_W2Y1yJ", "slug": "acme", "name": "Acme Inc.",
+                               "roles": ["billing"]}]})))
     );
+    // An organization's members, and a role held in one, are found by filter.
+    for filter in [
+        r#"app_metadata.organizations.id:"org_W2Y1yJ""#,
+        r#"app_metadata.organizations.roles:"billing""#,
+    ] {
+        let found = users
+            .list_users(pb::ListUsersRequest {
+                filter: filter.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .users;
+        let emails: Vec<&str> = found.iter().map(|u| u.email.as_str()).collect();
+        assert_eq!(emails, ["ada@example.com"], "{filter}");
+    }
     let mallory = crate::user_by_email(&mut users, "mallory@example.com").await;
     assert_eq!(mallory.status, pb::UserStatus::Blocked as i32);
     assert_eq!(mallory.blocked_reason, "blocked in Auth0");
