@@ -160,6 +160,36 @@ def main():
     ]
     check(len(exported) == 5 and all(e.startswith("py") for e in exported), f"export: {exported}")
 
+    # ImportUsers from a generator: a CREATE_ONLY run sent again under its run_id (a client
+    # resuming after a break) finds its own users, CREATED and replayed; another run fails them.
+    def import_run(run_id, records):
+        def requests():
+            yield user_pb2.ImportUsersRequest(options=user_pb2.ImportOptions(
+                mode=user_pb2.IMPORT_MODE_CREATE_ONLY, run_id=run_id))
+            for r in records:
+                yield user_pb2.ImportUsersRequest(record=r)
+        results, summary = [], None
+        for m in users.ImportUsers(requests(), metadata=meta):
+            if m.HasField("result"):
+                results.append(m.result)
+            else:
+                summary = m.summary
+        return sorted(results, key=lambda r: r.index), summary
+
+    run = str(uuid.uuid4())
+    records = [user_pb2.ImportRecord(user=user_pb2.User(email=f"imp{i}.{tag}@example.com"),
+                                     user_id=str(uuid.uuid4())) for i in range(3)]
+    first, summary = import_run(run, records)
+    check(summary.created == 3 and not any(r.replayed for r in first), f"import: {first}")
+    again, summary = import_run(run, records)
+    check(summary.created == 3 and all(r.replayed for r in again)
+          and [r.user_id for r in again] == [r.user_id for r in records],
+          f"import sent again: {again}")
+    other, summary = import_run(str(uuid.uuid4()), records[:1])
+    check(summary.failed == 1
+          and other[0].error.code == grpc.StatusCode.ALREADY_EXISTS.value[0],
+          f"another run: {other}")
+
     # The server runs with --ip-failure-limit 2: a third attempt from an address that failed
     # twice is refused, with ErrorInfo and RetryInfo a client can read.
     auth = authenticator_pb2_grpc.AuthenticatorServiceStub(channel)
