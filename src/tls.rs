@@ -51,7 +51,7 @@ impl TlsFiles {
     }
 
     fn build(&self, contents: &Contents) -> anyhow::Result<Arc<ServerConfig>> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = provider();
         let certs = CertificateDer::pem_slice_iter(&contents[0])
             .collect::<Result<Vec<_>, _>>()
             .with_context(|| format!("parsing the TLS certificate {}", self.cert.display()))?;
@@ -152,6 +152,14 @@ impl ReloadingTls {
 /// Accepts on `listener` and hands over connections whose TLS handshake succeeded; checks
 /// the files every `reload` (zero: never). The task ends when the stream is dropped (or is
 /// aborted by the server at shutdown).
+/// The TLS crypto provider of the server and the client commands: ring's. rustls 0.23.48
+/// deprecates it because ring has no post-quantum key exchange (X25519MLKEM768 needs
+/// aws-lc-rs, a large C build); the TLS it makes is otherwise what it was.
+#[allow(deprecated)]
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ReloadingTls>,

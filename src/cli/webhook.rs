@@ -571,8 +571,7 @@ fn client_config(ca_file: Option<&Path>) -> anyhow::Result<rustls::ClientConfig>
     if roots.is_empty() {
         bail!("--post: no trusted certificate authorities (give --post-ca-file)");
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()
         .context("TLS settings")?
         .with_root_certificates(roots)

@@ -4395,7 +4395,7 @@ async fn webhook_receiver_tls(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let acceptor = identity.map(|(cert, key)| {
-        let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+        let provider = roster::tls::provider();
         let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
