@@ -210,6 +210,8 @@ async fn grpc_import(
         let options = pb::ImportUsersRequest {
             item: Some(pb::import_users_request::Item::Options(pb::ImportOptions {
                 mode: pb::ImportMode::CreateOnly as i32,
+                // As `roster import` sends it: each USER_IMPORTED event carries it.
+                run_id: uuid::Uuid::now_v7().to_string(),
                 ..Default::default()
             })),
         };

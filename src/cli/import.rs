@@ -9,11 +9,13 @@
 //! An import of a file resumes by itself when the server goes away (a replica restarted, a
 //! connection cut): the file is read again from the first record without a result. UPSERT
 //! makes that safe (a record already written is matched and left as it is). So does
-//! CREATE_ONLY: every stream of one import carries the same `run_id`, and the reader gives
-//! each record without an id a fresh UUIDv7 of its own, sending a record read again with the
-//! id it had; a record whose result was lost in the break then meets the user this run
-//! created for it, which the server answers as CREATED `replayed` (a user that was there
-//! before, or a record repeating another's values, still fails).
+//! CREATE_ONLY: every stream of one import carries the same `run_id` (a UUIDv7), and the
+//! reader gives each record without an id one made from the run id and the record's number
+//! ([`given_id`]), so any process sending it again sends the same id; a record whose result
+//! was lost in the break then meets the user this run created for it, which the server
+//! answers as CREATED `replayed` (a user that was there before, or a record repeating
+//! another's values, still fails). An import that stops (a signal, the server away too long)
+//! prints the command that goes on as the same run.
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::PathBuf;
@@ -107,12 +109,12 @@ pub struct ImportArgs {
     /// prints says).
     #[arg(long, default_value_t = 0)]
     pub skip: u64,
-    /// The import's name, sent as ImportOptions.run_id and kept on its USER_IMPORTED events
-    /// (a fresh UUIDv7 unless given). A stopped CREATE_ONLY import of records with their own
-    /// ids resumes with the same one (its printed command says so): records it had written
-    /// count as created instead of failing as duplicates.
-    #[arg(long, value_name = "ID")]
-    pub run_id: Option<String>,
+    /// The import's run id, a UUIDv7, sent as ImportOptions.run_id and kept on its
+    /// USER_IMPORTED events (a fresh one unless given). A stopped CREATE_ONLY import goes on
+    /// with the same one (the command it prints says so): records it had written then count
+    /// as created instead of failing as duplicates.
+    #[arg(long, value_name = "UUID", value_parser = run_id_arg)]
+    pub run_id: Option<uuid::Uuid>,
     #[command(flatten)]
     pub server: ServerArgs,
 }
@@ -127,13 +129,8 @@ enum Raw {
 enum Note {
     /// The CSV header (first, for CSV only).
     Header(Vec<String>),
-    /// The next record sent to the server: its record number and text, and the id this side
-    /// gave it (CREATE_ONLY).
-    Sent {
-        record: u64,
-        raw: Option<Raw>,
-        given_id: Option<String>,
-    },
+    /// The next record sent to the server: its record number and text.
+    Sent { record: u64, raw: Option<Raw> },
     /// A record that could not even be read into a request.
     Local {
         record: u64,
@@ -231,10 +228,8 @@ struct Reader {
     convert: Arc<Convert>,
     skip: u64,
     keep_raw: bool,
-    /// Whether records without an id get one here (a CREATE_ONLY that can resume).
-    give_ids: bool,
-    /// The ids records read again had when they were sent before the break.
-    ids_before: Arc<BTreeMap<u64, String>>,
+    /// The run whose ids records without one get ([`given_id`]; CREATE_ONLY).
+    give_ids: Option<uuid::Uuid>,
     requests: mpsc::Sender<pb::ImportUsersRequest>,
     notes: std_mpsc::Sender<Note>,
 }
@@ -256,16 +251,12 @@ impl Reader {
                 .is_ok(),
             Ok(mut r) => {
                 let raw = self.keep_raw.then_some(raw);
-                let given_id = (self.give_ids && r.user_id.is_empty()).then(|| {
-                    let id = self.ids_before.get(&record).cloned();
-                    r.user_id = id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-                    r.user_id.clone()
-                });
-                let note = Note::Sent {
-                    record,
-                    raw,
-                    given_id,
-                };
+                if let Some(run) = self.give_ids
+                    && r.user_id.is_empty()
+                {
+                    r.user_id = given_id(run, record).to_string();
+                }
+                let note = Note::Sent { record, raw };
                 if self.notes.send(note).is_err() {
                     return false;
                 }
@@ -640,7 +631,6 @@ const SHOWN_FAILURES: u64 = 10;
 struct Waiting {
     record: u64,
     raw: Option<Raw>,
-    given_id: Option<String>,
 }
 
 struct Results {
@@ -688,17 +678,9 @@ impl Results {
             };
             match note {
                 Note::Header(h) => self.errors.header(&h)?,
-                Note::Sent {
-                    record,
-                    raw,
-                    given_id,
-                } => {
-                    let waiting = Waiting {
-                        record,
-                        raw,
-                        given_id,
-                    };
-                    self.pending.insert(self.next_index, waiting);
+                Note::Sent { record, raw } => {
+                    self.pending
+                        .insert(self.next_index, Waiting { record, raw });
                     self.next_index += 1;
                     self.last_record = record;
                 }
@@ -757,10 +739,10 @@ impl Results {
 }
 
 /// The command that imports the rest of the file after `done` records: the same reading of
-/// it (source, Firebase's parameters, format), in case the last answers were lost either as
-/// the same run (`run`: a CREATE_ONLY whose records waiting at the stop had their own ids,
-/// which the server finds again by it) or as an UPSERT.
-fn resume_command(args: &ImportArgs, done: u64, run: Option<&str>) -> String {
+/// it (source, Firebase's parameters, format) in the same mode, in case the last answers were
+/// lost: an UPSERT matches what was written, a CREATE_ONLY goes on as the same `run`, whose
+/// writes the server finds again.
+fn resume_command(args: &ImportArgs, done: u64, run: uuid::Uuid) -> String {
     let mut command = format!("roster import {}", args.file.display());
     if let Some(from) = args.from.to_possible_value()
         && args.from != Source::Roster
@@ -779,10 +761,71 @@ fn resume_command(args: &ImportArgs, done: u64, run: Option<&str>) -> String {
     if let Some(f) = args.format.and_then(|f| f.to_possible_value()) {
         command += &format!(" --format {}", f.get_name());
     }
-    match run {
-        Some(run) => command + &format!(" --run-id {run} --skip {done}"),
-        None => command + &format!(" --mode upsert --skip {done}"),
+    match (args.mode, args.match_on) {
+        (ModeArg::CreateOnly, _) => command += &format!(" --run-id {run}"),
+        (ModeArg::Upsert, MatchOnArg::Email) => command += " --mode upsert",
+        (ModeArg::Upsert, MatchOnArg::ExternalId) => {
+            command += " --mode upsert --match-on external-id"
+        }
     }
+    if args.dry_run {
+        command += " --dry-run";
+    }
+    command + &format!(" --skip {done}")
+}
+
+/// A watch that names the signal (SIGINT, SIGTERM) once one arrives, so that an import stops
+/// saying how to go on; a second SIGINT exits at once.
+fn stop_on_signal() -> anyhow::Result<tokio::sync::watch::Receiver<Option<&'static str>>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        let _ = tx.send(Some(name));
+        if tokio::signal::ctrl_c().await.is_ok() {
+            std::process::exit(130);
+        }
+    });
+    Ok(rx)
+}
+
+/// `--run-id`: a UUIDv7, whose time the ids given to records are made with ([`given_id`]).
+fn run_id_arg(s: &str) -> Result<uuid::Uuid, String> {
+    match uuid::Uuid::parse_str(s) {
+        Ok(id) if id.get_version_num() == 7 => Ok(id),
+        _ => Err("must be a UUIDv7 (as a stopped import prints it)".into()),
+    }
+}
+
+/// The id a record without one gets in a CREATE_ONLY import: a UUIDv7 with the run id's time,
+/// the record's number as its counter (RFC 9562's fixed-length counter, 42 bits) and the run
+/// id's last random bytes after it. The same run makes the same id for the same record in
+/// any process, so a record sent again meets the user its first send created; ids follow
+/// file order within a run, and two runs' ids differ.
+fn given_id(run: uuid::Uuid, record: u64) -> uuid::Uuid {
+    let millis = run
+        .get_timestamp()
+        .map(|t| {
+            let (secs, nanos) = t.to_unix();
+            secs * 1000 + u64::from(nanos) / 1_000_000
+        })
+        .unwrap_or_default();
+    // 12 bits in bytes 0-1 and 30 in bytes 2-5: byte 0's high nibble and byte 2's top two
+    // bits become the version and the variant.
+    let counter = record & ((1 << 42) - 1);
+    let mut tail = [0u8; 10];
+    tail[6..].copy_from_slice(&run.as_bytes()[12..]);
+    tail[0] = ((counter >> 38) & 0x0f) as u8;
+    tail[1] = (counter >> 30) as u8;
+    tail[2] = ((counter >> 24) & 0x3f) as u8;
+    tail[3] = (counter >> 16) as u8;
+    tail[4] = (counter >> 8) as u8;
+    tail[5] = counter as u8;
+    uuid::Builder::from_unix_timestamp_millis(millis, &tail).into_uuid()
 }
 
 /// How long an import may go without a result, across reconnections, before it stops; and
@@ -798,6 +841,8 @@ fn reopen(path: &std::path::Path) -> anyhow::Result<Box<dyn Read + Send>> {
 }
 
 pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
+    let run = args.run_id.unwrap_or_else(uuid::Uuid::now_v7);
+    let mut stop = stop_on_signal()?;
     let (mut input, total): (Box<dyn Read + Send>, Option<u64>) = if args.file.as_os_str() == "-" {
         (Box::new(std::io::stdin()), None)
     } else {
@@ -887,16 +932,12 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             MatchOnArg::ExternalId => pb::ImportMatchOn::ExternalId,
         } as i32,
         dry_run: args.dry_run,
-        run_id: args
-            .run_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+        run_id: run.to_string(),
     };
     // Only an import of a file can go on by itself (the file can be read again; see the
     // module's doc for why that is exact in either mode).
     let from_file = args.file.as_os_str() != "-";
-    let give_ids = from_file && args.mode == ModeArg::CreateOnly && !args.dry_run;
-    let mut ids_before = Arc::new(BTreeMap::new());
+    let give_ids = (args.mode == ModeArg::CreateOnly && !args.dry_run).then_some(run);
     let convert = Arc::new(convert);
     let mut progress = Progress::new("imported", total, true);
     let mut input = Some(input);
@@ -925,7 +966,6 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             skip,
             keep_raw: args.errors.is_some(),
             give_ids,
-            ids_before: ids_before.clone(),
             requests,
             notes: notes_tx,
         };
@@ -946,7 +986,8 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             broken: None,
             local_failed,
         };
-        let outcome = async {
+        let mut stopped_by = None;
+        let call = async {
             let mut stream = users
                 .import_users(ReceiverStream::new(requests_rx))
                 .await?
@@ -971,10 +1012,22 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
                 }
             }
             anyhow::Ok(summary)
+        };
+        let outcome = tokio::select! {
+            outcome = call => outcome,
+            signal = stop.wait_for(Option::is_some) => {
+                stopped_by = signal.ok().and_then(|s| *s);
+                Ok(None)
+            }
+        };
+        if let Some(signal) = stopped_by {
+            // The reader may be waiting on standard input: it is left to end with the process.
+            results.broken = Some(format!("interrupted ({signal})"));
+            drop(reader);
+        } else {
+            // Local failures after the last record sent are only in the notes now.
+            let _ = reader.join();
         }
-        .await;
-        // Local failures after the last record sent are only in the notes now.
-        let _ = reader.join();
         let resume_at = results.answered_prefix();
         let server_gone = match &outcome {
             Err(e) => super::remote::server_went_away(e),
@@ -996,17 +1049,17 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
             "roster import: {why}; going on after record {resume_at} in {:.1} s",
             wait.as_secs_f64()
         ));
-        tokio::time::sleep(wait).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            signal = stop.wait_for(Option::is_some) => {
+                let signal = signal.ok().and_then(|s| *s).unwrap_or_default();
+                results.broken = Some(format!("interrupted ({signal})"));
+                break (results, outcome, resume_at);
+            }
+        }
         wait = (wait * 2).min(RECONNECT_LAST);
         retrying = true;
         skip = resume_at;
-        // The records read again keep their ids (only those still waiting can be).
-        ids_before = Arc::new(
-            std::mem::take(&mut results.pending)
-                .into_values()
-                .filter_map(|w| Some((w.record, w.given_id?)))
-                .collect(),
-        );
         let mut local_failed = results.local_failed;
         local_failed.retain(|r| *r > resume_at);
         carried = (results.errors, results.tally, local_failed);
@@ -1034,18 +1087,12 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
         );
     }
     let interrupted = match (&outcome, &results.broken) {
-        (Err(e), _) => Some(format!("{e:#}")),
-        (Ok(None), _) => Some("the server ended the stream without a summary".into()),
-        (Ok(Some(_)), Some(b)) => Some(b.clone()),
-        _ => None,
+        (_, Some(b)) => Some(b.clone()),
+        (Err(e), None) => Some(format!("{e:#}")),
+        (Ok(None), None) => Some("the server ended the stream without a summary".into()),
+        (Ok(Some(_)), None) => None,
     };
     if let Some(why) = interrupted {
-        // The server finds the run's own writes again by the record's id: exact only when
-        // no record waiting had an id given by this process, which a new one cannot repeat.
-        let same_run = args.mode == ModeArg::CreateOnly
-            && !args.dry_run
-            && results.pending.values().all(|w| w.given_id.is_none());
-        let run = same_run.then_some(options.run_id.as_str());
         bail!(
             "the import stopped: {why}\nrecords 1 to {resume_at} have their results; resume with:\n  {}",
             resume_command(&args, resume_at, run)
@@ -1086,13 +1133,28 @@ mod tests {
             import: ImportArgs,
         }
         let args = |line: &[&str]| Cli::parse_from([&["roster"], line].concat()).import;
+        let run = uuid::Uuid::now_v7();
         assert_eq!(
-            resume_command(&args(&["users.jsonl"]), 7, None),
-            "roster import users.jsonl --mode upsert --skip 7"
+            resume_command(&args(&["users.jsonl"]), 7, run),
+            format!("roster import users.jsonl --run-id {run} --skip 7")
         );
         assert_eq!(
-            resume_command(&args(&["export.jsonl"]), 7, Some("0190d6a0-0000-7000")),
-            "roster import export.jsonl --run-id 0190d6a0-0000-7000 --skip 7"
+            resume_command(
+                &args(&[
+                    "users.jsonl",
+                    "--mode",
+                    "upsert",
+                    "--match-on",
+                    "external-id"
+                ]),
+                7,
+                run
+            ),
+            "roster import users.jsonl --mode upsert --match-on external-id --skip 7"
+        );
+        assert_eq!(
+            resume_command(&args(&["-", "--mode", "upsert", "--dry-run"]), 0, run),
+            "roster import - --mode upsert --dry-run --skip 0"
         );
         assert_eq!(
             resume_command(
@@ -1108,11 +1170,34 @@ mod tests {
                     "2",
                 ]),
                 1000,
-                None
+                run
             ),
-            "roster import users.json --from firebase --firebase-hash-parameters hash.txt \
-             --format json --mode upsert --skip 1000"
+            format!(
+                "roster import users.json --from firebase --firebase-hash-parameters hash.txt \
+                 --format json --run-id {run} --skip 1000"
+            )
         );
+    }
+
+    #[test]
+    fn a_run_gives_records_the_same_ids_in_file_order_and_another_run_others() {
+        let run = uuid::Uuid::now_v7();
+        let ids: Vec<uuid::Uuid> = (1..=2000).map(|r| given_id(run, r)).collect();
+        assert!(ids.iter().all(|id| id.get_version_num() == 7));
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "file order");
+        assert_eq!(given_id(run, 7), ids[6], "made again alike");
+        let millis = |id: uuid::Uuid| id.get_timestamp().unwrap().to_unix();
+        assert_eq!(millis(ids[1999]).0, millis(run).0);
+        // Far record numbers stay distinct and ordered; another run's ids are others.
+        let far: Vec<uuid::Uuid> = [1 << 12, 1 << 30, 1 << 31, (1 << 42) - 1]
+            .map(|r| given_id(run, r))
+            .to_vec();
+        assert!(far.windows(2).all(|w| w[0] < w[1]), "{far:?}");
+        assert_ne!(given_id(uuid::Uuid::now_v7(), 1), ids[0]);
+        assert_eq!(run_id_arg(&run.to_string()), Ok(run));
+        for bad in ["nightly", "3f1e0e9a-8c43-4c1e-9a56-2f8b2c7d1e00"] {
+            assert!(run_id_arg(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
