@@ -5,8 +5,9 @@
 //! 2. Raw baseline in: binary `COPY users FROM STDIN` of those rows over one connection, then
 //!    over two. The table is emptied before each load, so none pays for another's index growth.
 //! 3. ImportUsers of the same rows over gRPC (CREATE_ONLY, one USER_IMPORTED event per user,
-//!    which raw COPY does not write), against a separate `roster serve` process (so its memory
-//!    and CPU are its own).
+//!    which raw COPY does not write, carrying the run id as `roster import` sends it;
+//!    `BENCH_NO_RUN_ID=1` leaves it out), against a separate `roster serve` process (so its
+//!    memory and CPU are its own).
 //! 4. VACUUM (ANALYZE), then the raw baseline out: binary `COPY (SELECT ... ORDER BY id) TO
 //!    STDOUT` decoding every row, against ExportUsers with hashes, decoding every message.
 //!
@@ -211,7 +212,10 @@ async fn grpc_import(
             item: Some(pb::import_users_request::Item::Options(pb::ImportOptions {
                 mode: pb::ImportMode::CreateOnly as i32,
                 // As `roster import` sends it: each USER_IMPORTED event carries it.
-                run_id: uuid::Uuid::now_v7().to_string(),
+                run_id: match std::env::var_os("BENCH_NO_RUN_ID") {
+                    Some(_) => String::new(),
+                    None => uuid::Uuid::now_v7().to_string(),
+                },
                 ..Default::default()
             })),
         };
