@@ -842,7 +842,6 @@ fn reopen(path: &std::path::Path) -> anyhow::Result<Box<dyn Read + Send>> {
 
 pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     let run = args.run_id.unwrap_or_else(uuid::Uuid::now_v7);
-    let mut stop = stop_on_signal()?;
     let (mut input, total): (Box<dyn Read + Send>, Option<u64>) = if args.file.as_os_str() == "-" {
         (Box::new(std::io::stdin()), None)
     } else {
@@ -947,6 +946,8 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     let mut retrying = false;
     let mut wait = RECONNECT_FIRST;
     let mut last_result = Instant::now();
+    // From here a signal stops the import saying how to go on (before, it ends the process).
+    let mut stop = stop_on_signal()?;
     let (results, outcome, resume_at) = loop {
         let input = match input.take() {
             Some(i) => i,

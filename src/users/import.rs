@@ -66,7 +66,8 @@ pub struct ImportOptions {
     pub match_on: MatchOn,
     pub dry_run: bool,
     /// The client's name for this import: kept on its USER_IMPORTED events, so that a
-    /// CREATE_ONLY record sent again after a break can be told from a clash (see [`plan`]).
+    /// CREATE_ONLY record sent again after a break can be told from a clash
+    /// (see [`replay_candidate`]).
     pub run_id: Option<String>,
     /// The project's `--password-history`: an UPSERT that replaces a user's hash files the
     /// old one as SetPassword does, so the history keeps covering the passwords it replaced.
