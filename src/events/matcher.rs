@@ -151,11 +151,11 @@ fn comparison(name: &str, op: Op, value: &Literal) -> Option<Node> {
             op,
             value: as_stored(DateTime::parse_from_rfc3339(raw).ok()?.with_timezone(&Utc)),
         },
-        ("ip" | "request_id", FieldKind::Text { ci: false }) => Node::Text {
-            field: if name == "ip" {
-                |e| e.ip.as_deref()
-            } else {
-                |e| e.request_id.as_deref()
+        ("ip" | "request_id" | "run_id", FieldKind::Text { ci: false }) => Node::Text {
+            field: match name {
+                "ip" => |e| e.ip.as_deref(),
+                "request_id" => |e| e.request_id.as_deref(),
+                _ => |e| e.data.get("run_id").and_then(serde_json::Value::as_str),
             },
             test: text_test(op, raw)?,
         },

@@ -142,9 +142,12 @@ pub fn filter_field(name: &str) -> std::result::Result<Field, String> {
         "occurred_at" => simple("occurred_at", FieldKind::Timestamp),
         "ip" => simple("ip", text),
         "request_id" => simple("request_id", text),
+        // The import run that wrote a USER_IMPORTED event (not indexed: with `type =
+        // USER_IMPORTED` the type's index narrows it).
+        "run_id" => simple("(data->>'run_id')", text),
         _ => Err(format!(
             "unknown field '{name}'; events filter on user_id, type, occurred_at, api_key_id, ip, \
-             request_id"
+             request_id, run_id"
         )),
     }
 }

@@ -780,6 +780,22 @@ async fn a_create_only_run_sent_again_replays_its_own_users_and_nothing_else() {
         )
         .await;
     assert_eq!(tagged, 3, "each USER_IMPORTED event names the run");
+    // What a run created, found by its run id in the audit log.
+    let listed = app
+        .logs()
+        .list_events(pb::ListEventsRequest {
+            filter: r#"type = USER_IMPORTED AND run_id = "run-1""#.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let mut of_run: Vec<String> = listed.iter().map(|e| e.user_id.clone()).collect();
+    let mut created: Vec<String> = results.iter().map(|r| r.user_id.clone()).collect();
+    of_run.sort();
+    created.sort();
+    assert_eq!(of_run, created);
 
     // b's email changes in between: the record no longer describes its user.
     let mut changed = get(&mut users, &b.to_string()).await;

@@ -707,13 +707,29 @@ async fn in_memory_stream_filters_agree_with_sql() {
         }
     }
     let client = app.pool.get().await.unwrap();
-    for (t, u, k, ip, rid, at) in &rows {
+    for (i, (t, u, k, ip, rid, at)) in rows.iter().enumerate() {
+        // An import's run id in a third of the events' data, two runs taking turns.
+        let data = match i % 6 {
+            0 => serde_json::json!({"run_id": "run-1"}),
+            3 => serde_json::json!({"run_id": "Run-2", "outcome": "CREATED"}),
+            _ => serde_json::json!({}),
+        };
         client
             .execute(
                 "INSERT INTO events (project_id, id, type, user_id, api_key_id, ip, request_id,
                                      occurred_at, data)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, '{}')",
-                &[&app.project_id, &Uuid::now_v7(), t, u, k, ip, rid, at],
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                &[
+                    &app.project_id,
+                    &Uuid::now_v7(),
+                    t,
+                    u,
+                    k,
+                    ip,
+                    rid,
+                    at,
+                    &data,
+                ],
             )
             .await
             .unwrap();
@@ -758,6 +774,14 @@ async fn in_memory_stream_filters_agree_with_sql() {
             at(5.0)
         ),
         format!(r#"occurred_at > "{}" OR NOT ip:*"#, at(90.0)),
+        r#"run_id = "run-1""#.into(),
+        r#"run_id = "RUN-1""#.into(),
+        r#"run_id != "run-1""#.into(),
+        r#"NOT run_id = "run-1""#.into(),
+        r#"run_id:"run*""#.into(),
+        "run_id:*".into(),
+        r#"run_id = """#.into(),
+        r#"type = USER_CREATED AND run_id = "Run-2""#.into(),
     ];
     let all_spec = StreamSpec {
         project_id: app.project_id,
