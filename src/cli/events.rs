@@ -111,17 +111,8 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         reported: std::time::Instant::now(),
         metrics,
     };
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("listening for SIGTERM")?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
-        let _ = stop.send(true);
-    });
     // Stopped by a signal, it saves what it wrote before exiting 0.
+    let stopped = super::stop_on_signal()?;
     let result = follow(&args, &mut out, stopped).await;
     out.report();
     out.save()?;
@@ -278,7 +269,7 @@ enum Paused {
 async fn follow<W: Write>(
     args: &EventsArgs,
     out: &mut Output<W>,
-    mut stopped: tokio::sync::watch::Receiver<bool>,
+    mut stopped: tokio::sync::watch::Receiver<Option<&'static str>>,
 ) -> anyhow::Result<()> {
     let mut wait = RECONNECT_FIRST;
     loop {
@@ -303,7 +294,7 @@ async fn follow<W: Write>(
                 let until = args.until_caught_up.then_some(CAUGHT_UP_AFTER);
                 tokio::select! {
                     ended = pump(&mut stream, out, until) => ended,
-                    _ = stopped.wait_for(|s| *s) => return Ok(()),
+                    _ = stopped.wait_for(Option::is_some) => return Ok(()),
                 }
             }
             Err(e) => Err(e),
@@ -334,7 +325,7 @@ async fn follow<W: Write>(
         );
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = stopped.wait_for(|s| *s) => return Ok(()),
+            _ = stopped.wait_for(Option::is_some) => return Ok(()),
         }
         wait = (wait * 2).min(RECONNECT_LAST);
     }

@@ -149,6 +149,13 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let mut count = 0u64;
     let mut last_id = String::new();
     let mut resumed = 0u32;
+    // From here a signal stops the export as an error does: the partial file is removed.
+    let mut stop = super::stop_on_signal()?;
+    // Users arriving faster than they are written never let the call wait, so the loop
+    // looks at the signal itself too.
+    let signalled = stop.clone();
+    let interrupted =
+        |signal: Option<&str>| anyhow::anyhow!("interrupted ({})", signal.unwrap_or_default());
     let result = async {
         let mut wait = RECONNECT_FIRST;
         let mut last_user = Instant::now();
@@ -176,6 +183,9 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
                     last_id.clone_from(&u.id);
                 }
                 count += 1;
+                if let Some(signal) = *signalled.borrow() {
+                    return Err(interrupted(Some(signal)));
+                }
                 last_user = Instant::now();
                 wait = RECONNECT_FIRST;
                 progress.update(count, count, String::new);
@@ -224,8 +234,11 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
             Sink::Jsonl(w) => w.flush()?,
         }
         anyhow::Ok(())
-    }
-    .await;
+    };
+    let result = tokio::select! {
+        result = result => result,
+        signal = stop.wait_for(Option::is_some) => Err(interrupted(signal.ok().and_then(|s| *s))),
+    };
     progress.finish();
     drop(out);
     if let Err(e) = result {

@@ -774,25 +774,6 @@ fn resume_command(args: &ImportArgs, done: u64, run: uuid::Uuid) -> String {
     command + &format!(" --skip {done}")
 }
 
-/// A watch that names the signal (SIGINT, SIGTERM) once one arrives, so that an import stops
-/// saying how to go on; a second SIGINT exits at once.
-fn stop_on_signal() -> anyhow::Result<tokio::sync::watch::Receiver<Option<&'static str>>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let (tx, rx) = tokio::sync::watch::channel(None);
-    tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-            _ = terminate.recv() => "SIGTERM",
-        };
-        let _ = tx.send(Some(name));
-        if tokio::signal::ctrl_c().await.is_ok() {
-            std::process::exit(130);
-        }
-    });
-    Ok(rx)
-}
-
 /// `--run-id`: a UUIDv7, whose time the ids given to records are made with ([`given_id`]).
 fn run_id_arg(s: &str) -> Result<uuid::Uuid, String> {
     match uuid::Uuid::parse_str(s) {
@@ -946,7 +927,7 @@ pub async fn run(args: ImportArgs) -> anyhow::Result<()> {
     let mut wait = RECONNECT_FIRST;
     let mut last_result = Instant::now();
     // From here a signal stops the import saying how to go on (before, it ends the process).
-    let mut stop = stop_on_signal()?;
+    let mut stop = super::stop_on_signal()?;
     let (results, outcome, resume_at) = loop {
         let input = match input.take() {
             Some(i) => i,

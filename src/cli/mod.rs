@@ -100,6 +100,28 @@ pub fn error_line(e: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
+/// A watch that names the signal (SIGINT, SIGTERM) once one arrives, for a client command to
+/// stop in good order (an import saying how to go on, an export removing its partial file,
+/// `events` saving its position); a second SIGINT exits at once.
+pub(crate) fn stop_on_signal() -> anyhow::Result<tokio::sync::watch::Receiver<Option<&'static str>>>
+{
+    use anyhow::Context as _;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        let _ = tx.send(Some(name));
+        if tokio::signal::ctrl_c().await.is_ok() {
+            std::process::exit(130);
+        }
+    });
+    Ok(rx)
+}
+
 /// Ends the process with this exit status once the command has cleaned up (logs flushed),
 /// without an error message of its own: the command has already said what happened.
 #[derive(Debug)]

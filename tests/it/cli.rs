@@ -1671,6 +1671,43 @@ async fn an_interrupted_import_goes_on_exactly_with_the_command_it_prints() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// An export stopped by a signal (Ctrl-C, SIGTERM from a job runner) ends as a failed one
+/// does: it says after how many users, exits 1, and leaves no file behind, neither the
+/// output (which never appears before an export is whole) nor its `.partial`.
+#[tokio::test]
+async fn an_interrupted_export_leaves_no_file_behind() {
+    const N: usize = 40_000;
+    let app = TestApp::spawn().await;
+    crate::bulk::seed_more_than_buffers_hold(&mut app.users(), N).await;
+    let dir = scratch_dir("export-interrupted");
+    let out = dir.join("users.jsonl");
+    let partial = dir.join("users.jsonl.partial");
+    let mut child = Command::new(ROSTER)
+        .args(["export", "-o", out.to_str().unwrap()])
+        .env("ROSTER_SERVER", format!("http://{}", app.addr))
+        .env("ROSTER_API_KEY", &app.token)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run roster export");
+    // Stopped once users are being written.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) == 0 {
+        assert!(Instant::now() < deadline, "nothing written in 30 s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = exited(&mut child).await;
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("the export stopped after"), "{err}");
+    assert!(err.contains("interrupted (SIGINT)"), "{err}");
+    assert!(!out.exists() && !partial.exists(), "no file left behind");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `roster export | roster import -`: standard input has no extension, so its format is told
 /// from its first non-blank byte, as a file's is.
 #[tokio::test]
