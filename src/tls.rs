@@ -149,9 +149,6 @@ impl ReloadingTls {
     }
 }
 
-/// Accepts on `listener` and hands over connections whose TLS handshake succeeded; checks
-/// the files every `reload` (zero: never). The task ends when the stream is dropped (or is
-/// aborted by the server at shutdown).
 /// The TLS crypto provider of the server and the client commands: ring's. rustls 0.23.48
 /// deprecates it because ring has no post-quantum key exchange (X25519MLKEM768 needs
 /// aws-lc-rs, a large C build); the TLS it makes is otherwise what it was.
@@ -160,6 +157,9 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Accepts on `listener` and hands over connections whose TLS handshake succeeded; checks
+/// the files every `reload` (zero: never). The task ends when the stream is dropped (or is
+/// aborted by the server at shutdown).
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ReloadingTls>,
