@@ -1604,6 +1604,29 @@ async fn an_upsert_import_goes_on_after_its_connection_is_cut() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A client command against `app` left running (standard error piped, standard output
+/// dropped), for a test to stop with [`interrupt`].
+fn spawn_client(app: &TestApp, args: &[&str]) -> std::process::Child {
+    Command::new(ROSTER)
+        .args(args)
+        .env("ROSTER_SERVER", format!("http://{}", app.addr))
+        .env("ROSTER_API_KEY", &app.token)
+        .env_remove("DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run roster")
+}
+
+/// Ctrl-C to a command from [`spawn_client`]: its exit code and what it wrote to stderr.
+async fn interrupt(child: &mut std::process::Child) -> (Option<i32>, String) {
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = exited(child).await;
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.code(), err)
+}
+
 /// An import stopped by a signal (Ctrl-C at a terminal, SIGTERM from a job runner) prints the
 /// command that goes on as the same run, and that command leaves every user written exactly
 /// once: those written before the stop, their results lost, count as created, not as
@@ -1618,26 +1641,15 @@ async fn an_interrupted_import_goes_on_exactly_with_the_command_it_prints() {
         .map(|i| serde_json::json!({"email": format!("int{i}@example.com")}).to_string())
         .collect();
     std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-    let mut child = Command::new(ROSTER)
-        .args(["import", file.to_str().unwrap()])
-        .env("ROSTER_SERVER", format!("http://{}", app.addr))
-        .env("ROSTER_API_KEY", &app.token)
-        .env_remove("DATABASE_URL")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run roster import");
+    let mut child = spawn_client(&app, &["import", file.to_str().unwrap()]);
     // Stopped once some users are written.
     let deadline = Instant::now() + Duration::from_secs(30);
     while app.sql_one::<i64>("SELECT count(*) FROM users", &[]).await == 0 {
         assert!(Instant::now() < deadline, "nothing written in 30 s");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = exited(&mut child).await;
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(status.code(), Some(1), "{err}");
+    let (code, err) = interrupt(&mut child).await;
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("the import stopped: interrupted (SIGINT)"),
         "{err}"
@@ -1682,26 +1694,15 @@ async fn an_interrupted_export_leaves_no_file_behind() {
     let dir = scratch_dir("export-interrupted");
     let out = dir.join("users.jsonl");
     let partial = dir.join("users.jsonl.partial");
-    let mut child = Command::new(ROSTER)
-        .args(["export", "-o", out.to_str().unwrap()])
-        .env("ROSTER_SERVER", format!("http://{}", app.addr))
-        .env("ROSTER_API_KEY", &app.token)
-        .env_remove("DATABASE_URL")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run roster export");
+    let mut child = spawn_client(&app, &["export", "-o", out.to_str().unwrap()]);
     // Stopped once users are being written.
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::fs::metadata(&partial).map_or(0, |m| m.len()) == 0 {
         assert!(Instant::now() < deadline, "nothing written in 30 s");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = exited(&mut child).await;
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(status.code(), Some(1), "{err}");
+    let (code, err) = interrupt(&mut child).await;
+    assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("the export stopped after"), "{err}");
     assert!(err.contains("interrupted (SIGINT)"), "{err}");
     assert!(!out.exists() && !partial.exists(), "no file left behind");
