@@ -5,7 +5,7 @@ use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 use crate::auth::{NewKey, ScopeSet};
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use crate::events::{EventType, NewEvent};
 
 /// Records an operator's change to a project in `tx` (LogService shows it like any event),
@@ -641,7 +641,7 @@ pub async fn rotate_key(
         .ok_or_else(|| Error::not_found("api_key", key_id.to_string()))?;
     if !row.get::<_, bool>(7) {
         return Err(Error::FailedPrecondition {
-            reason: "KEY_NOT_ACTIVE",
+            reason: Reason::KeyNotActive,
             message: "the key is revoked or expired: create a new one instead".into(),
         });
     }

@@ -26,7 +26,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::db::{self, Pool};
-use crate::error::Error;
+use crate::error::{Error, Reason};
 
 /// A permission an API key can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,7 +198,7 @@ pub fn caller_of<T>(request: &tonic::Request<T>) -> Result<Caller, Error> {
         .get::<Caller>()
         .cloned()
         .ok_or(Error::Unauthenticated {
-            reason: "MISSING_API_KEY",
+            reason: Reason::MissingApiKey,
             message: "missing API key",
         })
 }
@@ -494,7 +494,7 @@ impl KeyVerifier {
     ) -> Result<Verified, Error> {
         let unauthenticated = |reason, message| Error::Unauthenticated { reason, message };
         let header = header.ok_or(unauthenticated(
-            "MISSING_API_KEY",
+            Reason::MissingApiKey,
             "missing API key: send metadata 'authorization: Bearer rst_<key-id>_<secret>'",
         ))?;
         let token = header
@@ -502,9 +502,9 @@ impl KeyVerifier {
             .or_else(|| header.strip_prefix("bearer "))
             .map(str::trim)
             .unwrap_or("");
-        let bad = || unauthenticated("INVALID_API_KEY", "invalid API key");
+        let bad = || unauthenticated(Reason::InvalidApiKey, "invalid API key");
         let (id, secret) = parse_token(token).ok_or(unauthenticated(
-            "MALFORMED_API_KEY",
+            Reason::MalformedApiKey,
             "malformed API key: expected 'Bearer rst_<key-id>_<secret>'",
         ))?;
         let rec = self.lookup(id).await?.ok_or_else(bad)?;
@@ -514,7 +514,7 @@ impl KeyVerifier {
         }
         if rec.revoked {
             return Err(unauthenticated(
-                "REVOKED_API_KEY",
+                Reason::RevokedApiKey,
                 "the API key has been revoked",
             ));
         }
@@ -523,7 +523,7 @@ impl KeyVerifier {
             let left = expires_at - chrono::Utc::now();
             if left <= chrono::TimeDelta::zero() {
                 return Err(unauthenticated(
-                    "EXPIRED_API_KEY",
+                    Reason::ExpiredApiKey,
                     "the API key has expired",
                 ));
             }

@@ -13,6 +13,119 @@ use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 /// The `ErrorInfo.domain` of every error Roster sends.
 pub const ERROR_DOMAIN: &str = "roster.dev";
 
+/// Declares [`Reason`]: each variant with its `ErrorInfo.reason` text, its gRPC code and what
+/// it means (docs/errors.md lists the same, checked by a test).
+macro_rules! reasons {
+    ($($(#[doc = $doc:literal])+ $name:ident = $text:literal, $code:ident;)+) => {
+        /// Every `ErrorInfo.reason` Roster sends: a closed set, so clients can branch on it
+        /// and the reference in docs/errors.md cannot miss one.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Reason {
+            $($(#[doc = $doc])+ $name,)+
+        }
+
+        impl Reason {
+            /// Every reason, in declaration order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$name),+];
+
+            /// The UPPER_SNAKE text sent as `ErrorInfo.reason`.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Reason::$name => $text,)+
+                }
+            }
+
+            /// The status code this reason is always sent with.
+            pub fn code(self) -> Code {
+                match self {
+                    $(Reason::$name => Code::$code,)+
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// One or more request fields are bad: `BadRequest` lists every violation.
+    InvalidArgument = "INVALID_ARGUMENT", InvalidArgument;
+    /// No such resource in the caller's project: `ResourceInfo` names it.
+    NotFound = "NOT_FOUND", NotFound;
+    /// A unique value is taken: `ResourceInfo` names the holder, metadata `field` the value.
+    AlreadyExists = "ALREADY_EXISTS", AlreadyExists;
+    /// The etag sent is not the resource's current one: read it again.
+    EtagMismatch = "ETAG_MISMATCH", Aborted;
+    /// An export's client read nothing for `--export-stall-secs`.
+    ExportStalled = "EXPORT_STALLED", Aborted;
+    /// The call ran past `--call-timeout-secs`.
+    CallTimeout = "CALL_TIMEOUT", DeadlineExceeded;
+    /// No `authorization` metadata.
+    MissingApiKey = "MISSING_API_KEY", Unauthenticated;
+    /// The metadata is not `Bearer rst_<key-id>_<secret>`.
+    MalformedApiKey = "MALFORMED_API_KEY", Unauthenticated;
+    /// No such key, or the secret does not match.
+    InvalidApiKey = "INVALID_API_KEY", Unauthenticated;
+    /// The key was revoked.
+    RevokedApiKey = "REVOKED_API_KEY", Unauthenticated;
+    /// The key is past its expiry.
+    ExpiredApiKey = "EXPIRED_API_KEY", Unauthenticated;
+    /// The key lacks the call's scope: metadata `scope` names it.
+    MissingScope = "MISSING_SCOPE", PermissionDenied;
+    /// The key is restricted to networks the caller is not in: metadata `ip`.
+    AddressNotAllowed = "ADDRESS_NOT_ALLOWED", PermissionDenied;
+    /// The key's or the project's rate was exceeded: `RetryInfo` says when to retry.
+    RateLimited = "RATE_LIMITED", ResourceExhausted;
+    /// The server runs `--max-exports` exports already.
+    TooManyExports = "TOO_MANY_EXPORTS", ResourceExhausted;
+    /// The project's hourly SMS ceiling is reached.
+    SmsLimitReached = "SMS_LIMIT_REACHED", ResourceExhausted;
+    /// A code for this user was issued too recently, or too many this hour.
+    TooManyCodes = "TOO_MANY_CODES", ResourceExhausted;
+    /// The caller's IP failed too many sign-ins in the window.
+    IpThrottled = "IP_THROTTLED", ResourceExhausted;
+    /// The user is blocked.
+    UserBlocked = "USER_BLOCKED", FailedPrecondition;
+    /// The user is deactivated.
+    UserDeactivated = "USER_DEACTIVATED", FailedPrecondition;
+    /// The user is locked after too many failed attempts.
+    UserLocked = "USER_LOCKED", FailedPrecondition;
+    /// The user has no email or phone number for the channel asked.
+    NoContact = "NO_CONTACT", FailedPrecondition;
+    /// The user's email or phone number is not verified.
+    ContactNotVerified = "CONTACT_NOT_VERIFIED", FailedPrecondition;
+    /// The user's address changed since the OTP channel was enrolled.
+    ContactChanged = "CONTACT_CHANGED", FailedPrecondition;
+    /// The user has no password.
+    NoPassword = "NO_PASSWORD", FailedPrecondition;
+    /// The user has no passkey.
+    NoPasskeys = "NO_PASSKEYS", FailedPrecondition;
+    /// The user has no confirmed authenticator of the type asked.
+    FactorNotEnrolled = "FACTOR_NOT_ENROLLED", FailedPrecondition;
+    /// The authenticator is not confirmed yet.
+    AuthenticatorNotConfirmed = "AUTHENTICATOR_NOT_CONFIRMED", FailedPrecondition;
+    /// The TOTP authenticator is confirmed already.
+    AlreadyConfirmed = "ALREADY_CONFIRMED", FailedPrecondition;
+    /// The user has the most authenticators allowed.
+    TooManyAuthenticators = "TOO_MANY_AUTHENTICATORS", FailedPrecondition;
+    /// The project has no WebAuthn relying party.
+    WebauthnNotConfigured = "WEBAUTHN_NOT_CONFIGURED", FailedPrecondition;
+    /// The call needs sealed secrets and the server has no encryption keys.
+    EncryptionNotConfigured = "ENCRYPTION_NOT_CONFIGURED", FailedPrecondition;
+    /// A stored secret cannot be opened with the configured keys.
+    SecretUnreadable = "SECRET_UNREADABLE", FailedPrecondition;
+    /// Stored provider tokens cannot be opened with the configured keys.
+    TokensUnreadable = "TOKENS_UNREADABLE", FailedPrecondition;
+    /// The phone number is outside `--sms-allowed-prefixes`.
+    SmsDestinationNotAllowed = "SMS_DESTINATION_NOT_ALLOWED", FailedPrecondition;
+    /// (Operator commands) the key is revoked or expired.
+    KeyNotActive = "KEY_NOT_ACTIVE", FailedPrecondition;
+    /// The server is stopping: retry, on another replica or after the restart.
+    ShuttingDown = "SHUTTING_DOWN", Unavailable;
+    /// The database cannot be reached: safe to retry.
+    DatabaseUnavailable = "DATABASE_UNAVAILABLE", Unavailable;
+    /// A fault inside the server, logged there; the message carries no cause.
+    Internal = "INTERNAL", Internal;
+}
+
 /// One bad field of a request: `field` is a path such as `user.email` or `ids[3]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -86,13 +199,10 @@ pub enum Error {
     #[error("the etag does not match the current version of the {resource}")]
     EtagMismatch { resource: &'static str },
     #[error("{message}")]
-    FailedPrecondition {
-        reason: &'static str,
-        message: String,
-    },
+    FailedPrecondition { reason: Reason, message: String },
     #[error("{message}")]
     Unauthenticated {
-        reason: &'static str,
+        reason: Reason,
         message: &'static str,
     },
     #[error("the API key lacks the scope {scope}")]
@@ -106,7 +216,7 @@ pub enum Error {
     /// A server-wide limit (not the caller's rate): RESOURCE_EXHAUSTED with RetryInfo.
     #[error("{message}")]
     Exhausted {
-        reason: &'static str,
+        reason: Reason,
         message: String,
         retry_after: Duration,
     },
@@ -118,10 +228,7 @@ pub enum Error {
     TimedOut { limit: Duration },
     /// The call was ended part-way for the reason given: ABORTED, safe to retry.
     #[error("{message}")]
-    Aborted {
-        reason: &'static str,
-        message: String,
-    },
+    Aborted { reason: Reason, message: String },
     /// The server is stopping: UNAVAILABLE, safe to retry (on another replica or after the
     /// restart).
     #[error(
@@ -160,23 +267,24 @@ impl Error {
         Error::Internal(e.into())
     }
 
-    fn code_and_reason(&self) -> (Code, &'static str) {
+    /// The reason sent with this error; its code is the reason's.
+    fn reason(&self) -> Reason {
         match self {
-            Error::Invalid(_) => (Code::InvalidArgument, "INVALID_ARGUMENT"),
-            Error::NotFound { .. } => (Code::NotFound, "NOT_FOUND"),
-            Error::AlreadyExists { .. } => (Code::AlreadyExists, "ALREADY_EXISTS"),
-            Error::EtagMismatch { .. } => (Code::Aborted, "ETAG_MISMATCH"),
-            Error::FailedPrecondition { reason, .. } => (Code::FailedPrecondition, reason),
-            Error::Unauthenticated { reason, .. } => (Code::Unauthenticated, reason),
-            Error::PermissionDenied { .. } => (Code::PermissionDenied, "MISSING_SCOPE"),
-            Error::AddressNotAllowed { .. } => (Code::PermissionDenied, "ADDRESS_NOT_ALLOWED"),
-            Error::RateLimited { .. } => (Code::ResourceExhausted, "RATE_LIMITED"),
-            Error::Exhausted { reason, .. } => (Code::ResourceExhausted, reason),
-            Error::Aborted { reason, .. } => (Code::Aborted, reason),
-            Error::TimedOut { .. } => (Code::DeadlineExceeded, "CALL_TIMEOUT"),
-            Error::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
-            Error::Unavailable(_) => (Code::Unavailable, "DATABASE_UNAVAILABLE"),
-            Error::Internal(_) => (Code::Internal, "INTERNAL"),
+            Error::Invalid(_) => Reason::InvalidArgument,
+            Error::NotFound { .. } => Reason::NotFound,
+            Error::AlreadyExists { .. } => Reason::AlreadyExists,
+            Error::EtagMismatch { .. } => Reason::EtagMismatch,
+            Error::FailedPrecondition { reason, .. }
+            | Error::Unauthenticated { reason, .. }
+            | Error::Exhausted { reason, .. }
+            | Error::Aborted { reason, .. } => *reason,
+            Error::PermissionDenied { .. } => Reason::MissingScope,
+            Error::AddressNotAllowed { .. } => Reason::AddressNotAllowed,
+            Error::RateLimited { .. } => Reason::RateLimited,
+            Error::TimedOut { .. } => Reason::CallTimeout,
+            Error::ShuttingDown => Reason::ShuttingDown,
+            Error::Unavailable(_) => Reason::DatabaseUnavailable,
+            Error::Internal(_) => Reason::Internal,
         }
     }
 }
@@ -193,7 +301,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
-        let (code, reason) = err.code_and_reason();
+        let reason = err.reason();
+        let code = reason.code();
         let mut meta = HashMap::new();
         let mut details = ErrorDetails::new();
         let message = match &err {
@@ -249,7 +358,75 @@ impl From<Error> for Status {
             }
             _ => err.to_string(),
         };
-        details.set_error_info(reason, ERROR_DOMAIN, meta);
+        details.set_error_info(reason.as_str(), ERROR_DOMAIN, meta);
         Status::with_error_details(code, message, details)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/errors.md lists exactly the reasons the server can send, each with its code, so a
+    /// client written from it can branch on every one (and a new reason cannot go unlisted).
+    #[test]
+    fn reasons_are_documented() {
+        let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/errors.md"))
+            .unwrap();
+        let rows: Vec<(String, String)> = doc
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .map(|l| {
+                let (reason, rest) = l.split_once("` | ").unwrap();
+                let code = rest.split(" |").next().unwrap().trim();
+                (reason.to_string(), code.to_string())
+            })
+            .collect();
+        let snake = |code: Code| {
+            let mut out = String::new();
+            for (i, c) in format!("{code:?}").chars().enumerate() {
+                if c.is_ascii_uppercase() && i > 0 {
+                    out.push('_');
+                }
+                out.push(c.to_ascii_uppercase());
+            }
+            out
+        };
+        let expected: Vec<(String, String)> = Reason::ALL
+            .iter()
+            .map(|r| (r.as_str().to_string(), snake(r.code())))
+            .collect();
+        assert_eq!(rows, expected, "docs/errors.md's table, in Reason's order");
+    }
+
+    #[test]
+    fn every_error_sends_its_reason_with_the_reasons_code() {
+        let status = Status::from(Error::FailedPrecondition {
+            reason: Reason::UserBlocked,
+            message: "the user is blocked".into(),
+        });
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("USER_BLOCKED", ERROR_DOMAIN)
+        );
+        let status = Status::from(Error::TimedOut {
+            limit: Duration::from_secs(30),
+        });
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert_eq!(
+            status.get_details_error_info().unwrap().reason,
+            "CALL_TIMEOUT"
+        );
+        let mut seen = std::collections::HashSet::new();
+        for r in Reason::ALL {
+            assert!(seen.insert(r.as_str()), "{} twice", r.as_str());
+            assert!(
+                r.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_uppercase() || b == b'_')
+            );
+        }
     }
 }

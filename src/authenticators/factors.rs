@@ -17,7 +17,7 @@ use super::store::{self, Credentials};
 use super::{Authenticator, FactorResult, Kind};
 use crate::auth::Caller;
 use crate::db::{self, Pool};
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use crate::events::{EventContext, EventType, NewEvent};
 
 const AUTHENTICATOR: &str = "authenticator";
@@ -29,7 +29,7 @@ pub(super) fn authenticator_not_found(id: Uuid) -> Error {
 /// FAILED_PRECONDITION: the user has no confirmed authenticator of `kind` to check or use.
 pub(super) fn not_enrolled(kind: Kind) -> Error {
     precondition(
-        "FACTOR_NOT_ENROLLED",
+        Reason::FactorNotEnrolled,
         &format!("the user has no confirmed {} authenticator", kind.as_str()),
     )
 }
@@ -54,10 +54,13 @@ pub(super) async fn lock_user(
 /// refused outright (FAILED_PRECONDITION); a locked one gets `Some(Locked)`.
 pub(super) fn check_state(user: &Credentials) -> Result<Option<FactorResult>> {
     match refusal(user, Utc::now()) {
-        Some(SignInResult::Blocked) => Err(precondition("USER_BLOCKED", "the user is blocked")),
-        Some(SignInResult::Deactivated) => {
-            Err(precondition("USER_DEACTIVATED", "the user is deactivated"))
+        Some(SignInResult::Blocked) => {
+            Err(precondition(Reason::UserBlocked, "the user is blocked"))
         }
+        Some(SignInResult::Deactivated) => Err(precondition(
+            Reason::UserDeactivated,
+            "the user is deactivated",
+        )),
         Some(_) => Ok(Some(FactorResult::Locked)),
         None => Ok(None),
     }
@@ -183,7 +186,7 @@ pub async fn update(
         }
         if !current.confirmed {
             return Err(precondition(
-                "AUTHENTICATOR_NOT_CONFIRMED",
+                Reason::AuthenticatorNotConfirmed,
                 "only a confirmed authenticator can be the default",
             ));
         }
@@ -244,7 +247,7 @@ pub(super) async fn ensure_room(
 ) -> Result<()> {
     if store::count_authenticators(tx, caller.project_id, user_id).await? >= MAX_PER_USER {
         return Err(precondition(
-            "TOO_MANY_AUTHENTICATORS",
+            Reason::TooManyAuthenticators,
             "the user has the most authenticators allowed; delete one first",
         ));
     }
@@ -364,7 +367,7 @@ pub async fn verify_factor(
     };
     if id.is_some() && !first.authenticator.confirmed {
         return Err(precondition(
-            "AUTHENTICATOR_NOT_CONFIRMED",
+            Reason::AuthenticatorNotConfirmed,
             "the authenticator is not confirmed yet (ConfirmTotp)",
         ));
     }

@@ -14,7 +14,7 @@ use super::{Authenticator, FactorResult, Kind};
 use crate::auth::Caller;
 use crate::crypto::codes;
 use crate::db::{self, Pool};
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use crate::events::{EventContext, EventType, NewEvent};
 use crate::users::User;
 
@@ -65,10 +65,10 @@ pub async fn enroll(
         "phone number"
     };
     let (addr, verified) = address(&user, kind)
-        .ok_or_else(|| precondition("NO_CONTACT", &format!("the user has no {what}")))?;
+        .ok_or_else(|| precondition(Reason::NoContact, &format!("the user has no {what}")))?;
     if !verified {
         return Err(precondition(
-            "CONTACT_NOT_VERIFIED",
+            Reason::ContactNotVerified,
             &format!("the user's {what} is not verified (StartContactVerification first)"),
         ));
     }
@@ -127,13 +127,13 @@ pub async fn start_challenge(
     }
     if check_state(&user)?.is_some() {
         return Err(precondition(
-            "USER_LOCKED",
+            Reason::UserLocked,
             "the user is locked after too many failed attempts",
         ));
     }
     if !still_current(&user.user, &authenticator) {
         return Err(precondition(
-            "CONTACT_CHANGED",
+            Reason::ContactChanged,
             "the user's address changed or is no longer verified since this channel was \
              enrolled; enrol the channel again",
         ));

@@ -23,7 +23,7 @@ use super::store::{
 use super::{Authenticator, FactorResult, Kind};
 use crate::auth::Caller;
 use crate::db::{self, Pool};
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use crate::events::{EventContext, EventType, NewEvent};
 use crate::users::{User, UserStatus};
 
@@ -40,7 +40,7 @@ pub struct RelyingPartyDefaults {
 
 fn not_configured() -> Error {
     precondition(
-        "WEBAUTHN_NOT_CONFIGURED",
+        Reason::WebauthnNotConfigured,
         "passkeys need a relying party: set the project's WebAuthn RP id and origins \
          (roster projects update) or ROSTER_WEBAUTHN_RP_ID and ROSTER_WEBAUTHN_ORIGINS",
     )
@@ -70,14 +70,22 @@ async fn webauthn_for(
         return Err(not_configured());
     };
     let mut builder = WebauthnBuilder::new(&rp_id, first)
-        .map_err(|e| precondition("WEBAUTHN_NOT_CONFIGURED", &format!("relying party: {e}")))?
+        .map_err(|e| {
+            precondition(
+                Reason::WebauthnNotConfigured,
+                &format!("relying party: {e}"),
+            )
+        })?
         .rp_name(&name);
     for u in &urls[1..] {
         builder = builder.append_allowed_origin(u);
     }
-    builder
-        .build()
-        .map_err(|e| precondition("WEBAUTHN_NOT_CONFIGURED", &format!("relying party: {e}")))
+    builder.build().map_err(|e| {
+        precondition(
+            Reason::WebauthnNotConfigured,
+            &format!("relying party: {e}"),
+        )
+    })
 }
 
 /// Largest passkey an import takes, as its JSON (a stored one is well under 2 KiB).
@@ -179,8 +187,11 @@ async fn take(
 
 fn refuse_inactive(user: &User) -> Result<()> {
     match user.status {
-        UserStatus::Blocked => Err(precondition("USER_BLOCKED", "the user is blocked")),
-        UserStatus::Deactivated => Err(precondition("USER_DEACTIVATED", "the user is deactivated")),
+        UserStatus::Blocked => Err(precondition(Reason::UserBlocked, "the user is blocked")),
+        UserStatus::Deactivated => Err(precondition(
+            Reason::UserDeactivated,
+            "the user is deactivated",
+        )),
         _ => Ok(()),
     }
 }
@@ -346,7 +357,7 @@ pub async fn start_authentication(
                 .filter_map(|p| serde_json::from_value(p.passkey).ok())
                 .collect();
             if passkeys.is_empty() {
-                return Err(precondition("NO_PASSKEYS", "the user has no passkey"));
+                return Err(precondition(Reason::NoPasskeys, "the user has no passkey"));
             }
             let (options, state) = webauthn
                 .start_passkey_authentication(&passkeys)

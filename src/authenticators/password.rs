@@ -16,7 +16,7 @@ use super::store::{self, Credentials, Login, Success};
 use crate::auth::Caller;
 use crate::crypto::{Hasher, formats, policy};
 use crate::db::{self, Pool};
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use crate::events::{EventContext, EventType, NewEvent, store as events};
 use crate::users::{User, UserStatus};
 
@@ -114,7 +114,7 @@ pub(super) fn not_found(id: Uuid) -> Error {
     Error::not_found(USER, id.to_string())
 }
 
-pub(super) fn precondition(reason: &'static str, message: &str) -> Error {
+pub(super) fn precondition(reason: Reason, message: &str) -> Error {
     Error::FailedPrecondition {
         reason,
         message: message.to_string(),
@@ -323,7 +323,7 @@ pub async fn expire_password(pool: &Pool, caller: &Caller, id: Uuid) -> Result<U
         .await?
         .ok_or_else(|| not_found(id))?;
     if current.hash.is_none() {
-        return Err(precondition("NO_PASSWORD", "the user has no password"));
+        return Err(precondition(Reason::NoPassword, "the user has no password"));
     }
     if current.user.require_password_change {
         // Already expired: idempotent, no second event.
@@ -695,10 +695,12 @@ pub async fn change_password(
             .ok_or_else(|| not_found(id))?
     };
     let state_error = |r: SignInResult| match r {
-        SignInResult::Blocked => precondition("USER_BLOCKED", "the user is blocked"),
-        SignInResult::Deactivated => precondition("USER_DEACTIVATED", "the user is deactivated"),
+        SignInResult::Blocked => precondition(Reason::UserBlocked, "the user is blocked"),
+        SignInResult::Deactivated => {
+            precondition(Reason::UserDeactivated, "the user is deactivated")
+        }
         _ => precondition(
-            "USER_LOCKED",
+            Reason::UserLocked,
             "the user is locked after too many failed attempts",
         ),
     };
@@ -707,7 +709,7 @@ pub async fn change_password(
     }
     let Some(hash) = found.hash.clone() else {
         return Err(precondition(
-            "NO_PASSWORD",
+            Reason::NoPassword,
             "the user has no password; use SetPassword",
         ));
     };

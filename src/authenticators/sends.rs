@@ -17,7 +17,7 @@ use chrono::{DateTime, Duration, Utc};
 use uuid::Uuid;
 
 use super::store;
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 
 /// What a code or link is issued for; the numbers are stored (`code_sends.kind`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,7 +150,7 @@ async fn take_sms(
     let secs = whole_secs(wait);
     warn_of_sms_ceiling(project_id, per_hour);
     Err(Error::Exhausted {
-        reason: "SMS_LIMIT_REACHED",
+        reason: Reason::SmsLimitReached,
         message: format!(
             "this project's SMS ceiling ({per_hour} an hour) is reached; the next SMS can be \
              issued in {secs} s"
@@ -193,7 +193,7 @@ async fn take_for_user(
         Err(wait) => {
             let secs = whole_secs(wait);
             Err(Error::Exhausted {
-                reason: "TOO_MANY_CODES",
+                reason: Reason::TooManyCodes,
                 message: format!(
                     "too many {} for this user; the next can be issued in {secs} s",
                     what.describe()
@@ -252,7 +252,7 @@ impl SmsPrefixes {
             return Ok(());
         }
         Err(Error::FailedPrecondition {
-            reason: "SMS_DESTINATION_NOT_ALLOWED",
+            reason: Reason::SmsDestinationNotAllowed,
             message: "this server does not send SMS to the user's phone number (its calling \
                       code is not in --sms-allowed-prefixes)"
                 .into(),

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::store;
 use crate::db::{self, Pool};
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 
 /// The throttle's settings; the limit comes with each attempt (the server's
 /// `--ip-failure-limit` or the project's own).
@@ -139,7 +139,7 @@ impl FailureThrottle {
             );
         }
         Err(Error::Exhausted {
-            reason: "IP_THROTTLED",
+            reason: Reason::IpThrottled,
             message: "too many failed sign-ins from this ip address; retry later".into(),
             retry_after: crate::ratelimit::wait_for((owed + 1.0 - limit) / rate),
         })

@@ -14,7 +14,7 @@ use super::{Authenticator, FactorResult, Kind};
 use crate::auth::Caller;
 use crate::crypto::seal::Sealer;
 use crate::db::{self, Pool};
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use crate::events::{EventContext, EventType, NewEvent};
 
 /// Seconds per step.
@@ -63,7 +63,7 @@ pub(crate) fn seal_context(project_id: Uuid, authenticator_id: Uuid) -> Vec<u8> 
 fn sealer_or_error(sealer: Option<&Sealer>) -> Result<&Sealer> {
     sealer.ok_or_else(|| {
         precondition(
-            "ENCRYPTION_NOT_CONFIGURED",
+            Reason::EncryptionNotConfigured,
             "TOTP needs ROSTER_ENCRYPTION_KEYS to be configured",
         )
     })
@@ -94,7 +94,7 @@ pub(super) fn check(
         .map_err(|e| {
             tracing::warn!(error = %e, authenticator = %f.authenticator.id, "TOTP seed cannot be opened");
             precondition(
-                "SECRET_UNREADABLE",
+                Reason::SecretUnreadable,
                 "the stored TOTP seed cannot be decrypted with the configured keys",
             )
         })?;
@@ -196,7 +196,7 @@ pub async fn confirm(
     }
     if found.authenticator.confirmed {
         return Err(precondition(
-            "ALREADY_CONFIRMED",
+            Reason::AlreadyConfirmed,
             "the TOTP authenticator is confirmed already",
         ));
     }

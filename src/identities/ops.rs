@@ -10,7 +10,7 @@ use crate::auth::Caller;
 use crate::authenticators::store as credentials;
 use crate::crypto::seal::Sealer;
 use crate::db::{self, Pool};
-use crate::error::{Error, Result, Violations};
+use crate::error::{Error, Reason, Result, Violations};
 use crate::events::{EventContext, EventType, NewEvent, store as events};
 use crate::users::reads::UserReads;
 use crate::users::{self, NewUser, Profile, User};
@@ -42,7 +42,7 @@ fn seal_tokens(
         Some(s) => s,
         None if needs_key => {
             return Err(Error::FailedPrecondition {
-                reason: "ENCRYPTION_NOT_CONFIGURED",
+                reason: Reason::EncryptionNotConfigured,
                 message: "provider tokens need ROSTER_ENCRYPTION_KEYS to be configured".into(),
             });
         }
@@ -334,7 +334,7 @@ pub async fn provider_tokens(
     let open = |v: &Option<Vec<u8>>, column: &str| -> Result<Option<String>> {
         let Some(bytes) = v else { return Ok(None) };
         let sealer = sealer.ok_or_else(|| Error::FailedPrecondition {
-            reason: "ENCRYPTION_NOT_CONFIGURED",
+            reason: Reason::EncryptionNotConfigured,
             message: "provider tokens need ROSTER_ENCRYPTION_KEYS to be configured".into(),
         })?;
         let plain = sealer
@@ -343,7 +343,7 @@ pub async fn provider_tokens(
                 // The message names the key id only, never key or token material.
                 tracing::warn!(error = %e, identity = %id, "provider token cannot be opened");
                 Error::FailedPrecondition {
-                    reason: "TOKENS_UNREADABLE",
+                    reason: Reason::TokensUnreadable,
                     message: "the stored tokens cannot be decrypted with the configured keys"
                         .into(),
                 }

@@ -28,7 +28,7 @@ use super::{USER_FIELDS, UserStatus, has_identifier, validate_profile};
 use crate::auth::Caller;
 use crate::crypto;
 use crate::crypto::seal::Sealer;
-use crate::error::{Error, Violations};
+use crate::error::{Error, Reason, Violations};
 use crate::identities;
 use crate::pb::v1 as pb;
 use crate::wire;
@@ -70,7 +70,7 @@ impl Exports {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Error::Exhausted {
-                reason: "TOO_MANY_EXPORTS",
+                reason: Reason::TooManyExports,
                 message: format!(
                     "this server runs at most {} exports at once (--max-exports) and all are \
                      running; retry when one ends",
@@ -238,7 +238,7 @@ pub fn record_from_proto(
     .and_then(|record| {
         if !options.can_seal && record.factors.iter().any(|f| f.totp_secret.is_some()) {
             return Err(Error::FailedPrecondition {
-                reason: "ENCRYPTION_NOT_CONFIGURED",
+                reason: Reason::EncryptionNotConfigured,
                 message: "TOTP seeds need ROSTER_ENCRYPTION_KEYS to be configured".into(),
             });
         }

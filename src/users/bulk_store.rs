@@ -18,7 +18,7 @@ use super::store::{USER_COLUMNS, filter_field};
 use super::{Profile, UserStatus};
 use crate::authenticators::Kind;
 use crate::crypto::seal::Sealer;
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use crate::query::filter::Expr;
 use crate::query::sql::{self, Sql};
 
@@ -502,7 +502,7 @@ pub async fn insert_factors(
             let sealed = match &f.totp_secret {
                 Some(seed) => {
                     let sealer = sealer.ok_or_else(|| Error::FailedPrecondition {
-                        reason: "ENCRYPTION_NOT_CONFIGURED",
+                        reason: Reason::EncryptionNotConfigured,
                         message: "TOTP seeds need ROSTER_ENCRYPTION_KEYS to be configured".into(),
                     })?;
                     let context = crate::authenticators::totp::seal_context(project_id, id);

@@ -18,7 +18,7 @@ use crate::auth::Caller;
 use crate::authenticators::sends::{self, Delivery, SendLimit, SmsPrefixes};
 use crate::crypto::{Hasher, codes};
 use crate::db::{self, Pool};
-use crate::error::{Error, Result, Violations};
+use crate::error::{Error, Reason, Result, Violations};
 use crate::events::{EventContext, EventType, NewEvent, store as events};
 use crate::query::page;
 
@@ -381,7 +381,7 @@ pub async fn change_lifecycle(
         .await?
         .ok_or_else(|| not_found(id))?;
     let precondition = |message: &str| Error::FailedPrecondition {
-        reason: "USER_BLOCKED",
+        reason: Reason::UserBlocked,
         message: message.to_string(),
     };
     // (new status, blocked reason, clear the brute-force lock, event); None: nothing to do.
@@ -479,7 +479,7 @@ pub async fn start_contact_verification(
         .ok_or_else(|| not_found(id))?;
     let Some(target) = contact_of(&user, channel) else {
         return Err(Error::FailedPrecondition {
-            reason: "NO_CONTACT",
+            reason: Reason::NoContact,
             message: format!(
                 "the user has no {}",
                 if channel == ContactChannel::Email {
@@ -710,14 +710,14 @@ fn open_seeds(
         for (id, mut f) in factors {
             if let Some(sealed) = f.totp_secret.take() {
                 let sealer = sealer.ok_or_else(|| Error::FailedPrecondition {
-                    reason: "ENCRYPTION_NOT_CONFIGURED",
+                    reason: Reason::EncryptionNotConfigured,
                     message: "TOTP seeds need ROSTER_ENCRYPTION_KEYS to be configured".into(),
                 })?;
                 let context = crate::authenticators::totp::seal_context(project_id, id);
                 let seed = sealer.open(&sealed, &context).map_err(|e| {
                     tracing::warn!(error = %e, authenticator = %id, "TOTP seed cannot be opened");
                     Error::FailedPrecondition {
-                        reason: "SECRET_UNREADABLE",
+                        reason: Reason::SecretUnreadable,
                         message: "a stored TOTP seed cannot be decrypted with the configured keys"
                             .into(),
                     }
@@ -743,7 +743,7 @@ async fn deliver(
         Some(limit) => tokio::time::timeout(limit, chunks.send(chunk))
             .await
             .map_err(|_| Error::Aborted {
-                reason: "EXPORT_STALLED",
+                reason: Reason::ExportStalled,
                 message: format!(
                     "the export was ended: its client took nothing for {} s while it held a \
                      database snapshot (--export-stall-secs); export again, reading as it comes",
