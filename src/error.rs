@@ -299,6 +299,26 @@ fn describe(violations: &[Violation]) -> String {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+// A status travels in HTTP/2 trailers, and gRPC clients refuse trailers past 8 KiB (gRPC
+// core's default `grpc.max_metadata_size`; tonic's client resets the stream at 16 KiB): a
+// request with hundreds of bad fields must still get its INVALID_ARGUMENT read. The
+// message and the details (base64, a third larger) together stay well under 8 KiB.
+/// The longest status message sent, in characters.
+const MAX_MESSAGE_CHARS: usize = 1024;
+/// Field violations kept in `BadRequest`, by the bytes of their fields and descriptions:
+/// past it the rest are counted in `ErrorInfo.metadata.violations_omitted`.
+const MAX_VIOLATION_BYTES: usize = 3072;
+const MAX_FIELD_CHARS: usize = 200;
+const MAX_DESCRIPTION_CHARS: usize = 400;
+
+/// `s` cut to `max` characters, an ellipsis marking a cut.
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((end, _)) => format!("{}…", &s[..end]),
+    }
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
         let reason = err.reason();
@@ -307,19 +327,43 @@ impl From<Error> for Status {
         let mut details = ErrorDetails::new();
         let message = match &err {
             Error::Invalid(violations) => {
-                let fv: Vec<FieldViolation> = violations
-                    .iter()
-                    .map(|v| FieldViolation::new(v.field.clone(), v.description.clone()))
-                    .collect();
+                let mut fv = Vec::new();
+                let mut used = 0;
+                for v in violations {
+                    let field = clip(&v.field, MAX_FIELD_CHARS);
+                    let description = clip(&v.description, MAX_DESCRIPTION_CHARS);
+                    used += field.len() + description.len();
+                    if used > MAX_VIOLATION_BYTES && !fv.is_empty() {
+                        break;
+                    }
+                    fv.push(FieldViolation::new(field, description));
+                }
+                let omitted = violations.len() - fv.len();
+                if omitted > 0 {
+                    meta.insert("violations_omitted".to_string(), omitted.to_string());
+                }
+                // The message names as many as fit and counts the rest.
+                let mut message = String::from("invalid request: ");
+                let mut shown = 0;
+                for v in &fv {
+                    let part = format!("{}: {}", v.field, v.description);
+                    if shown > 0 && message.len() + part.len() > MAX_MESSAGE_CHARS - 64 {
+                        break;
+                    }
+                    if shown > 0 {
+                        message.push_str("; ");
+                    }
+                    message.push_str(&part);
+                    shown += 1;
+                }
+                if shown < violations.len() {
+                    message.push_str(&format!("; and {} more", violations.len() - shown));
+                }
                 details.set_bad_request(fv);
-                let summary: Vec<String> = violations
-                    .iter()
-                    .map(|v| format!("{}: {}", v.field, v.description))
-                    .collect();
-                format!("invalid request: {}", summary.join("; "))
+                message
             }
             Error::NotFound { resource, id } => {
-                details.set_resource_info(*resource, id.clone(), "", "not found");
+                details.set_resource_info(*resource, clip(id, MAX_FIELD_CHARS), "", "not found");
                 err.to_string()
             }
             Error::AlreadyExists {
@@ -359,7 +403,7 @@ impl From<Error> for Status {
             _ => err.to_string(),
         };
         details.set_error_info(reason.as_str(), ERROR_DOMAIN, meta);
-        Status::with_error_details(code, message, details)
+        Status::with_error_details(code, clip(&message, MAX_MESSAGE_CHARS), details)
     }
 }
 
@@ -397,6 +441,66 @@ mod tests {
             .map(|r| (r.as_str().to_string(), snake(r.code())))
             .collect();
         assert_eq!(rows, expected, "docs/errors.md's table, in Reason's order");
+    }
+
+    /// Hundreds of violations (a batch of bad ids) still fit in the trailers every gRPC
+    /// client accepts (8 KiB), saying how many were left out; a few are all kept.
+    #[test]
+    fn a_status_stays_small_whatever_its_violations() {
+        let many: Vec<Violation> = (0..600)
+            .map(|i| Violation::new(format!("ids[{i}]"), "must be a UUID"))
+            .chain([Violation::new("x".repeat(70_000), "y".repeat(70_000))])
+            .collect();
+        let status = Status::from(Error::Invalid(many));
+        // grpc-status-details-bin is base64; grpc-message percent-encodes all but printable
+        // ASCII.
+        let message: usize = (status.message().bytes())
+            .map(|b| {
+                if (0x20..0x7f).contains(&b) && b != b'%' {
+                    1
+                } else {
+                    3
+                }
+            })
+            .sum();
+        let encoded = status.details().len().div_ceil(3) * 4 + message;
+        assert!(encoded < 8 * 1024, "{encoded} bytes of trailers");
+        let details = status.get_error_details();
+        let kept = details.bad_request().unwrap().field_violations.len();
+        assert!((100..600).contains(&kept), "{kept} kept");
+        assert_eq!(
+            details.bad_request().unwrap().field_violations[0].field,
+            "ids[0]"
+        );
+        let omitted = &details.error_info().unwrap().metadata["violations_omitted"];
+        assert_eq!(omitted, &(601 - kept).to_string());
+        assert!(
+            status
+                .message()
+                .starts_with("invalid request: ids[0]: must be a UUID; ids[1]")
+        );
+        assert!(status.message().ends_with(" more"), "{}", status.message());
+
+        let one_huge = Status::from(Error::invalid("x".repeat(70_000), "z".repeat(70_000)));
+        let details = one_huge.get_error_details();
+        let v = &details.bad_request().unwrap().field_violations[0];
+        assert_eq!(
+            (v.field.chars().count(), v.description.chars().count()),
+            (201, 401)
+        );
+        assert!(one_huge.message().chars().count() <= 1025);
+
+        let few = Status::from(Error::Invalid(vec![
+            Violation::new("user.email", "must be an email address"),
+            Violation::new("user.phone_number", "must be E.164"),
+        ]));
+        let details = few.get_error_details();
+        assert_eq!(details.bad_request().unwrap().field_violations.len(), 2);
+        assert!(details.error_info().unwrap().metadata.is_empty());
+        assert_eq!(
+            few.message(),
+            "invalid request: user.email: must be an email address; user.phone_number: must be E.164"
+        );
     }
 
     #[test]

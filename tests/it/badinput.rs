@@ -264,3 +264,35 @@ async fn hostile_values_get_field_violations_and_write_nothing() {
     assert_eq!(violated_fields(&err), vec!["id"]);
     assert_eq!(users_count(&app).await, 0, "nothing was written");
 }
+
+/// A batch of hundreds of bad ids gets an INVALID_ARGUMENT its caller can read (the first
+/// violations, the rest counted), not a stream reset for trailers too big to accept.
+#[tokio::test]
+async fn a_batch_of_bad_ids_gets_a_readable_invalid_argument() {
+    let app = TestApp::spawn().await;
+    let ids: Vec<String> = (0..1000).map(|i| format!("not-a-uuid-{i:04}")).collect();
+    let err = app
+        .users()
+        .batch_delete_users(pb::BatchDeleteUsersRequest { ids })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let fields = violated_fields(&err);
+    assert!(
+        (50..1000).contains(&fields.len()),
+        "{} violations",
+        fields.len()
+    );
+    let details = crate::harness::details(&err);
+    let kept = &details.bad_request().unwrap().field_violations;
+    assert_eq!(
+        (kept[0].field.as_str(), kept[1].field.as_str()),
+        ("ids[0]", "ids[1]")
+    );
+    let omitted: usize = details.error_info().unwrap().metadata["violations_omitted"]
+        .parse()
+        .unwrap();
+    assert_eq!(omitted + fields.len(), 1000);
+    assert!(err.message().len() <= 1024, "{}", err.message());
+    assert!(err.message().ends_with(" more"), "{}", err.message());
+}

@@ -16,6 +16,7 @@ mod list;
 mod matrix;
 mod passkeys;
 mod passwords;
+mod random;
 mod server;
 mod telemetry;
 mod tls;
