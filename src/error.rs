@@ -54,6 +54,9 @@ reasons! {
     AlreadyExists = "ALREADY_EXISTS", AlreadyExists;
     /// The etag sent is not the resource's current one: read it again.
     EtagMismatch = "ETAG_MISMATCH", Aborted;
+    /// The database broke a deadlock with a concurrent call (or a serialization failure):
+    /// nothing was changed, and the call sent again will most likely pass.
+    ConcurrentConflict = "CONCURRENT_CONFLICT", Aborted;
     /// An export's client read nothing for `--export-stall-secs`.
     ExportStalled = "EXPORT_STALLED", Aborted;
     /// The call ran past `--call-timeout-secs`.
@@ -188,7 +191,8 @@ impl Violations {
 pub enum Error {
     #[error("invalid request: {}", describe(.0))]
     Invalid(Vec<Violation>),
-    #[error("{resource} {id} not found")]
+    /// `id` empty when the resource went away during the call (deleted concurrently).
+    #[error("{resource}{}{id} not found", if id.is_empty() { "" } else { " " })]
     NotFound { resource: &'static str, id: String },
     #[error("a {resource} with this {field} already exists")]
     AlreadyExists {

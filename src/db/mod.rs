@@ -20,7 +20,7 @@ use anyhow::Context as _;
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
 
-use crate::error::Error;
+use crate::error::{Error, Reason};
 
 pub type Pool = deadpool_postgres::Pool;
 
@@ -338,6 +338,30 @@ impl From<tokio_postgres::Error> for Error {
                     resource,
                     field,
                     owner: None,
+                };
+            }
+            // A row referring to a user that a concurrent call deleted after this one read it
+            // (every `<table>_project_id_user_id_fkey` references users): the user is gone.
+            if *code == SqlState::FOREIGN_KEY_VIOLATION
+                && db
+                    .constraint()
+                    .is_some_and(|n| n.ends_with("_project_id_user_id_fkey"))
+            {
+                return Error::NotFound {
+                    resource: "user",
+                    id: String::new(),
+                };
+            }
+            // Deadlock broken, or a serialization failure: the transaction was rolled back,
+            // nothing of it stays, and the same call sent again will most likely pass.
+            if *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+            {
+                return Error::Aborted {
+                    reason: Reason::ConcurrentConflict,
+                    message: "the call conflicted with a concurrent call on the same data and \
+                              changed nothing; retry it"
+                        .into(),
                 };
             }
             // Class 08 (connection exception), 57P01..57P03 (admin shutdown, crash shutdown,

@@ -268,3 +268,66 @@ async fn a_server_killed_mid_import_leaves_whole_batches_only() {
     assert_eq!((identities_n, events_n), (users_n, users_n));
     assert!(users_n >= ids.len() as i64);
 }
+
+/// A deadlock the database breaks between a call and another session answers ABORTED
+/// CONCURRENT_CONFLICT (retry it), not INTERNAL, and leaves nothing of the call behind.
+#[tokio::test]
+async fn a_broken_deadlock_is_aborted_and_safe_to_retry() {
+    let app = crate::harness::TestApp::spawn().await;
+    let user = crate::create_user(&mut app.users(), "deadlock@example.com").await;
+    let id = uuid::Uuid::parse_str(&user.id).unwrap();
+    // The other session holds the events table; BlockUser locks the user's row, then waits
+    // to write its event; the other session then asks for the user's row: a cycle.
+    let other = app.pool.get().await.unwrap();
+    other
+        .batch_execute("BEGIN; LOCK TABLE events IN SHARE ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut users = app.users();
+    let request = pb::BlockUserRequest {
+        id: user.id.clone(),
+        reason: "test".into(),
+    };
+    let call = tokio::spawn(async move { users.block_user(request).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app
+        .sql_one::<i64>("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
+        .await
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "BlockUser never waited on the events table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Waits on BlockUser's row lock until the database breaks the cycle (deadlock_timeout,
+    // 1 s): the call waited first, so its transaction is the one rolled back.
+    other
+        .execute(
+            "UPDATE users SET display_name = 'other' WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    other.batch_execute("COMMIT").await.unwrap();
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "{err:?}");
+    assert_eq!(crate::harness::reason(&err), "CONCURRENT_CONFLICT");
+    let now = crate::get(&mut app.users(), &user.id).await;
+    assert_eq!(now.status, pb::UserStatus::Active as i32);
+    assert_eq!(now.display_name, "other");
+    // Sent again, it passes.
+    let blocked = app
+        .users()
+        .block_user(pb::BlockUserRequest {
+            id: user.id.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    assert_eq!(blocked.status, pb::UserStatus::Blocked as i32);
+}

@@ -133,11 +133,21 @@ pub(crate) async fn call(
     token: Option<&str>,
     body: Vec<u8>,
 ) -> Result<Vec<u8>, Status> {
+    call_with(app, path, token, vec![body]).await
+}
+
+/// [`call`] with `bodies` as the request stream (several messages for ImportUsers).
+pub(crate) async fn call_with(
+    app: &TestApp,
+    path: &str,
+    token: Option<&str>,
+    bodies: Vec<Vec<u8>>,
+) -> Result<Vec<u8>, Status> {
     let mut grpc = tonic::client::Grpc::new(app.channel.clone());
     grpc.ready()
         .await
         .map_err(|e| Status::unknown(e.to_string()))?;
-    let mut req = tonic::Request::new(tokio_stream::iter(vec![body]));
+    let mut req = tonic::Request::new(tokio_stream::iter(bodies));
     req.set_timeout(Duration::from_secs(10));
     if let Some(t) = token {
         req.metadata_mut()

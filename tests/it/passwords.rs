@@ -2321,3 +2321,50 @@ async fn passwords_in_the_breached_list_are_refused_wherever_one_is_set() {
     .await;
     assert_eq!(result(&r), R::Ok);
 }
+
+/// A reset token asked for while another call deletes its user (found by the random
+/// requests): the token's row then refers to a user gone by the time it is written, and the
+/// caller gets NOT_FOUND, not INTERNAL; nothing is stored.
+#[tokio::test]
+async fn a_reset_token_for_a_user_deleted_meanwhile_is_not_found() {
+    let app = TestApp::spawn().await;
+    let user = create_user(&mut app.users(), "gone@example.com").await;
+    // Hold the token table so the call waits after reading the user, before its insert.
+    let lock = app.pool.get().await.unwrap();
+    lock.batch_execute("BEGIN; LOCK TABLE password_reset_tokens IN SHARE ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut a = app.authenticators();
+    let id = user.id.clone();
+    let call = tokio::spawn(async move {
+        a.create_password_reset_token(pb::CreatePasswordResetTokenRequest {
+            login: Some(pb::create_password_reset_token_request::Login::UserId(id)),
+        })
+        .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app
+        .sql_one::<i64>("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
+        .await
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the call never waited on the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let id = Uuid::parse_str(&user.id).unwrap();
+    lock.execute("DELETE FROM users WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    lock.batch_execute("COMMIT").await.unwrap();
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    assert_eq!(reason(&err), "NOT_FOUND");
+    assert_eq!(err.message(), "user not found");
+    let tokens: i64 = app
+        .sql_one("SELECT count(*) FROM password_reset_tokens", &[])
+        .await;
+    assert_eq!(tokens, 0);
+}

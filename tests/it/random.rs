@@ -7,11 +7,13 @@
 //! violations), never INTERNAL, UNKNOWN or a broken connection, never SQL in a message, and
 //! serves a plain GetUser afterwards.
 //!
-//! The seed is printed; `ROSTER_RANDOM_SEED` replays one run, `ROSTER_RANDOM_REQUESTS` sets
-//! the requests per RPC (default 25).
+//! Each round sends every RPC once, 8 calls in flight (ImportUsers gets 1 to 5 messages).
+//! The seed is printed; `ROSTER_RANDOM_SEED` replays a run's requests (their interleaving
+//! varies), `ROSTER_RANDOM_REQUESTS` sets the rounds (default 25).
 use std::collections::HashMap;
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
 use prost::Message as _;
 use prost::encoding::{WireType, encode_key, encode_varint};
 use prost_types::field_descriptor_proto::{Label, Type as FieldType};
@@ -21,7 +23,7 @@ use rand::{Rng, SeedableRng};
 use tonic::Code;
 
 use crate::harness::{TestApp, details};
-use crate::matrix::call;
+use crate::matrix::call_with;
 use crate::pb;
 
 /// Every message of the set (nested ones too) by full name without the leading dot.
@@ -488,6 +490,7 @@ async fn random_hostile_requests_to_every_rpc_get_clean_answers() {
         hostility: 0.4,
         spent: 0,
     };
+    // (path, input type, whether the client streams)
     let mut methods = Vec::new();
     for file in fds.file.iter().filter(|f| f.package() == "roster.v1") {
         for s in &file.service {
@@ -495,6 +498,7 @@ async fn random_hostile_requests_to_every_rpc_get_clean_answers() {
                 methods.push((
                     format!("/roster.v1.{}/{}", s.name(), m.name()),
                     m.input_type().trim_start_matches('.').to_string(),
+                    m.client_streaming(),
                 ));
             }
         }
@@ -505,16 +509,41 @@ async fn random_hostile_requests_to_every_rpc_get_clean_answers() {
     let mut answered_ok = std::collections::HashSet::new();
     for round in 0..per_rpc {
         add_user(&app, &mut generator.known, round + 3).await;
-        for (path, input) in &methods {
-            generator.spent = 0;
-            generator.hostility = [0.05, 0.2, 0.5][generator.rng.gen_range(0..3)];
-            let body = generator.message(input, 0);
-            let answer = tokio::time::timeout(
-                Duration::from_secs(20),
-                call(&app, path, Some(&app.token), body.clone()),
-            )
-            .await
-            .unwrap_or_else(|_| Err(tonic::Status::unknown("no answer within 20 s")));
+        // Every RPC once per round, 8 at a time, so writes to the same few users race as
+        // they would from several callers (a deadlock would show as a timeout).
+        let mut requests = Vec::new();
+        for (path, input, streaming) in &methods {
+            let count = if *streaming {
+                generator.rng.gen_range(1..6)
+            } else {
+                1
+            };
+            let bodies: Vec<Vec<u8>> = (0..count)
+                .map(|_| {
+                    generator.spent = 0;
+                    generator.hostility = [0.05, 0.2, 0.5][generator.rng.gen_range(0..3)];
+                    generator.message(input, 0)
+                })
+                .collect();
+            requests.push((path.clone(), bodies));
+        }
+        let answers: Vec<_> = futures_util::stream::iter(requests)
+            .map(|(path, bodies)| {
+                let app = &app;
+                async move {
+                    let answer = tokio::time::timeout(
+                        Duration::from_secs(20),
+                        call_with(app, &path, Some(&app.token), bodies.clone()),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(tonic::Status::unknown("no answer within 20 s")));
+                    (path, bodies, answer)
+                }
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        for (path, bodies, answer) in answers {
             *codes
                 .entry(answer.as_ref().err().map_or(Code::Ok, |s| s.code()))
                 .or_default() += 1;
@@ -522,7 +551,9 @@ async fn random_hostile_requests_to_every_rpc_get_clean_answers() {
                 answered_ok.insert(path.clone());
             }
             if let Some(what) = fault(&answer) {
-                let shown: String = body.iter().take(200).map(|b| format!("{b:02x}")).collect();
+                let shown: String = (bodies.iter().flatten().take(200))
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
                 faults.push(format!(
                     "{path} (round {round}): {what}\n  request: {shown}"
                 ));
