@@ -14,7 +14,7 @@ use crate::{create_user, pb};
 
 const ORIGIN: &str = "https://localhost:8443";
 
-async fn configure(app: &TestApp) {
+pub(crate) async fn configure(app: &TestApp) {
     configure_project(app, app.project_id).await;
 }
 
