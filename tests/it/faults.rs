@@ -289,18 +289,7 @@ async fn a_broken_deadlock_is_aborted_and_safe_to_retry() {
         reason: "test".into(),
     };
     let call = tokio::spawn(async move { users.block_user(request).await });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app
-        .sql_one::<i64>("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
-        .await
-        == 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "BlockUser never waited on the events table"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    app.until_a_call_waits_on_a_lock("BlockUser").await;
     // Waits on BlockUser's row lock until the database breaks the cycle (deadlock_timeout,
     // 1 s): the call waited first, so its transaction is the one rolled back.
     other

@@ -430,6 +430,23 @@ impl TestApp {
             .collect()
     }
 
+    /// Returns once some statement waits on a lock held elsewhere (a test holding a table
+    /// stops a call at a chosen point); fails after 10 s naming `what` never came.
+    pub async fn until_a_call_waits_on_a_lock(&self, what: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self
+            .sql_one::<i64>("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
+            .await
+            == 0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} never waited on the lock"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// One value from this test's database (for what the API never shows, like stored hashes).
     pub async fn sql_one<T>(
         &self,

@@ -2342,18 +2342,8 @@ async fn a_reset_token_for_a_user_deleted_meanwhile_is_not_found() {
         })
         .await
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while app
-        .sql_one::<i64>("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
-        .await
-        == 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the call never waited on the lock"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    app.until_a_call_waits_on_a_lock("CreatePasswordResetToken")
+        .await;
     let id = Uuid::parse_str(&user.id).unwrap();
     lock.execute("DELETE FROM users WHERE id = $1", &[&id])
         .await
