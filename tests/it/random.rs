@@ -625,4 +625,28 @@ async fn random_requests(app: TestApp) {
         })
         .await
         .unwrap();
+    // What the racing writes left is consistent: the factor summary on each user row (kept
+    // by a trigger) matches its authenticators, every user has the event of its creation or
+    // import (written in the same transaction), and a block reason only on blocked users.
+    for (what, sql) in [
+        (
+            "users whose factor summary disagrees with their authenticators",
+            "SELECT count(*) FROM users u WHERE u.factor_types IS DISTINCT FROM ARRAY(
+                 SELECT DISTINCT a.type FROM authenticators a WHERE a.project_id = u.project_id
+                 AND a.user_id = u.id AND a.confirmed ORDER BY a.type)
+             OR u.default_factor IS DISTINCT FROM (SELECT a.type FROM authenticators a
+                 WHERE a.project_id = u.project_id AND a.user_id = u.id AND a.is_default)",
+        ),
+        (
+            "users without an event",
+            "SELECT count(*) FROM users u WHERE NOT EXISTS (SELECT 1 FROM events e
+                 WHERE e.project_id = u.project_id AND e.user_id = u.id)",
+        ),
+        (
+            "users with a block reason but not blocked",
+            "SELECT count(*) FROM users WHERE blocked_reason IS NOT NULL AND status <> 3",
+        ),
+    ] {
+        assert_eq!(app.sql_one::<i64>(sql, &[]).await, 0, "{what}");
+    }
 }
