@@ -1,6 +1,6 @@
 //! Second factors through the real server: TOTP (sealed seed, ±1 step, replay), recovery
-//! codes (single use, concurrent use), email/SMS OTP (voiding, attempts), management with one
-//! default, the shared lockout, merge, and bad input.
+//! codes (single use), email/SMS OTP (voiding, attempts), every kind of code raced by several
+//! callers (one wins), management with one default, the shared lockout, merge, and bad input.
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use roster::config::ServerConfig;
@@ -1621,4 +1621,142 @@ async fn credential_checks_are_counted_by_factor_and_result() {
     assert_eq!(counted("TOTP", "OK"), Some(1.0));
     assert_eq!(counted("TOTP", "INVALID_CODE"), Some(1.0));
     assert_eq!(counted("PASSWORD", "LOCKED"), None);
+}
+
+/// One TOTP code, one OTP code and one contact-verification code, each sent by 8 callers at
+/// once (a phished code raced against its owner): exactly one call succeeds, the others are
+/// told the code was used (TOTP: CODE_REUSED; OTP: EXPIRED, the challenge is spent; contact:
+/// not OK), and each success is recorded once.
+#[tokio::test]
+async fn a_code_sent_by_several_callers_at_once_works_once() {
+    let app = TestApp::spawn().await;
+    let mut users = app.users();
+    let mut authn = app.authenticators();
+    let user = create_verified_user(&mut users, "race@example.com").await;
+
+    // TOTP: the next step's code (inside the ±1 window, not used by the confirmation).
+    let (totp, secret) = confirmed_totp(&mut authn, &user.id).await;
+    let next = code(&secret, mid_step().await + 30);
+    let calls = (0..8).map(|_| {
+        let (mut authn, u, id, c) = (authn.clone(), user.id.clone(), totp.clone(), next.clone());
+        async move {
+            verify(&mut authn, &u, &id, T::Unspecified, &c)
+                .await
+                .unwrap()
+        }
+    });
+    let results: Vec<R> = futures_util::future::join_all(calls)
+        .await
+        .iter()
+        .map(result)
+        .collect();
+    assert_eq!(
+        results.iter().filter(|r| **r == R::Ok).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(
+        results.iter().all(|r| matches!(r, R::Ok | R::CodeReused)),
+        "{results:?}"
+    );
+
+    // An email OTP challenge's code.
+    let channel = authn
+        .enroll_otp_channel(pb::EnrollOtpChannelRequest {
+            user_id: user.id.clone(),
+            r#type: T::EmailOtp as i32,
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticator
+        .unwrap();
+    let challenge = authn
+        .start_otp_challenge(pb::StartOtpChallengeRequest {
+            user_id: user.id.clone(),
+            authenticator_id: channel.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let calls = (0..8).map(|_| {
+        let (mut authn, u, id) = (authn.clone(), user.id.clone(), channel.id.clone());
+        let c = challenge.code.clone();
+        async move {
+            verify(&mut authn, &u, &id, T::Unspecified, &c)
+                .await
+                .unwrap()
+        }
+    });
+    let results: Vec<R> = futures_util::future::join_all(calls)
+        .await
+        .iter()
+        .map(result)
+        .collect();
+    assert_eq!(
+        results.iter().filter(|r| **r == R::Ok).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(
+        results.iter().all(|r| matches!(r, R::Ok | R::Expired)),
+        "{results:?}"
+    );
+
+    // A contact-verification code for a new phone number.
+    users
+        .update_user(pb::UpdateUserRequest {
+            user: Some(pb::User {
+                id: user.id.clone(),
+                phone_number: "+14155550123".into(),
+                ..Default::default()
+            }),
+            update_mask: mask(&["phone_number"]),
+            etag: String::new(),
+        })
+        .await
+        .unwrap();
+    let started = users
+        .start_contact_verification(pb::StartContactVerificationRequest {
+            id: user.id.clone(),
+            channel: pb::ContactChannel::Phone as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let calls = (0..8).map(|_| {
+        let (mut users, u, c) = (users.clone(), user.id.clone(), started.code.clone());
+        async move {
+            users
+                .confirm_contact_verification(pb::ConfirmContactVerificationRequest {
+                    id: u,
+                    channel: pb::ContactChannel::Phone as i32,
+                    code: c,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .result
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let ok = pb::ContactVerificationResult::Ok as i32;
+    assert_eq!(
+        results.iter().filter(|r| **r == ok).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(get_user(&app, &user.id).await.phone_verified);
+
+    // Each success recorded once.
+    let events = app
+        .project_events(&["FACTOR_VERIFIED", "CONTACT_VERIFIED"])
+        .await;
+    let names: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    assert_eq!(
+        names,
+        ["FACTOR_VERIFIED", "FACTOR_VERIFIED", "CONTACT_VERIFIED"]
+    );
 }
