@@ -533,6 +533,37 @@ async fn register_and_sign_in_with_a_software_passkey() {
     assert_eq!(login.1["method"], "PASSKEY");
 }
 
+/// One passkey assertion sent by 8 callers at once (a captured assertion raced against its
+/// owner): the ceremony is taken by exactly one, which signs the user in once; the others
+/// are told the ceremony is gone.
+#[tokio::test]
+async fn one_assertion_sent_by_several_callers_at_once_signs_in_once() {
+    let app = TestApp::spawn().await;
+    configure(&app).await;
+    let mut authn = app.authenticators();
+    let user = create_user(&mut app.users(), "pk-race@example.com").await;
+    let mut soft = SoftPasskey::new(true);
+    register(&mut authn, &mut soft, &user.id, ORIGIN)
+        .await
+        .unwrap();
+    let (ceremony, json) = assertion(&mut authn, &mut soft, &user.id).await;
+    let calls = (0..8).map(|_| {
+        let (mut authn, c, j) = (authn.clone(), ceremony.clone(), json.clone());
+        async move { finish(&mut authn, &c, &j).await }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let oks = answers
+        .iter()
+        .filter(|a| a.as_ref().is_ok_and(|r| r.result == OK))
+        .count();
+    assert_eq!(oks, 1, "{answers:?}");
+    for a in answers.iter().filter_map(|a| a.as_ref().err()) {
+        assert_eq!(violated_fields(a), ["ceremony_id"], "{a:?}");
+    }
+    assert_eq!(answers.iter().filter(|a| a.is_err()).count(), 7);
+    assert_eq!(crate::get(&mut app.users(), &user.id).await.login_count, 1);
+}
+
 #[tokio::test]
 async fn a_ceremony_started_on_one_replica_finishes_on_another() {
     let app = TestApp::spawn().await;
