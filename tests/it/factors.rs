@@ -952,28 +952,8 @@ async fn seeds_and_codes_never_reach_logs_or_events() {
     verify(&mut authn, &user.id, "", T::RecoveryCodes, &recovery[0])
         .await
         .unwrap();
-    let channel = authn
-        .enroll_otp_channel(pb::EnrollOtpChannelRequest {
-            user_id: user.id.clone(),
-            r#type: T::EmailOtp as i32,
-            name: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .authenticator
-        .unwrap();
-    let otp = authn
-        .start_otp_challenge(pb::StartOtpChallengeRequest {
-            user_id: user.id.clone(),
-            authenticator_id: channel.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .code;
-    verify(&mut authn, &user.id, &channel.id, T::Unspecified, &otp)
+    let (channel, otp) = email_otp_challenge(&mut authn, &user.id).await;
+    verify(&mut authn, &user.id, &channel, T::Unspecified, &otp)
         .await
         .unwrap();
 
@@ -1623,6 +1603,33 @@ async fn credential_checks_are_counted_by_factor_and_result() {
     assert_eq!(counted("PASSWORD", "LOCKED"), None);
 }
 
+/// Enrols the user's (verified) email as an OTP channel and starts a challenge: the
+/// channel's id and the code.
+async fn email_otp_challenge(authn: &mut Authenticators, user: &str) -> (String, String) {
+    let channel = authn
+        .enroll_otp_channel(pb::EnrollOtpChannelRequest {
+            user_id: user.into(),
+            r#type: T::EmailOtp as i32,
+            name: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .authenticator
+        .unwrap();
+    let code = authn
+        .start_otp_challenge(pb::StartOtpChallengeRequest {
+            user_id: user.into(),
+            authenticator_id: channel.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .code;
+    (channel.id, code)
+}
+
 /// Sends `code` for the authenticator `id` from 8 callers at once: exactly one is OK, every
 /// other answer is `loser`.
 async fn race_one_code(authn: &Authenticators, user: &str, id: &str, code: &str, loser: R) {
@@ -1667,27 +1674,8 @@ async fn a_code_sent_by_several_callers_at_once_works_once() {
     race_one_code(&authn, &user.id, &totp, &next, R::CodeReused).await;
 
     // An email OTP challenge's code.
-    let channel = authn
-        .enroll_otp_channel(pb::EnrollOtpChannelRequest {
-            user_id: user.id.clone(),
-            r#type: T::EmailOtp as i32,
-            name: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .authenticator
-        .unwrap();
-    let challenge = authn
-        .start_otp_challenge(pb::StartOtpChallengeRequest {
-            user_id: user.id.clone(),
-            authenticator_id: channel.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    race_one_code(&authn, &user.id, &channel.id, &challenge.code, R::Expired).await;
+    let (channel, otp) = email_otp_challenge(&mut authn, &user.id).await;
+    race_one_code(&authn, &user.id, &channel, &otp, R::Expired).await;
 
     // A contact-verification code for a new phone number.
     users
