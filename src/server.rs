@@ -542,11 +542,19 @@ impl Application {
     }
 }
 
-/// HTTP/2 PINGs after `secs` of silence, and the connection closed when one goes unanswered
-/// for as long again (0: none).
+/// Calls one HTTP/2 connection may have open at once. tonic leaves it unbounded, so one
+/// client (a leak, or a key holder opening streams it never finishes) could make the server
+/// keep state for any number until `--call-timeout-secs`; clients and proxies wait for a free
+/// stream (or open another connection) at the bound. Far above what a channel multiplexes
+/// in practice (the benches run 32 on one).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
+/// The HTTP/2 settings of every listener: the stream bound above, and PINGs after `secs` of
+/// silence with the connection closed when one goes unanswered for as long again (0: none).
 fn keepalive(server: Server, secs: u64) -> Server {
     let every = (secs > 0).then(|| Duration::from_secs(secs));
     server
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(every)
         .http2_keepalive_timeout(every)
 }

@@ -832,3 +832,40 @@ async fn keepalive_frees_the_streams_of_a_client_that_went_silent() {
         "the silent client's stream still holds its reader"
     );
 }
+
+/// The server tells every HTTP/2 client how many calls one connection may have open at once
+/// (tonic's default is no bound), and a channel with more in flight than that waits for a
+/// free stream instead of failing.
+#[tokio::test]
+async fn a_connection_is_told_its_stream_bound_and_calls_past_it_wait() {
+    let app = TestApp::spawn().await;
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (_client, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    // Drive the connection until the server's SETTINGS frame has been read.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while connection.max_concurrent_send_streams() == usize::MAX {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server sent no stream bound"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(50), &mut connection).await;
+    }
+    assert_eq!(
+        connection.max_concurrent_send_streams(),
+        roster::server::MAX_STREAMS_PER_CONNECTION as usize
+    );
+
+    // 1,100 GetUser calls at once on the test's one channel: all answered.
+    let user = crate::create_user(&mut app.users(), "streams@example.com").await;
+    let calls = (0..1_100).map(|_| {
+        let mut users = app.users();
+        let id = user.id.clone();
+        async move { users.get_user(pb::GetUserRequest { id }).await }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    assert!(
+        answers.iter().all(|a| a.is_ok()),
+        "{:?}",
+        answers.iter().find(|a| a.is_err())
+    );
+}
