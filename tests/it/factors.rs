@@ -1026,17 +1026,7 @@ async fn codes_for_a_user_are_limited_per_kind_with_a_gap_and_an_hourly_cap() {
         },
     )
     .await;
-    let channel = authn
-        .enroll_otp_channel(pb::EnrollOtpChannelRequest {
-            user_id: user.id.clone(),
-            r#type: T::EmailOtp as i32,
-            name: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .authenticator
-        .unwrap();
+    let channel = enroll_email_otp(&mut authn, &user.id).await;
     let challenge = || pb::StartOtpChallengeRequest {
         user_id: user.id.clone(),
         r#type: T::EmailOtp as i32,
@@ -1603,10 +1593,9 @@ async fn credential_checks_are_counted_by_factor_and_result() {
     assert_eq!(counted("PASSWORD", "LOCKED"), None);
 }
 
-/// Enrols the user's (verified) email as an OTP channel and starts a challenge: the
-/// channel's id and the code.
-async fn email_otp_challenge(authn: &mut Authenticators, user: &str) -> (String, String) {
-    let channel = authn
+/// Enrols the user's (verified) email as an OTP channel.
+async fn enroll_email_otp(authn: &mut Authenticators, user: &str) -> pb::Authenticator {
+    authn
         .enroll_otp_channel(pb::EnrollOtpChannelRequest {
             user_id: user.into(),
             r#type: T::EmailOtp as i32,
@@ -1616,7 +1605,13 @@ async fn email_otp_challenge(authn: &mut Authenticators, user: &str) -> (String,
         .unwrap()
         .into_inner()
         .authenticator
-        .unwrap();
+        .unwrap()
+}
+
+/// Enrols the user's (verified) email as an OTP channel and starts a challenge: the
+/// channel's id and the code.
+async fn email_otp_challenge(authn: &mut Authenticators, user: &str) -> (String, String) {
+    let channel = enroll_email_otp(authn, user).await;
     let code = authn
         .start_otp_challenge(pb::StartOtpChallengeRequest {
             user_id: user.into(),
