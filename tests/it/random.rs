@@ -260,7 +260,9 @@ impl Generator<'_> {
     /// An encoded message of type `name`, `depth` levels down.
     fn message(&mut self, name: &str, depth: usize) -> Vec<u8> {
         let mut out = Vec::new();
-        let Some(desc) = self.messages.get(name) else {
+        // The map outlives the generator's borrow: its descriptors need no copy.
+        let messages = self.messages;
+        let Some(desc) = messages.get(name) else {
             return out;
         };
         if name == "google.protobuf.Timestamp" || name == "google.protobuf.Duration" {
@@ -283,8 +285,7 @@ impl Generator<'_> {
         // Deeper down, fewer fields: the message stays small while its depth goes past the
         // server's bounds (metadata: depth 8).
         let presence = if depth < 3 { 0.6 } else { 0.35 };
-        let fields: Vec<FieldDescriptorProto> = desc.field.clone();
-        for f in &fields {
+        for f in &desc.field {
             if depth > 14 || !self.rng.gen_bool(presence) {
                 continue;
             }
