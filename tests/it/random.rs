@@ -141,10 +141,12 @@ const MASK_PATHS: &[&str] = &[
 ];
 
 fn long(rng: &mut StdRng) -> String {
-    let n = *[257, 321, 1025, 2049, 70_000]
-        .get(rng.gen_range(0..5))
-        .unwrap();
-    "x".repeat(n)
+    "x".repeat(one_of(rng, &[257, 321, 1025, 2049, 70_000]))
+}
+
+/// One of `items`, each as likely.
+fn one_of<T: Copy>(rng: &mut StdRng, items: &[T]) -> T {
+    items[rng.gen_range(0..items.len())]
 }
 
 /// One of the last few of `from` (the newest objects are the likeliest to still exist).
@@ -162,7 +164,7 @@ fn string_for(rng: &mut StdRng, known: &Known, name: &str, hostility: f64) -> St
             1 => (0..rng.gen_range(1..40))
                 .map(|_| char::from_u32(rng.gen_range(1..0x3000)).unwrap_or('?'))
                 .collect(),
-            _ => HOSTILE[rng.gen_range(0..HOSTILE.len())].to_string(),
+            _ => one_of(rng, HOSTILE).to_string(),
         };
     }
     // A value another user holds, or a fresh one (so creates and updates can pass).
@@ -198,29 +200,32 @@ fn string_for(rng: &mut StdRng, known: &Known, name: &str, hostility: f64) -> St
     } else if name == "external_id" || name == "subject" {
         Some(taken_or_fresh(rng, &known.external_ids, format!("x-{n}")))
     } else if name == "filter" {
-        Some(FILTERS[rng.gen_range(0..FILTERS.len())].to_string())
+        Some(one_of(rng, FILTERS).to_string())
     } else if name.contains("password_hash") {
-        Some(HASHES[rng.gen_range(0..HASHES.len())].to_string())
+        Some(one_of(rng, HASHES).to_string())
     } else if name == "new_password" {
         Some(format!("a fresh passphrase {n}"))
     } else if name.contains("password") {
         Some("correct horse battery staple".to_string())
     } else if name == "paths" {
-        Some(MASK_PATHS[rng.gen_range(0..MASK_PATHS.len())].to_string())
+        Some(one_of(rng, MASK_PATHS).to_string())
     } else if name == "order_by" {
         Some(
-            [
-                "created_at desc",
-                "email, username desc",
-                "nope",
-                "email asc asc",
-            ][rng.gen_range(0..4)]
+            one_of(
+                rng,
+                &[
+                    "created_at desc",
+                    "email, username desc",
+                    "nope",
+                    "email asc asc",
+                ],
+            )
             .to_string(),
         )
     } else if name == "code" {
-        Some(["123456", "000000", "ABCD-EFGH-JKLM", "1234567"][rng.gen_range(0..4)].to_string())
+        Some(one_of(rng, &["123456", "000000", "ABCD-EFGH-JKLM", "1234567"]).to_string())
     } else if name == "provider" {
-        Some(["google", "github", "oidc"][rng.gen_range(0..3)].to_string())
+        Some(one_of(rng, &["google", "github", "oidc"]).to_string())
     } else if name == "etag" || name == "page_token" {
         // Usually none: a made-up one is refused, which the hostile values cover.
         Some(String::new())
@@ -266,16 +271,21 @@ impl Generator<'_> {
             return out;
         };
         if name == "google.protobuf.Timestamp" || name == "google.protobuf.Duration" {
-            let seconds: i64 = [
-                0,
-                1_700_000_000,
-                -62_135_596_801,
-                253_402_300_800,
-                i64::MAX,
-                i64::MIN,
-            ][self.rng.gen_range(0..6)];
-            let nanos: i32 =
-                [0, 999_999_999, 1_000_000_000, -1, i32::MAX][self.rng.gen_range(0..5)];
+            let seconds: i64 = one_of(
+                &mut self.rng,
+                &[
+                    0,
+                    1_700_000_000,
+                    -62_135_596_801,
+                    253_402_300_800,
+                    i64::MAX,
+                    i64::MIN,
+                ],
+            );
+            let nanos: i32 = one_of(
+                &mut self.rng,
+                &[0, 999_999_999, 1_000_000_000, -1, i32::MAX],
+            );
             encode_key(1, WireType::Varint, &mut out);
             encode_varint(seconds as u64, &mut out);
             encode_key(2, WireType::Varint, &mut out);
@@ -318,7 +328,7 @@ impl Generator<'_> {
                 put_len(out, n, s.as_bytes());
             }
             FieldType::Bytes => {
-                let len = [0, 1, 16, 32, 64, 100, 5_000][rng.gen_range(0..7)];
+                let len = one_of(rng, &[0, 1, 16, 32, 64, 100, 5_000]);
                 let b: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
                 put_len(out, n, &b);
             }
@@ -327,37 +337,42 @@ impl Generator<'_> {
                 encode_varint(rng.gen_range(0..2), out);
             }
             FieldType::Enum => {
-                let v: i64 = [
+                // Known values, unknown ones, negative, huge.
+                let candidates = [
                     rng.gen_range(0..8),
                     rng.gen_range(0..60),
                     -1,
                     i32::MAX as i64,
-                ][rng.gen_range(0..4)];
+                ];
+                let v: i64 = one_of(rng, &candidates);
                 encode_key(n, WireType::Varint, out);
                 encode_varint(v as u64, out);
             }
             FieldType::Int32 | FieldType::Int64 | FieldType::Uint32 | FieldType::Uint64 => {
-                let v: i64 = [
-                    0,
-                    1,
-                    50,
-                    1_000,
-                    1_001,
-                    -1,
-                    i32::MAX as i64,
-                    i64::MAX,
-                    i64::MIN,
-                ][rng.gen_range(0..9)];
+                let v: i64 = one_of(
+                    rng,
+                    &[
+                        0,
+                        1,
+                        50,
+                        1_000,
+                        1_001,
+                        -1,
+                        i32::MAX as i64,
+                        i64::MAX,
+                        i64::MIN,
+                    ],
+                );
                 encode_key(n, WireType::Varint, out);
                 encode_varint(v as u64, out);
             }
             FieldType::Sint32 | FieldType::Sint64 => {
-                let v: i64 = [0, -1, i64::MAX, i64::MIN][rng.gen_range(0..4)];
+                let v: i64 = one_of(rng, &[0, -1, i64::MAX, i64::MIN]);
                 encode_key(n, WireType::Varint, out);
                 encode_varint(((v << 1) ^ (v >> 63)) as u64, out);
             }
             FieldType::Double => {
-                let v = [0.0, -1.5, 1e308, f64::NAN, f64::INFINITY][rng.gen_range(0..5)];
+                let v = one_of(rng, &[0.0, -1.5, 1e308, f64::NAN, f64::INFINITY]);
                 encode_key(n, WireType::SixtyFourBit, out);
                 out.extend_from_slice(&f64::to_le_bytes(v));
             }
@@ -580,7 +595,7 @@ async fn random_requests(app: TestApp) {
             let bodies: Vec<Vec<u8>> = (0..count)
                 .map(|_| {
                     generator.spent = 0;
-                    generator.hostility = [0.05, 0.2, 0.5][generator.rng.gen_range(0..3)];
+                    generator.hostility = one_of(&mut generator.rng, &[0.05, 0.2, 0.5]);
                     generator.message(input, 0)
                 })
                 .collect();
